@@ -1,0 +1,96 @@
+"""Where a worker runs: turning the ``env=`` argument into a WorkerEnvironment.
+
+The executor only needs to know *how to start* a worker: which interpreter,
+which extra ``PYTHONPATH`` entries (the bootstrap dir that exposes this very
+``comfy_env`` package plus ``cloudpickle``, and shared host packages), and which
+environment variables.  Everything about building environments lives in this
+package; the executor calls :func:`resolve_env` and nothing else.
+
+Modules: ``spec`` (comfy-env.toml), ``interpreters`` (finding/probing Pythons),
+``cache`` (directory layout and keys), ``builder`` (uv/pip, lock, atomic rename),
+``bootstrap`` and ``share`` (what goes on a foreign worker's PYTHONPATH), ``env``
+(the public ``Env``), ``cli`` (``comfy-env env ...``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .errors import EnvBuildError, EnvError, EnvNotBuilt, EnvSpecError, InterpreterNotFound
+
+__all__ = [
+    "WorkerEnvironment",
+    "resolve_env",
+    "Env",
+    "EnvError",
+    "EnvSpecError",
+    "EnvBuildError",
+    "EnvNotBuilt",
+    "InterpreterNotFound",
+]
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """Everything needed to start a worker process in some Python environment."""
+
+    python: str                                   # interpreter to run
+    python_version: tuple                         # (major, minor) of that interpreter
+    env_vars: dict = field(default_factory=dict)  # extra environment for the worker
+    pythonpath: tuple = ()                        # PYTHONPATH entries, first wins
+    is_current: bool = False                      # True: same interpreter as the parent,
+                                                  # the worker also gets the parent's sys.path
+    label: str = "local"                          # short name for logs and errors
+
+
+from .env import Env  # noqa: E402  (Env refers back to WorkerEnvironment)
+
+
+def resolve_env(env, *, progress=True) -> WorkerEnvironment:
+    """Turn the ``env`` argument of IsolatedExecutor into a WorkerEnvironment.
+
+    ``env`` may be None (this interpreter), a WorkerEnvironment (used as is), an
+    :class:`Env`, or a path: a ``comfy-env.toml``, a directory holding one, a Python
+    interpreter, or an environment directory (venv, conda, pixi).  An Env/toml is built
+    first if it is not in the cache yet (its installer output goes to stderr).
+    """
+    if env is None:
+        return WorkerEnvironment(
+            python=sys.executable,
+            python_version=tuple(sys.version_info[:2]),
+            is_current=True,
+            label="local",
+        )
+    if isinstance(env, WorkerEnvironment):
+        return env
+    if isinstance(env, Env):
+        return env.worker_environment(progress=progress)
+    if isinstance(env, (str, os.PathLike)):
+        return _resolve_path(env, progress)
+    raise TypeError(
+        "env must be None, a path (interpreter, env directory or comfy-env.toml), "
+        f"an Env or a WorkerEnvironment, not {type(env).__name__!r}"
+    )
+
+
+def _resolve_path(env, progress) -> WorkerEnvironment:
+    from .bootstrap import bootstrap_dir
+    from .cache import cache_root
+    from .interpreters import interpreter_in, probe
+    from .spec import SPEC_FILENAME
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(env)))
+    if path.endswith(".toml") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, SPEC_FILENAME))):
+        return Env.from_toml(path).worker_environment(progress=progress)
+    python = interpreter_in(path)  # raises InterpreterNotFound naming the path
+    interp = probe(python)
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(python))
+    return WorkerEnvironment(
+        python=python,
+        python_version=interp.minor,
+        env_vars={},
+        pythonpath=(bootstrap_dir(cache_root()),),
+        is_current=False,
+        label=os.path.basename(root.rstrip(os.sep)) or python,
+    )
