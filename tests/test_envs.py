@@ -1,0 +1,316 @@
+"""Environments: comfy-env.toml specs, building with uv, the cache, the lock, sharing host packages.
+
+Everything is offline: the fixture packages are wheels written by the test itself
+(tests/test_envs_helpers.py) and installed with ``no_index`` + ``find_links``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from comfy_env.envs import (
+    Env, EnvBuildError, EnvNotBuilt, EnvSpecError, InterpreterNotFound, WorkerEnvironment, resolve_env,
+)
+from comfy_env.envs import builder
+from comfy_env.envs.interpreters import find_interpreters
+from test_envs_helpers import demo_dep_wheel, make_wheel
+
+pytestmark = pytest.mark.timeout(60)
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfy_env.envs").envs.__file__)))
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wheels")
+    demo_dep_wheel(d, "1.0")
+    demo_dep_wheel(d, "2.0")
+    # A stand-in for a host package the env installs itself (see test_share_skips_what_the_env_installs).
+    make_wheel(d, "MarkupSafe", "99.0", {"markupsafe/__init__.py": "__version__ = '99.0'\nFAKE = True\n"})
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache_dir, monkeypatch):
+    # resolve_env(path) and the CLI use the env var; keep them off the user's cache.
+    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", cache_dir)
+
+
+def write_spec(directory, body: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "comfy-env.toml")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(body).lstrip())
+    return path
+
+
+def demo_spec(tmp_path, wheels, version="1.0", name="demo", extra=""):
+    return write_spec(tmp_path / name, f"""
+        name = "{name}"
+        requirements = ["demo_dep=={version}"]
+        find_links = ["{wheels}"]
+        no_index = true
+        {extra}
+    """)
+
+
+@pytest.fixture(scope="module")
+def built_env(tmp_path_factory, wheels, cache_dir):
+    """One env with demo_dep 1.0, shared by the tests that only read it."""
+    spec = demo_spec(tmp_path_factory.mktemp("spec"), wheels, name="shared-demo")
+    return Env.from_toml(spec, cache_dir=cache_dir).create(progress=False)
+
+
+@pytest.fixture
+def uv_log(tmp_path, monkeypatch):
+    """Route the builder through a uv wrapper that logs every invocation (and can stall)."""
+    log = tmp_path / "uv-calls.log"
+    wrapper = tmp_path / "uv-wrapper"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$*" >> "{log}"
+        if [ "$1" = pip ] && [ -n "$UV_WRAPPER_STALL" ]; then
+            echo $$ > "$UV_WRAPPER_STALL.tmp" && mv "$UV_WRAPPER_STALL.tmp" "$UV_WRAPPER_STALL"
+            exec sleep 60
+        fi
+        if [ "$1" = pip ] && [ -n "$UV_WRAPPER_DELAY" ]; then sleep "$UV_WRAPPER_DELAY"; fi
+        exec "{builder.find_uv()}" "$@"
+    """))
+    wrapper.chmod(0o755)
+    monkeypatch.setenv(builder.UV_ENV_VAR, str(wrapper))
+    log.touch()
+    return log
+
+
+def installs(log) -> int:
+    return sum(1 for line in log.read_text().splitlines() if line.startswith("pip install"))
+
+
+def run_in(wenv: WorkerEnvironment, code: str) -> subprocess.CompletedProcess:
+    """Start the env's interpreter the way the executor starts a worker."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(wenv.env_vars)
+    env["PYTHONPATH"] = os.pathsep.join(wenv.pythonpath)
+    return subprocess.run([wenv.python, "-s", "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+# -- spec errors ------------------------------------------------------------------------
+
+def test_invalid_toml_names_file_and_line(tmp_path):
+    p = write_spec(tmp_path, 'requirements = ["a"\npython = \n')
+    with pytest.raises(EnvSpecError) as e:
+        Env.from_toml(p)
+    assert str(p) in str(e.value) and "invalid TOML" in str(e.value) and "line" in str(e.value)
+
+
+def test_unknown_key_names_file_line_and_known_keys(tmp_path):
+    p = write_spec(tmp_path, 'name = "x"\nrequirement = ["numpy"]\n')
+    with pytest.raises(EnvSpecError) as e:
+        Env.from_toml(p)
+    msg = str(e.value)
+    assert f"{p}, line 2" in msg and "'requirement'" in msg and "requirements" in msg
+    assert e.value.line == 2
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    p = write_spec(tmp_path, 'python = "3.11"\nrequirements = "numpy"\n')
+    with pytest.raises(EnvSpecError, match=r"line 2: 'requirements' must be a list of strings.*not str"):
+        Env.from_toml(p)
+    p = write_spec(tmp_path, '[environment]\nOMP_NUM_THREADS = ["4"]\n')
+    with pytest.raises(EnvSpecError, match=r"line 2: \[environment\] OMP_NUM_THREADS must be a string"):
+        Env.from_toml(p)
+    p = write_spec(tmp_path, 'share = ["torch>=2"]\n')
+    with pytest.raises(EnvSpecError, match="not a distribution name"):
+        Env.from_toml(p)
+    p = write_spec(tmp_path, 'python = "three"\n')
+    with pytest.raises(EnvSpecError, match=r"line 1: python = 'three' is not a version"):
+        Env.from_toml(p)
+
+
+def test_missing_spec_file_and_missing_local_requirement(tmp_path):
+    with pytest.raises(EnvSpecError, match="no such file; expected a comfy-env.toml"):
+        Env.from_toml(tmp_path / "nope")
+    p = write_spec(tmp_path, 'requirements = ["./wheels/x-1.0-py3-none-any.whl"]\n')
+    with pytest.raises(EnvSpecError, match=r"line 1: requirement .* does not exist"):
+        Env.from_toml(p)
+
+
+def test_missing_interpreter_lists_the_ones_found(tmp_path):
+    p = write_spec(tmp_path, 'python = "3.99"\n')
+    env = Env.from_toml(p)
+    with pytest.raises(InterpreterNotFound) as e:
+        env.path
+    msg = str(e.value)
+    assert "no Python 3.99 interpreter" in msg and str(p) in msg
+    assert "%d.%d" % sys.version_info[:2] in msg  # the host's own version is listed
+
+
+def test_share_of_a_package_the_host_lacks(tmp_path, cache_dir):
+    p = write_spec(tmp_path, 'share = ["surely-not-installed-pkg"]\n')
+    with pytest.raises(EnvSpecError, match="'surely-not-installed-pkg' is not installed in the host"):
+        resolve_env(Env.from_toml(p, cache_dir=cache_dir), progress=False)
+
+
+def test_example_spec_parses(tmp_path):
+    p = write_spec(tmp_path / "node", """
+        name = "sam3d"
+        python = "%d.%d"
+        requirements = ["numpy>=1.26,<3", "requests[socks] ; python_version >= '3.8'"]
+        index_url = "https://pypi.org/simple"
+        extra_index_urls = ["https://download.pytorch.org/whl/cpu"]
+        share = ["torch", "Typing_Extensions"]
+        [environment]
+        OMP_NUM_THREADS = 4
+        HF_HUB_OFFLINE = "1"
+    """ % sys.version_info[:2])
+    spec = Env.from_toml(tmp_path / "node").spec  # a directory holding the toml works too
+    assert spec.name == "sam3d" and spec.share == ("torch", "typing-extensions")
+    assert spec.environment == {"OMP_NUM_THREADS": "4", "HF_HUB_OFFLINE": "1"}
+    assert spec.requirements[0] == "numpy>=1.26,<3"
+
+
+# -- building and the cache ----------------------------------------------------------
+
+def test_built_env_has_its_package_and_works_after_the_rename(built_env):
+    assert built_env.is_built and os.path.basename(built_env.path).startswith("shared-demo-")
+    out = subprocess.run([built_env.python, "-c", "import sys, demo_dep; print(demo_dep.VERSION); print(sys.prefix)"],
+                         capture_output=True, text=True, check=True)
+    version, prefix = out.stdout.split()
+    # Built at a staging name, then renamed: the interpreter must know its final home.
+    assert version == "1.0" and os.path.realpath(prefix) == os.path.realpath(built_env.path)
+    staging = [n for n in os.listdir(os.path.dirname(built_env.path)) if n.startswith(".tmp-")]
+    assert staging == []
+
+
+def test_second_create_is_a_cache_hit_and_runs_no_installer(built_env, uv_log, cache_dir):
+    again = Env.from_toml(built_env.spec.source, cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    again.create(progress=False)
+    elapsed = time.perf_counter() - t0
+    assert installs(uv_log) == 0 and uv_log.read_text() == ""
+    assert again.path == built_env.path
+    assert elapsed < 0.5, f"cache-hit create took {elapsed:.3f} s"
+    print(f"cache-hit create: {elapsed * 1000:.1f} ms")
+
+
+def test_python_before_create_raises_env_not_built(tmp_path, wheels, cache_dir):
+    env = Env.from_toml(demo_spec(tmp_path, wheels, version="2.0", name="unbuilt"), cache_dir=cache_dir)
+    with pytest.raises(EnvNotBuilt, match="not built yet; call Env.create"):
+        env.python
+
+
+def test_progress_lines_are_forwarded(tmp_path, wheels):
+    lines = []
+    env = Env.from_toml(demo_spec(tmp_path, wheels, name="progress"), cache_dir=str(tmp_path / "c"))
+    env.create(progress=lines.append)
+    text = "\n".join(lines)
+    assert "building progress" in text and "demo-dep==1.0" in text
+
+
+def test_failed_install_raises_with_installer_output(tmp_path, wheels, cache_dir):
+    env = Env.from_toml(demo_spec(tmp_path, wheels, version="9.9", name="broken"), cache_dir=cache_dir)
+    with pytest.raises(EnvBuildError) as e:
+        env.create(progress=False)
+    assert "installing requirements for broken failed" in str(e.value)
+    assert "demo-dep" in e.value.output and "9.9" in e.value.output  # uv's own explanation
+    assert not os.path.exists(env.path)
+    assert not [n for n in os.listdir(os.path.dirname(env.path)) if n.startswith(".tmp-broken")]
+
+
+def test_two_processes_creating_the_same_env_build_it_once(tmp_path, wheels, uv_log, monkeypatch):
+    spec = demo_spec(tmp_path, wheels, name="race")
+    cache = str(tmp_path / "race-cache")
+    monkeypatch.setenv("UV_WRAPPER_DELAY", "1")  # hold the lock long enough for the other to queue
+    code = ("import sys; from comfy_env.envs import Env; "
+            "e = Env.from_toml(sys.argv[1], cache_dir=sys.argv[2]).create(progress=False); print(e.path)")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    procs = [subprocess.Popen([sys.executable, "-c", code, spec, cache], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0]
+    assert installs(uv_log) == 1
+
+
+def test_two_threads_creating_the_same_env_build_it_once(tmp_path, wheels, uv_log, monkeypatch):
+    spec = demo_spec(tmp_path, wheels, name="threads")
+    cache = str(tmp_path / "thread-cache")
+    monkeypatch.setenv("UV_WRAPPER_DELAY", "0.5")
+    errors = []
+
+    def create():
+        try:
+            Env.from_toml(spec, cache_dir=cache).create(progress=False)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and installs(uv_log) == 1
+
+
+def test_killing_the_build_leaves_nothing_broken(tmp_path, wheels, uv_log, monkeypatch):
+    spec = demo_spec(tmp_path, wheels, name="killed")
+    cache = str(tmp_path / "kill-cache")
+    stall = tmp_path / "installer-started"
+    code = "import sys; from comfy_env.envs import Env; Env.from_toml(sys.argv[1], cache_dir=sys.argv[2]).create()"
+    env = dict(os.environ, PYTHONPATH=SRC, UV_WRAPPER_STALL=str(stall))
+    proc = subprocess.Popen([sys.executable, "-c", code, spec, cache], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not stall.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "installer never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # builder and installer die mid-install
+    proc.wait(10)
+    target = Env.from_toml(spec, cache_dir=cache)
+    assert not target.is_built and not os.path.exists(target.path)
+    # The next create cleans up the remains and succeeds.
+    target.create(progress=False)
+    assert target.is_built
+    assert not [n for n in os.listdir(os.path.dirname(target.path)) if n.startswith(".tmp-")]
+    out = subprocess.run([target.python, "-c", "import demo_dep; print(demo_dep.VERSION)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1.0"
+
+
+def test_installer_killed_raises_build_error_and_cleans_up(tmp_path, wheels, uv_log, monkeypatch):
+    spec = demo_spec(tmp_path, wheels, name="installer-killed")
+    cache = str(tmp_path / "ik-cache")
+    stall = tmp_path / "installer-started"
+    monkeypatch.setenv("UV_WRAPPER_STALL", str(stall))
+    env = Env.from_toml(spec, cache_dir=cache)
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(EnvBuildError, env.create, progress=False)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not stall.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Kill only the installer: the wrapper wrote its pid, then exec'd into a long sleep.
+    os.kill(int(stall.read_text()), signal.SIGKILL)
+    t.join(30)
+    assert errors and "killed by signal" in str(errors[0].value)
+    assert not os.path.exists(env.path)
+    monkeypatch.delenv("UV_WRAPPER_STALL")
+    env.create(progress=False)
+    assert env.is_built
+
