@@ -314,3 +314,171 @@ def test_installer_killed_raises_build_error_and_cleans_up(tmp_path, wheels, uv_
     env.create(progress=False)
     assert env.is_built
 
+
+
+# -- what a foreign worker sees ----------------------------------------------------------
+
+def test_foreign_worker_sees_this_comfy_env_and_cloudpickle_but_no_host_packages(built_env):
+    wenv = resolve_env(built_env, progress=False)
+    assert wenv.python == built_env.python and not wenv.is_current
+    assert wenv.python_version == sys.version_info[:2] and wenv.label == "shared-demo"
+    boot = wenv.pythonpath[0]
+    assert sorted(os.listdir(boot)) == ["cloudpickle", "comfy_env"]
+    out = run_in(wenv, textwrap.dedent("""
+        import comfy_env.envs, cloudpickle, demo_dep, importlib.util
+        print(comfy_env.envs.__file__)
+        print([m for m in ("numpy", "pytest", "filelock", "platformdirs") if importlib.util.find_spec(m)])
+    """))
+    assert out.returncode == 0, out.stderr
+    envs_file, visible = out.stdout.splitlines()
+    # The very same source file as the parent's (through the link), not a copy.
+    assert os.path.realpath(envs_file) == os.path.realpath(__import__("comfy_env.envs").envs.__file__)
+    assert visible == "[]"
+
+
+def test_share_torch_makes_torch_importable_and_nothing_else(tmp_path, wheels, cache_dir):
+    pytest.importorskip("torch")
+    env = Env.from_toml(demo_spec(tmp_path, wheels, name="torch-shared", extra='share = ["torch"]'),
+                        cache_dir=cache_dir)
+    wenv = resolve_env(env, progress=False)
+    assert len(wenv.pythonpath) == 2
+    share = wenv.pythonpath[1]
+    assert "torch" in os.listdir(share) and not any(n.startswith(("pytest", "numpy")) for n in os.listdir(share))
+    out = run_in(wenv, textwrap.dedent("""
+        import importlib.util, importlib.metadata, torch, demo_dep
+        print(torch.ones(3).sum().item(), importlib.metadata.version("torch"))
+        print(importlib.util.find_spec("pytest") is None, importlib.util.find_spec("_pytest") is None)
+    """))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    import torch
+
+    assert first == f"3.0 {torch.__version__}"
+    assert second == "True True"
+    assert "torch" not in env.installed()  # shared, not installed: the env stays small
+
+
+def test_share_skips_what_the_env_installs(tmp_path, wheels, cache_dir):
+    pytest.importorskip("jinja2")
+    # jinja2 depends on MarkupSafe; the env installs its own (fake 99.0) MarkupSafe.
+    p = write_spec(tmp_path / "j", f"""
+        requirements = ["markupsafe==99.0"]
+        find_links = ["{wheels}"]
+        no_index = true
+        share = ["jinja2"]
+    """)
+    wenv = resolve_env(Env.from_toml(p, cache_dir=cache_dir), progress=False)
+    names = os.listdir(wenv.pythonpath[1])
+    assert "jinja2" in names and "markupsafe" not in names
+    out = run_in(wenv, "import importlib.util, markupsafe; print(markupsafe.__version__); "
+                       "print(importlib.util.find_spec('jinja2').origin)")
+    version, jinja_origin = out.stdout.split()
+    assert version == "99.0", out.stderr  # the env's own copy wins
+    assert jinja_origin.startswith(wenv.pythonpath[1])
+
+
+def test_share_needs_the_hosts_python_version(tmp_path, cache_dir):
+    other = [i for i in find_interpreters() if i.minor != sys.version_info[:2] and i.minor >= (3, 10)]
+    if not other:
+        pytest.skip("no second Python version on this machine")
+    p = write_spec(tmp_path, f'python = "{other[0].minor[0]}.{other[0].minor[1]}"\nshare = ["torch"]\n')
+    with pytest.raises(EnvSpecError, match="needs the env's Python to match the host's"):
+        Env.from_toml(p, cache_dir=cache_dir).path
+
+
+def test_env_vars_reach_the_worker_environment(tmp_path, wheels, cache_dir):
+    p = demo_spec(tmp_path, wheels, name="vars", extra='[environment]\nDEMO_FLAG = "on"\nTHREADS = 2')
+    wenv = resolve_env(p, progress=False)
+    assert wenv.env_vars == {"DEMO_FLAG": "on", "THREADS": "2"}
+    assert run_in(wenv, "import os; print(os.environ['DEMO_FLAG'])").stdout.strip() == "on"
+
+
+# -- resolve_env with paths ---------------------------------------------------------------
+
+def test_resolve_interpreter_and_env_directories(built_env, tmp_path):
+    by_dir = resolve_env(built_env.path)  # a venv directory
+    by_exe = resolve_env(built_env.python)  # an interpreter
+    assert by_dir.python == by_exe.python == built_env.python
+    assert by_dir.python_version == sys.version_info[:2] and not by_dir.is_current
+    assert sorted(os.listdir(by_dir.pythonpath[0])) == ["cloudpickle", "comfy_env"]
+    # A pixi project directory: the interpreter sits in .pixi/envs/default/bin.
+    pixi_bin = tmp_path / "proj" / ".pixi" / "envs" / "default" / "bin"
+    pixi_bin.mkdir(parents=True)
+    os.symlink(built_env.python, pixi_bin / "python")
+    assert resolve_env(tmp_path / "proj").python == str(pixi_bin / "python")
+    # A directory holding a comfy-env.toml is resolved as that spec.
+    assert resolve_env(os.path.dirname(built_env.spec.source)).python == built_env.python
+
+
+def test_resolve_bad_paths_and_types(tmp_path):
+    with pytest.raises(InterpreterNotFound, match="does not exist; expected a Python interpreter"):
+        resolve_env(tmp_path / "missing")
+    with pytest.raises(InterpreterNotFound, match=r"holds no Python interpreter \(looked for bin/python"):
+        resolve_env(tmp_path)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(InterpreterNotFound, match="not executable"):
+        resolve_env(tmp_path / "notes.txt")
+    with pytest.raises(TypeError, match="env must be None, a path"):
+        resolve_env(42)
+    assert resolve_env(None).is_current
+
+
+def test_env_with_another_python_version(tmp_path, wheels, cache_dir):
+    other = [i for i in find_interpreters() if i.minor != sys.version_info[:2] and i.minor >= (3, 10)]
+    if not other:
+        pytest.skip("no second Python version on this machine")
+    minor = other[0].minor
+    p = demo_spec(tmp_path, wheels, name="other-python", extra=f'python = "{minor[0]}.{minor[1]}"')
+    wenv = resolve_env(p, progress=False)
+    assert wenv.python_version == minor
+    out = run_in(wenv, "import sys, comfy_env.envs, cloudpickle, demo_dep; print(sys.version_info[:2])")
+    assert out.stdout.strip() == str(minor), out.stderr
+
+
+# -- fallback without uv ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_without_uv_falls_back_to_venv_and_pip_with_a_warning(tmp_path, wheels, monkeypatch):
+    monkeypatch.setenv(builder.UV_ENV_VAR, "")
+    env = Env.from_toml(demo_spec(tmp_path, wheels, name="pip-built"), cache_dir=str(tmp_path / "c"))
+    with pytest.warns(RuntimeWarning, match="uv not found"):
+        env.create(progress=False)
+    out = subprocess.run([env.python, "-c", "import demo_dep; print(demo_dep.VERSION)"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "1.0"
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+def test_cli_create_list_path_remove(tmp_path, wheels, capsys):
+    from comfy_env.cli import main
+
+    cache = str(tmp_path / "cli-cache")
+    spec = demo_spec(tmp_path, wheels, name="cli")
+    assert main(["env", "path", spec, "--cache-dir", cache]) == 1
+    assert "not built yet" in capsys.readouterr().err
+    assert main(["env", "create", spec, "--cache-dir", cache]) == 0
+    out = capsys.readouterr()
+    assert "built in" in out.out and "demo-dep==1.0" in out.err  # installer output was shown
+    assert main(["env", "create", "-q", spec, "--cache-dir", cache]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert main(["env", "list", "--cache-dir", cache]) == 0
+    assert "cli-" in capsys.readouterr().out
+    assert main(["env", "path", "--python", spec, "--cache-dir", cache]) == 0
+    py = capsys.readouterr().out.strip()
+    assert os.path.isfile(py)
+    assert main(["env", "remove", spec, "--cache-dir", cache]) == 0
+    assert not os.path.exists(py)
+    assert main(["env", "create", "-q", spec, "--cache-dir", cache]) == 0
+    assert main(["env", "remove", "--all", "--cache-dir", cache]) == 0
+    assert "removed 1 environment" in capsys.readouterr().out
+    assert main(["env", "remove", "--cache-dir", cache]) == 1
+    assert main(["env", "create", str(tmp_path / "nope.toml")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_entry_point_runs_as_a_program(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "comfy_env.cli", "env", "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=SRC))
+    assert out.returncode == 0 and "create" in out.stdout and "remove" in out.stdout

@@ -34,8 +34,6 @@ import time
 import uuid
 import warnings
 
-import filelock
-
 from .cache import META_FILENAME
 from .errors import EnvBuildError
 from .spec import normalize_dist_name
@@ -184,6 +182,8 @@ def build_env(final: str, spec, interp, *, progress=True, label=None, key=None) 
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     report = _make_reporter(progress, label)
+    import filelock  # imported here: workers import comfy_env.envs with only the stdlib around
+
     lock = filelock.FileLock(final + ".lock")
     try:
         lock.acquire(timeout=0)

@@ -31,11 +31,6 @@ from dataclasses import dataclass, field
 
 from .errors import EnvSpecError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 hosts only
-    import tomli as tomllib
-
 __all__ = ["EnvSpec", "load_spec", "SPEC_FILENAME"]
 
 SPEC_FILENAME = "comfy-env.toml"
@@ -142,6 +137,13 @@ def _resolve_local(item: str, root: str) -> str:
 
 def load_spec(path) -> EnvSpec:
     """Read and validate a ``comfy-env.toml`` (or a directory holding one)."""
+    # Imported here, not at module level: workers import comfy_env.envs on Python 3.10
+    # with only the stdlib and cloudpickle, and never parse toml.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 hosts only
+        import tomli as tomllib
+
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.isdir(path):
         path = os.path.join(path, SPEC_FILENAME)
