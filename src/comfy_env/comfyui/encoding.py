@@ -1,0 +1,73 @@
+"""Tagged JSON for node metadata: keeps the tuple/list distinction ComfyUI relies on.
+
+ComfyUI tells a combo widget from other inputs by ``isinstance(spec[0], list)`` and
+expects ``RETURN_TYPES`` to be a tuple, so plain JSON (which turns tuples into
+lists) would change behaviour.  The encoding is plain JSON with three tags:
+
+    {"__tuple__": [...]}          a tuple
+    {"__dict__": [[k, v], ...]}   a dict whose keys are not all str (or that would
+                                  look like a tag)
+    {"__pickle__": "base64"}      anything else (e.g. an enum used as a default);
+                                  decoded with pickle on the host, or replaced by its
+                                  repr when the host can't import its type.
+
+Metadata is encoded in the worker (where node classes live) and decoded on the
+host, and the same text is what the metadata cache stores.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import pickle
+
+__all__ = ["encode", "decode"]
+
+_TAGS = ("__tuple__", "__dict__", "__pickle__", "__repr__")
+_log = logging.getLogger(__name__)
+
+
+def encode(value):
+    """Turn a metadata value into JSON-compatible data (see module docstring)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple) and type(value) is tuple:
+        return {"__tuple__": [encode(v) for v in value]}
+    if isinstance(value, list) and type(value) is list:
+        return [encode(v) for v in value]
+    if isinstance(value, dict) and type(value) is dict:
+        plain = all(isinstance(k, str) for k in value) and not (
+            len(value) == 1 and next(iter(value)) in _TAGS)
+        if plain:
+            return {k: encode(v) for k, v in value.items()}
+        return {"__dict__": [[encode(k), encode(v)] for k, v in value.items()]}
+    try:
+        return {"__pickle__": base64.b64encode(pickle.dumps(value)).decode("ascii"),
+                "__repr__": repr(value)}
+    except Exception:
+        # Not picklable: the host gets the text, which is what the UI would show anyway.
+        return repr(value)
+
+
+def decode(data):
+    """Inverse of :func:`encode`."""
+    if isinstance(data, list):
+        return [decode(v) for v in data]
+    if isinstance(data, dict):
+        if len(data) == 1 and "__tuple__" in data:
+            return tuple(decode(v) for v in data["__tuple__"])
+        if len(data) == 1 and "__dict__" in data:
+            return {_hashable(decode(k)): decode(v) for k, v in data["__dict__"]}
+        if "__pickle__" in data and set(data) <= {"__pickle__", "__repr__"}:
+            try:
+                return pickle.loads(base64.b64decode(data["__pickle__"]))
+            except Exception as exc:
+                _log.warning("comfy-env: metadata value %s can't be rebuilt on the host (%s); "
+                             "using its text", data.get("__repr__"), exc)
+                return data.get("__repr__", "?")
+        return {k: decode(v) for k, v in data.items()}
+    return data
+
+
+def _hashable(key):
+    # JSON has no tuples; a decoded list key was a tuple or another sequence.
+    return tuple(key) if isinstance(key, list) else key

@@ -1,0 +1,72 @@
+"""Every failure mode of comfy_env has a named exception (loky's lesson)."""
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "WorkerCrashed", "CallTimeout", "WorkerStartError", "InitializerFailed",
+    "RemoteTraceback", "RemoteError", "ProtocolMismatch", "PicklingFailed",
+]
+
+
+class WorkerCrashed(BrokenProcessPool):
+    """The worker process died while running the call (exit code or signal in the message).
+
+    Only the call it was running fails; queued calls run on a fresh worker.
+    ``exitcode`` is the process's return code (negative: killed by that signal),
+    ``stderr_tail`` the last lines the worker wrote to stderr.
+    """
+
+    def __init__(self, message, exitcode=None, stderr_tail=""):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.stderr_tail = stderr_tail
+
+
+class CallTimeout(TimeoutError):
+    """The call ran longer than ``call_timeout``; its worker was killed."""
+
+
+class WorkerStartError(BrokenExecutor):
+    """A worker could not be started (bad interpreter, failed handshake, version mismatch)."""
+
+
+class InitializerFailed(WorkerStartError):
+    """The executor's ``initializer`` raised in a worker; the executor is broken."""
+
+
+class ProtocolMismatch(WorkerStartError):
+    """Parent and worker speak different protocol versions."""
+
+
+class PicklingFailed(TypeError):
+    """An argument or a result could not be pickled; the message says which and why."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's formatted traceback; attached as ``__cause__``."""
+
+    def __init__(self, tb):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class RemoteError(Exception):
+    """Stands in for a remote exception that could not travel (unpicklable, or unknown here).
+
+    ``type_name`` is the original exception's qualified type name, ``message``
+    its ``str()``, and the remote traceback is the ``__cause__``.
+    """
+
+    def __init__(self, type_name, message, tb=""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.tb = tb
+
+    def __reduce__(self):
+        return (RemoteError, (self.type_name, self.message, self.tb))

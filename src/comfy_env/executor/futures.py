@@ -1,0 +1,99 @@
+"""Futures whose results stay in shared memory until somebody asks for them.
+
+A worker's result arrives as a frame: an envelope, pickle bytes and the
+blocks (shared-memory segments, CUDA exports) it refers to.  The parent takes
+the leases on those blocks at once, so the memory stays valid, but only
+decodes the pickle when ``result()`` is called.  Passing the future itself to
+another executor's ``submit`` forwards the undecoded frame to the next worker:
+the parent never maps, imports or copies the payload (zero-copy chains).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import Future
+
+from ..ipc import codec, lifetime
+
+__all__ = ["IsolatedFuture", "LazyResult"]
+
+
+class LazyResult:
+    """An undecoded result: one part of a received frame plus the leases it holds."""
+
+    def __init__(self, frame, link):
+        self.frame = frame
+        self.link = link
+        self.records = codec.accept_part_leases(frame, 0, link)
+        for rec in self.records:
+            lifetime.LEDGER.hold(rec)
+        # The frame's fds now belong to the records (or were duplicates).
+        frame.close_fds()
+        self._finalizer = weakref.finalize(self, _drop_holds, list(self.records))
+        self.materialisations = 0
+
+    def materialise(self):
+        """Decode the part (maps the segments, imports the tensors) in this process."""
+        self.materialisations += 1
+        return codec.decode_part(self.frame, 0, self.link, records=dict(enumerate(self.records)))
+
+    @property
+    def part(self):
+        return self.frame.parts[0]
+
+    def release(self):
+        self._finalizer()
+
+
+def _drop_holds(records):
+    for rec in records:
+        lifetime.LEDGER.unhold(rec)
+
+
+class IsolatedFuture(Future):
+    """A ``concurrent.futures.Future`` whose result is decoded on first use."""
+
+    def __init__(self):
+        super().__init__()
+        self._lazy = None
+        self._materialise_lock = threading.Lock()
+
+    def _set_lazy_result(self, lazy: LazyResult):
+        self._lazy = lazy
+        self.set_result(lazy)
+
+    def result(self, timeout=None):
+        value = super().result(timeout)
+        if self._lazy is None or value is not self._lazy:
+            return value
+        with self._materialise_lock:
+            lazy = self._lazy
+            if lazy is None:
+                return self._result
+            try:
+                value = lazy.materialise()
+            except BaseException as exc:
+                # The payload could not be decoded here (a missing package, a
+                # class unknown to this process): report it as the call's error.
+                self._result = None
+                self._exception = exc
+                self._lazy = None
+                lazy.release()
+                raise
+            self._result = value
+            self._lazy = None
+        lazy.release()
+        return value
+
+    def exception(self, timeout=None):
+        exc = super().exception(timeout)
+        if exc is None and self._lazy is not None:
+            try:
+                self.result()
+            except BaseException as e:     # decode failure becomes the exception
+                return e
+        return exc
+
+    def lazy_result(self):
+        """The undecoded result, if the future is done and nobody decoded it yet."""
+        return self._lazy

@@ -1,0 +1,310 @@
+"""The parent's handle on one worker process.
+
+Per worker, two threads::
+
+    reader  -- handshake, then frames from the worker: results -> futures,
+               log records -> logging, releases -> ledger; EOF -> death report
+    output  -- the worker's stdout/stderr pipes, line by line -> logging, and
+               a tail of stderr kept for crash reports
+
+Calls are sent by whichever thread dispatches them (the submitter's, or the
+reader that just finished the previous call): no queue-feeder thread in
+between, which is where most of ProcessPoolExecutor's latency goes.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .._version import PROTOCOL_VERSION, __version__
+from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
+                      RemoteTraceback, WorkerCrashed, WorkerStartError)
+from ..ipc import codec, lifetime
+from ..ipc.transport import Channel, ChannelClosed
+from . import launch
+from .futures import LazyResult
+
+STDERR_TAIL_LINES = 30
+
+
+class WorkerHandle:
+    def __init__(self, pool, index):
+        self.pool = pool
+        self.index = index
+        self.proc = None
+        self.pid = None
+        self.channel = None
+        self.link = lifetime.Link(self._send_control, name=f"{pool.name}#{index}")
+        self.item = None              # the work item running in the worker
+        self.deadline = None
+        self.ready = False
+        self.exiting = False          # we asked it to exit
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._output_done = threading.Event()
+        self._reader = None
+        self.info = {}
+
+    # -- start ---------------------------------------------------------------
+    def start(self):
+        parent, child = Channel.pair()
+        try:
+            self.proc = launch.spawn(self.pool.wenv, child.fileno())
+        finally:
+            child.close()
+        self.pid = self.proc.pid
+        self.channel = parent
+        self.logger = self.pool.logger
+        threading.Thread(target=self._pump_output, name=f"comfy_env-output-{self.pid}",
+                         daemon=True).start()
+        self._reader = threading.Thread(target=self._read_loop, name=f"comfy_env-reader-{self.pid}",
+                                        daemon=True)
+        self._reader.start()
+
+    # -- sending ---------------------------------------------------------------
+    def _send_control(self, msgs):
+        _, chunks = codec.encode_message(("ctl", msgs), self.link)
+        self.channel.send(chunks)
+
+    def send_call(self, item, chunks, fds):
+        """Send an already-encoded call frame; the item is now this worker's."""
+        self.item = item
+        if self.pool.call_timeout is not None:
+            self.deadline = time.monotonic() + self.pool.call_timeout
+            self.pool.watchdog.watch(self)
+        self.channel.send(chunks, fds)
+
+    def request_exit(self):
+        if self.exiting:
+            return
+        self.exiting = True
+        try:
+            _, chunks = codec.encode_message(("exit",), self.link)
+            self.channel.send(chunks)
+        except (ChannelClosed, OSError):
+            pass
+
+    def kill(self):
+        try:
+            self.proc.kill()
+        except (ProcessLookupError, OSError, AttributeError):
+            pass
+
+    def join(self, timeout=None):
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+
+    # -- reading -------------------------------------------------------------------
+    def _handshake(self):
+        body, fds = self.channel.recv()
+        frame = codec.decode_envelope(body, fds)
+        frame.close_fds()
+        kind, info = frame.envelope
+        if kind != "hello":
+            raise WorkerStartError(f"worker sent {kind!r} instead of its handshake")
+        self.info = info
+        if info.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"the worker (comfy_env {info.get('version')}, Python {info.get('python')}) speaks "
+                f"protocol {info.get('protocol')}, the parent (comfy_env {__version__}) speaks "
+                f"{PROTOCOL_VERSION}: the worker must import the same comfy_env as the parent"
+            )
+        self.link.uid = info["uid"]
+        cfg = {
+            "uid": lifetime.PROCESS_UID,
+            "name": self.link.name,
+            "sys_path": list(sys.path) if self.pool.wenv.is_current else None,
+            "cwd": os.getcwd() if self.pool.wenv.is_current else None,
+            "log_level": self.pool.worker_log_level,
+        }
+        objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
+        fb, chunks = codec.encode_message(("init", cfg), self.link, objs)
+        self.channel.send(chunks, fb.fds)
+        body, fds = self.channel.recv()
+        frame = codec.decode_envelope(body, fds)
+        kind = frame.envelope[0]
+        if kind == "init_failed":
+            exc, tb = codec.decode_part(frame, 0, self.link)
+            frame.close_fds()
+            err = InitializerFailed(
+                f"the initializer failed in worker pid {self.pid}: {type(exc).__name__}: {exc}")
+            err.__cause__ = RemoteTraceback(tb)
+            raise err
+        frame.close_fds()
+        if kind != "ready":
+            raise WorkerStartError(f"worker sent {kind!r} instead of 'ready'")
+
+    def _read_loop(self):
+        pool = self.pool
+        try:
+            self._handshake()
+        except BaseException as exc:
+            self._finish(start_error=exc)
+            return
+        self.ready = True
+        pool.on_ready(self)
+        try:
+            while True:
+                body, fds = self.channel.recv()
+                frame = codec.decode_envelope(body, fds)
+                kind = frame.envelope[0]
+                if kind == "result":
+                    self._on_result(frame)
+                elif kind == "ctl":
+                    frame.close_fds()
+                    from ..worker import _apply_control
+                    _apply_control(self.link, frame.envelope[1])
+                elif kind == "log":
+                    frame.close_fds()
+                    self._on_log(frame.envelope)
+                else:
+                    frame.close_fds()
+        except ChannelClosed:
+            pass
+        except BaseException as exc:      # a bug here must not hang futures
+            self.logger.error("comfy_env: reader of worker %s failed: %r", self.pid, exc,
+                              exc_info=True)
+            self.kill()
+        self._finish()
+
+    def _on_result(self, frame):
+        _, call_id, ok = frame.envelope
+        item = self.item
+        if item is None or item.call_id != call_id:
+            frame.close_fds()
+            return
+        self.item = None
+        self.deadline = None
+        fut = item.future
+        if ok and frame.parts[0].refs is None:
+            # Nothing in shared memory: decode here, no lazy bookkeeping.
+            frame.close_fds()
+            try:
+                value = codec.decode_part(frame, 0, self.link)
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+        elif ok:
+            try:
+                lazy = LazyResult(frame, self.link)
+            except BaseException as exc:
+                frame.close_fds()
+                fut.set_exception(exc)
+            else:
+                fut._set_lazy_result(lazy)
+        else:
+            try:
+                exc, tb = codec.decode_part(frame, 0, self.link)
+            except BaseException as dexc:
+                exc, tb = RemoteError(type(dexc).__name__, f"the worker's exception could not be "
+                                      f"decoded in the parent: {dexc}"), ""
+            finally:
+                frame.close_fds()
+            if tb:
+                exc.__cause__ = RemoteTraceback(tb)
+            fut.set_exception(exc)
+        del item, fut
+        self.pool.on_idle(self)
+
+    def _on_log(self, envelope):
+        _, levelno, name, msg, created = envelope
+        logger = self.logger
+        if logger.isEnabledFor(levelno):
+            rec = logger.makeRecord(logger.name, levelno, "(worker)", 0,
+                                    "[%s] %s: %s", (self.pool.name, name, msg), None,
+                                    extra={"worker_name": self.link.name, "worker_pid": self.pid,
+                                           "worker_logger": name, "stream": "logging"})
+            rec.created = created
+            logger.handle(rec)
+
+    def _pump_output(self):
+        sel = selectors.DefaultSelector()
+        streams = {self.proc.stdout: "stdout", self.proc.stderr: "stderr"}
+        for f in streams:
+            sel.register(f, selectors.EVENT_READ)
+        partial = {f: b"" for f in streams}
+        logger = self.pool.logger
+        try:
+            while streams:
+                for key, _ in sel.select():
+                    f = key.fileobj
+                    data = os.read(f.fileno(), 65536)
+                    if not data:
+                        sel.unregister(f)
+                        name = streams.pop(f)
+                        if partial[f]:
+                            self._emit_line(logger, name, partial[f])
+                        continue
+                    data = partial[f] + data
+                    *lines, partial[f] = data.split(b"\n")
+                    for line in lines:
+                        self._emit_line(logger, streams[f], line)
+        finally:
+            sel.close()
+            for f in (self.proc.stdout, self.proc.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self._output_done.set()
+
+    def _emit_line(self, logger, stream, raw):
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if stream == "stderr":
+            self.stderr_tail.append(line)
+        level = logging.INFO
+        if logger.isEnabledFor(level):
+            logger.info("[%s] %s", self.pool.name, line,
+                        extra={"worker_name": self.link.name, "worker_pid": self.pid,
+                               "stream": stream})
+
+    # -- death -----------------------------------------------------------------------
+    def _finish(self, start_error=None):
+        """The channel is closed: reap the process and report what it was doing."""
+        try:
+            self.channel.close()
+        except OSError:
+            pass
+        if self.exiting and start_error is None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        else:
+            # EOF without being asked to exit: it is dying, or wedged with a
+            # closed socket.  Give it a moment, then make sure.
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._output_done.wait(timeout=2)
+        lifetime.LEDGER.link_closed(self.link)
+        item, self.item = self.item, None
+        self.pool.on_death(self, item, code, start_error)
+
+    def describe_exit(self, code):
+        if code is None:
+            how = "did not exit"
+        elif code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name} ({-code})"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        tail = "\n".join(self.stderr_tail)
+        msg = f"worker pid {self.pid} ({self.pool.wenv.label}) {how}"
+        if tail:
+            msg += f"; last lines of its stderr:\n{tail}"
+        return msg, tail

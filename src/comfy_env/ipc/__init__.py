@@ -1,0 +1,1 @@
+"""Moving calls and data between processes: transport, codec, data planes."""

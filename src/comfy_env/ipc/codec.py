@@ -1,0 +1,336 @@
+"""One pass over an object graph: small objects inline, bulk data as descriptors.
+
+Encoding is a cloudpickle pass whose ``persistent_id`` hook hands arrays and
+tensors to a *data plane* (CPU shared memory, CUDA pools).  The plane returns
+a small descriptor that is pickled in the object's place, and it names the
+*blocks* the descriptor refers to (see :mod:`comfy_env.ipc.lifetime`).  The
+same module, imported by both sides, decodes.
+
+A message body is::
+
+    u32 envelope length | envelope (plain pickle) | part 0 | part 1 | ...
+
+The envelope is a small tuple the transport owner reads without touching the
+parts; it ends with ``parts``: a list of ``(length, refs)`` where ``refs``
+lists the blocks a part leases, as ``(plane, key, fd_index, meta)``.  Keeping
+the refs outside the pickle lets the parent hold or forward a worker's result
+(zero-copy chains) without decoding it.
+
+Planes register by *type name* so that neither numpy nor torch is imported
+until an object of theirs shows up.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+from concurrent.futures import Future
+
+import cloudpickle
+
+from . import lifetime
+
+__all__ = [
+    "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
+    "EncodeError", "Frame",
+]
+
+_U32 = struct.Struct("<I")
+PROTOCOL = 5
+
+
+class EncodeError(TypeError):
+    """An object could not be encoded for the peer."""
+
+
+class Plane:
+    """A data plane.  Subclasses set ``name`` and ``types`` and implement the hooks."""
+
+    name = "?"
+    types = ()          # fully qualified type names, e.g. "numpy.ndarray"
+
+    def encode(self, obj, enc: "Encoder"):
+        """Return a picklable descriptor for ``obj``, or None to let pickle handle it."""
+        raise NotImplementedError
+
+    def decode(self, desc, dec: "Decoder"):
+        raise NotImplementedError
+
+    def open_remote(self, key, meta, fd):
+        """Build the resource for a block first seen in a message (takes ownership of ``fd``)."""
+        raise NotImplementedError
+
+    def forward_fd(self, record):
+        """An fd that lets another process open ``record``'s block (or None)."""
+        return None
+
+    def on_zero(self, record):
+        """The record has no user left (recycle an owned block, drop a remote one)."""
+
+    def on_control(self, link, message):
+        """A plane-specific control message arrived from ``link``."""
+
+
+_PLANES = {}            # name -> plane
+_BY_TYPENAME = {}       # "module.Qualname" -> [planes], asked in order
+_DISPATCH = {}          # type -> tuple of planes | None (cache)
+
+
+def register_plane(plane: Plane, first=False) -> None:
+    """Register ``plane`` for its ``types``; ``first`` puts it before planes already there."""
+    _PLANES[plane.name] = plane
+    for tn in plane.types:
+        lst = _BY_TYPENAME.setdefault(tn, [])
+        if plane not in lst:
+            lst.insert(0, plane) if first else lst.append(plane)
+    _DISPATCH.clear()
+
+
+def get_plane(name):
+    return _PLANES[name]
+
+
+def _plane_for(tp):
+    try:
+        return _DISPATCH[tp]
+    except KeyError:
+        pass
+    planes = None
+    for klass in getattr(tp, "__mro__", ()):
+        found = _BY_TYPENAME.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found:
+            planes = tuple(found)
+            break
+    _DISPATCH[tp] = planes
+    return planes
+
+
+# Types pickle handles natively and no plane ever claims: skip the lookup.
+_PLAIN = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
+                    frozenset, bytearray, complex])
+
+
+class Part:
+    """One encoded object graph: pickle bytes plus the blocks it leases.
+
+    ``refs`` is None for a *plain* part: one without any descriptor, which
+    decodes with a bare ``pickle.loads`` (the fast path of small calls).
+    """
+
+    __slots__ = ("data", "refs")
+
+    def __init__(self, data, refs):
+        self.data = data      # bytes-like
+        self.refs = refs      # [(plane, key, fd_index, meta)] or None
+
+
+class Encoder(cloudpickle.Pickler):
+    """Pickles one object graph for ``link``; planes turn bulk data into descriptors."""
+
+    def __init__(self, file, frame_builder, link, forward_future=None):
+        super().__init__(file, protocol=PROTOCOL)
+        self.fb = frame_builder
+        self.link = link
+        self.refs = []                    # this part's refs
+        self._ref_index = {}              # key -> index in self.refs
+        self._forward_future = forward_future
+        self.plain = True                 # no persistent id emitted: decodes with pickle.loads
+
+    def persistent_id(self, obj):
+        tp = type(obj)
+        if tp in _PLAIN:
+            return None
+        planes = _plane_for(tp)
+        if planes is not None:
+            for plane in planes:
+                desc = plane.encode(obj, self)
+                if desc is not None:
+                    self.plain = False
+                    return ("p", plane.name, desc)
+            return None
+        if isinstance(obj, Future):
+            self.plain = False
+            return self._encode_future(obj)
+        return None
+
+    def _encode_future(self, fut):
+        if not fut.done():
+            raise EncodeError("a Future passed as an argument must be done before it is encoded")
+        if self._forward_future is not None:
+            part_index = self._forward_future(fut, self.fb)
+            if part_index is not None:
+                return ("f", part_index)
+        return ("v", fut.result())
+
+    # -- used by planes ---------------------------------------------------------
+    def add_ref(self, plane, record, meta=None, fd=None):
+        """Say that this part refers to ``record``'s block; returns the ref index.
+
+        ``fd`` (owned by the caller) travels with the frame when the peer may
+        not have the block open yet.
+        """
+        key = record.key
+        idx = self._ref_index.get(key)
+        if idx is not None:
+            return idx
+        fd_index = self.fb.add_fd(fd) if fd is not None else -1
+        idx = len(self.refs)
+        self.refs.append((plane.name, key, fd_index, meta))
+        self._ref_index[key] = idx
+        self.fb.lend(record)
+        return idx
+
+
+class FrameBuilder:
+    """Collects the parts, fds and lends of one outgoing frame."""
+
+    def __init__(self, link):
+        self.link = link
+        self.parts = []
+        self.fds = []
+        self._lends = []
+
+    def add_fd(self, fd):
+        self.fds.append(fd)
+        return len(self.fds) - 1
+
+    def lend(self, record):
+        # Count the lend before the frame leaves: the peer may release it at once.
+        lifetime.LEDGER.lend(record, self.link)
+        self._lends.append(record)
+
+    def encode_part(self, obj, forward_future=None):
+        buf = io.BytesIO()
+        enc = Encoder(buf, self, self.link, forward_future)
+        enc.dump(obj)
+        self.parts.append(Part(buf.getbuffer(), None if enc.plain else enc.refs))
+        return len(self.parts) - 1
+
+    def add_part(self, part, fds):
+        """Append an already-encoded part (forwarding): its fd indexes are rebased."""
+        base = len(self.fds)
+        self.fds.extend(fds)
+        refs = [(p, k, (i + base) if i >= 0 else -1, m) for (p, k, i, m) in (part.refs or ())]
+        self.parts.append(Part(part.data, refs))
+        return len(self.parts) - 1
+
+    def abort(self):
+        """The frame will not be sent: undo its lends."""
+        lends, self._lends = self._lends, []
+        for rec in lends:
+            lifetime.LEDGER.on_release(self.link, rec.key, 1)
+
+    def build(self, envelope):
+        env = pickle.dumps((envelope, [(memoryview(p.data).nbytes, p.refs) for p in self.parts]), PROTOCOL)
+        chunks = [_U32.pack(len(env)), env]
+        chunks.extend(p.data for p in self.parts)
+        self._lends = []
+        return chunks
+
+
+def encode_message(envelope, link, objs=(), forward_future=None):
+    """Encode ``objs`` as parts 0.. of one frame.  Returns ``(FrameBuilder, chunks)``."""
+    fb = FrameBuilder(link)
+    try:
+        for obj in objs:
+            fb.encode_part(obj, forward_future)
+        return fb, fb.build(envelope)
+    except BaseException:
+        fb.abort()
+        raise
+
+
+class Frame:
+    """A received frame: the envelope plus undecoded parts and the fds that came with it."""
+
+    def __init__(self, body, fds):
+        view = memoryview(body)
+        (n,) = _U32.unpack_from(view, 0)
+        self.envelope, metas = pickle.loads(view[4:4 + n])
+        off = 4 + n
+        self.parts = []
+        for length, refs in metas:
+            self.parts.append(Part(view[off:off + length], refs))
+            off += length
+        self.fds = fds
+
+    def close_fds(self):
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def decode_envelope(body, fds):
+    return Frame(body, fds)
+
+
+class Decoder(pickle.Unpickler):
+    """Decodes one part; plane descriptors become objects built on shared blocks."""
+
+    def __init__(self, frame, part_index, link, cache, records=None):
+        part = frame.parts[part_index]
+        super().__init__(io.BytesIO(part.data))
+        self.frame = frame
+        self.part = part
+        self.link = link
+        self._cache = cache        # part index -> decoded object (nested parts decode once)
+        self._records = dict(records or {})   # ref index -> record (pre-accepted: lazy results)
+
+    def persistent_load(self, pid):
+        tag = pid[0]
+        if tag == "p":
+            return _PLANES[pid[1]].decode(pid[2], self)
+        if tag == "v":
+            return pid[1]
+        if tag == "f":
+            return decode_part(self.frame, pid[1], self.link, self._cache)
+        raise pickle.UnpicklingError(f"unknown persistent id tag {tag!r}")
+
+    def record(self, ref_index):
+        """The record for ref ``ref_index`` of this part, taking the peer's lease on first use."""
+        rec = self._records.get(ref_index)
+        if rec is None:
+            plane_name, key, fd_index, meta = self.part.refs[ref_index]
+            plane = _PLANES[plane_name]
+
+            def make():
+                fd = -1
+                if fd_index >= 0:
+                    fd = self.frame.fds[fd_index]
+                    self.frame.fds[fd_index] = -1      # the plane owns it now
+                return plane.open_remote(key, meta, fd)
+
+            rec = lifetime.LEDGER.accept_lease(key, self.link, make, plane.on_zero)
+            self._records[ref_index] = rec
+        return rec
+
+
+def accept_part_leases(frame, part_index, link):
+    """Take the leases of a part without decoding it (lazy results): returns records."""
+    dec = Decoder(frame, part_index, link, {})
+    return [dec.record(i) for i in range(len(frame.parts[part_index].refs or ()))]
+
+
+def decode_part(frame, index, link, cache=None, records=None):
+    if cache is None:
+        cache = {}
+    if index in cache:
+        return cache[index]
+    part = frame.parts[index]
+    if part.refs is None:
+        obj = pickle.loads(part.data)
+        cache[index] = obj
+        return obj
+    dec = Decoder(frame, index, link, cache, records)
+    try:
+        obj = dec.load()
+    finally:
+        lifetime.LEDGER.sweep(list(dec._records.values()))
+    cache[index] = obj
+    return obj

@@ -1,0 +1,94 @@
+"""Devices by identity: UUIDs, ordinals, and making a device's context current.
+
+Two processes can number the same GPU differently (each may run under its own
+``CUDA_VISIBLE_DEVICES``), so descriptors name a device by its UUID and each side
+maps the UUID to its own ordinal.  Torch's device index and the driver ordinal are
+the same number within one process (both count visible devices).
+
+Driver calls that touch memory need a context current in the calling thread; the
+ledger's flusher thread frees imported memory, so :func:`use` makes the device's
+primary context (the one torch shares) current wherever we are.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import threading
+
+from . import driver as D
+
+__all__ = ["uuid_of", "ordinal_of", "use", "count", "name_of", "UnknownDevice"]
+
+
+class UnknownDevice(LookupError):
+    """A descriptor names a GPU this process cannot see."""
+
+
+_lock = threading.Lock()
+_uuids = {}          # ordinal -> uuid hex
+_by_uuid = {}        # uuid hex -> ordinal
+_contexts = {}       # ordinal -> primary CUcontext (retained for the process's life)
+
+
+def count() -> int:
+    n = C.c_int()
+    D.call("cuDeviceGetCount", C.byref(n))
+    return n.value
+
+
+def uuid_of(ordinal: int) -> str:
+    """The GPU's UUID as 32 hex digits (what ``nvidia-smi -L`` shows, without dashes)."""
+    u = _uuids.get(ordinal)
+    if u is not None:
+        return u
+    n = count()
+    if not 0 <= ordinal < n:
+        raise UnknownDevice(f"CUDA device {ordinal} does not exist here ({n} visible)")
+    raw = D.Uuid()
+    name = "cuDeviceGetUuid_v2" if D.has("cuDeviceGetUuid_v2") else "cuDeviceGetUuid"
+    D.call(name, C.byref(raw), ordinal)
+    u = bytes(raw.bytes).hex()
+    with _lock:
+        _uuids[ordinal] = u
+        _by_uuid[u] = ordinal
+    return u
+
+
+def ordinal_of(uuid: str) -> int:
+    """This process's ordinal for the GPU with ``uuid``; :class:`UnknownDevice` if not visible."""
+    o = _by_uuid.get(uuid)
+    if o is not None:
+        return o
+    for i in range(count()):
+        if uuid_of(i) == uuid:
+            return i
+    raise UnknownDevice(
+        f"the tensor lives on GPU {uuid}, which this process cannot see "
+        f"(check CUDA_VISIBLE_DEVICES of both processes)")
+
+
+def name_of(ordinal: int) -> str:
+    buf = C.create_string_buffer(256)
+    D.call("cuDeviceGetName", buf, 256, ordinal)
+    return buf.value.decode(errors="replace")
+
+
+def use(ordinal: int) -> None:
+    """Make ``ordinal``'s primary context current in this thread.
+
+    Checked on every call rather than cached per thread: torch switches contexts
+    behind our back (``torch.cuda.device(...)``), and a pool or stream call made in
+    the wrong context fails or lands on the wrong GPU.
+    """
+    ctx = _contexts.get(ordinal)
+    if ctx is None:
+        with _lock:
+            ctx = _contexts.get(ordinal)
+            if ctx is None:
+                h = C.c_void_p()
+                # Retained, never released: torch shares this context and our pools and
+                # imports live in it for the whole process.
+                D.call("cuDevicePrimaryCtxRetain", C.byref(h), ordinal)
+                ctx = _contexts[ordinal] = h.value
+    cur = C.c_void_p()
+    if D.try_call("cuCtxGetCurrent", C.byref(cur)) != 0 or cur.value != ctx:
+        D.call("cuCtxSetCurrent", ctx)

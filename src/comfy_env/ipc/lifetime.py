@@ -1,0 +1,269 @@
+"""Who may still read a block of shared memory: the per-process ledger.
+
+A *block* is a unit of shared memory owned by exactly one process: a memfd
+segment (CPU plane) or an exported CUDA allocation (CUDA plane).  Its *key*
+is globally unique: ``(plane, owner_uid, local_id)``.
+
+Each process keeps one :class:`Record` per block it knows.  ``users`` counts
+
+* local holders: objects decoded on top of the block (one per message and
+  block, kept alive by the arrays built on it) and lazy results, and
+* lends: messages that carried the block to a peer and that the peer has
+  not released yet.
+
+When ``users`` drops to zero an owned block goes back to its plane (arena,
+pool); a remote block is unmapped and the leases we took from our upstream
+peer are released to it.  Leases form a tree: a record is kept alive through
+exactly one upstream peer; a lease arriving from any other peer for a key we
+already hold is released straight back, which is what keeps cycles (the
+parent lends S to a worker that returns a view of S) from pinning memory.
+
+Release messages are *posted*: finalizers run at arbitrary points (inside
+the garbage collector, possibly while the socket's send lock is held by the
+same thread), so they only append to a deque and poke a pipe; a daemon thread
+does the actual sends.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import uuid
+import weakref
+
+__all__ = ["Ledger", "Record", "Link", "LEDGER", "PROCESS_UID"]
+
+# Identifies this process in block keys.  pids are reused; a uuid is not.
+PROCESS_UID = uuid.uuid4().hex[:16]
+
+
+class Link:
+    """One peer of this process (the parent, or one worker) as the data planes see it.
+
+    ``post`` queues a control message for the peer; the transport owner
+    (executor or worker loop) drains ``take_posts`` before each send and the
+    ledger's flusher thread drains the rest.
+    """
+
+    def __init__(self, send_control, name="peer"):
+        self._send_control = send_control   # callable(list_of_messages)
+        self.name = name
+        self.uid = None                     # the peer's PROCESS_UID, from the handshake
+        self.closed = False
+        self._posts = collections.deque()
+        self.lent = collections.Counter()   # key -> outstanding lends to this peer
+        self.state = {}                     # plane name -> per-peer plane state
+
+    def post(self, message) -> None:
+        """Queue ``message`` for the peer.  Safe from finalizers and any thread."""
+        if not self.closed:
+            self._posts.append(message)
+            LEDGER.poke(self)
+
+    def take_posts(self):
+        out = []
+        posts = self._posts
+        while True:
+            try:
+                out.append(posts.popleft())
+            except IndexError:
+                return out
+
+    def flush(self) -> None:
+        msgs = self.take_posts()
+        if msgs and not self.closed:
+            try:
+                self._send_control(msgs)
+            except Exception:
+                # A dead peer needs no releases; close() will settle the counts.
+                pass
+
+    def __repr__(self):
+        return f"<Link {self.name} uid={self.uid}>"
+
+
+class Record:
+    """What this process knows of one block."""
+
+    __slots__ = ("key", "resource", "users", "upstream", "leases_in", "owned", "on_zero", "__weakref__")
+
+    def __init__(self, key, resource, owned, upstream=None, on_zero=None):
+        self.key = key
+        self.resource = resource        # plane-specific: a segment, an imported pointer, ...
+        self.owned = owned
+        self.upstream = upstream        # Link we hold leases from (remote blocks)
+        self.leases_in = 0              # leases taken from upstream, released at zero
+        self.users = 0
+        self.on_zero = on_zero          # callable(record): recycle / unmap
+
+
+class Ledger:
+    """All records of this process, plus the thread that sends posted releases."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._records = {}
+        self._dirty = collections.deque()
+        self._wake_r = self._wake_w = None
+        self._thread = None
+        self._pid = os.getpid()
+
+    # -- records -----------------------------------------------------------
+    def get(self, key):
+        return self._records.get(key)
+
+    def add_owned(self, key, resource, on_zero):
+        with self._lock:
+            rec = Record(key, resource, owned=True, on_zero=on_zero)
+            self._records[key] = rec
+            return rec
+
+    def accept_lease(self, key, link, make_resource, on_zero):
+        """A message from ``link`` lent us ``key``.  Returns the record.
+
+        ``make_resource()`` builds the plane resource for a block we did not
+        know yet.  A redundant lease (we own the block or hold it through
+        another peer) is released straight back.
+        """
+        with self._lock:
+            rec = self._records.get(key)
+            if rec is None:
+                rec = Record(key, make_resource(), owned=False, upstream=link, on_zero=on_zero)
+                self._records[key] = rec
+            if rec.upstream is link:
+                rec.leases_in += 1
+                return rec
+        link.post(("release", key, 1))
+        return rec
+
+    def hold(self, rec, n=1):
+        with self._lock:
+            rec.users += n
+
+    def unhold(self, rec, n=1):
+        """Drop ``n`` users; free the record when none is left."""
+        with self._lock:
+            rec.users -= n
+            if rec.users > 0:
+                return
+            if self._records.get(rec.key) is rec:
+                del self._records[rec.key]
+            upstream, leases = rec.upstream, rec.leases_in
+            rec.leases_in = 0
+        if upstream is not None and leases:
+            upstream.post(("release", rec.key, leases))
+        if rec.on_zero is not None:
+            rec.on_zero(rec)
+
+    def sweep(self, recs):
+        """Free records that a failed or empty decode left with no user."""
+        for rec in recs:
+            with self._lock:
+                idle = rec.users <= 0 and self._records.get(rec.key) is rec
+            if idle:
+                self.hold(rec)
+                self.unhold(rec)
+
+    def lend(self, rec, link, n=1):
+        with self._lock:
+            rec.users += n
+            link.lent[rec.key] += n
+
+    def holder(self, rec, obj):
+        """Count ``obj`` (anything weak-referenceable) as a user of ``rec`` while it lives."""
+        self.hold(rec)
+        weakref.finalize(obj, self._holder_died, rec)
+
+    def _holder_died(self, rec):
+        # Runs inside the garbage collector: never block, never send here.
+        self._dirty.append(rec)
+        self._wake()
+
+    # -- control messages ---------------------------------------------------
+    def on_release(self, link, key, n):
+        with self._lock:
+            if link.lent[key] < n:
+                n = link.lent[key]
+            if n <= 0:
+                return
+            link.lent[key] -= n
+            if not link.lent[key]:
+                del link.lent[key]
+            rec = self._records.get(key)
+        if rec is not None:
+            self.unhold(rec, n)
+
+    def link_closed(self, link):
+        """The peer is gone: its lends will never be released; its leases need no release."""
+        link.closed = True
+        with self._lock:
+            lent = dict(link.lent)
+            link.lent.clear()
+            for rec in self._records.values():
+                if rec.upstream is link:
+                    rec.leases_in = 0
+                    rec.upstream = None
+        for key, n in lent.items():
+            rec = self._records.get(key)
+            if rec is not None:
+                self.unhold(rec, n)
+
+    # -- the flusher ----------------------------------------------------------
+    def poke(self, link):
+        self._dirty.append(link)
+        self._wake()
+
+    def _wake(self):
+        if self._pid != os.getpid():      # forked child: start afresh
+            self.__init__()
+        if self._thread is None:
+            self._start()
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass                          # a wake-up is already pending
+
+    def _start(self):
+        with self._lock:
+            if self._thread is not None:
+                return
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._wake_r, self._wake_w = r, w
+            t = threading.Thread(target=self._run, name="comfy_env-ledger", daemon=True)
+            self._thread = t
+            t.start()
+
+    def _run(self):
+        while True:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                return
+            self.drain()
+
+    def drain(self):
+        """Apply dead holders and send posted messages.  Called by the flusher, or inline."""
+        links = set()
+        dirty = self._dirty
+        while True:
+            try:
+                item = dirty.popleft()
+            except IndexError:
+                break
+            if isinstance(item, Record):
+                self.unhold(item)
+            else:
+                links.add(item)
+        for link in links:
+            link.flush()
+
+    def __len__(self):
+        return len(self._records)
+
+    def records(self):
+        with self._lock:
+            return list(self._records.values())
+
+
+LEDGER = Ledger()

@@ -1,0 +1,284 @@
+"""The worker process: ``python -m comfy_env.worker --fd N``.
+
+Runs inside the target environment with the very same ``comfy_env`` package as
+the parent (made importable through a bootstrap dir that holds only
+``comfy_env`` and ``cloudpickle``).  Needs the standard library and cloudpickle;
+numpy and torch are imported only when a payload carries them.
+
+Threads::
+
+    reader thread  --  frames from the parent: calls -> queue, control -> ledger,
+                       EOF (the parent is gone, even SIGKILLed) -> os._exit
+    main thread    --  takes calls off the queue, runs them, sends results
+
+Calls run on the main thread (some libraries insist on it); the reader keeps
+receiving while a call runs, so releases and interrupts are never stuck
+behind a long call, and the death of the parent is noticed at once.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+from ._version import PROTOCOL_VERSION, __version__
+from .errors import PicklingFailed, RemoteError
+from .ipc import codec, lifetime
+from .ipc.transport import Channel, ChannelClosed
+
+_EXIT = object()
+
+
+def resolve_reference(ref: str):
+    """``"package.module:qualname"`` -> the object, imported in this process."""
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise ValueError(
+            f"a function reference must look like 'package.module:qualname', got {ref!r}"
+        )
+    modname, qualname = ref.split(":")
+    if not modname or not qualname:
+        raise ValueError(f"a function reference must look like 'package.module:qualname', got {ref!r}")
+    module = importlib.import_module(modname)
+    obj = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {modname!r} has no attribute {qualname!r} "
+                f"(looked up in the worker, Python {sys.version.split()[0]} at {sys.executable})"
+            ) from None
+    return obj
+
+
+def run_chunk(fn, chunk):
+    """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
+    if isinstance(fn, str):
+        fn = resolve_reference(fn)
+    return [fn(*args) for args in chunk]
+
+
+class _LogForwarder(logging.Handler):
+    """Sends the worker's log records to the parent, which re-emits them through ``logging``."""
+
+    def __init__(self, worker):
+        super().__init__(logging.NOTSET)
+        self.worker = worker
+
+    def emit(self, record):
+        try:
+            msg = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                msg = f"{msg}\n{record.exc_text}"
+            self.worker.send_plain(("log", record.levelno, record.name, msg, record.created))
+        except Exception:
+            pass  # logging must never take the worker down
+
+
+class Worker:
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.link = lifetime.Link(self._send_control, name="parent")
+        self.calls = queue.SimpleQueue()
+        self.name = "worker"
+
+    # -- sending ---------------------------------------------------------------
+    def _send_control(self, msgs):
+        self.send_plain(("ctl", msgs))
+
+    def send_plain(self, envelope):
+        _, chunks = codec.encode_message(envelope, self.link)
+        self.channel.send(chunks)
+
+    def send_parts(self, envelope, objs):
+        fb, chunks = codec.encode_message(envelope, self.link, objs)
+        try:
+            self.channel.send(chunks, fb.fds)
+        except BaseException:
+            fb.abort()
+            raise
+
+    # -- handshake -----------------------------------------------------------------
+    def handshake(self):
+        self.send_plain(("hello", {
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "python": tuple(sys.version_info[:3]),
+            "executable": sys.executable,
+            "pid": os.getpid(),
+            "uid": lifetime.PROCESS_UID,
+        }))
+        body, fds = self.channel.recv()
+        frame = codec.decode_envelope(body, fds)
+        kind, cfg = frame.envelope
+        if kind != "init":
+            raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
+        self.link.uid = cfg["uid"]
+        self.name = cfg.get("name", "worker")
+        if cfg.get("sys_path") is not None:
+            extra = [p for p in sys.path if p not in cfg["sys_path"]]
+            sys.path[:] = list(cfg["sys_path"]) + extra
+        if cfg.get("cwd"):
+            try:
+                os.chdir(cfg["cwd"])
+            except OSError:
+                pass
+        root = logging.getLogger()
+        root.addHandler(_LogForwarder(self))
+        if cfg.get("log_level") is not None:
+            root.setLevel(cfg["log_level"])
+        try:
+            if frame.parts:
+                initializer, initargs = codec.decode_part(frame, 0, self.link)
+                if initializer is not None:
+                    if isinstance(initializer, str):
+                        initializer = resolve_reference(initializer)
+                    initializer(*initargs)
+        except BaseException as exc:
+            self._send_exception("init_failed", None, exc)
+            return False
+        finally:
+            frame.close_fds()
+        self.send_plain(("ready",))
+        return True
+
+    # -- the loops -----------------------------------------------------------------
+    def reader(self):
+        try:
+            while True:
+                body, fds = self.channel.recv()
+                frame = codec.decode_envelope(body, fds)
+                kind = frame.envelope[0]
+                if kind == "call":
+                    self.calls.put(frame)
+                elif kind == "ctl":
+                    _apply_control(self.link, frame.envelope[1])
+                    frame.close_fds()
+                elif kind == "exit":
+                    frame.close_fds()
+                    self.calls.put(_EXIT)
+                    return
+                else:
+                    frame.close_fds()
+        except ChannelClosed:
+            pass
+        except BaseException:
+            traceback.print_exc()
+        # The parent is gone (or it closed us): nobody is left to report to.
+        os._exit(0)
+
+    def serve(self):
+        t = threading.Thread(target=self.reader, name="comfy_env-reader", daemon=True)
+        t.start()
+        while True:
+            frame = self.calls.get()
+            if frame is _EXIT:
+                break
+            self._run_call(frame)
+            del frame
+            lifetime.LEDGER.drain()     # release the arguments' blocks promptly
+
+    def _run_call(self, frame):
+        call_id = frame.envelope[1]
+        try:
+            try:
+                fn, args, kwargs = codec.decode_part(frame, 0, self.link)
+            finally:
+                frame.close_fds()
+            if isinstance(fn, str):
+                fn = resolve_reference(fn)
+            elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
+                import cloudpickle
+                fn = cloudpickle.loads(fn[1])
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            if isinstance(exc, SystemExit):
+                # sys.exit() in user code ends the worker like a crash would.
+                raise
+            self._send_exception("result", call_id, exc)
+            return
+        finally:
+            args = kwargs = fn = None
+        try:
+            self.send_parts(("result", call_id, True), [result])
+        except ChannelClosed:
+            raise
+        except BaseException as exc:
+            err = PicklingFailed(
+                f"the result of the call ({type(result).__qualname__}) could not be sent "
+                f"to the parent: {type(exc).__name__}: {exc}"
+            )
+            self._send_exception("result", call_id, err, cause=exc)
+
+    def _send_exception(self, kind, call_id, exc, cause=None):
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if cause is not None:
+            tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) + "\n" + tb
+        envelope = (kind, call_id, False) if kind == "result" else (kind,)
+        try:
+            # The exception's own traceback must not travel (frames don't pickle).
+            self.send_parts(envelope, [(_strip(exc), tb)])
+            return
+        except ChannelClosed:
+            raise
+        except BaseException:
+            pass
+        qual = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:
+            msg = str(exc)
+        except Exception:
+            msg = "<str() failed>"
+        self.send_parts(envelope, [(RemoteError(qual, msg + " (the exception could not be pickled)", tb), tb)])
+
+
+def _strip(exc):
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
+def _apply_control(link, msgs):
+    for msg in msgs:
+        kind = msg[0]
+        if kind == "release":
+            lifetime.LEDGER.on_release(link, msg[1], msg[2])
+        elif kind == "plane":
+            codec.get_plane(msg[1]).on_control(link, msg[2])
+
+
+def _parse_args(argv):
+    fd = None
+    it = iter(argv)
+    for a in it:
+        if a == "--fd":
+            fd = int(next(it))
+    if fd is None:
+        raise SystemExit("usage: python -m comfy_env.worker --fd N (started by IsolatedExecutor)")
+    return fd
+
+
+def main(argv=None):
+    fd = _parse_args(sys.argv[1:] if argv is None else argv)
+    worker = Worker(Channel.from_fd(fd))
+    try:
+        ok = worker.handshake()
+    except ChannelClosed:
+        os._exit(0)
+    if not ok:
+        # Stay until the parent has read the failure, then go.
+        time.sleep(0.05)
+        return 3
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
