@@ -43,5 +43,8 @@ def demo_dep_wheel(outdir, version: str) -> str:
         "    return {'version': VERSION, 'python': sys.version_info[:2], 'x': x}\n"
         "def where():\n"
         "    return __file__\n"
+        "def transform(a):\n"
+        "    # 1.x and 2.x disagree on purpose: the result tells which one ran.\n"
+        "    return a * float(VERSION.split('.')[0])\n"
     )
     return make_wheel(outdir, "demo_dep", version, {"demo_dep/__init__.py": code})

@@ -98,6 +98,8 @@ def _run(cmd, report, what, env=None) -> str:
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
+            if line.startswith("Activate with:"):
+                continue  # uv's hint names the staging dir, which is about to be renamed
             lines.append(line)
             log.debug("%s", line)
             report(line)
