@@ -48,7 +48,7 @@ def _signature(params):
     out = []
     for name, kind, has_default in params:
         out.append(inspect.Parameter(
-            name, inspect.Parameter.__dict__.get("_kind_type", inspect._ParameterKind)(kind),
+            name, inspect._ParameterKind(kind),
             default=_WORKER_DEFAULT if has_default else inspect.Parameter.empty))
     try:
         return inspect.Signature(out)

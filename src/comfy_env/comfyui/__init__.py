@@ -1,0 +1,89 @@
+"""Run a ComfyUI custom-node pack's node code in an isolated environment.
+
+In the pack's ``__init__.py``::
+
+    from comfy_env.comfyui import isolated_nodes
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = isolated_nodes(
+        __file__, "nodes", env="comfy-env.toml")
+
+ComfyUI then sees proxy classes (same inputs, outputs, widgets, categories, ...)
+whose calls run the real node code in a worker process of that env.  See
+docs/comfyui.md for the behaviour (progress, interrupts, errors, caching) and
+limits.  Nothing here imports ComfyUI at import time; ``comfy.*`` is imported when
+a node runs, so this module is safe to import anywhere.
+
+Modules: pack.py (host side of a pack), proxy.py (proxy classes), worker_side.py
+(what runs in the worker), sidechannel.py (progress / interrupt while a call runs),
+metadata_cache.py, encoding.py, errors.py, shim/ (a minimal ``comfy`` for workers).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .errors import PackLoadError
+
+__all__ = ["isolated_nodes", "IsolatedPack", "PackLoadError"]
+
+_log = logging.getLogger(__name__)
+
+
+def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=None,
+                   call_timeout=None, comfy_api="auto"):
+    """Load a pack's node modules in a worker; return ComfyUI's two mappings.
+
+    pack_file: the pack's ``__file__`` (or its directory).
+    modules: node module names relative to the pack (``"nodes"``, ``"nodes.image"``);
+        each must define ``NODE_CLASS_MAPPINGS`` (and may define
+        ``NODE_DISPLAY_NAME_MAPPINGS``).  They are imported only in the worker.
+    env: where the worker runs: a ``comfy-env.toml`` / env dir / python path
+        (relative paths are relative to the pack), a ``comfy_env.Env``, or None for
+        ComfyUI's own interpreter.
+    name: the pack's name in logs and the metadata cache (default: directory name).
+    interrupt_grace: seconds a node gets to stop after ComfyUI's interrupt before its
+        worker is killed (default 5, or ``$COMFY_ENV_INTERRUPT_GRACE``).
+    call_timeout: seconds after which any single node call is killed (default none).
+    comfy_api: what ``import comfy.utils`` gives node code in the worker: "auto"
+        (ComfyUI's own modules when the worker can import them, else comfy-env's
+        shim), "shim" or "comfyui".
+
+    Returns ``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)``.  Raises
+    PackLoadError (an ImportError, so ComfyUI lists the pack as failed with the
+    reason and keeps starting) when the env or the node modules can't be loaded.
+    Inside the pack's own worker it returns two empty dicts and does nothing.
+    """
+    from . import worker_side
+    if worker_side.in_worker():
+        return {}, {}
+    if not isinstance(pack_file, (str, os.PathLike)):
+        raise TypeError(f"isolated_nodes() takes the pack's __file__ first, not {pack_file!r}")
+    flat = []
+    for m in modules:
+        flat.extend(m if isinstance(m, (list, tuple)) else [m])
+    pack_dir = os.fspath(pack_file)
+    if not os.path.isdir(pack_dir):
+        pack_dir = os.path.dirname(os.path.abspath(pack_dir))
+    if interrupt_grace is None:
+        interrupt_grace = float(os.environ.get("COMFY_ENV_INTERRUPT_GRACE", "5"))
+    caller = sys._getframe(1).f_globals.get("__name__") or os.path.basename(pack_dir)
+    from .pack import IsolatedPack
+    pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
+                        interrupt_grace=interrupt_grace, call_timeout=call_timeout,
+                        comfy_api=comfy_api)
+    try:
+        mappings = pack.node_mappings()
+    except PackLoadError as exc:
+        # ComfyUI prints the traceback of a failed import; say it plainly first.
+        _log.error("%s", exc)
+        raise
+    _log.info("comfy-env: [%s] %d isolated node(s) (metadata from %s)",
+              pack.name, len(mappings[0]), pack.metadata_source)
+    return mappings
+
+
+def __getattr__(name):
+    if name == "IsolatedPack":
+        from .pack import IsolatedPack
+        return IsolatedPack
+    raise AttributeError(name)

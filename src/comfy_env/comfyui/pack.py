@@ -1,0 +1,330 @@
+"""One isolated node pack on the host: its metadata, its executor, its node calls.
+
+Life of a pack::
+
+    isolated_nodes(__file__, "nodes", env=...)         (ComfyUI imports the pack)
+      -> IsolatedPack.node_mappings()
+           metadata: cache hit (no worker) | worker: collect_metadata -> cache
+           proxy classes (proxy.py)  -> NODE_CLASS_MAPPINGS for ComfyUI
+    ComfyUI runs a node: proxy method -> IsolatedPack.call()
+      -> executor (created on first call; one worker; replaced after a crash)
+           submit(worker_side:call_node, ..., token)   result/exception via the future
+      -> while it runs, in the calling (ComfyUI execution) thread:
+           side-channel progress -> ComfyUI's global progress hook (node id, previews)
+           ComfyUI interrupt flag -> interrupt in the worker; grace period; kill
+    ComfyUI exits -> atexit: executors shut down (the executor also kills workers
+                     whose parent died without running atexit)
+
+Progress is relayed from the thread that waits for the call, not from the side
+channel's reader thread, because ComfyUI's hook reads the executing node from a
+context variable of that thread and raises the interrupt there (it also *resets*
+the interrupt flag, so it must not run on a thread that can't act on it).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+
+from . import encoding, metadata_cache, proxy, sidechannel
+from .errors import PackLoadError, with_worker_frames
+
+__all__ = ["IsolatedPack"]
+
+_log = logging.getLogger(__name__)
+_WORKER = "comfy_env.comfyui.worker_side:"
+_POLL_S = 0.05          # how often a waiting call checks ComfyUI's interrupt flag
+_KILL_WAIT_S = 10.0     # after killing a worker, how long to wait for the executor to notice
+
+
+def _env_fingerprint(env):
+    """What about ``env`` decides the metadata: the spec file's bytes, else its identity."""
+    if env is None:
+        return "current-interpreter"
+    if isinstance(env, (str, os.PathLike)):
+        path = os.fspath(env)
+        candidates = [path, os.path.join(path, "comfy-env.toml")] if os.path.isdir(path) else [path]
+        for c in candidates:
+            if os.path.isfile(c) and not os.access(c, os.X_OK):
+                with open(c, "rb") as f:
+                    return "spec:" + f.read().hex()
+        return "path:" + os.path.abspath(path)
+    return "object:" + repr(env)
+
+
+def _folder_paths_snapshot():
+    """ComfyUI's folder configuration, for the worker's read-only folder_paths shim."""
+    import sys
+    fp = sys.modules.get("folder_paths")
+    if fp is None:
+        return None
+    snap = {}
+    for key in ("base_path", "models_dir", "output_directory", "temp_directory",
+                "input_directory", "user_directory"):
+        value = getattr(fp, key, None)
+        if isinstance(value, str):
+            snap[key] = value
+    fnp = getattr(fp, "folder_names_and_paths", None)
+    if isinstance(fnp, dict):
+        snap["folder_names_and_paths"] = {
+            k: (list(v[0]), sorted(v[1])) for k, v in fnp.items()
+            if isinstance(v, tuple) and len(v) == 2}
+    return snap
+
+
+class IsolatedPack:
+    """A custom-node pack whose node modules run in a worker in their own env."""
+
+    def __init__(self, pack_dir, modules, env=None, *, name=None, module_name=None,
+                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto"):
+        self.pack_dir = os.path.abspath(pack_dir)
+        if not os.path.isdir(self.pack_dir):
+            raise PackLoadError(f"comfy-env: pack directory {self.pack_dir!r} does not exist")
+        if not modules:
+            raise ValueError("isolated_nodes() needs at least one node module, e.g. \"nodes\"")
+        for m in modules:
+            if not isinstance(m, str) or not all(p.isidentifier() for p in m.split(".")):
+                raise ValueError(f"node module names are dotted names relative to the pack, "
+                                 f"like \"nodes\" or \"nodes.image\"; got {m!r}")
+        if isinstance(env, (str, os.PathLike)) and not os.path.isabs(env):
+            env = os.path.join(self.pack_dir, env)   # relative to the pack, not the cwd
+        if isinstance(env, (str, os.PathLike)) and not os.path.exists(env):
+            raise PackLoadError(f"comfy-env: env {os.fspath(env)!r} of pack "
+                                f"{os.path.basename(self.pack_dir)!r} does not exist")
+        if interrupt_grace is None or interrupt_grace < 0:
+            raise ValueError(f"interrupt_grace must be a number of seconds >= 0, not {interrupt_grace!r}")
+        if comfy_api not in ("auto", "shim", "comfyui"):
+            raise ValueError(f"comfy_api must be 'auto', 'shim' or 'comfyui', not {comfy_api!r}")
+        self.env = env
+        self.modules = tuple(modules)
+        self.name = name or os.path.basename(self.pack_dir)
+        self.module_name = module_name or self.name
+        self.interrupt_grace = float(interrupt_grace)
+        self.call_timeout = call_timeout
+        self.comfy_api = comfy_api
+        from .worker_side import _package_name
+        self._spec = {"pack_dir": self.pack_dir, "package": _package_name(self.pack_dir),
+                      "modules": list(self.modules)}
+        self._executor = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.metadata_source = None        # "cache" or "worker", for tests and logs
+
+    # ------------------------------------------------------------------ metadata
+    def metadata(self):
+        key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
+        meta = metadata_cache.load(self.name, key)
+        if meta is not None:
+            self.metadata_source = "cache"
+            return meta
+        try:
+            # A short-lived executor: the worker that described the pack is not kept,
+            # so a pack nobody uses costs nothing after start-up.
+            with self._make_executor() as ex:
+                meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            cause = getattr(exc, "__cause__", None)
+            if cause is not None:
+                reason += f"\n{cause}"
+            raise PackLoadError(f"comfy-env: can't load isolated pack {self.name!r} "
+                                f"(env {self.env!r}): {reason}") from exc
+        self.metadata_source = "worker"
+        metadata_cache.store(self.name, key, meta)
+        return meta
+
+    def node_mappings(self):
+        """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes."""
+        meta = self.metadata()
+        for key, reason in meta.get("refused", {}).items():
+            _log.error("comfy-env: [%s] node %r not loaded: %s", self.name, key, reason)
+        if not meta["nodes"] and meta.get("refused"):
+            raise PackLoadError(f"comfy-env: no node of pack {self.name!r} can be loaded: "
+                                + "; ".join(f"{k}: {v}" for k, v in meta["refused"].items()))
+        classes = {key: proxy.build_proxy_class(self, key, m, self.module_name)
+                   for key, m in meta["nodes"].items()}
+        names = dict(meta.get("display_names", {}))
+        return classes, names
+
+    # ------------------------------------------------------------------ executor
+    def _make_executor(self):
+        import inspect
+        try:
+            from comfy_env import IsolatedExecutor
+        except ImportError as exc:
+            raise PackLoadError(f"comfy-env's executor is not importable: {exc}") from exc
+        hub = sidechannel.hub()
+        kwargs = dict(initializer=_initializer_ref(),
+                      initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
+                                _folder_paths_snapshot()),
+                      call_timeout=self.call_timeout)
+        if "name" in inspect.signature(IsolatedExecutor).parameters:
+            kwargs["name"] = self.name       # worker output is logged under this name
+        return IsolatedExecutor(self.env, 1, **kwargs)
+
+    def executor(self):
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
+            if self._executor is None:
+                self._executor = self._make_executor()
+                _register_for_exit(self)
+            return self._executor
+
+    def shutdown(self, wait=True):
+        with self._lock:
+            self._closed = True
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=wait, cancel_futures=True)
+
+    def drop_instance(self, instance_id):
+        ex = self._executor
+        if ex is None or self._closed:
+            return
+        try:
+            ex.submit(_WORKER + "drop_instance", instance_id)
+        except Exception:
+            pass    # best effort: the worker may be gone or shutting down
+
+    # ------------------------------------------------------------------ calls
+    def call(self, key, method, instance_id, args, kwargs, drop=frozenset()):
+        """Run a node method in the worker, relaying progress and interrupts meanwhile."""
+        import comfy.model_management as mm
+
+        for name in drop:
+            if name in kwargs:
+                kwargs[name] = None
+        ch = sidechannel.hub().open_call()
+        try:
+            fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
+                                         instance_id, tuple(args), dict(kwargs), ch.token)
+            fut.add_done_callback(lambda _f: ch.queue.put(sidechannel.DONE))
+            try:
+                self._wait(ch, fut, mm)
+            except mm.InterruptProcessingException:
+                self._stop(ch, fut)
+                raise
+            return self._result(fut, mm)
+        finally:
+            ch.close()
+
+    def _wait(self, ch, fut, mm):
+        """Until the future is done: relay progress; turn ComfyUI's interrupt into ours."""
+        while True:
+            msgs = _drain(ch.queue, timeout=_POLL_S)
+            done = fut.done() or sidechannel.DONE in msgs
+            for msg in _coalesce(msgs):
+                self._relay(msg)
+            if mm.processing_interrupted():
+                mm.throw_exception_if_processing_interrupted()   # resets the flag, raises
+            if done:
+                break
+        # Progress sent just before the call returned may still be in flight on the
+        # side channel: deliver it (the "end" marker follows the last update).
+        if ch.started.is_set():
+            ch.ended.wait(1.0)
+        try:
+            for msg in _coalesce(_drain(ch.queue, timeout=0)):
+                self._relay(msg)
+        except mm.InterruptProcessingException:
+            pass        # the node finished anyway: its result stands
+
+    def _relay(self, msg):
+        import comfy.utils
+        _, _token, value, total, preview, node_id = msg
+        hook = comfy.utils.PROGRESS_BAR_HOOK
+        if hook is None:
+            return
+        if node_id is None:
+            # ComfyUI's hook finds the executing node from this thread's context.
+            hook(value, total, preview)
+        else:
+            hook(value, total, preview, node_id=node_id)
+
+    def _stop(self, ch, fut):
+        """The host was interrupted: stop the worker's call, by killing it if need be."""
+        ch.interrupt()
+        deadline = time.monotonic() + self.interrupt_grace
+        while not fut.done() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        if fut.done():
+            return
+        if fut.cancel():
+            return          # never started
+        pid = ch.pid
+        if pid is None:
+            ch.started.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+            pid = ch.pid
+        if pid is not None and not fut.done():
+            _log.warning("comfy-env: [%s] node did not stop %.1fs after the interrupt; "
+                         "killing its worker (pid %d)", self.name, self.interrupt_grace, pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                fut.exception(timeout=_KILL_WAIT_S)
+            except Exception:
+                pass
+
+    def _result(self, fut, mm):
+        try:
+            return fut.result()
+        except mm.InterruptProcessingException:
+            # The node noticed the interrupt itself: ComfyUI's flag may still be set.
+            mm.interrupt_current_processing(False)
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "InterruptProcessingException":
+                # The worker's own (shim) class when the host can't map it to ComfyUI's.
+                mm.interrupt_current_processing(False)
+                raise mm.InterruptProcessingException() from exc
+            raise with_worker_frames(exc) from exc.__cause__
+
+
+def _drain(q, timeout):
+    """Everything in the queue, waiting up to ``timeout`` for the first item."""
+    import queue
+    items = []
+    try:
+        items.append(q.get(timeout=timeout) if timeout else q.get_nowait())
+        while True:
+            items.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return items
+
+
+def _coalesce(msgs):
+    """A backlog of updates: previews all go through, plain ones only the newest."""
+    progress = [m for m in msgs if m[0] == "progress"]
+    return [m for m in progress[:-1] if m[4] is not None] + progress[-1:]
+
+
+def _initializer_ref():
+    from . import worker_side
+    return worker_side.initialize
+
+
+_live_packs = []
+_exit_registered = False
+
+
+def _register_for_exit(pack):
+    global _exit_registered
+    _live_packs.append(pack)
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_shutdown_all)
+
+
+def _shutdown_all():
+    for pack in list(_live_packs):
+        try:
+            pack.shutdown(wait=False)
+        except Exception:
+            pass
