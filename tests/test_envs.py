@@ -482,3 +482,32 @@ def test_cli_entry_point_runs_as_a_program(tmp_path):
     out = subprocess.run([sys.executable, "-m", "comfy_env.cli", "env", "--help"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=SRC))
     assert out.returncode == 0 and "create" in out.stdout and "remove" in out.stdout
+
+
+def test_ctrl_c_during_the_install_leaves_no_env_and_no_staging(tmp_path, wheels):
+    env = Env.from_toml(demo_spec(tmp_path, wheels, name="interrupted"), cache_dir=str(tmp_path / "c"))
+
+    def interrupt_during_install(line):
+        if "Resolved" in line:  # uv's install step has started
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        env.create(progress=interrupt_during_install)
+    envs_dir = os.path.dirname(env.path)
+    assert os.listdir(envs_dir) == [os.path.basename(env.path) + ".lock"]
+    env.create(progress=False)
+    assert env.is_built
+
+
+def test_interpreter_probes_are_cached_on_disk(tmp_path, cache_dir):
+    from comfy_env.envs import interpreters
+
+    other = [i for i in find_interpreters() if i.minor != sys.version_info[:2]]
+    if not other:
+        pytest.skip("no second Python on this machine")
+    data = json.loads(open(os.path.join(cache_dir, "interpreters.json")).read())
+    assert other[0].path in data
+    interpreters._probe_cache.clear()
+    t0 = time.perf_counter()
+    assert interpreters.probe(other[0].path) == other[0]
+    assert time.perf_counter() - t0 < 0.01  # read back, not started again

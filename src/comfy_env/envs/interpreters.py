@@ -11,11 +11,13 @@ Two questions are answered here:
   the error lists what was found instead.
 
 Probing an interpreter means starting it once (~20 ms); answers are memoised per
-(path, mtime) so a rebuilt interpreter is probed again.
+(path, mtime, inode) in memory and in ``<cache root>/interpreters.json``, so a rebuilt
+interpreter is probed again and a cache-hit ``create()`` in a fresh process starts none.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -67,6 +69,55 @@ class Interpreter:
 
 _probe_cache: dict = {}
 _probe_lock = threading.Lock()
+_DISK_CACHE = "interpreters.json"
+
+
+def _disk_cache_path():
+    from .cache import cache_root
+
+    try:
+        return os.path.join(cache_root(), _DISK_CACHE)
+    except Exception:  # no usable cache dir: memoise in memory only
+        return None
+
+
+def _disk_lookup(key):
+    path = _disk_cache_path()
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f).get(key[0])
+    except (OSError, ValueError):
+        return None
+    if not entry or entry.get("stamp") != [key[1], key[2]]:
+        return None
+    try:
+        d = entry["interp"]
+        return Interpreter(path=d["path"], version=tuple(d["version"]), executable=d["executable"],
+                           base_executable=d["base_executable"], platform=d["platform"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _disk_store(key, interp):
+    path = _disk_cache_path()
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data[key[0]] = {"stamp": [key[1], key[2]], "interp": dict(interp.__dict__, version=list(interp.version))}
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: concurrent writers lose entries at worst, never corrupt
+    except OSError:
+        pass
 
 # Runs on any Python >= 3.6; prints one line we parse below.
 _PROBE_CODE = (
@@ -87,7 +138,11 @@ def probe(path) -> Interpreter:
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_ino)
     with _probe_lock:
         hit = _probe_cache.get(key)
+    if hit is None:
+        hit = _disk_lookup(key)
     if hit is not None:
+        with _probe_lock:
+            _probe_cache[key] = hit
         return hit
     try:
         out = subprocess.run(
@@ -113,6 +168,7 @@ def probe(path) -> Interpreter:
     )
     with _probe_lock:
         _probe_cache[key] = interp
+    _disk_store(key, interp)
     return interp
 
 
@@ -148,7 +204,15 @@ def host_interpreter() -> Interpreter:
     base = getattr(sys, "_base_executable", None) or sys.executable
     if not (base and os.path.isfile(base)):
         base = sys.executable
-    return probe(base)
+    # We *are* (a venv of) that interpreter: describe it without starting it.
+    import platform
+    import sysconfig
+
+    return Interpreter(
+        path=os.path.abspath(base), version=tuple(sys.version_info[:3]), executable=os.path.abspath(base),
+        base_executable=os.path.abspath(base),
+        platform=sysconfig.get_platform() + "-" + platform.python_implementation(),
+    )
 
 
 def _candidate_paths():
@@ -205,10 +269,14 @@ def find_interpreter_for_version(version: tuple, where=None, line=None) -> Inter
     host = host_interpreter()
     if tuple(host.version[: len(version)]) == tuple(version):
         return host
-    found = find_interpreters()
-    for interp in found:
+    for p in _candidate_paths():  # stop at the first match; list them all only on failure
+        try:
+            interp = probe(p)
+        except InterpreterNotFound:
+            continue
         if tuple(interp.version[: len(version)]) == tuple(version):
             return interp
+    found = find_interpreters()
     listing = "\n".join(f"  {i.version_str}  {i.executable}" for i in found) or "  (none)"
     raise InterpreterNotFound(
         (f"{where}" + (f", line {line}" if line else "") + ": " if where else "")
