@@ -44,10 +44,32 @@ def worker_frames(text: str):
     return [f for f in frames if _PLUMBING not in f[0]]
 
 
+def _raise_line(filename, lineno):
+    """A ``raise`` spanning exactly the columns of the real source line.
+
+    Python 3.11+ underlines the failing expression with ``^^^`` unless it covers the
+    whole line; a synthetic ``raise`` of another length would underline nonsense.
+    """
+    import linecache
+    text = linecache.getline(filename, lineno).rstrip("\r\n")
+    stripped = text.strip()
+    indent = text[: len(text) - len(text.lstrip())] if stripped else ""
+    if indent.strip(" \t"):
+        indent = ""
+    pad = max(0, len(stripped) - len("raise(_e)"))
+    return indent + "raise(_e" + " " * pad + ")"
+
+
 def _fake_tb(frames, exc):
     first = prev = None
     for filename, lineno, name in frames:
-        code = compile("\n" * (lineno - 1) + "raise __comfy_env_exc__", filename, "exec")
+        line = _raise_line(filename, lineno)
+        if line[:1].isspace() and lineno > 1:
+            # An indented line needs an enclosing block to compile: open one just above.
+            source = "\n" * (lineno - 2) + "if 1:\n" + line
+        else:
+            source = "\n" * (lineno - 1) + line.lstrip()
+        code = compile(source, filename, "exec")
         try:
             code = code.replace(co_name=name)
         except (TypeError, ValueError):
@@ -55,7 +77,7 @@ def _fake_tb(frames, exc):
         exc.__traceback__ = None   # else the old traceback would hang off the last frame
         tb = None
         try:
-            exec(code, {"__comfy_env_exc__": exc, "__name__": "__comfy_env_worker__"})
+            exec(code, {"_e": exc, "__name__": "__comfy_env_worker__"})
         except BaseException as raised:   # noqa: B902 - we raised it ourselves
             tb = raised.__traceback__.tb_next    # skip this function's frame
         if tb is None:
@@ -84,3 +106,37 @@ def with_worker_frames(exc: BaseException) -> BaseException:
         exc.__context__, exc.__suppress_context__ = context, suppress
         exc.__cause__ = cause
     return exc.with_traceback(tb)
+
+
+_stand_ins = {}
+
+
+def named_like_original(exc: BaseException) -> BaseException:
+    """Replace the executor's ``RemoteError`` by an exception *named* like the original.
+
+    When the worker's exception type isn't importable on the host (typically one
+    defined by the pack or by a library only the worker's env has), the executor
+    hands back ``comfy_env.RemoteError(type_name, message)``.  ComfyUI reports
+    ``module.qualname`` of the exception's type, so a stand-in class with the
+    original module and qualname (a subclass of RemoteError, so nothing is lost)
+    makes the report name the real error rather than comfy-env's wrapper.
+    """
+    try:
+        from comfy_env.errors import RemoteError
+    except ImportError:
+        return exc
+    if type(exc) is not RemoteError or not getattr(exc, "type_name", None):
+        return exc
+    module, _, qualname = exc.type_name.rpartition(".")
+    if not qualname.isidentifier():
+        return exc
+    cls = _stand_ins.get(exc.type_name)
+    if cls is None:
+        cls = type(qualname, (RemoteError,), {
+            "__module__": module or "builtins", "__qualname__": qualname,
+            "__str__": lambda self: self.message,
+            "__doc__": f"Stands in for {exc.type_name}, which the host can't import."})
+        _stand_ins[exc.type_name] = cls
+    new = cls(exc.type_name, exc.message, getattr(exc, "tb", ""))
+    new.__cause__ = exc.__cause__
+    return new

@@ -30,7 +30,7 @@ import threading
 import time
 
 from . import encoding, metadata_cache, proxy, sidechannel
-from .errors import PackLoadError, with_worker_frames
+from .errors import PackLoadError, named_like_original, with_worker_frames
 
 __all__ = ["IsolatedPack"]
 
@@ -283,6 +283,7 @@ class IsolatedPack:
                 # The worker's own (shim) class when the host can't map it to ComfyUI's.
                 mm.interrupt_current_processing(False)
                 raise mm.InterruptProcessingException() from exc
+            exc = named_like_original(exc)
             raise with_worker_frames(exc) from exc.__cause__
 
 

@@ -168,7 +168,7 @@ class Stubborn:
 class Failing:
     @classmethod
     def INPUT_TYPES(s):
-        return {"required": {"kind": (["value", "custom"],)}}
+        return {"required": {"kind": (["value", "custom", "local"],)}}
 
     RETURN_TYPES = ()
     FUNCTION = "fail"
@@ -181,7 +181,12 @@ class Failing:
     def _deeper(self, kind):
         if kind == "value":
             raise ValueError("bad value from the worker")
-        raise DemoNodeError("custom failure", 42)
+        if kind == "custom":
+            raise DemoNodeError("custom failure", 42)
+
+        class LocalError(Exception):
+            """Can't be pickled by reference: the host can't rebuild its type."""
+        raise LocalError("only the worker knows this type")
 
 
 class Lazy:
@@ -234,7 +239,22 @@ class Chatty:
         return (text.upper(),)
 
 
+class Pid:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "pid"
+    CATEGORY = "demo"
+
+    def pid(self):
+        import os
+        return (os.getpid(),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DemoPid": Pid,
     "DemoInvertImage": InvertImage,
     "DemoLatentDouble": LatentDouble,
     "DemoList": ListNode,

@@ -1,0 +1,272 @@
+"""ComfyUI node adapter: proxies, calls, progress, interrupts, errors (with comfy_stub).
+
+The demo pack in comfy_stub/packs/demo_pack is loaded exactly as ComfyUI loads a
+pack (its __init__.py calls isolated_nodes), with env=None so no env is built.
+Nodes are executed by comfy_stub/execution_loop.py, which calls them the way
+ComfyUI's execution.py does.
+"""
+import inspect
+import math
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_stub"))
+import conftest_helpers  # noqa: E402
+
+conftest_helpers.setup_paths()
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import execution_loop as el  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    old = os.environ.get("COMFY_ENV_CACHE_DIR")
+    os.environ["COMFY_ENV_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    import demo_pack
+    import demo_pack.nodes as originals
+    yield demo_pack, originals
+    for cls in set(demo_pack.NODE_CLASS_MAPPINGS.values()):
+        cls._comfy_env_pack.shutdown()
+    if old is None:
+        os.environ.pop("COMFY_ENV_CACHE_DIR", None)
+    else:
+        os.environ["COMFY_ENV_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def recorder():
+    mm.interrupt_current_processing(False)
+    rec = el.ProgressRecorder().install()
+    yield rec
+    mm.interrupt_current_processing(False)
+
+
+def nodes(demo):
+    return demo[0].NODE_CLASS_MAPPINGS
+
+
+def same(a, b):
+    """Equal, and of the same container types all the way down (tuple vs list matters)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ------------------------------------------------------------------- metadata
+
+def test_every_attribute_matches_the_original_class(demo):
+    pack, originals = demo
+    for key, orig in originals.NODE_CLASS_MAPPINGS.items():
+        prox = pack.NODE_CLASS_MAPPINGS[key]
+        assert prox is not orig and prox.__module__ != orig.__module__
+        public = lambda c: {n for n in dir(c) if n.isupper() and not n.startswith("_")}  # noqa: E731
+        assert public(prox) == public(orig), key
+        for name in public(orig):
+            if name == "INPUT_TYPES":
+                assert same(prox.INPUT_TYPES(), orig.INPUT_TYPES()), key
+            elif not callable(getattr(orig, name)):
+                assert same(getattr(prox, name), getattr(orig, name)), (key, name)
+        for name in ("VALIDATE_INPUTS", "IS_CHANGED", "check_lazy_status"):
+            assert hasattr(prox, name) == hasattr(orig, name), (key, name)
+            if hasattr(orig, name):
+                po, oo = inspect.getfullargspec(getattr(prox, name)), inspect.getfullargspec(getattr(orig, name))
+                assert (po.args, po.varargs, po.varkw) == (oo.args, oo.varargs, oo.varkw), (key, name)
+                assert type(inspect.getattr_static(prox, name)) is type(inspect.getattr_static(orig, name))
+        assert prox.__name__ == orig.__name__ and prox.__doc__ == orig.__doc__
+        assert hasattr(prox(), orig.FUNCTION)
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == originals.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_input_types_is_a_fresh_copy_each_call(demo):
+    cls = nodes(demo)["DemoInvertImage"]
+    cls.INPUT_TYPES()["required"]["mode"][0].append("mutated")
+    assert cls.INPUT_TYPES()["required"]["mode"][0] == ["fast", "exact"]
+
+
+# ---------------------------------------------------------------------- calls
+
+def test_image_and_mask_round_trip_under_inference_mode(demo, recorder):
+    img = torch.rand(3, 8, 6, 3)
+    mask = torch.rand(2, 8, 6)
+    st, out, _ = el.execute_node(nodes(demo)["DemoInvertImage"],
+                                 {"image": ("link", [img[1:]]), "strength": 0.5, "mode": "exact",
+                                  "mask": ("link", [mask])}, unique_id="12")
+    assert st == "success", out
+    [images], [where] = out
+    expected = (1.0 - img[1:] * 0.5) * mask.unsqueeze(-1)
+    assert images.shape == expected.shape and torch.allclose(images, expected)
+    assert where == "12:False"          # hidden UNIQUE_ID arrives; DYNPROMPT became None
+
+
+def test_latent_dict_round_trips_exactly(demo, recorder):
+    latent = {"samples": torch.randn(2, 4, 8, 8), "batch_index": [3, 4], "noise_mask": None}
+    st, out, _ = el.execute_node(nodes(demo)["DemoLatentDouble"],
+                                 {"samples": ("link", [latent]), "factor": 2.0})
+    assert st == "success"
+    got = out[0][0]
+    assert list(got) == ["samples", "batch_index", "noise_mask"]
+    assert torch.equal(got["samples"], latent["samples"] * 2)
+    assert got["batch_index"] == [3, 4, 99] and got["noise_mask"] is None
+
+
+def test_list_inputs_and_outputs(demo, recorder):
+    st, out, _ = el.execute_node(nodes(demo)["DemoList"],
+                                 {"values": ("link", [1, 2, 3]), "repeat": ("link", [2])})
+    assert st == "success"
+    assert out == [[10, 20, 30, 10, 20, 30], [6]]
+
+
+def test_node_object_keeps_state_and_ui(demo, recorder):
+    cls = nodes(demo)["DemoCounter"]
+    obj = cls()
+    assert el.execute_node(cls, {"step": 2}, obj=obj)[1:] == ([[2]], {"text": ["2"]})
+    assert el.execute_node(cls, {"step": 3}, obj=obj)[1:] == ([[5]], {"text": ["5"]})
+    assert el.execute_node(cls, {"step": 3})[1] == [[3]]     # a new node object starts afresh
+
+
+def test_validate_inputs_and_is_changed_forwarded(demo):
+    pack, originals = demo
+    cls, orig = pack.NODE_CLASS_MAPPINGS["DemoInvertImage"], originals.InvertImage
+    for strength in (0.5, 0.992):
+        assert el.validate_node(cls, {"strength": strength}) == el.validate_node(orig, {"strength": strength})
+    assert el.validate_node(cls, {"strength": 0.992})[0]["details"] == "strength must not be 0.99..0.995"
+    assert el.is_changed(cls, {"strength": 0.5, "mode": "exact"}) == ["0.5-exact"]
+    # A plain-function IS_CHANGED called on the class fails in ComfyUI: same here.
+    a, b = el.is_changed(pack.NODE_CLASS_MAPPINGS["DemoChatty"], {"text": "x"}), el.is_changed(originals.Chatty, {"text": "x"})
+    assert math.isnan(a) and math.isnan(b)
+
+
+def test_lazy_inputs(demo, recorder):
+    cls = nodes(demo)["DemoLazy"]
+    assert el.execute_node(cls, {"use_b": True, "a": ("link", [None])})[:2] == ("pending", ["b"])
+    assert el.execute_node(cls, {"use_b": True, "b": ("link", [7])})[:2] == ("success", [[7]])
+
+
+def test_async_node(demo, recorder):
+    assert el.execute_node(nodes(demo)["DemoAsync"], {"x": 21})[:2] == ("success", [[42]])
+
+
+# ------------------------------------------------------------------- progress
+
+def test_progress_reaches_the_host_hook_with_node_id_and_previews(demo, recorder):
+    st, out, _ = el.execute_node(nodes(demo)["DemoSlowProgress"],
+                                 {"steps": 4, "delay": 0.0, "preview": True}, unique_id="5")
+    assert st == "success" and out == [[4]]
+    assert [(n, v, t) for n, v, t, _ in recorder.events] == [("5", i, 4) for i in range(1, 5)]
+    assert recorder.events[-1][3] == ("JPEG", [3, "preview"], 512)
+
+
+# ------------------------------------------------------------------ interrupt
+
+def _interrupt_when_progress_starts(recorder, delay=0.0):
+    def go():
+        deadline = time.monotonic() + 20
+        while not recorder.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        mm.interrupt_current_processing(True)      # what ComfyUI's /interrupt does
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def _pid(demo):
+    return el.execute_node(nodes(demo)["DemoPid"], {})[1][0][0]
+
+
+def test_interrupt_reaches_a_node_that_checks(demo, recorder):
+    pid = _pid(demo)
+    t = _interrupt_when_progress_starts(recorder)
+    start = time.monotonic()
+    st, info, _ = el.execute_node(nodes(demo)["DemoSlowProgress"],
+                                  {"steps": 2000, "delay": 0.01, "preview": False}, unique_id="9")
+    t.join()
+    assert st == "interrupted" and info == {"node_id": "9"}
+    assert time.monotonic() - start < 4
+    assert not mm.processing_interrupted()       # ComfyUI's flag was consumed, like its hook does
+    assert _pid(demo) == pid                     # the worker stopped the node itself: not killed
+
+
+def test_interrupt_seen_by_worker_progress_update(demo):
+    # No host hook at all: only the worker's own progress hook can notice the interrupt.
+    import comfy.utils
+    comfy.utils.set_progress_bar_global_hook(None)
+    mm.interrupt_current_processing(False)
+    pid = _pid(demo)
+    threading.Timer(0.5, mm.interrupt_current_processing).start()
+    start = time.monotonic()
+    st, _, _ = el.execute_node(nodes(demo)["DemoProgressOnly"], {"steps": 3000})
+    assert st == "interrupted" and time.monotonic() - start < 4
+    assert _pid(demo) == pid
+
+
+def test_node_that_never_checks_is_killed_after_the_grace_period(demo, recorder):
+    from comfy_env.comfyui import IsolatedPack
+    pack = IsolatedPack(demo[0].NODE_CLASS_MAPPINGS["DemoPid"]._comfy_env_pack.pack_dir, ["nodes"],
+                        interrupt_grace=0.5, name="demo_pack")
+    classes, _ = pack.node_mappings()
+    assert pack.metadata_source == "cache"
+    try:
+        pid = el.execute_node(classes["DemoPid"], {})[1][0][0]
+        threading.Timer(0.5, mm.interrupt_current_processing).start()
+        start = time.monotonic()
+        st, _, _ = el.execute_node(classes["DemoStubborn"], {"seconds": 60.0})
+        assert st == "interrupted" and time.monotonic() - start < 5
+        assert not mm.processing_interrupted()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert el.execute_node(classes["DemoPid"], {})[1][0][0] != pid   # a fresh worker
+    finally:
+        pack.shutdown()
+
+
+# --------------------------------------------------------------------- errors
+
+def test_error_report_has_worker_traceback_and_type(demo, recorder):
+    st, err, _ = el.execute_node(nodes(demo)["DemoFailing"], {"kind": "value"}, unique_id="3")
+    assert st == "error" and err["node_id"] == "3"
+    assert err["exception_type"] == "ValueError"
+    assert err["exception_message"] == "bad value from the worker"
+    tb = "".join(err["traceback"])
+    assert "nodes.py" in tb and "in _deeper" in tb and 'raise ValueError("bad value' in tb
+    assert err["traceback"][-1].strip().endswith('raise ValueError("bad value from the worker")')
+    assert "worker" in str(err["exception"].__cause__) or "Traceback" in str(err["exception"].__cause__)
+
+
+def test_error_types_from_the_pack(demo, recorder):
+    st, err, _ = el.execute_node(nodes(demo)["DemoFailing"], {"kind": "custom"})
+    assert err["exception_type"] == "demo_pack.helpers.DemoNodeError"
+    assert err["exception"].args == ("custom failure", 42)
+    # A type the host can't rebuild still reports its original name and message.
+    st, err, _ = el.execute_node(nodes(demo)["DemoFailing"], {"kind": "local"})
+    assert st == "error"
+    assert err["exception_type"].endswith("LocalError"), err["exception_type"]
+    assert "only the worker knows this type" in err["exception_message"]
+    assert "in _deeper" in "".join(err["traceback"])
+
+
+def test_worker_output_is_logged_with_the_pack_name(demo, recorder, caplog):
+    caplog.set_level("INFO", logger="comfy_env.worker")
+    assert el.execute_node(nodes(demo)["DemoChatty"], {"text": "hello"})[1] == [["HELLO"]]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        if "chatty says hello" in text and "chatty logs hello" in text:
+            break
+        time.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "chatty" in r.getMessage()]
+    assert any("chatty says hello" in m for m in lines) and any("chatty logs hello" in m for m in lines)
+    assert all("[demo_pack]" in m for m in lines), lines
