@@ -17,7 +17,8 @@ import time
 import pytest
 
 from comfy_env.envs import (
-    Env, EnvBuildError, EnvNotBuilt, EnvSpecError, InterpreterNotFound, WorkerEnvironment, resolve_env,
+    Env, EnvBuildError, EnvNotBuilt, EnvSpecError, InterpreterNotFound, UnsupportedInterpreter, WorkerEnvironment,
+    resolve_env,
 )
 from comfy_env.envs import builder
 from comfy_env.envs.interpreters import find_interpreters
@@ -136,6 +137,9 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
         Env.from_toml(p)
     p = write_spec(tmp_path, 'share = ["torch>=2"]\n')
     with pytest.raises(EnvSpecError, match="not a distribution name"):
+        Env.from_toml(p)
+    p = write_spec(tmp_path, 'python = "3.8"\n')
+    with pytest.raises(EnvSpecError, match=r"line 1: python = '3.8': comfy-env workers need Python 3.10 or newer"):
         Env.from_toml(p)
     p = write_spec(tmp_path, 'python = "three"\n')
     with pytest.raises(EnvSpecError, match=r"line 1: python = 'three' is not a version"):
@@ -418,6 +422,10 @@ def test_resolve_bad_paths_and_types(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(InterpreterNotFound, match="not executable"):
         resolve_env(tmp_path / "notes.txt")
+    old = [i for i in find_interpreters() if (3, 0) <= i.minor < (3, 10)]
+    if old:
+        with pytest.raises(UnsupportedInterpreter, match=r"workers need Python 3.10 or newer"):
+            resolve_env(old[0].executable)
     with pytest.raises(TypeError, match="env must be None, a path"):
         resolve_env(42)
     assert resolve_env(None).is_current
@@ -499,12 +507,14 @@ def test_ctrl_c_during_the_install_leaves_no_env_and_no_staging(tmp_path, wheels
     assert env.is_built
 
 
-def test_interpreter_probes_are_cached_on_disk(tmp_path, cache_dir):
+def test_interpreter_probes_are_cached_on_disk(cache_dir):
     from comfy_env.envs import interpreters
 
     other = [i for i in find_interpreters() if i.minor != sys.version_info[:2]]
     if not other:
         pytest.skip("no second Python on this machine")
+    interpreters._probe_cache.clear()
+    interpreters.probe(other[0].path)  # started once, written to <cache>/interpreters.json
     data = json.loads(open(os.path.join(cache_dir, "interpreters.json")).read())
     assert other[0].path in data
     interpreters._probe_cache.clear()

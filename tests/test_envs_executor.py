@@ -6,8 +6,12 @@ env, so calls go through ``"module:qualname"`` strings of the fixture package
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -21,10 +25,19 @@ IsolatedExecutor = pytest.importorskip("comfy_env.executor").IsolatedExecutor
 
 pytestmark = pytest.mark.timeout(90)
 
+_COLLECT_CACHE = tempfile.mkdtemp(prefix="comfy-env-test-cache-")
+atexit.register(shutil.rmtree, _COLLECT_CACHE, True)
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache_dir, monkeypatch):
+    # env="path/to/comfy-env.toml" uses the env var: keep builds off the user's cache.
+    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +90,17 @@ def test_env_given_as_toml_path_and_as_env_dir(demo_envs):
 
 
 def _other_python():
-    for interp in find_interpreters():
-        if interp.minor != sys.version_info[:2] and interp.minor >= (3, 10):
-            return interp
-    return None
+    # Also called at collection time (skipif): keep the probe cache out of the user's cache dir.
+    saved = os.environ.get("COMFY_ENV_CACHE_DIR")
+    os.environ["COMFY_ENV_CACHE_DIR"] = saved or _COLLECT_CACHE
+    try:
+        for interp in find_interpreters():
+            if interp.minor != sys.version_info[:2] and interp.minor >= (3, 10):
+                return interp
+        return None
+    finally:
+        if saved is None:
+            del os.environ["COMFY_ENV_CACHE_DIR"]
 
 
 @pytest.mark.skipif(_other_python() is None, reason="no second Python (>= 3.10) on this machine")

@@ -17,7 +17,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .errors import EnvBuildError, EnvError, EnvNotBuilt, EnvSpecError, InterpreterNotFound
+from .errors import (
+    MIN_WORKER_PYTHON, EnvBuildError, EnvError, EnvNotBuilt, EnvSpecError, InterpreterNotFound,
+    UnsupportedInterpreter,
+)
 
 __all__ = [
     "WorkerEnvironment",
@@ -28,6 +31,7 @@ __all__ = [
     "EnvBuildError",
     "EnvNotBuilt",
     "InterpreterNotFound",
+    "UnsupportedInterpreter",
 ]
 
 
@@ -85,6 +89,11 @@ def _resolve_path(env, progress) -> WorkerEnvironment:
         return Env.from_toml(path).worker_environment(progress=progress)
     python = interpreter_in(path)  # raises InterpreterNotFound naming the path
     interp = probe(python)
+    if interp.minor < MIN_WORKER_PYTHON:
+        raise UnsupportedInterpreter(
+            f"{python!r} is Python {interp.version_str}; comfy-env workers need Python "
+            f"{'.'.join(map(str, MIN_WORKER_PYTHON))} or newer. Use an environment with a newer Python."
+        )
     root = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(python))
     return WorkerEnvironment(
         python=python,

@@ -12,7 +12,11 @@ __all__ = [
     "InterpreterNotFound",
     "EnvBuildError",
     "EnvNotBuilt",
+    "UnsupportedInterpreter",
 ]
+
+# Worker code (comfy_env + cloudpickle) runs on these Pythons and newer.
+MIN_WORKER_PYTHON = (3, 10)
 
 
 class EnvError(Exception):
@@ -39,6 +43,10 @@ class EnvSpecError(EnvError, ValueError):
 
 class InterpreterNotFound(EnvError, FileNotFoundError):
     """No Python interpreter matches what was asked for (a path or a version)."""
+
+
+class UnsupportedInterpreter(EnvError, ValueError):
+    """The interpreter is older than the oldest Python a worker can run on (3.10)."""
 
 
 class EnvBuildError(EnvError, RuntimeError):

@@ -25,7 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from .errors import EnvSpecError, InterpreterNotFound
+from .errors import MIN_WORKER_PYTHON, EnvSpecError, InterpreterNotFound
 
 __all__ = [
     "Interpreter",
@@ -261,7 +261,13 @@ def parse_version(text, where=None, line=None) -> tuple:
             f"python = {text!r} is not a version; expected \"MAJOR.MINOR\" or \"MAJOR.MINOR.MICRO\" (e.g. \"3.12\").",
             where, line,
         )
-    return tuple(int(g) for g in m.groups() if g is not None)
+    version = tuple(int(g) for g in m.groups() if g is not None)
+    if version[:2] < MIN_WORKER_PYTHON:
+        raise EnvSpecError(
+            f"python = {text!r}: comfy-env workers need Python {'.'.join(map(str, MIN_WORKER_PYTHON))} or newer.",
+            where, line,
+        )
+    return version
 
 
 def find_interpreter_for_version(version: tuple, where=None, line=None) -> Interpreter:
