@@ -92,11 +92,23 @@ def get_plane(name):
     return _PLANES[name]
 
 
+_FIRST_SIGHT = {}       # "module.Qualname" -> callable run once, before its first dispatch
+
+
+def on_first_type(typename, hook):
+    """Run ``hook()`` once, the first time an object of ``typename`` is encoded."""
+    _FIRST_SIGHT[typename] = hook
+
+
 def _plane_for(tp):
     try:
         return _DISPATCH[tp]
     except KeyError:
         pass
+    for klass in getattr(tp, "__mro__", ()):
+        hook = _FIRST_SIGHT.pop(f"{klass.__module__}.{klass.__qualname__}", None)
+        if hook is not None:
+            hook()
     planes = None
     for klass in getattr(tp, "__mro__", ()):
         found = _BY_TYPENAME.get(f"{klass.__module__}.{klass.__qualname__}")
@@ -334,3 +346,7 @@ def decode_part(frame, index, link, cache=None, records=None):
         lifetime.LEDGER.sweep(list(dec._records.values()))
     cache[index] = obj
     return obj
+
+
+# The CPU data plane registers itself; it imports neither numpy nor torch.
+from . import arrays  # noqa: E402,F401

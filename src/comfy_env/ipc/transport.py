@@ -10,8 +10,9 @@ Frame layout (little endian)::
     +----------------+---------+---------+---------------------+
       fds ride as SCM_RIGHTS ancillary data on the 8 header bytes
 
-The header is read with ``recvmsg`` so that the ancillary data arrives with
-it; the body follows with ``recv_into``.  Sending is one ``sendmsg`` call per
+Reads are buffered (one ``recvmsg`` usually returns a whole small frame, or
+several); fds are queued in stream order and handed to frames as their headers
+announce them.  A large body is read straight into its own buffer.  Sending is one ``sendmsg`` call per
 frame, under a lock, so frames from several threads never interleave.
 
 Why by hand: ``multiprocessing.connection`` frames but cannot pass fds with a
@@ -20,6 +21,7 @@ message, and ``SOCK_SEQPACKET`` caps a message at the socket buffer size.
 from __future__ import annotations
 
 import array
+import collections
 import os
 import socket
 import struct
@@ -30,6 +32,7 @@ __all__ = ["Channel", "ChannelClosed", "MAX_FDS"]
 _HEADER = struct.Struct("<IB3x")
 MAX_FDS = 250  # SCM_MAX_FD is 253 on Linux
 _FD_SIZE = array.array("i").itemsize
+_READ_CHUNK = 64 * 1024
 
 
 class ChannelClosed(EOFError):
@@ -44,6 +47,12 @@ class Channel:
         self._send_lock = threading.Lock()
         self._closed = False
         self._anc_size = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+        self._buf = bytearray()
+        self._pos = 0
+        # A fixed scratch buffer: recvmsg(N) would allocate (and page-fault) N bytes per call.
+        self._scratch = bytearray(_READ_CHUNK)
+        self._scratch_view = memoryview(self._scratch)
+        self._fds = collections.deque()
 
     @classmethod
     def pair(cls):
@@ -91,46 +100,67 @@ class Channel:
                 raise ChannelClosed(str(exc)) from exc
 
     # -- receiving ---------------------------------------------------------
-    def recv(self):
-        """Receive one frame: ``(body: bytearray, fds: list[int])``.
+    def _fill(self):
+        """One recvmsg into the read buffer; fds go to the FIFO in stream order.
 
-        Raises ChannelClosed on EOF.  The caller owns the returned fds.
+        Each frame's fds ride on its first byte, so taking them first-in
+        first-out as headers announce them matches them to their frames.
         """
-        sock = self.sock
         try:
-            data, anc, flags, _ = sock.recvmsg(_HEADER.size, self._anc_size, socket.MSG_WAITALL)
-        except (ConnectionResetError, OSError) as exc:
-            if isinstance(exc, ConnectionResetError) or self._closed:
+            n, anc, flags, _ = self.sock.recvmsg_into([self._scratch], self._anc_size)
+        except ConnectionResetError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        except OSError as exc:
+            if self._closed:
                 raise ChannelClosed(str(exc)) from exc
             raise
-        fds = []
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
-                fds.extend(arr)
-        if len(data) < _HEADER.size:
-            for fd in fds:
-                os.close(fd)
-            raise ChannelClosed("peer closed the channel")
+                self._fds.extend(arr)
         if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
             raise OSError("file descriptors were truncated in transit (fd limit reached?)")
-        length, nfds = _HEADER.unpack(data)
-        body = bytearray(length)
-        view = memoryview(body)
-        got = 0
-        try:
+        if not n:
+            raise ChannelClosed("peer closed the channel")
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += self._scratch_view[:n]
+
+    def recv(self):
+        """Receive one frame: ``(body, fds: list[int])``.
+
+        Raises ChannelClosed on EOF.  The caller owns the returned fds.
+        """
+        buf = self._buf
+        while len(buf) - self._pos < _HEADER.size:
+            self._fill()
+            buf = self._buf
+        length, nfds = _HEADER.unpack_from(buf, self._pos)
+        start = self._pos + _HEADER.size
+        have = len(buf) - start
+        if have >= length:
+            body = bytes(buf[start:start + length])
+            self._pos = start + length
+        else:
+            # Big frame: read the rest straight into its final buffer.
+            body = bytearray(length)
+            view = memoryview(body)
+            view[:have] = buf[start:]
+            self._pos = len(buf)
+            got = have
             while got < length:
-                n = sock.recv_into(view[got:], length - got)
+                n = self.sock.recv_into(view[got:], length - got)
                 if n == 0:
                     raise ChannelClosed("peer closed the channel mid-frame")
                 got += n
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+        fds = []
+        while len(fds) < nfds:
+            if not self._fds:
+                # Cannot happen with a well-behaved peer: the fds precede the data.
+                raise OSError(f"frame announced {nfds} fds but only {len(fds)} arrived")
+            fds.append(self._fds.popleft())
         return body, fds
 
     def close(self) -> None:

@@ -1,0 +1,263 @@
+"""The CPU data plane: numpy arrays and torch CPU tensors as shared-memory descriptors.
+
+Sending an array:
+
+* below ``INLINE_BYTES`` it is pickled inline (a descriptor would cost more);
+* if its memory already lies in a comfy_env segment (received from a peer, or
+  made with ``shared_empty``/``shared_like``) only a descriptor travels:
+  segment, offset, dtype, shape, strides -- no copy;
+* otherwise its bytes are copied once (one memcpy of the span it covers, so
+  views keep their strides and offset) into the frame's scratch segment from
+  the arena, which usually has its pages faulted in already.
+
+Receiving builds the array on the mapped segment: no copy.  One holder per
+message and segment counts as a user of the segment (see lifetime.py) until
+every array built on it is gone.
+
+Descriptors name dtypes by value (numpy dtype objects pickle compactly, and
+structured and datetime dtypes come along for free); torch dtypes by name.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+from . import codec, lifetime, shm
+
+__all__ = ["INLINE_BYTES", "NumpyPlane", "TorchCPUPlane", "tensor_on_record"]
+
+INLINE_BYTES = int(os.environ.get("COMFY_ENV_INLINE_BYTES", 64 * 1024))
+# Copy a view's whole span (keeping its strides) unless the span is much bigger
+# than the data: then compact it (x[::1000] of a huge array).
+_SPAN_SLACK = 2
+_SCRATCH_ALIGN = 64
+
+
+def _missing(pkg, what):
+    return ModuleNotFoundError(
+        f"this message holds a {what}, but {pkg} is not importable in this process "
+        f"(Python {sys.version.split()[0]} at {sys.executable}): install {pkg} in this "
+        f"environment, or share it from the host (share = [\"{pkg}\"] in comfy-env.toml)",
+        name=pkg,
+    )
+
+
+def _span(ptr, shape, strides, itemsize):
+    """Byte bounds ``[lo, hi)`` of the memory an array with these strides touches."""
+    lo = hi = ptr
+    for n, s in zip(shape, strides):
+        if n == 0:
+            return ptr, ptr
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return lo, hi + itemsize
+
+
+class _Scratch:
+    """Bump allocator over arena segments for the copies of one frame."""
+
+    __slots__ = ("record", "used")
+
+    def __init__(self):
+        self.record = None
+        self.used = 0
+
+    def take(self, nbytes):
+        rec = self.record
+        if rec is not None:
+            off = (self.used + _SCRATCH_ALIGN - 1) // _SCRATCH_ALIGN * _SCRATCH_ALIGN
+            if off + nbytes <= rec.resource.size:
+                self.used = off + nbytes
+                return rec, off
+        rec = shm.ARENA.allocate(nbytes)
+        self.record, self.used = rec, nbytes
+        return rec, 0
+
+
+def _scratch(enc):
+    s = getattr(enc.fb, "_scratch", None)
+    if s is None:
+        s = enc.fb._scratch = _Scratch()
+    return s
+
+
+def _place(plane, enc, ptr, lo, hi):
+    """Make ``[lo, hi)`` available to the peer; returns ``(ref_index, offset of ptr)``."""
+    seg = shm.find_segment(lo, hi - lo)
+    rec = lifetime.LEDGER.get(seg.key) if seg is not None else None
+    if rec is None:
+        rec, off = _scratch(enc).take(hi - lo)
+        seg = rec.resource
+        ctypes.memmove(seg.addr + off, lo, hi - lo)
+        ptr = seg.addr + off + (ptr - lo)
+    # The owner already has the segment open: no fd for it.
+    fd = seg.fd if enc.link.uid != seg.key[1] else None
+    idx = enc.add_ref(plane, rec, meta=seg.size, fd=fd)
+    return idx, ptr - seg.addr
+
+
+def _holder(dec, ref_index):
+    cache = dec.__dict__.setdefault("_shm_holders", {})
+    h = cache.get(ref_index)
+    if h is None:
+        h = cache[ref_index] = shm.holder_for(dec.record(ref_index))
+    return h
+
+
+class _SegmentPlane(codec.Plane):
+    def open_remote(self, key, meta, fd):
+        if fd < 0:
+            raise RuntimeError(f"shared-memory segment {key} arrived without its file "
+                               f"descriptor (protocol error)")
+        seg = shm.Segment.open(key, fd, meta)
+        shm.ADDRESS_MAP.add(seg)
+        return seg
+
+    def forward_fd(self, record):
+        return record.resource.fd
+
+    def on_zero(self, record):
+        record.resource.close()
+
+
+class NumpyPlane(_SegmentPlane):
+    name = "np"
+    types = ("numpy.ndarray",)
+
+    def encode(self, a, enc):
+        import numpy as np
+
+        cls = type(a)
+        if cls is not np.ndarray and not _plain_subclass(cls):
+            return None           # e.g. masked arrays: their own reduce knows their state
+        dtype = a.dtype
+        if dtype.hasobject or a.nbytes < INLINE_BYTES:
+            return None
+        ptr = a.__array_interface__["data"][0]
+        lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
+        if hi - lo > _SPAN_SLACK * a.nbytes:
+            a = np.ascontiguousarray(a) if not a.flags.f_contiguous else a
+            ptr = a.__array_interface__["data"][0]
+            lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
+        idx, off = _place(self, enc, ptr, lo, hi)
+        sub = None if cls is np.ndarray else cls
+        return (idx, off, dtype, a.shape, a.strides, bool(a.flags.writeable), sub)
+
+    def decode(self, desc, dec):
+        try:
+            import numpy as np
+        except ImportError:
+            raise _missing("numpy", "numpy array") from None
+        idx, off, dtype, shape, strides, writeable, sub = desc
+        arr = np.ndarray(shape, dtype, buffer=_holder(dec, idx), offset=off, strides=strides)
+        if not writeable:
+            arr.flags.writeable = False
+        if sub is not None:
+            try:
+                arr = arr.view(sub)
+            except Exception:
+                pass
+        return arr
+
+
+def _plain_subclass(cls):
+    # ndarray subclasses whose state is the data alone (view() rebuilds them).
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return name in ("trimesh.caching.TrackedArray", "numpy.memmap", "numpy.matrix")
+
+
+def _torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
+
+
+class TorchCPUPlane(_SegmentPlane):
+    name = "tcpu"
+    types = ("torch.Tensor",)
+
+    def encode(self, t, enc):
+        if t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.is_quantized:
+            return None
+        item = t.element_size()
+        nbytes = t.numel() * item
+        if nbytes < INLINE_BYTES:
+            return None
+        ptr = t.data_ptr()
+        strides_b = [s * item for s in t.stride()]
+        lo, hi = _span(ptr, t.shape, strides_b, item)
+        if hi - lo > _SPAN_SLACK * nbytes:
+            t = t.contiguous()
+            ptr = t.data_ptr()
+            strides_b = [s * item for s in t.stride()]
+            lo, hi = _span(ptr, t.shape, strides_b, item)
+        # Keep storage_offset: start the copy at the storage's start when that
+        # costs at most as much again (t[1:] yes, t[-1000:] of a huge tensor no).
+        start = t.untyped_storage().data_ptr()
+        if start < lo and lo - start <= nbytes:
+            lo = start
+        idx, off = _place(self, enc, ptr, lo, hi)
+        seg_start = off - (ptr - lo)
+        import torch
+
+        param = isinstance(t, torch.nn.Parameter)
+        return (idx, off, str(t.dtype).rsplit(".", 1)[1], tuple(t.shape), tuple(t.stride()),
+                bool(t.requires_grad), param, seg_start)
+
+    def decode(self, desc, dec):
+        try:
+            import torch
+        except ImportError:
+            raise _missing("torch", "torch.Tensor") from None
+        idx, off, dtype_name, shape, strides, requires_grad, param, start = desc
+        rec = dec.record(idx)
+        t = tensor_on_record(rec, off, _torch_dtype(dtype_name), shape, strides,
+                             holder=_holder(dec, idx), start=start)
+        if param:
+            return torch.nn.Parameter(t, requires_grad=requires_grad)
+        if requires_grad:
+            t.requires_grad_(True)
+        return t
+
+
+def tensor_on_record(record, offset, dtype, shape, strides, holder=None, start=0):
+    """A torch tensor over ``record``'s segment: storage from byte ``start``, element 0 at ``offset``."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise _missing("numpy", "torch.Tensor (torch tensors are mapped through numpy)") from None
+    import torch
+
+    if holder is None:
+        holder = shm.holder_for(record)
+    item = torch.empty((), dtype=dtype).element_size()
+    if (offset - start) % item or start % item:
+        raise ValueError(f"tensor data at byte {offset} is not aligned to its {item}-byte dtype")
+    size = record.resource.size
+    count = (size - start) // item * item
+    base = torch.from_numpy(np.frombuffer(holder, dtype=np.uint8, count=count, offset=start))
+    flat = base.view(dtype) if dtype != torch.uint8 else base
+    return torch.as_strided(flat, shape, strides, (offset - start) // item)
+
+
+def _install_cuda_plane():
+    try:
+        from . import cuda  # noqa: F401
+    except ImportError:
+        return
+    install = getattr(cuda, "install", None)
+    if install is not None:
+        try:
+            install()
+        except Exception:
+            pass
+
+
+codec.register_plane(NumpyPlane())
+codec.register_plane(TorchCPUPlane())
+# The CUDA plane goes in front of the CPU one the first time a tensor is seen
+# (never at import: a process without CUDA or torch must not touch either).
+codec.on_first_type("torch.Tensor", _install_cuda_plane)

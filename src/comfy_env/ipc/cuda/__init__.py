@@ -1,0 +1,90 @@
+"""The CUDA data plane: torch CUDA tensors between processes without host copies.
+
+Importing this package loads nothing: no torch, no ``libcuda``.  :func:`install`
+registers the plane with the codec (the CPU plane calls it the first time it sees a
+``torch.Tensor``); CUDA itself is touched only when a CUDA tensor shows up.
+
+Modules: ``driver`` (ctypes over libcuda), ``devices`` (UUIDs, contexts), ``pools``
+(export/staging pools, imports), ``vmm`` (big tensors), ``events`` (stream order),
+``layout`` (the descriptor), ``paths`` (route choice), ``plane`` (the codec plane),
+``probe`` (two-process capability probe), ``doctor`` (the report).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+__all__ = ["install", "set_role", "trim"]
+
+_lock = threading.Lock()
+_installed = False
+
+
+def _looks_like_worker() -> bool:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", None) == "comfy_env.worker" or os.environ.get("COMFY_ENV_ROLE") == "worker"
+
+
+def install() -> None:
+    """Register the CUDA plane for ``torch.Tensor`` (idempotent; does not initialise CUDA)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        from ..codec import register_plane
+        from .plane import PLANE
+        register_plane(PLANE, first=True)
+        if _looks_like_worker():
+            set_role("worker")
+        _hook_empty_cache()
+        _installed = True
+
+
+def set_role(role: str) -> None:
+    """``"worker"``: make an export pool torch's current pool at CUDA init (zero-copy results)."""
+    if role not in ("parent", "worker"):
+        raise ValueError(f"role must be 'parent' or 'worker', not {role!r}")
+    from .plane import PLANE
+    PLANE.role = role
+    if role == "worker":
+        import torch
+
+        def _at_cuda_init():
+            PLANE.ensure_heap(torch.cuda.current_device())
+
+        # Runs at torch's lazy CUDA init (or now, if CUDA is already up): we never
+        # initialise CUDA ourselves, and allocations made after this land in the pool.
+        torch.cuda._lazy_call(_at_cuda_init)
+
+
+def trim():
+    """Give back what exportable pools can give back (see docs/cuda.md, "Memory")."""
+    from .plane import PLANE
+    return PLANE.trim()
+
+
+def _hook_empty_cache():
+    """``torch.cuda.empty_cache()`` must also release our exportable pools' idle memory."""
+    import torch
+    mem = torch.cuda.memory
+    original = mem.empty_cache
+    if getattr(original, "_comfy_env_hook", False):
+        return
+
+    def empty_cache():
+        original()
+        if torch.cuda.is_initialized():
+            try:
+                trim()
+            except Exception as exc:       # never break the caller's empty_cache
+                import logging
+                logging.getLogger("comfy_env.cuda").warning("comfy_env: trimming CUDA pools failed: %s", exc)
+
+    empty_cache.__doc__ = original.__doc__
+    empty_cache._comfy_env_hook = True
+    mem.empty_cache = empty_cache
+    torch.cuda.empty_cache = empty_cache

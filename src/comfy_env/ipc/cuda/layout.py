@@ -1,0 +1,146 @@
+"""What travels in place of a CUDA tensor: the descriptor, and the arithmetic on it.
+
+Pure Python, no torch and no CUDA: both sides validate what they receive here, and
+the CPU-only tests pin the rules down.
+
+A descriptor says where the tensor's bytes are (``route`` + ``ref``, the index of a
+block in the message part's refs), how to view them (dtype, shape, strides in
+elements, byte offset of the first element from the block's base), which GPU they
+live on (UUID, plus the sender's index for messages), and which interprocess event
+the receiver must wait on before reading.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+__all__ = ["CudaTensorDesc", "DescriptorError", "ITEMSIZE", "ROUTES", "span_bytes", "validate",
+           "pool_meta", "vmm_meta", "validate_meta"]
+
+VERSION = 1
+
+# Routes a tensor can take (see paths.py for how one is chosen):
+ROUTES = (
+    "pool",      # zero copy: the sender's export pool (worker heap), pointer exported
+    "staging",   # one device copy into the sender's exportable staging pool
+    "vmm",       # one device copy into a VMM allocation exported as an fd (any size)
+    "empty",     # no elements: nothing to share
+    "cpu",       # fallback through host memory; lands back on the same GPU
+)
+
+# Every torch dtype we can rebuild by reinterpreting raw bytes (name -> itemsize).
+ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+}
+
+MAX_DIMS = 64
+
+
+class DescriptorError(ValueError):
+    """A CUDA tensor descriptor (or block meta) is malformed."""
+
+
+class CudaTensorDesc(NamedTuple):
+    version: int
+    route: str
+    ref: int                      # index into the part's refs, -1 when no block
+    dtype: str
+    shape: Tuple[int, ...]
+    strides: Tuple[int, ...]      # in elements
+    offset: int                   # bytes from the block base to element [0, 0, ...]
+    device_uuid: str              # 32 hex digits
+    device_index: int             # the sender's ordinal (informational)
+    event: Optional[tuple]        # (owner_uid, owner_ordinal, slot, handle: 64 bytes) or None
+    requires_grad: bool
+    host: object = None           # the CPU copy, route "cpu" only
+
+
+def span_bytes(shape, strides, itemsize) -> int:
+    """Bytes from the first element to the end of the last one a strided view touches."""
+    if any(n == 0 for n in shape):
+        return 0
+    if any(s < 0 for s in strides):
+        raise DescriptorError(f"negative strides are not supported: {tuple(strides)}")
+    last = sum((n - 1) * s for n, s in zip(shape, strides))
+    return (last + 1) * itemsize
+
+
+def _is_uuid(u) -> bool:
+    if not isinstance(u, str) or len(u) != 32:
+        return False
+    try:
+        int(u, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def validate(desc) -> CudaTensorDesc:
+    """Check a received descriptor; returns it, or raises :class:`DescriptorError`."""
+    if not isinstance(desc, CudaTensorDesc):
+        raise DescriptorError(f"expected a CudaTensorDesc, got {type(desc).__name__}")
+    if desc.version != VERSION:
+        raise DescriptorError(f"descriptor version {desc.version!r}, this side speaks {VERSION} "
+                              "(both sides must run the same comfy_env)")
+    if desc.route not in ROUTES:
+        raise DescriptorError(f"unknown route {desc.route!r}")
+    if desc.dtype not in ITEMSIZE:
+        raise DescriptorError(f"unsupported dtype {desc.dtype!r}")
+    shape, strides = desc.shape, desc.strides
+    if not isinstance(shape, tuple) or not isinstance(strides, tuple) or len(shape) != len(strides):
+        raise DescriptorError(f"shape {shape!r} and strides {strides!r} must be tuples of one length")
+    if len(shape) > MAX_DIMS:
+        raise DescriptorError(f"{len(shape)} dimensions (at most {MAX_DIMS})")
+    for v in shape + strides:
+        if type(v) is not int or v < 0:
+            raise DescriptorError(f"shape and strides must be non-negative ints: {shape}, {strides}")
+    if type(desc.offset) is not int or desc.offset < 0:
+        raise DescriptorError(f"bad offset {desc.offset!r}")
+    if desc.offset % ITEMSIZE[desc.dtype]:
+        raise DescriptorError(f"offset {desc.offset} is not a multiple of {desc.dtype}'s size")
+    if not _is_uuid(desc.device_uuid):
+        raise DescriptorError(f"bad device uuid {desc.device_uuid!r}")
+    needs_block = desc.route in ("pool", "staging", "vmm")
+    if needs_block != (type(desc.ref) is int and desc.ref >= 0):
+        raise DescriptorError(f"route {desc.route!r} with ref {desc.ref!r}")
+    if desc.event is not None:
+        ev = desc.event
+        if (not isinstance(ev, tuple) or len(ev) != 4 or not isinstance(ev[3], bytes)
+                or len(ev[3]) != 64 or type(ev[1]) is not int or type(ev[2]) is not int):
+            raise DescriptorError(f"bad event {ev!r}")
+    if desc.route == "cpu" and desc.host is None:
+        raise DescriptorError("route 'cpu' without its host tensor")
+    return desc
+
+
+# -- block meta: rides in the part's refs, outside the pickle, so that the parent can
+#    forward a worker's block to another worker without decoding anything.
+def pool_meta(pool_key, export_data: bytes, device_uuid, alloc_size):
+    """A pointer exported from pool ``pool_key`` = (owner_uid, generation serial)."""
+    return ("pool", tuple(pool_key), bytes(export_data), device_uuid, int(alloc_size))
+
+
+def vmm_meta(size, device_uuid):
+    """A VMM allocation of ``size`` bytes; its fd travels with every message that names it."""
+    return ("vmm", int(size), device_uuid)
+
+
+def validate_meta(meta):
+    if not isinstance(meta, tuple) or not meta:
+        raise DescriptorError(f"bad CUDA block meta {meta!r}")
+    kind = meta[0]
+    if kind == "pool":
+        if (len(meta) != 5 or not isinstance(meta[1], tuple) or len(meta[1]) != 2
+                or not isinstance(meta[2], bytes) or len(meta[2]) != 64
+                or not _is_uuid(meta[3]) or type(meta[4]) is not int or meta[4] <= 0):
+            raise DescriptorError(f"bad pool block meta {meta!r}")
+    elif kind == "vmm":
+        if len(meta) != 3 or type(meta[1]) is not int or meta[1] <= 0 or not _is_uuid(meta[2]):
+            raise DescriptorError(f"bad VMM block meta {meta!r}")
+    else:
+        raise DescriptorError(f"unknown CUDA block kind {kind!r}")
+    return meta

@@ -1,0 +1,121 @@
+"""Which route a CUDA tensor takes, from probed capabilities.  Pure logic, no CUDA.
+
+Inputs are facts, never guesses: :class:`Capabilities` is what *this* process proved
+by doing the operation (creating and exporting a pool, a VMM allocation, an event);
+:class:`PeerVerdicts` is what the *peer* reported after it actually imported a block
+of each kind from us (see plane.py: the first import of each kind is the probe, and
+its outcome is posted back).  Unknown means "not tried yet", and trying is allowed:
+a failed import is reported to the caller as a clear error and demotes the route for
+that peer, it never crashes a process.
+
+Order of preference, per tensor:
+
+1. ``pool``    zero copy: the tensor already lives in our export pool (a worker whose
+               torch runs ``backend:cudaMallocAsync`` allocates there), and its
+               allocation is small enough to import safely.
+2. ``staging`` one device copy into our exportable staging pool (the parent, whose
+               allocator belongs to ComfyUI; or a worker on the native allocator).
+3. ``vmm``     one device copy into a VMM allocation exported as an fd: any size.
+               Taken whenever the bytes exceed the pool import limit, because importing
+               one pool allocation above ~5.1 GiB kills the importer (H100, driver 580).
+4. ``cpu``     through host memory, back onto the same GPU, with a one-time warning.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "DEFAULT_IMPORT_LIMIT"]
+
+# Importing one pool allocation of 5,264 MiB segfaulted the importer, 5,248 MiB did not
+# (H100, driver 580.159.04).  4 GiB leaves a margin for other drivers and GPUs.
+DEFAULT_IMPORT_LIMIT = 4 << 30
+
+
+def import_limit() -> int:
+    """Largest single pool allocation we let a peer import (env override, in MiB)."""
+    raw = os.environ.get("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB")
+    if not raw:
+        return DEFAULT_IMPORT_LIMIT
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB must be an integer, got {raw!r}") from None
+    if mib <= 0:
+        raise ValueError(f"COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB must be positive, got {mib}")
+    return mib << 20
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this process proved it can do (all False with a reason when there is no CUDA)."""
+    driver: bool = False          # libcuda loads, cuInit succeeds, a device exists
+    pools: bool = False           # exportable (POSIX fd) pool created and exported
+    vmm: bool = False             # VMM allocation created and exported as an fd
+    events: bool = False          # interprocess event created and its handle taken
+    reasons: dict = field(default_factory=dict)   # capability -> why it is missing
+
+    @classmethod
+    def none(cls, why):
+        return cls(reasons={"driver": why})
+
+
+@dataclass
+class PeerVerdicts:
+    """What a peer reported after importing our blocks: kind -> True / False / None (untried)."""
+    pool: object = None
+    vmm: object = None
+    reasons: dict = field(default_factory=dict)
+
+    def ok(self, kind):
+        return getattr(self, kind)
+
+    def record(self, kind, ok, reason=""):
+        setattr(self, kind, bool(ok))
+        if not ok:
+            self.reasons[kind] = reason
+
+
+def choose(caps: Capabilities, peer: PeerVerdicts, *, nbytes: int, in_export_pool: bool,
+           alloc_bytes: int, limit: int):
+    """``(route, why)`` for a tensor whose view covers ``nbytes`` bytes.
+
+    ``in_export_pool``: its allocation belongs to our export (heap) pool, of
+    ``alloc_bytes`` bytes.  ``limit``: the largest pool allocation a peer may import.
+    """
+    if nbytes < 0 or alloc_bytes < 0 or limit <= 0:
+        raise ValueError(f"bad sizes: nbytes={nbytes} alloc_bytes={alloc_bytes} limit={limit}")
+    if nbytes == 0:
+        return "empty", "no elements"
+    if not caps.driver:
+        return "cpu", f"no usable CUDA driver here ({caps.reasons.get('driver', 'unknown')})"
+    pool_ok = caps.pools and peer.ok("pool") is not False
+    vmm_ok = caps.vmm and peer.ok("vmm") is not False
+    if in_export_pool and pool_ok:
+        if alloc_bytes <= limit:
+            return "pool", "zero copy: the tensor lives in this process's export pool"
+        # A view of a huge allocation: copy only what it covers (below).
+    if pool_ok and nbytes <= limit:
+        why = ("one device copy into the staging pool: "
+               + ("its allocation is above the import limit" if in_export_pool
+                  else "the tensor was not allocated from an export pool"))
+        return "staging", why
+    if vmm_ok:
+        why = (f"one device copy into a VMM allocation: {nbytes} bytes exceed the pool import "
+               f"limit of {limit}" if nbytes > limit else
+               "one device copy into a VMM allocation: pool import is unavailable "
+               f"({_why_not(caps, peer, 'pool')})")
+        return "vmm", why
+    why = []
+    if not pool_ok or nbytes > limit:
+        why.append("pool: " + (_why_not(caps, peer, "pool") if not pool_ok
+                               else f"{nbytes} bytes exceed the import limit of {limit}"))
+    why.append("vmm: " + _why_not(caps, peer, "vmm"))
+    return "cpu", "; ".join(why)
+
+
+def _why_not(caps, peer, kind):
+    cap_name = "pools" if kind == "pool" else "vmm"
+    if not getattr(caps, cap_name):
+        return "this process cannot export: " + caps.reasons.get(cap_name, "not supported")
+    return "the peer failed to import: " + peer.reasons.get(kind, "unknown reason")

@@ -1,0 +1,321 @@
+"""Exportable CUDA memory pools: ours (heap and staging), and the ones we import.
+
+Exporting side
+--------------
+A :class:`Generation` is one pool created with the POSIX-fd handle type.  Its fd is
+exported at creation, because ``cuMemPoolExportPointer`` fails with INVALID_VALUE
+until the pool itself has been exported.  The fd crosses to each peer once.
+
+Exportable pools never give memory back while they exist (measured on an H100:
+trim, release threshold 0 and ``empty_cache`` all left a freed 4 GiB in use); only
+``cuMemPoolDestroy`` does, once every exported fd is closed everywhere.  So memory is
+reclaimed by *generations*: :meth:`Pools.roll` makes a fresh pool current, the old one
+receives no new allocations, and :meth:`Pools.reap` destroys it once nothing in it is
+used any more (the ledger guarantees importers freed first), telling peers to drop
+their import of it.
+
+* ``heap`` pools are made the device's current pool, so torch's ``cudaMallocAsync``
+  backend allocates from them: the worker's tensors are exportable as they stand.
+* ``staging`` pools are not current: we copy into them (``cuMemAllocFromPoolAsync``)
+  without touching the process's allocator (the parent's belongs to ComfyUI).
+
+Importing side
+--------------
+:class:`PoolImports` holds each peer pool we know (its fd, kept for forwarding to a
+third process, and the imported handle, made lazily) and the pointers imported from
+it.  One import per exported pointer, reference counted: importing the same pointer
+twice yields aliases whose first free unmaps both (NVIDIA bug 5570902).
+"""
+from __future__ import annotations
+
+import ctypes as C
+import itertools
+import os
+import threading
+
+from . import devices
+from . import driver as D
+from .. import lifetime
+
+__all__ = ["Generation", "Pools", "PoolImports", "ImportedPool"]
+
+_serial = itertools.count(1)
+
+
+def _props(ordinal):
+    p = D.MemPoolProps()
+    p.allocType = D.MEM_ALLOCATION_PINNED
+    p.handleTypes = D.HANDLE_POSIX_FD
+    p.location = D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal)
+    return p
+
+
+def _access(ordinal):
+    return D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal), D.ACCESS_READWRITE)
+
+
+class Generation:
+    """One exportable pool of ours.  ``key`` = (process uid, serial) names it to peers."""
+
+    def __init__(self, ordinal, kind):
+        devices.use(ordinal)
+        self.ordinal = ordinal
+        self.kind = kind
+        self.serial = next(_serial)
+        self.key = (lifetime.PROCESS_UID, self.serial)
+        self.destroyed = False
+        h = C.c_void_p()
+        D.call("cuMemPoolCreate", C.byref(h), C.byref(_props(ordinal)), detail=f"{kind} pool, device {ordinal}")
+        self.handle = h.value
+        try:
+            # Freed blocks stay in the pool for reuse: an exportable pool cannot hand
+            # memory back to the device anyway, and re-mapping per call would cost time.
+            v = C.c_uint64(2 ** 64 - 1)
+            D.call("cuMemPoolSetAttribute", self.handle, D.MEMPOOL_ATTR_RELEASE_THRESHOLD, C.byref(v))
+            fd = C.c_int(-1)
+            D.call("cuMemPoolExportToShareableHandle", C.byref(fd), self.handle, D.HANDLE_POSIX_FD, 0)
+            self.fd = fd.value
+        except BaseException:
+            D.try_call("cuMemPoolDestroy", self.handle)
+            raise
+
+    def used(self) -> int:
+        return D.pool_attribute(self.handle, D.MEMPOOL_ATTR_USED_MEM_CURRENT)
+
+    def reserved(self) -> int:
+        return D.pool_attribute(self.handle, D.MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
+
+    def alloc(self, nbytes, stream) -> int:
+        ptr = C.c_uint64()
+        D.call("cuMemAllocFromPoolAsync", C.byref(ptr), max(1, nbytes), self.handle, stream,
+               detail=f"{nbytes} bytes from the {self.kind} pool")
+        return ptr.value
+
+    def export_pointer(self, ptr) -> bytes:
+        ed = D.PoolPtrExportData()
+        D.call("cuMemPoolExportPointer", C.byref(ed), ptr)
+        return bytes(ed.reserved)
+
+    def destroy(self):
+        if self.destroyed:
+            return
+        self.destroyed = True
+        devices.use(self.ordinal)
+        D.call("cuMemPoolDestroy", self.handle, detail=f"{self.kind} pool {self.key}")
+        os.close(self.fd)
+
+
+class Pools:
+    """The generations of one kind (``heap`` or ``staging``) on one device."""
+
+    def __init__(self, ordinal, kind):
+        if kind not in ("heap", "staging"):
+            raise ValueError(f"pool kind must be 'heap' or 'staging', not {kind!r}")
+        self.ordinal = ordinal
+        self.kind = kind
+        self._lock = threading.Lock()
+        self.current = None
+        self.old = []                         # rolled generations, drained then destroyed
+        self._roll()
+
+    def _roll(self):
+        gen = Generation(self.ordinal, self.kind)
+        if self.kind == "heap":
+            try:
+                D.call("cuDeviceSetMemPool", self.ordinal, gen.handle)
+            except BaseException:
+                gen.destroy()
+                raise
+        if self.current is not None:
+            self.old.append(self.current)
+        self.current = gen
+
+    def owner_of(self, pool_handle):
+        """The live generation with this pool handle, or None."""
+        cur = self.current
+        if cur is not None and cur.handle == pool_handle:
+            return cur
+        for g in self.old:
+            if g.handle == pool_handle:
+                return g
+        return None
+
+    def idle_bytes(self) -> int:
+        """Reserved but unused bytes in the current generation: what a roll could free."""
+        cur = self.current
+        return cur.reserved() - cur.used()
+
+    def roll(self, min_idle=0) -> bool:
+        """Start a new generation if the current one holds more than ``min_idle`` idle bytes."""
+        with self._lock:
+            if self.idle_bytes() <= min_idle:
+                return False
+            self._roll()
+            return True
+
+    def reap(self):
+        """Destroy old generations nobody uses any more; returns their keys (tell peers)."""
+        done = []
+        with self._lock:
+            keep = []
+            for g in self.old:
+                devices.use(self.ordinal)
+                if g.used() == 0:
+                    g.destroy()
+                    done.append(g.key)
+                else:
+                    keep.append(g)
+            self.old = keep
+        return done
+
+    def close(self):
+        """Destroy every generation (process teardown; nothing may be in use)."""
+        with self._lock:
+            if self.kind == "heap":
+                dflt = C.c_void_p()
+                if D.try_call("cuDeviceGetDefaultMemPool", C.byref(dflt), self.ordinal) == 0:
+                    D.try_call("cuDeviceSetMemPool", self.ordinal, dflt)
+            for g in self.old + [self.current]:
+                if g is not None and not g.destroyed:
+                    try:
+                        g.destroy()
+                    except D.CudaError:
+                        pass
+            self.old, self.current = [], None
+
+
+class ImportedPool:
+    """A peer's pool: the fd (kept so we can forward it) and, once used, our import."""
+
+    __slots__ = ("key", "fd", "uuid", "ordinal", "handle", "live", "retired", "pins")
+
+    def __init__(self, key, fd, uuid):
+        self.key = key
+        self.fd = fd
+        self.uuid = uuid        # resolved to our ordinal only when we import (a parent that
+        self.ordinal = None     # merely forwards the fd needs no GPU work at all)
+        self.handle = None
+        self.live = 0           # pointers imported from it and not yet freed
+        self.pins = 0           # records that name it (need its fd to forward)
+        self.retired = False    # the owner destroyed it: drop once idle
+
+
+class PoolImports:
+    """Every peer pool this process knows, and the pointers it imported from them."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._pools = {}        # pool key -> ImportedPool
+        self._ptrs = {}         # (pool key, export data) -> [ptr, refcount]
+
+    def register(self, key, fd, uuid):
+        """A message brought the fd of pool ``key``; we own ``fd`` from here on."""
+        with self._lock:
+            p = self._pools.get(key)
+            if p is None:
+                self._pools[key] = ImportedPool(key, fd, uuid)
+                return
+        # A forwarded copy of a pool we already know: one import is enough.
+        os.close(fd)
+
+    def known(self, key) -> bool:
+        return key in self._pools
+
+    def get(self, key):
+        p = self._pools.get(key)
+        if p is None:
+            raise LookupError(
+                f"CUDA pool {key} was never received: the message that carried its fd was lost "
+                "or not decoded")
+        return p
+
+    def pin(self, key, n=1):
+        with self._lock:
+            self.get(key).pins += n
+
+    def unpin(self, key):
+        with self._lock:
+            p = self._pools.get(key)
+            if p is not None:
+                p.pins -= 1
+                self._maybe_drop(p)
+
+    def _ensure_imported(self, p):
+        if p.handle is None:
+            p.ordinal = devices.ordinal_of(p.uuid)
+            devices.use(p.ordinal)
+            h = C.c_void_p()
+            D.call("cuMemPoolImportFromShareableHandle", C.byref(h), C.c_void_p(p.fd),
+                   D.HANDLE_POSIX_FD, 0, detail=f"pool {p.key}")
+            try:
+                D.call("cuMemPoolSetAccess", h, C.byref(_access(p.ordinal)), 1, detail=f"pool {p.key}")
+            except BaseException:
+                D.try_call("cuMemPoolDestroy", h)
+                raise
+            p.handle = h.value
+        return p.handle
+
+    def import_pointer(self, key, export_data: bytes) -> int:
+        """Map pointer ``export_data`` of pool ``key`` (once; later calls add a reference)."""
+        with self._lock:
+            slot = self._ptrs.get((key, export_data))
+            if slot is not None:
+                slot[1] += 1
+                return slot[0]
+            p = self.get(key)
+            handle = self._ensure_imported(p)
+            ed = D.PoolPtrExportData()
+            C.memmove(C.byref(ed), export_data, 64)
+            ptr = C.c_uint64()
+            D.call("cuMemPoolImportPointer", C.byref(ptr), handle, C.byref(ed), detail=f"pool {key}")
+            self._ptrs[(key, export_data)] = [ptr.value, 1]
+            p.live += 1
+            return ptr.value
+
+    def release_pointer(self, key, export_data: bytes, stream):
+        """Drop one reference; the last one frees the import and waits for the free."""
+        with self._lock:
+            slot = self._ptrs.get((key, export_data))
+            if slot is None:
+                raise LookupError(f"pointer of pool {key} released more often than imported")
+            slot[1] -= 1
+            if slot[1] > 0:
+                return
+            del self._ptrs[(key, export_data)]
+            p = self._pools[key]
+            try:
+                devices.use(p.ordinal)
+                # Ordered after our reads on that stream; the exporter may free as soon as
+                # our release reaches it, so the free must have *completed* first.
+                D.call("cuMemFreeAsync", slot[0], stream, detail=f"imported pointer of pool {key}")
+                D.call("cuStreamSynchronize", stream)
+            finally:
+                p.live -= 1
+                self._maybe_drop(p)
+
+    def retire(self, key):
+        """The owner destroyed pool ``key``: close ours as soon as nothing uses it."""
+        with self._lock:
+            p = self._pools.get(key)
+            if p is not None:
+                p.retired = True
+                self._maybe_drop(p)
+
+    def forget_owner(self, owner_uid):
+        """The owner process is gone: retire all its pools (tensors we hold stay valid)."""
+        with self._lock:
+            for key in [k for k in self._pools if k[0] == owner_uid]:
+                self.retire(key)
+
+    def _maybe_drop(self, p):
+        if p.retired and p.live <= 0 and p.pins <= 0:
+            del self._pools[p.key]
+            if p.handle is not None:
+                devices.use(p.ordinal)
+                D.try_call("cuMemPoolDestroy", p.handle)
+            os.close(p.fd)
+
+    def stats(self):
+        with self._lock:
+            return {"pools": len(self._pools), "imported_pointers": len(self._ptrs),
+                    "pool_imports": sum(1 for p in self._pools.values() if p.handle is not None)}
