@@ -1,0 +1,492 @@
+"""IsolatedExecutor with env=None: the concurrent.futures contract, how functions travel,
+how failures (exceptions, crashes, timeouts, pickling, initializers) reach the futures.
+
+Worker-side helpers live in ``_funcs`` (imported by reference in the workers); gates are
+files in tmp_path that a worker polls, so no test depends on how fast the box is.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import (FIRST_COMPLETED, BrokenExecutor, CancelledError, Executor,
+                                Future, as_completed, wait)
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+import _funcs
+import comfy_env
+from comfy_env import CallTimeout, IsolatedExecutor, PicklingFailed, RemoteError, WorkerCrashed
+from comfy_env.errors import InitializerFailed, RemoteTraceback
+
+
+def _wait_until(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A file path a worker waits on (``_funcs.wait_for_file``); ``open_gate()`` releases it."""
+    path = tmp_path / "gate"
+
+    class Gate:
+        def __str__(self):
+            return str(path)
+
+        def open(self):
+            path.touch()
+
+    return Gate()
+
+
+# -- the concurrent.futures contract -----------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_is_a_standard_executor_whose_futures_are_standard_futures():
+    with IsolatedExecutor() as ex:
+        assert isinstance(ex, Executor)
+        fut = ex.submit(_funcs.add, 2, 3)
+        assert isinstance(fut, Future)
+        assert fut.result(timeout=15) == 5
+        assert fut.done() and fut.exception() is None
+
+
+@pytest.mark.timeout(20)
+def test_calls_run_in_another_process_of_the_same_interpreter():
+    with IsolatedExecutor() as ex:
+        pid = ex.submit(_funcs.getpid).result(15)
+        assert pid != os.getpid()
+        assert ex.worker_pids() == [pid]
+        assert ex.submit(_funcs.echo, 1, x=2).result(15) == ((1,), {"x": 2})
+
+
+@pytest.mark.timeout(30)
+def test_map_yields_in_order_with_several_iterables_and_chunks():
+    with IsolatedExecutor(max_workers=2) as ex:
+        assert list(ex.map(_funcs.add, range(10), range(100, 110))) == \
+            [i + 100 + i for i in range(10)]
+        assert list(ex.map(lambda x: x * x, range(11), chunksize=3)) == [i * i for i in range(11)]
+        assert list(ex.map(_funcs.add, [], [])) == []
+
+
+@pytest.mark.timeout(20)
+def test_map_raises_the_first_failed_items_exception_when_reached():
+    with IsolatedExecutor(max_workers=2) as ex:
+        it = ex.map(_funcs.fail_on, range(6), [3] * 6)
+        assert [next(it), next(it), next(it)] == [0, 10, 20]
+        with pytest.raises(ValueError, match="item 3 is bad"):
+            next(it)
+
+
+@pytest.mark.timeout(20)
+def test_map_raises_timeout_error_past_its_timeout(gate):
+    with IsolatedExecutor() as ex:
+        it = ex.map(_funcs.wait_for_file, [str(gate)], timeout=0.5)
+        with pytest.raises(TimeoutError):
+            next(it)
+        gate.open()
+
+
+@pytest.mark.timeout(20)
+def test_submit_after_shutdown_raises_runtime_error():
+    ex = IsolatedExecutor()
+    ex.submit(_funcs.add, 1, 1).result(15)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(_funcs.add, 1, 1)
+    with IsolatedExecutor() as ex2:
+        pass
+    with pytest.raises(RuntimeError):
+        ex2.submit(_funcs.add, 1, 1)
+
+
+@pytest.mark.timeout(20)
+def test_cancel_works_on_a_queued_call_and_not_on_a_running_one(gate):
+    with IsolatedExecutor(max_workers=1) as ex:
+        running = ex.submit(_funcs.wait_for_file, str(gate), "first")
+        _wait_until(running.running)
+        queued = ex.submit(_funcs.add, 1, 2)
+        assert not running.cancel()
+        assert queued.cancel()
+        gate.open()
+        assert running.result(15) == "first"
+        assert queued.cancelled()
+        with pytest.raises(CancelledError):
+            queued.result()
+        assert ex.submit(_funcs.add, 2, 2).result(15) == 4
+
+
+@pytest.mark.timeout(20)
+def test_shutdown_cancel_futures_cancels_what_has_not_started(gate):
+    ex = IsolatedExecutor(max_workers=1)
+    running = ex.submit(_funcs.wait_for_file, str(gate), "ran")
+    _wait_until(running.running)
+    queued = [ex.submit(_funcs.add, i, i) for i in range(3)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    gate.open()
+    assert running.result(15) == "ran"
+    ex.shutdown(wait=True)
+
+
+@pytest.mark.timeout(20)
+def test_shutdown_wait_drains_queued_and_running_calls():
+    ex = IsolatedExecutor(max_workers=2)
+    futs = [ex.submit(_funcs.sleep_then, 0.1, i) for i in range(6)]
+    ex.shutdown(wait=True)
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == list(range(6))
+
+
+@pytest.mark.timeout(20)
+def test_wait_and_as_completed_see_the_fast_call_before_the_slow_one(gate):
+    with IsolatedExecutor(max_workers=2) as ex:
+        slow = ex.submit(_funcs.wait_for_file, str(gate), "slow")
+        fast = ex.submit(_funcs.add, 1, 1)
+        done, not_done = wait([slow, fast], timeout=15, return_when=FIRST_COMPLETED)
+        assert done == {fast} and not_done == {slow}
+        order = []
+        for f in as_completed([slow, fast], timeout=15):
+            order.append(f)
+            if f is fast:
+                gate.open()
+        assert order == [fast, slow]
+        done, not_done = wait([slow, fast], timeout=15)
+        assert not not_done
+
+
+@pytest.mark.timeout(30)
+def test_max_workers_runs_that_many_calls_at_once_in_as_many_processes(tmp_path):
+    names = ["a", "b", "c"]
+    with IsolatedExecutor(max_workers=3) as ex:
+        futs = [ex.submit(_funcs.rendezvous, str(tmp_path), n, names) for n in names]
+        pids = [f.result(25) for f in futs]    # each waits until all three are running
+        assert len(set(pids)) == 3
+        assert sorted(pids) == ex.worker_pids()
+
+
+@pytest.mark.timeout(30)
+def test_several_threads_submitting_at_once_all_get_their_own_results():
+    results = {}
+    errors = []
+    start = threading.Barrier(6)
+    with IsolatedExecutor(max_workers=2) as ex:
+        def submitter(t):
+            try:
+                start.wait()
+                futs = [(i, ex.submit(_funcs.add, t * 1000, i)) for i in range(50)]
+                results[t] = [(i, f.result(20)) for i, f in futs]
+            except BaseException as exc:   # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=submitter, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(25)
+    assert not errors
+    for t in range(6):
+        assert results[t] == [(i, t * 1000 + i) for i in range(50)]
+
+
+# -- how functions travel --------------------------------------------------------------
+
+def _make_adder(n):
+    def adder(x):
+        return x + n
+    return adder
+
+
+@pytest.mark.timeout(20)
+def test_lambdas_and_closures_travel_by_value():
+    offset = 7
+    with IsolatedExecutor() as ex:
+        assert ex.submit(lambda x: x + offset, 1).result(15) == 8
+        assert ex.submit(_make_adder(5), 1).result(15) == 6
+
+
+@pytest.mark.timeout(20)
+def test_module_qualname_strings_are_resolved_in_the_worker():
+    with IsolatedExecutor() as ex:
+        assert ex.submit("_funcs:add", 1, 2).result(15) == 3
+        assert ex.submit("_funcs:Namespace.Inner.triple", 4).result(15) == 12
+        assert ex.submit("os.path:join", "a", "b").result(15) == os.path.join("a", "b")
+        assert list(ex.map("_funcs:add", [1, 2], [3, 4])) == [4, 6]
+        assert list(ex.map("_funcs:add", [1, 2, 3], [3, 4, 5], chunksize=2)) == [4, 6, 8]
+
+
+@pytest.mark.timeout(20)
+def test_a_missing_module_or_attribute_fails_that_future_only():
+    with IsolatedExecutor() as ex:
+        pid = ex.submit(_funcs.getpid).result(15)
+        with pytest.raises(ImportError, match="no_such_module_xyz"):
+            ex.submit("no_such_module_xyz.sub:f").result(15)
+        with pytest.raises(AttributeError, match="does_not_exist"):
+            ex.submit("_funcs:does_not_exist").result(15)
+        with pytest.raises(AttributeError, match="Nope"):
+            ex.submit("_funcs:Namespace.Nope").result(15)
+        assert ex.submit(_funcs.getpid).result(15) == pid      # the worker survived
+
+
+def test_a_malformed_reference_is_refused_at_submit():
+    with IsolatedExecutor() as ex:
+        for bad in ["no_colon", ":f", "mod:", "a:b:c"]:
+            with pytest.raises(ValueError, match="package.module:qualname"):
+                ex.submit(bad)
+        with pytest.raises(TypeError):
+            ex.submit(42)
+
+
+@pytest.mark.timeout(30)
+def test_functions_defined_in_main_travel_by_value(tmp_path):
+    script = tmp_path / "main_script.py"
+    script.write_text(textwrap.dedent("""
+        from comfy_env import IsolatedExecutor
+
+        def square(x):
+            return x * x
+
+        class Acc:
+            def __init__(self, k):
+                self.k = k
+            def __call__(self, x):
+                return self.k + x
+
+        if __name__ == "__main__":
+            with IsolatedExecutor() as ex:
+                print(ex.submit(square, 7).result(20), ex.submit(Acc(3), 4).result(20))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=25)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["49", "7"]
+
+
+# -- exceptions raised by fn -----------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_exceptions_keep_their_type_and_args_and_carry_the_remote_traceback():
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.raise_value_error, "boom").exception(15)
+        assert type(exc) is ValueError and exc.args == ("boom",)
+        assert isinstance(exc.__cause__, RemoteTraceback)
+        assert "raise_value_error" in str(exc.__cause__)      # the worker's frame
+        assert "ValueError: boom" in str(exc.__cause__)
+
+        exc = ex.submit(_funcs.raise_two_arg_error, 404, "gone").exception(15)
+        assert type(exc) is _funcs.TwoArgError
+        assert exc.args == (404, "gone") and exc.code == 404 and exc.detail == "gone"
+
+        with pytest.raises(ZeroDivisionError):
+            ex.submit(lambda: 1 / 0).result(15)
+
+
+@pytest.mark.timeout(20)
+def test_an_exception_that_cannot_be_pickled_arrives_as_a_substitute_naming_it():
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.raise_unpicklable_error, "the message").exception(15)
+        assert isinstance(exc, RemoteError)
+        assert exc.type_name == "_funcs.UnpicklableError"
+        assert "the message" in str(exc)
+        assert "raise_unpicklable_error" in exc.tb
+        assert "raise_unpicklable_error" in str(exc.__cause__)
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2
+
+
+@pytest.mark.timeout(20)
+def test_an_exception_that_cannot_be_rebuilt_in_the_parent_arrives_as_a_substitute_naming_it():
+    # Pickles in the worker, but UnunpicklableError(*args) fails in the parent.
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.raise_ununpicklable_error, "x", "y").exception(15)
+        assert isinstance(exc, RemoteError)
+        assert exc.type_name == "_funcs.UnunpicklableError"
+        assert "x and y" in str(exc)
+        assert "raise_ununpicklable_error" in exc.tb
+        assert isinstance(exc.__cause__, RemoteTraceback)
+
+
+# -- a worker that dies ------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_os_exit_fails_the_call_with_worker_crashed_naming_the_code_and_stderr():
+    with IsolatedExecutor() as ex:
+        fut = ex.submit(_funcs.stderr_then_exit, 99, ["about to go", "last words"])
+        exc = fut.exception(15)
+        assert isinstance(exc, WorkerCrashed) and isinstance(exc, BrokenProcessPool)
+        assert comfy_env.WorkerCrashed is WorkerCrashed
+        assert exc.exitcode == 99
+        assert "exited with code 99" in str(exc)
+        assert "about to go\nlast words" in str(exc)
+        assert exc.stderr_tail.endswith("last words")
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2      # still usable
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("fn, signame", [
+    (_funcs.kill_self, "SIGKILL"),
+    (_funcs.segfault, "SIGSEGV"),
+])
+def test_death_by_signal_fails_the_call_with_worker_crashed_naming_the_signal(fn, signame):
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(fn).exception(15)
+        assert isinstance(exc, WorkerCrashed)
+        assert exc.exitcode == -getattr(signal, signame)
+        assert signame in str(exc)
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2
+
+
+@pytest.mark.timeout(20)
+def test_sigkill_from_outside_fails_the_running_call(gate):
+    with IsolatedExecutor() as ex:
+        fut = ex.submit(_funcs.wait_for_file, str(gate))
+        _wait_until(fut.running)
+        (pid,) = ex.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        exc = fut.exception(15)
+        assert isinstance(exc, WorkerCrashed) and "SIGKILL" in str(exc)
+        assert ex.submit(_funcs.getpid).result(15) != pid
+
+
+@pytest.mark.timeout(20)
+def test_dying_while_pickling_the_result_is_a_crash():
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.return_dies_when_pickled).exception(15)
+        assert isinstance(exc, WorkerCrashed)
+        assert exc.exitcode == 7 and "dying in __reduce__" in str(exc)
+
+
+@pytest.mark.timeout(20)
+def test_sys_exit_in_the_call_ends_the_worker_like_a_crash():
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(sys.exit, 5).exception(15)
+        assert isinstance(exc, WorkerCrashed) and exc.exitcode == 5
+
+
+@pytest.mark.timeout(30)
+def test_calls_queued_behind_a_crash_run_on_a_replacement_worker():
+    with IsolatedExecutor(max_workers=1) as ex:
+        first_pid = ex.submit(_funcs.getpid).result(15)
+        crash = ex.submit(_funcs.stderr_then_exit, 99)
+        queued = [ex.submit(_funcs.pid_and_value, i) for i in range(5)]
+        assert isinstance(crash.exception(15), WorkerCrashed)
+        results = [f.result(15) for f in queued]
+        assert [v for _, v in results] == list(range(5))
+        assert first_pid not in {p for p, _ in results}
+        assert len({p for p, _ in results}) == 1                 # one replacement, max_workers=1
+        assert ex.worker_pids() == [results[0][0]]
+
+
+@pytest.mark.timeout(30)
+def test_crashes_in_several_workers_leave_the_other_calls_alone(tmp_path):
+    with IsolatedExecutor(max_workers=2) as ex:
+        futs = []
+        for i in range(6):
+            futs.append(ex.submit(_funcs.stderr_then_exit, 3) if i % 2 else
+                        ex.submit(_funcs.sleep_then, 0.05, i))
+        for i, f in enumerate(futs):
+            if i % 2:
+                assert isinstance(f.exception(20), WorkerCrashed)
+            else:
+                assert f.result(20) == i
+
+
+# -- initializer ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_initializer_runs_in_every_worker_before_its_calls(tmp_path):
+    names = ["a", "b"]
+    with IsolatedExecutor(max_workers=2, initializer=_funcs.init_set, initargs=("k", 42)) as ex:
+        futs = [ex.submit(_funcs.rendezvous, str(tmp_path), n, names) for n in names]
+        assert len({f.result(20) for f in futs}) == 2
+        assert [f.result(20) for f in [ex.submit(_funcs.get_state, "k") for _ in range(4)]] == [42] * 4
+    with IsolatedExecutor(initializer="_funcs:init_set", initargs=["k", "by string"]) as ex:
+        assert ex.submit(_funcs.get_state, "k").result(15) == "by string"
+    with IsolatedExecutor(initializer=lambda: _funcs.init_set("k", "by value")) as ex:
+        assert ex.submit(_funcs.get_state, "k").result(15) == "by value"
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_initializer_breaks_the_executor_without_a_restart_loop(tmp_path):
+    ex = IsolatedExecutor(max_workers=2, initializer=_funcs.init_fail, initargs=(str(tmp_path),))
+    futs = [ex.submit(_funcs.add, i, i) for i in range(4)]
+    for f in futs:
+        exc = f.exception(20)
+        assert isinstance(exc, BrokenExecutor)
+        assert isinstance(exc, InitializerFailed)
+        assert "initializer refused" in str(exc)
+    with pytest.raises(BrokenExecutor):
+        ex.submit(_funcs.add, 1, 1)
+    _wait_until(lambda: not ex.worker_pids())
+    attempts = len(os.listdir(tmp_path))
+    time.sleep(0.5)         # a restart loop would keep adding attempt files
+    assert 1 <= attempts == len(os.listdir(tmp_path)) <= 2
+    ex.shutdown(wait=True)
+
+
+# -- call_timeout ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_call_timeout_kills_the_call_and_its_worker_and_carries_on():
+    with IsolatedExecutor(call_timeout=0.5) as ex:
+        pid = ex.submit(_funcs.getpid).result(15)
+        slow = ex.submit(_funcs.sleep_then, 60)
+        after = ex.submit(_funcs.getpid)
+        exc = slow.exception(20)
+        assert isinstance(exc, CallTimeout) and isinstance(exc, TimeoutError)
+        assert "call_timeout=0.5" in str(exc)
+        new_pid = after.result(15)
+        assert new_pid != pid
+        _wait_until(lambda: not os.path.exists(f"/proc/{pid}"))   # killed and reaped
+        assert ex.worker_pids() == [new_pid]
+
+
+@pytest.mark.timeout(30)
+def test_call_timeout_counts_from_the_start_of_each_call_not_from_submit():
+    # Six 0.3 s calls on one worker take 1.8 s in all, longer than call_timeout.
+    with IsolatedExecutor(call_timeout=1.5) as ex:
+        futs = [ex.submit(_funcs.sleep_then, 0.3, i) for i in range(6)]
+        assert [f.result(20) for f in futs] == list(range(6))
+
+
+def test_bad_constructor_arguments_are_refused():
+    for kwargs in [dict(max_workers=0), dict(max_workers=True), dict(call_timeout=0),
+                   dict(call_timeout=-1), dict(call_timeout="1")]:
+        with pytest.raises(ValueError):
+            IsolatedExecutor(**kwargs)
+    with pytest.raises(TypeError):
+        IsolatedExecutor(initializer=42)
+
+
+# -- pickling failures ---------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_an_unpicklable_argument_fails_that_future_and_the_worker_survives():
+    with IsolatedExecutor() as ex:
+        pid = ex.submit(_funcs.getpid).result(15)
+        exc = ex.submit(_funcs.echo, 1, threading.Lock()).exception(15)
+        assert isinstance(exc, PicklingFailed)
+        assert "argument 1 (lock)" in str(exc) and "cannot pickle" in str(exc)
+        exc = ex.submit(_funcs.echo, x=threading.Lock()).exception(15)
+        assert isinstance(exc, PicklingFailed) and "keyword argument 'x'" in str(exc)
+        lock = threading.Lock()
+        exc = ex.submit(lambda: lock).exception(15)
+        assert isinstance(exc, PicklingFailed) and "function" in str(exc)
+        assert ex.submit(_funcs.getpid).result(15) == pid
+
+
+@pytest.mark.timeout(20)
+def test_an_unpicklable_result_fails_that_future_and_the_worker_survives():
+    with IsolatedExecutor() as ex:
+        pid = ex.submit(_funcs.getpid).result(15)
+        exc = ex.submit(_funcs.return_lock).exception(15)
+        assert isinstance(exc, PicklingFailed)
+        assert "result" in str(exc) and "lock" in str(exc) and "cannot pickle" in str(exc)
+        assert ex.submit(_funcs.getpid).result(15) == pid
