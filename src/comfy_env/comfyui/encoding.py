@@ -28,8 +28,8 @@ _log = logging.getLogger(__name__)
 
 def encode(value):
     """Turn a metadata value into JSON-compatible data (see module docstring)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+    if value is None or type(value) in (bool, int, float, str):
+        return value        # exact types: an IntEnum or str subclass must stay what it is
     if isinstance(value, tuple) and type(value) is tuple:
         return {"__tuple__": [encode(v) for v in value]}
     if isinstance(value, list) and type(value) is list:
