@@ -222,20 +222,26 @@ class Worker:
         if cause is not None:
             tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) + "\n" + tb
         envelope = (kind, call_id, False) if kind == "result" else (kind,)
-        try:
-            # The exception's own traceback must not travel (frames don't pickle).
-            self.send_parts(envelope, [(_strip(exc), tb)])
-            return
-        except ChannelClosed:
-            raise
-        except BaseException:
-            pass
         qual = f"{type(exc).__module__}.{type(exc).__qualname__}"
         try:
             msg = str(exc)
         except Exception:
             msg = "<str() failed>"
-        self.send_parts(envelope, [(RemoteError(qual, msg + " (the exception could not be pickled)", tb), tb)])
+        # Part 1 is a plain (type name, message, traceback) the parent can always
+        # decode: an exception that pickles here may still fail to be rebuilt there
+        # (its args do not match __init__, or its class is unknown to the parent), and
+        # the substitute must then name the original type, not the decoding error.
+        info = (qual, msg, tb)
+        try:
+            # The exception's own traceback must not travel (frames don't pickle).
+            self.send_parts(envelope, [(_strip(exc), tb), info])
+            return
+        except ChannelClosed:
+            raise
+        except BaseException:
+            pass
+        self.send_parts(envelope, [(RemoteError(qual, msg + " (the exception could not be pickled)", tb), tb),
+                                   info])
 
 
 def _strip(exc):

@@ -130,8 +130,10 @@ class WorkerHandle:
         frame = codec.decode_envelope(body, fds)
         kind = frame.envelope[0]
         if kind == "init_failed":
-            exc, tb = codec.decode_part(frame, 0, self.link)
-            frame.close_fds()
+            try:
+                exc, tb = _decode_remote_exception(frame, self.link)
+            finally:
+                frame.close_fds()
             err = InitializerFailed(
                 f"the initializer failed in worker pid {self.pid}: {type(exc).__name__}: {exc}")
             err.__cause__ = RemoteTraceback(tb)
@@ -201,10 +203,7 @@ class WorkerHandle:
                 fut._set_lazy_result(lazy)
         else:
             try:
-                exc, tb = codec.decode_part(frame, 0, self.link)
-            except BaseException as dexc:
-                exc, tb = RemoteError(type(dexc).__name__, f"the worker's exception could not be "
-                                      f"decoded in the parent: {dexc}"), ""
+                exc, tb = _decode_remote_exception(frame, self.link)
             finally:
                 frame.close_fds()
             if tb:
@@ -308,3 +307,24 @@ class WorkerHandle:
         if tail:
             msg += f"; last lines of its stderr:\n{tail}"
         return msg, tail
+
+
+def _decode_remote_exception(frame, link):
+    """``(exception, traceback text)`` of an ``init_failed`` or failed ``result`` frame.
+
+    When the exception cannot be rebuilt here (``type(exc)(*args)`` fails, or its
+    class is not importable in the parent), the substitute names the *original*
+    type, message and traceback, taken from the plain part 1 the worker sends along
+    (it used to name the decoding error instead and lose the traceback).
+    """
+    try:
+        return codec.decode_part(frame, 0, link)
+    except BaseException as dexc:
+        why = f"{type(dexc).__name__}: {dexc}"
+        try:
+            qual, msg, tb = codec.decode_part(frame, 1, link)
+        except BaseException:
+            return RemoteError(type(dexc).__name__, f"the worker's exception could not be "
+                               f"decoded in the parent: {why}"), ""
+        return RemoteError(qual, f"{msg} (the exception could not be rebuilt in the parent: "
+                           f"{why})", tb), tb
