@@ -1,0 +1,238 @@
+"""CPU-only tests of the CUDA plane: descriptors, route choice with injected probe results,
+the fallback, and import hygiene (no CUDA, no torch touched by importing comfy_env)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from comfy_env.ipc.cuda.layout import (CudaTensorDesc, DescriptorError, VERSION, pool_meta, span_bytes,
+                                       validate, validate_meta, vmm_meta)
+from comfy_env.ipc.cuda.paths import (DEFAULT_IMPORT_LIMIT, Capabilities, PeerVerdicts, choose,
+                                      import_limit)
+
+UUID = "0123456789abcdef0123456789abcdef"
+GiB = 1 << 30
+FULL = Capabilities(driver=True, pools=True, vmm=True, events=True)
+
+
+def desc(**kw):
+    base = dict(version=VERSION, route="pool", ref=0, dtype="float32", shape=(2, 3), strides=(3, 1),
+                offset=0, device_uuid=UUID, device_index=0, event=None, requires_grad=False)
+    base.update(kw)
+    return CudaTensorDesc(**base)
+
+
+# -- descriptor arithmetic ------------------------------------------------------------
+def test_span_of_contiguous_view_and_transposed_view():
+    assert span_bytes((2, 3), (3, 1), 4) == 24
+    assert span_bytes((3, 2), (1, 3), 4) == 24          # a transpose covers the same bytes
+    assert span_bytes((2,), (3,), 2) == 8               # t[::3] of 4 elements: elements 0 and 3
+
+
+def test_span_of_empty_and_broadcast_tensors():
+    assert span_bytes((0, 5), (5, 1), 4) == 0
+    assert span_bytes((4, 4), (0, 1), 2) == 8           # expand(): one row shared
+    assert span_bytes((), (), 8) == 8                   # a 0-d tensor holds one element
+
+
+def test_negative_strides_are_refused():
+    with pytest.raises(DescriptorError, match="negative"):
+        span_bytes((2,), (-1,), 4)
+
+
+def test_valid_descriptor_passes_for_every_dtype_incl_bfloat16():
+    for dt in ("bfloat16", "float16", "float32", "int64", "bool", "complex64", "float8_e4m3fn", "uint8"):
+        assert validate(desc(dtype=dt)).dtype == dt
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(version=99), "version"),
+    (dict(route="teleport"), "route"),
+    (dict(dtype="float128"), "dtype"),
+    (dict(shape=(2, 3), strides=(1,)), "one length"),
+    (dict(shape=[2, 3]), "tuples"),
+    (dict(shape=(2, -3)), "non-negative"),
+    (dict(offset=-4), "offset"),
+    (dict(offset=2), "multiple"),
+    (dict(device_uuid="GPU-0"), "uuid"),
+    (dict(ref=-1), "ref"),
+    (dict(route="empty", ref=0), "ref"),
+    (dict(event=("uid", 0, 1, b"short")), "event"),
+    (dict(route="cpu", ref=-1, host=None), "host"),
+])
+def test_malformed_descriptors_get_clear_errors(bad, match):
+    with pytest.raises(DescriptorError, match=match):
+        validate(desc(**bad))
+
+
+def test_validate_rejects_other_objects():
+    with pytest.raises(DescriptorError, match="CudaTensorDesc"):
+        validate(("pool", 0))
+
+
+def test_block_meta_roundtrip_and_errors():
+    m = pool_meta(("owner", 3), b"x" * 64, UUID, 1024)
+    assert validate_meta(m) == m
+    assert validate_meta(vmm_meta(2 << 20, UUID))[0] == "vmm"
+    with pytest.raises(DescriptorError):
+        validate_meta(pool_meta(("owner", 3), b"x" * 63, UUID, 1024))
+    with pytest.raises(DescriptorError):
+        validate_meta(("ipc", 1))
+    with pytest.raises(DescriptorError):
+        validate_meta(vmm_meta(0, UUID))
+
+
+def test_descriptor_is_small_when_pickled():
+    import pickle
+    d = desc(event=("0123456789abcdef", 0, 5, b"e" * 64))
+    assert len(pickle.dumps(d, 5)) < 400
+
+
+# -- route choice with injected probe results ---------------------------------------------
+def route(caps=FULL, peer=None, **kw):
+    args = dict(nbytes=1 << 20, in_export_pool=False, alloc_bytes=0, limit=DEFAULT_IMPORT_LIMIT)
+    args.update(kw)
+    return choose(caps, peer or PeerVerdicts(), **args)
+
+
+def test_worker_heap_tensor_goes_zero_copy():
+    assert route(in_export_pool=True, alloc_bytes=1 << 20)[0] == "pool"
+
+
+def test_tensor_outside_export_pool_is_staged():
+    r, why = route()
+    assert r == "staging" and "not allocated from an export pool" in why
+
+
+def test_big_tensor_takes_vmm_never_a_big_pool_import():
+    assert route(nbytes=5 * GiB)[0] == "vmm"
+    assert route(nbytes=6 * GiB, in_export_pool=True, alloc_bytes=6 * GiB)[0] == "vmm"
+    assert route(nbytes=12 * GiB)[0] == "vmm"
+
+
+def test_small_view_of_huge_allocation_copies_only_the_view():
+    r, why = route(nbytes=1 << 20, in_export_pool=True, alloc_bytes=6 * GiB)
+    assert r == "staging" and "above the import limit" in why
+
+
+def test_peer_that_failed_pool_import_gets_vmm():
+    peer = PeerVerdicts()
+    peer.record("pool", False, "CUDA_ERROR_NOT_SUPPORTED")
+    r, why = route(peer=peer, in_export_pool=True, alloc_bytes=1 << 20)
+    assert r == "vmm" and "NOT_SUPPORTED" in why
+
+
+def test_fallback_to_cpu_only_when_nothing_else_works_and_says_why():
+    peer = PeerVerdicts()
+    peer.record("pool", False, "pool import refused")
+    peer.record("vmm", False, "vmm import refused")
+    r, why = route(peer=peer)
+    assert r == "cpu" and "pool import refused" in why and "vmm import refused" in why
+    no_export = Capabilities(driver=True, reasons={"pools": "no pools", "vmm": "no vmm"})
+    r, why = route(caps=no_export)
+    assert r == "cpu" and "no pools" in why and "no vmm" in why
+
+
+def test_big_tensor_without_vmm_falls_back_to_cpu():
+    caps = Capabilities(driver=True, pools=True, vmm=False, reasons={"vmm": "old driver"})
+    r, why = route(caps=caps, nbytes=6 * GiB)
+    assert r == "cpu" and "exceed" in why and "old driver" in why
+
+
+def test_no_driver_means_cpu_and_empty_means_empty():
+    assert route(caps=Capabilities.none("no libcuda"))[0] == "cpu"
+    assert route(nbytes=0)[0] == "empty"
+
+
+def test_untried_peer_is_tried_verified_peer_is_used():
+    peer = PeerVerdicts()
+    assert peer.ok("pool") is None
+    peer.record("pool", True)
+    assert route(peer=peer)[0] == "staging"
+
+
+def test_bad_sizes_and_limit_override(monkeypatch):
+    with pytest.raises(ValueError):
+        route(nbytes=-1)
+    monkeypatch.setenv("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB", "1024")
+    assert import_limit() == GiB
+    monkeypatch.setenv("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB", "lots")
+    with pytest.raises(ValueError, match="integer"):
+        import_limit()
+
+
+# -- the plane without a GPU ------------------------------------------------------------------
+def test_cpu_fallback_warns_once_and_keeps_device_identity(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from comfy_env.ipc.cuda import plane as P
+    pl = P.CudaPlane()
+    pl._t()
+    t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).t()
+    with pytest.warns(P.CudaFallbackWarning, match="no usable CUDA driver"):
+        d = pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")
+    assert d.route == "cpu" and d.device_uuid == UUID and d.device_index == 1
+    assert validate(d).host.dtype == torch.bfloat16
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")   # no second warning
+
+
+def test_cpu_tensors_are_left_to_the_cpu_plane():
+    torch = pytest.importorskip("torch")
+    from comfy_env.ipc.cuda.plane import CudaPlane
+    assert CudaPlane().encode(torch.ones(3), enc=None) is None
+
+
+def test_decoding_for_an_invisible_gpu_is_a_clear_error():
+    pytest.importorskip("torch")
+    from comfy_env.ipc.cuda.plane import CudaPlane, CudaTransferError
+    with pytest.raises(CudaTransferError, match="unavailable|cannot see"):
+        CudaPlane().decode(desc(route="empty", ref=-1, shape=(0,), strides=(1,)), dec=None)
+
+
+def test_driver_unavailable_is_a_clear_cached_error():
+    from comfy_env.ipc.cuda import driver as D
+    try:
+        D.lib()
+    except D.CudaUnavailable as exc:
+        assert "CUDA driver unavailable" in str(exc)
+        with pytest.raises(D.CudaUnavailable):
+            D.call("cuCtxSynchronize")
+    else:
+        pytest.skip("a CUDA driver is present")
+
+
+def test_importing_and_installing_touches_neither_cuda_nor_torch_init():
+    code = textwrap.dedent("""
+        import sys
+        import comfy_env, comfy_env.ipc.cuda as c
+        from comfy_env.ipc.cuda import layout, paths, doctor
+        assert 'torch' not in sys.modules, 'torch imported by comfy_env'
+        assert 'comfy_env.ipc.cuda.driver' not in sys.modules or \\
+            sys.modules['comfy_env.ipc.cuda.driver']._lib is None
+        try:
+            import torch
+        except ImportError:
+            print('ok'); raise SystemExit
+        c.install()
+        from comfy_env.ipc.cuda import driver
+        assert driver._lib is None, 'libcuda loaded at install'
+        assert not torch.cuda.is_initialized(), 'CUDA initialised at install'
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_doctor_report_without_gpu_says_so():
+    from comfy_env.ipc.cuda import doctor
+    try:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    except ImportError:
+        pass
+    text = doctor.report()
+    assert text.startswith("CUDA data plane") and ("no usable GPU" in text or "not installed" in text)
