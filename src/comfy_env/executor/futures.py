@@ -85,14 +85,8 @@ class IsolatedFuture(Future):
         lazy.release()
         return value
 
-    def exception(self, timeout=None):
-        exc = super().exception(timeout)
-        if exc is None and self._lazy is not None:
-            try:
-                self.result()
-            except BaseException as e:     # decode failure becomes the exception
-                return e
-        return exc
+    # exception() is the base class's: it must not decode the payload (chains
+    # call it to see whether an input failed); a decode failure shows in result().
 
     def lazy_result(self):
         """The undecoded result, if the future is done and nobody decoded it yet."""

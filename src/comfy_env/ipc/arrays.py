@@ -92,6 +92,8 @@ def _place(plane, enc, ptr, lo, hi):
         rec, off = _scratch(enc).take(hi - lo)
         seg = rec.resource
         ctypes.memmove(seg.addr + off, lo, hi - lo)
+        shm.STATS["copies"] += 1
+        shm.STATS["copied_bytes"] += hi - lo
         ptr = seg.addr + off + (ptr - lo)
     # The owner already has the segment open: no fd for it.
     fd = seg.fd if enc.link.uid != seg.key[1] else None
@@ -112,9 +114,7 @@ class _SegmentPlane(codec.Plane):
         if fd < 0:
             raise RuntimeError(f"shared-memory segment {key} arrived without its file "
                                f"descriptor (protocol error)")
-        seg = shm.Segment.open(key, fd, meta)
-        shm.ADDRESS_MAP.add(seg)
-        return seg
+        return shm.Segment.open(key, fd, meta)
 
     def forward_fd(self, record):
         return record.resource.fd

@@ -214,11 +214,14 @@ class FrameBuilder:
         self._lends.append(record)
 
     def encode_part(self, obj, forward_future=None):
+        # Reserve the slot first: forwarded parts are appended while this one encodes.
+        index = len(self.parts)
+        self.parts.append(None)
         buf = io.BytesIO()
         enc = Encoder(buf, self, self.link, forward_future)
         enc.dump(obj)
-        self.parts.append(Part(buf.getbuffer(), None if enc.plain else enc.refs))
-        return len(self.parts) - 1
+        self.parts[index] = Part(buf.getbuffer(), None if enc.plain else enc.refs)
+        return index
 
     def add_part(self, part, fds):
         """Append an already-encoded part (forwarding): its fd indexes are rebased."""

@@ -55,20 +55,50 @@ def _size_class(n):
     return (c + _PAGE - 1) // _PAGE * _PAGE
 
 
+# What the data plane did in this process (tests and benchmarks read these).
+STATS = {"maps": 0, "copies": 0, "copied_bytes": 0}
+
+
 class Segment:
-    """One mapped memfd.  ``holder()`` gives an object that counts as a user while alive."""
+    """One memfd, mapped on first use.
 
-    __slots__ = ("key", "fd", "size", "mm", "buf", "addr", "last_used")
+    A segment received from a peer is only mapped when something is built on
+    it: a result the parent forwards to another worker (zero-copy chain) is
+    never mapped in the parent.
+    """
 
-    def __init__(self, key, fd, size, mm):
+    __slots__ = ("key", "fd", "size", "mm", "buf", "addr", "last_used", "_lock")
+
+    def __init__(self, key, fd, size, mm=None):
         self.key = key
         self.fd = fd
         self.size = size
+        self.mm = None
+        self.buf = None
+        self.addr = 0
+        self.last_used = time.monotonic()
+        self._lock = threading.Lock()
+        if mm is not None:
+            self._attach(mm)
+
+    def _attach(self, mm):
         self.mm = mm
         # A ctypes view pins the mapping and gives its address; arrays are built on it.
-        self.buf = (ctypes.c_ubyte * size).from_buffer(mm) if size else None
-        self.addr = ctypes.addressof(self.buf) if size else 0
-        self.last_used = time.monotonic()
+        self.buf = (ctypes.c_ubyte * self.size).from_buffer(mm)
+        self.addr = ctypes.addressof(self.buf)
+        ADDRESS_MAP.add(self)
+
+    def ensure_mapped(self):
+        if self.mm is None:
+            with self._lock:
+                if self.mm is None:
+                    if self.fd < 0:
+                        raise RuntimeError(f"segment {self.key} is closed")
+                    mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                    STATS["maps"] += 1
+                    self._attach(mm)
+        return self.mm
 
     @classmethod
     def create(cls, size):
@@ -83,17 +113,13 @@ class Segment:
 
     @classmethod
     def open(cls, key, fd, size):
-        """Map a segment received from a peer (takes ownership of ``fd``)."""
-        try:
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(key, fd, size, mm)
+        """A segment received from a peer (takes ownership of ``fd``; maps lazily)."""
+        return cls(key, fd, size)
 
     def close(self):
         """Drop our references: the mapping goes when the last array built on it does."""
-        ADDRESS_MAP.remove(self)
+        if self.mm is not None:
+            ADDRESS_MAP.remove(self)
         self.buf = None
         mm, self.mm = self.mm, None
         try:
@@ -118,8 +144,6 @@ class _AddressMap:
         self._segs = []
 
     def add(self, seg):
-        if not seg.size:
-            return
         with self._lock:
             i = bisect.bisect_left(self._starts, seg.addr)
             self._starts.insert(i, seg.addr)
@@ -189,7 +213,6 @@ class Arena:
                 self.reused += 1
         if seg is None:
             seg = Segment.create(size)
-            ADDRESS_MAP.add(seg)
             self.created += 1
         seg.last_used = time.monotonic()
         return lifetime.LEDGER.add_owned(seg.key, seg, self._recycle)
@@ -311,6 +334,6 @@ def holder_for(record):
     Arrays built on it keep it alive (numpy's ``base`` chain, torch through numpy).
     """
     seg = record.resource
-    holder = (ctypes.c_ubyte * seg.size).from_buffer(seg.mm)
+    holder = (ctypes.c_ubyte * seg.size).from_buffer(seg.ensure_mapped())
     lifetime.LEDGER.holder(record, holder)
     return holder
