@@ -115,6 +115,24 @@ class WorkerHandle:
                 f"protocol {info.get('protocol')}, the parent (comfy_env {__version__}) speaks "
                 f"{PROTOCOL_VERSION}: the worker must import the same comfy_env as the parent"
             )
+        # The handshake carries comfy_env's and Python's versions too; they were not
+        # checked.  Another comfy_env may speak the same protocol number while its
+        # message contents differ, and a worker on another Python than its
+        # environment claims breaks the by-value pickling decision (_encode).
+        if info.get("version") != __version__:
+            raise ProtocolMismatch(
+                f"the worker runs comfy_env {info.get('version')} (from "
+                f"{info.get('executable')}), the parent comfy_env {__version__}: the worker "
+                f"must import the same comfy_env as the parent"
+            )
+        worker_py = tuple(info.get("python") or ())[:2]
+        env_py = tuple(self.pool.wenv.python_version[:2])
+        if worker_py != env_py:
+            raise WorkerStartError(
+                f"the worker's interpreter {info.get('executable')} runs Python "
+                f"{'.'.join(map(str, worker_py))}, but its environment "
+                f"{self.pool.wenv.label!r} says Python {'.'.join(map(str, env_py))}"
+            )
         self.link.uid = info["uid"]
         cfg = {
             "uid": lifetime.PROCESS_UID,
