@@ -174,6 +174,7 @@ class SideChannelHub:
             _log.exception("comfy-env: side channel reader failed")
         finally:
             for ch in mine:
+                ch.ended.set()          # no "end" will come: don't make the host wait for it
                 ch.queue.put(WORKER_GONE)
             self._send_locks.pop(id(conn), None)
             try:
