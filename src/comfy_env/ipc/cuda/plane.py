@@ -114,6 +114,8 @@ class CudaPlane(Plane):
         if self.heap_policy not in ("pool", "staging"):
             raise ValueError(f"COMFY_ENV_CUDA_HEAP must be 'pool' or 'staging', not {self.heap_policy!r}")
         self.limit = import_limit()
+        # Diagnostics and benchmarks only: send every CUDA tensor through host memory.
+        self.force_cpu = os.environ.get("COMFY_ENV_CUDA_FORCE_CPU") == "1"
         self.roll_min_idle = int(os.environ.get("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "64")) << 20
         self._caps = {}               # ordinal -> Capabilities
         self._heap = {}               # ordinal -> Pools (worker, cudaMallocAsync, policy pool)
@@ -250,6 +252,8 @@ class CudaPlane(Plane):
             in_pool = gen is not None
         route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
                             alloc_bytes=alloc, limit=self.limit)
+        if self.force_cpu and route != "empty":
+            route, why = "cpu", "COMFY_ENV_CUDA_FORCE_CPU=1"
         self.routes[route] += 1
         self.last_reasons[route] = why
         if route == "empty":

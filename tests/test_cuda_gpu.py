@@ -1,0 +1,317 @@
+"""GPU tests of the CUDA plane through IsolatedExecutor (marker ``gpu``; skipped without a GPU).
+
+Run this file once per parent allocator: with ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``
+(ComfyUI's default) and without it (the native allocator).  Each test runs the worker
+under both allocators (``worker_alloc`` parameter).
+"""
+import contextlib
+import os
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import cloudpickle
+
+from comfy_env import IsolatedExecutor, WorkerCrashed
+from comfy_env.ipc.cuda import install
+from comfy_env.ipc.cuda import driver as D
+from comfy_env.ipc.cuda.plane import PLANE
+
+# Worker functions below travel by value: the worker cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+install()
+pytestmark = pytest.mark.gpu
+GiB = 1 << 30
+ASYNC = "backend:cudaMallocAsync"
+PARENT_ASYNC = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+
+
+@contextlib.contextmanager
+def executor(worker_alloc, **kw):
+    """An executor whose worker runs ``worker_alloc`` (its env is read at spawn)."""
+    old = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if worker_alloc:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = worker_alloc
+    else:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    try:
+        ex = IsolatedExecutor(env=None, max_workers=1, initializer=install, **kw)
+        assert ex.submit(w_backend).result(timeout=120) == ("cudaMallocAsync" if worker_alloc else "native")
+    finally:
+        if old is None:
+            os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        else:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = old
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True)
+
+
+WORKER_ALLOCS = pytest.mark.parametrize("worker_alloc", [ASYNC, ""], ids=["worker-async", "worker-native"])
+
+
+def settle():
+    """Let finalizers run and releases travel."""
+    import gc
+    from comfy_env.ipc import lifetime
+    for _ in range(5):
+        gc.collect()
+        lifetime.LEDGER.drain()
+        time.sleep(0.05)
+
+
+# -- worker-side functions ------------------------------------------------------------------
+def w_backend():
+    import torch
+    torch.zeros(1, device="cuda")
+    return torch.cuda.get_allocator_backend()
+
+
+def w_routes():
+    from comfy_env.ipc.cuda.plane import PLANE
+    return dict(PLANE.routes)
+
+
+def w_make(n, dtype_name, device=0):
+    import torch
+    dt = getattr(torch, dtype_name)
+    return (torch.arange(n, device=f"cuda:{device}") % 251).to(dt)
+
+
+def w_views():
+    import torch
+    base = torch.arange(4 * 6, device="cuda", dtype=torch.float32).reshape(4, 6)
+    return {"base": base, "row": base[1:], "col": base[:, 2], "t": base.t(), "step": base[::2, ::3],
+            "scalar": base[2, 3], "empty": base[:0], "expand": base[0:1].expand(3, 6)}
+
+
+def w_sum(t):
+    return float(t.double().sum().item()), str(t.device), t.dtype, tuple(t.shape), tuple(t.stride())
+
+
+def w_echo(t):
+    return t
+
+
+def w_add1(t):
+    return t + 1
+
+
+def w_sleep_then_fill(n):
+    import torch
+    t = torch.zeros(n, device="cuda")
+    torch.cuda._sleep(1_000_000_000)        # ~0.5 s of GPU time before the fill
+    t.fill_(42.0)
+    return t                                # no synchronize: the event must order the reader
+
+
+def w_same_twice():
+    import torch
+    t = torch.full((1024,), 7.0, device="cuda")
+    return t, t, t[10:]
+
+
+def w_exit():
+    os._exit(3)
+
+
+def w_peak_then_free(nbytes):
+    import torch
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x.fill_(1)
+    torch.cuda.synchronize()
+    del x
+    return True
+
+
+def w_empty_cache():
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    from comfy_env.ipc.cuda.plane import PLANE
+    return PLANE.stats()
+
+
+def w_big(nbytes):
+    import torch
+    t = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    t.fill_(9)
+    t[-1] = 5
+    return t
+
+
+def w_check_big(t):
+    return int(t[0].item()), int(t[-1].item()), t.numel()
+
+
+def free_bytes():
+    torch.cuda.synchronize()
+    return D.mem_get_info()[0]
+
+
+# -- tests ----------------------------------------------------------------------------------
+@WORKER_ALLOCS
+def test_worker_to_parent_every_dtype_zero_copy_when_worker_is_async(worker_alloc):
+    dtypes = ["float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64", "bool",
+              "complex64"]
+    with executor(worker_alloc) as ex:
+        for name in dtypes:
+            t = ex.submit(w_make, 1000, name).result(timeout=60)
+            ref = (torch.arange(1000, device="cuda") % 251).to(getattr(torch, name))
+            assert t.device == torch.device("cuda", 0) and t.dtype == ref.dtype
+            assert torch.equal(t, ref), name
+        routes = ex.submit(w_routes).result()
+    want = "pool" if worker_alloc else "staging"
+    assert routes.get(want, 0) >= len(dtypes), routes
+
+
+@WORKER_ALLOCS
+def test_views_keep_shape_strides_and_values_both_ways(worker_alloc):
+    with executor(worker_alloc) as ex:
+        got = ex.submit(w_views).result(timeout=60)
+        base = torch.arange(24, device="cuda", dtype=torch.float32).reshape(4, 6)
+        want = {"base": base, "row": base[1:], "col": base[:, 2], "t": base.t(), "step": base[::2, ::3],
+                "scalar": base[2, 3], "empty": base[:0], "expand": base[0:1].expand(3, 6)}
+        for k, w in want.items():
+            assert got[k].shape == w.shape and got[k].stride() == w.stride(), k
+            assert torch.equal(got[k], w), k
+        for k, w in want.items():                      # and parent -> worker
+            s, dev, dt, shape, stride = ex.submit(w_sum, w).result(timeout=60)
+            assert s == float(w.double().sum()) and dev == "cuda:0" and shape == tuple(w.shape), k
+            assert stride == w.stride(), k
+
+
+@WORKER_ALLOCS
+def test_parent_to_worker_staged_without_touching_parent_allocator(worker_alloc):
+    backend = torch.cuda.get_allocator_backend()
+    before = PLANE.routes["staging"]
+    with executor(worker_alloc) as ex:
+        x = torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16)
+        y = ex.submit(w_add1, x).result(timeout=60)
+        assert torch.equal(y, x + 1)
+    assert PLANE.routes["staging"] > before
+    assert torch.cuda.get_allocator_backend() == backend
+
+
+@WORKER_ALLOCS
+def test_receiver_waits_for_producer_kernels(worker_alloc):
+    with executor(worker_alloc) as ex:
+        t = ex.submit(w_sleep_then_fill, 1 << 20).result(timeout=60)
+        assert float(t.min()) == 42.0 and float(t.max()) == 42.0
+
+
+def test_same_pointer_twice_is_one_import_and_aliases_survive_each_other():
+    with executor(ASYNC) as ex:
+        a, b, c = ex.submit(w_same_twice).result(timeout=60)
+        assert a.data_ptr() == b.data_ptr() and c.data_ptr() == a.data_ptr() + 40
+        assert PLANE.imports.stats()["imported_pointers"] >= 1
+        del a
+        settle()
+        assert float(b.sum()) == 7.0 * 1024 and float(c.sum()) == 7.0 * 1014
+        # and again in a second call while b is still alive
+        a2, _, _ = ex.submit(w_same_twice).result(timeout=60)
+        del b, c
+        settle()
+        assert float(a2.sum()) == 7.0 * 1024
+
+
+def test_worker_crash_leaves_parent_tensors_valid():
+    with executor(ASYNC) as ex:
+        t = ex.submit(w_make, 1 << 20, "float32").result(timeout=60)
+        ref = (torch.arange(1 << 20, device="cuda") % 251).float()
+        with pytest.raises(WorkerCrashed):
+            ex.submit(w_exit).result(timeout=60)
+        assert torch.equal(t, ref)                 # the exporter is gone, the data is not
+        t2 = ex.submit(w_make, 16, "float32").result(timeout=60)   # a fresh worker works
+        assert torch.equal(t2, ref[:16])
+        del t
+        settle()
+
+
+def test_chain_worker_a_to_worker_b_without_parent_import():
+    with executor(ASYNC) as a, executor(ASYNC) as b:
+        imports_before = PLANE.imports.stats()["imported_pointers"]
+        fa = a.submit(w_make, 1 << 20, "float32")
+        fb = b.submit(w_sum, fa)
+        s, dev, *_ = fb.result(timeout=60)
+        ref = (torch.arange(1 << 20, device="cuda") % 251).float()
+        assert s == float(ref.double().sum()) and dev == "cuda:0"
+        assert PLANE.imports.stats()["imported_pointers"] == imports_before
+
+
+@WORKER_ALLOCS
+def test_no_gpu_memory_growth_over_10000_calls(worker_alloc):
+    with executor(worker_alloc) as ex:
+        x = torch.ones(1 << 16, device="cuda")
+        for _ in range(200):                                   # warm pools
+            ex.submit(w_add1, x).result()
+        settle()
+        start = free_bytes()
+        t0 = time.perf_counter()
+        for i in range(10_000):
+            y = ex.submit(w_add1, x).result()
+            if i % 1000 == 0:
+                assert float(y[0]) == 2.0
+            del y
+        dt = time.perf_counter() - t0
+        settle()
+        grown = start - free_bytes()
+        print(f"10000 round trips ({worker_alloc or 'native'} worker): {dt:.1f} s, growth {grown / 2**20:.1f} MiB")
+        assert grown < 64 << 20, f"GPU memory grew by {grown / 2**20:.1f} MiB"
+        assert PLANE.stats()["owned_blocks"] == 0 and PLANE.stats()["remote_blocks"] == 0
+
+
+@pytest.mark.parametrize("heap", ["pool", "staging"])
+def test_empty_cache_in_worker_releases_peak(heap, monkeypatch):
+    monkeypatch.setenv("COMFY_ENV_CUDA_HEAP", heap)
+    with executor(ASYNC) as ex:
+        t = ex.submit(w_make, 1024, "float32").result()   # pool fd known, then dropped
+        del t
+        settle()
+        base = free_bytes()
+        assert ex.submit(w_peak_then_free, 4 * GiB).result(timeout=60)
+        peak = free_bytes()
+        stats = ex.submit(w_empty_cache).result(timeout=60)
+        settle()
+        t = ex.submit(w_make, 1024, "float32").result()   # still works after a roll
+        assert torch.equal(t, (torch.arange(1024, device="cuda") % 251).float())
+        del t
+        settle()
+        after = free_bytes()
+        print(f"heap={heap}: worker peak 4 GiB: free {base >> 20} -> {peak >> 20} MiB after free -> "
+              f"{after >> 20} MiB after empty_cache ({stats})")
+        if heap == "pool":
+            assert base - peak > 3 * GiB, "expected the exportable pool to keep its peak until empty_cache"
+        assert base - after < 512 << 20, "empty_cache in the worker did not release the peak"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gib", [5, 6, 12])
+def test_big_tensors_both_ways_never_kill_the_parent(gib):
+    n = gib * GiB
+    with executor(ASYNC) as ex:
+        t = ex.submit(w_big, n).result(timeout=300)
+        assert t.numel() == n and int(t[0]) == 9 and int(t[-1]) == 5
+        del t
+        settle()
+        x = torch.full((n,), 3, dtype=torch.uint8, device="cuda")
+        x[-1] = 4
+        assert ex.submit(w_check_big, x).result(timeout=300) == (3, 4, n)
+        del x
+        settle()
+        routes = ex.submit(w_routes).result()
+    assert routes.get("vmm", 0) >= 1 and PLANE.routes["vmm"] >= 1
+    torch.cuda.empty_cache()
+
+
+def test_doctor_report_names_routes():
+    from comfy_env.ipc.cuda import doctor
+    text = doctor.report()
+    print(text)
+    assert "parent → worker: ok" in text and "worker → parent: ok" in text
