@@ -188,13 +188,20 @@ class _Pool:
         if item.deps:
             remaining = [len(item.deps)]
             counter_lock = threading.Lock()
+            # The callbacks stay in each input future's _done_callbacks for the
+            # future's whole life; they must not keep the item (whose args hold
+            # the inputs) reachable once it ran, or every chained input sits in a
+            # reference cycle (fa -> callback -> item -> args -> fa) and its
+            # shared memory is only released by the cyclic GC, not when the
+            # caller drops fa.  The last callback takes the item out of the cell.
+            cell = [item]
 
-            def dep_done(_f, item=item):
+            def dep_done(_f):
                 with counter_lock:
                     remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    self._deps_ready(item)
+                    it = cell.pop() if remaining[0] == 0 and cell else None
+                if it is not None:
+                    self._deps_ready(it)
 
             for dep in item.deps:
                 dep.add_done_callback(dep_done)
@@ -210,12 +217,16 @@ class _Pool:
             raise RuntimeError("cannot schedule new calls after shutdown")
 
     def _deps_ready(self, item):
+        # The inputs are done: the item no longer needs to list them (it keeps
+        # them in args until they are sent; see the comment in submit).
+        deps, item.deps = item.deps, ()
         with self.lock:
             if item not in self.waiting:
+                item.args = item.kwargs = item.fn = None
                 return          # cancelled by shutdown
             self.waiting.discard(item)
         fut = item.future
-        for dep in item.deps:
+        for dep in deps:
             exc = None
             if dep.cancelled():
                 from concurrent.futures import CancelledError
@@ -227,7 +238,12 @@ class _Pool:
                     err = type(exc)(*exc.args) if _copyable(exc) else RuntimeError(str(exc))
                     err.__cause__ = exc
                     fut.set_exception(err)
+                # Drop the other inputs now (a diamond's good branch), and let
+                # dispatch retire idle workers if shutdown(wait=False) was only
+                # waiting for this call.
+                item.args = item.kwargs = item.fn = None
                 self._notify_done()
+                self.dispatch()
                 return
         with self.lock:
             if self.broken is not None:
@@ -236,6 +252,7 @@ class _Pool:
                 fail = None
                 self.pending.append(item)
         if fail is not None:
+            item.args = item.kwargs = item.fn = None
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(fail)
             return
@@ -255,6 +272,7 @@ class _Pool:
                 item = self.pending.popleft()
             if not item.started:
                 if not item.future.set_running_or_notify_cancel():
+                    item.args = item.kwargs = item.fn = None    # cancelled: drop its inputs
                     self._back_to_idle(worker)
                     continue
                 item.started = True
@@ -310,10 +328,21 @@ class _Pool:
     @staticmethod
     def _forward_future(fut, fb):
         """Encode a done future's undecoded result as a forwarded part (zero-copy chain)."""
-        lazy_getter = getattr(fut, "lazy_result", None)
-        lazy = lazy_getter() if lazy_getter is not None else None
+        # Take the lazy result *with a hold on its records*: a concurrent
+        # fa.result() releases the lazy result's own hold once it decoded, and
+        # if the decoded value is dropped at once the blocks would be freed (fd
+        # closed, number reused) between lazy_result() and the lends below.
+        hold = getattr(fut, "_hold_lazy", None)
+        lazy = hold() if hold is not None else None
         if lazy is None:
             return None
+        try:
+            return _Pool._forward_lazy(lazy, fb)
+        finally:
+            lazy.unhold_extra()
+
+    @staticmethod
+    def _forward_lazy(lazy, fb):
         part = lazy.part
         fds = []
         for (plane_name, _key, _fd, _meta), rec in zip(part.refs, lazy.records):

@@ -44,6 +44,14 @@ class LazyResult:
     def release(self):
         self._finalizer()
 
+    def hold_extra(self):
+        for rec in self.records:
+            lifetime.LEDGER.hold(rec)
+
+    def unhold_extra(self):
+        for rec in self.records:
+            lifetime.LEDGER.unhold(rec)
+
 
 def _drop_holds(records):
     for rec in records:
@@ -91,3 +99,15 @@ class IsolatedFuture(Future):
     def lazy_result(self):
         """The undecoded result, if the future is done and nobody decoded it yet."""
         return self._lazy
+
+    def _hold_lazy(self):
+        """Like ``lazy_result`` but with an extra hold on its records (forwarding).
+
+        Taken under the materialise lock, so a concurrent ``result()`` cannot
+        release the records in between; the caller ends with ``unhold_extra()``.
+        """
+        with self._materialise_lock:
+            lazy = self._lazy
+            if lazy is not None:
+                lazy.hold_extra()
+            return lazy
