@@ -14,6 +14,7 @@ import sys
 # and a broken group cannot take the others down.
 _GROUPS = (
     "comfy_env.envs.cli",      # comfy-env env create|list|path|remove
+    "comfy_env.doctor",        # comfy-env doctor
 )
 
 
