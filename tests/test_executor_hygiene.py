@@ -1,0 +1,271 @@
+"""What an executor leaves behind: processes, zombies, fds; and where worker output goes."""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import _funcs
+from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _state(pid):
+    """The process state letter from /proc (``Z``: zombie), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _wait_gone(pids, timeout, zombie_ok=False):
+    """Wait until none of ``pids`` runs; returns those still there after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if _state(p) is not None and not (zombie_ok and _state(p) == "Z")]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.02)
+
+
+def _children():
+    """pids whose parent is this process (zombies included)."""
+    me = str(os.getpid())
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                out.append(int(d))
+    return out
+
+
+def _fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+# -- processes -------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_leaving_a_with_block_leaves_no_process_and_no_zombie(tmp_path):
+    names = ["a", "b", "c"]
+    with IsolatedExecutor(max_workers=3) as ex:
+        pids = [f.result(20) for f in
+                [ex.submit(_funcs.rendezvous, str(tmp_path), n, names) for n in names]]
+        assert sorted(pids) == ex.worker_pids()
+        assert set(pids) <= set(_children())
+    # Reaped, not only dead: a zombie would still be listed in /proc.
+    assert [_state(p) for p in pids] == [None, None, None]
+    assert not set(pids) & set(_children())
+
+
+@pytest.mark.timeout(30)
+def test_crashed_and_timed_out_workers_are_reaped():
+    failing = [(_funcs.stderr_then_exit, 3), (_funcs.kill_self,), (_funcs.segfault,),
+               (_funcs.sleep_then, 60)]
+    with IsolatedExecutor(call_timeout=1) as ex:
+        dead = []
+        for call in failing:
+            dead.append(ex.submit(_funcs.getpid).result(15))
+            assert isinstance(ex.submit(*call).exception(15), (WorkerCrashed, CallTimeout))
+        # Gone from /proc, not a zombie: our child, so we reaped it.
+        assert _wait_gone(dead, 5) == []
+        assert ex.submit(_funcs.getpid).result(15) not in dead
+
+
+@pytest.mark.timeout(30)
+def test_a_garbage_collected_executor_stops_its_workers():
+    ex = IsolatedExecutor(max_workers=2)
+    futs = [ex.submit(_funcs.sleep_then, 0.2) for _ in range(2)]
+    for f in futs:
+        f.result(15)
+    pids = ex.worker_pids()
+    assert len(pids) == 2
+    del ex
+    gc.collect()
+    assert _wait_gone(pids, 10) == []
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_without_wait_lets_running_calls_finish_then_stops_the_workers(tmp_path):
+    gate = tmp_path / "gate"
+    ex = IsolatedExecutor()
+    fut = ex.submit(_funcs.wait_for_file, str(gate), "finished")
+    while not fut.running():
+        time.sleep(0.01)
+    pids = ex.worker_pids()
+    ex.shutdown(wait=False)
+    assert not fut.done()
+    gate.touch()
+    assert fut.result(15) == "finished"
+    assert _wait_gone(pids, 10) == []
+
+
+_PARENT_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from comfy_env import IsolatedExecutor
+import _funcs
+
+ex = IsolatedExecutor(max_workers=2)
+busy = ex.submit(_funcs.sleep_then, 120)              # one worker in the middle of a call
+idle = ex.submit(_funcs.getpid).result(20)            # one worker idle
+while len(ex.worker_pids()) < 2 or not busy.running():
+    time.sleep(0.01)
+print(*ex.worker_pids(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(40)
+def test_workers_exit_on_their_own_when_the_parent_is_sigkilled(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT_SCRIPT.format(tests=_TESTS))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, parent.stderr.read() if not line else line
+        assert all(_state(p) not in (None, "Z") for p in pids)
+        parent.kill()                       # SIGKILL: no atexit, no finalizer runs
+        parent.wait(10)
+        # The spec says about a second; allow for a loaded box.  Once they exit, the
+        # orphans belong to init/a subreaper, which may not reap them: a zombie is gone.
+        assert _wait_gone(pids, 5, zombie_ok=True) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for p in locals().get("pids", []):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+_EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from comfy_env import IsolatedExecutor
+import _funcs
+
+ex = IsolatedExecutor(max_workers=2)
+futs = [ex.submit(_funcs.sleep_then, 0.2, i) for i in range(4)]
+print(*ex.worker_pids(), flush=True)
+# No shutdown(): leaving the interpreter must still run the calls and stop the workers.
+"""
+
+
+@pytest.mark.timeout(40)
+def test_a_parent_that_exits_without_shutdown_finishes_its_calls_and_leaves_nothing(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(_EXIT_SCRIPT.format(tests=_TESTS))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids and _wait_gone(pids, 5, zombie_ok=True) == []
+
+
+# -- file descriptors ----------------------------------------------------------------------
+
+@pytest.mark.timeout(45)
+def test_no_fd_leaks_across_a_thousand_calls_with_errors_and_crashes():
+    before = _fds()
+    with IsolatedExecutor() as ex:
+        worker_before = ex.submit(_funcs.open_fd_count).result(15)
+        parent_during = _fds()
+        for i in range(1000):
+            if i % 100 == 99:
+                with pytest.raises(ValueError):
+                    ex.submit(_funcs.raise_value_error, str(i)).result(15)
+            else:
+                assert ex.submit(_funcs.add, i, 1).result(15) == i + 1
+        assert ex.submit(_funcs.open_fd_count).result(15) == worker_before
+        assert _fds() == parent_during
+        for _ in range(3):
+            assert isinstance(ex.submit(_funcs.stderr_then_exit, 1).exception(15), WorkerCrashed)
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2
+    assert _fds() == before
+
+
+# -- worker output through logging ------------------------------------------------------
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def worker_log():
+    """Records of the logger of the executor named "logtest"."""
+    logger = logging.getLogger("comfy_env.worker.logtest")
+    handler = _Collect()
+    old = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False            # thousands of lines: keep them out of pytest's report
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(old[0])
+    logger.propagate = old[1]
+
+
+@pytest.mark.timeout(30)
+def test_worker_stdout_and_stderr_arrive_as_whole_log_lines_none_lost(worker_log):
+    n = 3000
+    with IsolatedExecutor(name="logtest") as ex:
+        ex.submit(lambda: print("x" * 300_000)).result(15)     # longer than any read chunk
+        assert ex.submit(_funcs.print_lines, n).result(15) == n
+        (pid,) = ex.worker_pids()
+        # The last stdout line has no newline: it arrives when the worker exits.
+    by_stream = {"stdout": [], "stderr": []}
+    for r in worker_log:
+        if getattr(r, "stream", None) in by_stream:
+            assert r.worker_pid == pid and r.worker_name.startswith("logtest")
+            assert r.name == "comfy_env.worker.logtest"
+            by_stream[r.stream].append(r.getMessage())
+    out, err = by_stream["stdout"], by_stream["stderr"]
+    assert [m.split("] ", 1)[1] for m in out] == \
+        ["x" * 300_000] + [f"line {i}" for i in range(n)] + ["no newline at the end"]
+    assert [m.split("] ", 1)[1] for m in err] == [f"err line {i}" for i in range(n)]
+
+
+@pytest.mark.timeout(20)
+def test_worker_logging_records_arrive_through_the_executors_logger(worker_log):
+    with IsolatedExecutor(name="logtest") as ex:
+        assert ex.submit(_funcs.log_message, logging.WARNING, "careful now").result(15)
+        assert ex.submit(_funcs.log_message, logging.INFO, "not shown by default").result(15)
+        pid = ex.worker_pids()[0]
+    msgs = [r for r in worker_log if getattr(r, "stream", None) == "logging"]
+    assert len(msgs) == 1
+    (rec,) = msgs
+    assert rec.levelno == logging.WARNING and "careful now" in rec.getMessage()
+    assert rec.worker_pid == pid and rec.worker_name.startswith("logtest")
+    assert rec.worker_logger == "user.module"
+
+
+@pytest.mark.timeout(20)
+def test_worker_log_level_lets_lower_records_through(worker_log):
+    with IsolatedExecutor(name="logtest", worker_log_level=logging.INFO) as ex:
+        ex.submit(_funcs.log_message, logging.INFO, "now it shows").result(15)
+        ex.submit(_funcs.log_message, logging.DEBUG, "still hidden").result(15)
+    msgs = [r.getMessage() for r in worker_log if getattr(r, "stream", None) == "logging"]
+    assert len(msgs) == 1 and "now it shows" in msgs[0]
