@@ -431,6 +431,18 @@ def test_a_failing_initializer_breaks_the_executor_without_a_restart_loop(tmp_pa
     ex.shutdown(wait=True)
 
 
+@pytest.mark.timeout(20)
+def test_an_initializer_that_cannot_start_a_worker_breaks_the_executor():
+    ex = IsolatedExecutor(initializer=_funcs.init_set, initargs=("k", threading.Lock()))
+    exc = ex.submit(_funcs.add, 1, 1).exception(15)
+    assert isinstance(exc, BrokenExecutor) and "pickle" in str(exc)
+    ex.shutdown()
+    ex = IsolatedExecutor(initializer=os._exit, initargs=(4,))
+    exc = ex.submit(_funcs.add, 1, 1).exception(15)
+    assert isinstance(exc, BrokenExecutor) and "exited with code 4" in str(exc)
+    ex.shutdown()
+
+
 # -- call_timeout ---------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
@@ -463,6 +475,16 @@ def test_bad_constructor_arguments_are_refused():
             IsolatedExecutor(**kwargs)
     with pytest.raises(TypeError):
         IsolatedExecutor(initializer=42)
+
+
+@pytest.mark.timeout(30)
+def test_arguments_and_results_of_many_mib_travel_intact():
+    big = os.urandom(20 * 1024 * 1024 + 3)
+    with IsolatedExecutor(max_workers=2) as ex:
+        futs = [ex.submit(_funcs.echo, big, key=big[:10]) for _ in range(3)]
+        for f in futs:
+            args, kwargs = f.result(25)
+            assert args[0] == big and kwargs == {"key": big[:10]}
 
 
 # -- pickling failures ---------------------------------------------------------------------

@@ -269,3 +269,15 @@ def test_worker_log_level_lets_lower_records_through(worker_log):
         ex.submit(_funcs.log_message, logging.DEBUG, "still hidden").result(15)
     msgs = [r.getMessage() for r in worker_log if getattr(r, "stream", None) == "logging"]
     assert len(msgs) == 1 and "now it shows" in msgs[0]
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_while_a_worker_is_starting_lets_it_leave_quietly(worker_log):
+    for _ in range(3):
+        ex = IsolatedExecutor(name="logtest")
+        fut = ex.submit(_funcs.add, 1, 2)          # starts a worker; the call is still queued
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert fut.cancelled() or fut.result() == 3
+        assert ex.worker_pids() == []
+    # The exit request may overtake the worker's init message; that is no crash.
+    assert [r.getMessage() for r in worker_log if getattr(r, "stream", None) == "stderr"] == []

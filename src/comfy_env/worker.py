@@ -117,6 +117,13 @@ class Worker:
         }))
         body, fds = self.channel.recv()
         frame = codec.decode_envelope(body, fds)
+        kind = frame.envelope[0]
+        if kind == "exit":
+            # shutdown() while this worker was starting: the parent's exit frame (sent
+            # by the shutting-down thread) can overtake its init frame (sent by the
+            # reader thread).  Leave quietly instead of dying with a traceback.
+            frame.close_fds()
+            return None
         kind, cfg = frame.envelope
         if kind != "init":
             raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
@@ -278,6 +285,8 @@ def main(argv=None):
         ok = worker.handshake()
     except ChannelClosed:
         os._exit(0)
+    if ok is None:
+        return 0
     if not ok:
         # Stay until the parent has read the failure, then go.
         time.sleep(0.05)
