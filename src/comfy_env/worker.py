@@ -7,20 +7,17 @@ numpy and torch are imported only when a payload carries them.
 
 Threads::
 
-    reader thread  --  frames from the parent: calls -> queue, control -> ledger,
-                       EOF (the parent is gone, even SIGKILLed) -> os._exit
-    main thread    --  takes calls off the queue, runs them, sends results
-
-Calls run on the main thread (some libraries insist on it); the reader keeps
-receiving while a call runs, so releases and interrupts are never stuck
-behind a long call, and the death of the parent is noticed at once.
+    main thread    --  receives frames: runs calls (some libraries insist on the
+                       main thread), applies control messages; EOF -> exit
+    parent watch   --  blocks on a pipe only the parent writes to; EOF (the
+                       parent died, even SIGKILLed, even mid-call) -> os._exit
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
-import queue
+import signal
 import sys
 import threading
 import time
@@ -30,9 +27,6 @@ from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime
 from .ipc.transport import Channel, ChannelClosed
-
-_EXIT = object()
-
 
 def resolve_reference(ref: str):
     """``"package.module:qualname"`` -> the object, imported in this process."""
@@ -86,7 +80,6 @@ class Worker:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.link = lifetime.Link(self._send_control, name="parent")
-        self.calls = queue.SimpleQueue()
         self.name = "worker"
 
     # -- sending ---------------------------------------------------------------
@@ -157,40 +150,35 @@ class Worker:
         return True
 
     # -- the loops -----------------------------------------------------------------
-    def reader(self):
-        try:
-            while True:
-                body, fds = self.channel.recv()
-                frame = codec.decode_envelope(body, fds)
-                kind = frame.envelope[0]
-                if kind == "call":
-                    self.calls.put(frame)
-                elif kind == "ctl":
-                    _apply_control(self.link, frame.envelope[1])
-                    frame.close_fds()
-                elif kind == "exit":
-                    frame.close_fds()
-                    self.calls.put(_EXIT)
-                    return
-                else:
-                    frame.close_fds()
-        except ChannelClosed:
-            pass
-        except BaseException:
-            traceback.print_exc()
-        # The parent is gone (or it closed us): nobody is left to report to.
-        os._exit(0)
-
     def serve(self):
-        t = threading.Thread(target=self.reader, name="comfy_env-reader", daemon=True)
-        t.start()
+        """Receive and run calls on this (the main) thread until told to exit.
+
+        Receiving on the thread that runs the calls saves a thread hand-off
+        per call; control messages that arrive during a long call simply wait
+        for it to end.  The parent's death during a call is noticed by
+        :func:`_watch_parent`.
+        """
+        channel = self.channel
         while True:
-            frame = self.calls.get()
-            if frame is _EXIT:
-                break
-            self._run_call(frame)
-            del frame
-            lifetime.LEDGER.drain()     # release the arguments' blocks promptly
+            try:
+                body, fds = channel.recv()
+            except ChannelClosed:
+                # The parent is gone (or closed us): nobody is left to report to.
+                os._exit(0)
+            frame = codec.decode_envelope(body, fds)
+            kind = frame.envelope[0]
+            if kind == "call":
+                self._run_call(frame)
+                del frame
+                lifetime.LEDGER.drain()     # release the arguments' blocks promptly
+            elif kind == "ctl":
+                frame.close_fds()
+                _apply_control(self.link, frame.envelope[1])
+            elif kind == "exit":
+                frame.close_fds()
+                return
+            else:
+                frame.close_fds()
 
     def _run_call(self, frame):
         call_id = frame.envelope[1]
@@ -268,18 +256,43 @@ def _apply_control(link, msgs):
 
 
 def _parse_args(argv):
-    fd = None
+    fd = alive = None
     it = iter(argv)
     for a in it:
         if a == "--fd":
             fd = int(next(it))
+        elif a == "--alive-fd":
+            alive = int(next(it))
     if fd is None:
-        raise SystemExit("usage: python -m comfy_env.worker --fd N (started by IsolatedExecutor)")
-    return fd
+        raise SystemExit("usage: python -m comfy_env.worker --fd N [--alive-fd M] "
+                         "(started by IsolatedExecutor)")
+    return fd, alive
+
+
+def _watch_parent(fd):
+    """Exit as soon as the parent dies, even in the middle of a call.
+
+    ``fd`` is the read end of a pipe whose only write end the parent holds:
+    the kernel closes it when the parent dies (SIGKILL included), and the
+    read returns EOF.  No polling, no PR_SET_PDEATHSIG (which fires when the
+    parent *thread* that spawned us exits).
+    """
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
 
 
 def main(argv=None):
-    fd = _parse_args(sys.argv[1:] if argv is None else argv)
+    fd, alive = _parse_args(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C in the terminal reaches the whole process group: the parent
+    # decides what happens to calls; the worker must not die under them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if alive is not None:
+        threading.Thread(target=_watch_parent, args=(alive,), name="comfy_env-parent-watch",
+                         daemon=True).start()
     worker = Worker(Channel.from_fd(fd))
     try:
         ok = worker.handshake()

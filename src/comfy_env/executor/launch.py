@@ -20,11 +20,13 @@ from ..envs import WorkerEnvironment
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(comfy_env.__file__)))
 
 
-def worker_command(wenv: WorkerEnvironment, fd: int):
+def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None):
     cmd = [wenv.python]
     if not wenv.is_current:
         cmd.append("-s")            # no user site-packages in a foreign env
     cmd += ["-m", "comfy_env.worker", "--fd", str(fd)]
+    if alive_fd is not None:
+        cmd += ["--alive-fd", str(alive_fd)]
     return cmd
 
 
@@ -46,14 +48,16 @@ def worker_environ(wenv: WorkerEnvironment):
     return env
 
 
-def spawn(wenv: WorkerEnvironment, child_fd: int) -> subprocess.Popen:
+def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subprocess.Popen:
+    """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds."""
+    fds = (child_fd,) if alive_fd is None else (child_fd, alive_fd)
     try:
         return subprocess.Popen(
-            worker_command(wenv, child_fd),
+            worker_command(wenv, child_fd, alive_fd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            pass_fds=(child_fd,),
+            pass_fds=fds,
             env=worker_environ(wenv),
             close_fds=True,
             # Own process group: a Ctrl-C in the parent's terminal is the

@@ -49,15 +49,23 @@ class WorkerHandle:
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._output_done = threading.Event()
         self._reader = None
+        self._alive_w = None
         self.info = {}
 
     # -- start ---------------------------------------------------------------
     def start(self):
         parent, child = Channel.pair()
+        # The worker watches the read end: EOF means this process died.
+        alive_r, self._alive_w = os.pipe()
         try:
-            self.proc = launch.spawn(self.pool.wenv, child.fileno())
+            self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r)
+        except BaseException:
+            os.close(self._alive_w)
+            self._alive_w = None
+            raise
         finally:
             child.close()
+            os.close(alive_r)
         self.pid = self.proc.pid
         self.channel = parent
         self.logger = self.pool.logger
@@ -289,6 +297,9 @@ class WorkerHandle:
             self.channel.close()
         except OSError:
             pass
+        if self._alive_w is not None:
+            os.close(self._alive_w)
+            self._alive_w = None
         if self.exiting and start_error is None:
             try:
                 self.proc.wait(timeout=5)
