@@ -223,10 +223,11 @@ class IsolatedPack:
                 mm.throw_exception_if_processing_interrupted()   # resets the flag, raises
             if done:
                 break
-        # Progress sent just before the call returned may still be in flight on the
-        # side channel: deliver it (the "end" marker follows the last update).
-        if ch.started.is_set():
-            ch.ended.wait(1.0)
+        # The result and the side channel are different sockets: progress (even the
+        # "start") may still be in flight when the result is here.  The worker sends
+        # "end" before returning, and a dead worker's connection closing sets it too,
+        # so this wait is normally immediate; it is bounded in case the link broke.
+        ch.ended.wait(1.0)
         try:
             for msg in _coalesce(_drain(ch.queue, timeout=0)):
                 self._relay(msg)
