@@ -76,7 +76,7 @@ class _Watchdog:
 
     def watch(self, worker):
         with self._cond:
-            heapq.heappush(self._heap, (worker.deadline, next(self._seq), worker))
+            heapq.heappush(self._heap, (worker.deadline, next(self._seq), worker, worker.item))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="comfy_env-watchdog",
                                                 daemon=True)
@@ -94,16 +94,21 @@ class _Watchdog:
                 if not self._heap:
                     self._cond.wait()
                     continue
-                deadline, _, worker = self._heap[0]
+                deadline, _, worker, item = self._heap[0]
                 now = time.monotonic()
                 if deadline > now:
                     self._cond.wait(deadline - now)
                     continue
                 heapq.heappop(self._heap)
-                # Stale entry: the call finished or another one started since.
-                if worker.deadline is not None and worker.deadline <= now and worker.item is not None:
-                    worker.item.started = "timed-out"
-                    worker.kill()
+                # Stale entry: the call finished or another one started since.  The
+                # entry names its call: checking only ``worker.item is not None`` could
+                # kill the *next* call, dispatched to the worker right after this one
+                # finished at its deadline.  Under the pool lock, which the reader holds
+                # to take the item when a result or the worker's death arrives.
+                with worker.pool.lock:
+                    if item is not None and worker.item is item:
+                        item.started = "timed-out"
+                        worker.kill()
 
 
 def _find_futures(obj, out, depth=0):
@@ -289,9 +294,13 @@ class _Pool:
                 # Died between calls: the reader reports it; the call was not
                 # delivered, so it goes back to the front of the queue.
                 fb.abort()
-                worker.item = None
+                # Requeue only if the worker's reader has not claimed the item for
+                # its death report already (WorkerHandle._finish): a call both failed
+                # and re-run would set its future twice.
                 with self.lock:
-                    self.pending.appendleft(item)
+                    if worker.item is item:
+                        worker.item = None
+                        self.pending.appendleft(item)
                 continue
             item.args = item.kwargs = None      # the worker has them now
         for _ in range(n):

@@ -203,12 +203,18 @@ class WorkerHandle:
 
     def _on_result(self, frame):
         _, call_id, ok = frame.envelope
-        item = self.item
-        if item is None or item.call_id != call_id:
+        # Take the item under the pool lock: the watchdog and dispatch() check
+        # ``worker.item`` under it too (see executor.py), so exactly one of them owns it.
+        with self.pool.lock:
+            item = self.item
+            if item is None or item.call_id != call_id:
+                item = None
+            else:
+                self.item = None
+                self.deadline = None
+        if item is None:
             frame.close_fds()
             return
-        self.item = None
-        self.deadline = None
         fut = item.future
         if ok and frame.parts[0].refs is None:
             # Nothing in shared memory: decode here, no lazy bookkeeping.
@@ -318,7 +324,8 @@ class WorkerHandle:
             code = None
         self._output_done.wait(timeout=2)
         lifetime.LEDGER.link_closed(self.link)
-        item, self.item = self.item, None
+        with self.pool.lock:        # vs. dispatch()'s requeue, see _on_result
+            item, self.item = self.item, None
         self.pool.on_death(self, item, code, start_error)
 
     def describe_exit(self, code):
