@@ -66,6 +66,10 @@ def test_calls_run_in_another_process_of_the_same_interpreter():
         pid = ex.submit(_funcs.getpid).result(15)
         assert pid != os.getpid()
         assert ex.worker_pids() == [pid]
+        assert ex.submit(lambda: sys.executable).result(15) == sys.executable
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert argv[1:3] == [b"-m", b"comfy_env.worker"]
         assert ex.submit(_funcs.echo, 1, x=2).result(15) == ((1,), {"x": 2})
 
 

@@ -57,6 +57,20 @@ def _fds():
     return sorted(os.listdir("/proc/self/fd"))
 
 
+def _settled_fds(timeout=5.0):
+    """This process's fds once they stop changing (an earlier test's workers may still be
+    closing theirs)."""
+    end = time.monotonic() + timeout
+    last = _fds()
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        now = _fds()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 # -- processes -------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
@@ -184,7 +198,7 @@ def test_a_parent_that_exits_without_shutdown_finishes_its_calls_and_leaves_noth
 
 @pytest.mark.timeout(45)
 def test_no_fd_leaks_across_a_thousand_calls_with_errors_and_crashes():
-    before = _fds()
+    before = _settled_fds()
     with IsolatedExecutor() as ex:
         worker_before = ex.submit(_funcs.open_fd_count).result(15)
         parent_during = _fds()
@@ -199,7 +213,10 @@ def test_no_fd_leaks_across_a_thousand_calls_with_errors_and_crashes():
         for _ in range(3):
             assert isinstance(ex.submit(_funcs.stderr_then_exit, 1).exception(15), WorkerCrashed)
         assert ex.submit(_funcs.add, 1, 1).result(15) == 2
-    assert _fds() == before
+    # Every socket and pipe of the four workers is closed again.  (Subset: an fd that
+    # something else closed meanwhile is no leak of ours.)
+    after = _fds()
+    assert set(after) <= set(before), sorted(set(after) - set(before))
 
 
 # -- worker output through logging ------------------------------------------------------
