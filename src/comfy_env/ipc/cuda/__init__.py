@@ -54,7 +54,14 @@ def set_role(role: str) -> None:
         import torch
 
         def _at_cuda_init():
-            PLANE.ensure_heap(torch.cuda.current_device())
+            # torch turns an exception here into a failed CUDA init for the user's code:
+            # without an export pool the worker still works (its results take staging).
+            try:
+                PLANE.ensure_heap(torch.cuda.current_device())
+            except Exception as exc:
+                import logging
+                logging.getLogger("comfy_env.cuda").warning(
+                    "comfy_env: no zero-copy export pool in this worker: %s", exc)
 
         # Runs at torch's lazy CUDA init (or now, if CUDA is already up): we never
         # initialise CUDA ourselves, and allocations made after this land in the pool.

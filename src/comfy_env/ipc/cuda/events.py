@@ -44,7 +44,8 @@ class EventRing:
         except BaseException:
             D.try_call("cuEventDestroy_v2", ev)
             raise
-        self._events.append((ev.value, bytes(h.reserved)))
+        # bytes(h), not bytes(h.reserved): a c_char array stops at the first NUL byte.
+        self._events.append((ev.value, bytes(h)))
         return len(self._events) - 1
 
     def record(self, stream):

@@ -94,7 +94,7 @@ class Generation:
     def export_pointer(self, ptr) -> bytes:
         ed = D.PoolPtrExportData()
         D.call("cuMemPoolExportPointer", C.byref(ed), ptr)
-        return bytes(ed.reserved)
+        return bytes(ed)
 
     def destroy(self):
         if self.destroyed:
