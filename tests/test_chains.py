@@ -462,3 +462,36 @@ def test_chain_memory_freed_without_the_cyclic_gc(pair):
         assert len(lifetime.LEDGER) == base, "fa's blocks are only freed by the cyclic GC"
     finally:
         gc.enable()
+
+
+@pytest.mark.timeout(40)
+def test_too_many_forwarded_blocks_fail_cleanly_and_leak_nothing(pair):
+    """More blocks than one message can carry (fds): a clear PicklingFailed, and the
+    refused call's lends are undone (they used to leak in the parent and producer)."""
+    from comfy_env import PicklingFailed
+    from comfy_env.ipc.transport import MAX_FDS
+
+    a, b = pair
+    base_p = _parent_ledger_settles(0, within=0.5)
+    base_a = _worker_ledger_settles(a, 10**9)
+    fs = [a.submit(cf.make, 70000, 1) for _ in range(MAX_FDS + 5)]   # one segment each
+    exc = b.submit(cf.combine, fs).exception(30)
+    assert isinstance(exc, PicklingFailed) and "shared blocks" in str(exc)
+    assert b.submit(cf.combine, fs[:10]).result(30)["args"][0][0] == ("arr", 1, 70000)
+    del fs, exc
+    gc.collect()
+    assert _parent_ledger_settles(base_p) == base_p
+    assert _worker_ledger_settles(a, base_a) == base_a
+
+
+@pytest.mark.timeout(40)
+def test_unpicklable_function_with_a_chained_input_names_the_function(pair):
+    from comfy_env import PicklingFailed
+
+    a, b = pair
+    lock = threading.Lock()
+    fa = a.submit(cf.make, MiB, 1)
+    exc = b.submit(lambda x: lock, fa).exception(30)
+    assert isinstance(exc, PicklingFailed)
+    assert "function" in str(exc) and "IsolatedFuture" not in str(exc), str(exc)
+    assert fa.result()[0] == 1

@@ -322,16 +322,24 @@ class _Pool:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
+        # Encode and build in two steps so that the fd limit is checked *before*
+        # build(): build() forgets the frame's lends, so fb.abort() after it undid
+        # nothing and a call refused for too many blocks (easy to hit with a list
+        # of forwarded futures) leaked a lend per block: the blocks were never
+        # released in the parent nor in the producing worker.
+        fb = codec.FrameBuilder(worker.link)
         try:
-            fb, chunks = codec.encode_message(("call", item.call_id), worker.link,
-                                              [(fn, item.args, item.kwargs)],
-                                              forward_future=self._forward_future)
-        except BaseException as exc:
-            raise _explain_pickling(exc, item) from exc
-        if len(fb.fds) > MAX_FDS:
+            try:
+                fb.encode_part((fn, item.args, item.kwargs), self._forward_future)
+            except BaseException as exc:
+                raise _explain_pickling(exc, item) from exc
+            if len(fb.fds) > MAX_FDS:
+                raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
+                                     f"at most {MAX_FDS} fit in one message")
+            chunks = fb.build(("call", item.call_id))
+        except BaseException:
             fb.abort()
-            raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; at most "
-                                 f"{MAX_FDS} fit in one message")
+            raise
         return chunks, fb.fds, fb
 
     @staticmethod
@@ -529,6 +537,8 @@ def _explain_pickling(exc, item):
         return exc
     what = None
     for i, a in enumerate(item.args or ()):
+        if _find_futures(a, []):
+            continue        # chained inputs are forwarded, never pickled: not the culprit
         try:
             cloudpickle.dumps(a)
         except Exception:
@@ -536,6 +546,8 @@ def _explain_pickling(exc, item):
             break
     if what is None:
         for k, v in (item.kwargs or {}).items():
+            if _find_futures(v, []):
+                continue
             try:
                 cloudpickle.dumps(v)
             except Exception:
