@@ -98,18 +98,21 @@ def test_big_frames_over_a_mib_arrive_intact_with_their_fds(pair):
     a, b = pair
     big = os.urandom(5 * 1024 * 1024 + 17)
     r = _pipe_with(b"big one's fd")
+    r2 = _pipe_with(b"small one's fd")
     # The socket buffer is far smaller than the frame: the sender blocks until we read.
     sender = threading.Thread(target=lambda: (a.send([big[:1000], big[1000:]], [r]),
-                                              a.send(b"small after"), a.send(big)))
+                                              a.send(b"small after", [r2]), a.send(big)))
     sender.start()
     body, fds = b.recv()
     assert bytes(body) == big
     assert _read_fd(fds[0]) == b"big one's fd"
-    assert b.recv() == (b"small after", [])
+    body, fds = b.recv()
+    assert body == b"small after" and _read_fd(fds[0]) == b"small one's fd"
     body, fds = b.recv()
     assert bytes(body) == big and fds == []
     sender.join(10)
     os.close(r)
+    os.close(r2)
 
 
 @pytest.mark.timeout(30)
