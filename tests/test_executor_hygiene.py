@@ -298,3 +298,24 @@ def test_shutdown_while_a_worker_is_starting_lets_it_leave_quietly(worker_log):
         assert ex.worker_pids() == []
     # The exit request may overtake the worker's init message; that is no crash.
     assert [r.getMessage() for r in worker_log if getattr(r, "stream", None) == "stderr"] == []
+
+
+@pytest.mark.timeout(30)
+def test_no_thread_is_left_behind_once_the_workers_are_gone():
+    import threading
+
+    def ours():
+        return {t for t in threading.enumerate() if t.name.startswith("comfy_env-")
+                and t.name != "comfy_env-ledger"}      # the ledger's flusher is per process
+
+    before = ours()
+    for wait in (True, False):
+        ex = IsolatedExecutor(max_workers=2, call_timeout=30)
+        assert [f.result(15) for f in [ex.submit(_funcs.add, i, 0) for i in range(4)]] == [0, 1, 2, 3]
+        pids = ex.worker_pids()
+        ex.shutdown(wait=wait)
+        assert _wait_gone(pids, 10) == []
+    end = time.monotonic() + 10
+    while ours() - before and time.monotonic() < end:
+        time.sleep(0.02)
+    assert sorted(t.name for t in ours() - before) == []

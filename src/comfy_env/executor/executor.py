@@ -427,6 +427,12 @@ class _Pool:
             self.workers.discard(worker)
             if worker in self.idle:
                 self.idle.remove(worker)
+            # After shutdown(wait=False) (or garbage collection) nothing else stops the
+            # watchdog thread; once the last worker is gone and nothing can run, it ends.
+            finished = (self.shutting_down and not self.workers and not self.starting
+                        and not self.pending and not self.waiting)
+        if finished:
+            self.watchdog.stop()
         if item is not None and not item.future.done():
             if item.started == "timed-out":
                 item.future.set_exception(CallTimeout(
