@@ -122,12 +122,35 @@ class _SegmentPlane(codec.Plane):
     def on_zero(self, record):
         record.resource.close()
 
+    # pickle calls persistent_id before it looks at its memo, so an array that
+    # appears twice in one message ([a, a]) would be copied twice and arrive as
+    # two unrelated arrays.  Returning the very same descriptor object makes
+    # pickle memoize it; the decoder maps that one descriptor to one object.
+    def encode(self, obj, enc):
+        memo = enc.__dict__.setdefault("_plane_memo", {})
+        hit = memo.get(id(obj))
+        if hit is not None:
+            return hit[1]
+        desc = self._encode(obj, enc)
+        if desc is not None:
+            memo[id(obj)] = (obj, desc)       # keeps obj alive: its id is not reused
+        return desc
+
+    def decode(self, desc, dec):
+        memo = dec.__dict__.setdefault("_plane_memo", {})
+        hit = memo.get(id(desc))
+        if hit is not None and hit[0] is desc:
+            return hit[1]
+        obj = self._decode(desc, dec)
+        memo[id(desc)] = (desc, obj)
+        return obj
+
 
 class NumpyPlane(_SegmentPlane):
     name = "np"
     types = ("numpy.ndarray",)
 
-    def encode(self, a, enc):
+    def _encode(self, a, enc):
         import numpy as np
 
         cls = type(a)
@@ -135,7 +158,15 @@ class NumpyPlane(_SegmentPlane):
             return None           # e.g. masked arrays: their own reduce knows their state
         dtype = a.dtype
         if dtype.hasobject or a.nbytes < INLINE_BYTES:
-            return None
+            if a.flags.writeable:
+                return None
+            # numpy's own pickle drops the writeable flag: send a writeable copy
+            # (pickled inline by the nested persistent_id call, which returns None
+            # for it) and make it read-only on arrival.
+            return (None, a.copy(order="K"))
+        # Read the flag before compacting: the compact copy below is always writeable,
+        # and a read-only sparse view must still arrive read-only.
+        writeable = bool(a.flags.writeable)
         ptr = a.__array_interface__["data"][0]
         lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
         if hi - lo > _SPAN_SLACK * a.nbytes:
@@ -144,13 +175,17 @@ class NumpyPlane(_SegmentPlane):
             lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
         idx, off = _place(self, enc, ptr, lo, hi)
         sub = None if cls is np.ndarray else cls
-        return (idx, off, dtype, a.shape, a.strides, bool(a.flags.writeable), sub)
+        return (idx, off, dtype, a.shape, a.strides, writeable, sub)
 
-    def decode(self, desc, dec):
+    def _decode(self, desc, dec):
         try:
             import numpy as np
         except ImportError:
             raise _missing("numpy", "numpy array") from None
+        if desc[0] is None:          # a small read-only array, pickled inline
+            arr = desc[1]
+            arr.flags.writeable = False
+            return arr
         idx, off, dtype, shape, strides, writeable, sub = desc
         arr = np.ndarray(shape, dtype, buffer=_holder(dec, idx), offset=off, strides=strides)
         if not writeable:
@@ -179,7 +214,7 @@ class TorchCPUPlane(_SegmentPlane):
     name = "tcpu"
     types = ("torch.Tensor",)
 
-    def encode(self, t, enc):
+    def _encode(self, t, enc):
         if t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.is_quantized:
             return None
         item = t.element_size()
@@ -207,7 +242,7 @@ class TorchCPUPlane(_SegmentPlane):
         return (idx, off, str(t.dtype).rsplit(".", 1)[1], tuple(t.shape), tuple(t.stride()),
                 bool(t.requires_grad), param, seg_start)
 
-    def decode(self, desc, dec):
+    def _decode(self, desc, dec):
         try:
             import torch
         except ImportError:

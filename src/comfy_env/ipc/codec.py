@@ -332,6 +332,18 @@ def accept_part_leases(frame, part_index, link):
     return [dec.record(i) for i in range(len(frame.parts[part_index].refs or ()))]
 
 
+def _release_untaken(dec):
+    """Give back the leases of refs the decode never reached (it failed first: a
+    missing package, a class unknown here); otherwise the peer's lends would pin
+    its blocks for as long as the link lives.  Their fds are closed with the frame."""
+    refs = dec.part.refs or ()
+    if len(dec._records) == len(refs):
+        return
+    for i, (_plane, key, _fd, _meta) in enumerate(refs):
+        if i not in dec._records:
+            dec.link.post(("release", key, 1))
+
+
 def decode_part(frame, index, link, cache=None, records=None):
     if cache is None:
         cache = {}
@@ -347,6 +359,7 @@ def decode_part(frame, index, link, cache=None, records=None):
         obj = dec.load()
     finally:
         lifetime.LEDGER.sweep(list(dec._records.values()))
+        _release_untaken(dec)
     cache[index] = obj
     return obj
 

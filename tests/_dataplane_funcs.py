@@ -1,0 +1,317 @@
+"""Functions that data-plane test workers import *by reference*.
+
+Everything here runs inside a worker process unless said otherwise.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+__test__ = False
+
+_kept = []
+
+
+def echo(x):
+    return x
+
+
+def echo_many(*args, **kwargs):
+    return args, kwargs
+
+
+def pid():
+    return os.getpid()
+
+
+def _settle():
+    from comfy_env.ipc import lifetime
+
+    gc.collect()
+    lifetime.LEDGER.drain()
+
+
+def ledger_size():
+    """Live blocks in this worker's ledger, after collecting garbage."""
+    from comfy_env.ipc import lifetime
+
+    _settle()
+    time.sleep(0.05)
+    _settle()
+    return len(lifetime.LEDGER)
+
+
+def ledger_keys():
+    from comfy_env.ipc import lifetime
+
+    _settle()
+    return sorted(str(r.key) for r in lifetime.LEDGER.records())
+
+
+def open_fds():
+    """The worker's open fds (targets), to compare before and after."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def memfd_count():
+    return sum(1 for t in open_fds().values() if "memfd:comfy_env" in t)
+
+
+def in_segment(arr):
+    """Does ``arr``'s memory (numpy or torch) lie in a comfy_env segment in this worker?"""
+    from comfy_env.ipc import shm
+
+    addr, n = _addr(arr)
+    return shm.find_segment(addr, max(n, 1)) is not None
+
+
+def _addr(arr):
+    mod = type(arr).__module__
+    if mod.startswith("torch"):
+        return arr.data_ptr(), arr.numel() * arr.element_size()
+    return arr.__array_interface__["data"][0], arr.nbytes
+
+
+def describe(x):
+    """What the worker received: type, dtype, shape, strides, flags, in-segment."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return ("torch", type(x).__name__, str(x.dtype), tuple(x.shape), tuple(x.stride()),
+                x.storage_offset(), bool(x.requires_grad), x.grad_fn is None, in_segment(x))
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return ("numpy", type(x).__name__, x.dtype.str, x.shape, x.strides,
+                bool(x.flags.writeable), bool(x.flags.c_contiguous), bool(x.flags.f_contiguous),
+                in_segment(x))
+    return (mod, type(x).__name__)
+
+
+def checksum(x):
+    """A content hash of a numpy array / torch tensor (view-aware, computed in the worker)."""
+    import hashlib
+
+    import numpy as np
+
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        x = x.detach().contiguous()
+        if x.dim() == 0:
+            x = x.reshape(1)
+        x = x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
+    return hashlib.sha1(np.ascontiguousarray(x).view(np.uint8).tobytes()).hexdigest()
+
+
+def make_array(shape, dtype, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) * 100).astype(dtype)
+
+
+def make_range(n, dtype="float32"):
+    import numpy as np
+
+    return np.arange(n, dtype=dtype)
+
+
+def make_view(n, recipe):
+    """A fresh array in the worker, returned as a view (the span travels)."""
+    import numpy as np
+
+    base = np.arange(n, dtype=np.float64).reshape(-1, 64)
+    return eval(recipe, {"np": np, "x": base})
+
+
+def make_tensor(n, dtype_name="float32", requires_grad=False):
+    import torch
+
+    t = torch.arange(n, dtype=torch.float64).to(getattr(torch, dtype_name))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def tensor_view(t, recipe):
+    """Return a view of the received tensor."""
+    return eval(recipe, {"x": t})
+
+
+def add_one_inplace(arr):
+    arr += 1
+    return None
+
+
+def keep(x):
+    """Keep ``x`` alive in the worker (to test lends that a worker holds)."""
+    _kept.append(x)
+    return len(_kept)
+
+
+def drop_kept():
+    _kept.clear()
+    return ledger_size()
+
+
+def hold_then_exit(x, code=0):
+    os._exit(code)
+
+
+def sigkill_self(x=None):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def big_roundtrip_sum(arr):
+    """Touch the whole array and return it (1 GiB test)."""
+    return arr
+
+
+def mesh_report(mesh):
+    """Type of the mesh and whether its arrays live in shared memory here."""
+    arrays = {"vertices": mesh.vertices, "faces": mesh.faces}
+    return (type(mesh).__module__ + "." + type(mesh).__qualname__,
+            {k: in_segment(v) for k, v in arrays.items()})
+
+
+def make_mesh(subdivisions=5):
+    """An icosphere with vertex normals (given: trimesh's fallback without scipy is slow)
+    and per-vertex colours."""
+    import numpy as np
+    import trimesh
+
+    s = trimesh.creation.icosphere(subdivisions=subdivisions)
+    v = np.array(s.vertices)
+    normals = v / np.linalg.norm(v, axis=1, keepdims=True)
+    rng = np.random.default_rng(1)
+    colors = rng.integers(0, 255, (len(v), 4), dtype=np.uint8)
+    return trimesh.Trimesh(vertices=v, faces=np.array(s.faces), vertex_normals=normals,
+                           vertex_colors=colors, process=False)
+
+
+def torch_missing():
+    """Initializer: make torch unimportable in this worker."""
+    sys.modules["torch"] = None
+
+
+def torch_importable():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def python_executable():
+    return sys.executable
+
+
+def warm():
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+    return os.getpid()
+
+
+def inline_bytes():
+    from comfy_env.ipc import arrays
+
+    return arrays.INLINE_BYTES
+
+
+def echo_and_hash(x):
+    return x, checksum(x), describe(x)
+
+
+def sample(dtype, n=1 << 17, seed=0):
+    """The same bytes as the test's ``_np_sample`` (made here, in the worker)."""
+    import test_dataplane
+
+    return test_dataplane._np_sample(dtype, n, seed)
+
+
+def torch_sample(dtype_name, n=1 << 17, seed=0):
+    import test_dataplane
+    import torch
+
+    return test_dataplane._torch_sample(getattr(torch, dtype_name), n, seed)
+
+
+def view_of_fresh(shape, dtype, recipe):
+    import numpy as np
+
+    x = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    v = eval(recipe, {"np": np, "x": x})
+    return v
+
+
+def torch_view_of_fresh(shape, dtype_name, recipe):
+    import torch
+
+    n = 1
+    for s in shape:
+        n *= s
+    x = torch.arange(n, dtype=torch.float64).reshape(shape).to(getattr(torch, dtype_name))
+    return eval(recipe, {"torch": torch, "x": x})
+
+
+def types_of(*xs):
+    return [type(x).__module__ + "." + type(x).__qualname__ for x in xs]
+
+
+def type_tree(x):
+    """A comparable summary of the container types (and array types) in ``x``."""
+    t = type(x)
+    name = t.__module__ + "." + t.__qualname__
+    if t in (list, tuple) or (isinstance(x, tuple) and hasattr(x, "_fields")):
+        return (name, [type_tree(v) for v in x])
+    if isinstance(x, (set, frozenset)):
+        return (name, sorted(repr(type_tree(v)) for v in x))
+    if isinstance(x, dict):
+        return (name, sorted((repr(k), type(k).__name__, repr(type_tree(v))) for k, v in x.items()))
+    if hasattr(x, "__dataclass_fields__"):
+        return (name, type_tree(vars(x)))
+    return name
+
+
+def aliased(pair):
+    a, b = pair
+    a[0] = -1.0
+    return bool(b[0] == -1.0) and a is b
+
+
+def arena_counts():
+    from comfy_env.ipc import shm
+
+    return shm.ARENA.created + shm.ARENA.reused
+
+
+def ledger_size_pair():
+    return ledger_size(), ledger_size()
+
+
+def range_at_rendezvous(directory, me, other, n):
+    import numpy as np
+
+    open(os.path.join(directory, me), "w").close()
+    end = time.monotonic() + 30
+    while not os.path.exists(os.path.join(directory, other)):
+        if time.monotonic() > end:
+            raise TimeoutError("the other call never ran")
+        time.sleep(0.01)
+    return os.getpid(), np.arange(n, dtype=np.float64)
+
+
+def write_and_pid(arrs, value):
+    for a in arrs:
+        a[0] = value
+    return os.getpid(), [in_segment(a) for a in arrs]
