@@ -495,3 +495,26 @@ def test_unpicklable_function_with_a_chained_input_names_the_function(pair):
     assert isinstance(exc, PicklingFailed)
     assert "function" in str(exc) and "IsolatedFuture" not in str(exc), str(exc)
     assert fa.result()[0] == 1
+
+
+@pytest.mark.timeout(40)
+def test_views_bounce_between_workers_and_back_to_the_owner(pair):
+    """B and A return the very array they received (a view of A's segment): the lease
+    tree absorbs the redundant leases; the data stays put and everything is released."""
+    a, b = pair
+    base_p = _parent_ledger_settles(0, within=0.5)
+    base_a = _worker_ledger_settles(a, 10**9)
+    base_b = _worker_ledger_settles(b, 10**9)
+    st0 = _stats()
+    fa = a.submit(cf.make, 4 * MiB, 6)
+    x = fa
+    for i in range(6):
+        x = (a if i % 2 else b).submit(cf.identity, x)
+    back_home = a.submit(cf.summary, fa)       # to the worker that owns the block
+    assert a.submit(cf.summary, x).result(30)["sum"] == 6 * 4 * MiB
+    assert back_home.result(30)["sum"] == 6 * 4 * MiB
+    assert _stats() == st0
+    del fa, x, back_home
+    assert _parent_ledger_settles(base_p) == base_p
+    assert _worker_ledger_settles(a, base_a) == base_a
+    assert _worker_ledger_settles(b, base_b) == base_b
