@@ -322,11 +322,10 @@ class _Pool:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
-        # Encode and build in two steps so that the fd limit is checked *before*
-        # build(): build() forgets the frame's lends, so fb.abort() after it undid
-        # nothing and a call refused for too many blocks (easy to hit with a list
-        # of forwarded futures) leaked a lend per block: the blocks were never
-        # released in the parent nor in the producing worker.
+        # Check the fd limit before building the frame: a call refused for too
+        # many blocks (easy to hit with a list of forwarded futures) must undo
+        # every lend it took (fb.abort), or the blocks would never be released
+        # in the parent nor in the producing worker.
         fb = codec.FrameBuilder(worker.link)
         try:
             try:

@@ -241,7 +241,7 @@ class FrameBuilder:
         env = pickle.dumps((envelope, [(memoryview(p.data).nbytes, p.refs) for p in self.parts]), PROTOCOL)
         chunks = [_U32.pack(len(env)), env]
         chunks.extend(p.data for p in self.parts)
-        self._lends = []
+        # The lends stay recorded: abort() still undoes them if the send fails.
         return chunks
 
 
