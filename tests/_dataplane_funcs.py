@@ -315,3 +315,70 @@ def write_and_pid(arrs, value):
     for a in arrs:
         a[0] = value
     return os.getpid(), [in_segment(a) for a in arrs]
+
+
+def memfd_maps():
+    """Mappings of comfy_env memfds in this process (memory held even with the fd closed)."""
+    return memfd_maps_of("self")
+
+
+def memfd_maps_of(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum(1 for line in f if "memfd:comfy_env" in line)
+    except OSError:
+        return 0
+
+
+def memfd_fds_of(pid):
+    n = 0
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in names:
+        try:
+            if "memfd:comfy_env" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def hygiene():
+    """(ledger records, memfd fds, memfd mappings) after collecting garbage and emptying the arena."""
+    from comfy_env.ipc import shm
+
+    n = ledger_size()
+    shm.ARENA.trim()
+    return n, memfd_fds_of("self"), memfd_maps_of("self")
+
+
+def copy_of(x):
+    """A fresh copy (the worker's own memory, sent back through its arena)."""
+    import numpy as np
+
+    return np.array(x, copy=True)
+
+
+def arena_config():
+    from comfy_env.ipc import shm
+
+    return shm.ARENA.max_free_bytes, shm.ARENA.idle_seconds
+
+
+def strided_sum(x, step=4096):
+    """A cheap check of a huge array: sum of every ``step``-th element, plus its last one."""
+    import numpy as np
+
+    flat = x.reshape(-1)
+    return float(np.sum(flat[::step], dtype=np.float64)), float(flat[-1])
+
+
+def sleep_holding(x, seconds):
+    time.sleep(seconds)
+    return None
+
+
+def echo_and_sample(x, step=4096):
+    return x, strided_sum(x, step)
