@@ -85,6 +85,8 @@ def pair_probe(env=None, timeout=120):
             ok, back, wrep = ex.submit(_in_worker_check_and_echo, x, float(n)).result(timeout=timeout)
             res["to_worker"] = {"ok": ok, "route": _diff(before, PLANE.routes), "why": dict(PLANE.last_reasons)}
             expect = torch.arange(n, device="cuda", dtype=torch.float32)
+            # Ask again: the routes of the result were chosen after the first report was made.
+            wrep = ex.submit(_in_worker_report).result(timeout=timeout)
             res["to_parent"] = {"ok": bool(torch.equal(back, expect)), "device": str(back.device),
                                 "route": _diff({}, wrep["routes"]), "why": wrep.get("reasons", {})}
             res["worker"] = wrep
