@@ -39,24 +39,30 @@ SIZES = [("1MiB", MiB), ("64MiB", 64 * MiB), ("1GiB", GiB), ("4GiB", 4 * GiB)]
 
 
 # -- worker side ---------------------------------------------------------------------------
-_CACHE = {}
+def _cache():
+    # These functions travel by value, so a module global would be a fresh dict on every
+    # call; keep the worker's tensors somewhere that outlives one call.
+    import builtins
+    return builtins.__dict__.setdefault("_comfy_env_bench_cache", {})
 
 
 def w_get(nbytes):
     """Return a tensor that already lives in the worker (allocated once)."""
     import torch
-    t = _CACHE.get(nbytes)
+    cache = _cache()
+    t = cache.get(nbytes)
     if t is None:
-        t = _CACHE[nbytes] = torch.ones(nbytes // 4, device="cuda")
+        t = cache[nbytes] = torch.ones(nbytes // 4, device="cuda")
         torch.cuda.synchronize()
     return t
 
 
 def w_many(k):
     import torch
-    ts = _CACHE.get(("many", k))
+    cache = _cache()
+    ts = cache.get(("many", k))
     if ts is None:
-        ts = _CACHE[("many", k)] = [torch.ones(256, device="cuda") for _ in range(k)]
+        ts = cache[("many", k)] = [torch.ones(256, device="cuda") for _ in range(k)]
         torch.cuda.synchronize()
     return ts
 
@@ -198,6 +204,7 @@ def main():
         many = timed(lambda: a.submit(w_many, 100).result(), 30)
         res["per_tensor_w2p_us"] = (many - empty) / 100 * 1e6
         res["empty_call_us"] = empty * 1e6
+        print(f"per tensor w2p {res['per_tensor_w2p_us']:.1f} us, empty call {empty * 1e6:.0f} us", flush=True)
         for label, n in sizes:
             row = {}
             x = torch.ones(n // 4, device="cuda")
@@ -220,6 +227,7 @@ def main():
             del x
             settle()
             res["rows"][label] = row
+            _dump_partial(res)
             print(label, {k: f"{v * 1e3:.3f} ms" for k, v in row.items()}, flush=True)
         res["routes_parent"] = dict(PLANE.routes)
     finally:
@@ -254,6 +262,13 @@ def main():
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "cuda_bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def _dump_partial(res):
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "cuda_bench_partial.json"), "w") as f:
             json.dump(res, f, indent=1)
 
 
