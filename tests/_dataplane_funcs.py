@@ -104,7 +104,7 @@ def checksum(x):
     if type(x).__module__.startswith("torch"):
         import torch
 
-        x = x.detach().contiguous()
+        x = x.detach().resolve_conj().resolve_neg().contiguous()
         if x.dim() == 0:
             x = x.reshape(1)
         x = x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
@@ -382,3 +382,12 @@ def sleep_holding(x, seconds):
 
 def echo_and_sample(x, step=4096):
     return x, strided_sum(x, step)
+
+
+def debug_segment(x):
+    from comfy_env.ipc import shm
+
+    addr, n = _addr(x)
+    seg = shm.find_segment(addr, max(n, 1))
+    return addr, n, None if seg is None else (seg.key, seg.addr, seg.size, seg.mm is None, seg.fd), \
+        [(s.key, s.addr, s.size) for s in shm.ADDRESS_MAP._segs]

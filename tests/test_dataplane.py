@@ -100,18 +100,25 @@ def ex():
 
 
 @pytest.fixture(scope="module")
-def all_plane():
-    """An executor whose parent and worker send every array through shared memory."""
+def _all_plane_executor():
+    """An executor whose worker sends every array through shared memory."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("COMFY_ENV_INLINE_BYTES", "0")
-    mp.setattr(arrays, "INLINE_BYTES", 0)
+    mp.setenv("COMFY_ENV_INLINE_BYTES", "0")       # read by the worker when it starts
     try:
-        with IsolatedExecutor(max_workers=1, name="all-plane") as e:
-            e.submit(F.warm).result(timeout=60)
-            assert e.submit(F.inline_bytes).result(timeout=30) == 0
-            yield e
+        e = IsolatedExecutor(max_workers=1, name="all-plane")
+        e.submit(F.warm).result(timeout=60)
     finally:
         mp.undo()
+    with e:
+        assert e.submit(F.inline_bytes).result(timeout=30) == 0
+        yield e
+
+
+@pytest.fixture
+def all_plane(_all_plane_executor, monkeypatch):
+    """... and the parent too, for the duration of one test."""
+    monkeypatch.setattr(arrays, "INLINE_BYTES", 0)
+    return _all_plane_executor
 
 
 # -- dtypes --------------------------------------------------------------------------------
@@ -224,6 +231,7 @@ NP_VIEWS = [
     "strides=(x.strides[0], x.strides[0], x.strides[1]))",        # overlapping rows
     "x.view(np.uint8)[:, 3:-5]",                                   # unaligned start
     "x[:, :1]",                                                    # sparse: compacted
+    "np.broadcast_to(x[0], (4000, x.shape[1]))",                   # zero strides, read-only
 ]
 
 
@@ -306,7 +314,8 @@ def test_object_arrays_and_subclasses_keep_their_own_path(ex):
 TORCH_VIEWS = ["x", "x[1:]", "x[:, ::2]", "x.t()", "x[3:-3, 5:-7]", "x[:, 7]", "x[5]",
                "x.reshape(-1)[3:]", "x.unsqueeze(0)[:, 1:]", "x.t()[::2]", "x[::3]",
                "x.as_strided((x.shape[0] - 1, 2, x.shape[1]), (x.stride(0), x.stride(0), 1))",
-               "x.view(torch.uint8)[:, 3:-5]", "x[-2:]", "x.permute(1, 0)[2:]"]
+               "x.view(torch.uint8)[:, 3:-5]", "x[-2:]", "x.permute(1, 0)[2:]",
+               "x[0].expand(4000, x.shape[1])", "x[:, :1]"]
 
 
 def _torch_strides_kept(v):
@@ -344,6 +353,50 @@ def test_torch_views_keep_strides_and_storage_offset_both_ways(ex, recipe, dtype
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [10, 100_000])
+def test_torch_lazy_conjugate_and_negative_views_arrive_resolved(ex, n):
+    z = torch.randn(n, dtype=torch.complex64)
+    for v in (z.conj(), z.conj()[1:], torch._neg_view(z.real), z.conj().imag):
+        assert v.is_conj() or v.is_neg()
+        got = ex.submit(F.echo, v).result(timeout=30)
+        assert torch.equal(got, v)                # (inline, torch's pickle keeps the bits)
+        if n > 1000:
+            assert in_segment(got) and not got.is_conj() and not got.is_neg()
+        assert ex.submit(F.checksum, v).result(timeout=30) == F.checksum(v.resolve_conj().resolve_neg())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("recipe", ["x", "x[0, 0]", "x[:0]", "x[:, :0]", "x[2:, ::2].t()",
+                                    "x[1:]", "x[0].expand(5, 8)"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bool"])
+def test_torch_tiny_zero_d_and_empty_tensors_through_the_plane(all_plane, recipe, dtype):
+    x = torch.arange(48, dtype=torch.float64).reshape(6, 8).to(getattr(torch, dtype))
+    v = eval(recipe, {"torch": torch, "x": x})
+    got, h, desc = all_plane.submit(F.echo_and_hash, v).result(timeout=30)
+    assert desc[-1] or v.numel() == 0, desc  # through a segment (empty: data_ptr() is 0)
+    assert h == F.checksum(v)
+    assert_same_tensor(got, v)
+    fresh = all_plane.submit(F.torch_view_of_fresh, (6, 8), dtype, recipe).result(timeout=30)
+    assert_same_tensor(fresh, v)
+
+
+@pytest.mark.timeout(60)
+def test_small_arrays_go_inline_and_skip_the_arena(ex):
+    before, wbefore = _arena_counts(), ex.submit(F.arena_counts).result(timeout=30)
+    small = np.arange(arrays.INLINE_BYTES // 8 - 1, dtype=np.float64)
+    got, _, desc = ex.submit(F.echo_and_hash, small).result(timeout=30)
+    assert desc[8] is False and not in_segment(got) and np.array_equal(got, small)
+    t = torch.arange(1000.0)
+    assert not in_segment(ex.submit(F.echo, t).result(timeout=30))
+    assert _arena_counts() == before
+    assert ex.submit(F.arena_counts).result(timeout=30) == wbefore
+    # ... and a read-only small array stays read-only
+    small.flags.writeable = False
+    got = ex.submit(F.echo, [small, small]).result(timeout=30)
+    assert got[0].flags.writeable is False and got[0] is got[1]
+
+
+@pytest.mark.timeout(60)
 def test_torch_requires_grad_and_parameters_travel_as_data_only(ex):
     leaf = torch.randn(300, 300, requires_grad=True)
     got = ex.submit(F.echo, leaf).result(timeout=30)
@@ -360,6 +413,9 @@ def test_torch_requires_grad_and_parameters_travel_as_data_only(ex):
     gp = ex.submit(F.echo, p).result(timeout=30)
     assert type(gp) is torch.nn.Parameter and gp.requires_grad
     assert torch.equal(gp.detach(), p.detach())
+    sparse = torch.nn.Parameter(torch.randn(2000, 300)[:, :2])          # compacted on the way
+    gs = ex.submit(F.echo, sparse).result(timeout=30)
+    assert type(gs) is torch.nn.Parameter and gs.requires_grad and torch.equal(gs, sparse)
     frozen = torch.nn.Parameter(torch.randn(200, 200), requires_grad=False)
     gf = ex.submit(F.echo, frozen).result(timeout=30)
     assert type(gf) is torch.nn.Parameter and not gf.requires_grad

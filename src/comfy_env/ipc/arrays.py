@@ -221,6 +221,15 @@ class TorchCPUPlane(_SegmentPlane):
         nbytes = t.numel() * item
         if nbytes < INLINE_BYTES:
             return None
+        import torch
+
+        # Read these before t is replaced below (.contiguous() of a Parameter is a plain Tensor).
+        param = isinstance(t, torch.nn.Parameter)
+        requires_grad = bool(t.requires_grad)
+        if t.is_conj() or t.is_neg():
+            # Lazy conjugate/negative views: the memory holds the unconjugated values and
+            # the bit would not travel; materialise them (one copy, as pickle would).
+            t = t.detach().resolve_conj().resolve_neg()
         ptr = t.data_ptr()
         strides_b = [s * item for s in t.stride()]
         lo, hi = _span(ptr, t.shape, strides_b, item)
@@ -236,11 +245,8 @@ class TorchCPUPlane(_SegmentPlane):
             lo = start
         idx, off = _place(self, enc, ptr, lo, hi)
         seg_start = off - (ptr - lo)
-        import torch
-
-        param = isinstance(t, torch.nn.Parameter)
         return (idx, off, str(t.dtype).rsplit(".", 1)[1], tuple(t.shape), tuple(t.stride()),
-                bool(t.requires_grad), param, seg_start)
+                requires_grad, param, seg_start)
 
     def _decode(self, desc, dec):
         try:

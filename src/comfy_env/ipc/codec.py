@@ -332,6 +332,19 @@ def accept_part_leases(frame, part_index, link):
     return [dec.record(i) for i in range(len(frame.parts[part_index].refs or ()))]
 
 
+def _explain_missing(exc):
+    """Pickle's bare "No module named 'torch._utils'" says neither which package is
+    missing nor where: name the package and this process's Python."""
+    if sys.executable in str(exc) or not exc.name:
+        return exc              # already explained (the data planes' own errors)
+    pkg = exc.name.split(".")[0]
+    return ModuleNotFoundError(
+        f"{exc}: the message holds an object of package {pkg!r}, which is not importable "
+        f"in this process (Python {sys.version.split()[0]} at {sys.executable}): install "
+        f"{pkg} in this environment, or share it from the host (share = [\"{pkg}\"] in "
+        f"comfy-env.toml)", name=pkg)
+
+
 def _release_untaken(dec):
     """Give back the leases of refs the decode never reached (it failed first: a
     missing package, a class unknown here); otherwise the peer's lends would pin
@@ -351,12 +364,17 @@ def decode_part(frame, index, link, cache=None, records=None):
         return cache[index]
     part = frame.parts[index]
     if part.refs is None:
-        obj = pickle.loads(part.data)
+        try:
+            obj = pickle.loads(part.data)
+        except ModuleNotFoundError as exc:
+            raise _explain_missing(exc) from exc
         cache[index] = obj
         return obj
     dec = Decoder(frame, index, link, cache, records)
     try:
         obj = dec.load()
+    except ModuleNotFoundError as exc:
+        raise _explain_missing(exc) from exc
     finally:
         lifetime.LEDGER.sweep(list(dec._records.values()))
         _release_untaken(dec)
