@@ -391,3 +391,30 @@ def debug_segment(x):
     seg = shm.find_segment(addr, max(n, 1))
     return addr, n, None if seg is None else (seg.key, seg.addr, seg.size, seg.mm is None, seg.fd), \
         [(s.key, s.addr, s.size) for s in shm.ADDRESS_MAP._segs]
+
+
+def many_arrays(count, nbytes):
+    import numpy as np
+
+    return [np.full(nbytes // 8, i, dtype=np.float64) for i in range(count)]
+
+
+def with_worker_only_class(n):
+    """An array plus an instance of a class the parent cannot import."""
+    import types
+
+    import numpy as np
+
+    mod = types.ModuleType("only_in_the_worker")
+    exec("class Thing:\n    pass\n", mod.__dict__)
+    mod.Thing.__module__ = "only_in_the_worker"
+    sys.modules["only_in_the_worker"] = mod
+    return np.arange(n, dtype=np.float64), mod.Thing()
+
+
+def unpicklable_result(n):
+    import threading
+
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64), threading.Lock()

@@ -597,6 +597,17 @@ def test_result_of_one_worker_reaches_another_without_a_copy(tmp_path):
         assert _arena_counts() == before
 
 
+@pytest.mark.timeout(60)
+def test_hundreds_of_arrays_in_one_message_both_ways(ex):
+    # Each copied array used to take its own segment, hence an fd: past 250 the frame failed.
+    arrs = [np.full(150_000, i, dtype=np.float64) for i in range(300)]
+    got = ex.submit(F.echo, arrs).result(timeout=60)
+    assert all(g[0] == i and g[-1] == i and in_segment(g) for i, g in enumerate(got))
+    made = ex.submit(F.many_arrays, 300, 1_200_000).result(timeout=60)
+    assert len(made) == 300
+    assert all(m[0] == i and m[-1] == i and in_segment(m) for i, m in enumerate(made))
+
+
 # -- trimesh ------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)

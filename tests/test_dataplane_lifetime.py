@@ -406,3 +406,26 @@ def test_size_classes_waste_at_most_a_quarter():
         assert c >= n and c % shm._PAGE == 0
         if n > MiB:
             assert c <= n * 1.25 + shm._PAGE, (n, c)
+
+
+# -- failures on the way ----------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_failed_encode_and_failed_decode_lend_nothing_for_good(clean):
+    import threading
+
+    with IsolatedExecutor(name="failures") as ex:
+        a = np.random.default_rng(5).random(300_000)
+        # The parent cannot pickle the call: the array's scratch copy goes back to the arena.
+        with pytest.raises(Exception, match="pickle"):
+            ex.submit(F.echo, (a, threading.Lock())).result(timeout=30)
+        # The worker's result holds a class the parent cannot import: the error names the
+        # package and this Python, and the worker's lends are released.
+        with pytest.raises(ModuleNotFoundError) as info:
+            ex.submit(F.with_worker_only_class, 300_000).result(timeout=30)
+        assert "only_in_the_worker" in str(info.value) and sys.executable in str(info.value)
+        # The worker cannot pickle its result.
+        with pytest.raises(Exception, match="could not be sent"):
+            ex.submit(F.unpicklable_result, 300_000).result(timeout=30)
+        assert _worker_clean(ex) == (0, 0, 0)
+        del info

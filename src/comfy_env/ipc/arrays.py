@@ -32,6 +32,8 @@ INLINE_BYTES = int(os.environ.get("COMFY_ENV_INLINE_BYTES", 64 * 1024))
 # than the data: then compact it (x[::1000] of a huge array).
 _SPAN_SLACK = 2
 _SCRATCH_ALIGN = 64
+_SCRATCH_SOLO = 16              # segments per frame before they grow (see _Scratch)
+_SCRATCH_MAX = 256 << 20
 
 
 def _missing(pkg, what):
@@ -57,13 +59,23 @@ def _span(ptr, shape, strides, itemsize):
 
 
 class _Scratch:
-    """Bump allocator over arena segments for the copies of one frame."""
+    """Bump allocator over arena segments for the copies of one frame.
 
-    __slots__ = ("record", "used")
+    Each segment is an fd in the frame, and a frame carries at most
+    ``transport.MAX_FDS``: a result holding 300 arrays of 2 MiB each failed to
+    send.  After ``_SCRATCH_SOLO`` segments, each new one is at least twice the
+    previous (up to ``_SCRATCH_MAX``), so the count grows with the log of the
+    bytes copied.  (Arrays packed together keep their whole segment alive on
+    the peer until the last of them is gone: hence not from the start.)
+    """
+
+    __slots__ = ("record", "used", "count", "last_size")
 
     def __init__(self):
         self.record = None
         self.used = 0
+        self.count = 0
+        self.last_size = 0
 
     def take(self, nbytes):
         rec = self.record
@@ -72,8 +84,13 @@ class _Scratch:
             if off + nbytes <= rec.resource.size:
                 self.used = off + nbytes
                 return rec, off
-        rec = shm.ARENA.allocate(nbytes)
+        want = nbytes
+        if self.count >= _SCRATCH_SOLO:
+            want = max(nbytes, min(2 * self.last_size, _SCRATCH_MAX))
+        rec = shm.ARENA.allocate(want)
         self.record, self.used = rec, nbytes
+        self.count += 1
+        self.last_size = rec.resource.size
         return rec, 0
 
 

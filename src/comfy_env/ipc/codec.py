@@ -26,6 +26,7 @@ import os
 import pickle
 import struct
 import sys
+import traceback
 from concurrent.futures import Future
 
 import cloudpickle
@@ -373,11 +374,20 @@ def decode_part(frame, index, link, cache=None, records=None):
     dec = Decoder(frame, index, link, cache, records)
     try:
         obj = dec.load()
-    except ModuleNotFoundError as exc:
-        raise _explain_missing(exc) from exc
-    finally:
-        lifetime.LEDGER.sweep(list(dec._records.values()))
+    except BaseException as exc:
+        # The traceback keeps its frames, and they keep the decoder, whose stack and
+        # memo hold what was decoded so far: arrays on the peer's blocks, pinned for as
+        # long as the exception lives (a failed future keeps it).  Let go of them.
+        recs = list(dec._records.values())
         _release_untaken(dec)
+        dec = None
+        traceback.clear_frames(exc.__traceback__)
+        lifetime.LEDGER.sweep(recs)
+        if isinstance(exc, ModuleNotFoundError):
+            raise _explain_missing(exc) from exc
+        raise
+    lifetime.LEDGER.sweep(list(dec._records.values()))
+    _release_untaken(dec)
     cache[index] = obj
     return obj
 
