@@ -418,8 +418,12 @@ class _Pool:
         with self.lock:
             if worker in self.workers and not worker.exiting:
                 self.idle.append(worker)
-        self._notify_done()
-        self.dispatch()
+            self.all_done.notify_all()
+            # Unlocked-read safe: a submit() that adds work after this calls
+            # dispatch() itself and finds the worker idle.
+            busy = self.pending or self.shutting_down
+        if busy:
+            self.dispatch()
 
     def on_death(self, worker, item, code, start_error):
         with self.lock:

@@ -216,23 +216,23 @@ class WorkerHandle:
             frame.close_fds()
             return
         fut = item.future
+        del item
+        # Decode first, hand the worker back (which may send it the next call),
+        # and complete the future last: the caller wakes up wanting the GIL, and
+        # this thread gives it up as soon as it blocks in recv() again.
         if ok and frame.parts[0].refs is None:
             # Nothing in shared memory: decode here, no lazy bookkeeping.
             frame.close_fds()
             try:
-                value = codec.decode_part(frame, 0, self.link)
+                outcome = (True, codec.decode_part(frame, 0, self.link))
             except BaseException as exc:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(value)
+                outcome = (False, exc)
         elif ok:
             try:
-                lazy = LazyResult(frame, self.link)
+                outcome = (None, LazyResult(frame, self.link))
             except BaseException as exc:
                 frame.close_fds()
-                fut.set_exception(exc)
-            else:
-                fut._set_lazy_result(lazy)
+                outcome = (False, exc)
         else:
             try:
                 exc, tb = _decode_remote_exception(frame, self.link)
@@ -240,9 +240,15 @@ class WorkerHandle:
                 frame.close_fds()
             if tb:
                 exc.__cause__ = RemoteTraceback(tb)
-            fut.set_exception(exc)
-        del item, fut
+            outcome = (False, exc)
         self.pool.on_idle(self)
+        kind, value = outcome
+        if kind is True:
+            fut.set_result(value)
+        elif kind is None:
+            fut._set_lazy_result(value)
+        else:
+            fut.set_exception(value)
 
     def _on_log(self, envelope):
         _, levelno, name, msg, created = envelope
