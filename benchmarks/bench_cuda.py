@@ -103,7 +103,7 @@ def settle():
     for _ in range(3):
         gc.collect()
         lifetime.LEDGER.drain()
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 def timed(fn, reps):
@@ -122,7 +122,7 @@ def timed(fn, reps):
 def reps_for(nbytes, cpu=False):
     if cpu:
         return 1 if nbytes >= GiB else 3
-    return 3 if nbytes >= 4 * GiB else 7 if nbytes >= GiB else 30
+    return 3 if nbytes >= 4 * GiB else 5 if nbytes >= GiB else 15
 
 
 def new_executor(env_extra=None):
