@@ -384,15 +384,6 @@ def echo_and_sample(x, step=4096):
     return x, strided_sum(x, step)
 
 
-def debug_segment(x):
-    from comfy_env.ipc import shm
-
-    addr, n = _addr(x)
-    seg = shm.find_segment(addr, max(n, 1))
-    return addr, n, None if seg is None else (seg.key, seg.addr, seg.size, seg.mm is None, seg.fd), \
-        [(s.key, s.addr, s.size) for s in shm.ADDRESS_MAP._segs]
-
-
 def many_arrays(count, nbytes):
     import numpy as np
 

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ from comfy_env import IsolatedExecutor, shared_empty, shared_like
 from comfy_env.ipc import arrays, lifetime, shm
 
 torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental"),
+              pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")]
 
 BIG = 1 << 17      # elements: every dtype here is >= INLINE_BYTES at this count (1-byte ones: 128 KiB)
 
@@ -179,7 +183,9 @@ def _torch_dtypes():
         if name.startswith("q") or name in _SUB_BYTE:
             continue        # quantized and sub-byte placeholders: no kernels to build them with
         try:
-            _torch_sample(d, 16).clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")            # "ComplexHalf is experimental"
+                _torch_sample(d, 16).clone()
         except Exception:
             continue
         out.append(d)
