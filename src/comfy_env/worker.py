@@ -14,6 +14,7 @@ Threads::
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -80,6 +81,8 @@ class Worker:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.link = lifetime.Link(self._send_control, name="parent")
+        self._gc_due = None
+        self._janitor = None
         self.name = "worker"
 
     # -- sending ---------------------------------------------------------------
@@ -168,9 +171,12 @@ class Worker:
             frame = codec.decode_envelope(body, fds)
             kind = frame.envelope[0]
             if kind == "call":
+                held = lifetime.LEDGER.leased_from(self.link)
                 self._run_call(frame)
                 del frame
                 lifetime.LEDGER.drain()     # release the arguments' blocks promptly
+                if lifetime.LEDGER.leased_from(self.link) > held:
+                    self._collect_soon()
             elif kind == "ctl":
                 frame.close_fds()
                 _apply_control(self.link, frame.envelope[1])
@@ -179,6 +185,30 @@ class Worker:
                 return
             else:
                 frame.close_fds()
+
+    def _collect_soon(self):
+        """Run the cycle collector once the worker has been idle for a moment.
+
+        Arguments caught in reference cycles (a trimesh, any graph with cycles)
+        pin the parent's blocks until Python's next collection, which an idle
+        worker may never run.  Collecting inline after every such call would
+        cost milliseconds on a large heap; a janitor thread does it off the
+        hot path instead (a lease still held on purpose costs one collection).
+        """
+        self._gc_due = time.monotonic() + 0.5
+        if self._janitor is None:
+            self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
+                                             name="comfy_env-janitor")
+            self._janitor.start()
+
+    def _janitor_loop(self):
+        while True:
+            time.sleep(0.25)
+            due = self._gc_due
+            if due is not None and time.monotonic() >= due:
+                self._gc_due = None
+                gc.collect()
+                lifetime.LEDGER.drain()
 
     def _run_call(self, frame):
         call_id = frame.envelope[1]

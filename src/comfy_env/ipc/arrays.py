@@ -319,3 +319,4 @@ codec.register_plane(TorchCPUPlane())
 # The CUDA plane goes in front of the CPU one the first time a tensor is seen
 # (never at import: a process without CUDA or torch must not touch either).
 codec.on_first_type("torch.Tensor", _install_cuda_plane)
+codec.provide_plane("cuda", _install_cuda_plane)

@@ -89,8 +89,28 @@ def register_plane(plane: Plane, first=False) -> None:
     _DISPATCH.clear()
 
 
+_PROVIDERS = {}         # plane name -> callable that registers it (planes installed lazily)
+
+
+def provide_plane(name, install):
+    """``install()`` registers plane ``name``; called the first time a peer uses it."""
+    _PROVIDERS[name] = install
+
+
 def get_plane(name):
-    return _PLANES[name]
+    """The plane called ``name``, installing it on first use (a receiver may never have
+    encoded an object of that plane, e.g. a parent that only receives CUDA tensors)."""
+    try:
+        return _PLANES[name]
+    except KeyError:
+        install = _PROVIDERS.pop(name, None)
+        if install is not None:
+            install()
+        try:
+            return _PLANES[name]
+        except KeyError:
+            raise LookupError(f"the peer used data plane {name!r}, which this process cannot "
+                              f"install (Python {sys.version.split()[0]} at {sys.executable})") from None
 
 
 _FIRST_SIGHT = {}       # "module.Qualname" -> callable run once, before its first dispatch
@@ -301,7 +321,7 @@ class Decoder(pickle.Unpickler):
     def persistent_load(self, pid):
         tag = pid[0]
         if tag == "p":
-            return _PLANES[pid[1]].decode(pid[2], self)
+            return get_plane(pid[1]).decode(pid[2], self)
         if tag == "v":
             return pid[1]
         if tag == "f":
@@ -313,7 +333,7 @@ class Decoder(pickle.Unpickler):
         rec = self._records.get(ref_index)
         if rec is None:
             plane_name, key, fd_index, meta = self.part.refs[ref_index]
-            plane = _PLANES[plane_name]
+            plane = get_plane(plane_name)
 
             def make():
                 fd = -1

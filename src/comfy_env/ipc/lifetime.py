@@ -150,10 +150,12 @@ class Ledger:
                 del self._records[rec.key]
             upstream, leases = rec.upstream, rec.leases_in
             rec.leases_in = 0
-        if upstream is not None and leases:
-            upstream.post(("release", rec.key, leases))
+        # Free first, release after: the exporter may reuse or free the block as
+        # soon as it reads the release, so our unmap / CUDA free must be done by then.
         if rec.on_zero is not None:
             rec.on_zero(rec)
+        if upstream is not None and leases:
+            upstream.post(("release", rec.key, leases))
 
     def sweep(self, recs):
         """Free records that a failed or empty decode left with no user."""
@@ -260,6 +262,11 @@ class Ledger:
 
     def __len__(self):
         return len(self._records)
+
+    def leased_from(self, link):
+        """How many blocks this process holds through leases from ``link``."""
+        with self._lock:
+            return sum(1 for r in self._records.values() if r.upstream is link)
 
     def records(self):
         with self._lock:
