@@ -24,6 +24,7 @@ executor that is garbage collected without ``shutdown()`` is finalized.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -41,6 +42,7 @@ from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec
 from ..ipc.transport import ChannelClosed, MAX_FDS
+from .devices import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WorkerHandle
 
@@ -576,10 +578,14 @@ class IsolatedExecutor(Executor):
     runs once in each worker; if it raises, the executor is broken.
     ``call_timeout`` (seconds) bounds each call: the worker is killed, the
     future raises :class:`CallTimeout`, the executor carries on.
+    ``device`` (``"cuda:N"`` in this process's numbering, or a GPU UUID) pins
+    the workers to one GPU: it becomes their ``cuda:0`` (see devices.py).
+    ``name`` prefixes the workers' log lines; ``worker_log_level`` sets the
+    workers' root logger level.
     """
 
     def __init__(self, env=None, max_workers=1, *, initializer=None, initargs=(),
-                 call_timeout=None, name=None, worker_log_level=None):
+                 call_timeout=None, name=None, worker_log_level=None, device=None):
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -593,6 +599,10 @@ class IsolatedExecutor(Executor):
         if not isinstance(initargs, tuple):
             initargs = tuple(initargs)
         wenv = resolve_env(env)
+        pin = pin_environment(device)
+        if pin:
+            wenv = dataclasses.replace(wenv, env_vars={**(wenv.env_vars or {}), **pin})
+        self.device = device
         self.env = wenv
         self.name = name or f"{wenv.label}-{next(_names)}"
         logger = logging.getLogger(f"comfy_env.worker.{self.name}")

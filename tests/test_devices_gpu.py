@@ -1,0 +1,81 @@
+"""Device-pinned workers on real GPUs (marker ``gpu``; cross-device cases also ``multigpu``).
+
+Single-GPU: a pinned worker's default device is the pinned GPU (same UUID as the
+parent's), and tensors keep their device both ways.  Two or more GPUs: tensors
+cross between processes working on different GPUs and arrive on the device they
+left (worker -> parent, parent -> worker, worker -> worker).
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from comfy_env import IsolatedExecutor  # noqa: E402
+from comfy_env.ipc.cuda import devices  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+NGPU = torch.cuda.device_count()
+multigpu = pytest.mark.skipif(NGPU < 2, reason="needs two or more CUDA GPUs")
+
+
+def _uuid_of_current():
+    import torch
+    from comfy_env.ipc.cuda import devices
+    return devices.uuid_of(torch.cuda.current_device())
+
+
+def _make(n, value):
+    import torch
+    return torch.full((n,), value, device="cuda", dtype=torch.float32)
+
+
+def _where_and_sum(t):
+    from comfy_env.ipc.cuda import devices
+    return devices.uuid_of(t.device.index), float(t.sum())
+
+
+@pytest.mark.timeout(120)
+def test_pinned_worker_runs_on_the_pinned_gpu():
+    last = NGPU - 1
+    with IsolatedExecutor(device=f"cuda:{last}") as ex:
+        assert ex.submit(_uuid_of_current).result() == devices.uuid_of(last)
+
+
+@pytest.mark.timeout(120)
+def test_tensor_keeps_its_device_through_a_pinned_worker():
+    with IsolatedExecutor(device="cuda:0") as ex:
+        t = ex.submit(_make, 1 << 20, 2.0).result()
+        assert t.device == torch.device("cuda:0")
+        uuid, total = ex.submit(_where_and_sum, t).result()
+        assert uuid == devices.uuid_of(0) and total == 2.0 * (1 << 20)
+
+
+@multigpu
+@pytest.mark.multigpu
+@pytest.mark.timeout(180)
+def test_worker_to_parent_across_devices():
+    with IsolatedExecutor(device="cuda:1") as ex:
+        t = ex.submit(_make, 1 << 20, 3.0).result()
+        assert t.device == torch.device("cuda:1")
+        assert float(t.sum()) == 3.0 * (1 << 20)
+
+
+@multigpu
+@pytest.mark.multigpu
+@pytest.mark.timeout(180)
+def test_parent_to_worker_across_devices():
+    t = torch.full((1 << 20,), 5.0, device="cuda:0")
+    with IsolatedExecutor(device="cuda:1") as ex:
+        uuid, total = ex.submit(_where_and_sum, t).result()
+    assert uuid == devices.uuid_of(0) and total == 5.0 * (1 << 20)
+
+
+@multigpu
+@pytest.mark.multigpu
+@pytest.mark.timeout(180)
+def test_worker_to_worker_across_devices():
+    with IsolatedExecutor(device="cuda:0") as a, IsolatedExecutor(device="cuda:1") as b:
+        fa = a.submit(_make, 1 << 20, 7.0)
+        uuid, total = b.submit(_where_and_sum, fa).result()
+    assert uuid == devices.uuid_of(0) and total == 7.0 * (1 << 20)
