@@ -11,8 +11,15 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+import sys  # noqa: E402
+
+import cloudpickle  # noqa: E402
+
 from comfy_env import IsolatedExecutor  # noqa: E402
 from comfy_env.ipc.cuda import devices  # noqa: E402
+
+# Worker functions travel by value: importing this module in a worker would need pytest.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.gpu
 NGPU = torch.cuda.device_count()
