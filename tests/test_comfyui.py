@@ -270,3 +270,22 @@ def test_worker_output_is_logged_with_the_pack_name(demo, recorder, caplog):
     lines = [r.getMessage() for r in caplog.records if "chatty" in r.getMessage()]
     assert any("chatty says hello" in m for m in lines) and any("chatty logs hello" in m for m in lines)
     assert all("[demo_pack]" in m for m in lines), lines
+
+
+def test_host_command_line_reaches_a_worker_running_comfyuis_own_modules(monkeypatch):
+    """comfy.cli_args parses no command line in a worker: the host's plain values travel."""
+    import argparse
+    import enum
+    import types
+
+    from comfy_env.comfyui import pack
+
+    class Method(enum.Enum):
+        AUTO = "auto"
+
+    fake = types.ModuleType("comfy.cli_args")
+    fake.args = argparse.Namespace(cpu=True, reserve_vram=1.5, output_directory=None,
+                                   fast=["fp16"], preview_method=Method.AUTO)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", fake)
+    assert pack._host_cli_args() == {"cpu": True, "reserve_vram": 1.5,
+                                     "output_directory": None, "fast": ["fp16"]}

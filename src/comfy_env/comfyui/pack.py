@@ -55,6 +55,25 @@ def _env_fingerprint(env):
     return "object:" + repr(env)
 
 
+def _host_cli_args():
+    """ComfyUI's parsed command line (``--cpu``, VRAM modes, ...), for a worker that
+    imports ComfyUI's own ``comfy`` modules: ``comfy.cli_args`` parses no command line
+    there, and ``comfy.model_management`` would then, e.g., insist on CUDA on a machine
+    that ComfyUI itself runs with ``--cpu``.  Only plain values travel."""
+    import sys
+    mod = sys.modules.get("comfy.cli_args")
+    args = getattr(mod, "args", None)
+    if args is None:
+        return None
+    plain = (str, int, float, bool, type(None))
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, plain) or (isinstance(v, (list, tuple))
+                                    and all(isinstance(x, plain) for x in v)):
+            out[k] = v
+    return out
+
+
 def _folder_paths_snapshot():
     """ComfyUI's folder configuration, for the worker's read-only folder_paths shim."""
     import sys
@@ -159,7 +178,7 @@ class IsolatedPack:
         hub = sidechannel.hub()
         kwargs = dict(initializer=_initializer_ref(),
                       initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
-                                _folder_paths_snapshot()),
+                                _folder_paths_snapshot(), _host_cli_args()),
                       call_timeout=self.call_timeout)
         if "name" in inspect.signature(IsolatedExecutor).parameters:
             kwargs["name"] = self.name       # worker output is logged under this name

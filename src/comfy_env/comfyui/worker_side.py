@@ -46,12 +46,13 @@ def in_worker() -> bool:
 
 # --------------------------------------------------------------------------- setup
 
-def initialize(pack_name, comfy_mode="auto", sidechannel=None, folder_paths_snapshot=None):
+def initialize(pack_name, comfy_mode="auto", sidechannel=None, folder_paths_snapshot=None,
+               host_args=None):
     """Executor initializer: comfy API, progress forwarding, side channel."""
     global _in_worker, _link
     _in_worker = True
     os.environ["COMFY_ENV_PACK"] = pack_name
-    _ensure_comfy(comfy_mode)
+    _ensure_comfy(comfy_mode, host_args)
     if folder_paths_snapshot:
         _configure_folder_paths(folder_paths_snapshot)
     import comfy.model_management as mm
@@ -74,7 +75,7 @@ def _forwarding_hook(value, total, preview_image=None, prompt_id=None, node_id=N
         _link.progress(value, total, preview_image, node_id)
 
 
-def _ensure_comfy(mode):
+def _ensure_comfy(mode, host_args=None):
     """Make ``import comfy.utils`` / ``comfy.model_management`` work in this worker.
 
     mode "auto": ComfyUI's own modules when they import here (env=None inside
@@ -85,6 +86,12 @@ def _ensure_comfy(mode):
         raise ValueError(f"comfy_api must be 'auto', 'shim' or 'comfyui', not {mode!r}")
     if mode != "shim":
         try:
+            if host_args:
+                # Same settings as the host (--cpu, VRAM modes) before
+                # model_management reads them at import.
+                import comfy.cli_args
+                for k, v in host_args.items():
+                    setattr(comfy.cli_args.args, k, v)
             import comfy.model_management  # noqa: F401
             import comfy.utils  # noqa: F401
             return
