@@ -315,6 +315,55 @@ def _watch_parent(fd):
     os._exit(0)
 
 
+class _TorchImportHook:
+    """Installs the CUDA plane as soon as node code imports torch.
+
+    The worker's zero-copy route needs comfy_env's export pool to be torch's
+    current pool *before* the first CUDA allocation, i.e. the plane must be
+    installed between ``import torch`` and CUDA's lazy init.  Importing torch
+    ourselves at start-up would cost every worker a second; this meta-path
+    finder waits for the user's own import instead.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return None
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch")
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _install_cuda_plane()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _install_cuda_plane():
+    try:
+        from .ipc import cuda
+        cuda.install()
+    except Exception:
+        # No usable CUDA plane here: CUDA tensors then take the copying routes.
+        pass
+
+
+def _watch_for_torch():
+    if "torch" in sys.modules:
+        _install_cuda_plane()
+    else:
+        sys.meta_path.insert(0, _TorchImportHook())
+
+
 def main(argv=None):
     fd, alive = _parse_args(sys.argv[1:] if argv is None else argv)
     # Ctrl-C in the terminal reaches the whole process group: the parent
@@ -324,6 +373,7 @@ def main(argv=None):
         threading.Thread(target=_watch_parent, args=(alive,), name="comfy_env-parent-watch",
                          daemon=True).start()
     worker = Worker(Channel.from_fd(fd))
+    _watch_for_torch()              # before the initializer, which may import torch
     try:
         ok = worker.handshake()
     except ChannelClosed:
