@@ -236,3 +236,145 @@ def test_doctor_report_without_gpu_says_so():
         pass
     text = doctor.report()
     assert text.startswith("CUDA data plane") and ("no usable GPU" in text or "not installed" in text)
+
+
+# -- import cache: lifetime protocol (pure Python, the real ledger) ------------------------
+class _Trace:
+    """A link and an on_zero that log, in order, frees and the releases queued upstream."""
+
+    def __init__(self):
+        from comfy_env.ipc import lifetime
+        self.log = []
+        self.sent = []                 # what the ledger's flusher thread already sent
+        self.link = lifetime.Link(self.sent.extend, name="exporter")
+        self.link.uid = "owner"
+
+    def on_zero(self, rec):
+        queued = [m for m in list(self.link._posts) + self.sent if m[0] == "release" and m[1] == rec.key]
+        assert not queued, "a release was queued before the import was freed"
+        self.log.append(("free", rec.key))
+
+    def releases(self):
+        import time
+        time.sleep(0.05)
+        msgs, self.sent[:] = self.sent + self.link.take_posts(), []
+        out = [m for m in msgs if m[0] == "release"]
+        self.log += out
+        return out
+
+
+def _decode(ledger, trace, key, cache, nbytes=1 << 20):
+    """What CudaPlane.decode does for a pool block: lease, one holder, cache.keep."""
+    rec = ledger.accept_lease(key, trace.link, lambda: object(), trace.on_zero)
+    holder = type("Holder", (), {})()
+    ledger.holder(rec, holder)
+    hit = cache.keep(rec, nbytes, key[1])
+    return rec, holder, hit
+
+
+def _settle(ledger):
+    import gc
+    gc.collect()
+    ledger.drain()
+
+
+def test_import_cache_keeps_the_import_and_sends_no_release_until_evicted():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    key = ("cuda", "owner", 1)
+    rec, h, hit = _decode(ledger, t, key, cache)
+    assert not hit and len(cache) == 1
+    h = None; _settle(ledger)
+    assert ledger.get(key) is rec and t.log == [] and t.releases() == []   # still mapped, no release
+    rec2, h2, hit = _decode(ledger, t, key, cache)                          # the same block again
+    assert hit and rec2 is rec and rec.leases_in == 2
+    h2 = None; _settle(ledger)
+    assert cache.sweep() == 0                                               # not idle long enough
+    assert cache.flush() == 1
+    assert t.log == [("free", key)]                                         # freed first ...
+    assert t.releases() == [("release", key, 2)]                            # ... then both leases
+    assert ledger.get(key) is None and len(cache) == 0
+
+
+def test_import_cache_evicts_idle_entries_after_their_time():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=0.5)
+    key = ("cuda", "owner", 7)
+    rec, h, _ = _decode(ledger, t, key, cache)
+    assert cache.sweep(now=0.0) == 0 and t.log == []                        # in use: kept, no timer
+    h = None; _settle(ledger)
+    assert cache.sweep(now=10.0) == 0                                       # idle from now on
+    assert cache.sweep(now=10.4) == 0
+    assert cache.sweep(now=10.6) == 1 and t.log == [("free", key)]
+    assert t.releases() == [("release", key, 1)]
+
+
+def test_import_cache_never_evicts_a_block_with_a_lease_not_yet_decoded():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    key = ("cuda", "owner", 2)
+    rec, h, _ = _decode(ledger, t, key, cache)
+    h = None; _settle(ledger)
+    # A new message leased the block; its decode has not added a user yet.
+    assert ledger.accept_lease(key, t.link, lambda: object(), t.on_zero) is rec
+    assert cache.flush() == 0 and ledger.get(key) is rec and t.log == []
+    h2 = type("Holder", (), {})()
+    ledger.holder(rec, h2)
+    assert cache.keep(rec, 1 << 20, "owner")
+    h2 = None; _settle(ledger)
+    assert cache.flush() == 1 and t.releases() == [("release", key, 2)]
+
+
+def test_import_cache_bounds_idle_entries_by_count_and_bytes_lru_first():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=3 << 20, max_count=2, max_idle_s=1000)
+    keys = [("cuda", "owner", i) for i in range(4)]
+    held = []
+    for k in keys[:3]:
+        rec, h, _ = _decode(ledger, t, k, cache)
+        held.append(h)
+    held[0] = None; _settle(ledger)                     # key 0 idle
+    cache.sweep()
+    assert len(cache) == 3                         # one idle entry: within bounds
+    held = h = None
+    _settle(ledger)                                # keys 1, 2 idle too: 3 idle > 2
+    cache.sweep()
+    assert [e for e in t.log if e[0] == "free"] == [("free", keys[0])]
+    assert not cache.keep(ledger.accept_lease(keys[3], t.link, lambda: object(), t.on_zero), 4 << 20, "owner")
+    assert len(cache) == 2                         # bigger than the byte bound: never kept
+
+
+def test_import_cache_flush_by_owner_and_after_link_closed():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    a, b = ("cuda", "A", 1), ("cuda", "B", 1)
+    for k in (a, b):
+        _, h, _ = _decode(ledger, t, k, cache)
+        h = None; _settle(ledger)
+    assert cache.flush(owner="A") == 1 and t.log == [("free", a)] and len(cache) == 1
+    ledger.link_closed(t.link)                     # the owner died: no release to send
+    assert cache.sweep() == 1 and t.log[-1] == ("free", b) and t.releases() == []
+    assert len(ledger) == 0
+
+
+def test_import_cache_disabled_by_env(monkeypatch):
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    monkeypatch.setenv("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "0")
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger)
+    assert not cache.enabled
+    key = ("cuda", "owner", 3)
+    _, h, _ = _decode(ledger, t, key, cache)
+    h = None; _settle(ledger)
+    assert t.log == [("free", key)] and t.releases() == [("release", key, 1)]

@@ -39,6 +39,7 @@ from ..codec import EncodeError, Plane
 from . import devices
 from . import driver as D
 from .events import EventRing, OpenedEvents
+from .importcache import ImportCache
 from .layout import (CudaTensorDesc, VERSION, ITEMSIZE, pool_meta, span_bytes, validate,
                      validate_meta, vmm_meta)
 from .paths import Capabilities, PeerVerdicts, choose, import_limit
@@ -123,6 +124,7 @@ class CudaPlane(Plane):
         self._rings = {}              # ordinal -> EventRing
         self._events = OpenedEvents()
         self.imports = PoolImports()
+        self.import_cache = ImportCache(lifetime.LEDGER)   # pool imports kept after use
         self._by_base = {}            # allocation base -> owned "pool" record (one key per allocation)
         self._serial = itertools.count(1)
         self._links = weakref.WeakSet()
@@ -271,13 +273,37 @@ class CudaPlane(Plane):
             offset = 0
         event = None
         if caps.events:
-            slot, handle = self._rings[ordinal].record(stream)
-            event = (lifetime.PROCESS_UID, ordinal, slot, handle)
+            event = self._event_for(enc, route, ordinal, stream)
         else:
             # No interprocess events: the receiver must not read early, so wait here.
             D.call("cuStreamSynchronize", stream)
         return CudaTensorDesc(VERSION, route, ref, dtype, shape, strides, offset, uuid, ordinal, event,
                               obj.requires_grad)
+
+    def _event_for(self, enc, route, ordinal, stream):
+        """The event the receiver waits on: one recording per stream and message.
+
+        A zero-copy tensor needs only what was enqueued before the message began
+        (the producer's kernels), so it shares the message's last recording on its
+        stream; a copied one needs a recording after our copy.
+        """
+        try:
+            recorded = enc._comfy_env_cuda_events
+        except AttributeError:
+            recorded = None
+            try:
+                recorded = enc._comfy_env_cuda_events = {}
+            except AttributeError:         # an encoder without a __dict__: no sharing
+                pass
+        if route == "pool" and recorded is not None:
+            event = recorded.get((ordinal, stream))
+            if event is not None:
+                return event
+        slot, handle = self._rings[ordinal].record(stream)
+        event = (lifetime.PROCESS_UID, ordinal, slot, handle)
+        if recorded is not None:
+            recorded[(ordinal, stream)] = event
+        return event
 
     def _lend_pool_block(self, enc, st, obj, gen, base, alloc, ordinal, uuid):
         # Check-and-lend under the ledger's lock: a release on another thread must not
@@ -356,16 +382,40 @@ class CudaPlane(Plane):
             stream = torch.cuda.current_stream(ordinal).cuda_stream
             base = self._local_ptr(rec, ordinal, stream, dec.link)
             if desc.event is not None and desc.event[0] != lifetime.PROCESS_UID:
-                self._events.wait(desc.event, ordinal, stream)
+                self._wait_once(dec, desc.event, ordinal, stream)
             nbytes = span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype])
             keeper = _DeviceBytes(base + desc.offset, nbytes)
             raw = torch.as_tensor(keeper, device=device)
             lifetime.LEDGER.holder(rec, keeper)
+            if desc.route == "pool" and not rec.owned and rec.resource.meta[0] == "pool":
+                meta = rec.resource.meta
+                self.import_cache.keep(rec, meta[4], meta[1][0])
             t = raw.view(dtype) if dtype != torch.uint8 else raw
             t = t.as_strided(desc.shape, desc.strides)
         if desc.requires_grad:
             t.requires_grad_(True)
         return t
+
+    def _wait_once(self, dec, event, ordinal, stream):
+        """Wait on a peer's event once per message and stream.
+
+        The whole message was encoded before it was sent, so the first wait already
+        covers the latest recording of that slot the message can mean.
+        """
+        key = (event[0], event[1], event[2], ordinal, stream)
+        try:
+            waited = dec._comfy_env_cuda_waited
+        except AttributeError:
+            waited = None
+            try:
+                waited = dec._comfy_env_cuda_waited = set()
+            except AttributeError:
+                pass
+        if waited is not None:
+            if key in waited:
+                return
+            waited.add(key)
+        self._events.wait(event, ordinal, stream)
 
     def _local_ptr(self, rec, ordinal, stream, link):
         """The block's address in this process: ours, or imported now on first use."""
@@ -445,6 +495,7 @@ class CudaPlane(Plane):
                 if self._by_base.get(res.base) is record:
                     del self._by_base[res.base]
             res.keep = None           # torch frees it, stream-ordered, when the user did too
+            self._reap_heap(res.ordinal)
         elif res.kind == "staging":
             devices.use(res.ordinal)
             D.call("cuMemFreeAsync", res.ptr, res.stream)
@@ -481,6 +532,9 @@ class CudaPlane(Plane):
                 self._warn_once(("verdict", link.name, block_kind),
                                 f"comfy_env: {link.name} cannot import CUDA {block_kind} blocks from this "
                                 f"process ({reason}); using another route")
+        elif kind == "uncache":
+            # The owner ran empty_cache: drop idle imports of its blocks so it can free them.
+            self.import_cache.flush(owner=message[1])
         elif kind == "retire":
             self.imports.retire(tuple(message[1]))
         elif kind == "retire-owner":
@@ -490,6 +544,8 @@ class CudaPlane(Plane):
 
     def _housekeeping(self):
         """Notice peers that went away: their pools retire here and at those we forwarded to."""
+        if self._heap:
+            self._reap_heap()
         for link in list(self._links):
             if link.closed and id(link) not in self._dead_links_seen:
                 self._dead_links_seen.add(id(link))
@@ -505,6 +561,15 @@ class CudaPlane(Plane):
 
         Called by the ``torch.cuda.empty_cache`` hook.  Returns the retired pool keys.
         """
+        # Our cached imports first: their releases let peers free (and us reap) blocks.
+        self.import_cache.flush()
+        if any(p is not None for p in self._heap.values()):
+            # Peers may keep our heap blocks imported after use (their import cache):
+            # ask them to let go, so a later empty_cache here can give the memory back.
+            for link in list(self._links):
+                st = link.state.get(self.name)
+                if st is not None and st.pools_sent and not link.closed:
+                    link.post(("plane", self.name, ("uncache", lifetime.PROCESS_UID)))
         retired = []
         for pools in list(self._heap.values()) + list(self._staging.values()):
             if pools is None:
@@ -512,6 +577,21 @@ class CudaPlane(Plane):
             devices.use(pools.ordinal)
             pools.roll(self.roll_min_idle)
             retired += pools.reap()
+        self._post_retired(retired)
+        return retired
+
+    def _reap_heap(self, ordinal=None):
+        """Destroy rolled heap generations that drained since the last trim.
+
+        A peer's cached import can outlive ``empty_cache``: its release (asked for by
+        ``uncache``) arrives later, and the generation is reaped then.
+        """
+        for o, pools in list(self._heap.items()):
+            if pools is None or not pools.old or (ordinal is not None and o != ordinal):
+                continue
+            self._post_retired(pools.reap())
+
+    def _post_retired(self, retired):
         if retired:
             for link in list(self._links):
                 st = link.state.get(self.name)
@@ -521,13 +601,13 @@ class CudaPlane(Plane):
                     if key in st.pools_sent:
                         st.pools_sent.discard(key)
                         link.post(("plane", self.name, ("retire", key)))
-        return retired
 
     def stats(self):
         with self._lock:
             owned = sum(1 for r in lifetime.LEDGER.records() if r.owned and r.key[0] == self.name)
             remote = sum(1 for r in lifetime.LEDGER.records() if not r.owned and r.key[0] == self.name)
             return {"owned_blocks": owned, "remote_blocks": remote, **self.imports.stats(),
+                    "import_cache": self.import_cache.stats(),
                     "heap_generations": {o: (1 + len(p.old)) for o, p in self._heap.items() if p},
                     "staging_generations": {o: (1 + len(p.old)) for o, p in self._staging.items()},
                     "events": {o: len(r) for o, r in self._rings.items()}}

@@ -1,0 +1,195 @@
+"""Keep a peer's pool pointer mapped for a while after our last tensor on it died.
+
+Why: importing a pool pointer (``cuMemPoolImportPointer``) maps it, and freeing the
+import (``cuMemFreeAsync`` + ``cuStreamSynchronize``) unmaps it; on an H100 that pair
+costs a few hundred microseconds per tensor, more for big ones.  A worker that hands
+the parent the same tensor again and again (cached outputs, weights, a reused output
+buffer) paid it on every call.  With this cache the second message finds the block
+still imported and costs no driver call.
+
+How, without touching the lifetime protocol: the cache is one more *user* of the
+block's ledger record (``LEDGER.hold``).  While it holds the record, the record
+cannot reach zero, so nothing is freed and no release goes upstream; the exporter
+keeps the block alive (it does so until every release arrived) and never reuses it.
+Eviction drops the cache's hold with ``LEDGER.unhold``; when that was the last user,
+the ledger runs the plane's ``on_zero`` (free the import, synchronise) and only then
+posts the release upstream.  So a block the importer still maps is never freed or
+reused by the exporter.
+
+Bounds (idle entries only: an entry still used by a tensor costs no extra memory):
+``COMFY_ENV_CUDA_IMPORT_CACHE_MIB`` bytes (default 256), ``..._COUNT`` entries
+(default 64), ``..._S`` seconds idle (default 1.0).  Any of them 0 disables the cache.
+Released: on eviction (LRU, over a bound, or idle too long), on
+``torch.cuda.empty_cache()`` (here), when the owner asks (its own ``empty_cache``),
+and once the link to the owner closed.  A background thread does the evicting, so
+freeing never happens on the decode path; it exits when the cache is empty.
+
+Only zero-copy ``pool`` blocks are kept: a ``staging`` or ``vmm`` block is a copy the
+sender made for this one message; keeping it would only hold the sender's memory.
+
+Races: a new message can lease a cached record (``LEDGER.accept_lease``) before its
+decode adds a user.  Eviction therefore checks, under the ledger's lock, that the
+record's lease count is unchanged since the cache last saw it, and drops its hold
+under that same lock, so a lease taken in between keeps the block.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+__all__ = ["ImportCache", "limits_from_env"]
+
+
+def limits_from_env():
+    mib = float(os.environ.get("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "256"))
+    count = int(os.environ.get("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "64"))
+    idle_s = float(os.environ.get("COMFY_ENV_CUDA_IMPORT_CACHE_S", "1.0"))
+    return int(mib * (1 << 20)), count, idle_s
+
+
+class _Entry:
+    __slots__ = ("rec", "nbytes", "owner", "leases_seen", "idle_since")
+
+    def __init__(self, rec, nbytes, owner):
+        self.rec = rec
+        self.nbytes = nbytes
+        self.owner = owner              # the exporting process's uid (pool key[0])
+        self.leases_seen = rec.leases_in
+        self.idle_since = None
+
+
+class ImportCache:
+    """Ledger records of imported pool blocks, kept alive by one extra hold each."""
+
+    def __init__(self, ledger, max_bytes=None, max_count=None, max_idle_s=None):
+        env = limits_from_env()
+        self.ledger = ledger
+        self.max_bytes = env[0] if max_bytes is None else int(max_bytes)
+        self.max_count = env[1] if max_count is None else int(max_count)
+        self.max_idle_s = env[2] if max_idle_s is None else float(max_idle_s)
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()     # record key -> _Entry, LRU first
+        self._bytes = 0                               # of all entries, busy ones included
+        self._thread = None
+        self._wake = threading.Event()
+        self._pid = os.getpid()
+        self.hits = self.kept = self.evicted = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 and self.max_count > 0 and self.max_idle_s > 0
+
+    # -- decode side ------------------------------------------------------------------
+    def keep(self, rec, nbytes, owner) -> bool:
+        """A tensor was just decoded on ``rec`` (it holds a user): keep the import after it.
+
+        Returns True when the record was already cached (a hit).
+        """
+        if not self.enabled or nbytes > self.max_bytes:
+            return False
+        with self.ledger._lock:
+            with self._lock:
+                e = self._entries.get(rec.key)
+                if e is not None and e.rec is rec:
+                    e.leases_seen = rec.leases_in
+                    e.idle_since = None
+                    self._entries.move_to_end(rec.key)
+                    self.hits += 1
+                    return True
+                if e is not None:          # a stale entry (cannot happen while we hold it)
+                    return False
+                self.ledger.hold(rec)
+                self._entries[rec.key] = _Entry(rec, nbytes, owner)
+                self._bytes += nbytes
+                self.kept += 1
+                over = len(self._entries) > self.max_count or self._bytes > self.max_bytes
+                start = self._thread is None or self._pid != os.getpid()
+        if start:
+            self._start()
+        if over:
+            self._wake.set()
+        return False
+
+    # -- eviction -----------------------------------------------------------------------
+    def _idle(self, e):
+        rec = e.rec
+        if rec.users > 1:
+            return False
+        # A lease taken since we last looked means a decode is about to add a user.
+        return rec.upstream is None or rec.upstream.closed or rec.leases_in == e.leases_seen
+
+    def sweep(self, now=None, *, flush=False, owner=None):
+        """Evict what is over a bound or idle too long (``flush``: every idle entry,
+        of ``owner`` only if given).  Returns the number evicted."""
+        now = time.monotonic() if now is None else now
+        n = 0
+        with self.ledger._lock:
+            with self._lock:
+                idle = []
+                for key, e in self._entries.items():
+                    if self._idle(e):
+                        if e.idle_since is None:
+                            e.idle_since = now
+                        idle.append(e)
+                    else:
+                        e.idle_since = None
+                victims = []
+                if flush:
+                    victims = [e for e in idle if owner is None or e.owner == owner]
+                else:
+                    closed = [e for e in idle if e.rec.upstream is None or e.rec.upstream.closed]
+                    old = [e for e in idle if now - e.idle_since >= self.max_idle_s]
+                    victims = closed + [e for e in old if e not in closed]
+                    rest = [e for e in idle if e not in victims]          # LRU order
+                    nbytes = sum(e.nbytes for e in rest)
+                    while rest and (len(rest) > self.max_count or nbytes > self.max_bytes):
+                        e = rest.pop(0)
+                        nbytes -= e.nbytes
+                        victims.append(e)
+                for e in victims:
+                    del self._entries[e.rec.key]
+                    self._bytes -= e.nbytes
+            # Still under the ledger's lock: no lease can slip in between the check and
+            # the free.  unhold frees the import (on_zero) and then posts the release.
+            for e in victims:
+                self.ledger.unhold(e.rec)
+                n += 1
+        self.evicted += n
+        return n
+
+    def flush(self, owner=None):
+        return self.sweep(flush=True, owner=owner)
+
+    def _start(self):
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            t = threading.Thread(target=self._run, name="comfy_env-cuda-import-cache", daemon=True)
+            self._thread = t
+        t.start()
+
+    def _run(self):
+        period = max(0.01, min(0.25, self.max_idle_s / 4))
+        while True:
+            self._wake.wait(period)
+            self._wake.clear()
+            try:
+                self.sweep()
+            except Exception:           # never kill the thread on one bad free
+                import logging
+                logging.getLogger("comfy_env.cuda").exception("comfy_env: import cache sweep failed")
+            with self._lock:
+                if not self._entries:
+                    self._thread = None
+                    return
+
+    def __len__(self):
+        return len(self._entries)
+
+    def stats(self):
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": sum(e.nbytes for e in self._entries.values()),
+                    "hits": self.hits, "kept": self.kept, "evicted": self.evicted}
