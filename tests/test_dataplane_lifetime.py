@@ -314,7 +314,7 @@ def test_rss_stays_flat_over_many_64mib_round_trips(clean):
         for i in range(3):
             trip(i)
         _settle()
-        created = shm.ARENA.created
+        created, reused = shm.ARENA.created, shm.ARENA.reused
         rss0, wrss0 = _rss(), _rss(wpid)
         for i in range(3, 25):
             trip(i)
@@ -322,7 +322,11 @@ def test_rss_stays_flat_over_many_64mib_round_trips(clean):
         grow, wgrow = _rss() - rss0, _rss(wpid) - wrss0
         assert grow < 192 * MiB, f"parent RSS grew by {grow / MiB:.0f} MiB over 22 round trips"
         assert wgrow < 192 * MiB, f"worker RSS grew by {wgrow / MiB:.0f} MiB over 22 round trips"
-        assert shm.ARENA.created == created            # the parent's copies recycle one segment
+        # The parent's copies recycle their segments.  A worker releases an echoed
+        # argument only after the result has left, so the parent's next copy can
+        # occasionally find that segment still lent and take one more: at most one.
+        assert shm.ARENA.created - created <= 1, (created, shm.ARENA.created)
+        assert shm.ARENA.reused >= reused + 2 * 22 - 1
         assert _worker_clean(ex) == (0, 0, 0)
     del a
 

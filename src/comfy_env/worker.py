@@ -231,6 +231,9 @@ class Worker:
             return
         finally:
             args = kwargs = fn = None
+        # Arguments the result does not keep are dead now: their releases go out
+        # before the result, so the parent can recycle those blocks for its next call.
+        lifetime.LEDGER.drain()
         try:
             self.send_parts(("result", call_id, True), [result])
         except ChannelClosed:
