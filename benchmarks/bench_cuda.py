@@ -2,13 +2,21 @@
 
     PYTHONPATH=src python benchmarks/bench_cuda.py [--quick]
 
+Every figure is the median of warm, back-to-back calls (no pause between calls: a
+pause lets the worker's and the parent's threads fall asleep, and waking them costs
+~1 ms, which earlier versions of this script counted in every call).  The empty
+call's median is measured in the same run and printed beside the rest.
+
 Measures, for 1 MiB, 64 MiB, 1 GiB and 4 GiB tensors:
   worker → parent, parent → worker, worker A → worker B (through IsolatedExecutor),
   the CPU route (COMFY_ENV_CUDA_FORCE_CPU=1), and torch.multiprocessing legacy CUDA IPC
-  (native allocator, in a separate process pair, as torch users would do it);
-plus the per-tensor cost of worker → parent once the pool is known (100 tensors per call,
-minus an empty call), and a worker's GPU footprint after a 4 GiB peak under each heap policy.
-Prints a table and writes benchmarks/results/cuda_<gpu>_<time>.json.
+  (native allocator, in a separate process pair, as torch users would do it; a hard
+  time budget, sizes that do not fit in it are reported as skipped);
+plus worker → parent per tensor (one call returning 32 tensors of 1 MiB, minus the
+empty call, divided by 32), both for tensors the worker returns again (the import
+cache's case) and for fresh tensors, with the parent's own decode time per tensor;
+and a worker's GPU footprint after a 4 GiB peak under each heap policy.
+Prints a table and writes benchmarks/results/cuda_<gpu>_<time>.json (and $OUT/).
 """
 from __future__ import annotations
 
@@ -57,14 +65,21 @@ def w_get(nbytes):
     return t
 
 
-def w_many(k):
+def w_many(k, nbytes):
+    """The same ``k`` worker tensors on every call."""
     import torch
     cache = _cache()
-    ts = cache.get(("many", k))
+    ts = cache.get(("many", k, nbytes))
     if ts is None:
-        ts = cache[("many", k)] = [torch.ones(256, device="cuda") for _ in range(k)]
+        ts = cache[("many", k, nbytes)] = [torch.ones(nbytes // 4, device="cuda") for _ in range(k)]
         torch.cuda.synchronize()
     return ts
+
+
+def w_fresh(k, nbytes):
+    """``k`` new tensors on every call (the import cache cannot help)."""
+    import torch
+    return [torch.empty(nbytes // 4, device="cuda") for _ in range(k)]
 
 
 def w_touch(t):
@@ -106,23 +121,71 @@ def settle():
         time.sleep(0.005)
 
 
-def timed(fn, reps):
-    out = []
-    for _ in range(reps):
+def timed(fn, reps, warm=3, budget_s=None):
+    """Median of ``reps`` warm calls made back to back (no pause); ``warm`` untimed first."""
+    for _ in range(warm):
+        r = fn()
         torch.cuda.synchronize()
+        del r
+    out = []
+    t_end = None if budget_s is None else time.perf_counter() + budget_s
+    for _ in range(reps):
         t0 = time.perf_counter()
         r = fn()
         torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
         del r
-        settle()
+        if t_end is not None and time.perf_counter() > t_end and len(out) >= 1:
+            break
     return statistics.median(out)
 
 
 def reps_for(nbytes, cpu=False):
     if cpu:
         return 1 if nbytes >= GiB else 3
-    return 3 if nbytes >= 4 * GiB else 5 if nbytes >= GiB else 15
+    return 10 if nbytes >= 4 * GiB else 20 if nbytes >= GiB else 100
+
+
+class Timers:
+    """Accumulate wall time of some functions of this process (monkeypatched) during a section."""
+
+    def __init__(self, targets):
+        self.targets = targets        # name -> (object, attribute)
+        self.acc = {}
+        self._saved = []
+
+    def __enter__(self):
+        for name, (obj, attr) in self.targets.items():
+            fn = getattr(obj, attr)
+            self._saved.append((obj, attr, fn, attr in vars(obj)))
+            self.acc[name] = [0.0, 0]
+
+            def wrap(*a, _fn=fn, _slot=self.acc[name], **k):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    _slot[0] += time.perf_counter() - t0
+                    _slot[1] += 1
+            setattr(obj, attr, wrap)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, fn, own in reversed(self._saved):
+            if own:
+                setattr(obj, attr, fn)
+            else:
+                delattr(obj, attr)                 # the class's method shows again
+
+    def per_call_us(self):
+        return {k: (v[0] / v[1] * 1e6 if v[1] else None, v[1]) for k, v in self.acc.items()}
+
+
+def parent_timers():
+    return Timers({"decode": (PLANE, "decode"), "encode": (PLANE, "encode"),
+                   "import_pointer": (PLANE.imports, "import_pointer"),
+                   "release_pointer": (PLANE.imports, "release_pointer"),
+                   "event_wait": (PLANE._events, "wait")})
 
 
 def new_executor(env_extra=None):
@@ -143,97 +206,193 @@ def free_bytes():
 
 
 # -- legacy torch.multiprocessing IPC (native allocator) --------------------------------------
-LEGACY = r'''
+# The parent drives every step, so it can stop at its time budget; each size prints its
+# result line as soon as it is done (a late size never hides an earlier one).
+LEGACY = r"""
 import json, statistics, sys, time, torch, torch.multiprocessing as mp
-def child(q_in, q_out, sizes):
-    torch.zeros(1, device="cuda")
-    for n in sizes:
-        t = torch.ones(n // 4, device="cuda"); torch.cuda.synchronize()
-        for _ in range(REPS(n)):
-            q_out.put(t); q_in.get()            # child -> parent
-        for _ in range(REPS(n)):
-            x = q_in.get(); torch.cuda.synchronize(); del x; q_out.put(1)   # parent -> child
-def REPS(n): return 3 if n >= 4 << 30 else 7 if n >= 1 << 30 else 30
+def child(q_in, q_out):
+    torch.zeros(1, device="cuda"); cache = {}
+    while True:
+        msg = q_in.get()
+        if msg[0] == "stop":
+            q_out.put("bye"); return
+        if msg[0] == "w2p":
+            n = msg[1]
+            if n not in cache:
+                cache[n] = torch.ones(n // 4, device="cuda"); torch.cuda.synchronize()
+            q_out.put(cache[n])
+        elif msg[0] == "p2w":
+            x = msg[1]; torch.cuda.synchronize(); del x; q_out.put(1)
+        elif msg[0] == "drop":
+            cache.clear(); torch.cuda.empty_cache(); q_out.put(1)
 if __name__ == "__main__":
-    sizes = json.loads(sys.argv[1]); ctx = mp.get_context("spawn")
-    qi, qo = ctx.Queue(), ctx.Queue(); p = ctx.Process(target=child, args=(qi, qo, sizes)); p.start()
-    torch.zeros(1, device="cuda"); out = {}
+    sizes = json.loads(sys.argv[1]); budget = float(sys.argv[2]); reps = int(sys.argv[3])
+    t_start = time.perf_counter(); ctx = mp.get_context("spawn")
+    qi, qo = ctx.Queue(), ctx.Queue(); p = ctx.Process(target=child, args=(qi, qo), daemon=True); p.start()
+    torch.zeros(1, device="cuda")
+    def left(): return budget - (time.perf_counter() - t_start)
     for n in sizes:
-        w2p, p2w = [], []
-        for _ in range(REPS(n)):
-            t0 = time.perf_counter(); x = qo.get(); torch.cuda.synchronize(); w2p.append(time.perf_counter() - t0)
-            del x; qi.put(1)
+        if left() <= 0:
+            print("SKIP", n, "time budget spent", flush=True); continue
+        t0 = time.perf_counter(); w2p = []; p2w = []
+        for i in range(reps + 1):
+            a = time.perf_counter(); qi.put(("w2p", n)); x = qo.get(); torch.cuda.synchronize()
+            w2p.append(time.perf_counter() - a); del x
+            if left() <= 0: break
         y = torch.ones(n // 4, device="cuda"); torch.cuda.synchronize()
-        for _ in range(REPS(n)):
-            t0 = time.perf_counter(); qi.put(y); qo.get(); p2w.append(time.perf_counter() - t0)
-        del y
-        out[n] = (statistics.median(w2p), statistics.median(p2w))
-    p.join(60); print("RESULT", json.dumps(out))
-'''
+        for i in range(reps + 1):
+            if left() <= 0: break
+            a = time.perf_counter(); qi.put(("p2w", y)); qo.get(); p2w.append(time.perf_counter() - a)
+        del y; qi.put(("drop",)); qo.get(); torch.cuda.empty_cache()
+        med = lambda v: statistics.median(v[1:]) if len(v) > 1 else (v[0] if v else None)
+        print("RESULT", json.dumps({"n": n, "w2p": med(w2p), "p2w": med(p2w), "w2p_first": w2p[0] if w2p else None,
+              "reps": [len(w2p), len(p2w)], "s": time.perf_counter() - t0}), flush=True)
+    qi.put(("stop",))
+    try: qo.get(timeout=10)
+    except Exception: pass
+    p.join(10)
+    if p.is_alive(): p.kill()
+"""
 
 
-def legacy_ipc(sizes):
+def legacy_ipc(sizes, budget_s=45.0, reps=5):
     env = dict(os.environ)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)         # legacy IPC needs the native allocator
-    r = subprocess.run([sys.executable, "-c", LEGACY, json.dumps(sizes)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    for line in r.stdout.splitlines():
+    out = {}
+    try:
+        r = subprocess.run([sys.executable, "-c", LEGACY, json.dumps(sizes), str(budget_s), str(reps)],
+                           env=env, capture_output=True, text=True, timeout=budget_s + 60)
+        stdout, err = r.stdout, r.stderr
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = f"timed out after {budget_s + 60:.0f} s"
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            return {int(k): v for k, v in json.loads(line[7:]).items()}
-    return {"error": (r.stderr or r.stdout)[-500:]}
+            d = json.loads(line[7:])
+            out[d["n"]] = d
+        elif line.startswith("SKIP "):
+            _, n, why = line.split(" ", 2)
+            out[int(n)] = {"n": int(n), "skipped": why}
+    for n in sizes:
+        if n not in out:
+            out[n] = {"n": n, "skipped": "did not finish: " + (err or "")[-300:]}
+    return out
+
+
+def cpu_route(a, x, n, budget_s):
+    """The CPU route (COMFY_ENV_CUDA_FORCE_CPU) both ways, within a time budget."""
+    PLANE.force_cpu = True
+    a.submit(w_set_cpu, True).result()
+    try:
+        rc = reps_for(n, cpu=True)
+        warm = 0 if n >= GiB else 1
+        w2p = timed(lambda: a.submit(w_get, n).result(), rc, warm=warm, budget_s=budget_s)
+        p2w = timed(lambda: a.submit(w_touch, x).result(), rc, warm=warm, budget_s=budget_s)
+    finally:
+        PLANE.force_cpu = False
+        a.submit(w_set_cpu, False).result()
+    return w2p, p2w
+
+
+def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
+    """Worker → parent per tensor: one call returning ``k`` tensors, minus the empty call."""
+    out = {}
+    for label, fn in (("same", w_many), ("fresh", w_fresh)):
+        with parent_timers() as tm:
+            call = timed(lambda: a.submit(fn, k, nbytes).result(), reps, warm=5)
+        pt = tm.per_call_us()
+        out[label] = {"call_ms": call * 1e3, "per_tensor_us": (call - empty) / k * 1e6,
+                      "parent_decode_us": pt["decode"][0], "parent_import_us": pt["import_pointer"][0],
+                      "imports": pt["import_pointer"][1], "parent_release_us": pt["release_pointer"][0],
+                      "event_wait_us": pt["event_wait"][0], "decodes": pt["decode"][1]}
+    return out
+
+
+def profile_fresh(a, k=32, nbytes=MiB, calls=20):
+    """cProfile of the parent over ``calls`` calls returning ``k`` fresh tensors."""
+    import cProfile
+    import io
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        r = a.submit(w_fresh, k, nbytes).result()
+        torch.cuda.synchronize()
+        del r
+    settle()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    return s.getvalue()
 
 
 # -- main ----------------------------------------------------------------------------------------
 def main():
     quick = "--quick" in sys.argv
     sizes = SIZES[:2] if quick else SIZES
+    t_main = time.perf_counter()
+    out = os.environ.get("OUT")
     install()
     torch.zeros(1, device="cuda")
     gpu = torch.cuda.get_device_name()
     res = {"gpu": gpu, "torch": torch.__version__, "parent_backend": torch.cuda.get_allocator_backend(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": {}}
+           "driver": _driver_version(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "median of warm back-to-back calls",
+           "import_cache": {"max_bytes": PLANE.import_cache.max_bytes, "max_count": PLANE.import_cache.max_count,
+                            "max_idle_s": PLANE.import_cache.max_idle_s},
+           "rows": {}}
     a = new_executor()
     b = new_executor()
     try:
-        # per-tensor cost, worker -> parent, pool known
-        for _ in range(3):
-            a.submit(w_many, 100).result()
-            a.submit(w_nothing).result()
+        empty = timed(lambda: a.submit(w_nothing).result(), 300, warm=20)
+        res["empty_call_us"] = empty * 1e3 * 1e3
+        print(f"empty call {empty * 1e6:.0f} us (median, back to back)", flush=True)
+        res["per_tensor_w2p"] = per_tensor(a, empty)
+        for k, v in res["per_tensor_w2p"].items():
+            print(f"w→p per tensor ({k} tensors, 32 × 1 MiB per call): {v['per_tensor_us']:.1f} us; "
+                  f"parent decode {v['parent_decode_us']:.1f} us/tensor, imports {v['imports']}", flush=True)
+        _dump_partial(res)
+        res["profile_fresh_parent"] = profile_fresh(a)
+        if out:
+            with open(os.path.join(out, "profile_parent.txt"), "w") as f:
+                f.write(res["profile_fresh_parent"])
         settle()
-        empty = timed(lambda: a.submit(w_nothing).result(), 50)
-        many = timed(lambda: a.submit(w_many, 100).result(), 30)
-        res["per_tensor_w2p_us"] = (many - empty) / 100 * 1e6
-        res["empty_call_us"] = empty * 1e6
-        print(f"per tensor w2p {res['per_tensor_w2p_us']:.1f} us, empty call {empty * 1e6:.0f} us", flush=True)
         for label, n in sizes:
             row = {}
             x = torch.ones(n // 4, device="cuda")
-            a.submit(w_get, n).result()
-            b.submit(w_get, n).result()
-            a.submit(w_touch, x).result()
-            settle()
             r = reps_for(n)
-            row["w2p"] = timed(lambda: a.submit(w_get, n).result(), r)
-            row["p2w"] = timed(lambda: a.submit(w_touch, x).result(), r)
+            with parent_timers() as tm:
+                row["w2p"] = timed(lambda: a.submit(w_get, n).result(), r)
+            row["w2p_parent"] = tm.per_call_us()
+            if n > PLANE.import_cache.max_bytes:
+                # Bigger than the import cache's default bound: once more with a bound that fits.
+                old = PLANE.import_cache.max_bytes
+                PLANE.import_cache.max_bytes = 2 * n
+                try:
+                    row["w2p_cache_fits"] = timed(lambda: a.submit(w_get, n).result(), r)
+                finally:
+                    PLANE.import_cache.max_bytes = old
+                    settle()
+                    PLANE.import_cache.flush()
+            with parent_timers() as tm:
+                row["p2w"] = timed(lambda: a.submit(w_touch, x).result(), r)
+            row["p2w_parent"] = tm.per_call_us()
             row["a2b"] = timed(lambda: b.submit(w_touch, a.submit(w_get, n)).result(), r)
-            # CPU route, same run
-            PLANE.force_cpu = True
-            a.submit(w_set_cpu, True).result()
-            rc = reps_for(n, cpu=True)
-            row["cpu_w2p"] = timed(lambda: a.submit(w_get, n).result(), rc)
-            row["cpu_p2w"] = timed(lambda: a.submit(w_touch, x).result(), rc)
-            PLANE.force_cpu = False
-            a.submit(w_set_cpu, False).result()
+            row["empty_ms"] = timed(lambda: a.submit(w_nothing).result(), 50, warm=5)
+            row["cpu_w2p"], row["cpu_p2w"] = cpu_route(a, x, n, budget_s=20)
             del x
             settle()
+            PLANE.import_cache.flush()
             res["rows"][label] = row
             _dump_partial(res)
-            print(label, {k: f"{v * 1e3:.3f} ms" for k, v in row.items()}, flush=True)
+            print(label, {k: f"{v * 1e3:.3f} ms" for k, v in row.items() if isinstance(v, float)}, flush=True)
         res["routes_parent"] = dict(PLANE.routes)
+        res["import_cache_stats"] = PLANE.import_cache.stats()
     finally:
         a.shutdown()
         b.shutdown()
     settle()
+    PLANE.import_cache.flush()
     torch.cuda.empty_cache()
     # footprint after a peak, per heap policy
     res["footprint"] = {}
@@ -250,8 +409,9 @@ def main():
             ex.shutdown()
         res["footprint"][heap] = {"held_after_peak_MiB": (base - after_peak) / MiB,
                                   "held_after_empty_cache_MiB": (base - after_trim) / MiB}
-    leg = legacy_ipc([n for _, n in sizes])
+    leg = legacy_ipc([n for _, n in sizes], budget_s=30 if quick else 45)
     res["legacy_ipc_native"] = {str(k): v for k, v in leg.items()}
+    res["bench_s"] = time.perf_counter() - t_main
     print_table(res, sizes, leg)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     tag = gpu.replace(" ", "_").replace("/", "_")
@@ -259,40 +419,65 @@ def main():
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", path)
-    out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "cuda_bench.json"), "w") as f:
+        with open(os.path.join(out, f"cuda_bench_{res['parent_backend']}.json"), "w") as f:
             json.dump(res, f, indent=1)
+
+
+def _driver_version():
+    import ctypes
+    v = ctypes.c_int()
+    try:
+        D.call("cuDriverGetVersion", ctypes.byref(v))
+    except Exception:
+        return None
+    return f"{v.value // 1000}.{v.value % 1000 // 10}"
 
 
 def _dump_partial(res):
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "cuda_bench_partial.json"), "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(res, f, indent=1, default=str)
+
+
+def _ms(v, w=8, d=3):
+    return f"{v * 1e3:{w}.{d}f}" if isinstance(v, (int, float)) else f"{'n/a':>{w}}"
 
 
 def print_table(res, sizes, leg):
-    print(f"\nGPU: {res['gpu']}  torch {res['torch']}  parent allocator {res['parent_backend']}")
-    print(f"worker → parent, pool known: {res['per_tensor_w2p_us']:.1f} µs per tensor "
-          f"(100 tensors per call; empty call {res['empty_call_us']:.0f} µs)")
-    hdr = f"{'size':>6} | {'w→p':>9} {'p→w':>9} {'A→B':>9} | {'CPU w→p':>9} {'CPU p→w':>9} | " \
-          f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours p→w':>12}"
+    print(f"\nGPU: {res['gpu']}  torch {res['torch']}  parent allocator {res['parent_backend']}  "
+          f"(workers: cudaMallocAsync)")
+    print(f"method: {res['method']}; empty call {res['empty_call_us']:.0f} µs")
+    for k, v in res["per_tensor_w2p"].items():
+        print(f"worker → parent per tensor, {k} tensors (32 × 1 MiB per call): {v['per_tensor_us']:.1f} µs "
+              f"(call {v['call_ms']:.3f} ms; parent decode {v['parent_decode_us']:.1f} µs/tensor, "
+              f"{v['imports']} imports in {v['decodes']} decodes)")
+    hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'p→w':>8} {'A→B':>8} | {'CPU w→p':>9} {'CPU p→w':>9} | "
+           f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)
     print("-" * len(hdr))
     for label, n in sizes:
         r = res["rows"][label]
-        lg = leg.get(n) if isinstance(leg, dict) else None
-        lw = f"{lg[0] * 1e3:9.3f}" if lg else "       n/a"
-        lp = f"{lg[1] * 1e3:9.3f}" if lg else "       n/a"
-        print(f"{label:>6} | {r['w2p'] * 1e3:8.3f}m {r['p2w'] * 1e3:8.3f}m {r['a2b'] * 1e3:8.3f}m | "
-              f"{r['cpu_w2p'] * 1e3:8.1f}m {r['cpu_p2w'] * 1e3:8.1f}m | {lw}m {lp}m | "
-              f"{r['cpu_p2w'] / r['p2w']:11.0f}×")
-    print("(times are medians per call in ms, call overhead included)")
+        lg = leg.get(n, {})
+        lw = _ms(lg.get("w2p"), 10) if "skipped" not in lg else f"{'skipped':>10}"
+        lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
+        print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r['p2w'])} {_ms(r['a2b'])} | "
+              f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lp} | "
+              f"{r['cpu_w2p'] / r['w2p']:11.0f}× {r['cpu_p2w'] / r['p2w']:11.0f}×")
+    print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty')")
+    for n, lg in leg.items():
+        if "skipped" in lg:
+            print(f"legacy IPC {n >> 20} MiB: skipped ({lg['skipped'][:200]})")
     for heap, f in res["footprint"].items():
         print(f"footprint heap={heap}: after a 4 GiB peak {f['held_after_peak_MiB']:.0f} MiB held, "
               f"after empty_cache {f['held_after_empty_cache_MiB']:.0f} MiB")
-
+    for label, n in sizes:
+        r = res["rows"][label]
+        if "w2p_cache_fits" in r:
+            print(f"{label} w→p with an import-cache bound that fits it: {_ms(r['w2p_cache_fits'])} ms "
+                  f"(default bound {res['import_cache']['max_bytes'] >> 20} MiB: {_ms(r['w2p'])} ms)")
+    print(f"bench took {res['bench_s']:.0f} s")
 
 if __name__ == "__main__":
     main()

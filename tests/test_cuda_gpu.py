@@ -56,13 +56,15 @@ def executor(worker_alloc, **kw):
 WORKER_ALLOCS = pytest.mark.parametrize("worker_alloc", [ASYNC, ""], ids=["worker-async", "worker-native"])
 
 
-def settle():
-    """Let finalizers run and releases travel."""
+def settle(flush=True):
+    """Let finalizers run and releases travel (``flush``: drop the import cache too)."""
     import gc
     from comfy_env.ipc import lifetime
     for _ in range(5):
         gc.collect()
         lifetime.LEDGER.drain()
+        if flush:
+            PLANE.import_cache.flush()
         time.sleep(0.05)
 
 
@@ -115,6 +117,34 @@ def w_same_twice():
     import torch
     t = torch.full((1024,), 7.0, device="cuda")
     return t, t, t[10:]
+
+
+def w_keep(n):
+    """The same worker tensor on every call (cached outputs, weights)."""
+    import builtins
+    import torch
+    d = builtins.__dict__.setdefault("_comfy_env_test_keep", {})
+    if n not in d:
+        d[n] = torch.arange(n, device="cuda", dtype=torch.float32)
+    return d[n]
+
+
+def w_forget():
+    import builtins
+    import gc
+    builtins.__dict__.pop("_comfy_env_test_keep", None)
+    gc.collect()
+    from comfy_env.ipc.cuda.plane import PLANE
+    return PLANE.stats()
+
+
+def w_stats():
+    import gc
+    gc.collect()
+    from comfy_env.ipc import lifetime
+    lifetime.LEDGER.drain()
+    from comfy_env.ipc.cuda.plane import PLANE
+    return PLANE.stats()
 
 
 def w_exit():
@@ -219,6 +249,40 @@ def test_same_pointer_twice_is_one_import_and_aliases_survive_each_other():
         del b, c
         settle()
         assert float(a2.sum()) == 7.0 * 1024
+
+
+def test_import_cache_reuses_the_import_and_releases_after_free():
+    with executor(ASYNC) as ex:
+        n = 1 << 18
+        ref = torch.arange(n, device="cuda", dtype=torch.float32)
+        t = ex.submit(w_keep, n).result(timeout=60)
+        assert torch.equal(t, ref)
+        ptr = t.data_ptr()
+        del t
+        settle(flush=False)
+        imported = PLANE.imports.stats()["imported_pointers"]
+        hits = PLANE.import_cache.stats()["hits"]
+        for _ in range(20):                        # the same block again: no new import
+            t = ex.submit(w_keep, n).result(timeout=60)
+            assert t.data_ptr() == ptr and torch.equal(t, ref)
+            del t
+        assert PLANE.import_cache.stats()["hits"] >= hits + 20
+        assert PLANE.imports.stats()["imported_pointers"] == imported
+        # The worker still lends the block (no release went upstream) even after it forgot it.
+        assert ex.submit(w_forget).result()["owned_blocks"] >= 1
+        torch.cuda.empty_cache()                   # releases our cached imports
+        settle()
+        assert PLANE.import_cache.stats()["entries"] == 0
+        assert ex.submit(w_stats).result()["owned_blocks"] == 0
+        # The idle timer alone releases too.
+        t = ex.submit(w_keep, n).result(timeout=60)
+        del t
+        ex.submit(w_forget).result()
+        deadline = time.monotonic() + 10
+        while PLANE.import_cache.stats()["entries"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        settle(flush=False)
+        assert ex.submit(w_stats).result()["owned_blocks"] == 0
 
 
 def test_worker_crash_leaves_parent_tensors_valid():
