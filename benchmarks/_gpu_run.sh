@@ -30,14 +30,19 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
   SUMMARY+=("tests parent=$label: ${line:-no result (rc $rc)} [at $((SECONDS - T0)) s]")
   echo "${SUMMARY[-1]}"
 }
-run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-170}" -m "gpu and not slow"
-run_tests native "" "${TEST_LIMIT:-170}" -m "gpu and not slow"
+bench() {
+  PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${BENCH_LIMIT:-240}" \
+    python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench rc=$? [at $((SECONDS - T0)) s]"
+}
+[ "${BENCH_FIRST:-0}" = 1 ] && bench
+# TEST_K: a pytest -k expression, e.g. "not 10000" for a short run
+run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"}
+run_tests native "" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"}
 if [ "${RUN_SLOW:-1}" = 1 ]; then
   run_tests async-slow "backend:cudaMallocAsync" "${SLOW_LIMIT:-150}" -m "slow"
 fi
-PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${BENCH_LIMIT:-240}" \
-  python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "bench rc=$? [at $((SECONDS - T0)) s]"
+[ "${BENCH_FIRST:-0}" = 1 ] || bench
 echo
 echo "================ summary ================"
 cat "$OUT/gpu.txt"

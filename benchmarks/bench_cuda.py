@@ -329,6 +329,7 @@ def profile_fresh(a, k=32, nbytes=MiB, calls=20):
 # -- main ----------------------------------------------------------------------------------------
 def main():
     quick = "--quick" in sys.argv
+    lean = "--lean" in sys.argv        # a short device run: no footprint, no 4 GiB CPU route
     sizes = SIZES[:2] if quick else SIZES
     t_main = time.perf_counter()
     out = os.environ.get("OUT")
@@ -379,7 +380,10 @@ def main():
             row["p2w_parent"] = tm.per_call_us()
             row["a2b"] = timed(lambda: b.submit(w_touch, a.submit(w_get, n)).result(), r)
             row["empty_ms"] = timed(lambda: a.submit(w_nothing).result(), 50, warm=5)
-            row["cpu_w2p"], row["cpu_p2w"] = cpu_route(a, x, n, budget_s=20)
+            if lean and n > GiB:
+                row["cpu_w2p"] = row["cpu_p2w"] = None
+            else:
+                row["cpu_w2p"], row["cpu_p2w"] = cpu_route(a, x, n, budget_s=20)
             del x
             settle()
             PLANE.import_cache.flush()
@@ -396,7 +400,7 @@ def main():
     torch.cuda.empty_cache()
     # footprint after a peak, per heap policy
     res["footprint"] = {}
-    for heap in ("pool", "staging"):
+    for heap in () if lean else ("pool", "staging"):
         ex = new_executor({"COMFY_ENV_CUDA_HEAP": heap})
         try:
             base = free_bytes()
@@ -409,7 +413,7 @@ def main():
             ex.shutdown()
         res["footprint"][heap] = {"held_after_peak_MiB": (base - after_peak) / MiB,
                                   "held_after_empty_cache_MiB": (base - after_trim) / MiB}
-    leg = legacy_ipc([n for _, n in sizes], budget_s=30 if quick else 45)
+    leg = legacy_ipc([n for _, n in sizes], budget_s=20 if (quick or lean) else 45)
     res["legacy_ipc_native"] = {str(k): v for k, v in leg.items()}
     res["bench_s"] = time.perf_counter() - t_main
     print_table(res, sizes, leg)
@@ -445,6 +449,10 @@ def _ms(v, w=8, d=3):
     return f"{v * 1e3:{w}.{d}f}" if isinstance(v, (int, float)) else f"{'n/a':>{w}}"
 
 
+def _ratio(a, b):
+    return f"{a / b:11.0f}×" if isinstance(a, float) and b else f"{'n/a':>12}"
+
+
 def print_table(res, sizes, leg):
     print(f"\nGPU: {res['gpu']}  torch {res['torch']}  parent allocator {res['parent_backend']}  "
           f"(workers: cudaMallocAsync)")
@@ -464,7 +472,7 @@ def print_table(res, sizes, leg):
         lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r['p2w'])} {_ms(r['a2b'])} | "
               f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lp} | "
-              f"{r['cpu_w2p'] / r['w2p']:11.0f}× {r['cpu_p2w'] / r['p2w']:11.0f}×")
+              f"{_ratio(r['cpu_w2p'], r['w2p'])} {_ratio(r['cpu_p2w'], r['p2w'])}")
     print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty')")
     for n, lg in leg.items():
         if "skipped" in lg:

@@ -17,8 +17,9 @@ import threading
 
 __all__ = ["install", "set_role", "trim"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _installed = False
+_installing = False      # install() runs now in the thread holding _lock
 
 
 def _looks_like_worker() -> bool:
@@ -29,19 +30,25 @@ def _looks_like_worker() -> bool:
 
 def install() -> None:
     """Register the CUDA plane for ``torch.Tensor`` (idempotent; does not initialise CUDA)."""
-    global _installed
+    global _installed, _installing
     if _installed:
         return
     with _lock:
-        if _installed:
+        # Re-entry from the same thread: install() imports torch, and the worker's
+        # import hook calls install() once torch is imported; the outer call finishes.
+        if _installed or _installing:
             return
-        from ..codec import register_plane
-        from .plane import PLANE
-        register_plane(PLANE, first=True)
-        if _looks_like_worker():
-            set_role("worker")
-        _hook_empty_cache()
-        _installed = True
+        _installing = True
+        try:
+            from ..codec import register_plane
+            from .plane import PLANE
+            register_plane(PLANE, first=True)
+            if _looks_like_worker():
+                set_role("worker")
+            _hook_empty_cache()
+            _installed = True
+        finally:
+            _installing = False
 
 
 def set_role(role: str) -> None:
