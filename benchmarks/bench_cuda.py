@@ -207,11 +207,17 @@ def free_bytes():
 
 # -- legacy torch.multiprocessing IPC (native allocator) --------------------------------------
 # The parent drives every step, so it can stop at its time budget; each size prints its
-# result line as soon as it is done (a late size never hides an earlier one).
+# result line as soon as it is done (a late size never hides an earlier one).  The script
+# runs from a file: "spawn" re-imports the parent's __main__ in the child, and with
+# ``python -c`` there is none, so the child died at once and the parent waited forever
+# (why this section never finished before).
 LEGACY = r"""
-import json, statistics, sys, time, torch, torch.multiprocessing as mp
+import json, os, queue, statistics, sys, time, torch, torch.multiprocessing as mp
+DEV = os.environ.get("LEGACY_DEVICE", "cuda")
+def sync():
+    if DEV == "cuda": torch.cuda.synchronize()
 def child(q_in, q_out):
-    torch.zeros(1, device="cuda"); cache = {}
+    torch.zeros(1, device=DEV); cache = {}
     while True:
         msg = q_in.get()
         if msg[0] == "stop":
@@ -219,31 +225,38 @@ def child(q_in, q_out):
         if msg[0] == "w2p":
             n = msg[1]
             if n not in cache:
-                cache[n] = torch.ones(n // 4, device="cuda"); torch.cuda.synchronize()
+                cache[n] = torch.ones(n // 4, device=DEV); sync()
             q_out.put(cache[n])
         elif msg[0] == "p2w":
-            x = msg[1]; torch.cuda.synchronize(); del x; q_out.put(1)
+            x = msg[1]; sync(); del x; q_out.put(1)
         elif msg[0] == "drop":
-            cache.clear(); torch.cuda.empty_cache(); q_out.put(1)
+            cache.clear(); q_out.put(1)
 if __name__ == "__main__":
     sizes = json.loads(sys.argv[1]); budget = float(sys.argv[2]); reps = int(sys.argv[3])
     t_start = time.perf_counter(); ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue(); p = ctx.Process(target=child, args=(qi, qo), daemon=True); p.start()
-    torch.zeros(1, device="cuda")
+    torch.zeros(1, device=DEV)
     def left(): return budget - (time.perf_counter() - t_start)
+    def get():
+        while True:
+            try: return qo.get(timeout=max(1.0, left() + 5))
+            except queue.Empty:
+                if not p.is_alive(): print("SKIP", n, "the child process died", flush=True); sys.exit(1)
+                print("SKIP", n, "no answer within the time budget", flush=True); p.kill(); sys.exit(1)
     for n in sizes:
         if left() <= 0:
             print("SKIP", n, "time budget spent", flush=True); continue
         t0 = time.perf_counter(); w2p = []; p2w = []
         for i in range(reps + 1):
-            a = time.perf_counter(); qi.put(("w2p", n)); x = qo.get(); torch.cuda.synchronize()
+            a = time.perf_counter(); qi.put(("w2p", n)); x = get(); sync()
             w2p.append(time.perf_counter() - a); del x
             if left() <= 0: break
-        y = torch.ones(n // 4, device="cuda"); torch.cuda.synchronize()
+        y = torch.ones(n // 4, device=DEV); sync()
         for i in range(reps + 1):
             if left() <= 0: break
-            a = time.perf_counter(); qi.put(("p2w", y)); qo.get(); p2w.append(time.perf_counter() - a)
-        del y; qi.put(("drop",)); qo.get(); torch.cuda.empty_cache()
+            a = time.perf_counter(); qi.put(("p2w", y)); get(); p2w.append(time.perf_counter() - a)
+        del y; qi.put(("drop",)); get()
+        if DEV == "cuda": torch.cuda.empty_cache()
         med = lambda v: statistics.median(v[1:]) if len(v) > 1 else (v[0] if v else None)
         print("RESULT", json.dumps({"n": n, "w2p": med(w2p), "p2w": med(p2w), "w2p_first": w2p[0] if w2p else None,
               "reps": [len(w2p), len(p2w)], "s": time.perf_counter() - t0}), flush=True)
@@ -259,13 +272,19 @@ def legacy_ipc(sizes, budget_s=45.0, reps=5):
     env = dict(os.environ)
     env.pop("PYTORCH_CUDA_ALLOC_CONF", None)         # legacy IPC needs the native allocator
     out = {}
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix="_legacy_ipc.py", delete=False) as f:
+        f.write(LEGACY)
+        script = f.name
     try:
-        r = subprocess.run([sys.executable, "-c", LEGACY, json.dumps(sizes), str(budget_s), str(reps)],
+        r = subprocess.run([sys.executable, script, json.dumps(sizes), str(budget_s), str(reps)],
                            env=env, capture_output=True, text=True, timeout=budget_s + 60)
         stdout, err = r.stdout, r.stderr
     except subprocess.TimeoutExpired as exc:
         stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = f"timed out after {budget_s + 60:.0f} s"
+    finally:
+        os.unlink(script)
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             d = json.loads(line[7:])

@@ -282,7 +282,7 @@ def test_import_cache_keeps_the_import_and_sends_no_release_until_evicted():
     from comfy_env.ipc.lifetime import Ledger
     from comfy_env.ipc.cuda.importcache import ImportCache
     ledger, t = Ledger(), _Trace()
-    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000, background=False)
     key = ("cuda", "owner", 1)
     rec, h, hit = _decode(ledger, t, key, cache)
     assert not hit and len(cache) == 1
@@ -302,7 +302,7 @@ def test_import_cache_evicts_idle_entries_after_their_time():
     from comfy_env.ipc.lifetime import Ledger
     from comfy_env.ipc.cuda.importcache import ImportCache
     ledger, t = Ledger(), _Trace()
-    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=0.5)
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=0.5, background=False)
     key = ("cuda", "owner", 7)
     rec, h, _ = _decode(ledger, t, key, cache)
     assert cache.sweep(now=0.0) == 0 and t.log == []                        # in use: kept, no timer
@@ -317,7 +317,7 @@ def test_import_cache_never_evicts_a_block_with_a_lease_not_yet_decoded():
     from comfy_env.ipc.lifetime import Ledger
     from comfy_env.ipc.cuda.importcache import ImportCache
     ledger, t = Ledger(), _Trace()
-    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000, background=False)
     key = ("cuda", "owner", 2)
     rec, h, _ = _decode(ledger, t, key, cache)
     h = None; _settle(ledger)
@@ -335,7 +335,7 @@ def test_import_cache_bounds_idle_entries_by_count_and_bytes_lru_first():
     from comfy_env.ipc.lifetime import Ledger
     from comfy_env.ipc.cuda.importcache import ImportCache
     ledger, t = Ledger(), _Trace()
-    cache = ImportCache(ledger, max_bytes=3 << 20, max_count=2, max_idle_s=1000)
+    cache = ImportCache(ledger, max_bytes=3 << 20, max_count=2, max_idle_s=1000, background=False)
     keys = [("cuda", "owner", i) for i in range(4)]
     held = []
     for k in keys[:3]:
@@ -356,7 +356,7 @@ def test_import_cache_flush_by_owner_and_after_link_closed():
     from comfy_env.ipc.lifetime import Ledger
     from comfy_env.ipc.cuda.importcache import ImportCache
     ledger, t = Ledger(), _Trace()
-    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000)
+    cache = ImportCache(ledger, max_bytes=1 << 30, max_count=100, max_idle_s=1000, background=False)
     a, b = ("cuda", "A", 1), ("cuda", "B", 1)
     for k in (a, b):
         _, h, _ = _decode(ledger, t, k, cache)

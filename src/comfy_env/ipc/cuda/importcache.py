@@ -30,7 +30,9 @@ sender made for this one message; keeping it would only hold the sender's memory
 Races: a new message can lease a cached record (``LEDGER.accept_lease``) before its
 decode adds a user.  Eviction therefore checks, under the ledger's lock, that the
 record's lease count is unchanged since the cache last saw it, and drops its hold
-under that same lock, so a lease taken in between keeps the block.
+(and, if it was the last user, takes the record out of the ledger) in that same
+critical section; a lease arriving later builds a fresh record.  The free itself
+(``on_zero``) and the release run outside the lock, in that order.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class _Entry:
 class ImportCache:
     """Ledger records of imported pool blocks, kept alive by one extra hold each."""
 
-    def __init__(self, ledger, max_bytes=None, max_count=None, max_idle_s=None):
+    def __init__(self, ledger, max_bytes=None, max_count=None, max_idle_s=None, background=True):
         env = limits_from_env()
         self.ledger = ledger
         self.max_bytes = env[0] if max_bytes is None else int(max_bytes)
@@ -75,6 +77,7 @@ class ImportCache:
         self._thread = None
         self._wake = threading.Event()
         self._pid = os.getpid()
+        self.background = background      # False: only explicit sweep() calls evict (tests)
         self.hits = self.kept = self.evicted = 0
 
     @property
@@ -104,8 +107,10 @@ class ImportCache:
                 self._entries[rec.key] = _Entry(rec, nbytes, owner)
                 self._bytes += nbytes
                 self.kept += 1
-                over = len(self._entries) > self.max_count or self._bytes > self.max_bytes
-                start = self._thread is None or self._pid != os.getpid()
+                # Wake the evictor early only when well over a bound (its sweep walks every
+                # entry); otherwise its periodic sweep is enough.
+                over = len(self._entries) > 2 * self.max_count or self._bytes > 2 * self.max_bytes
+                start = self.background and (self._thread is None or self._pid != os.getpid())
         if start:
             self._start()
         if over:
@@ -151,13 +156,38 @@ class ImportCache:
                 for e in victims:
                     del self._entries[e.rec.key]
                     self._bytes -= e.nbytes
-            # Still under the ledger's lock: no lease can slip in between the check and
-            # the free.  unhold frees the import (on_zero) and then posts the release.
-            for e in victims:
-                self.ledger.unhold(e.rec)
-                n += 1
+            # Drop our hold under the ledger's lock, in the same critical section as the
+            # idle check: a lease that arrives after it finds no record and opens the
+            # block afresh (PoolImports counts references per pointer, so a re-import
+            # racing with our free either shares the mapping or maps it again).
+            zero = [self._drop(e.rec) for e in victims]
+        # Free outside the ledger's lock (decodes must not wait for a free and a
+        # synchronise), and release upstream only after the free, as Ledger.unhold does.
+        for e, z in zip(victims, zero):
+            n += 1
+            if z is None:
+                continue
+            upstream, leases = z
+            rec = e.rec
+            if rec.on_zero is not None:
+                rec.on_zero(rec)
+            if upstream is not None and leases:
+                upstream.post(("release", rec.key, leases))
         self.evicted += n
         return n
+
+    def _drop(self, rec):
+        """``Ledger.unhold``'s bookkeeping half (caller holds the ledger's lock): returns
+        ``(upstream, leases)`` when that was the last user, else None."""
+        rec.users -= 1
+        if rec.users > 0:
+            return None
+        records = self.ledger._records
+        if records.get(rec.key) is rec:
+            del records[rec.key]
+        upstream, leases = rec.upstream, rec.leases_in
+        rec.leases_in = 0
+        return upstream, leases
 
     def flush(self, owner=None):
         return self.sweep(flush=True, owner=owner)
