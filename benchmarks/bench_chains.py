@@ -132,6 +132,48 @@ def run(sizes, reps):
     return results
 
 
+def make_cuda(nbytes, fill):
+    import torch
+
+    return torch.full((nbytes,), fill, dtype=torch.uint8, device="cuda")
+
+
+def first_cuda(t):
+    return int(t[0].item())
+
+
+def run_gpu(nbytes, reps):
+    """A -> B with a CUDA tensor: forwarded (the parent imports nothing) vs materialised
+    in the parent (``fa.result()`` imports it, the next submit stages it again)."""
+    import torch
+
+    from comfy_env import IsolatedExecutor
+    from comfy_env.ipc.cuda import install
+
+    import bench_chains as me
+
+    install()
+    out = {m: [] for m in ("chain", "materialise")}
+    with IsolatedExecutor(name="gpu-A", initializer=install) as a, \
+            IsolatedExecutor(name="gpu-B", initializer=install) as b:
+        for i in range(reps + 1):
+            for m in out:
+                fill = 1 + i % 200
+                fa = a.submit(me.make_cuda, nbytes, fill)
+                fa.exception()
+                t0 = time.perf_counter()
+                fb = b.submit(me.first_cuda, fa if m == "chain" else fa.result())
+                got = fb.result()
+                dt = time.perf_counter() - t0
+                assert got == fill
+                if i:                                  # round 0 warms up
+                    out[m].append(dt)
+                del fa, fb
+        torch.cuda.synchronize()
+    return {m: {"median_ms": statistics.median(v) * 1e3, "samples_ms": [x * 1e3 for x in v]}
+            for m, v in out.items()}
+
+
 def _label(nbytes):
     return f"{nbytes // MiB} MiB" if nbytes >= MiB else f"{nbytes // 1024} KiB"
 
@@ -141,7 +183,25 @@ def main(argv=None):
     ap.add_argument("--reps-small", type=int, default=100, help="repetitions for 1 MiB")
     ap.add_argument("--reps-large", type=int, default=15, help="repetitions for 256 MiB")
     ap.add_argument("--json", default=os.path.join(_HERE, "results", "chains.json"))
+    ap.add_argument("--gpu", action="store_true",
+                    help="only the GPU chain: a 1 GiB CUDA tensor A -> B (needs a CUDA GPU)")
+    ap.add_argument("--gpu-reps", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        res = run_gpu(1 << 30, args.gpu_reps)
+        name = torch.cuda.get_device_name(0)
+        print(f"\nGPU chain A -> B, 1 GiB CUDA tensor, {name}, parent allocator "
+              f"{torch.cuda.get_allocator_backend()}: medians in ms")
+        for m, r in res.items():
+            print(f"  {m:<12} {r['median_ms']:9.2f}")
+        path = args.json.replace("chains.json", "chains_gpu.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"benchmark": "chains-gpu", "gpu": name, "results": res}, f, indent=1)
+        print(f"wrote {path}")
+        return
 
     sizes = [1 * MiB, 256 * MiB]
     reps = {1 * MiB: args.reps_small, 256 * MiB: args.reps_large}

@@ -309,6 +309,25 @@ def test_chain_worker_a_to_worker_b_without_parent_import():
         assert PLANE.imports.stats()["imported_pointers"] == imports_before
 
 
+def test_chain_1gib_parent_gpu_memory_does_not_move():
+    """Issue 6: a 1 GiB tensor A -> B; the parent imports nothing and uses no GPU memory."""
+    with executor(ASYNC) as a, executor(ASYNC) as b:
+        torch.cuda.synchronize()
+        imports_before = PLANE.imports.stats()["imported_pointers"]
+        reserved_before = torch.cuda.memory_reserved()
+        n = GiB // 4                                   # float32: 1 GiB
+        fa = a.submit(w_make, n, "float32")
+        s, dev, dtype, shape, _ = b.submit(w_sum, fa).result(timeout=120)
+        assert shape == (n,) and dev == "cuda:0"
+        assert PLANE.imports.stats()["imported_pointers"] == imports_before
+        assert torch.cuda.memory_reserved() == reserved_before
+        # Only materialising in the parent imports it (lazily, on result()).
+        t = fa.result(timeout=60)
+        assert t.shape == (n,) and PLANE.imports.stats()["imported_pointers"] == imports_before + 1
+        del t, fa
+        settle()
+
+
 @WORKER_ALLOCS
 def test_no_gpu_memory_growth_over_10000_calls(worker_alloc):
     with executor(worker_alloc) as ex:
