@@ -56,14 +56,18 @@ def first(x):
 
 
 # -- parent side ------------------------------------------------------------------------------
-def _handoff(a, b, mode, nbytes, fill):
+def _trip(a, b, mode, nbytes, fill, end_to_end=False):
+    """Time A -> B in ``mode``: from A's result being ready (hand-off), or from
+    submitting to A (``end_to_end``: A's filling of the array included)."""
     import numpy as np
 
     import bench_chains as me
 
-    fa = a.submit(me.make, nbytes, fill)
-    fa.exception()                                   # done, not decoded
     t0 = time.perf_counter()
+    fa = a.submit(me.make, nbytes, fill)
+    if not end_to_end:
+        fa.exception()                               # done, not decoded
+        t0 = time.perf_counter()
     if mode == "chain":
         fb = b.submit(me.first, fa)
     elif mode == "materialise":
@@ -74,25 +78,14 @@ def _handoff(a, b, mode, nbytes, fill):
     dt = time.perf_counter() - t0
     assert got == fill, (mode, got, fill)
     return dt
+
+
+def _handoff(a, b, mode, nbytes, fill):
+    return _trip(a, b, mode, nbytes, fill)
 
 
 def _end_to_end(a, b, mode, nbytes, fill):
-    import numpy as np
-
-    import bench_chains as me
-
-    t0 = time.perf_counter()
-    fa = a.submit(me.make, nbytes, fill)
-    if mode == "chain":
-        fb = b.submit(me.first, fa)
-    elif mode == "materialise":
-        fb = b.submit(me.first, fa.result())
-    else:
-        fb = b.submit(me.first, np.array(fa.result()))
-    got = fb.result()
-    dt = time.perf_counter() - t0
-    assert got == fill, (mode, got, fill)
-    return dt
+    return _trip(a, b, mode, nbytes, fill, end_to_end=True)
 
 
 def run(sizes, reps):
