@@ -26,27 +26,45 @@ def pid():
     return os.getpid()
 
 
-def _settle():
+def settle(pred=None, timeout=10.0):
+    """Collect garbage and let the ledger's flusher run, until ``pred()`` holds.
+
+    Used on both sides: in a worker (no ``pred``: one pass) and by the tests.
+    """
+    import time
+
     from comfy_env.ipc import lifetime
 
-    gc.collect()
-    lifetime.LEDGER.drain()
+    end = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        lifetime.LEDGER.drain()
+        if pred is None or pred():
+            return
+        if time.monotonic() > end:
+            raise AssertionError(
+                f"not settled within {timeout}s: "
+                f"{[(r.key, r.users, r.owned, r.upstream) for r in lifetime.LEDGER.records()]}")
+        time.sleep(0.02)
+
+
+
 
 
 def ledger_size():
     """Live blocks in this worker's ledger, after collecting garbage."""
     from comfy_env.ipc import lifetime
 
-    _settle()
+    settle()
     time.sleep(0.05)
-    _settle()
+    settle()
     return len(lifetime.LEDGER)
 
 
 def ledger_keys():
     from comfy_env.ipc import lifetime
 
-    _settle()
+    settle()
     return sorted(str(r.key) for r in lifetime.LEDGER.records())
 
 

@@ -32,18 +32,7 @@ BIG = 1 << 17      # elements: every dtype here is >= INLINE_BYTES at this count
 
 # -- helpers (parent side) ------------------------------------------------------------------
 
-def _settle(pred=None, timeout=10.0):
-    """Collect garbage and let the ledger's flusher run, until ``pred()`` holds."""
-    end = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        lifetime.LEDGER.drain()
-        if pred is None or pred():
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"not settled within {timeout}s: "
-                                 f"{[(r.key, r.users, r.owned, r.upstream) for r in lifetime.LEDGER.records()]}")
-        time.sleep(0.02)
+_settle = F.settle
 
 
 def _ledger_keys():

@@ -28,18 +28,7 @@ MiB = 1 << 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def _settle(pred=None, timeout=10.0):
-    end = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        lifetime.LEDGER.drain()
-        if pred is None or pred():
-            return
-        if time.monotonic() > end:
-            raise AssertionError(
-                f"not settled within {timeout}s: "
-                f"{[(r.key, r.users, r.owned, r.upstream) for r in lifetime.LEDGER.records()]}")
-        time.sleep(0.02)
+_settle = F.settle
 
 
 def _keys():
