@@ -355,30 +355,9 @@ class _Pool:
         if lazy is None:
             return None
         try:
-            return _Pool._forward_lazy(lazy, fb)
+            return fb.forward_part(lazy.part, lazy.records)
         finally:
             lazy.unhold_extra()
-
-    @staticmethod
-    def _forward_lazy(lazy, fb):
-        part = lazy.part
-        fds = []
-        for (plane_name, _key, _fd, _meta), rec in zip(part.refs, lazy.records):
-            fds.append(codec.get_plane(plane_name).forward_fd(rec))
-        # Rebase the refs onto this frame's fds; the lends go to the new peer.
-        base = len(fb.fds)
-        refs = []
-        for i, ((plane_name, key, _fd, meta), rec) in enumerate(zip(part.refs, lazy.records)):
-            fd = fds[i]
-            if fd is not None:
-                fb.fds.append(fd)
-                refs.append((plane_name, key, len(fb.fds) - 1, meta))
-            else:
-                refs.append((plane_name, key, -1, meta))
-            fb.lend(rec)
-        fb.parts.append(codec.Part(part.data, refs))
-        del base
-        return len(fb.parts) - 1
 
     def _workers_to_start_locked(self):
         """How many workers to start for the pending calls (reserved in ``starting``)."""

@@ -244,11 +244,18 @@ class FrameBuilder:
         self.parts[index] = Part(buf.getbuffer(), None if enc.plain else enc.refs)
         return index
 
-    def add_part(self, part, fds):
-        """Append an already-encoded part (forwarding): its fd indexes are rebased."""
-        base = len(self.fds)
-        self.fds.extend(fds)
-        refs = [(p, k, (i + base) if i >= 0 else -1, m) for (p, k, i, m) in (part.refs or ())]
+    def forward_part(self, part, records):
+        """Append a received, undecoded part for this frame's peer (zero-copy chains).
+
+        ``records`` are the part's blocks, in ``part.refs`` order.  Each block's fd
+        comes from its plane (``forward_fd``) and its ref is rebased onto this
+        frame's fds; the lends go to this frame's peer.
+        """
+        refs = []
+        for (plane_name, key, _fd, meta), rec in zip(part.refs, records):
+            fd = get_plane(plane_name).forward_fd(rec)
+            refs.append((plane_name, key, self.add_fd(fd) if fd is not None else -1, meta))
+            self.lend(rec)
         self.parts.append(Part(part.data, refs))
         return len(self.parts) - 1
 
