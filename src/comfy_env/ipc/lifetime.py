@@ -140,18 +140,40 @@ class Ledger:
         with self._lock:
             rec.users += n
 
+    @property
+    def lock(self):
+        """The ledger's (re-entrant) lock, for planes that check and lend atomically."""
+        return self._lock
+
     def unhold(self, rec, n=1):
         """Drop ``n`` users; free the record when none is left."""
         with self._lock:
-            rec.users -= n
-            if rec.users > 0:
-                return
-            if self._records.get(rec.key) is rec:
-                del self._records[rec.key]
-            upstream, leases = rec.upstream, rec.leases_in
-            rec.leases_in = 0
-        # Free first, release after: the exporter may reuse or free the block as
-        # soon as it reads the release, so our unmap / CUDA free must be done by then.
+            last = self.drop_locked(rec, n)
+        if last is not None:
+            self.free(rec, last)
+
+    def drop_locked(self, rec, n=1):
+        """``unhold``'s bookkeeping half; the caller holds :attr:`lock`.
+
+        Returns ``(upstream, leases)`` when that was the last user (then call
+        :meth:`free`, outside the lock if the free may block), else None.
+        """
+        rec.users -= n
+        if rec.users > 0:
+            return None
+        if self._records.get(rec.key) is rec:
+            del self._records[rec.key]
+        upstream, leases = rec.upstream, rec.leases_in
+        rec.leases_in = 0
+        return upstream, leases
+
+    def free(self, rec, last):
+        """``unhold``'s second half: free the block, then release it upstream.
+
+        Free first, release after: the exporter may reuse or free the block as
+        soon as it reads the release, so our unmap / CUDA free must be done by then.
+        """
+        upstream, leases = last
         if rec.on_zero is not None:
             rec.on_zero(rec)
         if upstream is not None and leases:

@@ -92,7 +92,7 @@ class ImportCache:
         """
         if not self.enabled or nbytes > self.max_bytes:
             return False
-        with self.ledger._lock:
+        with self.ledger.lock:
             with self._lock:
                 e = self._entries.get(rec.key)
                 if e is not None and e.rec is rec:
@@ -130,7 +130,7 @@ class ImportCache:
         of ``owner`` only if given).  Returns the number evicted."""
         now = time.monotonic() if now is None else now
         n = 0
-        with self.ledger._lock:
+        with self.ledger.lock:
             with self._lock:
                 idle = []
                 for key, e in self._entries.items():
@@ -160,34 +160,15 @@ class ImportCache:
             # idle check: a lease that arrives after it finds no record and opens the
             # block afresh (PoolImports counts references per pointer, so a re-import
             # racing with our free either shares the mapping or maps it again).
-            zero = [self._drop(e.rec) for e in victims]
+            zero = [self.ledger.drop_locked(e.rec) for e in victims]
         # Free outside the ledger's lock (decodes must not wait for a free and a
         # synchronise), and release upstream only after the free, as Ledger.unhold does.
         for e, z in zip(victims, zero):
             n += 1
-            if z is None:
-                continue
-            upstream, leases = z
-            rec = e.rec
-            if rec.on_zero is not None:
-                rec.on_zero(rec)
-            if upstream is not None and leases:
-                upstream.post(("release", rec.key, leases))
+            if z is not None:
+                self.ledger.free(e.rec, z)
         self.evicted += n
         return n
-
-    def _drop(self, rec):
-        """``Ledger.unhold``'s bookkeeping half (caller holds the ledger's lock): returns
-        ``(upstream, leases)`` when that was the last user, else None."""
-        rec.users -= 1
-        if rec.users > 0:
-            return None
-        records = self.ledger._records
-        if records.get(rec.key) is rec:
-            del records[rec.key]
-        upstream, leases = rec.upstream, rec.leases_in
-        rec.leases_in = 0
-        return upstream, leases
 
     def flush(self, owner=None):
         return self.sweep(flush=True, owner=owner)

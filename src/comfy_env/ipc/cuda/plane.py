@@ -309,7 +309,7 @@ class CudaPlane(Plane):
         # Check-and-lend under the ledger's lock: a release on another thread must not
         # retire the record between our lookup and the lend (one key per allocation, so
         # the peer imports each pointer once).
-        with lifetime.LEDGER._lock:
+        with lifetime.LEDGER.lock:
             rec = self._by_base.get(base)
             if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
                 export = gen.export_pointer(base)
@@ -491,7 +491,7 @@ class CudaPlane(Plane):
     def _free_owned(self, record):
         res = record.resource
         if res.kind == "pool":
-            with lifetime.LEDGER._lock:
+            with lifetime.LEDGER.lock:
                 if self._by_base.get(res.base) is record:
                     del self._by_base[res.base]
             res.keep = None           # torch frees it, stream-ordered, when the user did too
