@@ -282,6 +282,40 @@ def torch_view_of_fresh(shape, dtype_name, recipe):
     return eval(recipe, {"torch": torch, "x": x})
 
 
+def tensor_traits(x):
+    """How a received tensor holds its values: (contiguous, storage offset, storage bytes,
+    storage resizable -- torch allocated it, it is no view of a buffer --, writable,
+    in a segment)."""
+    import torch
+
+    s = x.untyped_storage()
+    u = x.detach().reshape(-1).view(torch.uint8)
+    before = u.clone()
+    u.fill_(7)
+    writable = bool((u == 7).all())
+    u.copy_(before)
+    return (x.is_contiguous(), x.storage_offset(), s.nbytes(), s.resizable(), writable,
+            in_segment(x))
+
+
+def small_tensors():
+    """Small tensors made here, sent back inline: (name, tensor) pairs."""
+    import torch
+
+    leaf = torch.arange(6.0).reshape(2, 3).requires_grad_(True)
+    return [
+        ("bf16", torch.arange(12, dtype=torch.float32).reshape(3, 4).to(torch.bfloat16)),
+        ("bool", torch.tensor([True, False, True])),
+        ("0-d", torch.tensor(2.5, dtype=torch.float64)),
+        ("empty", torch.empty(0, 4, dtype=torch.int16)),
+        ("view", torch.arange(24, dtype=torch.int32).reshape(4, 6)[1:, ::2].t()),
+        ("leaf", leaf),
+        ("nonleaf", leaf * 2),
+        ("param", torch.nn.Parameter(torch.ones(3, 2))),
+        ("frozen", torch.nn.Parameter(torch.ones(3), requires_grad=False)),
+    ]
+
+
 def types_of(*xs):
     return [type(x).__module__ + "." + type(x).__qualname__ for x in xs]
 
