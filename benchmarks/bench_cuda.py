@@ -363,6 +363,8 @@ def main():
            "rows": {}}
     a = new_executor()
     b = new_executor()
+    # The same worker with staging recycling off: parent → worker as before it existed.
+    c = new_executor({"COMFY_ENV_CUDA_STAGING_CACHE_MIB": "0"})
     try:
         empty = timed(lambda: a.submit(w_nothing).result(), 300, warm=20)
         res["empty_call_us"] = empty * 1e3 * 1e3
@@ -397,6 +399,7 @@ def main():
             with parent_timers() as tm:
                 row["p2w"] = timed(lambda: a.submit(w_touch, x).result(), r)
             row["p2w_parent"] = tm.per_call_us()
+            row["p2w_no_recycle"] = timed(lambda: c.submit(w_touch, x).result(), r)
             row["a2b"] = timed(lambda: b.submit(w_touch, a.submit(w_get, n)).result(), r)
             row["empty_ms"] = timed(lambda: a.submit(w_nothing).result(), 50, warm=5)
             if lean and n > GiB:
@@ -411,9 +414,11 @@ def main():
             print(label, {k: f"{v * 1e3:.3f} ms" for k, v in row.items() if isinstance(v, float)}, flush=True)
         res["routes_parent"] = dict(PLANE.routes)
         res["import_cache_stats"] = PLANE.import_cache.stats()
+        res["staging_recycled"] = PLANE.recycled
     finally:
         a.shutdown()
         b.shutdown()
+        c.shutdown()
     settle()
     PLANE.import_cache.flush()
     torch.cuda.empty_cache()
@@ -480,7 +485,7 @@ def print_table(res, sizes, leg):
         print(f"worker → parent per tensor, {k} tensors (32 × 1 MiB per call): {v['per_tensor_us']:.1f} µs "
               f"(call {v['call_ms']:.3f} ms; parent decode {v['parent_decode_us']:.1f} µs/tensor, "
               f"{v['imports']} imports in {v['decodes']} decodes)")
-    hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'p→w':>8} {'A→B':>8} | {'CPU w→p':>9} {'CPU p→w':>9} | "
+    hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | {'CPU w→p':>9} {'CPU p→w':>9} | "
            f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)
     print("-" * len(hdr))
@@ -489,10 +494,12 @@ def print_table(res, sizes, leg):
         lg = leg.get(n, {})
         lw = _ms(lg.get("w2p"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
-        print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r['p2w'])} {_ms(r['a2b'])} | "
+        print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r['p2w'])} {_ms(r.get('p2w_no_recycle'))} "
+              f"{_ms(r['a2b'])} | "
               f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lp} | "
               f"{_ratio(r['cpu_w2p'], r['w2p'])} {_ratio(r['cpu_p2w'], r['p2w'])}")
-    print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty')")
+    print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty'; "
+          "p→w¹: staging recycling off, COMFY_ENV_CUDA_STAGING_CACHE_MIB=0 in the worker)")
     for n, lg in leg.items():
         if "skipped" in lg:
             print(f"legacy IPC {n >> 20} MiB: skipped ({lg['skipped'][:200]})")

@@ -180,6 +180,37 @@ def w_check_big(t):
     return int(t[0].item()), int(t[-1].item()), t.numel()
 
 
+def w_hold(t):
+    """Keep the argument (the staging block stays busy) and return its sum."""
+    import builtins
+    builtins.__dict__.setdefault("_comfy_env_test_held", []).append(t)
+    return float(t.double().sum().item())
+
+
+def w_held_sums():
+    import builtins
+    return [float(t.double().sum().item()) for t in builtins.__dict__.get("_comfy_env_test_held", [])]
+
+
+def w_drop_held():
+    import builtins
+    builtins.__dict__.pop("_comfy_env_test_held", None)
+
+
+def w_slow_copy(t):
+    """Read the argument late: a GPU sleep, then a copy kept for later; no synchronize."""
+    import builtins
+    import torch
+    torch.cuda._sleep(500_000_000)          # ~0.25 s of GPU time before the read
+    builtins.__dict__.setdefault("_comfy_env_test_held", []).append(t * 1)
+    return None
+
+
+def w_import_stats():
+    from comfy_env.ipc.cuda.plane import PLANE
+    return PLANE.imports.stats()
+
+
 def free_bytes():
     torch.cuda.synchronize()
     return D.mem_get_info()[0]
@@ -227,6 +258,31 @@ def test_parent_to_worker_staged_without_touching_parent_allocator(worker_alloc)
         assert torch.equal(y, x + 1)
     assert PLANE.routes["staging"] > before
     assert torch.cuda.get_allocator_backend() == backend
+
+
+@WORKER_ALLOCS
+def test_parent_to_worker_recycles_its_staging_block_without_stale_or_overwritten_data(worker_alloc):
+    n = 1 << 20
+    with executor(worker_alloc) as ex:
+        recycled, made = PLANE.recycled, None
+        for i in range(30):                    # a new tensor every call, one block for all
+            x = torch.full((n,), float(i), device="cuda")
+            assert ex.submit(w_sum, x).result(timeout=60)[0] == float(i) * n
+            if i == 2:
+                made = ex.submit(w_import_stats).result()["imports_made"]
+        assert PLANE.recycled >= recycled + 25
+        assert ex.submit(w_import_stats).result()["imports_made"] <= made + 1
+        # A block the worker still holds is never copied into: the next tensor gets another.
+        a, b = torch.full((n,), 1.0, device="cuda"), torch.full((n,), 2.0, device="cuda")
+        assert ex.submit(w_hold, a).result(timeout=60) == n
+        assert ex.submit(w_hold, b).result(timeout=60) == 2.0 * n
+        assert ex.submit(w_held_sums).result(timeout=60) == [n, 2.0 * n]
+        ex.submit(w_drop_held).result()
+        # Reads the worker enqueued late finish before the parent copies the next tensor in.
+        ex.submit(w_slow_copy, torch.full((n,), 5.0, device="cuda")).result(timeout=60)
+        ex.submit(w_sum, torch.full((n,), 6.0, device="cuda")).result(timeout=60)
+        assert ex.submit(w_held_sums).result(timeout=60) == [5.0 * n]
+        ex.submit(w_drop_held).result()
 
 
 @WORKER_ALLOCS
@@ -345,8 +401,16 @@ def test_no_gpu_memory_growth_over_10000_calls(worker_alloc):
         dt = time.perf_counter() - t0
         settle()
         grown = start - free_bytes()
-        print(f"10000 round trips ({worker_alloc or 'native'} worker): {dt:.1f} s, growth {grown / 2**20:.1f} MiB")
+        print(f"10000 round trips ({worker_alloc or 'native'} worker): {dt:.1f} s, growth {grown / 2**20:.1f} MiB, "
+              f"{PLANE.stats()}")
         assert grown < 64 << 20, f"GPU memory grew by {grown / 2**20:.1f} MiB"
+        # The worker may still keep our recycled staging block mapped (idle, for the next
+        # call): empty_cache asks it to let go, after which nothing is lent or held.
+        assert PLANE.stats()["owned_blocks"] <= 2
+        torch.cuda.empty_cache()
+        deadline = time.monotonic() + 10
+        while (PLANE.stats()["owned_blocks"] or PLANE.stats()["remote_blocks"]) and time.monotonic() < deadline:
+            settle()
         assert PLANE.stats()["owned_blocks"] == 0 and PLANE.stats()["remote_blocks"] == 0
 
 

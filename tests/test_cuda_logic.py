@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from comfy_env.ipc.cuda.layout import (CudaTensorDesc, DescriptorError, VERSION, pool_meta, span_bytes,
-                                       validate, validate_meta, vmm_meta)
+from comfy_env.ipc.cuda.layout import (CudaTensorDesc, DescriptorError, VERSION, pack, pool_meta, span_bytes,
+                                       unpack, validate, validate_meta, vmm_meta)
 from comfy_env.ipc.cuda.paths import (DEFAULT_IMPORT_LIMIT, Capabilities, PeerVerdicts, choose,
                                       import_limit)
 
@@ -87,6 +87,35 @@ def test_descriptor_is_small_when_pickled():
     import pickle
     d = desc(event=("0123456789abcdef", 0, 5, b"e" * 64))
     assert len(pickle.dumps(d, 5)) < 400
+
+
+@pytest.mark.parametrize("kw", [
+    {}, dict(route="staging", seq=7, requires_grad=True), dict(route="vmm", shape=(), strides=()),
+    dict(route="empty", ref=-1, shape=(0, 5), strides=(5, 1), dtype="bfloat16"),
+    dict(event=("0123456789abcdef", 1, 255, bytes(range(64))), device_index=3, offset=8),
+    dict(shape=tuple(range(1, 9)), strides=tuple(range(8, 0, -1)), dtype="float8_e4m3fn"),
+])
+def test_descriptor_packs_to_bytes_and_back(kw):
+    d = desc(**kw)
+    b = pack(d)
+    assert isinstance(b, bytes) and len(b) < 250
+    assert unpack(b) == d and validate(unpack(b)) == d
+
+
+def test_malformed_packed_descriptors_get_clear_errors():
+    b = pack(desc(event=("0123456789abcdef", 0, 5, b"e" * 64)))
+    for bad in (b[:-1], b + b"x", b[:10], b"", bytes([VERSION + 1]) + b[1:]):
+        with pytest.raises(DescriptorError):
+            unpack(bad)
+    for bad in (desc(offset=2), desc(strides=(-3, 1)), desc(ref=-1), desc(route="empty", ref=0)):
+        with pytest.raises(DescriptorError):
+            unpack(pack(bad))                      # packed as given, refused when unpacked
+    with pytest.raises(DescriptorError, match="route 'cpu'"):
+        pack(desc(route="cpu", ref=-1, host=object()))
+    with pytest.raises(DescriptorError, match="cannot pack"):
+        pack(desc(dtype="float128"))
+    with pytest.raises(DescriptorError, match="sequence"):
+        validate(desc(seq=-1))
 
 
 # -- route choice with injected probe results ---------------------------------------------
@@ -362,6 +391,7 @@ def test_import_cache_flush_by_owner_and_after_link_closed():
         _, h, _ = _decode(ledger, t, k, cache)
         h = None; _settle(ledger)
     assert cache.flush(owner="A") == 1 and t.log == [("free", a)] and len(cache) == 1
+    assert t.releases() == [("release", a, 1)]
     ledger.link_closed(t.link)                     # the owner died: no release to send
     assert cache.sweep() == 1 and t.log[-1] == ("free", b) and t.releases() == []
     assert len(ledger) == 0
@@ -378,3 +408,70 @@ def test_import_cache_disabled_by_env(monkeypatch):
     _, h, _ = _decode(ledger, t, key, cache)
     h = None; _settle(ledger)
     assert t.log == [("free", key)] and t.releases() == [("release", key, 1)]
+
+
+# -- recycled staging blocks: the importer's idle hook, the exporter's bookkeeping ----------
+def test_idle_hook_runs_when_only_the_cache_holds_a_staging_block():
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=0, max_count=100, max_idle_s=1000, background=False,
+                        max_staging_bytes=4 << 20)
+    idles = []
+    key = ("cuda", "owner", 1)
+    rec = ledger.accept_lease(key, t.link, lambda: object(), t.on_zero)
+    h = type("Holder", (), {})()
+    ledger.holder(rec, h)
+    assert not cache.keep(rec, 1 << 20, "owner", on_idle=idles.append) and idles == []
+    h = None; _settle(ledger)
+    assert idles == [rec] and ledger.get(key) is rec and t.log == [] and t.releases() == []
+    # The owner lends it again: same record, no new import; idle again once the tensor died.
+    rec2, h, hit = _decode(ledger, t, key, cache)
+    assert rec2 is rec and rec.leases_in == 2 and idles == [rec]
+    cache.keep(rec, 1 << 20, "owner", on_idle=idles.append)
+    h = None; _settle(ledger)
+    assert idles == [rec, rec]
+    # Eviction unhooks it, frees, then releases both leases.
+    assert cache.flush() == 1 and rec.on_idle is None
+    assert t.log == [("free", key)] and t.releases() == [("release", key, 2)]
+    # Over the staging bound (or a pool block with max_bytes=0): not kept at all.
+    rec3, h, _ = _decode(ledger, t, ("cuda", "owner", 2), cache, nbytes=1 << 20)   # pool kind
+    assert len(cache) == 0
+    big = ledger.accept_lease(("cuda", "owner", 3), t.link, lambda: object(), t.on_zero)
+    assert not cache.keep(big, 8 << 20, "owner", on_idle=idles.append) and len(cache) == 0
+
+
+def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.cuda.plane import CudaPlane, _Owned
+    pl = CudaPlane()
+    gen, MiB = object(), 1 << 20
+    recs = []
+
+    def block(size):
+        key = ("cuda", "test-exporter", len(recs))
+        recs.append(lifetime.LEDGER.add_owned(key, _Owned("staging", 0, 0x1000, None, gen=gen, size=size),
+                                              None))
+        return recs[-1]
+
+    try:
+        small, big = block(2 * MiB), block(8 * MiB)
+        ev = ("0123456789abcdef", 0, 1, b"e" * 64)
+        pl._on_idle(None, small.key, 1, ev)            # answers a lend that never happened
+        assert pl.stats()["staging_idle"] == 0
+        pl._on_idle(None, small.key, 0, ev)
+        pl._on_idle(None, big.key, 0, None)
+        assert pl.stats()["staging_idle"] == 2 and small.resource.ready == ev
+        with lifetime.LEDGER.lock:
+            got = pl._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
+            assert got is small and small.resource.busy and small.resource.seq == 1
+            assert pl._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
+        pl._on_idle(None, small.key, 0, ev)            # late answer to the previous lend
+        assert small.resource.busy and pl.stats()["staging_idle"] == 1
+        with lifetime.LEDGER.lock:                     # a rolled generation is never lent again
+            assert pl._take_idle_staging(0, 8 * MiB, object()) is None
+        assert pl.stats()["staging_idle"] == 0 and pl.recycled == 1
+        assert pl._staging_size(1000) == 1024 and pl._staging_size(3 * MiB + 1) == 4 * MiB
+    finally:
+        for r in recs:
+            lifetime.LEDGER._records.pop(r.key, None)

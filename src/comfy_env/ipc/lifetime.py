@@ -40,9 +40,9 @@ PROCESS_UID = uuid.uuid4().hex[:16]
 class Link:
     """One peer of this process (the parent, or one worker) as the data planes see it.
 
-    ``post`` queues a control message for the peer; the transport owner
-    (executor or worker loop) drains ``take_posts`` before each send and the
-    ledger's flusher thread drains the rest.
+    ``post`` queues a control message for the peer; the ledger's flusher thread
+    sends them (the worker also flushes inline, in ``LEDGER.drain()``, before it
+    sends a result, so that its releases overtake the result).
     """
 
     def __init__(self, send_control, name="peer"):
@@ -85,7 +85,8 @@ class Link:
 class Record:
     """What this process knows of one block."""
 
-    __slots__ = ("key", "resource", "users", "upstream", "leases_in", "owned", "on_zero", "__weakref__")
+    __slots__ = ("key", "resource", "users", "upstream", "leases_in", "owned", "on_zero", "on_idle",
+                 "__weakref__")
 
     def __init__(self, key, resource, owned, upstream=None, on_zero=None):
         self.key = key
@@ -95,6 +96,9 @@ class Record:
         self.leases_in = 0              # leases taken from upstream, released at zero
         self.users = 0
         self.on_zero = on_zero          # callable(record): recycle / unmap
+        # callable(record), set by a cache that holds one user of the record: runs when
+        # ``users`` falls back to 1, i.e. when nothing but that cache uses the block.
+        self.on_idle = None
 
 
 class Ledger:
@@ -103,6 +107,7 @@ class Ledger:
     def __init__(self):
         self._lock = threading.RLock()
         self._records = {}
+        self._holders = {}              # id(weakref) -> (weakref, record): see holder()
         self._dirty = collections.deque()
         self._wake_r = self._wake_w = None
         self._thread = None
@@ -146,11 +151,18 @@ class Ledger:
         return self._lock
 
     def unhold(self, rec, n=1):
-        """Drop ``n`` users; free the record when none is left."""
+        """Drop ``n`` users; free the record when none is left.
+
+        When only one user is left and the record has an ``on_idle`` hook (a cache
+        holds that last user), the hook runs, outside the lock.
+        """
         with self._lock:
             last = self.drop_locked(rec, n)
+            idle = rec.on_idle if last is None and rec.users == 1 else None
         if last is not None:
             self.free(rec, last)
+        elif idle is not None:
+            idle(rec)
 
     def drop_locked(self, rec, n=1):
         """``unhold``'s bookkeeping half; the caller holds :attr:`lock`.
@@ -196,12 +208,17 @@ class Ledger:
     def holder(self, rec, obj):
         """Count ``obj`` (anything weak-referenceable) as a user of ``rec`` while it lives."""
         self.hold(rec)
-        weakref.finalize(obj, self._holder_died, rec)
+        # A bare weakref with a callback, kept here: a third of weakref.finalize's cost
+        # (no registry, no atexit hook), which is paid once per decoded array or tensor.
+        ref = weakref.ref(obj, self._holder_died)
+        self._holders[id(ref)] = (ref, rec)
 
-    def _holder_died(self, rec):
+    def _holder_died(self, ref):
         # Runs inside the garbage collector: never block, never send here.
-        self._dirty.append(rec)
-        self._wake()
+        entry = self._holders.pop(id(ref), None)
+        if entry is not None:
+            self._dirty.append(entry[1])
+            self._wake()
 
     # -- control messages ---------------------------------------------------
     def on_release(self, link, key, n):

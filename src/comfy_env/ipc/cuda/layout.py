@@ -11,10 +11,11 @@ the receiver must wait on before reading.
 """
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Optional, Tuple
 
 __all__ = ["CudaTensorDesc", "DescriptorError", "ITEMSIZE", "ROUTES", "span_bytes", "validate",
-           "pool_meta", "vmm_meta", "validate_meta"]
+           "pack", "pack_fields", "unpack", "pool_meta", "vmm_meta", "validate_meta"]
 
 VERSION = 1
 
@@ -57,16 +58,20 @@ class CudaTensorDesc(NamedTuple):
     event: Optional[tuple]        # (owner_uid, owner_ordinal, slot, handle: 64 bytes) or None
     requires_grad: bool
     host: object = None           # the CPU copy, route "cpu" only
+    seq: int = 0                  # staging blocks: which lend of the block this is (see plane.py)
 
 
 def span_bytes(shape, strides, itemsize) -> int:
     """Bytes from the first element to the end of the last one a strided view touches."""
-    if any(n == 0 for n in shape):
-        return 0
-    if any(s < 0 for s in strides):
-        raise DescriptorError(f"negative strides are not supported: {tuple(strides)}")
-    last = sum((n - 1) * s for n, s in zip(shape, strides))
-    return (last + 1) * itemsize
+    last = 0
+    empty = False
+    for n, s in zip(shape, strides):
+        if s < 0:
+            raise DescriptorError(f"negative strides are not supported: {tuple(strides)}")
+        if n == 0:
+            empty = True
+        last += (n - 1) * s
+    return 0 if empty else (last + 1) * itemsize
 
 
 def _is_uuid(u) -> bool:
@@ -114,7 +119,95 @@ def validate(desc) -> CudaTensorDesc:
             raise DescriptorError(f"bad event {ev!r}")
     if desc.route == "cpu" and desc.host is None:
         raise DescriptorError("route 'cpu' without its host tensor")
+    if type(desc.seq) is not int or desc.seq < 0:
+        raise DescriptorError(f"bad lend sequence number {desc.seq!r}")
     return desc
+
+
+# -- the wire form: one bytes object per descriptor ------------------------------------------
+# Why by hand: pickling the named tuple costs a persistent_id call and a pickle opcode
+# per field and per shape element (~20 per tensor), the largest share of a small
+# tensor's encode and decode.  struct does it in one call each way; the result is
+# still checked by validate() after unpacking.  The "cpu" route carries a host tensor
+# and keeps the named tuple.
+_DTYPES = tuple(ITEMSIZE)
+_DTYPE_CODE = {name: i for i, name in enumerate(_DTYPES)}
+_ROUTE_CODE = {name: i for i, name in enumerate(ROUTES)}
+_HEAD = struct.Struct("<BBBBBiiQQ16s")   # version route dtype flags ndim ref index offset seq uuid
+_EVENT = struct.Struct("<16sii64s")      # owner uid, owner ordinal, slot, handle
+_GRAD, _HAS_EVENT = 1, 2
+
+
+_DIMS = [struct.Struct(f"<{2 * n}q") for n in range(MAX_DIMS + 1)]
+_UUID_BYTES = {}                         # uuid hex -> 16 bytes (a handful of GPUs per process)
+
+
+def pack(desc: CudaTensorDesc) -> bytes:
+    """The descriptor as bytes (any route but "cpu")."""
+    if desc.route == "cpu":
+        raise DescriptorError("route 'cpu' descriptors carry a tensor and are not packed")
+    return pack_fields(*desc[:11], seq=desc.seq)
+
+
+def pack_fields(version, route, ref, dtype, shape, strides, offset, device_uuid, device_index, event,
+                requires_grad, seq=0) -> bytes:
+    """:func:`pack` without building the named tuple first (the encode path)."""
+    n = len(shape)
+    if n > MAX_DIMS:
+        raise DescriptorError(f"{n} dimensions (at most {MAX_DIMS})")
+    flags = (_GRAD if requires_grad else 0) | (_HAS_EVENT if event is not None else 0)
+    try:
+        uuid = _UUID_BYTES.get(device_uuid)
+        if uuid is None:
+            uuid = _UUID_BYTES[device_uuid] = bytes.fromhex(device_uuid)
+        out = (_HEAD.pack(version, _ROUTE_CODE[route], _DTYPE_CODE[dtype], flags, n, ref, device_index, offset,
+                          seq, uuid)
+               + _DIMS[n].pack(*shape, *strides))
+        if event is not None:
+            owner, ordinal, slot, handle = event
+            out += _EVENT.pack(owner.encode("ascii"), ordinal, slot, handle)
+    except (KeyError, ValueError, struct.error, AttributeError, TypeError) as exc:
+        raise DescriptorError(f"cannot pack CUDA descriptor {(route, dtype, shape, strides)!r}: {exc}") from None
+    return out
+
+
+def unpack(data: bytes) -> CudaTensorDesc:
+    """Inverse of :func:`pack`, checked as :func:`validate` checks (the fields' types are
+    struct's, so only their values need checking); malformed input raises
+    :class:`DescriptorError`."""
+    try:
+        version, route, dtype, flags, n, ref, index, offset, seq, uuid = _HEAD.unpack_from(data, 0)
+        if version != VERSION:
+            raise DescriptorError(f"descriptor version {version!r}, this side speaks {VERSION} "
+                                  "(both sides must run the same comfy_env)")
+        if n > MAX_DIMS:
+            raise DescriptorError(f"{n} dimensions (at most {MAX_DIMS})")
+        pos = _HEAD.size
+        dims = _DIMS[n].unpack_from(data, pos)
+        pos += 16 * n
+        event = None
+        if flags & _HAS_EVENT:
+            owner, ordinal, slot, handle = _EVENT.unpack_from(data, pos)
+            pos += _EVENT.size
+            event = (owner.decode("ascii"), ordinal, slot, handle)
+        if pos != len(data):
+            raise DescriptorError(f"{len(data) - pos} stray bytes after the descriptor")
+        route = ROUTES[route]
+        dtype = _DTYPES[dtype]
+    except DescriptorError:
+        raise
+    except (struct.error, IndexError, UnicodeDecodeError, TypeError) as exc:
+        raise DescriptorError(f"malformed CUDA descriptor ({len(data)} bytes): {exc}") from None
+    if route == "cpu":
+        raise DescriptorError("route 'cpu' cannot come packed (it carries a host tensor)")
+    if dims and min(dims) < 0:
+        raise DescriptorError(f"shape and strides must be non-negative: {dims[:n]}, {dims[n:]}")
+    if offset % ITEMSIZE[dtype]:
+        raise DescriptorError(f"offset {offset} is not a multiple of {dtype}'s size")
+    if (route in ("pool", "staging", "vmm")) != (ref >= 0):
+        raise DescriptorError(f"route {route!r} with ref {ref!r}")
+    return CudaTensorDesc(version, route, ref, dtype, dims[:n], dims[n:], offset, uuid.hex(), index, event,
+                          bool(flags & _GRAD), None, seq)
 
 
 # -- block meta: rides in the part's refs, outside the pickle, so that the parent can

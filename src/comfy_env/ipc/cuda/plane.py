@@ -40,7 +40,7 @@ from . import devices
 from . import driver as D
 from .events import EventRing, OpenedEvents
 from .importcache import ImportCache
-from .layout import (CudaTensorDesc, VERSION, ITEMSIZE, pool_meta, span_bytes, validate,
+from .layout import (CudaTensorDesc, VERSION, ITEMSIZE, pack_fields, pool_meta, span_bytes, unpack, validate,
                      validate_meta, vmm_meta)
 from .paths import Capabilities, PeerVerdicts, choose, import_limit
 from .pools import Pools, PoolImports
@@ -60,17 +60,30 @@ class CudaFallbackWarning(RuntimeWarning):
 
 
 class _Owned:
-    """A block we export.  ``keep`` holds what must stay alive until every peer released."""
-    __slots__ = ("kind", "ordinal", "ptr", "keep", "gen", "stream", "vmm", "meta", "base")
+    """A block we export.  ``keep`` holds what must stay alive until every peer released.
 
-    def __init__(self, kind, ordinal, ptr, meta, *, keep=None, gen=None, stream=None, vmm=None, base=None):
+    Staging blocks are recycled (see :meth:`CudaPlane._lend_staging`): ``busy`` while
+    a lend is unanswered, ``seq`` counts the lends, ``ready`` is the peer's event that
+    orders its last reads before our next copy.
+    """
+    __slots__ = ("kind", "ordinal", "ptr", "keep", "gen", "stream", "vmm", "meta", "base", "alloc",
+                 "ptrs", "size", "busy", "seq", "ready")
+
+    def __init__(self, kind, ordinal, ptr, meta, *, keep=None, gen=None, stream=None, vmm=None, base=None,
+                 alloc=0, size=0):
         self.kind, self.ordinal, self.ptr, self.meta = kind, ordinal, ptr, meta
         self.keep, self.gen, self.stream, self.vmm, self.base = keep, gen, stream, vmm, base
+        self.alloc = alloc            # pool blocks: the allocation's size
+        self.ptrs = []                # pool blocks: data pointers looked up through _by_ptr
+        self.size = size              # staging blocks: bytes allocated
+        self.busy = True
+        self.seq = 0
+        self.ready = None
 
 
 class _Remote:
     """A peer's block as we know it: imported only when something decodes it."""
-    __slots__ = ("meta", "fd", "ptr", "vmm", "stream", "ordinal")
+    __slots__ = ("meta", "fd", "ptr", "vmm", "stream", "ordinal", "seq", "read_stream")
 
     def __init__(self, meta, fd):
         self.meta = meta
@@ -79,6 +92,27 @@ class _Remote:
         self.vmm = None
         self.stream = None
         self.ordinal = None
+        self.seq = 0            # staging blocks: the lend we last decoded (echoed in "idle")
+        self.read_stream = None  # ... and the stream that decode read on
+
+
+class _EncodeContext:
+    """What encoding one message computes once, not once per tensor."""
+    __slots__ = ("st", "dev", "events")
+
+    def __init__(self, st):
+        self.st = st
+        self.dev = {}           # ordinal -> (caps, uuid, heap, stream)
+        self.events = {}        # (ordinal, stream) -> the message's last recording there
+
+
+class _DecodeContext:
+    """What decoding one message computes once, not once per tensor."""
+    __slots__ = ("dev", "waited")
+
+    def __init__(self):
+        self.dev = {}           # device uuid -> (ordinal, torch.device, stream)
+        self.waited = set()     # events already waited on, per stream
 
 
 class _PeerState:
@@ -99,9 +133,15 @@ class _DeviceBytes:
     """
     __slots__ = ("__cuda_array_interface__", "__weakref__")
 
-    def __init__(self, ptr, nbytes):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 2, "strides": None}
+    def __init__(self, ptr, nbytes, typestr="|u1", shape=None, strides=None):
+        self.__cuda_array_interface__ = {"shape": (nbytes,) if shape is None else shape, "typestr": typestr,
+                                         "data": (ptr, False), "version": 2, "strides": strides}
+
+
+# dtypes torch builds straight from a typed __cuda_array_interface__ (one call instead of
+# as_tensor + view + as_strided); the others (bfloat16, float8, ...) go through bytes.
+_TYPESTR = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "complex128": "<c16", "complex64": "<c8",
+            "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1"}
 
 
 class CudaPlane(Plane):
@@ -126,6 +166,9 @@ class CudaPlane(Plane):
         self.imports = PoolImports()
         self.import_cache = ImportCache(lifetime.LEDGER)   # pool imports kept after use
         self._by_base = {}            # allocation base -> owned "pool" record (one key per allocation)
+        self._by_ptr = {}             # data pointer -> live owned "pool" record (skips two driver calls)
+        self._idle_staging = {}       # ordinal -> owned staging records a peer reported idle
+        self.recycled = 0             # staging lends that reused a block a peer still had mapped
         self._serial = itertools.count(1)
         self._links = weakref.WeakSet()
         self._dead_links_seen = set()
@@ -225,33 +268,62 @@ class CudaPlane(Plane):
         log.warning("%s", msg)
 
     # -- encode ----------------------------------------------------------------------
+    def _encode_context(self, enc):
+        ctx = getattr(enc, "_comfy_env_cuda", None)
+        if ctx is None:
+            self._t()
+            self._housekeeping()
+            ctx = _EncodeContext(self._peer(enc.link))
+            try:
+                enc._comfy_env_cuda = ctx
+            except AttributeError:          # an encoder without a __dict__: per tensor then
+                pass
+        return ctx
+
+    def _encode_device(self, ctx, ordinal):
+        d = ctx.dev.get(ordinal)
+        if d is None:
+            caps = self.caps(ordinal)
+            uuid = devices.uuid_of(ordinal)
+            heap = stream = None
+            if caps.driver:
+                heap = self.ensure_heap(ordinal)
+                devices.use(ordinal)
+                stream = self._torch.cuda.current_stream(ordinal).cuda_stream
+            d = ctx.dev[ordinal] = (caps, uuid, heap, stream)
+        return d
+
     def encode(self, obj, enc):
-        if obj.device.type != "cuda":
+        if not obj.is_cuda:
             return None               # the CPU plane's
-        torch = self._t()
+        ctx = self._encode_context(enc)
+        torch = self._torch
         dtype = self._dtypes.get(obj.dtype)
         if dtype is None:
             raise EncodeError(f"CUDA tensors of dtype {obj.dtype} cannot be shared")
-        ordinal = obj.device.index
-        link = enc.link
-        st = self._peer(link)
-        self._housekeeping()
-        caps = self.caps(ordinal)
-        uuid = devices.uuid_of(ordinal)
+        ordinal = obj.get_device()
+        d = ctx.dev.get(ordinal)
+        caps, uuid, heap, stream = d if d is not None else self._encode_device(ctx, ordinal)
         if obj.layout != torch.strided or obj.is_quantized:
             self.routes["cpu"] += 1
             return self._encode_cpu(obj, dtype, ordinal, uuid, f"{obj.layout} tensors have no plain memory layout")
-        itemsize = ITEMSIZE[dtype]
         shape = tuple(obj.shape)
         strides = tuple(obj.stride())
-        nbytes = span_bytes(shape, strides, itemsize)
-        in_pool, alloc, gen, base = False, 0, None, 0
-        heap = self.ensure_heap(ordinal) if nbytes else None
-        if heap is not None:
-            devices.use(ordinal)
-            base, alloc = D.address_range(obj.data_ptr())
-            gen = heap.owner_of(D.pointer_pool(base))
+        nbytes = span_bytes(shape, strides, ITEMSIZE[dtype])
+        in_pool, alloc, gen, base, ptr = False, 0, None, 0, 0
+        if nbytes and heap is not None:
+            ptr = obj.data_ptr()
+            rec = self._by_ptr.get(ptr)
+            if rec is not None and lifetime.LEDGER.get(rec.key) is rec:
+                # A pointer we exported and whose record lives: its allocation is pinned
+                # (the record keeps a tensor on it), so base and pool are still the same.
+                res = rec.resource
+                base, alloc, gen = res.base, res.alloc, res.gen
+            else:
+                base, alloc = D.address_range(ptr)
+                gen = heap.owner_of(D.pointer_pool(base))
             in_pool = gen is not None
+        st = ctx.st
         route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
                             alloc_bytes=alloc, limit=self.limit)
         if self.force_cpu and route != "empty":
@@ -259,53 +331,46 @@ class CudaPlane(Plane):
         self.routes[route] += 1
         self.last_reasons[route] = why
         if route == "empty":
-            return CudaTensorDesc(VERSION, "empty", -1, dtype, shape, strides, 0, uuid, ordinal, None,
-                                  obj.requires_grad)
+            return pack_fields(VERSION, "empty", -1, dtype, shape, strides, 0, uuid, ordinal, None,
+                               obj.requires_grad)
         if route == "cpu":
             return self._encode_cpu(obj, dtype, ordinal, uuid, why)
-        devices.use(ordinal)
-        stream = torch.cuda.current_stream(ordinal).cuda_stream
+        seq = 0
         if route == "pool":
-            rec, ref = self._lend_pool_block(enc, st, obj, gen, base, alloc, ordinal, uuid)
-            offset = obj.data_ptr() - base
+            ref = self._lend_pool_block(enc, st, obj, gen, base, alloc, ordinal, uuid, ptr)
+            offset = ptr - base
+        elif route == "staging":
+            ref, seq = self._lend_staging(enc, st, obj, nbytes, ordinal, uuid, stream)
+            offset = 0
         else:
-            rec, ref = self._lend_copy(enc, st, route, obj, nbytes, ordinal, uuid, stream)
+            ref = self._lend_vmm(enc, obj, nbytes, ordinal, uuid, stream)
             offset = 0
         event = None
         if caps.events:
-            event = self._event_for(enc, route, ordinal, stream)
+            event = self._event_for(ctx, route, ordinal, stream)
         else:
             # No interprocess events: the receiver must not read early, so wait here.
             D.call("cuStreamSynchronize", stream)
-        return CudaTensorDesc(VERSION, route, ref, dtype, shape, strides, offset, uuid, ordinal, event,
-                              obj.requires_grad)
+        return pack_fields(VERSION, route, ref, dtype, shape, strides, offset, uuid, ordinal, event,
+                           obj.requires_grad, seq)
 
-    def _event_for(self, enc, route, ordinal, stream):
+    def _event_for(self, ctx, route, ordinal, stream):
         """The event the receiver waits on: one recording per stream and message.
 
         A zero-copy tensor needs only what was enqueued before the message began
         (the producer's kernels), so it shares the message's last recording on its
         stream; a copied one needs a recording after our copy.
         """
-        try:
-            recorded = enc._comfy_env_cuda_events
-        except AttributeError:
-            recorded = None
-            try:
-                recorded = enc._comfy_env_cuda_events = {}
-            except AttributeError:         # an encoder without a __dict__: no sharing
-                pass
-        if route == "pool" and recorded is not None:
+        recorded = ctx.events
+        if route == "pool":
             event = recorded.get((ordinal, stream))
             if event is not None:
                 return event
         slot, handle = self._rings[ordinal].record(stream)
-        event = (lifetime.PROCESS_UID, ordinal, slot, handle)
-        if recorded is not None:
-            recorded[(ordinal, stream)] = event
+        event = recorded[(ordinal, stream)] = (lifetime.PROCESS_UID, ordinal, slot, handle)
         return event
 
-    def _lend_pool_block(self, enc, st, obj, gen, base, alloc, ordinal, uuid):
+    def _lend_pool_block(self, enc, st, obj, gen, base, alloc, ordinal, uuid, ptr):
         # Check-and-lend under the ledger's lock: a release on another thread must not
         # retire the record between our lookup and the lend (one key per allocation, so
         # the peer imports each pointer once).
@@ -315,11 +380,13 @@ class CudaPlane(Plane):
                 export = gen.export_pointer(base)
                 meta = pool_meta(gen.key, export, uuid, alloc)
                 key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-                res = _Owned("pool", ordinal, base, meta, keep=obj, gen=gen, base=base)
+                res = _Owned("pool", ordinal, base, meta, keep=obj, gen=gen, base=base, alloc=alloc)
                 rec = lifetime.LEDGER.add_owned(key, res, self.on_zero)
                 self._by_base[base] = rec
-            ref = enc.add_ref(self, rec, rec.resource.meta, self._pool_fd_for(st, gen))
-        return rec, ref
+            if self._by_ptr.get(ptr) is not rec:
+                self._by_ptr[ptr] = rec
+                rec.resource.ptrs.append(ptr)
+            return enc.add_ref(self, rec, rec.resource.meta, self._pool_fd_for(st, gen))
 
     def _pool_fd_for(self, st, gen):
         """The pool's fd the first time this peer hears of it, else None."""
@@ -328,34 +395,122 @@ class CudaPlane(Plane):
         st.pools_sent.add(gen.key)
         return gen.fd
 
-    def _lend_copy(self, enc, st, route, obj, nbytes, ordinal, uuid, stream):
-        src = obj.data_ptr()
-        key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-        if route == "staging":
-            gen = self._staging[ordinal].current
-            ptr = gen.alloc(nbytes, stream)
-            try:
-                D.call("cuMemcpyDtoDAsync_v2", ptr, src, nbytes, stream, detail="into the staging pool")
-                export = gen.export_pointer(ptr)
-            except BaseException:
-                D.try_call("cuMemFreeAsync", ptr, stream)
-                raise
-            meta = pool_meta(gen.key, export, uuid, nbytes)
-            rec = lifetime.LEDGER.add_owned(key, _Owned("staging", ordinal, ptr, meta, gen=gen, stream=stream),
-                                            self.on_zero)
-            fd = self._pool_fd_for(st, gen)
+    # -- staging: one device copy into a block we recycle --------------------------
+    # A peer that keeps our staging block imported (its import cache) tells us when
+    # nothing reads it any more ("idle", with an event after its last reads); the
+    # block is then copied into and lent again under the same key, and the peer's
+    # import is reused: no import, unmap or allocation per call.  A block the peer
+    # does not keep is released as before and freed into the staging pool.
+    _STAGING_ROUND = 2 << 20
+
+    def _staging_size(self, nbytes):
+        """Bytes to allocate for ``nbytes``: rounded up, so later tensors of nearby sizes fit."""
+        if nbytes < self._STAGING_ROUND:
+            size = 1 << max(9, (nbytes - 1).bit_length())          # powers of two from 512 B
         else:
-            blk = VmmBlock.create(ordinal, nbytes)
-            try:
-                D.call("cuMemcpyDtoDAsync_v2", blk.ptr, src, nbytes, stream, detail="into a VMM block")
-            except BaseException:
-                blk.close()
-                raise
-            meta = vmm_meta(blk.size, uuid)
-            rec = lifetime.LEDGER.add_owned(key, _Owned("vmm", ordinal, blk.ptr, meta, vmm=blk, stream=stream),
-                                            self.on_zero)
-            fd = blk.fd
-        return rec, enc.add_ref(self, rec, meta, fd)
+            size = -(-nbytes // self._STAGING_ROUND) * self._STAGING_ROUND
+        return max(nbytes, min(size, self.limit))
+
+    def _take_idle_staging(self, ordinal, nbytes, gen):
+        """An idle staging block of the current generation that fits ``nbytes`` (caller holds
+        the ledger's lock), marked busy; None if there is none."""
+        idle = self._idle_staging.get(ordinal)
+        if not idle:
+            return None
+        best, keep = None, []
+        for rec in idle:
+            res = rec.resource
+            if lifetime.LEDGER.get(rec.key) is not rec or res.gen is not gen:
+                continue              # freed, or of a rolled generation that must drain
+            if nbytes <= res.size <= 2 * self._staging_size(nbytes) and (best is None or res.size < best.resource.size):
+                if best is not None:
+                    keep.append(best)
+                best = rec
+            else:
+                keep.append(rec)
+        self._idle_staging[ordinal] = keep
+        if best is not None:
+            best.resource.busy = True
+            best.resource.seq += 1
+            self.recycled += 1
+        return best
+
+    def _lend_staging(self, enc, st, obj, nbytes, ordinal, uuid, stream):
+        gen = self._staging[ordinal].current
+        with lifetime.LEDGER.lock:
+            rec = self._take_idle_staging(ordinal, nbytes, gen)
+            if rec is not None:
+                ref = enc.add_ref(self, rec, rec.resource.meta, self._pool_fd_for(st, gen))
+        if rec is not None:
+            res = rec.resource
+            if res.ready is not None:
+                ready, res.ready = res.ready, None
+                self._events.wait(ready, ordinal, stream)      # the peer's last reads first
+            res.stream = stream
+            D.call("cuMemcpyDtoDAsync_v2", res.ptr, obj.data_ptr(), nbytes, stream,
+                   detail="into a recycled staging block")
+            return ref, res.seq
+        size = self._staging_size(nbytes)
+        ptr = gen.alloc(size, stream)
+        try:
+            D.call("cuMemcpyDtoDAsync_v2", ptr, obj.data_ptr(), nbytes, stream, detail="into the staging pool")
+            export = gen.export_pointer(ptr)
+        except BaseException:
+            D.try_call("cuMemFreeAsync", ptr, stream)
+            raise
+        meta = pool_meta(gen.key, export, uuid, size)
+        key = (self.name, lifetime.PROCESS_UID, next(self._serial))
+        rec = lifetime.LEDGER.add_owned(key, _Owned("staging", ordinal, ptr, meta, gen=gen, stream=stream,
+                                                    size=size), self.on_zero)
+        return enc.add_ref(self, rec, meta, self._pool_fd_for(st, gen)), 0
+
+    def _on_idle(self, link, key, seq, event):
+        """A peer finished reading our staging block ``key`` (lend ``seq``) and keeps it mapped."""
+        with lifetime.LEDGER.lock:
+            rec = lifetime.LEDGER.get(key)
+            if rec is None or not rec.owned or rec.resource.kind != "staging":
+                return                # freed meanwhile, or not ours to recycle
+            res = rec.resource
+            if not res.busy or res.seq != seq:
+                return                # an answer to an older lend: the block is busy again
+            res.busy = False
+            res.ready = event
+            self._idle_staging.setdefault(res.ordinal, []).append(rec)
+
+    def _staging_idle(self, rec):
+        """Importer side, ``Record.on_idle`` of a kept staging block: tell the owner."""
+        res = rec.resource
+        link = rec.upstream
+        if link is None or link.closed or res.ptr is None:
+            return
+        event = None
+        try:
+            stream = res.read_stream if res.read_stream is not None else res.stream
+            if self.caps(res.ordinal).events:
+                slot, handle = self._rings[res.ordinal].record(stream)
+                event = (lifetime.PROCESS_UID, res.ordinal, slot, handle)
+            else:
+                devices.use(res.ordinal)
+                D.call("cuStreamSynchronize", stream)
+        except Exception:
+            # Without the ordering the owner must not recycle it: say nothing; the
+            # block is released (and freed) when our cache lets it go.
+            log.exception("comfy_env: could not order the reads of staging block %s", rec.key)
+            return
+        link.post(("plane", self.name, ("idle", rec.key, res.seq, event)))
+
+    def _lend_vmm(self, enc, obj, nbytes, ordinal, uuid, stream):
+        key = (self.name, lifetime.PROCESS_UID, next(self._serial))
+        blk = VmmBlock.create(ordinal, nbytes)
+        try:
+            D.call("cuMemcpyDtoDAsync_v2", blk.ptr, obj.data_ptr(), nbytes, stream, detail="into a VMM block")
+        except BaseException:
+            blk.close()
+            raise
+        meta = vmm_meta(blk.size, uuid)
+        rec = lifetime.LEDGER.add_owned(key, _Owned("vmm", ordinal, blk.ptr, meta, vmm=blk, stream=stream),
+                                        self.on_zero)
+        return enc.add_ref(self, rec, meta, blk.fd)
 
     def _encode_cpu(self, obj, dtype, ordinal, uuid, why):
         self._warn_once(("cpu", why), f"comfy_env: CUDA tensors go through host memory (slow): {why}")
@@ -364,63 +519,85 @@ class CudaPlane(Plane):
                               ordinal, None, obj.requires_grad, host)
 
     # -- decode ------------------------------------------------------------------------
+    def _decode_device(self, dec, uuid):
+        ctx = getattr(dec, "_comfy_env_cuda", None)
+        if ctx is None:
+            ctx = _DecodeContext()
+            try:
+                dec._comfy_env_cuda = ctx
+            except AttributeError:
+                pass
+        d = ctx.dev.get(uuid)
+        if d is None:
+            try:
+                ordinal = devices.ordinal_of(uuid)
+            except (devices.UnknownDevice, D.CudaError) as exc:
+                raise CudaTransferError(str(exc)) from None
+            torch = self._torch
+            d = ctx.dev[uuid] = (ordinal, torch.device("cuda", ordinal),
+                                 torch.cuda.current_stream(ordinal).cuda_stream)
+        return ctx, d
+
     def decode(self, desc, dec):
-        validate(desc)
+        desc = unpack(desc) if type(desc) is bytes else validate(desc)    # unpack checks too
         torch = self._t()
-        try:
-            ordinal = devices.ordinal_of(desc.device_uuid)
-        except (devices.UnknownDevice, D.CudaError) as exc:
-            raise CudaTransferError(str(exc)) from None
-        dtype = getattr(torch, desc.dtype)
-        device = torch.device("cuda", ordinal)
+        ctx = getattr(dec, "_comfy_env_cuda", None)
+        d = ctx.dev.get(desc.device_uuid) if ctx is not None else None
+        if d is None:
+            ctx, d = self._decode_device(dec, desc.device_uuid)
+        ordinal, device, stream = d
         if desc.route == "cpu":
             t = desc.host.to(device)
         elif desc.route == "empty":
-            t = torch.empty_strided(desc.shape, desc.strides, dtype=dtype, device=device)
+            t = torch.empty_strided(desc.shape, desc.strides, dtype=getattr(torch, desc.dtype), device=device)
         else:
             rec = dec.record(desc.ref)
-            stream = torch.cuda.current_stream(ordinal).cuda_stream
             base = self._local_ptr(rec, ordinal, stream, dec.link)
             if desc.event is not None and desc.event[0] != lifetime.PROCESS_UID:
-                self._wait_once(dec, desc.event, ordinal, stream)
-            nbytes = span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype])
-            keeper = _DeviceBytes(base + desc.offset, nbytes)
-            raw = torch.as_tensor(keeper, device=device)
+                key = (desc.event[0], desc.event[1], desc.event[2], stream)
+                if key not in ctx.waited:
+                    # The whole message was encoded before it was sent, so the first wait
+                    # already covers the latest recording of that slot it can mean.
+                    ctx.waited.add(key)
+                    self._events.wait(desc.event, ordinal, stream)
+            t, keeper = self._wrap(base + desc.offset, desc, device)
+            res = rec.resource
+            if not rec.owned and res.meta[0] == "pool":
+                if desc.route == "staging":
+                    res.seq = desc.seq
+                    res.read_stream = stream
             lifetime.LEDGER.holder(rec, keeper)
-            if desc.route == "pool" and not rec.owned and rec.resource.meta[0] == "pool":
-                meta = rec.resource.meta
-                self.import_cache.keep(rec, meta[4], meta[1][0])
-            t = raw.view(dtype) if dtype != torch.uint8 else raw
-            t = t.as_strided(desc.shape, desc.strides)
+            if not rec.owned and res.meta[0] == "pool":
+                meta = res.meta
+                owner = meta[1][0]
+                if desc.route == "pool":
+                    self.import_cache.keep(rec, meta[4], owner)
+                elif desc.route == "staging" and rec.upstream is not None and rec.upstream.uid == owner:
+                    # Only the owner's own blocks: a block forwarded by a third process
+                    # would be reported idle to the forwarder, which cannot recycle it.
+                    self.import_cache.keep(rec, meta[4], owner, on_idle=self._staging_idle)
         if desc.requires_grad:
             t.requires_grad_(True)
         return t
 
-    def _wait_once(self, dec, event, ordinal, stream):
-        """Wait on a peer's event once per message and stream.
-
-        The whole message was encoded before it was sent, so the first wait already
-        covers the latest recording of that slot the message can mean.
-        """
-        key = (event[0], event[1], event[2], ordinal, stream)
-        try:
-            waited = dec._comfy_env_cuda_waited
-        except AttributeError:
-            waited = None
-            try:
-                waited = dec._comfy_env_cuda_waited = set()
-            except AttributeError:
-                pass
-        if waited is not None:
-            if key in waited:
-                return
-            waited.add(key)
-        self._events.wait(event, ordinal, stream)
+    def _wrap(self, ptr, desc, device):
+        """A tensor over device memory at ``ptr`` as ``desc`` describes it, and its keeper."""
+        torch = self._torch
+        typestr = _TYPESTR.get(desc.dtype)
+        if typestr is not None and desc.shape:
+            item = ITEMSIZE[desc.dtype]
+            keeper = _DeviceBytes(ptr, 0, typestr, desc.shape, tuple(s * item for s in desc.strides))
+            return torch.as_tensor(keeper, device=device), keeper
+        keeper = _DeviceBytes(ptr, span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype]))
+        raw = torch.as_tensor(keeper, device=device)
+        dtype = getattr(torch, desc.dtype)
+        t = raw.view(dtype) if dtype != torch.uint8 else raw
+        return t.as_strided(desc.shape, desc.strides), keeper
 
     def _local_ptr(self, rec, ordinal, stream, link):
         """The block's address in this process: ours, or imported now on first use."""
         res = rec.resource
-        if rec.owned:
+        if rec.owned or res.ptr is not None:
             return res.ptr
         with self._lock:
             if res.ptr is not None:
@@ -494,11 +671,21 @@ class CudaPlane(Plane):
             with lifetime.LEDGER.lock:
                 if self._by_base.get(res.base) is record:
                     del self._by_base[res.base]
+                for ptr in res.ptrs:
+                    if self._by_ptr.get(ptr) is record:
+                        del self._by_ptr[ptr]
             res.keep = None           # torch frees it, stream-ordered, when the user did too
-            self._reap_heap(res.ordinal)
+            self._reap_old(res.ordinal)
         elif res.kind == "staging":
+            with lifetime.LEDGER.lock:
+                idle = self._idle_staging.get(res.ordinal)
+                if idle and record in idle:
+                    idle.remove(record)
             devices.use(res.ordinal)
+            # Every importer released it after its reads completed (that is what a
+            # release means), so the free only needs ordering after our own copy.
             D.call("cuMemFreeAsync", res.ptr, res.stream)
+            self._reap_old(res.ordinal)
         else:
             devices.use(res.ordinal)
             # The peer never read it if it released without decoding: our copy may be in flight.
@@ -532,6 +719,9 @@ class CudaPlane(Plane):
                 self._warn_once(("verdict", link.name, block_kind),
                                 f"comfy_env: {link.name} cannot import CUDA {block_kind} blocks from this "
                                 f"process ({reason}); using another route")
+        elif kind == "idle":
+            _, key, seq, event = message
+            self._on_idle(link, tuple(key), seq, event)
         elif kind == "uncache":
             # The owner ran empty_cache: drop idle imports of its blocks so it can free them.
             self.import_cache.flush(owner=message[1])
@@ -544,8 +734,8 @@ class CudaPlane(Plane):
 
     def _housekeeping(self):
         """Notice peers that went away: their pools retire here and at those we forwarded to."""
-        if self._heap:
-            self._reap_heap()
+        if self._heap or self._staging:
+            self._reap_old()
         for link in list(self._links):
             if link.closed and id(link) not in self._dead_links_seen:
                 self._dead_links_seen.add(id(link))
@@ -563,13 +753,15 @@ class CudaPlane(Plane):
         """
         # Our cached imports first: their releases let peers free (and us reap) blocks.
         self.import_cache.flush()
-        if any(p is not None for p in self._heap.values()):
-            # Peers may keep our heap blocks imported after use (their import cache):
-            # ask them to let go, so a later empty_cache here can give the memory back.
-            for link in list(self._links):
-                st = link.state.get(self.name)
-                if st is not None and st.pools_sent and not link.closed:
-                    link.post(("plane", self.name, ("uncache", lifetime.PROCESS_UID)))
+        # Peers may keep our heap and staging blocks imported after use (their import
+        # cache): ask them to let go; the blocks are freed as their releases arrive and
+        # the rolled generations destroyed then (_reap_old).
+        for link in list(self._links):
+            st = link.state.get(self.name)
+            if st is not None and st.pools_sent and not link.closed:
+                link.post(("plane", self.name, ("uncache", lifetime.PROCESS_UID)))
+        with lifetime.LEDGER.lock:
+            self._idle_staging.clear()    # not to be lent again: they go when released
         retired = []
         for pools in list(self._heap.values()) + list(self._staging.values()):
             if pools is None:
@@ -580,15 +772,16 @@ class CudaPlane(Plane):
         self._post_retired(retired)
         return retired
 
-    def _reap_heap(self, ordinal=None):
-        """Destroy rolled heap generations that drained since the last trim.
+    def _reap_old(self, ordinal=None):
+        """Destroy rolled heap and staging generations that drained since the last trim.
 
         A peer's cached import can outlive ``empty_cache``: its release (asked for by
         ``uncache``) arrives later, and the generation is reaped then.
         """
-        for o, pools in list(self._heap.items()):
+        for o, pools in list(self._heap.items()) + list(self._staging.items()):
             if pools is None or not pools.old or (ordinal is not None and o != ordinal):
                 continue
+            devices.use(pools.ordinal)
             self._post_retired(pools.reap())
 
     def _post_retired(self, retired):
@@ -608,6 +801,8 @@ class CudaPlane(Plane):
             remote = sum(1 for r in lifetime.LEDGER.records() if not r.owned and r.key[0] == self.name)
             return {"owned_blocks": owned, "remote_blocks": remote, **self.imports.stats(),
                     "import_cache": self.import_cache.stats(),
+                    "staging_recycled": self.recycled,
+                    "staging_idle": sum(len(v) for v in self._idle_staging.values()),
                     "heap_generations": {o: (1 + len(p.old)) for o, p in self._heap.items() if p},
                     "staging_generations": {o: (1 + len(p.old)) for o, p in self._staging.items()},
                     "events": {o: len(r) for o, r in self._rings.items()}}

@@ -207,6 +207,7 @@ class PoolImports:
         self._lock = threading.RLock()
         self._pools = {}        # pool key -> ImportedPool
         self._ptrs = {}         # (pool key, export data) -> [ptr, refcount]
+        self.made = 0           # pointers imported so far (tests, benchmarks)
 
     def register(self, key, fd, uuid):
         """A message brought the fd of pool ``key``; we own ``fd`` from here on."""
@@ -270,6 +271,7 @@ class PoolImports:
             D.call("cuMemPoolImportPointer", C.byref(ptr), handle, C.byref(ed), detail=f"pool {key}")
             self._ptrs[(key, export_data)] = [ptr.value, 1]
             p.live += 1
+            self.made += 1
             return ptr.value
 
     def release_pointer(self, key, export_data: bytes, stream):
@@ -317,5 +319,5 @@ class PoolImports:
 
     def stats(self):
         with self._lock:
-            return {"pools": len(self._pools), "imported_pointers": len(self._ptrs),
+            return {"pools": len(self._pools), "imported_pointers": len(self._ptrs), "imports_made": self.made,
                     "pool_imports": sum(1 for p in self._pools.values() if p.handle is not None)}
