@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the CUDA GPU tests under both parent allocators, then the GPU benchmark.
+# One device call: the CUDA GPU tests under both parent allocators, then the GPU benchmarks
+# (bench_cuda.py, and bench_multigpu.py: its cross-device half needs two GPUs).
 # Logs go under $OUT (tests_<alloc>.log, bench.log, cuda_bench_*.json, profile_parent.txt);
 # a short table is printed at the end.   RUN_SLOW=0 skips the 5/6/12 GiB tests.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
@@ -22,7 +23,7 @@ T0=$SECONDS
 SUMMARY=()
 run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest args...
   local label=$1 conf=$2 limit=$3; shift 3
-  PYTORCH_CUDA_ALLOC_CONF="$conf" timeout "$limit" python3 -m pytest tests/test_cuda_gpu.py -q \
+  PYTORCH_CUDA_ALLOC_CONF="$conf" timeout "$limit" python3 -m pytest tests/test_cuda_gpu.py tests/test_devices_gpu.py -q \
     -p no:cacheprovider --timeout 150 -rfEs --durations=8 "$@" > "$OUT/tests_$label.log" 2>&1
   local rc=$?
   local line; line=$(grep -E "(passed|failed|error)" "$OUT/tests_$label.log" | tail -1)
@@ -43,10 +44,16 @@ if [ "${RUN_SLOW:-1}" = 1 ]; then
   run_tests async-slow "backend:cudaMallocAsync" "${SLOW_LIMIT:-150}" -m "slow"
 fi
 [ "${BENCH_FIRST:-0}" = 1 ] || bench
+if [ -f benchmarks/bench_multigpu.py ]; then
+  PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${MULTI_LIMIT:-200}" \
+    python3 benchmarks/bench_multigpu.py ${MULTI_ARGS:-} > "$OUT/bench_multigpu.log" 2>&1
+  echo "bench_multigpu rc=$? [at $((SECONDS - T0)) s]"
+fi
 echo
 echo "================ summary ================"
 cat "$OUT/gpu.txt"
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 sed -n '/^GPU: /,$p' "$OUT/bench.log"
+[ -f "$OUT/bench_multigpu.log" ] && tail -25 "$OUT/bench_multigpu.log"
 grep -q "^GPU: " "$OUT/bench.log" || tail -40 "$OUT/bench.log"

@@ -67,3 +67,41 @@ def test_device_without_a_gpu_says_so(monkeypatch):
         pass
     with pytest.raises(RuntimeError, match="CUDA driver"):
         IsolatedExecutor(device="cuda:0")
+
+
+# -- to_device: the call asks for another device than the one the tensor left -----------
+def _device_of(t):
+    return str(t.device), float(t.sum())
+
+
+def test_to_device_round_trips_and_leaves_the_tensor_where_it_is_without_cuda():
+    torch = pytest.importorskip("torch")
+    from comfy_env import to_device
+    t = torch.arange(10.0)
+    with IsolatedExecutor() as ex:
+        assert ex.submit(_device_of, to_device(t, "cpu")).result() == ("cpu", 45.0)
+        if not torch.cuda.is_available():        # None: the receiver's own GPU; no GPU: as is
+            assert ex.submit(_device_of, to_device(t)).result() == ("cpu", 45.0)
+            # nested in a result, and the other way round
+            out = ex.submit(lambda x: {"y": __import__("comfy_env").to_device(x * 2, "cpu")}, t).result()
+            assert torch.equal(out["y"], t * 2)
+
+
+def test_to_device_refuses_what_it_cannot_place():
+    torch = pytest.importorskip("torch")
+    from comfy_env import to_device
+    with pytest.raises(TypeError, match="torch tensor"):
+        to_device([1, 2, 3])
+    with pytest.raises(ValueError, match="full GPU UUID"):
+        to_device(torch.ones(1), "GPU-8e7c0aa2")
+    with pytest.raises(ValueError, match="MIG"):
+        to_device(torch.ones(1), "MIG-8e7c0aa2-0000")
+    with pytest.raises(ValueError):
+        to_device(torch.ones(1), "tpu:0")
+    try:
+        from comfy_env.ipc.cuda import devices
+        n = devices.count()
+    except Exception:
+        n = 0
+    with pytest.raises(ValueError, match="no such GPU"):
+        to_device(torch.ones(1), f"cuda:{n}")

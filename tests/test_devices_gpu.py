@@ -86,3 +86,37 @@ def test_worker_to_worker_across_devices():
         fa = a.submit(_make, 1 << 20, 7.0)
         uuid, total = b.submit(_where_and_sum, fa).result()
     assert uuid == devices.uuid_of(0) and total == 7.0 * (1 << 20)
+
+
+def _where_sum_and_current(t):
+    import torch
+    from comfy_env.ipc.cuda import devices
+    return devices.uuid_of(t.device.index) if t.is_cuda else "cpu", float(t.sum()), \
+        devices.uuid_of(torch.cuda.current_device())
+
+
+@pytest.mark.timeout(120)
+def test_to_device_asks_for_the_receivers_gpu_or_the_cpu():
+    from comfy_env import to_device
+    t = torch.full((1 << 20,), 2.0, device="cuda:0")
+    with IsolatedExecutor(device="cuda:0") as ex:
+        uuid, total, current = ex.submit(_where_sum_and_current, to_device(t)).result()
+        assert uuid == current == devices.uuid_of(0) and total == 2.0 * (1 << 20)
+        assert ex.submit(_where_sum_and_current, to_device(t, "cpu")).result()[:2] == ("cpu", 2.0 * (1 << 20))
+        back = ex.submit(lambda x: __import__("comfy_env").to_device(x + 1, "cuda:0"), t).result()
+        assert back.device == torch.device("cuda:0") and float(back[0]) == 3.0
+
+
+@multigpu
+@pytest.mark.multigpu
+@pytest.mark.timeout(180)
+def test_to_device_moves_across_gpus_to_the_pinned_one():
+    from comfy_env import to_device
+    t = torch.full((1 << 20,), 4.0, device="cuda:0")
+    with IsolatedExecutor(device="cuda:1") as ex:
+        uuid, total, current = ex.submit(_where_sum_and_current, to_device(t)).result()
+        assert uuid == current == devices.uuid_of(1) and total == 4.0 * (1 << 20)
+        # and back onto the parent's cuda:0, named in the worker's numbering by UUID
+        back = ex.submit(lambda x, u: __import__("comfy_env").to_device(x * 2, "GPU-" + u), t,
+                         devices.uuid_of(0)).result()
+        assert back.device == torch.device("cuda:0") and float(back[0]) == 8.0

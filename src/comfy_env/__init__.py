@@ -19,6 +19,7 @@ _EXPORTS = {
     "Env": ("comfy_env.envs", "Env"),
     "shared_empty": ("comfy_env.ipc.shm", "shared_empty"),
     "shared_like": ("comfy_env.ipc.shm", "shared_like"),
+    "to_device": ("comfy_env.ipc.placement", "to_device"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

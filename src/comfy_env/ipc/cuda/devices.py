@@ -16,7 +16,7 @@ import threading
 
 from . import driver as D
 
-__all__ = ["uuid_of", "ordinal_of", "use", "count", "name_of", "UnknownDevice"]
+__all__ = ["uuid_of", "ordinal_of", "use", "count", "name_of", "peers_of", "access_for", "UnknownDevice"]
 
 
 class UnknownDevice(LookupError):
@@ -27,6 +27,7 @@ _lock = threading.Lock()
 _uuids = {}          # ordinal -> uuid hex
 _by_uuid = {}        # uuid hex -> ordinal
 _contexts = {}       # ordinal -> primary CUcontext (retained for the process's life)
+_peers = {}          # ordinal -> ordinals that can access its memory peer-to-peer
 
 
 def count() -> int:
@@ -92,3 +93,29 @@ def use(ordinal: int) -> None:
     cur = C.c_void_p()
     if D.try_call("cuCtxGetCurrent", C.byref(cur)) != 0 or cur.value != ctx:
         D.call("cuCtxSetCurrent", ctx)
+
+
+def peers_of(ordinal: int):
+    """Other visible GPUs that can read and write ``ordinal``'s memory peer-to-peer."""
+    p = _peers.get(ordinal)
+    if p is None:
+        out = []
+        for other in range(count()):
+            if other == ordinal:
+                continue
+            v = C.c_int(0)
+            if D.try_call("cuDeviceCanAccessPeer", C.byref(v), other, ordinal) == 0 and v.value:
+                out.append(other)
+        p = _peers[ordinal] = tuple(out)
+    return p
+
+
+def access_for(ordinal: int, peers: bool = True):
+    """``(descs, n)``: read-write access to memory on ``ordinal`` for ``ordinal`` itself and,
+    with ``peers``, for every GPU that can reach it peer-to-peer (so a tensor received
+    on one GPU is readable by kernels and copies running on another: multi-GPU hand-off
+    without a trip through host memory)."""
+    devs = (ordinal,) + (peers_of(ordinal) if peers else ())
+    arr = (D.MemAccessDesc * len(devs))(
+        *[D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, o), D.ACCESS_READWRITE) for o in devs])
+    return arr, len(devs)

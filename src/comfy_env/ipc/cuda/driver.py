@@ -124,6 +124,7 @@ _SIGNATURES = {
     "cuDeviceGetUuid_v2": [C.POINTER(Uuid), _i],
     "cuDeviceGetUuid": [C.POINTER(Uuid), _i],
     "cuDeviceGetAttribute": [_pi, _i, _i],
+    "cuDeviceCanAccessPeer": [_pi, _i, _i],
     "cuDeviceGetPCIBusId": [C.c_char_p, _i, _i],
     "cuDeviceTotalMem_v2": [C.POINTER(_sz), _i],
     "cuDevicePrimaryCtxRetain": [_pp, _i],

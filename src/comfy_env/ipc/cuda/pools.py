@@ -249,7 +249,11 @@ class PoolImports:
             D.call("cuMemPoolImportFromShareableHandle", C.byref(h), C.c_void_p(p.fd),
                    D.HANDLE_POSIX_FD, 0, detail=f"pool {p.key}")
             try:
-                D.call("cuMemPoolSetAccess", h, C.byref(_access(p.ordinal)), 1, detail=f"pool {p.key}")
+                descs, n = devices.access_for(p.ordinal)
+                if n > 1 and D.try_call("cuMemPoolSetAccess", h, descs, n) == D.CUDA_SUCCESS:
+                    pass          # the pool's GPU and its peers may read the imports
+                else:
+                    D.call("cuMemPoolSetAccess", h, C.byref(_access(p.ordinal)), 1, detail=f"pool {p.key}")
             except BaseException:
                 D.try_call("cuMemPoolDestroy", h)
                 raise

@@ -102,8 +102,11 @@ def _map(handle, size, ordinal) -> int:
     try:
         D.call("cuMemMap", ptr.value, size, 0, handle, 0)
         try:
-            acc = D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal), D.ACCESS_READWRITE)
-            D.call("cuMemSetAccess", ptr.value, size, C.byref(acc), 1)
+            descs, n = devices.access_for(ordinal)
+            if n == 1 or D.try_call("cuMemSetAccess", ptr.value, size, descs, n) != D.CUDA_SUCCESS:
+                # Peers refused (or none): the block's own GPU is what must work.
+                acc = D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal), D.ACCESS_READWRITE)
+                D.call("cuMemSetAccess", ptr.value, size, C.byref(acc), 1)
         except BaseException:
             D.try_call("cuMemUnmap", ptr.value, size)
             raise
