@@ -729,6 +729,7 @@ class CudaPlane(Plane):
             self.imports.retire(tuple(message[1]))
         elif kind == "retire-owner":
             self.imports.forget_owner(message[1])
+            self._events.forget_owner(message[1])
         else:
             log.warning("comfy_env: unknown CUDA plane message %r from %s", kind, link.name)
 
@@ -741,6 +742,7 @@ class CudaPlane(Plane):
                 self._dead_links_seen.add(id(link))
                 if link.uid:
                     self.imports.forget_owner(link.uid)
+                    self._events.forget_owner(link.uid)     # its interprocess events too
                     for other in list(self._links):
                         if not other.closed and other is not link:
                             other.post(("plane", self.name, ("retire-owner", link.uid)))
