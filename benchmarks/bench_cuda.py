@@ -15,7 +15,9 @@ Measures, for 1 MiB, 64 MiB, 1 GiB and 4 GiB tensors:
 plus worker → parent per tensor (one call returning 32 tensors of 1 MiB, minus the
 empty call, divided by 32), both for tensors the worker returns again (the import
 cache's case) and for fresh tensors, with the parent's own decode time per tensor;
-and a worker's GPU footprint after a 4 GiB peak under each heap policy.
+a worker's GPU footprint after a 4 GiB peak under each heap policy;
+and parent → worker once more against a worker with staging recycling off
+(COMFY_ENV_CUDA_STAGING_CACHE_MIB=0), the figure before recycling, in the same run.
 Prints a table and writes benchmarks/results/cuda_<gpu>_<time>.json (and $OUT/).
 """
 from __future__ import annotations
@@ -341,7 +343,7 @@ def profile_fresh(a, k=32, nbytes=MiB, calls=20):
     settle()
     pr.disable()
     s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    pstats.Stats(pr, stream=s).strip_dirs().sort_stats("tottime").print_stats(25)
     return s.getvalue()
 
 
