@@ -50,10 +50,6 @@ def _props(ordinal):
     return p
 
 
-def _access(ordinal):
-    return D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal), D.ACCESS_READWRITE)
-
-
 class Generation:
     """One exportable pool of ours.  ``key`` = (process uid, serial) names it to peers."""
 
@@ -250,10 +246,10 @@ class PoolImports:
                    D.HANDLE_POSIX_FD, 0, detail=f"pool {p.key}")
             try:
                 descs, n = devices.access_for(p.ordinal)
-                if n > 1 and D.try_call("cuMemPoolSetAccess", h, descs, n) == D.CUDA_SUCCESS:
-                    pass          # the pool's GPU and its peers may read the imports
-                else:
-                    D.call("cuMemPoolSetAccess", h, C.byref(_access(p.ordinal)), 1, detail=f"pool {p.key}")
+                if n == 1 or D.try_call("cuMemPoolSetAccess", h, descs, n) != D.CUDA_SUCCESS:
+                    # Peers refused (or none): the pool's own GPU is what must work.
+                    descs, n = devices.access_for(p.ordinal, peers=False)
+                    D.call("cuMemPoolSetAccess", h, descs, n, detail=f"pool {p.key}")
             except BaseException:
                 D.try_call("cuMemPoolDestroy", h)
                 raise

@@ -105,8 +105,8 @@ def _map(handle, size, ordinal) -> int:
             descs, n = devices.access_for(ordinal)
             if n == 1 or D.try_call("cuMemSetAccess", ptr.value, size, descs, n) != D.CUDA_SUCCESS:
                 # Peers refused (or none): the block's own GPU is what must work.
-                acc = D.MemAccessDesc(D.MemLocation(D.MEM_LOCATION_DEVICE, ordinal), D.ACCESS_READWRITE)
-                D.call("cuMemSetAccess", ptr.value, size, C.byref(acc), 1)
+                descs, n = devices.access_for(ordinal, peers=False)
+                D.call("cuMemSetAccess", ptr.value, size, descs, n)
         except BaseException:
             D.try_call("cuMemUnmap", ptr.value, size)
             raise
