@@ -281,16 +281,15 @@ class CudaPlane(Plane):
         return ctx
 
     def _encode_device(self, ctx, ordinal):
-        d = ctx.dev.get(ordinal)
-        if d is None:
-            caps = self.caps(ordinal)
-            uuid = devices.uuid_of(ordinal)
-            heap = stream = None
-            if caps.driver:
-                heap = self.ensure_heap(ordinal)
-                devices.use(ordinal)
-                stream = self._torch.cuda.current_stream(ordinal).cuda_stream
-            d = ctx.dev[ordinal] = (caps, uuid, heap, stream)
+        """``(caps, uuid, heap, stream)`` of ``ordinal``, the first time a message meets it."""
+        caps = self.caps(ordinal)
+        uuid = devices.uuid_of(ordinal)
+        heap = stream = None
+        if caps.driver:
+            heap = self.ensure_heap(ordinal)
+            devices.use(ordinal)
+            stream = self._torch.cuda.current_stream(ordinal).cuda_stream
+        d = ctx.dev[ordinal] = (caps, uuid, heap, stream)
         return d
 
     def encode(self, obj, enc):
@@ -519,23 +518,20 @@ class CudaPlane(Plane):
                               ordinal, None, obj.requires_grad, host)
 
     # -- decode ------------------------------------------------------------------------
-    def _decode_device(self, dec, uuid):
-        ctx = getattr(dec, "_comfy_env_cuda", None)
+    def _decode_device(self, dec, ctx, uuid):
+        """``(ctx, (ordinal, device, stream))`` the first time a message meets ``uuid``."""
         if ctx is None:
             ctx = _DecodeContext()
             try:
                 dec._comfy_env_cuda = ctx
             except AttributeError:
                 pass
-        d = ctx.dev.get(uuid)
-        if d is None:
-            try:
-                ordinal = devices.ordinal_of(uuid)
-            except (devices.UnknownDevice, D.CudaError) as exc:
-                raise CudaTransferError(str(exc)) from None
-            torch = self._torch
-            d = ctx.dev[uuid] = (ordinal, torch.device("cuda", ordinal),
-                                 torch.cuda.current_stream(ordinal).cuda_stream)
+        try:
+            ordinal = devices.ordinal_of(uuid)
+        except (devices.UnknownDevice, D.CudaError) as exc:
+            raise CudaTransferError(str(exc)) from None
+        torch = self._torch
+        d = ctx.dev[uuid] = (ordinal, torch.device("cuda", ordinal), torch.cuda.current_stream(ordinal).cuda_stream)
         return ctx, d
 
     def decode(self, desc, dec):
@@ -544,7 +540,7 @@ class CudaPlane(Plane):
         ctx = getattr(dec, "_comfy_env_cuda", None)
         d = ctx.dev.get(desc.device_uuid) if ctx is not None else None
         if d is None:
-            ctx, d = self._decode_device(dec, desc.device_uuid)
+            ctx, d = self._decode_device(dec, ctx, desc.device_uuid)
         ordinal, device, stream = d
         if desc.route == "cpu":
             t = desc.host.to(device)
@@ -561,21 +557,21 @@ class CudaPlane(Plane):
                     ctx.waited.add(key)
                     self._events.wait(desc.event, ordinal, stream)
             t, keeper = self._wrap(base + desc.offset, desc, device)
-            res = rec.resource
-            if not rec.owned and res.meta[0] == "pool":
-                if desc.route == "staging":
-                    res.seq = desc.seq
-                    res.read_stream = stream
             lifetime.LEDGER.holder(rec, keeper)
+            res = rec.resource
             if not rec.owned and res.meta[0] == "pool":
                 meta = res.meta
                 owner = meta[1][0]
                 if desc.route == "pool":
                     self.import_cache.keep(rec, meta[4], owner)
-                elif desc.route == "staging" and rec.upstream is not None and rec.upstream.uid == owner:
-                    # Only the owner's own blocks: a block forwarded by a third process
-                    # would be reported idle to the forwarder, which cannot recycle it.
-                    self.import_cache.keep(rec, meta[4], owner, on_idle=self._staging_idle)
+                elif desc.route == "staging":
+                    # Echoed in our "idle" report (the keeper above is alive until we return).
+                    res.seq = desc.seq
+                    res.read_stream = stream
+                    if rec.upstream is not None and rec.upstream.uid == owner:
+                        # Only the owner's own blocks: a block forwarded by a third process
+                        # would be reported idle to the forwarder, which cannot recycle it.
+                        self.import_cache.keep(rec, meta[4], owner, on_idle=self._staging_idle)
         if desc.requires_grad:
             t.requires_grad_(True)
         return t
