@@ -32,7 +32,8 @@ import time
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "src"))
+# COMFY_ENV_BENCH_SRC: measure another tree (e.g. the last commit's) with the same script.
+sys.path.insert(0, os.environ.get("COMFY_ENV_BENCH_SRC") or os.path.join(HERE, "..", "src"))
 
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
@@ -315,8 +316,60 @@ def cpu_route(a, x, n, budget_s):
     return w2p, p2w
 
 
+def w_cpu():
+    """The worker's CPU time so far (all its threads)."""
+    import time
+    return time.process_time()
+
+
+def paired_per_tensor(a, fn, k, nbytes, reps):
+    """Per tensor µs from interleaved pairs (empty call, ``k``-tensor call): the median of
+    the pairs' differences / k, with the 25th and 75th percentiles.  Pairing cancels the
+    drift of a shared host, which a difference of two separately taken medians does not."""
+    for _ in range(5):
+        a.submit(w_nothing).result()
+        r = a.submit(fn, k, nbytes).result()
+        del r
+    diffs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.submit(w_nothing).result()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        r = a.submit(fn, k, nbytes).result()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        del r
+        diffs.append(((t2 - t1) - (t1 - t0)) / k * 1e6)
+    q = statistics.quantiles(diffs, n=4)
+    return {"median_us": statistics.median(diffs), "p25_us": q[0], "p75_us": q[2], "pairs": reps}
+
+
+def cpu_per_tensor(a, fn, k, nbytes, calls):
+    """CPU µs per tensor in each process (all threads), k-tensor calls minus empty calls.
+
+    Less sensitive than wall time to a busy host's scheduling: it counts the work done."""
+    def run(f, *args):
+        settle()
+        w0 = a.submit(w_cpu).result()
+        p0 = time.process_time()
+        for _ in range(calls):
+            r = a.submit(f, *args).result()
+            del r
+        torch.cuda.synchronize()
+        settle()
+        p1 = time.process_time()
+        w1 = a.submit(w_cpu).result()
+        return p1 - p0, w1 - w0
+    pe, we = run(w_nothing)
+    pm, wm = run(fn, k, nbytes)
+    n = calls * k
+    return {"parent_cpu_us": (pm - pe) / n * 1e6, "worker_cpu_us": (wm - we) / n * 1e6}
+
+
 def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
-    """Worker → parent per tensor: one call returning ``k`` tensors, minus the empty call."""
+    """Worker → parent per tensor: one call returning ``k`` tensors, minus the empty call
+    (as a difference of medians, and from interleaved pairs), plus CPU time per tensor."""
     out = {}
     for label, fn in (("same", w_many), ("fresh", w_fresh)):
         with parent_timers() as tm:
@@ -326,6 +379,8 @@ def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
                       "parent_decode_us": pt["decode"][0], "parent_import_us": pt["import_pointer"][0],
                       "imports": pt["import_pointer"][1], "parent_release_us": pt["release_pointer"][0],
                       "event_wait_us": pt["event_wait"][0], "decodes": pt["decode"][1]}
+        out[label]["paired"] = paired_per_tensor(a, fn, k, nbytes, reps=max(100, reps))
+        out[label]["cpu"] = cpu_per_tensor(a, fn, k, nbytes, calls=max(100, reps))
     return out
 
 
@@ -373,7 +428,10 @@ def main():
         print(f"empty call {empty * 1e6:.0f} us (median, back to back)", flush=True)
         res["per_tensor_w2p"] = per_tensor(a, empty)
         for k, v in res["per_tensor_w2p"].items():
-            print(f"w→p per tensor ({k} tensors, 32 × 1 MiB per call): {v['per_tensor_us']:.1f} us; "
+            pr, cpu = v["paired"], v["cpu"]
+            print(f"w→p per tensor ({k} tensors, 32 × 1 MiB per call): {v['per_tensor_us']:.1f} us "
+                  f"(paired: median {pr['median_us']:.1f}, p25 {pr['p25_us']:.1f}, p75 {pr['p75_us']:.1f}); "
+                  f"CPU parent {cpu['parent_cpu_us']:.1f} + worker {cpu['worker_cpu_us']:.1f} us; "
                   f"parent decode {v['parent_decode_us']:.1f} us/tensor, imports {v['imports']}", flush=True)
         _dump_partial(res)
         res["profile_fresh_parent"] = profile_fresh(a)
@@ -484,9 +542,12 @@ def print_table(res, sizes, leg):
           f"(workers: cudaMallocAsync)")
     print(f"method: {res['method']}; empty call {res['empty_call_us']:.0f} µs")
     for k, v in res["per_tensor_w2p"].items():
-        print(f"worker → parent per tensor, {k} tensors (32 × 1 MiB per call): {v['per_tensor_us']:.1f} µs "
-              f"(call {v['call_ms']:.3f} ms; parent decode {v['parent_decode_us']:.1f} µs/tensor, "
-              f"{v['imports']} imports in {v['decodes']} decodes)")
+        pr, cpu = v["paired"], v["cpu"]
+        print(f"worker → parent per tensor, {k} tensors (32 × 1 MiB per call): {pr['median_us']:.1f} µs "
+              f"median of {pr['pairs']} interleaved pairs (p25 {pr['p25_us']:.1f}, p75 {pr['p75_us']:.1f}); "
+              f"difference of medians {v['per_tensor_us']:.1f} µs; CPU per tensor: parent "
+              f"{cpu['parent_cpu_us']:.1f} µs, worker {cpu['worker_cpu_us']:.1f} µs; "
+              f"parent decode {v['parent_decode_us']:.1f} µs/tensor, {v['imports']} imports in {v['decodes']} decodes")
     hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | {'CPU w→p':>9} {'CPU p→w':>9} | "
            f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)

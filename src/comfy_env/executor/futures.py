@@ -25,8 +25,7 @@ class LazyResult:
         self.frame = frame
         self.link = link
         self.records = codec.accept_part_leases(frame, 0, link)
-        for rec in self.records:
-            lifetime.LEDGER.hold(rec)
+        lifetime.LEDGER.hold_all(self.records)
         # The frame's fds now belong to the records (or were duplicates).
         frame.close_fds()
         self._finalizer = weakref.finalize(self, _drop_holds, list(self.records))
@@ -45,17 +44,14 @@ class LazyResult:
         self._finalizer()
 
     def hold_extra(self):
-        for rec in self.records:
-            lifetime.LEDGER.hold(rec)
+        lifetime.LEDGER.hold_all(self.records)
 
     def unhold_extra(self):
-        for rec in self.records:
-            lifetime.LEDGER.unhold(rec)
+        lifetime.LEDGER.unhold_all(self.records)
 
 
 def _drop_holds(records):
-    for rec in records:
-        lifetime.LEDGER.unhold(rec)
+    lifetime.LEDGER.unhold_all(records)
 
 
 class IsolatedFuture(Future):

@@ -86,6 +86,9 @@ class WorkerHandle:
         if self.pool.call_timeout is not None:
             self.deadline = time.monotonic() + self.pool.call_timeout
             self.pool.watchdog.watch(self)
+        # Releases already queued for this worker go first: it applies them before the
+        # call, as it would have if the ledger's flusher had sent them already.
+        self.link.flush()
         self.channel.send(chunks, fds)
 
     def request_exit(self):

@@ -68,7 +68,10 @@ class Plane:
         return None
 
     def on_zero(self, record):
-        """The record has no user left (recycle an owned block, drop a remote one)."""
+        """The record has no user left (recycle an owned block, drop a remote one).
+
+        May return a callable that completes an asynchronous free; the ledger runs it
+        (once per batch of frees) before it releases the block upstream."""
 
     def on_control(self, link, message):
         """A plane-specific control message arrived from ``link``."""
@@ -339,25 +342,43 @@ class Decoder(pickle.Unpickler):
         """The record for ref ``ref_index`` of this part, taking the peer's lease on first use."""
         rec = self._records.get(ref_index)
         if rec is None:
-            plane_name, key, fd_index, meta = self.part.refs[ref_index]
-            plane = get_plane(plane_name)
-
-            def make():
-                fd = -1
-                if fd_index >= 0:
-                    fd = self.frame.fds[fd_index]
-                    self.frame.fds[fd_index] = -1      # the plane owns it now
-                return plane.open_remote(key, meta, fd)
-
-            rec = lifetime.LEDGER.accept_lease(key, self.link, make, plane.on_zero)
+            refs = self.part.refs
+            rec = lifetime.LEDGER.accept_leases(self.link, (refs[ref_index][1],),
+                                                lambda _i: _open_ref(self.frame, refs[ref_index]))[0]
             self._records[ref_index] = rec
         return rec
 
 
+def _open_ref(frame, ref):
+    """``(resource, on_zero)`` for a block first seen in ``frame`` (its fd, if any, moves
+    from the frame to the plane)."""
+    plane_name, key, fd_index, meta = ref
+    plane = get_plane(plane_name)
+    fd = -1
+    if fd_index >= 0:
+        fd = frame.fds[fd_index]
+        frame.fds[fd_index] = -1          # the plane owns it now
+    return plane.open_remote(key, meta, fd), plane.on_zero
+
+
 def accept_part_leases(frame, part_index, link):
-    """Take the leases of a part without decoding it (lazy results): returns records."""
-    dec = Decoder(frame, part_index, link, {})
-    return [dec.record(i) for i in range(len(frame.parts[part_index].refs or ()))]
+    """Take the leases of a part without decoding it (lazy results): returns records.
+
+    All or nothing: if a block cannot be opened, the leases taken so far and the
+    ones not reached are given back before the error propagates.
+    """
+    refs = frame.parts[part_index].refs
+    if not refs:
+        return []
+    taken = []
+    try:
+        return lifetime.LEDGER.accept_leases(link, [ref[1] for ref in refs],
+                                             lambda i: _open_ref(frame, refs[i]), taken)
+    except BaseException:
+        lifetime.LEDGER.sweep(taken)
+        for _plane, key, _fd, _meta in refs[len(taken):]:
+            link.post(("release", key, 1))
+        raise
 
 
 def _explain_missing(exc):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 import uuid
 import weakref
 
@@ -104,14 +105,17 @@ class Record:
 class Ledger:
     """All records of this process, plus the thread that sends posted releases."""
 
+    BATCH_S = 0.0002            # the flusher's nap after a wake-up (see _run)
+
     def __init__(self):
         self._lock = threading.RLock()
         self._records = {}
         self._holders = {}              # id(weakref) -> (weakref, record): see holder()
         self._dirty = collections.deque()
         self._wake_r = self._wake_w = None
+        self._wake_pending = False      # a byte is in the pipe: no need to write another
+        self._burst = False             # holders died since the flusher last woke (see _run)
         self._thread = None
-        self._pid = os.getpid()
 
     # -- records -----------------------------------------------------------
     def get(self, key):
@@ -130,20 +134,47 @@ class Ledger:
         know yet.  A redundant lease (we own the block or hold it through
         another peer) is released straight back.
         """
-        with self._lock:
-            rec = self._records.get(key)
-            if rec is None:
-                rec = Record(key, make_resource(), owned=False, upstream=link, on_zero=on_zero)
-                self._records[key] = rec
-            if rec.upstream is link:
-                rec.leases_in += 1
-                return rec
-        link.post(("release", key, 1))
-        return rec
+        return self.accept_leases(link, (key,), lambda _i: (make_resource(), on_zero))[0]
+
+    def accept_leases(self, link, keys, make, out=None):
+        """:meth:`accept_lease` for each of ``keys``, in order, under one acquisition of
+        the lock.  ``make(i)`` returns ``(resource, on_zero)`` for ``keys[i]`` when the
+        block is new here.  Records are appended to ``out`` (returned) as they are
+        taken, so that a caller whose ``make`` raised knows which leases it holds.
+        """
+        if out is None:
+            out = []
+        redundant = None
+        try:
+            with self._lock:
+                records = self._records
+                for i, key in enumerate(keys):
+                    rec = records.get(key)
+                    if rec is None:
+                        resource, on_zero = make(i)
+                        rec = records[key] = Record(key, resource, owned=False, upstream=link, on_zero=on_zero)
+                    if rec.upstream is link:
+                        rec.leases_in += 1
+                    else:
+                        if redundant is None:
+                            redundant = []
+                        redundant.append(key)
+                    out.append(rec)
+        finally:
+            if redundant:
+                for key in redundant:
+                    link.post(("release", key, 1))
+        return out
 
     def hold(self, rec, n=1):
         with self._lock:
             rec.users += n
+
+    def hold_all(self, recs):
+        """:meth:`hold` each of ``recs`` once, under one acquisition of the lock."""
+        with self._lock:
+            for rec in recs:
+                rec.users += 1
 
     @property
     def lock(self):
@@ -156,13 +187,28 @@ class Ledger:
         When only one user is left and the record has an ``on_idle`` hook (a cache
         holds that last user), the hook runs, outside the lock.
         """
+        self.unhold_all((rec,), n)
+
+    def unhold_all(self, recs, n=1):
+        """:meth:`unhold` each of ``recs``: the bookkeeping under one acquisition of the
+        lock, then the frees (as one batch, :meth:`free_many`) and idle hooks outside it."""
+        frees = idles = None
         with self._lock:
-            last = self.drop_locked(rec, n)
-            idle = rec.on_idle if last is None and rec.users == 1 else None
-        if last is not None:
-            self.free(rec, last)
-        elif idle is not None:
-            idle(rec)
+            for rec in recs:
+                last = self.drop_locked(rec, n)
+                if last is not None:
+                    if frees is None:
+                        frees = []
+                    frees.append((rec, last))
+                elif rec.users == 1 and rec.on_idle is not None:
+                    if idles is None:
+                        idles = []
+                    idles.append((rec, rec.on_idle))
+        if frees:
+            self.free_many(frees)
+        if idles:
+            for rec, idle in idles:
+                idle(rec)
 
     def drop_locked(self, rec, n=1):
         """``unhold``'s bookkeeping half; the caller holds :attr:`lock`.
@@ -185,20 +231,40 @@ class Ledger:
         Free first, release after: the exporter may reuse or free the block as
         soon as it reads the release, so our unmap / CUDA free must be done by then.
         """
-        upstream, leases = last
-        if rec.on_zero is not None:
-            rec.on_zero(rec)
-        if upstream is not None and leases:
-            upstream.post(("release", rec.key, leases))
+        self.free_many(((rec, last),))
+
+    def free_many(self, items):
+        """:meth:`free` for ``(record, last)`` pairs, as one batch.
+
+        A plane's ``on_zero`` may start an asynchronous free and return a callable
+        that completes it (the CUDA plane: one stream synchronise for a whole batch
+        of imported pointers instead of one each).  Every distinct one runs once,
+        after all the frees started and before any release is posted.
+        """
+        finishers = None
+        for rec, _last in items:
+            if rec.on_zero is not None:
+                fin = rec.on_zero(rec)
+                if fin is not None:
+                    if finishers is None:
+                        finishers = [fin]
+                    elif fin not in finishers:
+                        finishers.append(fin)
+        if finishers:
+            for fin in finishers:
+                fin()
+        for rec, (upstream, leases) in items:
+            if upstream is not None and leases:
+                upstream.post(("release", rec.key, leases))
 
     def sweep(self, recs):
         """Free records that a failed or empty decode left with no user."""
-        for rec in recs:
-            with self._lock:
-                idle = rec.users <= 0 and self._records.get(rec.key) is rec
-            if idle:
-                self.hold(rec)
-                self.unhold(rec)
+        with self._lock:
+            idle = [rec for rec in recs if rec.users <= 0 and self._records.get(rec.key) is rec]
+            for rec in idle:
+                rec.users += 1
+        if idle:
+            self.unhold_all(idle)
 
     def lend(self, rec, link, n=1):
         with self._lock:
@@ -218,6 +284,7 @@ class Ledger:
         entry = self._holders.pop(id(ref), None)
         if entry is not None:
             self._dirty.append(entry[1])
+            self._burst = True
             self._wake()
 
     # -- control messages ---------------------------------------------------
@@ -255,14 +322,18 @@ class Ledger:
         self._wake()
 
     def _wake(self):
-        if self._pid != os.getpid():      # forked child: start afresh
-            self.__init__()
+        # One byte in the pipe is enough: the flusher clears the flag before it drains,
+        # so whatever was queued before this call is drained after it (one write per
+        # burst of dead holders, not one syscall per tensor).
+        if self._wake_pending:
+            return
         if self._thread is None:
             self._start()
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
-            pass                          # a wake-up is already pending
+            pass                          # the pipe is full: a wake-up is pending anyway
 
     def _start(self):
         with self._lock:
@@ -281,23 +352,37 @@ class Ledger:
                 os.read(self._wake_r, 4096)
             except OSError:
                 return
+            # Holders died: let the burst finish first.  Dropping a list of tensors kills
+            # their holders one by one, and torch releases the GIL while it frees each
+            # tensor: a flusher that runs at once takes the GIL there, drains one holder
+            # and sleeps again, for every tensor (a thread switch each way).  After a
+            # short nap it drains the whole burst in one go; releases leave at most this
+            # much later (and the executor flushes them before it sends the next call).
+            if self._burst:
+                self._burst = False
+                time.sleep(self.BATCH_S)
+            self._wake_pending = False
             self.drain()
 
     def drain(self):
         """Apply dead holders and send posted messages.  Called by the flusher, or inline."""
-        links = set()
         dirty = self._dirty
-        while True:
-            try:
-                item = dirty.popleft()
-            except IndexError:
-                break
-            if isinstance(item, Record):
-                self.unhold(item)
-            else:
-                links.add(item)
-        for link in links:
-            link.flush()
+        while dirty:
+            links = set()
+            dead = []
+            while True:
+                try:
+                    item = dirty.popleft()
+                except IndexError:
+                    break
+                if type(item) is Record:
+                    dead.append(item)
+                else:
+                    links.add(item)
+            if dead:
+                self.unhold_all(dead)     # frees post releases: sent by the next pass
+            for link in links:
+                link.flush()
 
     def __len__(self):
         return len(self._records)
@@ -313,3 +398,13 @@ class Ledger:
 
 
 LEDGER = Ledger()
+
+
+def _after_fork_in_child():
+    # The flusher thread and its pipe belong to the parent: start afresh (records of
+    # the parent's blocks mean nothing in a forked child).
+    LEDGER.__init__()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

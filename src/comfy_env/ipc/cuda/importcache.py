@@ -120,7 +120,17 @@ class ImportCache:
         bound = self.max_staging_bytes if staging else self.max_bytes
         if self.max_count <= 0 or self.max_idle_s <= 0 or nbytes > bound or bound <= 0:
             return False
-        with self.ledger.lock:
+        # A hit needs only our lock: sweep() decides under it too, and a lease counted
+        # after we read ``leases_in`` just makes the entry look busy to the next sweep.
+        with self._lock:
+            e = self._entries.get(rec.key)
+            if e is not None and e.rec is rec:
+                e.leases_seen = rec.leases_in
+                e.idle_since = None
+                self._entries.move_to_end(rec.key)
+                self.hits += 1
+                return True
+        with self.ledger.lock:          # a miss: the ledger's lock first, as in sweep()
             with self._lock:
                 e = self._entries.get(rec.key)
                 if e is not None and e.rec is rec:
@@ -159,7 +169,6 @@ class ImportCache:
         """Evict what is over a bound or idle too long (``flush``: every idle entry,
         of ``owner`` only if given).  Returns the number evicted."""
         now = time.monotonic() if now is None else now
-        n = 0
         with self.ledger.lock:
             with self._lock:
                 idle = []
@@ -200,10 +209,10 @@ class ImportCache:
             zero = [self.ledger.drop_locked(e.rec) for e in victims]
         # Free outside the ledger's lock (decodes must not wait for a free and a
         # synchronise), and release upstream only after the free, as Ledger.unhold does.
-        for e, z in zip(victims, zero):
-            n += 1
-            if z is not None:
-                self.ledger.free(e.rec, z)
+        n = len(victims)
+        frees = [(e.rec, z) for e, z in zip(victims, zero) if z is not None]
+        if frees:
+            self.ledger.free_many(frees)
         self.evicted += n
         return n
 

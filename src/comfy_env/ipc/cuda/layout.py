@@ -61,6 +61,9 @@ class CudaTensorDesc(NamedTuple):
     seq: int = 0                  # staging blocks: which lend of the block this is (see plane.py)
 
 
+_new_desc = tuple.__new__
+
+
 def span_bytes(shape, strides, itemsize) -> int:
     """Bytes from the first element to the end of the last one a strided view touches."""
     last = 0
@@ -139,7 +142,21 @@ _GRAD, _HAS_EVENT = 1, 2
 
 
 _DIMS = [struct.Struct(f"<{2 * n}q") for n in range(MAX_DIMS + 1)]
-_UUID_BYTES = {}                         # uuid hex -> 16 bytes (a handful of GPUs per process)
+# Small caches of what every tensor of a device or an event slot repeats (a handful of
+# GPUs per process; an event ring's slots): they skip a hex conversion or a struct
+# call per tensor.  Bounded anyway: cleared when they outgrow _CACHED.
+_CACHED = 4096
+_UUID_BYTES = {}                         # uuid hex -> 16 bytes
+_UUID_HEX = {}                           # 16 bytes -> uuid hex
+_EVENT_BYTES = {}                        # event tuple -> packed
+_EVENT_TUPLE = {}                        # packed -> event tuple
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def pack(desc: CudaTensorDesc) -> bytes:
@@ -159,13 +176,16 @@ def pack_fields(version, route, ref, dtype, shape, strides, offset, device_uuid,
     try:
         uuid = _UUID_BYTES.get(device_uuid)
         if uuid is None:
-            uuid = _UUID_BYTES[device_uuid] = bytes.fromhex(device_uuid)
+            uuid = _remember(_UUID_BYTES, device_uuid, bytes.fromhex(device_uuid))
         out = (_HEAD.pack(version, _ROUTE_CODE[route], _DTYPE_CODE[dtype], flags, n, ref, device_index, offset,
                           seq, uuid)
                + _DIMS[n].pack(*shape, *strides))
         if event is not None:
-            owner, ordinal, slot, handle = event
-            out += _EVENT.pack(owner.encode("ascii"), ordinal, slot, handle)
+            packed = _EVENT_BYTES.get(event)
+            if packed is None:
+                owner, ordinal, slot, handle = event
+                packed = _remember(_EVENT_BYTES, event, _EVENT.pack(owner.encode("ascii"), ordinal, slot, handle))
+            out += packed
     except (KeyError, ValueError, struct.error, AttributeError, TypeError) as exc:
         raise DescriptorError(f"cannot pack CUDA descriptor {(route, dtype, shape, strides)!r}: {exc}") from None
     return out
@@ -187,9 +207,12 @@ def unpack(data: bytes) -> CudaTensorDesc:
         pos += 16 * n
         event = None
         if flags & _HAS_EVENT:
-            owner, ordinal, slot, handle = _EVENT.unpack_from(data, pos)
+            raw = data[pos:pos + _EVENT.size]
+            event = _EVENT_TUPLE.get(raw)
+            if event is None:
+                owner, ordinal, slot, handle = _EVENT.unpack(raw)
+                event = _remember(_EVENT_TUPLE, raw, (owner.decode("ascii"), ordinal, slot, handle))
             pos += _EVENT.size
-            event = (owner.decode("ascii"), ordinal, slot, handle)
         if pos != len(data):
             raise DescriptorError(f"{len(data) - pos} stray bytes after the descriptor")
         route = ROUTES[route]
@@ -206,8 +229,12 @@ def unpack(data: bytes) -> CudaTensorDesc:
         raise DescriptorError(f"offset {offset} is not a multiple of {dtype}'s size")
     if (route in ("pool", "staging", "vmm")) != (ref >= 0):
         raise DescriptorError(f"route {route!r} with ref {ref!r}")
-    return CudaTensorDesc(version, route, ref, dtype, dims[:n], dims[n:], offset, uuid.hex(), index, event,
-                          bool(flags & _GRAD), None, seq)
+    hexed = _UUID_HEX.get(uuid)
+    if hexed is None:
+        hexed = _remember(_UUID_HEX, uuid, uuid.hex())
+    # tuple.__new__: the named tuple without its Python-level __new__ (the fields are checked above).
+    return _new_desc(CudaTensorDesc, (version, route, ref, dtype, dims[:n], dims[n:], offset, hexed, index, event,
+                                      bool(flags & _GRAD), None, seq))
 
 
 # -- block meta: rides in the part's refs, outside the pickle, so that the parent can

@@ -25,7 +25,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "DEFAULT_IMPORT_LIMIT"]
+__all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "DEFAULT_IMPORT_LIMIT", "POOL_WHY"]
+
+POOL_WHY = "zero copy: the tensor lives in this process's export pool"
 
 # Importing one pool allocation of 5,264 MiB segfaulted the importer, 5,248 MiB did not
 # (H100, driver 580.159.04).  4 GiB leaves a margin for other drivers and GPUs.
@@ -93,7 +95,7 @@ def choose(caps: Capabilities, peer: PeerVerdicts, *, nbytes: int, in_export_poo
     vmm_ok = caps.vmm and peer.ok("vmm") is not False
     if in_export_pool and pool_ok:
         if alloc_bytes <= limit:
-            return "pool", "zero copy: the tensor lives in this process's export pool"
+            return "pool", POOL_WHY
         # A view of a huge allocation: copy only what it covers (below).
     if pool_ok and nbytes <= limit:
         why = ("one device copy into the staging pool: "

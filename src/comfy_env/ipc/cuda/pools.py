@@ -203,6 +203,12 @@ class PoolImports:
         self._lock = threading.RLock()
         self._pools = {}        # pool key -> ImportedPool
         self._ptrs = {}         # (pool key, export data) -> [ptr, refcount]
+        # (pool key, export data) -> threading.Event: our free of that import was enqueued
+        # and has not completed.  Importing the pointer again before it completes would
+        # alias the dying mapping (the driver returns the same address, and the pending
+        # free unmaps both), so an import waits for it.
+        self._freeing = {}
+        self._deferred = threading.local()   # this thread's frees awaiting finish()
         self.made = 0           # pointers imported so far (tests, benchmarks)
 
     def register(self, key, fd, uuid):
@@ -258,42 +264,93 @@ class PoolImports:
 
     def import_pointer(self, key, export_data: bytes) -> int:
         """Map pointer ``export_data`` of pool ``key`` (once; later calls add a reference)."""
-        with self._lock:
-            slot = self._ptrs.get((key, export_data))
-            if slot is not None:
-                slot[1] += 1
-                return slot[0]
-            p = self.get(key)
-            handle = self._ensure_imported(p)
-            ed = D.PoolPtrExportData()
-            C.memmove(C.byref(ed), export_data, 64)
-            ptr = C.c_uint64()
-            D.call("cuMemPoolImportPointer", C.byref(ptr), handle, C.byref(ed), detail=f"pool {key}")
-            self._ptrs[(key, export_data)] = [ptr.value, 1]
-            p.live += 1
-            self.made += 1
-            return ptr.value
+        k = (key, export_data)
+        while True:
+            with self._lock:
+                slot = self._ptrs.get(k)
+                if slot is not None:
+                    slot[1] += 1
+                    return slot[0]
+                freeing = self._freeing.get(k)
+                if freeing is None:
+                    p = self.get(key)
+                    handle = self._ensure_imported(p)
+                    ed = D.PoolPtrExportData()
+                    C.memmove(C.byref(ed), export_data, 64)
+                    ptr = C.c_uint64()
+                    D.call("cuMemPoolImportPointer", C.byref(ptr), handle, C.byref(ed), detail=f"pool {key}")
+                    self._ptrs[k] = [ptr.value, 1]
+                    p.live += 1
+                    self.made += 1
+                    return ptr.value
+            if any(d[0] == k for d in getattr(self._deferred, "pending", ())):
+                self.finish()           # our own deferred free: complete it first
+            else:
+                freeing.wait()          # another thread's free, about to complete
 
-    def release_pointer(self, key, export_data: bytes, stream):
-        """Drop one reference; the last one frees the import and waits for the free."""
+    def release_pointer(self, key, export_data: bytes, stream, defer=False) -> bool:
+        """Drop one reference; the last one frees the import and waits for the free.
+
+        The driver calls run outside our lock (an import on another thread must not
+        wait for this free's synchronise).  ``defer``: do not wait here; the caller
+        calls :meth:`finish` (same thread) once it has started a batch of frees, which
+        then costs one synchronise per stream.  Returns True when a free was deferred.
+        """
+        k = (key, export_data)
         with self._lock:
-            slot = self._ptrs.get((key, export_data))
+            slot = self._ptrs.get(k)
             if slot is None:
                 raise LookupError(f"pointer of pool {key} released more often than imported")
             slot[1] -= 1
             if slot[1] > 0:
-                return
-            del self._ptrs[(key, export_data)]
+                return False
+            del self._ptrs[k]
             p = self._pools[key]
-            try:
-                devices.use(p.ordinal)
-                # Ordered after our reads on that stream; the exporter may free as soon as
-                # our release reaches it, so the free must have *completed* first.
-                D.call("cuMemFreeAsync", slot[0], stream, detail=f"imported pointer of pool {key}")
-                D.call("cuStreamSynchronize", stream)
-            finally:
-                p.live -= 1
-                self._maybe_drop(p)
+            done = self._freeing[k] = threading.Event()
+        try:
+            devices.use(p.ordinal)
+            # Ordered after our reads on that stream; the exporter may free as soon as
+            # our release reaches it, so the free must have *completed* first.
+            D.call("cuMemFreeAsync", slot[0], stream, detail=f"imported pointer of pool {key}")
+        except BaseException:
+            self._freed(k, p, done)
+            raise
+        if defer:
+            pending = getattr(self._deferred, "pending", None)
+            if pending is None:
+                pending = self._deferred.pending = []
+            pending.append((k, p, done, p.ordinal, stream))
+            return True
+        try:
+            D.call("cuStreamSynchronize", stream)
+        finally:
+            self._freed(k, p, done)
+        return False
+
+    def finish(self):
+        """Wait for this thread's deferred frees: one synchronise per (GPU, stream)."""
+        pending = getattr(self._deferred, "pending", None)
+        if not pending:
+            return
+        self._deferred.pending = []
+        synced = set()
+        try:
+            for _k, _p, _done, ordinal, stream in pending:
+                if (ordinal, stream) not in synced:
+                    synced.add((ordinal, stream))
+                    devices.use(ordinal)
+                    D.call("cuStreamSynchronize", stream)
+        finally:
+            for k, p, done, _ordinal, _stream in pending:
+                self._freed(k, p, done)
+
+    def _freed(self, k, p, done):
+        with self._lock:
+            if self._freeing.get(k) is done:
+                del self._freeing[k]
+            p.live -= 1
+            self._maybe_drop(p)
+        done.set()
 
     def retire(self, key):
         """The owner destroyed pool ``key``: close ours as soon as nothing uses it."""

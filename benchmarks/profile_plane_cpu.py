@@ -1,0 +1,177 @@
+"""The CUDA plane's Python cost per tensor, on a machine without a GPU (a diagnostic).
+
+    python benchmarks/profile_plane_cpu.py [--src DIR] [--profile]
+
+Worker → parent with the import cache's case (the same 32 pool tensors every call),
+with the driver, torch's CUDA calls and the tensors themselves replaced by stand-ins
+that cost next to nothing: what remains is comfy_env's own Python (codec, ledger,
+plane, import cache, lazy result, holder deaths), which is most of the per-tensor
+time on the GPU machine too (bench_cuda.py measures the real thing there).  Both
+"processes" run here, one after the other: encode ``N`` messages, then decode them
+as the parent would (LazyResult, materialise, drop).  ``--src`` measures another tree.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_src = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.join(HERE, "..", "src")
+sys.path.insert(0, _src)
+
+import torch  # noqa: E402
+
+from comfy_env.executor.futures import LazyResult  # noqa: E402
+from comfy_env.ipc import codec, lifetime  # noqa: E402
+from comfy_env.ipc.cuda import devices, plane as P  # noqa: E402
+from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
+from comfy_env.ipc.cuda.plane import PLANE, _Owned  # noqa: E402
+
+K, MiB = 32, 1 << 20
+UUID = "0123456789abcdef0123456789abcdef"
+
+
+class FakeCudaTensor:
+    """What plane.encode reads of a CUDA tensor, as plain attributes."""
+    is_cuda = True
+    dtype = torch.float32
+    layout = torch.strided
+    is_quantized = False
+    requires_grad = False
+    shape = torch.Size([MiB // 4])
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+
+    def get_device(self):
+        return 0
+
+    def stride(self):
+        return (1,)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+class FakeTensor:
+    """What decode hands out: holds its keeper, as torch's storage does."""
+    __slots__ = ("keeper",)
+
+    def __init__(self, keeper, device=None):
+        self.keeper = keeper
+
+
+class FakeGen:
+    key = ("w" * 16, 1)
+    fd = -1
+
+
+class FakeRing:
+    def record(self, stream):
+        return 3, b"h" * 64
+
+
+class FakeImports:
+    def pin(self, key, n=1):
+        pass
+
+    def unpin(self, key):
+        pass
+
+    def import_pointer(self, key, export):
+        return 1 << 40
+
+    def release_pointer(self, key, export, stream):
+        pass
+
+    def stats(self):
+        return {}
+
+
+class FakeEvents:
+    def wait(self, event, ordinal, stream):
+        pass
+
+
+def install_fakes():
+    stream = types.SimpleNamespace(cuda_stream=0)
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
+    fake_torch.as_tensor = FakeTensor
+    PLANE._t()
+    PLANE._torch = fake_torch
+    PLANE.role = "worker"
+    PLANE._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    PLANE._heap[0] = types.SimpleNamespace(old=[], ordinal=0)
+    PLANE._rings[0] = FakeRing()
+    PLANE.imports = FakeImports()
+    PLANE._events = FakeEvents()
+    devices.uuid_of = lambda o: UUID
+    devices.ordinal_of = lambda u: 0
+    devices.use = lambda o: None
+    codec._DISPATCH[FakeCudaTensor] = (PLANE,)
+
+
+def worker_tensors():
+    ts = []
+    for i in range(K):
+        base = (1 << 33) + i * 2 * MiB
+        t = FakeCudaTensor(base)
+        meta = P.pool_meta(FakeGen.key, b"e" * 64, UUID, 2 * MiB)
+        rec = lifetime.LEDGER.add_owned(("cuda", "w" * 16, 10_000 + i),
+                                        _Owned("pool", 0, base, meta, keep=t, gen=FakeGen, base=base, alloc=2 * MiB),
+                                        PLANE.on_zero)
+        PLANE._by_base[base] = rec
+        PLANE._by_ptr[base] = rec
+        rec.resource.ptrs.append(base)
+        ts.append(t)
+    return ts
+
+
+def main(n=3000):
+    install_fakes()
+    ts = worker_tensors()
+    to_parent = lifetime.Link(lambda m: None, "parent")
+    to_parent.uid = "p" * 16
+    prof = None
+    if "--profile" in sys.argv:
+        import cProfile
+        prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    bodies = []
+    for _ in range(n):
+        fb, chunks = codec.encode_message(("result", 1, True), to_parent, [ts])
+        bodies.append((b"".join(bytes(c) for c in chunks), list(fb.fds)))
+    enc = (time.perf_counter() - t0) / (n * K) * 1e6
+    # Now the parent: forget the worker's side of the ledger, decode what it sent.
+    with lifetime.LEDGER.lock:
+        lifetime.LEDGER._records.clear()
+    PLANE._by_ptr.clear()
+    PLANE._by_base.clear()
+    PLANE.role = "parent"
+    to_worker = lifetime.Link(lambda m: None, "worker")
+    to_worker.uid = "w" * 16
+    first = LazyResult(codec.decode_envelope(*bodies[0]), to_worker).materialise()   # imports, cache fills
+    del first
+    lifetime.LEDGER.drain()
+    t0 = time.perf_counter()
+    for body, fds in bodies[1:]:
+        out = LazyResult(codec.decode_envelope(body, fds), to_worker).materialise()
+        del out
+    lifetime.LEDGER.drain()
+    dec = (time.perf_counter() - t0) / ((n - 1) * K) * 1e6
+    if prof:
+        prof.disable()
+    print(f"{_src}: worker encode {enc:.2f} µs/tensor, parent decode+drop {dec:.2f} µs/tensor "
+          f"(Python only; torch and the driver faked)")
+    if prof:
+        import pstats
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Where worker → parent time per tensor goes (GPU; a diagnostic beside bench_cuda.py).
+
+    PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives] [--e2e-only] [--fresh-driver]
+    COMFY_ENV_BENCH_SRC=<other tree>/src python benchmarks/profile_w2p.py   # the same, another tree
+
+One call returns ``K`` × 1 MiB worker tensors, the same ones every call (the import
+cache's case, the issue's "once the pool is known"), and again fresh ones.  Prints
+
+* the end-to-end figure as bench_cuda.py computes it: (call − empty call) / K,
+  medians of back-to-back calls without any instrumentation;
+* then, in separate calls, the wall time per tensor of the functions on the path,
+  in both processes (wrapped with perf_counter: ~0.1 µs of overhead per wrapper,
+  nested wrappers included in their callers);
+* with ``--primitives``, ways to build a tensor over foreign device memory, timed
+  in the parent.
+
+Writes ``$OUT/profile_w2p_<label>.json`` when ``$OUT`` is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_cuda as B  # noqa: E402  (puts the tree's src first on sys.path)
+import cloudpickle  # noqa: E402
+import torch  # noqa: E402
+
+import comfy_env  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+MiB = 1 << 20
+
+
+def _targets(side):
+    """What to time on ``side`` ("parent" or "worker"): name -> (object, attribute)."""
+    from comfy_env.ipc import codec, lifetime
+    from comfy_env.ipc.cuda import plane as P
+    from comfy_env.ipc.cuda.plane import PLANE
+    common = {"LEDGER.drain": (lifetime.LEDGER, "drain")}
+    if side == "worker":
+        t = {"encode_message": (codec, "encode_message"), "plane.encode": (PLANE, "encode"),
+             "choose": (P, "choose"), "pack_fields": (P, "pack_fields"),
+             "_lend_pool_block": (PLANE, "_lend_pool_block"), "_event_for": (PLANE, "_event_for")}
+    else:
+        t = {"accept_part_leases": (codec, "accept_part_leases"), "decode_part": (codec, "decode_part"),
+             "plane.decode": (PLANE, "decode"), "unpack": (P, "unpack"), "_wrap": (PLANE, "_wrap"),
+             "LEDGER.holder": (lifetime.LEDGER, "holder"), "import_cache.keep": (PLANE.import_cache, "keep")}
+    t.update({k: v for k, v in common.items()})
+    return {k: v for k, v in t.items() if hasattr(v[0], v[1])}
+
+
+def driver_timers(on):
+    """Start (on=True) or stop and return (on=False) timing of every driver entry point
+    of this process: name -> [seconds, calls]."""
+    import builtins
+    import time as _time
+    from comfy_env.ipc.cuda import driver as DD
+    if on:
+        DD.lib()
+        acc = builtins.__dict__["_comfy_env_dtimers"] = {}
+        saved = builtins.__dict__["_comfy_env_dsaved"] = dict(DD._funcs)
+        for name, fn in saved.items():
+            slot = acc.setdefault(name, [0.0, 0])
+
+            def wrap(*a, _fn=fn, _slot=slot):
+                t0 = _time.perf_counter()
+                try:
+                    return _fn(*a)
+                finally:
+                    _slot[0] += _time.perf_counter() - t0
+                    _slot[1] += 1
+            DD._funcs[name] = wrap
+        return None
+    DD._funcs.update(builtins.__dict__.pop("_comfy_env_dsaved"))
+    return {k: v for k, v in builtins.__dict__.pop("_comfy_env_dtimers").items() if v[1]}
+
+
+def fresh_driver(a, k, calls):
+    """Driver time per fresh tensor, both processes (calls made back to back)."""
+    for _ in range(5):
+        a.submit(B.w_fresh, k, MiB).result()
+    B.settle()
+    a.submit(driver_timers, True).result()
+    driver_timers(True)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        r = a.submit(B.w_fresh, k, MiB).result()
+        torch.cuda.synchronize()
+        del r
+    wall = time.perf_counter() - t0
+    B.settle()
+    parent = driver_timers(False)
+    worker = a.submit(driver_timers, False).result()
+    n = calls * k
+    out = {"wall_per_tensor_us": wall / n * 1e6}
+    for side, acc in (("parent", parent), ("worker", worker)):
+        for name, (secs, count) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
+            out[f"{side}:{name}"] = {"us_per_tensor": secs / n * 1e6, "us_per_call": secs / count * 1e6,
+                                     "count_per_tensor": count / n}
+    return out
+
+
+def w_timers(on, bench_dir=None):
+    """Start (on=True) or stop and return (on=False) timers in the worker."""
+    import builtins
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    import bench_cuda as BB
+    if on:
+        tm = builtins.__dict__["_comfy_env_timers"] = BB.Timers(_targets("worker"))
+        tm.__enter__()
+        return None
+    tm = builtins.__dict__.pop("_comfy_env_timers")
+    tm.__exit__(None, None, None)
+    return {k: v for k, v in tm.acc.items()}
+
+
+def primitives(k=200):
+    """Ways to make a tensor over device memory we do not own, in this process."""
+    from comfy_env.ipc.cuda.plane import _DeviceBytes
+    import weakref
+    x = torch.ones(MiB // 4, device="cuda")
+    ptr = x.data_ptr()
+    dev = torch.device("cuda", 0)
+    out = {}
+
+    def t(label, fn, n=3000):
+        for _ in range(k):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[label] = (time.perf_counter() - t0) / n * 1e6
+        print(f"  {label:<58} {out[label]:8.2f} µs")
+
+    print("\n===== primitives (parent process)")
+    t("as_tensor(CAI typed, device=)", lambda: torch.as_tensor(
+        _DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,)), device=dev))
+    t("as_tensor(CAI typed)", lambda: torch.as_tensor(_DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,))))
+    t("_DeviceBytes + weakref.ref", lambda: weakref.ref(_DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,))))
+    if hasattr(torch._C, "_construct_storage_from_data_pointer"):
+        mk = torch._C._construct_storage_from_data_pointer
+        t("_construct_storage_from_data_pointer", lambda: mk(ptr, dev, MiB))
+        empty = torch.empty(0, dtype=torch.float32, device=dev)
+        t("storage + empty(0).set_", lambda: torch.empty(0, dtype=torch.float32, device=dev).set_(
+            mk(ptr, dev, MiB), 0, (MiB // 4,), (1,)))
+        t("storage + new_empty(0).set_", lambda: empty.new_empty(0).set_(
+            mk(ptr, dev, MiB), 0, (MiB // 4,), (1,)))
+        # (torch.tensor(storage) crashed the process on torch 2.11: not tried)
+        t("weakref to storage", lambda: weakref.ref(mk(ptr, dev, MiB)))
+        s = mk(ptr, dev, MiB)
+        v = empty.new_empty(0).set_(s, 0, (MiB // 4,), (1,))
+        died = []
+        r = weakref.ref(s, lambda _r: died.append(1))
+        del s
+        alive_with_view = not died
+        w = v[1:]
+        del v
+        alive_with_slice = not died
+        del w
+        import gc
+        gc.collect()
+        print(f"  storage weakref: alive while a view lives {alive_with_view}, while a slice of it lives "
+              f"{alive_with_slice}, dead after both {bool(died)} (ref {r() is None})")
+        out["storage_weakref_ok"] = alive_with_view and alive_with_slice and bool(died)
+    return out
+
+
+def end_to_end(a, k, reps):
+    empty = B.timed(lambda: a.submit(B.w_nothing).result(), 300, warm=30)
+    res = {"empty_us": empty * 1e6}
+    for label, fn in (("same", B.w_many), ("fresh", B.w_fresh)):
+        call = B.timed(lambda: a.submit(fn, k, MiB).result(), reps, warm=10)
+        res[label] = {"call_ms": call * 1e3, "per_tensor_us": (call - empty) / k * 1e6,
+                      "paired": B.paired_per_tensor(a, fn, k, MiB, reps=reps),
+                      "cpu": B.cpu_per_tensor(a, fn, k, MiB, calls=reps)}
+    return res
+
+
+def _e2e_line(e):
+    def one(v):
+        return (f"{v['per_tensor_us']:.1f} (paired {v['paired']['median_us']:.1f} "
+                f"[{v['paired']['p25_us']:.1f}..{v['paired']['p75_us']:.1f}]; CPU parent "
+                f"{v['cpu']['parent_cpu_us']:.1f} + worker {v['cpu']['worker_cpu_us']:.1f})")
+    return f"empty {e['empty_us']:.1f} µs; per tensor µs: same {one(e['same'])}, fresh {one(e['fresh'])}"
+
+
+def phases(a, k, calls):
+    """Per tensor µs of each timed function, both sides, over ``calls`` calls (same tensors)."""
+    for _ in range(10):
+        a.submit(B.w_many, k, MiB).result()
+    B.settle()
+    a.submit(w_timers, True, HERE).result()
+    with B.Timers(_targets("parent")) as tm:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            r = a.submit(B.w_many, k, MiB).result()
+            torch.cuda.synchronize()
+            del r
+        wall = time.perf_counter() - t0
+        B.settle()
+    worker = a.submit(w_timers, False, HERE).result()
+    n = calls * k
+    out = {"wall_per_tensor_us": wall / n * 1e6}
+    for side, acc in (("parent", tm.acc), ("worker", worker)):
+        for name, (secs, count) in acc.items():
+            if count:
+                out[f"{side}:{name}"] = {"us_per_tensor": secs / n * 1e6, "count_per_call": count / calls}
+    return out
+
+
+def main():
+    k = int(sys.argv[sys.argv.index("--tensors") + 1]) if "--tensors" in sys.argv else 32
+    calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 200
+    label = sys.argv[sys.argv.index("--label") + 1] if "--label" in sys.argv else "tree"
+    B.install()
+    torch.zeros(1, device="cuda")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} {torch.cuda.get_allocator_backend()} "
+          f"comfy_env from {os.path.dirname(comfy_env.__file__)}")
+    res = {"label": label, "tensors": k, "gpu": torch.cuda.get_device_name()}
+    if "--primitives" in sys.argv:
+        res["primitives"] = primitives()
+    a = B.new_executor()
+    try:
+        res["e2e"] = end_to_end(a, k, reps=max(30, calls // 2))
+        print(f"\n[{label}] {k} × 1 MiB per call: {_e2e_line(res['e2e'])}")
+        if "--e2e-only" not in sys.argv:
+            res["phases"] = ph = phases(a, k, calls)
+            print(f"[{label}] instrumented wall per tensor {ph['wall_per_tensor_us']:.1f} µs; per tensor by function:")
+            for name, v in ph.items():
+                if isinstance(v, dict):
+                    print(f"    {name:<32} {v['us_per_tensor']:7.2f} µs   ({v['count_per_call']:.1f} per call)")
+        if "--fresh-driver" in sys.argv:
+            res["fresh_driver"] = fd = fresh_driver(a, k, max(20, calls // 4))
+            print(f"[{label}] fresh tensors, driver calls (wall {fd['wall_per_tensor_us']:.1f} µs per tensor "
+                  f"with the timers):")
+            for name, v in fd.items():
+                if isinstance(v, dict):
+                    print(f"    {name:<44} {v['us_per_tensor']:7.2f} µs/tensor  {v['us_per_call']:7.2f} µs/call  "
+                          f"{v['count_per_tensor']:.2f} calls/tensor")
+        res["e2e_again"] = end_to_end(a, k, reps=max(30, calls // 2))
+        print(f"[{label}] again: {_e2e_line(res['e2e_again'])}")
+    finally:
+        a.shutdown()
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"profile_w2p_{label}.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

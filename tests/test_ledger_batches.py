@@ -1,0 +1,160 @@
+"""CPU-only tests of the ledger's batched paths and of deferred CUDA frees (driver faked):
+frees complete before releases leave, all-or-nothing lease taking, one stream synchronise
+per batch of freed imports, and no import of a pointer whose free is still pending."""
+import threading
+import time
+
+import pytest
+
+from comfy_env.ipc import codec, lifetime
+from comfy_env.ipc.lifetime import Ledger, Link
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Log:
+    def __init__(self, uid="up"):
+        self.events = []
+        self.link = Link(lambda msgs: self.events.extend(("sent",) + tuple(m) for m in msgs), name=uid)
+        self.link.uid = uid
+
+    def released(self):
+        """Keys released so far (links post through the process's ledger flusher)."""
+        time.sleep(0.05)
+        lifetime.LEDGER.drain()
+        msgs = [e[1:] for e in self.events if e[0] == "sent"] + self.link.take_posts()
+        return sorted(m[1] for m in msgs if m[0] == "release")
+
+
+def _remote(ledger, log, key, on_zero):
+    rec = ledger.accept_lease(key, log.link, lambda: object(), on_zero)
+    ledger.hold(rec)
+    return rec
+
+
+def test_free_many_runs_each_finisher_once_after_every_free_and_before_any_release():
+    ledger, log = Ledger(), _Log()
+
+    def finish():
+        log.events.append(("finish",))
+        # nothing may have been released yet
+        assert not [e for e in log.events if e[0] == "sent"] and not log.link._posts
+
+    def on_zero(rec):
+        log.events.append(("free", rec.key))
+        return finish                       # the same finisher for the whole batch
+
+    recs = [_remote(ledger, log, ("p", "up", i), on_zero) for i in range(3)]
+    ledger.unhold_all(recs)
+    assert log.released() == [("p", "up", i) for i in range(3)]
+    kinds = [e[0] for e in log.events]
+    assert kinds[:4] == ["free", "free", "free", "finish"] and kinds.count("finish") == 1
+
+
+def test_a_free_without_a_finisher_releases_at_once():
+    ledger, log = Ledger(), _Log()
+    rec = _remote(ledger, log, ("p", "up", 1), lambda rec: None)
+    ledger.unhold(rec)
+    assert log.released() == [("p", "up", 1)]
+
+
+def test_unhold_all_runs_idle_hooks_and_keeps_records_still_used():
+    ledger, log = Ledger(), _Log()
+    idle = []
+    a = _remote(ledger, log, ("p", "up", 1), None)
+    b = _remote(ledger, log, ("p", "up", 2), None)
+    ledger.hold(b)                          # b: a cache's hold plus one user
+    b.on_idle = idle.append
+    ledger.unhold_all([a, b])
+    assert ledger.get(a.key) is None and ledger.get(b.key) is b and idle == [b]
+
+
+class _BadPlane(codec.Plane):
+    name = "test-bad-open"
+    types = ()
+
+    def open_remote(self, key, meta, fd):
+        if meta == "bad":
+            raise ValueError("cannot open this block")
+        return object()
+
+
+def test_accept_part_leases_is_all_or_nothing():
+    codec.register_plane(_BadPlane())
+    log = _Log("w")
+    link = log.link
+    refs = [("test-bad-open", ("b", "w", 1), -1, "ok"), ("test-bad-open", ("b", "w", 2), -1, "bad"),
+            ("test-bad-open", ("b", "w", 3), -1, "ok")]
+    frame = codec.Frame.__new__(codec.Frame)
+    frame.envelope, frame.parts, frame.fds = None, [codec.Part(b"", refs)], []
+    with pytest.raises(ValueError, match="cannot open"):
+        codec.accept_part_leases(frame, 0, link)
+    # the lease taken (1) is given back as its record goes, the ones not reached (2, 3) at once
+    assert log.released() == [("b", "w", 1), ("b", "w", 2), ("b", "w", 3)]
+    assert all(lifetime.LEDGER.get(r[1]) is None for r in refs)
+
+
+# -- deferred frees of imported pool pointers (the driver faked) -------------------------------
+@pytest.fixture
+def imports(monkeypatch):
+    from comfy_env.ipc.cuda import devices, pools
+    from comfy_env.ipc.cuda import driver as D
+    calls = []
+    next_ptr = iter(range(1 << 20, 1 << 30, 1 << 20))
+
+    def call(name, *args, detail=""):
+        calls.append((name, threading.get_ident()))
+        if name == "cuMemPoolImportPointer":
+            args[0]._obj.value = next(next_ptr)
+
+    monkeypatch.setattr(D, "call", call)
+    monkeypatch.setattr(devices, "use", lambda ordinal: None)
+    pi = pools.PoolImports()
+    p = pools.ImportedPool(("owner", 1), -1, "u" * 32)
+    p.handle, p.ordinal = 1, 0          # "imported" already
+    pi._pools[p.key] = p
+    return pi, calls
+
+
+def test_a_batch_of_deferred_frees_costs_one_synchronise_per_stream(imports):
+    pi, calls = imports
+    exports = [bytes([i]) * 64 for i in range(4)]
+    for e in exports:
+        pi.import_pointer(("owner", 1), e)
+    assert all(pi.release_pointer(("owner", 1), e, stream=7 if i < 3 else 9, defer=True)
+               for i, e in enumerate(exports))
+    assert [c for c, _ in calls].count("cuStreamSynchronize") == 0
+    assert pi._pools[("owner", 1)].live == 4           # not counted free before the sync
+    pi.finish()
+    assert [c for c, _ in calls].count("cuStreamSynchronize") == 2   # streams 7 and 9
+    assert pi._pools[("owner", 1)].live == 0 and not pi._freeing
+
+
+def test_an_import_waits_for_a_pending_free_of_the_same_pointer(imports):
+    pi, calls = imports
+    e = b"x" * 64
+    pi.import_pointer(("owner", 1), e)
+    assert pi.release_pointer(("owner", 1), e, stream=7, defer=True)
+    # Same thread: the import completes our own deferred free first (one synchronise).
+    pi.import_pointer(("owner", 1), e)
+    names = [c for c, _ in calls]
+    assert names.index("cuStreamSynchronize") < len(names) - 1 - names[::-1].index("cuMemPoolImportPointer")
+    # Another thread's pending free: the import waits until it completes.
+    assert pi.release_pointer(("owner", 1), e, stream=7, defer=True)
+    got = []
+    th = threading.Thread(target=lambda: got.append(pi.import_pointer(("owner", 1), e)))
+    th.start()
+    th.join(0.2)
+    assert th.is_alive() and not got                   # blocked on our pending free
+    pi.finish()
+    th.join(5)
+    assert got and not th.is_alive()
+
+
+def test_a_release_without_defer_synchronises_before_it_returns(imports):
+    pi, calls = imports
+    e = b"y" * 64
+    pi.import_pointer(("owner", 1), e)
+    assert pi.release_pointer(("owner", 1), e, stream=3) is False
+    assert [c for c, _ in calls][-2:] == ["cuMemFreeAsync", "cuStreamSynchronize"]
+    assert not pi._freeing and pi._pools[("owner", 1)].live == 0
