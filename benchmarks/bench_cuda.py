@@ -322,10 +322,20 @@ def w_cpu():
     return time.process_time()
 
 
-def paired_per_tensor(a, fn, k, nbytes, reps):
+def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
     """Per tensor µs from interleaved pairs (empty call, ``k``-tensor call): the median of
     the pairs' differences / k, with the 25th and 75th percentiles.  Pairing cancels the
-    drift of a shared host, which a difference of two separately taken medians does not."""
+    drift of a shared host, which a difference of two separately taken medians does not.
+
+    ``sync``: what each call waits for before the clock stops; by default the whole
+    device (``torch.cuda.synchronize``: every stream, the unmapping of imports freed
+    after earlier calls included); ``"stream"``: the caller's current stream only,
+    i.e. until the received tensors are ready for the caller's next kernel."""
+    if sync == "stream":
+        def wait():
+            torch.cuda.current_stream().synchronize()
+    else:
+        wait = torch.cuda.synchronize
     for _ in range(5):
         a.submit(w_nothing).result()
         r = a.submit(fn, k, nbytes).result()
@@ -334,10 +344,10 @@ def paired_per_tensor(a, fn, k, nbytes, reps):
     for _ in range(reps):
         t0 = time.perf_counter()
         a.submit(w_nothing).result()
-        torch.cuda.synchronize()
+        wait()
         t1 = time.perf_counter()
         r = a.submit(fn, k, nbytes).result()
-        torch.cuda.synchronize()
+        wait()
         t2 = time.perf_counter()
         del r
         diffs.append(((t2 - t1) - (t1 - t0)) / k * 1e6)
@@ -380,6 +390,7 @@ def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
                       "imports": pt["import_pointer"][1], "parent_release_us": pt["release_pointer"][0],
                       "event_wait_us": pt["event_wait"][0], "decodes": pt["decode"][1]}
         out[label]["paired"] = paired_per_tensor(a, fn, k, nbytes, reps=max(100, reps))
+        out[label]["paired_stream"] = paired_per_tensor(a, fn, k, nbytes, reps=max(100, reps), sync="stream")
         out[label]["cpu"] = cpu_per_tensor(a, fn, k, nbytes, calls=max(100, reps))
     return out
 
@@ -543,8 +554,11 @@ def print_table(res, sizes, leg):
     print(f"method: {res['method']}; empty call {res['empty_call_us']:.0f} µs")
     for k, v in res["per_tensor_w2p"].items():
         pr, cpu = v["paired"], v["cpu"]
+        ps = v.get("paired_stream")
         print(f"worker → parent per tensor, {k} tensors (32 × 1 MiB per call): {pr['median_us']:.1f} µs "
               f"median of {pr['pairs']} interleaved pairs (p25 {pr['p25_us']:.1f}, p75 {pr['p75_us']:.1f}); "
+              + (f"waiting for the caller's stream only {ps['median_us']:.1f} µs "
+                 f"(p25 {ps['p25_us']:.1f}, p75 {ps['p75_us']:.1f}); " if ps else "") +
               f"difference of medians {v['per_tensor_us']:.1f} µs; CPU per tensor: parent "
               f"{cpu['parent_cpu_us']:.1f} µs, worker {cpu['worker_cpu_us']:.1f} µs; "
               f"parent decode {v['parent_decode_us']:.1f} µs/tensor, {v['imports']} imports in {v['decodes']} decodes")

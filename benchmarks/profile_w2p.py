@@ -178,6 +178,7 @@ def end_to_end(a, k, reps):
         call = B.timed(lambda: a.submit(fn, k, MiB).result(), reps, warm=10)
         res[label] = {"call_ms": call * 1e3, "per_tensor_us": (call - empty) / k * 1e6,
                       "paired": B.paired_per_tensor(a, fn, k, MiB, reps=reps),
+                      "paired_stream": B.paired_per_tensor(a, fn, k, MiB, reps=reps, sync="stream"),
                       "cpu": B.cpu_per_tensor(a, fn, k, MiB, calls=reps)}
     return res
 
@@ -185,7 +186,8 @@ def end_to_end(a, k, reps):
 def _e2e_line(e):
     def one(v):
         return (f"{v['per_tensor_us']:.1f} (paired {v['paired']['median_us']:.1f} "
-                f"[{v['paired']['p25_us']:.1f}..{v['paired']['p75_us']:.1f}]; CPU parent "
+                f"[{v['paired']['p25_us']:.1f}..{v['paired']['p75_us']:.1f}], stream-synced "
+                f"{v['paired_stream']['median_us']:.1f}; CPU parent "
                 f"{v['cpu']['parent_cpu_us']:.1f} + worker {v['cpu']['worker_cpu_us']:.1f})")
     return f"empty {e['empty_us']:.1f} µs; per tensor µs: same {one(e['same'])}, fresh {one(e['fresh'])}"
 

@@ -116,18 +116,27 @@ def imports(monkeypatch):
     return pi, calls
 
 
-def test_a_batch_of_deferred_frees_costs_one_synchronise_per_stream(imports):
+def test_a_batch_of_deferred_frees_costs_one_fence_per_read_stream_and_one_synchronise(imports):
     pi, calls = imports
     exports = [bytes([i]) * 64 for i in range(4)]
     for e in exports:
         pi.import_pointer(("owner", 1), e)
     assert all(pi.release_pointer(("owner", 1), e, stream=7 if i < 3 else 9, defer=True)
                for i, e in enumerate(exports))
-    assert [c for c, _ in calls].count("cuStreamSynchronize") == 0
+    names = [c for c, _ in calls]
+    assert names.count("cuStreamSynchronize") == 0 and names.count("cuMemFreeAsync") == 4
+    # the frees go to the unmap stream, after a fence on each read stream (7 and 9)
+    assert names.count("cuEventRecord") == 2 and names.count("cuStreamWaitEvent") == 2
+    assert names.index("cuStreamWaitEvent") < names.index("cuMemFreeAsync")
     assert pi._pools[("owner", 1)].live == 4           # not counted free before the sync
     pi.finish()
-    assert [c for c, _ in calls].count("cuStreamSynchronize") == 2   # streams 7 and 9
+    assert [c for c, _ in calls].count("cuStreamSynchronize") == 1   # the unmap stream, once
     assert pi._pools[("owner", 1)].live == 0 and not pi._freeing
+    # the next batch fences again
+    pi.import_pointer(("owner", 1), exports[0])
+    pi.release_pointer(("owner", 1), exports[0], stream=7, defer=True)
+    assert [c for c, _ in calls].count("cuEventRecord") == 3
+    pi.finish()
 
 
 def test_an_import_waits_for_a_pending_free_of_the_same_pointer(imports):
