@@ -12,9 +12,12 @@ Measures, for 1 MiB, 64 MiB, 1 GiB and 4 GiB tensors:
   the CPU route (COMFY_ENV_CUDA_FORCE_CPU=1), and torch.multiprocessing legacy CUDA IPC
   (native allocator, in a separate process pair, as torch users would do it; a hard
   time budget, sizes that do not fit in it are reported as skipped);
-plus worker → parent per tensor (one call returning 32 tensors of 1 MiB, minus the
+plus worker → parent per tensor (one call returning 32 tensors of 1 MiB against the
 empty call, divided by 32), both for tensors the worker returns again (the import
-cache's case) and for fresh tensors, with the parent's own decode time per tensor;
+cache's case) and for fresh tensors: the median of interleaved pairs (the headline:
+it cancels the host's drift), the difference of two medians (the older figure), the
+pairs again waiting for the caller's stream only, CPU time per tensor in each process,
+and the parent's own decode time per tensor;
 a worker's GPU footprint after a 4 GiB peak under each heap policy;
 and parent → worker once more against a worker with staging recycling off
 (COMFY_ENV_CUDA_STAGING_CACHE_MIB=0), the figure before recycling, in the same run.
