@@ -80,6 +80,16 @@ def driver_timers(on):
     return {k: v for k, v in builtins.__dict__.pop("_comfy_env_dtimers").items() if v[1]}
 
 
+def _calls(a, fn, k, calls):
+    """Seconds for ``calls`` back-to-back calls of ``fn(k, 1 MiB)``, each waited for."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        r = a.submit(fn, k, MiB).result()
+        torch.cuda.synchronize()
+        del r
+    return time.perf_counter() - t0
+
+
 def fresh_driver(a, k, calls):
     """Driver time per fresh tensor, both processes (calls made back to back)."""
     for _ in range(5):
@@ -87,12 +97,7 @@ def fresh_driver(a, k, calls):
     B.settle()
     a.submit(driver_timers, True).result()
     driver_timers(True)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        r = a.submit(B.w_fresh, k, MiB).result()
-        torch.cuda.synchronize()
-        del r
-    wall = time.perf_counter() - t0
+    wall = _calls(a, B.w_fresh, k, calls)
     B.settle()
     parent = driver_timers(False)
     worker = a.submit(driver_timers, False).result()
@@ -199,12 +204,7 @@ def phases(a, k, calls):
     B.settle()
     a.submit(w_timers, True, HERE).result()
     with B.Timers(_targets("parent")) as tm:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            r = a.submit(B.w_many, k, MiB).result()
-            torch.cuda.synchronize()
-            del r
-        wall = time.perf_counter() - t0
+        wall = _calls(a, B.w_many, k, calls)
         B.settle()
     worker = a.submit(w_timers, False, HERE).result()
     n = calls * k

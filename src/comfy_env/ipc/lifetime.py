@@ -71,6 +71,8 @@ class Link:
                 return out
 
     def flush(self) -> None:
+        if not self._posts:
+            return                        # the common case before each call: nothing queued
         msgs = self.take_posts()
         if msgs and not self.closed:
             try:

@@ -123,23 +123,13 @@ class ImportCache:
         # A hit needs only our lock: sweep() decides under it too, and a lease counted
         # after we read ``leases_in`` just makes the entry look busy to the next sweep.
         with self._lock:
-            e = self._entries.get(rec.key)
-            if e is not None and e.rec is rec:
-                e.leases_seen = rec.leases_in
-                e.idle_since = None
-                self._entries.move_to_end(rec.key)
-                self.hits += 1
+            if self._hit_locked(rec):
                 return True
         with self.ledger.lock:          # a miss: the ledger's lock first, as in sweep()
             with self._lock:
-                e = self._entries.get(rec.key)
-                if e is not None and e.rec is rec:
-                    e.leases_seen = rec.leases_in
-                    e.idle_since = None
-                    self._entries.move_to_end(rec.key)
-                    self.hits += 1
+                if self._hit_locked(rec):
                     return True
-                if e is not None:          # a stale entry (cannot happen while we hold it)
+                if rec.key in self._entries:   # a stale entry (cannot happen while we hold it)
                     return False
                 self.ledger.hold(rec)
                 rec.on_idle = on_idle
@@ -156,6 +146,17 @@ class ImportCache:
         if over:
             self._wake.set()
         return False
+
+    def _hit_locked(self, rec):
+        """``rec`` is cached: mark it used now (caller holds our lock)."""
+        e = self._entries.get(rec.key)
+        if e is None or e.rec is not rec:
+            return False
+        e.leases_seen = rec.leases_in
+        e.idle_since = None
+        self._entries.move_to_end(rec.key)
+        self.hits += 1
+        return True
 
     # -- eviction -----------------------------------------------------------------------
     def _idle(self, e):
