@@ -51,6 +51,21 @@ def test_free_many_runs_each_finisher_once_after_every_free_and_before_any_relea
     assert kinds[:4] == ["free", "free", "free", "finish"] and kinds.count("finish") == 1
 
 
+def test_finishers_run_even_when_a_later_free_raises():
+    ledger, log = Ledger(), _Log()
+    finished = []
+
+    def on_zero(rec):
+        if rec.key[2] == 1:
+            raise RuntimeError("this plane failed to free")
+        return lambda: finished.append(rec.key)
+
+    recs = [_remote(ledger, log, ("p", "up", i), on_zero) for i in range(2)]
+    with pytest.raises(RuntimeError, match="failed to free"):
+        ledger.unhold_all(recs)
+    assert finished == [("p", "up", 0)]      # the free started before the error completed
+
+
 def test_a_free_without_a_finisher_releases_at_once():
     ledger, log = Ledger(), _Log()
     rec = _remote(ledger, log, ("p", "up", 1), lambda rec: None)

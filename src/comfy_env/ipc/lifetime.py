@@ -243,16 +243,15 @@ class Ledger:
         of imported pointers instead of one each).  Every distinct one runs once,
         after all the frees started and before any release is posted.
         """
-        finishers = None
-        for rec, _last in items:
-            if rec.on_zero is not None:
-                fin = rec.on_zero(rec)
-                if fin is not None:
-                    if finishers is None:
-                        finishers = [fin]
-                    elif fin not in finishers:
+        finishers = []
+        try:
+            for rec, _last in items:
+                if rec.on_zero is not None:
+                    fin = rec.on_zero(rec)
+                    if fin is not None and fin not in finishers:
                         finishers.append(fin)
-        if finishers:
+        finally:
+            # Even if a plane's on_zero raised: the frees it started must complete.
             for fin in finishers:
                 fin()
         for rec, (upstream, leases) in items:

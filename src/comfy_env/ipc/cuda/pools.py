@@ -310,8 +310,9 @@ class PoolImports:
             done = self._freeing[k] = threading.Event()
         try:
             devices.use(p.ordinal)
-            fenced = self._fenced()
-            unmap = self._unmap_stream(p.ordinal, stream, fenced)
+            # A deferred free joins this thread's batch (one fence per read stream); an
+            # immediate one fences on its own.
+            unmap = self._unmap_stream(p.ordinal, stream, self._batch_fences() if defer else set())
             # Ordered after our reads (the fence above); the exporter may free as soon as
             # our release reaches it, so the free must have *completed* first.
             D.call("cuMemFreeAsync", slot[0], unmap, detail=f"imported pointer of pool {key}")
@@ -324,15 +325,17 @@ class PoolImports:
         try:
             D.call("cuStreamSynchronize", unmap)
         finally:
-            self._deferred.fenced = set()
             self._freed(k, p, done)
         return False
 
-    def _fenced(self):
-        if getattr(self._deferred, "pending", None) is None:
-            self._deferred.pending = []
-            self._deferred.fenced = set()
-        return self._deferred.fenced
+    def _batch_fences(self):
+        """The read streams this thread's open batch already fenced; a new batch (nothing
+        pending) starts with none: an older fence does not cover reads made since."""
+        d = self._deferred
+        if not getattr(d, "pending", None):
+            d.pending = []
+            d.fenced = set()
+        return d.fenced
 
     def _unmap_stream(self, ordinal, read_stream, fenced):
         """The stream that frees (unmaps) our imports on ``ordinal``, made to wait for the
@@ -368,7 +371,6 @@ class PoolImports:
     def finish(self):
         """Wait for this thread's deferred frees: one synchronise per GPU."""
         pending = getattr(self._deferred, "pending", None)
-        self._deferred.fenced = set()
         if not pending:
             return
         self._deferred.pending = []
