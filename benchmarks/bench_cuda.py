@@ -8,7 +8,7 @@ pause lets the worker's and the parent's threads fall asleep, and waking them co
 call's median is measured in the same run and printed beside the rest.
 
 Measures, for 1 MiB, 64 MiB, 1 GiB and 4 GiB tensors:
-  worker → parent, parent → worker, worker A → worker B (through IsolatedExecutor),
+  worker → parent (the same tensor every call, and a new one every call), parent → worker, worker A → worker B (through IsolatedExecutor),
   the CPU route (COMFY_ENV_CUDA_FORCE_CPU=1), and torch.multiprocessing legacy CUDA IPC
   (native allocator, in a separate process pair, as torch users would do it; a hard
   time budget, sizes that do not fit in it are reported as skipped);
@@ -17,7 +17,8 @@ empty call, divided by 32), both for tensors the worker returns again (the impor
 cache's case) and for fresh tensors: the median of interleaved pairs (the headline:
 it cancels the host's drift), the difference of two medians (the older figure), the
 pairs again waiting for the caller's stream only, CPU time per tensor in each process,
-and the parent's own decode time per tensor;
+and the parent's own decode time per tensor, all of it again against a worker with small
+copies off (COMFY_ENV_CUDA_SMALL_COPY_MIB=0: every tensor exported, zero copy);
 a worker's GPU footprint after a 4 GiB peak under each heap policy;
 and parent → worker once more against a worker with staging recycling off
 (COMFY_ENV_CUDA_STAGING_CACHE_MIB=0), the figure before recycling, in the same run.
@@ -333,7 +334,8 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
     ``sync``: what each call waits for before the clock stops; by default the whole
     device (``torch.cuda.synchronize``: every stream, the unmapping of imports freed
     after earlier calls included); ``"stream"``: the caller's current stream only,
-    i.e. until the received tensors are ready for the caller's next kernel."""
+    i.e. until the received tensors are ready for the caller's next kernel.  Each call's
+    time includes dropping its result (what the parent does when the tensors die)."""
     if sync == "stream":
         def wait():
             torch.cuda.current_stream().synchronize()
@@ -343,16 +345,23 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
         a.submit(w_nothing).result()
         r = a.submit(fn, k, nbytes).result()
         del r
+    drain = lifetime.LEDGER.drain
     diffs = []
     for _ in range(reps):
+        # Each call is timed with the parent's handling of its dropped result (holder
+        # deaths: frees or "idle" reports), so that cost is not charged to the next call
+        # of the pair (it would cancel out of the difference).
         t0 = time.perf_counter()
-        a.submit(w_nothing).result()
+        r = a.submit(w_nothing).result()
         wait()
+        del r
+        drain()
         t1 = time.perf_counter()
         r = a.submit(fn, k, nbytes).result()
         wait()
-        t2 = time.perf_counter()
         del r
+        drain()
+        t2 = time.perf_counter()
         diffs.append(((t2 - t1) - (t1 - t0)) / k * 1e6)
     q = statistics.quantiles(diffs, n=4)
     return {"median_us": statistics.median(diffs), "p25_us": q[0], "p75_us": q[2], "pairs": reps}
@@ -380,11 +389,18 @@ def cpu_per_tensor(a, fn, k, nbytes, calls):
     return {"parent_cpu_us": (pm - pe) / n * 1e6, "worker_cpu_us": (wm - we) / n * 1e6}
 
 
-def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
+def w_routes():
+    from comfy_env.ipc.cuda.plane import PLANE
+    return dict(PLANE.routes), PLANE.recycled
+
+
+def per_tensor(a, empty, k=32, nbytes=MiB, reps=30, suffix=""):
     """Worker → parent per tensor: one call returning ``k`` tensors, minus the empty call
-    (as a difference of medians, and from interleaved pairs), plus CPU time per tensor."""
+    (as a difference of medians, and from interleaved pairs), plus CPU time per tensor,
+    and the routes the worker took for them."""
     out = {}
     for label, fn in (("same", w_many), ("fresh", w_fresh)):
+        routes0, recycled0 = a.submit(w_routes).result()
         with parent_timers() as tm:
             call = timed(lambda: a.submit(fn, k, nbytes).result(), reps, warm=5)
         pt = tm.per_call_us()
@@ -395,7 +411,11 @@ def per_tensor(a, empty, k=32, nbytes=MiB, reps=30):
         out[label]["paired"] = paired_per_tensor(a, fn, k, nbytes, reps=max(100, reps))
         out[label]["paired_stream"] = paired_per_tensor(a, fn, k, nbytes, reps=max(100, reps), sync="stream")
         out[label]["cpu"] = cpu_per_tensor(a, fn, k, nbytes, calls=max(100, reps))
-    return out
+        routes1, recycled1 = a.submit(w_routes).result()
+        out[label]["worker_routes"] = {r: routes1[r] - routes0.get(r, 0) for r in routes1
+                                       if routes1[r] != routes0.get(r, 0)}
+        out[label]["worker_recycled"] = recycled1 - recycled0
+    return {k + suffix: v for k, v in out.items()}
 
 
 def profile_fresh(a, k=32, nbytes=MiB, calls=20):
@@ -436,17 +456,22 @@ def main():
     b = new_executor()
     # The same worker with staging recycling off: parent → worker as before it existed.
     c = new_executor({"COMFY_ENV_CUDA_STAGING_CACHE_MIB": "0"})
+    # And one without small copies: every worker tensor goes zero copy (exported).
+    z = new_executor({"COMFY_ENV_CUDA_SMALL_COPY_MIB": "0"})
     try:
         empty = timed(lambda: a.submit(w_nothing).result(), 300, warm=20)
         res["empty_call_us"] = empty * 1e3 * 1e3
         print(f"empty call {empty * 1e6:.0f} us (median, back to back)", flush=True)
         res["per_tensor_w2p"] = per_tensor(a, empty)
+        empty_z = timed(lambda: z.submit(w_nothing).result(), 300, warm=20)
+        res["per_tensor_w2p"].update(per_tensor(z, empty_z, suffix=" (zero copy only)"))
         for k, v in res["per_tensor_w2p"].items():
             pr, cpu = v["paired"], v["cpu"]
             print(f"w→p per tensor ({k} tensors, 32 × 1 MiB per call): {v['per_tensor_us']:.1f} us "
                   f"(paired: median {pr['median_us']:.1f}, p25 {pr['p25_us']:.1f}, p75 {pr['p75_us']:.1f}); "
                   f"CPU parent {cpu['parent_cpu_us']:.1f} + worker {cpu['worker_cpu_us']:.1f} us; "
-                  f"parent decode {v['parent_decode_us']:.1f} us/tensor, imports {v['imports']}", flush=True)
+                  f"parent decode {v['parent_decode_us']:.1f} us/tensor, imports {v['imports']}; "
+                  f"worker routes {v['worker_routes']}, recycled {v['worker_recycled']}", flush=True)
         _dump_partial(res)
         res["profile_fresh_parent"] = profile_fresh(a)
         if out:
@@ -460,6 +485,8 @@ def main():
             with parent_timers() as tm:
                 row["w2p"] = timed(lambda: a.submit(w_get, n).result(), r)
             row["w2p_parent"] = tm.per_call_us()
+            # A new tensor every call (a node's fresh output): staged when small, else exported.
+            row["w2p_fresh"] = timed(lambda: a.submit(w_fresh, 1, n).result(), r)
             if n > PLANE.import_cache.max_bytes:
                 # Bigger than the import cache's default bound: once more with a bound that fits.
                 old = PLANE.import_cache.max_bytes
@@ -487,12 +514,14 @@ def main():
             _dump_partial(res)
             print(label, {k: f"{v * 1e3:.3f} ms" for k, v in row.items() if isinstance(v, float)}, flush=True)
         res["routes_parent"] = dict(PLANE.routes)
+        res["routes_worker"], res["staging_recycled_worker"] = a.submit(w_routes).result()
         res["import_cache_stats"] = PLANE.import_cache.stats()
         res["staging_recycled"] = PLANE.recycled
     finally:
         a.shutdown()
         b.shutdown()
         c.shutdown()
+        z.shutdown()
     settle()
     PLANE.import_cache.flush()
     torch.cuda.empty_cache()
@@ -564,8 +593,10 @@ def print_table(res, sizes, leg):
                  f"(p25 {ps['p25_us']:.1f}, p75 {ps['p75_us']:.1f}); " if ps else "") +
               f"difference of medians {v['per_tensor_us']:.1f} µs; CPU per tensor: parent "
               f"{cpu['parent_cpu_us']:.1f} µs, worker {cpu['worker_cpu_us']:.1f} µs; "
-              f"parent decode {v['parent_decode_us']:.1f} µs/tensor, {v['imports']} imports in {v['decodes']} decodes")
-    hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | {'CPU w→p':>9} {'CPU p→w':>9} | "
+              f"parent decode {v['parent_decode_us']:.1f} µs/tensor, {v['imports']} imports in {v['decodes']} decodes; "
+              f"worker routes {v.get('worker_routes')}, recycled {v.get('worker_recycled')}")
+    hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'w→p new':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | "
+           f"{'CPU w→p':>9} {'CPU p→w':>9} | "
            f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)
     print("-" * len(hdr))
@@ -574,12 +605,15 @@ def print_table(res, sizes, leg):
         lg = leg.get(n, {})
         lw = _ms(lg.get("w2p"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
-        print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r['p2w'])} {_ms(r.get('p2w_no_recycle'))} "
+        print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r.get('w2p_fresh'))} {_ms(r['p2w'])} "
+              f"{_ms(r.get('p2w_no_recycle'))} "
               f"{_ms(r['a2b'])} | "
               f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lp} | "
               f"{_ratio(r['cpu_w2p'], r['w2p'])} {_ratio(r['cpu_p2w'], r['p2w'])}")
     print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty'; "
+          "w→p: the same worker tensor every call; w→p new: a new one every call; "
           "p→w¹: staging recycling off, COMFY_ENV_CUDA_STAGING_CACHE_MIB=0 in the worker)")
+    print(f"worker routes over the run: {res.get('routes_worker')}")
     for n, lg in leg.items():
         if "skipped" in lg:
             print(f"legacy IPC {n >> 20} MiB: skipped ({lg['skipped'][:200]})")

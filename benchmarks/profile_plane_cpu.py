@@ -72,6 +72,12 @@ class FakeRing:
     def record(self, stream):
         return 3, b"h" * 64
 
+    def reserve(self):
+        return 3, b"h" * 64
+
+    def record_reserved(self, slot, stream):
+        pass
+
 
 class FakeImports:
     def pin(self, key, n=1):

@@ -1,6 +1,8 @@
 """Where worker → parent time per tensor goes (GPU; a diagnostic beside bench_cuda.py).
 
-    PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives] [--e2e-only] [--fresh-driver]
+    PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives] [--e2e-only]
+                                                  [--fresh-phases] [--fresh-driver] [--cprofile-fresh]
+                                                  [--worker-env K=V ...]
     COMFY_ENV_BENCH_SRC=<other tree>/src python benchmarks/profile_w2p.py   # the same, another tree
 
 One call returns ``K`` × 1 MiB worker tensors, the same ones every call (the import
@@ -45,11 +47,18 @@ def _targets(side):
     if side == "worker":
         t = {"encode_message": (codec, "encode_message"), "plane.encode": (PLANE, "encode"),
              "choose": (P, "choose"), "pack_fields": (P, "pack_fields"),
-             "_lend_pool_block": (PLANE, "_lend_pool_block"), "_event_for": (PLANE, "_event_for")}
+             "_lend_pool_block": (PLANE, "_lend_pool_block"), "_event_for": (PLANE, "_event_for"),
+             "_lend_staging": (PLANE, "_lend_staging"), "_take_idle_staging": (PLANE, "_take_idle_staging"),
+             "on_control": (PLANE, "on_control"), "_free_owned": (PLANE, "_free_owned"),
+             "LEDGER.release": (lifetime.LEDGER, "release")}
     else:
         t = {"accept_part_leases": (codec, "accept_part_leases"), "decode_part": (codec, "decode_part"),
              "plane.decode": (PLANE, "decode"), "unpack": (P, "unpack"), "_wrap": (PLANE, "_wrap"),
-             "LEDGER.holder": (lifetime.LEDGER, "holder"), "import_cache.keep": (PLANE.import_cache, "keep")}
+             "LEDGER.holder": (lifetime.LEDGER, "holder"), "import_cache.keep": (PLANE.import_cache, "keep"),
+             "_local_ptr": (PLANE, "_local_ptr"), "import_pointer": (PLANE.imports, "import_pointer"),
+             "import_cache.sweep": (PLANE.import_cache, "sweep"), "_free_remote": (PLANE, "_free_remote"),
+             "_finish_frees": (PLANE, "_finish_frees"), "LEDGER.free_many": (lifetime.LEDGER, "free_many"),
+             "_staging_idle": (PLANE, "_staging_idle")}
     t.update({k: v for k, v in common.items()})
     return {k: v for k, v in t.items() if hasattr(v[0], v[1])}
 
@@ -125,6 +134,42 @@ def w_timers(on, bench_dir=None):
     return {k: v for k, v in tm.acc.items()}
 
 
+def w_cprofile(on):
+    """Start (on=True) or stop and report (on=False) cProfile in the worker."""
+    import builtins
+    import cProfile
+    import io
+    import pstats
+    if on:
+        pr = builtins.__dict__["_comfy_env_cprof"] = cProfile.Profile()
+        pr.enable()
+        return None
+    pr = builtins.__dict__.pop("_comfy_env_cprof")
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
+    return out.getvalue()
+
+
+def cprofile_fresh(a, k, calls):
+    """cProfile of both processes over ``calls`` calls returning ``k`` fresh tensors."""
+    import cProfile
+    import io
+    import pstats
+    for _ in range(10):
+        a.submit(B.w_fresh, k, MiB).result()
+    a.submit(w_cprofile, True).result()
+    pr = cProfile.Profile()
+    pr.enable()
+    _calls(a, B.w_fresh, k, calls)
+    B.settle()
+    pr.disable()
+    worker = a.submit(w_cprofile, False).result()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
+    return {"parent": out.getvalue(), "worker": worker}
+
+
 def primitives(k=200):
     """Ways to make a tensor over device memory we do not own, in this process."""
     from comfy_env.ipc.cuda.plane import _DeviceBytes
@@ -179,12 +224,19 @@ def primitives(k=200):
 def end_to_end(a, k, reps):
     empty = B.timed(lambda: a.submit(B.w_nothing).result(), 300, warm=30)
     res = {"empty_us": empty * 1e6}
+    from comfy_env.ipc.cuda.plane import PLANE
     for label, fn in (("same", B.w_many), ("fresh", B.w_fresh)):
+        w0, r0 = a.submit(B.w_routes).result()
+        i0 = PLANE.imports.stats()["imports_made"]
         call = B.timed(lambda: a.submit(fn, k, MiB).result(), reps, warm=10)
         res[label] = {"call_ms": call * 1e3, "per_tensor_us": (call - empty) / k * 1e6,
                       "paired": B.paired_per_tensor(a, fn, k, MiB, reps=reps),
                       "paired_stream": B.paired_per_tensor(a, fn, k, MiB, reps=reps, sync="stream"),
                       "cpu": B.cpu_per_tensor(a, fn, k, MiB, calls=reps)}
+        w1, r1 = a.submit(B.w_routes).result()
+        res[label]["counts"] = {"routes": {r: w1[r] - w0.get(r, 0) for r in w1 if w1[r] != w0.get(r, 0)},
+                                "recycled": r1 - r0, "parent_imports": PLANE.imports.stats()["imports_made"] - i0,
+                                "cache": PLANE.import_cache.stats()}
     return res
 
 
@@ -194,17 +246,23 @@ def _e2e_line(e):
                 f"[{v['paired']['p25_us']:.1f}..{v['paired']['p75_us']:.1f}], stream-synced "
                 f"{v['paired_stream']['median_us']:.1f}; CPU parent "
                 f"{v['cpu']['parent_cpu_us']:.1f} + worker {v['cpu']['worker_cpu_us']:.1f})")
-    return f"empty {e['empty_us']:.1f} µs; per tensor µs: same {one(e['same'])}, fresh {one(e['fresh'])}"
+    def counts(v):
+        c = v.get("counts", {})
+        return f"routes {c.get('routes')} recycled {c.get('recycled')} parent imports {c.get('parent_imports')}"
+    return (f"empty {e['empty_us']:.1f} µs; per tensor µs: same {one(e['same'])}, fresh {one(e['fresh'])}\n"
+            f"    same: {counts(e['same'])}; fresh: {counts(e['fresh'])}; cache {e['fresh'].get('counts', {}).get('cache')}")
 
 
-def phases(a, k, calls):
-    """Per tensor µs of each timed function, both sides, over ``calls`` calls (same tensors)."""
+def phases(a, k, calls, fn=None):
+    """Per tensor µs of each timed function, both sides, over ``calls`` calls (same
+    tensors unless ``fn`` says otherwise)."""
+    fn = fn or B.w_many
     for _ in range(10):
-        a.submit(B.w_many, k, MiB).result()
+        a.submit(fn, k, MiB).result()
     B.settle()
     a.submit(w_timers, True, HERE).result()
     with B.Timers(_targets("parent")) as tm:
-        wall = _calls(a, B.w_many, k, calls)
+        wall = _calls(a, fn, k, calls)
         B.settle()
     worker = a.submit(w_timers, False, HERE).result()
     n = calls * k
@@ -220,6 +278,8 @@ def main():
     k = int(sys.argv[sys.argv.index("--tensors") + 1]) if "--tensors" in sys.argv else 32
     calls = int(sys.argv[sys.argv.index("--calls") + 1]) if "--calls" in sys.argv else 200
     label = sys.argv[sys.argv.index("--label") + 1] if "--label" in sys.argv else "tree"
+    # --worker-env K=V (repeatable): the worker's environment, e.g. COMFY_ENV_CUDA_HEAP=staging
+    wenv = dict(sys.argv[i + 1].split("=", 1) for i, v in enumerate(sys.argv) if v == "--worker-env")
     B.install()
     torch.zeros(1, device="cuda")
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} {torch.cuda.get_allocator_backend()} "
@@ -227,7 +287,8 @@ def main():
     res = {"label": label, "tensors": k, "gpu": torch.cuda.get_device_name()}
     if "--primitives" in sys.argv:
         res["primitives"] = primitives()
-    a = B.new_executor()
+    a = B.new_executor(wenv)
+    res["worker_env"] = wenv
     try:
         res["e2e"] = end_to_end(a, k, reps=max(30, calls // 2))
         print(f"\n[{label}] {k} × 1 MiB per call: {_e2e_line(res['e2e'])}")
@@ -237,6 +298,16 @@ def main():
             for name, v in ph.items():
                 if isinstance(v, dict):
                     print(f"    {name:<32} {v['us_per_tensor']:7.2f} µs   ({v['count_per_call']:.1f} per call)")
+        if "--fresh-phases" in sys.argv:
+            res["fresh_phases"] = ph = phases(a, k, calls, B.w_fresh)
+            print(f"[{label}] fresh tensors, instrumented wall per tensor {ph['wall_per_tensor_us']:.1f} µs; "
+                  f"per tensor by function:")
+            for name, v in ph.items():
+                if isinstance(v, dict):
+                    print(f"    {name:<32} {v['us_per_tensor']:7.2f} µs   ({v['count_per_call']:.1f} per call)")
+        if "--cprofile-fresh" in sys.argv:
+            res["cprofile_fresh"] = cp = cprofile_fresh(a, k, max(20, calls // 4))
+            print(f"[{label}] cProfile, fresh tensors, parent:\n{cp['parent']}\n[{label}] worker:\n{cp['worker']}")
         if "--fresh-driver" in sys.argv:
             res["fresh_driver"] = fd = fresh_driver(a, k, max(20, calls // 4))
             print(f"[{label}] fresh tensors, driver calls (wall {fd['wall_per_tensor_us']:.1f} µs per tensor "

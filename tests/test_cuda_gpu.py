@@ -217,8 +217,15 @@ def free_bytes():
 
 
 # -- tests ----------------------------------------------------------------------------------
+SMALL_COPY = pytest.mark.parametrize("small_copy", ["16", "0"], ids=["small-copy", "zero-copy-only"])
+
+
 @WORKER_ALLOCS
-def test_worker_to_parent_every_dtype_zero_copy_when_worker_is_async(worker_alloc):
+@SMALL_COPY
+def test_worker_to_parent_every_dtype_zero_copy_when_worker_is_async(worker_alloc, small_copy, monkeypatch):
+    """Zero copy (``pool``) from an async worker once small copies are off; by default a
+    small tensor sent once is staged (one copy), which must carry every dtype as well."""
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", small_copy)
     dtypes = ["float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64", "bool",
               "complex64"]
     with executor(worker_alloc) as ex:
@@ -228,7 +235,7 @@ def test_worker_to_parent_every_dtype_zero_copy_when_worker_is_async(worker_allo
             assert t.device == torch.device("cuda", 0) and t.dtype == ref.dtype
             assert torch.equal(t, ref), name
         routes = ex.submit(w_routes).result()
-    want = "pool" if worker_alloc else "staging"
+    want = "pool" if worker_alloc and small_copy == "0" else "staging"
     assert routes.get(want, 0) >= len(dtypes), routes
 
 
@@ -285,14 +292,39 @@ def test_parent_to_worker_recycles_its_staging_block_without_stale_or_overwritte
         ex.submit(w_drop_held).result()
 
 
+def w_sleep_then_fill_many(k, n):
+    import torch
+    ts = [torch.zeros(n, device="cuda") for _ in range(k)]
+    torch.cuda._sleep(1_000_000_000)        # ~0.5 s of GPU time before the fills
+    for i, t in enumerate(ts):
+        t.fill_(float(i + 1))
+    return ts                               # staged in one batch of copies, no synchronize
+
+
 @WORKER_ALLOCS
 def test_receiver_waits_for_producer_kernels(worker_alloc):
     with executor(worker_alloc) as ex:
         t = ex.submit(w_sleep_then_fill, 1 << 20).result(timeout=60)
         assert float(t.min()) == 42.0 and float(t.max()) == 42.0
+        # Several small results: their copies go in one batch call (off the legacy
+        # default stream, which the batch call refuses): still after the producer.
+        ts = ex.submit(w_sleep_then_fill_many, 6, 1 << 18).result(timeout=60)
+        assert [(float(t.min()), float(t.max())) for t in ts] == [(i + 1.0, i + 1.0) for i in range(6)]
+        # ... and the other way: the parent's copies of several tensors in one call.
+        xs = [torch.zeros(1 << 18, device="cuda") for _ in range(6)]
+        torch.cuda._sleep(1_000_000_000)
+        for i, x in enumerate(xs):
+            x.fill_(float(i + 1))
+        assert [s for s, *_ in ex.submit(w_sums, xs).result(timeout=60)] == [(i + 1.0) * (1 << 18) for i in range(6)]
 
 
-def test_same_pointer_twice_is_one_import_and_aliases_survive_each_other():
+def w_sums(ts):
+    return [w_sum(t) for t in ts]
+
+
+@SMALL_COPY
+def test_same_pointer_twice_is_one_import_and_aliases_survive_each_other(small_copy, monkeypatch):
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", small_copy)   # staged whole, or exported
     with executor(ASYNC) as ex:
         a, b, c = ex.submit(w_same_twice).result(timeout=60)
         assert a.data_ptr() == b.data_ptr() and c.data_ptr() == a.data_ptr() + 40
@@ -311,8 +343,10 @@ def test_import_cache_reuses_the_import_and_releases_after_free():
     with executor(ASYNC) as ex:
         n = 1 << 18
         ref = torch.arange(n, device="cuda", dtype=torch.float32)
-        t = ex.submit(w_keep, n).result(timeout=60)
-        assert torch.equal(t, ref)
+        t = ex.submit(w_keep, n).result(timeout=60)         # first sight: staged (one copy)
+        assert torch.equal(t, ref) and ex.submit(w_routes).result().get("pool", 0) == 0
+        t = ex.submit(w_keep, n).result(timeout=60)         # sent again: zero copy from now on
+        assert torch.equal(t, ref) and ex.submit(w_routes).result().get("pool", 0) == 1
         ptr = t.data_ptr()
         del t
         settle(flush=False)
@@ -341,7 +375,9 @@ def test_import_cache_reuses_the_import_and_releases_after_free():
         assert ex.submit(w_stats).result()["owned_blocks"] == 0
 
 
-def test_worker_crash_leaves_parent_tensors_valid():
+@SMALL_COPY
+def test_worker_crash_leaves_parent_tensors_valid(small_copy, monkeypatch):
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", small_copy)   # its staging pool, or its heap
     with executor(ASYNC) as ex:
         t = ex.submit(w_make, 1 << 20, "float32").result(timeout=60)
         ref = (torch.arange(1 << 20, device="cuda") % 251).float()
@@ -351,6 +387,44 @@ def test_worker_crash_leaves_parent_tensors_valid():
         t2 = ex.submit(w_make, 16, "float32").result(timeout=60)   # a fresh worker works
         assert torch.equal(t2, ref[:16])
         del t
+        settle()
+
+
+def w_fresh(n, value):
+    import torch
+    return torch.full((n,), value, device="cuda")
+
+
+def w_fresh_many(k, n, value):
+    import torch
+    return [torch.full((n,), value + i, device="cuda") for i in range(k)]
+
+
+def w_staging_stats():
+    from comfy_env.ipc.cuda.plane import PLANE
+    return PLANE.recycled, dict(PLANE.routes)
+
+
+def test_small_fresh_results_are_staged_and_recycled_big_and_repeated_ones_go_zero_copy():
+    with executor(ASYNC) as ex:
+        n = 1 << 18                                    # 1 MiB of float32
+        imports0 = PLANE.imports.stats()["imports_made"]
+        for i in range(40):                            # fresh tensors, dropped before the next call
+            ts = ex.submit(w_fresh_many, 4, n, float(i)).result(timeout=60)
+            assert [float(t[0]) for t in ts] == [float(i + j) for j in range(4)]
+            assert [float(t[-1]) for t in ts] == [float(i + j) for j in range(4)]
+            del ts
+        recycled, routes = ex.submit(w_staging_stats).result()
+        assert routes.get("staging", 0) == 160 and routes.get("pool", 0) == 0, routes
+        assert recycled >= 140, recycled               # the parent reported its blocks idle in time
+        assert PLANE.imports.stats()["imports_made"] - imports0 <= 20     # not one per tensor
+        # A block the parent still holds is never copied into: held results keep their values.
+        held = [ex.submit(w_fresh, n, float(i)).result(timeout=60) for i in range(8)]
+        assert [float(t.sum()) for t in held] == [float(i) * n for i in range(8)]
+        big = ex.submit(w_fresh, (16 << 20) // 4 + 1, 3.0).result(timeout=60)   # above the 16 MiB default
+        assert float(big[-1]) == 3.0
+        assert ex.submit(w_staging_stats).result()[1].get("pool", 0) == 1
+        del held, big
         settle()
 
 

@@ -457,16 +457,16 @@ def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
     try:
         small, big = block(2 * MiB), block(8 * MiB)
         ev = ("0123456789abcdef", 0, 1, b"e" * 64)
-        pl._on_idle(None, small.key, 1, ev)            # answers a lend that never happened
+        pl._on_idle(None, [(small.key, 1)], ev)            # answers a lend that never happened
         assert pl.stats()["staging_idle"] == 0
-        pl._on_idle(None, small.key, 0, ev)
-        pl._on_idle(None, big.key, 0, None)
+        pl._on_idle(None, [(small.key, 0)], ev)
+        pl._on_idle(None, [(big.key, 0)], None)
         assert pl.stats()["staging_idle"] == 2 and small.resource.ready == ev
         with lifetime.LEDGER.lock:
             got = pl._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
             assert got is small and small.resource.busy and small.resource.seq == 1
             assert pl._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
-        pl._on_idle(None, small.key, 0, ev)            # late answer to the previous lend
+        pl._on_idle(None, [(small.key, 0)], ev)            # late answer to the previous lend
         assert small.resource.busy and pl.stats()["staging_idle"] == 1
         with lifetime.LEDGER.lock:                     # a rolled generation is never lent again
             assert pl._take_idle_staging(0, 8 * MiB, object()) is None

@@ -22,6 +22,7 @@ until an object of theirs shows up.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import struct
@@ -40,6 +41,7 @@ __all__ = [
 
 _U32 = struct.Struct("<I")
 PROTOCOL = 5
+log = logging.getLogger("comfy_env.codec")
 
 
 class EncodeError(TypeError):
@@ -227,6 +229,18 @@ class FrameBuilder:
         self.parts = []
         self.fds = []
         self._lends = []
+        self._before_send = []            # callables run once, when the frame is built or aborted
+        self.plane_state = {}             # plane name -> what it computes once per frame
+
+    def before_send(self, fn):
+        """Run ``fn()`` once the frame's parts are encoded, before it is sent (or when it is
+        aborted): e.g. the CUDA plane records one event per stream after all its copies."""
+        self._before_send.append(fn)
+
+    def _run_before_send(self):
+        hooks, self._before_send = self._before_send, []
+        for fn in hooks:
+            fn()
 
     def add_fd(self, fd):
         self.fds.append(fd)
@@ -263,12 +277,18 @@ class FrameBuilder:
         return len(self.parts) - 1
 
     def abort(self):
-        """The frame will not be sent: undo its lends."""
+        """The frame will not be sent: undo its lends (after the hooks, which may hold
+        resources such as reserved events)."""
+        try:
+            self._run_before_send()
+        except Exception:
+            log.exception("comfy_env: a plane's frame hook failed while aborting a frame")
         lends, self._lends = self._lends, []
         for rec in lends:
             lifetime.LEDGER.on_release(self.link, rec.key, 1)
 
     def build(self, envelope):
+        self._run_before_send()
         env = pickle.dumps((envelope, [(memoryview(p.data).nbytes, p.refs) for p in self.parts]), PROTOCOL)
         chunks = [_U32.pack(len(env)), env]
         chunks.extend(p.data for p in self.parts)

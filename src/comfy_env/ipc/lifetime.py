@@ -101,6 +101,7 @@ class Record:
         self.on_zero = on_zero          # callable(record): recycle / unmap
         # callable(record), set by a cache that holds one user of the record: runs when
         # ``users`` falls back to 1, i.e. when nothing but that cache uses the block.
+        # It may return a callable that finishes the batch (see Ledger.unhold_all).
         self.on_idle = None
 
 
@@ -209,8 +210,16 @@ class Ledger:
         if frees:
             self.free_many(frees)
         if idles:
+            # A hook may return a finisher that completes the batch (the CUDA plane
+            # records one event per stream and sends one message per peer): each
+            # distinct finisher runs once, after every hook.
+            finishers = []
             for rec, idle in idles:
-                idle(rec)
+                fin = idle(rec)
+                if fin is not None and fin not in finishers:
+                    finishers.append(fin)
+            for fin in finishers:
+                fin()
 
     def drop_locked(self, rec, n=1):
         """``unhold``'s bookkeeping half; the caller holds :attr:`lock`.

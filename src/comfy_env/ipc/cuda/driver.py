@@ -17,7 +17,7 @@ import threading
 __all__ = [
     "CudaError", "CudaUnavailable", "lib", "call", "try_call", "error_text",
     "MemLocation", "MemPoolProps", "MemAccessDesc", "PoolPtrExportData",
-    "IpcEventHandle", "AllocationProp", "Uuid",
+    "IpcEventHandle", "AllocationProp", "Uuid", "MemcpyAttributes",
 ]
 
 
@@ -82,6 +82,12 @@ class Uuid(C.Structure):
     _fields_ = [("bytes", C.c_ubyte * 16)]
 
 
+class MemcpyAttributes(C.Structure):
+    """``CUmemcpyAttributes`` (CUDA 12.8+), for :func:`copy_batch`."""
+    _fields_ = [("srcAccessOrder", C.c_int), ("srcLocHint", MemLocation), ("dstLocHint", MemLocation),
+                ("flags", C.c_uint)]
+
+
 # -- constants we use ------------------------------------------------------------------
 CUDA_SUCCESS = 0
 CUDA_ERROR_NOT_READY = 600
@@ -102,6 +108,8 @@ DEV_ATTR_POSIX_FD_SUPPORTED = 103
 DEV_ATTR_MEMORY_POOLS_SUPPORTED = 115
 DEV_ATTR_MEMPOOL_HANDLE_TYPES = 119
 GRANULARITY_RECOMMENDED = 1
+MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+STREAM_PER_THREAD = 2             # CU_STREAM_PER_THREAD
 
 _p = C.c_void_p
 _pp = C.POINTER(C.c_void_p)
@@ -150,6 +158,11 @@ _SIGNATURES = {
     "cuPointerGetAttribute": [_p, _i, _u64],
     "cuMemGetAddressRange_v2": [_pu64, C.POINTER(_sz), _u64],
     "cuMemcpyDtoDAsync_v2": [_u64, _u64, _sz, _p],
+    # CUDA 13 dropped the failIdx argument and kept the old ABI under the old name.
+    "cuMemcpyBatchAsync_v2": [_pu64, _pu64, C.POINTER(_sz), _sz, C.POINTER(MemcpyAttributes), C.POINTER(_sz),
+                              _sz, _p],
+    "cuMemcpyBatchAsync": [_pu64, _pu64, C.POINTER(_sz), _sz, C.POINTER(MemcpyAttributes), C.POINTER(_sz),
+                           _sz, C.POINTER(_sz), _p],
     "cuMemcpyDtoH_v2": [_p, _u64, _sz],
     "cuMemcpyHtoD_v2": [_u64, _p, _sz],
     "cuMemsetD8Async": [_u64, C.c_ubyte, _sz, _p],
@@ -294,6 +307,36 @@ def pool_attribute(pool, attr) -> int:
     v = C.c_uint64()
     call("cuMemPoolGetAttribute", pool, attr, C.byref(v))
     return v.value
+
+
+def copy_batch(dsts, srcs, sizes, stream, ordinal):
+    """Device-to-device copies ``srcs[i] -> dsts[i]`` of ``sizes[i]`` bytes, stream-ordered on
+    ``stream``, in one driver call (``cuMemcpyBatchAsync``: ~8 µs per copy saved on the
+    H100 host against one ``cuMemcpyDtoDAsync`` each).
+
+    The batch call refuses the legacy default stream (handle 0): its copies then go to
+    the per-thread default stream, which is a blocking stream, so they still run after
+    the work already on the legacy stream and before what is enqueued there next.
+    Raises :class:`CudaError`, with ``call`` "cuMemcpyBatchAsync" and code 500
+    (NOT_FOUND) when this driver has no batch copy.
+    """
+    n = len(dsts)
+    attr = MemcpyAttributes(MEMCPY_SRC_ACCESS_ORDER_STREAM, MemLocation(MEM_LOCATION_DEVICE, ordinal),
+                            MemLocation(MEM_LOCATION_DEVICE, ordinal), 0)
+    idx = _sz(0)
+    args = ((_u64 * n)(*dsts), (_u64 * n)(*srcs), (_sz * n)(*sizes), n, C.byref(attr), C.byref(idx), 1)
+    stream = stream or STREAM_PER_THREAD
+    lib()
+    if "cuMemcpyBatchAsync_v2" in _funcs:
+        call("cuMemcpyBatchAsync_v2", *args, stream)
+    elif "cuMemcpyBatchAsync" in _funcs:
+        fail = _sz(0)
+        try:
+            call("cuMemcpyBatchAsync", *args, C.byref(fail), stream)
+        except CudaError as exc:
+            raise CudaError("cuMemcpyBatchAsync", exc.code, f"copy {fail.value} of {n}") from None
+    else:
+        raise CudaError("cuMemcpyBatchAsync", 500, "this driver has no batch copy (CUDA 12.8+)")
 
 
 def copy_to_host(ptr, nbytes) -> bytes:

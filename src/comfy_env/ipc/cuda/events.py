@@ -33,6 +33,7 @@ class EventRing:
         self.ordinal = ordinal
         self._lock = threading.Lock()
         self._events = []          # [(CUevent, handle bytes)]
+        self._reserved = set()     # slots named by a frame being encoded, not yet recorded
         self._next = 0
 
     def _new(self):
@@ -48,28 +49,54 @@ class EventRing:
         self._events.append((ev.value, bytes(h)))
         return len(self._events) - 1
 
+    def _free_slot_locked(self):
+        """A slot whose last recording completed and that no frame reserved (caller holds
+        the lock); a new one while under :attr:`MAX`."""
+        n = len(self._events)
+        reserved = self._reserved
+        for i in range(n):
+            k = (self._next + i) % n
+            if k not in reserved and D.try_call("cuEventQuery", self._events[k][0]) == D.CUDA_SUCCESS:
+                break
+        else:
+            if n < self.MAX or len(reserved) >= n:
+                k = self._new()
+            else:
+                # Every slot still pending: wait for the oldest unreserved one rather than grow.
+                k = next((self._next + i) % n for i in range(n) if (self._next + i) % n not in reserved)
+                D.call("cuEventSynchronize", self._events[k][0])
+        self._next = k + 1
+        return k
+
     def record(self, stream):
         """Record a free slot on ``stream``; returns ``(slot, handle bytes)``."""
         devices.use(self.ordinal)
         with self._lock:
-            n = len(self._events)
-            slot = None
-            for i in range(n):
-                k = (self._next + i) % n
-                if D.try_call("cuEventQuery", self._events[k][0]) == D.CUDA_SUCCESS:
-                    slot = k
-                    break
-            if slot is None:
-                if n < self.MAX:
-                    slot = self._new()
-                else:
-                    # Every slot still pending: wait for the oldest rather than grow forever.
-                    slot = self._next % n
-                    D.call("cuEventSynchronize", self._events[slot][0])
-            self._next = slot + 1
+            slot = self._free_slot_locked()
             ev, handle = self._events[slot]
             D.call("cuEventRecord", ev, stream)
             return slot, handle
+
+    def reserve(self):
+        """A slot for a recording still to come: ``(slot, handle bytes)``.
+
+        A frame's descriptors name the slot as they are encoded; the frame records it
+        once, just before it is sent (:meth:`record_reserved`), after every copy it
+        enqueued (one record per frame and stream instead of one per copied tensor).
+        No other recording may take the slot meanwhile.
+        """
+        devices.use(self.ordinal)
+        with self._lock:
+            slot = self._free_slot_locked()
+            self._reserved.add(slot)
+            return slot, self._events[slot][1]
+
+    def record_reserved(self, slot, stream):
+        """Record reserved ``slot`` on ``stream`` and give the reservation back."""
+        devices.use(self.ordinal)
+        with self._lock:
+            self._reserved.discard(slot)
+            D.call("cuEventRecord", self._events[slot][0], stream)
 
     def __len__(self):
         return len(self._events)

@@ -18,7 +18,8 @@ reused by the exporter.
 
 Bounds (idle entries only: an entry still used by a tensor costs no extra memory):
 ``COMFY_ENV_CUDA_IMPORT_CACHE_MIB`` bytes of pool blocks (default 256), ``..._COUNT``
-entries (default 64), ``..._S`` seconds idle (default 1.0).  ``..._COUNT`` or ``..._S`` at
+entries (default 256: a call returning 32 small tensors keeps a few calls' worth of
+recycled staging blocks mapped), ``..._S`` seconds idle (default 1.0).  ``..._COUNT`` or ``..._S`` at
 0 disables the cache; ``..._MIB`` at 0 stops keeping pool blocks, and
 ``COMFY_ENV_CUDA_STAGING_CACHE_MIB`` at 0 stops recycling staging blocks.
 Released: on eviction (LRU, over a bound, or idle too long), on
@@ -66,7 +67,7 @@ def limits_from_env():
             raise ValueError(f"{name} must not be negative, got {raw!r}")
         return v
     mib = number("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "256")
-    count = number("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "64", int)
+    count = number("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "256", int)
     idle_s = number("COMFY_ENV_CUDA_IMPORT_CACHE_S", "1.0")
     staging_mib = number("COMFY_ENV_CUDA_STAGING_CACHE_MIB", "4096")
     return int(mib * (1 << 20)), count, idle_s, int(staging_mib * (1 << 20))

@@ -1,0 +1,419 @@
+"""CPU-only tests (torch's CPU build, the CUDA driver faked) of the worker's route for
+small tensors and of the per-frame / per-batch CUDA bookkeeping:
+
+* a small tensor sent for the first time is staged (one copy), sent again it goes zero
+  copy; big ones always go zero copy; ``COMFY_ENV_CUDA_SMALL_COPY_MIB=0`` turns it off;
+* one interprocess event per frame and stream, reserved while encoding and recorded
+  when the frame is built (after the copies) or aborted;
+* recycled staging blocks: kept by size, the peer's "idle" reports batched (one event
+  per stream, one message per peer), and each reported event waited on once per frame.
+"""
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from comfy_env.ipc import codec, lifetime  # noqa: E402
+from comfy_env.ipc.cuda import devices, paths  # noqa: E402
+from comfy_env.ipc.cuda import driver as D  # noqa: E402
+from comfy_env.ipc.cuda.events import EventRing  # noqa: E402
+from comfy_env.ipc.cuda.layout import pool_meta, unpack  # noqa: E402
+from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
+from comfy_env.ipc.cuda.plane import CudaPlane, _Owned, _Remote  # noqa: E402
+
+pytestmark = pytest.mark.timeout(30)
+
+MiB = 1 << 20
+UUID = "0123456789abcdef0123456789abcdef"
+
+
+class FakeStorage:
+    """Torch keeps one Python object per live storage: so does this fake."""
+
+    def __init__(self, ptr, nbytes):
+        self.ptr, self.n = ptr, nbytes
+
+    def data_ptr(self):
+        return self.ptr
+
+    def nbytes(self):
+        return self.n
+
+
+class FakeT:
+    """What plane.encode reads of a CUDA tensor."""
+    is_cuda = True
+    dtype = torch.float32
+    layout = torch.strided
+    is_quantized = False
+    requires_grad = False
+
+    def __init__(self, ptr, nbytes=MiB, storage=None, offset=0):
+        self._storage = storage if storage is not None else FakeStorage(ptr, nbytes)
+        self._ptr = self._storage.ptr + offset
+        self.shape = torch.Size([nbytes // 4])
+
+    def untyped_storage(self):
+        return self._storage
+
+    def get_device(self):
+        return 0
+
+    def stride(self):
+        return (1,)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+class FakeGen:
+    def __init__(self, name, log):
+        self.key = (name * 16, 1)
+        self.fd = -1
+        self.log = log
+        self._next = 1 << 36
+
+    def alloc(self, nbytes, stream):
+        self._next += 64 * MiB
+        self.log.append(("alloc", nbytes))
+        return self._next
+
+    def export_pointer(self, ptr):
+        self.log.append(("export", self.key[0][0], ptr))
+        return b"e" * 64
+
+
+class FakeRing:
+    def __init__(self, log):
+        self.log = log
+        self.reserved = set()
+        self.n = 0
+
+    def _slot(self):
+        self.n += 1
+        return self.n, bytes([self.n % 256]) * 64
+
+    def record(self, stream):
+        slot, h = self._slot()
+        self.log.append(("record", slot, stream))
+        return slot, h
+
+    def reserve(self):
+        slot, h = self._slot()
+        self.reserved.add(slot)
+        self.log.append(("reserve", slot))
+        return slot, h
+
+    def record_reserved(self, slot, stream):
+        self.reserved.discard(slot)
+        self.log.append(("record_reserved", slot, stream))
+
+    def __len__(self):
+        return self.n
+
+
+class FakeEvents:
+    def __init__(self, log):
+        self.log = log
+
+    def wait(self, event, ordinal, stream):
+        self.log.append(("wait", event, stream))
+        return True
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """A worker-role plane on a fake GPU 0 with an export heap; returns (plane, log, link, heap_gen)."""
+    log = []
+
+    def call(name, *args, detail=""):
+        log.append((name,) + args[:1])
+
+    monkeypatch.setattr(D, "call", call)
+    monkeypatch.setattr(D, "try_call", lambda name, *a: 0)
+    monkeypatch.setattr(D, "address_range", lambda ptr: (log.append(("address_range", ptr)), (ptr, 2 * MiB))[1])
+    monkeypatch.setattr(D, "pointer_pool", lambda ptr: 99)
+    monkeypatch.setattr(D, "copy_batch", lambda dsts, srcs, sizes, stream, ordinal:
+                        log.append(("copy_batch", len(dsts), stream)))
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
+    monkeypatch.delenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", raising=False)
+    pl = CudaPlane()
+    pl._t()
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    stream = types.SimpleNamespace(cuda_stream=7)
+    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
+    pl._torch = fake_torch
+    pl.role = "worker"
+    pl._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    heap_gen = FakeGen("h", log)
+    pl._heap[0] = types.SimpleNamespace(old=[], ordinal=0, owner_of=lambda pool: heap_gen if pool == 99 else None)
+    pl._staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen("s", log))
+    pl._rings[0] = FakeRing(log)
+    pl._events = FakeEvents(log)
+    monkeypatch.setitem(codec._DISPATCH, FakeT, (pl,))
+    link = lifetime.Link(lambda msgs: None, "parent")
+    link.uid = "p" * 16
+    keys = set(lifetime.LEDGER._records)
+    yield pl, log, link, heap_gen
+    with lifetime.LEDGER.lock:
+        for k in set(lifetime.LEDGER._records) - keys:
+            del lifetime.LEDGER._records[k]
+
+
+def _copies(log):
+    """Copies enqueued: one per cuMemcpyDtoDAsync, n per batch."""
+    return sum(e[1] if e[0] == "copy_batch" else 1 for e in log if e[0] in ("copy_batch", "cuMemcpyDtoDAsync_v2"))
+
+
+def _send(link, objs):
+    """Encode one frame carrying ``objs``; returns the descriptors' routes, in order."""
+    fb, _chunks = codec.encode_message(("result", 1, True), link, [objs])
+    fb._lends.clear()                # nobody will release them: the fixture drops the records
+    part = fb.parts[0]
+    routes = []
+
+    class _D(codec.pickle.Unpickler):
+        def persistent_load(self, pid):
+            routes.append(unpack(pid[2]).route)
+            return None
+
+    _D(codec.io.BytesIO(part.data)).load()
+    return routes
+
+
+def test_a_small_tensor_is_copied_the_first_time_and_exported_when_sent_again(worker):
+    pl, log, link, _ = worker
+    t = FakeT(1 << 40)
+    assert _send(link, [t]) == ["staging"]
+    assert pl.last_reasons["staging"] == paths.SMALL_COPY_WHY
+    assert not [e for e in log if e[0] == "address_range"]        # decided without those driver calls
+    assert [e[0] for e in log if e[0].startswith("cuMemcpy")] == ["cuMemcpyDtoDAsync_v2"]
+    del log[:]
+    assert _send(link, [t]) == ["pool"]                           # the same tensor again: zero copy
+    assert ("export", "h", 1 << 40) in log and _copies(log) == 0
+    # A new storage at the address of a copied one (a fresh allocation that reused it
+    # once the first was freed) is copied too; another view of a storage sent before is not.
+    assert _send(link, [FakeT(1 << 41)]) == ["staging"]
+    assert _send(link, [FakeT(1 << 41)]) == ["staging"]
+    s = FakeStorage(1 << 42, MiB)
+    assert _send(link, [FakeT(0, MiB // 2, storage=s)]) == ["staging"]
+    assert _send(link, [FakeT(0, MiB // 4, storage=s, offset=MiB // 2)]) == ["pool"]
+
+
+def test_views_of_one_small_storage_share_one_staged_copy(worker):
+    pl, log, link, _ = worker
+    s = FakeStorage(1 << 40, MiB)
+    views = [FakeT(0, MiB, storage=s), FakeT(0, MiB // 2, storage=s, offset=MiB // 4), FakeT(0, MiB, storage=s)]
+    del log[:]
+    fb, _ = codec.encode_message(("result", 1, True), link, [views])
+    fb._lends.clear()
+    descs = []
+
+    class _D(codec.pickle.Unpickler):
+        def persistent_load(self, pid):
+            descs.append(unpack(pid[2]))
+
+    _D(codec.io.BytesIO(fb.parts[0].data)).load()
+    assert [d.route for d in descs] == ["staging"] * 3 and len({d.ref for d in descs}) == 1
+    assert [d.offset for d in descs] == [0, MiB // 4, 0]
+    assert _copies(log) == 1 and len(fb.parts[0].refs) == 1
+
+
+def test_a_lent_tensor_and_big_tensors_go_zero_copy(worker):
+    pl, log, link, _ = worker
+    big = FakeT(1 << 41, nbytes=pl.small_copy + 4)
+    assert _send(link, [big]) == ["pool"]
+    small = FakeT(1 << 42)
+    assert _send(link, [small, small]) == ["staging", "staging"]   # one frame: the block is shared
+    assert _copies(log) == 1                                       # ... and copied once
+
+
+def test_small_copy_off_by_env(worker, monkeypatch):
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0")
+    pl = CudaPlane()
+    assert pl.small_copy == 0
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0.5")
+    assert paths.small_copy_limit() == MiB // 2
+    for bad in ("lots", "-1", "5000"):
+        monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", bad)
+        with pytest.raises(ValueError, match="COMFY_ENV_CUDA_SMALL_COPY_MIB"):
+            paths.small_copy_limit()
+    wpl, log, link, _ = worker
+    wpl.small_copy = 0
+    assert _send(link, [FakeT(1 << 40)]) == ["pool"]
+
+
+def test_choose_stages_a_small_first_sight_only_where_the_pool_route_works():
+    caps = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    kw = dict(nbytes=MiB, in_export_pool=True, alloc_bytes=2 * MiB, limit=4 << 30)
+    assert choose(caps, PeerVerdicts(), small_copy=True, **kw) == ("staging", paths.SMALL_COPY_WHY)
+    assert choose(caps, PeerVerdicts(), small_copy=False, **kw)[0] == "pool"
+    failed = PeerVerdicts()
+    failed.record("pool", False, "no")
+    assert choose(caps, failed, small_copy=True, **kw)[0] == "vmm"
+    assert choose(caps, PeerVerdicts(), small_copy=True, **{**kw, "nbytes": 0})[0] == "empty"
+
+
+def test_one_event_per_frame_recorded_after_the_copies(worker):
+    pl, log, link, _ = worker
+    _send(link, [FakeT(1 << 40), FakeT(1 << 41), FakeT(1 << 43, nbytes=pl.small_copy + 4)])
+    names = [e[0] for e in log]
+    assert names.count("reserve") == 1 and names.count("record_reserved") == 1 and "record" not in names
+    assert ("copy_batch", 2, 7) in log and _copies(log) == 2      # both copies in one call, on the stream
+    assert names.index("record_reserved") > names.index("copy_batch")
+    assert not pl._rings[0].reserved
+
+
+def test_copies_fall_back_to_one_call_each_when_the_batch_call_fails(worker, monkeypatch):
+    pl, log, link, _ = worker
+
+    def no_batch(*a):
+        log.append(("copy_batch_failed",))
+        raise D.CudaError("cuMemcpyBatchAsync", 500, "this driver has no batch copy")
+
+    monkeypatch.setattr(D, "copy_batch", no_batch)
+    _send(link, [FakeT(1 << 40), FakeT(1 << 41)])
+    _send(link, [FakeT(1 << 42), FakeT(1 << 43)])
+    names = [e[0] for e in log]
+    assert names.count("copy_batch_failed") == 1 and names.count("cuMemcpyDtoDAsync_v2") == 4
+    assert not pl._batch_copies
+
+
+def test_an_aborted_frame_gives_its_reserved_event_back(worker):
+    pl, log, link, _ = worker
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        codec.encode_message(("result", 1, True), link, [[FakeT(1 << 40), Boom()]])
+    assert [e[0] for e in log].count("record_reserved") == 1 and not pl._rings[0].reserved
+
+
+def test_frame_hooks_run_once():
+    ran = []
+    fb = codec.FrameBuilder(lifetime.Link(lambda m: None, "x"))
+    fb.before_send(lambda: ran.append(1))
+    fb.build(("ping",))
+    fb.abort()
+    assert ran == [1]
+
+
+def test_event_ring_never_hands_out_a_reserved_slot(monkeypatch):
+    calls = []
+
+    def call(name, *args, detail=""):
+        calls.append(name)
+
+    monkeypatch.setattr(D, "call", call)
+    monkeypatch.setattr(D, "try_call", lambda name, *a: 0)       # every recording complete
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    ring = EventRing(0)
+    ring._events = [(i + 1, bytes([i]) * 64) for i in range(3)]
+    slot, handle = ring.reserve()
+    others = {ring.record(5)[0] for _ in range(6)}
+    assert slot not in others and others == {0, 1, 2} - {slot}
+    ring.record_reserved(slot, 5)
+    assert not ring._reserved and calls.count("cuEventRecord") == 7
+    assert slot in {ring.record(5)[0] for _ in range(3)}
+    # Every slot reserved: a new one, never a reserved one.
+    ring._reserved = {0, 1, 2}
+    monkeypatch.setattr(ring, "_new", lambda: (ring._events.append((9, b"n" * 64)), len(ring._events) - 1)[1])
+    assert ring.reserve()[0] == 3
+
+
+def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monkeypatch):
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    log = []
+    pl = CudaPlane()
+    pl._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    pl._rings[0] = FakeRing(log)
+    ledger = lifetime.Ledger()
+    links = [lifetime.Link(lambda m: None, n) for n in ("w1", "w2")]
+    recs = []
+    for i in range(5):
+        link = links[i % 2]
+        res = _Remote(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB), -1)
+        res.ptr, res.ordinal, res.seq, res.read_stream = 1 << 30, 0, i, 7 if i < 4 else 8
+        rec = ledger.accept_lease(("cuda", link.name, i), link, lambda: res, None)
+        ledger.hold(rec, 2)                 # the import cache's hold and a tensor's
+        rec.on_idle = pl._staging_idle
+        recs.append(rec)
+    ledger.unhold_all(recs)                 # every tensor died: one batch
+    assert sorted(e[2] for e in log) == [7, 8]                     # one event per read stream
+    posts = {link.name: link.take_posts() for link in links}
+    for name, msgs in posts.items():
+        # one message per (peer, event): stream 7 has blocks of both peers, stream 8 one of w1
+        for m in msgs:
+            assert m[0] == "plane" and m[2][0] == "idle"
+    got = {name: sorted((k[2], seq) for m in msgs for k, seq in m[2][1]) for name, msgs in posts.items()}
+    assert got == {"w1": [(0, 0), (2, 2), (4, 4)], "w2": [(1, 1), (3, 3)]}
+    assert len(posts["w1"]) == 2 and len(posts["w2"]) == 1
+
+
+def _idle_block(pl, gen, size, n):
+    key = ("cuda", lifetime.PROCESS_UID, 900 + n)
+    rec = lifetime.LEDGER.add_owned(key, _Owned("staging", 0, (1 << 44) + n * 64 * MiB,
+                                                pool_meta(gen.key, b"e" * 64, UUID, size), gen=gen, size=size),
+                                    pl.on_zero)
+    return rec
+
+
+def test_a_peer_event_shared_by_idle_blocks_is_waited_on_once_per_frame(worker):
+    pl, log, link, _ = worker
+    gen = pl._staging[0].current
+    blocks = [_idle_block(pl, gen, MiB, i) for i in range(4)]
+    ev = ("q" * 16, 0, 5, b"h" * 64)
+    pl._on_idle(link, [(b.key, 0) for b in blocks[:2]], ev)                 # one message, one event
+    pl._on_idle(link, [(blocks[2].key, 0)], tuple(list(ev)))                 # equal, another message
+    pl._on_idle(link, [(blocks[3].key, 0)], tuple(list(ev)))                 # equal, another message
+    assert pl.stats()["staging_idle"] == 4
+    del log[:]
+    assert _send(link, [FakeT((1 << 40) + i * MiB) for i in range(4)]) == ["staging"] * 4
+    waits = [e for e in log if e[0] == "wait"]
+    assert len(waits) == 3 and pl.recycled == 4 and not [e for e in log if e[0] == "alloc"]
+    assert names_before(log, "wait", "copy_batch")           # the peer's reads before our copies
+
+
+def names_before(log, first, then):
+    names = [e[0] for e in log]
+    return max(i for i, n in enumerate(names) if n == first) < names.index(then)
+
+
+def test_idle_blocks_are_taken_by_rounded_size_and_stale_ones_forgotten(worker):
+    pl, log, link, _ = worker
+    gen = pl._staging[0].current
+    a = _idle_block(pl, gen, 2 * MiB, 0)
+    b = _idle_block(pl, gen, 4 * MiB, 1)
+    stale = _idle_block(pl, FakeGen("r", log), 2 * MiB, 2)       # a rolled generation
+    pl._on_idle(link, [(a.key, 0), (b.key, 0), (stale.key, 0)], None)
+    with lifetime.LEDGER.lock:
+        assert pl._take_idle_staging(0, 2 * MiB - 100, gen) is a       # exact rounded size
+        assert pl._take_idle_staging(0, 3 * MiB, gen) is b              # 4 MiB: the rounded size of 3 MiB
+        assert pl._take_idle_staging(0, 2 * MiB, gen) is None           # only the stale one was left
+    assert pl.stats()["staging_idle"] == 0
+
+
+def test_copy_batch_builds_the_driver_arrays_and_avoids_the_legacy_stream(monkeypatch):
+    got = {}
+
+    def v2(dsts, srcs, sizes, n, attrs, idxs, nattrs, stream):
+        got.update(dsts=list(dsts[:n]), srcs=list(srcs[:n]), sizes=list(sizes[:n]), n=n, nattrs=nattrs,
+                   order=attrs._obj.srcAccessOrder, loc=(attrs._obj.srcLocHint.type, attrs._obj.dstLocHint.id),
+                   idx0=idxs._obj.value, stream=stream)
+        return 0
+
+    monkeypatch.setattr(D, "lib", lambda: None)
+    monkeypatch.setattr(D, "_funcs", {"cuMemcpyBatchAsync_v2": v2})
+    D.copy_batch([10, 20], [1, 2], [3, 4], 0, 1)
+    assert got == {"dsts": [10, 20], "srcs": [1, 2], "sizes": [3, 4], "n": 2, "nattrs": 1,
+                   "order": D.MEMCPY_SRC_ACCESS_ORDER_STREAM, "loc": (D.MEM_LOCATION_DEVICE, 1), "idx0": 0,
+                   "stream": D.STREAM_PER_THREAD}
+    D.copy_batch([10], [1], [3], 7, 0)
+    assert got["stream"] == 7
+    monkeypatch.setattr(D, "_funcs", {})
+    with pytest.raises(D.CudaError, match="no batch copy"):
+        D.copy_batch([10], [1], [3], 7, 0)
