@@ -417,3 +417,20 @@ def test_copy_batch_builds_the_driver_arrays_and_avoids_the_legacy_stream(monkey
     monkeypatch.setattr(D, "_funcs", {})
     with pytest.raises(D.CudaError, match="no batch copy"):
         D.copy_batch([10], [1], [3], 7, 0)
+
+
+def test_a_sent_frame_keeps_no_source_alive(worker):
+    """Without the garbage collector: a staged tensor's storage is free to go once the
+    frame is built (the frame's context held it, in a cycle through the encoder)."""
+    import gc
+    import weakref
+    pl, log, link, _ = worker
+    s = FakeStorage(1 << 40, MiB)
+    dead = weakref.ref(s)
+    gc.disable()
+    try:
+        _send(link, [FakeT(0, MiB, storage=s), FakeT(1 << 41)])
+        del s
+        assert dead() is None
+    finally:
+        gc.enable()

@@ -290,6 +290,11 @@ class CudaPlane(Plane):
         record its reserved events after them."""
         copies, ctx.copies = ctx.copies, {}
         events, ctx.events = ctx.events, {}
+        # What pinned sources during encoding goes now: ``staged`` holds the encoders,
+        # which hold this frame, which holds ``ctx`` (a cycle only the garbage collector
+        # would break, keeping the user's tensors, and a worker's heap generation, alive).
+        ctx.staged.clear()
+        ctx.ready_waited.clear()
         try:
             for (ordinal, stream), (dsts, srcs, sizes, _keep) in copies.items():
                 self._copy(ordinal, stream, dsts, srcs, sizes)
