@@ -62,6 +62,9 @@ class FakeTensor:
     def __init__(self, keeper, device=None):
         self.keeper = keeper
 
+    def get_device(self):
+        return 0
+
 
 class FakeGen:
     key = ("w" * 16, 1)

@@ -434,3 +434,4 @@ def test_a_sent_frame_keeps_no_source_alive(worker):
         assert dead() is None
     finally:
         gc.enable()
+

@@ -723,7 +723,7 @@ class CudaPlane(Plane):
                     # already covers the latest recording of that slot it can mean.
                     ctx.waited.add(key)
                     self._events.wait(event, ordinal, stream)
-            t, keeper = self._wrap(base + desc.offset, desc)
+            t, keeper = self._wrap(base + desc.offset, desc, ordinal, device)
             lifetime.LEDGER.holder(rec, keeper)
             if not rec.owned and res.meta[0] == "pool":
                 meta = res.meta
@@ -742,21 +742,29 @@ class CudaPlane(Plane):
             t.requires_grad_(True)
         return t
 
-    def _wrap(self, ptr, desc):
+    def _wrap(self, ptr, desc, ordinal, device):
         """A tensor over device memory at ``ptr`` as ``desc`` describes it, and its keeper.
 
-        No ``device=`` for ``torch.as_tensor``: torch takes the device from the pointer
-        (the block is mapped on the descriptor's GPU) either way, and the argument only
-        adds a no-op ``.to()`` (0.6–1 µs per tensor on the H100 host).
+        ``torch.as_tensor`` without ``device=`` first: torch takes the device from the
+        pointer, and the argument costs a no-op ``.to()`` (0.6–1 µs per tensor on the
+        H100 host).  But memory imported with peer access from another GPU's pool can
+        be attributed to another GPU (two H200s: a result of GPU 1 arrived labelled
+        cuda:0): when the device torch inferred is not the descriptor's, the tensor is
+        built again with ``device=`` (torch 2.11 builds it there, no copy).
         """
         torch = self._torch
         typestr = _TYPESTR.get(desc.dtype)
         if typestr is not None and desc.shape:
             item = ITEMSIZE[desc.dtype]
             keeper = _DeviceBytes(ptr, 0, typestr, desc.shape, tuple(map(item.__mul__, desc.strides)))
-            return torch.as_tensor(keeper), keeper
+            t = torch.as_tensor(keeper)
+            if t.get_device() != ordinal:
+                t = torch.as_tensor(keeper, device=device)
+            return t, keeper
         keeper = _DeviceBytes(ptr, span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype]))
         raw = torch.as_tensor(keeper)
+        if raw.get_device() != ordinal:
+            raw = torch.as_tensor(keeper, device=device)
         dtype = getattr(torch, desc.dtype)
         t = raw.view(dtype) if dtype != torch.uint8 else raw
         return t.as_strided(desc.shape, desc.strides), keeper
