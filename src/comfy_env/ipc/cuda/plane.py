@@ -383,7 +383,7 @@ class CudaPlane(Plane):
             self.last_reasons[route] = SMALL_COPY_WHY
         else:
             route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
-                                alloc_bytes=alloc, limit=self.limit, small_copy=copy)
+                                alloc_bytes=alloc, limit=self.limit)
             if self.force_cpu and route != "empty":
                 route, why = "cpu", "COMFY_ENV_CUDA_FORCE_CPU=1"
             self.last_reasons[route] = why
