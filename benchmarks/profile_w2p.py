@@ -1,8 +1,7 @@
 """Where worker → parent time per tensor goes (GPU; a diagnostic beside bench_cuda.py).
 
     PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives] [--e2e-only]
-                                                  [--fresh-phases] [--fresh-driver] [--cprofile-fresh]
-                                                  [--worker-env K=V ...]
+                                                  [--fresh-phases] [--fresh-driver] [--worker-env K=V ...]
     COMFY_ENV_BENCH_SRC=<other tree>/src python benchmarks/profile_w2p.py   # the same, another tree
 
 One call returns ``K`` × 1 MiB worker tensors, the same ones every call (the import
@@ -16,7 +15,8 @@ cache's case, the issue's "once the pool is known"), and again fresh ones.  Prin
 * with ``--primitives``, ways to build a tensor over foreign device memory, timed
   in the parent.
 
-Writes ``$OUT/profile_w2p_<label>.json`` when ``$OUT`` is set.
+Writes ``$OUT/profile_w2p_<label>.json`` when ``$OUT`` is set.  A cProfile of both
+processes over the same calls: ``benchmarks/profile_cuda.py``.
 """
 from __future__ import annotations
 
@@ -132,42 +132,6 @@ def w_timers(on, bench_dir=None):
     tm = builtins.__dict__.pop("_comfy_env_timers")
     tm.__exit__(None, None, None)
     return {k: v for k, v in tm.acc.items()}
-
-
-def w_cprofile(on):
-    """Start (on=True) or stop and report (on=False) cProfile in the worker."""
-    import builtins
-    import cProfile
-    import io
-    import pstats
-    if on:
-        pr = builtins.__dict__["_comfy_env_cprof"] = cProfile.Profile()
-        pr.enable()
-        return None
-    pr = builtins.__dict__.pop("_comfy_env_cprof")
-    pr.disable()
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
-    return out.getvalue()
-
-
-def cprofile_fresh(a, k, calls):
-    """cProfile of both processes over ``calls`` calls returning ``k`` fresh tensors."""
-    import cProfile
-    import io
-    import pstats
-    for _ in range(10):
-        a.submit(B.w_fresh, k, MiB).result()
-    a.submit(w_cprofile, True).result()
-    pr = cProfile.Profile()
-    pr.enable()
-    _calls(a, B.w_fresh, k, calls)
-    B.settle()
-    pr.disable()
-    worker = a.submit(w_cprofile, False).result()
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).strip_dirs().sort_stats("tottime").print_stats(30)
-    return {"parent": out.getvalue(), "worker": worker}
 
 
 def primitives(k=200):
@@ -305,9 +269,6 @@ def main():
             for name, v in ph.items():
                 if isinstance(v, dict):
                     print(f"    {name:<32} {v['us_per_tensor']:7.2f} µs   ({v['count_per_call']:.1f} per call)")
-        if "--cprofile-fresh" in sys.argv:
-            res["cprofile_fresh"] = cp = cprofile_fresh(a, k, max(20, calls // 4))
-            print(f"[{label}] cProfile, fresh tensors, parent:\n{cp['parent']}\n[{label}] worker:\n{cp['worker']}")
         if "--fresh-driver" in sys.argv:
             res["fresh_driver"] = fd = fresh_driver(a, k, max(20, calls // 4))
             print(f"[{label}] fresh tensors, driver calls (wall {fd['wall_per_tensor_us']:.1f} µs per tensor "

@@ -553,8 +553,7 @@ class CudaPlane(Plane):
         batch call, see :meth:`_finish_frame`), or now where the device has no events
         (encode then synchronises per tensor, which must follow the copy)."""
         if not self.caps(ordinal).events:
-            devices.use(ordinal)
-            D.call("cuMemcpyDtoDAsync_v2", dst, src, nbytes, stream, detail="into the staging pool")
+            self._copy(ordinal, stream, [dst], [src], [nbytes])
             return
         batch = ctx.copies.get((ordinal, stream))
         if batch is None:
