@@ -1,0 +1,477 @@
+"""pytest plugin (entry point ``comfy_env``): run a test body in a comfy-env worker.
+
+::
+
+    @pytest.mark.isolated(env=None, timeout=None, device=None, fresh=False)
+    pytest --isolated --isolated-timeout=SECONDS      (ini: isolated, isolated_timeout)
+    def test_x(isolated_executor): ex = isolated_executor(env=None, **kwargs)
+
+Only the *call* phase moves: fixtures are set up and torn down in the pytest
+process, their values pickled to the worker (``pytest_pyfunc_call``).  The worker's
+outcome comes back as a plain tuple and is raised here as the same pytest outcome
+(skip, xfail, fail, exit) or as the test's own exception, whose report is replaced
+by the one formatted in the worker, where the frames were
+(``pytest_runtest_makereport``).  A timeout or a dead worker fails the test with
+the executor's message; the executor starts a new worker for the next test.
+
+This module is imported by every pytest session of a project that installs
+comfy-env: it imports pytest and the standard library only; the executor comes
+in with the first isolated test.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import warnings
+
+import pytest
+
+from .executors import Executors, Isolation, SetupFailed
+
+_RUN_TEST = "comfy_env.testing.worker_side:run_test"
+
+# pytest-timeout's timer for an isolated test is moved past the isolated timeout by
+# this much, so that the worker is killed (with its stack reported) first, and
+# pytest-timeout still guards the parent's part (fixtures, the env build).
+PYTEST_TIMEOUT_SLACK = 30.0
+
+_STATE = pytest.StashKey()
+_ISOLATION = pytest.StashKey()      # Isolation, or a str: what is wrong with the marker
+_REPORT = pytest.StashKey()         # what the report of the call phase should show instead
+
+# Built-in fixtures whose value cannot do its job in another process.
+_REFUSED = {
+    "monkeypatch": "its changes would be made in the worker and never undone (the worker runs "
+                   "later tests too); patch inside the test with `with pytest.MonkeyPatch.context() "
+                   "as mp:`, or set the patch up in a fixture, which runs in the pytest process",
+    "capsys": "the worker's output is captured and shown in the report by the plugin; to assert "
+              "on output, redirect it inside the test (contextlib.redirect_stdout) or run the "
+              "test in-process",
+    "capsysbinary": "see capsys",
+    "capfd": "see capsys",
+    "capfdbinary": "see capsys",
+    "caplog": "the worker's log records are shown in the report by the plugin; to assert on "
+              "them, attach a logging.Handler inside the test or run the test in-process",
+    "recwarn": "use `pytest.warns(...)` or `warnings.catch_warnings(record=True)` inside the test",
+    "request": "pass what the test needs through a fixture that returns a picklable value",
+    "pytester": "it drives pytest in the pytest process; run the test in-process",
+    "testdir": "it drives pytest in the pytest process; run the test in-process",
+}
+
+
+def _marker_signature(env=None, timeout=None, device=None, *, fresh=False):
+    """isolated(env=None, timeout=None, device=None, *, fresh=False)"""
+
+
+_SIGNATURE = inspect.signature(_marker_signature)
+
+
+# -- options and configuration ---------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("comfy_env", "isolated tests (comfy-env)")
+    group.addoption("--isolated", action="store_true", default=None,
+                    help="run every test function isolated, in a comfy-env worker of the current "
+                         "interpreter's environment unless its isolated marker says otherwise")
+    group.addoption("--isolated-timeout", type=float, default=None, metavar="SECONDS",
+                    help="default timeout of isolated tests, in seconds (the worker is killed and "
+                         "the test fails)")
+    parser.addini("isolated", type="bool", default=False,
+                  help="run every test function isolated (as --isolated)")
+    parser.addini("isolated_timeout", default=None,
+                  help="default timeout of isolated tests, in seconds (as --isolated-timeout)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "isolated(env=None, timeout=None, device=None, fresh=False): run the test body in a "
+        "comfy-env worker process, in environment `env` (a comfy-env.toml, an env dir, an "
+        "interpreter or an Env; relative to the test file), killed after `timeout` seconds, "
+        "pinned to GPU `device`; fresh=True: a new worker for this test")
+    state = _State(config)
+    config.stash[_STATE] = state
+    config.add_cleanup(state.executors.close)
+
+
+class _State:
+    def __init__(self, config):
+        self.config = config
+        self.executors = Executors()
+        self.all = config.getoption("isolated")
+        if self.all is None:
+            self.all = config.getini("isolated")
+        self.timeout = config.getoption("isolated_timeout")
+        if self.timeout is None:
+            raw = config.getini("isolated_timeout")
+            if raw not in (None, ""):
+                try:
+                    self.timeout = float(raw)
+                except ValueError:
+                    raise pytest.UsageError(
+                        f"ini option isolated_timeout must be a number of seconds, got {raw!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise pytest.UsageError(f"--isolated-timeout must be a positive number of seconds, "
+                                    f"got {self.timeout}")
+        self.capture = config.getoption("capture", "fd") != "no"
+        self._settings = None
+
+    def settings(self):
+        """What the worker needs to import and report like this session (built once,
+        after collection: conftests may call register_assert_rewrite while collecting)."""
+        if self._settings is None:
+            config = self.config
+            ini = {}
+            for name in ("truncation_limit_lines", "truncation_limit_chars",
+                         "assertion_text_diff_style", "enable_assertion_pass_hook"):
+                try:
+                    ini[name] = config.getini(name)
+                except ValueError:
+                    pass
+            marked = set()
+            for finder in sys.meta_path:
+                if type(finder).__name__ == "AssertionRewritingHook":
+                    marked |= set(getattr(finder, "_must_rewrite", ()))
+            get_verbosity = getattr(config, "get_verbosity", None)
+            verbose = get_verbosity() if get_verbosity else config.getoption("verbose", 0)
+            self._settings = {
+                "python_files": list(config.getini("python_files")),
+                "rewrite_marked": sorted(marked),
+                "tbstyle": config.getoption("tbstyle", "auto"),
+                "fulltrace": bool(config.getoption("fulltrace", False)),
+                "showlocals": bool(config.getoption("showlocals", False)),
+                "abspath": False,
+                "verbose": verbose,
+                "verbose_assertions": get_verbosity("assertions") if get_verbosity else verbose,
+                "ini": ini,
+            }
+        try:
+            abspath = os.getcwd() != str(self.config.invocation_params.dir)
+        except OSError:
+            abspath = True
+        if abspath != self._settings["abspath"]:
+            self._settings = dict(self._settings, abspath=abspath)
+        return self._settings
+
+
+# -- which tests are isolated, and how -------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    state = config.stash[_STATE]
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        marks = list(item.iter_markers("isolated"))
+        if not marks and not state.all:
+            continue
+        iso = _isolation_of(item, marks, state)
+        item.stash[_ISOLATION] = iso
+        if isinstance(iso, Isolation) and iso.timeout is not None:
+            _extend_pytest_timeout(item, iso.timeout)
+
+
+def _isolation_of(item, marks, state):
+    """Merge the item's isolated markers (the closest wins, key by key) with the defaults."""
+    given = {}
+    for mark in marks:
+        try:
+            bound = _SIGNATURE.bind(*mark.args, **mark.kwargs)
+        except TypeError as exc:
+            return (f"bad @pytest.mark.isolated{_call_text(mark)}: {exc}; the marker takes "
+                    f"isolated(env=None, timeout=None, device=None, fresh=False)")
+        for k, v in bound.arguments.items():
+            given.setdefault(k, v)
+    timeout = given.get("timeout")
+    if timeout is None:
+        timeout = state.timeout
+    if timeout is None:
+        timeout = _pytest_timeout_of(item)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout <= 0):
+        return f"isolated(timeout=...) must be a positive number of seconds, got {timeout!r}"
+    fresh = given.get("fresh", False)
+    if not isinstance(fresh, bool):
+        return f"isolated(fresh=...) must be True or False, got {fresh!r}"
+    device = given.get("device")
+    if device is not None and not isinstance(device, (str, int)):
+        return f"isolated(device=...) must be a string such as 'cuda:0', got {device!r}"
+    return Isolation(env=given.get("env"), timeout=timeout, device=device, fresh=fresh,
+                     base_dir=os.path.dirname(str(item.path)))
+
+
+def _call_text(mark):
+    parts = [repr(a) for a in mark.args] + [f"{k}={v!r}" for k, v in mark.kwargs.items()]
+    return f"({', '.join(parts)})"
+
+
+def _pytest_timeout_of(item):
+    """pytest-timeout's timeout for the item (marker, --timeout, ini), or None."""
+    if not item.config.pluginmanager.hasplugin("timeout"):
+        return None
+    mark = item.get_closest_marker("timeout")
+    value = None
+    if mark is not None:
+        value = mark.args[0] if mark.args else mark.kwargs.get("timeout")
+    if value is None:
+        value = getattr(item.config, "_env_timeout", None)
+    try:
+        value = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return value if value and value > 0 else None
+
+
+def _extend_pytest_timeout(item, timeout):
+    """No double handling: the isolated timeout kills the worker; pytest-timeout's timer
+    (which would os._exit the whole run, or interrupt only the parent) moves past it."""
+    current = _pytest_timeout_of(item)
+    if current is None or current >= timeout + PYTEST_TIMEOUT_SLACK:
+        return
+    mark = item.get_closest_marker("timeout")
+    kwargs = {k: v for k, v in (mark.kwargs if mark else {}).items() if k != "timeout"}
+    item.add_marker(pytest.mark.timeout(timeout + PYTEST_TIMEOUT_SLACK, **kwargs), append=False)
+
+
+# -- running the call phase in a worker -----------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    iso = item.stash.get(_ISOLATION, None)
+    if isinstance(iso, str):
+        pytest.fail(iso, pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    iso = pyfuncitem.stash.get(_ISOLATION, None)
+    if not isinstance(iso, Isolation):
+        return None
+    _run_isolated(pyfuncitem, iso, pyfuncitem.config.stash[_STATE])
+    return True
+
+
+def _run_isolated(item, iso, state):
+    import cloudpickle
+
+    argnames = item._fixtureinfo.argnames
+    fixtures = {}
+    for name in argnames:
+        if name in _REFUSED:
+            pytest.fail(f"fixture {name!r} cannot be used by an isolated test (the test body runs "
+                        f"in a worker process): {_REFUSED[name]}", pytrace=False)
+        try:
+            fixtures[name] = cloudpickle.dumps(item.funcargs[name])
+        except Exception as exc:
+            pytest.fail(f"the value of fixture {name!r} ({type(item.funcargs[name]).__qualname__}) "
+                        f"could not be pickled for the isolated worker: {type(exc).__name__}: "
+                        f"{exc}.  Fixture values are made in the pytest process and sent to the "
+                        f"worker; return something picklable, or create the object inside the test.",
+                        pytrace=False)
+    instance_state = None
+    instance = getattr(item, "instance", None)
+    if instance is not None and vars(instance):
+        try:
+            instance_state = cloudpickle.dumps(dict(vars(instance)))
+        except Exception as exc:
+            pytest.fail(f"the attributes of the test class instance could not be pickled for the "
+                        f"isolated worker: {type(exc).__name__}: {exc}", pytrace=False)
+    try:
+        slot = state.executors.slot(iso)
+    except SetupFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        _call(item, iso, state, slot, fixtures, instance_state)
+    finally:
+        if iso.fresh:
+            slot.close(wait=True)
+
+
+def _call(item, iso, state, slot, fixtures, instance_state):
+    from ..errors import CallTimeout, WorkerCrashed
+
+    module = item.module
+    wenv = slot.executor.env
+    sys_path = None
+    if wenv.is_current and slot.sent_sys_path != sys.path:
+        sys_path = list(sys.path)
+        slot.sent_sys_path = sys_path
+    cls = getattr(item, "cls", None)
+    req = {
+        "module": (module.__name__, module.__file__, _package_root(module)),
+        "target": (cls.__qualname__ if cls is not None else None, item.originalname),
+        "fixtures": fixtures,
+        "instance": instance_state,
+        "capture": slot.capture_paths if state.capture else None,
+        "log_level": logging.getLogger().level,
+        "sys_path": sys_path,
+        "cwd": os.getcwd(),
+        "settings": state.settings(),
+    }
+    try:
+        fut = slot.executor.submit(_RUN_TEST, req)
+    except Exception as exc:
+        pytest.fail(f"the isolated test could not be sent to a worker of {wenv.label!r}: "
+                    f"{type(exc).__name__}: {exc}", pytrace=False)
+    failure = None
+    try:
+        result = fut.result()
+    except CallTimeout as exc:
+        stack = getattr(exc, "worker_stack", None)
+        failure = f"Timeout: the isolated test timed out after {iso.timeout} s; {exc}"
+        if stack and stack not in failure:
+            failure += f"\n\nthe worker's threads at the timeout:\n{stack}"
+    except WorkerCrashed as exc:
+        failure = f"the isolated test's worker died: {exc}"
+    except BaseException as exc:
+        if not fut.done():
+            # The wait itself was interrupted (Ctrl-C, pytest-timeout's signal): the
+            # worker must not keep running the abandoned test.
+            slot.kill_workers()
+            raise
+        failure = (f"the isolated test could not run in a worker of {wenv.label!r}: "
+                   f"{type(exc).__name__}: {exc}")
+    if failure is not None:
+        # Outside the except blocks: the report shows the message, not a chain.
+        _replay_output(slot, state)
+        pytest.fail(failure, pytrace=False)
+    kind, detail, logs, warns = result
+    _replay_output(slot, state)
+    _replay_logs(logs)
+    _replay_warnings(warns)
+    _raise_outcome(item, kind, detail)
+
+
+def _package_root(module):
+    """The sys.path entry the module was imported from (pytest's prepend/append modes),
+    or None when its name does not follow its path (importlib mode)."""
+    path = os.path.splitext(os.path.abspath(module.__file__))[0]
+    parts = module.__name__.split(".")
+    if os.path.basename(path) == "__init__":
+        path = os.path.dirname(path)
+    segs = path.split(os.sep)
+    if segs[-len(parts):] != parts:
+        return None
+    return os.sep.join(segs[:-len(parts)]) or os.sep
+
+
+def _replay_output(slot, state):
+    """The worker's captured output goes to this process's streams inside the call phase,
+    where pytest's own capture takes it into the test's report sections."""
+    if not state.capture:
+        return
+    out, err = slot.read_capture()
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+
+
+def _replay_logs(records):
+    for rec in records:
+        record = logging.makeLogRecord(rec)
+        logging.getLogger(rec["name"]).handle(record)
+
+
+def _replay_warnings(warns):
+    for modname, qualname, message, filename, lineno in warns:
+        category = sys.modules.get(modname)
+        for part in qualname.split("."):
+            category = getattr(category, part, None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            message = f"{modname}.{qualname}: {message}"
+            category = UserWarning
+        warnings.warn_explicit(message, category, filename, lineno)
+
+
+def _raise_outcome(item, kind, detail):
+    if kind == "passed":
+        return
+    if kind == "skipped":
+        msg, path, lineno, allow_module_level = detail
+        if path is not None:
+            item.stash[_REPORT] = ("skip", (path, lineno))
+        raise pytest.skip.Exception(msg, allow_module_level=allow_module_level)
+    if kind == "xfailed":
+        raise pytest.xfail.Exception(detail[0])
+    if kind == "exit":
+        raise pytest.exit.Exception(detail[0], returncode=detail[1])
+    if kind == "error":
+        pytest.fail(detail[0], pytrace=False)
+    qual, msg, exc_blob, longrepr_blob, text, stage, pytrace = detail
+    longrepr = _loads(longrepr_blob) if longrepr_blob is not None else None
+    if stage != "call":
+        what = {"import": "importing the test module", "lookup": "finding the test function",
+                "fixtures": "receiving the fixture values"}.get(stage, stage)
+        if longrepr is not None:
+            try:
+                longrepr.addsection("comfy_env", f"the isolated test failed in the worker while "
+                                                 f"{what}")
+            except Exception:
+                pass
+    item.stash[_REPORT] = ("longrepr", longrepr if longrepr is not None else text)
+    if kind == "fail":
+        raise pytest.fail.Exception(msg, pytrace=pytrace)
+    exc = _loads(exc_blob) if exc_blob is not None else None
+    if not isinstance(exc, BaseException):
+        from ..errors import RemoteError
+        exc = RemoteError(qual, msg, text)
+    raise exc
+
+
+def _loads(blob):
+    import pickle
+
+    try:
+        return pickle.loads(blob)
+    except Exception:
+        return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when != "call":
+        return
+    replacement = item.stash.get(_REPORT, None)
+    if replacement is None:
+        return
+    del item.stash[_REPORT]
+    rep = outcome.get_result()
+    kind, value = replacement
+    if kind == "longrepr" and rep.failed:
+        rep.longrepr = value
+    elif kind == "skip" and rep.skipped and isinstance(rep.longrepr, tuple):
+        rep.longrepr = (value[0], value[1], rep.longrepr[2])
+
+
+# -- the fixture -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_executor(request):
+    """A factory: ``isolated_executor(env=None, **kwargs)`` -> an ``IsolatedExecutor``
+    (relative env paths are taken from the test file's directory) that is shut down at
+    the end of the test; calls still running then are killed."""
+    from ..executor import IsolatedExecutor
+    from .executors import _Slot
+
+    made = []
+    base = os.path.dirname(str(request.path))
+
+    def factory(env=None, **kwargs):
+        if isinstance(env, (str, os.PathLike)):
+            env = Isolation(env=env, base_dir=base).resolved_path()
+        ex = IsolatedExecutor(env, **kwargs)
+        made.append(_Slot(ex, ()))
+        return ex
+
+    yield factory
+    for slot in made:
+        slot.close(wait=True)

@@ -1,0 +1,464 @@
+"""What a worker runs for one isolated test: ``run_test(request)``.
+
+The parent sends a plain request (the test's module file and name, the fixture
+values pickled one by one, capture and reporting settings) and gets back a plain
+outcome tuple; nothing of pytest's session crosses the boundary.  In the worker:
+
+1. the test module is imported from its file with pytest's assertion rewriting
+   (once per worker; a meta-path finder rewrites conftest files and modules that
+   match ``python_files`` too, as pytest's own import hook does);
+2. the fixture values are unpickled *after* that import, so classes defined in
+   the test module resolve to the rewritten module, not a second plain import;
+3. the body runs with fd 1/2 redirected into files the parent named (the parent
+   reads them even when the worker dies mid-test), log records and warnings
+   recorded, to be re-emitted in the parent inside the test's call phase;
+4. a failure is formatted here, with pytest's own ``ExceptionInfo.getrepr``, the
+   traceback cut at the test function as ``Function._traceback_filter`` does:
+   the frames only exist in this process.
+
+Runs on any Python >= 3.10 with the *host's* pytest (shared into foreign envs by
+``executors``); it must not import pytest at module level, so that a missing
+pytest gives a clear error instead of a failed call reference.
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import pickle
+import sys
+import traceback
+import warnings
+
+_OUTCOME_KINDS = ("passed", "failed", "skipped", "xfailed", "fail", "exit")
+
+_finder = None          # the rewriting finder, installed on first use
+_shim = None            # the assertion-explanation config stand-in
+
+
+def run_test(req):
+    """Run one test; return ``(kind, detail, logs, warnings)`` (see ``_outcome``)."""
+    capture = _FdCapture(*req["capture"]) if req.get("capture") else None
+    logs = _LogRecorder(req["log_level"])
+    recorded = []
+    if capture is not None:
+        capture.start()
+    try:
+        with logs, warnings.catch_warnings(record=True) as recorded:
+            # Everything is recorded here and goes through the parent's filters
+            # (-W, filterwarnings marks) when re-emitted there.
+            warnings.simplefilter("always")
+            outcome = _run(req)
+    finally:
+        if capture is not None:
+            capture.stop()
+    return outcome + (logs.records, _plain_warnings(recorded))
+
+
+def _run(req):
+    try:
+        import pytest  # noqa: F401  (the test module needs it, and so do the outcomes below)
+        from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
+    except Exception as exc:
+        return ("error", (
+            f"pytest cannot be imported in the worker ({sys.executable}, Python "
+            f"{sys.version.split()[0]}): {type(exc).__name__}: {exc}.  The plugin shares the host's "
+            f"pytest with the worker; if the host's pytest cannot run on this Python, add pytest "
+            f"to the environment's requirements."),)
+    if req.get("sys_path"):
+        missing = [p for p in req["sys_path"] if p not in sys.path]
+        sys.path[:0] = missing
+    if req.get("cwd") and req["cwd"] != os.getcwd():
+        try:
+            os.chdir(req["cwd"])
+        except OSError:
+            pass
+    _install_rewriting(req["settings"])
+    fn = None
+    stage = "import"
+    try:
+        module = _import_test_module(*req["module"])
+        stage = "lookup"
+        fn, owner = _find_test(module, *req["target"])
+        stage = "fixtures"
+        kwargs = {}
+        for name, blob in req["fixtures"].items():
+            try:
+                kwargs[name] = pickle.loads(blob)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the value of fixture {name!r} could not be unpickled in the worker "
+                    f"({sys.executable}): {type(exc).__name__}: {exc}") from exc
+        if req.get("instance") is not None:
+            owner.__dict__.update(pickle.loads(req["instance"]))
+        stage = "call"
+        result = fn(**kwargs)
+        if hasattr(result, "__await__"):
+            result.close()
+            raise RuntimeError("async test functions are not supported by the isolated marker: "
+                               "call asyncio.run(...) inside a plain test function")
+    except Exit as exc:
+        return ("exit", (str(exc.msg), exc.returncode))
+    except XFailed as exc:
+        return ("xfailed", (str(exc.msg or ""),))
+    except Skipped as exc:
+        path, lineno = _raise_site(exc)
+        return ("skipped", (str(exc.msg or ""), path, lineno, bool(exc.allow_module_level)))
+    except BaseException as exc:
+        if isinstance(exc, OutcomeException) and not isinstance(exc, Failed):
+            exc = RuntimeError(f"unexpected pytest outcome {type(exc).__name__}: {exc}")
+        return _failure(exc, fn if stage == "call" else None, req["settings"], stage)
+    return ("passed", ())
+
+
+def _failure(exc, fn, settings, stage):
+    """``("failed", ...)``: the exception (pickled here, so an unpicklable one cannot
+    sink the whole outcome), its pytest-formatted report and a plain-text copy."""
+    from _pytest.outcomes import Failed
+
+    kind = "fail" if isinstance(exc, Failed) else "failed"
+    qual = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        msg = str(exc)
+    except Exception:
+        msg = "<str() failed>"
+    exc_blob = None
+    if kind == "failed":
+        saved = exc.__traceback__
+        try:
+            exc.__traceback__ = None
+            exc_blob = _dumps(exc)
+        except Exception:
+            exc_blob = None
+        finally:
+            exc.__traceback__ = saved
+    longrepr_blob, text = _longrepr(exc, fn, settings)
+    pytrace = getattr(exc, "pytrace", True)
+    return (kind, (qual, msg, exc_blob, longrepr_blob, text, stage, pytrace))
+
+
+def _dumps(obj):
+    import cloudpickle
+
+    return cloudpickle.dumps(obj)
+
+
+def _longrepr(exc, fn, settings):
+    from _pytest._code import ExceptionInfo
+    from _pytest.outcomes import Failed
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        excinfo = ExceptionInfo.from_exc_info((type(exc), exc, exc.__traceback__))
+        style = settings["tbstyle"]
+        if isinstance(exc, Failed) and not exc.pytrace:
+            style = "value"
+        tbfilter = True
+        if settings["fulltrace"]:
+            style, tbfilter = "long", False
+        elif fn is not None:
+            tbfilter = _traceback_filter(fn, style == "auto")
+        if style in ("auto", "line", "no"):
+            style = "long"
+        kwargs = dict(funcargs=True, abspath=settings["abspath"], showlocals=settings["showlocals"],
+                      style=style, tbfilter=tbfilter, truncate_locals=settings["verbose"] <= 1)
+        try:
+            rep = excinfo.getrepr(truncate_args=settings["verbose"] <= 2, **kwargs)
+        except TypeError:       # pytest < 8 has no truncate_args
+            rep = excinfo.getrepr(**kwargs)
+        return _dumps(rep), text
+    except Exception:
+        return None, text
+
+
+def _traceback_filter(fn, auto):
+    """pytest's ``Function._traceback_filter``: start the traceback at the test function."""
+    import _pytest._code
+    from _pytest._code.code import Traceback
+    from _pytest.compat import get_real_func
+    from _pytest.python import filter_traceback
+
+    def filt(excinfo):
+        code = _pytest._code.Code.from_function(get_real_func(fn))
+        tb = excinfo.traceback
+        ntb = tb.cut(path=code.path, firstlineno=code.firstlineno)
+        if ntb == tb:
+            ntb = ntb.cut(path=code.path)
+            if ntb == tb:
+                ntb = ntb.filter(filter_traceback) or tb
+        ntb = ntb.filter(excinfo)
+        if auto and len(ntb) > 2:
+            ntb = Traceback((ntb[0], *(t.with_repr_style("short") for t in ntb[1:-1]), ntb[-1]))
+        return ntb
+
+    return filt
+
+
+def _raise_site(exc):
+    """Where ``pytest.skip()`` was called: the last frame outside pytest itself."""
+    import _pytest
+
+    internal = os.path.dirname(_pytest.__file__)
+    site = (None, None)
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if not fs.filename.startswith(internal) and not fs.filename.startswith(os.path.dirname(__file__)):
+            site = (fs.filename, fs.lineno)
+    return site
+
+
+# -- importing the test module with assertion rewriting ----------------------------------
+
+
+def _import_test_module(modname, path, pkg_root):
+    mod = sys.modules.get(modname)
+    if mod is not None and _same_file(getattr(mod, "__file__", None), path):
+        return mod
+    if pkg_root and pkg_root not in sys.path:
+        sys.path.insert(0, pkg_root)        # pytest's "prepend" import mode
+    parent, _, child = modname.rpartition(".")
+    if parent and pkg_root:
+        importlib.import_module(parent)
+    spec = importlib.util.spec_from_file_location(modname, path, loader=_RewritingLoader(path))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+    if parent and parent in sys.modules:
+        setattr(sys.modules[parent], child, mod)
+    return mod
+
+
+def _same_file(a, b):
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _find_test(module, cls_path, name):
+    """The callable to run and the object that owns it (module or a fresh instance)."""
+    owner = module
+    if cls_path:
+        for part in cls_path.split("."):
+            owner = getattr(owner, part)
+        # pytest makes one instance per test; so do we (its state comes from the parent).
+        owner = owner.__new__(owner)
+    return getattr(owner, name), owner
+
+
+class _RewritingLoader(importlib.machinery.SourceFileLoader):
+    """Executes a source file with pytest's assertions rewritten (no pyc cache: a test
+    module is rewritten once per worker, and the rewritten pyc belongs to pytest)."""
+
+    def __init__(self, path, fullname=None):
+        super().__init__(fullname or "", path)
+
+    def exec_module(self, module):
+        from _pytest.assertion.rewrite import rewrite_asserts
+
+        path = self.path
+        with open(path, "rb") as f:
+            source = f.read()
+        tree = ast.parse(source, filename=path)
+        rewrite_asserts(tree, source, path, None)
+        exec(compile(tree, path, "exec", dont_inherit=True), module.__dict__)
+
+
+class _RewritingFinder(importlib.abc.MetaPathFinder):
+    """Rewrites what pytest's import hook would: conftest files, modules matching
+    ``python_files`` and those named with ``pytest.register_assert_rewrite``."""
+
+    def __init__(self, patterns, marked):
+        self.patterns = list(patterns)
+        self.marked = tuple(marked)
+        self._busy = False
+
+    def _candidate(self, name):
+        last = name.rpartition(".")[2]
+        if last == "conftest" or any(name == m or name.startswith(m + ".") for m in self.marked):
+            return True
+        return any(os.sep in p or "/" in p or fnmatch.fnmatch(last + ".py", p) for p in self.patterns)
+
+    def find_spec(self, name, path=None, target=None):
+        if self._busy or not self._candidate(name):
+            return None
+        self._busy = True
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+        finally:
+            self._busy = False
+        if spec is None or spec.origin is None or \
+                not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return None
+        base = os.path.basename(spec.origin)
+        if not (base == "conftest.py" or any(name == m or name.startswith(m + ".") for m in self.marked)
+                or any(fnmatch.fnmatch(base, p) or fnmatch.fnmatch(spec.origin, p)
+                       for p in self.patterns)):
+            return None
+        return importlib.util.spec_from_file_location(
+            name, spec.origin, loader=_RewritingLoader(spec.origin, name),
+            submodule_search_locations=spec.submodule_search_locations)
+
+
+def _install_rewriting(settings):
+    global _finder, _shim
+    if _finder is None:
+        _finder = _RewritingFinder(settings["python_files"], settings["rewrite_marked"])
+        sys.meta_path.insert(0, _finder)
+        _shim = _ConfigShim(settings)
+        try:
+            from _pytest.assertion import util
+            util._reprcompare = _callbinrepr
+            util._config = _shim
+        except Exception:
+            pass        # plain rewritten messages still work
+
+
+class _ConfigShim:
+    """The few things pytest's assertion explanations ask a Config for."""
+
+    class _Plugins:
+        @staticmethod
+        def has_plugin(name):
+            return False
+
+    pluginmanager = _Plugins()
+
+    def __init__(self, settings):
+        self._verbose = settings["verbose_assertions"]
+        self._ini = dict(settings["ini"])
+        self.option = type("Option", (), {"verbose": settings["verbose"]})()
+
+    def get_verbosity(self, verbosity_type=None):
+        return self._verbose
+
+    def getini(self, name):
+        try:
+            return self._ini[name]
+        except KeyError:
+            raise ValueError(f"unknown configuration value: {name!r}") from None
+
+    def getoption(self, name, default=None, skip=False):
+        return getattr(self.option, name, default)
+
+    getvalue = getoption
+
+
+def _callbinrepr(op, left, right):
+    """pytest's ``callbinrepr`` over its built-in ``pytest_assertrepr_compare``
+    (conftest hooks of that name run in the pytest process only)."""
+    try:
+        from _pytest.assertion import pytest_assertrepr_compare
+
+        lines = pytest_assertrepr_compare(config=_shim, op=op, left=left, right=right)
+    except Exception:
+        return None
+    if not lines:
+        return None
+    return "\n~".join(line.replace("\n", "\\n") for line in lines).replace("%", "%%")
+
+
+# -- output, logging, warnings ----------------------------------------------------------------
+
+
+class _FdCapture:
+    """fd 1 and 2 into the files the parent named, for the test's duration.
+
+    fd-level, so output of C code and subprocesses is caught too; files rather
+    than pipes, so what was written survives the worker's death (the parent
+    reads them after a crash or a timeout: faulthandler writes to fd 2).
+    """
+
+    def __init__(self, out_path, err_path):
+        self.paths = (out_path, err_path)
+        self.saved = None
+
+    def start(self):
+        _flush_all()
+        self.streams = (sys.stdout, sys.stderr)
+        self.saved = []
+        for fd, path in zip((1, 2), self.paths):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.saved.append(os.dup(fd))
+            os.dup2(target, fd)
+            os.close(target)
+
+    def stop(self):
+        _flush_all()
+        sys.stdout, sys.stderr = self.streams        # a test that swapped them leaks nothing
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _flush_all():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    try:        # C stdio buffers (printf from an extension), as the process exit would
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except Exception:
+        pass
+
+
+class _LogRecorder(logging.Handler):
+    """Takes the root logger's place during the test; the parent re-emits the records.
+
+    The worker's usual handler (which forwards records to the parent's
+    ``comfy_env.worker.*`` logger) is set aside meanwhile, or each record would
+    arrive twice.  The root level mirrors the parent's (pytest's ``log_level``).
+    """
+
+    def __init__(self, level):
+        super().__init__(logging.NOTSET)
+        self.level_wanted = level
+        self.records = []
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._saved = root.handlers[:], root.level
+        root.handlers[:] = [self]
+        root.setLevel(self.level_wanted)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.handlers[:], level = self._saved
+        root.setLevel(level)
+
+    def emit(self, record):
+        try:
+            msg = record.getMessage()
+            exc_text = record.exc_text
+            if record.exc_info and not exc_text:
+                exc_text = logging.Formatter().formatException(record.exc_info)
+            self.records.append({
+                "name": record.name, "msg": msg, "args": None, "levelname": record.levelname,
+                "levelno": record.levelno, "pathname": record.pathname, "filename": record.filename,
+                "module": record.module, "lineno": record.lineno, "funcName": record.funcName,
+                "created": record.created, "msecs": record.msecs, "exc_text": exc_text,
+                "stack_info": record.stack_info, "threadName": record.threadName,
+                "processName": record.processName, "process": record.process,
+            })
+        except Exception:
+            pass
+
+
+def _plain_warnings(recorded):
+    out = []
+    for w in recorded[:1000]:
+        cat = w.category
+        out.append((cat.__module__, cat.__qualname__, str(w.message), w.filename, w.lineno))
+    return out
