@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 
+PREPARE = "comfy_env.testing.worker_side:prepare"
 MAX_KEPT = 6            # executors kept alive at once (distinct env/device/timeout)
 
 
@@ -70,17 +71,18 @@ class Executors:
         self._tmp = None
         self._slots = 0
 
-    def slot(self, iso: Isolation):
-        """A ``_Slot`` (executor + capture files) for ``iso``; fresh=True: a new one."""
+    def slot(self, iso: Isolation, initargs):
+        """A ``_Slot`` (executor + capture files) for ``iso``; fresh=True: a new one.
+        ``initargs``: what ``worker_side.prepare`` gets in each new worker."""
         if iso.fresh:
-            return self._new_slot(iso)
+            return self._new_slot(iso, initargs)
         key = iso.key()
         with self._lock:
             slot = self._kept.get(key)
             if slot is not None:
                 self._kept.move_to_end(key)
                 return slot
-        slot = self._new_slot(iso)
+        slot = self._new_slot(iso, initargs)
         with self._lock:
             self._kept[key] = slot
             old = []
@@ -90,13 +92,14 @@ class Executors:
             s.close(wait=False)
         return slot
 
-    def _new_slot(self, iso):
+    def _new_slot(self, iso, initargs):
         from ..executor import IsolatedExecutor
 
         wenv = self._worker_env(iso)
         try:
             ex = IsolatedExecutor(wenv, device=iso.device, call_timeout=iso.timeout,
-                                  name=f"pytest-{wenv.label}")
+                                  name=f"pytest-{wenv.label}", initializer=PREPARE,
+                                  initargs=initargs)
         except Exception as exc:
             raise SetupFailed(f"could not create the executor for env {iso.env!r} "
                               f"(device={iso.device!r}): {type(exc).__name__}: {exc}") from exc

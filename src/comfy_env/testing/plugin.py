@@ -118,6 +118,11 @@ class _State:
                                     f"got {self.timeout}")
         self.capture = config.getoption("capture", "fd") != "no"
         self._settings = None
+        self.roots = set()          # sys.path entries of the isolated tests' modules
+        self.modules = set()        # their names (rewritten even if python_files misses them)
+
+    def initargs(self):
+        return (self.settings(), sorted(self.roots))
 
     def settings(self):
         """What the worker needs to import and report like this session (built once,
@@ -139,7 +144,8 @@ class _State:
             verbose = get_verbosity() if get_verbosity else config.getoption("verbose", 0)
             self._settings = {
                 "python_files": list(config.getini("python_files")),
-                "rewrite_marked": sorted(marked),
+                "rewrite_marked": sorted(marked | self.modules),
+                "rewrite": config.getoption("assertmode", "rewrite") == "rewrite",
                 "tbstyle": config.getoption("tbstyle", "auto"),
                 "fulltrace": bool(config.getoption("fulltrace", False)),
                 "showlocals": bool(config.getoption("showlocals", False)),
@@ -170,6 +176,10 @@ def pytest_collection_modifyitems(config, items):
             continue
         iso = _isolation_of(item, marks, state)
         item.stash[_ISOLATION] = iso
+        state.modules.add(item.module.__name__)
+        root = _package_root(item.module)
+        if root:
+            state.roots.add(root)
         if isinstance(iso, Isolation) and iso.timeout is not None:
             _extend_pytest_timeout(item, iso.timeout)
 
@@ -256,32 +266,16 @@ def pytest_pyfunc_call(pyfuncitem):
 
 
 def _run_isolated(item, iso, state):
-    import cloudpickle
-
-    argnames = item._fixtureinfo.argnames
     fixtures = {}
-    for name in argnames:
+    for name in item._fixtureinfo.argnames:
         if name in _REFUSED:
             pytest.fail(f"fixture {name!r} cannot be used by an isolated test (the test body runs "
                         f"in a worker process): {_REFUSED[name]}", pytrace=False)
-        try:
-            fixtures[name] = cloudpickle.dumps(item.funcargs[name])
-        except Exception as exc:
-            pytest.fail(f"the value of fixture {name!r} ({type(item.funcargs[name]).__qualname__}) "
-                        f"could not be pickled for the isolated worker: {type(exc).__name__}: "
-                        f"{exc}.  Fixture values are made in the pytest process and sent to the "
-                        f"worker; return something picklable, or create the object inside the test.",
-                        pytrace=False)
-    instance_state = None
+        fixtures[name] = item.funcargs[name]
     instance = getattr(item, "instance", None)
-    if instance is not None and vars(instance):
-        try:
-            instance_state = cloudpickle.dumps(dict(vars(instance)))
-        except Exception as exc:
-            pytest.fail(f"the attributes of the test class instance could not be pickled for the "
-                        f"isolated worker: {type(exc).__name__}: {exc}", pytrace=False)
+    instance_state = dict(vars(instance)) if instance is not None and vars(instance) else None
     try:
-        slot = state.executors.slot(iso)
+        slot = state.executors.slot(iso, state.initargs())
     except SetupFailed as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -291,8 +285,25 @@ def _run_isolated(item, iso, state):
             slot.close(wait=True)
 
 
+def _unpicklable(fixtures, instance_state):
+    """Name the fixture (or instance attribute) that does not pickle, with why."""
+    import cloudpickle
+
+    for what, values in (("fixture", fixtures), ("test class instance attribute",
+                                                 instance_state or {})):
+        for name, value in values.items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception as exc:
+                return (f"the value of {what} {name!r} ({type(value).__qualname__}) could not be "
+                        f"pickled for the isolated worker: {type(exc).__name__}: {exc}.  Fixture "
+                        f"values are made in the pytest process and sent to the worker; return "
+                        f"something picklable, or create the object inside the test.")
+    return None
+
+
 def _call(item, iso, state, slot, fixtures, instance_state):
-    from ..errors import CallTimeout, WorkerCrashed
+    from ..errors import CallTimeout, PicklingFailed, WorkerCrashed
 
     module = item.module
     wenv = slot.executor.env
@@ -304,7 +315,6 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     req = {
         "module": (module.__name__, module.__file__, _package_root(module)),
         "target": (cls.__qualname__ if cls is not None else None, item.originalname),
-        "fixtures": fixtures,
         "instance": instance_state,
         "capture": slot.capture_paths if state.capture else None,
         "log_level": logging.getLogger().level,
@@ -313,7 +323,7 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "settings": state.settings(),
     }
     try:
-        fut = slot.executor.submit(_RUN_TEST, req)
+        fut = slot.executor.submit(_RUN_TEST, req, **fixtures)
     except Exception as exc:
         pytest.fail(f"the isolated test could not be sent to a worker of {wenv.label!r}: "
                     f"{type(exc).__name__}: {exc}", pytrace=False)
@@ -327,6 +337,9 @@ def _call(item, iso, state, slot, fixtures, instance_state):
             failure += f"\n\nthe worker's threads at the timeout:\n{stack}"
     except WorkerCrashed as exc:
         failure = f"the isolated test's worker died: {exc}"
+    except PicklingFailed as exc:
+        failure = _unpicklable(fixtures, instance_state) or (
+            f"the isolated test's arguments could not be sent to the worker: {exc}")
     except BaseException as exc:
         if not fut.done():
             # The wait itself was interrupted (Ctrl-C, pytest-timeout's signal): the
@@ -335,6 +348,9 @@ def _call(item, iso, state, slot, fixtures, instance_state):
             raise
         failure = (f"the isolated test could not run in a worker of {wenv.label!r}: "
                    f"{type(exc).__name__}: {exc}")
+        cause = exc.__cause__
+        if cause is not None and str(cause) not in failure:
+            failure += f"\n{cause}"
     if failure is not None:
         # Outside the except blocks: the report shows the message, not a chain.
         _replay_output(slot, state)

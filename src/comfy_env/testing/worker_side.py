@@ -1,14 +1,16 @@
 """What a worker runs for one isolated test: ``run_test(request)``.
 
-The parent sends a plain request (the test's module file and name, the fixture
-values pickled one by one, capture and reporting settings) and gets back a plain
+The parent sends a plain request (the test's module file and name, capture and
+reporting settings) and the fixture values and gets back a plain
 outcome tuple; nothing of pytest's session crosses the boundary.  In the worker:
 
 1. the test module is imported from its file with pytest's assertion rewriting
    (once per worker; a meta-path finder rewrites conftest files and modules that
    match ``python_files`` too, as pytest's own import hook does);
-2. the fixture values are unpickled *after* that import, so classes defined in
-   the test module resolve to the rewritten module, not a second plain import;
+2. the fixture values are the call's own arguments (the executor's codec: arrays
+   by shared memory); the rewriting finder is installed by the executor's
+   initializer, before any argument is decoded, so a class defined in a test module
+   imports that module rewritten;
 3. the body runs with fd 1/2 redirected into files the parent named (the parent
    reads them even when the worker dies mid-test), log records and warnings
    recorded, to be re-emitted in the parent inside the test's call phase;
@@ -29,19 +31,38 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
-import pickle
 import sys
 import traceback
 import warnings
-
-_OUTCOME_KINDS = ("passed", "failed", "skipped", "xfailed", "fail", "exit")
 
 _finder = None          # the rewriting finder, installed on first use
 _shim = None            # the assertion-explanation config stand-in
 
 
-def run_test(req):
-    """Run one test; return ``(kind, detail, logs, warnings)`` (see ``_outcome``)."""
+def prepare(settings, roots):
+    """The executor's initializer: before any call's arguments are decoded, so that a
+    fixture value whose class lives in a test module imports that module rewritten."""
+    try:
+        import pytest  # noqa: F401  (the test modules need it, and so do the outcomes)
+        from _pytest.assertion.rewrite import rewrite_asserts  # noqa: F401
+    except Exception as exc:
+        raise ImportError(
+            f"pytest cannot be imported in the worker ({sys.executable}, Python "
+            f"{sys.version.split()[0]}): {type(exc).__name__}: {exc}.  The plugin shares the "
+            f"host's pytest with the worker; if the host's pytest cannot run on this Python, "
+            f"add pytest to the environment's requirements.") from exc
+    for root in reversed(roots):
+        if root not in sys.path:
+            sys.path.insert(0, root)    # pytest's "prepend" import mode, for foreign envs
+    _install_rewriting(settings)
+
+
+def run_test(req, /, **fixtures):
+    """Run one test; return ``(kind, detail, logs, warnings)``.
+
+    ``fixtures`` arrive as the call's own arguments, through the executor's codec
+    (arrays by shared memory, readable by another numpy version too).
+    """
     capture = _FdCapture(*req["capture"]) if req.get("capture") else None
     logs = _LogRecorder(req["log_level"])
     recorded = []
@@ -52,23 +73,16 @@ def run_test(req):
             # Everything is recorded here and goes through the parent's filters
             # (-W, filterwarnings marks) when re-emitted there.
             warnings.simplefilter("always")
-            outcome = _run(req)
+            outcome = _run(req, fixtures)
     finally:
         if capture is not None:
             capture.stop()
     return outcome + (logs.records, _plain_warnings(recorded))
 
 
-def _run(req):
-    try:
-        import pytest  # noqa: F401  (the test module needs it, and so do the outcomes below)
-        from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
-    except Exception as exc:
-        return ("error", (
-            f"pytest cannot be imported in the worker ({sys.executable}, Python "
-            f"{sys.version.split()[0]}): {type(exc).__name__}: {exc}.  The plugin shares the host's "
-            f"pytest with the worker; if the host's pytest cannot run on this Python, add pytest "
-            f"to the environment's requirements."),)
+def _run(req, kwargs):
+    from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
+
     if req.get("sys_path"):
         missing = [p for p in req["sys_path"] if p not in sys.path]
         sys.path[:0] = missing
@@ -77,24 +91,15 @@ def _run(req):
             os.chdir(req["cwd"])
         except OSError:
             pass
-    _install_rewriting(req["settings"])
+    settings = req["settings"]
     fn = None
     stage = "import"
     try:
         module = _import_test_module(*req["module"])
         stage = "lookup"
         fn, owner = _find_test(module, *req["target"])
-        stage = "fixtures"
-        kwargs = {}
-        for name, blob in req["fixtures"].items():
-            try:
-                kwargs[name] = pickle.loads(blob)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"the value of fixture {name!r} could not be unpickled in the worker "
-                    f"({sys.executable}): {type(exc).__name__}: {exc}") from exc
-        if req.get("instance") is not None:
-            owner.__dict__.update(pickle.loads(req["instance"]))
+        if req.get("instance"):
+            owner.__dict__.update(req["instance"])
         stage = "call"
         result = fn(**kwargs)
         if hasattr(result, "__await__"):
@@ -111,7 +116,7 @@ def _run(req):
     except BaseException as exc:
         if isinstance(exc, OutcomeException) and not isinstance(exc, Failed):
             exc = RuntimeError(f"unexpected pytest outcome {type(exc).__name__}: {exc}")
-        return _failure(exc, fn if stage == "call" else None, req["settings"], stage)
+        return _failure(exc, fn if stage == "call" else None, settings, stage)
     return ("passed", ())
 
 
@@ -269,7 +274,8 @@ class _RewritingLoader(importlib.machinery.SourceFileLoader):
         with open(path, "rb") as f:
             source = f.read()
         tree = ast.parse(source, filename=path)
-        rewrite_asserts(tree, source, path, None)
+        if _finder is None or _finder.enabled:       # --assert=plain: no rewriting
+            rewrite_asserts(tree, source, path, None)
         exec(compile(tree, path, "exec", dont_inherit=True), module.__dict__)
 
 
@@ -280,6 +286,7 @@ class _RewritingFinder(importlib.abc.MetaPathFinder):
     def __init__(self, patterns, marked):
         self.patterns = list(patterns)
         self.marked = tuple(marked)
+        self.enabled = True
         self._busy = False
 
     def _candidate(self, name):
@@ -313,6 +320,7 @@ def _install_rewriting(settings):
     global _finder, _shim
     if _finder is None:
         _finder = _RewritingFinder(settings["python_files"], settings["rewrite_marked"])
+        _finder.enabled = settings["rewrite"]
         sys.meta_path.insert(0, _finder)
         _shim = _ConfigShim(settings)
         try:

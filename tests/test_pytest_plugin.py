@@ -1,0 +1,576 @@
+"""The pytest plugin (comfy_env.testing): inner pytest sessions run through ``pytester``.
+
+Each test here runs one inner session holding many small tests, so workers are
+started a few times per session, not once per behaviour.  In-process sessions are
+safe even for crashes: the crash happens in the worker, never in this process.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import os
+import re
+import shutil
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entry_point_installed():
+    return any(ep.name == "comfy_env" and ep.value == "comfy_env.testing.plugin"
+               for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
+# With comfy-env installed (pip install -e .) the entry point loads the plugin; from a
+# bare checkout on PYTHONPATH it must be named (naming it as well would register it twice).
+PLUGIN = () if _entry_point_installed() else ("-p", "comfy_env.testing.plugin")
+
+
+def run(pytester, *args, subprocess=False):
+    runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+    return runner(*PLUGIN, "-p", "no:cacheprovider", *args)
+
+
+def outcomes(result):
+    """{test id: outcome} from the -rA summary lines."""
+    got = {}
+    for line in result.outlines:
+        m = re.match(r"^(PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR) (\S+)", line)
+        if m and "::" in m.group(2):
+            got[m.group(2).split("::", 1)[1]] = m.group(1)
+        m = re.match(r"^SKIPPED \[\d+\] (\S+?):(\d+): (.*)$", line)
+        if m:
+            got.setdefault("skips", []).append((m.group(1), int(m.group(2)), m.group(3)))
+    return got
+
+
+def line_of(pytester, filename, text):
+    """1-based line number of ``text`` in a file written by pytester.makepyfile."""
+    return (pytester.path / filename).read_text().splitlines().index(text) + 1
+
+
+def section(result, title):
+    """The text of one test's failure section (between its ____ header and the next)."""
+    text = result.stdout.str()
+    m = re.search(r"_{3,} " + re.escape(title) + r" _{3,}\n(.*?)(?=\n_{3,} |\n={3,} )", text, re.S)
+    assert m, f"no section for {title!r} in:\n{text}"
+    return m.group(1)
+
+
+BASICS = '''
+import os, sys
+import pytest
+
+PARENT = int(os.environ["PARENT_PID"])
+
+def record(name):
+    with open("pids.txt", "a") as f:
+        f.write(f"{name} {os.getpid()}\\n")
+
+@pytest.fixture
+def data():
+    return {"a": [1, 2, 3]}
+
+@pytest.fixture(params=[10, 20])
+def num(request):
+    return request.param
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+@pytest.fixture
+def point():
+    return Point(4)
+
+@pytest.mark.isolated
+def test_pass(data, tmp_path, point):
+    record("pass")
+    assert os.getpid() != PARENT
+    assert data["a"] == [1, 2, 3] and tmp_path.is_dir()
+    assert type(point) is Point and point.x == 4      # the class of the rewritten module
+
+@pytest.mark.isolated
+def test_again():
+    record("again")
+
+@pytest.mark.isolated
+def test_assert(data):
+    limit = 3
+    assert data["a"] == [1, 2, limit + 1]
+
+def helper(v):
+    raise ValueError(f"bad value {v}")
+
+@pytest.mark.isolated
+def test_exception():
+    helper(42)
+
+@pytest.mark.isolated
+def test_skip():
+    pytest.skip("not here")
+
+@pytest.mark.isolated
+def test_xfail_call():
+    pytest.xfail("known bug")
+
+@pytest.mark.xfail(raises=ValueError, strict=True)
+@pytest.mark.isolated
+def test_xfail_marker():
+    raise ValueError("expected")
+
+@pytest.mark.xfail(raises=ValueError, strict=True)
+@pytest.mark.isolated
+def test_xfail_wrong_type():
+    raise KeyError("not what was expected")
+
+@pytest.mark.isolated
+def test_raises():
+    with pytest.raises(ZeroDivisionError, match="division"):
+        1 / 0
+
+@pytest.mark.isolated
+def test_fail_call():
+    pytest.fail("gave up here")
+
+@pytest.mark.isolated
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n, num):
+    assert n in (1, 2) and num in (10, 20)
+
+@pytest.mark.isolated
+class TestClass:
+    @pytest.fixture(autouse=True)
+    def setup(self):
+        self.value = 5
+
+    def test_method(self):
+        record("method")
+        assert self.value == 5
+
+    def test_method_fails(self):
+        assert self.value == 6
+'''
+
+
+def test_outcomes_match_in_process(pytester, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    pytester.makepyfile(test_basics=BASICS)
+    result = run(pytester, "-rA")
+    got = outcomes(result)
+    assert got["test_pass"] == "PASSED" and got["test_again"] == "PASSED"
+    assert got["test_assert"] == "FAILED" and got["test_exception"] == "FAILED"
+    assert got["test_xfail_call"] == "XFAIL" and got["test_xfail_marker"] == "XFAIL"
+    assert got["test_xfail_wrong_type"] == "FAILED"
+    assert got["test_raises"] == "PASSED" and got["test_fail_call"] == "FAILED"
+    params = {k: v for k, v in got.items() if k.startswith("test_param[")}
+    assert len(params) == 4 and set(params.values()) == {"PASSED"}
+    assert got["TestClass::test_method"] == "PASSED"
+    assert got["TestClass::test_method_fails"] == "FAILED"
+    # The skip is reported where pytest.skip() was called, as in-process.
+    assert got["skips"] == [("test_basics.py",
+                             line_of(pytester, "test_basics.py", '    pytest.skip("not here")'),
+                             "not here")]
+    # Rewritten assertion, with pytest's comparison explanation and the source shown.
+    text = section(result, "test_assert")
+    assert ">       assert data[\"a\"] == [1, 2, limit + 1]" in text
+    assert "E       assert [1, 2, 3] == [1, 2, 4]" in text
+    assert "At index 2 diff: 3 != 4" in text
+    line = line_of(pytester, "test_basics.py", '    assert data["a"] == [1, 2, limit + 1]')
+    assert f"test_basics.py:{line}: AssertionError" in text
+    # The worker-side traceback: the test frame and the helper it called.
+    text = section(result, "test_exception")
+    assert ">       helper(42)" in text and 'raise ValueError(f"bad value {v}")' in text
+    assert "E       ValueError: bad value 42" in text
+    assert "E       Failed: gave up here" in section(result, "test_fail_call")
+    assert "assert 5 == 6" in section(result, "TestClass.test_method_fails")
+    # One worker ran them all (reused), and it was not this process.
+    pids = dict(line.split() for line in (pytester.path / "pids.txt").read_text().splitlines())
+    assert len(set(pids.values())) == 1 and int(pids["pass"]) != os.getpid()
+
+
+OUTPUT = '''
+import ctypes, logging, os, sys, warnings
+import pytest
+
+@pytest.mark.isolated
+def test_output():
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    os.write(1, b"fd-level stdout\\n")
+    ctypes.CDLL(None).printf(b"from C printf\\n")
+    logging.getLogger("node").warning("a warning record")
+    logging.getLogger("node").info("an info record")
+    warnings.warn("deprecated thing", DeprecationWarning)
+    assert False
+
+@pytest.mark.isolated
+def test_next():
+    print("second test output")
+    assert False
+'''
+
+
+def test_output_lands_in_the_tests_report_sections(pytester):
+    pytester.makepyfile(test_out=OUTPUT)
+    result = run(pytester, "-rA", "-W", "always::DeprecationWarning")
+    text = section(result, "test_output")
+    out = text.split("Captured stdout call")[1].split("Captured stderr call")[0]
+    assert "to stdout" in out and "fd-level stdout" in out and "from C printf" in out
+    assert "to stderr" in text.split("Captured stderr call")[1]
+    line = line_of(pytester, "test_out.py", '    logging.getLogger("node").warning("a warning record")')
+    assert f"WARNING  node:test_out.py:{line} a warning record" in text
+    assert "INFO     node" not in text                 # root level WARNING, as in-process
+    assert "second test output" not in text
+    assert "second test output" in section(result, "test_next")
+    line = line_of(pytester, "test_out.py", '    warnings.warn("deprecated thing", DeprecationWarning)')
+    result.stdout.fnmatch_lines([f"*test_out.py:{line}: DeprecationWarning: deprecated thing*"])
+
+
+def test_log_level_option_reaches_the_worker(pytester):
+    pytester.makepyfile(test_out=OUTPUT)
+    result = run(pytester, "--log-level=INFO", "-k", "test_output")
+    line = line_of(pytester, "test_out.py", '    logging.getLogger("node").info("an info record")')
+    assert f"INFO     node:test_out.py:{line} an info record" in section(result, "test_output")
+
+
+CRASHES = '''
+import ctypes, os, time
+import pytest
+
+@pytest.mark.isolated(timeout=1)
+def test_sleeps():
+    print("before the hang")
+    time.sleep(30)
+
+@pytest.mark.isolated(timeout=1)
+def test_c_call_holding_the_gil():
+    ctypes.PyDLL(None).sleep(30)      # PyDLL: the GIL stays held
+
+@pytest.mark.isolated
+def test_segfault():
+    ctypes.string_at(0)
+
+@pytest.mark.isolated
+def test_exit():
+    os._exit(3)
+
+@pytest.mark.isolated
+def test_goes_on():
+    pass
+'''
+
+
+@pytest.mark.timeout(60)
+def test_timeouts_and_crashes_fail_only_their_test(pytester):
+    pytester.makepyfile(test_crash=CRASHES)
+    result = run(pytester, "-rA")
+    got = outcomes(result)
+    assert got == {"test_sleeps": "FAILED", "test_c_call_holding_the_gil": "FAILED",
+                   "test_segfault": "FAILED", "test_exit": "FAILED", "test_goes_on": "PASSED"}
+    text = section(result, "test_sleeps")
+    assert "timed out after 1 s" in text and "was killed" in text
+    assert "before the hang" in text                   # output up to the kill is kept
+    assert "timed out after 1 s" in section(result, "test_c_call_holding_the_gil")
+    assert "SIGSEGV" in section(result, "test_segfault")
+    assert "exited with code 3" in section(result, "test_exit")
+
+
+def _workers_have_faulthandler():
+    import faulthandler
+
+    from comfy_env import IsolatedExecutor
+    with IsolatedExecutor() as ex:
+        return ex.submit(faulthandler.is_enabled).result(60)
+
+
+needs_worker_stacks = pytest.mark.skipif(
+    not _workers_have_faulthandler(),
+    reason="workers without faulthandler: the stack on timeout/crash comes with the executor's "
+           "faulthandler support")
+
+
+@needs_worker_stacks
+@pytest.mark.timeout(60)
+def test_timeout_report_shows_the_workers_stack(pytester):
+    """Needs the executor's stack-on-timeout (helper "proc"): fails before that lands."""
+    pytester.makepyfile(test_crash=CRASHES)
+    result = run(pytester, "-k", "sleeps or gil")
+    assert re.search(r"test_crash\.py\", line 8,? in test_sleeps", section(result, "test_sleeps"))
+    assert "in test_c_call_holding_the_gil" in section(result, "test_c_call_holding_the_gil")
+
+
+@needs_worker_stacks
+def test_segfault_report_shows_the_python_stack(pytester):
+    """Needs faulthandler in the worker (helper "proc"): fails before that lands."""
+    pytester.makepyfile(test_crash=CRASHES)
+    result = run(pytester, "-k", "segfault")
+    text = section(result, "test_segfault")
+    assert "Segmentation fault" in text and "in test_segfault" in text
+
+
+BAD = '''
+import threading
+import pytest
+
+@pytest.fixture
+def lock():
+    return threading.Lock()
+
+@pytest.mark.isolated(colour="red")
+def test_unknown_kwarg():
+    pass
+
+@pytest.mark.isolated(timeout="soon")
+def test_bad_timeout():
+    pass
+
+@pytest.mark.isolated(env="broken/comfy-env.toml")
+def test_broken_env():
+    pass
+
+@pytest.mark.isolated(env="broken/comfy-env.toml")
+def test_broken_env_again():
+    pass
+
+@pytest.mark.isolated(env="no/such/env")
+def test_missing_env():
+    pass
+
+@pytest.mark.isolated
+def test_unpicklable(lock):
+    pass
+
+@pytest.mark.isolated
+def test_monkeypatch(monkeypatch):
+    pass
+
+@pytest.mark.isolated
+def test_fine():
+    pass
+'''
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_fails_that_test_clearly(pytester):
+    pytester.makepyfile(test_bad=BAD)
+    (pytester.path / "broken").mkdir()
+    (pytester.path / "broken" / "comfy-env.toml").write_text('name = "x"\nrequirement = ["numpy"]\n')
+    result = run(pytester, "-rA")
+    got = outcomes(result)
+    assert got["test_unknown_kwarg"] == "ERROR" and got["test_bad_timeout"] == "ERROR"
+    for t in ("test_broken_env", "test_broken_env_again", "test_missing_env", "test_unpicklable",
+              "test_monkeypatch"):
+        assert got[t] == "FAILED", t
+    assert got["test_fine"] == "PASSED"
+    assert "unexpected keyword argument 'colour'" in section(result, "ERROR at setup of test_unknown_kwarg")
+    assert "positive number of seconds, got 'soon'" in section(result, "ERROR at setup of test_bad_timeout")
+    text = section(result, "test_broken_env")
+    assert "could not be prepared" in text and "requirement" in text
+    assert "could not be prepared" in section(result, "test_missing_env")
+    text = section(result, "test_unpicklable")
+    assert "fixture 'lock'" in text and "could not be pickled" in text
+    assert "fixture 'monkeypatch' cannot be used" in section(result, "test_monkeypatch")
+
+
+PLAIN = '''
+import os, time
+import pytest
+
+def test_plain():
+    assert os.getpid() != int(os.environ["PARENT_PID"])
+
+def test_plain_hang():
+    time.sleep(30)
+
+@pytest.mark.isolated(timeout=20)
+def test_marker_wins():
+    time.sleep(2)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_isolated_option_and_ini(pytester, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    pytester.makepyfile(test_opts=PLAIN)
+    result = run(pytester, "-rA", "--isolated", "--isolated-timeout=1")
+    assert outcomes(result) == {"test_plain": "PASSED", "test_plain_hang": "FAILED",
+                                "test_marker_wins": "PASSED"}
+    assert "timed out after 1.0 s" in section(result, "test_plain_hang")
+    pytester.makeini("[pytest]\nisolated = true\nisolated_timeout = 1\n")
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_plain": "PASSED", "test_plain_hang": "FAILED",
+                                "test_marker_wins": "PASSED"}
+    result = run(pytester, "-rA", "-k", "test_plain and not hang", "-o", "isolated=false")
+    assert outcomes(result) == {"test_plain": "FAILED"}      # in-process: same pid
+
+
+def test_pytest_timeout_does_not_double_handle(pytester):
+    """pytest-timeout's timeout becomes the isolated timeout; its own timer moves later."""
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(test_t='''
+        import time
+        import pytest
+
+        @pytest.mark.isolated
+        def test_hang():
+            time.sleep(30)
+
+        def test_after():
+            pass
+    ''')
+    result = run(pytester, "-rA", "--timeout=1")
+    assert outcomes(result) == {"test_hang": "FAILED", "test_after": "PASSED"}
+    text = section(result, "test_hang")
+    assert "timed out after 1.0 s" in text and "Timeout >" not in text
+
+
+def test_fresh_gives_each_test_a_new_worker(pytester):
+    pytester.makepyfile(test_fresh='''
+        import os
+        import pytest
+
+        STATE = []
+
+        @pytest.mark.isolated(fresh=True)
+        @pytest.mark.parametrize("i", range(3))
+        def test_fresh(i):
+            STATE.append(i)
+            assert STATE == [i]
+            open("fresh.txt", "a").write(f"{os.getpid()}\\n")
+
+        @pytest.mark.isolated
+        @pytest.mark.parametrize("i", range(2))
+        def test_shared(i):
+            STATE.append(i)
+            assert STATE == list(range(i + 1))      # module state lives on in a reused worker
+    ''')
+    result = run(pytester)
+    result.assert_outcomes(passed=5)
+    assert len(set((pytester.path / "fresh.txt").read_text().split())) == 3
+
+
+def test_isolated_executor_fixture(pytester):
+    pytester.makepyfile(test_fx='''
+        import os
+        import pytest
+
+        def test_drive(isolated_executor):
+            ex = isolated_executor(max_workers=2)
+            pid = ex.submit(os.getpid).result(60)
+            assert pid != os.getpid()
+            open("fx.txt", "w").write(str(pid))
+
+        def test_gone():
+            pid = int(open("fx.txt").read())
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    ''')
+    run(pytester).assert_outcomes(passed=2)
+
+
+@pytest.mark.timeout(90)
+def test_under_xdist(pytester, monkeypatch):
+    pytest.importorskip("xdist")
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    pytester.makepyfile(test_basics=BASICS)
+    result = run(pytester, "-n", "2", "-rA", subprocess=True)
+    got = outcomes(result)
+    assert got["test_pass"] == "PASSED" and got["test_assert"] == "FAILED"
+    assert got["test_xfail_marker"] == "XFAIL" and got["TestClass::test_method"] == "PASSED"
+    result.stdout.fnmatch_lines(["*At index 2 diff: 3 != 4*"])
+
+
+# -- another environment ----------------------------------------------------------------------
+
+NUMPY1_WHEEL = "/opt/pypi/files/numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+
+
+@pytest.fixture(scope="module")
+def numpy1_env(tmp_path_factory):
+    """A comfy-env.toml for numpy 1.26.4 (offline, a local wheel) and a cache it is built in."""
+    import sys
+    if sys.version_info[:2] != (3, 11) or not os.path.exists(NUMPY1_WHEEL):
+        pytest.skip("needs Python 3.11 and the local numpy 1.26.4 wheel")
+    wheels = tmp_path_factory.mktemp("wheels")
+    shutil.copy(NUMPY1_WHEEL, wheels)
+    spec = tmp_path_factory.mktemp("np1") / "comfy-env.toml"
+    spec.write_text(textwrap.dedent(f'''
+        name = "numpy1"
+        requirements = ["numpy==1.26.4"]
+        find_links = ["{wheels}"]
+        no_index = true
+    '''))
+    cache = tmp_path_factory.mktemp("cache")
+    from comfy_env import Env
+    Env.from_toml(spec, cache_dir=str(cache)).create(progress=False)
+    return spec, cache
+
+
+@pytest.mark.timeout(120)
+def test_env_with_another_numpy(pytester, numpy1_env, monkeypatch):
+    spec, cache = numpy1_env
+    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", str(cache))
+    import numpy
+    assert numpy.__version__.startswith("2.")
+    shutil.copytree(spec.parent, pytester.path / "np1")
+    pytester.makepyfile(test_np='''
+        import numpy as np
+        import pytest
+
+        @pytest.fixture
+        def arr():
+            return np.arange(1 << 18)
+
+        @pytest.mark.isolated(env="np1/comfy-env.toml")
+        def test_old_numpy(arr):
+            assert np.__version__ == "1.26.4"
+            assert int(arr.sum()) == (1 << 18) * ((1 << 18) - 1) // 2
+
+        @pytest.mark.isolated(env="np1/comfy-env.toml")
+        def test_fails_there():
+            version = np.__version__
+            assert version == "2.0"
+
+        @pytest.mark.isolated(env="np1/comfy-env.toml")
+        def test_skip_there():
+            pytest.importorskip("torch")
+
+        def test_host():
+            assert np.__version__.startswith("2.")
+    ''')
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_old_numpy": "PASSED", "test_fails_there": "FAILED",
+                                "test_host": "PASSED",
+                                "skips": [("test_np.py", line_of(pytester, "test_np.py",
+                                                                 '    pytest.importorskip("torch")'),
+                                           "could not import 'torch': No module named 'torch'")]}
+    assert "AssertionError: assert '1.26.4' == '2.0'" in section(result, "test_fails_there")
+
+
+# -- the documentation's examples run -------------------------------------------------------------
+
+
+def _doc_test_files():
+    """``python`` blocks of README.md's and docs/testing.md's isolated-test sections."""
+    out = []
+    for path in (os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "testing.md")):
+        if not os.path.exists(path):
+            continue
+        text = open(path, encoding="utf-8").read()
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            if "pytest.mark.isolated" in block and "def test_" in block:
+                out.append((os.path.relpath(path, REPO), block))
+    return out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where,code", _doc_test_files(), ids=lambda v: v if v.endswith(".md") else "")
+def test_doc_examples_pass(pytester, where, code):
+    pytester.makepyfile(test_example=code)
+    result = run(pytester, "-rA")
+    assert result.ret == 0, result.stdout.str()
