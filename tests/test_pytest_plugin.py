@@ -13,6 +13,8 @@ import re
 import shutil
 import textwrap
 
+import numpy  # noqa: F401  (loaded before pytester's module snapshots: inner sessions that
+#               import numpy must not make it import twice in this process)
 import pytest
 
 pytest_plugins = ["pytester"]
