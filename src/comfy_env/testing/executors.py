@@ -179,7 +179,7 @@ class _Slot:
 
 
 def _resolve(iso):
-    from ..envs import Env, EnvError, WorkerEnvironment, resolve_env
+    from ..envs import EnvError, resolve_env
 
     env = iso.env
     if isinstance(env, (str, os.PathLike)):
