@@ -198,7 +198,10 @@ def prune(root: str, older_than_days: float, dry_run: bool = False) -> list:
                     removed.append(("use", p))
         elif n.endswith(".lock") and not os.path.isdir(p[: -len(".lock")]):
             # A lock file left by an older comfy-env (ours delete themselves); held = a build running.
-            with try_build_lock(p[: -len(".lock")]) as ours:  # an unheld lock file means nothing
+            if dry_run:
+                removed.append(("lock", p))
+                continue
+            with try_build_lock(p[: -len(".lock")]) as ours:  # taking it deletes it on release
                 if ours:
                     removed.append(("lock", p))
     return removed
