@@ -6,10 +6,12 @@ which extra ``PYTHONPATH`` entries (the bootstrap dir that exposes this very
 environment variables.  Everything about building environments lives in this
 package; the executor calls :func:`resolve_env` and nothing else.
 
-Modules: ``spec`` (comfy-env.toml), ``interpreters`` (finding/probing Pythons),
-``cache`` (directory layout and keys), ``builder`` (uv/pip, lock, atomic rename),
-``bootstrap`` and ``share`` (what goes on a foreign worker's PYTHONPATH), ``env``
-(the public ``Env``), ``cli`` (``comfy-env env ...``).
+Modules: ``spec`` (comfy-env.toml), ``interpreters`` (finding/probing/downloading
+Pythons), ``cache`` (directory layout, keys, listing, removal, pruning), ``builder``
+(uv/pip, atomic rename, progress), ``installer_guard`` (installers die with the
+builder), ``locks`` (the build lock and the in-use lease), ``lockfile`` (pylock files),
+``bootstrap`` and ``share`` (what goes on a foreign worker's PYTHONPATH), ``env`` (the
+public ``Env``), ``cli`` (``comfy-env env ...``), ``doctor`` (its part of ``comfy-env doctor``).
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ class WorkerEnvironment:
     python_version: tuple                         # (major, minor) of that interpreter
     env_vars: dict = field(default_factory=dict)  # extra environment for the worker
     pythonpath: tuple = ()                        # PYTHONPATH entries, first wins
-    is_current: bool = False                      # True: same interpreter as the parent,
-                                                  # the worker also gets the parent's sys.path
+    is_current: bool = False                      # True: same interpreter as the parent; the
+                                                  # worker gets the parent's sys.path and cwd
     label: str = "local"                          # short name for logs and errors
     env_dir: str | None = None                    # a built env of the cache: held in use by workers
     rebuild: object = field(default=None, compare=False, repr=False)  # re-creates what was removed
@@ -123,7 +125,7 @@ def resolve_env(env, *, progress=True) -> WorkerEnvironment:
 
 def _resolve_path(env, progress) -> WorkerEnvironment:
     from .bootstrap import bootstrap_dir
-    from .cache import cache_root
+    from .cache import META_FILENAME, cache_root
     from .interpreters import interpreter_in, probe
     from .spec import SPEC_FILENAME
 
@@ -146,6 +148,8 @@ def _resolve_path(env, progress) -> WorkerEnvironment:
         pythonpath=(bootstrap_dir(cache),),
         is_current=False,
         label=os.path.basename(root.rstrip(os.sep)) or python,
+        # A comfy-env env given by its directory is held in use like one given by its spec.
+        env_dir=root if os.path.isfile(os.path.join(root, META_FILENAME)) else None,
         rebuild=_Bootstrap(cache),
     )
 
