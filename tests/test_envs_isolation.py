@@ -101,3 +101,12 @@ def test_an_env_in_use_is_not_removed_and_an_executor_rebuilds_a_removed_env(tmp
         assert ex.submit("demo_dep:describe").result(90)["version"] == "1.0"
         assert env.is_built
     assert env.remove() is True   # no worker left: nothing in use
+
+
+def test_an_env_given_by_its_directory_is_held_in_use_too(tmp_path, wheels):
+    env = Env.from_toml(demo_spec(tmp_path / "pack", wheels), cache_dir=str(tmp_path / "cache")).create(progress=False)
+    with IsolatedExecutor(env=env.path) as ex:
+        assert ex.submit("demo_dep:describe").result(60)["version"] == "1.0"
+        with pytest.raises(EnvInUse):
+            env.remove()
+    assert env.remove() is True
