@@ -103,12 +103,13 @@ def test_a_silent_installer_step_gets_heartbeat_lines_and_no_staging_path_is_sho
         tmp_path, wheels, cache, uv_log, monkeypatch):
     monkeypatch.setattr(builder, "HEARTBEAT_SECONDS", 0.3)
     monkeypatch.setenv("UV_WRAPPER_DELAY", "1.2")
+    monkeypatch.chdir(tmp_path)   # the cache lies below: uv shows its paths relative to here
     lines = []
     env = Env.from_toml(demo_spec(tmp_path / "p", wheels)).create(progress=lines.append)
     beats = [line for line in lines if line.startswith("installing the requirements of p: still running after")]
     assert beats and "no output for" in beats[-1]
     assert not [line for line in lines if ".tmp-" in line], lines
-    assert any(env.path in line for line in lines)  # uv's "environment at" names the final dir
+    assert any(line.endswith("environment at: " + os.path.relpath(env.path)) for line in lines), lines
 
 
 def test_a_build_waiting_on_uvs_cache_lock_says_so(tmp_path, wheels, cache, monkeypatch):

@@ -175,7 +175,8 @@ def _run(cmd, report, what, env=None, *, hide=None, uv=None) -> str:
     def handle(raw):
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if hide:
-            line = line.replace(hide[0], hide[1])
+            # By name: uv shows the path relative to the working directory where it can.
+            line = line.replace(os.path.basename(hide[0]), os.path.basename(hide[1]))
         if line.startswith("Activate with:") or "The `--pylock` option is experimental" in line:
             return  # uv's hints: the staging dir's activation, a preview notice
         lines.append(line)
