@@ -133,3 +133,10 @@ def test_locking_a_spec_that_cannot_resolve_names_the_spec(tmp_path, wheels, cac
         Env.from_toml(spec).lock(progress=False)
     assert str(e.value).startswith(spec) and "unsatisfiable" in str(e.value)
     assert not os.path.exists(os.path.join(os.path.dirname(spec), LOCK_FILENAME))
+
+
+def test_a_spec_without_requirements_has_nothing_to_lock(tmp_path, cache):
+    p = write_spec(tmp_path, 'name = "empty"\n')
+    with pytest.raises(EnvLockError, match="no requirements; there is nothing to lock"):
+        Env.from_toml(p).lock(progress=False)
+    assert Env.from_toml(p).create(progress=False, locked=True).is_built   # nothing to pin: fine

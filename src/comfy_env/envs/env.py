@@ -186,6 +186,8 @@ class Env:
 
         if not self.spec.source or self.spec.source.endswith("<dict>"):
             raise EnvLockError("only an Env read from a comfy-env.toml can be locked (the lock lives next to it).")
+        if not self.spec.requirements:
+            raise EnvLockError(f"{self.spec.source}: the spec has no requirements; there is nothing to lock.")
         uv = find_uv()
         if not uv:
             raise EnvLockError("writing a lock needs uv (install the `uv` package or set COMFY_ENV_UV).")
