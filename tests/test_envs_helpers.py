@@ -48,3 +48,59 @@ def demo_dep_wheel(outdir, version: str) -> str:
         "    return a * float(VERSION.split('.')[0])\n"
     )
     return make_wheel(outdir, "demo_dep", version, {"demo_dep/__init__.py": code})
+
+
+def write_spec(directory, body: str) -> str:
+    """Write ``comfy-env.toml`` (dedented) into ``directory``; return its path."""
+    import textwrap
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "comfy-env.toml")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(body).lstrip())
+    return path
+
+
+def demo_spec(directory, wheels, requirement="demo_dep==1.0", extra="") -> str:
+    """A spec installing ``requirement`` offline from the wheels dir ``wheels``."""
+    return write_spec(directory, f"""
+        requirements = ["{requirement}"]
+        find_links = ["{wheels}"]
+        no_index = true
+        {extra}
+    """)
+
+
+def uv_wrapper(tmp_path, real_uv) -> tuple:
+    """A uv stand-in that logs each invocation and obeys a few test knobs (env vars):
+
+    UV_WRAPPER_STALL=FILE   ``pip install``: write its pid to FILE, then sleep (the "installer" hangs)
+    UV_WRAPPER_DELAY=S      ``pip install``: sleep S seconds first, silently
+    UV_WRAPPER_PYTHON=EXE   ``python install X``: "download" by linking EXE into uv's python dir
+
+    Returns (wrapper path, log path).
+    """
+    log = os.path.join(str(tmp_path), "uv-calls.log")
+    wrapper = os.path.join(str(tmp_path), "uv-wrapper")
+    with open(wrapper, "w") as f:
+        f.write(f"""#!/bin/sh
+echo "$*" >> "{log}"
+if [ "$1" = pip ] && [ "$2" = install ] && [ -n "$UV_WRAPPER_STALL" ]; then
+    echo $$ > "$UV_WRAPPER_STALL.tmp" && mv "$UV_WRAPPER_STALL.tmp" "$UV_WRAPPER_STALL"
+    exec sleep 60
+fi
+if [ "$1" = pip ] && [ "$2" = install ] && [ -n "$UV_WRAPPER_DELAY" ]; then sleep "$UV_WRAPPER_DELAY"; fi
+if [ "$1" = python ] && [ "$2" = install ] && [ -n "$UV_WRAPPER_PYTHON" ]; then
+    d="$UV_PYTHON_INSTALL_DIR/cpython-$3.99-linux-x86_64-gnu/bin"
+    mkdir -p "$d" && ln -s "$UV_WRAPPER_PYTHON" "$d/python3" && echo "Installed Python $3" && exit 0
+fi
+exec "{real_uv}" "$@"
+""")
+    os.chmod(wrapper, 0o755)
+    open(log, "w").close()
+    return wrapper, log
+
+
+def uv_calls(log) -> list:
+    with open(log) as f:
+        return f.read().splitlines()

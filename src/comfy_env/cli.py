@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="comfy-env",
         description="Run Python callables in isolated worker processes, each in its own environment.",
     )
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"comfy-env {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for modname in _GROUPS:
         importlib.import_module(modname).add_parser(sub)

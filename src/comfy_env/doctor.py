@@ -16,10 +16,18 @@ def add_parser(sub):
 
 def run(args):
     from ._version import PROTOCOL_VERSION, __version__
+    from .envs import doctor as envs_doctor
     from .ipc import arrays, shm
+
+    if args.env is not None:
+        problem = envs_doctor.check_env_arg(args.env)
+        if problem:
+            print(f"comfy-env: error: --env {args.env!r}: {problem}", file=sys.stderr)
+            return 1
 
     print(f"comfy_env {__version__} (protocol {PROTOCOL_VERSION}), Python "
           f"{platform.python_version()} at {sys.executable}")
+    print(envs_doctor.report())
     print(f"CPU plane: memfd segments, inline below {arrays.INLINE_BYTES} bytes, arena keeps at "
           f"most {shm.ARENA.max_free_bytes >> 20} MiB free, gives back after "
           f"{shm.ARENA.idle_seconds} s idle")

@@ -6,10 +6,12 @@ which extra ``PYTHONPATH`` entries (the bootstrap dir that exposes this very
 environment variables.  Everything about building environments lives in this
 package; the executor calls :func:`resolve_env` and nothing else.
 
-Modules: ``spec`` (comfy-env.toml), ``interpreters`` (finding/probing Pythons),
-``cache`` (directory layout and keys), ``builder`` (uv/pip, lock, atomic rename),
-``bootstrap`` and ``share`` (what goes on a foreign worker's PYTHONPATH), ``env``
-(the public ``Env``), ``cli`` (``comfy-env env ...``).
+Modules: ``spec`` (comfy-env.toml), ``interpreters`` (finding/probing/downloading
+Pythons), ``cache`` (directory layout, keys, listing, removal, pruning), ``builder``
+(uv/pip, atomic rename, progress), ``installer_guard`` (installers die with the
+builder), ``locks`` (the build lock and the in-use lease), ``lockfile`` (pylock files),
+``bootstrap`` and ``share`` (what goes on a foreign worker's PYTHONPATH), ``env`` (the
+public ``Env``), ``cli`` (``comfy-env env ...``), ``doctor`` (its part of ``comfy-env doctor``).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import (
-    MIN_WORKER_PYTHON, EnvBuildError, EnvError, EnvNotBuilt, EnvSpecError, InterpreterNotFound,
-    UnsupportedInterpreter,
+    MIN_WORKER_PYTHON, EnvBuildError, EnvError, EnvInUse, EnvLockError, EnvNotBuilt, EnvSpecError,
+    InterpreterNotFound, UnsupportedInterpreter,
 )
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "EnvNotBuilt",
     "InterpreterNotFound",
     "UnsupportedInterpreter",
+    "EnvLockError",
+    "EnvInUse",
 ]
 
 
@@ -43,9 +47,50 @@ class WorkerEnvironment:
     python_version: tuple                         # (major, minor) of that interpreter
     env_vars: dict = field(default_factory=dict)  # extra environment for the worker
     pythonpath: tuple = ()                        # PYTHONPATH entries, first wins
-    is_current: bool = False                      # True: same interpreter as the parent,
-                                                  # the worker also gets the parent's sys.path
+    is_current: bool = False                      # True: same interpreter as the parent; the
+                                                  # worker gets the parent's sys.path and cwd
     label: str = "local"                          # short name for logs and errors
+    env_dir: str | None = None                    # a built env of the cache: held in use by workers
+    rebuild: object = field(default=None, compare=False, repr=False)  # re-creates what was removed
+
+    @property
+    def start_cwd(self):
+        """The directory a foreign worker starts in (None: the parent's).
+
+        ``python -m`` puts the working directory first on ``sys.path``, before the
+        standard library; a worker started in the parent's directory would import a
+        ``nodes.py`` or ``utils/`` found there instead of the env's.  It starts in the
+        bootstrap dir (already on its path, holding only comfy_env and cloudpickle) and
+        changes to the parent's working directory once it runs.
+        """
+        if self.is_current:
+            return None
+        return self.pythonpath[0] if self.pythonpath else os.path.dirname(self.python)
+
+    def prepare_launch(self) -> tuple:
+        """Called right before a worker starts; returns fds the worker must inherit.
+
+        Re-creates the env (and its bootstrap/share dirs) if it was removed since the
+        executor was made, and takes the env's in-use lease (see locks.py): the worker
+        inherits the returned fd, so the env counts as in use exactly while a worker
+        lives.  The caller closes its copies once the worker was started.
+        """
+        fds = []
+        if self.env_dir:
+            from .locks import hold_in_use
+
+            fd = hold_in_use(self.env_dir)
+            if fd is not None:
+                fds.append(fd)
+        try:
+            if self.rebuild is not None and not (
+                    os.path.exists(self.python) and all(os.path.isdir(p) for p in self.pythonpath)):
+                self.rebuild()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return tuple(fds)
 
 
 from .env import Env  # noqa: E402  (Env refers back to WorkerEnvironment)
@@ -80,7 +125,7 @@ def resolve_env(env, *, progress=True) -> WorkerEnvironment:
 
 def _resolve_path(env, progress) -> WorkerEnvironment:
     from .bootstrap import bootstrap_dir
-    from .cache import cache_root
+    from .cache import META_FILENAME, cache_root
     from .interpreters import interpreter_in, probe
     from .spec import SPEC_FILENAME
 
@@ -95,11 +140,27 @@ def _resolve_path(env, progress) -> WorkerEnvironment:
             f"{'.'.join(map(str, MIN_WORKER_PYTHON))} or newer. Use an environment with a newer Python."
         )
     root = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(python))
+    cache = cache_root()
     return WorkerEnvironment(
         python=python,
         python_version=interp.minor,
         env_vars={},
-        pythonpath=(bootstrap_dir(cache_root()),),
+        pythonpath=(bootstrap_dir(cache),),
         is_current=False,
         label=os.path.basename(root.rstrip(os.sep)) or python,
+        # A comfy-env env given by its directory is held in use like one given by its spec.
+        env_dir=root if os.path.isfile(os.path.join(root, META_FILENAME)) else None,
+        rebuild=_Bootstrap(cache),
     )
+
+
+class _Bootstrap:
+    """Re-creates the bootstrap dir if it was removed (``comfy-env env remove --all``)."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def __call__(self):
+        from .bootstrap import bootstrap_dir
+
+        bootstrap_dir(self.root)

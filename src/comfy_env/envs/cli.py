@@ -1,4 +1,4 @@
-"""``comfy-env env ...``: create, list, locate and remove cached environments."""
+"""``comfy-env env ...``: create, lock, list, locate, remove and prune cached environments."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +24,17 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("create", parents=[common], help="build the env for a comfy-env.toml (no-op if cached)")
     p.add_argument("path", help="a comfy-env.toml or a directory holding one")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the installer's output")
+    p.add_argument("--locked", action="store_true",
+                   help="install exactly what the lock next to the spec lists; fail if it is missing or stale")
     p.set_defaults(func=_create)
 
-    p = sub.add_parser("list", parents=[common], help="list built envs")
+    p = sub.add_parser("lock", parents=[common],
+                       help="resolve a comfy-env.toml and write pylock.comfy-env.toml next to it")
+    p.add_argument("path", help="a comfy-env.toml or a directory holding one")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the installer's output")
+    p.set_defaults(func=_lock)
+
+    p = sub.add_parser("list", parents=[common], help="list built envs with size, age and last use")
     p.set_defaults(func=_list)
 
     p = sub.add_parser("path", parents=[common], help="print the env directory for a comfy-env.toml")
@@ -36,8 +44,14 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("remove", parents=[common], help="delete the built env of a comfy-env.toml, or all")
     p.add_argument("path", nargs="?", help="a comfy-env.toml or a directory holding one")
-    p.add_argument("--all", action="store_true", help="remove every env (and helper dirs) in the cache")
+    p.add_argument("--all", action="store_true", help="remove every env not in use (and helper dirs)")
     p.set_defaults(func=_remove)
+
+    p = sub.add_parser("prune", parents=[common],
+                       help="remove envs unused for N days and what dead builds left behind")
+    p.add_argument("--days", type=float, default=30.0, help="remove envs not used for this many days (default 30)")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.set_defaults(func=_prune)
 
 
 def _fail(msg: str) -> int:
@@ -56,12 +70,41 @@ def _create(args) -> int:
         env = _load(args)
         t0 = time.perf_counter()
         was_built = env.is_built
-        env.create(progress=not args.quiet)
+        env.create(progress=not args.quiet, locked=args.locked)
     except EnvError as e:
         return _fail(str(e))
     state = "cached" if was_built else f"built in {time.perf_counter() - t0:.1f} s"
     print(f"{env.path}  ({state})")
     return 0
+
+
+def _lock(args) -> int:
+    try:
+        env = _load(args)
+        t0 = time.perf_counter()
+        path = env.lock(progress=not args.quiet)
+    except EnvError as e:
+        return _fail(str(e))
+    print(f"{path}  (resolved in {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
 
 
 def _list(args) -> int:
@@ -70,9 +113,15 @@ def _list(args) -> int:
     if not envs:
         print(f"no environments in {cache.envs_dir(root)}")
         return 0
+    now = time.time()
+    print(f"{'KEY':16s}  {'NAME':20s} {'PYTHON':8s} {'SIZE':>10s} {'AGE':>7s} {'USED':>9s}  SOURCE")
     for path, meta in envs:
+        use = cache.env_usage(path, meta)
         py = ".".join(map(str, meta.get("python_version", ())))
-        print(f"{os.path.basename(path):40s} python {py:8s} {meta.get('source') or '-'}")
+        used = "in use" if use["in_use"] else human_age(now - use["last_used"]) + " ago"
+        print(f"{os.path.basename(path):16s}  {meta.get('name', '-')[:20]:20s} {py:8s} "
+              f"{human_size(use['size']):>10s} {human_age(now - use['created']):>7s} {used:>9s}  "
+              f"{meta.get('source') or '-'}")
     return 0
 
 
@@ -91,11 +140,21 @@ def _remove(args) -> int:
     if args.all == bool(args.path):
         return _fail("give either a comfy-env.toml PATH or --all.")
     if args.all:
+        from .errors import EnvInUse
+
         root = cache.cache_root(args.cache_dir)
-        n = len(cache.list_envs(root))
-        for sub in ("envs", "bootstrap", "share"):
+        removed, busy = 0, []
+        for path, _meta in cache.list_envs(root):
+            try:
+                removed += cache.remove_env(path)
+            except EnvInUse:
+                busy.append(path)
+        subs = ("envs", "bootstrap", "share") if not busy else ()  # live workers need the helper dirs
+        for sub in subs:
             shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
-        print(f"removed {n} environment(s) from {root}")
+        print(f"removed {removed} environment(s) from {root}")
+        if busy:
+            return _fail(f"{len(busy)} environment(s) in use by running workers were kept: " + ", ".join(busy))
         return 0
     try:
         env = _load(args)
@@ -103,4 +162,16 @@ def _remove(args) -> int:
     except EnvError as e:
         return _fail(str(e))
     print(f"removed {env.path}" if removed else f"{env.name!r} was not built; nothing to remove")
+    return 0
+
+
+def _prune(args) -> int:
+    root = cache.cache_root(args.cache_dir)
+    done = cache.prune(root, args.days, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    labels = {"env": "environment", "staging": "unfinished build", "lock": "stale lock", "use": "stale use marker"}
+    for what, path in done:
+        print(f"{verb} {labels[what]}: {path}")
+    if not done:
+        print(f"nothing to prune in {cache.envs_dir(root)} (envs unused for {args.days:g} days, dead builds)")
     return 0

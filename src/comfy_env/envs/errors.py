@@ -13,6 +13,8 @@ __all__ = [
     "EnvBuildError",
     "EnvNotBuilt",
     "UnsupportedInterpreter",
+    "EnvLockError",
+    "EnvInUse",
 ]
 
 # Worker code (comfy_env + cloudpickle) runs on these Pythons and newer.
@@ -53,15 +55,29 @@ class EnvBuildError(EnvError, RuntimeError):
     """Creating the venv or installing into it failed.
 
     ``output`` holds the installer's combined stdout/stderr, ``returncode`` its exit code.
+    ``detail``: the installer's own explanation (its error lines), shown instead of the
+    last lines of its output.
     """
 
-    def __init__(self, message: str, output: str = "", returncode: int | None = None):
+    def __init__(self, message: str, output: str = "", returncode: int | None = None, *, detail=None):
         text = message
-        if output:
+        if detail:
+            text += "\n" + detail
+        elif output:
             text += "\n--- installer output (last lines) ---\n" + _tail(output, 60)
         super().__init__(text)
+        self.summary = message
+        self.detail = detail
         self.output = output
         self.returncode = returncode
+
+
+class EnvLockError(EnvError):
+    """A locked build (``create(locked=True)``, ``env create --locked``) found no usable lock."""
+
+
+class EnvInUse(EnvError):
+    """An env cannot be removed: live workers are running in it."""
 
 
 class EnvNotBuilt(EnvError):

@@ -5,10 +5,12 @@ Two questions are answered here:
 * "which interpreter lives in this directory?" — a venv, a conda env, or a pixi
   project/env (``env=`` given as a directory);
 * "which interpreters of version X are on this machine?" — for the ``python = "3.12"``
-  key of a ``comfy-env.toml``.  We look at the host's own interpreter, ``PATH`` and
-  pyenv's versions directory.  We do not ask uv to discover (``uv python list`` takes
-  about a second and trips over pyenv shims) and we never download an interpreter:
-  the error lists what was found instead.
+  key of a ``comfy-env.toml``.  We look at the host's own interpreter, ``PATH``, pyenv's
+  versions directory and the interpreters uv installed (``uv python install``; we read
+  uv's install directory instead of running ``uv python find``, which fails outright
+  when the first ``python3.X`` on PATH is a pyenv shim for another version).  With
+  ``python_download = true`` a missing version is downloaded by ``uv python install``;
+  otherwise nothing is downloaded and the error lists what was found.
 
 Probing an interpreter means starting it once (~20 ms); answers are memoised per
 (path, mtime, inode) in memory and in ``<cache root>/interpreters.json``, so a rebuilt
@@ -34,6 +36,8 @@ __all__ = [
     "host_interpreter",
     "find_interpreters",
     "find_interpreter_for_version",
+    "download_interpreter",
+    "uv_python_dir",
 ]
 
 _IS_WINDOWS = sys.platform == "win32"
@@ -238,16 +242,35 @@ def _candidate_paths():
     pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     for p in sorted(glob.glob(os.path.join(pyenv_root, "versions", "*", "bin", "python3"))):
         yield from add(p)
+    uv_dir = uv_python_dir()
+    exe = ("python.exe",) if _IS_WINDOWS else ("bin", "python3")
+    for p in sorted(glob.glob(os.path.join(uv_dir, "*", *exe)), reverse=True):  # newest first
+        yield from add(p)
 
 
-def find_interpreters() -> list:
-    """Every working Python interpreter we can find on this machine (host first)."""
+def uv_python_dir() -> str:
+    """Where ``uv python install`` puts interpreters (uv's own rule)."""
+    if os.environ.get("UV_PYTHON_INSTALL_DIR"):
+        return os.path.abspath(os.path.expanduser(os.environ["UV_PYTHON_INSTALL_DIR"]))
+    if _IS_WINDOWS:  # pragma: no cover
+        return os.path.join(os.environ.get("APPDATA", os.path.expanduser("~")), "uv", "data", "python")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "uv", "python")
+
+
+def find_interpreters(usable_only=False) -> list:
+    """Every working Python interpreter we can find on this machine (host first).
+
+    ``usable_only``: only those a worker can run on (>= 3.10), newest version first.
+    """
     found = []
     for p in _candidate_paths():
         try:
             found.append(probe(p))
         except InterpreterNotFound:
             continue
+    if usable_only:
+        found = sorted((i for i in found if i.minor >= MIN_WORKER_PYTHON), key=lambda i: i.version, reverse=True)
     return found
 
 
@@ -270,7 +293,7 @@ def parse_version(text, where=None, line=None) -> tuple:
     return version
 
 
-def find_interpreter_for_version(version: tuple, where=None, line=None) -> Interpreter:
+def find_interpreter_for_version(version: tuple, where=None, line=None, download_hint=False) -> Interpreter:
     """The first interpreter whose version starts with ``version`` (host preferred)."""
     host = host_interpreter()
     if tuple(host.version[: len(version)]) == tuple(version):
@@ -288,5 +311,30 @@ def find_interpreter_for_version(version: tuple, where=None, line=None) -> Inter
         (f"{where}" + (f", line {line}" if line else "") + ": " if where else "")
         + f"no Python {'.'.join(map(str, version))} interpreter found on this machine. "
         f"Interpreters found:\n{listing}\n"
-        "Install that version (e.g. `uv python install X.Y` or pyenv) or change `python` in the spec."
+        + ("python_download = true: Env.create() (or `comfy-env env create`) downloads it with uv."
+           if download_hint else
+           "Install that version (e.g. `uv python install X.Y` or pyenv), set `python_download = true` "
+           "in the spec, or change `python`.")
     )
+
+
+def download_interpreter(version: tuple, report, where=None, line=None) -> Interpreter:
+    """``uv python install`` the version, then find it like any other interpreter."""
+    from .builder import _child_env, _run, find_uv
+    from .errors import EnvBuildError
+
+    want = ".".join(map(str, version))
+    uv = find_uv()
+    if not uv:
+        raise InterpreterNotFound(f"{where}: python_download = true needs uv to download Python {want}, "
+                                  "and uv was not found (install the `uv` package or set COMFY_ENV_UV).")
+    try:
+        _run([uv, "python", "install", want], report, f"downloading Python {want}", _child_env(), uv=uv)
+    except EnvBuildError as e:
+        raise InterpreterNotFound(
+            (f"{where}" + (f", line {line}" if line else "") + ": " if where else "")
+            + f"python_download = true, but uv could not download Python {want} (no network access, "
+            f"or no such release?). Install it yourself (`uv python install {want}`, pyenv) or "
+            f"change `python`.\n{e.detail or e.output}"
+        ) from None
+    return find_interpreter_for_version(version, where, line)

@@ -27,7 +27,7 @@ from .errors import EnvSpecError
 from .links import materialise_dir
 from .spec import normalize_dist_name
 
-__all__ = ["share_closure", "share_dir"]
+__all__ = ["share_closure", "share_dir", "check_share_roots"]
 
 log = logging.getLogger("comfy_env.envs")
 
@@ -53,6 +53,28 @@ def _requirement_applies(req: str) -> str | None:
         return name if Marker(marker).evaluate({"extra": ""}) else None
     except Exception:
         return None if "extra" in marker else name
+
+
+def check_share_roots(spec) -> None:
+    """Raise EnvSpecError unless every ``share`` root is installed in the host.
+
+    Checked before building, so a spec that cannot work leaves no env in the cache.
+    """
+    for name in spec.share:
+        try:
+            md.distribution(name)
+        except md.PackageNotFoundError:
+            from .spec import _line_of
+
+            line = None
+            if spec.source and os.path.isfile(spec.source):
+                with open(spec.source, encoding="utf-8") as f:
+                    line = _line_of(f.read(), "share")
+            raise EnvSpecError(
+                f"share: {name!r} is not installed in the host environment ({os.sys.executable}); "
+                "only installed distributions can be shared. Install it in the host or move it to "
+                "`requirements`.", spec.source, line,
+            ) from None
 
 
 def share_closure(roots, exclude=(), source=None) -> list:

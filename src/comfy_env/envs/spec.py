@@ -2,7 +2,7 @@
 
 Example (every key is optional)::
 
-    name = "sam3d"                      # label for logs and the cache directory name
+    name = "sam3d"                      # a label for logs and `comfy-env env list`
     python = "3.11"                     # must match an interpreter on this machine
     requirements = [
         "numpy>=1.26,<3",               # PEP 508 strings
@@ -13,6 +13,8 @@ Example (every key is optional)::
     find_links = ["./wheels"]
     no_index = false
     share = ["torch"]                   # host packages (and their dependency closure) to reuse
+    exclude_newer = "2025-06-01"        # resolve as if it were that date (uv's --exclude-newer)
+    python_download = false             # true: let uv download `python` if it is not found
 
     [environment]                       # variables set in the worker's environment
     OMP_NUM_THREADS = "4"
@@ -23,6 +25,7 @@ like ``requirement =`` would otherwise build an empty env silently.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -45,6 +48,8 @@ _SCHEMA = {
     "find_links": (list, "a list of paths or URLs"),
     "no_index": (bool, "true or false"),
     "share": (list, 'a list of host distribution names, e.g. ["torch"]'),
+    "exclude_newer": ((str, datetime.date), 'a date such as "2025-06-01" or an RFC 3339 timestamp'),
+    "python_download": (bool, "true or false"),
     "environment": (dict, "a table of NAME = \"value\" pairs"),
 }
 _LIST_KEYS = ("requirements", "extra_index_urls", "find_links", "share")
@@ -52,6 +57,9 @@ _LIST_KEYS = ("requirements", "extra_index_urls", "find_links", "share")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
+# The worker's start-up needs these as comfy-env sets them (PYTHONPATH holds the bootstrap dir).
+_RESERVED_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE")
 
 
 @dataclass(frozen=True)
@@ -67,13 +75,16 @@ class EnvSpec:
     find_links: tuple = ()
     no_index: bool = False
     share: tuple = ()                           # distribution names, normalised (PEP 503)
+    exclude_newer: str | None = None            # uv's --exclude-newer (a date or timestamp)
+    python_download: bool = False               # let uv download the interpreter if missing
     environment: dict = field(default_factory=dict)
     python_line: int | None = None              # where `python =` was, for error messages
 
     def key_material(self) -> dict:
         """What decides the built env's content: the cache key hashes this (plus interpreter, platform).
 
-        ``environment`` and ``name`` are left out: they change nothing that is installed.
+        ``environment``, ``name`` and ``python_download`` are left out: they change nothing
+        that is installed (the interpreter itself is part of the key, see cache.env_key).
         Local files are stamped with size and mtime so a rebuilt wheel gives a new env.
         """
         return {
@@ -83,6 +94,7 @@ class EnvSpec:
             "find_links": [_stamp(f) for f in self.find_links],
             "no_index": self.no_index,
             "share": sorted(self.share),
+            "exclude_newer": self.exclude_newer,
         }
 
     def to_json(self) -> str:
@@ -117,6 +129,51 @@ def _line_of(text: str, key: str, table: str | None = None) -> int | None:
         if current == table and pat.match(line):
             return i
     return None
+
+
+def _unclosed_bracket(text: str):
+    """("array"|"inline table", 1-based line) of the first value bracket never closed, or None.
+
+    A small scanner (strings, comments, table headers); only used to explain an error
+    tomllib already found, so it needs to be right for what ends up unclosed only.
+    """
+    stack = []
+    quote = None                      # the open string's delimiter
+    for lineno, line in enumerate(text.splitlines(), 1):
+        i = 0
+        if quote is None and not stack and line.lstrip().startswith("["):
+            continue                  # a [table] or [[array of tables]] header
+        while i < len(line):
+            c = line[i]
+            if quote is not None:
+                if c == "\\" and quote in ('"', '"""'):
+                    i += 2
+                    continue
+                if line.startswith(quote, i):
+                    i += len(quote)
+                    quote = None
+                    continue
+                i += 1
+                continue
+            if c == "#":
+                break
+            if line.startswith('"""', i) or line.startswith("'''", i):
+                quote = line[i:i + 3]
+                i += 3
+                continue
+            if c in "\"'":
+                quote = c
+            elif c in "[{":
+                stack.append((c, lineno))
+            elif c in "]}" and stack:
+                stack.pop()
+            i += 1
+        if quote in ('"', "'"):
+            quote = None              # single-line strings end with their line
+    if not stack:
+        return None
+    c, lineno = stack[0]
+    return ("array" if c == "[" else "inline table"), lineno
 
 
 def _looks_like_path(req: str) -> bool:
@@ -160,8 +217,15 @@ def load_spec(path) -> EnvSpec:
     except UnicodeDecodeError as e:
         raise EnvSpecError(f"not UTF-8 text ({e}).", path) from None
     except tomllib.TOMLDecodeError as e:
-        # tomllib's message already ends in "(at line L, column C)".
-        raise EnvSpecError(f"invalid TOML: {e}.", path) from None
+        # tomllib's message ends in "(at line L, column C)", or "(at end of document)" for
+        # an array or table left open: then name the line where it was opened.
+        msg = str(e)
+        opened = _unclosed_bracket(text)
+        line = None
+        if opened is not None:
+            kind, line = opened
+            msg += f"; the {kind} opened on line {line} is never closed"
+        raise EnvSpecError(f"invalid TOML: {msg}.", path, line if "end of document" in str(e) else None) from None
     return spec_from_dict(data, source=path, text=text)
 
 
@@ -232,8 +296,28 @@ def spec_from_dict(data: dict, source: str | None = None, text: str = "") -> Env
                  "(no version: the host's installed version is what gets shared).", "share")
         share.append(normalize_dist_name(s))
     kw["share"] = tuple(sorted(set(share)))
+    if "exclude_newer" in data:
+        v = data["exclude_newer"]
+        if isinstance(v, datetime.datetime):
+            v = v.isoformat() if v.tzinfo else v.isoformat() + "Z"   # a local time is taken as UTC
+        elif isinstance(v, datetime.date):
+            v = v.isoformat()
+        elif not _DATE_RE.match(v.strip()):
+            fail(f"exclude_newer = {v!r} is not a date; expected \"YYYY-MM-DD\" or an RFC 3339 timestamp "
+                 "such as \"2025-06-01T00:00:00Z\".", "exclude_newer")
+        kw["exclude_newer"] = v.strip()
+    kw["python_download"] = data.get("python_download", False)
     env = {}
     for k, v in data.get("environment", {}).items():
+        if k in _SCHEMA:
+            fail(f"[environment] has a key {k!r}, which is a top-level key of {SPEC_FILENAME}: it was "
+                 f"written after the [environment] header, so TOML put it into that table. Move "
+                 f"`{k} = ...` above [environment] (an environment variable of that name would be "
+                 f"written {k.upper()!r}).", k, "environment")
+        if k.upper() in _RESERVED_VARS:
+            fail(f"[environment] {k} cannot be set: comfy-env sets it to start the worker in this env "
+                 "(its bootstrap dir). Make your code importable through `requirements` instead "
+                 "(a local project directory or wheel).", k, "environment")
         if not _ENV_VAR_RE.match(k):
             fail(f"[environment] key {k!r} is not a valid environment variable name.", k, "environment")
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):

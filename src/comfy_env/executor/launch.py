@@ -51,15 +51,18 @@ def worker_environ(wenv: WorkerEnvironment):
 def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subprocess.Popen:
     """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds."""
     fds = (child_fd,) if alive_fd is None else (child_fd, alive_fd)
+    # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
+    lease = wenv.prepare_launch()
     try:
         return subprocess.Popen(
             worker_command(wenv, child_fd, alive_fd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            pass_fds=fds,
+            pass_fds=fds + lease,
             env=worker_environ(wenv),
             close_fds=True,
+            cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
             # Own process group: a Ctrl-C in the parent's terminal is the
             # parent's to handle; it then shuts its workers down.
             start_new_session=False,
@@ -71,6 +74,9 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subpr
             f"could not start a worker with interpreter {wenv.python!r} "
             f"(environment {wenv.label!r}): {exc}"
         ) from exc
+    finally:
+        for fd in lease:
+            os.close(fd)
 
 
 def parent_python():

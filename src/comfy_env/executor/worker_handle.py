@@ -156,7 +156,7 @@ class WorkerHandle:
             "uid": lifetime.PROCESS_UID,
             "name": self.link.name,
             "sys_path": list(sys.path) if self.pool.wenv.is_current else None,
-            "cwd": os.getcwd() if self.pool.wenv.is_current else None,
+            "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []

@@ -1,0 +1,112 @@
+"""What a worker in a built env sees, and an env's life under a running executor.
+
+Bug 1: the parent's working directory must not leak into a foreign env's worker (a
+``nodes.py`` or a package of the same name in ComfyUI's root shadowed the env's own).
+Bug 7: an env that live workers use is not removed; an executor whose env was removed
+(forcibly, or while no worker ran) rebuilds it when it starts its next worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+
+from comfy_env.envs import Env, EnvInUse, builder
+from pythons import ALL_PYTHONS, run_script
+from test_envs_helpers import demo_dep_wheel, demo_spec
+
+IsolatedExecutor = pytest.importorskip("comfy_env.executor").IsolatedExecutor
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wheels")
+    demo_dep_wheel(d, "1.0")
+    return str(d)
+
+
+def _shadowing_cwd(d):
+    """A working directory like ComfyUI's root: modules named like the env's."""
+    (d / "demo_dep").mkdir()
+    (d / "demo_dep" / "__init__.py").write_text("VERSION = 'from the working directory'\n")
+    (d / "nodes.py").write_text("X = 1\n")
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from comfy_env import IsolatedExecutor, Env
+
+    env = Env.from_toml(sys.argv[1], cache_dir=sys.argv[2]).create(progress=False)
+    with IsolatedExecutor(env=env) as ex:
+        out = {
+            "version": ex.submit("demo_dep:describe").result(60)["version"],
+            "nodes": ex.submit("importlib.util:find_spec", "nodes").result(30) is not None,
+            "cwd": ex.submit("os:getcwd").result(30),
+            "path": ex.submit("sys:path.copy").result(30),
+        }
+    print(json.dumps(out))
+""")
+
+
+@ALL_PYTHONS
+def test_the_working_directory_does_not_leak_into_a_foreign_worker(pyver, tmp_path, wheels):
+    work = tmp_path / "comfyui-root"
+    work.mkdir()
+    _shadowing_cwd(work)
+    spec = demo_spec(tmp_path / "pack", wheels)
+    proc = run_script(pyver, _SCRIPT, cwd=work, timeout=120, args=(spec, str(tmp_path / "cache")),
+                      env={builder.UV_ENV_VAR: builder.find_uv()})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["version"] == "1.0"            # the env's demo_dep, not the directory's
+    assert out["nodes"] is False              # nodes.py in the working directory is not importable
+    assert out["cwd"] == str(work)            # ... yet the worker works in the parent's directory
+    assert str(work) not in out["path"] and "" not in out["path"]
+
+
+def _wait_until_removable(env, timeout=15):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return env.remove()
+        except EnvInUse:
+            assert time.monotonic() < deadline, "the env stayed in use after its worker died"
+            time.sleep(0.05)
+
+
+def test_an_env_in_use_is_not_removed_and_an_executor_rebuilds_a_removed_env(tmp_path, wheels, capsys):
+    from comfy_env.cli import main
+
+    cache = str(tmp_path / "cache")
+    spec = demo_spec(tmp_path / "pack", wheels)
+    env = Env.from_toml(spec, cache_dir=cache).create(progress=False)
+    with IsolatedExecutor(env=env) as ex:
+        assert ex.submit("demo_dep:describe").result(60)["version"] == "1.0"
+        with pytest.raises(EnvInUse, match="in use by running workers"):
+            env.remove()
+        assert main(["env", "remove", spec, "--cache-dir", cache]) == 1
+        assert "in use" in capsys.readouterr().err
+        assert main(["env", "remove", "--all", "--cache-dir", cache]) == 1
+        assert env.is_built and ex.submit("demo_dep:describe").result(60)["version"] == "1.0"
+        # Once its worker is gone, the env can go; the executor's next worker rebuilds it.
+        (pid,) = ex.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_until_removable(env) is True and not env.is_built
+        assert ex.submit("demo_dep:describe").result(90)["version"] == "1.0"
+        assert env.is_built
+    assert env.remove() is True   # no worker left: nothing in use
+
+
+def test_an_env_given_by_its_directory_is_held_in_use_too(tmp_path, wheels):
+    env = Env.from_toml(demo_spec(tmp_path / "pack", wheels), cache_dir=str(tmp_path / "cache")).create(progress=False)
+    with IsolatedExecutor(env=env.path) as ex:
+        assert ex.submit("demo_dep:describe").result(60)["version"] == "1.0"
+        with pytest.raises(EnvInUse):
+            env.remove()
+    assert env.remove() is True
