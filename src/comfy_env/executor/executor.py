@@ -582,6 +582,10 @@ class IsolatedExecutor(Executor):
         worker_log_level: level set on the workers' root logger (``logging``
             records of the workers are re-emitted in the parent under
             ``comfy_env.worker.<name>``).
+        worker_output: where the workers' ``print()`` and stderr go:
+            ``"stream"`` (default: this process's stdout/stderr, each line
+            prefixed with the worker's name), ``"logging"`` (records of the
+            ``comfy_env.worker.<name>`` logger) or ``"discard"``.
         device: pin the workers to one GPU: ``"cuda:N"`` or an index in this
             process's numbering, ``"cuda"``, a ``torch.device`` or a GPU UUID.  It
             becomes the workers' ``cuda:0``; the other GPUs stay visible
@@ -633,11 +637,13 @@ class IsolatedExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` to run in a worker; return its future.
 
         ``fn`` is a callable or a ``"package.module:qualname"`` string that the
-        worker imports.  A callable the worker can import by name (an installed
-        package, ``comfy_env``) travels by reference; anything else (defined in
-        ``__main__`` or a module of your own) is pickled by value with
-        cloudpickle, which needs the worker to run the same Python minor
-        version (``PicklingFailed`` says so otherwise).
+        worker imports.  A callable travels by reference when the worker can
+        import it by name, otherwise by value (cloudpickle): functions of
+        ``__main__`` always go by value; for a worker of another environment,
+        so do those of your own modules (only installed packages and
+        ``comfy_env`` go by reference there), which needs that environment to
+        run the parent's Python minor version (``PicklingFailed`` says so
+        otherwise).
 
         Arguments and the result are pickled once; numpy arrays and torch
         tensors of 64 KiB or more travel through shared memory (CUDA tensors
