@@ -683,8 +683,8 @@ class IsolatedExecutor(Executor):
         As ``concurrent.futures.Executor.map``: all calls are submitted at once,
         the returned iterator yields each result in input order (raising a
         call's exception when it is reached), and ``timeout`` (seconds, from
-        the call to ``map``) raises ``concurrent.futures.TimeoutError`` if a result is not ready in
-        time.  ``chunksize`` > 1 sends that many items per message, as
+        the call to ``map``) raises ``concurrent.futures.TimeoutError`` if a
+        result is not ready in time.  ``chunksize`` > 1 sends that many items per message, as
         ``ProcessPoolExecutor`` does: fewer round trips for many small calls.
         ``fn`` may be a callable or a ``"package.module:qualname"`` string.
         """
