@@ -27,7 +27,7 @@ import pytest
 
 from pythons import ALL_PYTHONS, REPO, run_script
 
-TIMEOUT = 45          # per snippet run: generous for a loaded 2-core box; a hang fails here
+TIMEOUT = 30          # per snippet run: generous for a loaded 2-core box (they take 1-3 s); a hang fails here
 
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*snippet:\s*([\w-]+)\s*(?:\((.*)\))?\s*-->\s*$")
