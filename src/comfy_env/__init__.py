@@ -6,6 +6,15 @@ cloudpickle only, and ``import comfy_env`` never imports numpy or torch.
 """
 from ._version import __version__
 
+TYPE_CHECKING = False   # true for type checkers (they know the name); typing stays unimported
+if TYPE_CHECKING:       # type checkers see the real names; at run time they load lazily (below)
+    from .envs import Env
+    from .errors import (CallTimeout, InitializerFailed, PicklingFailed, ProtocolMismatch,
+                         RemoteError, WorkerCrashed, WorkerStartError)
+    from .executor import IsolatedExecutor, IsolatedFuture
+    from .ipc.placement import to_device
+    from .ipc.shm import shared_empty, shared_like
+
 _EXPORTS = {
     "IsolatedExecutor": ("comfy_env.executor", "IsolatedExecutor"),
     "IsolatedFuture": ("comfy_env.executor", "IsolatedFuture"),

@@ -18,18 +18,27 @@ class WorkerCrashed(BrokenProcessPool):
     ``stderr_tail`` the last lines the worker wrote to stderr.
     """
 
-    def __init__(self, message, exitcode=None, stderr_tail=""):
+    def __init__(self, message: str, exitcode: int | None = None, stderr_tail: str = "") -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.stderr_tail = stderr_tail
 
 
 class CallTimeout(TimeoutError):
-    """The call ran longer than ``call_timeout``; its worker was killed."""
+    """The call ran longer than ``call_timeout``; its worker was killed.
+
+    Only that call fails; the executor starts a fresh worker for the next one.
+    A ``TimeoutError``, so ``except TimeoutError`` catches it too.
+    """
 
 
 class WorkerStartError(BrokenExecutor):
-    """A worker could not be started (bad interpreter, failed handshake, version mismatch)."""
+    """A worker could not be started (bad interpreter, failed handshake, version mismatch).
+
+    The executor is broken (a ``concurrent.futures.BrokenExecutor``): pending
+    calls fail with it and ``submit`` raises it, since a restart would fail the
+    same way.
+    """
 
 
 class InitializerFailed(WorkerStartError):
@@ -41,17 +50,21 @@ class ProtocolMismatch(WorkerStartError):
 
 
 class PicklingFailed(TypeError):
-    """An argument or a result could not be pickled; the message says which and why."""
+    """An argument or a result could not be pickled; the message says which and why.
+
+    Also raised for a function that would have to be pickled by value into a
+    worker of another Python minor version (pass a ``"module:qualname"`` string).
+    """
 
 
 class RemoteTraceback(Exception):
     """Carries the worker's formatted traceback; attached as ``__cause__``."""
 
-    def __init__(self, tb):
+    def __init__(self, tb: str) -> None:
         super().__init__(tb)
         self.tb = tb
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.tb
 
 
@@ -62,7 +75,7 @@ class RemoteError(Exception):
     its ``str()``, and the remote traceback is the ``__cause__``.
     """
 
-    def __init__(self, type_name, message, tb=""):
+    def __init__(self, type_name: str, message: str, tb: str = "") -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import cache
 from .builder import build_env, env_python
@@ -24,13 +25,21 @@ from .errors import EnvBuildError, EnvLockError, EnvNotBuilt, EnvSpecError, Inte
 from .interpreters import download_interpreter, find_interpreter_for_version, host_interpreter
 from .spec import EnvSpec, load_spec, spec_from_dict
 
+if TYPE_CHECKING:
+    from . import WorkerEnvironment
+
 __all__ = ["Env"]
 
 
 class Env:
-    """A comfy-env environment: a spec plus the cache it is built in."""
+    """A comfy-env environment: a spec plus the cache it is built in.
 
-    def __init__(self, spec: EnvSpec, *, cache_dir=None):
+    Made with :meth:`from_toml` or :meth:`from_dict`; pass it as
+    ``IsolatedExecutor(env=...)``, which builds it if needed.  Nothing is built
+    or probed until a property or method needs it.
+    """
+
+    def __init__(self, spec: EnvSpec, *, cache_dir: str | os.PathLike | None = None) -> None:
         if not isinstance(spec, EnvSpec):
             raise TypeError(f"Env() takes an EnvSpec; use Env.from_toml(path) or Env.from_dict({{...}}), "
                             f"not {type(spec).__name__}")
@@ -41,12 +50,18 @@ class Env:
         self._lock = None          # (LockFile or None, why a lock next to the spec is not used)
 
     @classmethod
-    def from_toml(cls, path, *, cache_dir=None) -> "Env":
-        """Load a ``comfy-env.toml`` (or a directory holding one)."""
+    def from_toml(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> "Env":
+        """Load a ``comfy-env.toml`` (or a directory holding one).
+
+        ``cache_dir``: where built environments live (default:
+        ``$COMFY_ENV_CACHE_DIR``, else the user cache directory).  Raises ``EnvSpecError`` naming
+        the file and line of a malformed spec.
+        """
         return cls(load_spec(path), cache_dir=cache_dir)
 
     @classmethod
-    def from_dict(cls, data: dict, *, base_dir=None, cache_dir=None) -> "Env":
+    def from_dict(cls, data: dict, *, base_dir: str | os.PathLike | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> "Env":
         """Build from a dict with the toml's keys; relative paths are taken from ``base_dir``."""
         source = os.path.join(os.path.abspath(base_dir), "<dict>") if base_dir else None
         return cls(spec_from_dict(dict(data), source=source), cache_dir=cache_dir)
@@ -54,6 +69,7 @@ class Env:
     # -- identity -------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The spec's ``name``."""
         return self.spec.name
 
     @property
@@ -105,6 +121,7 @@ class Env:
 
     @property
     def key(self) -> str:
+        """The cache key: a hash of the spec and the base interpreter."""
         if self._key is None:
             self._key = cache.env_key(self.spec, self.interpreter, self._spec_lock()[0])
         return self._key
@@ -116,6 +133,7 @@ class Env:
 
     @property
     def is_built(self) -> bool:
+        """Whether the env is in the cache, complete."""
         return os.path.isfile(os.path.join(self.path, cache.META_FILENAME))
 
     @property
@@ -131,14 +149,16 @@ class Env:
 
     @property
     def python_version(self) -> tuple:
+        """``(major, minor)`` of the env's Python."""
         return self.interpreter.minor
 
     @property
     def environment(self) -> dict:
+        """The spec's extra environment variables for the workers (a copy)."""
         return dict(self.spec.environment)
 
     # -- lifecycle ------------------------------------------------------------------
-    def create(self, progress=True, *, locked=False) -> "Env":
+    def create(self, progress: bool | Callable[[str], Any] = True, *, locked: bool = False) -> "Env":
         """Build the env unless it is already in the cache.  Returns self.
 
         ``progress``: True prints the installer's output (and a heartbeat line while it
@@ -224,7 +244,7 @@ class Env:
         meta = cache.read_meta(self.path) or {}
         return list(meta.get("installed", ()))
 
-    def worker_environment(self, progress=True):
+    def worker_environment(self, progress: bool | Callable[[str], Any] = True) -> WorkerEnvironment:
         """Build if needed and describe how to start a worker in this env."""
         from . import WorkerEnvironment
         from .bootstrap import bootstrap_dir
@@ -246,7 +266,7 @@ class Env:
             rebuild=_Rebuild(self, progress),
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Env(name={self.name!r}, source={self.spec.source!r})"
 
 

@@ -35,6 +35,7 @@ import types
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, Executor, Future
+from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
@@ -551,20 +552,54 @@ def _explain_pickling(exc, item):
 class IsolatedExecutor(Executor):
     """Run callables in worker processes of another (or this) Python environment.
 
-    ``env``: None (this interpreter, in new processes), a path to an
-    interpreter / environment directory / ``comfy-env.toml``, or an ``Env``.
-    ``max_workers`` workers run calls in parallel.  ``initializer(*initargs)``
-    runs once in each worker; if it raises, the executor is broken.
-    ``call_timeout`` (seconds) bounds each call: the worker is killed, the
-    future raises :class:`CallTimeout`, the executor carries on.
-    ``device`` (``"cuda:N"`` in this process's numbering, or a GPU UUID) pins
-    the workers to one GPU: it becomes their ``cuda:0`` (see devices.py).
-    ``name`` prefixes the workers' log lines; ``worker_log_level`` sets the
-    workers' root logger level.
+    A ``concurrent.futures.Executor``: ``submit``, ``map``, ``shutdown``, the
+    ``with`` statement, ``concurrent.futures.wait`` and ``as_completed`` behave as
+    in the standard library.  Workers are started on demand (the first call pays
+    for interpreter start-up) and stopped by ``shutdown()``; they also die with
+    the parent.
+
+    Args:
+        env: where the workers run.  ``None``: this interpreter, in new processes
+            (workers start with this process's ``sys.path`` and working
+            directory).  A path: a ``comfy-env.toml`` (or the directory holding
+            one; built with uv on first use and cached), an environment directory
+            (venv, conda, pixi) or a Python interpreter.  Or an
+            :class:`~comfy_env.Env`.  A worker of another environment sees that
+            environment's packages, ``comfy_env`` and ``cloudpickle`` (linked
+            from the parent) and what the spec's ``share`` adds, nothing else of
+            the parent's: not its ``sys.path``, not its working directory.
+        max_workers: how many calls run in parallel (one worker process each).
+        initializer: a callable, or a ``"package.module:qualname"`` string, run
+            as ``initializer(*initargs)`` once in each worker before its first
+            call.  If it raises, the executor is broken
+            (:class:`~comfy_env.InitializerFailed`).
+        initargs: arguments for ``initializer``.
+        call_timeout: seconds a call may run.  A call past it has its worker
+            killed and fails with :class:`~comfy_env.CallTimeout`; the executor
+            carries on with a fresh worker.  ``None``: no limit.
+        name: the workers' name in log lines and output prefixes (default: the
+            environment's label and a number).
+        worker_log_level: level set on the workers' root logger (``logging``
+            records of the workers are re-emitted in the parent under
+            ``comfy_env.worker.<name>``).
+        worker_output: where the workers' ``print()`` and stderr go:
+            ``"stream"`` (default: this process's stdout/stderr, each line
+            prefixed with the worker's name), ``"logging"`` (records of the
+            ``comfy_env.worker.<name>`` logger) or ``"discard"``.
+        device: pin the workers to one GPU: ``"cuda:N"`` or an index in this
+            process's numbering, ``"cuda"``, a ``torch.device`` or a GPU UUID.  It
+            becomes the workers' ``cuda:0``; the other GPUs stay visible
+            (``docs/devices.md``).
+
+    Raises:
+        ValueError / TypeError: a bad argument, at construction.
+        comfy_env.envs.EnvError: ``env`` cannot be found, parsed or built.
     """
 
-    def __init__(self, env=None, max_workers=1, *, initializer=None, initargs=(),
-                 call_timeout=None, name=None, worker_log_level=None, device=None):
+    def __init__(self, env: Any = None, max_workers: int = 1, *,
+                 initializer: Callable[..., Any] | str | None = None, initargs: Iterable[Any] = (),
+                 call_timeout: float | None = None, name: str | None = None,
+                 worker_log_level: int | str | None = None, device: Any = None) -> None:
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -594,10 +629,42 @@ class IsolatedExecutor(Executor):
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property
-    def max_workers(self):
+    def max_workers(self) -> int:
+        """The most worker processes this executor runs at once."""
         return self._pool.max_workers
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> IsolatedFuture:
+        """Schedule ``fn(*args, **kwargs)`` to run in a worker; return its future.
+
+        ``fn`` is a callable or a ``"package.module:qualname"`` string that the
+        worker imports.  A callable travels by reference when the worker can
+        import it by name, otherwise by value (cloudpickle): functions of
+        ``__main__`` always go by value; for a worker of another environment,
+        so do those of your own modules (only installed packages and
+        ``comfy_env`` go by reference there), which needs that environment to
+        run the parent's Python minor version (``PicklingFailed`` says so
+        otherwise).
+
+        Arguments and the result are pickled once; numpy arrays and torch
+        tensors of 64 KiB or more travel through shared memory (CUDA tensors
+        stay on their GPU) without being copied through the socket.  A future
+        of any ``IsolatedExecutor`` anywhere in the arguments (also nested in
+        lists, tuples, sets and dicts) makes this call wait for it; its result
+        then goes from worker to worker without being decoded in the parent
+        (``docs/chains.md``).
+
+        The future's ``result()`` returns the value (decoded on first use) or
+        raises the worker's exception with its traceback as ``__cause__``,
+        :class:`~comfy_env.WorkerCrashed`, :class:`~comfy_env.CallTimeout` or
+        :class:`~comfy_env.PicklingFailed`.
+
+        Raises:
+            TypeError: ``fn`` is neither callable nor a string.
+            ValueError: ``fn`` is a string not of the form ``"module:qualname"``.
+            RuntimeError: the executor was shut down.
+            concurrent.futures.BrokenExecutor: the executor is broken (a worker
+                could not start or its initializer failed).
+        """
         if not (callable(fn) or isinstance(fn, str)):
             raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
                             f"got {type(fn).__name__}")
@@ -609,7 +676,18 @@ class IsolatedExecutor(Executor):
         self._pool.submit(_WorkItem(fut, fn, args, kwargs, deps))
         return fut
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
+    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+        """``fn`` applied to the items of ``iterables`` in the workers, results in order.
+
+        As ``concurrent.futures.Executor.map``: all calls are submitted at once,
+        the returned iterator yields each result in input order (raising a
+        call's exception when it is reached), and ``timeout`` (seconds, from
+        the call to ``map``) raises ``concurrent.futures.TimeoutError`` if a
+        result is not ready in time.  ``chunksize`` > 1 sends that many items per message, as
+        ``ProcessPoolExecutor`` does: fewer round trips for many small calls.
+        ``fn`` may be a callable or a ``"package.module:qualname"`` string.
+        """
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
@@ -619,12 +697,22 @@ class IsolatedExecutor(Executor):
         results = super().map(run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
-    def shutdown(self, wait=True, *, cancel_futures=False):
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls and stop the workers once their work is done.
+
+        ``wait=True`` returns when every submitted call has finished and every
+        worker process has exited.  ``wait=False`` returns at once; the calls
+        still run and the workers exit after them.  ``cancel_futures=True``
+        cancels the calls that have not started (queued, or waiting for an
+        input future).  Futures already done keep their results, which stay
+        valid after the workers have exited.  Leaving a ``with`` block calls
+        ``shutdown(wait=True)``.
+        """
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait:
             self._finalizer.detach()
 
-    def worker_pids(self):
+    def worker_pids(self) -> list[int]:
         """PIDs of the live workers (for diagnostics and tests)."""
         with self._pool.lock:
             return sorted(w.pid for w in self._pool.workers if w.pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from concurrent.futures import Future
+from typing import Any
 
 from ..ipc import codec, lifetime
 
@@ -55,9 +56,18 @@ def _drop_holds(records):
 
 
 class IsolatedFuture(Future):
-    """A ``concurrent.futures.Future`` whose result is decoded on first use."""
+    """A ``concurrent.futures.Future`` whose result is decoded on first use.
 
-    def __init__(self):
+    Returned by :meth:`IsolatedExecutor.submit`; every ``Future`` method works
+    as usual.  A worker's result arrives as pickle bytes plus references to
+    shared memory; it is decoded (segments mapped, tensors imported) by the
+    first ``result()``, and later calls return the same object.  ``done()``,
+    ``exception()``, ``cancelled()`` and ``add_done_callback()`` never decode,
+    so a future that is only passed on to another executor's ``submit`` is
+    forwarded worker to worker without the parent touching the data.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
         self._lazy = None
         self._materialise_lock = threading.Lock()
@@ -66,7 +76,15 @@ class IsolatedFuture(Future):
         self._lazy = lazy
         self.set_result(lazy)
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's return value, decoded in this process on first use.
+
+        Waits up to ``timeout`` seconds (``None``: no limit) and raises
+        ``concurrent.futures.TimeoutError`` after that, ``CancelledError`` if
+        the call was cancelled, or the call's exception.  If the value cannot be
+        decoded here (a class or package this process lacks), that error is
+        raised, now and on every later call.
+        """
         value = super().result(timeout)
         if self._lazy is None or value is not self._lazy:
             return value
@@ -92,8 +110,12 @@ class IsolatedFuture(Future):
     # exception() is the base class's: it must not decode the payload (chains
     # call it to see whether an input failed); a decode failure shows in result().
 
-    def lazy_result(self):
-        """The undecoded result, if the future is done and nobody decoded it yet."""
+    def lazy_result(self) -> LazyResult | None:
+        """The undecoded result, if the future is done and nobody decoded it yet.
+
+        ``None`` before the call is done, after ``result()`` decoded it, and for
+        a call that failed.  For diagnostics; pass the future itself on.
+        """
         return self._lazy
 
     def _hold_lazy(self):

@@ -21,11 +21,29 @@ one's ``CUDA_VISIBLE_DEVICES`` is.
 """
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["to_device"]
 
 
-def to_device(tensor, device=None):
-    """Wrap ``tensor`` so that it arrives on ``device`` (see the module's docstring)."""
+def to_device(tensor: Any, device: Any = None) -> Any:
+    """Wrap ``tensor`` so that it arrives on ``device`` in the process that receives it.
+
+    Use it in a ``submit`` argument, or in a worker's return value.  The tensor
+    still travels zero copy; the receiver then moves it with ``Tensor.to``
+    (device to device), only if it is not there already.
+
+    ``device``: ``None`` for the receiver's current CUDA device (a pinned
+    worker's own GPU; without CUDA the tensor is left where it is), ``"cpu"``,
+    or a GPU in the *sender's* numbering (``"cuda:N"``, an index, a
+    ``torch.device``, a ``GPU-...`` UUID), resolved to a UUID now, so both sides
+    agree whatever their ``CUDA_VISIBLE_DEVICES``.  The wrapper is only for
+    sending; it is not a tensor itself.
+
+    Raises:
+        TypeError: ``tensor`` is not a torch tensor.
+        ValueError: ``device`` names no GPU of this process, or is malformed.
+    """
     if not (hasattr(tensor, "to") and hasattr(tensor, "device")):
         raise TypeError(f"to_device() takes a torch tensor, not {type(tensor).__qualname__}")
     return _OnDevice(tensor, _target(device))

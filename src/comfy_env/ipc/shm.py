@@ -23,8 +23,12 @@ import mmap
 import os
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 from . import lifetime
+
+if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
+    import numpy
 
 __all__ = ["Segment", "Arena", "ARENA", "shared_empty", "shared_like", "find_segment",
            "PLANE_NAME"]
@@ -275,11 +279,17 @@ ARENA = Arena()
 
 
 # -- public helpers ---------------------------------------------------------------
-def shared_empty(shape, dtype=float, order="C"):
+def shared_empty(shape: int | tuple[int, ...], dtype: Any = float,
+                 order: str = "C") -> numpy.ndarray:
     """A numpy array in comfy_env shared memory: passed to workers with no copy at all.
 
+    Like ``numpy.empty(shape, dtype, order)`` (the contents are undefined).
     Arrays received from workers already live there; this is for inputs you
-    build yourself (fill it, then submit it).
+    build yourself (fill it, then submit it).  A worker that writes into it
+    writes into this process's array: the memory is shared, not copied.
+
+    Raises:
+        TypeError: ``dtype`` holds Python objects, which cannot live in shared memory.
     """
     import numpy as np
 
@@ -294,8 +304,17 @@ def shared_empty(shape, dtype=float, order="C"):
     return np.ndarray(shape, dtype, buffer=holder, offset=0, order=order)
 
 
-def shared_like(arr):
-    """A copy of ``arr`` (numpy array or torch CPU tensor) in comfy_env shared memory."""
+def shared_like(arr: Any) -> Any:
+    """A copy of ``arr`` (numpy array or torch CPU tensor) in comfy_env shared memory.
+
+    Returns the same kind of object: a C-contiguous numpy array (anything
+    ``numpy.asarray`` accepts becomes one) or a torch CPU tensor (keeping
+    ``requires_grad``).  Pay the copy once; every later ``submit`` of the copy
+    sends it with no copy at all.
+
+    Raises:
+        ValueError: a CUDA tensor (those travel through CUDA pools already).
+    """
     mod = type(arr).__module__
     if mod.startswith("torch"):
         import torch
