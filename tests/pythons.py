@@ -22,7 +22,7 @@ import pytest
 from filelock import FileLock
 
 VERSIONS = ("3.10", "3.11", "3.12", "3.13")
-DEPENDENCIES = ("cloudpickle>=3.0", "numpy>=1.23", "filelock>=3.12", "platformdirs>=3",
+DEPENDENCIES = ("cloudpickle>=3.0", "numpy>=1.23", "uv>=0.4", "filelock>=3.12", "platformdirs>=3",
                 "tomli>=2.0; python_version < '3.11'")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
