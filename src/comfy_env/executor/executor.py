@@ -436,6 +436,12 @@ class _Pool:
         return n
 
     def _start_worker(self):
+        if lifetime.exiting():
+            # No reader thread could start (Thread.start hangs or raises by now).
+            with self.lock:
+                self.starting -= 1
+            self._start_failed(WorkerStartError("cannot start a worker after interpreter shutdown"))
+            return
         worker = WorkerHandle(self, next(self._worker_index))
         with self.lock:
             self.starting -= 1
