@@ -74,6 +74,20 @@ def test_a_script_holding_results_exits_at_once_and_quietly(pyver, holder, tmp_p
     assert proc.stderr == ""
 
 
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_calls_queued_when_the_script_ends_still_run_on_the_workers_there_are(pyver, tmp_path):
+    code = PRELUDE + textwrap.dedent("""
+        ex = IsolatedExecutor(max_workers=2)
+        for i in range(6):
+            ex.submit(ones, 0.2).add_done_callback(lambda f, i=i: print("done", i, f.result().shape))
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=45)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [f"done {i} (262144,)" for i in range(6)]
+    assert proc.stderr == ""
+
+
 def _state(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

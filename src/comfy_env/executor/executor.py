@@ -69,6 +69,7 @@ __all__ = ["IsolatedExecutor"]
 _ids = itertools.count(1)
 _names = itertools.count(1)
 _live_pools = weakref.WeakSet()
+_exit_started = False           # the at-exit shutdown runs: a failed start is not retried
 
 DEFAULT_START_TIMEOUT = 300.0   # seconds: a cold import of torch plus an initializer loading a model
 START_RETRY_BACKOFF = 1.0       # seconds before a failed worker start is tried once more
@@ -470,7 +471,7 @@ class _Pool:
         with self.lock:
             self.start_failures += 1
             retry = (self.start_failures < 2 and self.broken is None
-                     and not lifetime.exiting())
+                     and not _exit_started and not lifetime.exiting())
             if retry:
                 self.starting += 1      # held for the retry, so shutdown waits for it
         if retry:
@@ -892,7 +893,10 @@ def _shutdown_all_at_exit():
     # unless the program ends on a Ctrl-C (the interpreter has printed the
     # KeyboardInterrupt and kept it in sys.last_value), or one arrives while this
     # waits: then stop at once, as ProcessPoolExecutor's workers, which get the
-    # SIGINT too, do.  Quiet either way: the program is ending.
+    # SIGINT too, do.  Quiet either way: the program is ending.  Afterwards no
+    # thread of ours starts (lifetime.begin_exit).
+    global _exit_started
+    _exit_started = True
     pools = list(_live_pools)
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     if not interrupted:
@@ -910,6 +914,7 @@ def _shutdown_all_at_exit():
                 pool.stop_now()
             except Exception:
                 pass
+    lifetime.begin_exit()
 
 
 if hasattr(threading, "_register_atexit"):

@@ -51,13 +51,15 @@ def exiting() -> bool:
     """Has this process begun to exit?  Then nothing of ours may start a thread or block.
 
     True once the interpreter finalises (``sys.is_finalizing()``), and already
-    from the end of threading's exit hooks (where the executor's at-exit shutdown
-    runs, see :func:`_begin_exit`) on, when atexit callbacks follow.
+    once the executor's at-exit shutdown is over (:func:`begin_exit`), when
+    atexit callbacks follow.  (Python 3.12 refuses new threads even earlier, in
+    threading's exit hooks: :func:`start_thread` then returns None too.)
     """
     return _exiting or sys.is_finalizing()
 
 
-def _begin_exit():
+def begin_exit():
+    """Mark the process as exiting (see :func:`exiting`); called at interpreter exit."""
     global _exiting
     _exiting = True
 
@@ -470,10 +472,10 @@ def _after_fork_in_child():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# threading's exit hooks run last-registered first: the executor's at-exit shutdown,
-# registered by a module that imports this one, runs before this marks the exit.
+# For processes without an executor (workers); the executor's at-exit hook calls
+# begin_exit() itself when it is done.
 if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_begin_exit)
+    threading._register_atexit(begin_exit)
 else:  # pragma: no cover
     import atexit
-    atexit.register(_begin_exit)
+    atexit.register(begin_exit)
