@@ -417,13 +417,14 @@ class _Pool:
         # if the decoded value is dropped at once the blocks would be freed (fd
         # closed, number reused) between lazy_result() and the lends below.
         hold = getattr(fut, "_hold_lazy", None)
-        lazy = hold() if hold is not None else None
-        if lazy is None:
+        held = hold() if hold is not None else None
+        if held is None:
             return None
+        part, records = held
         try:
-            return fb.forward_part(lazy.part, lazy.records)
+            return fb.forward_part(part, records)
         finally:
-            lazy.unhold_extra()
+            lifetime.LEDGER.unhold_all(records)
 
     def _workers_to_start_locked(self):
         """How many workers to start for the pending calls (reserved in ``starting``)."""
@@ -443,6 +444,10 @@ class _Pool:
                 self.starting -= 1
             self._start_failed(WorkerStartError("cannot start a worker after interpreter shutdown"))
             return
+        with self.lock:
+            if self.shutting_down and not self.pending:
+                self.starting -= 1      # stopped meanwhile: nothing left to run
+                return
         worker = WorkerHandle(self, next(self._worker_index))
         with self.lock:
             self.starting -= 1

@@ -66,9 +66,6 @@ class LazyResult:
     def hold_extra(self):
         lifetime.LEDGER.hold_all(self.records)
 
-    def unhold_extra(self):
-        lifetime.LEDGER.unhold_all(self.records)
-
 
 def _drop_holds(records):
     lifetime.LEDGER.unhold_all(records)
@@ -167,13 +164,16 @@ class IsolatedFuture(Future):
         return self._lazy
 
     def _hold_lazy(self):
-        """Like ``lazy_result`` but with an extra hold on its records (forwarding).
+        """``(part, records)`` of the undecoded result with an extra hold on the records
+        (forwarding), or None once decoded.
 
-        Taken under the decode lock, so a concurrent ``result()`` cannot
-        release the records in between; the caller ends with ``unhold_extra()``.
+        Taken under the decode lock, so a concurrent ``result()`` cannot release
+        the records in between (nor drop the frame); the caller ends with
+        ``LEDGER.unhold_all(records)``.
         """
         with self._decode_lock:
             lazy = self._lazy
-            if lazy is not None:
-                lazy.hold_extra()
-            return lazy
+            if lazy is None:
+                return None
+            lazy.hold_extra()
+            return lazy.part, lazy.records
