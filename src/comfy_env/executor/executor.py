@@ -34,7 +34,13 @@ calls, as concurrent.futures' do -- unless the program is ending on a
 KeyboardInterrupt (or one arrives while exit waits): then queued calls are
 cancelled, running calls fail with CancelledError and the workers are killed,
 so one Ctrl-C ends the program at once.  Leaving a ``with`` block on a
-KeyboardInterrupt does the same.
+KeyboardInterrupt does the same.  (In an interactive session ``sys.last_value``
+keeps the last uncaught error, so an earlier Ctrl-C there also counts.)
+
+Done-callbacks run on the thread that completed the future, usually a worker's
+reader.  ``shutdown(wait=True)`` from there would wait for results that thread
+reads: it raises RuntimeError instead (after starting the shutdown), as
+ProcessPoolExecutor does.
 
 All state lives in ``_Pool``; the executor object only holds it, so an
 executor that is garbage collected without ``shutdown()`` is finalized.
