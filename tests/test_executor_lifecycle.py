@@ -232,3 +232,23 @@ def test_start_timeout_is_checked_and_has_a_default():
     import inspect
     default = inspect.signature(IsolatedExecutor).parameters["start_timeout"].default
     assert isinstance(default, (int, float)) and default > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_spawn_that_fails_once_with_emfile_is_retried(monkeypatch):
+    import errno
+
+    from comfy_env.executor import launch
+
+    real_spawn, calls = launch.spawn, []
+
+    def spawn(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise WorkerStartError("could not start a worker: " + os.strerror(errno.EMFILE))
+        return real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "spawn", spawn)
+    with IsolatedExecutor() as e:
+        assert e.submit(_funcs.add, 3, 4).result(30) == 7
+    assert len(calls) == 2
