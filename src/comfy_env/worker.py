@@ -197,9 +197,8 @@ class Worker:
         """
         self._gc_due = time.monotonic() + 0.5
         if self._janitor is None:
-            self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
-                                             name="comfy_env-janitor")
-            self._janitor.start()
+            # None at interpreter exit (no thread may start then).
+            self._janitor = lifetime.start_thread(self._janitor_loop, "comfy_env-janitor")
 
     def _janitor_loop(self):
         while True:

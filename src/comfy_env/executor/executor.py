@@ -15,9 +15,32 @@ Data flow::
   that takes it (the data planes lend blocks per peer) by the thread that
   dispatches it, outside the pool lock.
 * Workers are started on demand, up to ``max_workers``; one that dies is
-  replaced when there is work for it.  A worker that dies before it is ready
-  (bad interpreter, failed initializer) breaks the executor: restarting it
-  would fail the same way forever.
+  replaced when there is work for it.  A worker that fails to start is tried
+  once more after a back-off (the OOM killer may have picked it); a second
+  failure in a row, a failed initializer, a protocol mismatch, or a start that
+  ran past ``start_timeout`` breaks the executor: restarting would fail the
+  same way forever.
+* One timer thread per executor (``_Timer``, started on demand) enforces
+  ``call_timeout`` and ``start_timeout`` and fires start retries.  Its entries
+  name a call by id, never the work item: a finished call must not stay
+  reachable (with its result) until its deadline.
+
+Locks: ``_Pool.lock`` guards the scheduling state only.  Nothing that talks to
+a worker (sends, kills, joins) runs under it, and no future is completed under
+it (its callbacks run user code).
+
+Exit: at interpreter exit the executors that were not shut down finish their
+calls, as concurrent.futures' do -- unless the program is ending on a
+KeyboardInterrupt (or one arrives while exit waits): then queued calls are
+cancelled, running calls fail with CancelledError and the workers are killed,
+so one Ctrl-C ends the program at once.  Leaving a ``with`` block on a
+KeyboardInterrupt does the same.  (In an interactive session ``sys.last_value``
+keeps the last uncaught error, so an earlier Ctrl-C there also counts.)
+
+Done-callbacks run on the thread that completed the future, usually a worker's
+reader.  ``shutdown(wait=True)`` from there would wait for results that thread
+reads: it raises RuntimeError instead (after starting the shutdown), as
+ProcessPoolExecutor does.
 
 All state lives in ``_Pool``; the executor object only holds it, so an
 executor that is garbage collected without ``shutdown()`` is finalized.
@@ -25,6 +48,7 @@ executor that is garbage collected without ``shutdown()`` is finalized.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import heapq
 import itertools
 import logging
@@ -34,14 +58,14 @@ import time
 import types
 import weakref
 from collections import deque
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
 from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
-from ..ipc import codec
+from ..ipc import codec, lifetime
 from ..ipc.transport import ChannelClosed, MAX_FDS
 from .devices import pin_environment
 from .futures import IsolatedFuture
@@ -52,10 +76,23 @@ __all__ = ["IsolatedExecutor"]
 _ids = itertools.count(1)
 _names = itertools.count(1)
 _live_pools = weakref.WeakSet()
+_exit_started = False           # the at-exit shutdown runs: a failed start is not retried
+
+DEFAULT_START_TIMEOUT = 300.0   # seconds: a cold import of torch plus an initializer loading a model
+START_RETRY_BACKOFF = 1.0       # seconds before a failed worker start is tried once more
+
+
+class _Stage(enum.Enum):
+    """Where a work item is.  ``worker.item`` is read by dispatch, the timer and the
+    worker's reader; the transitions out of RUNNING happen under the pool lock."""
+    QUEUED = "queued"           # waiting or pending; its future is not running yet
+    RUNNING = "running"         # future set running; sent to a worker, or about to be
+    TIMED_OUT = "timed-out"     # ran past call_timeout: its worker is being killed
+    STOPPED = "stopped"         # the executor is stopping now (Ctrl-C): its worker is being killed
 
 
 class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "started")
+    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage")
 
     def __init__(self, future, fn, args, kwargs, deps):
         self.future = future
@@ -64,13 +101,25 @@ class _WorkItem:
         self.kwargs = kwargs
         self.call_id = next(_ids)
         self.deps = deps
-        self.started = False
+        self.stage = _Stage.QUEUED
 
 
-class _Watchdog:
-    """Kills workers whose call ran past ``call_timeout`` (one thread per executor, on demand)."""
+# What a timer entry is for, besides a call (named by its call id).
+_START = "start"                # the worker must be ready by then
+_RETRY = "retry"                # start a worker again (after a failed start)
 
-    def __init__(self):
+
+class _Timer:
+    """The executor's deadlines: ``call_timeout``, ``start_timeout``, start retries.
+
+    One thread per executor, started on the first deadline.  An entry is
+    ``(when, seq, worker, what)``; ``what`` is a call id, ``_START`` or ``_RETRY``
+    (never the work item: see the module docstring).  Due entries go to
+    ``_Pool.on_deadline``, outside this timer's lock.
+    """
+
+    def __init__(self, pool):
+        self._pool = weakref.ref(pool)
         self._cond = threading.Condition()
         self._heap = []
         self._seq = itertools.count()
@@ -78,40 +127,58 @@ class _Watchdog:
         self._stop = False
 
     def watch(self, worker):
+        """The call just sent to ``worker`` must end by ``worker.deadline``."""
+        item = worker.item
+        if item is not None:
+            self.at(worker.deadline, worker, item.call_id)
+
+    def at(self, when, worker, what):
+        """Call ``on_deadline(worker, what)`` at ``when``.  False if no timer can run
+        (the interpreter is exiting): the caller must not count on it."""
         with self._cond:
-            heapq.heappush(self._heap, (worker.deadline, next(self._seq), worker, worker.item))
+            if self._stop:
+                return False
+            heapq.heappush(self._heap, (when, next(self._seq), worker, what))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="comfy_env-watchdog",
-                                                daemon=True)
-                self._thread.start()
+                self._thread = lifetime.start_thread(self._run, "comfy_env-watchdog")
+                if self._thread is None:
+                    self._heap.clear()
+                    return False
             self._cond.notify()
+            return True
 
     def stop(self):
+        """Stop the thread; returns how many start retries it dropped (unfired)."""
         with self._cond:
             self._stop = True
+            dropped = sum(1 for entry in self._heap if entry[3] == _RETRY)
+            self._heap.clear()
             self._cond.notify()
+            return dropped
 
     def _run(self):
-        with self._cond:
-            while not self._stop:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, _, worker, item = self._heap[0]
-                now = time.monotonic()
-                if deadline > now:
-                    self._cond.wait(deadline - now)
-                    continue
-                heapq.heappop(self._heap)
-                # Stale entry: the call finished or another one started since.  The
-                # entry names its call: checking only ``worker.item is not None`` could
-                # kill the *next* call, dispatched to the worker right after this one
-                # finished at its deadline.  Under the pool lock, which the reader holds
-                # to take the item when a result or the worker's death arrives.
-                with worker.pool.lock:
-                    if item is not None and worker.item is item:
-                        item.started = "timed-out"
-                        worker.kill()
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop:
+                        return
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    when = self._heap[0][0]
+                    now = time.monotonic()
+                    if when <= now:
+                        break
+                    self._cond.wait(when - now)
+                _, _, worker, what = heapq.heappop(self._heap)
+            pool = self._pool()
+            if pool is None:
+                return
+            try:
+                pool.on_deadline(worker, what)
+            except Exception:           # never let one bad entry end the timer
+                pool.logger.exception("comfy_env: handling a deadline failed")
+            del pool, worker
 
 
 def _find_futures(obj, out, depth=0):
@@ -166,11 +233,12 @@ def _pickle_by_value(fn):
 
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
-                 worker_log_level):
+                 worker_log_level, start_timeout=DEFAULT_START_TIMEOUT):
         self.wenv = wenv
         self.max_workers = max_workers
         self.init_payload = init_payload
         self.call_timeout = call_timeout
+        self.start_timeout = start_timeout
         self.name = name
         self.logger = logger
         self.worker_log_level = worker_log_level
@@ -179,10 +247,13 @@ class _Pool:
         self.waiting = set()
         self.idle = []
         self.workers = set()
-        self.starting = 0
+        self.starting = 0           # workers reserved but not started yet (and start retries)
+        self.start_failures = 0     # failed starts in a row (see _start_failed)
+        self.doomed = set()         # workers we are killing: never handed a call again
+        self.start_timed_out = set()    # ... because they ran past start_timeout
         self.broken = None
         self.shutting_down = False
-        self.watchdog = _Watchdog()
+        self.watchdog = _Timer(self)
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
@@ -223,6 +294,8 @@ class _Pool:
             raise type(self.broken)(str(self.broken)) from self.broken
         if self.shutting_down:
             raise RuntimeError("cannot schedule new calls after shutdown")
+        if lifetime.exiting():
+            raise RuntimeError("cannot schedule new calls after interpreter shutdown")
 
     def _deps_ready(self, item):
         # The inputs are done: the item no longer needs to list them (it keeps
@@ -235,12 +308,7 @@ class _Pool:
             self.waiting.discard(item)
         fut = item.future
         for dep in deps:
-            exc = None
-            if dep.cancelled():
-                from concurrent.futures import CancelledError
-                exc = CancelledError(f"an input future of this call was cancelled: {dep!r}")
-            else:
-                exc = dep.exception()
+            exc = _input_failure(dep)
             if exc is not None:
                 if fut.set_running_or_notify_cancel():
                     err = type(exc)(*exc.args) if _copyable(exc) else RuntimeError(str(exc))
@@ -268,22 +336,24 @@ class _Pool:
 
     # -- dispatch --------------------------------------------------------------------
     def dispatch(self):
+        n = 0
+        retired = ()
         while True:
             with self.lock:
                 if not self.pending:
-                    self._retire_idle_locked()
-                    return
+                    retired = self._retire_idle_locked()
+                    break
                 if not self.idle:
                     n = self._workers_to_start_locked()
                     break
                 worker = self.idle.pop()
                 item = self.pending.popleft()
-            if not item.started:
+            if item.stage is _Stage.QUEUED:
                 if not item.future.set_running_or_notify_cancel():
                     item.args = item.kwargs = item.fn = None    # cancelled: drop its inputs
                     self._back_to_idle(worker)
                     continue
-                item.started = True
+                item.stage = _Stage.RUNNING
             try:
                 chunks, fds, fb = self._encode(item, worker)
             except BaseException as exc:
@@ -306,6 +376,8 @@ class _Pool:
                         self.pending.appendleft(item)
                 continue
             item.args = item.kwargs = None      # the worker has them now
+        for w in retired:
+            w.request_exit()
         for _ in range(n):
             self._start_worker()
 
@@ -352,13 +424,14 @@ class _Pool:
         # if the decoded value is dropped at once the blocks would be freed (fd
         # closed, number reused) between lazy_result() and the lends below.
         hold = getattr(fut, "_hold_lazy", None)
-        lazy = hold() if hold is not None else None
-        if lazy is None:
+        held = hold() if hold is not None else None
+        if held is None:
             return None
+        part, records = held
         try:
-            return fb.forward_part(lazy.part, lazy.records)
+            return fb.forward_part(part, records)
         finally:
-            lazy.unhold_extra()
+            lifetime.LEDGER.unhold_all(records)
 
     def _workers_to_start_locked(self):
         """How many workers to start for the pending calls (reserved in ``starting``)."""
@@ -372,6 +445,16 @@ class _Pool:
         return n
 
     def _start_worker(self):
+        if lifetime.exiting():
+            # No reader thread could start (Thread.start hangs or raises by now).
+            with self.lock:
+                self.starting -= 1
+            self._start_failed(WorkerStartError("cannot start a worker after interpreter shutdown"))
+            return
+        with self.lock:
+            if self.shutting_down and not self.pending:
+                self.starting -= 1      # stopped meanwhile: nothing left to run
+                return
         worker = WorkerHandle(self, next(self._worker_index))
         with self.lock:
             self.starting -= 1
@@ -379,26 +462,56 @@ class _Pool:
         try:
             worker.start()      # Popen only; the handshake happens on the reader thread
         except BaseException as exc:
+            # The process may be running already (a thread could not start after it).
+            worker.kill()
             with self.lock:
                 self.workers.discard(worker)
-            self._break(exc if isinstance(exc, BrokenExecutor) else WorkerStartError(str(exc)))
+            if isinstance(exc, BrokenExecutor):
+                err = exc
+            else:
+                err = WorkerStartError(f"could not start a worker: {exc!r}")
+                err.__cause__ = exc
+            self._start_failed(err)
+            return
+        if self.start_timeout is not None:
+            self.watchdog.at(time.monotonic() + self.start_timeout, worker, _START)
+
+    def _start_failed(self, error):
+        """A worker failed to start in a way that may not happen again (killed while it
+        started, a transient OSError): try once more after a back-off; a second failure
+        in a row breaks the executor."""
+        with self.lock:
+            self.start_failures += 1
+            retry = (self.start_failures < 2 and self.broken is None
+                     and not _exit_started and not lifetime.exiting())
+            if retry:
+                self.starting += 1      # held for the retry, so shutdown waits for it
+        if retry:
+            if self.watchdog.at(time.monotonic() + START_RETRY_BACKOFF, None, _RETRY):
+                self.logger.warning("comfy_env: a worker of %r failed to start; trying once "
+                                    "more in %.1f s: %s", self.name, START_RETRY_BACKOFF, error)
+                return
+            with self.lock:
+                self.starting -= 1
+        self._break(error)
 
     def _back_to_idle(self, worker):
         with self.lock:
-            if worker in self.workers:
+            if worker in self.workers and worker not in self.doomed:
                 self.idle.append(worker)
         self._notify_done()
 
-    # -- events from worker readers --------------------------------------------------------
+    # -- events from worker readers and the timer -------------------------------------------
     def on_ready(self, worker):
         with self.lock:
-            if worker in self.workers and not worker.exiting:
+            self.start_failures = 0
+            if worker in self.workers and not worker.exiting and worker not in self.doomed:
                 self.idle.append(worker)
         self.dispatch()
 
     def on_idle(self, worker):
         with self.lock:
-            if worker in self.workers and not worker.exiting:
+            if worker in self.workers and not worker.exiting and worker not in self.doomed:
                 self.idle.append(worker)
             self.all_done.notify_all()
             # Unlocked-read safe: a submit() that adds work after this calls
@@ -407,36 +520,85 @@ class _Pool:
         if busy:
             self.dispatch()
 
+    def on_deadline(self, worker, what):
+        """A timer entry is due (on the timer's thread)."""
+        if what == _RETRY:
+            with self.lock:
+                self.starting -= 1
+            self.dispatch()
+            return
+        # A stale entry is ignored: the call finished, or the worker became ready.
+        # It names its call: checking only ``worker.item is not None`` could kill
+        # the *next* call, dispatched to the worker right after this one finished.
+        with self.lock:
+            if worker not in self.workers or worker in self.doomed:
+                return
+            if what == _START:
+                if worker.ready or worker.exiting:
+                    return
+                self.start_timed_out.add(worker)
+            else:
+                item = worker.item
+                if item is None or item.call_id != what or item.stage is not _Stage.RUNNING:
+                    return
+                item.stage = _Stage.TIMED_OUT
+            self.doomed.add(worker)
+        # Outside the lock (a kill may first collect the worker's stack).  The
+        # worker is doomed: should its result still arrive, it is delivered, but
+        # the worker gets no further call.
+        worker.kill()
+
     def on_death(self, worker, item, code, start_error):
         with self.lock:
             self.workers.discard(worker)
             if worker in self.idle:
                 self.idle.remove(worker)
+            killed_by_us = worker in self.doomed
+            self.doomed.discard(worker)
+            start_timed_out = worker in self.start_timed_out
+            self.start_timed_out.discard(worker)
             # After shutdown(wait=False) (or garbage collection) nothing else stops the
-            # watchdog thread; once the last worker is gone and nothing can run, it ends.
+            # timer thread; once the last worker is gone and nothing can run, it ends.
             finished = (self.shutting_down and not self.workers and not self.starting
                         and not self.pending and not self.waiting)
         if finished:
-            self.watchdog.stop()
+            self._stop_timer()
         if item is not None and not item.future.done():
-            if item.started == "timed-out":
+            if item.stage is _Stage.TIMED_OUT:
                 item.future.set_exception(CallTimeout(
                     f"the call ran longer than call_timeout={self.call_timeout}s; its worker "
                     f"(pid {worker.pid}) was killed"))
+            elif item.stage is _Stage.STOPPED:
+                item.future.set_exception(CancelledError(
+                    f"the executor {self.name!r} was stopped (KeyboardInterrupt, or interpreter "
+                    f"exit after one) while this call ran; its worker (pid {worker.pid}) was killed"))
             else:
                 msg, tail = worker.describe_exit(code)
                 item.future.set_exception(WorkerCrashed(
                     f"the worker died while running the call: {msg}", exitcode=code,
                     stderr_tail=tail))
         if not worker.ready and not worker.exiting:
-            if start_error is None or isinstance(start_error, ChannelClosed):
+            if start_timed_out:
                 msg, _ = worker.describe_exit(code)
-                start_error = WorkerStartError(f"a worker failed to start: {msg}")
-            elif not isinstance(start_error, BrokenExecutor):
-                err = WorkerStartError(f"a worker failed to start: {start_error!r}")
-                err.__cause__ = start_error
-                start_error = err
-            self._break(start_error)
+                self._break(WorkerStartError(
+                    f"a worker did not become ready within start_timeout={self.start_timeout}s "
+                    f"(a hanging interpreter start or initializer) and was killed: {msg}"))
+            elif not killed_by_us:
+                # Died, or its channel broke, while it started (the OOM killer, a
+                # transient fault): worth one more try.  A failure the worker reported
+                # (initializer, protocol or version mismatch) would only repeat.
+                retryable = start_error is None or isinstance(start_error, (ChannelClosed, OSError))
+                if start_error is None or isinstance(start_error, ChannelClosed):
+                    msg, _ = worker.describe_exit(code)
+                    start_error = WorkerStartError(f"a worker failed to start: {msg}")
+                elif not isinstance(start_error, BrokenExecutor):
+                    err = WorkerStartError(f"a worker failed to start: {start_error!r}")
+                    err.__cause__ = start_error
+                    start_error = err
+                if retryable:
+                    self._start_failed(start_error)
+                else:
+                    self._break(start_error)
         self._notify_done()
         self.dispatch()
 
@@ -451,7 +613,7 @@ class _Pool:
             workers = list(self.workers)
         for item in items + waiting:
             fut = item.future
-            if item.started or fut.set_running_or_notify_cancel():
+            if item.stage is not _Stage.QUEUED or fut.set_running_or_notify_cancel():
                 if not fut.done():
                     fut.set_exception(_clone(exc))
         for w in workers:
@@ -460,16 +622,51 @@ class _Pool:
 
     # -- shutdown --------------------------------------------------------------------------
     def _retire_idle_locked(self):
-        if self.shutting_down and not self.pending and not self.waiting:
-            for w in self.idle:
-                w.request_exit()
-            self.idle.clear()
+        """The idle workers to ask to exit once shut down and out of work (the caller
+        sends the requests, outside the lock)."""
+        if self.shutting_down and not self.pending and not self.waiting and self.idle:
+            retired, self.idle = self.idle, []
+            return retired
+        return ()
 
     def _notify_done(self):
         with self.lock:
             self.all_done.notify_all()
 
+    def _stop_timer(self):
+        dropped = self.watchdog.stop()
+        if dropped:
+            with self.lock:
+                self.starting -= dropped
+
+    def _on_reader_thread(self):
+        me = threading.current_thread()
+        with self.lock:
+            return any(getattr(w, "_reader", None) is me for w in self.workers)
+
+    @staticmethod
+    def _cancel(items):
+        for item in items:
+            if item.stage is not _Stage.QUEUED:
+                # Re-queued after its worker died before delivery: it was
+                # already running, so it fails rather than being cancelled.
+                item.future.set_exception(RuntimeError("the executor was shut down before this "
+                                                       "call could be delivered"))
+            else:
+                item.future.cancel()
+            item.args = item.kwargs = item.fn = None
+
     def shutdown(self, wait=True, cancel_futures=False):
+        if wait and self._on_reader_thread():
+            # A done-callback on the reader thread of one of our workers: that thread
+            # reads the results this would wait for.  ProcessPoolExecutor raises here
+            # too; the shutdown itself goes ahead.
+            self.shutdown(wait=False, cancel_futures=cancel_futures)
+            raise RuntimeError(
+                "shutdown(wait=True) was called from a done-callback, which runs on the "
+                "thread that reads this executor's results: it would wait for itself. "
+                "The executor is shutting down; call shutdown(wait=False) from callbacks, "
+                "or wait from another thread")
         with self.lock:
             self.shutting_down = True
             if cancel_futures:
@@ -478,31 +675,59 @@ class _Pool:
                 self.waiting.clear()
             else:
                 items = []
-        for item in items:
-            if item.started:
-                # Re-queued after its worker died before delivery: it was
-                # already running, so it fails rather than being cancelled.
-                item.future.set_exception(RuntimeError("shutdown(cancel_futures=True) dropped "
-                                                       "this call before it was delivered"))
-            else:
-                item.future.cancel()
+        self._cancel(items)
         self.dispatch()
-        if wait:
-            with self.lock:
-                while self.pending or self.waiting or any(w.item is not None for w in self.workers) \
-                        or self.starting:
-                    self.all_done.wait(0.1)
-                    if self.broken is not None and not any(w.item for w in self.workers):
-                        break
-                workers = list(self.workers)
-                for w in workers:
-                    w.request_exit()
+        if not wait:
+            return
+        with self.lock:
+            while self.pending or self.waiting or any(w.item is not None for w in self.workers) \
+                    or self.starting:
+                self.all_done.wait(0.1)
+                if self.broken is not None and not any(w.item for w in self.workers):
+                    break
+            workers = list(self.workers)
+        for w in workers:
+            w.request_exit()
+        for w in workers:
+            w.join()
+        self._stop_timer()
+
+    def stop_now(self):
+        """Stop at once: cancel queued calls, fail running ones, kill every worker.
+
+        For Ctrl-C: a KeyboardInterrupt leaving a ``with`` block, or ending the
+        program (see ``_shutdown_all_at_exit``).  Workers ignore SIGINT (the parent
+        decides), so without this the exit would wait for the running calls.
+        """
+        with self.lock:
+            self.shutting_down = True
+            items = list(self.pending) + list(self.waiting)
+            self.pending.clear()
+            self.waiting.clear()
+            workers = list(self.workers)
             for w in workers:
-                w.join()
-            self.watchdog.stop()
-        else:
-            with self.lock:
-                self._retire_idle_locked()
+                if w.item is not None and w.item.stage is _Stage.RUNNING:
+                    w.item.stage = _Stage.STOPPED
+            self.doomed.update(workers)
+            self.idle.clear()
+        self._cancel(items)
+        for w in workers:
+            w.kill()
+        for w in workers:
+            w.join(5)
+        self._stop_timer()
+        self._notify_done()
+
+
+def _input_failure(dep):
+    """Why a chained call cannot run with ``dep`` as an input (None: it can).
+
+    An IsolatedFuture's result is not decoded for this: it is forwarded as it is.
+    """
+    if dep.cancelled():
+        return CancelledError(f"an input future of this call was cancelled: {dep!r}")
+    undecoded = getattr(dep, "undecoded_failure", None)
+    return undecoded() if undecoded is not None else dep.exception()
 
 
 def _copyable(exc):
@@ -586,6 +811,11 @@ class IsolatedExecutor(Executor):
             ``"stream"`` (default: this process's stdout/stderr, each line
             prefixed with the worker's name), ``"logging"`` (records of the
             ``comfy_env.worker.<name>`` logger) or ``"discard"``.
+        start_timeout: seconds a worker may take to start, initializer included
+            (default 300; ``None``: no bound).  A worker not ready by then is
+            killed and the executor is broken (:class:`~comfy_env.WorkerStartError`).
+            A worker that dies while it starts is started once more, after a
+            one-second back-off, before that.
         device: pin the workers to one GPU: ``"cuda:N"`` or an index in this
             process's numbering, ``"cuda"``, a ``torch.device`` or a GPU UUID.  It
             becomes the workers' ``cuda:0``; the other GPUs stay visible
@@ -599,7 +829,8 @@ class IsolatedExecutor(Executor):
     def __init__(self, env: Any = None, max_workers: int = 1, *,
                  initializer: Callable[..., Any] | str | None = None, initargs: Iterable[Any] = (),
                  call_timeout: float | None = None, name: str | None = None,
-                 worker_log_level: int | str | None = None, device: Any = None) -> None:
+                 worker_log_level: int | str | None = None, device: Any = None,
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -607,6 +838,11 @@ class IsolatedExecutor(Executor):
                     or call_timeout <= 0:
                 raise ValueError(f"call_timeout must be a positive number of seconds or None, "
                                  f"got {call_timeout!r}")
+        if start_timeout is not None:
+            if not isinstance(start_timeout, (int, float)) or isinstance(start_timeout, bool) \
+                    or start_timeout <= 0:
+                raise ValueError(f"start_timeout must be a positive number of seconds or None, "
+                                 f"got {start_timeout!r}")
         if initializer is not None and not (callable(initializer) or isinstance(initializer, str)):
             raise TypeError(f"initializer must be callable or a 'module:qualname' string, "
                             f"got {initializer!r}")
@@ -625,7 +861,7 @@ class IsolatedExecutor(Executor):
                 and not _by_reference(initializer):
             init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level)
+                           worker_log_level, start_timeout)
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property
@@ -712,6 +948,15 @@ class IsolatedExecutor(Executor):
         if wait:
             self._finalizer.detach()
 
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: don't wait for the running calls (the workers ignore SIGINT).
+            self._pool.stop_now()
+            self._finalizer.detach()
+        else:
+            self.shutdown(wait=True)
+        return False
+
     def worker_pids(self) -> list[int]:
         """PIDs of the live workers (for diagnostics and tests)."""
         with self._pool.lock:
@@ -744,12 +989,32 @@ def _chunks(it, size):
 
 
 def _shutdown_all_at_exit():
-    # Like concurrent.futures: let submitted work finish, then stop the workers.
-    for pool in list(_live_pools):
+    # Like concurrent.futures: let submitted work finish, then stop the workers --
+    # unless the program ends on a Ctrl-C (the interpreter has printed the
+    # KeyboardInterrupt and kept it in sys.last_value), or one arrives while this
+    # waits: then stop at once, as ProcessPoolExecutor's workers, which get the
+    # SIGINT too, do.  Quiet either way: the program is ending.  Afterwards no
+    # thread of ours starts (lifetime.begin_exit).
+    global _exit_started
+    _exit_started = True
+    pools = list(_live_pools)
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    if not interrupted:
         try:
-            pool.shutdown(wait=True)
-        except Exception:
-            pass
+            for pool in pools:
+                try:
+                    pool.shutdown(wait=True)
+                except Exception:
+                    pass
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        for pool in pools:
+            try:
+                pool.stop_now()
+            except Exception:
+                pass
+    lifetime.begin_exit()
 
 
 if hasattr(threading, "_register_atexit"):

@@ -3,9 +3,22 @@
 A worker's result arrives as a frame: an envelope, pickle bytes and the
 blocks (shared-memory segments, CUDA exports) it refers to.  The parent takes
 the leases on those blocks at once, so the memory stays valid, but only
-decodes the pickle when ``result()`` is called.  Passing the future itself to
-another executor's ``submit`` forwards the undecoded frame to the next worker:
-the parent never maps, imports or copies the payload (zero-copy chains).
+decodes the pickle when somebody looks at the outcome.  Passing the future
+itself to another executor's ``submit`` forwards the undecoded frame to the
+next worker: the parent never maps, imports or copies the payload (zero-copy
+chains).
+
+Where decoding happens decides what the future *is*.  A result can arrive
+intact and still fail to decode here (a class this process cannot import, an
+object whose unpickling raises or calls ``sys.exit``).  The future is then an
+exception, for every accessor alike: the first of ``result()`` or
+``exception()`` to look (a done-callback that asks included) decodes, under a
+lock, and the outcome -- a value or an exception -- is fixed from then on, so
+a concurrent or later caller gets the same answer.  Decoding stays lazy so
+that chains keep forwarding undecoded; the chain machinery asks
+:meth:`IsolatedFuture.undecoded_failure`, which never decodes.  One
+consequence: ``wait(return_when=FIRST_EXCEPTION)`` counts an arrived but
+undecoded result as a success until somebody looks at it.
 """
 from __future__ import annotations
 
@@ -14,9 +27,10 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
+from ..errors import PicklingFailed
 from ..ipc import codec, lifetime
 
-__all__ = ["IsolatedFuture", "LazyResult"]
+__all__ = ["IsolatedFuture", "LazyResult", "decode_error"]
 
 
 class LazyResult:
@@ -30,6 +44,9 @@ class LazyResult:
         # The frame's fds now belong to the records (or were duplicates).
         frame.close_fds()
         self._finalizer = weakref.finalize(self, _drop_holds, list(self.records))
+        # Not at exit: the workers are gone by then (their blocks with them), and
+        # a release sent or freed from an atexit callback could start a thread.
+        self._finalizer.atexit = False
         self.materialisations = 0
 
     def materialise(self):
@@ -42,17 +59,34 @@ class LazyResult:
         return self.frame.parts[0]
 
     def release(self):
+        """Drop the holds and the frame: the decoded value (if any) holds the blocks now."""
         self._finalizer()
+        self.frame = None
+        self.records = ()
 
     def hold_extra(self):
         lifetime.LEDGER.hold_all(self.records)
 
-    def unhold_extra(self):
-        lifetime.LEDGER.unhold_all(self.records)
-
 
 def _drop_holds(records):
     lifetime.LEDGER.unhold_all(records)
+
+
+def decode_error(exc):
+    """What a future reports when its result could not be decoded in this process.
+
+    An ``Exception`` stays as it is (a ``ModuleNotFoundError`` says what to
+    install).  Any other ``BaseException`` -- an object that calls ``sys.exit``
+    or raises ``GeneratorExit`` while it is unpickled -- becomes a
+    :class:`PicklingFailed`: it belongs to the payload, and must not end the
+    caller's program or thread when ``result()`` re-raises it.
+    """
+    if isinstance(exc, Exception):
+        return exc
+    err = PicklingFailed(f"the call's result could not be decoded in this process: "
+                         f"unpickling it raised {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 class IsolatedFuture(Future):
@@ -60,17 +94,24 @@ class IsolatedFuture(Future):
 
     Returned by :meth:`IsolatedExecutor.submit`; every ``Future`` method works
     as usual.  A worker's result arrives as pickle bytes plus references to
-    shared memory; it is decoded (segments mapped, tensors imported) by the
-    first ``result()``, and later calls return the same object.  ``done()``,
-    ``exception()``, ``cancelled()`` and ``add_done_callback()`` never decode,
-    so a future that is only passed on to another executor's ``submit`` is
-    forwarded worker to worker without the parent touching the data.
+    shared memory; it is decoded (segments mapped, tensors imported) the first
+    time ``result()`` or ``exception()`` looks at it, and later calls return the
+    same object or the same exception.  ``done()``, ``cancelled()`` and
+    ``add_done_callback()`` never decode, so a future that is only passed on to
+    another executor's ``submit`` is forwarded worker to worker without the
+    parent touching the data.
+
+    The base class holds a :class:`LazyResult` as its result; the outcome of
+    decoding it lives here, in ``_decoded`` (None until decoded, then
+    ``(True, value)`` or ``(False, exception)``), guarded by ``_decode_lock``.
+    Future's own fields are only ever set through its public methods.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._lazy = None
-        self._materialise_lock = threading.Lock()
+        self._decoded = None
+        self._decode_lock = threading.Lock()
 
     def _set_lazy_result(self, lazy: LazyResult):
         self._lazy = lazy
@@ -86,29 +127,55 @@ class IsolatedFuture(Future):
         raised, now and on every later call.
         """
         value = super().result(timeout)
-        if self._lazy is None or value is not self._lazy:
+        if type(value) is not LazyResult:
             return value
-        with self._materialise_lock:
-            lazy = self._lazy
-            if lazy is None:
-                return self._result
-            try:
-                value = lazy.materialise()
-            except BaseException as exc:
-                # The payload could not be decoded here (a missing package, a
-                # class unknown to this process): report it as the call's error.
-                self._result = None
-                self._exception = exc
+        ok, outcome = self._decode()
+        if ok:
+            return outcome
+        raise outcome
+
+    def exception(self, timeout=None):
+        exc = super().exception(timeout)
+        if exc is not None:
+            return exc
+        # Finished without an exception: result(0) cannot block or raise here.
+        if type(super().result(0)) is not LazyResult:
+            return None
+        ok, outcome = self._decode()
+        return None if ok else outcome
+
+    def _decode(self):
+        with self._decode_lock:
+            if self._decoded is None:
+                lazy = self._lazy
+                try:
+                    value = lazy.materialise()
+                except KeyboardInterrupt:
+                    # Not the payload's fault: the outcome stays open, a later
+                    # caller decodes again.
+                    raise
+                except BaseException as exc:
+                    self._decoded = (False, decode_error(exc))
+                else:
+                    self._decoded = (True, value)
                 self._lazy = None
                 lazy.release()
-                raise
-            self._result = value
-            self._lazy = None
-        lazy.release()
-        return value
+            return self._decoded
 
-    # exception() is the base class's: it must not decode the payload (chains
-    # call it to see whether an input failed); a decode failure shows in result().
+    def undecoded_failure(self):
+        """The call's exception, without decoding its result (chains ask this).
+
+        None when the call returned a value: undecoded (it will be forwarded as
+        it is), or decoded successfully.  A decode that already failed counts as
+        the call's failure.
+        """
+        exc = super().exception(0)
+        if exc is not None:
+            return exc
+        decoded = self._decoded
+        if decoded is not None and not decoded[0]:
+            return decoded[1]
+        return None
 
     def lazy_result(self) -> LazyResult | None:
         """The undecoded result, if the future is done and nobody decoded it yet.
@@ -119,13 +186,16 @@ class IsolatedFuture(Future):
         return self._lazy
 
     def _hold_lazy(self):
-        """Like ``lazy_result`` but with an extra hold on its records (forwarding).
+        """``(part, records)`` of the undecoded result with an extra hold on the records
+        (forwarding), or None once decoded.
 
-        Taken under the materialise lock, so a concurrent ``result()`` cannot
-        release the records in between; the caller ends with ``unhold_extra()``.
+        Taken under the decode lock, so a concurrent ``result()`` cannot release
+        the records in between (nor drop the frame); the caller ends with
+        ``LEDGER.unhold_all(records)``.
         """
-        with self._materialise_lock:
+        with self._decode_lock:
             lazy = self._lazy
-            if lazy is not None:
-                lazy.hold_extra()
-            return lazy
+            if lazy is None:
+                return None
+            lazy.hold_extra()
+            return lazy.part, lazy.records

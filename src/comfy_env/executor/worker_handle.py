@@ -29,7 +29,7 @@ from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteEr
 from ..ipc import codec, lifetime
 from ..ipc.transport import Channel, ChannelClosed
 from . import launch
-from .futures import LazyResult
+from .futures import LazyResult, decode_error
 
 STDERR_TAIL_LINES = 30
 
@@ -236,13 +236,13 @@ class WorkerHandle:
             try:
                 outcome = (True, codec.decode_part(frame, 0, self.link))
             except BaseException as exc:
-                outcome = (False, exc)
+                outcome = (False, decode_error(exc))
         elif ok:
             try:
                 outcome = (None, LazyResult(frame, self.link))
             except BaseException as exc:
                 frame.close_fds()
-                outcome = (False, exc)
+                outcome = (False, decode_error(exc))
         else:
             try:
                 exc, tb = _decode_remote_exception(frame, self.link)

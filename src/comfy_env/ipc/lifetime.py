@@ -22,20 +22,65 @@ Release messages are *posted*: finalizers run at arbitrary points (inside
 the garbage collector, possibly while the socket's send lock is held by the
 same thread), so they only append to a deque and poke a pipe; a daemon thread
 does the actual sends.
+
+Interpreter exit: once the process has begun to exit (:func:`exiting`), no
+thread of comfy_env's may start (:func:`start_thread`).  Results still alive
+then are freed by the interpreter's last garbage collection; their releases
+stay queued (the workers are stopped by then, or stop with this process, and
+their blocks go with them).
 """
 from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import time
 import uuid
 import weakref
 
-__all__ = ["Ledger", "Record", "Link", "LEDGER", "PROCESS_UID"]
+__all__ = ["Ledger", "Record", "Link", "LEDGER", "PROCESS_UID", "exiting", "start_thread"]
 
 # Identifies this process in block keys.  pids are reused; a uuid is not.
 PROCESS_UID = uuid.uuid4().hex[:16]
+
+_exiting = False
+
+
+def exiting() -> bool:
+    """Has this process begun to exit?  Then nothing of ours may start a thread or block.
+
+    True once the interpreter finalises (``sys.is_finalizing()``), and already
+    once the executor's at-exit shutdown is over (:func:`begin_exit`), when
+    atexit callbacks follow.  (Python 3.12 refuses new threads even earlier, in
+    threading's exit hooks: :func:`start_thread` then returns None too.)
+    """
+    return _exiting or sys.is_finalizing()
+
+
+def begin_exit():
+    """Mark the process as exiting (see :func:`exiting`); called at interpreter exit."""
+    global _exiting
+    _exiting = True
+
+
+def start_thread(target, name, args=()):
+    """Start a daemon thread running ``target(*args)``; None if no thread may start now.
+
+    Every thread comfy_env starts lazily goes through here.  At interpreter exit
+    ``Thread.start()`` waits forever on Python 3.10/3.11 (the new thread is never
+    let run, so it never says it started) and raises RuntimeError on 3.12+ (from
+    atexit callbacks too): a caller that gets None does its work inline, later,
+    or not at all.
+    """
+    if exiting():
+        return None
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        t.start()
+    except RuntimeError:            # "can't create new thread at interpreter shutdown"
+        return None
+    return t
 
 
 class Link:
@@ -337,8 +382,8 @@ class Ledger:
         # burst of dead holders, not one syscall per tensor).
         if self._wake_pending:
             return
-        if self._thread is None:
-            self._start()
+        if self._thread is None and not self._start():
+            return                        # exiting: what is queued stays queued
         self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
@@ -346,15 +391,23 @@ class Ledger:
             pass                          # the pipe is full: a wake-up is pending anyway
 
     def _start(self):
+        """Start the flusher; False when no thread may start (the process is exiting)."""
+        if exiting():
+            return False
         with self._lock:
             if self._thread is not None:
-                return
+                return True
             r, w = os.pipe()
             os.set_blocking(w, False)
             self._wake_r, self._wake_w = r, w
-            t = threading.Thread(target=self._run, name="comfy_env-ledger", daemon=True)
+            t = start_thread(self._run, "comfy_env-ledger")
+            if t is None:
+                os.close(r)
+                os.close(w)
+                self._wake_r = self._wake_w = None
+                return False
             self._thread = t
-            t.start()
+            return True
 
     def _run(self):
         while True:
@@ -418,3 +471,11 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# For processes without an executor (workers); the executor's at-exit hook calls
+# begin_exit() itself when it is done.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(begin_exit)
+else:  # pragma: no cover
+    import atexit
+    atexit.register(begin_exit)

@@ -233,12 +233,12 @@ class Arena:
                 drop = [seg]
             start_timer = self._timer is None and self.idle_seconds >= 0
             if start_timer:
-                self._timer = threading.Thread(target=self._trim_loop, daemon=True,
-                                               name="comfy_env-arena")
+                self._timer = True          # claimed: started below, outside the lock
         for s in drop:
             s.close()
         if start_timer:
-            self._timer.start()
+            # None at interpreter exit (no thread may start then): idle segments stay.
+            self._timer = lifetime.start_thread(self._trim_loop, "comfy_env-arena")
 
     def _over_budget_locked(self):
         drop = []

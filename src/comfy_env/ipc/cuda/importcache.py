@@ -52,6 +52,8 @@ import os
 import threading
 import time
 
+from .. import lifetime
+
 __all__ = ["ImportCache", "limits_from_env"]
 
 
@@ -226,9 +228,9 @@ class ImportCache:
             if self._thread is not None and self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            t = threading.Thread(target=self._run, name="comfy_env-cuda-import-cache", daemon=True)
-            self._thread = t
-        t.start()
+            # None at interpreter exit (no thread may start then): nothing is evicted.
+            self._thread = t = lifetime.start_thread(self._run, "comfy_env-cuda-import-cache")
+        return t
 
     def _run(self):
         period = max(0.01, min(0.25, self.max_idle_s / 4))

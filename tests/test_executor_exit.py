@@ -1,0 +1,159 @@
+"""Interpreter exit with results, calls and workers still alive: real scripts on Python 3.10-3.13.
+
+Nothing of comfy_env may start a thread, block or print once the interpreter is
+finalising: a result still referenced when the script ends is freed by the
+interpreter's last garbage collection, and starting the ledger's flusher thread
+from there hangs Python 3.10/3.11 for good and makes 3.12+ print a RuntimeError.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from pythons import ALL_PYTHONS, run_script, script_env, user_python
+
+HOLDERS = {
+    # The README's first snippet: the result stays in a module global.
+    "global": """
+        ex = IsolatedExecutor()
+        r = ex.submit(ones).result()
+        print("got", r.shape)
+    """,
+    "with-block": """
+        with IsolatedExecutor() as ex:
+            r = ex.submit(ones).result()
+        print("got", r.shape)
+    """,
+    "list": """
+        ex = IsolatedExecutor(max_workers=2)
+        rs = [f.result() for f in [ex.submit(ones) for _ in range(6)]]
+        print("got", len(rs))
+    """,
+    # Dropped while the interpreter runs its atexit callbacks, after comfy_env's own
+    # at-exit shutdown: the holder dies when no new thread may start.
+    "dropped-in-atexit": """
+        import atexit
+        ex = IsolatedExecutor()
+        rs = [ex.submit(ones).result() for _ in range(3)]
+        atexit.register(rs.clear)
+        print("got", len(rs))
+    """,
+    # A call still running when the script ends: at exit it is waited for
+    # (concurrent.futures' contract), then its result is dropped in finalisation.
+    "running-call": """
+        ex = IsolatedExecutor(call_timeout=60)
+        f = ex.submit(ones, 0.5)
+        print("got", 1)
+    """,
+}
+
+PRELUDE = """
+from comfy_env import IsolatedExecutor
+
+def ones(delay=0):
+    import time
+    import numpy as np
+    time.sleep(delay)
+    return np.ones(1 << 18)
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.parametrize("holder", sorted(HOLDERS))
+@pytest.mark.timeout(120)
+def test_a_script_holding_results_exits_at_once_and_quietly(pyver, holder, tmp_path):
+    code = PRELUDE + textwrap.dedent(HOLDERS[holder])
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=45)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("got"), proc.stdout
+    assert proc.stderr == ""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_calls_queued_when_the_script_ends_still_run_on_the_workers_there_are(pyver, tmp_path):
+    code = PRELUDE + textwrap.dedent("""
+        ex = IsolatedExecutor(max_workers=2)
+        for i in range(6):
+            ex.submit(ones, 0.2).add_done_callback(lambda f, i=i: print("done", i, f.result().shape))
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=45)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [f"done {i} (262144,)" for i in range(6)]
+    assert proc.stderr == ""
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+CTRL_C = {
+    "no-with": """
+        ex = IsolatedExecutor()
+        print(ex.submit(os.getpid).result(), flush=True)
+        f = ex.submit(time.sleep, 30)
+        print("running", flush=True)
+        f.result()
+    """,
+    "with-block": """
+        with IsolatedExecutor() as ex:
+            print(ex.submit(os.getpid).result(), flush=True)
+            f = ex.submit(time.sleep, 30)
+            print("running", flush=True)
+            f.result()
+    """,
+    # Ctrl-C while the script already waits in the at-exit shutdown for a running call.
+    "during-exit": """
+        ex = IsolatedExecutor()
+        print(ex.submit(os.getpid).result(), flush=True)
+        f = ex.submit(time.sleep, 30)
+        print("running", flush=True)
+    """,
+}
+
+
+@ALL_PYTHONS
+@pytest.mark.parametrize("case", sorted(CTRL_C))
+@pytest.mark.timeout(90)
+def test_ctrl_c_during_a_long_call_exits_promptly_and_stops_the_workers(pyver, case, tmp_path):
+    python = user_python(pyver)
+    code = "import os, time\nfrom comfy_env import IsolatedExecutor\n" + textwrap.dedent(CTRL_C[case])
+    path = tmp_path / "user_script.py"
+    path.write_text(code)
+    # Its own process group: SIGINT goes to the script and its workers, as a
+    # terminal's Ctrl-C does.
+    proc = subprocess.Popen([python, str(path)], cwd=str(tmp_path), env=script_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker_pid = int(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "running"
+        time.sleep(1.0)             # the call is in the worker (and the script in its wait)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=15)   # the call would take 30 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"Python {pyver}: the script did not exit within 15 s of Ctrl-C")
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    end = time.monotonic() + 10
+    while _state(worker_pid) not in (None, "Z") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _state(worker_pid) in (None, "Z"), f"worker {worker_pid} outlived the script"
+    if case != "during-exit":       # there the exit's own wait takes the interrupt, quietly
+        assert "KeyboardInterrupt" in stderr
+    assert "Exception ignored" not in stderr and "RuntimeError" not in stderr, stderr
