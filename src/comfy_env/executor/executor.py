@@ -38,6 +38,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 
 import cloudpickle
 
+from .. import forksafe
 from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec
@@ -185,9 +186,11 @@ class _Pool:
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
+        forksafe.track_pool(self)       # inert in fork children
 
     # -- submission ------------------------------------------------------------------
     def submit(self, item):
+        forksafe.check_owner(self)      # before the lock: a fork child must not touch it
         with self.lock:
             self._check_open()
             if item.deps:
@@ -469,6 +472,8 @@ class _Pool:
             self.all_done.notify_all()
 
     def shutdown(self, wait=True, cancel_futures=False):
+        if forksafe.inherited(self):
+            return      # a fork child's copy: the parent's calls and workers are not ours
         with self.lock:
             self.shutting_down = True
             if cancel_futures:
