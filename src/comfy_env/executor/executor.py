@@ -43,6 +43,7 @@ from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec
 from ..ipc.transport import ChannelClosed, MAX_FDS
+from . import launch
 from .devices import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WorkerHandle
@@ -383,7 +384,29 @@ class _Pool:
         except BaseException as exc:
             with self.lock:
                 self.workers.discard(worker)
+            if launch.is_transient(exc):
+                self._start_failed_for_now(exc)
+                return
             self._break(exc if isinstance(exc, BrokenExecutor) else WorkerStartError(str(exc)))
+
+    def _start_failed_for_now(self, exc):
+        """No fds (or memory) to start a worker right now: that says nothing about the
+        environment, so the executor is not broken; the next call tries again.  Calls
+        that no live worker can take fail now rather than wait for a start nobody retries."""
+        err = WorkerStartError(f"could not start a worker for now: {exc} (the executor "
+                               f"tries again with the next call)")
+        err.__cause__ = exc
+        with self.lock:
+            stuck = not self.workers and not self.starting
+            items = list(self.pending) if stuck else []
+            if stuck:
+                self.pending.clear()
+        for item in items:
+            fut = item.future
+            item.args = item.kwargs = item.fn = None
+            if (item.started or fut.set_running_or_notify_cancel()) and not fut.done():
+                fut.set_exception(_clone(err))
+        self._notify_done()
 
     def _back_to_idle(self, worker):
         with self.lock:
