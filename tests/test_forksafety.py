@@ -272,3 +272,84 @@ def test_a_worker_outlives_the_short_lived_thread_whose_submit_started_it(pyver,
     out = run_script(pyver, _THREAD_EXIT, cwd=tmp_path, timeout=45)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+_FORK_LEASES = r"""
+import gc, multiprocessing as mp, time
+import numpy as np
+from comfy_env import IsolatedExecutor, shared_empty
+from comfy_env.ipc import lifetime, shm
+
+def make(i):
+    import numpy as np
+    return np.full(1 << 18, i, np.float32)          # 1 MiB: one segment of the worker's
+
+def child(q):
+    global held, fut
+    # Everything the child inherited of the parent's results dies here.
+    held = fut = None
+    gc.collect()
+    b = shared_empty(1 << 18, np.float32)
+    b[:] = 7
+    q.put((shm.ARENA.reused, lifetime.PROCESS_UID))
+    time.sleep(0.5)         # time for a flusher thread, were one to send anything
+
+if __name__ == "__main__":
+    ex = IsolatedExecutor()
+    held = [ex.submit(make, i).result(30) for i in range(1, 4)]
+    fut = ex.submit(make, 9)
+    fut.exception(30)                                 # done, not decoded
+    a = shared_empty(1 << 18, np.float32)
+    del a                                             # a free segment in the parent's arena
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    reused, uid = q.get(timeout=30)
+    p.join(30)
+    print("CHILD", p.exitcode, reused, uid != lifetime.PROCESS_UID, flush=True)
+    # The worker still counts the parent's leases: new results land in other segments.
+    more = [ex.submit(make, 100 + i).result(30) for i in range(6)]
+    print("HELD", *[float(x[0]) for x in held], float(fut.result()[0]),
+          float(ex.submit(np.max, fut).result(30)), flush=True)
+    ex.shutdown()
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(90)
+def test_a_fork_child_dropping_inherited_results_releases_nothing_of_the_parents(
+        pyver, tmp_path):
+    out = run_script(pyver, _FORK_LEASES, cwd=tmp_path, timeout=75)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(ln.split(None, 1) for ln in out.stdout.splitlines())
+    # The child's arena started empty (it reused none of the parent's free segments)
+    # and its blocks carry an identity of their own.
+    assert lines["CHILD"] == "0 0 True"
+    assert lines["HELD"] == "1.0 2.0 3.0 9.0 9.0"
+
+
+def _inheritable_fds(arr):
+    """In the worker: its fds (besides stdio) that a process it starts would inherit."""
+    import fcntl
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                out.append((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            pass        # the listing's own fd, closed by now
+    return out, float(arr[0])
+
+
+@pytest.mark.timeout(30)
+def test_no_fd_of_a_worker_is_inherited_by_what_its_calls_start():
+    import numpy as np
+    with IsolatedExecutor() as ex:
+        # The channel and parent-death pipe (pass_fds cleared their flag) and a shared
+        # segment received with the call.
+        fds, first = ex.submit(_inheritable_fds, np.full(1 << 16, 5.0)).result(20)
+    assert (fds, first) == ([], 5.0)

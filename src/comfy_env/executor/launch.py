@@ -268,6 +268,16 @@ class _Keeper:
                     self._poll()
         finally:
             sel.close()
+            # Only reached without a return above if this loop itself failed: let the
+            # next start begin a new thread, and fail the starts nobody will serve.
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                reqs = list(self._requests)
+                self._requests.clear()
+            for req in reqs:
+                req.error = OSError(errno.EAGAIN, "the worker keeper thread failed")
+                req.done.set()
 
     def _after_fork_in_child(self):
         # The thread is the parent's; the pidfds and the pipe are copies we must not keep
