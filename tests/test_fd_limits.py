@@ -35,6 +35,9 @@ def main():
         print("SEND", ex.submit(first_sum, *held[-200:]).result(30))
         print("CHAIN", ex.submit(first_sum, *futs[-200:]).result(30))
         print("HELD", sum(float(a[0]) for a in held), sum(float(f.result()[0]) for f in futs))
+        # One frame of 1,000 arrays: packed into a few segments, a few fds.
+        many = [np.full(16384, i, np.float32) for i in range(1000)]
+        print("MANY", ex.submit(first_sum, *many).result(30))
         print("FDS", len(os.listdir("/proc/self/fd")) < 128)
 
 if __name__ == "__main__":
@@ -52,6 +55,7 @@ def test_two_thousand_held_results_fit_under_a_soft_limit_of_256(pyver, tmp_path
     assert float(lines["SEND"]) == total
     assert float(lines["CHAIN"]) == total
     assert lines["HELD"].split() == [str(float(sum(range(1000))))] * 2
+    assert float(lines["MANY"]) == float(sum(range(1000)))
     assert lines["FDS"] == "True"
 
 

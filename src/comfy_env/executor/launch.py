@@ -266,10 +266,9 @@ class _Keeper:
                     _report(self._watched.pop(key.fd, None))
                 if self._polled:
                     self._poll()
-        finally:
-            sel.close()
-            # Only reached without a return above if this loop itself failed: let the
-            # next start begin a new thread, and fail the starts nobody will serve.
+        except BaseException:
+            # The loop itself failed: let the next start begin a new thread, and fail
+            # the starts this one will never serve.
             with self._lock:
                 if self._thread is threading.current_thread():
                     self._thread = None
@@ -278,6 +277,9 @@ class _Keeper:
             for req in reqs:
                 req.error = OSError(errno.EAGAIN, "the worker keeper thread failed")
                 req.done.set()
+            raise
+        finally:
+            sel.close()
 
     def _after_fork_in_child(self):
         # The thread is the parent's; the pidfds and the pipe are copies we must not keep

@@ -117,6 +117,10 @@ class Segment:
         Always the frame's own: the segment's fd may be closed meanwhile by another
         thread (mapping it, or the last user dropping it) and its number reused.
         """
+        fds = _frame_fds_of(frame_builder)
+        fd = fds.get(self.key)
+        if fd is not None:
+            return fd               # many arrays of one frame share this segment
         with self._lock:
             if self.fd >= 0:
                 fd = os.dup(self.fd)            # non-inheritable (PEP 446)
@@ -124,7 +128,7 @@ class Segment:
                 fd = os.open(_map_files_path(self.addr, self.size), os.O_RDWR | os.O_CLOEXEC)
             else:
                 raise RuntimeError(f"segment {self.key} is closed")
-        _close_with(frame_builder, fd)
+        fds[self.key] = fd
         return fd
 
     @classmethod
@@ -264,22 +268,22 @@ def _fd_budget():
 
 
 # fds lent to frames: closed when the frame (its FrameBuilder) is garbage.
-_frame_fds = {}                 # id(weakref) -> (weakref, [fd])
+_frame_fds = {}                 # id(weakref) -> (weakref, {segment key: fd})
 
 
-def _close_with(frame_builder, fd):
+def _frame_fds_of(frame_builder):
     fds = frame_builder.__dict__.get("_shm_fds")
     if fds is None:
-        fds = frame_builder._shm_fds = []
+        fds = frame_builder._shm_fds = {}
         ref = weakref.ref(frame_builder, _frame_gone)
         _frame_fds[id(ref)] = (ref, fds)
-    fds.append(fd)
+    return fds
 
 
 def _frame_gone(ref):
     entry = _frame_fds.pop(id(ref), None)
     if entry is not None:
-        for fd in entry[1]:
+        for fd in entry[1].values():
             try:
                 os.close(fd)
             except OSError:
@@ -503,7 +507,7 @@ def _after_fork_in_child():
         seg._lock = threading.Lock()
         seg.close()
     for _ref, fds in list(_frame_fds.values()):
-        for fd in fds:
+        for fd in fds.values():
             try:
                 os.close(fd)
             except OSError:
