@@ -310,8 +310,9 @@ def _watch_parent(fd):
 
     ``fd`` is the read end of a pipe whose only write end the parent holds:
     the kernel closes it when the parent dies (SIGKILL included), and the
-    read returns EOF.  No polling, no PR_SET_PDEATHSIG (which fires when the
-    parent *thread* that spawned us exits).
+    read returns EOF.  This thread needs the GIL, so a call holding it in C
+    would outlive the parent: ``PR_SET_PDEATHSIG`` (forksafe.protect_worker)
+    covers that case; the pipe remains where prctl is not available.
     """
     try:
         while os.read(fd, 64):
