@@ -291,7 +291,11 @@ def child(q):
     gc.collect()
     b = shared_empty(1 << 18, np.float32)
     b[:] = 7
-    q.put((shm.ARENA.reused, lifetime.PROCESS_UID))
+    reused = shm.ARENA.reused
+    # The child's own executor works: its own workers, keeper thread and blocks.
+    with IsolatedExecutor() as ex2:
+        own = float(ex2.submit(np.max, b).result(30)) + float(ex2.submit(make, 5).result(30)[0])
+    q.put((reused, lifetime.PROCESS_UID, own))
     time.sleep(0.5)         # time for a flusher thread, were one to send anything
 
 if __name__ == "__main__":
@@ -305,9 +309,9 @@ if __name__ == "__main__":
     q = ctx.Queue()
     p = ctx.Process(target=child, args=(q,))
     p.start()
-    reused, uid = q.get(timeout=30)
+    reused, uid, own = q.get(timeout=60)
     p.join(30)
-    print("CHILD", p.exitcode, reused, uid != lifetime.PROCESS_UID, flush=True)
+    print("CHILD", p.exitcode, reused, uid != lifetime.PROCESS_UID, own, flush=True)
     # The worker still counts the parent's leases: new results land in other segments.
     more = [ex.submit(make, 100 + i).result(30) for i in range(6)]
     print("HELD", *[float(x[0]) for x in held], float(fut.result()[0]),
@@ -323,9 +327,9 @@ def test_a_fork_child_dropping_inherited_results_releases_nothing_of_the_parents
     out = run_script(pyver, _FORK_LEASES, cwd=tmp_path, timeout=75)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(ln.split(None, 1) for ln in out.stdout.splitlines())
-    # The child's arena started empty (it reused none of the parent's free segments)
-    # and its blocks carry an identity of their own.
-    assert lines["CHILD"] == "0 0 True"
+    # The child's arena started empty (it reused none of the parent's free segments),
+    # its blocks carry an identity of their own, and a new executor works there.
+    assert lines["CHILD"] == "0 0 True 12.0"
     assert lines["HELD"] == "1.0 2.0 3.0 9.0 9.0"
 
 
