@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 
+from . import forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime
@@ -288,17 +289,19 @@ def _apply_control(link, msgs):
 
 
 def _parse_args(argv):
-    fd = alive = None
+    fd = alive = parent = None
     it = iter(argv)
     for a in it:
         if a == "--fd":
             fd = int(next(it))
         elif a == "--alive-fd":
             alive = int(next(it))
+        elif a == "--parent-pid":
+            parent = int(next(it))
     if fd is None:
         raise SystemExit("usage: python -m comfy_env.worker --fd N [--alive-fd M] "
-                         "(started by IsolatedExecutor)")
-    return fd, alive
+                         "[--parent-pid P] (started by IsolatedExecutor)")
+    return fd, alive, parent
 
 
 def _watch_parent(fd):
@@ -306,8 +309,9 @@ def _watch_parent(fd):
 
     ``fd`` is the read end of a pipe whose only write end the parent holds:
     the kernel closes it when the parent dies (SIGKILL included), and the
-    read returns EOF.  No polling, no PR_SET_PDEATHSIG (which fires when the
-    parent *thread* that spawned us exits).
+    read returns EOF.  This thread needs the GIL, so a call holding it in C
+    would outlive the parent: ``PR_SET_PDEATHSIG`` (forksafe.protect_worker)
+    covers that case; the pipe remains where prctl is not available.
     """
     try:
         while os.read(fd, 64):
@@ -367,7 +371,9 @@ def _watch_for_torch():
 
 
 def main(argv=None):
-    fd, alive = _parse_args(sys.argv[1:] if argv is None else argv)
+    fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
+    # Close-on-exec for our fds, and death with the parent even while a call holds the GIL.
+    forksafe.protect_worker((fd, alive), parent)
     # Ctrl-C in the terminal reaches the whole process group: the parent
     # decides what happens to calls; the worker must not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -375,6 +381,7 @@ def main(argv=None):
         threading.Thread(target=_watch_parent, args=(alive,), name="comfy_env-parent-watch",
                          daemon=True).start()
     worker = Worker(Channel.from_fd(fd))
+    forksafe.track_channel(worker.channel)     # a fork child of the worker closes it
     _watch_for_torch()              # before the initializer, which may import torch
     try:
         ok = worker.handshake()

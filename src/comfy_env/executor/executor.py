@@ -63,10 +63,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
+from .. import forksafe
 from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime
 from ..ipc.transport import ChannelClosed, MAX_FDS
+from . import launch
 from .devices import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WorkerHandle
@@ -257,9 +259,11 @@ class _Pool:
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
+        forksafe.track_pool(self)       # inert in fork children
 
     # -- submission ------------------------------------------------------------------
     def submit(self, item):
+        forksafe.check_owner(self)      # before the lock: a fork child must not touch it
         with self.lock:
             self._check_open()
             if item.deps:
@@ -471,15 +475,16 @@ class _Pool:
             else:
                 err = WorkerStartError(f"could not start a worker: {exc!r}")
                 err.__cause__ = exc
-            self._start_failed(err)
+            self._start_failed(err, transient=launch.is_transient(exc))
             return
         if self.start_timeout is not None:
             self.watchdog.at(time.monotonic() + self.start_timeout, worker, _START)
 
-    def _start_failed(self, error):
+    def _start_failed(self, error, transient=False):
         """A worker failed to start in a way that may not happen again (killed while it
         started, a transient OSError): try once more after a back-off; a second failure
-        in a row breaks the executor."""
+        in a row breaks the executor, unless it was a shortage of fds or memory
+        (``transient``), which says nothing about the environment."""
         with self.lock:
             self.start_failures += 1
             retry = (self.start_failures < 2 and self.broken is None
@@ -493,7 +498,29 @@ class _Pool:
                 return
             with self.lock:
                 self.starting -= 1
-        self._break(error)
+        if transient:
+            self._start_failed_for_now(error.__cause__ or error)
+        else:
+            self._break(error)
+
+    def _start_failed_for_now(self, exc):
+        """No fds (or memory) to start a worker right now: that says nothing about the
+        environment, so the executor is not broken; the next call tries again.  Calls
+        that no live worker can take fail now rather than wait for a start nobody retries."""
+        err = WorkerStartError(f"could not start a worker for now: {exc} (the executor "
+                               f"tries again with the next call)")
+        err.__cause__ = exc
+        with self.lock:
+            stuck = not self.workers and not self.starting
+            items = list(self.pending) if stuck else []
+            if stuck:
+                self.pending.clear()
+        for item in items:
+            fut = item.future
+            item.args = item.kwargs = item.fn = None
+            if (item.started or fut.set_running_or_notify_cancel()) and not fut.done():
+                fut.set_exception(_clone(err))
+        self._notify_done()
 
     def _back_to_idle(self, worker):
         with self.lock:
@@ -657,6 +684,8 @@ class _Pool:
             item.args = item.kwargs = item.fn = None
 
     def shutdown(self, wait=True, cancel_futures=False):
+        if forksafe.inherited(self):
+            return      # a fork child's copy: the parent's calls and workers are not ours
         if wait and self._on_reader_thread():
             # A done-callback on the reader thread of one of our workers: that thread
             # reads the results this would wait for.  ProcessPoolExecutor raises here
@@ -699,6 +728,8 @@ class _Pool:
         program (see ``_shutdown_all_at_exit``).  Workers ignore SIGINT (the parent
         decides), so without this the exit would wait for the running calls.
         """
+        if forksafe.inherited(self):
+            return      # a fork child's copy: the workers are the parent's, not ours to kill
         with self.lock:
             self.shutting_down = True
             items = list(self.pending) + list(self.waiting)

@@ -4,20 +4,42 @@ The worker is ``python -m comfy_env.worker --fd N`` where N is the worker's
 end of a socketpair, inherited through ``pass_fds`` and nothing else (every
 other fd of the parent is close-on-exec).  stdout and stderr are pipes that
 the parent turns into log records.
+
+Every worker is started by one long-lived thread, the *keeper*, which then
+watches it until it exits:
+
+* the worker arms ``PR_SET_PDEATHSIG`` (see :mod:`comfy_env.forksafe`), which
+  fires when the *thread* that forked it ends.  Workers are started on demand
+  by whichever thread dispatches a call, often a short-lived user thread that
+  submits and leaves: forking there would kill the worker with that thread.
+  The keeper lives as long as any worker it started does.
+* the keeper holds a pidfd per worker and reports its exit (``on_exit``), so
+  the parent learns of a worker's death from the process itself, not only from
+  EOF on its socket: a grandchild that inherited the worker's end of the socket
+  (C code that forks without exec) would otherwise hide the death for as long
+  as it lives.
 """
 from __future__ import annotations
 
+import collections
+import errno
 import os
+import selectors
 import subprocess
 import sys
+import threading
 
 import comfy_env
 
+from .. import forksafe
 from ..envs import WorkerEnvironment
 
 # The directory that holds the comfy_env package the parent runs: the worker
 # of the current interpreter must import the very same code.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(comfy_env.__file__)))
+
+# Errors of a start that may succeed later: fds or memory are short right now.
+_TRANSIENT = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN])
 
 
 def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None):
@@ -27,6 +49,7 @@ def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None):
     cmd += ["-m", "comfy_env.worker", "--fd", str(fd)]
     if alive_fd is not None:
         cmd += ["--alive-fd", str(alive_fd)]
+    cmd += ["--parent-pid", str(os.getpid())]
     return cmd
 
 
@@ -48,25 +71,40 @@ def worker_environ(wenv: WorkerEnvironment):
     return env
 
 
-def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subprocess.Popen:
-    """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds."""
+def is_transient(exc) -> bool:
+    """Did a worker fail to start for want of fds or memory (worth retrying later)?"""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
+          on_exit=None) -> subprocess.Popen:
+    """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds.
+
+    ``on_exit()`` runs (on the keeper thread: it must be quick and must not block)
+    once the process has exited.
+    """
+    raise_fd_limit()
     fds = (child_fd,) if alive_fd is None else (child_fd, alive_fd)
     # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
     lease = wenv.prepare_launch()
+    kwargs = dict(
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=fds + lease,
+        env=worker_environ(wenv),
+        close_fds=True,
+        cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
+        # The parent's process group: a Ctrl-C in the terminal reaches the workers too,
+        # which ignore SIGINT; the parent decides (it stops its running calls).
+        start_new_session=False,
+    )
     try:
-        return subprocess.Popen(
-            worker_command(wenv, child_fd, alive_fd),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=fds + lease,
-            env=worker_environ(wenv),
-            close_fds=True,
-            cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
-            # Own process group: a Ctrl-C in the parent's terminal is the
-            # parent's to handle; it then shuts its workers down.
-            start_new_session=False,
-        )
+        return KEEPER.spawn(worker_command(wenv, child_fd, alive_fd), kwargs, on_exit)
     except OSError as exc:
         from ..errors import WorkerStartError
 
@@ -81,3 +119,198 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subpr
 
 def parent_python():
     return tuple(sys.version_info[:2])
+
+
+# -- the fd limit ---------------------------------------------------------------------
+
+_limit_raised = False
+
+
+def raise_fd_limit():
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, once.
+
+    The common soft limit of 1,024 is a relic of select(); shared memory, sockets
+    and pipes of many workers can need more, and servers routinely raise it at
+    start-up.  Workers inherit the raised limit.
+    """
+    global _limit_raised
+    if _limit_raised:
+        return
+    _limit_raised = True
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft < hard:
+            target = hard
+            if target == resource.RLIM_INFINITY:
+                target = 1 << 20     # Linux's default nr_open: an infinite hard limit isn't settable
+            if soft != resource.RLIM_INFINITY and target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def fd_limit():
+    """The current soft RLIMIT_NOFILE (a large number where unknown)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1 << 20
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+# -- the keeper thread ------------------------------------------------------------------------
+
+class _Request:
+    __slots__ = ("argv", "kwargs", "on_exit", "done", "proc", "error")
+
+    def __init__(self, argv, kwargs, on_exit):
+        self.argv = argv
+        self.kwargs = kwargs
+        self.on_exit = on_exit
+        self.done = threading.Event()
+        self.proc = None
+        self.error = None
+
+
+class _Keeper:
+    """Starts workers on one thread and watches them (pidfds) until they exit.
+
+    The thread runs while a start is requested or a worker it started is alive,
+    and ends after that (a new one starts with the next worker): no thread is
+    left behind by an executor that is gone, and none ends under a live worker.
+    """
+
+    POLL_S = 0.2                    # without a pidfd (old kernel, no fd left): poll
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = collections.deque()
+        self._watched = {}              # pidfd -> on_exit
+        self._polled = {}               # Popen -> on_exit, where no pidfd could be had
+        self._thread = None
+        self._sel = None
+        self._wake_r = self._wake_w = None
+
+    def spawn(self, argv, kwargs, on_exit):
+        if threading.current_thread() is self._thread:
+            proc = subprocess.Popen(argv, **kwargs)
+            self._watch(proc, on_exit)
+            return proc
+        req = _Request(argv, kwargs, on_exit)
+        with self._lock:
+            if self._wake_w is None:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_w, False)
+            self._requests.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="comfy_env-keeper",
+                                                daemon=True)
+                self._thread.start()
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, InterruptedError):
+                pass                # the pipe is full: a wake-up is pending anyway
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.proc
+
+    def _watch(self, proc, on_exit):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self._polled[proc] = on_exit
+            return
+        self._watched[pidfd] = on_exit
+        self._sel.register(pidfd, selectors.EVENT_READ)
+
+    def _poll(self):
+        for proc, on_exit in list(self._polled.items()):
+            try:
+                # WNOWAIT: look, don't reap (the worker's handle reaps it).
+                exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                exited = True       # reaped already
+            except OSError:
+                exited = proc.returncode is not None
+            if exited:
+                del self._polled[proc]
+                _report(on_exit)
+
+    def _run(self):
+        self._sel = sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while True:
+                with self._lock:
+                    reqs = list(self._requests)
+                    self._requests.clear()
+                    if not reqs and not self._watched and not self._polled:
+                        self._thread = None
+                        return
+                for req in reqs:
+                    try:
+                        req.proc = subprocess.Popen(req.argv, **req.kwargs)
+                        self._watch(req.proc, req.on_exit)
+                    except BaseException as exc:
+                        req.error = exc
+                    finally:
+                        req.done.set()
+                if reqs:
+                    continue        # look for requests that came meanwhile first
+                for key, _ in sel.select(self.POLL_S if self._polled else None):
+                    if key.fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except OSError:
+                            pass
+                        continue
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    _report(self._watched.pop(key.fd, None))
+                if self._polled:
+                    self._poll()
+        except BaseException:
+            # The loop itself failed: let the next start begin a new thread, and fail
+            # the starts this one will never serve.
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                reqs = list(self._requests)
+                self._requests.clear()
+            for req in reqs:
+                req.error = OSError(errno.EAGAIN, "the worker keeper thread failed")
+                req.done.set()
+            raise
+        finally:
+            sel.close()
+
+    def _after_fork_in_child(self):
+        # The thread is the parent's; the pidfds and the pipe are copies we must not keep
+        # (the workers they watch are the parent's).
+        for fd in list(self._watched) + [self._wake_r, self._wake_w]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self._sel is not None:
+            try:
+                self._sel.close()
+            except OSError:
+                pass
+        self.__init__()
+
+
+def _report(on_exit):
+    if on_exit is not None:
+        try:
+            on_exit()
+        except Exception:
+            pass
+
+
+KEEPER = _Keeper()
+forksafe.on_fork_child(KEEPER._after_fork_in_child)

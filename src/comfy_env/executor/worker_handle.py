@@ -18,6 +18,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,7 +59,8 @@ class WorkerHandle:
         # The worker watches the read end: EOF means this process died.
         alive_r, self._alive_w = os.pipe()
         try:
-            self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r)
+            self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r,
+                                     on_exit=lambda: _process_exited(parent))
         except BaseException:
             os.close(self._alive_w)
             self._alive_w = None
@@ -359,6 +361,15 @@ class WorkerHandle:
         if tail:
             msg += f"; last lines of its stderr:\n{tail}"
         return msg, tail
+
+
+def _process_exited(channel):
+    """The worker process is gone (its pidfd said so): the reader gets EOF after what the
+    worker sent, even while a process the call started still holds the worker's end."""
+    try:
+        channel.sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _decode_remote_exception(frame, link):

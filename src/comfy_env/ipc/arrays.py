@@ -115,7 +115,7 @@ def _place(plane, enc, ptr, lo, hi):
         shm.STATS["copied_bytes"] += hi - lo
         ptr = seg.addr + off + (ptr - lo)
     # The owner already has the segment open: no fd for it.
-    fd = seg.fd if enc.link.uid != seg.key[1] else None
+    fd = seg.fd_for(enc.fb) if enc.link.uid != seg.key[1] else None
     idx = enc.add_ref(plane, rec, meta=seg.size, fd=fd)
     return idx, ptr - seg.addr
 
@@ -135,8 +135,8 @@ class _SegmentPlane(codec.Plane):
                                f"descriptor (protocol error)")
         return shm.Segment.open(key, fd, meta)
 
-    def forward_fd(self, record):
-        return record.resource.fd
+    def frame_fd(self, record, frame_builder):
+        return record.resource.fd_for(frame_builder)
 
     def on_zero(self, record):
         record.resource.close()

@@ -69,6 +69,11 @@ class Plane:
         """An fd that lets another process open ``record``'s block (or None)."""
         return None
 
+    def frame_fd(self, record, frame_builder):
+        """:meth:`forward_fd` for one frame: a plane may hand out an fd that the frame
+        owns (closed once ``frame_builder`` is gone)."""
+        return self.forward_fd(record)
+
     def on_zero(self, record):
         """The record has no user left (recycle an owned block, drop a remote one).
 
@@ -270,7 +275,7 @@ class FrameBuilder:
         """
         refs = []
         for (plane_name, key, _fd, meta), rec in zip(part.refs, records):
-            fd = get_plane(plane_name).forward_fd(rec)
+            fd = get_plane(plane_name).frame_fd(rec, self)
             refs.append((plane_name, key, self.add_fd(fd) if fd is not None else -1, meta))
             self.lend(rec)
         self.parts.append(Part(part.data, refs))

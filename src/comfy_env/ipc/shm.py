@@ -21,10 +21,13 @@ import ctypes
 import itertools
 import mmap
 import os
+import resource
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
+from .. import forksafe
 from . import lifetime
 
 if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
@@ -69,6 +72,13 @@ class Segment:
     A segment received from a peer is only mapped when something is built on
     it: a result the parent forwards to another worker (zero-copy chain) is
     never mapped in the parent.
+
+    fds are the scarce resource (a soft limit of 1,024 is common), not
+    mappings: a mapped segment does not need its fd, so it keeps one only while
+    few segments do (:func:`_keep_fd`), and a received one gives it up as soon
+    as it is mapped.  A frame that must carry the segment asks :meth:`fd_for`
+    for an fd of its own: a dup, or the segment reopened through its mapping
+    (``/proc/self/map_files``), closed once the frame is gone.
     """
 
     __slots__ = ("key", "fd", "size", "mm", "buf", "addr", "last_used", "_lock")
@@ -86,10 +96,9 @@ class Segment:
             self._attach(mm)
 
     def _attach(self, mm):
-        self.mm = mm
-        # A ctypes view pins the mapping and gives its address; arrays are built on it.
-        self.buf = (ctypes.c_ubyte * self.size).from_buffer(mm)
-        self.addr = ctypes.addressof(self.buf)
+        # ``mm`` is a ctypes array over the mapping (see _map); arrays are built on it.
+        self.mm = self.buf = mm
+        self.addr = ctypes.addressof(mm)
         ADDRESS_MAP.add(self)
 
     def ensure_mapped(self):
@@ -98,45 +107,191 @@ class Segment:
                 if self.mm is None:
                     if self.fd < 0:
                         raise RuntimeError(f"segment {self.key} is closed")
-                    mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                    mm = _map(self.fd, self.size)
                     STATS["maps"] += 1
                     self._attach(mm)
+                    if _can_reopen():
+                        # Mapped: the fd is no longer needed (fd_for reopens it).
+                        _drop_fd(self)
         return self.mm
+
+    def fd_for(self, frame_builder):
+        """An fd of this segment for one outgoing frame, closed when the frame is gone.
+
+        Always the frame's own: the segment's fd may be closed meanwhile by another
+        thread (mapping it, or the last user dropping it) and its number reused.
+        """
+        fds = _frame_fds_of(frame_builder)
+        fd = fds.get(self.key)
+        if fd is not None:
+            return fd               # many arrays of one frame share this segment
+        with self._lock:
+            if self.fd >= 0:
+                fd = os.dup(self.fd)            # non-inheritable (PEP 446)
+            elif self.mm is not None:
+                fd = os.open(_map_files_path(self.addr, self.size), os.O_RDWR | os.O_CLOEXEC)
+            else:
+                raise RuntimeError(f"segment {self.key} is closed")
+        fds[self.key] = fd
+        return fd
 
     @classmethod
     def create(cls, size):
         fd = os.memfd_create("comfy_env", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map(fd, size)
         except BaseException:
             os.close(fd)
             raise
+        if not _keep_fd():
+            os.close(fd)
+            fd = -1
         return cls((PLANE_NAME, lifetime.PROCESS_UID, next(_ids)), fd, size, mm)
 
     @classmethod
     def open(cls, key, fd, size):
-        """A segment received from a peer (takes ownership of ``fd``; maps lazily)."""
-        return cls(key, fd, size)
+        """A segment received from a peer (takes ownership of ``fd``; maps lazily while
+        few segments hold fds, at once otherwise)."""
+        if _keep_fd():
+            return cls(key, fd, size)
+        try:
+            mm = _map(fd, size)
+        finally:
+            os.close(fd)
+        STATS["maps"] += 1
+        return cls(key, -1, size, mm)
 
     def close(self):
         """Drop our references: the mapping goes when the last array built on it does."""
         if self.mm is not None:
             ADDRESS_MAP.remove(self)
-        self.buf = None
-        mm, self.mm = self.mm, None
+        self.mm = self.buf = None
+        with self._lock:
+            _drop_fd(self)
+
+
+# -- mappings without fds ------------------------------------------------------------------
+# mmap.mmap keeps a dup of the fd it maps for as long as it lives (before 3.13's
+# trackfd=False): one fd per mapped segment, on top of the segment's own.  Mapping
+# through libc keeps none; the ctypes array over the mapping unmaps it when the last
+# object built on it is gone.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_int64]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map(fd, size):
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of a {size}-byte shared segment failed: {os.strerror(err)}")
+    mm = (ctypes.c_ubyte * size).from_address(addr)
+    fin = weakref.finalize(mm, _libc.munmap, addr, size)
+    fin.atexit = False          # at exit the process unmaps; objects may still use it until then
+    return mm
+
+
+def _map_files_path(addr, size):
+    return f"/proc/self/map_files/{addr:x}-{addr + size:x}"
+
+
+_reopen_ok = None
+
+
+def _can_reopen():
+    """Can a mapped segment be reopened from its mapping?  (Needs /proc and, before
+    Linux 4.3 or under some security policies, privileges.)  Checked once."""
+    global _reopen_ok
+    if _reopen_ok is None:
+        ok = False
         try:
-            if mm is not None:
-                mm.close()
-        except BufferError:
-            pass       # arrays still use it; the mmap object unmaps when they are gone
-        if self.fd >= 0:
+            fd = os.memfd_create("comfy_env-probe", os.MFD_CLOEXEC)
             try:
-                os.close(self.fd)
+                os.ftruncate(fd, _PAGE)
+                mm = _map(fd, _PAGE)
+            finally:
+                os.close(fd)
+            fd = os.open(_map_files_path(ctypes.addressof(mm), _PAGE), os.O_RDWR | os.O_CLOEXEC)
+            os.close(fd)
+            ok = True
+        except OSError:
+            pass
+        _reopen_ok = ok
+    return _reopen_ok
+
+
+_fd_lock = threading.Lock()
+_fds_held = 0                   # segments of this process that hold an fd
+
+
+def _keep_fd():
+    """May one more segment keep its fd?  Yes while few do (an eighth of the fd limit,
+    at most 256): sending those costs no reopen.  Counts it if so."""
+    global _fds_held
+    if not _can_reopen():
+        _count_fd(1)
+        return True
+    with _fd_lock:
+        if _fds_held < _fd_budget():
+            _fds_held += 1
+            return True
+    return False
+
+
+def _count_fd(n):
+    global _fds_held
+    with _fd_lock:
+        _fds_held += n
+
+
+def _drop_fd(seg):
+    """Close ``seg``'s fd (the caller holds ``seg._lock``)."""
+    fd, seg.fd = seg.fd, -1
+    if fd >= 0:
+        _count_fd(-1)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fd_budget():
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(8, min(256, soft // 8))
+
+
+# fds lent to frames: closed when the frame (its FrameBuilder) is garbage.
+_frame_fds = {}                 # id(weakref) -> (weakref, {segment key: fd})
+
+
+def _frame_fds_of(frame_builder):
+    fds = frame_builder.__dict__.get("_shm_fds")
+    if fds is None:
+        fds = frame_builder._shm_fds = {}
+        ref = weakref.ref(frame_builder, _frame_gone)
+        _frame_fds[id(ref)] = (ref, fds)
+    return fds
+
+
+def _frame_gone(ref):
+    entry = _frame_fds.pop(id(ref), None)
+    if entry is not None:
+        for fd in entry[1].values():
+            try:
+                os.close(fd)
             except OSError:
                 pass
-            self.fd = -1
 
 
 class _AddressMap:
@@ -356,3 +511,27 @@ def holder_for(record):
     holder = (ctypes.c_ubyte * seg.size).from_buffer(seg.ensure_mapped())
     lifetime.LEDGER.holder(record, holder)
     return holder
+
+
+def _after_fork_in_child():
+    # The arena's free segments are the parent's memory too: a child that reused one
+    # would write into blocks the parent hands out.  It starts with an empty arena; its
+    # copies of the parent's free segments (mappings, fds) go.
+    free = [seg for lst in ARENA._free.values() for seg in lst]
+    ARENA.__init__()
+    ADDRESS_MAP._lock = threading.Lock()
+    global _fd_lock
+    _fd_lock = threading.Lock()
+    for seg in free:
+        seg._lock = threading.Lock()
+        seg.close()
+    for _ref, fds in list(_frame_fds.values()):
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+
+forksafe.on_fork_child(_after_fork_in_child)

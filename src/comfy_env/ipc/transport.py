@@ -107,7 +107,10 @@ class Channel:
         first-out as headers announce them matches them to their frames.
         """
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._scratch], self._anc_size)
+            # MSG_CMSG_CLOEXEC: received fds are close-on-exec from the start (a process
+            # the worker's call starts must not inherit shared memory or sockets).
+            n, anc, flags, _ = self.sock.recvmsg_into([self._scratch], self._anc_size,
+                                                      socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
         except OSError as exc:
