@@ -518,7 +518,8 @@ class _Pool:
         for item in items:
             fut = item.future
             item.args = item.kwargs = item.fn = None
-            if (item.started or fut.set_running_or_notify_cancel()) and not fut.done():
+            if (item.stage is not _Stage.QUEUED or fut.set_running_or_notify_cancel()) \
+                    and not fut.done():
                 fut.set_exception(_clone(err))
         self._notify_done()
 
