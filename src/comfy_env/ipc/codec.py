@@ -21,6 +21,7 @@ until an object of theirs shows up.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -407,6 +408,24 @@ def _explain_missing(exc):
     if sys.executable in str(exc) or not exc.name:
         return exc              # already explained (the data planes' own errors)
     pkg = exc.name.split(".")[0]
+    installed = sys.modules.get(pkg)
+    if installed is None and pkg != exc.name:
+        try:
+            installed = importlib.import_module(pkg)
+        except Exception:
+            installed = None
+    if installed is not None:
+        # The package is here, a module of it is not: the peer pickled the object with
+        # another version of it (numpy 2 pickles name numpy._core, which numpy 1 lacks).
+        version = getattr(installed, "__version__", "unknown")
+        return ModuleNotFoundError(
+            f"{exc}: the message holds an object pickled by another version of {pkg} than "
+            f"this process has ({pkg} {version}, Python {sys.version.split()[0]} at "
+            f"{sys.executable}), and that version's pickle names a module this one lacks. "
+            f"comfy_env sends numpy arrays, scalars, dtypes and masked arrays in a form every "
+            f"numpy version reads; other objects take their package's own pickle (numpy: "
+            f"object arrays, e.g.): convert them to plain Python or numpy data, or use the "
+            f"same major version of {pkg} on both sides", name=exc.name)
     return ModuleNotFoundError(
         f"{exc}: the message holds an object of package {pkg!r}, which is not importable "
         f"in this process (Python {sys.version.split()[0]} at {sys.executable}): install "

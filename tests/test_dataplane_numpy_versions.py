@@ -1,0 +1,232 @@
+"""numpy 1 <-> numpy 2: every dtype, layout, scalar, dtype object and masked array crosses
+exactly, both ways, on the inline route (< 64 KiB) and the shared-memory route.
+
+The headline use is a ComfyUI node env pinned to ``numpy<2`` beside a host on numpy 2.
+numpy's own pickle names ``numpy._core`` (numpy 2) or ``numpy.core`` (numpy 1), so the
+data plane describes arrays, scalars and dtypes in builtins only (``ipc/arrays.py``).
+
+The numpy-1 env is a real comfy-env environment built with uv from offline wheels
+(/opt/pypi/files; the package index only where those lack numpy 1), cached across runs
+like tests/pythons.py's venvs.  Directions:
+
+* parent numpy 2 (this process) -> worker numpy 1, and a worker-to-worker chain
+  numpy 1 <-> numpy 2 (an ``env=None`` worker of this process);
+* parent numpy 1 (a user script run by the numpy-1 env's interpreter) -> worker
+  numpy 2 (this interpreter), and the chain the other way round.
+
+What is compared is a version-neutral fingerprint (``_numpy_compat_funcs.fp``): dtype
+(byte order, fields, offsets, alignment, metadata), shape, strides, flags, and a hash
+of the bytes as they lie (NaN payloads, padding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import _numpy_compat_funcs as F
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import codec, lifetime
+from pythons import TESTS, run_script
+
+pytestmark = [
+    pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="the host must run numpy 2"),
+    pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+OFFLINE_WHEELS = "/opt/pypi/files"
+NUMPY1 = "numpy==1.26.4"
+SIZES = pytest.mark.parametrize("big", [False, True], ids=["inline", "shm"])
+
+
+def _cache_root():
+    return os.environ.get("COMFY_ENV_TEST_NUMPY1",
+                          os.path.join(os.path.expanduser("~"), ".cache", "comfy-env-tests", "numpy1"))
+
+
+def _build_numpy1_env():
+    """A comfy-env env of this Python minor version with numpy 1 (and comfy_env's own
+    dependencies, so that its interpreter can also run a parent script)."""
+    from comfy_env.envs import Env
+
+    root = _cache_root()
+    py = "%d.%d" % sys.version_info[:2]
+    reqs = [NUMPY1, "cloudpickle>=3.0", "filelock>=3.12", "platformdirs>=3"]
+    attempts = []
+    if os.path.isdir(OFFLINE_WHEELS):
+        attempts.append(("offline", {"find_links": [OFFLINE_WHEELS], "no_index": True}))
+    attempts.append(("index", {}))
+    errors = []
+    for label, where in attempts:
+        spec_dir = os.path.join(root, f"spec-{label}")
+        os.makedirs(spec_dir, exist_ok=True)
+        lines = [f'name = "numpy1-{label}"', f'python = "{py}"', f"requirements = {json.dumps(reqs)}"]
+        for k, v in where.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        with open(os.path.join(spec_dir, "comfy-env.toml"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            return Env.from_toml(spec_dir, cache_dir=os.path.join(root, "cache")).create(progress=False)
+        except Exception as e:              # no wheel there: try the next source
+            errors.append(f"{label}: {type(e).__name__}: {str(e)[-400:]}")
+    pytest.skip(f"no {NUMPY1} wheel for Python {py} could be installed: " + " | ".join(errors))
+
+
+@pytest.fixture(scope="session")
+def numpy1_env():
+    from filelock import FileLock
+
+    os.makedirs(_cache_root(), exist_ok=True)
+    with FileLock(os.path.join(_cache_root(), "build.lock"), timeout=600):
+        env = _build_numpy1_env()
+    out = subprocess.run([env.python, "-c", "import numpy; print(numpy.__version__)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().startswith("1."), out
+    return env
+
+
+# Fresh workers per test: a worker that once loaded the other numpy's aliases (object
+# arrays do) keeps them, and the checks look for them.
+@pytest.fixture
+def np1_worker(numpy1_env):
+    with IsolatedExecutor(env=numpy1_env, name="numpy1") as ex:
+        assert ex.submit(F.numpy_version).result(120).startswith("1.")
+        yield ex
+
+
+@pytest.fixture
+def np2_worker():
+    with IsolatedExecutor(name="numpy2") as ex:
+        ex.submit(F.numpy_version).result(60)
+        yield ex
+
+
+def _fail_report(fails):
+    return f"{len(fails)} failures:\n" + "\n".join(fails[:40])
+
+
+# -- numpy 2 parent -> numpy 1 worker, and worker <-> worker --------------------------------
+
+@pytest.mark.timeout(300)
+@SIZES
+def test_numpy2_parent_and_numpy1_worker_exchange_everything_exactly(np1_worker, np2_worker, big):
+    fails = F.check_round_trips(np1_worker, big, other=np2_worker)
+    assert not fails, _fail_report(fails)
+
+
+# -- numpy 1 parent -> numpy 2 worker -------------------------------------------------------
+
+_PARENT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import _numpy_compat_funcs as F
+    from comfy_env import IsolatedExecutor
+
+    big = sys.argv[3] == "1"
+    with IsolatedExecutor(env=sys.argv[2], name="numpy2") as ex, \\
+            IsolatedExecutor(name="numpy1-local") as other:
+        assert ex.submit(F.numpy_version).result(120).startswith("2.")
+        fails = F.check_round_trips(ex, big, other=other)
+    print("RESULT " + json.dumps(fails))
+""")
+
+
+@pytest.mark.timeout(400)
+@SIZES
+def test_numpy1_parent_and_numpy2_worker_exchange_everything_exactly(numpy1_env, tmp_path, big):
+    cache = tmp_path / "cache"
+    proc = run_script("3.11", _PARENT_SCRIPT, cwd=tmp_path, timeout=360, python=numpy1_env.python,
+                      args=(TESTS, sys.executable, "1" if big else "0"),
+                      env={"COMFY_ENV_CACHE_DIR": str(cache)})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    fails = json.loads(lines[-1][len("RESULT "):])
+    assert not fails, _fail_report(fails)
+
+
+# -- what goes on the wire (this process only) ----------------------------------------------
+
+def _encode(obj):
+    link = lifetime.Link(lambda msgs: None, name="loopback")
+    fb, chunks = codec.encode_message(("test",), link, [obj])
+    frame = codec.decode_envelope(b"".join(bytes(c) for c in chunks), [])
+    try:
+        return bytes(frame.parts[0].data), codec.decode_part(frame, 0, link)
+    finally:
+        fb.abort()
+
+
+def _globals_named(data):
+    """Module names of the globals a pickle imports on load."""
+    names, strings = set(), []
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL":
+            names.add(strings[-2])
+        elif op.name == "GLOBAL":
+            names.add(arg.split(" ")[0])
+    return names
+
+
+@SIZES
+def test_nothing_sent_names_a_numpy_internal_module(big):
+    """Neither numpy._core (numpy 2 only) nor numpy.core (deprecated there) may appear in a
+    message, whatever numpy object it holds (object arrays aside: numpy's pickle)."""
+    for name, obj in F.cases(big).items():
+        data, back = _encode(obj)
+        internal = sorted(m for m in _globals_named(data)
+                          if m.startswith(("numpy._core", "numpy.core")) or m == "numpy.rec")
+        assert not internal, f"{name}: the message imports {internal}"
+        assert F.fp(back) == F.expected(obj, big), name
+
+
+def test_an_object_pickled_by_another_numpy_gets_an_error_that_says_so():
+    """Object arrays still take numpy's pickle; where that names a module this numpy lacks,
+    the error says numpy *is* installed and the versions differ, not "install numpy"."""
+    link = lifetime.Link(lambda msgs: None, name="loopback")
+    data = b"\x80\x05\x95\x00\x00\x00\x00\x00\x00\x00\x00cnumpy._core.no_such_module\nthing\n\x94."
+    env = pickle.dumps((("test",), [(len(data), None)]), 5)
+    frame = codec.decode_envelope(len(env).to_bytes(4, "little") + env + data, [])
+    with pytest.raises(ModuleNotFoundError) as e:
+        codec.decode_part(frame, 0, link)
+    msg = str(e.value)
+    assert np.__version__ in msg and "numpy._core.no_such_module" in msg
+    assert "install numpy" not in msg and "version" in msg
+
+
+def test_small_array_encoding_is_one_copy_into_the_message():
+    """The inline route pickles the array's memory straight into the message: no bytes
+    object of the data is made on the way (a.tobytes() would be a second copy)."""
+    a = np.arange(1000.0)
+    data, back = _encode(a)
+    ops = [op.name for op, _arg, _pos in pickletools.genops(data)]
+    assert "BYTEARRAY8" in ops and back.flags.writeable and back.base is not None
+    ro = a.copy()
+    ro.flags.writeable = False
+    data, back = _encode(ro)
+    assert not back.flags.writeable and np.array_equal(back, ro)
+
+
+def test_fingerprints_see_what_they_must():
+    """The comparisons above would catch a changed byte, byte order, stride or flag."""
+    a = F.sample(np, ">f8", 16, 1)
+    b = a.copy()
+    b.view(np.uint8)[5] ^= 1
+    assert F.fp(a) != F.fp(b)
+    assert F.fp(a) != F.fp(a.astype("<f8"))
+    assert F.fp(a) != F.fp(a.reshape(4, 4).T.copy().T)           # same values, other strides
+    ro = a.copy()
+    ro.flags.writeable = False
+    assert F.fp(ro) != F.fp(a.copy())
+    s = np.dtype([("a", "i4"), ("b", "f8")])
+    assert F.fp(s) != F.fp(np.dtype([("a", "i4"), ("b", "f8")], align=True))
+    assert F.fp(np.float32(np.nan)) != F.fp(np.frombuffer(b"\x01\x00\xc0\x7f", "<f4")[0])
