@@ -124,6 +124,8 @@ def cases(big):
     out["dtype objects"] = [np.dtype(s) for s in DTYPES] + list(structured_dtypes(np).values()) + [
         np.dtype(("f4", (2, 3))), np.dtype("f8", metadata={"unit": "m"}), out["recarray"].dtype,
         np.dtype("O")]
+    out["ufuncs and dtype classes"] = [np.add, np.sin, np.matmul, np.isnat,
+                                       type(np.dtype("f8")), type(np.dtype(">M8[s]"))]
     return out
 
 
@@ -179,6 +181,10 @@ def fp(x):
         return ("scalar", type(x) is x.dtype.type, _dfp(x.dtype), x.tobytes())
     if isinstance(x, np.dtype):
         return ("dtype", _dfp(x))
+    if isinstance(x, np.ufunc):
+        return ("ufunc", x.__name__, x is getattr(np, x.__name__))
+    if isinstance(x, type):
+        return ("class", x.__module__, x.__qualname__)
     return ("other", type(x).__name__, repr(x))
 
 

@@ -214,6 +214,9 @@ def test_small_array_encoding_is_one_copy_into_the_message():
     ro.flags.writeable = False
     data, back = _encode(ro)
     assert not back.flags.writeable and np.array_equal(back, ro)
+    back.flags.writeable = True           # a private copy, as before: the flag may be set back
+    back[0] = 7
+    assert ro[0] == 0
 
 
 def test_fingerprints_see_what_they_must():
@@ -230,3 +233,23 @@ def test_fingerprints_see_what_they_must():
     s = np.dtype([("a", "i4"), ("b", "f8")])
     assert F.fp(s) != F.fp(np.dtype([("a", "i4"), ("b", "f8")], align=True))
     assert F.fp(np.float32(np.nan)) != F.fp(np.frombuffer(b"\x01\x00\xc0\x7f", "<f4")[0])
+
+
+# -- numpy objects inside a function pickled by value ----------------------------------------
+
+_LUT = F.sample(np, ">f8", 16, 3)
+_UNIT = np.dtype("M8[ns]")
+_GAIN = np.float32(2.0)
+
+
+def _uses_captured_numpy(x):
+    """A function of a user's script: its globals (arrays, a dtype, a scalar) travel with it."""
+    return x * _GAIN + _LUT[1], _LUT, _UNIT, _GAIN
+
+
+@pytest.mark.timeout(120)
+def test_numpy_objects_a_function_captures_cross_too(np1_worker):
+    y, lut, unit, gain = np1_worker.submit(_uses_captured_numpy, np.ones(3)).result(60)
+    assert F.fp(lut) == F.fp(_LUT) and unit == _UNIT and F.fp(gain) == F.fp(_GAIN)
+    assert F.fp(y) == F.fp(np.ones(3) * _GAIN + _LUT[1])
+    assert np1_worker.submit(F.shims_loaded).result(60) == []

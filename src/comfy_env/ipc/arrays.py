@@ -184,6 +184,7 @@ class NumpyPlane(_SegmentPlane):
         ("m", head, ref, offset)  an array in a shared-memory segment
         ("g", dtype, raw)         a scalar (np.float32(1), np.datetime64(...), np.void)
         ("d", dtype)              a dtype object
+        ("u", name)               one of numpy's ufuncs (np.add)
         ("ma", data, mask, fill_value, hard_mask)     a masked array; its parts nest
         ("o", array)              a read-only object array (numpy's pickle, flag restored)
 
@@ -192,9 +193,13 @@ class NumpyPlane(_SegmentPlane):
     """
 
     name = "np"
-    types = ("numpy.ndarray", "numpy.generic", "numpy.dtype")
+    types = ("numpy.ndarray", "numpy.generic", "numpy.dtype", "numpy.ufunc")
 
-    def _encode(self, a, enc):
+    def reduce_portable(self, obj):
+        desc = self._encode(obj, None, inline=True)
+        return None if desc is None else (_portable, (desc,))
+
+    def _encode(self, a, enc, inline=False):
         np = sys.modules["numpy"]          # loaded: one of its objects is here
         cls = type(a)
         if cls is not np.ndarray:
@@ -203,6 +208,11 @@ class NumpyPlane(_SegmentPlane):
             if isinstance(a, np.dtype):
                 d = _dtype_desc(np, a)
                 return None if isinstance(d, np.dtype) else ("d", d)
+            if cls is np.ufunc:
+                # numpy 1 pickles np.add as numpy.core._multiarray_umath.add (numpy 2
+                # loads that through its deprecated numpy.core aliases): go by name.
+                name = a.__name__
+                return ("u", name) if getattr(np, name, None) is a else None
             if cls.__name__ == "MaskedArray" and cls.__module__.startswith("numpy.ma") \
                     and cls is np.ma.MaskedArray:
                 return _encode_masked(np, a)
@@ -219,7 +229,7 @@ class NumpyPlane(_SegmentPlane):
             return ("o", a.copy(order="K"))
         dt = _dtype_desc(np, dtype)
         writeable = bool(a.flags.writeable)
-        if a.nbytes < INLINE_BYTES:
+        if inline or a.nbytes < INLINE_BYTES:
             return _encode_inline(np, a, cls, dt, writeable, sub)
         # Compact a sparse view (the flag is read above: the compact copy is writeable).
         ptr = a.__array_interface__["data"][0]
@@ -238,13 +248,20 @@ class NumpyPlane(_SegmentPlane):
             raise _missing("numpy", "numpy array") from None
         tag = desc[0]
         if tag == "i":
-            return _build(np, desc[1], desc[2], 0)
+            raw = desc[2]
+            if type(raw) is bytes:
+                # A read-only array's bytes: a private copy, as a writeable array's
+                # bytearray is, so the receiver may still set the flag back.
+                raw = bytearray(raw)
+            return _build(np, desc[1], raw, 0)
         if tag == "m":
             return _build(np, desc[1], _holder(dec, desc[2]), desc[3])
         if tag == "g":
             return np.ndarray((), _dtype(np, desc[1]), buffer=bytearray(desc[2]))[()]
         if tag == "d":
             return _dtype(np, desc[1])
+        if tag == "u":
+            return getattr(np, desc[1])
         if tag == "ma":
             _, data, mask, fill_value, hard = desc
             arr = np.ma.MaskedArray(data, mask=np.ma.nomask if mask is None else mask,
@@ -260,13 +277,18 @@ class NumpyPlane(_SegmentPlane):
         raise ValueError(f"unknown numpy descriptor tag {tag!r} (protocol error)")
 
 
+def _portable(desc):
+    """Unpickles what :meth:`NumpyPlane.reduce_portable` reduced (inline descriptors only)."""
+    return _NUMPY_PLANE._decode(desc, None)
+
+
 def _encode_inline(np, a, cls, dt, writeable, sub):
     """``("i", head, raw)``: the bytes of a small array, compacted (C order, or F order
     when it is F-contiguous) so that ``head``'s strides describe ``raw``.
 
-    ``raw`` is a PickleBuffer over the array's memory (pickle copies it once, straight
-    into the message); a writeable array's arrives as a bytearray, so the array
-    built on it is writeable and owns a private copy; a read-only one's as bytes."""
+    ``raw`` is a PickleBuffer over the array's memory: pickle copies it once, straight
+    into the message, and a writeable array's arrives as a bytearray (a read-only
+    one's as bytes), which the received array is built on."""
     if cls is not np.ndarray:
         a = a.view(np.ndarray)
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
@@ -555,7 +577,8 @@ def _install_cuda_plane():
             pass
 
 
-codec.register_plane(NumpyPlane())
+_NUMPY_PLANE = NumpyPlane()
+codec.register_plane(_NUMPY_PLANE)
 codec.register_plane(TorchCPUPlane())
 # The CUDA plane goes in front of the CPU one the first time a tensor is seen
 # (never at import: a process without CUDA or torch must not touch either).

@@ -37,7 +37,7 @@ from . import lifetime
 
 __all__ = [
     "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
-    "EncodeError", "Frame",
+    "EncodeError", "Frame", "dumps_portable",
 ]
 
 _U32 = struct.Struct("<I")
@@ -78,6 +78,11 @@ class Plane:
 
     def on_control(self, link, message):
         """A plane-specific control message arrived from ``link``."""
+
+    def reduce_portable(self, obj):
+        """A ``__reduce__`` value for ``obj`` in bytes that travel outside a frame (a
+        function pickled by value and what it captures), or None for pickle's own."""
+        return None
 
 
 _PLANES = {}            # name -> plane
@@ -220,6 +225,29 @@ class Encoder(cloudpickle.Pickler):
         self._ref_index[key] = idx
         self.fb.lend(record)
         return idx
+
+
+class _PortablePickler(cloudpickle.Pickler):
+    """cloudpickle, with the objects a plane knows in the plane's portable form."""
+
+    def reducer_override(self, obj):
+        tp = type(obj)
+        if tp not in _PLAIN:
+            for plane in _plane_for(tp) or ():
+                reduced = plane.reduce_portable(obj)
+                if reduced is not None:
+                    return reduced
+        return super().reducer_override(obj)
+
+
+def dumps_portable(obj) -> bytes:
+    """Pickle ``obj`` outside a frame (a function pickled by value) for a peer that may
+    run other versions of the data's packages: numpy objects the function captures go
+    as the numpy plane describes them, not as numpy's pickle (which names
+    ``numpy._core``, absent from numpy 1)."""
+    buf = io.BytesIO()
+    _PortablePickler(buf, protocol=PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 class FrameBuilder:
