@@ -118,7 +118,7 @@ def cases(big):
     out["scalars"] = [np.float32(1.5), nan, np.float16(-0.0), np.int64(-3), np.uint8(200),
                       np.bool_(True), np.complex64(1 - 2j), sample(np, "g", 1, 16)[0],
                       np.datetime64("2020-02-29T12:00:00.123456789", "ns"), np.timedelta64(-7, "us"),
-                      np.datetime64("NaT"), np.str_("hé"), np.bytes_(b"x\x00y"), np.int8(-1),
+                      np.datetime64("NaT", "ns"), np.str_("hé"), np.bytes_(b"x\x00y"), np.int8(-1),
                       sample(np, structured_dtypes(np)["struct_nested"], 1, 14)[0],
                       out["recarray"][0], np.arange(10, dtype="f4").sum(), sample(np, "G", 1, 17)[0]]
     out["dtype objects"] = [np.dtype(s) for s in DTYPES] + list(structured_dtypes(np).values()) + [

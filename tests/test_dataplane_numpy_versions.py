@@ -34,7 +34,7 @@ import pytest
 import _numpy_compat_funcs as F
 from comfy_env import IsolatedExecutor
 from comfy_env.ipc import codec, lifetime
-from pythons import TESTS, run_script
+from pythons import ALL_PYTHONS, DEPENDENCIES, TESTS, run_script, user_python
 
 pytestmark = [
     pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="the host must run numpy 2"),
@@ -45,6 +45,7 @@ pytestmark = [
 OFFLINE_WHEELS = "/opt/pypi/files"
 NUMPY1 = "numpy==1.26.4"
 SIZES = pytest.mark.parametrize("big", [False, True], ids=["inline", "shm"])
+HOST = "%d.%d" % sys.version_info[:2]
 
 
 def _cache_root():
@@ -52,52 +53,68 @@ def _cache_root():
                           os.path.join(os.path.expanduser("~"), ".cache", "comfy-env-tests", "numpy1"))
 
 
-def _build_numpy1_env():
-    """A comfy-env env of this Python minor version with numpy 1 (and comfy_env's own
-    dependencies, so that its interpreter can also run a parent script)."""
+def _cache_dir():
+    return os.path.join(_cache_root(), "cache")
+
+
+_ENVS = {}
+
+
+def numpy1_env(ver):
+    """A comfy-env env of Python ``ver`` with numpy 1 (and comfy_env's own dependencies,
+    so that its interpreter can also run a parent script); built once per machine, from
+    the offline wheels if they have it, else from the package index (wheels only)."""
+    if ver in _ENVS:
+        if _ENVS[ver] is None:
+            pytest.skip(f"no {NUMPY1} wheel for Python {ver} (see the first test that tried)")
+        return _ENVS[ver]
+    from filelock import FileLock
+
     from comfy_env.envs import Env
 
     root = _cache_root()
-    py = "%d.%d" % sys.version_info[:2]
-    reqs = [NUMPY1, "cloudpickle>=3.0", "filelock>=3.12", "platformdirs>=3"]
+    os.makedirs(root, exist_ok=True)
+    reqs = [NUMPY1] + [d for d in DEPENDENCIES if not d.startswith("numpy")]
     attempts = []
     if os.path.isdir(OFFLINE_WHEELS):
         attempts.append(("offline", {"find_links": [OFFLINE_WHEELS], "no_index": True}))
-    attempts.append(("index", {}))
+    too_new = tuple(map(int, ver.split("."))) >= (3, 13)
+    if not too_new:     # on 3.13+ uv would compile numpy 1 from source, for many minutes
+        attempts.append(("index", {}))
     errors = []
-    for label, where in attempts:
-        spec_dir = os.path.join(root, f"spec-{label}")
-        os.makedirs(spec_dir, exist_ok=True)
-        lines = [f'name = "numpy1-{label}"', f'python = "{py}"', f"requirements = {json.dumps(reqs)}"]
-        for k, v in where.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-        with open(os.path.join(spec_dir, "comfy-env.toml"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        try:
-            return Env.from_toml(spec_dir, cache_dir=os.path.join(root, "cache")).create(progress=False)
-        except Exception as e:              # no wheel there: try the next source
-            errors.append(f"{label}: {type(e).__name__}: {str(e)[-400:]}")
-    pytest.skip(f"no {NUMPY1} wheel for Python {py} could be installed: " + " | ".join(errors))
-
-
-@pytest.fixture(scope="session")
-def numpy1_env():
-    from filelock import FileLock
-
-    os.makedirs(_cache_root(), exist_ok=True)
-    with FileLock(os.path.join(_cache_root(), "build.lock"), timeout=600):
-        env = _build_numpy1_env()
+    with FileLock(os.path.join(root, "build.lock"), timeout=900):
+        for label, where in attempts:
+            spec_dir = os.path.join(root, f"py{ver}-{label}")
+            os.makedirs(spec_dir, exist_ok=True)
+            lines = [f'name = "numpy1-py{ver}-{label}"', f'python = "{ver}"',
+                     f"requirements = {json.dumps(reqs)}"]
+            lines += [f"{k} = {json.dumps(v)}" for k, v in where.items()]
+            with open(os.path.join(spec_dir, "comfy-env.toml"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            try:
+                env = Env.from_toml(spec_dir, cache_dir=_cache_dir()).create(progress=False)
+                break
+            except Exception as e:              # no wheel there: try the next source
+                errors.append(f"{label}: {type(e).__name__}: {str(e)[-300:]}")
+        else:
+            env = None
+    if env is None:
+        _ENVS[ver] = None
+        why = ("numpy 1.x publishes no wheels for CPython 3.13 and later" if too_new
+               else "none could be installed")
+        pytest.skip(f"no {NUMPY1} wheel for Python {ver}: {why}: " + " | ".join(errors))
     out = subprocess.run([env.python, "-c", "import numpy; print(numpy.__version__)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().startswith("1."), out
+    _ENVS[ver] = env
     return env
 
 
 # Fresh workers per test: a worker that once loaded the other numpy's aliases (object
 # arrays do) keeps them, and the checks look for them.
 @pytest.fixture
-def np1_worker(numpy1_env):
-    with IsolatedExecutor(env=numpy1_env, name="numpy1") as ex:
+def np1_worker():
+    with IsolatedExecutor(env=numpy1_env(HOST), name="numpy1") as ex:
         assert ex.submit(F.numpy_version).result(120).startswith("1.")
         yield ex
 
@@ -113,7 +130,7 @@ def _fail_report(fails):
     return f"{len(fails)} failures:\n" + "\n".join(fails[:40])
 
 
-# -- numpy 2 parent -> numpy 1 worker, and worker <-> worker --------------------------------
+# -- numpy 2 parent (this process) -> numpy 1 worker, and worker <-> worker -----------------
 
 @pytest.mark.timeout(300)
 @SIZES
@@ -122,34 +139,64 @@ def test_numpy2_parent_and_numpy1_worker_exchange_everything_exactly(np1_worker,
     assert not fails, _fail_report(fails)
 
 
-# -- numpy 1 parent -> numpy 2 worker -------------------------------------------------------
+# -- user scripts on every Python: numpy 2 host + numpy 1 node env, and the reverse ---------
 
-_PARENT_SCRIPT = textwrap.dedent("""
+_USER_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
+    import numpy as np
     import _numpy_compat_funcs as F
     from comfy_env import IsolatedExecutor
 
-    big = sys.argv[3] == "1"
-    with IsolatedExecutor(env=sys.argv[2], name="numpy2") as ex, \\
-            IsolatedExecutor(name="numpy1-local") as other:
-        assert ex.submit(F.numpy_version).result(120).startswith("2.")
-        fails = F.check_round_trips(ex, big, other=other)
+    LUT = np.linspace(0, 1, 5, dtype=">f4")
+    UNIT = np.dtype("M8[ms]")
+
+    def node(image, gain):
+        # a function of this script, pickled by value with the globals it uses
+        return image * gain + LUT[1], image.dtype, image.sum(), LUT, UNIT
+
+    fails = []
+    for big in (False, True):       # fresh workers: object arrays load the other's aliases
+        with IsolatedExecutor(env=sys.argv[2], name="other-numpy") as ex, \\
+                IsolatedExecutor(name="this-numpy") as mine:
+            theirs = ex.submit(F.numpy_version).result(120)
+            assert theirs[0] != np.__version__[0], (theirs, np.__version__)
+            fails += F.check_round_trips(ex, big, other=mine)
+    with IsolatedExecutor(env=sys.argv[2], name="other-numpy") as ex:
+        image = np.ones((4, 5, 3), np.float32)[:, ::-1]
+        out = ex.submit(node, image, np.float32(0.5)).result(60)
+        want = (image * np.float32(0.5) + LUT[1], image.dtype, image.sum(), LUT, UNIT)
+        if F.fp(list(out)) != F.expected(list(want), False):
+            fails.append(f"node(): got {out!r}")
     print("RESULT " + json.dumps(fails))
 """)
 
 
-@pytest.mark.timeout(400)
-@SIZES
-def test_numpy1_parent_and_numpy2_worker_exchange_everything_exactly(numpy1_env, tmp_path, big):
-    cache = tmp_path / "cache"
-    proc = run_script("3.11", _PARENT_SCRIPT, cwd=tmp_path, timeout=360, python=numpy1_env.python,
-                      args=(TESTS, sys.executable, "1" if big else "0"),
-                      env={"COMFY_ENV_CACHE_DIR": str(cache)})
+def _run_user_script(pyver, python, other_env, tmp_path):
+    proc = run_script(pyver, _USER_SCRIPT, cwd=tmp_path, timeout=300, python=python,
+                      args=(TESTS, other_env), env={"COMFY_ENV_CACHE_DIR": _cache_dir()})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     fails = json.loads(lines[-1][len("RESULT "):])
     assert not fails, _fail_report(fails)
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(400)
+@ALL_PYTHONS
+def test_user_script_on_numpy2_with_a_numpy1_node_env(pyver, tmp_path):
+    """The headline use: the host runs numpy 2, a node env pins numpy<2 (a comfy-env.toml)."""
+    env = numpy1_env(pyver)
+    _run_user_script(pyver, user_python(pyver), env.spec.source, tmp_path)
+
+
+@pytest.mark.timeout(400)
+@ALL_PYTHONS
+def test_user_script_on_numpy1_with_a_numpy2_worker(pyver, tmp_path):
+    """The reverse: a parent on numpy 1 (the numpy-1 env's interpreter) and a worker on
+    numpy 2 (the interpreter of tests/pythons.py's venv for the same Python)."""
+    env = numpy1_env(pyver)
+    _run_user_script(pyver, env.python, user_python(pyver), tmp_path)
 
 
 # -- what goes on the wire (this process only) ----------------------------------------------
