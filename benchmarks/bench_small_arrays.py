@@ -8,7 +8,7 @@ Each ``--src`` gets a driver process of its own (this script, ``--child``), runn
 drivers take turns round by round (the 2-core box is shared and noisy); in a round a
 driver times ``--calls`` echo calls per size (``ex.submit(identity, x).result()``,
 x a float64 array and, separately, a dict holding a float32 scalar and a dtype) and
-reports the median.  The table shows the median of the round medians per tree, and
+reports the median (an ``int`` payload is the control: the fixed cost of a call).  The table shows the median of the round medians per tree, and
 the ratio to the first tree.  JSON goes to benchmarks/results/small_arrays.json.
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ def child(sizes, calls):
 
     payloads = {f"array {n // 1024} KiB": np.random.default_rng(0).random(n // 8) for n in sizes}
     payloads["scalars+dtype"] = {"s": np.float32(1.5), "i": np.int64(3), "d": np.dtype("f8")}
+    payloads["int (control)"] = 1          # no numpy object: the call's fixed cost
     with IsolatedExecutor(max_workers=1, name="bench") as ex:
         for x in payloads.values():
             for _ in range(20):
