@@ -406,7 +406,10 @@ def _dtype(np, d):
     if type(d) is str:
         dt = _DTYPES.get(d)
         if dt is None:
-            dt = _DTYPES[d] = np.dtype(d)
+            dt = np.dtype(d)
+            if len(_DTYPES) >= 4096:          # string lengths vary: stay bounded
+                _DTYPES.clear()
+            _DTYPES[d] = dt
         return dt
     if isinstance(d, np.dtype):
         return d

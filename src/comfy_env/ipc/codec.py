@@ -22,6 +22,8 @@ until an object of theirs shows up.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import io
 import logging
 import os
@@ -436,29 +438,42 @@ def _explain_missing(exc):
     if sys.executable in str(exc) or not exc.name:
         return exc              # already explained (the data planes' own errors)
     pkg = exc.name.split(".")[0]
-    installed = sys.modules.get(pkg)
-    if installed is None and pkg != exc.name:
-        try:
-            installed = importlib.import_module(pkg)
-        except Exception:
-            installed = None
-    if installed is not None:
+    version = _installed_version(pkg) if pkg != exc.name else None
+    if version is not None:
         # The package is here, a module of it is not: the peer pickled the object with
         # another version of it (numpy 2 pickles name numpy._core, which numpy 1 lacks).
-        version = getattr(installed, "__version__", "unknown")
+        hint = (" comfy_env sends numpy arrays, scalars, dtypes and masked arrays in a form "
+                "every numpy version reads; this object took numpy's own pickle (an object "
+                "array, or a numpy object comfy_env does not describe): convert it to plain "
+                "Python or numpy data, or" if pkg == "numpy" else " Convert it to plain data, or")
         return ModuleNotFoundError(
             f"{exc}: the message holds an object pickled by another version of {pkg} than "
             f"this process has ({pkg} {version}, Python {sys.version.split()[0]} at "
-            f"{sys.executable}), and that version's pickle names a module this one lacks. "
-            f"comfy_env sends numpy arrays, scalars, dtypes and masked arrays in a form every "
-            f"numpy version reads; other objects take their package's own pickle (numpy: "
-            f"object arrays, e.g.): convert them to plain Python or numpy data, or use the "
-            f"same major version of {pkg} on both sides", name=exc.name)
+            f"{sys.executable}), and that version's pickle names a module this one lacks."
+            f"{hint} use the same major version of {pkg} on both sides", name=exc.name)
     return ModuleNotFoundError(
         f"{exc}: the message holds an object of package {pkg!r}, which is not importable "
         f"in this process (Python {sys.version.split()[0]} at {sys.executable}): install "
         f"{pkg} in this environment, or share it from the host (share = [\"{pkg}\"] in "
         f"comfy-env.toml)", name=pkg)
+
+
+def _installed_version(pkg):
+    """``pkg``'s version if it is importable here (without importing it), else None."""
+    mod = sys.modules.get(pkg)
+    if mod is None:
+        try:
+            if importlib.util.find_spec(pkg) is None:
+                return None
+        except (ImportError, ValueError):
+            return None
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(pkg)
+        except Exception:
+            version = "unknown version"
+    return str(version)
 
 
 def _release_untaken(dec):
