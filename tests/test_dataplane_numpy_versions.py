@@ -5,18 +5,20 @@ The headline use is a ComfyUI node env pinned to ``numpy<2`` beside a host on nu
 numpy's own pickle names ``numpy._core`` (numpy 2) or ``numpy.core`` (numpy 1), so the
 data plane describes arrays, scalars and dtypes in builtins only (``ipc/arrays.py``).
 
-The numpy-1 env is a real comfy-env environment built with uv from offline wheels
-(/opt/pypi/files; the package index only where those lack numpy 1), cached across runs
-like tests/pythons.py's venvs.  Directions:
+numpy-1 envs are real comfy-env environments built with uv (offline wheels from
+/opt/pypi/files first, the package index after; wheels only), cached across runs under
+~/.cache/comfy-env-tests/numpy1 like tests/pythons.py's venvs.  Directions:
 
-* parent numpy 2 (this process) -> worker numpy 1, and a worker-to-worker chain
-  numpy 1 <-> numpy 2 (an ``env=None`` worker of this process);
-* parent numpy 1 (a user script run by the numpy-1 env's interpreter) -> worker
-  numpy 2 (this interpreter), and the chain the other way round.
+* this process (numpy 2) -> a numpy-1 worker, and worker-to-worker chains between a
+  numpy-1 and a numpy-2 worker, both ways;
+* user scripts on Python 3.10-3.13: a numpy-2 script with a numpy-1 node env (its
+  comfy-env.toml), and a numpy-1 script (the env's interpreter) with a numpy-2 worker.
+  numpy 1 has no wheels for Python 3.13: those two are skipped, saying so.
 
 What is compared is a version-neutral fingerprint (``_numpy_compat_funcs.fp``): dtype
-(byte order, fields, offsets, alignment, metadata), shape, strides, flags, and a hash
-of the bytes as they lie (NaN payloads, padding).
+(byte order, fields, offsets, alignment, metadata), shape, strides, flags, and a hash of
+the bytes as they lie (NaN payloads, padding); no numpy module of the other major
+version may be imported on either side, and no DeprecationWarning raised.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import pytest
 
 import _numpy_compat_funcs as F
 from comfy_env import IsolatedExecutor
-from comfy_env.ipc import codec, lifetime
+from comfy_env.ipc import codec, lifetime, shm
 from pythons import ALL_PYTHONS, DEPENDENCIES, TESTS, run_script, user_python
 
 pytestmark = [
@@ -300,3 +302,18 @@ def test_numpy_objects_a_function_captures_cross_too(np1_worker):
     assert F.fp(lut) == F.fp(_LUT) and unit == _UNIT and F.fp(gain) == F.fp(_GAIN)
     assert F.fp(y) == F.fp(np.ones(3) * _GAIN + _LUT[1])
     assert np1_worker.submit(F.shims_loaded).result(60) == []
+
+
+@pytest.mark.timeout(60)
+def test_big_masked_arrays_take_shared_memory_both_ways(np2_worker):
+    """Data and mask of a masked array travel as arrays: above the threshold they go
+    through a segment (numpy's pickle put all the data in the message)."""
+    import _dataplane_funcs as DF
+
+    m = np.ma.masked_array(F.sample(np, "f8", 80_000, 1), mask=F.sample(np, "?", 80_000, 2),
+                           fill_value=-1.5, hard_mask=True)
+    assert np2_worker.submit(DF.in_segment, m).result(30) is True
+    assert np2_worker.submit(DF.in_segment, m.mask).result(30) is True
+    back = np2_worker.submit(F.echo, m).result(30)
+    assert type(back) is np.ma.MaskedArray and F.fp(back) == F.fp(m)
+    assert shm.find_segment(back.data.__array_interface__["data"][0], back.nbytes) is not None
