@@ -21,9 +21,6 @@ until an object of theirs shows up.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import io
 import logging
 import os
@@ -460,6 +457,9 @@ def _explain_missing(exc):
 
 def _installed_version(pkg):
     """``pkg``'s version if it is importable here (without importing it), else None."""
+    import importlib.metadata           # only on this error path: it imports a lot
+    import importlib.util
+
     mod = sys.modules.get(pkg)
     if mod is None:
         try:
