@@ -217,8 +217,9 @@ _by_value_lock = threading.Lock()
 
 def _pickle_by_value(fn):
     mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+    # dumps_portable: numpy objects the function captures must load under another numpy.
     if mod is None or mod.__name__ == "__main__":
-        return cloudpickle.dumps(fn)
+        return codec.dumps_portable(fn)
     with _by_value_lock:
         registered = False
         try:
@@ -227,7 +228,7 @@ def _pickle_by_value(fn):
         except ValueError:
             pass
         try:
-            return cloudpickle.dumps(fn)
+            return codec.dumps_portable(fn)
         finally:
             if registered:
                 cloudpickle.unregister_pickle_by_value(mod)

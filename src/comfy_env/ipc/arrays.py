@@ -3,8 +3,9 @@
 Sending an array:
 
 * below ``INLINE_BYTES`` it travels inline, in the pickle (a descriptor would cost
-  more); torch CPU tensors as their raw bytes with dtype and shape (torch's own
-  pickle would run ``torch.save``/``torch.load`` on each, about 0.2 ms apiece);
+  more): its raw bytes with dtype, shape and strides (compacted: C order, or F order
+  if it was F-contiguous); torch CPU tensors likewise (torch's own pickle would run
+  ``torch.save``/``torch.load`` on each, about 0.2 ms apiece);
 * if its memory already lies in a comfy_env segment (received from a peer, or
   made with ``shared_empty``/``shared_like``) only a descriptor travels:
   segment, offset, dtype, shape, strides -- no copy;
@@ -16,13 +17,19 @@ Receiving builds the array on the mapped segment: no copy.  One holder per
 message and segment counts as a user of the segment (see lifetime.py) until
 every array built on it is gone.
 
-Descriptors name dtypes by value (numpy dtype objects pickle compactly, and
-structured and datetime dtypes come along for free); torch dtypes by name.
+Nothing numpy-version specific goes on the wire: numpy's own pickles name
+``numpy._core`` (numpy 2; numpy 1 cannot load them) or ``numpy.core`` (numpy 1;
+deprecated in numpy 2), and dtype pickles of datetimes and aligned structs do not
+cross either.  So numpy dtypes travel as builtins (:func:`_dtype_desc`), and numpy
+scalars, dtype objects and masked arrays get descriptors too: a node env pinned to
+``numpy<2`` and a numpy-2 host read each other's messages.  Object arrays keep
+numpy's pickle (their elements are Python objects).  Torch dtypes go by name.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import sys
 
 from . import codec, lifetime, shm
@@ -166,26 +173,65 @@ class _SegmentPlane(codec.Plane):
 
 
 class NumpyPlane(_SegmentPlane):
+    """numpy arrays, and the numpy objects that travel with them (scalars, dtypes, masked
+    arrays), described in builtins only, so that numpy 1 and numpy 2 read each other's
+    messages (numpy's own pickle names ``numpy._core`` / ``numpy.core``: see
+    :func:`_dtype_desc`).
+
+    Descriptors (a tag, then what it needs)::
+
+        ("i", head, raw)          an array below INLINE_BYTES: its bytes in the pickle
+        ("m", head, ref, offset)  an array in a shared-memory segment
+        ("g", dtype, raw)         a scalar (np.float32(1), np.datetime64(...), np.void)
+        ("d", dtype)              a dtype object
+        ("u", name)               one of numpy's ufuncs (np.add)
+        ("ma", data, mask, fill_value, hard_mask)     a masked array; its parts nest
+        ("o", array)              a read-only object array (numpy's pickle, flag restored)
+
+    ``head`` is ``(dtype, shape, strides, writeable, subclass)`` on both routes: one
+    builder (:func:`_build`) makes the array over the inline bytes or the mapped segment.
+    """
+
     name = "np"
-    types = ("numpy.ndarray",)
+    types = ("numpy.ndarray", "numpy.generic", "numpy.dtype", "numpy.ufunc")
 
-    def _encode(self, a, enc):
-        import numpy as np
+    def reduce_portable(self, obj):
+        desc = self._encode(obj, None, inline=True)
+        return None if desc is None else (_portable, (desc,))
 
+    def _encode(self, a, enc, inline=False):
+        np = sys.modules["numpy"]          # loaded: one of its objects is here
         cls = type(a)
-        if cls is not np.ndarray and not _plain_subclass(cls):
-            return None           # e.g. masked arrays: their own reduce knows their state
+        if cls is not np.ndarray:
+            if isinstance(a, np.generic):
+                return _encode_scalar(np, a)
+            if isinstance(a, np.dtype):
+                d = _dtype_desc(np, a)
+                return None if isinstance(d, np.dtype) else ("d", d)
+            if cls is np.ufunc:
+                # numpy 1 pickles np.add as numpy.core._multiarray_umath.add (numpy 2
+                # loads that through its deprecated numpy.core aliases): go by name.
+                name = a.__name__
+                return ("u", name) if getattr(np, name, None) is a else None
+            if cls.__name__ == "MaskedArray" and cls.__module__.startswith("numpy.ma") \
+                    and cls is np.ma.MaskedArray:
+                return _encode_masked(np, a)
+        sub = _subclass_ref(np, cls)
+        if sub is False:
+            return None           # a subclass with state of its own: its reduce knows it
         dtype = a.dtype
-        if dtype.hasobject or a.nbytes < INLINE_BYTES:
+        if dtype.hasobject:
             if a.flags.writeable:
                 return None
             # numpy's own pickle drops the writeable flag: send a writeable copy
-            # (pickled inline by the nested persistent_id call, which returns None
-            # for it) and make it read-only on arrival.
-            return (None, a.copy(order="K"))
-        # Read the flag before compacting: the compact copy below is always writeable,
-        # and a read-only sparse view must still arrive read-only.
+            # (pickled by numpy, the nested persistent_id call returns None for it)
+            # and make it read-only on arrival.
+            return ("o", a.copy(order="K"))
+        dt = _dtype_desc(np, dtype)
         writeable = bool(a.flags.writeable)
+        if inline or a.nbytes < INLINE_BYTES:
+            return _encode_inline(np, a, cls, dt, writeable, sub)
+        # Compact a sparse view (the flag is read above: the compact copy is writeable).
         ptr = a.__array_interface__["data"][0]
         lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
         if hi - lo > _SPAN_SLACK * a.nbytes:
@@ -193,34 +239,194 @@ class NumpyPlane(_SegmentPlane):
             ptr = a.__array_interface__["data"][0]
             lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
         idx, off = _place(self, enc, ptr, lo, hi)
-        sub = None if cls is np.ndarray else cls
-        return (idx, off, dtype, a.shape, a.strides, writeable, sub)
+        return ("m", (dt, a.shape, a.strides, writeable, sub), idx, off)
 
     def _decode(self, desc, dec):
         try:
             import numpy as np
         except ImportError:
             raise _missing("numpy", "numpy array") from None
-        if desc[0] is None:          # a small read-only array, pickled inline
+        tag = desc[0]
+        if tag == "i":
+            raw = desc[2]
+            if type(raw) is bytes:
+                # A read-only array's bytes: a private copy, as a writeable array's
+                # bytearray is, so the receiver may still set the flag back.
+                raw = bytearray(raw)
+            return _build(np, desc[1], raw, 0)
+        if tag == "m":
+            return _build(np, desc[1], _holder(dec, desc[2]), desc[3])
+        if tag == "g":
+            return np.ndarray((), _dtype(np, desc[1]), buffer=bytearray(desc[2]))[()]
+        if tag == "d":
+            return _dtype(np, desc[1])
+        if tag == "u":
+            return getattr(np, desc[1])
+        if tag == "ma":
+            _, data, mask, fill_value, hard = desc
+            arr = np.ma.MaskedArray(data, mask=np.ma.nomask if mask is None else mask,
+                                    hard_mask=hard, copy=False)
+            # As the sender held it (a 0-d array of the dtype, or None for the default):
+            # the public setter would rebuild it, losing e.g. a structured value's padding.
+            arr._fill_value = fill_value
+            return arr
+        if tag == "o":
             arr = desc[1]
             arr.flags.writeable = False
             return arr
-        idx, off, dtype, shape, strides, writeable, sub = desc
-        arr = np.ndarray(shape, dtype, buffer=_holder(dec, idx), offset=off, strides=strides)
+        raise ValueError(f"unknown numpy descriptor tag {tag!r} (protocol error)")
+
+
+def _portable(desc):
+    """Unpickles what :meth:`NumpyPlane.reduce_portable` reduced (inline descriptors only)."""
+    return _NUMPY_PLANE._decode(desc, None)
+
+
+def _encode_inline(np, a, cls, dt, writeable, sub):
+    """``("i", head, raw)``: the bytes of a small array, compacted (C order, or F order
+    when it is F-contiguous) so that ``head``'s strides describe ``raw``.
+
+    ``raw`` is a PickleBuffer over the array's memory: pickle copies it once, straight
+    into the message, and a writeable array's arrives as a bytearray (a read-only
+    one's as bytes), which the received array is built on."""
+    if cls is not np.ndarray:
+        a = a.view(np.ndarray)
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = a.copy(order="C")
         if not writeable:
-            arr.flags.writeable = False
-        if sub is not None:
-            try:
-                arr = arr.view(sub)
-            except Exception:
-                pass
-        return arr
+            a.flags.writeable = False
+    if a.nbytes == 0:
+        raw = bytearray() if writeable else b""
+    else:
+        flat = a.reshape(-1) if a.flags.c_contiguous else a.T.reshape(-1)
+        raw = pickle.PickleBuffer(flat.view(np.uint8))
+    return ("i", (dt, a.shape, a.strides, writeable, sub), raw)
 
 
-def _plain_subclass(cls):
-    # ndarray subclasses whose state is the data alone (view() rebuilds them).
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    return name in ("trimesh.caching.TrackedArray", "numpy.memmap", "numpy.matrix")
+def _build(np, head, buf, offset):
+    """The array ``head`` describes, over ``buf`` (inline bytes or a mapped segment)."""
+    dt, shape, strides, writeable, sub = head
+    arr = np.ndarray(shape, _dtype(np, dt), buffer=buf, offset=offset, strides=strides)
+    if not writeable:
+        arr.flags.writeable = False
+    if sub is not None:
+        try:
+            arr = arr.view(getattr(np, sub) if type(sub) is str else sub)
+        except Exception:
+            pass
+    return arr
+
+
+def _encode_scalar(np, s):
+    dtype = s.dtype
+    if type(s) is not dtype.type or dtype.hasobject:
+        return None               # a user's scalar subclass: its own pickle
+    dt = _dtype_desc(np, dtype)
+    if isinstance(dt, np.dtype):
+        return None               # a user-defined dtype's scalar (e.g. ml_dtypes)
+    return ("g", dt, s.tobytes())
+
+
+def _encode_masked(np, m):
+    """``("ma", data, mask, fill_value, hard_mask)``: data and mask travel as arrays
+    (inline or in a segment, like any other); numpy's pickle would send the data as
+    bytes in the message, whatever its size."""
+    mask = m._mask
+    if mask is np.ma.nomask:
+        mask = None
+    return ("ma", m.data, mask, m._fill_value, bool(m._hardmask))
+
+
+# numpy's ndarray subclasses whose state is the data alone, named rather than pickled:
+# recarray's class lives in numpy.rec in numpy 2, which numpy 1 cannot import.
+_NUMPY_SUBCLASSES = ("recarray", "matrix", "memmap")
+
+
+def _subclass_ref(np, cls):
+    """How a receiver rebuilds ``cls`` with ``view()``: None for ndarray, a numpy name,
+    the class itself (pickled by reference), or False when its state is more than data."""
+    if cls is np.ndarray:
+        return None
+    name = cls.__name__
+    if name in _NUMPY_SUBCLASSES and getattr(np, name, None) is cls:
+        return name
+    if f"{cls.__module__}.{cls.__qualname__}" == "trimesh.caching.TrackedArray":
+        return cls
+    return False
+
+
+def _dtype_desc(np, dtype):
+    """``dtype`` in builtins only: numpy 1 and 2 both rebuild it exactly (:func:`_dtype`).
+
+    Plain dtypes are their ``str`` (byte order, size, datetime unit included: '<f8',
+    '>i4', '<M8[ns]', '<U3', '|V12'); sub-arrays, structured dtypes (names, formats,
+    offsets, titles, itemsize, alignment, record type) and metadata nest.  A dtype
+    numpy does not define (ml_dtypes' bfloat16, a legacy user dtype) is returned as
+    is: pickled by its own reduce, it crosses wherever its package is importable."""
+    if dtype.isbuiltin == 1 and dtype.metadata is None and dtype.kind != "O":
+        return dtype.str          # numpy's canonical dtypes: the common case
+    if dtype.isbuiltin == 2:
+        return dtype
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        inner = _dtype_desc(np, base)
+        if isinstance(inner, np.dtype):
+            return dtype
+        d = ("a", inner, shape)
+    elif dtype.names is not None:
+        if dtype.type is not np.void and dtype.type is not np.record:
+            return dtype
+        fields = dtype.fields
+        formats, offsets, titles = [], [], []
+        for n in dtype.names:
+            f = fields[n]
+            inner = _dtype_desc(np, f[0])
+            if isinstance(inner, np.dtype):
+                return dtype
+            formats.append(inner)
+            offsets.append(f[1])
+            titles.append(f[2] if len(f) > 2 else None)
+        d = ("s", dtype.names, tuple(formats), tuple(offsets),
+             tuple(titles) if any(t is not None for t in titles) else None,
+             dtype.itemsize, bool(dtype.isalignedstruct), dtype.type is np.record)
+    elif dtype.kind in "biufcmMSUV" and dtype.type.__module__ == "numpy":
+        d = dtype.str
+    else:
+        return dtype
+    if dtype.metadata is not None:
+        d = ("md", d, dict(dtype.metadata))
+    return d
+
+
+_DTYPES = {}            # dtype str -> dtype, on the receiving side
+
+
+def _dtype(np, d):
+    """The dtype a :func:`_dtype_desc` describes (or ``d`` itself, a pickled dtype)."""
+    if type(d) is str:
+        dt = _DTYPES.get(d)
+        if dt is None:
+            dt = np.dtype(d)
+            if len(_DTYPES) >= 4096:          # string lengths vary: stay bounded
+                _DTYPES.clear()
+            _DTYPES[d] = dt
+        return dt
+    if isinstance(d, np.dtype):
+        return d
+    tag = d[0]
+    if tag == "a":
+        return np.dtype((_dtype(np, d[1]), d[2]))
+    if tag == "s":
+        _, names, formats, offsets, titles, itemsize, aligned, record = d
+        spec = {"names": list(names), "formats": [_dtype(np, f) for f in formats],
+                "offsets": list(offsets), "itemsize": itemsize}
+        if titles is not None:
+            spec["titles"] = list(titles)
+        dt = np.dtype(spec, align=aligned)
+        return np.dtype((np.record, dt)) if record else dt
+    if tag == "md":
+        return np.dtype(_dtype(np, d[1]), metadata=d[2])
+    raise ValueError(f"unknown dtype descriptor {d!r} (protocol error)")
 
 
 def _torch_dtype(name):
@@ -374,7 +580,8 @@ def _install_cuda_plane():
             pass
 
 
-codec.register_plane(NumpyPlane())
+_NUMPY_PLANE = NumpyPlane()
+codec.register_plane(_NUMPY_PLANE)
 codec.register_plane(TorchCPUPlane())
 # The CUDA plane goes in front of the CPU one the first time a tensor is seen
 # (never at import: a process without CUDA or torch must not touch either).

@@ -36,7 +36,7 @@ from . import lifetime
 
 __all__ = [
     "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
-    "EncodeError", "Frame",
+    "EncodeError", "Frame", "dumps_portable",
 ]
 
 _U32 = struct.Struct("<I")
@@ -82,6 +82,11 @@ class Plane:
 
     def on_control(self, link, message):
         """A plane-specific control message arrived from ``link``."""
+
+    def reduce_portable(self, obj):
+        """A ``__reduce__`` value for ``obj`` in bytes that travel outside a frame (a
+        function pickled by value and what it captures), or None for pickle's own."""
+        return None
 
 
 _PLANES = {}            # name -> plane
@@ -224,6 +229,29 @@ class Encoder(cloudpickle.Pickler):
         self._ref_index[key] = idx
         self.fb.lend(record)
         return idx
+
+
+class _PortablePickler(cloudpickle.Pickler):
+    """cloudpickle, with the objects a plane knows in the plane's portable form."""
+
+    def reducer_override(self, obj):
+        tp = type(obj)
+        if tp not in _PLAIN:
+            for plane in _plane_for(tp) or ():
+                reduced = plane.reduce_portable(obj)
+                if reduced is not None:
+                    return reduced
+        return super().reducer_override(obj)
+
+
+def dumps_portable(obj) -> bytes:
+    """Pickle ``obj`` outside a frame (a function pickled by value) for a peer that may
+    run other versions of the data's packages: numpy objects the function captures go
+    as the numpy plane describes them, not as numpy's pickle (which names
+    ``numpy._core``, absent from numpy 1)."""
+    buf = io.BytesIO()
+    _PortablePickler(buf, protocol=PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 class FrameBuilder:
@@ -412,11 +440,45 @@ def _explain_missing(exc):
     if sys.executable in str(exc) or not exc.name:
         return exc              # already explained (the data planes' own errors)
     pkg = exc.name.split(".")[0]
+    version = _installed_version(pkg) if pkg != exc.name else None
+    if version is not None:
+        # The package is here, a module of it is not: the peer pickled the object with
+        # another version of it (numpy 2 pickles name numpy._core, which numpy 1 lacks).
+        hint = (" comfy_env sends numpy arrays, scalars, dtypes and masked arrays in a form "
+                "every numpy version reads; this object took numpy's own pickle (an object "
+                "array, or a numpy object comfy_env does not describe): convert it to plain "
+                "Python or numpy data, or" if pkg == "numpy" else " Convert it to plain data, or")
+        return ModuleNotFoundError(
+            f"{exc}: the message holds an object pickled by another version of {pkg} than "
+            f"this process has ({pkg} {version}, Python {sys.version.split()[0]} at "
+            f"{sys.executable}), and that version's pickle names a module this one lacks."
+            f"{hint} use the same major version of {pkg} on both sides", name=exc.name)
     return ModuleNotFoundError(
         f"{exc}: the message holds an object of package {pkg!r}, which is not importable "
         f"in this process (Python {sys.version.split()[0]} at {sys.executable}): install "
         f"{pkg} in this environment, or share it from the host (share = [\"{pkg}\"] in "
         f"comfy-env.toml)", name=pkg)
+
+
+def _installed_version(pkg):
+    """``pkg``'s version if it is importable here (without importing it), else None."""
+    import importlib.metadata           # only on this error path: it imports a lot
+    import importlib.util
+
+    mod = sys.modules.get(pkg)
+    if mod is None:
+        try:
+            if importlib.util.find_spec(pkg) is None:
+                return None
+        except (ImportError, ValueError):
+            return None
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(pkg)
+        except Exception:
+            version = "unknown version"
+    return str(version)
 
 
 def _release_untaken(dec):
