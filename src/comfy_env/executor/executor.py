@@ -41,10 +41,10 @@ import cloudpickle
 from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec
-from ..ipc.transport import ChannelClosed, MAX_FDS
+from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from .devices import pin_environment
 from .futures import IsolatedFuture
-from .worker_handle import WorkerHandle
+from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
 
 __all__ = ["IsolatedExecutor"]
 
@@ -110,7 +110,7 @@ class _Watchdog:
                 with worker.pool.lock:
                     if item is not None and worker.item is item:
                         item.started = "timed-out"
-                        worker.kill()
+                        worker.kill_for_timeout()
 
 
 def _find_futures(obj, out, depth=0):
@@ -165,7 +165,7 @@ def _pickle_by_value(fn):
 
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
-                 worker_log_level):
+                 worker_log_level, worker_output="stream"):
         self.wenv = wenv
         self.max_workers = max_workers
         self.init_payload = init_payload
@@ -173,6 +173,7 @@ class _Pool:
         self.name = name
         self.logger = logger
         self.worker_log_level = worker_log_level
+        self.worker_output = worker_output
         self.lock = threading.RLock()
         self.pending = deque()
         self.waiting = set()
@@ -338,6 +339,7 @@ class _Pool:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
             chunks = fb.build(("call", item.call_id))
+            check_frame(chunks, fb.fds)
         except BaseException:
             fb.abort()
             raise
@@ -419,9 +421,7 @@ class _Pool:
             self.watchdog.stop()
         if item is not None and not item.future.done():
             if item.started == "timed-out":
-                item.future.set_exception(CallTimeout(
-                    f"the call ran longer than call_timeout={self.call_timeout}s; its worker "
-                    f"(pid {worker.pid}) was killed"))
+                item.future.set_exception(worker.timeout_error(self.call_timeout))
             else:
                 msg, tail = worker.describe_exit(code)
                 item.future.set_exception(WorkerCrashed(
@@ -561,10 +561,21 @@ class IsolatedExecutor(Executor):
     the workers to one GPU: it becomes their ``cuda:0`` (see devices.py).
     ``name`` prefixes the workers' log lines; ``worker_log_level`` sets the
     workers' root logger level.
+    ``worker_output`` says where the workers' stdout and stderr go:
+    ``"stream"`` (default) to this process's ``sys.stdout`` / ``sys.stderr``
+    (whatever they are at the time), line by line as they are written, each line
+    prefixed with ``[<name>#<worker number>] ``; ``"logging"`` as INFO records of
+    the logger ``comfy_env.worker.<name>``; ``"discard"`` nowhere.  Either way the
+    last lines of stderr (and a crash's whole faulthandler dump) are kept for
+    :class:`WorkerCrashed`, and the workers' ``logging`` records go to that same
+    logger at their own level (an unconfigured program shows WARNING and above).
+    On ``call_timeout`` the worker's stack (every thread) is taken before it is
+    killed and reported in :class:`CallTimeout` (``worker_stack``).
     """
 
     def __init__(self, env=None, max_workers=1, *, initializer=None, initargs=(),
-                 call_timeout=None, name=None, worker_log_level=None, device=None):
+                 call_timeout=None, name=None, worker_log_level=None, device=None,
+                 worker_output="stream"):
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -577,6 +588,9 @@ class IsolatedExecutor(Executor):
                             f"got {initializer!r}")
         if not isinstance(initargs, tuple):
             initargs = tuple(initargs)
+        if not isinstance(worker_output, str) or worker_output not in WORKER_OUTPUT_MODES:
+            raise ValueError(f"worker_output must be one of {', '.join(map(repr, WORKER_OUTPUT_MODES))}, "
+                             f"got {worker_output!r}")
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -590,7 +604,7 @@ class IsolatedExecutor(Executor):
                 and not _by_reference(initializer):
             init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level)
+                           worker_log_level, worker_output)
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property
