@@ -86,6 +86,22 @@ def test_a_big_body_arrives_intact():
     b.close()
 
 
+def test_a_frame_of_more_buffers_than_one_sendmsg_takes_arrives_intact():
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    try:
+        chunks = [bytes([i % 251]) * (i % 7) for i in range(5000)]
+        a.send(chunks, [r])
+        body, fds = b.recv()
+        assert bytes(body) == b"".join(chunks) and len(fds) == 1
+        os.close(fds[0])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
 # -- through the executor -----------------------------------------------------------------
 
 @pytest.mark.timeout(30)
@@ -125,3 +141,20 @@ def test_a_call_frame_above_4_gib_goes_through():
         assert fut.result(150) == (refs, refs * part)
         assert refs * part > 2**32
         assert ex.submit(_funcs.add, 1, 2).result(15) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_call_frame_larger_than_memory_fails_that_call_cleanly():
+    # 200 references to one result of MAX_BODY/200 bytes: a frame bigger than this
+    # machine's memory, built from views of one ~MAX_BODY/200 block.
+    refs = 200
+    part = transport.MAX_BODY // refs + 1
+    if part > 512 << 20:
+        pytest.skip("a machine this big would need a >512 MiB result for the test")
+    with IsolatedExecutor(max_workers=1, name="toolarge") as ex:
+        fa = ex.submit(_proc_funcs.big_inline_result, part)
+        fa.exception(30)
+        exc = ex.submit(_proc_funcs.count_forwarded, [fa] * refs).exception(30)
+        assert isinstance(exc, FrameTooLarge) and "larger than this machine's memory" in str(exc)
+        # Nothing was sent, nothing is left half-done: the one worker takes the next call.
+        assert ex.submit(_proc_funcs.count_forwarded, [fa] * 2).result(30) == (2, 2 * part)

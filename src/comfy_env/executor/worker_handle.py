@@ -193,8 +193,11 @@ class WorkerHandle:
 
     def _read_stack(self, fd):
         try:
-            os.kill(self.pid, self._stack_signal)
+            # Popen.send_signal: never a reaped (possibly reused) pid.
+            self.proc.send_signal(self._stack_signal)
         except OSError:
+            return ""
+        if self.proc.returncode is not None:
             return ""
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -425,6 +428,8 @@ class WorkerHandle:
                     if not data:
                         sel.unregister(f)
                         del streams[f]
+                    if name == "stdout" and self.pool.worker_output == "discard":
+                        continue        # read only to keep the pipe flowing
                     self._forward(name, lines[f].feed(data, final=not data))
         finally:
             sel.close()
@@ -569,6 +574,20 @@ class _LineSplitter:
             elif text or final:
                 self._cr = False
                 self._end("\r", out)
+        if "\r" not in text:
+            # The common case, at str.split's speed.
+            lines = text.split("\n")
+            last = lines.pop()
+            for line in lines:
+                if self._parts or len(line) > self.max_line:
+                    self._add(line, out)
+                    self._end("\n", out)
+                else:
+                    out.append((line, "\n"))
+            self._add(last, out)
+            if final and self._parts:
+                self._end("", out)
+            return out
         pos = 0
         for m in _LINE_END.finditer(text):
             self._add(text[pos:m.start()], out)

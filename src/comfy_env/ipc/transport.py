@@ -49,6 +49,10 @@ MAX_FDS = 250  # SCM_MAX_FD is 253 on Linux
 _FD_SIZE = array.array("i").itemsize
 _READ_CHUNK = 64 * 1024
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError, AttributeError):
+    _IOV_MAX = 1024
 HEADER_STALL = 5.0      # seconds a partial header may wait for the rest of itself
 # Bodies this big or bigger are received into an anonymous mapping: its pages
 # are zero and faulted in as the data lands, where bytearray(n) would first
@@ -154,16 +158,19 @@ class Channel:
                 raise ChannelClosed("channel is closed")
             try:
                 bufs = [memoryview(header)] + views
-                sent = self.sock.sendmsg(bufs, anc)
-                # A blocking stream socket can still return short (a signal,
-                # a huge frame); the fds went with the first byte, the rest is
-                # plain data.
-                for buf in bufs:
-                    if sent >= buf.nbytes:
-                        sent -= buf.nbytes
-                        continue
-                    self.sock.sendall(buf[sent:])
-                    sent = 0
+                # A blocking stream socket can still return short (a signal, a
+                # huge frame), and one call takes at most IOV_MAX buffers (a call
+                # that forwards one result many times has a part per reference):
+                # go on from where it stopped.  The fds go with the first byte.
+                i = 0
+                while i < len(bufs):
+                    sent = self.sock.sendmsg(bufs[i:i + _IOV_MAX], anc)
+                    anc = []
+                    while i < len(bufs) and sent >= bufs[i].nbytes:
+                        sent -= bufs[i].nbytes
+                        i += 1
+                    if sent:
+                        bufs[i] = bufs[i][sent:]
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed(str(exc)) from exc
 
