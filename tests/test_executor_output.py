@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -29,27 +30,56 @@ def _wait_for(pred, timeout=15.0, what="condition"):
         time.sleep(0.02)
 
 
-class _Captured:
-    """Accumulates capsys output across reads (each readouterr() empties it)."""
+class _Sink:
+    """Stands in for sys.stdout / sys.stderr: collects writes from any thread.
 
-    def __init__(self, capsys):
-        self.capsys = capsys
-        self.out = self.err = ""
+    (capsys can't be polled while a worker writes: readouterr() reads, then
+    truncates, and a write from the output thread in between is lost.)
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._parts = []
+
+    def write(self, text):
+        with self._lock:
+            self._parts.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        with self._lock:
+            return "".join(self._parts)
+
+
+class _Captured:
+    def __init__(self, monkeypatch):
+        self._out, self._err = _Sink(), _Sink()
+        monkeypatch.setattr(sys, "stdout", self._out)
+        monkeypatch.setattr(sys, "stderr", self._err)
 
     def read(self):
-        got = self.capsys.readouterr()
-        self.out += got.out
-        self.err += got.err
+        self.out, self.err = self._out.text, self._err.text
         return self
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """``cap = capture()`` in the test body (pytest's own capture resets sys.stdout
+    between a fixture's setup and the test's call)."""
+    return lambda: _Captured(monkeypatch)
 
 
 # -- worker_output="stream" (the default) ----------------------------------------------
 
 @pytest.mark.timeout(30)
 def test_print_reaches_the_parents_stdout_prefixed_with_the_worker_name_before_the_result(
-        capsys, tmp_path):
+        capture, tmp_path):
+    cap = capture()
     gate = tmp_path / "gate"
-    cap = _Captured(capsys)
     with IsolatedExecutor(name="talker") as ex:
         fut = ex.submit(_proc_funcs.print_then_wait, str(gate))
         # The call cannot finish before the gate opens: the line must arrive while it runs.
@@ -62,8 +92,8 @@ def test_print_reaches_the_parents_stdout_prefixed_with_the_worker_name_before_t
 
 
 @pytest.mark.timeout(30)
-def test_carriage_returns_end_lines_so_progress_bars_are_forwarded_as_they_are_drawn(capsys):
-    cap = _Captured(capsys)
+def test_carriage_returns_end_lines_so_progress_bars_are_forwarded_as_they_are_drawn(capture):
+    cap = capture()
     with IsolatedExecutor(name="bar") as ex:
         assert ex.submit(_proc_funcs.print_progress, 3).result(15) == 3
         _wait_for(lambda: "after the bar" in cap.read().out)
@@ -72,11 +102,11 @@ def test_carriage_returns_end_lines_so_progress_bars_are_forwarded_as_they_are_d
 
 
 @pytest.mark.timeout(60)
-def test_output_without_newlines_is_forwarded_in_bounded_chunks_nothing_lost(capsys):
+def test_output_without_newlines_is_forwarded_in_bounded_chunks_nothing_lost(capture):
+    cap = capture()
     n = 3 * worker_handle.MAX_LINE + 12345
     payload = bytes(range(33, 127)) * (n // 94 + 1)
     payload = payload[:n]
-    cap = _Captured(capsys)
     with IsolatedExecutor(name="long") as ex:
         assert ex.submit(_proc_funcs.write_raw, "stdout", payload + b"\ntail\n").result(30)
         _wait_for(lambda: "[long#1] tail\n" in cap.read().out)
@@ -89,9 +119,9 @@ def test_output_without_newlines_is_forwarded_in_bounded_chunks_nothing_lost(cap
 
 
 @pytest.mark.timeout(30)
-def test_utf8_split_across_reads_and_chunks_stays_whole(capsys):
+def test_utf8_split_across_reads_and_chunks_stays_whole(capture):
+    cap = capture()
     text = ("é€😀" * (worker_handle.MAX_LINE // 2)) + "\n"
-    cap = _Captured(capsys)
     with IsolatedExecutor(name="utf") as ex:
         ex.submit(_proc_funcs.write_raw, "stdout", text.encode()).result(15)
         ex.submit(_proc_funcs.write_raw, "stdout", b"end\n").result(15)
@@ -101,8 +131,8 @@ def test_utf8_split_across_reads_and_chunks_stays_whole(capsys):
 
 
 @pytest.mark.timeout(30)
-def test_worker_output_discard_prints_nothing_but_a_crash_still_shows_its_stderr(capsys):
-    cap = _Captured(capsys)
+def test_worker_output_discard_prints_nothing_but_a_crash_still_shows_its_stderr(capture):
+    cap = capture()
     with IsolatedExecutor(name="quiet", worker_output="discard") as ex:
         assert ex.submit(_funcs.print_lines, 3).result(15) == 3
         exc = ex.submit(_funcs.stderr_then_exit, 9, ["famous last words"]).exception(15)
@@ -121,7 +151,8 @@ class _Collect(logging.Handler):
 
 
 @pytest.mark.timeout(30)
-def test_worker_output_logging_sends_lines_to_the_executors_logger_not_stdout(capsys):
+def test_worker_output_logging_sends_lines_to_the_executors_logger_not_stdout(capture):
+    cap = capture()
     logger = logging.getLogger("comfy_env.worker.tolog")
     handler = _Collect()
     old = logger.level, logger.propagate
@@ -138,7 +169,7 @@ def test_worker_output_logging_sends_lines_to_the_executors_logger_not_stdout(ca
     msgs = [r.getMessage() for r in handler.records if getattr(r, "stream", None) == "stdout"]
     assert msgs == ["[tolog] progress 0/2", "[tolog] progress 1/2", "[tolog] progress 2/2",
                     "[tolog] after the bar"]
-    assert "progress" not in capsys.readouterr().out
+    assert "progress" not in cap.read().out
 
 
 @pytest.mark.timeout(30)
@@ -170,7 +201,8 @@ def test_worker_output_is_validated():
 # -- crash dumps -------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
-def test_a_segfault_reports_the_python_stack_of_every_frame_in_worker_crashed(capsys):
+def test_a_segfault_reports_the_python_stack_of_every_frame_in_worker_crashed(capture):
+    cap = capture()
     depth = 60          # twice as many lines as the tail kept before a dump was recognised
     with IsolatedExecutor(name="crashy") as ex:
         exc = ex.submit(_proc_funcs.segfault_deep, depth).exception(15)
@@ -186,7 +218,8 @@ def test_a_segfault_reports_the_python_stack_of_every_frame_in_worker_crashed(ca
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("fn", [_proc_funcs.stuck_in_c_holding_the_gil, _proc_funcs.spin_in_python])
-def test_call_timeout_reports_where_the_worker_was_stuck(fn, capsys):
+def test_call_timeout_reports_where_the_worker_was_stuck(fn, capture):
+    cap = capture()
     with IsolatedExecutor(name="stuck", call_timeout=1.5) as ex:
         exc = ex.submit(fn, 30).exception(20)
         assert ex.submit(_funcs.add, 1, 1).result(15) == 2      # carries on
@@ -283,3 +316,39 @@ def test_a_user_script_learns_where_a_worker_crashed_or_hung(pyver, tmp_path):
     timeout = proc.stdout.split("TIMEOUT:")[1]
     assert "Stack of the worker" in timeout and "in hang_here" in timeout
     assert "in hang_here" in timeout.split("STACK:")[1]
+
+
+# -- the line splitter on its own ----------------------------------------------------------
+
+def _feed_all(reads, max_line=8):
+    sp = worker_handle._LineSplitter(max_line)
+    out = []
+    for data in reads:
+        out += sp.feed(data)
+    return out + sp.feed(b"", final=True)
+
+
+def test_line_ends_are_found_across_reads():
+    assert _feed_all([b"abc\r", b"\ndef\n"]) == [("abc", "\n"), ("def", "\n")]
+    assert _feed_all([b"a\r", b"b\n"]) == [("a", "\r"), ("b", "\n")]
+    assert _feed_all([b"a\r"]) == [("a", "\r")]
+    assert _feed_all([b"\r\r1\r2", b"\r", b"", b"3\n"]) == [("1", "\r"), ("2", "\r"), ("3", "\n")]
+    assert _feed_all([b"no end"]) == [("no end", "")]
+    assert _feed_all([b"\n\n"]) == [("", "\n"), ("", "\n")]
+    assert _feed_all([b"\xc3", b"\xa9\n"]) == [("\u00e9", "\n")]
+
+
+def test_long_lines_are_cut_at_max_line_and_a_line_of_exactly_max_line_stays_whole():
+    assert _feed_all([b"12345678\n"]) == [("12345678", "\n")]
+    assert _feed_all([b"123456789\n"]) == [("12345678", ""), ("9", "\n")]
+    assert _feed_all([b"1234", b"5678", b"9abc", b"\r"]) == [("12345678", ""), ("9abc", "\r")]
+
+
+def test_output_without_line_ends_keeps_at_most_max_line_pending():
+    sp = worker_handle._LineSplitter(1000)
+    got = 0
+    for _ in range(2000):
+        got += sum(len(t) for t, _ in sp.feed(b"x" * 777))
+        assert sp._size <= 1000
+    got += sum(len(t) for t, _ in sp.feed(b"", final=True))
+    assert got == 2000 * 777
