@@ -230,6 +230,16 @@ def test_call_timeout_reports_where_the_worker_was_stuck(fn, capture):
     assert "call_timeout=1.5" in str(exc)
 
 
+@pytest.mark.timeout(30)
+def test_a_worker_that_cannot_dump_its_stack_is_still_killed_at_the_timeout(capture):
+    cap = capture()
+    with IsolatedExecutor(name="stopped", call_timeout=1) as ex:
+        exc = ex.submit(_proc_funcs.stop_self).exception(20)
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2
+    assert isinstance(exc, CallTimeout) and exc.worker_stack == ""
+    assert "did not dump its stack" in str(exc)
+
+
 # -- real user scripts, every supported Python -------------------------------------------
 
 _PROMPT_SCRIPT = """
