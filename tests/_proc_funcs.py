@@ -108,3 +108,10 @@ def stop_self():
     import signal
     os.kill(os.getpid(), signal.SIGSTOP)
     return "continued"
+
+
+def result_above_max_body(limit, size):
+    """Lower this worker's frame limit, then return more than it: the worker side of FrameTooLarge."""
+    from comfy_env.ipc import transport
+    transport.MAX_BODY = limit
+    return b"x" * size

@@ -158,3 +158,12 @@ def test_a_call_frame_larger_than_memory_fails_that_call_cleanly():
         assert isinstance(exc, FrameTooLarge) and "larger than this machine's memory" in str(exc)
         # Nothing was sent, nothing is left half-done: the one worker takes the next call.
         assert ex.submit(_proc_funcs.count_forwarded, [fa] * 2).result(30) == (2, 2 * part)
+
+
+@pytest.mark.timeout(30)
+def test_a_result_frame_too_large_to_send_fails_that_call_with_a_clear_error():
+    from comfy_env import PicklingFailed
+    with IsolatedExecutor(max_workers=1, name="bigresult") as ex:
+        exc = ex.submit(_proc_funcs.result_above_max_body, 100_000, 200_000).exception(15)
+        assert isinstance(exc, PicklingFailed) and "FrameTooLarge" in str(exc)
+        assert ex.submit(_funcs.add, 1, 2).result(15) == 3      # the same worker goes on
