@@ -248,7 +248,7 @@ def worker_log():
 @pytest.mark.timeout(30)
 def test_worker_stdout_and_stderr_arrive_as_whole_log_lines_none_lost(worker_log):
     n = 3000
-    with IsolatedExecutor(name="logtest") as ex:
+    with IsolatedExecutor(name="logtest", worker_output="logging") as ex:
         ex.submit(lambda: print("x" * 300_000)).result(15)     # longer than any read chunk
         assert ex.submit(_funcs.print_lines, n).result(15) == n
         (pid,) = ex.worker_pids()
@@ -291,7 +291,7 @@ def test_worker_log_level_lets_lower_records_through(worker_log):
 @pytest.mark.timeout(30)
 def test_shutdown_while_a_worker_is_starting_lets_it_leave_quietly(worker_log):
     for _ in range(3):
-        ex = IsolatedExecutor(name="logtest")
+        ex = IsolatedExecutor(name="logtest", worker_output="logging")
         fut = ex.submit(_funcs.add, 1, 2)          # starts a worker; the call is still queued
         ex.shutdown(wait=True, cancel_futures=True)
         assert fut.cancelled() or fut.result() == 3

@@ -14,7 +14,7 @@ import _funcs
 from comfy_env import IsolatedExecutor, ProtocolMismatch, WorkerStartError
 from comfy_env._version import PROTOCOL_VERSION, __version__
 from comfy_env.envs import WorkerEnvironment
-from comfy_env.ipc.transport import MAX_FDS, Channel, ChannelClosed
+from comfy_env.ipc.transport import MAX_FDS, Channel, ChannelClosed, frame_header
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_eof_raises_channel_closed(pair):
 def test_eof_in_the_middle_of_a_frame_raises_channel_closed():
     s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     b = Channel(s2)
-    s1.sendall(struct.pack("<IB3x", 100, 0) + b"only ten b")
+    s1.sendall(frame_header(100, 0) + b"only ten b")
     s1.close()
     with pytest.raises(ChannelClosed):
         b.recv()

@@ -15,7 +15,11 @@ class WorkerCrashed(BrokenProcessPool):
 
     Only the call it was running fails; queued calls run on a fresh worker.
     ``exitcode`` is the process's return code (negative: killed by that signal),
-    ``stderr_tail`` the last lines the worker wrote to stderr.
+    ``stderr_tail`` the last lines the worker wrote to stderr, and the whole
+    fatal-error dump when the worker crashed with one (faulthandler is on in
+    workers: a segfault's Python stack is there).  A worker that broke the
+    channel's protocol (wrote bytes that are not a message to it) is stopped
+    and reported with "protocol error" in the message.
     """
 
     def __init__(self, message: str, exitcode: int | None = None, stderr_tail: str = "") -> None:
@@ -23,13 +27,27 @@ class WorkerCrashed(BrokenProcessPool):
         self.exitcode = exitcode
         self.stderr_tail = stderr_tail
 
+    def __reduce__(self):
+        return (type(self), (self.args[0] if self.args else "", self.exitcode, self.stderr_tail))
+
 
 class CallTimeout(TimeoutError):
     """The call ran longer than ``call_timeout``; its worker was killed.
 
     Only that call fails; the executor starts a fresh worker for the next one.
     A ``TimeoutError``, so ``except TimeoutError`` catches it too.
+    ``worker_stack`` is the worker's Python stack at the timeout, every thread,
+    most recent call first (faulthandler's format, taken without the GIL, so it
+    shows code stuck in C too); the message carries it after a line that starts
+    with ``Stack of the worker``.  Empty when the worker could not dump it.
     """
+
+    def __init__(self, message, worker_stack=""):
+        super().__init__(message)
+        self.worker_stack = worker_stack
+
+    def __reduce__(self):
+        return (type(self), (self.args[0] if self.args else "", self.worker_stack))
 
 
 class WorkerStartError(BrokenExecutor):

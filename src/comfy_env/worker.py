@@ -11,9 +11,19 @@ Threads::
                        main thread), applies control messages; EOF -> exit
     parent watch   --  blocks on a pipe only the parent writes to; EOF (the
                        parent died, even SIGKILLed, even mid-call) -> os._exit
+
+Diagnostics, both from faulthandler's C signal handlers (they need no GIL, so
+they work for code stuck in C holding it, where no Python thread could run)::
+
+    fatal signals  -- (SIGSEGV, SIGABRT, ...) every thread's stack to stderr,
+                      which the parent keeps whole for ``WorkerCrashed``
+    STACK_SIGNAL   -- every thread's stack to a pipe whose read end went to the
+                      parent with the handshake; the parent sends it on
+                      ``call_timeout`` before it kills the worker (``CallTimeout``)
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import logging
@@ -29,6 +39,31 @@ from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime
 from .ipc.transport import Channel, ChannelClosed
+
+# A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
+# is unlikely to install its own handler over faulthandler's.
+STACK_SIGNAL = signal.SIGRTMIN + 6 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+
+def _register_stack_dump():
+    """Make STACK_SIGNAL dump every thread's stack to a new pipe; returns its read end.
+
+    The write end stays open for the process's life (faulthandler holds only the
+    number) and blocks when full: the parent reads while the dump is written.
+    Returns None where faulthandler cannot do it (the parent then kills without a stack).
+    """
+    try:
+        r, w = os.pipe()
+    except OSError:
+        return None
+    try:
+        faulthandler.register(STACK_SIGNAL, file=w, all_threads=True, chain=False)
+    except (ValueError, RuntimeError, OSError, AttributeError):
+        os.close(r)
+        os.close(w)
+        return None
+    return r
+
 
 def resolve_reference(ref: str):
     """``"package.module:qualname"`` -> the object, imported in this process."""
@@ -104,14 +139,23 @@ class Worker:
 
     # -- handshake -----------------------------------------------------------------
     def handshake(self):
-        self.send_plain(("hello", {
+        stack_fd = _register_stack_dump()
+        hello = {
             "protocol": PROTOCOL_VERSION,
             "version": __version__,
             "python": tuple(sys.version_info[:3]),
             "executable": sys.executable,
             "pid": os.getpid(),
             "uid": lifetime.PROCESS_UID,
-        }))
+            # The hello's one fd, if any, is the read end of the stack-dump pipe.
+            "stack_signal": int(STACK_SIGNAL) if stack_fd is not None else None,
+        }
+        _, chunks = codec.encode_message(("hello", hello), self.link)
+        try:
+            self.channel.send(chunks, [stack_fd] if stack_fd is not None else [])
+        finally:
+            if stack_fd is not None:
+                os.close(stack_fd)
         body, fds = self.channel.recv()
         frame = codec.decode_envelope(body, fds)
         kind = frame.envelope[0]
@@ -377,6 +421,13 @@ def main(argv=None):
     # Ctrl-C in the terminal reaches the whole process group: the parent
     # decides what happens to calls; the worker must not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A crash in C (a segfault in an extension) prints every thread's Python
+    # stack to stderr; the parent keeps the whole dump for WorkerCrashed.
+    if sys.__stderr__ is not None:
+        try:
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)
+        except (ValueError, RuntimeError, OSError):
+            pass
     if alive is not None:
         threading.Thread(target=_watch_parent, args=(alive,), name="comfy_env-parent-watch",
                          daemon=True).start()

@@ -180,8 +180,11 @@ class IsolatedPack:
                       initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
                                 _folder_paths_snapshot(), _host_cli_args()),
                       call_timeout=self.call_timeout)
-        if "name" in inspect.signature(IsolatedExecutor).parameters:
+        params = inspect.signature(IsolatedExecutor).parameters
+        if "name" in params:
             kwargs["name"] = self.name       # worker output is logged under this name
+        if "worker_output" in params:
+            kwargs["worker_output"] = "logging"     # ComfyUI's console and log view read logging
         return IsolatedExecutor(self.env, 1, **kwargs)
 
     def executor(self):

@@ -48,14 +48,12 @@ executor that is garbage collected without ``shutdown()`` is finalized.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import heapq
 import itertools
 import logging
 import sys
 import threading
 import time
-import types
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
@@ -65,45 +63,23 @@ import cloudpickle
 
 from .. import forksafe
 from ..envs import resolve_env
-from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
+from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime
-from ..ipc.transport import ChannelClosed, MAX_FDS
+from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .devices import pin_environment
 from .futures import IsolatedFuture
-from .worker_handle import WorkerHandle
+from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
+from .workitem import Stage, WorkItem
 
 __all__ = ["IsolatedExecutor"]
 
-_ids = itertools.count(1)
 _names = itertools.count(1)
 _live_pools = weakref.WeakSet()
 _exit_started = False           # the at-exit shutdown runs: a failed start is not retried
 
 DEFAULT_START_TIMEOUT = 300.0   # seconds: a cold import of torch plus an initializer loading a model
 START_RETRY_BACKOFF = 1.0       # seconds before a failed worker start is tried once more
-
-
-class _Stage(enum.Enum):
-    """Where a work item is.  ``worker.item`` is read by dispatch, the timer and the
-    worker's reader; the transitions out of RUNNING happen under the pool lock."""
-    QUEUED = "queued"           # waiting or pending; its future is not running yet
-    RUNNING = "running"         # future set running; sent to a worker, or about to be
-    TIMED_OUT = "timed-out"     # ran past call_timeout: its worker is being killed
-    STOPPED = "stopped"         # the executor is stopping now (Ctrl-C): its worker is being killed
-
-
-class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage")
-
-    def __init__(self, future, fn, args, kwargs, deps):
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.call_id = next(_ids)
-        self.deps = deps
-        self.stage = _Stage.QUEUED
 
 
 # What a timer entry is for, besides a call (named by its call id).
@@ -236,7 +212,7 @@ def _pickle_by_value(fn):
 
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
-                 worker_log_level, start_timeout=DEFAULT_START_TIMEOUT):
+                 worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT):
         self.wenv = wenv
         self.max_workers = max_workers
         self.init_payload = init_payload
@@ -245,6 +221,7 @@ class _Pool:
         self.name = name
         self.logger = logger
         self.worker_log_level = worker_log_level
+        self.worker_output = worker_output
         self.lock = threading.RLock()
         self.pending = deque()
         self.waiting = set()
@@ -353,12 +330,12 @@ class _Pool:
                     break
                 worker = self.idle.pop()
                 item = self.pending.popleft()
-            if item.stage is _Stage.QUEUED:
+            if item.stage is Stage.QUEUED:
                 if not item.future.set_running_or_notify_cancel():
                     item.args = item.kwargs = item.fn = None    # cancelled: drop its inputs
                     self._back_to_idle(worker)
                     continue
-                item.stage = _Stage.RUNNING
+                item.stage = Stage.RUNNING
             try:
                 chunks, fds, fb = self._encode(item, worker)
             except BaseException as exc:
@@ -416,6 +393,7 @@ class _Pool:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
             chunks = fb.build(("call", item.call_id))
+            check_frame(chunks, fb.fds)
         except BaseException:
             fb.abort()
             raise
@@ -519,7 +497,7 @@ class _Pool:
         for item in items:
             fut = item.future
             item.args = item.kwargs = item.fn = None
-            if (item.stage is not _Stage.QUEUED or fut.set_running_or_notify_cancel()) \
+            if (item.stage is not Stage.QUEUED or fut.set_running_or_notify_cancel()) \
                     and not fut.done():
                 fut.set_exception(_clone(err))
         self._notify_done()
@@ -568,14 +546,17 @@ class _Pool:
                 self.start_timed_out.add(worker)
             else:
                 item = worker.item
-                if item is None or item.call_id != what or item.stage is not _Stage.RUNNING:
+                if item is None or item.call_id != what or item.stage is not Stage.RUNNING:
                     return
-                item.stage = _Stage.TIMED_OUT
+                item.stage = Stage.TIMED_OUT
             self.doomed.add(worker)
-        # Outside the lock (a kill may first collect the worker's stack).  The
-        # worker is doomed: should its result still arrive, it is delivered, but
-        # the worker gets no further call.
-        worker.kill()
+        # Outside the lock: a timed-out call's worker first has its stack collected
+        # (kill_for_timeout), and a result that arrives meanwhile is dropped (the call
+        # still timed out).  The worker is doomed: it gets no further call.
+        if what == _START:
+            worker.kill()
+        else:
+            worker.kill_for_timeout()
 
     def on_death(self, worker, item, code, start_error):
         with self.lock:
@@ -593,11 +574,9 @@ class _Pool:
         if finished:
             self._stop_timer()
         if item is not None and not item.future.done():
-            if item.stage is _Stage.TIMED_OUT:
-                item.future.set_exception(CallTimeout(
-                    f"the call ran longer than call_timeout={self.call_timeout}s; its worker "
-                    f"(pid {worker.pid}) was killed"))
-            elif item.stage is _Stage.STOPPED:
+            if item.stage is Stage.TIMED_OUT:
+                item.future.set_exception(worker.timeout_error(self.call_timeout))
+            elif item.stage is Stage.STOPPED:
                 item.future.set_exception(CancelledError(
                     f"the executor {self.name!r} was stopped (KeyboardInterrupt, or interpreter "
                     f"exit after one) while this call ran; its worker (pid {worker.pid}) was killed"))
@@ -642,7 +621,7 @@ class _Pool:
             workers = list(self.workers)
         for item in items + waiting:
             fut = item.future
-            if item.stage is not _Stage.QUEUED or fut.set_running_or_notify_cancel():
+            if item.stage is not Stage.QUEUED or fut.set_running_or_notify_cancel():
                 if not fut.done():
                     fut.set_exception(_clone(exc))
         for w in workers:
@@ -676,7 +655,7 @@ class _Pool:
     @staticmethod
     def _cancel(items):
         for item in items:
-            if item.stage is not _Stage.QUEUED:
+            if item.stage is not Stage.QUEUED:
                 # Re-queued after its worker died before delivery: it was
                 # already running, so it fails rather than being cancelled.
                 item.future.set_exception(RuntimeError("the executor was shut down before this "
@@ -739,8 +718,8 @@ class _Pool:
             self.waiting.clear()
             workers = list(self.workers)
             for w in workers:
-                if w.item is not None and w.item.stage is _Stage.RUNNING:
-                    w.item.stage = _Stage.STOPPED
+                if w.item is not None and w.item.stage is Stage.RUNNING:
+                    w.item.stage = Stage.STOPPED
             self.doomed.update(workers)
             self.idle.clear()
         self._cancel(items)
@@ -843,7 +822,13 @@ class IsolatedExecutor(Executor):
         worker_output: where the workers' ``print()`` and stderr go:
             ``"stream"`` (default: this process's stdout/stderr, each line
             prefixed with the worker's name), ``"logging"`` (records of the
-            ``comfy_env.worker.<name>`` logger) or ``"discard"``.
+            ``comfy_env.worker.<name>`` logger) or ``"discard"``.  Either way the
+            last lines of stderr (and a crash's whole faulthandler dump) are kept
+            for :class:`~comfy_env.WorkerCrashed`, and the workers' ``logging``
+            records go to that logger at their own level (an unconfigured program
+            shows WARNING and above).  On ``call_timeout`` the worker's stack
+            (every thread) is taken before it is killed and reported in
+            :class:`~comfy_env.CallTimeout` (``worker_stack``).
         start_timeout: seconds a worker may take to start, initializer included
             (default 300; ``None``: no bound).  A worker not ready by then is
             killed and the executor is broken (:class:`~comfy_env.WorkerStartError`).
@@ -863,6 +848,7 @@ class IsolatedExecutor(Executor):
                  initializer: Callable[..., Any] | str | None = None, initargs: Iterable[Any] = (),
                  call_timeout: float | None = None, name: str | None = None,
                  worker_log_level: int | str | None = None, device: Any = None,
+                 worker_output: str = "stream",
                  start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
@@ -881,6 +867,9 @@ class IsolatedExecutor(Executor):
                             f"got {initializer!r}")
         if not isinstance(initargs, tuple):
             initargs = tuple(initargs)
+        if not isinstance(worker_output, str) or worker_output not in WORKER_OUTPUT_MODES:
+            raise ValueError(f"worker_output must be one of {', '.join(map(repr, WORKER_OUTPUT_MODES))}, "
+                             f"got {worker_output!r}")
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -894,7 +883,7 @@ class IsolatedExecutor(Executor):
                 and not _by_reference(initializer):
             init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, start_timeout)
+                           worker_log_level, worker_output, start_timeout)
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property
@@ -942,7 +931,7 @@ class IsolatedExecutor(Executor):
                              f"got {fn!r}")
         deps = _find_futures(args, []) + _find_futures(kwargs, [])
         fut = IsolatedFuture()
-        self._pool.submit(_WorkItem(fut, fn, args, kwargs, deps))
+        self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
         return fut
 
     def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],

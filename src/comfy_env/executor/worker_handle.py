@@ -4,8 +4,28 @@ Per worker, two threads::
 
     reader  -- handshake, then frames from the worker: results -> futures,
                log records -> logging, releases -> ledger; EOF -> death report
-    output  -- the worker's stdout/stderr pipes, line by line -> logging, and
-               a tail of stderr kept for crash reports
+    output  -- the worker's stdout/stderr pipes, line by line, to wherever
+               ``worker_output`` says (see below), and a tail of stderr kept
+               for crash reports
+
+Worker output (``IsolatedExecutor(worker_output=...)``):
+
+* ``"stream"`` (default): each line goes to the parent's ``sys.stdout`` /
+  ``sys.stderr`` *as it is at the time* (pytest's capture, a redirected
+  stream), prefixed with ``[<worker name>] ``, as soon as its end arrives.
+* ``"logging"``: each line becomes an INFO record of the executor's logger
+  ``comfy_env.worker.<name>`` (attributes ``stream``, ``worker_name``, ``worker_pid``).
+* ``"discard"``: dropped.
+
+In every mode the stderr tail is kept for ``WorkerCrashed``, and records of the
+worker's ``logging`` go to the executor's logger at their own level: that is
+where a program configures logging, and an unconfigured one still shows
+WARNING and above through logging's last-resort handler.
+
+A line ends at ``\n``, ``\r\n`` or a lone ``\r`` (progress bars redraw with
+``\r``: forwarded with its ``\r``, a terminal still redraws in place), and is
+cut into pieces of at most MAX_LINE characters, so output without line ends
+costs linear time and bounded memory.
 
 Calls are sent by whichever thread dispatches them (the submitter's, or the
 reader that just finished the previous call): no queue-feeder thread in
@@ -13,9 +33,12 @@ between, which is where most of ProcessPoolExecutor's latency goes.
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import logging
 import os
+import re
+import select
 import selectors
 import signal
 import socket
@@ -26,13 +49,26 @@ import time
 
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
-                      RemoteTraceback, WorkerCrashed, WorkerStartError)
+                      RemoteTraceback, WorkerStartError)
 from ..ipc import codec, lifetime
-from ..ipc.transport import Channel, ChannelClosed
+from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
+from .workitem import Stage
 from .futures import LazyResult, decode_error
 
+WORKER_OUTPUT_MODES = ("stream", "logging", "discard")
 STDERR_TAIL_LINES = 30
+# faulthandler's dump of a fatal error is kept whole, up to this many lines (it
+# prints at most 100 frames per thread).
+FATAL_DUMP_LINES = 2000
+MAX_LINE = 1 << 20              # characters; longer lines are forwarded in pieces
+_READ_SIZE = 1 << 16
+# call_timeout: how long to wait for the worker's stack before killing it anyway,
+# and the silence that says the dump is complete (faulthandler writes it in one go).
+STACK_DUMP_WAIT = 1.0
+STACK_DUMP_QUIET = 0.2
+# One writer at a time on the parent's streams: lines of several workers never mix.
+_stream_lock = threading.Lock()
 
 
 class WorkerHandle:
@@ -48,9 +84,15 @@ class WorkerHandle:
         self.ready = False
         self.exiting = False          # we asked it to exit
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._fatal_dump = False      # a "Fatal Python error" dump is being kept whole
         self._output_done = threading.Event()
         self._reader = None
         self._alive_w = None
+        self._stack_fd = None         # read end of the worker's stack-dump pipe
+        self._stack_lock = threading.Lock()     # reading it vs. closing it in _finish
+        self._stack_signal = None
+        self.timeout_stack = None     # the stack taken by kill_for_timeout ("" if none came)
+        self.protocol_error = None    # the worker wrote bytes that are not a frame
         self.info = {}
 
     # -- start ---------------------------------------------------------------
@@ -116,16 +158,108 @@ class WorkerHandle:
         except (ProcessLookupError, OSError, AttributeError):
             pass
 
+    # -- call_timeout --------------------------------------------------------------------
+    def kill_for_timeout(self):
+        """``call_timeout`` passed: take the worker's stack (every thread), then kill it.
+
+        The watchdog calls this under the pool lock, so the wait for the dump
+        (at most STACK_DUMP_WAIT) happens on a thread of its own.  The worker is
+        marked as exiting first: a result that still comes in meanwhile completes
+        its call, but the worker gets no other call.
+        """
+        self.exiting = True
+        if self._stack_fd is None or self.proc is None:
+            self.timeout_stack = ""
+            self.kill()
+            return
+        try:
+            threading.Thread(target=self._stack_then_kill, daemon=True,
+                             name=f"comfy_env-stack-{self.pid}").start()
+        except RuntimeError:            # interpreter shutdown: no new threads
+            self.timeout_stack = ""
+            self.kill()
+
+    def _stack_then_kill(self):
+        try:
+            self.timeout_stack = self._take_stack()
+        except Exception:
+            self.timeout_stack = ""
+        finally:
+            self.kill()                 # after the stack is stored: the death report reads it
+
+    def _take_stack(self):
+        """Ask the worker for its stack (faulthandler, no GIL needed) and read it."""
+        with self._stack_lock:
+            if self._stack_fd is None:
+                return ""
+            return self._read_stack(self._stack_fd)
+
+    def _read_stack(self, fd):
+        try:
+            # Popen.send_signal: never a reaped (possibly reused) pid.
+            self.proc.send_signal(self._stack_signal)
+        except OSError:
+            return ""
+        if self.proc.returncode is not None:
+            return ""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        chunks = []
+        end = time.monotonic() + STACK_DUMP_WAIT
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            wait = min(left, STACK_DUMP_QUIET) if chunks else left
+            if not poller.poll(wait * 1000):
+                if chunks:
+                    break               # silence after the dump: it is complete
+                continue
+            data = os.read(fd, _READ_SIZE)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def timeout_error(self, call_timeout):
+        """The CallTimeout for the call this worker was killed for (with its stack)."""
+        stack = (self.timeout_stack or "").rstrip()
+        msg = (f"the call ran longer than call_timeout={call_timeout}s; its worker "
+               f"(pid {self.pid}, {self.pool.wenv.label}) was killed")
+        if stack:
+            msg += (f"\nStack of the worker (pid {self.pid}) when it was stopped, every "
+                    f"thread, most recent call first:\n{stack}")
+        else:
+            msg += " (it did not dump its stack in time)"
+        return CallTimeout(msg, worker_stack=stack)
+
     def join(self, timeout=None):
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout)
 
     # -- reading -------------------------------------------------------------------
-    def _handshake(self):
+    def _recv_frame(self):
+        """The next frame; bytes that do not decode are a ProtocolError (the channel is done)."""
         body, fds = self.channel.recv()
-        frame = codec.decode_envelope(body, fds)
-        frame.close_fds()
+        try:
+            return codec.decode_envelope(body, fds)
+        except Exception as exc:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise ProtocolError(f"a message from the worker does not decode: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def _handshake(self):
+        frame = self._recv_frame()
         kind, info = frame.envelope
+        if kind == "hello" and isinstance(info, dict) and info.get("stack_signal") \
+                and frame.fds:
+            self._stack_fd = frame.fds.pop(0)
+            self._stack_signal = info["stack_signal"]
+        frame.close_fds()
         if kind != "hello":
             raise WorkerStartError(f"worker sent {kind!r} instead of its handshake")
         self.info = info
@@ -164,8 +298,7 @@ class WorkerHandle:
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
         fb, chunks = codec.encode_message(("init", cfg), self.link, objs)
         self.channel.send(chunks, fb.fds)
-        body, fds = self.channel.recv()
-        frame = codec.decode_envelope(body, fds)
+        frame = self._recv_frame()
         kind = frame.envelope[0]
         if kind == "init_failed":
             try:
@@ -191,8 +324,7 @@ class WorkerHandle:
         pool.on_ready(self)
         try:
             while True:
-                body, fds = self.channel.recv()
-                frame = codec.decode_envelope(body, fds)
+                frame = self._recv_frame()
                 kind = frame.envelope[0]
                 if kind == "result":
                     self._on_result(frame)
@@ -207,6 +339,11 @@ class WorkerHandle:
                     frame.close_fds()
         except ChannelClosed:
             pass
+        except ProtocolError as exc:
+            # Stray bytes on the channel (a library writing to a reused fd number):
+            # nothing after them can be trusted.  The death report names it.
+            self.protocol_error = exc
+            self.kill()
         except BaseException as exc:      # a bug here must not hang futures
             self.logger.error("comfy_env: reader of worker %s failed: %r", self.pid, exc,
                               exc_info=True)
@@ -220,6 +357,11 @@ class WorkerHandle:
         with self.pool.lock:
             item = self.item
             if item is None or item.call_id != call_id:
+                item = None
+            elif item.stage is Stage.TIMED_OUT:
+                # Finished while its stack was being taken (the dump signal can
+                # cut a C sleep short): it still timed out, and the death report
+                # says so.
                 item = None
             else:
                 self.item = None
@@ -276,25 +418,22 @@ class WorkerHandle:
     def _pump_output(self):
         sel = selectors.DefaultSelector()
         streams = {self.proc.stdout: "stdout", self.proc.stderr: "stderr"}
+        lines = {}
         for f in streams:
             sel.register(f, selectors.EVENT_READ)
-        partial = {f: b"" for f in streams}
-        logger = self.pool.logger
+            lines[f] = _LineSplitter(MAX_LINE)
         try:
             while streams:
                 for key, _ in sel.select():
                     f = key.fileobj
-                    data = os.read(f.fileno(), 65536)
+                    data = os.read(f.fileno(), _READ_SIZE)
+                    name = streams[f]
                     if not data:
                         sel.unregister(f)
-                        name = streams.pop(f)
-                        if partial[f]:
-                            self._emit_line(logger, name, partial[f])
-                        continue
-                    data = partial[f] + data
-                    *lines, partial[f] = data.split(b"\n")
-                    for line in lines:
-                        self._emit_line(logger, streams[f], line)
+                        del streams[f]
+                    if name == "stdout" and self.pool.worker_output == "discard":
+                        continue        # read only to keep the pipe flowing
+                    self._forward(name, lines[f].feed(data, final=not data))
         finally:
             sel.close()
             for f in (self.proc.stdout, self.proc.stderr):
@@ -304,15 +443,32 @@ class WorkerHandle:
                     pass
             self._output_done.set()
 
-    def _emit_line(self, logger, stream, raw):
-        line = raw.decode("utf-8", "replace").rstrip("\r")
+    def _forward(self, stream, lines):
+        """Hand complete lines ``[(text, end), ...]`` of one read to ``worker_output``."""
+        if not lines:
+            return
         if stream == "stderr":
+            self._keep_tail(lines)
+        mode = self.pool.worker_output
+        if mode == "stream":
+            prefix = f"[{self.link.name}] "
+            text = "".join(f"{prefix}{line}{end or chr(10)}" for line, end in lines)
+            _write_stream(stream, text)
+        elif mode == "logging":
+            logger = self.pool.logger
+            if logger.isEnabledFor(logging.INFO):
+                extra = {"worker_name": self.link.name, "worker_pid": self.pid, "stream": stream}
+                for line, _ in lines:
+                    logger.info("[%s] %s", self.pool.name, line, extra=extra)
+
+    def _keep_tail(self, lines):
+        for line, _ in lines:
+            if not self._fatal_dump and line.startswith("Fatal Python error: "):
+                # faulthandler's dump follows: keep all of it, plus what came before.
+                self._fatal_dump = True
+                self.stderr_tail = collections.deque(
+                    self.stderr_tail, maxlen=STDERR_TAIL_LINES + FATAL_DUMP_LINES)
             self.stderr_tail.append(line)
-        level = logging.INFO
-        if logger.isEnabledFor(level):
-            logger.info("[%s] %s", self.pool.name, line,
-                        extra={"worker_name": self.link.name, "worker_pid": self.pid,
-                               "stream": stream})
 
     # -- death -----------------------------------------------------------------------
     def _finish(self, start_error=None):
@@ -341,6 +497,10 @@ class WorkerHandle:
         except subprocess.TimeoutExpired:
             code = None
         self._output_done.wait(timeout=2)
+        with self._stack_lock:          # waits for a stack being read
+            fd, self._stack_fd = self._stack_fd, None
+        if fd is not None:
+            os.close(fd)
         lifetime.LEDGER.link_closed(self.link)
         with self.pool.lock:        # vs. dispatch()'s requeue, see _on_result
             item, self.item = self.item, None
@@ -356,6 +516,9 @@ class WorkerHandle:
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
+        if self.protocol_error is not None:
+            how = (f"broke the channel's protocol (protocol error: {self.protocol_error}) and "
+                   f"was stopped; it {how}")
         tail = "\n".join(self.stderr_tail)
         msg = f"worker pid {self.pid} ({self.pool.wenv.label}) {how}"
         if tail:
@@ -391,3 +554,104 @@ def _decode_remote_exception(frame, link):
                                f"decoded in the parent: {why}"), ""
         return RemoteError(qual, f"{msg} (the exception could not be rebuilt in the parent: "
                            f"{why})", tb), tb
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class _LineSplitter:
+    """Bytes of one stream -> ``(text, end)`` lines, in linear time and bounded memory.
+
+    ``end`` is ``"\n"`` (for ``\n`` and ``\r\n``), ``"\r"``, or ``""`` for a piece
+    cut at ``max_line`` characters or the unterminated end of the stream.  UTF-8
+    is decoded incrementally, so a character split between reads stays whole.
+    Empty ``\r`` lines (a progress bar's leading ``\r``) are dropped.
+    """
+
+    def __init__(self, max_line):
+        self.max_line = max_line
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts = []            # the unfinished line, in pieces (joined once)
+        self._size = 0
+        self._cr = False            # the last read ended in "\r": is it "\r\n"?
+
+    def feed(self, data, final=False):
+        text = self._decoder.decode(data, final)
+        out = []
+        if self._cr:
+            if text.startswith("\n"):
+                text = text[1:]
+                self._cr = False
+                self._end("\n", out)
+            elif text or final:
+                self._cr = False
+                self._end("\r", out)
+        if "\r" not in text:
+            # The common case, at str.split's speed.
+            lines = text.split("\n")
+            last = lines.pop()
+            for line in lines:
+                if self._parts or len(line) > self.max_line:
+                    self._add(line, out)
+                    self._end("\n", out)
+                else:
+                    out.append((line, "\n"))
+            self._add(last, out)
+            if final and self._parts:
+                self._end("", out)
+            return out
+        pos = 0
+        for m in _LINE_END.finditer(text):
+            self._add(text[pos:m.start()], out)
+            pos = m.end()
+            if m.group() != "\r":
+                self._end("\n", out)
+            elif pos == len(text) and not final:
+                self._cr = True     # a "\n" may open the next read
+            else:
+                self._end("\r", out)
+        self._add(text[pos:], out)
+        if final and self._parts:
+            self._end("", out)
+        return out
+
+    def _add(self, text, out):
+        while text:
+            room = self.max_line - self._size
+            if len(text) <= room:
+                self._parts.append(text)
+                self._size += len(text)
+                return
+            if room:
+                self._parts.append(text[:room])
+                text = text[room:]
+            self._size = self.max_line
+            self._end("", out)
+
+    def _end(self, end, out):
+        line = "".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        if line or end != "\r":
+            out.append((line, end))
+
+
+def _write_stream(stream, text):
+    """Write to the parent's sys.stdout / sys.stderr as they are now, and flush.
+
+    A missing or closed stream drops the text: the pump must keep draining the
+    pipe, or the worker would block on its next print.
+    """
+    with _stream_lock:
+        f = sys.stdout if stream == "stdout" else sys.stderr
+        if f is None:
+            return
+        try:
+            try:
+                f.write(text)
+            except UnicodeEncodeError:
+                enc = getattr(f, "encoding", None) or "ascii"
+                f.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
+            f.flush()
+        except (OSError, ValueError):
+            pass

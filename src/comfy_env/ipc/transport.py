@@ -5,10 +5,20 @@ the filesystem or the abstract namespace, so nobody else can connect to it.
 
 Frame layout (little endian)::
 
-    +----------------+---------+---------+---------------------+
-    | body length u32| nfds u8 | pad x3  | body (length bytes) |
-    +----------------+---------+---------+---------------------+
-      fds ride as SCM_RIGHTS ancillary data on the 8 header bytes
+    +----------+------------+---------+---------+-----------------+---------------------+
+    | magic 4s | version u8 | nfds u8 | zero u16| body length u64 | body (length bytes) |
+    +----------+------------+---------+---------+-----------------+---------------------+
+      fds ride as SCM_RIGHTS ancillary data on the 16 header bytes
+
+The header is checked before anything it announces is believed: the magic (its
+first byte is not ASCII, so stray text such as a ``print`` to the channel's fd
+fails at once, byte by byte, without waiting for a whole header), the format
+version, the zero field, the fd count and the body length (at most the machine's
+physical memory: a bigger body could not be received anyway).  A bad header
+raises :class:`ProtocolError`; the stream cannot be resynchronised after it, so
+the channel is done.  A body of any size that passes goes through: lengths are
+64-bit, and the sender refuses a frame the receiver would refuse
+(:class:`FrameTooLarge`) before it sends a byte.
 
 Reads are buffered (one ``recvmsg`` usually returns a whole small frame, or
 several); fds are queued in stream order and handed to frames as their headers
@@ -22,21 +32,85 @@ from __future__ import annotations
 
 import array
 import collections
+import mmap
 import os
+import select
 import socket
 import struct
 import threading
 
-__all__ = ["Channel", "ChannelClosed", "MAX_FDS"]
+__all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "MAX_FDS",
+           "MAX_BODY", "frame_header", "check_frame"]
 
-_HEADER = struct.Struct("<IB3x")
+MAGIC = b"\x89CEF"
+FRAME_VERSION = 1
+_HEADER = struct.Struct("<4sBBHQ")
 MAX_FDS = 250  # SCM_MAX_FD is 253 on Linux
 _FD_SIZE = array.array("i").itemsize
 _READ_CHUNK = 64 * 1024
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError, AttributeError):
+    _IOV_MAX = 1024
+HEADER_STALL = 5.0      # seconds a partial header may wait for the rest of itself
+# Bodies this big or bigger are received into an anonymous mapping: its pages
+# are zero and faulted in as the data lands, where bytearray(n) would first
+# write n zero bytes.
+_MAPPED_BODY = 1 << 20
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+MAX_BODY = _physical_memory()
 
 
 class ChannelClosed(EOFError):
     """The peer closed its end (or died)."""
+
+
+class ProtocolError(OSError):
+    """The peer sent bytes that are not a valid frame; the channel cannot be used any more."""
+
+
+class FrameTooLarge(ValueError):
+    """A frame's body is larger than a receiver accepts (:data:`MAX_BODY`); nothing was sent."""
+
+
+def frame_header(length: int, nfds: int = 0) -> bytes:
+    """The 16 header bytes of a frame whose body is ``length`` bytes and carries ``nfds`` fds."""
+    if nfds > MAX_FDS:
+        raise ValueError(f"a frame carries at most {MAX_FDS} fds, got {nfds}")
+    if length > MAX_BODY:
+        raise FrameTooLarge(
+            f"a message of {length / 2**30:.1f} GiB is larger than this machine's memory "
+            f"({MAX_BODY / 2**30:.1f} GiB), the most a receiver accepts; send less per call "
+            f"(a value referenced many times travels once per reference)")
+    return _HEADER.pack(MAGIC, FRAME_VERSION, nfds, 0, length)
+
+
+def check_frame(chunks, fds=()) -> None:
+    """Raise what :meth:`Channel.send` would for this frame, before it is sent."""
+    frame_header(sum(memoryview(c).nbytes for c in chunks), len(fds))
+
+
+def _check_header(buf, pos):
+    """``(length, nfds)`` of the header at ``buf[pos:]``, or ProtocolError."""
+    magic, version, nfds, zero, length = _HEADER.unpack_from(buf, pos)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a comfy_env frame: the header starts with {magic!r} "
+                            f"instead of {MAGIC!r} (something else wrote to the channel)")
+    if version != FRAME_VERSION:
+        raise ProtocolError(f"frame format {version}, this comfy_env reads {FRAME_VERSION}")
+    if zero or nfds > MAX_FDS or length > MAX_BODY:
+        raise ProtocolError(f"corrupt frame header {bytes(buf[pos:pos + _HEADER.size])!r} "
+                            f"(reserved field {zero}, {nfds} fds, body of {length} bytes)")
+    return length, nfds
 
 
 class Channel:
@@ -72,30 +146,31 @@ class Channel:
 
         ``fds`` stay owned by the caller (the kernel duplicates them into the peer).
         """
-        nfds = len(fds)
-        if nfds > MAX_FDS:
-            raise ValueError(f"a frame carries at most {MAX_FDS} fds, got {nfds}")
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [chunks]
         views = [memoryview(c).cast("B") for c in chunks]
         length = sum(v.nbytes for v in views)
-        header = _HEADER.pack(length, nfds)
+        nfds = len(fds)
+        header = frame_header(length, nfds)     # refuses before anything is sent
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
         with self._send_lock:
             if self._closed:
                 raise ChannelClosed("channel is closed")
             try:
                 bufs = [memoryview(header)] + views
-                sent = self.sock.sendmsg(bufs, anc)
-                # A blocking stream socket can still return short (a signal,
-                # a huge frame); the fds went with the first byte, the rest is
-                # plain data.
-                for buf in bufs:
-                    if sent >= buf.nbytes:
-                        sent -= buf.nbytes
-                        continue
-                    self.sock.sendall(buf[sent:])
-                    sent = 0
+                # A blocking stream socket can still return short (a signal, a
+                # huge frame), and one call takes at most IOV_MAX buffers (a call
+                # that forwards one result many times has a part per reference):
+                # go on from where it stopped.  The fds go with the first byte.
+                i = 0
+                while i < len(bufs):
+                    sent = self.sock.sendmsg(bufs[i:i + _IOV_MAX], anc)
+                    anc = []
+                    while i < len(bufs) and sent >= bufs[i].nbytes:
+                        sent -= bufs[i].nbytes
+                        i += 1
+                    if sent:
+                        bufs[i] = bufs[i][sent:]
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed(str(exc)) from exc
 
@@ -107,10 +182,10 @@ class Channel:
         first-out as headers announce them matches them to their frames.
         """
         try:
-            # MSG_CMSG_CLOEXEC: received fds are close-on-exec from the start (a process
-            # the worker's call starts must not inherit shared memory or sockets).
+            # Received fds are close-on-exec, like every fd Python opens: a
+            # process the worker or the parent starts must not inherit them.
             n, anc, flags, _ = self.sock.recvmsg_into([self._scratch], self._anc_size,
-                                                      socket.MSG_CMSG_CLOEXEC)
+                                                      _RECV_FLAGS)
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
         except OSError as exc:
@@ -131,16 +206,35 @@ class Channel:
             self._pos = 0
         self._buf += self._scratch_view[:n]
 
+    def _wait_readable(self, timeout):
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
     def recv(self):
         """Receive one frame: ``(body, fds: list[int])``.
 
-        Raises ChannelClosed on EOF.  The caller owns the returned fds.
+        Raises ChannelClosed on EOF, ProtocolError on bytes that are not a frame.
+        The caller owns the returned fds.  ``body`` is a bytes-like object.
         """
         buf = self._buf
         while len(buf) - self._pos < _HEADER.size:
+            # Check the magic as it arrives: a stray write shorter than a header
+            # must not leave us waiting for the rest of one.
+            have = buf[self._pos:self._pos + len(MAGIC)]
+            if have != MAGIC[:len(have)]:
+                raise ProtocolError(f"not a comfy_env frame: the header starts with "
+                                    f"{bytes(have)!r} instead of {MAGIC!r} (something else "
+                                    f"wrote to the channel)")
+            if have and not self._wait_readable(HEADER_STALL):
+                # A sender writes a header in one piece with its body's start: a
+                # part of one that stays alone is a stray write that looked like one.
+                raise ProtocolError(f"not a comfy_env frame: {len(buf) - self._pos} bytes "
+                                    f"{bytes(buf[self._pos:])!r} and then nothing for "
+                                    f"{HEADER_STALL:g} s (something else wrote to the channel)")
             self._fill()
             buf = self._buf
-        length, nfds = _HEADER.unpack_from(buf, self._pos)
+        length, nfds = _check_header(buf, self._pos)
         start = self._pos + _HEADER.size
         have = len(buf) - start
         if have >= length:
@@ -148,7 +242,7 @@ class Channel:
             self._pos = start + length
         else:
             # Big frame: read the rest straight into its final buffer.
-            body = bytearray(length)
+            body = mmap.mmap(-1, length) if length >= _MAPPED_BODY else bytearray(length)
             view = memoryview(body)
             view[:have] = buf[start:]
             self._pos = len(buf)
@@ -162,7 +256,7 @@ class Channel:
         while len(fds) < nfds:
             if not self._fds:
                 # Cannot happen with a well-behaved peer: the fds precede the data.
-                raise OSError(f"frame announced {nfds} fds but only {len(fds)} arrived")
+                raise ProtocolError(f"frame announced {nfds} fds but only {len(fds)} arrived")
             fds.append(self._fds.popleft())
         return body, fds
 
