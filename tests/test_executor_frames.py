@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from concurrent.futures import wait
 
 import pytest
 
@@ -136,7 +137,7 @@ def test_a_call_frame_above_4_gib_goes_through():
         pytest.skip("needs ~5 GiB of free memory for the 4.1 GiB frame")
     with IsolatedExecutor(max_workers=2, name="big") as ex:
         fa = ex.submit(_proc_funcs.big_inline_result, part)
-        fa.exception(30)
+        wait([fa], 30)           # not exception(): that decodes, and the frame must forward it
         fut = ex.submit(_proc_funcs.count_forwarded, [fa] * refs)
         assert fut.result(150) == (refs, refs * part)
         assert refs * part > 2**32
@@ -153,7 +154,7 @@ def test_a_call_frame_larger_than_memory_fails_that_call_cleanly():
         pytest.skip("a machine this big would need a >512 MiB result for the test")
     with IsolatedExecutor(max_workers=1, name="toolarge") as ex:
         fa = ex.submit(_proc_funcs.big_inline_result, part)
-        fa.exception(30)
+        wait([fa], 30)           # not exception(): that decodes, and the frame must forward it
         exc = ex.submit(_proc_funcs.count_forwarded, [fa] * refs).exception(30)
         assert isinstance(exc, FrameTooLarge) and "larger than this machine's memory" in str(exc)
         # Nothing was sent, nothing is left half-done: the one worker takes the next call.
