@@ -136,6 +136,14 @@ class IsolatedPack:
     def metadata(self):
         key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
         meta = metadata_cache.load(self.name, key)
+        if meta is not None and "failed" in meta:
+            # The same pack content failed before: fail the same way, without a worker.
+            self.metadata_source = "cache"
+            _log.debug("comfy-env: [%s] cached failure; worker traceback:\n%s",
+                       self.name, meta.get("traceback", ""))
+            raise PackLoadError(meta["failed"] + " (cached: this pack's sources are unchanged "
+                                "since it failed; edit them or clear the cache in "
+                                f"{metadata_cache.cache_dir()} to retry)")
         if meta is not None:
             self.metadata_source = "cache"
             return meta
@@ -145,12 +153,17 @@ class IsolatedPack:
             with self._make_executor() as ex:
                 meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            self.metadata_source = "worker"
             cause = getattr(exc, "__cause__", None)
-            if cause is not None:
-                reason += f"\n{cause}"
-            raise PackLoadError(f"comfy-env: can't load isolated pack {self.name!r} "
-                                f"(env {self.env!r}): {reason}") from exc
+            reason = (f"comfy-env: can't load isolated pack {self.name!r} (env {self.env!r}): "
+                      f"{type(exc).__name__}: {exc}")
+            tb = str(cause) if cause is not None else ""
+            # Only what the pack's own code did is cached: an env that couldn't be built
+            # or a worker that couldn't start may work next time.
+            if _raised_by_pack_code(exc):
+                metadata_cache.store(self.name, key, {"failed": reason, "traceback": tb})
+            _log.debug("comfy-env: [%s] worker traceback:\n%s", self.name, tb)
+            raise PackLoadError(reason) from None
         self.metadata_source = "worker"
         metadata_cache.store(self.name, key, meta)
         return meta
@@ -163,10 +176,30 @@ class IsolatedPack:
         if not meta["nodes"] and meta.get("refused"):
             raise PackLoadError(f"comfy-env: no node of pack {self.name!r} can be loaded: "
                                 + "; ".join(f"{k}: {v}" for k, v in meta["refused"].items()))
-        classes = {key: proxy.build_proxy_class(self, key, m, self.module_name)
-                   for key, m in meta["nodes"].items()}
+        classes = {}
+        for key, m in meta["nodes"].items():
+            build = proxy.build_v3_proxy_class if m.get("api") == "v3" else proxy.build_proxy_class
+            classes[key] = build(self, key, m, self.module_name)
         names = dict(meta.get("display_names", {}))
         return classes, names
+
+    def prestart(self):
+        """Start the pack's worker now, in the background, and import its node modules
+        there, so that the first node run doesn't wait for either.  Returns at once;
+        a failure here is only logged (the first node run reports it)."""
+        def run():
+            try:
+                fut = self.executor().submit(_WORKER + "warm_up", self._spec)
+                fut.result()
+                _log.debug("comfy-env: [%s] worker pre-started", self.name)
+            except Exception as exc:
+                if not self._closed:
+                    _log.info("comfy-env: [%s] pre-starting the worker failed (%s: %s); "
+                              "the first node run will try again", self.name,
+                              type(exc).__name__, exc)
+        t = threading.Thread(target=run, name=f"comfy-env-prestart-{self.name}", daemon=True)
+        t.start()
+        return t
 
     # ------------------------------------------------------------------ executor
     def _make_executor(self):
@@ -210,7 +243,7 @@ class IsolatedPack:
             pass    # best effort: the worker may be gone or shutting down
 
     # ------------------------------------------------------------------ calls
-    def call(self, key, method, instance_id, args, kwargs, drop=frozenset()):
+    def call(self, key, method, instance_id, args, kwargs, drop=frozenset(), hidden=None):
         """Run a node method in the worker, relaying progress and interrupts meanwhile."""
         import comfy.model_management as mm
 
@@ -220,7 +253,8 @@ class IsolatedPack:
         ch = sidechannel.hub().open_call()
         try:
             fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
-                                         instance_id, tuple(args), dict(kwargs), ch.token)
+                                         instance_id, tuple(args), dict(kwargs), ch.token,
+                                         _executing_context(), hidden)
             fut.add_done_callback(lambda _f: ch.queue.put(sidechannel.DONE))
             try:
                 self._wait(ch, fut, mm)
@@ -233,10 +267,11 @@ class IsolatedPack:
 
     def _wait(self, ch, fut, mm):
         """Until the future is done: relay progress; turn ComfyUI's interrupt into ours."""
+        first = [True]      # the call's first update always goes out, like ComfyUI's
         while True:
             msgs = _drain(ch.queue, timeout=_POLL_S)
             done = fut.done() or sidechannel.DONE in msgs
-            for msg in _coalesce(msgs):
+            for msg in _coalesce(msgs, first):
                 self._relay(msg)
             if mm.processing_interrupted():
                 mm.throw_exception_if_processing_interrupted()   # resets the flag, raises
@@ -248,7 +283,7 @@ class IsolatedPack:
         # so this wait is normally immediate; it is bounded in case the link broke.
         ch.ended.wait(1.0)
         try:
-            for msg in _coalesce(_drain(ch.queue, timeout=0)):
+            for msg in _coalesce(_drain(ch.queue, timeout=0), first):
                 self._relay(msg)
         except mm.InterruptProcessingException:
             pass        # the node finished anyway: its result stands
@@ -320,10 +355,43 @@ def _drain(q, timeout):
     return items
 
 
-def _coalesce(msgs):
-    """A backlog of updates: previews all go through, plain ones only the newest."""
+def _coalesce(msgs, first):
+    """A backlog of updates, thinned like ComfyUI's ProgressBar does: the call's first
+    update (``first[0]`` still True) and the newest always go out, previews all go out,
+    plain updates in between only as the newest.  The newest of the last backlog is
+    the call's last update, so first and last are never lost."""
     progress = [m for m in msgs if m[0] == "progress"]
-    return [m for m in progress[:-1] if m[4] is not None] + progress[-1:]
+    if not progress:
+        return []
+    keep = set()
+    if first[0]:
+        keep.add(0)
+        first[0] = False
+    keep.add(len(progress) - 1)
+    keep.update(i for i, m in enumerate(progress) if m[4] is not None)
+    return [m for i, m in enumerate(progress) if i in keep]
+
+
+def _executing_context():
+    """ComfyUI's executing-node context of this thread, as (prompt_id, node_id, list_index)."""
+    import sys
+    mod = sys.modules.get("comfy_execution.utils")
+    get = getattr(mod, "get_executing_context", None)
+    ctx = get() if get is not None else None
+    if ctx is None:
+        return None
+    return (ctx.prompt_id, ctx.node_id, ctx.list_index)
+
+
+def _raised_by_pack_code(exc):
+    """Whether a metadata failure came from the pack's code in a running worker."""
+    try:
+        from concurrent.futures import BrokenExecutor
+        from comfy_env.errors import RemoteTraceback
+    except ImportError:
+        return False
+    return (not isinstance(exc, BrokenExecutor)
+            and isinstance(getattr(exc, "__cause__", None), RemoteTraceback))
 
 
 def _initializer_ref():
