@@ -334,6 +334,11 @@ def api_node(class_type, **inputs):
 
 
 if __name__ == "__main__":
-    tree, py = locate()
-    print(tree, py)
-    sys.exit(0 if tree else 1)
+    # .ci/run: ``python tests/comfyui_harness.py --python`` builds (or reuses) the venv
+    # and prints its interpreter; build output goes to stderr.
+    if sys.argv[1:] != ["--python"]:
+        sys.exit("usage: comfyui_harness.py --python")
+    found = _tree(os.environ.get("COMFYUI_DIR") or os.path.join(REPO, "..", "shared", "comfyui"))
+    if found is None or found[1] is None:
+        sys.exit("comfyui_harness: no ComfyUI tree with make-venv.sh (set COMFYUI_DIR)")
+    print(ensure_venv(found[1], log=sys.stderr))
