@@ -163,12 +163,13 @@ def test_pack_failure_is_cached_and_logged_briefly(tmp_path, monkeypatch, caplog
     assert any("Traceback" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
     # Unchanged pack: the same failure, from the cache, and no executor at all.
     import comfy_env
+    real_executor = comfy_env.IsolatedExecutor
     monkeypatch.setattr(comfy_env, "IsolatedExecutor", None, raising=False)
     again = IsolatedPack(pack_dir, ["nodes"])
     with pytest.raises(PackLoadError, match="a_dependency_nobody_installed.*cached"):
         again.node_mappings()
     assert again.metadata_source == "cache"
-    monkeypatch.undo()
+    monkeypatch.setattr(comfy_env, "IsolatedExecutor", real_executor)
     # Edited: tried again.
     (pack_dir / "nodes.py").write_text("raise RuntimeError('still broken')\n")
     with pytest.raises(PackLoadError, match="still broken") as third:

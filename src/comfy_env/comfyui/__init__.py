@@ -76,16 +76,16 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
                         interrupt_grace=interrupt_grace, call_timeout=call_timeout,
                         comfy_api=comfy_api)
+    if prestart is None:
+        prestart = os.environ.get("COMFY_ENV_PRESTART", "1").strip().lower() not in ("0", "false", "no", "")
     try:
-        mappings = pack.node_mappings()
+        mappings = pack.node_mappings(keep_worker=prestart)
     except PackLoadError as exc:
         # ComfyUI prints the traceback of a failed import; say it plainly first.
         _log.error("%s", exc)
         raise
     _log.info("comfy-env: [%s] %d isolated node(s) (metadata from %s)",
               pack.name, len(mappings[0]), pack.metadata_source)
-    if prestart is None:
-        prestart = os.environ.get("COMFY_ENV_PRESTART", "1").strip().lower() not in ("0", "false", "no", "")
     if prestart and mappings[0]:
         pack.prestart()
     return mappings

@@ -133,7 +133,7 @@ class IsolatedPack:
         self.metadata_source = None        # "cache" or "worker", for tests and logs
 
     # ------------------------------------------------------------------ metadata
-    def metadata(self):
+    def metadata(self, keep_worker=False):
         key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
         meta = metadata_cache.load(self.name, key)
         if meta is not None and "failed" in meta:
@@ -148,10 +148,22 @@ class IsolatedPack:
             self.metadata_source = "cache"
             return meta
         try:
-            # A short-lived executor: the worker that described the pack is not kept,
-            # so a pack nobody uses costs nothing after start-up.
-            with self._make_executor() as ex:
+            # The worker that described the pack has imported it: it becomes the pack's
+            # worker when the pack is to be pre-started (keep_worker), else it is
+            # stopped, so that a pack nobody uses costs nothing after start-up.
+            ex = self._make_executor()
+            try:
                 meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
+            except BaseException:
+                ex.shutdown(wait=True)
+                raise
+            if keep_worker and meta.get("nodes"):
+                with self._lock:
+                    if self._executor is None and not self._closed:
+                        self._executor, ex = ex, None
+                        _register_for_exit(self)
+            if ex is not None:
+                ex.shutdown(wait=True)
         except Exception as exc:
             self.metadata_source = "worker"
             cause = getattr(exc, "__cause__", None)
@@ -168,9 +180,12 @@ class IsolatedPack:
         metadata_cache.store(self.name, key, meta)
         return meta
 
-    def node_mappings(self):
-        """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes."""
-        meta = self.metadata()
+    def node_mappings(self, keep_worker=False):
+        """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes.
+
+        keep_worker: a worker started to read the metadata (cache miss) stays as the
+        pack's worker instead of being stopped (used with prestart)."""
+        meta = self.metadata(keep_worker)
         for key, reason in meta.get("refused", {}).items():
             _log.error("comfy-env: [%s] node %r not loaded: %s", self.name, key, reason)
         if not meta["nodes"] and meta.get("refused"):
@@ -184,22 +199,27 @@ class IsolatedPack:
         return classes, names
 
     def prestart(self):
-        """Start the pack's worker now, in the background, and import its node modules
-        there, so that the first node run doesn't wait for either.  Returns at once;
-        a failure here is only logged (the first node run reports it)."""
-        def run():
-            try:
-                fut = self.executor().submit(_WORKER + "warm_up", self._spec)
-                fut.result()
-                _log.debug("comfy-env: [%s] worker pre-started", self.name)
-            except Exception as exc:
-                if not self._closed:
-                    _log.info("comfy-env: [%s] pre-starting the worker failed (%s: %s); "
-                              "the first node run will try again", self.name,
-                              type(exc).__name__, exc)
-        t = threading.Thread(target=run, name=f"comfy-env-prestart-{self.name}", daemon=True)
-        t.start()
-        return t
+        """Start the pack's worker in the background and import its node modules there,
+        so that the first node run doesn't wait for either.  Returns at once.
+
+        Packs are pre-started one after another, in load order, by one thread: on a
+        small machine several workers importing torch at once would each take as long
+        as all of them together, delaying every pack's first run.  A node run that
+        comes first simply starts its pack's worker itself.  A failure here is only
+        logged; the first node run reports it."""
+        _prestart_queue().put(self)
+
+    def _warm_up(self):
+        t0 = time.monotonic()
+        try:
+            self.executor().submit(_WORKER + "warm_up", self._spec).result()
+            _log.info("comfy-env: [%s] worker ready (pre-started in %.1f s)",
+                      self.name, time.monotonic() - t0)
+        except Exception as exc:
+            if not self._closed:
+                _log.info("comfy-env: [%s] pre-starting the worker failed (%s: %s); "
+                          "the first node run will try again", self.name,
+                          type(exc).__name__, exc)
 
     # ------------------------------------------------------------------ executor
     def _make_executor(self):
@@ -392,6 +412,28 @@ def _raised_by_pack_code(exc):
         return False
     return (not isinstance(exc, BrokenExecutor)
             and isinstance(getattr(exc, "__cause__", None), RemoteTraceback))
+
+
+_prestarts = None
+
+
+def _prestart_queue():
+    global _prestarts
+    with _prestart_lock:
+        if _prestarts is None:
+            import queue
+            _prestarts = queue.Queue()
+            threading.Thread(target=_prestart_loop, args=(_prestarts,),
+                             name="comfy-env-prestart", daemon=True).start()
+        return _prestarts
+
+
+def _prestart_loop(q):
+    while True:
+        q.get()._warm_up()
+
+
+_prestart_lock = threading.Lock()
 
 
 def _initializer_ref():

@@ -25,4 +25,24 @@ class Probe:
         return {"ui": {"probe": [info]}}
 
 
-NODE_CLASS_MAPPINGS = {"CE_Probe": Probe}
+class Tick:
+    """Passes its value on and reports when it ran (perf_counter_ns), for benchmarks."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("*",), "seed": ("INT", {"default": 0, "min": 0, "max": 2**62})}}
+    RETURN_TYPES = ("*",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "ce/probe"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types):
+        return True
+
+    def run(self, value, seed):
+        import time
+        return {"ui": {"tick": [time.perf_counter_ns()]}, "result": (value,)}
+
+
+NODE_CLASS_MAPPINGS = {"CE_Probe": Probe, "CE_Tick": Tick}
