@@ -12,10 +12,12 @@ COMFYUI_PYTHON, or the cached venv of make-venv.sh).  Packs: tests/comfyui_real_
    overhead is the difference of the medians.  X: a scalar node (``Add``), and a node
    that returns its image (``Passthrough``) at 512² and 2048²; every prompt changes a
    seed so ComfyUI's cache never answers.  The two variants alternate prompt by prompt.
-   Reference: a ``torch.clone`` (memcpy) of the same image, in this process.
+   Reference: one single-threaded copy of the image's bytes (numpy ``copyto`` into
+   memory already touched), in this process.
 2. First node run after ComfyUI reports ready (``/system_stats`` answers): a prompt
    ``Tick0 -> Add -> Tick1`` is queued at once; ``Tick1 - Tick0`` with the worker
-   pre-started (default) and without (``COMFY_ENV_PRESTART=0``).
+   pre-started (default) and without (``COMFY_ENV_PRESTART=0``), for the pack ComfyUI
+   loaded first and the one it loaded last (pre-start warms packs in load order).
 3. ComfyUI start (process start to ``/system_stats``) with 0 and 3 isolated packs
    (metadata cached, as on every start after the first), with and without pre-start.
 
@@ -51,8 +53,22 @@ def make_base(root, packs, copies=None):
     for name in packs:
         shutil.copytree(os.path.join(PACKS, name), os.path.join(nodes, name))
     for i in range(copies or 0):
-        shutil.copytree(os.path.join(PACKS, "ce_v1"), os.path.join(nodes, f"ce_v1_copy{i}"))
+        dst = os.path.join(nodes, f"ce_v1_copy{i}")
+        shutil.copytree(os.path.join(PACKS, "ce_v1"), dst)
+        # Each copy's nodes under their own keys (C<i>_CE_Add, ...), so a prompt picks the pack.
+        with open(os.path.join(dst, "nodes.py"), "a") as f:
+            f.write(f"\nNODE_CLASS_MAPPINGS = {{'C{i}_' + k: v for k, v in NODE_CLASS_MAPPINGS.items()}}\n"
+                    "NODE_DISPLAY_NAME_MAPPINGS = {}\n")
     return base
+
+
+def load_order(log):
+    """The copies' pack names in the order ComfyUI loaded them (from comfy-env's log line)."""
+    order = []
+    for line in log.splitlines():
+        if "isolated node(s)" in line and "[ce_v1_copy" in line:
+            order.append(line.split("[", 2)[2].split("]")[0])
+    return order
 
 
 def tick_delta_ms(outputs, t0, t1):
@@ -88,18 +104,41 @@ def overhead(server, ws, prompts, sizes):
     return results
 
 
-def memcpy_ms(size, reps=15):
-    import torch
-    t = torch.rand(1, size, size, 3)
+def memcpy_ms(size, reps=31):
+    """One single-threaded copy of the image's bytes into memory already touched
+    (numpy copyto), the reference the overhead goal is stated against."""
+    import numpy as np
+    src = np.random.rand(1, size, size, 3).astype(np.float32)
+    dst = np.empty_like(src)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        t.clone()
+        np.copyto(dst, src)
         times.append((time.perf_counter() - t0) * 1e3)
     return med(times)
 
 
-def start_once(tree, py, root, copies, prestart, cache, first_run):
+WORKER_RSS_MB = []
+
+
+def worker_rss_mb(comfy_pid):
+    """Resident memory of ComfyUI's comfy-env workers (env=None: ComfyUI's interpreter)."""
+    out = []
+    for p in h.descendants(comfy_pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"comfy_env.worker" not in f.read():
+                    continue
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        out.append(int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return out
+
+
+def start_once(tree, py, root, copies, prestart, cache, first_run, which="last"):
     base = make_base(root, ["ce_probe"], copies=copies)
     env = {"COMFY_ENV_CACHE_DIR": cache, "COMFY_ENV_PRESTART": "1" if prestart else "0"}
     server = h.ComfyUI(tree, py, base, env=env)
@@ -110,15 +149,21 @@ def start_once(tree, py, root, copies, prestart, cache, first_run):
     if first_run and copies:
         ws = server.connect()
         seed = int(time.time())
+        # The first- or the last-loaded pack: pre-start warms packs in load order.
+        order = load_order(server.log())
+        pack = order[0] if which == "first" else order[-1]
         prompt = {"4": h.api_node("PrimitiveInt", value=seed),
                   "1": h.api_node("CE_Tick", value=["4", 0], seed=seed),
-                  "2": h.api_node("CE_Add", a=["1", 0], b=1),
+                  "2": h.api_node(f"C{pack[-1]}_CE_Add", a=["1", 0], b=1),
                   "3": h.api_node("CE_Tick", value=["2", 0], seed=seed)}
         pid, events = server.run(prompt, ws, timeout=300)
         if events[-1]["type"] != "execution_success":
             raise RuntimeError(f"first run: {events[-1]}\n{server.log()[-3000:]}")
         first_ms = tick_delta_ms(server.history(pid)["outputs"], "1", "3")
         ws.close()
+        rss = worker_rss_mb(server.proc.pid)
+        if rss:
+            WORKER_RSS_MB.extend(rss)
     server.stop()
     shutil.rmtree(base, ignore_errors=True)
     return start_s, first_ms
@@ -157,17 +202,20 @@ def main():
         # by one unrecorded start first).
         start_once(tree, py, root, 3, True, cache, first_run=False)
         starts = {"0 packs": [], "3 packs, prestart": [], "3 packs, no prestart": []}
-        first = {"prestart": [], "no prestart": []}
+        first = {"prestart, first-loaded pack": [], "prestart, last-loaded pack": [],
+                 "no prestart, first-loaded pack": [], "no prestart, last-loaded pack": []}
         for _ in range(args.starts):
             s, _f = start_once(tree, py, root, 0, True, cache, False)
             starts["0 packs"].append(s)
-            s, f = start_once(tree, py, root, 3, True, cache, True)
-            starts["3 packs, prestart"].append(s)
-            first["prestart"].append(f)
-            s, f = start_once(tree, py, root, 3, False, cache, True)
-            starts["3 packs, no prestart"].append(s)
-            first["no prestart"].append(f)
+            for which in ("first", "last"):
+                s, f = start_once(tree, py, root, 3, True, cache, True, which)
+                starts["3 packs, prestart"].append(s)
+                first[f"prestart, {which}-loaded pack"].append(f)
+                s, f = start_once(tree, py, root, 3, False, cache, True, which)
+                starts["3 packs, no prestart"].append(s)
+                first[f"no prestart, {which}-loaded pack"].append(f)
         out["start_s"] = starts
+        out["worker_rss_mb"] = WORKER_RSS_MB
         out["first_run_ms"] = first
         out["machine"]["load_at_end"] = os.getloadavg()
     finally:
@@ -189,9 +237,12 @@ def main():
     print(f"\n{'ComfyUI start':<28}{'median s':>10}   runs")
     for k, v in out["start_s"].items():
         print(f"{k:<28}{med(v):>10.2f}   {', '.join(f'{x:.2f}' for x in v)}")
-    print(f"\n{'first node run after ready':<28}{'median ms':>10}   runs")
+    print(f"\n{'first node run after ready':<34}{'median ms':>10}   runs")
     for k, v in out["first_run_ms"].items():
-        print(f"{k:<28}{med(v):>10.1f}   {', '.join(f'{x:.1f}' for x in v)}")
+        print(f"{k:<34}{med(v):>10.1f}   {', '.join(f'{x:.1f}' for x in v)}")
+    if out.get("worker_rss_mb"):
+        print(f"\nworker RSS (env=None, after one node run): median {med(out['worker_rss_mb']):.0f} MB "
+              f"over {len(out['worker_rss_mb'])} workers")
     out["summary"] = summary
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_stub"))
 import conftest_helpers  # noqa: E402
+from pythons import ALL_PYTHONS  # noqa: E402
 
 conftest_helpers.setup_paths()
 
@@ -357,3 +358,72 @@ def test_worker_shim_when_comfyui_is_not_importable(tmp_path):
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0, out.stderr
     assert "interrupt seen at progress update" in out.stdout
+
+
+PRESTART_EXIT_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = {paths!r}
+    from comfy_env.comfyui import isolated_nodes
+    a, _ = isolated_nodes({pack_a!r}, "nodes", prestart=True)
+    b, _ = isolated_nodes({pack_b!r}, "nodes", prestart=True)   # queued behind a
+    pack = a["MixedV3"]._comfy_env_pack
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pack._executor and pack._executor.worker_pids()):
+        time.sleep(0.02)
+    print(*pack._executor.worker_pids(), flush=True)
+    # Exit now, while b may still be pre-starting: no hang, no process left.
+""")
+
+
+@ALL_PYTHONS
+def test_prestart_then_exit_leaves_no_process(pyver, tmp_path):
+    from pythons import run_script
+    script = PRESTART_EXIT_SCRIPT.format(
+        paths=[conftest_helpers.HERE, PACKS], pack_a=str(copy_pack(tmp_path / "a", "mixed_pack")),
+        pack_b=str(copy_pack(tmp_path / "b", "mixed_pack")))
+    proc = run_script(pyver, script, cwd=tmp_path, timeout=90,
+                      env={"COMFY_ENV_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_prestart_waits_while_a_node_call_waits_for_its_worker():
+    import threading
+    from comfy_env.comfyui import pack as pack_mod
+
+    class FakePack:
+        _warm = False
+
+        def __init__(self):
+            self.started = threading.Event()
+
+        def _warm_up(self):
+            self.started.set()
+
+    pack_mod._cold_calls.enter()          # a node call is waiting for its worker
+    fake = FakePack()
+    try:
+        pack_mod._prestart_queue().put(fake)
+        assert not fake.started.wait(0.5)  # not while that call waits
+    finally:
+        pack_mod._cold_calls.leave()
+    assert fake.started.wait(10)
+    warm = FakePack()
+    warm._warm = True                      # already warm (a call came first): skipped
+    pack_mod._prestart_queue().put(warm)
+    last = FakePack()
+    pack_mod._prestart_queue().put(last)
+    assert last.started.wait(10) and not warm.started.is_set()

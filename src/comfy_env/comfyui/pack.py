@@ -130,6 +130,7 @@ class IsolatedPack:
         self._executor = None
         self._lock = threading.Lock()
         self._closed = False
+        self._warm = False          # the worker has imported the pack (warm-up or a call)
         self.metadata_source = None        # "cache" or "worker", for tests and logs
 
     # ------------------------------------------------------------------ metadata
@@ -205,14 +206,16 @@ class IsolatedPack:
         Packs are pre-started one after another, in load order, by one thread: on a
         small machine several workers importing torch at once would each take as long
         as all of them together, delaying every pack's first run.  A node run that
-        comes first simply starts its pack's worker itself.  A failure here is only
-        logged; the first node run reports it."""
+        comes first starts its pack's worker itself, and no further pack is
+        pre-started while it waits.  A failure here is only logged; the first node
+        run reports it."""
         _prestart_queue().put(self)
 
     def _warm_up(self):
         t0 = time.monotonic()
         try:
             self.executor().submit(_WORKER + "warm_up", self._spec).result()
+            self._warm = True
             _log.info("comfy-env: [%s] worker ready (pre-started in %.1f s)",
                       self.name, time.monotonic() - t0)
         except Exception as exc:
@@ -271,6 +274,9 @@ class IsolatedPack:
             if name in kwargs:
                 kwargs[name] = None
         ch = sidechannel.hub().open_call()
+        cold = not self._warm
+        if cold:
+            _cold_calls.enter()     # pre-starts of other packs wait: they'd slow this one
         try:
             fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
                                          instance_id, tuple(args), dict(kwargs), ch.token,
@@ -281,8 +287,11 @@ class IsolatedPack:
             except mm.InterruptProcessingException:
                 self._stop(ch, fut)
                 raise
+            self._warm = True
             return self._result(fut, mm)
         finally:
+            if cold:
+                _cold_calls.leave()
             ch.close()
 
     def _wait(self, ch, fut, mm):
@@ -430,7 +439,37 @@ def _prestart_queue():
 
 def _prestart_loop(q):
     while True:
-        q.get()._warm_up()
+        pack = q.get()
+        _cold_calls.wait_idle()
+        if not pack._warm:
+            pack._warm_up()
+
+
+class _ColdCalls:
+    """How many node calls are waiting for their pack's worker to start.
+
+    While any is, no further pack is pre-started: on a small machine a second worker
+    importing torch at the same time would delay the one a user is waiting for."""
+
+    def __init__(self):
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def enter(self):
+        with self._cond:
+            self._n += 1
+
+    def leave(self):
+        with self._cond:
+            self._n -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self):
+        with self._cond:
+            self._cond.wait_for(lambda: self._n == 0)
+
+
+_cold_calls = _ColdCalls()
 
 
 _prestart_lock = threading.Lock()

@@ -404,8 +404,8 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
     except KeyError:
         raise KeyError(f"pack {spec['package']!r} has no node {key!r}") from None
     v3 = _is_v3(cls)
+    _patch_v3_progress()        # V1 nodes may use the V3 progress API too
     if v3:
-        _patch_v3_progress()
         clone = cls.PREPARE_CLASS_CLONE({"hidden_inputs": _hidden_inputs(hidden)})
         target = getattr(cls, method).__func__.__get__(clone)
     elif instance_id is None:
