@@ -427,3 +427,15 @@ def test_prestart_waits_while_a_node_call_waits_for_its_worker():
     last = FakePack()
     pack_mod._prestart_queue().put(last)
     assert last.started.wait(10) and not warm.started.is_set()
+
+
+def test_v3_nodes_need_the_hosts_comfy_api(tmp_path, monkeypatch, caplog):
+    from comfy_env.comfyui import proxy
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    IsolatedPack(pack_dir, ["nodes"]).node_mappings()        # metadata cached
+    monkeypatch.setattr(proxy, "_record_types", None)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", None)   # a ComfyUI without it
+    caplog.set_level(logging.ERROR)
+    classes, _ = IsolatedPack(pack_dir, ["nodes"]).node_mappings()
+    assert list(classes) == ["MixedV1"]
+    assert any("MixedV3" in r.getMessage() and "comfy_api" in r.getMessage() for r in caplog.records)

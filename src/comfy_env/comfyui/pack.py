@@ -194,8 +194,18 @@ class IsolatedPack:
                                 + "; ".join(f"{k}: {v}" for k, v in meta["refused"].items()))
         classes = {}
         for key, m in meta["nodes"].items():
-            build = proxy.build_v3_proxy_class if m.get("api") == "v3" else proxy.build_proxy_class
-            classes[key] = build(self, key, m, self.module_name)
+            if m.get("api") != "v3":
+                classes[key] = proxy.build_proxy_class(self, key, m, self.module_name)
+                continue
+            try:
+                classes[key] = proxy.build_v3_proxy_class(self, key, m, self.module_name)
+            except ImportError as exc:
+                # A ComfyUI without comfy_api.latest can't run V3 nodes in-process either.
+                _log.error("comfy-env: [%s] V3 node %r not loaded: this ComfyUI has no "
+                           "usable comfy_api.latest (%s)", self.name, key, exc)
+        if meta["nodes"] and not classes:
+            raise PackLoadError(f"comfy-env: no node of pack {self.name!r} can be loaded "
+                                f"in this ComfyUI (see the errors above)")
         names = dict(meta.get("display_names", {}))
         return classes, names
 
