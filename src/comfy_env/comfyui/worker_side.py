@@ -329,9 +329,7 @@ def _describe_v3(cls):
         d = dict(i.as_dict())
         optional = bool(d.pop("optional", getattr(i, "optional", False)))
         inputs.append({"id": i.id, "io_type": encoding.encode(i.get_io_type()),
-                       "options": encoding.encode(d), "optional": optional,
-                       "dynamic": any(k.__name__ == "DynamicInput" for k in type(i).__mro__),
-                       "nested": [x.id for x in i.get_all()] if hasattr(i, "get_all") else [i.id]})
+                       "options": encoding.encode(d), "optional": optional})
     outputs = []
     for o in schema.outputs or []:
         template = getattr(o, "template", None)
