@@ -64,11 +64,8 @@ def make_base(root, packs, copies=None):
 
 def load_order(log):
     """The copies' pack names in the order ComfyUI loaded them (from comfy-env's log line)."""
-    order = []
-    for line in log.splitlines():
-        if "isolated node(s)" in line and "[ce_v1_copy" in line:
-            order.append(line.split("[", 2)[2].split("]")[0])
-    return order
+    import re
+    return re.findall(r"comfy-env: \[(ce_v1_copy\d+)\] \d+ isolated node", log)
 
 
 def tick_delta_ms(outputs, t0, t1):
@@ -154,7 +151,7 @@ def start_once(tree, py, root, copies, prestart, cache, first_run, which="last")
         pack = order[0] if which == "first" else order[-1]
         prompt = {"4": h.api_node("PrimitiveInt", value=seed),
                   "1": h.api_node("CE_Tick", value=["4", 0], seed=seed),
-                  "2": h.api_node(f"C{pack[-1]}_CE_Add", a=["1", 0], b=1),
+                  "2": h.api_node(f"C{pack[len('ce_v1_copy'):]}_CE_Add", a=["1", 0], b=1),
                   "3": h.api_node("CE_Tick", value=["2", 0], seed=seed)}
         pid, events = server.run(prompt, ws, timeout=300)
         if events[-1]["type"] != "execution_success":
