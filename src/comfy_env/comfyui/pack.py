@@ -5,9 +5,14 @@ Life of a pack::
     isolated_nodes(__file__, "nodes", env=...)         (ComfyUI imports the pack)
       -> IsolatedPack.node_mappings()
            metadata: cache hit (no worker) | worker: collect_metadata -> cache
-           proxy classes (proxy.py)  -> NODE_CLASS_MAPPINGS for ComfyUI
+                     (a failure of the pack's code is cached too)
+           proxy classes (proxy.py: V1 classes, V3 io.ComfyNode subclasses)
+             -> NODE_CLASS_MAPPINGS for ComfyUI
+      -> prestart(): the worker starts in the background (one pack at a time) and
+         imports the node modules (worker_side.warm_up)
     ComfyUI runs a node: proxy method -> IsolatedPack.call()
-      -> executor (created on first call; one worker; replaced after a crash)
+      -> executor (pre-started, else created on first call; one worker; replaced
+         after a crash)
            submit(worker_side:call_node, ..., token)   result/exception via the future
       -> while it runs, in the calling (ComfyUI execution) thread:
            side-channel progress -> ComfyUI's global progress hook (node id, previews)
@@ -162,6 +167,7 @@ class IsolatedPack:
                 with self._lock:
                     if self._executor is None and not self._closed:
                         self._executor, ex = ex, None
+                        self._warm = True
                         _register_for_exit(self)
             if ex is not None:
                 ex.shutdown(wait=True)
