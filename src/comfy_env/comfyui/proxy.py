@@ -1,5 +1,8 @@
 """Host-side stand-ins for node classes that live in a worker.
 
+V1 nodes (below) become plain classes; V3 nodes become real ``io.ComfyNode``
+subclasses rebuilt from the worker's schema (``build_v3_proxy_class``).
+
 A proxy class carries every data attribute ComfyUI reads from a V1 node (copied
 from the worker's class: INPUT_TYPES' result, RETURN_TYPES, FUNCTION, CATEGORY, ...
 and any other public UPPER_CASE attribute), and only those the original has, since
