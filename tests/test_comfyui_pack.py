@@ -1,5 +1,7 @@
 """ComfyUI adapter: pack loading, metadata cache, refusals, worker lifetime, worker shim."""
 import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -14,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_stub"))
 import conftest_helpers  # noqa: E402
+from pythons import ALL_PYTHONS  # noqa: E402
 
 conftest_helpers.setup_paths()
 
@@ -86,13 +89,164 @@ def test_corrupt_cache_file_is_ignored(tmp_path, cache_dir):
     assert again.metadata_source == "worker"
 
 
-def test_v3_nodes_are_refused_clearly(tmp_path, caplog):
-    with pytest.raises(PackLoadError, match="V3 node"):
-        IsolatedPack(copy_pack(tmp_path, "v3_pack"), ["nodes"]).node_mappings()
-    caplog.set_level(logging.ERROR)
-    classes, _ = IsolatedPack(copy_pack(tmp_path, "mixed_pack"), ["nodes"]).node_mappings()
-    assert list(classes) == ["MixedV1"]
-    assert any("MixedV3" in r.getMessage() and "V3" in r.getMessage() for r in caplog.records)
+@pytest.fixture
+def progress_recorder():
+    import comfy.model_management as mm
+    import execution_loop as el
+    mm.interrupt_current_processing(False)
+    yield el.ProgressRecorder().install()
+    mm.interrupt_current_processing(False)
+
+
+@pytest.mark.parametrize("comfy_api", ["auto", "shim"])
+def test_v3_pack_from_comfy_entrypoint(tmp_path, comfy_api, progress_recorder):
+    from comfy_api.latest import io
+    from comfy_execution.utils import CurrentNodeContext
+    pack = IsolatedPack(copy_pack(tmp_path, "v3_pack"), ["nodes"], comfy_api=comfy_api)
+    try:
+        classes, names = pack.node_mappings()
+        assert sorted(classes) == ["V3Add", "V3Lazy"] and names == {"V3Add": "Add (V3)"}
+        add = classes["V3Add"]
+        assert issubclass(add, io.ComfyNode) and add.__qualname__ == "AddV3"
+        schema = add.GET_SCHEMA()
+        assert (schema.node_id, schema.category, schema.is_output_node) == ("V3Add", "tests/v3", True)
+        assert [i.id for i in schema.inputs] == ["a", "b", "mode"]
+        assert schema.inputs[0].get_io_type() == "INT"
+        assert schema.inputs[0].as_dict() == {"default": 1, "min": 0, "max": 100, "optional": False}
+        assert schema.inputs[1].optional is True
+        assert schema.inputs[2].as_dict()["options"] == ["plus", "minus"]
+        assert [(o.id, o.io_type) for o in schema.outputs] == [("sum", "INT"), ("_1_STRING_", "STRING")]
+        # The finalized hidden list (output node: PROMPT, EXTRA_PNGINFO added).
+        assert [h.value for h in schema.hidden] == ["UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO"]
+
+        # execute, the way execution.py calls it: on a clone carrying the hidden inputs.
+        clone = add.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.unique_id: "7"}})
+        with CurrentNodeContext("prompt-1", "7"):
+            out = add.execute.__func__(clone, a=3, mode="plus", b=4)
+        assert isinstance(out, io.NodeOutput)
+        total, who = out.args
+        assert total == 7 and who.startswith("7:") and int(who.split(":")[1]) != os.getpid()
+        assert out.ui == {"text": ("sum=7",)}
+        # The V3 progress API (set_progress 1/2 then 2/2 at once): first and last arrive.
+        assert [(e[0], e[1], e[2]) for e in progress_recorder.events] == [("7", 1, 2), ("7", 2, 2)]
+
+        # validate_inputs / fingerprint_inputs: forwarded, with the original's signature.
+        assert inspect.getfullargspec(add.validate_inputs).args == ["cls", "a", "mode"]
+        assert add.validate_inputs(a=13) == "13 is unlucky" and add.validate_inputs(a=1) is True
+        assert add.fingerprint_inputs(a=5) == 5
+
+        lazy = classes["V3Lazy"]
+        assert lazy.check_lazy_status(use_b=True) == ["b"]
+        assert lazy.execute(use_b=True, b=9).args == (9,)          # async execute
+        assert "fingerprint_inputs" not in lazy.__dict__            # not overridden: not forwarded
+    finally:
+        pack.shutdown()
+
+
+def test_mixed_v1_v3_pack(tmp_path):
+    pack = IsolatedPack(copy_pack(tmp_path, "mixed_pack"), ["nodes"])
+    try:
+        classes, _ = pack.node_mappings()
+        assert sorted(classes) == ["MixedV1", "MixedV3"]
+        assert classes["MixedV3"].execute(x=4).args == (40,)
+        assert classes["MixedV1"]().run(x=4) == (5,)
+    finally:
+        pack.shutdown()
+
+
+def test_pack_failure_is_cached_and_logged_briefly(tmp_path, monkeypatch, caplog):
+    pack_dir = copy_pack(tmp_path, "broken_pack")
+    caplog.set_level(logging.DEBUG, logger="comfy_env")
+    with pytest.raises(PackLoadError, match="a_dependency_nobody_installed") as first:
+        IsolatedPack(pack_dir, ["nodes"]).node_mappings()
+    assert first.value.__cause__ is None and first.value.__suppress_context__
+    assert "Traceback" not in str(first.value)
+    assert any("Traceback" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    # Unchanged pack: the same failure, from the cache, and no executor at all.
+    import comfy_env
+    real_executor = comfy_env.IsolatedExecutor
+    monkeypatch.setattr(comfy_env, "IsolatedExecutor", None, raising=False)
+    again = IsolatedPack(pack_dir, ["nodes"])
+    with pytest.raises(PackLoadError, match="a_dependency_nobody_installed.*cached"):
+        again.node_mappings()
+    assert again.metadata_source == "cache"
+    monkeypatch.setattr(comfy_env, "IsolatedExecutor", real_executor)
+    # Edited: tried again.
+    (pack_dir / "nodes.py").write_text("raise RuntimeError('still broken')\n")
+    with pytest.raises(PackLoadError, match="still broken") as third:
+        IsolatedPack(pack_dir, ["nodes"]).node_mappings()
+    assert "cached" not in str(third.value)
+
+
+def test_prestart_starts_the_worker_without_a_call(tmp_path):
+    from comfy_env.comfyui import isolated_nodes
+    classes, _ = isolated_nodes(str(copy_pack(tmp_path, "mixed_pack")), "nodes", prestart=True)
+    pack = classes["MixedV1"]._comfy_env_pack
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (pack._executor and pack._executor.worker_pids()):
+            time.sleep(0.05)
+        assert pack._executor is not None and pack._executor.worker_pids()
+        [pid] = pack._executor.worker_pids()
+        assert classes["MixedV3"].execute(x=1).args == (10,)
+        assert pack._executor.worker_pids() == [pid]     # the pre-started worker ran it
+    finally:
+        pack.shutdown()
+    classes, _ = isolated_nodes(str(copy_pack(tmp_path / "b", "mixed_pack")), "nodes", prestart=False)
+    time.sleep(0.3)
+    assert classes["MixedV1"]._comfy_env_pack._executor is None
+
+
+def test_progress_coalescing_keeps_first_and_last():
+    from comfy_env.comfyui.pack import _coalesce
+
+    def upd(v, preview=None):
+        return ("progress", "t", v, 10, preview, None)
+    first = [True]
+    assert [m[2] for m in _coalesce([upd(1), upd(2), upd(3)], first)] == [1, 3]
+    assert [m[2] for m in _coalesce([upd(4), upd(5, "img"), upd(6), upd(7)], first)] == [5, 7]
+    assert _coalesce([("end",)], first) == []
+
+
+def test_shim_progress_bar_throttles_like_comfyui(monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "shim_utils", os.path.join(conftest_helpers.SRC, "comfy_env", "comfyui", "shim", "comfy", "utils.py"))
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    sent = []
+    utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: sent.append((v, p)))
+    bar = utils.ProgressBar(1000)
+    for i in range(1, 1001):
+        bar.update(1)
+        if i == 500:
+            bar.update_absolute(500, preview="img")
+    # First, the preview and the last; the rest fall inside 0.1 s.
+    assert sent[0] == (1, None) and (500, "img") in sent and sent[-1] == (1000, None)
+    assert len(sent) < 10
+
+
+def test_shim_names_what_it_provides_when_a_comfyui_module_is_missing(tmp_path):
+    pack_dir = tmp_path / "gap_pack"
+    pack_dir.mkdir()
+    (pack_dir / "nodes.py").write_text(textwrap.dedent("""
+        class Gap:
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {}}
+            RETURN_TYPES = ("INT",)
+            FUNCTION = "run"
+            def run(self):
+                import comfy.sd
+        NODE_CLASS_MAPPINGS = {"Gap": Gap}
+    """))
+    pack = IsolatedPack(pack_dir, ["nodes"], comfy_api="shim")
+    try:
+        classes, _ = pack.node_mappings()
+        with pytest.raises(ModuleNotFoundError, match="comfy.sd.*shim.*comfy.utils") as info:
+            classes["Gap"]().run()
+        assert "comfy_api.latest" in str(info.value)
+    finally:
+        pack.shutdown()
 
 
 def test_failed_import_makes_the_pack_fail_not_comfyui(tmp_path):
@@ -204,3 +358,84 @@ def test_worker_shim_when_comfyui_is_not_importable(tmp_path):
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0, out.stderr
     assert "interrupt seen at progress update" in out.stdout
+
+
+PRESTART_EXIT_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = {paths!r}
+    from comfy_env.comfyui import isolated_nodes
+    a, _ = isolated_nodes({pack_a!r}, "nodes", prestart=True)
+    b, _ = isolated_nodes({pack_b!r}, "nodes", prestart=True)   # queued behind a
+    pack = a["MixedV3"]._comfy_env_pack
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pack._executor and pack._executor.worker_pids()):
+        time.sleep(0.02)
+    print(*pack._executor.worker_pids(), flush=True)
+    # Exit now, while b may still be pre-starting: no hang, no process left.
+""")
+
+
+@ALL_PYTHONS
+def test_prestart_then_exit_leaves_no_process(pyver, tmp_path):
+    from pythons import run_script
+    script = PRESTART_EXIT_SCRIPT.format(
+        paths=[conftest_helpers.HERE, PACKS], pack_a=str(copy_pack(tmp_path / "a", "mixed_pack")),
+        pack_b=str(copy_pack(tmp_path / "b", "mixed_pack")))
+    proc = run_script(pyver, script, cwd=tmp_path, timeout=90,
+                      env={"COMFY_ENV_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_prestart_waits_while_a_node_call_waits_for_its_worker():
+    import threading
+    from comfy_env.comfyui import pack as pack_mod
+
+    class FakePack:
+        _warm = False
+
+        def __init__(self):
+            self.started = threading.Event()
+
+        def _warm_up(self):
+            self.started.set()
+
+    pack_mod._cold_calls.enter()          # a node call is waiting for its worker
+    fake = FakePack()
+    try:
+        pack_mod._prestart_queue().put(fake)
+        assert not fake.started.wait(0.5)  # not while that call waits
+    finally:
+        pack_mod._cold_calls.leave()
+    assert fake.started.wait(10)
+    warm = FakePack()
+    warm._warm = True                      # already warm (a call came first): skipped
+    pack_mod._prestart_queue().put(warm)
+    last = FakePack()
+    pack_mod._prestart_queue().put(last)
+    assert last.started.wait(10) and not warm.started.is_set()
+
+
+def test_v3_nodes_need_the_hosts_comfy_api(tmp_path, monkeypatch, caplog):
+    from comfy_env.comfyui import proxy
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    IsolatedPack(pack_dir, ["nodes"]).node_mappings()        # metadata cached
+    monkeypatch.setattr(proxy, "_record_types", None)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", None)   # a ComfyUI without it
+    caplog.set_level(logging.ERROR)
+    classes, _ = IsolatedPack(pack_dir, ["nodes"]).node_mappings()
+    assert list(classes) == ["MixedV1"]
+    assert any("MixedV3" in r.getMessage() and "comfy_api" in r.getMessage() for r in caplog.records)

@@ -30,13 +30,14 @@ _log = logging.getLogger(__name__)
 
 
 def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=None,
-                   call_timeout=None, comfy_api="auto"):
+                   call_timeout=None, comfy_api="auto", prestart=None):
     """Load a pack's node modules in a worker; return ComfyUI's two mappings.
 
     pack_file: the pack's ``__file__`` (or its directory).
     modules: node module names relative to the pack (``"nodes"``, ``"nodes.image"``);
-        each must define ``NODE_CLASS_MAPPINGS`` (and may define
-        ``NODE_DISPLAY_NAME_MAPPINGS``).  They are imported only in the worker.
+        each must define ``NODE_CLASS_MAPPINGS`` (V1 and/or V3 node classes; may define
+        ``NODE_DISPLAY_NAME_MAPPINGS``) or ``comfy_entrypoint`` (V3: returns a
+        ``ComfyExtension``).  They are imported only in the worker.
     env: where the worker runs: a ``comfy-env.toml`` / env dir / python path
         (relative paths are relative to the pack), a ``comfy_env.Env``, or None for
         ComfyUI's own interpreter.
@@ -46,7 +47,11 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     call_timeout: seconds after which any single node call is killed (default none).
     comfy_api: what ``import comfy.utils`` gives node code in the worker: "auto"
         (ComfyUI's own modules when the worker can import them, else comfy-env's
-        shim), "shim" or "comfyui".
+        shim), "shim" or "comfyui".  The same goes for ``comfy_api`` (V3 nodes) and
+        ``comfy_execution``.
+    prestart: start the pack's worker (and import its node modules there) in the
+        background right after loading, so the first node run doesn't wait for it
+        (default True, or ``$COMFY_ENV_PRESTART`` = 0/1).
 
     Returns ``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)``.  Raises
     PackLoadError (an ImportError, so ComfyUI lists the pack as failed with the
@@ -71,14 +76,18 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
                         interrupt_grace=interrupt_grace, call_timeout=call_timeout,
                         comfy_api=comfy_api)
+    if prestart is None:
+        prestart = os.environ.get("COMFY_ENV_PRESTART", "1").strip().lower() not in ("0", "false", "no", "")
     try:
-        mappings = pack.node_mappings()
+        mappings = pack.node_mappings(keep_worker=prestart)
     except PackLoadError as exc:
         # ComfyUI prints the traceback of a failed import; say it plainly first.
         _log.error("%s", exc)
         raise
     _log.info("comfy-env: [%s] %d isolated node(s) (metadata from %s)",
               pack.name, len(mappings[0]), pack.metadata_source)
+    if prestart and mappings[0]:
+        pack.prestart()
     return mappings
 
 

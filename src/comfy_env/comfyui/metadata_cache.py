@@ -27,7 +27,7 @@ import tempfile
 
 __all__ = ["cache_dir", "pack_key", "load", "store", "FORMAT"]
 
-FORMAT = 1                    # bump when the metadata layout changes
+FORMAT = 2                    # bump when the metadata layout changes (2: V3 nodes, cached failures)
 _log = logging.getLogger(__name__)
 
 _SOURCE_SUFFIXES = (".py", ".pyi", ".toml", ".cfg")

@@ -5,9 +5,14 @@ Life of a pack::
     isolated_nodes(__file__, "nodes", env=...)         (ComfyUI imports the pack)
       -> IsolatedPack.node_mappings()
            metadata: cache hit (no worker) | worker: collect_metadata -> cache
-           proxy classes (proxy.py)  -> NODE_CLASS_MAPPINGS for ComfyUI
+                     (a failure of the pack's code is cached too)
+           proxy classes (proxy.py: V1 classes, V3 io.ComfyNode subclasses)
+             -> NODE_CLASS_MAPPINGS for ComfyUI
+      -> prestart(): the worker starts in the background (one pack at a time) and
+         imports the node modules (worker_side.warm_up)
     ComfyUI runs a node: proxy method -> IsolatedPack.call()
-      -> executor (created on first call; one worker; replaced after a crash)
+      -> executor (pre-started, else created on first call; one worker; replaced
+         after a crash)
            submit(worker_side:call_node, ..., token)   result/exception via the future
       -> while it runs, in the calling (ComfyUI execution) thread:
            side-channel progress -> ComfyUI's global progress hook (node id, previews)
@@ -130,43 +135,110 @@ class IsolatedPack:
         self._executor = None
         self._lock = threading.Lock()
         self._closed = False
+        self._warm = False          # the worker has imported the pack (warm-up or a call)
         self.metadata_source = None        # "cache" or "worker", for tests and logs
 
     # ------------------------------------------------------------------ metadata
-    def metadata(self):
+    def metadata(self, keep_worker=False):
         key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
         meta = metadata_cache.load(self.name, key)
+        if meta is not None and "failed" in meta:
+            # The same pack content failed before: fail the same way, without a worker.
+            self.metadata_source = "cache"
+            _log.debug("comfy-env: [%s] cached failure; worker traceback:\n%s",
+                       self.name, meta.get("traceback", ""))
+            raise PackLoadError(meta["failed"] + " (cached: this pack's sources are unchanged "
+                                "since it failed; edit them or clear the cache in "
+                                f"{metadata_cache.cache_dir()} to retry)")
         if meta is not None:
             self.metadata_source = "cache"
             return meta
         try:
-            # A short-lived executor: the worker that described the pack is not kept,
-            # so a pack nobody uses costs nothing after start-up.
-            with self._make_executor() as ex:
+            # The worker that described the pack has imported it: it becomes the pack's
+            # worker when the pack is to be pre-started (keep_worker), else it is
+            # stopped, so that a pack nobody uses costs nothing after start-up.
+            ex = self._make_executor()
+            try:
                 meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
+            except BaseException:
+                ex.shutdown(wait=True)
+                raise
+            if keep_worker and meta.get("nodes"):
+                with self._lock:
+                    if self._executor is None and not self._closed:
+                        self._executor, ex = ex, None
+                        self._warm = True
+                        _register_for_exit(self)
+            if ex is not None:
+                ex.shutdown(wait=True)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            self.metadata_source = "worker"
             cause = getattr(exc, "__cause__", None)
-            if cause is not None:
-                reason += f"\n{cause}"
-            raise PackLoadError(f"comfy-env: can't load isolated pack {self.name!r} "
-                                f"(env {self.env!r}): {reason}") from exc
+            reason = (f"comfy-env: can't load isolated pack {self.name!r} (env {self.env!r}): "
+                      f"{type(exc).__name__}: {exc}")
+            tb = str(cause) if cause is not None else ""
+            # Only what the pack's own code did is cached: an env that couldn't be built
+            # or a worker that couldn't start may work next time.
+            if _raised_by_pack_code(exc):
+                metadata_cache.store(self.name, key, {"failed": reason, "traceback": tb})
+            _log.debug("comfy-env: [%s] worker traceback:\n%s", self.name, tb)
+            raise PackLoadError(reason) from None
         self.metadata_source = "worker"
         metadata_cache.store(self.name, key, meta)
         return meta
 
-    def node_mappings(self):
-        """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes."""
-        meta = self.metadata()
+    def node_mappings(self, keep_worker=False):
+        """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes.
+
+        keep_worker: a worker started to read the metadata (cache miss) stays as the
+        pack's worker instead of being stopped (used with prestart)."""
+        meta = self.metadata(keep_worker)
         for key, reason in meta.get("refused", {}).items():
             _log.error("comfy-env: [%s] node %r not loaded: %s", self.name, key, reason)
         if not meta["nodes"] and meta.get("refused"):
             raise PackLoadError(f"comfy-env: no node of pack {self.name!r} can be loaded: "
                                 + "; ".join(f"{k}: {v}" for k, v in meta["refused"].items()))
-        classes = {key: proxy.build_proxy_class(self, key, m, self.module_name)
-                   for key, m in meta["nodes"].items()}
+        classes = {}
+        for key, m in meta["nodes"].items():
+            if m.get("api") != "v3":
+                classes[key] = proxy.build_proxy_class(self, key, m, self.module_name)
+                continue
+            try:
+                classes[key] = proxy.build_v3_proxy_class(self, key, m, self.module_name)
+            except ImportError as exc:
+                # A ComfyUI without comfy_api.latest can't run V3 nodes in-process either.
+                _log.error("comfy-env: [%s] V3 node %r not loaded: this ComfyUI has no "
+                           "usable comfy_api.latest (%s)", self.name, key, exc)
+        if meta["nodes"] and not classes:
+            raise PackLoadError(f"comfy-env: no node of pack {self.name!r} can be loaded "
+                                f"in this ComfyUI (see the errors above)")
         names = dict(meta.get("display_names", {}))
         return classes, names
+
+    def prestart(self):
+        """Start the pack's worker in the background and import its node modules there,
+        so that the first node run doesn't wait for either.  Returns at once.
+
+        Packs are pre-started one after another, in load order, by one thread: on a
+        small machine several workers importing torch at once would each take as long
+        as all of them together, delaying every pack's first run.  A node run that
+        comes first starts its pack's worker itself, and no further pack is
+        pre-started while it waits.  A failure here is only logged; the first node
+        run reports it."""
+        _prestart_queue().put(self)
+
+    def _warm_up(self):
+        t0 = time.monotonic()
+        try:
+            self.executor().submit(_WORKER + "warm_up", self._spec).result()
+            self._warm = True
+            _log.info("comfy-env: [%s] worker ready (pre-started in %.1f s)",
+                      self.name, time.monotonic() - t0)
+        except Exception as exc:
+            if not self._closed:
+                _log.info("comfy-env: [%s] pre-starting the worker failed (%s: %s); "
+                          "the first node run will try again", self.name,
+                          type(exc).__name__, exc)
 
     # ------------------------------------------------------------------ executor
     def _make_executor(self):
@@ -213,7 +285,7 @@ class IsolatedPack:
             pass    # best effort: the worker may be gone or shutting down
 
     # ------------------------------------------------------------------ calls
-    def call(self, key, method, instance_id, args, kwargs, drop=frozenset()):
+    def call(self, key, method, instance_id, args, kwargs, drop=frozenset(), hidden=None):
         """Run a node method in the worker, relaying progress and interrupts meanwhile."""
         import comfy.model_management as mm
 
@@ -221,25 +293,33 @@ class IsolatedPack:
             if name in kwargs:
                 kwargs[name] = None
         ch = sidechannel.hub().open_call()
+        cold = not self._warm
+        if cold:
+            _cold_calls.enter()     # pre-starts of other packs wait: they'd slow this one
         try:
             fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
-                                         instance_id, tuple(args), dict(kwargs), ch.token)
+                                         instance_id, tuple(args), dict(kwargs), ch.token,
+                                         _executing_context(), hidden)
             fut.add_done_callback(lambda _f: ch.queue.put(sidechannel.DONE))
             try:
                 self._wait(ch, fut, mm)
             except mm.InterruptProcessingException:
                 self._stop(ch, fut)
                 raise
+            self._warm = True
             return self._result(fut, mm)
         finally:
+            if cold:
+                _cold_calls.leave()
             ch.close()
 
     def _wait(self, ch, fut, mm):
         """Until the future is done: relay progress; turn ComfyUI's interrupt into ours."""
+        first = [True]      # the call's first update always goes out, like ComfyUI's
         while True:
             msgs = _drain(ch.queue, timeout=_POLL_S)
             done = fut.done() or sidechannel.DONE in msgs
-            for msg in _coalesce(msgs):
+            for msg in _coalesce(msgs, first):
                 self._relay(msg)
             if mm.processing_interrupted():
                 mm.throw_exception_if_processing_interrupted()   # resets the flag, raises
@@ -251,7 +331,7 @@ class IsolatedPack:
         # so this wait is normally immediate; it is bounded in case the link broke.
         ch.ended.wait(1.0)
         try:
-            for msg in _coalesce(_drain(ch.queue, timeout=0)):
+            for msg in _coalesce(_drain(ch.queue, timeout=0), first):
                 self._relay(msg)
         except mm.InterruptProcessingException:
             pass        # the node finished anyway: its result stands
@@ -323,10 +403,95 @@ def _drain(q, timeout):
     return items
 
 
-def _coalesce(msgs):
-    """A backlog of updates: previews all go through, plain ones only the newest."""
+def _coalesce(msgs, first):
+    """A backlog of updates, thinned like ComfyUI's ProgressBar does: the call's first
+    update (``first[0]`` still True) and the newest always go out, previews all go out,
+    plain updates in between only as the newest.  The newest of the last backlog is
+    the call's last update, so first and last are never lost."""
     progress = [m for m in msgs if m[0] == "progress"]
-    return [m for m in progress[:-1] if m[4] is not None] + progress[-1:]
+    if not progress:
+        return []
+    keep = set()
+    if first[0]:
+        keep.add(0)
+        first[0] = False
+    keep.add(len(progress) - 1)
+    keep.update(i for i, m in enumerate(progress) if m[4] is not None)
+    return [m for i, m in enumerate(progress) if i in keep]
+
+
+def _executing_context():
+    """ComfyUI's executing-node context of this thread, as (prompt_id, node_id, list_index)."""
+    import sys
+    mod = sys.modules.get("comfy_execution.utils")
+    get = getattr(mod, "get_executing_context", None)
+    ctx = get() if get is not None else None
+    if ctx is None:
+        return None
+    return (ctx.prompt_id, ctx.node_id, ctx.list_index)
+
+
+def _raised_by_pack_code(exc):
+    """Whether a metadata failure came from the pack's code in a running worker."""
+    try:
+        from concurrent.futures import BrokenExecutor
+        from comfy_env.errors import RemoteTraceback
+    except ImportError:
+        return False
+    return (not isinstance(exc, BrokenExecutor)
+            and isinstance(getattr(exc, "__cause__", None), RemoteTraceback))
+
+
+_prestarts = None
+
+
+def _prestart_queue():
+    global _prestarts
+    with _prestart_lock:
+        if _prestarts is None:
+            import queue
+            _prestarts = queue.Queue()
+            threading.Thread(target=_prestart_loop, args=(_prestarts,),
+                             name="comfy-env-prestart", daemon=True).start()
+        return _prestarts
+
+
+def _prestart_loop(q):
+    while True:
+        pack = q.get()
+        _cold_calls.wait_idle()
+        if not pack._warm:
+            pack._warm_up()
+
+
+class _ColdCalls:
+    """How many node calls are waiting for their pack's worker to start.
+
+    While any is, no further pack is pre-started: on a small machine a second worker
+    importing torch at the same time would delay the one a user is waiting for."""
+
+    def __init__(self):
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def enter(self):
+        with self._cond:
+            self._n += 1
+
+    def leave(self):
+        with self._cond:
+            self._n -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self):
+        with self._cond:
+            self._cond.wait_for(lambda: self._n == 0)
+
+
+_cold_calls = _ColdCalls()
+
+
+_prestart_lock = threading.Lock()
 
 
 def _initializer_ref():

@@ -1,5 +1,8 @@
 """Host-side stand-ins for node classes that live in a worker.
 
+V1 nodes (below) become plain classes; V3 nodes become real ``io.ComfyNode``
+subclasses rebuilt from the worker's schema (``build_v3_proxy_class``).
+
 A proxy class carries every data attribute ComfyUI reads from a V1 node (copied
 from the worker's class: INPUT_TYPES' result, RETURN_TYPES, FUNCTION, CATEGORY, ...
 and any other public UPPER_CASE attribute), and only those the original has, since
@@ -17,7 +20,7 @@ import weakref
 
 from . import encoding
 
-__all__ = ["IsolatedNodeProxy", "build_proxy_class"]
+__all__ = ["IsolatedNodeProxy", "build_proxy_class", "build_v3_proxy_class"]
 
 
 class _WorkerDefault:
@@ -115,3 +118,151 @@ def build_proxy_class(pack, key, meta, module_name):
     for f in owners:
         f._comfy_env_owner = cls
     return cls
+
+
+# ------------------------------------------------------------------------------- V3
+
+def _v3_record_types():
+    """Input/Output classes of the host's comfy_api that render recorded V1 data.
+
+    A V3 proxy must be a real ``io.ComfyNode`` subclass (execution.py tells V3 from V1
+    with ``issubclass(class_def, _ComfyNodeInternal)``) whose ``define_schema()`` returns
+    a real ``io.Schema``: ComfyUI derives INPUT_TYPES, RETURN_TYPES, OUTPUT_NODE, ... and
+    /object_info from it.  ComfyUI only reads an input through ``as_dict()`` /
+    ``get_io_type()`` / ``get_all()`` and an output through its ``io_type``, ``id``,
+    ``display_name``, ``tooltip``, ``is_output_list``, so inputs and outputs that return
+    what the worker's rendered give the same node, whichever ``comfy_api`` (ComfyUI's or
+    the shim) defined it there.
+    """
+    from comfy_api.latest import io
+
+    class RecordedInput(io.Input):
+        def __init__(self, rec):
+            super().__init__(rec["id"], optional=rec["optional"])
+            self._io_type = encoding.decode(rec["io_type"])
+            self._options = encoding.decode(rec["options"])
+
+        @property
+        def io_type(self):
+            return self._io_type
+
+        def get_io_type(self):
+            return self._io_type
+
+        def as_dict(self):
+            return {**copy.deepcopy(self._options), "optional": self.optional}
+
+    class RecordedOutput(io.Output):
+        def __init__(self, rec):
+            super().__init__(rec["id"], rec["display_name"], rec["tooltip"], rec["is_output_list"])
+            self._io_type = encoding.decode(rec["io_type"])
+
+        @property
+        def io_type(self):
+            return self._io_type
+
+        def get_io_type(self):
+            return self._io_type
+
+    match_base = getattr(getattr(io, "MatchType", None), "Output", None)
+
+    class RecordedMatchOutput(match_base or RecordedOutput):
+        # ComfyUI reports a MatchType output's template id (an isinstance check).
+        def __init__(self, rec):
+            io.Output.__init__(self, rec["id"], rec["display_name"], rec["tooltip"],
+                               rec["is_output_list"])
+            self._io_type = encoding.decode(rec["io_type"])
+            self.template = type("Template", (), {"template_id": rec["matchtype"]})()
+
+        @property
+        def io_type(self):
+            return self._io_type
+
+        def get_io_type(self):
+            return self._io_type
+
+    class RecordedBadge:
+        def __init__(self, data):
+            self._data = data
+
+        def validate(self):
+            pass
+
+        def as_dict(self, _inputs):
+            return copy.deepcopy(self._data)
+
+    return io, RecordedInput, RecordedOutput, RecordedMatchOutput, RecordedBadge
+
+
+_record_types = None
+
+
+def _hidden_values(cls, hidden_names):
+    """The hidden inputs ComfyUI put on the (cloned) class, as {"UNIQUE_ID": value}."""
+    holder = getattr(cls, "hidden", None)
+    out = {}
+    if holder is None:
+        return out
+    for name in hidden_names:
+        if name == "DYNPROMPT":
+            continue        # the live graph: not data, can't cross (the node sees None)
+        out[name] = getattr(holder, name.lower(), None)
+    return out
+
+
+def build_v3_proxy_class(pack, key, meta, module_name):
+    """A real ``io.ComfyNode`` subclass for the V3 node ``key`` (see _v3_record_types)."""
+    import dataclasses
+    global _record_types
+    if _record_types is None:
+        _record_types = _v3_record_types()
+    io, RecordedInput, RecordedOutput, RecordedMatchOutput, RecordedBadge = _record_types
+    known = {f.name for f in dataclasses.fields(io.Schema)}
+    fields = {k: encoding.decode(v) for k, v in meta["schema"].items() if k in known}
+    hidden = []
+    for value in meta["hidden"]:
+        try:
+            hidden.append(io.Hidden(value))
+        except ValueError:
+            pass            # a hidden input this ComfyUI doesn't know: it can't supply it
+    hidden_names = [h.value for h in hidden]
+    badge = encoding.decode(meta["price_badge"]) if meta.get("price_badge") is not None else None
+
+    def define_schema(cls):
+        # Fresh objects each time: ComfyUI finalizes (mutates) the schema it gets.
+        kw = dict(copy.deepcopy(fields))
+        if "price_badge" in known:
+            kw["price_badge"] = RecordedBadge(badge) if badge is not None else None
+        return io.Schema(
+            inputs=[RecordedInput(r) for r in meta["inputs"]],
+            outputs=[RecordedMatchOutput(r) if r.get("matchtype") is not None
+                     else RecordedOutput(r) for r in meta["outputs"]],
+            hidden=list(hidden), **kw)
+
+    def execute(cls, **kwargs):
+        args, ui, expand, block = cls._comfy_env_pack.call(
+            key, "execute", None, (), kwargs, hidden=_hidden_values(cls, hidden_names))
+        return io.NodeOutput(*args, ui=ui, expand=expand, block_execution=block)
+
+    execute.__signature__ = _signature(meta["function"]["params"]) if meta.get("function") else None
+    ns = {"define_schema": classmethod(define_schema), "execute": classmethod(execute),
+          "__module__": module_name, "__qualname__": meta["qualname"], "__doc__": meta.get("doc"),
+          "_comfy_env_key": key}
+    for name, info in meta["methods"].items():
+        ns[name] = classmethod(_v3_forwarder(key, name, info, hidden_names))
+    cls = type(meta["class_name"], (io.ComfyNode,), ns)
+    cls._comfy_env_pack = pack
+    return cls
+
+
+def _v3_forwarder(key, name, info, hidden_names):
+    def forward(cls, *args, **kwargs):
+        return cls._comfy_env_pack.call(key, name, None, args, kwargs,
+                                        hidden=_hidden_values(cls, hidden_names))
+
+    forward.__name__ = name
+    sig = _signature(info["params"])
+    if sig is not None:
+        # ComfyUI reads inspect.getfullargspec(validate_inputs).args to pick the inputs.
+        forward.__signature__ = sig
+    return forward

@@ -25,7 +25,8 @@ import types
 
 from . import encoding
 
-__all__ = ["initialize", "collect_metadata", "call_node", "drop_instance", "in_worker"]
+__all__ = ["initialize", "collect_metadata", "call_node", "drop_instance", "in_worker",
+           "warm_up"]
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
 
@@ -100,11 +101,37 @@ def _ensure_comfy(mode, host_args=None):
                 raise
             # A half-imported ComfyUI (e.g. its torch missing here) must not shadow the shim.
             for name in list(sys.modules):
-                if name == "comfy" or name.startswith("comfy.") or name == "folder_paths":
+                if name.partition(".")[0] in _SHIM_PACKAGES:
                     del sys.modules[name]
     sys.path.insert(0, SHIM_DIR)
+    sys.meta_path.append(_ShimGapFinder())
     import comfy.model_management  # noqa: F401,F811
     import comfy.utils  # noqa: F401,F811
+
+
+_SHIM_PACKAGES = ("comfy", "comfy_api", "comfy_execution", "folder_paths")
+
+
+class _ShimGapFinder:
+    """Last on sys.meta_path: a ComfyUI module the shim lacks fails with a reason.
+
+    Without it, ``import comfy.sd`` in a shim worker fails with a bare "No module
+    named 'comfy.sd'", which reads like a broken install rather than a limit of the shim.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] not in _SHIM_PACKAGES or fullname in _SHIM_PACKAGES:
+            return None
+        from .shim import PROVIDES
+        raise ModuleNotFoundError(
+            f"No module named {fullname!r}: this node worker runs with comfy-env's shim of "
+            f"ComfyUI (its env can't import ComfyUI's own modules, or the pack chose "
+            f"comfy_api='shim'), which provides only {'; '.join(PROVIDES)}. Other ComfyUI "
+            f"modules can't be used in an isolated env; run the pack with env=None "
+            f"(ComfyUI's interpreter) to use them.", name=fullname)
+
+    def invalidate_caches(self):
+        pass
 
 
 def _configure_folder_paths(snapshot):
@@ -146,22 +173,65 @@ def _load_pack(spec):
     for mod_name in spec["modules"]:
         module = importlib.import_module(f"{pkg}.{mod_name}")
         mapping = getattr(module, "NODE_CLASS_MAPPINGS", None)
-        if mapping is None:
-            if hasattr(module, "comfy_entrypoint"):
-                raise NotImplementedError(
-                    f"{pkg}.{mod_name} defines V3 nodes (comfy_entrypoint); comfy-env does not "
-                    f"yet support V3 nodes (comfy_api io.ComfyNode) in isolated packs: keep them "
-                    f"out of isolated_nodes() or write them as V1 nodes")
-            raise AttributeError(f"{pkg}.{mod_name} has no NODE_CLASS_MAPPINGS")
-        classes.update(mapping)
-        names.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}) or {})
+        if mapping is not None:
+            # Like ComfyUI's load_custom_node: NODE_CLASS_MAPPINGS wins over comfy_entrypoint.
+            classes.update(mapping)
+            names.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}) or {})
+        elif hasattr(module, "comfy_entrypoint"):
+            for cls in _entrypoint_nodes(module, f"{pkg}.{mod_name}"):
+                schema = _v3_schema(cls)
+                classes[schema.node_id] = cls
+                if schema.display_name is not None:
+                    names[schema.node_id] = schema.display_name
+        else:
+            raise AttributeError(f"{pkg}.{mod_name} has neither NODE_CLASS_MAPPINGS (V1) nor "
+                                 f"comfy_entrypoint (V3): it defines no nodes")
     _packs[pkg] = (classes, names)
     return _packs[pkg]
+
+
+def _entrypoint_nodes(module, where):
+    """The node classes of a V3 module: ``comfy_entrypoint()`` -> ComfyExtension ->
+    ``on_load()``, ``get_node_list()``, the same steps as ComfyUI's load_custom_node."""
+    entrypoint = module.comfy_entrypoint
+    if not callable(entrypoint):
+        raise TypeError(f"comfy_entrypoint in {where} is not callable")
+
+    async def load():
+        extension = entrypoint()
+        if inspect.isawaitable(extension):
+            extension = await extension
+        on_load = getattr(extension, "on_load", None)
+        if on_load is not None:
+            r = on_load()
+            if inspect.isawaitable(r):
+                await r
+        nodes = extension.get_node_list()
+        if inspect.isawaitable(nodes):
+            nodes = await nodes
+        return nodes
+
+    nodes = asyncio.run(load())
+    if not isinstance(nodes, list):
+        raise TypeError(f"comfy_entrypoint in {where}: get_node_list() returned "
+                        f"{type(nodes).__name__}, not a list of node classes")
+    return nodes
 
 
 def _is_v3(cls):
     return any(k.__name__ in ("_ComfyNodeInternal", "ComfyNode") and
                k.__module__.startswith("comfy_api") for k in getattr(cls, "__mro__", ()))
+
+
+def _v3_schema(cls):
+    """The finalized, validated schema, as ComfyUI's GET_SCHEMA makes it."""
+    get = getattr(cls, "GET_SCHEMA", None)
+    if get is not None:
+        return get()
+    schema = cls.define_schema()
+    schema.finalize()
+    schema.validate()
+    return schema
 
 
 # ------------------------------------------------------------------------- metadata
@@ -224,17 +294,80 @@ def _describe(cls):
     }
 
 
+# Schema fields that are plain data (copied as they are); inputs, outputs, hidden and
+# price_badge are described separately.
+_SCHEMA_FIELDS = ("node_id", "display_name", "category", "description", "search_aliases",
+                  "is_input_list", "is_output_node", "is_deprecated", "is_experimental",
+                  "is_dev_only", "is_api_node", "not_idempotent", "enable_expand",
+                  "accept_all_inputs", "essentials_category", "has_intermediate_output")
+# V3 class methods ComfyUI calls when the node overrides them (first_real_override).
+V3_METHODS = ("validate_inputs", "fingerprint_inputs", "check_lazy_status")
+
+
+def _overrides(cls, name):
+    """Whether ``cls`` defines ``name`` below comfy_api's placeholder (first_real_override)."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("comfy_api"):
+            return False
+        if name in klass.__dict__:
+            return True
+    return False
+
+
+def _describe_v3(cls):
+    """A V3 node's schema as data, with each input/output's V1 rendering.
+
+    The host rebuilds a real ``io.Schema`` from this whose inputs/outputs render
+    exactly the same (see proxy.build_v3_proxy_class); describing through
+    ``as_dict()``/``get_io_type()`` works for ComfyUI's comfy_api and the shim alike.
+    """
+    schema = _v3_schema(cls)
+    fields = {f: encoding.encode(getattr(schema, f)) for f in _SCHEMA_FIELDS
+              if hasattr(schema, f)}
+    inputs = []
+    for i in schema.inputs or []:
+        d = dict(i.as_dict())
+        optional = bool(d.pop("optional", getattr(i, "optional", False)))
+        inputs.append({"id": i.id, "io_type": encoding.encode(i.get_io_type()),
+                       "options": encoding.encode(d), "optional": optional})
+    outputs = []
+    for o in schema.outputs or []:
+        template = getattr(o, "template", None)
+        outputs.append({"id": o.id, "io_type": encoding.encode(o.io_type),
+                        "display_name": o.display_name, "tooltip": o.tooltip,
+                        "is_output_list": bool(o.is_output_list),
+                        "matchtype": getattr(template, "template_id", None)})
+    badge = getattr(schema, "price_badge", None)
+    methods = {}
+    for name in V3_METHODS:
+        if _overrides(cls, name):
+            info = _method_info(cls, name)
+            if info is not None:
+                methods[name] = info
+    execute = _method_info(cls, "execute")
+    return {
+        "api": "v3",
+        "class_name": cls.__name__,
+        "qualname": cls.__qualname__,
+        "module": cls.__module__,
+        "doc": cls.__doc__,
+        "schema": fields,
+        "inputs": inputs,
+        "outputs": outputs,
+        "hidden": [getattr(h, "value", h) for h in schema.hidden or []],
+        "price_badge": encoding.encode(badge.as_dict(schema.inputs)) if badge is not None else None,
+        "methods": methods,
+        "function": execute,
+    }
+
+
 def collect_metadata(spec):
     """Everything the host needs to build proxy classes, as tagged JSON data."""
     classes, names = _load_pack(spec)
     nodes, refused = {}, {}
     for key, cls in classes.items():
-        if _is_v3(cls):
-            refused[key] = (f"{cls.__qualname__} is a V3 node (comfy_api io.ComfyNode); comfy-env "
-                            f"does not yet support V3 nodes in isolated packs")
-            continue
         try:
-            nodes[key] = _describe(cls)
+            nodes[key] = _describe_v3(cls) if _is_v3(cls) else _describe(cls)
         except Exception as exc:
             refused[key] = f"can't describe {cls!r}: {type(exc).__name__}: {exc}"
     return {"nodes": nodes, "display_names": {k: v for k, v in names.items() if k in nodes},
@@ -244,36 +377,156 @@ def collect_metadata(spec):
             else "comfyui"}
 
 
+def warm_up(spec):
+    """Import the pack's node modules now, so that the first node run doesn't (pre-start)."""
+    _load_pack(spec)
+    return os.getpid()
+
+
 # ---------------------------------------------------------------------------- calls
 
-def call_node(spec, key, method, instance_id, args, kwargs, token=None):
+def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=None,
+              hidden=None):
     """Run ``method`` of node ``key`` on the class (instance_id None) or an instance.
 
     Instances live as long as the host's proxy instance (ComfyUI keeps one node
     object per node id and reuses it), so state kept on ``self`` survives between runs.
+    V3 methods (classmethods) are called the way ComfyUI's execution.py calls them:
+    on a clone of the class whose ``hidden`` holds the hidden inputs (``hidden``).
+    ``context``: the host's (prompt_id, node_id, list_index), set as the executing
+    context here too, so ``get_executing_context()`` and the V3 progress API know the node.
     """
     classes, _ = _load_pack(spec)
     try:
         cls = classes[key]
     except KeyError:
         raise KeyError(f"pack {spec['package']!r} has no node {key!r}") from None
-    if instance_id is None:
-        target = cls
+    v3 = _is_v3(cls)
+    _patch_v3_progress()        # V1 nodes may use the V3 progress API too
+    if v3:
+        clone = cls.PREPARE_CLASS_CLONE({"hidden_inputs": _hidden_inputs(hidden)})
+        target = getattr(cls, method).__func__.__get__(clone)
+    elif instance_id is None:
+        target = getattr(cls, method)
     else:
-        target = _instances.get(instance_id)
-        if target is None:
-            target = _instances[instance_id] = cls()
+        obj = _instances.get(instance_id)
+        if obj is None:
+            obj = _instances[instance_id] = cls()
+        target = getattr(obj, method)
     if _link is not None and token is not None:
         _link.begin(token)
     try:
-        result = getattr(target, method)(*args, **kwargs)
-        if inspect.isawaitable(result):
-            # Async node methods (ComfyUI awaits them): run to completion here.
-            result = asyncio.run(_await(result))
+        with _executing(context):
+            result = target(*args, **kwargs)
+            if inspect.isawaitable(result):
+                # Async node methods (ComfyUI awaits them): run to completion here,
+                # in a context that still knows the executing node.
+                result = asyncio.run(_await(result))
+        if v3 and method == "execute":
+            return _v3_output(result)
         return result
     finally:
         if _link is not None and token is not None:
             _link.end(token)
+
+
+def _hidden_inputs(hidden):
+    """{Hidden member: value} for PREPARE_CLASS_CLONE from the host's {"UNIQUE_ID": ...}."""
+    if not hidden:
+        return {}
+    try:
+        from comfy_api.latest import io
+        return {io.Hidden(k): v for k, v in hidden.items()}
+    except Exception:
+        return dict(hidden)
+
+
+def _v3_output(result):
+    """A V3 execute() result as (args, ui, expand, block_execution) of plain data.
+
+    The same normalization as ComfyUI's EXECUTE_NORMALIZED, done here so that what
+    crosses is data (the host builds its own io.NodeOutput): a ``ui`` object becomes its
+    ``as_dict()`` (a preview is saved in the worker, as it would be in ComfyUI).
+    """
+    if result is None:
+        return ((), None, None, None)
+    if isinstance(result, tuple):
+        return (result, None, None, None)
+    if isinstance(result, dict):
+        r = result.get("result", ())
+        return (tuple(r) if r is not None else (), _plain(result.get("ui")),
+                result.get("expand"), None)
+    if type(result).__name__ == "ExecutionBlocker":
+        return ((), None, None, getattr(result, "message", None))
+    if hasattr(result, "args") and hasattr(result, "ui"):
+        ui = result.ui
+        if ui is not None and not isinstance(ui, dict):
+            ui = ui.as_dict()
+        return (tuple(result.args), _plain(ui), getattr(result, "expand", None),
+                getattr(result, "block_execution", None))
+    raise TypeError(f"Invalid return type from node: {type(result)}")
+
+
+def _plain(value):
+    """UI data with dict/list/tuple subclasses (e.g. comfy_api's SavedResult) made plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _executing:
+    """The host's executing-node context, set in this worker for the call."""
+
+    def __init__(self, context):
+        self._cm = None
+        if context is not None:
+            try:
+                from comfy_execution.utils import CurrentNodeContext
+            except Exception:
+                return      # node code can't ask for it either
+            self._cm = CurrentNodeContext(*context)
+
+    def __enter__(self):
+        if self._cm is not None:
+            self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._cm is not None:
+            return self._cm.__exit__(*exc)
+        return False
+
+
+class _ProgressForwarder:
+    """Stands in for comfy_execution's progress registry in the worker: the V3 progress
+    API (``ComfyAPI.execution.set_progress``) ends in ``update_progress``, which here goes
+    to the host like a ProgressBar update with an explicit node id."""
+
+    def update_progress(self, node_id, value, max_value, image=None):
+        if _link is not None:
+            _link.progress(value, max_value, image, node_id)
+
+    def __getattr__(self, name):
+        raise AttributeError(f"comfy-env: the progress registry of a node worker only "
+                             f"forwards update_progress() to ComfyUI; {name!r} is not available")
+
+
+_forwarder = _ProgressForwarder()
+
+
+def _patch_v3_progress():
+    for name in ("comfy_api.latest", "comfy_execution.progress"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "get_progress_state", None) is not _get_progress_state:
+            mod.get_progress_state = _get_progress_state
+
+
+def _get_progress_state():
+    return _forwarder
 
 
 async def _await(awaitable):

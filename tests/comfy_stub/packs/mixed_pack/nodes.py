@@ -1,8 +1,15 @@
-from comfy_api.latest import ComfyNode
+from comfy_api.latest import io
 
 
-class V3Node(ComfyNode):
-    pass
+class V3Node(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="MixedV3", category="mixed",
+                         inputs=[io.Int.Input("x", default=1)], outputs=[io.Int.Output()])
+
+    @classmethod
+    def execute(cls, x):
+        return io.NodeOutput(x * 10)
 
 
 class V1Node:

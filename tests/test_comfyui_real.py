@@ -1,0 +1,249 @@
+"""The ComfyUI adapter in the real, unmodified ComfyUI (headless, over HTTP and websocket).
+
+One ComfyUI start for the module, with four packs in a scratch --base-directory
+(tests/comfyui_real_packs): V1 and V3 nodes isolated with env=None, V1 + V3 nodes in
+a separate env built offline from a local wheel, and an ordinary probe node that
+reports the values it receives.  Skipped, with the reason, when no ComfyUI is given:
+see tests/comfyui_harness.py (COMFYUI_DIR, COMFYUI_PYTHON).  The unit tests
+(test_comfyui.py, test_comfyui_pack.py) use the stand-in in tests/comfy_stub.
+"""
+import os
+import shutil
+import time
+
+import pytest
+
+import comfyui_harness as h
+from test_envs_helpers import demo_dep_wheel
+
+pytestmark = [pytest.mark.comfyui_real, pytest.mark.timeout(600)]
+
+PACKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfyui_real_packs")
+COLOR = 0x336699                      # EmptyImage's color: r, g, b = 0.2, 0.4, 0.6
+RGB = (0x33 / 255, 0x66 / 255, 0x99 / 255)
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    tree, py = h.locate()
+    if tree is None:
+        pytest.skip(py)
+    base = tmp_path_factory.mktemp("comfyui-base")
+    nodes = base / "custom_nodes"
+    nodes.mkdir()
+    for name in ("ce_v1", "ce_v3", "ce_sep", "ce_probe"):
+        shutil.copytree(os.path.join(PACKS, name), nodes / name)
+    wheels = tmp_path_factory.mktemp("wheels")
+    demo_dep_wheel(str(wheels), "1.0")
+    (nodes / "ce_sep" / "comfy-env.toml").write_text(
+        'name = "ce-sep-test"\nrequirements = ["demo_dep==1.0"]\n'
+        f'find_links = ["{wheels}"]\nno_index = true\nshare = ["torch", "numpy"]\n')
+    # A pack whose node module can't be imported: listed as failed, briefly.
+    (nodes / "ce_broken").mkdir()
+    (nodes / "ce_broken" / "__init__.py").write_text(
+        "from comfy_env.comfyui import isolated_nodes\n"
+        "NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = isolated_nodes(__file__, 'nodes')\n")
+    (nodes / "ce_broken" / "nodes.py").write_text("import a_module_nobody_has\n")
+    server = h.ComfyUI(tree, py, str(base),
+                       env={"COMFY_ENV_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+                            "COMFY_ENV_INTERRUPT_GRACE": "20"})
+    server.start(timeout=300)
+    ws = server.connect()
+    server.ws = ws
+    yield server
+    ws.close()
+    server.stop()
+
+
+def empty_image(color=COLOR, size=SIZE):
+    return h.api_node("EmptyImage", width=size, height=size, batch_size=1, color=color)
+
+
+def probe(src, tag=""):
+    return h.api_node("CE_Probe", value=src, tag=tag)
+
+
+def run(comfy, prompt, **kw):
+    pid, events = comfy.run(prompt, comfy.ws, **kw)
+    return pid, events, events[-1]
+
+
+def ok(comfy, prompt):
+    pid, events, last = run(comfy, prompt)
+    assert last["type"] == "execution_success", (last, comfy.log()[-3000:])
+    return comfy.history(pid)["outputs"], events
+
+
+def probed(outputs, node):
+    return outputs[node]["probe"][0]
+
+
+def worker_pid(comfy, seed):
+    out, _ = ok(comfy, {"1": h.api_node("CE_Pid", seed=seed), "2": probe(["1", 0])})
+    return int(probed(out, "2")["value"])
+
+
+def test_workers_are_prestarted(comfy):
+    # Before any prompt: the three loadable isolated packs each have a worker already.
+    deadline = time.monotonic() + 60
+    kids = []
+    while time.monotonic() < deadline:
+        kids = [p for p in h.descendants(comfy.proc.pid) if h.alive(p)]
+        cmdlines = []
+        for p in kids:
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    cmdlines.append(f.read())
+            except OSError:
+                pass
+        if sum(b"comfy_env" in c for c in cmdlines) >= 3:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"expected 3 pre-started workers under ComfyUI, found {kids}")
+
+
+def test_object_info_of_v1_and_v3_proxies(comfy):
+    info = comfy.get("/object_info")
+    assert info["CE_Invert"]["display_name"] == "Invert (isolated)"
+    assert info["CE_Invert"]["input"]["required"]["image"] == ["IMAGE"]
+    scale = info["CE3_Scale"]
+    assert scale["display_name"] == "Scale (V3, isolated)" and scale["category"] == "ce/v3"
+    assert scale["description"] == "multiplies an image" and scale["output_node"] is True
+    assert scale["input"]["required"]["factor"] == ["FLOAT", {"default": 0.5, "min": 0.0, "max": 2.0, "step": 0.1}]
+    assert scale["input"]["hidden"]["unique_id"] == ["UNIQUE_ID"]
+    assert scale["output"] == ["IMAGE", "STRING"] and scale["output_name"] == ["scaled", "who"]
+    # Defined with comfy-env's shim of comfy_api in the separate env:
+    sep = info["CE3_SepScale"]
+    assert sep["input"]["required"] == {"image": ["IMAGE", {}], "factor": ["FLOAT", {"default": 2.0}]}
+    assert sep["output_node"] is True
+    assert "ce_broken" not in str(info)
+
+
+def test_images_pass_through_isolated_nodes_exactly(comfy):
+    out, _ = ok(comfy, {
+        "1": empty_image(),
+        "2": h.api_node("CE_Invert", image=["1", 0]), "3": probe(["2", 0]),        # V1, env=None
+        "4": h.api_node("CE3_Scale", image=["2", 0], factor=0.5), "5": probe(["4", 0]),  # V3, env=None
+        "6": h.api_node("CE3_SepScale", image=["1", 0], factor=2.0), "7": probe(["6", 0]),  # V3, own env
+    })
+    n = SIZE * SIZE
+    inv = [1 - c for c in RGB]
+    assert probed(out, "3")["shape"] == [1, SIZE, SIZE, 3]
+    assert probed(out, "3")["first"] == pytest.approx(inv + inv[:1], abs=1e-6)
+    assert probed(out, "3")["sum"] == pytest.approx(n * sum(inv), rel=1e-5)
+    assert probed(out, "5")["sum"] == pytest.approx(n * sum(inv) / 2, rel=1e-5)
+    assert probed(out, "7")["first"] == pytest.approx([min(1, 2 * c) for c in RGB] + [2 * RGB[0]], abs=1e-6)
+
+
+def test_ui_outputs_v1_and_v3(comfy):
+    out, _ = ok(comfy, {
+        "1": h.api_node("CE_Text", text="hello"),
+        "2": h.api_node("CE3_Text", value="stressed"),                 # async execute
+        "3": empty_image(size=16), "4": h.api_node("CE3_Scale", image=["3", 0], factor=1.0),
+        "5": h.api_node("CE3_SepScale", image=["3", 0], factor=1.0),
+    })
+    assert out["1"] == {"text": ["HELLO"]}
+    assert out["2"] == {"text": ["desserts"]}
+    [img] = out["4"]["images"]
+    assert img["type"] == "temp" and os.path.isfile(os.path.join(comfy.base_dir, "temp", img["filename"]))
+    assert out["5"] == {"text": ["demo_dep 1.0"]}
+
+
+def test_hidden_inputs_and_worker_identity(comfy):
+    out, _ = ok(comfy, {"1": empty_image(size=8), "2": h.api_node("CE3_Scale", image=["1", 0], factor=0.3),
+                        "3": probe(["2", 1]),
+                        "4": h.api_node("CE_SepInfo", seed=1), "5": probe(["4", 0])})
+    node, pid = probed(out, "3")["value"].split(":")
+    assert node == "2" and int(pid) != comfy.proc.pid
+    dep, shim, sep_pid = probed(out, "5")["value"].split()
+    assert (dep, shim) == ("demo_dep=1.0", "shim=True")
+    assert int(sep_pid.split("=")[1]) not in (comfy.proc.pid, int(pid))
+
+
+def test_progress_first_and_last_never_dropped(comfy):
+    for seed in range(1, 7):
+        _, events = ok(comfy, {"1": h.api_node("CE_FastProgress", seed=seed), "2": probe(["1", 0])})
+        got = [(e["data"]["value"], e["data"]["max"]) for e in events
+               if e["type"] == "progress" and e["data"]["node"] == "1"]
+        assert got == [(1, 2), (2, 2)], (seed, got)
+    for prompt, node in (({"1": empty_image(size=8), "2": h.api_node("CE3_Scale", image=["1", 0], factor=0.7)}, "2"),
+                         ({"1": h.api_node("CE_SepInfo", seed=7), "2": probe(["1", 0])}, "1")):
+        _, events = ok(comfy, prompt)
+        got = [(e["data"]["value"], e["data"]["max"]) for e in events
+               if e["type"] == "progress" and e["data"]["node"] == node]
+        assert got == [(1, 2), (2, 2)], (node, got)
+
+
+def test_node_error_reaches_comfyui_with_the_node_traceback(comfy):
+    _, _, last = run(comfy, {"1": h.api_node("CE_Fail", x=42), "2": probe(["1", 0])})
+    assert last["type"] == "execution_error"
+    data = last["data"]
+    assert data["node_id"] == "1" and data["exception_type"] == "ValueError"
+    assert data["exception_message"].strip() == "bad value 42"     # ComfyUI appends "\n<tips>"
+    tb = "".join(data["traceback"])
+    assert os.path.join("ce_v1", "nodes.py") in tb and "_check" in tb
+
+
+def test_missing_comfyui_module_in_the_shim_is_explained(comfy):
+    _, _, last = run(comfy, {"1": h.api_node("CE_SepGap", seed=1), "2": probe(["1", 0])})
+    assert last["type"] == "execution_error"
+    assert "comfy.sd" in last["data"]["exception_message"]
+    assert "shim" in last["data"]["exception_message"]
+
+
+def test_v3_validate_inputs_rejects_the_prompt(comfy):
+    with pytest.raises(h.PromptRejected) as info:
+        comfy.queue({"1": h.api_node("CE3_Even", x=3), "2": probe(["1", 0])})
+    assert "x must be even, got 3" in str(info.value.body)
+    out, _ = ok(comfy, {"1": h.api_node("CE3_Even", x=8), "2": probe(["1", 0])})
+    assert probed(out, "2")["value"] == 4
+
+
+@pytest.mark.parametrize("node", ["CE_WaitProgress", "CE_WaitFlag"])
+def test_interrupt(comfy, node):
+    before = worker_pid(comfy, seed=hash(node) % 1000)
+    sent = []
+
+    def on_event(e):
+        if not sent and e["type"] == "executing" and e["data"].get("node") == "1":
+            time.sleep(0.3)             # let the node start in the worker
+            comfy.interrupt()
+            sent.append(time.monotonic())
+
+    _, _, last = run(comfy, {"1": h.api_node(node, seed=int(time.time()) % 100000), "2": probe(["1", 0])},
+                     timeout=60, on_event=on_event)
+    assert sent and last["type"] == "execution_interrupted", last
+    # Stopped by the node itself (progress hook / its own check), well inside the 20 s
+    # grace: the worker was not killed.
+    assert worker_pid(comfy, seed=hash(node) % 1000 + 1) == before
+
+
+def test_crashing_node_fails_and_the_next_run_gets_a_new_worker(comfy):
+    before = worker_pid(comfy, seed=11)
+    _, _, last = run(comfy, {"1": h.api_node("CE_Crash", seed=1), "2": probe(["1", 0])})
+    assert last["type"] == "execution_error"
+    assert "WorkerCrashed" in last["data"]["exception_type"]
+    assert "SIGKILL" in last["data"]["exception_message"] or "-9" in last["data"]["exception_message"]
+    after = worker_pid(comfy, seed=12)
+    assert after != before and not h.alive(before)
+
+
+def test_failed_pack_is_reported_briefly(comfy):
+    log = comfy.log().partition("Starting server")[0]
+    assert "IMPORT FAILED" in log and "ce_broken" in log
+    lines = [ln for ln in log.splitlines() if "a_module_nobody_has" in ln]
+    # comfy-env's line and ComfyUI's own report, not the worker traceback over and over.
+    assert 1 <= len(lines) <= 4, lines
+    assert "worker.py" not in log
+
+
+def test_zz_no_process_outlives_comfyui(comfy):
+    comfy.ws.close()
+    kids = comfy.stop()
+    assert kids, "ComfyUI had no worker processes to check"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(h.alive(p) for p in kids):
+        time.sleep(0.1)
+    assert not [p for p in kids if h.alive(p)]
