@@ -370,3 +370,8 @@ def test_bad_env_fails_at_construction_not_in_a_hang(tmp_path):
     from comfy_env.envs import EnvError
     with pytest.raises(EnvError):
         RayExecutor(env=str(tmp_path / "no-such-env"))
+
+
+def test_keyword_arguments_named_like_the_task_parameters(ex):
+    assert ex.submit(dict, fn=1, nested=2, setup=3).result(timeout=60) == {"fn": 1, "nested": 2, "setup": 3}
+    assert ex.submit(lambda **kw: kw, fn=1, nested=2).result(timeout=60) == {"fn": 1, "nested": 2}

@@ -20,11 +20,13 @@ future at once (the status ref carries them), so ``wait(FIRST_EXCEPTION)`` and
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import sys
 import threading
 import time
+import types
 import uuid
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
@@ -39,6 +41,8 @@ from .task import ByValue, run_call, run_chunk_call
 __all__ = ["RayExecutor", "RayFuture", "writable"]
 
 _UNSET = object()
+_ANY = object()
+_REMOTES_KEPT = 256        # remote functions cached per executor (one per distinct fn)
 
 
 class RayFuture(Future):
@@ -56,12 +60,50 @@ class RayFuture(Future):
         self._value = _UNSET
         self._fetch_lock = threading.Lock()
         self._dispatched = []         # callbacks run once object_ref is set
+        self._direct = None           # (executor, item) while the task is in flight
 
     def result(self, timeout=None):
+        self._wait_here(timeout, with_value=True)
         value = super().result(timeout)
         if value is not _UNSET:
             return value
         return self._fetch()
+
+    def exception(self, timeout=None):
+        self._wait_here(timeout, with_value=False)
+        return super().exception(timeout)
+
+    def _wait_here(self, timeout, with_value):
+        """Wait for the task in this thread, with ``ray.get``.
+
+        Waking the caller straight from Ray, rather than from Ray's callback
+        thread through the future's condition variable, saves a thread hand-off
+        per call, and ``result()`` needs only the value's ``ray.get``;
+        whichever of this thread and the callback sees the outcome first completes
+        the future.
+        """
+        direct = self._direct
+        if direct is None or self.done():
+            return
+        executor, item = direct
+        if timeout is not None:
+            timeout = max(0.0, timeout)     # Executor.map passes what is left, maybe < 0
+        try:
+            if with_value:
+                # The value ref fails exactly when the status ref does.
+                value = ray.get(self.object_ref, timeout=timeout)
+                with self._fetch_lock:
+                    if self._value is _UNSET:
+                        self.fetches += 1
+                        self._value = value
+            else:
+                ray.get(item.status_ref, timeout=timeout)
+            exc = None
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError() from None
+        except Exception as e:          # the call's outcome (KeyboardInterrupt is ours)
+            exc = e
+        executor._complete(item, exc)
 
     def _fetch(self):
         with self._fetch_lock:
@@ -94,15 +136,15 @@ def writable(obj):
 
 
 class _Item:
-    __slots__ = ("future", "fn", "args", "kwargs", "remote", "deps", "status_ref", "deadline",
+    __slots__ = ("future", "fn", "chunk", "args", "kwargs", "deps", "status_ref", "deadline",
                  "timed_out", "seq")
 
-    def __init__(self, future, fn, args, kwargs, remote, deps, seq):
+    def __init__(self, future, fn, chunk, args, kwargs, deps, seq):
         self.future = future
         self.fn = fn
+        self.chunk = chunk
         self.args = args
         self.kwargs = kwargs
-        self.remote = remote
         self.deps = deps
         self.status_ref = None
         self.deadline = None
@@ -135,12 +177,59 @@ def _is_multi_node(address):
         return False
 
 
-def _returns(fn, setup, nested, *args, **kwargs):
-    return True, run_call(fn, setup, nested, *args, **kwargs)
+def _task_for(fn, setup, chunk, nested):
+    """The Ray task body of one executor, for one function or (``fn=_ANY``) for any.
+
+    A function that pickles by reference (a module-level function, a
+    ``"module:qualname"`` string) rides in the task's definition, which Ray exports
+    once, instead of being pickled into every call's arguments: a warm call then costs
+    what a plain ``ray.remote`` call costs.  Anything else (lambdas, closures, callable
+    objects, functions travelling by value) may change between calls, so it goes with
+    each call, as ``IsolatedExecutor`` sends it.  ``nested`` (refs below the top
+    level of the arguments, resolved by the task) is part of the definition too:
+    Ray serializes every task argument separately, and even a flag costs.  Two
+    returns: a tiny status that completes the future, and the value, fetched only
+    when asked for.
+    """
+    if fn is _ANY:
+        if chunk:
+            def call(fn, items):
+                return True, run_chunk_call(fn, setup, nested, items)
+        else:
+            def call(fn, /, *args, **kwargs):
+                return True, run_call(fn, setup, nested, *args, **kwargs)
+        return call
+    if chunk:
+        def call(items):
+            return True, run_chunk_call(fn, setup, nested, items)
+    else:
+        def call(*args, **kwargs):
+            return True, run_call(fn, setup, nested, *args, **kwargs)
+    name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", "call")
+    call.__name__ = call.__qualname__ = str(name).replace(":", ".")
+    return call
 
 
-def _chunk_returns(fn, setup, nested, chunk):
-    return True, run_chunk_call(fn, setup, nested, chunk)
+def _shipped_once(fn):
+    """Is ``fn`` a module-level function (or a ``"module:qualname"`` string)?
+
+    Such a function is exported to Ray once per executor, as ``@ray.remote`` exports
+    a function: when it travels by value (defined in ``__main__``, or for a foreign
+    env) the globals it reads are captured at its first call.  Lambdas, closures,
+    partials and callable objects may differ from call to call, so they go with each
+    call (as IsolatedExecutor sends every callable).
+    """
+    if isinstance(fn, str):
+        return True
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return False
+    mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if mod is None:
+        return False
+    obj = mod
+    for part in getattr(fn, "__qualname__", "<").split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
 
 
 class RayExecutor(Executor):
@@ -178,25 +267,22 @@ class RayExecutor(Executor):
         _connect(address)
         self.multi_node = _is_multi_node(address)
         self.runtime_env = cluster_runtime_env(env) if self.multi_node else local_runtime_env(env)
-        # In the driver's interpreter on its own machine, workers get the driver's
-        # sys.path (as IsolatedExecutor's env=None workers do) and import the user's
-        # modules by reference; anywhere else functions of modules the workers may not
-        # import (the user's scripts, tests) travel by value.
+        # In the driver's interpreter on its own machine, workers see the driver's
+        # sys.path (local_runtime_env) and import the user's modules by reference;
+        # anywhere else functions of modules the workers may not import (the user's
+        # scripts, tests) travel by value.
         self._by_value = env is not None or self.multi_node
-        sys_path = None if self._by_value else tuple(sys.path)
         self.max_workers = max_workers
         self.call_timeout = call_timeout
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, num_returns=2, max_retries=0,
                        retry_exceptions=False)
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
-        self._remote = ray.remote(_returns).options(**options)
-        self._chunk_remote = ray.remote(_chunk_returns).options(**options)
+        self._options = options
+        self._remotes = collections.OrderedDict()     # (fn, chunk) -> remote function
         self._init = None
-        if initializer is not None or sys_path:
-            self._init = (uuid.uuid4().hex, sys_path,
-                          None if initializer is None else self._encode_fn(initializer),
-                          tuple(initargs))
+        if initializer is not None:
+            self._init = (uuid.uuid4().hex, self._encode_fn(initializer), tuple(initargs))
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._waiting = []
@@ -215,10 +301,30 @@ class RayExecutor(Executor):
             return fn
         return ByValue(_pickle_by_value(fn))
 
+    def _remote_for(self, fn, chunk, nested):
+        """(remote function, leading arguments) for a call of ``fn``."""
+        once = _shipped_once(fn)
+        key = (fn if once else _ANY, chunk, nested)
+        with self._lock:
+            remote = self._remotes.get(key)
+            if remote is not None:
+                self._remotes.move_to_end(key)
+        if remote is not None and once:
+            return remote, ()
+        enc = self._encode_fn(fn)
+        if remote is None:
+            remote = ray.remote(_task_for(enc if once else _ANY, self._init, chunk, nested))
+            remote = remote.options(**self._options)
+            with self._lock:
+                self._remotes[key] = remote
+                while len(self._remotes) > _REMOTES_KEPT:
+                    self._remotes.popitem(last=False)
+        return remote, (() if once else (enc,))
+
     def submit(self, fn, /, *args, **kwargs):
-        remote = self._remote
-        if isinstance(fn, _Chunk):
-            remote, fn = self._chunk_remote, fn.fn
+        chunk = isinstance(fn, _Chunk)
+        if chunk:
+            fn = fn.fn
         if not (callable(fn) or isinstance(fn, str)):
             raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
                             f"got {type(fn).__name__}")
@@ -227,7 +333,7 @@ class RayExecutor(Executor):
                              f"got {fn!r}")
         deps = _find_futures(args, []) + _find_futures(kwargs, [])
         future = RayFuture()
-        item = _Item(future, self._encode_fn(fn), args, kwargs, remote, deps, next(self._seq))
+        item = _Item(future, fn, chunk, args, kwargs, deps, next(self._seq))
         with self._lock:
             if self._broken is not None:
                 raise BrokenExecutor(f"this RayExecutor is broken: {self._broken}")
@@ -293,8 +399,8 @@ class RayExecutor(Executor):
                     "a future this call takes as an argument was cancelled")
             args, nested = _refs(item.args)
             kwargs, nested_kw = _refs(item.kwargs)
-            status_ref, value_ref = item.remote.remote(item.fn, self._init, nested or nested_kw,
-                                                       *args, **kwargs)
+            remote, lead = self._remote_for(item.fn, item.chunk, nested or nested_kw)
+            status_ref, value_ref = remote.remote(*lead, *args, **kwargs)
         except BaseException as exc:
             with self._lock:
                 self._inflight.pop(item, None)
@@ -302,7 +408,7 @@ class RayExecutor(Executor):
             _notify_dispatched(future)
             self._pump()
             return
-        item.args = item.kwargs = None
+        item.args = item.kwargs = item.fn = None
         with self._lock:
             del self._inflight[item]
             item.status_ref = status_ref
@@ -314,15 +420,25 @@ class RayExecutor(Executor):
         with future._fetch_lock:
             future.object_ref = value_ref
         _notify_dispatched(future)
+        future._direct = (self, item)
         status_ref.future().add_done_callback(lambda rf, item=item: self._on_status(item, rf))
 
     def _on_status(self, item, status_future):
         """Ray's callback thread: the call ended (value stored, raised, crashed or cancelled)."""
-        future = item.future
         try:
             exc = status_future.exception()
         except BaseException as e:      # cancelled ray future
             exc = e
+        self._complete(item, exc)
+
+    def _complete(self, item, exc):
+        """Complete the call's future from Ray's outcome; the first caller wins (Ray's
+        callback thread, or a thread waiting in ``result()``, see RayFuture._wait_here)."""
+        future = item.future
+        with self._lock:
+            if self._inflight.pop(item.status_ref, None) is None:
+                return
+        future._direct = None
         if exc is not None:
             try:
                 exc = _convert(exc, item)
@@ -330,7 +446,6 @@ class RayExecutor(Executor):
                 bug.__cause__ = exc
                 exc = bug
         with self._lock:
-            self._inflight.pop(item.status_ref, None)
             if isinstance(exc, InitializerFailed) and self._broken is None:
                 self._broken = exc
                 doomed = list(self._pending) + self._waiting

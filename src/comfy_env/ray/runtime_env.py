@@ -78,10 +78,7 @@ def local_runtime_env(env=None, *, progress=True) -> dict:
     """
     wenv = env if isinstance(env, WorkerEnvironment) else resolve_env(env, progress=progress)
     if wenv.is_current:
-        # Ray's default workers: no runtime_env at all, so calls share Ray's pool of
-        # already started workers with every plain ray.remote task (a runtime_env,
-        # even env_vars only, gets workers of its own, each started on first use).
-        return {}
+        return _driver_runtime_env()
     key = (wenv.python, wenv.pythonpath)
     if key not in _probed:
         _probed[key] = _foreign_pythonpath(wenv)
@@ -89,6 +86,33 @@ def local_runtime_env(env=None, *, progress=True) -> dict:
     env_vars = _base_env_vars(wenv.env_vars)
     env_vars["PYTHONPATH"] = os.pathsep.join(pythonpath)
     return {"py_executable": wenv.python, "env_vars": env_vars}
+
+
+def _default_worker_path():
+    import sys as _sys
+    return list(_sys.path)
+
+
+def _driver_runtime_env() -> dict:
+    """Workers in the driver's interpreter, seeing the driver's ``sys.path``.
+
+    As IsolatedExecutor's env=None workers, they must import the user's modules
+    (functions and argument classes pickled by reference) *before* a task's
+    arguments are unpickled, so the path must be set when the worker starts.  Ray's
+    default workers already see site-packages, ``PYTHONPATH``, the script's directory
+    and the cwd; only when the driver's path has more (a ``sys.path.insert``, pytest's
+    rootdir) does the executor need a runtime_env, which costs workers of its own.
+    Otherwise none is used, and calls share Ray's pool of started workers with every
+    plain ``ray.remote`` task.
+    """
+    import ray
+
+    seen = set(ray.get(ray.remote(_default_worker_path).options(num_cpus=0).remote()))
+    extra = [p for p in sys.path if p and p not in seen and os.path.isdir(p)]
+    if not extra:
+        return {}
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(extra + inherited)}}
 
 
 def _foreign_pythonpath(wenv) -> tuple:

@@ -47,10 +47,10 @@ def _resolve_nested(obj, depth=0):
     return obj
 
 
-def run_call(fn, setup, nested, *args, **kwargs):
+def run_call(fn, setup, nested, /, *args, **kwargs):
     """The Ray task behind ``RayExecutor.submit``.
 
-    ``setup``: the executor's once-per-process work (see :func:`_setup`), or None.
+    ``setup``: the executor's initializer (see :func:`_setup`), or None.
     ``nested``: whether ``args``/``kwargs`` hold refs below the top level.
     """
     if setup is not None:
@@ -74,25 +74,17 @@ _done_setups = set()
 
 
 def _setup(setup):
-    """Once per worker process and executor (Ray reuses processes across tasks).
-
-    ``setup = (token, sys_path, initializer, initargs)``.  ``sys_path``: the driver's
-    (executors in the driver's own interpreter), appended so that the driver's modules
-    import here as they do in IsolatedExecutor's env=None workers.  ``initializer``
-    runs as IsolatedExecutor runs it, once per worker.
-    """
-    token, sys_path, initializer, initargs = setup
+    """Once per worker process and executor (Ray reuses processes across tasks):
+    ``setup = (token, initializer, initargs)``; the initializer runs as
+    IsolatedExecutor runs it, once per worker."""
+    token, initializer, initargs = setup
     if token in _done_setups:
         return
-    if sys_path:
-        import sys
-        sys.path.extend(p for p in sys_path if p not in sys.path)
-    if initializer is not None:
-        try:
-            _function(initializer)(*initargs)
-        except BaseException as exc:
-            # The executor breaks on this (as IsolatedExecutor does): every later call
-            # would fail the same way.
-            raise InitializerFailed(f"the initializer failed in a Ray worker: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+    try:
+        _function(initializer)(*initargs)
+    except BaseException as exc:
+        # The executor breaks on this (as IsolatedExecutor does): every later call
+        # would fail the same way.
+        raise InitializerFailed(f"the initializer failed in a Ray worker: "
+                                f"{type(exc).__name__}: {exc}") from exc
     _done_setups.add(token)
