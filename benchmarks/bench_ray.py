@@ -5,7 +5,8 @@
 Measured (medians over rounds; the systems take turns inside each round, the box
 is shared and noisy):
 
-* warm call latency: ``submit(noop).result()`` (``ray.get(noop.remote())``), after warm-up;
+* warm call latency: ``submit(noop).result()`` (``ray.get(noop.remote())``), after warm-up
+  (``noop`` is defined in this script, ``__main__``, as a user's function would be);
 * numpy echo 64 / 256 MiB: the driver sends an array, the worker returns it, the
   driver holds the result (each system's own zero-copy view, none copied out);
 * chain A -> B 256 MiB: A makes 256 MiB, B (another executor) receives A's future
@@ -109,14 +110,27 @@ def main(argv=None):
 
     samples = {name: {"call": [], "echo_64": [], "echo_256": [], "chain_256": [], "chain_rss": []}
                for name in systems}
+    # Systems alternate call by call (latency) and repetition by repetition (data), in
+    # an order that rotates, so that the load of the shared box (and what the previous
+    # system left behind: freed pages, a busy object store) falls on all of them alike.
+    names = list(systems)
+
+    def turns(i):
+        k = i % len(names)
+        return [(n, systems[n]) for n in names[k:] + names[:k]]
+
     for rnd in range(args.rounds):
-        for name, s in systems.items():
-            samples[name]["call"] += timed(s["call"], args.calls)
-        for name, s in systems.items():
-            samples[name]["echo_64"] += timed(lambda: s["echo"](arrays[64]), 5)
-            samples[name]["echo_256"] += timed(lambda: s["echo"](arrays[256]), 3)
-        for name, s in systems.items():
-            for _ in range(3):
+        for i in range(args.calls):
+            for name, s in turns(i):
+                samples[name]["call"] += timed(s["call"], 1)
+        for i in range(6):
+            for name, s in turns(i):
+                samples[name]["echo_64"] += timed(lambda: s["echo"](arrays[64]), 1)
+        for i in range(6):
+            for name, s in turns(i):
+                samples[name]["echo_256"] += timed(lambda: s["echo"](arrays[256]), 1)
+        for i in range(6):
+            for name, s in turns(i):
                 before = rss()
                 t0 = time.perf_counter()
                 assert s["chain"]() == 65536

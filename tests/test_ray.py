@@ -13,7 +13,10 @@ from concurrent.futures import FIRST_EXCEPTION, CancelledError, as_completed, wa
 
 import pytest
 
-ray = pytest.importorskip("ray")
+# comfy_env.ray first: when it is the first to import Ray it turns on Ray's zero-copy
+# path for torch tensors, which the local Ray below then passes on to its workers.
+pytest.importorskip("comfy_env.ray")
+import ray  # noqa: E402
 
 from comfy_env import CallTimeout, Env, WorkerCrashed  # noqa: E402
 from comfy_env.errors import InitializerFailed, RemoteTraceback  # noqa: E402
@@ -135,8 +138,11 @@ def test_crash_is_worker_crashed_and_executor_recovers(ex):
 
 def test_call_timeout_kills_the_task_and_executor_goes_on(tmp_path):
     marker = tmp_path / "finished"
-    with RayExecutor(call_timeout=2.0) as e:
-        f = e.submit(_touch_later, str(marker), 10)
+    with RayExecutor(call_timeout=4.0) as e:
+        # Two workers started first: the clock of a call starts when it is handed to
+        # Ray (docs/ray.md), so the next call should not wait for a worker to start.
+        assert [x.result(timeout=60) for x in [e.submit(_sleep_then, i, 0.5) for i in (1, 2)]] == [1, 2]
+        f = e.submit(_touch_later, str(marker), 15)
         with pytest.raises(CallTimeout):
             f.result(timeout=60)
         assert _cpus_free()              # the killed task gave its CPU back
@@ -237,6 +243,7 @@ def _identity(x):
 
 def test_torch_cpu_tensor_round_trip(ex):
     torch = pytest.importorskip("torch")
+    assert os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS") == "1"
     t = torch.arange(1_000_000, dtype=torch.float32).reshape(1000, 1000)
     views = [t, t[1:], t[:, ::2], t.to(torch.bfloat16), torch.tensor([True, False])]
     out = ex.submit(_identity, views).result(timeout=60)
@@ -375,3 +382,16 @@ def test_bad_env_fails_at_construction_not_in_a_hang(tmp_path):
 def test_keyword_arguments_named_like_the_task_parameters(ex):
     assert ex.submit(dict, fn=1, nested=2, setup=3).result(timeout=60) == {"fn": 1, "nested": 2, "setup": 3}
     assert ex.submit(lambda **kw: kw, fn=1, nested=2).result(timeout=60) == {"fn": 1, "nested": 2}
+
+
+def test_ray_env_setup_failure_is_env_build_error(monkeypatch):
+    # A runtime_env Ray cannot build (offline, a package that exists nowhere): the
+    # call fails with comfy_env's EnvBuildError carrying Ray's message, never hangs.
+    from comfy_env.envs import EnvBuildError
+    from comfy_env.ray import executor as rx
+    bad = {"uv": {"packages": ["no-such-package-comfy-env-test==1.0"],
+                  "uv_pip_install_options": ["--no-index"]}}
+    monkeypatch.setattr(rx, "local_runtime_env", lambda env: bad)
+    with RayExecutor() as e:
+        with pytest.raises(EnvBuildError, match="Ray could not set up"):
+            e.submit(pow, 2, 2).result(timeout=100)

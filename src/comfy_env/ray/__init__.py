@@ -22,9 +22,9 @@ if "ray" not in sys.modules:
 
 try:
     import ray as _ray  # noqa: F401  (fail here, with the extra's name, not deep inside a call)
-except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
-    raise ImportError(
-        "comfy_env.ray needs Ray, which is not installed in this environment "
+except ImportError as exc:  # exercised by a subprocess test
+    raise ModuleNotFoundError(
+        "comfy_env.ray needs Ray, which could not be imported in this environment "
         f"({exc}). Install the extra: pip install 'comfy-env[ray]'",
         name="ray",
     ) from exc

@@ -28,6 +28,7 @@ import threading
 import time
 import types
 import uuid
+import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 
@@ -294,6 +295,7 @@ class RayExecutor(Executor):
         self._broken = None
         self._watchdog = None
         self._wake = threading.Event()
+        _live.add(self)
 
     # -- submitting ------------------------------------------------------------------
     def _encode_fn(self, fn):
@@ -482,7 +484,9 @@ class RayExecutor(Executor):
     def _watch(self):
         while True:
             with self._lock:
-                if self._shutdown and not self._inflight:
+                if not self._deadlines:
+                    # Nothing to watch: the thread ends (and holds no reference to the
+                    # executor); the next timed call starts another.
                     self._watchdog = None
                     return
                 now = time.monotonic()
@@ -521,6 +525,8 @@ class RayExecutor(Executor):
         if wait:
             with self._lock:
                 while self._pending or self._waiting or self._inflight:
+                    if not ray.is_initialized():
+                        break       # Ray was shut down under us: nothing will complete
                     self._idle.wait(0.5)
 
     def __repr__(self):
@@ -528,6 +534,23 @@ class RayExecutor(Executor):
         env = self.runtime_env.get("py_executable") or ("uv" if "uv" in self.runtime_env else "driver")
         return (f"<RayExecutor env={env!r} in_flight={len(self._inflight)} "
                 f"max_workers={self.max_workers} {state}>")
+
+
+_live = weakref.WeakSet()
+
+
+def _shutdown_all_at_exit():
+    # As concurrent.futures (and IsolatedExecutor): calls submitted before the
+    # interpreter exits still run, including those waiting in an executor for a slot.
+    # threading's exit hooks run before atexit's, so Ray is still connected here.
+    for ex in list(_live):
+        try:
+            ex.shutdown(wait=True)
+        except Exception:
+            pass
+
+
+threading._register_atexit(_shutdown_all_at_exit)
 
 
 def _notify_dispatched(future):
