@@ -11,13 +11,15 @@ is shared and noisy):
   driver holds the result (each system's own zero-copy view, none copied out);
 * chain A -> B 256 MiB: A makes 256 MiB, B (another executor) receives A's future
   and returns a checksum; the driver never asks for A's value.  Also reported: how
-  much the driver's RSS grew over the chain.
+  much the driver's RSS grew over the chain, and as a control, how much it grows
+  when the driver does fetch and read A's 256 MiB (measured first, on fresh pages).
 
 Needs Ray (``pip install 'comfy-env[ray]'``).  Writes JSON under benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -88,18 +90,31 @@ def main(argv=None):
             "call": lambda: iso.submit(noop).result(),
             "echo": lambda a: iso.submit(echo, a).result(),
             "chain": lambda: iso_b.submit(checksum, iso.submit(produce, 256)).result(),
+            "fetch": lambda: checksum(iso.submit(produce, 256).result()),
         },
         "RayExecutor": {
             "call": lambda: rex.submit(noop).result(),
             "echo": lambda a: rex.submit(echo, a).result(),
             "chain": lambda: rex_b.submit(checksum, rex.submit(produce, 256)).result(),
+            "fetch": lambda: checksum(rex.submit(produce, 256).result()),
         },
         "ray.remote": {
             "call": lambda: ray.get(r_noop.remote()),
             "echo": lambda a: ray.get(r_echo.remote(a)),
             "chain": lambda: ray.get(r_checksum.remote(r_produce.remote(256))),
+            "fetch": lambda: checksum(ray.get(r_produce.remote(256))),
         },
     }
+    # Control for the RSS column, before any warm-up touched the pages: the same
+    # 256 MiB fetched into the driver and read there (a chain that materialised its
+    # input in the driver would grow by this much).
+    control = {}
+    for name, s in systems.items():
+        gc.collect()
+        time.sleep(1.0)       # what the previous system freed is given back first
+        before = rss()
+        assert s["fetch"]() == 65536
+        control[name] = rss() - before
     # Warm-up: workers started, code imported, object store and arenas touched.
     for s in systems.values():
         for _ in range(20):
@@ -151,6 +166,8 @@ def main(argv=None):
               f"{m['chain_rss'] / 2**20:>7.1f} MiB")
     ratios = {name: {k: m[k] / base[k] for k in ("call", "echo_64", "echo_256", "chain_256")}
               for name, m in med.items()}
+    print("control, driver RSS growth when it fetches and reads A's 256 MiB itself: " +
+          ", ".join(f"{n} {v / 2**20:.0f} MiB" for n, v in control.items()))
     for name in ("RayExecutor", "IsolatedExecutor"):
         r = ratios[name]
         print(f"{name} / ray.remote: call {r['call']:.2f}x, echo 64 {r['echo_64']:.2f}x, "
@@ -161,6 +178,7 @@ def main(argv=None):
            "rounds": args.rounds, "calls_per_round": args.calls,
            "median_s": {n: {k: v for k, v in m.items() if k != "chain_rss"} for n, m in med.items()},
            "chain_driver_rss_growth_bytes": {n: m["chain_rss"] for n, m in med.items()},
+           "control_fetch_rss_growth_bytes": control,
            "ratio_to_ray_remote": ratios}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

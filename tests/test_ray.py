@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, as_completed, wait
 
@@ -122,6 +123,25 @@ def test_exception_keeps_type_args_and_remote_traceback(ex):
     assert isinstance(err.__cause__, RemoteTraceback)
     assert "_raise_boom" in str(err.__cause__)
     assert isinstance(f.exception(), Boom)
+
+
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+def _raise_unpicklable():
+    raise Unpicklable("holds a lock")
+
+
+def test_unpicklable_exception_becomes_remote_error_naming_it(ex):
+    from comfy_env import RemoteError
+    with pytest.raises(RemoteError) as info:
+        ex.submit(_raise_unpicklable).result(timeout=60)
+    assert "Unpicklable" in info.value.type_name
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "_raise_unpicklable" in str(info.value.__cause__)
 
 
 def test_bad_reference_raises_in_the_future(ex):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import re
 import sys
 import threading
 import time
@@ -637,8 +638,11 @@ def _convert(exc, item):
         tb = exc.__dict__.get("traceback_str") or str(exc)
         if isinstance(cause, ray.exceptions.RayError) and not isinstance(
                 cause, ray.exceptions.RayTaskError):
-            # Ray's stand-in for an exception that could not be pickled.
-            err = RemoteError(exc.function_name, str(cause), tb)
+            # Ray's stand-in for an exception that could not be pickled; its message
+            # names the original type ("Exception mod.Type isn't serializable: ...").
+            m = re.search(r"Exception (\S+) isn't serializable", str(cause))
+            err = RemoteError(m.group(1) if m else type(cause).__name__,
+                              str(cause).split("\n")[0], tb)
         elif isinstance(cause, BaseException):
             err = cause
         else:
