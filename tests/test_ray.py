@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, as_completed, wait

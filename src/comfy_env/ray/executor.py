@@ -280,6 +280,12 @@ class RayExecutor(Executor):
                        retry_exceptions=False)
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
+        if "py_executable" in self.runtime_env and not self.multi_node:
+            # The env was built on this machine: its interpreter exists only here, so
+            # the calls stay here even if more nodes join the cluster later.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)
         self._options = options
         self._remotes = collections.OrderedDict()     # (fn, chunk) -> remote function
         self._init = None
