@@ -414,3 +414,26 @@ def test_ray_env_setup_failure_is_env_build_error(monkeypatch):
     with RayExecutor() as e:
         with pytest.raises(EnvBuildError, match="Ray could not set up"):
             e.submit(pow, 2, 2).result(timeout=100)
+
+
+def test_interpreter_exit_runs_calls_still_waiting_in_the_executor(tmp_path):
+    # As concurrent.futures: a script that exits without shutdown() still gets every
+    # call it submitted run, including those waiting in the executor (max_workers).
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, time, ray\n"
+        "from comfy_env.ray import RayExecutor\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "def touch(path):\n"
+        "    time.sleep(0.5)\n"
+        "    open(path, 'w').close()\n"
+        "ex = RayExecutor(max_workers=1)\n"
+        "for i in range(5):\n"
+        "    ex.submit(touch, sys.argv[2] + f'/done{i}')\n"
+        "print('exiting', flush=True)\n"
+    )
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, str(script), address, str(tmp_path)], capture_output=True,
+                         text=True, timeout=100, env=dict(os.environ, PYTHONPATH=SRC))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("done*")) == [f"done{i}" for i in range(5)]
