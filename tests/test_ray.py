@@ -1,0 +1,439 @@
+"""RayExecutor on a local Ray (``ray.init(num_cpus=2)``, one per test session).
+
+Skipped only when Ray is not installed (CI installs the ``ray`` extra).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, as_completed, wait
+
+import pytest
+
+# comfy_env.ray first: when it is the first to import Ray it turns on Ray's zero-copy
+# path for torch tensors, which the local Ray below then passes on to its workers.
+pytest.importorskip("comfy_env.ray")
+import ray  # noqa: E402
+
+from comfy_env import CallTimeout, Env, WorkerCrashed  # noqa: E402
+from comfy_env.errors import InitializerFailed, RemoteTraceback  # noqa: E402
+from comfy_env.ray import RayExecutor, writable  # noqa: E402
+from test_envs_helpers import demo_dep_wheel  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(__import__("comfy_env").__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with RayExecutor() as e:
+        yield e
+
+
+def _cpus_free(expected=2.0, within=30):
+    """Wait until the local Ray has all its CPUs back (no task holds one)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= expected:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class Boom(Exception):
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+
+
+def _raise_boom(code):
+    raise Boom(code, "detail")
+
+
+def _sleep_then(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def _touch_later(path, seconds):
+    time.sleep(seconds)
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+def _set_env(key, value):
+    os.environ[key] = value
+
+
+# -- import hygiene ----------------------------------------------------------------------
+
+def test_import_comfy_env_does_not_import_ray():
+    code = "import sys, comfy_env; comfy_env.IsolatedExecutor; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=SRC), timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_missing_ray_names_the_extra(tmp_path):
+    # A ray that cannot be imported, first on the path.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    code = "import comfy_env.ray"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), SRC])),
+                         timeout=60)
+    assert out.returncode != 0
+    assert "pip install 'comfy-env[ray]'" in out.stderr
+
+
+# -- results, errors ------------------------------------------------------------------------
+
+def test_results_callable_and_reference(ex):
+    assert ex.submit(pow, 2, 10).result(timeout=60) == 1024
+    assert ex.submit("os.path:join", "a", "b").result(timeout=60) == os.path.join("a", "b")
+    assert ex.submit(sorted, [3, 1, 2], reverse=True).result(timeout=60) == [3, 2, 1]
+    with pytest.raises(ValueError, match="package.module:qualname"):
+        ex.submit("no_colon_here")
+    with pytest.raises(TypeError):
+        ex.submit(42)
+
+
+def test_exception_keeps_type_args_and_remote_traceback(ex):
+    f = ex.submit(_raise_boom, 7)
+    with pytest.raises(Boom) as info:
+        f.result(timeout=60)
+    err = info.value
+    assert type(err) is Boom and err.args == (7, "detail") and err.code == 7
+    assert isinstance(err.__cause__, RemoteTraceback)
+    assert "_raise_boom" in str(err.__cause__)
+    assert isinstance(f.exception(), Boom)
+
+
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+def _raise_unpicklable():
+    raise Unpicklable("holds a lock")
+
+
+def test_unpicklable_exception_becomes_remote_error_naming_it(ex):
+    from comfy_env import RemoteError
+    with pytest.raises(RemoteError) as info:
+        ex.submit(_raise_unpicklable).result(timeout=60)
+    assert "Unpicklable" in info.value.type_name
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "_raise_unpicklable" in str(info.value.__cause__)
+
+
+def test_bad_reference_raises_in_the_future(ex):
+    with pytest.raises(AttributeError, match="no attribute"):
+        ex.submit("os.path:no_such_function").result(timeout=60)
+
+
+def test_crash_is_worker_crashed_and_executor_recovers(ex):
+    f = ex.submit(os._exit, 3)
+    with pytest.raises(WorkerCrashed):
+        f.result(timeout=60)
+    assert ex.submit(pow, 3, 3).result(timeout=60) == 27
+
+
+def test_call_timeout_kills_the_task_and_executor_goes_on(tmp_path):
+    marker = tmp_path / "finished"
+    with RayExecutor(call_timeout=4.0) as e:
+        # Two workers started first: the clock of a call starts when it is handed to
+        # Ray (docs/ray.md), so the next call should not wait for a worker to start.
+        assert [x.result(timeout=60) for x in [e.submit(_sleep_then, i, 0.5) for i in (1, 2)]] == [1, 2]
+        f = e.submit(_touch_later, str(marker), 15)
+        with pytest.raises(CallTimeout):
+            f.result(timeout=60)
+        assert _cpus_free()              # the killed task gave its CPU back
+        assert e.submit(pow, 2, 5).result(timeout=60) == 32
+    assert _cpus_free()
+    time.sleep(0.5)
+    assert not marker.exists()       # the task was killed, not left to finish
+
+
+def test_map_results_chunksize_and_timeout(ex):
+    assert list(ex.map(pow, range(6), [2] * 6)) == [x ** 2 for x in range(6)]
+    assert list(ex.map(pow, range(7), [2] * 7, chunksize=3)) == [x ** 2 for x in range(7)]
+    it = ex.map(_sleep_then, [1, 2], [2, 2], timeout=0.5)
+    with pytest.raises(TimeoutError):
+        list(it)
+    assert _cpus_free()
+
+
+def test_cancel_pending_call_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    with RayExecutor(max_workers=1) as e:
+        first = e.submit(_sleep_then, 1, 1.0)
+        second = e.submit(_touch_later, str(marker), 0)
+        assert second.cancel()
+        assert second.cancelled()
+        assert not first.cancel()       # handed to Ray: running, as in the standard library
+        assert first.result(timeout=60) == 1
+        with pytest.raises(CancelledError):
+            second.result()
+    assert not marker.exists()
+
+
+def test_wait_and_as_completed(ex):
+    fs = [ex.submit(_sleep_then, i, 0.05 * i) for i in range(4)]
+    assert sorted(f.result() for f in as_completed(fs, timeout=60)) == [0, 1, 2, 3]
+    bad = ex.submit(_raise_boom, 1)
+    slow = ex.submit(_sleep_then, 1, 3)
+    done, not_done = wait([bad, slow], timeout=60, return_when=FIRST_EXCEPTION)
+    assert bad in done and slow in not_done
+    slow.result(timeout=60)
+
+
+def test_shutdown_cancel_futures_leaves_no_task_running(tmp_path):
+    e = RayExecutor(max_workers=1)
+    running = e.submit(_sleep_then, "a", 1.0)
+    queued = [e.submit(_touch_later, str(tmp_path / f"q{i}"), 0) for i in range(3)]
+    e.shutdown(wait=True, cancel_futures=True)
+    assert running.done() and running.result() == "a"
+    assert all(q.cancelled() for q in queued)
+    assert _cpus_free(within=5)        # nothing of ours holds a CPU any more
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        e.submit(pow, 1, 1)
+
+
+def test_initializer_runs_once_per_worker_and_failure_breaks():
+    with RayExecutor(initializer=_set_env, initargs=("COMFY_RAY_INIT", "yes")) as e:
+        assert e.submit("os:getenv", "COMFY_RAY_INIT").result(timeout=60) == "yes"
+    with RayExecutor(initializer=_raise_boom, initargs=(5,)) as e:
+        with pytest.raises(InitializerFailed):
+            e.submit(pow, 1, 1).result(timeout=60)
+        from concurrent.futures import BrokenExecutor
+        with pytest.raises(BrokenExecutor):
+            e.submit(pow, 1, 1)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def test_numpy_round_trip_exact_dtypes_and_views(ex):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((64, 48)).astype(np.float64)
+    arrays = [
+        base, base[1:], base[:, ::3], base.T, base[5:20, 7:30],
+        np.arange(300_000, dtype=np.int64)[::7],
+        (rng.standard_normal(200_000) > 0),
+        rng.standard_normal((100, 100)).astype(np.float16),
+        rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
+        np.array([1 + 2j, 3 - 4j], dtype=np.complex128),
+        np.zeros((0, 3), dtype=np.float32),
+        np.asfortranarray(rng.standard_normal((300, 200)).astype(np.float32)),
+    ]
+    out = ex.submit(_identity, arrays).result(timeout=60)
+    for a, b in zip(arrays, out):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert np.array_equal(a, b)
+    big = out[8]
+    assert not big.flags.writeable          # Ray's object store view (documented)
+    w = writable(out)
+    assert all(x.flags.writeable for x in w)
+    w[8][0, 0, 0] = 7
+    assert big[0, 0, 0] == arrays[8][0, 0, 0]
+
+
+def _identity(x):
+    return x
+
+
+def test_torch_cpu_tensor_round_trip(ex):
+    torch = pytest.importorskip("torch")
+    assert os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS") == "1"
+    t = torch.arange(1_000_000, dtype=torch.float32).reshape(1000, 1000)
+    views = [t, t[1:], t[:, ::2], t.to(torch.bfloat16), torch.tensor([True, False])]
+    out = ex.submit(_identity, views).result(timeout=60)
+    for a, b in zip(views, out):
+        assert isinstance(b, torch.Tensor) and b.dtype == a.dtype and b.shape == a.shape
+        assert torch.equal(a, b)
+
+
+def _make_big(mib):
+    import numpy as np
+    a = np.empty(mib << 20, dtype=np.uint8)
+    a[::4096] = 1
+    return a
+
+
+def _checksum(a):
+    return int(a[::4096].sum()), a.nbytes
+
+
+def _driver_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_chain_goes_worker_to_worker_without_the_driver(ex):
+    with RayExecutor() as other:
+        rss0 = _driver_rss()
+        a = ex.submit(_make_big, 256)
+        b = other.submit(_checksum, a)
+        assert b.result(timeout=60) == (65536, 256 << 20)
+        grew = _driver_rss() - rss0
+        assert a.fetches == 0                    # the driver never asked Ray for a's value
+        assert grew < 64 << 20, f"driver RSS grew by {grew >> 20} MiB"
+        nested = other.submit(_checksum_of_first, [a, 1])   # a ref below the top level
+        assert nested.result(timeout=60) == (65536, 256 << 20)
+        assert a.fetches == 0
+
+
+def _checksum_of_first(items):
+    return _checksum(items[0])
+
+
+def test_chain_error_propagates(ex):
+    a = ex.submit(_raise_boom, 3)
+    b = ex.submit(_identity, a)
+    with pytest.raises(Boom):
+        b.result(timeout=60)
+
+
+def test_chain_from_a_foreign_future(ex):
+    from concurrent.futures import Future
+    f = Future()
+    g = ex.submit(pow, f, 2)
+    time.sleep(0.2)
+    assert not g.done()
+    f.set_result(9)
+    assert g.result(timeout=60) == 81
+
+
+# -- environments -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_envs(tmp_path_factory):
+    wheels = tmp_path_factory.mktemp("wheels")
+    demo_dep_wheel(wheels, "1.0")
+    demo_dep_wheel(wheels, "2.0")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    envs = []
+    for version in ("1.0", "2.0"):
+        envs.append(Env.from_dict({
+            "name": f"ray-demo-{version[0]}",
+            "requirements": [f"demo_dep=={version}"],
+            "find_links": [str(wheels)],
+            "no_index": True,
+            "environment": {"COMFY_RAY_ENV": f"v{version}"},
+        }, cache_dir=cache).create(progress=False))
+    return envs
+
+
+def _versions():
+    import demo_dep
+    return demo_dep.VERSION, os.environ.get("COMFY_RAY_ENV"), sys.executable
+
+
+def test_two_envs_each_run_their_own_packages(two_envs):
+    e1, e2 = (RayExecutor(env=e) for e in two_envs)
+    try:
+        assert e1.runtime_env["py_executable"] == two_envs[0].python
+        v1 = e1.submit("demo_dep:describe", 1).result(timeout=120)
+        v2 = e2.submit("demo_dep:describe", 2).result(timeout=120)
+        assert v1["version"] == "1.0" and v2["version"] == "2.0"
+        # A function of this test module travels by value; env vars come from the spec.
+        ver, var, exe = e1.submit(_versions).result(timeout=60)
+        assert (ver, var) == ("1.0", "v1.0") and exe == two_envs[0].python
+        # Host packages stay invisible (Ray's own closure is shared, numpy is not in it).
+        assert e2.submit(_can_import, "numpy").result(timeout=60) is False
+        # A chain across the two envs.
+        t = e2.submit("demo_dep:transform", e1.submit("demo_dep:transform", 3.0))
+        assert t.result(timeout=60) == 6.0
+    finally:
+        e1.shutdown()
+        e2.shutdown()
+
+
+def _can_import(name):
+    import importlib
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+def test_cluster_mapping_of_an_env(tmp_path):
+    from comfy_env.envs import EnvSpecError
+    from comfy_env.ray import cluster_runtime_env
+    env = Env.from_dict({"name": "c", "requirements": ["demo_dep==1.0"],
+                         "index_url": "https://pypi.example/simple",
+                         "environment": {"A": "1"}})
+    rt = cluster_runtime_env(env)
+    assert rt["uv"] == {"packages": ["demo_dep==1.0"],
+                        "uv_pip_install_options": ["--index-url", "https://pypi.example/simple"]}
+    assert rt["env_vars"]["A"] == "1"
+    local = Env.from_dict({"name": "l", "requirements": ["demo_dep==1.0"],
+                           "find_links": [str(tmp_path)], "no_index": True})
+    with pytest.raises(EnvSpecError, match="other nodes"):
+        cluster_runtime_env(local)
+
+
+def test_bad_env_fails_at_construction_not_in_a_hang(tmp_path):
+    from comfy_env.envs import EnvError
+    with pytest.raises(EnvError):
+        RayExecutor(env=str(tmp_path / "no-such-env"))
+
+
+def test_keyword_arguments_named_like_the_task_parameters(ex):
+    assert ex.submit(dict, fn=1, nested=2, setup=3).result(timeout=60) == {"fn": 1, "nested": 2, "setup": 3}
+    assert ex.submit(lambda **kw: kw, fn=1, nested=2).result(timeout=60) == {"fn": 1, "nested": 2}
+
+
+def test_ray_env_setup_failure_is_env_build_error(monkeypatch):
+    # A runtime_env Ray cannot build (offline, a package that exists nowhere): the
+    # call fails with comfy_env's EnvBuildError carrying Ray's message, never hangs.
+    from comfy_env.envs import EnvBuildError
+    from comfy_env.ray import executor as rx
+    bad = {"uv": {"packages": ["no-such-package-comfy-env-test==1.0"],
+                  "uv_pip_install_options": ["--no-index"]}}
+    monkeypatch.setattr(rx, "local_runtime_env", lambda env: bad)
+    with RayExecutor() as e:
+        with pytest.raises(EnvBuildError, match="Ray could not set up"):
+            e.submit(pow, 2, 2).result(timeout=100)
+
+
+def test_interpreter_exit_runs_calls_still_waiting_in_the_executor(tmp_path):
+    # As concurrent.futures: a script that exits without shutdown() still gets every
+    # call it submitted run, including those waiting in the executor (max_workers).
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, time, ray\n"
+        "from comfy_env.ray import RayExecutor\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "def touch(path):\n"
+        "    time.sleep(0.5)\n"
+        "    open(path, 'w').close()\n"
+        "ex = RayExecutor(max_workers=1)\n"
+        "for i in range(5):\n"
+        "    ex.submit(touch, sys.argv[2] + f'/done{i}')\n"
+        "print('exiting', flush=True)\n"
+    )
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, str(script), address, str(tmp_path)], capture_output=True,
+                         text=True, timeout=100, env=dict(os.environ, PYTHONPATH=SRC))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("done*")) == [f"done{i}" for i in range(5)]
