@@ -793,7 +793,8 @@ class IsolatedExecutor(Executor):
     ``with`` statement, ``concurrent.futures.wait`` and ``as_completed`` behave as
     in the standard library.  Workers are started on demand (the first call pays
     for interpreter start-up) and stopped by ``shutdown()``; they also die with
-    the parent.
+    the parent.  What happens on crashes, timeouts, Ctrl-C, exit and in fork
+    children: ``docs/reliability.md``.
 
     Args:
         env: where the workers run.  ``None``: this interpreter, in new processes
@@ -821,7 +822,7 @@ class IsolatedExecutor(Executor):
             ``comfy_env.worker.<name>``).
         worker_output: where the workers' ``print()`` and stderr go:
             ``"stream"`` (default: this process's stdout/stderr, each line
-            prefixed with the worker's name), ``"logging"`` (records of the
+            prefixed with ``[<name>#<n>] ``), ``"logging"`` (INFO records of the
             ``comfy_env.worker.<name>`` logger) or ``"discard"``.  Either way the
             last lines of stderr (and a crash's whole faulthandler dump) are kept
             for :class:`~comfy_env.WorkerCrashed`, and the workers' ``logging``
@@ -919,7 +920,8 @@ class IsolatedExecutor(Executor):
         Raises:
             TypeError: ``fn`` is neither callable nor a string.
             ValueError: ``fn`` is a string not of the form ``"module:qualname"``.
-            RuntimeError: the executor was shut down.
+            RuntimeError: the executor was shut down, or was created by the
+                parent of this fork child (create a new one in the child).
             concurrent.futures.BrokenExecutor: the executor is broken (a worker
                 could not start or its initializer failed).
         """
@@ -963,8 +965,15 @@ class IsolatedExecutor(Executor):
         still run and the workers exit after them.  ``cancel_futures=True``
         cancels the calls that have not started (queued, or waiting for an
         input future).  Futures already done keep their results, which stay
-        valid after the workers have exited.  Leaving a ``with`` block calls
-        ``shutdown(wait=True)``.
+        valid after the workers have exited.
+
+        Leaving a ``with`` block calls ``shutdown(wait=True)``, except on a
+        ``KeyboardInterrupt``: then queued calls are cancelled, running calls
+        fail with ``CancelledError`` and their workers are killed at once.
+        From a done-callback (it runs on the thread that reads this executor's
+        results) ``wait=True`` would wait for itself: it starts the shutdown,
+        then raises ``RuntimeError``.  In a fork child this does nothing (the
+        workers are the parent's).
         """
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait:
