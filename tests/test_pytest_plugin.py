@@ -577,3 +577,26 @@ def test_doc_examples_pass(pytester, where, code):
     pytester.makepyfile(test_example=code)
     result = run(pytester, "-rA")
     assert result.ret == 0, result.stdout.str()
+
+
+GPU_TEST = '''
+import pytest, torch
+
+@pytest.mark.isolated(timeout=120)
+def test_cuda_in_the_worker():
+    x = torch.arange(1024, device="cuda", dtype=torch.float32)
+    assert float(x.sum()) == 1023 * 1024 / 2
+    assert torch.cuda.is_initialized()
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(150)
+def test_an_isolated_gpu_test_uses_cuda_in_its_worker(pytester):
+    """Workers are spawned, never forked, so CUDA initialises in them (device machine only)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytester.makepyfile(test_gpu=GPU_TEST)
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_cuda_in_the_worker": "PASSED"}, result.stdout.str()
