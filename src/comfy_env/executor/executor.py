@@ -560,11 +560,14 @@ class IsolatedExecutor(Executor):
     ``device`` (``"cuda:N"`` in this process's numbering, or a GPU UUID) pins
     the workers to one GPU: it becomes their ``cuda:0`` (see devices.py).
     ``name`` prefixes the workers' log lines; ``worker_log_level`` sets the
-    workers' root logger level.
+    workers' root logger level.  ``sandbox``: a :class:`comfy_env.Sandbox` to run
+    the workers in (bubblewrap, docs/sandbox.md); None keeps what the env's
+    ``[sandbox]`` table says, False runs unsandboxed even if it says otherwise.
     """
 
     def __init__(self, env=None, max_workers=1, *, initializer=None, initargs=(),
-                 call_timeout=None, name=None, worker_log_level=None, device=None):
+                 call_timeout=None, name=None, worker_log_level=None, device=None,
+                 sandbox=None):
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -581,6 +584,11 @@ class IsolatedExecutor(Executor):
         pin = pin_environment(device)
         if pin:
             wenv = dataclasses.replace(wenv, env_vars={**(wenv.env_vars or {}), **pin})
+        if sandbox is not None:
+            wenv = dataclasses.replace(wenv, sandbox=_sandbox_arg(sandbox))
+        if wenv.sandbox is not None:
+            from ..sandbox import check_available
+            check_available()           # bwrap can't run here: say so now, never run unsandboxed
         self.device = device
         self.env = wenv
         self.name = name or f"{wenv.label}-{next(_names)}"
@@ -634,6 +642,15 @@ class IsolatedExecutor(Executor):
         state = "broken" if p.broken else "shut down" if p.shutting_down else "running"
         return (f"<IsolatedExecutor {self.name!r} env={p.wenv.label!r} workers={len(p.workers)}/"
                 f"{p.max_workers} {state}>")
+
+
+def _sandbox_arg(sandbox):
+    from ..sandbox import Sandbox
+    if sandbox is False:
+        return None
+    if not isinstance(sandbox, Sandbox):
+        raise TypeError(f"sandbox must be a comfy_env.Sandbox, False or None, not {sandbox!r}")
+    return sandbox
 
 
 class _ByValue:

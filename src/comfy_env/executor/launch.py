@@ -54,13 +54,17 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None) -> subpr
     # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
     lease = wenv.prepare_launch()
     try:
-        return subprocess.Popen(
-            worker_command(wenv, child_fd, alive_fd),
+        cmd, env, popen = worker_command(wenv, child_fd, alive_fd), worker_environ(wenv), subprocess.Popen
+        if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
+            from ..sandbox import wrap
+            cmd, env, popen = wrap(wenv.sandbox, wenv, cmd, env, _PACKAGE_PARENT)
+        return popen(
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=fds + lease,
-            env=worker_environ(wenv),
+            env=env,
             close_fds=True,
             cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
             # Own process group: a Ctrl-C in the parent's terminal is the
