@@ -49,7 +49,7 @@ import sys
 import threading
 
 __all__ = ["Sandbox", "SandboxUnavailable", "sandbox_from_table", "probe", "check_available",
-           "TABLE_KEYS"]
+           "for_pack", "TABLE_KEYS"]
 
 # Environment variables a sandboxed worker sees by default (plus the env's own declared
 # variables, the device pin, what comfy_env sets to start it, and ``env_passthrough``).
@@ -550,3 +550,36 @@ def wrap(sb, wenv, cmd, env, package_parent):
     declared = set(wenv.env_vars or ()) | {"PYTHONPATH", "PYTHONUNBUFFERED"}
     full = [bwrap] + bwrap_args(sb, wenv, cwd, package_parent) + ["--"] + list(cmd)
     return full, worker_env(sb, env, declared), SandboxedPopen
+
+
+def for_pack(env, sandbox, pack_dir, socket_path):
+    """``(env, sandbox)`` for the ComfyUI adapter's executor.
+
+    The effective sandbox is ``sandbox`` or, when None, the env's ``[sandbox]`` table
+    (the env is resolved here for that; the executor takes the result as is).  It is
+    widened to read the pack's directory and the directory of the adapter's progress
+    socket (under the host's /tmp, which a private /tmp hides).  ``sandbox=False``
+    passes through: the executor then runs the pack unsandboxed.
+    """
+    if sandbox is False:
+        return env, False
+    if sandbox is None:
+        from .envs import resolve_env
+        env = resolve_env(env)
+        sandbox = env.sandbox
+        if sandbox is None:
+            return env, None
+    elif not isinstance(sandbox, Sandbox):
+        raise TypeError(f"sandbox must be a comfy_env.Sandbox, False or None, not {sandbox!r}")
+    paths = [pack_dir]
+    if socket_path and not socket_path.startswith("\0"):
+        paths.append(os.path.dirname(socket_path))
+    return env, sandbox.also_readable(*[p for p in paths if os.path.exists(p)])
+
+
+def report():
+    """``comfy-env doctor``'s sandbox line."""
+    bwrap, problem = probe()
+    if problem is None:
+        return f"sandbox: works (bubblewrap at {bwrap}; IsolatedExecutor(sandbox=Sandbox(...)))"
+    return f"sandbox: not available: {problem}"

@@ -30,7 +30,7 @@ _log = logging.getLogger(__name__)
 
 
 def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=None,
-                   call_timeout=None, comfy_api="auto"):
+                   call_timeout=None, comfy_api="auto", sandbox=None):
     """Load a pack's node modules in a worker; return ComfyUI's two mappings.
 
     pack_file: the pack's ``__file__`` (or its directory).
@@ -47,6 +47,8 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     comfy_api: what ``import comfy.utils`` gives node code in the worker: "auto"
         (ComfyUI's own modules when the worker can import them, else comfy-env's
         shim), "shim" or "comfyui".
+    sandbox: a ``comfy_env.Sandbox`` to run the pack's worker in (docs/sandbox.md);
+        None: what the env's ``[sandbox]`` table says; False: unsandboxed.
 
     Returns ``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)``.  Raises
     PackLoadError (an ImportError, so ComfyUI lists the pack as failed with the
@@ -70,7 +72,7 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     from .pack import IsolatedPack
     pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
                         interrupt_grace=interrupt_grace, call_timeout=call_timeout,
-                        comfy_api=comfy_api)
+                        comfy_api=comfy_api, sandbox=sandbox)
     try:
         mappings = pack.node_mappings()
     except PackLoadError as exc:
