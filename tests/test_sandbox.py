@@ -174,6 +174,8 @@ def test_readable_list_hides_everything_else(tmp_path):
                       else "/etc/shadow").result(timeout=30)
         with pytest.raises(OSError):            # readable is not writable
             ex.submit(write, str(seen / "a.txt")).result(timeout=30)
+        with pytest.raises(OSError):            # nor is the skeleton that holds the mounts
+            ex.submit(write, str(tmp_path / "phantom.txt")).result(timeout=30)
     assert (seen / "a.txt").read_text() == "visible"
     # Everything readable (the default) reads it fine: the control.
     with IsolatedExecutor(sandbox=Sandbox(tmp=False)) as ex:
