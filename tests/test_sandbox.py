@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import _funcs
+from pythons import ALL_PYTHONS, run_script
 from comfy_env import (CallTimeout, IsolatedExecutor, Sandbox, SandboxUnavailable, WorkerCrashed,
                        shared_empty)
 from comfy_env import sandbox as sbmod
@@ -303,6 +304,42 @@ def test_the_sandboxed_worker_dies_with_its_parent(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+@needs_bwrap
+@ALL_PYTHONS
+@pytest.mark.timeout(180)
+def test_a_user_script_runs_sandboxed_workers_on_every_python(pyver, tmp_path):
+    """Start-up (interpreter prefix, venv, bootstrap), calls, arrays, a crash and a clean exit."""
+    (tmp_path / "out").mkdir()
+    proc = run_script(pyver, textwrap.dedent("""
+        import os, signal, sys
+        import numpy as np
+        from comfy_env import IsolatedExecutor, Sandbox, WorkerCrashed
+
+        def work(path):
+            with open(path, "w") as f:
+                f.write(sys.version)
+            return np.arange(100_000.0), os.getpid()
+
+        def die():
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        # A readable list: the strictest mounts; the worker must still find its interpreter.
+        with IsolatedExecutor(sandbox=Sandbox(readable=[], writable=["out"])) as ex:
+            arr, pid = ex.submit(work, os.path.abspath("out/v.txt")).result(timeout=60)
+            assert pid != os.getpid() and arr[-1] == 99_999.0
+            try:
+                ex.submit(die).result(timeout=60)
+            except WorkerCrashed as e:
+                assert "SIGSEGV" in str(e), e
+            else:
+                raise AssertionError("no crash")
+            assert ex.submit(work, os.path.abspath("out/v.txt")).result(timeout=60)[0][1] == 1.0
+        print("OK")
+    """), cwd=tmp_path, timeout=150)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-3000:]
+    assert (tmp_path / "out" / "v.txt").read_text().startswith(pyver)
 
 
 # -- comfy-env.toml [sandbox] ----------------------------------------------------------------

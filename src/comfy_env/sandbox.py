@@ -39,6 +39,7 @@ reports still say "killed by signal SIGSEGV".
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -422,8 +423,12 @@ def _env_paths(wenv, package_parent):
     return [_real(p) for p in paths if p and os.path.exists(p)]
 
 
+@functools.lru_cache(maxsize=1)
 def _driver_lib_dirs():
-    """Directories holding the NVIDIA driver's user-space libraries (from ``ldconfig -p``)."""
+    """Directories holding the NVIDIA driver's user-space libraries (from ``ldconfig -p``).
+
+    Asked once per process: the driver does not change under a running parent.
+    """
     ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
     try:
         out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10).stdout
@@ -437,7 +442,7 @@ def _driver_lib_dirs():
                 d = os.path.dirname(p)
                 if d not in dirs:
                     dirs.append(d)
-    return dirs
+    return tuple(dirs)
 
 
 def _minimal(paths):
@@ -471,7 +476,7 @@ def bwrap_args(sb, wenv, cwd, package_parent):
                 args += ["--ro-bind", p, p]
         ro = needed + [_real(p) for p in sb.readable]
         if sb.gpu:
-            ro += [p for p in _GPU_PATHS if os.path.exists(p)] + _driver_lib_dirs()
+            ro += [p for p in _GPU_PATHS if os.path.exists(p)] + list(_driver_lib_dirs())
         ro = [p for p in ro if not _under(p, "/usr") and not _under(p, "/proc")]
     ro = _minimal(ro)
     in_tmp = [p for p in ro if sb.tmp and _under(p, "/tmp") and p != "/tmp"]
