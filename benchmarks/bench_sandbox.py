@@ -2,8 +2,8 @@
 
     python benchmarks/bench_sandbox.py [--calls 2000] [--starts 15] [--rounds 5] [--json PATH]
 
-Three set-ups take turns in every round (this box is shared and noisy: interleaving
-keeps a burst of noise from landing on one of them only):
+Three set-ups take turns (this box is shared and noisy: interleaving keeps a burst of
+noise from landing on one of them only; the order rotates every round):
 
 * ``plain``: ``IsolatedExecutor()``
 * ``sandbox``: ``IsolatedExecutor(sandbox=Sandbox())`` (whole FS read-only, no network)
@@ -90,12 +90,14 @@ def main(argv=None):
     per_round = max(1, args.starts // args.rounds)
     for k, make in SETUPS.items():          # warm-up: bwrap probe, page cache, imports
         start_time(make)
+    names = list(SETUPS)
     for r in range(args.rounds):
-        for k, make in SETUPS.items():
-            for _ in range(per_round):
-                starts[k].append(start_time(make))
-        for k, make in SETUPS.items():
-            with make() as ex:
+        order = names[r % len(names):] + names[:r % len(names)]    # no set-up always goes first
+        for _ in range(per_round):
+            for k in order:
+                starts[k].append(start_time(SETUPS[k]))
+        for k in order:
+            with SETUPS[k]() as ex:
                 warm_calls(ex, 100)
                 warm[k] += warm_calls(ex, args.calls // args.rounds)
                 echo[k] += array_echo(ex, a)

@@ -22,6 +22,9 @@ import numpy as np
 import pytest
 
 import _funcs
+import _sandbox_funcs as SF
+from _sandbox_funcs import (connect, echo, environ, fresh_array, fresh_tensor, read, times_two,
+                            tmp_roundtrip, write)
 from pythons import ALL_PYTHONS, run_script
 from comfy_env import (CallTimeout, IsolatedExecutor, Sandbox, SandboxUnavailable, WorkerCrashed,
                        shared_empty)
@@ -33,56 +36,6 @@ pytestmark = pytest.mark.timeout(90)
 _BWRAP, _PROBLEM = sbmod.probe()
 needs_bwrap = pytest.mark.skipif(_PROBLEM is not None, reason=f"bubblewrap cannot run here: {_PROBLEM}")
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-
-
-# -- functions the workers run (by reference: tests/ is on the parent's sys.path) -------------
-
-def connect(port):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    data = s.recv(16)
-    s.close()
-    return data
-
-
-def write(path, text="x"):
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def echo(x):
-    return x
-
-
-def environ(name):
-    return os.environ.get(name)
-
-
-def fresh_array(n):
-    return np.arange(n, dtype=np.float64)
-
-
-def fresh_tensor(n):
-    import torch
-    return torch.arange(n, dtype=torch.float32)
-
-
-def times_two(a):
-    return a * 2
-
-
-def tmp_roundtrip():
-    import tempfile
-    with tempfile.NamedTemporaryFile("w+", delete=True) as f:
-        f.write("scratch")
-        f.flush()
-        f.seek(0)
-        return os.path.dirname(f.name), f.read()
 
 
 def in_segment(x):
@@ -412,6 +365,40 @@ def test_comfyui_pack_runs_sandboxed_with_progress(tmp_path, monkeypatch):
         assert pack.executor().env.sandbox is not None
     finally:
         pack.shutdown()
+
+
+# -- GPU (CUDA pool IPC through the sandbox; runs on a GPU machine only) ----------------------
+
+def _cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the CUDA plane through a sandboxed worker)")
+    return torch
+
+
+@needs_bwrap
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("readable", [None, []], ids=["whole-fs", "readable-list"])
+def test_cuda_tensors_cross_a_sandboxed_worker_by_pool_ipc(readable, monkeypatch):
+    torch = _cuda()
+    from comfy_env.ipc.cuda import install
+    install()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")   # the worker's
+    monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0")                 # zero copy only
+    n = 1 << 22
+    ref = (torch.arange(n, device="cuda") % 251).float()
+    with IsolatedExecutor(sandbox=Sandbox(readable=readable), initializer=install) as ex, \
+            IsolatedExecutor(initializer=install) as plain:
+        assert ex.submit(SF.cuda_backend).result(timeout=120) == "cudaMallocAsync"
+        t = ex.submit(SF.cuda_make, n).result(timeout=120)           # worker -> parent
+        assert t.device.type == "cuda" and torch.equal(t, ref)
+        assert ex.submit(SF.cuda_routes).result(timeout=60).get("pool", 0) >= 1
+        s, dev = ex.submit(SF.cuda_sum, ref).result(timeout=120)     # parent -> worker
+        assert s == float(ref.double().sum()) and dev == "cuda:0"
+        # Chains both ways between the sandboxed worker and an unsandboxed one.
+        assert plain.submit(SF.cuda_sum, ex.submit(SF.cuda_make, n)).result(timeout=120)[0] == s
+        assert ex.submit(SF.cuda_sum, plain.submit(SF.cuda_make, n)).result(timeout=120)[0] == s
 
 
 # -- bad input and missing bubblewrap --------------------------------------------------------
