@@ -207,8 +207,8 @@ def _env_names(value):
 def sandbox_from_table(table, base_dir):
     """A Sandbox from a ``[sandbox]`` table of comfy-env.toml (paths relative to ``base_dir``).
 
-    Raises ``KeyError(key)``-free errors: ``ValueError``/``TypeError``/``FileNotFoundError``
-    whose ``args[1]`` is the offending key, so the spec loader can name its line.
+    Every error is a ``ValueError`` whose ``args`` are ``(message, offending key)``, so
+    the spec loader can name the key's line.
     """
     for key in table:
         if key not in TABLE_KEYS:
