@@ -295,6 +295,31 @@ def test_a_user_script_runs_sandboxed_workers_on_every_python(pyver, tmp_path):
     assert (tmp_path / "out" / "v.txt").read_text().startswith(pyver)
 
 
+@needs_bwrap
+def test_ctrl_c_in_the_terminal_does_not_kill_the_sandboxed_worker(tmp_path):
+    """SIGINT to the parent's process group is the parent's to handle (as without a sandbox)."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        from comfy_env import IsolatedExecutor, Sandbox
+        # This parent handles Ctrl-C by carrying on.  A handler, not SIG_IGN: an ignored
+        # signal would stay ignored in every child, which hides the problem.
+        signal.signal(signal.SIGINT, lambda *a: None)
+        with IsolatedExecutor(sandbox=Sandbox()) as ex:
+            pid = ex.submit(os.getpid).result(timeout=60)
+            f = ex.submit(time.sleep, 1.0)
+            time.sleep(0.3)
+            os.killpg(os.getpgrp(), signal.SIGINT)          # what Ctrl-C in a terminal does
+            f.result(timeout=60)
+            assert ex.submit(os.getpid).result(timeout=60) == pid
+        print("OK")
+    """))
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=60, start_new_session=True)   # its own group
+    assert p.returncode == 0 and p.stdout.strip() == "OK", p.stderr[-3000:]
+
+
 # -- comfy-env.toml [sandbox] ----------------------------------------------------------------
 
 @needs_bwrap

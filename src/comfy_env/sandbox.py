@@ -530,7 +530,16 @@ class SandboxedPopen(subprocess.Popen):
     bwrap, the monitor between us and the worker, exits with ``128 + N`` when the worker
     is killed by signal N.  (A worker that itself exits with such a code, 129-159, is
     reported as killed by that signal too; comfy_env's worker never does.)
+
+    bwrap starts in a session of its own: a Ctrl-C in the parent's terminal signals the
+    whole foreground process group, and bwrap, which does not ignore SIGINT as the
+    worker does, would die of it and take the worker with it.  The parent decides
+    what a Ctrl-C means for its calls; bwrap still dies with the parent.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["start_new_session"] = True
+        super().__init__(*args, **kwargs)
 
     @property
     def returncode(self):
