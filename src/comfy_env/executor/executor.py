@@ -560,9 +560,7 @@ class IsolatedExecutor(Executor):
     ``device`` (``"cuda:N"`` in this process's numbering, or a GPU UUID) pins
     the workers to one GPU: it becomes their ``cuda:0`` (see devices.py).
     ``name`` prefixes the workers' log lines; ``worker_log_level`` sets the
-    workers' root logger level.  ``sandbox``: a :class:`comfy_env.Sandbox` to run
-    the workers in (bubblewrap, docs/sandbox.md); None keeps what the env's
-    ``[sandbox]`` table says, False runs unsandboxed even if it says otherwise.
+    workers' root logger level.
     """
 
     def __init__(self, env=None, max_workers=1, *, initializer=None, initargs=(),
