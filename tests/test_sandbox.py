@@ -70,6 +70,20 @@ def server():
     srv.close()
 
 
+@pytest.fixture
+def outside_tmp():
+    """A fresh directory of ours *outside* /tmp (the sandbox's /tmp is private: a write
+    under the host's /tmp lands there, not in the host's)."""
+    import tempfile
+    for base in (os.path.dirname(SRC), os.path.expanduser("~"), os.getcwd()):
+        if not base.startswith("/tmp") and os.access(base, os.W_OK):
+            d = tempfile.mkdtemp(prefix=".sandbox-test-", dir=base)
+            yield d
+            shutil.rmtree(d, ignore_errors=True)
+            return
+    pytest.skip("no writable directory outside /tmp to test writes against")
+
+
 @pytest.fixture(scope="module")
 def sandboxed():
     with IsolatedExecutor(sandbox=Sandbox()) as ex:
@@ -91,11 +105,11 @@ def test_network_is_blocked_and_loopback_is_the_sandbox_own(server, sandboxed):
 # -- file system -----------------------------------------------------------------------------
 
 @needs_bwrap
-def test_writes_only_inside_writable_and_the_private_tmp(tmp_path):
+def test_writes_only_inside_writable_and_the_private_tmp(tmp_path, outside_tmp):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
-    home_file = os.path.join(os.path.dirname(SRC), f".sandbox-probe-{os.getpid()}")
+    home_file = os.path.join(outside_tmp, "no.txt")
     with IsolatedExecutor(sandbox=Sandbox(writable=[out])) as ex:
         assert ex.submit(write, str(out / "ok.txt")).result(timeout=30)
         assert (out / "ok.txt").read_text() == "x"
@@ -324,7 +338,7 @@ def test_ctrl_c_in_the_terminal_does_not_kill_the_sandboxed_worker(tmp_path):
 
 @needs_bwrap
 @pytest.mark.timeout(180)
-def test_toml_sandbox_table_is_honoured(tmp_path, monkeypatch, server):
+def test_toml_sandbox_table_is_honoured(tmp_path, monkeypatch, server, outside_tmp):
     from comfy_env.envs import Env
     monkeypatch.setenv("COMFY_ENV_CACHE_DIR", str(tmp_path / "cache"))
     proj = tmp_path / "proj"
@@ -340,7 +354,7 @@ def test_toml_sandbox_table_is_honoured(tmp_path, monkeypatch, server):
     assert env.spec.sandbox == Sandbox(writable=[proj / "output"])
     with IsolatedExecutor(str(proj / "comfy-env.toml")) as ex:
         assert ex.submit(write, str(proj / "output" / "ok.txt")).result(timeout=60)
-        outside = os.path.join(os.path.dirname(SRC), f".sandbox-probe-{os.getpid()}")
+        outside = os.path.join(outside_tmp, "no.txt")
         with pytest.raises(OSError):
             ex.submit(write, outside).result(timeout=60)
         assert not os.path.exists(outside)
