@@ -270,7 +270,7 @@ def probe():
         where = os.environ.get("COMFY_ENV_BWRAP")
         return None, ((f"$COMFY_ENV_BWRAP={where!r} is not an executable file. " if where else
                        "bubblewrap (bwrap) is not installed. ") +
-                      "Install it: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
+                      "Install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
                       "`sudo dnf install bubblewrap` (Fedora/RHEL), `sudo pacman -S bubblewrap` (Arch).")
     with _probe_lock:
         if bwrap not in _probed:
