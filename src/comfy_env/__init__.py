@@ -26,6 +26,8 @@ _EXPORTS = {
     "RemoteError": ("comfy_env.errors", "RemoteError"),
     "ProtocolMismatch": ("comfy_env.errors", "ProtocolMismatch"),
     "Env": ("comfy_env.envs", "Env"),
+    "Sandbox": ("comfy_env.sandbox", "Sandbox"),
+    "SandboxUnavailable": ("comfy_env.sandbox", "SandboxUnavailable"),
     "shared_empty": ("comfy_env.ipc.shm", "shared_empty"),
     "shared_like": ("comfy_env.ipc.shm", "shared_like"),
     "to_device": ("comfy_env.ipc.placement", "to_device"),

@@ -28,6 +28,8 @@ def run(args):
     print(f"comfy_env {__version__} (protocol {PROTOCOL_VERSION}), Python "
           f"{platform.python_version()} at {sys.executable}")
     print(envs_doctor.report())
+    from .sandbox import report as sandbox_report
+    print(sandbox_report())
     print(f"CPU plane: memfd segments, inline below {arrays.INLINE_BYTES} bytes, arena keeps at "
           f"most {shm.ARENA.max_free_bytes >> 20} MiB free, gives back after "
           f"{shm.ARENA.idle_seconds} s idle")

@@ -163,5 +163,23 @@ def protect_worker(fds, parent_pid) -> None:
         ok = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
     except (OSError, AttributeError):
         ok = False
-    if ok and os.getppid() != parent_pid:
-        os._exit(0)             # the parent is already gone: nobody to work for
+    ppid = os.getppid()
+    if ok and ppid != parent_pid:
+        # A sandboxed worker's parent is bubblewrap, whose parent is ours (bwrap runs no
+        # pid namespace here, and dies with our parent itself).  Anything else, init or
+        # a subreaper, means the parent is already gone: nobody to work for.  Where
+        # /proc can't tell, the parent-death pipe still does (worker.py).
+        grandparent = _parent_of(ppid)
+        if grandparent is not None and grandparent != parent_pid:
+            os._exit(0)
+
+
+def _parent_of(pid):
+    """The parent pid of ``pid`` from /proc, or None where it can't be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -30,7 +30,7 @@ _log = logging.getLogger(__name__)
 
 
 def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=None,
-                   call_timeout=None, comfy_api="auto", prestart=None):
+                   call_timeout=None, comfy_api="auto", prestart=None, sandbox=None):
     """Load a pack's node modules in a worker; return ComfyUI's two mappings.
 
     pack_file: the pack's ``__file__`` (or its directory).
@@ -52,6 +52,8 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     prestart: start the pack's worker (and import its node modules there) in the
         background right after loading, so the first node run doesn't wait for it
         (default True, or ``$COMFY_ENV_PRESTART`` = 0/1).
+    sandbox: a ``comfy_env.Sandbox`` to run the pack's worker in (docs/sandbox.md);
+        None: what the env's ``[sandbox]`` table says; False: unsandboxed.
 
     Returns ``(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)``.  Raises
     PackLoadError (an ImportError, so ComfyUI lists the pack as failed with the
@@ -75,7 +77,7 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     from .pack import IsolatedPack
     pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
                         interrupt_grace=interrupt_grace, call_timeout=call_timeout,
-                        comfy_api=comfy_api)
+                        comfy_api=comfy_api, sandbox=sandbox)
     if prestart is None:
         prestart = os.environ.get("COMFY_ENV_PRESTART", "1").strip().lower() not in ("0", "false", "no", "")
     try:

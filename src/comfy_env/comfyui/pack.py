@@ -103,7 +103,7 @@ class IsolatedPack:
     """A custom-node pack whose node modules run in a worker in their own env."""
 
     def __init__(self, pack_dir, modules, env=None, *, name=None, module_name=None,
-                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto"):
+                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto", sandbox=None):
         self.pack_dir = os.path.abspath(pack_dir)
         if not os.path.isdir(self.pack_dir):
             raise PackLoadError(f"comfy-env: pack directory {self.pack_dir!r} does not exist")
@@ -129,6 +129,7 @@ class IsolatedPack:
         self.interrupt_grace = float(interrupt_grace)
         self.call_timeout = call_timeout
         self.comfy_api = comfy_api
+        self.sandbox = sandbox
         from .worker_side import _package_name
         self._spec = {"pack_dir": self.pack_dir, "package": _package_name(self.pack_dir),
                       "modules": list(self.modules)}
@@ -257,7 +258,10 @@ class IsolatedPack:
             kwargs["name"] = self.name       # worker output is logged under this name
         if "worker_output" in params:
             kwargs["worker_output"] = "logging"     # ComfyUI's console and log view read logging
-        return IsolatedExecutor(self.env, 1, **kwargs)
+        # A sandboxed worker must still see the pack and the progress socket's directory.
+        from ..sandbox import for_pack
+        env, kwargs["sandbox"] = for_pack(self.env, self.sandbox, self.pack_dir, hub.address)
+        return IsolatedExecutor(env, 1, **kwargs)
 
     def executor(self):
         with self._lock:

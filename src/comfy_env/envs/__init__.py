@@ -52,6 +52,7 @@ class WorkerEnvironment:
     label: str = "local"                          # short name for logs and errors
     env_dir: str | None = None                    # a built env of the cache: held in use by workers
     rebuild: object = field(default=None, compare=False, repr=False)  # re-creates what was removed
+    sandbox: object = None                        # a comfy_env.Sandbox: launch.py wraps the worker in it
 
     @property
     def start_cwd(self):

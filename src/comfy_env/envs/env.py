@@ -264,6 +264,7 @@ class Env:
             label=self.name,
             env_dir=self.path,
             rebuild=_Rebuild(self, progress),
+            sandbox=self.spec.sandbox,
         )
 
     def __repr__(self) -> str:

@@ -19,6 +19,10 @@ Example (every key is optional)::
     [environment]                       # variables set in the worker's environment
     OMP_NUM_THREADS = "4"
 
+    [sandbox]                           # run the workers in a bubblewrap sandbox (docs/sandbox.md)
+    network = false                     # keys: network, writable, readable, tmp, gpu, env_passthrough
+    writable = ["./output"]             # paths relative to this file; they must exist
+
 Errors name the file, the line (found by scanning the text: tomllib gives none for
 keys) and what was expected.  Unknown keys are errors rather than warnings: a typo
 like ``requirement =`` would otherwise build an empty env silently.
@@ -51,6 +55,7 @@ _SCHEMA = {
     "exclude_newer": ((str, datetime.date), 'a date such as "2025-06-01" or an RFC 3339 timestamp'),
     "python_download": (bool, "true or false"),
     "environment": (dict, "a table of NAME = \"value\" pairs"),
+    "sandbox": (dict, "a table: network = false, writable = [...], readable = [...]"),
 }
 _LIST_KEYS = ("requirements", "extra_index_urls", "find_links", "share")
 
@@ -79,6 +84,7 @@ class EnvSpec:
     python_download: bool = False               # let uv download the interpreter if missing
     environment: dict = field(default_factory=dict)
     python_line: int | None = None              # where `python =` was, for error messages
+    sandbox: object = None                      # a comfy_env.Sandbox from [sandbox], or None
 
     def key_material(self) -> dict:
         """What decides the built env's content: the cache key hashes this (plus interpreter, platform).
@@ -100,6 +106,7 @@ class EnvSpec:
     def to_json(self) -> str:
         d = dict(self.__dict__)
         d.pop("python_line")
+        d["sandbox"] = repr(self.sandbox) if self.sandbox is not None else None
         return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -325,4 +332,11 @@ def spec_from_dict(data: dict, source: str | None = None, text: str = "") -> Env
                  k, "environment")
         env[k] = str(v)
     kw["environment"] = env
+    if "sandbox" in data:
+        from ..sandbox import sandbox_from_table
+
+        try:
+            kw["sandbox"] = sandbox_from_table(data["sandbox"], root)
+        except ValueError as e:
+            fail(e.args[0], e.args[1] if len(e.args) > 1 else "sandbox", "sandbox")
     return EnvSpec(**kw)

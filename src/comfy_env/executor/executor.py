@@ -839,6 +839,12 @@ class IsolatedExecutor(Executor):
             process's numbering, ``"cuda"``, a ``torch.device`` or a GPU UUID.  It
             becomes the workers' ``cuda:0``; the other GPUs stay visible
             (``docs/devices.md``).
+        sandbox: a :class:`~comfy_env.Sandbox` to run the workers in (bubblewrap:
+            no network, read-only file system but for ``writable``;
+            ``docs/sandbox.md``).  ``None``: what the env's ``[sandbox]`` table
+            says (unsandboxed if it has none); ``False``: unsandboxed even if it
+            has one.  Raises :class:`~comfy_env.SandboxUnavailable` here, at
+            construction, where bubblewrap can't run.
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
@@ -850,7 +856,7 @@ class IsolatedExecutor(Executor):
                  call_timeout: float | None = None, name: str | None = None,
                  worker_log_level: int | str | None = None, device: Any = None,
                  worker_output: str = "stream",
-                 start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT, sandbox: Any = None) -> None:
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -875,6 +881,11 @@ class IsolatedExecutor(Executor):
         pin = pin_environment(device)
         if pin:
             wenv = dataclasses.replace(wenv, env_vars={**(wenv.env_vars or {}), **pin})
+        if sandbox is not None:
+            wenv = dataclasses.replace(wenv, sandbox=_sandbox_arg(sandbox))
+        if wenv.sandbox is not None:
+            from ..sandbox import check_available
+            check_available()           # bwrap can't run here: say so now, never run unsandboxed
         self.device = device
         self.env = wenv
         self.name = name or f"{wenv.label}-{next(_names)}"
@@ -998,6 +1009,15 @@ class IsolatedExecutor(Executor):
         state = "broken" if p.broken else "shut down" if p.shutting_down else "running"
         return (f"<IsolatedExecutor {self.name!r} env={p.wenv.label!r} workers={len(p.workers)}/"
                 f"{p.max_workers} {state}>")
+
+
+def _sandbox_arg(sandbox):
+    from ..sandbox import Sandbox
+    if sandbox is False:
+        return None
+    if not isinstance(sandbox, Sandbox):
+        raise TypeError(f"sandbox must be a comfy_env.Sandbox, False or None, not {sandbox!r}")
+    return sandbox
 
 
 class _ByValue:

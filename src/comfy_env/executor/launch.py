@@ -104,7 +104,11 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
         start_new_session=False,
     )
     try:
-        return KEEPER.spawn(worker_command(wenv, child_fd, alive_fd), kwargs, on_exit)
+        cmd, popen = worker_command(wenv, child_fd, alive_fd), subprocess.Popen
+        if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
+            from ..sandbox import wrap
+            cmd, kwargs["env"], popen = wrap(wenv.sandbox, wenv, cmd, kwargs["env"], _PACKAGE_PARENT)
+        return KEEPER.spawn(cmd, kwargs, on_exit, popen)
     except OSError as exc:
         from ..errors import WorkerStartError
 
@@ -163,12 +167,13 @@ def fd_limit():
 # -- the keeper thread ------------------------------------------------------------------------
 
 class _Request:
-    __slots__ = ("argv", "kwargs", "on_exit", "done", "proc", "error")
+    __slots__ = ("argv", "kwargs", "on_exit", "popen", "done", "proc", "error")
 
-    def __init__(self, argv, kwargs, on_exit):
+    def __init__(self, argv, kwargs, on_exit, popen):
         self.argv = argv
         self.kwargs = kwargs
         self.on_exit = on_exit
+        self.popen = popen          # subprocess.Popen, or sandbox.SandboxedPopen
         self.done = threading.Event()
         self.proc = None
         self.error = None
@@ -193,12 +198,12 @@ class _Keeper:
         self._sel = None
         self._wake_r = self._wake_w = None
 
-    def spawn(self, argv, kwargs, on_exit):
+    def spawn(self, argv, kwargs, on_exit, popen=subprocess.Popen):
         if threading.current_thread() is self._thread:
-            proc = subprocess.Popen(argv, **kwargs)
+            proc = popen(argv, **kwargs)
             self._watch(proc, on_exit)
             return proc
-        req = _Request(argv, kwargs, on_exit)
+        req = _Request(argv, kwargs, on_exit, popen)
         with self._lock:
             if self._wake_w is None:
                 self._wake_r, self._wake_w = os.pipe()
@@ -252,7 +257,7 @@ class _Keeper:
                         return
                 for req in reqs:
                     try:
-                        req.proc = subprocess.Popen(req.argv, **req.kwargs)
+                        req.proc = req.popen(req.argv, **req.kwargs)
                         self._watch(req.proc, req.on_exit)
                     except BaseException as exc:
                         req.error = exc
