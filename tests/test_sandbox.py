@@ -196,18 +196,21 @@ def test_chains_between_a_sandboxed_and_an_unsandboxed_worker(sandboxed):
 
 
 @needs_bwrap
-def test_output_and_logging_are_forwarded(sandboxed, caplog):
+def test_output_and_logging_are_forwarded(sandboxed, capsys, caplog):
+    # print() streams to this process's stdout (worker_output="stream", the default),
+    # logging records reach the comfy_env.worker logger at their level.
     with caplog.at_level(logging.INFO, logger="comfy_env.worker"):
         sandboxed.submit(_funcs.print_lines, 3, "sandboxed").result(timeout=30)
         sandboxed.submit(_funcs.log_message, logging.WARNING, "from the sandbox").result(timeout=30)
+        out = ""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
-                sum("sandboxed" in r.getMessage() for r in caplog.records) >= 3
+                out.count("sandboxed") >= 3
                 and any("from the sandbox" in r.getMessage() for r in caplog.records)):
             time.sleep(0.05)
-    msgs = [r.getMessage() for r in caplog.records]
-    assert sum("sandboxed" in m for m in msgs) >= 3
-    assert any("from the sandbox" in m for m in msgs)
+            out += capsys.readouterr().out
+    assert out.count("sandboxed") >= 3, out
+    assert any("from the sandbox" in r.getMessage() for r in caplog.records)
 
 
 # -- failures --------------------------------------------------------------------------------
