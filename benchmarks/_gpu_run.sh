@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call: the CUDA GPU tests under both parent allocators, then the GPU benchmarks
 # (bench_cuda.py, and bench_multigpu.py: its cross-device half needs two GPUs).
-# Logs go under $OUT (tests_<alloc>.log, bench.log, cuda_bench_*.json, profile_parent.txt);
+# Logs go under $OUT (tests_<alloc>.log, bench.log, cuda_bench_*.json; at most 8 files come back);
 # a short table is printed at the end.   RUN_SLOW=0 skips the 5/6/12 GiB tests; RUN_TESTS=0 or
-# RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls).
+# RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls); RUN_MULTI=0
+# skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
+# BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
 set -u
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 T0=$SECONDS
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
+  python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee /tmp/comfy_env_gpu.txt
 SUMMARY=()
 run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest args...
   local label=$1 conf=$2 limit=$3; shift 3
@@ -33,32 +35,54 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
   echo "${SUMMARY[-1]}"
 }
 bench() {
-  PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${BENCH_LIMIT:-240}" \
+  if [ -n "${BASE_SRC:-}" ]; then
+    # The same script against another tree's src (e.g. main's), first, in the same call:
+    # H100 and H200 figures differ, so a before/after comparison must share the machine.
+    mkdir -p /tmp/bench_base    # (workers import comfy_env through PYTHONPATH: the base tree's too)
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync COMFY_ENV_BENCH_SRC="$BASE_SRC" OUT=/tmp/bench_base \
+      PYTHONPATH="$BASE_SRC:$PYTHONPATH" \
+      timeout "${BENCH_LIMIT:-240}" python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_base.log" 2>&1
+    echo "bench (base $BASE_SRC) rc=$? [at $((SECONDS - T0)) s]"
+    cp /tmp/bench_base/cuda_bench_cudaMallocAsync.json "$OUT/cuda_bench_base.json" 2>/dev/null
+  fi
+  # Its own OUT: $OUT brings back at most 8 files (the JSON is copied back below).
+  mkdir -p /tmp/bench_new
+  PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync OUT=/tmp/bench_new timeout "${BENCH_LIMIT:-240}" \
     python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench rc=$? [at $((SECONDS - T0)) s]"
+  cp /tmp/bench_new/cuda_bench_cudaMallocAsync.json "$OUT/" 2>/dev/null
+  if [ -f "$OUT/cuda_bench_base.json" ] && [ -f "$OUT/cuda_bench_cudaMallocAsync.json" ]; then
+    python3 benchmarks/bench_cuda.py --compare "$OUT/cuda_bench_base.json" "$OUT/cuda_bench_cudaMallocAsync.json" \
+      > "$OUT/compare.txt" 2>&1
+  fi
 }
 [ "${BENCH_FIRST:-0}" = 1 ] && [ "${RUN_BENCH:-1}" = 1 ] && bench
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   # TEST_K: a pytest -k expression, e.g. "not 10000" for a short run
-  run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"}
-  run_tests native "" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"}
+  # PARENTS: which parent allocators to test under ("async native" by default)
+  case " ${PARENTS:-async native} " in *" async "*)
+    run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"};; esac
+  case " ${PARENTS:-async native} " in *" native "*)
+    K=${TEST_K_NATIVE:-${TEST_K:-}}     # TEST_K_NATIVE: another -k for the native parent's run
+    run_tests native "" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${K:+-k "$K"};; esac
   if [ "${RUN_SLOW:-1}" = 1 ]; then
     run_tests async-slow "backend:cudaMallocAsync" "${SLOW_LIMIT:-150}" -m "slow"
   fi
 fi
 [ "${BENCH_FIRST:-0}" = 1 ] || [ "${RUN_BENCH:-1}" = 0 ] || bench
-if [ "${RUN_BENCH:-1}" = 1 ] && [ -f benchmarks/bench_multigpu.py ]; then
+if [ "${RUN_BENCH:-1}" = 1 ] && [ "${RUN_MULTI:-1}" = 1 ] && [ -f benchmarks/bench_multigpu.py ]; then
   PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${MULTI_LIMIT:-200}" \
     python3 benchmarks/bench_multigpu.py ${MULTI_ARGS:-} > "$OUT/bench_multigpu.log" 2>&1
   echo "bench_multigpu rc=$? [at $((SECONDS - T0)) s]"
 fi
 echo
 echo "================ summary ================"
-cat "$OUT/gpu.txt"
+cat /tmp/comfy_env_gpu.txt
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 if [ "${RUN_BENCH:-1}" = 1 ]; then
   sed -n '/^GPU: /,$p' "$OUT/bench.log"
   [ -f "$OUT/bench_multigpu.log" ] && tail -25 "$OUT/bench_multigpu.log"
   grep -q "^GPU: " "$OUT/bench.log" || tail -40 "$OUT/bench.log"
+  [ -f "$OUT/compare.txt" ] && cat "$OUT/compare.txt"
 fi

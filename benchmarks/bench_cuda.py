@@ -234,6 +234,8 @@ def child(q_in, q_out):
             if n not in cache:
                 cache[n] = torch.ones(n // 4, device=DEV); sync()
             q_out.put(cache[n])
+        elif msg[0] == "w2pf":
+            q_out.put(torch.empty(msg[1] // 4, device=DEV))
         elif msg[0] == "p2w":
             x = msg[1]; sync(); del x; q_out.put(1)
         elif msg[0] == "drop":
@@ -253,11 +255,15 @@ if __name__ == "__main__":
     for n in sizes:
         if left() <= 0:
             print("SKIP", n, "time budget spent", flush=True); continue
-        t0 = time.perf_counter(); w2p = []; p2w = []
+        t0 = time.perf_counter(); w2p = []; p2w = []; w2pf = []
         for i in range(reps + 1):
             a = time.perf_counter(); qi.put(("w2p", n)); x = get(); sync()
             w2p.append(time.perf_counter() - a); del x
             if left() <= 0: break
+        for i in range(reps + 1):
+            if left() <= 0: break
+            a = time.perf_counter(); qi.put(("w2pf", n)); x = get(); sync()
+            w2pf.append(time.perf_counter() - a); del x
         y = torch.ones(n // 4, device=DEV); sync()
         for i in range(reps + 1):
             if left() <= 0: break
@@ -265,7 +271,8 @@ if __name__ == "__main__":
         del y; qi.put(("drop",)); get()
         if DEV == "cuda": torch.cuda.empty_cache()
         med = lambda v: statistics.median(v[1:]) if len(v) > 1 else (v[0] if v else None)
-        print("RESULT", json.dumps({"n": n, "w2p": med(w2p), "p2w": med(p2w), "w2p_first": w2p[0] if w2p else None,
+        print("RESULT", json.dumps({"n": n, "w2p": med(w2p), "p2w": med(p2w), "w2p_fresh": med(w2pf),
+              "w2p_first": w2p[0] if w2p else None,
               "reps": [len(w2p), len(p2w)], "s": time.perf_counter() - t0}), flush=True)
     qi.put(("stop",))
     try: qo.get(timeout=10)
@@ -597,7 +604,7 @@ def print_table(res, sizes, leg):
               f"worker routes {v.get('worker_routes')}, recycled {v.get('worker_recycled')}")
     hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'w→p new':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | "
            f"{'CPU w→p':>9} {'CPU p→w':>9} | "
-           f"{'legacy w→p':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
+           f"{'legacy w→p':>10} {'legacy new':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)
     print("-" * len(hdr))
     for label, n in sizes:
@@ -605,10 +612,11 @@ def print_table(res, sizes, leg):
         lg = leg.get(n, {})
         lw = _ms(lg.get("w2p"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
+        lf = _ms(lg.get("w2p_fresh"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r.get('w2p_fresh'))} {_ms(r['p2w'])} "
               f"{_ms(r.get('p2w_no_recycle'))} "
               f"{_ms(r['a2b'])} | "
-              f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lp} | "
+              f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lf} {lp} | "
               f"{_ratio(r['cpu_w2p'], r['w2p'])} {_ratio(r['cpu_p2w'], r['p2w'])}")
     print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty'; "
           "w→p: the same worker tensor every call; w→p new: a new one every call; "
@@ -627,5 +635,32 @@ def print_table(res, sizes, leg):
                   f"(default bound {res['import_cache']['max_bytes'] >> 20} MiB: {_ms(r['w2p'])} ms)")
     print(f"bench took {res['bench_s']:.0f} s")
 
+def compare(paths):
+    """``--compare BEFORE.json AFTER.json``: the cells of two runs side by side (ms)."""
+    runs = [json.load(open(p)) for p in paths]
+    print(f"\nbefore: {paths[0]}\nafter:  {paths[1]}\nGPU: {runs[1]['gpu']} (before: {runs[0]['gpu']})")
+    cells = [("empty_ms", "empty call"), ("w2p", "w→p same tensor"), ("w2p_fresh", "w→p new tensor"),
+             ("p2w", "p→w"), ("p2w_no_recycle", "p→w recycling off"), ("a2b", "A→B")]
+    print(f"{'size':>6} {'cell':<20} {'before':>9} {'after':>9} {'after/before':>12} {'legacy':>9}")
+    for label, n in SIZES:
+        rows = [r["rows"].get(label) for r in runs]
+        if not all(rows):
+            continue
+        leg = runs[1].get("legacy_ipc_native", {}).get(str(n), {})
+        for key, name in cells:
+            b, a = rows[0].get(key), rows[1].get(key)
+            lk = {"w2p": "w2p", "w2p_fresh": "w2p_fresh", "p2w": "p2w"}.get(key)
+            lv = leg.get(lk) if lk else None
+            ratio = f"{a / b:12.2f}" if isinstance(a, float) and isinstance(b, float) and b else f"{'':>12}"
+            print(f"{label:>6} {name:<20} {_ms(b, 9)} {_ms(a, 9)} {ratio} {_ms(lv, 9) if lv else '':>9}")
+    for k in runs[1].get("per_tensor_w2p", {}):
+        v = [r.get("per_tensor_w2p", {}).get(k, {}).get("paired", {}).get("median_us") for r in runs]
+        print(f"w→p per tensor, {k}: {v[0]} → {v[1]} µs (paired medians)")
+
+
 if __name__ == "__main__":
-    main()
+    if "--compare" in sys.argv:
+        i = sys.argv.index("--compare")
+        compare(sys.argv[i + 1:i + 3])
+    else:
+        main()
