@@ -57,9 +57,13 @@ def _rss(pid="self"):
 
 
 def _fds():
-    """This process's open fds, less the ledger's wake-up pipe (made once, on first use)."""
+    """This process's open fds, less the wake-up pipes of the ledger and of the launch
+    keeper (each made once, on first use, and kept for the process's life)."""
+    from comfy_env.executor.launch import KEEPER
+
     fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
-    return len(fds - {lifetime.LEDGER._wake_r, lifetime.LEDGER._wake_w})
+    return len(fds - {lifetime.LEDGER._wake_r, lifetime.LEDGER._wake_w,
+                      KEEPER._wake_r, KEEPER._wake_w})
 
 
 def _gone(pid):
