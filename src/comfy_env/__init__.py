@@ -13,7 +13,7 @@ if TYPE_CHECKING:       # type checkers see the real names; at run time they loa
                          RemoteError, WorkerCrashed, WorkerStartError)
     from .executor import IsolatedExecutor, IsolatedFuture
     from .ipc.placement import to_device
-    from .ipc.shm import shared_empty, shared_like
+    from .ipc.arrays import shared_empty, shared_like
 
 _EXPORTS = {
     "IsolatedExecutor": ("comfy_env.executor", "IsolatedExecutor"),
@@ -26,8 +26,8 @@ _EXPORTS = {
     "RemoteError": ("comfy_env.errors", "RemoteError"),
     "ProtocolMismatch": ("comfy_env.errors", "ProtocolMismatch"),
     "Env": ("comfy_env.envs", "Env"),
-    "shared_empty": ("comfy_env.ipc.shm", "shared_empty"),
-    "shared_like": ("comfy_env.ipc.shm", "shared_like"),
+    "shared_empty": ("comfy_env.ipc.arrays", "shared_empty"),
+    "shared_like": ("comfy_env.ipc.arrays", "shared_like"),
     "to_device": ("comfy_env.ipc.placement", "to_device"),
 }
 

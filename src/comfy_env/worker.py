@@ -37,7 +37,7 @@ import traceback
 from . import forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
-from .ipc import codec, lifetime
+from .ipc import codec, lifetime, planes
 from .ipc.transport import Channel, ChannelClosed
 
 # A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
@@ -392,24 +392,15 @@ class _TorchImportHook:
 
         def exec_module(module):
             run(module)
-            _install_cuda_plane()
+            planes.install_cuda_plane()
 
         loader.exec_module = exec_module
         return spec
 
 
-def _install_cuda_plane():
-    try:
-        from .ipc import cuda
-        cuda.install()
-    except Exception:
-        # No usable CUDA plane here: CUDA tensors then take the copying routes.
-        pass
-
-
 def _watch_for_torch():
     if "torch" in sys.modules:
-        _install_cuda_plane()
+        planes.install_cuda_plane()
     else:
         sys.meta_path.insert(0, _TorchImportHook())
 

@@ -64,7 +64,7 @@ import cloudpickle
 from .. import forksafe
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
-from ..ipc import codec, lifetime
+from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .devices import pin_environment

@@ -17,7 +17,8 @@ the refs outside the pickle lets the parent hold or forward a worker's result
 (zero-copy chains) without decoding it.
 
 Planes register by *type name* so that neither numpy nor torch is imported
-until an object of theirs shows up.
+until an object of theirs shows up.  This module knows no plane: they import it,
+and :mod:`comfy_env.ipc.planes` registers them (the executor and the worker import it).
 """
 from __future__ import annotations
 
@@ -525,7 +526,3 @@ def decode_part(frame, index, link, cache=None, records=None):
     _release_untaken(dec)
     cache[index] = obj
     return obj
-
-
-# The CPU data plane registers itself; it imports neither numpy nor torch.
-from . import arrays  # noqa: E402,F401
