@@ -86,6 +86,12 @@ def test_graph_is_read():
     assert "comfy_env.ipc.lifetime" in GRAPH["comfy_env.executor.executor"]
 
 
+@pytest.mark.parametrize("mod", sorted(m for m in MODULES if _is_in(m, "comfy_env.ipc")))
+def test_ipc_imports_nothing_above_it(mod):
+    bad = sorted(t for t in GRAPH[mod] if not any(_is_in(t, ok) for ok in IPC_MAY_IMPORT))
+    assert not bad, f"{mod} imports {bad}: the data plane must not import the layers above it"
+
+
 def test_ipc_has_no_import_cycle():
     ipc = {m: {t for t in GRAPH[m] if _is_in(t, "comfy_env.ipc") and t != "comfy_env.ipc"}
            for m in MODULES if _is_in(m, "comfy_env.ipc")}
@@ -108,3 +114,10 @@ def test_ipc_has_no_import_cycle():
         if m not in state:
             visit(m)
 
+
+def test_parent_and_worker_do_not_import_each_other():
+    executor = [m for m in MODULES if _is_in(m, "comfy_env.executor")]
+    bad = sorted((m, t) for m in executor for t in GRAPH[m] if t == "comfy_env.worker")
+    bad += sorted(("comfy_env.worker", t) for t in GRAPH["comfy_env.worker"]
+                  if _is_in(t, "comfy_env.executor"))
+    assert not bad, f"parent and worker must share comfy_env.ipc, not import each other: {bad}"

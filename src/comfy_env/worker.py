@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import faulthandler
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -38,6 +37,8 @@ from . import forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
+from .ipc.calls import resolve_reference
+from .ipc.protocol import apply_control
 from .ipc.transport import Channel, ChannelClosed
 
 # A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
@@ -63,35 +64,6 @@ def _register_stack_dump():
         os.close(w)
         return None
     return r
-
-
-def resolve_reference(ref: str):
-    """``"package.module:qualname"`` -> the object, imported in this process."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ValueError(
-            f"a function reference must look like 'package.module:qualname', got {ref!r}"
-        )
-    modname, qualname = ref.split(":")
-    if not modname or not qualname:
-        raise ValueError(f"a function reference must look like 'package.module:qualname', got {ref!r}")
-    module = importlib.import_module(modname)
-    obj = module
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(
-                f"module {modname!r} has no attribute {qualname!r} "
-                f"(looked up in the worker, Python {sys.version.split()[0]} at {sys.executable})"
-            ) from None
-    return obj
-
-
-def run_chunk(fn, chunk):
-    """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
-    if isinstance(fn, str):
-        fn = resolve_reference(fn)
-    return [fn(*args) for args in chunk]
 
 
 class _LogForwarder(logging.Handler):
@@ -224,7 +196,7 @@ class Worker:
                     self._collect_soon()
             elif kind == "ctl":
                 frame.close_fds()
-                _apply_control(self.link, frame.envelope[1])
+                apply_control(self.link, frame.envelope[1])
             elif kind == "exit":
                 frame.close_fds()
                 return
@@ -321,15 +293,6 @@ def _strip(exc):
     exc.__context__ = None
     exc.__cause__ = None
     return exc
-
-
-def _apply_control(link, msgs):
-    for msg in msgs:
-        kind = msg[0]
-        if kind == "release":
-            lifetime.LEDGER.on_release(link, msg[1], msg[2])
-        elif kind == "plane":
-            codec.get_plane(msg[1]).on_control(link, msg[2])
 
 
 def _parse_args(argv):

@@ -65,9 +65,10 @@ from .. import forksafe
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
+from ..ipc.calls import check_reference, run_chunk
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
-from .devices import pin_environment
+from .gpu_pinning import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
 from .workitem import Stage, WorkItem
@@ -926,9 +927,8 @@ class IsolatedExecutor(Executor):
         if not (callable(fn) or isinstance(fn, str)):
             raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
                             f"got {type(fn).__name__}")
-        if isinstance(fn, str) and (fn.count(":") != 1 or fn.startswith(":") or fn.endswith(":")):
-            raise ValueError(f"a function reference must look like 'package.module:qualname', "
-                             f"got {fn!r}")
+        if isinstance(fn, str):
+            check_reference(fn)
         deps = _find_futures(args, []) + _find_futures(kwargs, [])
         fut = IsolatedFuture()
         self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
@@ -950,7 +950,6 @@ class IsolatedExecutor(Executor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        from ..worker import run_chunk
         chunks = _chunks(zip(*iterables), chunksize)
         results = super().map(run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)

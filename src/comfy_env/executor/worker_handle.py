@@ -51,6 +51,7 @@ from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerStartError)
 from ..ipc import codec, lifetime
+from ..ipc.protocol import apply_control
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
 from .workitem import Stage
@@ -330,8 +331,7 @@ class WorkerHandle:
                     self._on_result(frame)
                 elif kind == "ctl":
                     frame.close_fds()
-                    from ..worker import _apply_control
-                    _apply_control(self.link, frame.envelope[1])
+                    apply_control(self.link, frame.envelope[1])
                 elif kind == "log":
                     frame.close_fds()
                     self._on_log(frame.envelope)
