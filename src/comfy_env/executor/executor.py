@@ -286,7 +286,7 @@ class _Pool:
         deps, item.deps = item.deps, ()
         with self.lock:
             if item not in self.waiting:
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 return          # cancelled by shutdown
             self.waiting.discard(item)
         fut = item.future
@@ -300,7 +300,7 @@ class _Pool:
                 # Drop the other inputs now (a diamond's good branch), and let
                 # dispatch retire idle workers if shutdown(wait=False) was only
                 # waiting for this call.
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 self._notify_done()
                 self.dispatch()
                 return
@@ -311,7 +311,7 @@ class _Pool:
                 fail = None
                 self.pending.append(item)
         if fail is not None:
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(fail)
             return
@@ -333,7 +333,7 @@ class _Pool:
                 item = self.pending.popleft()
             if item.stage is Stage.QUEUED:
                 if not item.future.set_running_or_notify_cancel():
-                    item.args = item.kwargs = item.fn = None    # cancelled: drop its inputs
+                    item.drop_inputs()    # cancelled: drop its inputs
                     self._back_to_idle(worker)
                     continue
                 item.stage = Stage.RUNNING
@@ -341,7 +341,7 @@ class _Pool:
                 chunks, fds, fb = self._encode(item, worker)
             except BaseException as exc:
                 item.future.set_exception(exc)
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 self._back_to_idle(worker)
                 continue
             try:
@@ -358,7 +358,7 @@ class _Pool:
                         worker.item = None
                         self.pending.appendleft(item)
                 continue
-            item.args = item.kwargs = None      # the worker has them now
+            item.drop_inputs(keep_fn=True)      # the worker has them now
         for w in retired:
             w.request_exit()
         for _ in range(n):
@@ -497,7 +497,7 @@ class _Pool:
                 self.pending.clear()
         for item in items:
             fut = item.future
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
             if (item.stage is not Stage.QUEUED or fut.set_running_or_notify_cancel()) \
                     and not fut.done():
                 fut.set_exception(_clone(err))
@@ -663,7 +663,7 @@ class _Pool:
                                                        "call could be delivered"))
             else:
                 item.future.cancel()
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
 
     def shutdown(self, wait=True, cancel_futures=False):
         if forksafe.inherited(self):

@@ -26,7 +26,6 @@ import errno
 import os
 import selectors
 import subprocess
-import sys
 import threading
 
 import comfy_env
@@ -115,10 +114,6 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
     finally:
         for fd in lease:
             os.close(fd)
-
-
-def parent_python():
-    return tuple(sys.version_info[:2])
 
 
 # -- the fd limit ---------------------------------------------------------------------

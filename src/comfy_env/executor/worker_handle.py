@@ -133,7 +133,7 @@ class WorkerHandle:
             self.pool.watchdog.watch(self)
         # Tensors the caller already dropped, and releases already queued for this
         # worker, go first: it applies them before the call, as it would have if the
-        # ledger's flusher had got to them (it naps 0.2 ms after a burst).  So a caller
+        # ledger's flusher had got to them (it naps ``Ledger.BATCH_S`` after a burst).  So a caller
         # that drops a result before the next call always lets the worker recycle its
         # staging blocks ("idle" reports), instead of only when the flusher was quick.
         try:

@@ -5,7 +5,7 @@ Sending an array:
 * below ``INLINE_BYTES`` it travels inline, in the pickle (a descriptor would cost
   more): its raw bytes with dtype, shape and strides (compacted: C order, or F order
   if it was F-contiguous); torch CPU tensors likewise (torch's own pickle would run
-  ``torch.save``/``torch.load`` on each, about 0.2 ms apiece);
+  ``torch.save``/``torch.load`` on each);
 * if its memory already lies in a comfy_env segment (received from a peer, or
   made with ``shared_empty``/``shared_like``) only a descriptor travels:
   segment, offset, dtype, shape, strides -- no copy;
@@ -50,12 +50,7 @@ _SCRATCH_MAX = 256 << 20
 
 
 def _missing(pkg, what):
-    return ModuleNotFoundError(
-        f"this message holds a {what}, but {pkg} is not importable in this process "
-        f"(Python {sys.version.split()[0]} at {sys.executable}): install {pkg} in this "
-        f"environment, or share it from the host (share = [\"{pkg}\"] in comfy-env.toml)",
-        name=pkg,
-    )
+    return codec.not_importable(pkg, f"a {what}")
 
 
 def _span(ptr, shape, strides, itemsize):

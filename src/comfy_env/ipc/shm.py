@@ -5,9 +5,9 @@ nothing is left behind whoever dies; the fd crosses the socket with
 SCM_RIGHTS and the peer maps it.  The memory goes away when the last process
 unmaps it.
 
-Fresh pages cost ~1 GiB/s to fault in on the 2-core box against ~13.5 GiB/s
-for pages already faulted (design.md §4), so owned segments are recycled
-through an :class:`Arena`: a bounded free list by size class that gives idle
+Faulting fresh pages in costs an order of magnitude more than writing pages
+already faulted (figures: docs/dataplane.md, "The arena"), so owned segments are
+recycled through an :class:`Arena`: a bounded free list by size class that gives idle
 memory back after a while.
 
 Every mapped segment (owned or received) is entered in an address map, so an
