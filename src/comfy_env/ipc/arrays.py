@@ -28,11 +28,11 @@ numpy's pickle (their elements are Python objects).  Torch dtypes go by name.
 from __future__ import annotations
 
 import ctypes
-import os
 import pickle
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .. import settings
 from . import codec, lifetime, shm
 
 if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
@@ -40,7 +40,7 @@ if TYPE_CHECKING:       # annotations only: importing comfy_env never imports nu
 
 __all__ = ["INLINE_BYTES", "NumpyPlane", "TorchCPUPlane", "tensor_on_record", "shared_empty", "shared_like"]
 
-INLINE_BYTES = int(os.environ.get("COMFY_ENV_INLINE_BYTES", 64 * 1024))
+INLINE_BYTES = settings.read().inline_bytes
 # Copy a view's whole span (keeping its strides) unless the span is much bigger
 # than the data: then compact it (x[::1000] of a huge array).
 _SPAN_SLACK = 2

@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 
-from .. import forksafe
+from .. import forksafe, settings
 from . import lifetime
 
 
@@ -37,13 +37,6 @@ PLANE_NAME = "shm"
 _PAGE = mmap.PAGESIZE
 _ids = itertools.count(1)
 _MIN_SEGMENT = 1 << 20          # 1 MiB: small copies share a message segment (see arrays.py)
-
-
-def _env_int(name, default):
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 def _size_class(n):
@@ -347,10 +340,12 @@ class Arena:
     """
 
     def __init__(self, max_free_bytes=None, idle_seconds=None):
-        self.max_free_bytes = (_env_int("COMFY_ENV_ARENA_BYTES", 1 << 30)
-                               if max_free_bytes is None else max_free_bytes)
-        self.idle_seconds = (_env_int("COMFY_ENV_ARENA_IDLE_S", 30)
-                             if idle_seconds is None else idle_seconds)
+        if max_free_bytes is None or idle_seconds is None:
+            cfg = settings.read()
+            max_free_bytes = cfg.arena_bytes if max_free_bytes is None else max_free_bytes
+            idle_seconds = cfg.arena_idle_s if idle_seconds is None else idle_seconds
+        self.max_free_bytes = max_free_bytes
+        self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
         self._free = {}                # size class -> [Segment]
         self.free_bytes = 0
