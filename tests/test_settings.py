@@ -64,3 +64,9 @@ def test_no_module_reads_a_setting_from_the_environment_itself():
                 found.append(f"{path.relative_to(SRC)}: {m.group(1)}")
     assert not found, "read these through comfy_env.settings: " + ", ".join(found)
 
+
+def test_the_docs_table_lists_every_variable():
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    section = doc.split("## Configuration", 1)[1]
+    listed = re.findall(r"^\| `(COMFY_ENV_[A-Z_]+)` \|", section, flags=re.M)
+    assert listed == [v.name for v in settings.VARIABLES]

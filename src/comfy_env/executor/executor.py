@@ -25,6 +25,13 @@ Data flow::
   name a call by id, never the work item: a finished call must not stay
   reachable (with its result) until its deadline.
 
+Who dispatches the next call: the thread that made a call ready -- the caller's
+thread in ``submit``, a worker's reader after its handshake (``on_ready``) and after
+each result (``on_idle``, before it sets that result's future), a done-callback when a chained call's last input finishes,
+the timer thread after a start retry.  The other threads that move state: the
+keeper (starts workers, reports their exits), each worker's output pump, the
+ledger's flusher (sends releases).  docs/architecture.md, "Threads", has them all.
+
 Locks: ``_Pool.lock`` guards the scheduling state only.  Nothing that talks to
 a worker (sends, kills, joins) runs under it, and no future is completed under
 it (its callbacks run user code).
