@@ -23,6 +23,7 @@ they work for code stuck in C holding it, where no Python thread could run)::
 """
 from __future__ import annotations
 
+import enum
 import faulthandler
 import gc
 import logging
@@ -85,6 +86,13 @@ class _LogForwarder(logging.Handler):
             pass  # logging must never take the worker down
 
 
+class Handshake(enum.Enum):
+    """How the worker's handshake ended."""
+    READY = "ready"                 # initialised: serve calls
+    INIT_FAILED = "init-failed"     # the initializer raised; the parent has been told
+    PARENT_LEFT = "parent-left"     # the parent shut down while this worker started
+
+
 class Worker:
     def __init__(self, channel: Channel):
         self.channel = channel
@@ -110,7 +118,7 @@ class Worker:
             raise
 
     # -- handshake -----------------------------------------------------------------
-    def handshake(self):
+    def handshake(self) -> "Handshake":
         stack_fd = _register_stack_dump()
         hello = {
             "protocol": PROTOCOL_VERSION,
@@ -136,7 +144,7 @@ class Worker:
             # by the shutting-down thread) can overtake its init frame (sent by the
             # reader thread).  Leave quietly instead of dying with a traceback.
             frame.close_fds()
-            return None
+            return Handshake.PARENT_LEFT
         kind, cfg = frame.envelope
         if kind != "init":
             raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
@@ -163,11 +171,11 @@ class Worker:
                     initializer(*initargs)
         except BaseException as exc:
             self._send_exception("init_failed", None, exc)
-            return False
+            return Handshake.INIT_FAILED
         finally:
             frame.close_fds()
         self.send_plain(("ready",))
-        return True
+        return Handshake.READY
 
     # -- the loops -----------------------------------------------------------------
     def serve(self):
@@ -389,12 +397,12 @@ def main(argv=None):
     forksafe.track_channel(worker.channel)     # a fork child of the worker closes it
     _watch_for_torch()              # before the initializer, which may import torch
     try:
-        ok = worker.handshake()
+        outcome = worker.handshake()
     except ChannelClosed:
         os._exit(0)
-    if ok is None:
+    if outcome is Handshake.PARENT_LEFT:
         return 0
-    if not ok:
+    if outcome is Handshake.INIT_FAILED:
         # Stay until the parent has read the failure, then go.
         time.sleep(0.05)
         return 3

@@ -145,16 +145,6 @@ def raise_fd_limit():
         pass
 
 
-def fd_limit():
-    """The current soft RLIMIT_NOFILE (a large number where unknown)."""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return 1 << 20
-    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
-
-
 # -- the keeper thread ------------------------------------------------------------------------
 
 class _Request:

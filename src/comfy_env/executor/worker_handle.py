@@ -163,8 +163,9 @@ class WorkerHandle:
     def kill_for_timeout(self):
         """``call_timeout`` passed: take the worker's stack (every thread), then kill it.
 
-        The watchdog calls this under the pool lock, so the wait for the dump
-        (at most STACK_DUMP_WAIT) happens on a thread of its own.  The worker is
+        The timer thread calls this (after it released the pool lock); the wait for
+        the dump (at most STACK_DUMP_WAIT) happens on a thread of its own, so that
+        the timer's other deadlines are not held up.  The worker is
         marked as exiting first: a result that still comes in meanwhile completes
         its call, but the worker gets no other call.
         """
