@@ -44,9 +44,9 @@ MODES = ("chain", "materialise", "parent copy")
 
 # -- worker functions (env=None workers import this module by name) -----------------------
 def make(nbytes, fill):
-    from comfy_env.ipc import shm
+    from comfy_env.ipc import arrays
 
-    a = shm.shared_empty(nbytes, "uint8")
+    a = arrays.shared_empty(nbytes, "uint8")
     a.fill(fill)
     return a
 

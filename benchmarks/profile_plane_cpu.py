@@ -24,7 +24,7 @@ sys.path.insert(0, _src)
 import torch  # noqa: E402
 
 from comfy_env.executor.futures import LazyResult  # noqa: E402
-from comfy_env.ipc import codec, lifetime  # noqa: E402
+from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
 from comfy_env.ipc.cuda import devices, plane as P  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
 from comfy_env.ipc.cuda.plane import PLANE, _Owned  # noqa: E402

@@ -40,7 +40,7 @@ MiB = 1 << 20
 
 def _targets(side):
     """What to time on ``side`` ("parent" or "worker"): name -> (object, attribute)."""
-    from comfy_env.ipc import codec, lifetime
+    from comfy_env.ipc import codec, lifetime, planes  # noqa: F401
     from comfy_env.ipc.cuda import plane as P
     from comfy_env.ipc.cuda.plane import PLANE
     common = {"LEDGER.drain": (lifetime.LEDGER, "drain")}

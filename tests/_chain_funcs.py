@@ -14,9 +14,9 @@ __test__ = False
 
 def make(nbytes, fill=1):
     """A uint8 array of ``nbytes`` built directly in shared memory (no copy on return)."""
-    from comfy_env.ipc import shm
+    from comfy_env.ipc import arrays
 
-    a = shm.shared_empty(nbytes, "uint8")
+    a = arrays.shared_empty(nbytes, "uint8")
     a.fill(fill)
     return a
 
@@ -30,10 +30,10 @@ def make_plain(nbytes, fill=1):
 
 def add(x, k=1):
     """``x + k`` in a fresh shared-memory array (one pass, no private temporary)."""
-    from comfy_env.ipc import shm
+    from comfy_env.ipc import arrays
     import numpy as np
 
-    out = shm.shared_empty(x.shape, x.dtype)
+    out = arrays.shared_empty(x.shape, x.dtype)
     np.add(x, k, out=out, casting="unsafe")
     return out
 

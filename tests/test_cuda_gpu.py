@@ -532,7 +532,7 @@ def test_big_tensors_both_ways_never_kill_the_parent(gib):
 
 
 def test_doctor_report_names_routes():
-    from comfy_env.ipc.cuda import doctor
+    from comfy_env import cuda_doctor as doctor
     text = doctor.report()
     print(text)
     assert "parent → worker: ok" in text and "worker → parent: ok" in text

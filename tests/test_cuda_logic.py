@@ -237,7 +237,8 @@ def test_importing_and_installing_touches_neither_cuda_nor_torch_init():
     code = textwrap.dedent("""
         import sys
         import comfy_env, comfy_env.ipc.cuda as c
-        from comfy_env.ipc.cuda import layout, paths, doctor
+        from comfy_env.ipc.cuda import layout, paths
+        from comfy_env import cuda_doctor
         assert 'torch' not in sys.modules, 'torch imported by comfy_env'
         assert 'comfy_env.ipc.cuda.driver' not in sys.modules or \\
             sys.modules['comfy_env.ipc.cuda.driver']._lib is None
@@ -256,7 +257,7 @@ def test_importing_and_installing_touches_neither_cuda_nor_torch_init():
 
 
 def test_doctor_report_without_gpu_says_so():
-    from comfy_env.ipc.cuda import doctor
+    from comfy_env import cuda_doctor as doctor
     try:
         import torch
         if torch.cuda.is_available():

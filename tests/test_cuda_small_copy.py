@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from comfy_env.ipc import codec, lifetime  # noqa: E402
+from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
 from comfy_env.ipc.cuda import devices, paths  # noqa: E402
 from comfy_env.ipc.cuda import driver as D  # noqa: E402
 from comfy_env.ipc.cuda.events import EventRing  # noqa: E402

@@ -35,7 +35,7 @@ import pytest
 
 import _numpy_compat_funcs as F
 from comfy_env import IsolatedExecutor
-from comfy_env.ipc import codec, lifetime, shm
+from comfy_env.ipc import codec, lifetime, planes, shm  # noqa: F401
 from pythons import ALL_PYTHONS, DEPENDENCIES, TESTS, run_script, user_python
 
 pytestmark = [

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from comfy_env import IsolatedExecutor
-from comfy_env.executor.devices import parse_device, pin_environment
+from comfy_env.executor.gpu_pinning import pin_environment
+from comfy_env.ipc.gpu_names import parse_device
 
 UUIDS = ["8e7c0aa2" + "0" * 24, "1b2c3d4e" + "f" * 24]
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from comfy_env.ipc import codec, lifetime
+from comfy_env.ipc import codec, lifetime, planes  # noqa: F401
 from comfy_env.ipc.lifetime import Ledger, Link
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,7 +13,8 @@ if TYPE_CHECKING:       # type checkers see the real names; at run time they loa
                          RemoteError, WorkerCrashed, WorkerStartError)
     from .executor import IsolatedExecutor, IsolatedFuture
     from .ipc.placement import to_device
-    from .ipc.shm import shared_empty, shared_like
+    from .ipc.arrays import shared_empty, shared_like
+    from .sandbox import Sandbox, SandboxUnavailable
 
 _EXPORTS = {
     "IsolatedExecutor": ("comfy_env.executor", "IsolatedExecutor"),
@@ -28,8 +29,8 @@ _EXPORTS = {
     "Env": ("comfy_env.envs", "Env"),
     "Sandbox": ("comfy_env.sandbox", "Sandbox"),
     "SandboxUnavailable": ("comfy_env.sandbox", "SandboxUnavailable"),
-    "shared_empty": ("comfy_env.ipc.shm", "shared_empty"),
-    "shared_like": ("comfy_env.ipc.shm", "shared_like"),
+    "shared_empty": ("comfy_env.ipc.arrays", "shared_empty"),
+    "shared_like": ("comfy_env.ipc.arrays", "shared_like"),
     "to_device": ("comfy_env.ipc.placement", "to_device"),
 }
 

@@ -34,9 +34,9 @@ def run(args):
           f"most {shm.ARENA.max_free_bytes >> 20} MiB free, gives back after "
           f"{shm.ARENA.idle_seconds} s idle")
     try:
-        from .ipc.cuda import doctor
+        from . import cuda_doctor
     except ImportError as exc:
         print(f"CUDA plane: not available ({exc})")
         return 0
-    print(doctor.report(env=args.env, live=not args.no_live))
+    print(cuda_doctor.report(env=args.env, live=not args.no_live))
     return 0

@@ -23,9 +23,9 @@ they work for code stuck in C holding it, where no Python thread could run)::
 """
 from __future__ import annotations
 
+import enum
 import faulthandler
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -37,7 +37,9 @@ import traceback
 from . import forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
-from .ipc import codec, lifetime
+from .ipc import codec, lifetime, planes
+from .ipc.calls import resolve_reference
+from .ipc.protocol import apply_control
 from .ipc.transport import Channel, ChannelClosed
 
 # A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
@@ -65,35 +67,6 @@ def _register_stack_dump():
     return r
 
 
-def resolve_reference(ref: str):
-    """``"package.module:qualname"`` -> the object, imported in this process."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ValueError(
-            f"a function reference must look like 'package.module:qualname', got {ref!r}"
-        )
-    modname, qualname = ref.split(":")
-    if not modname or not qualname:
-        raise ValueError(f"a function reference must look like 'package.module:qualname', got {ref!r}")
-    module = importlib.import_module(modname)
-    obj = module
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(
-                f"module {modname!r} has no attribute {qualname!r} "
-                f"(looked up in the worker, Python {sys.version.split()[0]} at {sys.executable})"
-            ) from None
-    return obj
-
-
-def run_chunk(fn, chunk):
-    """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
-    if isinstance(fn, str):
-        fn = resolve_reference(fn)
-    return [fn(*args) for args in chunk]
-
-
 class _LogForwarder(logging.Handler):
     """Sends the worker's log records to the parent, which re-emits them through ``logging``."""
 
@@ -111,6 +84,13 @@ class _LogForwarder(logging.Handler):
             self.worker.send_plain(("log", record.levelno, record.name, msg, record.created))
         except Exception:
             pass  # logging must never take the worker down
+
+
+class Handshake(enum.Enum):
+    """How the worker's handshake ended."""
+    READY = "ready"                 # initialised: serve calls
+    INIT_FAILED = "init-failed"     # the initializer raised; the parent has been told
+    PARENT_LEFT = "parent-left"     # the parent shut down while this worker started
 
 
 class Worker:
@@ -138,7 +118,7 @@ class Worker:
             raise
 
     # -- handshake -----------------------------------------------------------------
-    def handshake(self):
+    def handshake(self) -> "Handshake":
         stack_fd = _register_stack_dump()
         hello = {
             "protocol": PROTOCOL_VERSION,
@@ -164,7 +144,7 @@ class Worker:
             # by the shutting-down thread) can overtake its init frame (sent by the
             # reader thread).  Leave quietly instead of dying with a traceback.
             frame.close_fds()
-            return None
+            return Handshake.PARENT_LEFT
         kind, cfg = frame.envelope
         if kind != "init":
             raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
@@ -191,11 +171,11 @@ class Worker:
                     initializer(*initargs)
         except BaseException as exc:
             self._send_exception("init_failed", None, exc)
-            return False
+            return Handshake.INIT_FAILED
         finally:
             frame.close_fds()
         self.send_plain(("ready",))
-        return True
+        return Handshake.READY
 
     # -- the loops -----------------------------------------------------------------
     def serve(self):
@@ -224,7 +204,7 @@ class Worker:
                     self._collect_soon()
             elif kind == "ctl":
                 frame.close_fds()
-                _apply_control(self.link, frame.envelope[1])
+                apply_control(self.link, frame.envelope[1])
             elif kind == "exit":
                 frame.close_fds()
                 return
@@ -323,15 +303,6 @@ def _strip(exc):
     return exc
 
 
-def _apply_control(link, msgs):
-    for msg in msgs:
-        kind = msg[0]
-        if kind == "release":
-            lifetime.LEDGER.on_release(link, msg[1], msg[2])
-        elif kind == "plane":
-            codec.get_plane(msg[1]).on_control(link, msg[2])
-
-
 def _parse_args(argv):
     fd = alive = parent = None
     it = iter(argv)
@@ -392,24 +363,15 @@ class _TorchImportHook:
 
         def exec_module(module):
             run(module)
-            _install_cuda_plane()
+            planes.install_cuda_plane()
 
         loader.exec_module = exec_module
         return spec
 
 
-def _install_cuda_plane():
-    try:
-        from .ipc import cuda
-        cuda.install()
-    except Exception:
-        # No usable CUDA plane here: CUDA tensors then take the copying routes.
-        pass
-
-
 def _watch_for_torch():
     if "torch" in sys.modules:
-        _install_cuda_plane()
+        planes.install_cuda_plane()
     else:
         sys.meta_path.insert(0, _TorchImportHook())
 
@@ -435,12 +397,12 @@ def main(argv=None):
     forksafe.track_channel(worker.channel)     # a fork child of the worker closes it
     _watch_for_torch()              # before the initializer, which may import torch
     try:
-        ok = worker.handshake()
+        outcome = worker.handshake()
     except ChannelClosed:
         os._exit(0)
-    if ok is None:
+    if outcome is Handshake.PARENT_LEFT:
         return 0
-    if not ok:
+    if outcome is Handshake.INIT_FAILED:
         # Stay until the parent has read the failure, then go.
         time.sleep(0.05)
         return 3

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 
+from .. import settings
 from .errors import PackLoadError
 
 __all__ = ["isolated_nodes", "IsolatedPack", "PackLoadError"]
@@ -72,14 +73,14 @@ def isolated_nodes(pack_file, *modules, env=None, name=None, interrupt_grace=Non
     if not os.path.isdir(pack_dir):
         pack_dir = os.path.dirname(os.path.abspath(pack_dir))
     if interrupt_grace is None:
-        interrupt_grace = float(os.environ.get("COMFY_ENV_INTERRUPT_GRACE", "5"))
+        interrupt_grace = settings.read().interrupt_grace
     caller = sys._getframe(1).f_globals.get("__name__") or os.path.basename(pack_dir)
     from .pack import IsolatedPack
     pack = IsolatedPack(pack_dir, flat, env, name=name, module_name=caller,
                         interrupt_grace=interrupt_grace, call_timeout=call_timeout,
                         comfy_api=comfy_api, sandbox=sandbox)
     if prestart is None:
-        prestart = os.environ.get("COMFY_ENV_PRESTART", "1").strip().lower() not in ("0", "false", "no", "")
+        prestart = settings.read().prestart
     try:
         mappings = pack.node_mappings(keep_worker=prestart)
     except PackLoadError as exc:

@@ -25,6 +25,8 @@ import os
 import re
 import tempfile
 
+from .. import settings
+
 __all__ = ["cache_dir", "pack_key", "load", "store", "FORMAT"]
 
 FORMAT = 2                    # bump when the metadata layout changes (2: V3 nodes, cached failures)
@@ -36,7 +38,7 @@ _SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "web", "js"}
 
 
 def cache_dir() -> str:
-    root = os.environ.get("COMFY_ENV_CACHE_DIR")
+    root = settings.read().cache_dir
     if not root:
         import platformdirs
         root = platformdirs.user_cache_dir("comfy-env", appauthor=False)

@@ -42,6 +42,7 @@ import time
 import uuid
 import warnings
 
+from .. import settings
 from .cache import META_FILENAME
 from .errors import EnvBuildError
 from .spec import normalize_dist_name
@@ -58,8 +59,9 @@ HEARTBEAT_SECONDS = 10.0      # a silent installer step gets a "still running" l
 
 def find_uv() -> str | None:
     """The uv binary: ``$COMFY_ENV_UV``, else the one shipped by the ``uv`` PyPI package, else PATH."""
-    if UV_ENV_VAR in os.environ:
-        return os.environ[UV_ENV_VAR] or None
+    uv = settings.read().uv
+    if uv is not None:
+        return uv or None
     try:
         import uv
 

@@ -24,6 +24,8 @@ import os
 import shutil
 import time
 
+from .. import settings
+
 __all__ = ["CACHE_ENV_VAR", "META_FILENAME", "cache_root", "env_key", "envs_dir", "list_envs", "env_usage",
            "remove_env", "prune"]
 
@@ -35,7 +37,7 @@ _KEY_FORMAT = 2                         # bump when the layout of a built env ch
 def cache_root(cache_dir=None) -> str:
     """The cache root: the argument, else ``$COMFY_ENV_CACHE_DIR``, else the user cache dir."""
     if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV_VAR) or None
+        cache_dir = settings.read().cache_dir
     if cache_dir is None:
         import platformdirs
 

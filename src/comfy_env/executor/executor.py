@@ -25,6 +25,13 @@ Data flow::
   name a call by id, never the work item: a finished call must not stay
   reachable (with its result) until its deadline.
 
+Who dispatches the next call: the thread that made a call ready -- the caller's
+thread in ``submit``, a worker's reader after its handshake (``on_ready``) and after
+each result (``on_idle``, before it sets that result's future), a done-callback when a chained call's last input finishes,
+the timer thread after a start retry.  The other threads that move state: the
+keeper (starts workers, reports their exits), each worker's output pump, the
+ledger's flusher (sends releases).  docs/architecture.md, "Threads", has them all.
+
 Locks: ``_Pool.lock`` guards the scheduling state only.  Nothing that talks to
 a worker (sends, kills, joins) runs under it, and no future is completed under
 it (its callbacks run user code).
@@ -64,10 +71,11 @@ import cloudpickle
 from .. import forksafe
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
-from ..ipc import codec, lifetime
+from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
+from ..ipc.calls import check_reference, run_chunk
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
-from .devices import pin_environment
+from .gpu_pinning import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
 from .workitem import Stage, WorkItem
@@ -285,7 +293,7 @@ class _Pool:
         deps, item.deps = item.deps, ()
         with self.lock:
             if item not in self.waiting:
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 return          # cancelled by shutdown
             self.waiting.discard(item)
         fut = item.future
@@ -299,7 +307,7 @@ class _Pool:
                 # Drop the other inputs now (a diamond's good branch), and let
                 # dispatch retire idle workers if shutdown(wait=False) was only
                 # waiting for this call.
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 self._notify_done()
                 self.dispatch()
                 return
@@ -310,7 +318,7 @@ class _Pool:
                 fail = None
                 self.pending.append(item)
         if fail is not None:
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(fail)
             return
@@ -332,7 +340,7 @@ class _Pool:
                 item = self.pending.popleft()
             if item.stage is Stage.QUEUED:
                 if not item.future.set_running_or_notify_cancel():
-                    item.args = item.kwargs = item.fn = None    # cancelled: drop its inputs
+                    item.drop_inputs()    # cancelled: drop its inputs
                     self._back_to_idle(worker)
                     continue
                 item.stage = Stage.RUNNING
@@ -340,7 +348,7 @@ class _Pool:
                 chunks, fds, fb = self._encode(item, worker)
             except BaseException as exc:
                 item.future.set_exception(exc)
-                item.args = item.kwargs = item.fn = None
+                item.drop_inputs()
                 self._back_to_idle(worker)
                 continue
             try:
@@ -357,7 +365,7 @@ class _Pool:
                         worker.item = None
                         self.pending.appendleft(item)
                 continue
-            item.args = item.kwargs = None      # the worker has them now
+            item.drop_inputs(keep_fn=True)      # the worker has them now
         for w in retired:
             w.request_exit()
         for _ in range(n):
@@ -496,7 +504,7 @@ class _Pool:
                 self.pending.clear()
         for item in items:
             fut = item.future
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
             if (item.stage is not Stage.QUEUED or fut.set_running_or_notify_cancel()) \
                     and not fut.done():
                 fut.set_exception(_clone(err))
@@ -662,7 +670,7 @@ class _Pool:
                                                        "call could be delivered"))
             else:
                 item.future.cancel()
-            item.args = item.kwargs = item.fn = None
+            item.drop_inputs()
 
     def shutdown(self, wait=True, cancel_futures=False):
         if forksafe.inherited(self):
@@ -939,9 +947,8 @@ class IsolatedExecutor(Executor):
         if not (callable(fn) or isinstance(fn, str)):
             raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
                             f"got {type(fn).__name__}")
-        if isinstance(fn, str) and (fn.count(":") != 1 or fn.startswith(":") or fn.endswith(":")):
-            raise ValueError(f"a function reference must look like 'package.module:qualname', "
-                             f"got {fn!r}")
+        if isinstance(fn, str):
+            check_reference(fn)
         deps = _find_futures(args, []) + _find_futures(kwargs, [])
         fut = IsolatedFuture()
         self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
@@ -963,7 +970,6 @@ class IsolatedExecutor(Executor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        from ..worker import run_chunk
         chunks = _chunks(zip(*iterables), chunksize)
         results = super().map(run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)

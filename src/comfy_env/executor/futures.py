@@ -47,11 +47,9 @@ class LazyResult:
         # Not at exit: the workers are gone by then (their blocks with them), and
         # a release sent or freed from an atexit callback could start a thread.
         self._finalizer.atexit = False
-        self.materialisations = 0
 
     def materialise(self):
         """Decode the part (maps the segments, imports the tensors) in this process."""
-        self.materialisations += 1
         return codec.decode_part(self.frame, 0, self.link, records=dict(enumerate(self.records)))
 
     @property

@@ -26,7 +26,6 @@ import errno
 import os
 import selectors
 import subprocess
-import sys
 import threading
 
 import comfy_env
@@ -121,10 +120,6 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
             os.close(fd)
 
 
-def parent_python():
-    return tuple(sys.version_info[:2])
-
-
 # -- the fd limit ---------------------------------------------------------------------
 
 _limit_raised = False
@@ -152,16 +147,6 @@ def raise_fd_limit():
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ImportError, ValueError, OSError):
         pass
-
-
-def fd_limit():
-    """The current soft RLIMIT_NOFILE (a large number where unknown)."""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return 1 << 20
-    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
 # -- the keeper thread ------------------------------------------------------------------------

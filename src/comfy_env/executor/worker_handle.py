@@ -51,6 +51,7 @@ from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerStartError)
 from ..ipc import codec, lifetime
+from ..ipc.protocol import apply_control
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
 from .workitem import Stage
@@ -132,7 +133,7 @@ class WorkerHandle:
             self.pool.watchdog.watch(self)
         # Tensors the caller already dropped, and releases already queued for this
         # worker, go first: it applies them before the call, as it would have if the
-        # ledger's flusher had got to them (it naps 0.2 ms after a burst).  So a caller
+        # ledger's flusher had got to them (it naps ``Ledger.BATCH_S`` after a burst).  So a caller
         # that drops a result before the next call always lets the worker recycle its
         # staging blocks ("idle" reports), instead of only when the flusher was quick.
         try:
@@ -162,8 +163,9 @@ class WorkerHandle:
     def kill_for_timeout(self):
         """``call_timeout`` passed: take the worker's stack (every thread), then kill it.
 
-        The watchdog calls this under the pool lock, so the wait for the dump
-        (at most STACK_DUMP_WAIT) happens on a thread of its own.  The worker is
+        The timer thread calls this (after it released the pool lock); the wait for
+        the dump (at most STACK_DUMP_WAIT) happens on a thread of its own, so that
+        the timer's other deadlines are not held up.  The worker is
         marked as exiting first: a result that still comes in meanwhile completes
         its call, but the worker gets no other call.
         """
@@ -330,8 +332,7 @@ class WorkerHandle:
                     self._on_result(frame)
                 elif kind == "ctl":
                     frame.close_fds()
-                    from ..worker import _apply_control
-                    _apply_control(self.link, frame.envelope[1])
+                    apply_control(self.link, frame.envelope[1])
                 elif kind == "log":
                     frame.close_fds()
                     self._on_log(frame.envelope)

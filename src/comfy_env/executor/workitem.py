@@ -32,3 +32,13 @@ class WorkItem:
         self.call_id = next(_ids)
         self.deps = deps
         self.stage = Stage.QUEUED
+
+    def drop_inputs(self, keep_fn=False):
+        """Let go of what the user submitted once nothing will send it again (the call
+        was sent, failed, or was cancelled): its arrays and tensors are freed with the
+        caller's last reference, not when the future goes.  ``keep_fn``: only the
+        inputs go (a sent call keeps its function, as it always has: the inputs are
+        what holds the caller's data)."""
+        self.args = self.kwargs = None
+        if not keep_fn:
+            self.fn = None

@@ -5,7 +5,7 @@ Sending an array:
 * below ``INLINE_BYTES`` it travels inline, in the pickle (a descriptor would cost
   more): its raw bytes with dtype, shape and strides (compacted: C order, or F order
   if it was F-contiguous); torch CPU tensors likewise (torch's own pickle would run
-  ``torch.save``/``torch.load`` on each, about 0.2 ms apiece);
+  ``torch.save``/``torch.load`` on each);
 * if its memory already lies in a comfy_env segment (received from a peer, or
   made with ``shared_empty``/``shared_like``) only a descriptor travels:
   segment, offset, dtype, shape, strides -- no copy;
@@ -28,15 +28,19 @@ numpy's pickle (their elements are Python objects).  Torch dtypes go by name.
 from __future__ import annotations
 
 import ctypes
-import os
 import pickle
 import sys
+from typing import TYPE_CHECKING, Any
 
+from .. import settings
 from . import codec, lifetime, shm
 
-__all__ = ["INLINE_BYTES", "NumpyPlane", "TorchCPUPlane", "tensor_on_record"]
+if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
+    import numpy
 
-INLINE_BYTES = int(os.environ.get("COMFY_ENV_INLINE_BYTES", 64 * 1024))
+__all__ = ["INLINE_BYTES", "NumpyPlane", "TorchCPUPlane", "tensor_on_record", "shared_empty", "shared_like"]
+
+INLINE_BYTES = settings.read().inline_bytes
 # Copy a view's whole span (keeping its strides) unless the span is much bigger
 # than the data: then compact it (x[::1000] of a huge array).
 _SPAN_SLACK = 2
@@ -46,12 +50,7 @@ _SCRATCH_MAX = 256 << 20
 
 
 def _missing(pkg, what):
-    return ModuleNotFoundError(
-        f"this message holds a {what}, but {pkg} is not importable in this process "
-        f"(Python {sys.version.split()[0]} at {sys.executable}): install {pkg} in this "
-        f"environment, or share it from the host (share = [\"{pkg}\"] in comfy-env.toml)",
-        name=pkg,
-    )
+    return codec.not_importable(pkg, f"a {what}")
 
 
 def _span(ptr, shape, strides, itemsize):
@@ -279,7 +278,7 @@ class NumpyPlane(_SegmentPlane):
 
 def _portable(desc):
     """Unpickles what :meth:`NumpyPlane.reduce_portable` reduced (inline descriptors only)."""
-    return _NUMPY_PLANE._decode(desc, None)
+    return NUMPY_PLANE._decode(desc, None)
 
 
 def _encode_inline(np, a, cls, dt, writeable, sub):
@@ -567,23 +566,74 @@ def tensor_on_record(record, offset, dtype, shape, strides, holder=None, start=0
     return torch.as_strided(flat, shape, strides, (offset - start) // item)
 
 
-def _install_cuda_plane():
-    try:
-        from . import cuda  # noqa: F401
-    except ImportError:
-        return
-    install = getattr(cuda, "install", None)
-    if install is not None:
-        try:
-            install()
-        except Exception:
-            pass
+# -- public helpers: arrays born in shared memory -----------------------------------
+def shared_empty(shape: int | tuple[int, ...], dtype: Any = float,
+                 order: str = "C") -> numpy.ndarray:
+    """A numpy array in comfy_env shared memory: passed to workers with no copy at all.
+
+    Like ``numpy.empty(shape, dtype, order)`` (the contents are undefined).
+    Arrays received from workers already live there; this is for inputs you
+    build yourself (fill it, then submit it).  A worker that writes into it
+    writes into this process's array: the memory is shared, not copied.
+
+    Raises:
+        TypeError: ``dtype`` holds Python objects, which cannot live in shared memory.
+    """
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(f"shared_empty: dtype {dtype} holds Python objects, which cannot live "
+                        f"in shared memory")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    rec = shm.ARENA.allocate(max(nbytes, 1))
+    holder = shm.holder_for(rec)
+    return np.ndarray(shape, dtype, buffer=holder, offset=0, order=order)
 
 
-_NUMPY_PLANE = NumpyPlane()
-codec.register_plane(_NUMPY_PLANE)
-codec.register_plane(TorchCPUPlane())
-# The CUDA plane goes in front of the CPU one the first time a tensor is seen
-# (never at import: a process without CUDA or torch must not touch either).
-codec.on_first_type("torch.Tensor", _install_cuda_plane)
-codec.provide_plane("cuda", _install_cuda_plane)
+def shared_like(arr: Any) -> Any:
+    """A copy of ``arr`` (numpy array or torch CPU tensor) in comfy_env shared memory.
+
+    Returns the same kind of object: a C-contiguous numpy array (anything
+    ``numpy.asarray`` accepts becomes one) or a torch CPU tensor (keeping
+    ``requires_grad``).  Pay the copy once; every later ``submit`` of the copy
+    sends it with no copy at all.
+
+    Raises:
+        ValueError: a CUDA tensor (those travel through CUDA pools already).
+    """
+    mod = type(arr).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = arr.detach()
+        if t.device.type != "cpu":
+            raise ValueError(f"shared_like: tensor is on {t.device}; only CPU tensors live in "
+                             f"shared memory (CUDA tensors travel through CUDA pools)")
+        nbytes = t.numel() * t.element_size()
+        rec = shm.ARENA.allocate(max(nbytes, 1))
+        out = tensor_on_record(rec, 0, t.dtype, tuple(t.shape), _contiguous_strides(t.shape))
+        out.copy_(t)
+        if arr.requires_grad:
+            out.requires_grad_(True)
+        return out
+    import numpy as np
+
+    arr = np.asarray(arr)
+    out = shared_empty(arr.shape, arr.dtype)
+    np.copyto(out, arr)
+    return out
+
+
+def _contiguous_strides(shape):
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# The instances planes.py registers with the codec (portable pickles use NUMPY_PLANE too).
+NUMPY_PLANE = NumpyPlane()
+TORCH_CPU_PLANE = TorchCPUPlane()

@@ -17,7 +17,8 @@ the refs outside the pickle lets the parent hold or forward a worker's result
 (zero-copy chains) without decoding it.
 
 Planes register by *type name* so that neither numpy nor torch is imported
-until an object of theirs shows up.
+until an object of theirs shows up.  This module knows no plane: they import it,
+and :mod:`comfy_env.ipc.planes` registers them (the executor and the worker import it).
 """
 from __future__ import annotations
 
@@ -453,11 +454,18 @@ def _explain_missing(exc):
             f"this process has ({pkg} {version}, Python {sys.version.split()[0]} at "
             f"{sys.executable}), and that version's pickle names a module this one lacks."
             f"{hint} use the same major version of {pkg} on both sides", name=exc.name)
+    return not_importable(pkg, f"an object of package {pkg!r}", prefix=f"{exc}: ")
+
+
+def not_importable(pkg, what, prefix=""):
+    """The error for a message holding ``what`` when ``pkg`` cannot be imported here:
+    names the package, this process's Python, and the two ways to fix it."""
     return ModuleNotFoundError(
-        f"{exc}: the message holds an object of package {pkg!r}, which is not importable "
-        f"in this process (Python {sys.version.split()[0]} at {sys.executable}): install "
-        f"{pkg} in this environment, or share it from the host (share = [\"{pkg}\"] in "
-        f"comfy-env.toml)", name=pkg)
+        f"{prefix}this message holds {what}, but {pkg} is not importable in this process "
+        f"(Python {sys.version.split()[0]} at {sys.executable}): install {pkg} in this "
+        f"environment, or share it from the host (share = [\"{pkg}\"] in comfy-env.toml)",
+        name=pkg,
+    )
 
 
 def _installed_version(pkg):
@@ -525,7 +533,3 @@ def decode_part(frame, index, link, cache=None, records=None):
     _release_untaken(dec)
     cache[index] = obj
     return obj
-
-
-# The CPU data plane registers itself; it imports neither numpy nor torch.
-from . import arrays  # noqa: E402,F401

@@ -281,16 +281,12 @@ class Ledger:
         rec.leases_in = 0
         return upstream, leases
 
-    def free(self, rec, last):
-        """``unhold``'s second half: free the block, then release it upstream.
+    def free_many(self, items):
+        """``unhold``'s second half for ``(record, last)`` pairs, as one batch: free the
+        blocks, then release them upstream.
 
         Free first, release after: the exporter may reuse or free the block as
         soon as it reads the release, so our unmap / CUDA free must be done by then.
-        """
-        self.free_many(((rec, last),))
-
-    def free_many(self, items):
-        """:meth:`free` for ``(record, last)`` pairs, as one batch.
 
         A plane's ``on_zero`` may start an asynchronous free and return a callable
         that completes it (the CUDA plane: one stream synchronise for a whole batch

@@ -54,7 +54,7 @@ def _target(device):
         return None
     if getattr(device, "type", device) == "cpu":
         return "cpu"
-    from ..executor.devices import parse_device
+    from .gpu_names import parse_device
     want = parse_device(device)
     if isinstance(want, str):
         if not want.upper().startswith("GPU-"):

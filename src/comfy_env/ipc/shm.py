@@ -5,9 +5,9 @@ nothing is left behind whoever dies; the fd crosses the socket with
 SCM_RIGHTS and the peer maps it.  The memory goes away when the last process
 unmaps it.
 
-Fresh pages cost ~1 GiB/s to fault in on the 2-core box against ~13.5 GiB/s
-for pages already faulted (design.md §4), so owned segments are recycled
-through an :class:`Arena`: a bounded free list by size class that gives idle
+Faulting fresh pages in costs an order of magnitude more than writing pages
+already faulted (figures: docs/dataplane.md, "The arena"), so owned segments are
+recycled through an :class:`Arena`: a bounded free list by size class that gives idle
 memory back after a while.
 
 Every mapped segment (owned or received) is entered in an address map, so an
@@ -25,28 +25,18 @@ import resource
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
 
-from .. import forksafe
+from .. import forksafe, settings
 from . import lifetime
 
-if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
-    import numpy
 
-__all__ = ["Segment", "Arena", "ARENA", "shared_empty", "shared_like", "find_segment",
+__all__ = ["Segment", "Arena", "ARENA", "holder_for", "find_segment",
            "PLANE_NAME"]
 
 PLANE_NAME = "shm"
 _PAGE = mmap.PAGESIZE
 _ids = itertools.count(1)
 _MIN_SEGMENT = 1 << 20          # 1 MiB: small copies share a message segment (see arrays.py)
-
-
-def _env_int(name, default):
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 def _size_class(n):
@@ -350,10 +340,12 @@ class Arena:
     """
 
     def __init__(self, max_free_bytes=None, idle_seconds=None):
-        self.max_free_bytes = (_env_int("COMFY_ENV_ARENA_BYTES", 1 << 30)
-                               if max_free_bytes is None else max_free_bytes)
-        self.idle_seconds = (_env_int("COMFY_ENV_ARENA_IDLE_S", 30)
-                             if idle_seconds is None else idle_seconds)
+        if max_free_bytes is None or idle_seconds is None:
+            cfg = settings.read()
+            max_free_bytes = cfg.arena_bytes if max_free_bytes is None else max_free_bytes
+            idle_seconds = cfg.arena_idle_s if idle_seconds is None else idle_seconds
+        self.max_free_bytes = max_free_bytes
+        self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
         self._free = {}                # size class -> [Segment]
         self.free_bytes = 0
@@ -431,75 +423,6 @@ class Arena:
 
 
 ARENA = Arena()
-
-
-# -- public helpers ---------------------------------------------------------------
-def shared_empty(shape: int | tuple[int, ...], dtype: Any = float,
-                 order: str = "C") -> numpy.ndarray:
-    """A numpy array in comfy_env shared memory: passed to workers with no copy at all.
-
-    Like ``numpy.empty(shape, dtype, order)`` (the contents are undefined).
-    Arrays received from workers already live there; this is for inputs you
-    build yourself (fill it, then submit it).  A worker that writes into it
-    writes into this process's array: the memory is shared, not copied.
-
-    Raises:
-        TypeError: ``dtype`` holds Python objects, which cannot live in shared memory.
-    """
-    import numpy as np
-
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise TypeError(f"shared_empty: dtype {dtype} holds Python objects, which cannot live "
-                        f"in shared memory")
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    rec = ARENA.allocate(max(nbytes, 1))
-    holder = holder_for(rec)
-    return np.ndarray(shape, dtype, buffer=holder, offset=0, order=order)
-
-
-def shared_like(arr: Any) -> Any:
-    """A copy of ``arr`` (numpy array or torch CPU tensor) in comfy_env shared memory.
-
-    Returns the same kind of object: a C-contiguous numpy array (anything
-    ``numpy.asarray`` accepts becomes one) or a torch CPU tensor (keeping
-    ``requires_grad``).  Pay the copy once; every later ``submit`` of the copy
-    sends it with no copy at all.
-
-    Raises:
-        ValueError: a CUDA tensor (those travel through CUDA pools already).
-    """
-    mod = type(arr).__module__
-    if mod.startswith("torch"):
-        import torch
-
-        from .arrays import tensor_on_record
-        t = arr.detach()
-        if t.device.type != "cpu":
-            raise ValueError(f"shared_like: tensor is on {t.device}; only CPU tensors live in "
-                             f"shared memory (CUDA tensors travel through CUDA pools)")
-        nbytes = t.numel() * t.element_size()
-        rec = ARENA.allocate(max(nbytes, 1))
-        out = tensor_on_record(rec, 0, t.dtype, tuple(t.shape), _contiguous_strides(t.shape))
-        out.copy_(t)
-        if arr.requires_grad:
-            out.requires_grad_(True)
-        return out
-    import numpy as np
-
-    arr = np.asarray(arr)
-    out = shared_empty(arr.shape, arr.dtype)
-    np.copyto(out, arr)
-    return out
-
-
-def _contiguous_strides(shape):
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def holder_for(record):

@@ -268,9 +268,3 @@ class Channel:
             self._closed = True
         self.sock.close()
 
-    def shutdown_write(self) -> None:
-        """Half-close: the peer sees EOF, we can still read what it sends."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass

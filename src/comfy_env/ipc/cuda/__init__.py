@@ -6,8 +6,9 @@ registers the plane with the codec (the CPU plane calls it the first time it see
 
 Modules: ``driver`` (ctypes over libcuda), ``devices`` (UUIDs, contexts), ``pools``
 (export/staging pools, imports), ``vmm`` (big tensors), ``events`` (stream order),
-``layout`` (the descriptor), ``paths`` (route choice), ``plane`` (the codec plane),
-``probe`` (two-process capability probe), ``doctor`` (the report).
+``layout`` (the descriptor), ``paths`` (route choice), ``plane`` (the codec plane).
+The diagnostics that start a worker to test it live beside the CLI:
+:mod:`comfy_env.cuda_probe`, :mod:`comfy_env.cuda_doctor`.
 """
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ import os
 import threading
 import time
 
+from ... import settings
 from .. import lifetime
 
 __all__ = ["ImportCache", "limits_from_env"]
@@ -59,20 +60,9 @@ __all__ = ["ImportCache", "limits_from_env"]
 
 def limits_from_env():
     """``(max_bytes, max_count, max_idle_s, max_staging_bytes)`` from the environment."""
-    def number(name, default, kind=float):
-        raw = os.environ.get(name, default)
-        try:
-            v = kind(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {raw!r}") from None
-        if v < 0:
-            raise ValueError(f"{name} must not be negative, got {raw!r}")
-        return v
-    mib = number("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "256")
-    count = number("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "256", int)
-    idle_s = number("COMFY_ENV_CUDA_IMPORT_CACHE_S", "1.0")
-    staging_mib = number("COMFY_ENV_CUDA_STAGING_CACHE_MIB", "4096")
-    return int(mib * (1 << 20)), count, idle_s, int(staging_mib * (1 << 20))
+    cfg = settings.read()
+    return (int(cfg.cuda_import_cache_mib * (1 << 20)), cfg.cuda_import_cache_count,
+            cfg.cuda_import_cache_s, int(cfg.cuda_staging_cache_mib * (1 << 20)))
 
 
 class _Entry:

@@ -28,8 +28,9 @@ Order of preference, per tensor:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
+from ... import settings
 
 __all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "small_copy_limit", "DEFAULT_IMPORT_LIMIT",
            "DEFAULT_SMALL_COPY", "POOL_WHY", "SMALL_COPY_WHY"]
@@ -37,39 +38,21 @@ __all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "small_copy
 POOL_WHY = "zero copy: the tensor lives in this process's export pool"
 SMALL_COPY_WHY = ("one device copy into the staging pool: a small tensor sent for the first time "
                   "(cheaper than exporting its allocation; COMFY_ENV_CUDA_SMALL_COPY_MIB)")
-DEFAULT_SMALL_COPY = 16 << 20
+DEFAULT_SMALL_COPY = int(settings.default("COMFY_ENV_CUDA_SMALL_COPY_MIB") * (1 << 20))
 
 # Importing one pool allocation of 5,264 MiB segfaulted the importer, 5,248 MiB did not
 # (H100, driver 580.159.04).  4 GiB leaves a margin for other drivers and GPUs.
-DEFAULT_IMPORT_LIMIT = 4 << 30
+DEFAULT_IMPORT_LIMIT = settings.default("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB") << 20
 
 
 def import_limit() -> int:
     """Largest single pool allocation we let a peer import (env override, in MiB)."""
-    raw = os.environ.get("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB")
-    if not raw:
-        return DEFAULT_IMPORT_LIMIT
-    try:
-        mib = int(raw)
-    except ValueError:
-        raise ValueError(f"COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB must be an integer, got {raw!r}") from None
-    if mib <= 0:
-        raise ValueError(f"COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB must be positive, got {mib}")
-    return mib << 20
+    return settings.read().cuda_pool_import_limit_mib << 20
 
 
 def small_copy_limit() -> int:
     """Bytes up to which a tensor first sent goes by copy, not by export (env, in MiB; 0: never)."""
-    raw = os.environ.get("COMFY_ENV_CUDA_SMALL_COPY_MIB")
-    if raw is None or raw == "":
-        return DEFAULT_SMALL_COPY
-    try:
-        mib = float(raw)
-    except ValueError:
-        raise ValueError(f"COMFY_ENV_CUDA_SMALL_COPY_MIB must be a number of MiB, got {raw!r}") from None
-    if not 0 <= mib <= 4096:
-        raise ValueError(f"COMFY_ENV_CUDA_SMALL_COPY_MIB must be between 0 and 4096, got {raw!r}")
-    return int(mib * (1 << 20))
+    return int(settings.read().cuda_small_copy_mib * (1 << 20))
 
 
 @dataclass(frozen=True)

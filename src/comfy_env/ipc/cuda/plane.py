@@ -34,6 +34,7 @@ import threading
 import warnings
 import weakref
 
+from ... import settings
 from .. import lifetime
 from ..codec import EncodeError, Plane
 from . import devices
@@ -154,13 +155,12 @@ class CudaPlane(Plane):
     def __init__(self):
         self._lock = threading.RLock()
         self.role = "parent"
-        self.heap_policy = os.environ.get("COMFY_ENV_CUDA_HEAP", "pool")
-        if self.heap_policy not in ("pool", "staging"):
-            raise ValueError(f"COMFY_ENV_CUDA_HEAP must be 'pool' or 'staging', not {self.heap_policy!r}")
+        cfg = settings.read()
+        self.heap_policy = cfg.cuda_heap
         self.limit = import_limit()
         # Diagnostics and benchmarks only: send every CUDA tensor through host memory.
-        self.force_cpu = os.environ.get("COMFY_ENV_CUDA_FORCE_CPU") == "1"
-        self.roll_min_idle = int(os.environ.get("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "64")) << 20
+        self.force_cpu = cfg.cuda_force_cpu
+        self.roll_min_idle = cfg.cuda_roll_min_idle_mib << 20
         self.small_copy = small_copy_limit()
         self._seen_small = {}         # storage address -> weakref to the storage last staged from it
         self._idle_local = threading.local()   # importer: idle staging blocks of this batch

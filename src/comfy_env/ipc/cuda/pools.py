@@ -222,9 +222,6 @@ class PoolImports:
         # A forwarded copy of a pool we already know: one import is enough.
         os.close(fd)
 
-    def known(self, key) -> bool:
-        return key in self._pools
-
     def get(self, key):
         p = self._pools.get(key)
         if p is None:

@@ -6,7 +6,8 @@ CUDA tensor, has it send one back, and checks the values on both sides.  The rou
 reported are the ones the plane chose for those tensors; an import that failed is
 reported with the driver's error, as the running plane would report it.
 
-Used by :mod:`doctor`; the functions named ``_in_worker_*`` run inside the worker.
+A diagnostic beside the CLI (it starts an executor, so it is no part of the data
+plane it examines).  Used by :mod:`comfy_env.cuda_doctor`; the functions named ``_in_worker_*`` run inside the worker.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def local_report():
     out["cuda_available"] = torch.cuda.is_available()
     if not out["cuda_available"]:
         return out
-    from . import devices
-    from . import driver as D
-    from .plane import PLANE
+    from .ipc.cuda import devices
+    from .ipc.cuda import driver as D
+    from .ipc.cuda.plane import PLANE
     out["backend"] = torch.cuda.get_allocator_backend()
     v = __import__("ctypes").c_int()
     D.call("cuDriverGetVersion", __import__("ctypes").byref(v))
@@ -71,9 +72,9 @@ def pair_probe(env=None, timeout=120):
     """Run real transfers both ways with one worker; returns a dict of findings."""
     import torch
 
-    from ... import IsolatedExecutor
-    from . import install
-    from .plane import PLANE
+    from .executor import IsolatedExecutor
+    from .ipc.cuda import install
+    from .ipc.cuda.plane import PLANE
 
     install()
     res = {"parent": None, "worker": None, "to_worker": None, "to_parent": None, "error": None}

@@ -16,15 +16,15 @@ def report(env=None, live=True) -> str:
     except ImportError:
         return "CUDA data plane\n  torch is not installed here: CUDA tensors cannot occur, nothing to check."
     if not torch.cuda.is_available():
-        from . import driver as D
+        from .ipc.cuda import driver as D
         try:
             D.lib()
             why = "torch sees no GPU"
         except D.CudaError as exc:
             why = str(exc)
         return f"CUDA data plane\n  no usable GPU ({why}): CUDA tensors cannot occur here."
-    from .probe import local_report, pair_probe
-    from .paths import import_limit
+    from .cuda_probe import local_report, pair_probe
+    from .ipc.cuda.paths import import_limit
     if live:
         res = pair_probe(env=env)
         parent = res["parent"]

@@ -1,0 +1,45 @@
+"""What a call names, on both sides: ``"package.module:qualname"`` references and map chunks.
+
+The parent checks a reference's form when it is submitted (:func:`check_reference`);
+the worker resolves it (:func:`resolve_reference`).  :func:`run_chunk` is the function
+a ``map(..., chunksize=N)`` call sends: the parent pickles it by reference, the worker
+imports it from here.  Neither side imports the other; both import this module.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["check_reference", "resolve_reference", "run_chunk"]
+
+
+def check_reference(ref: str) -> tuple[str, str]:
+    """``(module, qualname)`` of a ``"package.module:qualname"`` string; ValueError if malformed."""
+    if isinstance(ref, str) and ref.count(":") == 1:
+        modname, qualname = ref.split(":")
+        if modname and qualname:
+            return modname, qualname
+    raise ValueError(f"a function reference must look like 'package.module:qualname', got {ref!r}")
+
+
+def resolve_reference(ref: str):
+    """``"package.module:qualname"`` -> the object, imported in this process."""
+    modname, qualname = check_reference(ref)
+    module = importlib.import_module(modname)
+    obj = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {modname!r} has no attribute {qualname!r} "
+                f"(looked up in the worker, Python {sys.version.split()[0]} at {sys.executable})"
+            ) from None
+    return obj
+
+
+def run_chunk(fn, chunk):
+    """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
+    if isinstance(fn, str):
+        fn = resolve_reference(fn)
+    return [fn(*args) for args in chunk]
