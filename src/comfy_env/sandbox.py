@@ -254,7 +254,9 @@ _probed = {}
 
 def _bwrap_path():
     """The bwrap binary: ``$COMFY_ENV_BWRAP`` if set, else ``bwrap`` on PATH (None: not found)."""
-    explicit = os.environ.get("COMFY_ENV_BWRAP")
+    from . import settings
+
+    explicit = settings.read().bwrap
     if explicit:
         return explicit if os.access(explicit, os.X_OK) and os.path.isfile(explicit) else None
     return shutil.which("bwrap")
@@ -267,7 +269,9 @@ def probe():
                       f"Run without sandbox=, or on Linux.")
     bwrap = _bwrap_path()
     if bwrap is None:
-        where = os.environ.get("COMFY_ENV_BWRAP")
+        from . import settings
+
+        where = settings.read().bwrap
         return None, ((f"$COMFY_ENV_BWRAP={where!r} is not an executable file. " if where else
                        "bubblewrap (bwrap) is not installed. ") +
                       "Install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "

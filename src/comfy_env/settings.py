@@ -118,6 +118,8 @@ VARIABLES = (
     Variable("COMFY_ENV_UV", "uv", None, _text,
              "the uv binary to build environments with; empty: no uv, use venv + pip "
              "(envs/builder.py)", empty_is_unset=False),
+    Variable("COMFY_ENV_BWRAP", "bwrap", None, _text,
+             "the bubblewrap binary for sandboxed workers (default: bwrap on PATH) (sandbox.py)"),
     Variable("COMFY_ENV_INTERRUPT_GRACE", "interrupt_grace", 5.0, _number(0),
              "seconds a ComfyUI node gets to stop after an interrupt before its worker is "
              "killed (comfyui/__init__.py)"),
@@ -144,6 +146,7 @@ class Settings:
     cuda_staging_cache_mib: float
     cache_dir: str | None
     uv: str | None
+    bwrap: str | None
     interrupt_grace: float
     prestart: bool
 
