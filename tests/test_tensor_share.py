@@ -193,3 +193,14 @@ def test_a_workers_results_do_not_alias_its_own_tensors(ex):
     r = ex.submit(F.cached_tensor, N).result(timeout=30)
     r += 100                                  # the caller writes into what it got
     assert ex.submit(F.cached_tensor_head).result(timeout=30) == 0.0
+
+
+@pytest.mark.timeout(60)
+def test_a_moved_storage_can_shrink_but_not_grow(ex):
+    t = torch.arange(N, dtype=torch.float32)
+    ex.submit(F.echo, t).result(timeout=30)
+    assert in_segment(t)
+    t.resize_(10)
+    assert torch.equal(t, torch.arange(10, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="not resizable"):
+        t.resize_(2 * N)
