@@ -204,3 +204,25 @@ def test_a_moved_storage_can_shrink_but_not_grow(ex):
     assert torch.equal(t, torch.arange(10, dtype=torch.float32))
     with pytest.raises(RuntimeError, match="not resizable"):
         t.resize_(2 * N)
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_sending_one_tensor_move_it_once(ex):
+    import threading
+
+    t = torch.arange(N, dtype=torch.float32)
+    before = counts()
+    barrier = threading.Barrier(4)
+    out = []
+
+    def send():
+        barrier.wait()
+        out.append(ex.submit(F.echo, t).result(timeout=30))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert delta(before)["moves"] == 1 and delta(before)["copies"] == 0
+    assert all(torch.equal(o, torch.arange(N, dtype=torch.float32)) for o in out)

@@ -35,6 +35,7 @@ import ctypes
 import os
 import pickle
 import sys
+import threading
 
 from . import codec, lifetime, shm
 
@@ -535,7 +536,8 @@ def _may_move(t, lo, hi):
 
 
 def move_storage(storage):
-    """Move a torch CPU storage into an arena block in place; False where torch cannot.
+    """Move a torch CPU storage into an arena block in place: True once it lives in one
+    (moved now, or by another thread meanwhile), False where torch cannot.
 
     What ``Tensor.share_memory_()`` does, into our memfd arena rather than torch's
     ``/dev/shm`` files (which hold one fd per storage for its whole life, and a
@@ -547,9 +549,10 @@ def move_storage(storage):
     the arena only ever trims free blocks.
 
     The old memory is freed at once: the caller must not be computing on the storage
-    in another thread meanwhile (``share_memory_()`` has the same rule).  The storage
-    can no longer grow (``resize_`` past its size raises), as a storage over shared
-    memory cannot.
+    in another thread meanwhile, and raw-pointer exports made before (``t.numpy()``,
+    DLPack) are left pointing at freed memory -- ``share_memory_()`` has the same rules.
+    The storage can no longer grow (``resize_`` past its size raises), as a storage
+    over shared memory cannot.
     """
     import torch
 
@@ -557,19 +560,27 @@ def move_storage(storage):
     if swap is None:
         return False
     nbytes = storage.nbytes()
-    rec = shm.ARENA.allocate(nbytes)
-    holder = shm.holder_for(rec)
-    # A storage of exactly nbytes over the block; it keeps ``holder`` alive.
-    block = torch.frombuffer(holder, dtype=torch.uint8, count=nbytes).untyped_storage()
-    ctypes.memmove(block.data_ptr(), storage.data_ptr(), nbytes)
-    try:
-        swap(block)
-    except (RuntimeError, TypeError):
-        return False                # torch refused: nothing changed; the block goes back
+    # Two threads sending the same tensor: the second must not copy from memory the
+    # first has just freed (the memmove releases the GIL), nor move it twice.
+    with _move_lock:
+        if shm.find_segment(storage.data_ptr(), nbytes) is not None:
+            return True             # moved meanwhile
+        rec = shm.ARENA.allocate(nbytes)
+        holder = shm.holder_for(rec)
+        # A storage of exactly nbytes over the block; it keeps ``holder`` alive.
+        block = torch.frombuffer(holder, dtype=torch.uint8, count=nbytes).untyped_storage()
+        ctypes.memmove(block.data_ptr(), storage.data_ptr(), nbytes)
+        try:
+            swap(block)
+        except (RuntimeError, TypeError):
+            return False            # torch refused: nothing changed; the block goes back
+        shm.STATS["moves"] += 1
+        shm.STATS["moved_bytes"] += nbytes
     # ``block`` now owns the old memory, freed when it goes.
-    shm.STATS["moves"] += 1
-    shm.STATS["moved_bytes"] += nbytes
     return True
+
+
+_move_lock = threading.Lock()
 
 
 class TorchCPUPlane(_SegmentPlane):
