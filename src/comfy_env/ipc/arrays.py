@@ -551,8 +551,8 @@ def move_storage(storage):
     The old memory is freed at once: the caller must not be computing on the storage
     in another thread meanwhile, and raw-pointer exports made before (``t.numpy()``,
     DLPack) are left pointing at freed memory -- ``share_memory_()`` has the same rules.
-    The storage can no longer grow (``resize_`` past its size raises), as a storage
-    over shared memory cannot.
+    The storage can no longer grow (``resize_`` past its size raises): the block is
+    fixed-size, and the storage now has torch's non-resizable deleter-backed kind.
     """
     import torch
 
