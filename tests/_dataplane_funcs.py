@@ -461,3 +461,20 @@ def unpicklable_result(n):
     import numpy as np
 
     return np.arange(n, dtype=np.float64), threading.Lock()
+
+
+_cached_tensor = None
+
+
+def cached_tensor(n):
+    """The same worker-owned tensor on every call (a worker's cache, a model's weights)."""
+    global _cached_tensor
+    import torch
+
+    if _cached_tensor is None or _cached_tensor.numel() != n:
+        _cached_tensor = torch.arange(n, dtype=torch.float32)
+    return _cached_tensor
+
+
+def cached_tensor_head():
+    return float(_cached_tensor[0])

@@ -242,6 +242,7 @@ class _Pool:
         self.broken = None
         self.shutting_down = False
         self.watchdog = _Timer(self)
+        self.share_tensors_in_place = True
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
@@ -392,6 +393,7 @@ class _Pool:
         # every lend it took (fb.abort), or the blocks would never be released
         # in the parent nor in the producing worker.
         fb = codec.FrameBuilder(worker.link)
+        fb.share_tensors_in_place = self.share_tensors_in_place
         try:
             try:
                 fb.encode_part((fn, item.args, item.kwargs), self._forward_future)
@@ -853,6 +855,12 @@ class IsolatedExecutor(Executor):
             says (unsandboxed if it has none); ``False``: unsandboxed even if it
             has one.  Raises :class:`~comfy_env.SandboxUnavailable` here, at
             construction, where bubblewrap can't run.
+        share_tensors_in_place: move a torch CPU tensor argument's storage into
+            shared memory the first time it is sent, as ``Tensor.share_memory_()``
+            does (default ``True``): the tensor keeps its identity and values, later
+            calls send it with no copy, and a worker that writes into it writes into
+            the caller's tensor.  ``False``: copy it on every call, so the worker
+            gets a private copy.  See ``docs/dataplane.md``.
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
@@ -864,7 +872,11 @@ class IsolatedExecutor(Executor):
                  call_timeout: float | None = None, name: str | None = None,
                  worker_log_level: int | str | None = None, device: Any = None,
                  worker_output: str = "stream",
-                 start_timeout: float | None = DEFAULT_START_TIMEOUT, sandbox: Any = None) -> None:
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT, sandbox: Any = None,
+                 share_tensors_in_place: bool = True) -> None:
+        if not isinstance(share_tensors_in_place, bool):
+            raise TypeError(f"share_tensors_in_place must be True or False, "
+                            f"got {share_tensors_in_place!r}")
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -904,6 +916,7 @@ class IsolatedExecutor(Executor):
             init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
                            worker_log_level, worker_output, start_timeout)
+        self._pool.share_tensors_in_place = share_tensors_in_place
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property

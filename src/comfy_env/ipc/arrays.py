@@ -9,6 +9,10 @@ Sending an array:
 * if its memory already lies in a comfy_env segment (received from a peer, or
   made with ``shared_empty``/``shared_like``) only a descriptor travels:
   segment, offset, dtype, shape, strides -- no copy;
+* a torch CPU tensor of at least ``MOVE_MIN_BYTES`` that the executor sends
+  (``share_tensors_in_place``, on by default) has its whole storage moved into
+  an arena block once, as ``Tensor.share_memory_()`` does (:func:`move_storage`):
+  that send costs the one copy, later ones none;
 * otherwise its bytes are copied once (one memcpy of the span it covers, so
   views keep their strides and offset) into the frame's scratch segment from
   the arena, which usually has its pages faulted in already.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import pickle
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .. import settings
@@ -38,9 +43,17 @@ from . import codec, lifetime, shm
 if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
     import numpy
 
-__all__ = ["INLINE_BYTES", "NumpyPlane", "TorchCPUPlane", "tensor_on_record", "shared_empty", "shared_like"]
+__all__ = ["INLINE_BYTES", "MOVE_MIN_BYTES", "NumpyPlane", "TorchCPUPlane", "move_storage",
+           "tensor_on_record", "shared_empty", "shared_like"]
 
 INLINE_BYTES = settings.read().inline_bytes
+# Smaller storages are copied on every send rather than moved: a moved storage holds
+# an arena segment of its own (at least 1 MiB) for as long as it lives, while copies of
+# small tensors share the frame's scratch segment (see docs/dataplane.md).
+MOVE_MIN_BYTES = 1 << 20
+# Move the whole storage of a view only while it is at most this many times the bytes
+# the view spans: x[:n] of a storage 100x bigger is copied, not moved.
+_MOVE_SLACK = 8
 # Copy a view's whole span (keeping its strides) unless the span is much bigger
 # than the data: then compact it (x[::1000] of a huge array).
 _SPAN_SLACK = 2
@@ -502,6 +515,73 @@ def _inline_tensor_decode(desc):
     return _with_grad(t, requires_grad, param)
 
 
+def _may_move(t, lo, hi):
+    """Should the executor move ``t``'s storage into shared memory before sending it?"""
+    storage = t.untyped_storage()
+    size = storage.nbytes()
+    if size < MOVE_MIN_BYTES or size > _MOVE_SLACK * (hi - lo):
+        return None
+    # Only memory torch's own allocator gave (resizable storages): a storage over
+    # numpy's memory (torch.from_numpy), a buffer, a mapped file (torch.load(mmap=True))
+    # or one of our segments must keep aliasing what it aliases.
+    if not storage.resizable() or shm.find_segment(storage.data_ptr(), size) is not None:
+        return None
+    try:
+        if t.is_pinned():             # page-locked for fast host-to-GPU copies: keep it so
+            return None
+    except RuntimeError:              # no CUDA: nothing is pinned
+        pass
+    return storage
+
+
+def move_storage(storage):
+    """Move a torch CPU storage into an arena block in place: True once it lives in one
+    (moved now, or by another thread meanwhile), False where torch cannot.
+
+    What ``Tensor.share_memory_()`` does, into our memfd arena rather than torch's
+    ``/dev/shm`` files (which hold one fd per storage for its whole life, and a
+    64 MiB ``/dev/shm`` in a container cannot take them): the bytes are copied once
+    into a block, then the storage's data pointer is swapped for the block's, so
+    every tensor and view on this storage -- the caller's own objects -- now reads
+    and writes the block.  The block counts one user (its holder, kept by the
+    storage's deleter) until the storage is freed, then it goes back to the arena;
+    the arena only ever trims free blocks.
+
+    The old memory is freed at once: the caller must not be computing on the storage
+    in another thread meanwhile, and raw-pointer exports made before (``t.numpy()``,
+    DLPack) are left pointing at freed memory -- ``share_memory_()`` has the same rules.
+    The storage can no longer grow (``resize_`` past its size raises): the block is
+    fixed-size, and the storage now has torch's non-resizable deleter-backed kind.
+    """
+    import torch
+
+    swap = getattr(storage, "_swap_data_ptr_", None)    # private torch API: may go away
+    if swap is None:
+        return False
+    nbytes = storage.nbytes()
+    # Two threads sending the same tensor: the second must not copy from memory the
+    # first has just freed (the memmove releases the GIL), nor move it twice.
+    with _move_lock:
+        if shm.find_segment(storage.data_ptr(), nbytes) is not None:
+            return True             # moved meanwhile
+        rec = shm.ARENA.allocate(nbytes)
+        holder = shm.holder_for(rec)
+        # A storage of exactly nbytes over the block; it keeps ``holder`` alive.
+        block = torch.frombuffer(holder, dtype=torch.uint8, count=nbytes).untyped_storage()
+        ctypes.memmove(block.data_ptr(), storage.data_ptr(), nbytes)
+        try:
+            swap(block)
+        except (RuntimeError, TypeError):
+            return False            # torch refused: nothing changed; the block goes back
+        shm.STATS["moves"] += 1
+        shm.STATS["moved_bytes"] += nbytes
+    # ``block`` now owns the old memory, freed when it goes.
+    return True
+
+
+_move_lock = threading.Lock()
+
+
 class TorchCPUPlane(_SegmentPlane):
     name = "tcpu"
     types = ("torch.Tensor",)
@@ -513,11 +593,19 @@ class TorchCPUPlane(_SegmentPlane):
         nbytes = t.numel() * item
         if nbytes < INLINE_BYTES:
             return _inline_tensor(t, nbytes)
+        orig = t
         t, requires_grad, param = _plain_values(t)
         ptr = t.data_ptr()
         strides_b = [s * item for s in t.stride()]
         lo, hi = _span(ptr, t.shape, strides_b, item)
-        if hi - lo > _SPAN_SLACK * nbytes:
+        if t is orig and enc.fb.share_tensors_in_place:
+            storage = _may_move(t, lo, hi)
+            if storage is not None and move_storage(storage):
+                ptr = t.data_ptr()
+                lo, hi = _span(ptr, t.shape, strides_b, item)
+        # A sparse view is compacted (one copy of its values) unless its memory is
+        # shared already: then the descriptor costs nothing.
+        if hi - lo > _SPAN_SLACK * nbytes and shm.find_segment(lo, hi - lo) is None:
             t = t.contiguous()
             ptr = t.data_ptr()
             strides_b = [s * item for s in t.stride()]

@@ -265,6 +265,10 @@ class FrameBuilder:
         self._lends = []
         self._before_send = []            # callables run once, when the frame is built or aborted
         self.plane_state = {}             # plane name -> what it computes once per frame
+        # May a torch CPU tensor's storage be moved into shared memory for good (see
+        # arrays.move_storage)?  Only the executor's calls say yes: a worker's results
+        # must not alias the worker's own tensors.
+        self.share_tensors_in_place = False
 
     def before_send(self, fn):
         """Run ``fn()`` once the frame's parts are encoded, before it is sent (or when it is

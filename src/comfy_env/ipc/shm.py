@@ -53,7 +53,7 @@ def _size_class(n):
 
 
 # What the data plane did in this process (tests and benchmarks read these).
-STATS = {"maps": 0, "copies": 0, "copied_bytes": 0}
+STATS = {"maps": 0, "copies": 0, "copied_bytes": 0, "moves": 0, "moved_bytes": 0}
 
 
 class Segment:
