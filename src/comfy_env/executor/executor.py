@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
-from .. import forksafe
+from .. import fncache, forksafe
 from ..envs import resolve_env
 from ..errors import CallTimeout, InitializerFailed, PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime
@@ -258,6 +258,7 @@ class _Pool:
         self.shutting_down = False
         self.watchdog = _Timer(self)
         self._worker_index = itertools.count(1)
+        self._sent_fns = weakref.WeakKeyDictionary()    # worker -> fncache.SentFunctions
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
         forksafe.track_pool(self)       # inert in fork children
@@ -360,7 +361,7 @@ class _Pool:
                     continue
                 item.stage = _Stage.RUNNING
             try:
-                chunks, fds, fb = self._encode(item, worker)
+                chunks, fds, fb, fn_sent = self._encode(item, worker)
             except BaseException as exc:
                 item.future.set_exception(exc)
                 item.args = item.kwargs = item.fn = None
@@ -380,6 +381,8 @@ class _Pool:
                         worker.item = None
                         self.pending.appendleft(item)
                 continue
+            if fn_sent is not None:
+                fn_sent()                       # the worker holds the function now
             item.args = item.kwargs = None      # the worker has them now
         for w in retired:
             w.request_exit()
@@ -387,17 +390,27 @@ class _Pool:
             self._start_worker()
 
     def _encode(self, item, worker):
+        """``(chunks, fds, frame builder, fn_sent)``: call ``fn_sent()`` once the frame
+        went out (the worker then holds the function it carried; see fncache)."""
         fn = item.fn
+        fnref = fn_sent = None
+        if not isinstance(fn, str) and fncache.cacheable(fn):
+            once = self._pickled_once(fn)
+            if once is not None:
+                blob, key = once
+                sent = self._sent_fns.get(worker)
+                if sent is None:
+                    sent = self._sent_fns[worker] = fncache.SentFunctions()
+                plan = sent.plan(key, len(blob))
+                fnref = plan if plan[0] == "id" else plan + (blob,)
+                fn = None
+
+                def fn_sent():
+                    sent.commit(plan, len(blob))
         wenv = self.wenv
-        if not isinstance(fn, str) and not wenv.is_current and not _by_reference(fn):
-            if tuple(wenv.python_version[:2]) != tuple(sys.version_info[:2]):
-                raise PicklingFailed(
-                    f"{getattr(fn, '__qualname__', fn)!r} would be pickled by value, which only "
-                    f"works on the same Python minor version: the parent runs Python "
-                    f"{sys.version_info[0]}.{sys.version_info[1]}, the worker's environment "
-                    f"{wenv.label!r} runs Python {wenv.python_version[0]}.{wenv.python_version[1]}. "
-                    f"Pass the function as a 'package.module:qualname' string that the worker can import."
-                )
+        if fn is not None and not isinstance(fn, str) and not wenv.is_current \
+                and not _by_reference(fn):
+            self._check_same_python(fn)
             try:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
@@ -415,11 +428,43 @@ class _Pool:
             if len(fb.fds) > MAX_FDS:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
-            chunks = fb.build(("call", item.call_id))
+            chunks = fb.build(("call", item.call_id, fnref))
         except BaseException:
             fb.abort()
             raise
-        return chunks, fb.fds, fb
+        return chunks, fb.fds, fb, fn_sent
+
+    def _pickled_once(self, fn):
+        """``(blob, key)`` when ``fn`` goes by value and can be sent once per worker
+        (fncache says when), else None: it then travels with each call as before."""
+        if self.wenv.is_current:
+            # The worker imports what cloudpickle pickles by reference.
+            if not fncache.by_value_natively(fn):
+                return None
+        else:
+            if _by_reference(fn):
+                return None
+            mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+            if mod is not None and mod.__name__ != "__main__":
+                # _pickle_by_value registers its module by value: other bytes than
+                # the fingerprint describes.  Such functions travel with each call.
+                return None
+            self._check_same_python(fn)
+        try:
+            return fncache.pickled_once(fn, codec.dumps_portable)
+        except Exception as exc:
+            raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
+
+    def _check_same_python(self, fn):
+        wenv = self.wenv
+        if tuple(wenv.python_version[:2]) != tuple(sys.version_info[:2]):
+            raise PicklingFailed(
+                f"{getattr(fn, '__qualname__', fn)!r} would be pickled by value, which only "
+                f"works on the same Python minor version: the parent runs Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}, the worker's environment "
+                f"{wenv.label!r} runs Python {wenv.python_version[0]}.{wenv.python_version[1]}. "
+                f"Pass the function as a 'package.module:qualname' string that the worker can import."
+            )
 
     @staticmethod
     def _forward_future(fut, fb):
