@@ -8,3 +8,13 @@ def identity(x):
 
 def nbytes(x):
     return x.nbytes
+
+
+def crash():
+    import os
+    os._exit(1)
+
+
+def import_torch():
+    import torch  # noqa: F401
+    return 1
