@@ -272,3 +272,41 @@ def test_recursive_functions_get_a_fingerprint():
         fncache.pickled_once(ns[name], pickle)
         fncache.pickled_once(ns[name], pickle)
     assert len(n) == 2
+
+
+INIT = """
+import sys
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import lifetime
+
+V = "first"
+def init():
+    import os
+    os.environ["COMFY_ENV_TEST_STATE"] = V    # by-value functions do not share globals
+def get():
+    import os
+    return os.environ["COMFY_ENV_TEST_STATE"]
+def crash():
+    import os
+    os._exit(1)
+
+ex = IsolatedExecutor({env}, initializer=init)
+out = [ex.submit(get).result()]
+V = "second"                    # a restarted worker runs the initializer as it is now
+try:
+    ex.submit(crash).result()
+except Exception:
+    pass
+out.append(ex.submit(get).result())
+print(out)
+ex.shutdown()
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.parametrize("env", ["None", "sys.executable"])
+@pytest.mark.timeout(120)
+def test_a_restarted_worker_runs_the_initializer_as_it_is_now(pyver, env, tmp_path):
+    proc = run_script(pyver, INIT.format(env=env), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr(["first", "second"]), proc.stderr

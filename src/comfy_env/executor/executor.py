@@ -937,7 +937,8 @@ class IsolatedExecutor(Executor):
         init_payload = (initializer, initargs) if initializer is not None else None
         if init_payload is not None and not isinstance(initializer, str) and not wenv.is_current \
                 and not _by_reference(initializer):
-            init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
+            _pickle_by_value(initializer)       # fails here, not at the first start
+            init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
                            worker_log_level, start_timeout)
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
@@ -1048,13 +1049,18 @@ class IsolatedExecutor(Executor):
 
 
 class _ByValue:
-    """An initializer pickled by value for a foreign env (see ``_by_reference``)."""
+    """An initializer pickled by value for a foreign env (see ``_by_reference``).
 
-    def __init__(self, blob):
-        self.blob = blob
+    Pickled again for each worker start (an initializer runs once per worker,
+    so there is nothing to send once): a worker started after the user changed
+    what the initializer uses runs it as it is now, as in ProcessPoolExecutor
+    and as in the current env.  The worker gets the function itself."""
 
-    def __call__(self, *args):
-        return cloudpickle.loads(self.blob)(*args)
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return cloudpickle.loads, (_pickle_by_value(self.fn),)
 
 
 def _chunks(it, size):
