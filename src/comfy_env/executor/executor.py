@@ -72,6 +72,7 @@ from . import launch
 from .devices import pin_environment
 from .futures import IsolatedFuture
 from .worker_handle import WorkerHandle
+from ..zygote import Zygote
 
 __all__ = ["IsolatedExecutor"]
 
@@ -236,8 +237,10 @@ def _pickle_by_value(fn):
 
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
-                 worker_log_level, start_timeout=DEFAULT_START_TIMEOUT):
+                 worker_log_level, start_timeout=DEFAULT_START_TIMEOUT, preload=None):
         self.wenv = wenv
+        # Workers fork from it when preload is given (see comfy_env.zygote).
+        self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
         self.max_workers = max_workers
         self.init_payload = init_payload
         self.call_timeout = call_timeout
@@ -766,7 +769,12 @@ class _Pool:
             w.request_exit()
         for w in workers:
             w.join()
+        self._close_zygote()
         self._stop_timer()
+
+    def _close_zygote(self):
+        if self.zygote is not None:
+            self.zygote.close()     # it exits once the workers it forked have
 
     def stop_now(self):
         """Stop at once: cancel queued calls, fail running ones, kill every worker.
@@ -793,6 +801,7 @@ class _Pool:
             w.kill()
         for w in workers:
             w.join(5)
+        self._close_zygote()
         self._stop_timer()
         self._notify_done()
 
@@ -898,6 +907,14 @@ class IsolatedExecutor(Executor):
             process's numbering, ``"cuda"``, a ``torch.device`` or a GPU UUID.  It
             becomes the workers' ``cuda:0``; the other GPUs stay visible
             (``docs/devices.md``).
+        preload: module names (e.g. ``["torch", "numpy"]``) imported once in a
+            *zygote*, a pre-started process of the environment from which the
+            workers fork: a worker then starts in milliseconds, also after a
+            crash or a ``call_timeout`` kill, instead of re-importing them
+            (``docs/performance.md``).  Linux only; where forking is unsafe (a
+            preload that starts threads) a warning says so and workers start
+            as usual.  A preload that initialises CUDA is refused
+            (:class:`~comfy_env.WorkerStartError`).  Default: no zygote.
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
@@ -908,7 +925,8 @@ class IsolatedExecutor(Executor):
                  initializer: Callable[..., Any] | str | None = None, initargs: Iterable[Any] = (),
                  call_timeout: float | None = None, name: str | None = None,
                  worker_log_level: int | str | None = None, device: Any = None,
-                 start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT,
+                 preload: Iterable[str] | None = None) -> None:
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if call_timeout is not None:
@@ -926,6 +944,16 @@ class IsolatedExecutor(Executor):
                             f"got {initializer!r}")
         if not isinstance(initargs, tuple):
             initargs = tuple(initargs)
+        if preload is not None:
+            if isinstance(preload, str):
+                raise TypeError(f"preload must be a list of module names, got the string "
+                                f"{preload!r} (write preload=[{preload!r}])")
+            preload = list(preload)
+            bad = [m for m in preload if not isinstance(m, str) or not m
+                   or not all(p.isidentifier() for p in m.split("."))]
+            if bad:
+                raise ValueError(f"preload must hold module names like 'torch' or 'numpy.linalg', "
+                                 f"got {bad!r}")
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -940,7 +968,7 @@ class IsolatedExecutor(Executor):
             _pickle_by_value(initializer)       # fails here, not at the first start
             init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, start_timeout)
+                           worker_log_level, start_timeout, preload)
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
     @property
