@@ -18,3 +18,8 @@ def crash():
 def import_torch():
     import torch  # noqa: F401
     return 1
+
+
+def hang():
+    import time
+    time.sleep(3600)

@@ -35,6 +35,7 @@ worker's channel still reports its death by EOF as for spawned workers.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import logging
@@ -57,6 +58,8 @@ from .ipc.transport import Channel, ChannelClosed
 __all__ = ["Zygote", "ZygoteError", "usable_here"]
 
 log = logging.getLogger("comfy_env.zygote")
+
+FORK_REPLY_TIMEOUT = 60.0       # seconds
 
 
 class ZygoteError(WorkerStartError):
@@ -175,11 +178,18 @@ class Zygote:
             try:
                 _send(channel, ("fork", token), [child_fd, alive_fd, out_w, err_w])
             except (ChannelClosed, OSError) as exc:
+                with self._lock:
+                    if self._channel is channel:
+                        self._channel = None    # the next start begins a new zygote
                 raise self._died(f"the zygote could not take a fork request: {exc}") from exc
             finally:
                 os.close(out_w)
                 os.close(err_w)
-            waiter[0].wait()
+            # A fork takes milliseconds; a zygote that does not answer is wedged.
+            if not waiter[0].wait(FORK_REPLY_TIMEOUT):
+                self._kill_wedged(channel)
+                raise self._died(f"the zygote did not answer a fork request within "
+                                 f"{FORK_REPLY_TIMEOUT:.0f} s and was killed")
             reply, fds = waiter[1], waiter[2]
             if reply is None:
                 raise self._died("the zygote died before it forked the worker")
@@ -202,6 +212,12 @@ class Zygote:
             for fd in (out_r, err_r):
                 if fd is not None:
                     os.close(fd)
+
+    def _kill_wedged(self, channel):
+        with self._lock:
+            proc = self._proc if self._channel is channel else None
+        if proc is not None:
+            proc.kill()         # its reader then sees EOF and cleans up (_lost)
 
     def close(self):
         """No more forks.  The zygote exits once its workers have (they are not killed)."""
@@ -587,7 +603,13 @@ def main(argv=None):
         msg, _ = _recv(channel)
     except (ChannelClosed, OSError):
         return 0
+    from . import worker   # noqa: F401  (what every forked worker runs: imported once, here)
     refusal = _preload(msg[1])
+    if refusal is None:
+        # The preloaded objects move to a generation the collector never visits: a
+        # worker's collections then do not write to (and so copy) the zygote's pages.
+        gc.collect()
+        gc.freeze()
     try:
         _send(channel, refusal or ("ready", {"pid": os.getpid()}))
     except (ChannelClosed, OSError):
