@@ -13,3 +13,8 @@ def parent_pid():
 
 def pid():
     return os.getpid()
+
+
+def is_worker_for_cuda():
+    from comfy_env.ipc import cuda
+    return cuda._looks_like_worker()

@@ -34,6 +34,8 @@ def test_workers_fork_from_a_zygote_that_imported_the_preload():
         assert ex.submit(zf.loaded, PRELOADED).result() is True
         zpid = zygote_pid(ex)
         assert ex.submit(zf.parent_pid).result() == zpid != os.getpid()
+        # The CUDA plane knows a forked worker for a worker (zero-copy CUDA results).
+        assert ex.submit(zf.is_worker_for_cuda).result() is True
     with IsolatedExecutor() as ex:
         assert ex.submit(zf.loaded, PRELOADED).result() is False
         assert ex.submit(zf.parent_pid).result() == os.getpid()

@@ -572,6 +572,9 @@ def _serve(channel, alive):
             os.dup2(err_w, 2)
             os.close(out_w)
             os.close(err_w)
+            # Our __main__ is the zygote, not comfy_env.worker: say what we are (the
+            # CUDA plane makes workers export their results zero-copy by this).
+            os.environ["COMFY_ENV_ROLE"] = "worker"
             return ["--fd", str(sock_fd), "--alive-fd", str(alive_fd),
                     "--parent-pid", str(os.getppid())]
         children.add(pid)
