@@ -132,6 +132,21 @@ def test_no_fd_or_process_outlives_the_executor():
     assert _fds() <= before
 
 
+@pytest.mark.timeout(60)
+def test_after_shutdown_without_wait_the_zygote_exits_with_the_last_worker():
+    ex = IsolatedExecutor(preload=[PRELOADED])
+    ex.submit(zf.pid).result()
+    zpid = zygote_pid(ex)
+    fut = ex.submit(_funcs.sleep_then, 1.0, "done")
+    ex.shutdown(wait=False)
+    assert _alive(zpid)
+    assert fut.result() == "done"
+    deadline = time.monotonic() + 10
+    while _alive(zpid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(zpid)
+
+
 def _alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -640,6 +640,7 @@ class _Pool:
                         and not self.pending and not self.waiting)
         if finished:
             self._stop_timer()
+            self._close_zygote()
         if item is not None and not item.future.done():
             if item.stage is _Stage.TIMED_OUT:
                 item.future.set_exception(CallTimeout(
