@@ -165,23 +165,42 @@ ex = IsolatedExecutor(preload=["xml.dom.minidom"], max_workers=2)
 busy = ex.submit(_funcs.sleep_then, 60)                 # one worker mid-call
 idle = ex.submit(zf.pid).result()
 time.sleep(0.3)
+if {fork_child!r}:
+    # A fork child of the parent outlives it: it must hold nothing that keeps the
+    # zygote or its workers alive (the parent-death pipes).
+    child = os.fork()
+    if child == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)        # not the script's pipes: the test reads them to EOF
+        os.dup2(null, 2)
+        time.sleep(30)
+        os._exit(0)
+    print(child, end=" ")
 print(ex._pool.zygote._proc.pid, *ex.worker_pids(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 @ALL_PYTHONS
+@pytest.mark.parametrize("fork_child", [False, True])
 @pytest.mark.timeout(120)
-def test_a_sigkilled_parent_takes_the_zygote_and_its_workers_along(pyver, tmp_path):
+def test_a_sigkilled_parent_takes_the_zygote_and_its_workers_along(pyver, fork_child, tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_script(pyver, SIGKILLED.format(tests=tests), cwd=tmp_path, timeout=60)
+    proc = run_script(pyver, SIGKILLED.format(tests=tests, fork_child=fork_child), cwd=tmp_path,
+                      timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     pids = [int(p) for p in proc.stdout.split()]
+    if fork_child:
+        child, pids = pids[0], pids[1:]
     assert len(pids) == 3, (proc.stdout, proc.stderr)
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [p for p in pids if _alive(p)] == []
+    try:
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        if fork_child:
+            os.kill(child, signal.SIGKILL)
 
 
 LIFECYCLE = """
