@@ -8,3 +8,18 @@ def identity(x):
 
 def nbytes(x):
     return x.nbytes
+
+
+def crash():
+    import os
+    os._exit(1)
+
+
+def import_torch():
+    import torch  # noqa: F401
+    return 1
+
+
+def hang():
+    import time
+    time.sleep(3600)

@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 
-from . import forksafe
+from . import fncache, forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
@@ -100,6 +100,7 @@ class Worker:
         self._gc_due = None
         self._janitor = None
         self.name = "worker"
+        self.functions = fncache.HeldFunctions()     # by-value functions sent once
 
     # -- sending ---------------------------------------------------------------
     def _send_control(self, msgs):
@@ -235,13 +236,19 @@ class Worker:
                 lifetime.LEDGER.drain()
 
     def _run_call(self, frame):
-        call_id = frame.envelope[1]
+        call_id, fnref = frame.envelope[1], frame.envelope[2]
         try:
             try:
+                # Before the arguments: the parent counts on this worker holding a
+                # function sent once even if this call's arguments fail to decode.
+                held = self.functions.take(fnref) if fnref is not None else None
                 fn, args, kwargs = codec.decode_part(frame, 0, self.link)
             finally:
                 frame.close_fds()
-            if isinstance(fn, str):
+            if fnref is not None:
+                fn = self.functions.load(held)
+                held = None
+            elif isinstance(fn, str):
                 fn = resolve_reference(fn)
             elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
                 import cloudpickle
@@ -254,7 +261,7 @@ class Worker:
             self._send_exception("result", call_id, exc)
             return
         finally:
-            args = kwargs = fn = None
+            args = kwargs = fn = held = None
         # Arguments the result does not keep are dead now: their releases go out
         # before the result, so the parent can recycle those blocks for its next call.
         lifetime.LEDGER.drain()

@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
-from .. import forksafe
+from .. import fncache, forksafe
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
@@ -77,6 +77,7 @@ from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
 from .futures import IsolatedFuture
+from ..zygote import Zygote
 from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
 from .workitem import Stage, WorkItem
 
@@ -220,8 +221,11 @@ def _pickle_by_value(fn):
 
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
-                 worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT):
+                 worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT,
+                 preload=None):
         self.wenv = wenv
+        # Workers fork from it when preload is given (see comfy_env.zygote).
+        self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
         self.max_workers = max_workers
         self.init_payload = init_payload
         self.call_timeout = call_timeout
@@ -244,6 +248,7 @@ class _Pool:
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
         self._worker_index = itertools.count(1)
+        self._sent_fns = weakref.WeakKeyDictionary()    # worker -> fncache.SentFunctions
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
         forksafe.track_pool(self)       # inert in fork children
@@ -346,7 +351,7 @@ class _Pool:
                     continue
                 item.stage = Stage.RUNNING
             try:
-                chunks, fds, fb = self._encode(item, worker)
+                chunks, fds, fb, fn_sent = self._encode(item, worker)
             except BaseException as exc:
                 item.future.set_exception(exc)
                 item.drop_inputs()
@@ -366,6 +371,8 @@ class _Pool:
                         worker.item = None
                         self.pending.appendleft(item)
                 continue
+            if fn_sent is not None:
+                fn_sent()                       # the worker holds the function now
             item.drop_inputs(keep_fn=True)      # the worker has them now
         for w in retired:
             w.request_exit()
@@ -373,17 +380,27 @@ class _Pool:
             self._start_worker()
 
     def _encode(self, item, worker):
+        """``(chunks, fds, frame builder, fn_sent)``: call ``fn_sent()`` once the frame
+        went out (the worker then holds the function it carried; see fncache)."""
         fn = item.fn
+        fnref = fn_sent = None
+        if not isinstance(fn, str) and fncache.cacheable(fn):
+            once = self._pickled_once(fn)
+            if once is not None:
+                blob, key = once
+                sent = self._sent_fns.get(worker)
+                if sent is None:
+                    sent = self._sent_fns[worker] = fncache.SentFunctions()
+                plan = sent.plan(key, len(blob))
+                fnref = plan if plan[0] == "id" else plan + (blob,)
+                fn = None
+
+                def fn_sent():
+                    sent.commit(plan, len(blob))
         wenv = self.wenv
-        if not isinstance(fn, str) and not wenv.is_current and not _by_reference(fn):
-            if tuple(wenv.python_version[:2]) != tuple(sys.version_info[:2]):
-                raise PicklingFailed(
-                    f"{getattr(fn, '__qualname__', fn)!r} would be pickled by value, which only "
-                    f"works on the same Python minor version: the parent runs Python "
-                    f"{sys.version_info[0]}.{sys.version_info[1]}, the worker's environment "
-                    f"{wenv.label!r} runs Python {wenv.python_version[0]}.{wenv.python_version[1]}. "
-                    f"Pass the function as a 'package.module:qualname' string that the worker can import."
-                )
+        if fn is not None and not isinstance(fn, str) and not wenv.is_current \
+                and not _by_reference(fn):
+            self._check_same_python(fn)
             try:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
@@ -402,12 +419,44 @@ class _Pool:
             if len(fb.fds) > MAX_FDS:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
-            chunks = fb.build(("call", item.call_id))
+            chunks = fb.build(("call", item.call_id, fnref))
             check_frame(chunks, fb.fds)
         except BaseException:
             fb.abort()
             raise
-        return chunks, fb.fds, fb
+        return chunks, fb.fds, fb, fn_sent
+
+    def _pickled_once(self, fn):
+        """``(blob, key)`` when ``fn`` goes by value and can be sent once per worker
+        (fncache says when), else None: it then travels with each call as before."""
+        if self.wenv.is_current:
+            # The worker imports what cloudpickle pickles by reference.
+            if not fncache.by_value_natively(fn):
+                return None
+        else:
+            if _by_reference(fn):
+                return None
+            mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+            if mod is not None and mod.__name__ != "__main__":
+                # _pickle_by_value registers its module by value: other bytes than
+                # the fingerprint describes.  Such functions travel with each call.
+                return None
+            self._check_same_python(fn)
+        try:
+            return fncache.pickled_once(fn, codec.dumps_portable)
+        except Exception as exc:
+            raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
+
+    def _check_same_python(self, fn):
+        wenv = self.wenv
+        if tuple(wenv.python_version[:2]) != tuple(sys.version_info[:2]):
+            raise PicklingFailed(
+                f"{getattr(fn, '__qualname__', fn)!r} would be pickled by value, which only "
+                f"works on the same Python minor version: the parent runs Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}, the worker's environment "
+                f"{wenv.label!r} runs Python {wenv.python_version[0]}.{wenv.python_version[1]}. "
+                f"Pass the function as a 'package.module:qualname' string that the worker can import."
+            )
 
     @staticmethod
     def _forward_future(fut, fb):
@@ -583,6 +632,7 @@ class _Pool:
                         and not self.pending and not self.waiting)
         if finished:
             self._stop_timer()
+            self._close_zygote()
         if item is not None and not item.future.done():
             if item.stage is Stage.TIMED_OUT:
                 item.future.set_exception(worker.timeout_error(self.call_timeout))
@@ -710,7 +760,12 @@ class _Pool:
             w.request_exit()
         for w in workers:
             w.join()
+        self._close_zygote()
         self._stop_timer()
+
+    def _close_zygote(self):
+        if self.zygote is not None:
+            self.zygote.close()     # it exits once the workers it forked have
 
     def stop_now(self):
         """Stop at once: cancel queued calls, fail running ones, kill every worker.
@@ -737,6 +792,7 @@ class _Pool:
             w.kill()
         for w in workers:
             w.join(5)
+        self._close_zygote()
         self._stop_timer()
         self._notify_done()
 
@@ -861,6 +917,14 @@ class IsolatedExecutor(Executor):
             calls send it with no copy, and a worker that writes into it writes into
             the caller's tensor.  ``False``: copy it on every call, so the worker
             gets a private copy.  See ``docs/dataplane.md``.
+        preload: module names (e.g. ``["torch", "numpy"]``) imported once in a
+            *zygote*, a pre-started process of the environment from which the
+            workers fork: a worker then starts in milliseconds, also after a
+            crash or a ``call_timeout`` kill, instead of re-importing them
+            (``docs/performance.md``).  Linux only; where forking is unsafe (a
+            preload that starts threads) a warning says so and workers start
+            as usual.  A preload that initialises CUDA is refused
+            (:class:`~comfy_env.WorkerStartError`).  Default: no zygote.
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
@@ -873,7 +937,8 @@ class IsolatedExecutor(Executor):
                  worker_log_level: int | str | None = None, device: Any = None,
                  worker_output: str = "stream",
                  start_timeout: float | None = DEFAULT_START_TIMEOUT, sandbox: Any = None,
-                 share_tensors_in_place: bool = True) -> None:
+                 share_tensors_in_place: bool = True,
+                 preload: Iterable[str] | None = None) -> None:
         if not isinstance(share_tensors_in_place, bool):
             raise TypeError(f"share_tensors_in_place must be True or False, "
                             f"got {share_tensors_in_place!r}")
@@ -897,6 +962,16 @@ class IsolatedExecutor(Executor):
         if not isinstance(worker_output, str) or worker_output not in WORKER_OUTPUT_MODES:
             raise ValueError(f"worker_output must be one of {', '.join(map(repr, WORKER_OUTPUT_MODES))}, "
                              f"got {worker_output!r}")
+        if preload is not None:
+            if isinstance(preload, str):
+                raise TypeError(f"preload must be a list of module names, got the string "
+                                f"{preload!r} (write preload=[{preload!r}])")
+            preload = list(preload)
+            bad = [m for m in preload if not isinstance(m, str) or not m
+                   or not all(p.isidentifier() for p in m.split("."))]
+            if bad:
+                raise ValueError(f"preload must hold module names like 'torch' or 'numpy.linalg', "
+                                 f"got {bad!r}")
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -913,9 +988,10 @@ class IsolatedExecutor(Executor):
         init_payload = (initializer, initargs) if initializer is not None else None
         if init_payload is not None and not isinstance(initializer, str) and not wenv.is_current \
                 and not _by_reference(initializer):
-            init_payload = (_ByValue(_pickle_by_value(initializer)), initargs)
+            _pickle_by_value(initializer)       # fails here, not at the first start
+            init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, worker_output, start_timeout)
+                           worker_log_level, worker_output, start_timeout, preload)
         self._pool.share_tensors_in_place = share_tensors_in_place
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 
@@ -1040,13 +1116,18 @@ def _sandbox_arg(sandbox):
 
 
 class _ByValue:
-    """An initializer pickled by value for a foreign env (see ``_by_reference``)."""
+    """An initializer pickled by value for a foreign env (see ``_by_reference``).
 
-    def __init__(self, blob):
-        self.blob = blob
+    Pickled again for each worker start (an initializer runs once per worker,
+    so there is nothing to send once): a worker started after the user changed
+    what the initializer uses runs it as it is now, as in ProcessPoolExecutor
+    and as in the current env.  The worker gets the function itself."""
 
-    def __call__(self, *args):
-        return cloudpickle.loads(self.blob)(*args)
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return cloudpickle.loads, (_pickle_by_value(self.fn),)
 
 
 def _chunks(it, size):

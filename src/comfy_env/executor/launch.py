@@ -41,11 +41,12 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(comfy_env.__fi
 _TRANSIENT = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN])
 
 
-def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None):
+def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
+                   module: str = "comfy_env.worker"):
     cmd = [wenv.python]
     if not wenv.is_current:
         cmd.append("-s")            # no user site-packages in a foreign env
-    cmd += ["-m", "comfy_env.worker", "--fd", str(fd)]
+    cmd += ["-m", module, "--fd", str(fd)]
     if alive_fd is not None:
         cmd += ["--alive-fd", str(alive_fd)]
     cmd += ["--parent-pid", str(os.getpid())]
@@ -80,19 +81,26 @@ def is_transient(exc) -> bool:
 
 
 def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
-          on_exit=None) -> subprocess.Popen:
+          on_exit=None, *, zygote=None, module: str = "comfy_env.worker",
+          stdout=subprocess.PIPE) -> subprocess.Popen:
     """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds.
 
     ``on_exit()`` runs (on the keeper thread: it must be quick and must not block)
-    once the process has exited.
+    once the process has exited.  ``zygote``: fork the worker from it (a
+    :class:`comfy_env.zygote.ForkedWorker` comes back), unless it says workers
+    must be spawned here.  ``module``: what the process runs (the zygote's own start).
     """
     raise_fd_limit()
+    if zygote is not None:
+        proc = zygote.fork(child_fd, alive_fd, on_exit)
+        if proc is not None:
+            return proc
     fds = (child_fd,) if alive_fd is None else (child_fd, alive_fd)
     # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
     lease = wenv.prepare_launch()
     kwargs = dict(
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         pass_fds=fds + lease,
         env=worker_environ(wenv),
@@ -103,7 +111,7 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
         start_new_session=False,
     )
     try:
-        cmd, popen = worker_command(wenv, child_fd, alive_fd), subprocess.Popen
+        cmd, popen = worker_command(wenv, child_fd, alive_fd, module), subprocess.Popen
         if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
             from ..sandbox import wrap
             cmd, kwargs["env"], popen = wrap(wenv.sandbox, wenv, cmd, kwargs["env"], _PACKAGE_PARENT)

@@ -103,7 +103,8 @@ class WorkerHandle:
         alive_r, self._alive_w = os.pipe()
         try:
             self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r,
-                                     on_exit=lambda: _process_exited(parent))
+                                     on_exit=lambda: _process_exited(parent),
+                                     zygote=self.pool.zygote)
         except BaseException:
             os.close(self._alive_w)
             self._alive_w = None

@@ -1,0 +1,279 @@
+"""Functions pickled by value, sent once per worker.
+
+A function the worker cannot import (defined in ``__main__``, a closure, a
+lambda) travels pickled by value.  Pickling and unpickling it on every call
+costs more than the rest of a small call, so the first call to a worker
+carries the pickled bytes under their hash, and later calls carry only the
+hash; the worker keeps the unpickled function.
+
+Identity: the key is the hash of the pickled bytes, never the function object
+or its name.  A redefined function, a closure over other values, a lambda made
+per call pickle to other bytes and so to another key: a worker can only ever
+run what pickling the function *now* would have sent.
+
+Pickling itself is skipped only when provably unneeded: the parent remembers,
+per function object (weakly), a *fingerprint* of everything cloudpickle puts
+into the bytes (code object, name, defaults, closure cell contents, the
+globals the code reads, ``__dict__``...), and reuses the bytes while the
+fingerprint is unchanged.  A fingerprint is built only from values whose
+pickled form is fixed by what the fingerprint records: immutable atoms
+(compared by type and ``repr`` for floats, so ``-0.0`` and ``0.0`` differ),
+tuples/frozensets of them, objects pickled by reference (modules, importable
+functions and classes: identity, re-checked for being importable each call),
+and by-value functions (recursively).  Anything else reachable (a list, a
+dict, an array, an instance, a class defined in ``__main__``) can change
+without the function object noticing, so such a function gets no fingerprint
+and is pickled on every call (its bytes' hash still spares the worker a
+re-send and an unpickling when they did not change).
+
+Two things are deliberately different from pickling every call, both as in
+ProcessPoolExecutor: the worker's copy of a function keeps its own function
+attributes between calls; and a function whose code rebinds its module
+globals (``global x; x = ...``) or calls ``globals()`` is never cached, so
+each call starts from the parent's values, as it always did.  The submodule
+imports cloudpickle records (``os.path`` used as ``os.path.join``) depend on
+``sys.modules``; the fingerprint records its size, so any import in between
+re-pickles.
+
+The parent decides what each worker holds (:class:`SentFunctions`, one per
+worker, LRU-bounded in count and bytes) and tells the worker which entries to
+drop with each new one, so both sides agree by construction; a new worker
+starts empty.
+"""
+from __future__ import annotations
+
+import dis
+import hashlib
+import sys
+import types
+import weakref
+from collections import OrderedDict
+
+import cloudpickle
+
+try:    # cloudpickle's own rules: the fingerprint must follow them exactly, or not be used.
+    from cloudpickle.cloudpickle import _extract_code_globals, _should_pickle_by_reference
+except ImportError:     # pragma: no cover - a cloudpickle without them: pickle every call
+    _extract_code_globals = _should_pickle_by_reference = None
+
+MAX_ENTRIES = 128               # functions a worker keeps
+MAX_BYTES = 32 << 20            # their pickled bytes, in all
+MAX_ONE = 4 << 20               # bigger functions travel with each call, as before
+
+_ATOMS = (type(None), bool, int, str, bytes)
+_NUMBERS = (float, complex)
+
+
+class _NotFixed(Exception):
+    """Something reachable from the function can change without the function noticing."""
+
+
+def digest(blob: bytes) -> bytes:
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+# -- the parent's side --------------------------------------------------------------
+class SentFunctions:
+    """What one worker holds: digest -> size, in LRU order (the parent's books)."""
+
+    def __init__(self, max_entries=None, max_bytes=None):
+        self.max_entries = MAX_ENTRIES if max_entries is None else max_entries
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+        self.entries = OrderedDict()
+        self.nbytes = 0
+
+    def plan(self, key, size):
+        """The message part for sending ``key``: ``("id", key)`` or ``("new", key, evict)``."""
+        if key in self.entries:
+            return ("id", key)
+        evict = []
+        n, total = len(self.entries), self.nbytes
+        it = iter(self.entries.items())
+        while n + 1 > self.max_entries or total + size > self.max_bytes:
+            try:
+                old, old_size = next(it)
+            except StopIteration:
+                break
+            evict.append(old)
+            n -= 1
+            total -= old_size
+        return ("new", key, tuple(evict))
+
+    def commit(self, plan, size):
+        """The call went out: the worker now holds what ``plan`` said."""
+        if plan[0] == "id":
+            self.entries.move_to_end(plan[1])
+            return
+        _, key, evict = plan
+        for old in evict:
+            self.nbytes -= self.entries.pop(old)
+        self.entries[key] = size
+        self.nbytes += size
+
+
+class _Pickled:
+    __slots__ = ("fingerprint", "keep", "blob", "key", "__weakref__")
+
+    def __init__(self, fingerprint, keep, blob, key):
+        self.fingerprint = fingerprint
+        self.keep = keep        # the objects the fingerprint names by id, kept alive
+        self.blob = blob
+        self.key = key
+
+
+# function -> _Pickled; weak, so a dead function's entry (and bytes) go with it.
+_pickled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_code_info: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MAX_REMEMBERED = 512
+
+
+def pickled_once(fn, pickle):
+    """``(blob, key)`` for a function to send once per worker, or None to send it
+    with the call as before (its state is not fixed, or it is big).
+
+    ``pickle(fn)`` runs now, unless the fingerprint proves its bytes would be
+    those of last time."""
+    keep = []
+    try:
+        fp = fingerprint(fn, keep)
+    except _NotFixed:
+        return None
+    entry = _pickled.get(fn)
+    if entry is not None and entry.fingerprint == fp:
+        return entry.blob, entry.key
+    blob = pickle(fn)
+    if len(blob) > MAX_ONE:
+        return None
+    key = digest(blob)
+    if len(_pickled) >= _MAX_REMEMBERED:
+        _pickled.clear()
+    _pickled[fn] = _Pickled(fp, keep, blob, key)
+    return blob, key
+
+
+def cacheable(fn) -> bool:
+    """A plain Python function (the only kind whose pickled form we reason about)."""
+    return type(fn) is types.FunctionType and _should_pickle_by_reference is not None
+
+
+def by_value_natively(fn) -> bool:
+    """Would cloudpickle pickle ``fn`` by value without being asked to?"""
+    return not _should_pickle_by_reference(fn)
+
+
+def fingerprint(fn, keep, memo=None):
+    """Everything cloudpickle's bytes of ``fn`` depend on, or :class:`_NotFixed`."""
+    if memo is None:
+        # The top function is the cache's (weak) key: alive while its entry is,
+        # so its id cannot be reused; holding it in ``keep`` would pin it forever.
+        memo = {id(fn)}
+    elif id(fn) in memo:
+        return ("cycle", id(fn))        # recursion; the function is alive (key or in ``keep``)
+    else:
+        memo.add(id(fn))
+        keep.append(fn)
+    code = fn.__code__
+    names, rebinds = _info(code)
+    if rebinds or fn.__dict__:
+        raise _NotFixed
+    keep.append(code)
+    g = fn.__globals__
+    return (
+        id(code), fn.__name__, fn.__qualname__, _value(fn.__module__, keep, memo),
+        _value(fn.__doc__, keep, memo),
+        _dict(fn.__annotations__, keep, memo), _dict(fn.__kwdefaults__, keep, memo),
+        _value(fn.__defaults__, keep, memo),
+        None if fn.__closure__ is None else tuple(_cell(c, keep, memo) for c in fn.__closure__),
+        tuple(_value(g[k], keep, memo) if k in g else ("missing",) for k in
+              ("__package__", "__name__", "__path__", "__file__")),
+        tuple((k, _value(g[k], keep, memo)) if k in g else (k,) for k in names),
+    )
+
+
+def _info(code):
+    info = _code_info.get(code)
+    if info is None:
+        names = tuple(_extract_code_globals(code))
+        rebinds = "globals" in names or _rebinds_globals(code)
+        info = _code_info[code] = (names, rebinds)
+    return info
+
+
+def _rebinds_globals(code):
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            return True
+    return any(isinstance(c, types.CodeType) and _rebinds_globals(c) for c in code.co_consts)
+
+
+def _cell(cell, keep, memo):
+    try:
+        return _value(cell.cell_contents, keep, memo)
+    except ValueError:
+        return ("empty",)
+
+
+def _dict(d, keep, memo):
+    if d is None:
+        return None
+    if type(d) is not dict or len(d) > 64 or any(type(k) is not str for k in d):
+        raise _NotFixed
+    return tuple((k, _value(v, keep, memo)) for k, v in d.items())
+
+
+def _value(v, keep, memo, depth=0):
+    t = type(v)
+    if t in _ATOMS:
+        return (t, v)
+    if t in _NUMBERS:
+        return (t, repr(v))
+    if t is tuple or t is frozenset:
+        if depth > 4 or len(v) > 64:
+            raise _NotFixed
+        items = tuple(_value(x, keep, memo, depth + 1) for x in v)
+        return (t, tuple(sorted(items, key=repr)) if t is frozenset else items)
+    if t is types.FunctionType:
+        if _should_pickle_by_reference(v):
+            keep.append(v)
+            return ("ref", id(v))
+        return ("fn", fingerprint(v, keep, memo))
+    if t is types.ModuleType:
+        # Pickled by name; which of its submodules cloudpickle lists depends on sys.modules.
+        keep.append(v)
+        return ("module", id(v), len(sys.modules))
+    if (isinstance(v, type) or t is types.BuiltinFunctionType) and _should_pickle_by_reference(v):
+        keep.append(v)
+        return ("ref", id(v))
+    raise _NotFixed
+
+
+# -- the worker's side --------------------------------------------------------------
+class HeldFunctions:
+    """The worker's functions by digest; the parent says what to add and drop."""
+
+    def __init__(self):
+        self.entries = {}       # key -> [blob, function or None until unpickled]
+
+    def take(self, ref):
+        """Apply the parent's ``("new", key, evict, blob)`` or look up ``("id", key)``.
+
+        Done before anything else of the call can fail, so the parent's books
+        stay right even when the call's arguments do not decode here."""
+        if ref[0] == "new":
+            _, key, evict, blob = ref
+            for old in evict:
+                self.entries.pop(old, None)
+            entry = self.entries[key] = [blob, None]
+            return entry
+        return self.entries.get(ref[1])
+
+    @staticmethod
+    def load(entry):
+        if entry is None:
+            raise RuntimeError("comfy_env internal error: the parent referred to a function "
+                               "this worker does not hold (please report it)")
+        if entry[1] is None:
+            # Unpickled at first use; a failure (a module missing here) repeats on
+            # every call, as it would if the bytes came each time.
+            entry[1] = cloudpickle.loads(entry[0])
+        return entry[1]

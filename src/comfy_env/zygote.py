@@ -1,0 +1,630 @@
+"""A zygote: a pre-started process of an environment from which workers fork.
+
+``IsolatedExecutor(..., preload=["torch"])`` starts, at its first worker
+start, one process of the worker's environment that imports the ``preload``
+modules and then only waits.  Each worker is then a ``fork()`` of it, and its
+start costs a fork instead of an interpreter start plus ``import torch``
+(seconds): a worker that crashed or was killed for ``call_timeout`` is back in
+milliseconds.
+
+Rules (fork is only safe in a simple process):
+
+* The zygote never initialises CUDA (a CUDA context does not survive fork):
+  after the preload it checks ``torch.cuda.is_initialized()`` and refuses with
+  an error naming the module that did it.
+* It runs no threads of its own (it waits with ``select``), and a preload that
+  started threads that a fork does not stop (a library's background thread)
+  makes forking unsafe: the executor then warns and starts workers the usual
+  way.  Threads are counted by the kernel (``/proc/self/task``), which sees C
+  threads too, after one throw-away fork: pools that handle fork themselves
+  (OpenBLAS, loaded by numpy and torch) stop their threads then.  Platforms without ``fork`` + pidfds (not Linux) never use a zygote.
+* It holds no sockets of workers: each fork request brings the new worker's
+  end of its own socketpair, its parent-death pipe and its stdout/stderr
+  pipes (SCM_RIGHTS); the zygote closes its copies right after the fork.
+* It dies with the parent: ``PR_SET_PDEATHSIG`` (armed as for every worker,
+  see :mod:`comfy_env.forksafe`) and EOF on the parent-death pipe.  Its
+  workers arm ``PR_SET_PDEATHSIG`` against the zygote and watch the parent's
+  pipe as every worker does, so a SIGKILLed parent takes the zygote and its
+  workers with it.
+
+A forked worker is the zygote's child, not the parent's: the zygote reaps it
+and reports its exit status (the parent's crash reports keep their exit codes
+and signals), and hands the parent a pidfd of it, taken before the worker can
+be reaped: the parent kills through the pidfd, so never a recycled pid.  The
+worker's channel still reports its death by EOF as for spawned workers.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+import warnings
+import weakref
+
+from . import forksafe
+from .errors import WorkerStartError
+from .ipc.transport import Channel, ChannelClosed
+
+__all__ = ["Zygote", "ZygoteError", "usable_here"]
+
+log = logging.getLogger("comfy_env.zygote")
+
+FORK_REPLY_TIMEOUT = 60.0       # seconds
+
+
+class ZygoteError(WorkerStartError):
+    """The zygote refused or failed to start (a preload failed or initialised CUDA)."""
+
+
+def usable_here() -> bool:
+    """Can workers fork from a zygote on this platform (fork + pidfds: Linux)?"""
+    return (sys.platform.startswith("linux") and hasattr(os, "fork")
+            and hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"))
+
+
+def _send(channel, msg, fds=()):
+    channel.send(pickle.dumps(msg, pickle.HIGHEST_PROTOCOL), fds)
+
+
+def _recv(channel):
+    body, fds = channel.recv()
+    return pickle.loads(body), fds
+
+
+# -- the parent's side ------------------------------------------------------------------
+class ForkedWorker:
+    """The parent's view of a worker forked by a zygote, shaped like ``subprocess.Popen``
+    where ``WorkerHandle`` uses one (pid, stdout, stderr, kill, wait, poll)."""
+
+    def __init__(self, pid, pidfd, stdout, stderr, on_exit):
+        self.pid = pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode = None
+        self._pidfd = pidfd
+        self._on_exit = on_exit
+        self._exited = threading.Event()
+        self._lock = threading.Lock()
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, sig):
+        with self._lock:
+            if self._pidfd is None:
+                return          # exited (and its pid may be someone else's by now)
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(f"forked worker {self.pid}", timeout)
+        return self.returncode
+
+    def _set_exited(self, code):
+        with self._lock:
+            if self._exited.is_set():
+                return
+            self.returncode = code
+            pidfd, self._pidfd = self._pidfd, None
+            self._exited.set()
+        if pidfd is not None:
+            os.close(pidfd)
+        on_exit, self._on_exit = self._on_exit, None
+        if on_exit is not None:
+            try:
+                on_exit()
+            except Exception:
+                pass
+
+
+class Zygote:
+    """One environment's zygote, started at the first :meth:`fork`; one per executor."""
+
+    def __init__(self, wenv, preload, logger=None, start_timeout=None):
+        self.wenv = wenv
+        self.preload = list(preload)
+        self.logger = logger or log
+        self.start_timeout = start_timeout
+        self.pid = forksafe.PID         # the process this object belongs to
+        self._lock = threading.Lock()   # one start, and fork requests in order
+        self._proc = None
+        self._channel = None
+        self._alive_w = None
+        self._unusable = None           # why workers are spawned instead (warned once)
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self._replies = {}              # token -> [Event, reply, fds]
+        self._children = {}             # pid -> ForkedWorker
+        self._early_exits = {}          # pid -> code, for an exit reported before its fork reply
+        self._stderr_tail = []
+        self._reader = None
+        _zygotes.add(self)
+
+    # -- used by launch.spawn ----------------------------------------------------
+    def fork(self, child_fd, alive_fd, on_exit):
+        """A ForkedWorker running ``comfy_env.worker`` on ``child_fd``, or None where
+        workers must be spawned (no fork here, or the preload started threads)."""
+        if self._unusable is not None or forksafe.PID != self.pid:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            if self._channel is None:
+                self._start()
+                if self._unusable is not None:
+                    return None
+            channel = self._channel
+            token = next(self._tokens)
+            waiter = self._replies[token] = [threading.Event(), None, []]
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            try:
+                _send(channel, ("fork", token), [child_fd, alive_fd, out_w, err_w])
+            except (ChannelClosed, OSError) as exc:
+                with self._lock:
+                    if self._channel is channel:
+                        self._channel = None    # the next start begins a new zygote
+                raise self._died(f"the zygote could not take a fork request: {exc}") from exc
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            # A fork takes milliseconds; a zygote that does not answer is wedged.
+            if not waiter[0].wait(FORK_REPLY_TIMEOUT):
+                self._kill_wedged(channel)
+                raise self._died(f"the zygote did not answer a fork request within "
+                                 f"{FORK_REPLY_TIMEOUT:.0f} s and was killed")
+            reply, fds = waiter[1], waiter[2]
+            if reply is None:
+                raise self._died("the zygote died before it forked the worker")
+            if reply[0] != "forked":
+                raise OSError(reply[1]) if reply[0] == "fork_failed_os" else ZygoteError(reply[1])
+            pid = reply[2]
+            stdout = os.fdopen(out_r, "rb", buffering=0)
+            out_r = None
+            stderr = os.fdopen(err_r, "rb", buffering=0)
+            err_r = None
+            proc = ForkedWorker(pid, fds[0], stdout, stderr, on_exit)
+            with self._lock:
+                self._children[pid] = proc
+                code = self._early_exits.pop(pid, None)
+            if code is not None:
+                proc._set_exited(code)
+            return proc
+        finally:
+            self._replies.pop(token, None)
+            for fd in (out_r, err_r):
+                if fd is not None:
+                    os.close(fd)
+
+    def _kill_wedged(self, channel):
+        with self._lock:
+            proc = self._proc if self._channel is channel else None
+        if proc is not None:
+            proc.kill()         # its reader then sees EOF and cleans up (_lost)
+
+    def close(self):
+        """No more forks.  The zygote exits once its workers have (they are not killed)."""
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None and forksafe.PID == self.pid:
+            # shutdown, not only close: our reader thread blocks in recv on this
+            # socket, which keeps it open (and the zygote waiting) until woken.
+            try:
+                channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            channel.close()
+
+    # -- start ---------------------------------------------------------------------
+    def _start(self):
+        from .executor import launch
+
+        if not usable_here():
+            self._give_up(f"workers cannot fork from a zygote on {sys.platform} "
+                          f"(needs Linux with pidfds)")
+            return
+        parent, child = Channel.pair()
+        alive_r, alive_w = os.pipe()
+        proc_box = []
+        try:
+            proc = launch.spawn(self.wenv, child.fileno(), alive_r,
+                                on_exit=lambda: _reap(proc_box), module="comfy_env.zygote",
+                                stdout=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            os.close(alive_w)
+            raise
+        finally:
+            child.close()
+            os.close(alive_r)
+        proc_box.append(proc)
+        forksafe.track_channel(parent)
+        threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
+                         name=f"comfy_env-zygote-stderr-{proc.pid}").start()
+        cfg = {
+            "preload": self.preload,
+            "sys_path": list(sys.path) if self.wenv.is_current else None,
+            "cwd": os.getcwd(),
+        }
+        timer = None
+        if self.start_timeout is not None:
+            timer = threading.Timer(self.start_timeout, proc.kill)
+            timer.daemon = True
+            timer.start()
+        try:
+            _send(parent, ("preload", cfg))
+            msg, _ = _recv(parent)
+        except (ChannelClosed, OSError) as exc:
+            proc.kill()
+            parent.close()
+            os.close(alive_w)
+            tail = "\n".join(self._stderr_tail[-20:])
+            raise WorkerStartError(
+                f"the zygote of environment {self.wenv.label!r} (preload={self.preload}) "
+                f"died while starting: {exc}" + (f"; its stderr:\n{tail}" if tail else "")) from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+        kind = msg[0]
+        if kind != "ready":
+            parent.close()
+            os.close(alive_w)
+            if kind == "threads":
+                self._give_up(msg[1])
+                return
+            raise ZygoteError(msg[1])
+        self._proc, self._channel, self._alive_w = proc, parent, alive_w
+        self._reader = threading.Thread(target=self._read_loop, args=(parent,), daemon=True,
+                                        name=f"comfy_env-zygote-{proc.pid}")
+        self._reader.start()
+
+    def _give_up(self, why):
+        self._unusable = why
+        warnings.warn(f"comfy_env: {why}; workers of environment {self.wenv.label!r} are "
+                      f"started the usual way (no zygote)", RuntimeWarning, stacklevel=4)
+
+    def _drain_stderr(self, f):
+        try:
+            for raw in iter(lambda: f.readline(), b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self._stderr_tail.append(line)
+                del self._stderr_tail[:-50]
+                self.logger.info("[zygote] %s", line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    # -- replies and exits -----------------------------------------------------------
+    def _read_loop(self, channel):
+        try:
+            while True:
+                msg, fds = _recv(channel)
+                if msg[0] == "exited":
+                    _, pid, code = msg
+                    with self._lock:
+                        proc = self._children.pop(pid, None)
+                        if proc is None:
+                            self._early_exits[pid] = code
+                    if proc is not None:
+                        proc._set_exited(code)
+                elif msg[0] in ("forked", "fork_failed", "fork_failed_os"):
+                    waiter = self._replies.get(msg[1])
+                    if waiter is None:
+                        for fd in fds:
+                            os.close(fd)
+                        continue
+                    waiter[1], waiter[2] = msg, fds
+                    waiter[0].set()
+                else:
+                    for fd in fds:
+                        os.close(fd)
+        except (ChannelClosed, OSError, EOFError, pickle.UnpicklingError):
+            pass
+        self._lost(channel)
+
+    def _lost(self, channel):
+        """The zygote is gone (or closed): its workers die with it (PDEATHSIG)."""
+        with self._lock:
+            if self._channel is channel:
+                self._channel = None        # the next fork starts a new zygote
+            children, self._children = self._children, {}
+            replies = list(self._replies.values())
+            alive_w, self._alive_w = self._alive_w, None
+        for waiter in replies:
+            waiter[0].set()
+        try:
+            channel.close()
+        except OSError:
+            pass
+        if alive_w is not None:
+            os.close(alive_w)
+        for proc in children.values():
+            # Reaped by init now, its status lost: wait until it is gone, then say
+            # how it went (the kernel's parent-death signal).
+            fd = proc._pidfd
+            if fd is not None:
+                try:
+                    select.select([fd], [], [], 5.0)
+                except (OSError, ValueError):
+                    pass
+            proc._set_exited(-signal.SIGKILL)
+
+    def _died(self, why):
+        return WorkerStartError(f"{why} (environment {self.wenv.label!r}); the next start "
+                                f"begins a new zygote")
+
+
+_zygotes = weakref.WeakSet()       # of this process, for the fork-child clean-up
+
+
+def _after_fork_in_child():
+    # A fork child of the parent (multiprocessing, a DataLoader) must not keep the
+    # zygote's parent-death pipe or its workers' pidfds: the pipe would keep the
+    # zygote alive after the parent died.  (The channel is tracked by forksafe.)
+    for z in list(_zygotes):
+        fds = [z._alive_w] + [c._pidfd for c in z._children.values()]
+        z._alive_w = None
+        z._lock = threading.Lock()
+        z._closed = True
+        z._channel = None
+        z._children = {}
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    _zygotes.clear()
+
+
+forksafe.on_fork_child(_after_fork_in_child)
+
+
+def _reap(box):
+    """The zygote process exited: reap it (quick, on the keeper thread)."""
+    for proc in box:
+        try:
+            proc.wait(timeout=1)
+        except Exception:
+            pass
+
+
+# -- the zygote process -----------------------------------------------------------------
+def _thread_count():
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _threads_after_a_fork():
+    """The threads still running after one throw-away fork.
+
+    Native thread pools that know about fork (OpenBLAS, which numpy and torch
+    load, starts one at import) stop their threads in a ``pthread_atfork``
+    handler and start them again only when next used, which the zygote never
+    does: after one fork they are gone, and forking is safe.  Threads that
+    survive a fork know nothing of it, and could hold a lock the child needs.
+    """
+    import time
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)    # 3.12+: "multi-threaded fork"
+        try:
+            pid = os.fork()
+        except OSError:
+            return _thread_count()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.001)
+    return _thread_count()
+
+
+def _preload(cfg):
+    """Import the preload modules; ``None`` when fork is safe now, else the reason."""
+    if cfg.get("sys_path") is not None:
+        extra = [p for p in sys.path if p not in cfg["sys_path"]]
+        sys.path[:] = list(cfg["sys_path"]) + extra
+    if cfg.get("cwd"):
+        try:
+            os.chdir(cfg["cwd"])
+        except OSError:
+            pass
+    for name in cfg["preload"]:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            return ("failed", f"preload module {name!r} failed to import in the zygote "
+                              f"(Python {sys.version.split()[0]} at {sys.executable}):\n"
+                              f"{traceback.format_exc()}")
+        torch = sys.modules.get("torch")
+        cuda = getattr(torch, "cuda", None)
+        try:
+            initialized = bool(cuda is not None and cuda.is_initialized())
+        except Exception:
+            initialized = False
+        if initialized:
+            return ("failed", f"preload module {name!r} initialised CUDA in the zygote; "
+                              f"workers cannot fork from a process with a CUDA context. Preload "
+                              f"only what imports without touching the GPU (e.g. 'torch', not "
+                              f"code that allocates CUDA tensors at import)")
+    threads = _thread_count()
+    if threads > 1 and threading.active_count() == 1:
+        threads = _threads_after_a_fork()
+    if threads > 1 or threading.active_count() > 1:
+        names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        return ("threads", f"preload={cfg['preload']} left {threads} threads running in the "
+                           f"zygote ({', '.join(names) or 'started by C code'}), and forking a "
+                           f"process with threads is unsafe")
+    return None
+
+
+def _serve(channel, alive):
+    """Fork workers on request.  Returns (in a forked child only) the worker's argv."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.set_wakeup_fd(wake_w)
+    children = set()
+    closing = False
+    ctl = channel.fileno()
+    while True:
+        watched = [wake_r, alive] + ([] if closing else [ctl])
+        try:
+            ready, _, _ = select.select(watched, [], [])
+        except InterruptedError:
+            ready = []
+        if alive in ready:
+            os._exit(0)             # the parent died: our workers follow (PDEATHSIG)
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        # Reap every child that exited; the parent learns its status.
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if not closing:
+                try:
+                    _send(channel, ("exited", pid, code))
+                except (ChannelClosed, OSError):
+                    closing = True
+        if closing:
+            if not children:
+                os._exit(0)
+            continue
+        if ctl not in ready:
+            continue
+        try:
+            msg, fds = _recv(channel)
+        except (ChannelClosed, OSError, EOFError, pickle.UnpicklingError):
+            # The executor closed us: stay until our workers have exited (they
+            # die with us otherwise), then go.
+            closing = True
+            if not children:
+                os._exit(0)
+            continue
+        if msg[0] != "fork" or len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            continue
+        token = msg[1]
+        sock_fd, alive_fd, out_w, err_w = fds
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            _send(channel, ("fork_failed_os", token, f"the zygote could not fork: {exc}"))
+            continue
+        if pid == 0:
+            # The worker: drop everything of the zygote's, keep only our own fds.
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (wake_r, wake_w, alive):
+                os.close(fd)
+            forksafe._close_channel(channel)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.close(out_w)
+            os.close(err_w)
+            # Our __main__ is the zygote, not comfy_env.worker: say what we are (the
+            # CUDA plane makes workers export their results zero-copy by this).
+            os.environ["COMFY_ENV_ROLE"] = "worker"
+            return ["--fd", str(sock_fd), "--alive-fd", str(alive_fd),
+                    "--parent-pid", str(os.getppid())]
+        children.add(pid)
+        # Taken before we can reap it: the pid is still this child's.
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            os.kill(pid, signal.SIGKILL)
+            _send(channel, ("fork_failed_os", token, f"pidfd_open failed: {exc}"))
+        else:
+            try:
+                _send(channel, ("forked", token, pid), [pidfd])
+            except (ChannelClosed, OSError):
+                closing = True
+            os.close(pidfd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def main(argv=None):
+    from .worker import _parse_args
+
+    fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
+    forksafe.protect_worker((fd, alive), parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # as the workers: the parent decides
+    channel = Channel.from_fd(fd)
+    try:
+        msg, _ = _recv(channel)
+    except (ChannelClosed, OSError):
+        return 0
+    from . import worker   # noqa: F401  (what every forked worker runs: imported once, here)
+    refusal = _preload(msg[1])
+    if refusal is None:
+        # The preloaded objects move to a generation the collector never visits: a
+        # worker's collections then do not write to (and so copy) the zygote's pages.
+        gc.collect()
+        gc.freeze()
+    try:
+        _send(channel, refusal or ("ready", {"pid": os.getpid()}))
+    except (ChannelClosed, OSError):
+        return 0
+    if refusal is not None:
+        return 0
+    worker_argv = _serve(channel, alive)
+    # Only a forked worker gets here, with a clean zygote stack: it runs as a worker
+    # would, and exits through the interpreter's usual finalisation.
+    from . import worker
+    return worker.main(worker_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

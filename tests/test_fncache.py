@@ -1,0 +1,312 @@
+"""By-value functions (``__main__``, closures, lambdas) are sent once per worker.
+
+The worker keeps them by the hash of their pickled bytes; the parent pickles
+again unless a fingerprint proves the bytes would not change.  What matters
+most is that no call ever runs stale code: redefined functions, closures over
+changed values, per-call lambdas, changed globals and defaults all run as the
+parent sees them now.  See src/comfy_env/fncache.py.
+"""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+import _funcs
+from comfy_env import IsolatedExecutor, fncache
+from comfy_env.executor.worker_handle import WorkerHandle
+from comfy_env.ipc import codec
+from pythons import ALL_PYTHONS, run_script
+
+BIG = 100_000       # a string constant of this size makes a function's bytes easy to see
+
+
+def main_fns(src, **glb):
+    """Functions defined as in a user's script: module ``__main__``, so pickled by value."""
+    ns = {"__name__": "__main__", **glb}
+    exec(textwrap.dedent(src), ns)
+    return ns
+
+
+def big_fn(name, tag):
+    return main_fns(f"def {name}(x):\n    s = {('%s' % tag) * BIG!r}\n    return (x, s[:1])\n")[name]
+
+
+@pytest.fixture
+def sent_bytes(monkeypatch):
+    """Bytes of each call frame sent to a worker, in order."""
+    sizes = []
+    orig = WorkerHandle.send_call
+
+    def send_call(self, item, chunks, fds):
+        sizes.append(sum(memoryview(c).nbytes for c in chunks))
+        return orig(self, item, chunks, fds)
+
+    monkeypatch.setattr(WorkerHandle, "send_call", send_call)
+    return sizes
+
+
+ENVS = pytest.mark.parametrize("env", ["current", "foreign"])
+
+
+def make(env, **kw):
+    # The same interpreter named by path is a "foreign" env: functions it cannot
+    # import go through _pickle_by_value's route.
+    return IsolatedExecutor(None if env == "current" else sys.executable, **kw)
+
+
+@ENVS
+@pytest.mark.timeout(60)
+def test_a_main_function_is_sent_once_per_worker(env, sent_bytes):
+    f = big_fn("f", "a")
+    with make(env) as ex:
+        assert [ex.submit(f, i).result() for i in range(5)] == [(i, "a") for i in range(5)]
+    assert sent_bytes[0] > BIG
+    assert all(n < 4000 for n in sent_bytes[1:]), sent_bytes
+
+
+@ENVS
+@pytest.mark.timeout(60)
+def test_a_main_function_is_pickled_once_while_nothing_it_uses_changed(env, monkeypatch):
+    pickles = []
+    orig = codec.dumps_portable
+
+    def counting(obj):
+        pickles.append(obj)
+        return orig(obj)
+
+    monkeypatch.setattr(codec, "dumps_portable", counting)
+    ns = main_fns("""
+        K = 3
+        def f(x):
+            return x + K
+    """)
+    with make(env) as ex:
+        assert [ex.submit(ns["f"], i).result() for i in range(10)] == [i + 3 for i in range(10)]
+        assert len(pickles) == 1
+        ns["K"] = 4
+        assert ex.submit(ns["f"], 1).result() == 5
+        assert len(pickles) == 2
+
+
+@pytest.mark.timeout(60)
+def test_lru_eviction_resends_what_the_worker_dropped(monkeypatch, sent_bytes):
+    monkeypatch.setattr(fncache, "MAX_ENTRIES", 2)
+    f1, f2, f3 = big_fn("f1", "a"), big_fn("f2", "b"), big_fn("f3", "c")
+    with IsolatedExecutor() as ex:
+        order = [f1, f2, f1, f3, f1, f2, f3, f3]
+        assert [ex.submit(f, 0).result() for f in order] == [f(0) for f in order]
+    # f1 f2 new; f1 held; f3 evicts f2 (least recently used); f1 held; f2 and f3 re-sent.
+    assert [n > BIG for n in sent_bytes] == [True, True, False, True, False, True, True, False]
+
+
+@pytest.mark.timeout(60)
+def test_the_byte_budget_evicts_too(monkeypatch, sent_bytes):
+    monkeypatch.setattr(fncache, "MAX_BYTES", int(BIG * 1.5))
+    f1, f2 = big_fn("f1", "a"), big_fn("f2", "b")
+    with IsolatedExecutor() as ex:
+        order = [f1, f1, f2, f1, f1]
+        assert [ex.submit(f, 0).result() for f in order] == [f(0) for f in order]
+    assert [n > BIG for n in sent_bytes] == [True, False, True, True, False]
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_worker_starts_empty_and_gets_the_function_again(sent_bytes):
+    f = big_fn("f", "a")
+    with IsolatedExecutor() as ex:
+        assert ex.submit(f, 1).result() == (1, "a")
+        assert ex.submit(f, 2).result() == (2, "a")
+        with pytest.raises(Exception):
+            ex.submit(_funcs.kill_self).result()
+        assert ex.submit(f, 3).result() == (3, "a")
+        assert ex.submit(f, 4).result() == (4, "a")
+    big = [n > BIG for n in sent_bytes]
+    assert big == [True, False, False, True, False], sent_bytes
+
+
+@pytest.mark.timeout(60)
+def test_arguments_that_fail_to_decode_leave_the_function_held(sent_bytes):
+    f = big_fn("f", "a")
+    with IsolatedExecutor() as ex:
+        with pytest.raises(Exception, match="refuses to be rebuilt"):
+            ex.submit(f, _funcs.FailsToUnpickle()).result()
+        assert ex.submit(f, 1).result() == (1, "a")
+    assert sent_bytes[0] > BIG and sent_bytes[1] < 4000
+
+
+STALE = """
+import math, sys
+from comfy_env import IsolatedExecutor
+
+ex = IsolatedExecutor()
+out = []
+run = lambda f, *a: out.append(ex.submit(f, *a).result())
+
+def f(x): return x + 1
+run(f, 1)
+def f(x): return x + 2                   # same qualname, new code
+run(f, 1)
+
+K = 10
+def g(x): return x + K
+run(g, 1); K = 20; run(g, 1)             # a global it reads changed
+
+def helper(): return "h1"
+def uses_helper(): return helper()
+run(uses_helper)
+def helper(): return "h2"                # a by-value function it calls was redefined
+run(uses_helper)
+
+def make():
+    v = 1
+    def h(x): return x + v
+    def set_v(n):
+        nonlocal v
+        v = n
+    return h, set_v
+h, set_v = make()
+run(h, 1); set_v(5); run(h, 1)           # a closure cell changed
+
+for i in range(3):                       # a lambda made per call, over changing values
+    run(lambda x: x * i, 2)
+for i in range(3):
+    run(lambda x, i=i: x + i, 10)
+
+def d(x, y=1): return x + y
+run(d, 1); d.__defaults__ = (7,); run(d, 1)     # defaults replaced
+def other(x, y=1): return x - y
+d.__code__ = other.__code__; run(d, 1)          # code replaced in place
+
+def sign(): return math.copysign(1, Z)
+Z = 0.0; run(sign); Z = -0.0; run(sign)         # equal but not the same float
+
+L = [1]
+def length(): return len(L)
+run(length); L.append(2); run(length)           # a mutable global: never cached
+
+counter = 0
+def bump():
+    global counter
+    counter += 1
+    return counter
+run(bump); run(bump)                            # each call starts from the parent's globals
+
+print(out)
+ex.shutdown()
+"""
+
+EXPECTED = [2, 3, 11, 21, "h1", "h2", 2, 6, 0, 2, 4, 10, 11, 12, 2, 8, -6, 1.0, -1.0, 1, 2, 1, 1]
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_no_call_runs_stale_code(pyver, tmp_path):
+    proc = run_script(pyver, STALE, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr(EXPECTED), proc.stderr
+
+
+# -- the fingerprint itself (parent only) -----------------------------------------------
+def counted():
+    n = []
+
+    def pickle(fn):
+        n.append(fn)
+        return codec.dumps_portable(fn)
+    return n, pickle
+
+
+def test_fingerprint_repickles_on_every_change_it_must_see():
+    n, pickle = counted()
+    ns = main_fns("""
+        import os
+        K = 1
+        def helper(): return 1
+        def f(x=1):
+            return x + K + helper() + len(os.sep)
+    """)
+    f = ns["f"]
+    key = fncache.pickled_once(f, pickle)[1]
+    assert fncache.pickled_once(f, pickle)[1] == key and len(n) == 1
+    ns["K"] = 2
+    k2 = fncache.pickled_once(f, pickle)[1]
+    assert len(n) == 2 and k2 != key
+    exec("def helper(): return 2", ns)
+    assert fncache.pickled_once(f, pickle)[1] != k2 and len(n) == 3
+    f.__defaults__ = (5,)
+    fncache.pickled_once(f, pickle)
+    assert len(n) == 4
+    f.__kwdefaults__ = None
+    f.__doc__ = "now documented"
+    fncache.pickled_once(f, pickle)
+    assert len(n) == 5
+
+
+def test_state_that_can_change_unseen_is_never_cached():
+    ns = main_fns("""
+        L = []
+        class C: pass
+        def uses_list(): return L
+        def uses_class(): return C
+        def rebinds():
+            global L
+            L = []
+        def reads_globals(): return globals()
+    """)
+    for name in ("uses_list", "uses_class", "rebinds", "reads_globals"):
+        assert fncache.pickled_once(ns[name], codec.dumps_portable) is None, name
+    fn = main_fns("def f(): pass")["f"]
+    fn.attr = 1
+    assert fncache.pickled_once(fn, codec.dumps_portable) is None
+
+
+def test_recursive_functions_get_a_fingerprint():
+    n, pickle = counted()
+    ns = main_fns("""
+        def fib(k): return k if k < 2 else fib(k - 1) + fib(k - 2)
+        def even(k): return k == 0 or odd(k - 1)
+        def odd(k): return k != 0 and even(k - 1)
+    """)
+    for name in ("fib", "even"):
+        fncache.pickled_once(ns[name], pickle)
+        fncache.pickled_once(ns[name], pickle)
+    assert len(n) == 2
+
+
+INIT = """
+import sys
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import lifetime
+
+V = "first"
+def init():
+    import os
+    os.environ["COMFY_ENV_TEST_STATE"] = V    # by-value functions do not share globals
+def get():
+    import os
+    return os.environ["COMFY_ENV_TEST_STATE"]
+def crash():
+    import os
+    os._exit(1)
+
+ex = IsolatedExecutor({env}, initializer=init)
+out = [ex.submit(get).result()]
+V = "second"                    # a restarted worker runs the initializer as it is now
+try:
+    ex.submit(crash).result()
+except Exception:
+    pass
+out.append(ex.submit(get).result())
+print(out)
+ex.shutdown()
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.parametrize("env", ["None", "sys.executable"])
+@pytest.mark.timeout(120)
+def test_a_restarted_worker_runs_the_initializer_as_it_is_now(pyver, env, tmp_path):
+    proc = run_script(pyver, INIT.format(env=env), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr(["first", "second"]), proc.stderr

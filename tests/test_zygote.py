@@ -1,0 +1,232 @@
+"""Workers forked from a per-environment zygote: ``IsolatedExecutor(preload=[...])``.
+
+See src/comfy_env/zygote.py for the rules tested here.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+
+import _funcs
+import _zygote_funcs as zf
+from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed, WorkerStartError
+from pythons import ALL_PYTHONS, run_script
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zygotes are Linux-only")
+
+# A module nothing of comfy_env imports: its presence in a worker shows the preload.
+PRELOADED = "xml.dom.minidom"
+
+
+def zygote_pid(ex):
+    return ex._pool.zygote._proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_workers_fork_from_a_zygote_that_imported_the_preload():
+    with IsolatedExecutor(preload=[PRELOADED]) as ex:
+        assert ex.submit(zf.loaded, PRELOADED).result() is True
+        zpid = zygote_pid(ex)
+        assert ex.submit(zf.parent_pid).result() == zpid != os.getpid()
+        # The CUDA plane knows a forked worker for a worker (zero-copy CUDA results).
+        assert ex.submit(zf.is_worker_for_cuda).result() is True
+    with IsolatedExecutor() as ex:
+        assert ex.submit(zf.loaded, PRELOADED).result() is False
+        assert ex.submit(zf.parent_pid).result() == os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_a_numpy_preload_forks_openblas_threads_stop_at_fork():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with IsolatedExecutor(preload=["numpy"]) as ex:
+            assert ex.submit(zf.parent_pid).result() == zygote_pid(ex)
+
+
+@pytest.mark.timeout(60)
+def test_a_preload_that_initialised_cuda_is_refused(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    with IsolatedExecutor(preload=["_zygote_fake_cuda"]) as ex:
+        with pytest.raises(WorkerStartError, match="initialised CUDA"):
+            ex.submit(zf.pid).result()
+
+
+@pytest.mark.timeout(60)
+def test_a_preload_that_fails_to_import_says_which():
+    with IsolatedExecutor(preload=["no_such_module_xyz"]) as ex:
+        with pytest.raises(WorkerStartError, match="no_such_module_xyz"):
+            ex.submit(zf.pid).result()
+
+
+@pytest.mark.timeout(60)
+def test_a_preload_that_left_threads_falls_back_to_spawn_with_a_warning():
+    with pytest.warns(RuntimeWarning, match="threads running in the zygote.*preload-bg"):
+        with IsolatedExecutor(preload=["_zygote_thread"]) as ex:
+            assert ex.submit(zf.parent_pid).result() == os.getpid()
+            assert ex.submit(_funcs.add, 1, 2).result() == 3
+
+
+def test_preload_is_checked():
+    with pytest.raises(TypeError, match="list of module names"):
+        IsolatedExecutor(preload="torch")
+    with pytest.raises(ValueError, match="module names"):
+        IsolatedExecutor(preload=["torch", "not a module"])
+
+
+@pytest.mark.timeout(60)
+def test_crash_and_timeout_of_forked_workers_report_and_restart():
+    with IsolatedExecutor(preload=[PRELOADED], call_timeout=1.0) as ex:
+        ex.submit(zf.pid).result()
+        zpid = zygote_pid(ex)
+        with pytest.raises(WorkerCrashed, match=r"exited with code 7(.|\n)*last words"):
+            ex.submit(_funcs.stderr_then_exit, 7, ["last words"]).result()
+        with pytest.raises(WorkerCrashed, match="killed by signal SIGKILL"):
+            ex.submit(_funcs.kill_self).result()
+        with pytest.raises(WorkerCrashed, match="killed by signal SIGSEGV"):
+            ex.submit(_funcs.segfault).result()
+        with pytest.raises(CallTimeout):
+            ex.submit(_funcs.sleep_then, 30).result()
+        assert ex.submit(zf.parent_pid).result() == zpid    # still the same zygote
+        assert ex.submit(zf.loaded, PRELOADED).result() is True
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_zygote_is_replaced_and_its_worker_reported():
+    with IsolatedExecutor(preload=[PRELOADED]) as ex:
+        ex.submit(zf.pid).result()
+        zpid = zygote_pid(ex)
+        fut = ex.submit(_funcs.sleep_then, 30)
+        time.sleep(0.5)
+        os.kill(zpid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            fut.result(timeout=20)
+        assert ex.submit(zf.loaded, PRELOADED).result() is True
+        assert zygote_pid(ex) != zpid
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_no_fd_or_process_outlives_the_executor():
+    before = _fds()
+    ex = IsolatedExecutor(preload=[PRELOADED], max_workers=2)
+    for _ in range(3):
+        with pytest.raises(WorkerCrashed):
+            ex.submit(_funcs.kill_self).result()
+    assert sorted(f.result() for f in [ex.submit(_funcs.add, i, 1) for i in range(4)]) == [1, 2, 3, 4]
+    zpid, wpids = zygote_pid(ex), ex.worker_pids()
+    ex.shutdown()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in [zpid, *wpids]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in [zpid, *wpids])
+    assert _fds() <= before
+
+
+@pytest.mark.timeout(60)
+def test_after_shutdown_without_wait_the_zygote_exits_with_the_last_worker():
+    ex = IsolatedExecutor(preload=[PRELOADED])
+    ex.submit(zf.pid).result()
+    zpid = zygote_pid(ex)
+    fut = ex.submit(_funcs.sleep_then, 1.0, "done")
+    ex.shutdown(wait=False)
+    assert _alive(zpid)
+    assert fut.result() == "done"
+    deadline = time.monotonic() + 10
+    while _alive(zpid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(zpid)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SIGKILLED = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import _funcs, _zygote_funcs as zf
+from comfy_env import IsolatedExecutor
+
+ex = IsolatedExecutor(preload=["xml.dom.minidom"], max_workers=2)
+busy = ex.submit(_funcs.sleep_then, 60)                 # one worker mid-call
+idle = ex.submit(zf.pid).result()
+time.sleep(0.3)
+if {fork_child!r}:
+    # A fork child of the parent outlives it: it must hold nothing that keeps the
+    # zygote or its workers alive (the parent-death pipes).
+    child = os.fork()
+    if child == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)        # not the script's pipes: the test reads them to EOF
+        os.dup2(null, 2)
+        time.sleep(30)
+        os._exit(0)
+    print(child, end=" ")
+print(ex._pool.zygote._proc.pid, *ex.worker_pids(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.parametrize("fork_child", [False, True])
+@pytest.mark.timeout(120)
+def test_a_sigkilled_parent_takes_the_zygote_and_its_workers_along(pyver, fork_child, tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = run_script(pyver, SIGKILLED.format(tests=tests, fork_child=fork_child), cwd=tmp_path,
+                      timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    if fork_child:
+        child, pids = pids[0], pids[1:]
+    assert len(pids) == 3, (proc.stdout, proc.stderr)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        if fork_child:
+            os.kill(child, signal.SIGKILL)
+
+
+LIFECYCLE = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import _funcs, _zygote_funcs as zf
+from comfy_env import IsolatedExecutor, WorkerCrashed
+
+ex = IsolatedExecutor(preload=["xml.dom.minidom"])
+out = [ex.submit(zf.loaded, "xml.dom.minidom").result()]
+out.append(ex.submit(zf.parent_pid).result() == ex._pool.zygote._proc.pid)
+try:
+    ex.submit(_funcs.stderr_then_exit, 5, ["bye"]).result()
+except WorkerCrashed as e:
+    out.append("code 5" in str(e) and "bye" in str(e))
+out.append(ex.submit(_funcs.add, 2, 3).result())
+print(out)
+r = ex.submit(zf.pid)                   # still queued or running when the script ends
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_forked_workers_start_report_and_exit_with_the_script(pyver, tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = run_script(pyver, LIFECYCLE.format(tests=tests), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[True, True, True, 5]", proc.stderr
+    assert proc.stderr == ""
