@@ -10,7 +10,7 @@ from __future__ import annotations
 import cloudpickle
 
 from ..errors import InitializerFailed
-from ..worker import resolve_reference, run_chunk
+from ..ipc.calls import resolve_reference, run_chunk
 
 __all__ = ["run_call", "run_chunk_call", "ByValue"]
 
