@@ -38,7 +38,7 @@ from . import fncache, forksafe
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
-from .ipc.calls import resolve_reference
+from .ipc.calls import adopt_import_paths, resolve_reference
 from .ipc.protocol import apply_control
 from .ipc.transport import Channel, ChannelClosed
 
@@ -151,14 +151,7 @@ class Worker:
             raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
         self.link.uid = cfg["uid"]
         self.name = cfg.get("name", "worker")
-        if cfg.get("sys_path") is not None:
-            extra = [p for p in sys.path if p not in cfg["sys_path"]]
-            sys.path[:] = list(cfg["sys_path"]) + extra
-        if cfg.get("cwd"):
-            try:
-                os.chdir(cfg["cwd"])
-            except OSError:
-                pass
+        adopt_import_paths(cfg)
         root = logging.getLogger()
         root.addHandler(_LogForwarder(self))
         if cfg.get("log_level") is not None:

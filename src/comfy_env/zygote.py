@@ -53,6 +53,7 @@ import weakref
 
 from . import forksafe
 from .errors import WorkerStartError
+from .ipc.calls import adopt_import_paths
 from .ipc.transport import Channel, ChannelClosed
 
 __all__ = ["Zygote", "ZygoteError", "usable_here"]
@@ -456,14 +457,7 @@ def _threads_after_a_fork():
 
 def _preload(cfg):
     """Import the preload modules; ``None`` when fork is safe now, else the reason."""
-    if cfg.get("sys_path") is not None:
-        extra = [p for p in sys.path if p not in cfg["sys_path"]]
-        sys.path[:] = list(cfg["sys_path"]) + extra
-    if cfg.get("cwd"):
-        try:
-            os.chdir(cfg["cwd"])
-        except OSError:
-            pass
+    adopt_import_paths(cfg)
     for name in cfg["preload"]:
         try:
             importlib.import_module(name)

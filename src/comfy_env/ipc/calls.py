@@ -3,14 +3,16 @@
 The parent checks a reference's form when it is submitted (:func:`check_reference`);
 the worker resolves it (:func:`resolve_reference`).  :func:`run_chunk` is the function
 a ``map(..., chunksize=N)`` call sends: the parent pickles it by reference, the worker
-imports it from here.  Neither side imports the other; both import this module.
+imports it from here.  :func:`adopt_import_paths` makes a worker (and a zygote) find
+modules where the parent does.  Neither side imports the other; both import this module.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-__all__ = ["check_reference", "resolve_reference", "run_chunk"]
+__all__ = ["adopt_import_paths", "check_reference", "resolve_reference", "run_chunk"]
 
 
 def check_reference(ref: str) -> tuple[str, str]:
@@ -43,3 +45,19 @@ def run_chunk(fn, chunk):
     if isinstance(fn, str):
         fn = resolve_reference(fn)
     return [fn(*args) for args in chunk]
+
+
+def adopt_import_paths(cfg) -> None:
+    """Take the parent's ``sys.path`` (first, keeping our own extras after it) and cwd.
+
+    ``cfg["sys_path"]`` is None for a worker of another environment: its own path
+    is the right one.  A cwd that is gone or unreadable here is skipped (the call
+    may not need it; an import that does fails with its own clear error)."""
+    if cfg.get("sys_path") is not None:
+        extra = [p for p in sys.path if p not in cfg["sys_path"]]
+        sys.path[:] = list(cfg["sys_path"]) + extra
+    if cfg.get("cwd"):
+        try:
+            os.chdir(cfg["cwd"])
+        except OSError:
+            pass
