@@ -247,7 +247,8 @@ def _tail_lines(lines, n):
     return "\n".join(lines[-n:])
 
 
-def _index_args(spec) -> list:
+def index_args(spec) -> list:
+    """uv's index options (--index-url, --extra-index-url, --find-links, --no-index) of ``spec``."""
     args = []
     if spec.index_url:
         args += ["--index-url", spec.index_url]
@@ -273,7 +274,7 @@ def resolve_lock(uv, python, spec, report, label, env, hide=None) -> str:
             f.write("\n".join(spec.requirements) + "\n")
         out = os.path.join(work, "pylock.toml")
         cmd = [uv, "pip", "compile", "--quiet", "--python", python, "--no-python-downloads",
-               "--format", "pylock.toml", "--output-file", out, *_index_args(spec)]
+               "--format", "pylock.toml", "--output-file", out, *index_args(spec)]
         if spec.exclude_newer:
             cmd += ["--exclude-newer", spec.exclude_newer]
         if spec.share:
@@ -334,7 +335,7 @@ def _build_into(staging, final, spec, interp, report, label, lock) -> tuple:
          hide=hide)
     if spec.requirements:
         _run([py, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-              *_index_args(spec), *spec.requirements],
+              *index_args(spec), *spec.requirements],
              report, f"installing the requirements of {label}", child_env, hide=hide)
     return "pip", None
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from ..envs import Env, WorkerEnvironment, resolve_env
+from ..envs.builder import index_args
 from ..envs.errors import EnvSpecError
 from ..errors import WorkerStartError
 
@@ -184,15 +185,7 @@ def cluster_runtime_env(env) -> dict:
             f"env {spec.name!r} names local files {local}: other nodes of the cluster cannot "
             "install from them. Publish them to an index every node can reach (index_url / "
             "extra_index_urls) or use a shared filesystem path.", spec.source)
-    options = []
-    if spec.index_url:
-        options += ["--index-url", spec.index_url]
-    for url in spec.extra_index_urls:
-        options += ["--extra-index-url", url]
-    for url in spec.find_links:
-        options += ["--find-links", url]
-    if spec.no_index:
-        options.append("--no-index")
+    options = index_args(spec)
     uv = {"packages": list(spec.requirements)}
     if options:
         uv["uv_pip_install_options"] = options
