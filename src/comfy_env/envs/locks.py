@@ -105,15 +105,10 @@ def build_lock(env_dir: str, on_wait=None, heartbeat: float = 10.0):
 
 
 @contextlib.contextmanager
-def try_build_lock(env_dir: str, delete: bool = True):
-    """Yield True holding the build lock, or False (holding nothing) if someone else has it.
+def _try_exclusive(path: str, delete: bool):
+    """Yield True holding ``path`` exclusively, or False (holding nothing) if someone else has it.
 
-    ``delete=False`` keeps the lock file (a dry run that only asks)."""
-    if fcntl is None:  # pragma: no cover - Windows
-        with build_lock(env_dir):
-            yield True
-        return
-    path = lock_file(env_dir)
+    ``delete``: remove the file when letting go of it."""
     fd = _open_locked(path, fcntl.LOCK_EX, blocking=False)
     if fd is None:
         yield False
@@ -125,6 +120,19 @@ def try_build_lock(env_dir: str, delete: bool = True):
             _unlock_and_delete(fd, path)
         else:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def try_build_lock(env_dir: str, delete: bool = True):
+    """Yield True holding the build lock, or False (holding nothing) if someone else has it.
+
+    ``delete=False`` keeps the lock file (a dry run that only asks)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        with build_lock(env_dir):
+            yield True
+        return
+    with _try_exclusive(lock_file(env_dir), delete) as ours:
+        yield ours
 
 
 def hold_in_use(env_dir: str):
@@ -156,17 +164,8 @@ def exclusive_use(env_dir: str, delete: bool = False):
     if not os.path.exists(path):
         yield True
         return
-    fd = _open_locked(path, fcntl.LOCK_EX, blocking=False)
-    if fd is None:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        if delete:
-            _unlock_and_delete(fd, path)
-        else:
-            os.close(fd)
+    with _try_exclusive(path, delete) as free:
+        yield free
 
 
 def is_in_use(env_dir: str) -> bool:
