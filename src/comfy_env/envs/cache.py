@@ -77,16 +77,19 @@ def read_meta(env_dir: str) -> dict | None:
         return None
 
 
-def list_envs(root: str) -> list:
-    """Finished envs under ``root``: a list of (directory, meta dict)."""
-    d = envs_dir(root)
-    out = []
+def _entries(d: str) -> list:
+    """``(name, path)`` of each entry of directory ``d``, sorted; none when ``d`` does not exist."""
     try:
         names = sorted(os.listdir(d))
     except FileNotFoundError:
-        return out
-    for n in names:
-        p = os.path.join(d, n)
+        return []
+    return [(n, os.path.join(d, n)) for n in names]
+
+
+def list_envs(root: str) -> list:
+    """Finished envs under ``root``: a list of (directory, meta dict)."""
+    out = []
+    for n, p in _entries(envs_dir(root)):
         if n.startswith(".") or not os.path.isdir(p):
             continue
         meta = read_meta(p)
@@ -181,12 +184,7 @@ def prune(root: str, older_than_days: float, dry_run: bool = False) -> list:
                 removed.append(("env", path))
         except EnvInUse:
             continue
-    try:
-        names = sorted(os.listdir(d))
-    except FileNotFoundError:
-        return removed
-    for n in names:
-        p = os.path.join(d, n)
+    for n, p in _entries(d):
         if n.startswith(".tmp-"):
             final = os.path.join(d, n[len(".tmp-"):].split("-", 1)[0])
             with try_build_lock(final) as ours:   # held while its builder lives
