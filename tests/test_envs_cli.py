@@ -12,25 +12,11 @@ import pytest
 
 from comfy_env.envs import Env, InterpreterNotFound, builder, interpreters, locks
 from comfy_env.envs.interpreters import find_interpreters
-from test_envs_helpers import demo_dep_wheel, demo_spec, uv_calls, uv_wrapper, write_spec
+from test_envs_helpers import cache, demo_spec, uv_calls, uv_wrapper, wheels, write_spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(builder.__file__))))
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory):
-    d = tmp_path_factory.mktemp("wheels")
-    demo_dep_wheel(d, "1.0")
-    return str(d)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = str(tmp_path / "cache")
-    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", d)
-    return d
 
 
 def _age(path, days):

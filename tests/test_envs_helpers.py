@@ -6,6 +6,8 @@ import hashlib
 import os
 import zipfile
 
+import pytest
+
 # Nothing to collect here; pytest imports this module because of its name.
 __test__ = False
 
@@ -104,3 +106,31 @@ exec "{real_uv}" "$@"
 def uv_calls(log) -> list:
     with open(log) as f:
         return f.read().splitlines()
+
+
+# Fixtures the env test modules share: a test module takes one by importing its name.
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    """A find-links directory holding demo_dep 1.0, one per test module."""
+    d = tmp_path_factory.mktemp("wheels")
+    demo_dep_wheel(d, "1.0")
+    return str(d)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh env cache (COMFY_ENV_CACHE_DIR) for one test."""
+    d = str(tmp_path / "cache")
+    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", d)
+    return d
+
+
+@pytest.fixture
+def uv_log(tmp_path, monkeypatch):
+    """Builds go through :func:`uv_wrapper` around the real uv; its call log (see :func:`uv_calls`)."""
+    from comfy_env.envs import builder
+
+    wrapper, log = uv_wrapper(tmp_path, builder.find_uv())
+    monkeypatch.setenv(builder.UV_ENV_VAR, wrapper)
+    return log

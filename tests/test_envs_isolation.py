@@ -17,18 +17,11 @@ import pytest
 
 from comfy_env.envs import Env, EnvInUse, builder
 from pythons import ALL_PYTHONS, run_script
-from test_envs_helpers import demo_dep_wheel, demo_spec
+from test_envs_helpers import demo_spec, wheels  # noqa: F401 (fixture)
 
 IsolatedExecutor = pytest.importorskip("comfy_env.executor").IsolatedExecutor
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory):
-    d = tmp_path_factory.mktemp("wheels")
-    demo_dep_wheel(d, "1.0")
-    return str(d)
 
 
 def _shadowing_cwd(d):

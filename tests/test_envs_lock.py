@@ -12,7 +12,7 @@ import pytest
 
 from comfy_env.envs import Env, EnvLockError, EnvSpecError, builder
 from comfy_env.envs.lockfile import LOCK_FILENAME, read_lock
-from test_envs_helpers import demo_dep_wheel, demo_spec, uv_calls, uv_wrapper, write_spec
+from test_envs_helpers import cache, demo_dep_wheel, demo_spec, uv_calls, uv_log, write_spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -22,20 +22,6 @@ def wheels(tmp_path):
     d = tmp_path / "wheels"
     demo_dep_wheel(d, "1.0")
     return str(d)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    d = str(tmp_path / "cache")
-    monkeypatch.setenv("COMFY_ENV_CACHE_DIR", d)
-    return d
-
-
-@pytest.fixture
-def uv_log(tmp_path, monkeypatch):
-    wrapper, log = uv_wrapper(tmp_path, builder.find_uv())
-    monkeypatch.setenv(builder.UV_ENV_VAR, wrapper)
-    return log
 
 
 def version_in(env):
