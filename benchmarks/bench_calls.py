@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import identity  # noqa: E402  (importable by reference in every worker)
+from _common import cold_start, percentile  # noqa: E402
 
 from comfy_env import IsolatedExecutor  # noqa: E402
 
@@ -37,20 +38,6 @@ def _systems():
     except ImportError:
         print("loky not installed: skipped (pip install loky)", file=sys.stderr)
     return systems
-
-
-def _percentile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def cold_start(make):
-    t0 = time.perf_counter()
-    ex = make()
-    ex.submit(identity, 1).result()
-    dt = time.perf_counter() - t0
-    ex.shutdown()
-    return dt
 
 
 def main(argv=None):
@@ -89,7 +76,7 @@ def main(argv=None):
         rows.append({
             "system": name,
             "median_us": med * 1e6,
-            "p99_us": _percentile(ts, 0.99) * 1e6,
+            "p99_us": percentile(ts, 0.99) * 1e6,
             "ratio_to_ProcessPoolExecutor": med / base,
             "cold_start_ms": statistics.median(colds[name]) * 1e3,
             "calls": len(ts),

@@ -30,27 +30,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import identity  # noqa: E402
+from _common import label, parse_size  # noqa: E402
 
 from comfy_env import IsolatedExecutor, shared_like  # noqa: E402
 from comfy_env.ipc.arrays import INLINE_BYTES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(s):
-    s = s.strip().upper().rstrip("IB")
-    return int(s[:-1]) * UNITS[s[-1]] if s[-1] in UNITS else int(s)
-
-
-def label(n):
-    for u in ("G", "M", "K"):
-        if n >= UNITS[u] and n % UNITS[u] == 0:
-            return f"{n // UNITS[u]} {u}iB"
-    return f"{n} B"
-
-
 def timed(fn):
     t = time.perf_counter()
     out = fn()

@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import identity  # noqa: E402  (importable by reference in every worker)
+from _common import cold_start, percentile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -37,20 +38,6 @@ SETUPS = {
     "sandbox": lambda: IsolatedExecutor(sandbox=Sandbox()),
     "sandbox-list": lambda: IsolatedExecutor(sandbox=Sandbox(readable=[])),
 }
-
-
-def _p(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def start_time(make):
-    t0 = time.perf_counter()
-    ex = make()
-    ex.submit(identity, 1).result()
-    dt = time.perf_counter() - t0
-    ex.shutdown()
-    return dt
 
 
 def warm_calls(ex, n):
@@ -89,13 +76,13 @@ def main(argv=None):
     a[...] = 1.0
     per_round = max(1, args.starts // args.rounds)
     for k, make in SETUPS.items():          # warm-up: bwrap probe, page cache, imports
-        start_time(make)
+        cold_start(make)
     names = list(SETUPS)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]    # no set-up always goes first
         for _ in range(per_round):
             for k in order:
-                starts[k].append(start_time(SETUPS[k]))
+                starts[k].append(cold_start(SETUPS[k]))
         for k in order:
             with SETUPS[k]() as ex:
                 warm_calls(ex, 100)
@@ -105,9 +92,9 @@ def main(argv=None):
     for k in SETUPS:
         res[k] = {
             "warm_call_median_us": statistics.median(warm[k]) * 1e6,
-            "warm_call_p99_us": _p(warm[k], 0.99) * 1e6,
+            "warm_call_p99_us": percentile(warm[k], 0.99) * 1e6,
             "worker_start_median_ms": statistics.median(starts[k]) * 1e3,
-            "worker_start_p90_ms": _p(starts[k], 0.9) * 1e3,
+            "worker_start_p90_ms": percentile(starts[k], 0.9) * 1e3,
             "echo_64MiB_median_ms": statistics.median(echo[k]) * 1e3,
             "n_calls": len(warm[k]), "n_starts": len(starts[k]),
         }

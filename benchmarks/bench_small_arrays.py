@@ -22,13 +22,9 @@ import subprocess
 import sys
 import time
 
+from _common import parse_size  # this script's own directory is first on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-UNITS = {"K": 1 << 10, "M": 1 << 20}
-
-
-def parse_size(s):
-    s = s.strip().upper().rstrip("IB")
-    return int(s[:-1]) * UNITS[s[-1]] if s[-1] in UNITS else int(s)
 
 
 def child(sizes, calls):

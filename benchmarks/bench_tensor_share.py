@@ -33,27 +33,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import identity  # noqa: E402
+from _common import label, parse_size  # noqa: E402
 
 import comfy_env  # noqa: E402
 from comfy_env import IsolatedExecutor  # noqa: E402
 from comfy_env.ipc import arrays  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(s):
-    s = s.strip().upper().rstrip("IB")
-    return int(s[:-1]) * UNITS[s[-1]] if s[-1] in UNITS else int(s)
-
-
-def label(n):
-    for u in ("G", "M", "K"):
-        if n >= UNITS[u] and n % UNITS[u] == 0:
-            return f"{n // UNITS[u]} MiB".replace("MiB", {"G": "GiB", "M": "MiB", "K": "KiB"}[u])
-    return f"{n} B"
-
-
 def timed(ex, box, drop=False):
     """One echo of ``box[0]``; with ``drop`` the input is dropped inside the timed part
     (a loop that makes a tensor per call frees one per call too, whichever system it uses:

@@ -1,0 +1,42 @@
+"""Helpers the benchmark scripts share.
+
+Standard library only (plus :mod:`_bench_funcs`): a driver such as
+bench_small_arrays.py imports this before it picks which comfy_env tree to load.
+"""
+from __future__ import annotations
+
+import time
+
+from _bench_funcs import identity
+
+UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(s):
+    """``"64K"``, ``"16MiB"``, ``"1G"`` or a plain byte count -> bytes."""
+    s = s.strip().upper().rstrip("IB")
+    return int(s[:-1]) * UNITS[s[-1]] if s[-1] in UNITS else int(s)
+
+
+def label(n):
+    """Bytes -> ``"16 MiB"`` (the largest unit that divides ``n``), else ``"n B"``."""
+    for u in ("G", "M", "K"):
+        if n >= UNITS[u] and n % UNITS[u] == 0:
+            return f"{n // UNITS[u]} {u}iB"
+    return f"{n} B"
+
+
+def percentile(xs, q):
+    """The ``q`` quantile of ``xs`` (nearest rank, no interpolation)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def cold_start(make):
+    """Seconds from making an executor to the result of its first call (then shut down)."""
+    t0 = time.perf_counter()
+    ex = make()
+    ex.submit(identity, 1).result()
+    dt = time.perf_counter() - t0
+    ex.shutdown()
+    return dt
