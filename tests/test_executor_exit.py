@@ -16,6 +16,7 @@ import time
 import pytest
 
 from pythons import ALL_PYTHONS, run_script, script_env, user_python
+from procstate import proc_state
 
 HOLDERS = {
     # The README's first snippet: the result stays in a module global.
@@ -88,14 +89,6 @@ def test_calls_queued_when_the_script_ends_still_run_on_the_workers_there_are(py
     assert proc.stderr == ""
 
 
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
 CTRL_C = {
     "no-with": """
         ex = IsolatedExecutor()
@@ -151,9 +144,9 @@ def test_ctrl_c_during_a_long_call_exits_promptly_and_stops_the_workers(pyver, c
         proc.stdout.close()
         proc.stderr.close()
     end = time.monotonic() + 10
-    while _state(worker_pid) not in (None, "Z") and time.monotonic() < end:
+    while proc_state(worker_pid) not in (None, "Z") and time.monotonic() < end:
         time.sleep(0.05)
-    assert _state(worker_pid) in (None, "Z"), f"worker {worker_pid} outlived the script"
+    assert proc_state(worker_pid) in (None, "Z"), f"worker {worker_pid} outlived the script"
     if case != "during-exit":       # there the exit's own wait takes the interrupt, quietly
         assert "KeyboardInterrupt" in stderr
     assert "Exception ignored" not in stderr and "RuntimeError" not in stderr, stderr

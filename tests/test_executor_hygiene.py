@@ -14,27 +14,9 @@ import pytest
 
 import _funcs
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
+from procstate import proc_state, wait_gone
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def _state(pid):
-    """The process state letter from /proc (``Z``: zombie), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def _wait_gone(pids, timeout, zombie_ok=False):
-    """Wait until none of ``pids`` runs; returns those still there after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if _state(p) is not None and not (zombie_ok and _state(p) == "Z")]
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.02)
 
 
 def _children():
@@ -82,7 +64,7 @@ def test_leaving_a_with_block_leaves_no_process_and_no_zombie(tmp_path):
         assert sorted(pids) == ex.worker_pids()
         assert set(pids) <= set(_children())
     # Reaped, not only dead: a zombie would still be listed in /proc.
-    assert [_state(p) for p in pids] == [None, None, None]
+    assert [proc_state(p) for p in pids] == [None, None, None]
     assert not set(pids) & set(_children())
 
 
@@ -96,7 +78,7 @@ def test_crashed_and_timed_out_workers_are_reaped():
             dead.append(ex.submit(_funcs.getpid).result(15))
             assert isinstance(ex.submit(*call).exception(15), (WorkerCrashed, CallTimeout))
         # Gone from /proc, not a zombie: our child, so we reaped it.
-        assert _wait_gone(dead, 5) == []
+        assert wait_gone(dead, 5) == []
         assert ex.submit(_funcs.getpid).result(15) not in dead
 
 
@@ -110,7 +92,7 @@ def test_a_garbage_collected_executor_stops_its_workers():
     assert len(pids) == 2
     del ex
     gc.collect()
-    assert _wait_gone(pids, 10) == []
+    assert wait_gone(pids, 10) == []
 
 
 @pytest.mark.timeout(30)
@@ -125,7 +107,7 @@ def test_shutdown_without_wait_lets_running_calls_finish_then_stops_the_workers(
     assert not fut.done()
     gate.touch()
     assert fut.result(15) == "finished"
-    assert _wait_gone(pids, 10) == []
+    assert wait_gone(pids, 10) == []
 
 
 _PARENT_SCRIPT = """
@@ -154,12 +136,12 @@ def test_workers_exit_on_their_own_when_the_parent_is_sigkilled(tmp_path):
         line = parent.stdout.readline()
         pids = [int(p) for p in line.split()]
         assert len(pids) == 2, parent.stderr.read() if not line else line
-        assert all(_state(p) not in (None, "Z") for p in pids)
+        assert all(proc_state(p) not in (None, "Z") for p in pids)
         parent.kill()                       # SIGKILL: no atexit, no finalizer runs
         parent.wait(10)
         # The spec says about a second; allow for a loaded box.  Once they exit, the
         # orphans belong to init/a subreaper, which may not reap them: a zombie is gone.
-        assert _wait_gone(pids, 5, zombie_ok=True) == []
+        assert wait_gone(pids, 5, zombie_ok=True) == []
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -191,7 +173,7 @@ def test_a_parent_that_exits_without_shutdown_finishes_its_calls_and_leaves_noth
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
-    assert pids and _wait_gone(pids, 5, zombie_ok=True) == []
+    assert pids and wait_gone(pids, 5, zombie_ok=True) == []
 
 
 # -- file descriptors ----------------------------------------------------------------------
@@ -314,7 +296,7 @@ def test_no_thread_is_left_behind_once_the_workers_are_gone():
         assert [f.result(15) for f in [ex.submit(_funcs.add, i, 0) for i in range(4)]] == [0, 1, 2, 3]
         pids = ex.worker_pids()
         ex.shutdown(wait=wait)
-        assert _wait_gone(pids, 10) == []
+        assert wait_gone(pids, 10) == []
     end = time.monotonic() + 10
     while ours() - before and time.monotonic() < end:
         time.sleep(0.02)

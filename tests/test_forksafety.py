@@ -15,26 +15,7 @@ import pytest
 
 from comfy_env import IsolatedExecutor, WorkerCrashed
 from pythons import ALL_PYTHONS, run_script, script_env, user_python
-
-
-def _state(pid):
-    """The process state letter from /proc (``Z``: zombie), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def _wait_gone(pids, timeout):
-    """Wait until none of ``pids`` runs (a zombie counts as gone: orphans belong to init,
-    which may not reap them here); returns those still running after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if _state(p) not in (None, "Z")]
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.02)
+from procstate import proc_state, wait_gone
 
 
 def _kill(pids):
@@ -164,8 +145,8 @@ def test_a_fork_child_holds_no_fd_of_the_executor_and_workers_die_with_a_sigkill
         parent.kill()                   # SIGKILL: nothing runs in the parent
         parent.wait(10)
         # The fork child lives on; the worker must not.
-        assert _wait_gone([worker], 10) == []
-        assert _state(child) not in (None, "Z")
+        assert wait_gone([worker], 10, zombie_ok=True) == []
+        assert proc_state(child) not in (None, "Z")
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -243,7 +224,7 @@ def test_a_worker_holding_the_gil_in_c_dies_with_its_sigkilled_parent(pyver, tmp
         parent.kill()
         parent.wait(10)
         # About a second on an idle box (the call would hold it for 120 s); allow for load.
-        assert _wait_gone(pids, 10) == []
+        assert wait_gone(pids, 10, zombie_ok=True) == []
     finally:
         if parent.poll() is None:
             parent.kill()
