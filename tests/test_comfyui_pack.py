@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_stub"))
 import conftest_helpers  # noqa: E402
+from procstate import alive  # noqa: E402
 from pythons import ALL_PYTHONS  # noqa: E402
 
 conftest_helpers.setup_paths()
@@ -387,17 +388,9 @@ def test_prestart_then_exit_leaves_no_process(pyver, tmp_path):
     pids = [int(p) for p in proc.stdout.split()]
     assert pids
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
-    assert not [p for p in pids if _alive(p)]
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [p for p in pids if alive(p)]
 
 
 def test_prestart_waits_while_a_node_call_waits_for_its_worker():

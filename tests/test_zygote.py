@@ -17,6 +17,7 @@ import _funcs
 import _zygote_funcs as zf
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed, WorkerStartError
 from pythons import ALL_PYTHONS, run_script
+from procstate import alive
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zygotes are Linux-only")
 
@@ -125,10 +126,10 @@ def test_no_fd_or_process_outlives_the_executor():
     zpid, wpids = zygote_pid(ex), ex.worker_pids()
     ex.shutdown()
     deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in [zpid, *wpids]) \
+    while any(os.path.exists(f"/proc/{p}") and alive(p) for p in [zpid, *wpids]) \
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(p) for p in [zpid, *wpids])
+    assert not any(alive(p) for p in [zpid, *wpids])
     assert _fds() <= before
 
 
@@ -139,20 +140,12 @@ def test_after_shutdown_without_wait_the_zygote_exits_with_the_last_worker():
     zpid = zygote_pid(ex)
     fut = ex.submit(_funcs.sleep_then, 1.0, "done")
     ex.shutdown(wait=False)
-    assert _alive(zpid)
+    assert alive(zpid)
     assert fut.result() == "done"
     deadline = time.monotonic() + 10
-    while _alive(zpid) and time.monotonic() < deadline:
+    while alive(zpid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(zpid)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not alive(zpid)
 
 
 SIGKILLED = """
@@ -194,10 +187,10 @@ def test_a_sigkilled_parent_takes_the_zygote_and_its_workers_along(pyver, fork_c
         child, pids = pids[0], pids[1:]
     assert len(pids) == 3, (proc.stdout, proc.stderr)
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        assert [p for p in pids if _alive(p)] == []
+        assert [p for p in pids if alive(p)] == []
     finally:
         if fork_child:
             os.kill(child, signal.SIGKILL)
