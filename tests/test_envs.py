@@ -22,7 +22,7 @@ from comfy_env.envs import (
 )
 from comfy_env.envs import builder
 from comfy_env.envs.interpreters import find_interpreters
-from test_envs_helpers import demo_dep_wheel, make_wheel
+from test_envs_helpers import demo_dep_wheel, make_wheel, write_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,14 +50,6 @@ def cache_dir(tmp_path_factory):
 def _cache_env(cache_dir, monkeypatch):
     # resolve_env(path) and the CLI use the env var; keep them off the user's cache.
     monkeypatch.setenv("COMFY_ENV_CACHE_DIR", cache_dir)
-
-
-def write_spec(directory, body: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "comfy-env.toml")
-    with open(path, "w") as f:
-        f.write(textwrap.dedent(body).lstrip())
-    return path
 
 
 def demo_spec(tmp_path, wheels, version="1.0", name="demo", extra=""):
