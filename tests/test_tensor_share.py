@@ -294,3 +294,45 @@ def test_freeing_heap_allocations_of_moved_tensors_keeps_the_heap_sound(ex):
         assert all(int(j.sum()) == 7 * (n // 2) for j in junk)
     arrays._RELEASER.join()
     assert all(int(t[0]) == i % 251 and int(t[-1]) == i % 251 for i, t in keep)
+
+
+EXIT_SCRIPT = r'''
+import atexit, sys, torch
+sys.path.insert(0, sys.argv[1])
+import _dataplane_funcs as F
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import arrays
+
+ex = IsolatedExecutor(max_workers=1, name="exit")
+
+def at_exit():
+    # Late in exit a running thread may be frozen and none may start: still moved and freed.
+    t = torch.full((8 << 20,), 3, dtype=torch.uint8)
+    ok = arrays.move_storage(t.untyped_storage())
+    print("atexit", ok, arrays.shm.find_segment(t.data_ptr(), 1) is not None, t[5].item(),
+          flush=True)
+
+atexit.register(at_exit)
+fs = [ex.submit(F.echo, torch.full((64 << 20,), i, dtype=torch.uint8)) for i in range(4)]
+print("results", [f.result(timeout=60)[7].item() for f in fs], flush=True)
+# The script ends now, the last frees possibly still pending on the releaser.
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_exits_with_frees_pending_or_sends_at_exit_ends_cleanly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.join(os.path.dirname(here), "src")
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(script), here], capture_output=True, text=True,
+                       timeout=100, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "results [0, 1, 2, 3]" in p.stdout and "atexit True True 3" in p.stdout, (
+        p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
