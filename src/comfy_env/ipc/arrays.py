@@ -629,9 +629,9 @@ class _Releaser:
     slower than copying it, which frees that memory only when the caller drops the
     tensor.  The queue is bounded: a sender that outruns the releaser waits for it
     (back-pressure), so at most ``maxsize`` old allocations are pending at any time.
-    Where no thread may start (interpreter exit), or in a fork child (whose copy of
-    the queue may hold a lock of a thread that does not exist there), the memory is
-    freed inline, as before.
+    Where no thread may start (interpreter exit) the memory is freed inline, as
+    before.  A fork child starts with a fresh queue and no thread (its copy of the
+    parent's queue may hold a lock of a thread that does not exist there).
     """
 
     def __init__(self, maxsize=2):
