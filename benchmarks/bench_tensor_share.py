@@ -10,7 +10,8 @@ Rows (echo round trip ``submit(identity, x).result()``, median ms):
 * ``new tensor``   -- a fresh tensor each call (made outside the timed part);
 * ``numpy``        -- a numpy array echoed (must not change with this feature).
 
-Columns: comfy_env (default options), comfy_env with ``share_tensors_in_place=False``
+Columns: comfy_env (default options), comfy_env freeing a moved tensor's old memory inline
+(as before the releaser; when the tree has one), comfy_env with ``share_tensors_in_place=False``
 (when the tree has the option), ProcessPoolExecutor, loky.  Systems take turns rep by
 rep.  ``--crossover`` times a re-sent tensor of 64 KiB..4 MiB with moving forced on
 (``MOVE_MIN_BYTES = 0``) and off, to place the move threshold.
@@ -57,28 +58,53 @@ def timed(ex, box, drop=False):
     return dt
 
 
-def systems():
+class _FreeInline:
+    """comfy_env as it was before the releaser: a move frees the tensor's old memory
+    inside ``submit`` (the releaser's ``release`` swapped for an inline free around
+    this system's calls only, so both variants take turns in one run)."""
+
+    def __init__(self, ex):
+        self.ex = ex
+
+    def submit(self, *a):
+        rel = getattr(arrays, "_RELEASER", None)
+        if rel is None:
+            return self.ex.submit(*a)
+        rel.release = list.clear     # the storage in the box, freed by torch right here
+        try:
+            return self.ex.submit(*a)
+        finally:
+            del rel.release
+
+    def shutdown(self):
+        self.ex.shutdown()
+
+
+def systems(others=True):
     out = {"comfy_env": IsolatedExecutor(name="on")}
+    if hasattr(arrays, "_RELEASER"):
+        out["comfy_env free inline"] = _FreeInline(IsolatedExecutor(name="inline"))
     try:
         out["comfy_env off"] = IsolatedExecutor(name="off", share_tensors_in_place=False)
     except TypeError:           # a tree without the option (the "before" run)
         pass
-    out["ProcessPoolExecutor"] = ProcessPoolExecutor(1)
-    try:
-        from loky import get_reusable_executor
-        out["loky"] = get_reusable_executor(max_workers=1)
-    except ImportError:
-        pass
+    if others:
+        out["ProcessPoolExecutor"] = ProcessPoolExecutor(1)
+        try:
+            from loky import get_reusable_executor
+            out["loky"] = get_reusable_executor(max_workers=1)
+        except ImportError:
+            pass
     for ex in out.values():
         ex.submit(identity, 0).result()
     return out
 
 
-def run_rows(sizes, reps):
-    exs = systems()
+def run_rows(sizes, reps, others=True, cases=("same tensor", "new tensor", "numpy")):
+    exs = systems(others)
     rows = []
     for n in sizes:
-        for kind in ("same tensor", "new tensor", "numpy"):
+        for kind in cases:
             res = {k: [] for k in exs}
             same = {k: torch.randint(0, 255, (n,), dtype=torch.uint8) for k in exs}
             arr = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
@@ -146,6 +172,9 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1M,64M,256M")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--crossover", action="store_true")
+    ap.add_argument("--comfy-only", action="store_true",
+                    help="leave ProcessPoolExecutor and loky out (they take seconds at 256 MiB)")
+    ap.add_argument("--cases", default="same tensor,new tensor,numpy")
     ap.add_argument("--tag", default="after")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -156,14 +185,16 @@ def main(argv=None):
     if args.crossover:
         out["crossover"] = crossover(args.reps)
     else:
-        rows, names = run_rows([parse_size(s) for s in args.sizes.split(",")], args.reps)
+        rows, names = run_rows([parse_size(s) for s in args.sizes.split(",")], args.reps,
+                               not args.comfy_only, tuple(args.cases.split(",")))
         out["rows"] = rows
         print(f"\necho round trip, median ms ({os.cpu_count()} CPUs, torch {torch.__version__})")
-        print(f"{'case':>12}{'size':>9}" + "".join(f"{n:>21}" for n in names) + f"{'/PPE':>7}")
+        print(f"{'case':>12}{'size':>9}" + "".join(f"{n:>22}" for n in names)
+              + (f"{'/PPE':>7}" if "ProcessPoolExecutor" in names else ""))
         for r in rows:
             print(f"{r['case']:>12}{r['size']:>9}"
-                  + "".join(f"{r[n + '_ms']:>21.3f}" for n in names)
-                  + f"{r['ratio_to_ppe']:>7.2f}")
+                  + "".join(f"{r[n + '_ms']:>22.3f}" for n in names)
+                  + (f"{r['ratio_to_ppe']:>7.2f}" if r["ratio_to_ppe"] else ""))
     path = args.json or os.path.join(HERE, "results", f"tensor_share_{args.tag}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -226,3 +226,113 @@ def test_two_threads_sending_one_tensor_move_it_once(ex):
         th.join()
     assert delta(before)["moves"] == 1 and delta(before)["copies"] == 0
     assert all(torch.equal(o, torch.arange(N, dtype=torch.float32)) for o in out)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.timeout(60)
+def test_a_moved_tensors_old_memory_is_freed_on_the_releaser_not_the_senders_thread(
+        ex, monkeypatch):
+    import sys
+    import threading
+
+    freed = []
+    real = arrays._free
+
+    def spy(box):
+        # The box holds the only reference (getrefcount adds its own): emptying it is
+        # what frees the old memory, so this records where the free happens.
+        freed.append((threading.current_thread().name, box[0].nbytes(),
+                      sys.getrefcount(box[0])))
+        real(box)
+
+    monkeypatch.setattr(arrays, "_free", spy)
+    t = torch.arange(N, dtype=torch.float32)
+    ex.submit(F.echo, t).result(timeout=30)
+    arrays._RELEASER.join()
+    assert in_segment(t)
+    assert freed == [("comfy_env-releaser", 4 * N, 2)]
+    assert threading.current_thread().name != "comfy_env-releaser"
+
+
+@pytest.mark.timeout(120)
+def test_many_new_tensors_leak_neither_memory_nor_arena_blocks(ex):
+    big = 64 << 20                  # over glibc's mmap threshold: a free is an munmap
+    ex.submit(F.echo, torch.ones(big, dtype=torch.uint8)).result(timeout=30)
+    arrays._RELEASER.join()
+    gc.collect()
+    rss, users = _rss(), sum(r.users for r in list(lifetime.LEDGER._records.values()))
+    before = counts()
+    for i in range(16):
+        t = torch.full((big,), i, dtype=torch.uint8)
+        assert ex.submit(F.echo, t).result(timeout=30)[7].item() == i
+        del t
+    arrays._RELEASER.join()
+    gc.collect()
+    assert delta(before)["moves"] == 16
+    # 16 x 64 MiB were allocated and moved; neither the old memory nor the blocks stay.
+    assert _rss() - rss < 3 * big
+    F.settle(lambda: sum(r.users for r in list(lifetime.LEDGER._records.values())) <= users)
+
+
+@pytest.mark.timeout(120)
+def test_freeing_heap_allocations_of_moved_tensors_keeps_the_heap_sound(ex):
+    # After big frees glibc serves multi-MiB allocations from its heap, not mmap: the
+    # releaser gives their pages back before free() writes its bookkeeping there.
+    keep = []
+    for i in range(24):
+        n = (1 << 20) + (i % 5) * 777_777
+        t = torch.full((n,), i % 251, dtype=torch.uint8)
+        assert ex.submit(F.echo, t).result(timeout=30)[n - 1].item() == i % 251
+        if i % 3 == 0:
+            keep.append((i, t))
+        del t
+        junk = [torch.full((n // 2,), 7, dtype=torch.uint8) for _ in range(2)]
+        assert all(int(j.sum()) == 7 * (n // 2) for j in junk)
+    arrays._RELEASER.join()
+    assert all(int(t[0]) == i % 251 and int(t[-1]) == i % 251 for i, t in keep)
+
+
+EXIT_SCRIPT = r'''
+import atexit, sys, torch
+sys.path.insert(0, sys.argv[1])
+import _dataplane_funcs as F
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import arrays
+
+ex = IsolatedExecutor(max_workers=1, name="exit")
+
+def at_exit():
+    # Late in exit a running thread may be frozen and none may start: still moved and freed.
+    t = torch.full((8 << 20,), 3, dtype=torch.uint8)
+    ok = arrays.move_storage(t.untyped_storage())
+    print("atexit", ok, arrays.shm.find_segment(t.data_ptr(), 1) is not None, t[5].item(),
+          flush=True)
+
+atexit.register(at_exit)
+fs = [ex.submit(F.echo, torch.full((64 << 20,), i, dtype=torch.uint8)) for i in range(4)]
+print("results", [f.result(timeout=60)[7].item() for f in fs], flush=True)
+# The script ends now, the last frees possibly still pending on the releaser.
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_exits_with_frees_pending_or_sends_at_exit_ends_cleanly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.join(os.path.dirname(here), "src")
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(script), here], capture_output=True, text=True,
+                       timeout=100, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "results [0, 1, 2, 3]" in p.stdout and "atexit True True 3" in p.stdout, (
+        p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr

@@ -32,12 +32,14 @@ numpy's pickle (their elements are Python objects).  Torch dtypes go by name.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import pickle
+import queue
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .. import settings
+from .. import forksafe, settings
 from . import codec, lifetime, shm
 
 if TYPE_CHECKING:       # annotations only: importing comfy_env never imports numpy
@@ -547,9 +549,12 @@ def move_storage(storage):
     storage's deleter) until the storage is freed, then it goes back to the arena;
     the arena only ever trims free blocks.
 
-    The old memory is freed at once: the caller must not be computing on the storage
-    in another thread meanwhile, and raw-pointer exports made before (``t.numpy()``,
-    DLPack) are left pointing at freed memory -- ``share_memory_()`` has the same rules.
+    The old memory is no longer the storage's once this returns: it is freed on the
+    releaser thread (:class:`_Releaser`), not here, so the sender does not wait for
+    the unmapping of a big allocation.  The caller must not be computing on the
+    storage in another thread meanwhile, and raw-pointer exports made before
+    (``t.numpy()``, DLPack) are left pointing at freed memory -- ``share_memory_()``
+    has the same rules.
     The storage can no longer grow (``resize_`` past its size raises): the block is
     fixed-size, and the storage now has torch's non-resizable deleter-backed kind.
     """
@@ -575,11 +580,107 @@ def move_storage(storage):
             return False            # torch refused: nothing changed; the block goes back
         shm.STATS["moves"] += 1
         shm.STATS["moved_bytes"] += nbytes
-    # ``block`` now owns the old memory, freed when it goes.
+    # ``block`` now owns the old memory: the box holds its only reference, so the
+    # memory is freed where the releaser empties the box.
+    box = [block]
+    del block
+    _RELEASER.release(box)
     return True
 
 
 _move_lock = threading.Lock()
+
+
+def _free(box):
+    """Drop the storage in ``box`` (its only reference): torch frees its memory here.
+
+    Torch frees a storage with the GIL held, and unmapping a big allocation is mostly
+    giving back its pages: a free on another thread would still stall the sender's
+    Python for that long.  So the whole pages inside the allocation are given back
+    first with ``madvise(MADV_DONTNEED)`` through ctypes, which releases the GIL; the
+    contents are dead anyway (the data now lives in the arena block), and the memory
+    stays mapped and owned by the allocator, which then frees an empty range.
+    """
+    storage = box[0]
+    lo = -(-storage.data_ptr() // _PAGE) * _PAGE
+    hi = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
+    if _madvise is not None and hi - lo >= _MADVISE_MIN:
+        _madvise(lo, hi - lo, mmap.MADV_DONTNEED)     # best effort: on failure torch frees all
+    del storage
+    box.clear()
+
+
+_PAGE = mmap.PAGESIZE
+_MADVISE_MIN = 1 << 20          # below this the free is cheap: one call is not worth it
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.restype = ctypes.c_int
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mmap.MADV_DONTNEED  # noqa: B018 -- Linux/BSD only
+except (AttributeError, OSError):
+    _madvise = None
+
+
+class _Releaser:
+    """Frees the memory moved storages leave behind, on a thread of its own.
+
+    Freeing a big allocation (an munmap of every page) costs about as much as the copy
+    that moved it; done inside ``submit`` it would make a new tensor's first send
+    slower than copying it, which frees that memory only when the caller drops the
+    tensor.  The queue is bounded: a sender that outruns the releaser waits for it
+    (back-pressure), so at most ``maxsize`` old allocations are pending at any time.
+    Where no thread may start (interpreter exit) the memory is freed inline, as
+    before.  A fork child starts with a fresh queue and no thread (its copy of the
+    parent's queue may hold a lock of a thread that does not exist there).
+    """
+
+    def __init__(self, maxsize=2):
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+        self._queue = queue.Queue(maxsize)
+        self._thread = None
+
+    def release(self, box):
+        # At exit a daemon thread may already be frozen: never wait on it then.
+        if lifetime.exiting() or not self._running():
+            _free(box)
+            return
+        self._queue.put(box)            # blocks while maxsize boxes are pending
+
+    def _running(self):
+        if self._thread is not None and self._thread.is_alive():
+            return True
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                # A fresh queue: anything the old one still holds was never taken
+                # (no thread ran it) and is freed with it.
+                self._queue = queue.Queue(self._maxsize)
+                self._thread = lifetime.start_thread(
+                    self._run, "comfy_env-releaser", (self._queue,))
+            return self._thread is not None
+
+    @staticmethod
+    def _run(q):
+        while True:
+            box = q.get()
+            try:
+                _free(box)
+            finally:
+                del box
+                q.task_done()
+
+    def join(self):
+        """Wait until every pending allocation is freed."""
+        self._queue.join()
+
+    def _after_fork(self):
+        self._lock = threading.Lock()
+        self._queue = queue.Queue(self._maxsize)
+        self._thread = None
+
+
+_RELEASER = _Releaser()
+forksafe.on_fork_child(_RELEASER._after_fork)
 
 
 class TorchCPUPlane(_SegmentPlane):
