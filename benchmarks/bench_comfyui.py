@@ -180,7 +180,7 @@ def main():
     root = tempfile.mkdtemp(prefix="bench-comfyui-")
     cache = os.path.join(root, "cache")
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "load_at_start": os.getloadavg()}, "comfyui": tree}
+                       "load_at_start": os.getloadavg()}, "comfyui": os.path.relpath(tree, os.path.dirname(HERE))}
     try:
         # -- 1. per-node overhead
         base = make_base(root, ["ce_v1", "ce_local", "ce_probe"])

@@ -178,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="after")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    out = {"benchmark": "tensor share", "tag": args.tag, "comfy_env_src": comfy_env.__file__,
+    out = {"benchmark": "tensor share", "tag": args.tag, "comfy_env_src": os.path.relpath(comfy_env.__file__, os.path.dirname(HERE)),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "platform": platform.platform()},
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
