@@ -5,6 +5,9 @@ bench_small_arrays.py imports this before it picks which comfy_env tree to load.
 """
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 
 from _bench_funcs import identity
@@ -32,11 +35,27 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def cold_start(make):
-    """Seconds from making an executor to the result of its first call (then shut down)."""
+def cold_start(make, fn=identity, *args):
+    """Seconds from making an executor to the result of its first call, ``fn(*args)``
+    (default ``identity(1)``); the executor is shut down afterwards."""
+    args = args or ((1,) if fn is identity else ())
     t0 = time.perf_counter()
     ex = make()
-    ex.submit(identity, 1).result()
+    ex.submit(fn, *args).result()
     dt = time.perf_counter() - t0
     ex.shutdown()
     return dt
+
+
+def write_results(path, benchmark, rows, **extra):
+    """Write a benchmark's JSON (its name, the machine, the time, ``extra``, the rows)
+    to ``path``; returns what was written."""
+    out = {"benchmark": benchmark, **extra,
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "platform": platform.platform()},
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+    return out

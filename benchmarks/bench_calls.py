@@ -10,7 +10,6 @@ and p99 in microseconds, and the ratio to ProcessPoolExecutor; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import identity  # noqa: E402  (importable by reference in every worker)
-from _common import cold_start, percentile  # noqa: E402
+from _common import cold_start, percentile, write_results  # noqa: E402
 
 from comfy_env import IsolatedExecutor  # noqa: E402
 
@@ -87,14 +86,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['system']:<22}{r['median_us']:>12.1f}{r['p99_us']:>12.1f}"
               f"{r['ratio_to_ProcessPoolExecutor']:>10.2f}{r['cold_start_ms']:>16.1f}")
-    out = {"benchmark": "calls", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                            "platform": platform.platform()},
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
-    return out
+    return write_results(args.json, "calls", rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints medians; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_funcs import crash, hang, identity, import_torch  # noqa: E402
+from _common import cold_start, write_results  # noqa: E402
 
 from comfy_env import IsolatedExecutor  # noqa: E402
 
@@ -68,15 +68,6 @@ def _restart(ex, make):
         ex = make()
         ex.submit(import_torch).result()
     return time.perf_counter() - t0, ex
-
-
-def _cold(make):
-    t0 = time.perf_counter()
-    ex = make()
-    ex.submit(import_torch).result()
-    dt = time.perf_counter() - t0
-    ex.shutdown()
-    return dt
 
 
 def _restart_after_timeout(ex):
@@ -130,7 +121,7 @@ def main(argv=None):
     colds = {s: [] for s in systems}
     for _ in range(args.cold):
         for name, make in systems.items():
-            colds[name].append(_cold(make))
+            colds[name].append(cold_start(make, import_torch))
     timeouts = {}
     for name in systems:
         if name.startswith("comfy_env"):
@@ -161,15 +152,7 @@ def main(argv=None):
         print(f"{r['system']:<26}{r['__main__ fn us']:>16.1f}{r['__main__ fn vs PPE']:>8.2f}"
               f"{r['module fn us']:>14.1f}{r['module fn vs PPE']:>8.2f}{r['cold start ms']:>10.0f}"
               f"{r['restart after crash ms']:>10.0f}{'n/a' if t is None else format(t, '.0f'):>12}")
-    out = {"benchmark": "perf", "label": args.label,
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                       "platform": platform.platform()},
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
-    return out
+    return write_results(args.json, "perf", rows, label=args.label)
 
 
 if __name__ == "__main__":
