@@ -103,7 +103,8 @@ class IsolatedPack:
     """A custom-node pack whose node modules run in a worker in their own env."""
 
     def __init__(self, pack_dir, modules, env=None, *, name=None, module_name=None,
-                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto", sandbox=None):
+                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto", sandbox=None,
+                 preload=None):
         self.pack_dir = os.path.abspath(pack_dir)
         if not os.path.isdir(self.pack_dir):
             raise PackLoadError(f"comfy-env: pack directory {self.pack_dir!r} does not exist")
@@ -130,6 +131,10 @@ class IsolatedPack:
         self.call_timeout = call_timeout
         self.comfy_api = comfy_api
         self.sandbox = sandbox
+        if isinstance(preload, str):
+            raise TypeError(f"preload must be a list of module names, got the string "
+                            f"{preload!r} (write preload=[{preload!r}])")
+        self.preload = _default_preload(env) if preload is None else list(preload)
         from .worker_side import _package_name
         self._spec = {"pack_dir": self.pack_dir, "package": _package_name(self.pack_dir),
                       "modules": list(self.modules)}
@@ -137,7 +142,19 @@ class IsolatedPack:
         self._lock = threading.Lock()
         self._closed = False
         self._warm = False          # the worker has imported the pack (warm-up or a call)
+        self._creating = None       # an Event while start_early() constructs the executor
+        self.started_early = False  # by prestart_pack() (from the pack's prestartup_script.py)
+        # ComfyUI's folder configuration as the worker's initializer gets it; updated in
+        # place when it changes (the executor pickles initargs anew at each worker start).
+        self._host_folders = {}
         self.metadata_source = None        # "cache" or "worker", for tests and logs
+
+    def worker_options(self):
+        """What decides the worker a pack gets: two packs with equal options can share it."""
+        return {"pack_dir": self.pack_dir, "modules": self.modules, "env": self.env,
+                "name": self.name, "comfy_api": self.comfy_api,
+                "call_timeout": self.call_timeout, "sandbox": self.sandbox,
+                "preload": self.preload}
 
     # ------------------------------------------------------------------ metadata
     def metadata(self, keep_worker=False):
@@ -157,13 +174,22 @@ class IsolatedPack:
         try:
             # The worker that described the pack has imported it: it becomes the pack's
             # worker when the pack is to be pre-started (keep_worker), else it is
-            # stopped, so that a pack nobody uses costs nothing after start-up.
-            ex = self._make_executor()
-            try:
-                meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
-            except BaseException:
-                ex.shutdown(wait=True)
-                raise
+            # stopped, so that a pack nobody uses costs nothing after start-up.  A
+            # worker started early (prestart_pack) is the pack's worker already.
+            if self.started_early:
+                try:
+                    meta = self.executor().submit(_WORKER + "collect_metadata", self._spec).result()
+                except BaseException:
+                    self.shutdown(wait=False)       # the pack fails to load: no use for it
+                    raise
+                keep_worker, ex = False, None
+            else:
+                ex = self._make_executor()
+                try:
+                    meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
+                except BaseException:
+                    ex.shutdown(wait=True)
+                    raise
             if keep_worker and meta.get("nodes"):
                 with self._lock:
                     if self._executor is None and not self._closed:
@@ -187,6 +213,12 @@ class IsolatedPack:
         self.metadata_source = "worker"
         metadata_cache.store(self.name, key, meta)
         return meta
+
+    def cached_failure(self):
+        """The cached reason this pack's content failed to load before, or None."""
+        key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
+        meta = metadata_cache.load(self.name, key)
+        return meta.get("failed") if meta is not None and "failed" in meta else None
 
     def node_mappings(self, keep_worker=False):
         """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes.
@@ -228,6 +260,73 @@ class IsolatedPack:
         run reports it."""
         _prestart_queue().put(self)
 
+    def start_early(self):
+        """Start the worker now, in the background, and import the node modules there
+        (prestart_pack: ComfyUI runs prestartup scripts before it imports torch, so the
+        worker's start overlaps ComfyUI's own).  Returns at once; a failure is logged
+        once, and the pack's worker is then started the usual way."""
+        self.started_early = True
+        self._creating = threading.Event()
+        _register_for_exit(self)
+        threading.Thread(target=self._early, name=f"comfy-env-early-{self.name}",
+                         daemon=True).start()
+
+    def _early(self):
+        t0 = time.monotonic()
+        ex = None
+        try:
+            try:
+                # Outside the lock: building a separate env can take minutes, and
+                # shutdown() (at exit) must not wait for that.
+                ex = self._make_executor()
+            finally:
+                with self._lock:
+                    if ex is not None and not self._closed and self._executor is None:
+                        self._executor, ex = ex, None
+                    own = self._executor
+                self._creating.set()
+            if ex is not None:      # shut down meanwhile
+                ex.shutdown(wait=False)
+                return
+            own.submit(_WORKER + "warm_up", self._spec).result()
+            self._warm = True
+            _log.info("comfy-env: [%s] worker ready (started by prestartup_script.py, "
+                      "%.1f s)", self.name, time.monotonic() - t0)
+        except Exception as exc:
+            if self._closed:
+                return
+            if _raised_by_pack_code(exc):
+                # The pack's own code failed in a live worker: loading the pack
+                # reports it (and caches it); one report is enough.
+                _log.debug("comfy-env: [%s] early worker: the pack failed to import: %s: %s",
+                           self.name, type(exc).__name__, exc)
+                return
+            _log.warning("comfy-env: [%s] starting the worker early (prestartup_script.py) "
+                         "failed: %s: %s; it is started when the pack loads instead",
+                         self.name, type(exc).__name__, exc)
+            with self._lock:
+                broken, self._executor = self._executor, None
+            if broken is not None:
+                broken.shutdown(wait=False)
+
+    def adopt_host_state(self):
+        """ComfyUI has loaded the pack: what the early worker was started with may have
+        changed since (other packs add model folders; --temp-directory is applied
+        later).  The running worker and any later one get ComfyUI's folders as they
+        are now."""
+        snap = _folder_paths_snapshot()
+        if snap is None or snap == self._host_folders:
+            return
+        _replace(self._host_folders, snap)
+        ex = self._executor
+        if ex is None:
+            return
+        try:
+            fut = ex.submit(_WORKER + "configure_folder_paths", snap)
+        except Exception:
+            return          # no worker: the next one starts with the new state
+        fut.add_done_callback(_log_refresh_failure)
+
     def _warm_up(self):
         t0 = time.monotonic()
         try:
@@ -249,21 +348,27 @@ class IsolatedPack:
         except ImportError as exc:
             raise PackLoadError(f"comfy-env's executor is not importable: {exc}") from exc
         hub = sidechannel.hub()
+        _replace(self._host_folders, _folder_paths_snapshot() or {})
         kwargs = dict(initializer=_initializer_ref(),
                       initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
-                                _folder_paths_snapshot(), _host_cli_args()),
+                                self._host_folders, _host_cli_args()),
                       call_timeout=self.call_timeout)
         params = inspect.signature(IsolatedExecutor).parameters
         if "name" in params:
             kwargs["name"] = self.name       # worker output is logged under this name
         if "worker_output" in params:
             kwargs["worker_output"] = "logging"     # ComfyUI's console and log view read logging
+        if self.preload and "preload" in params:
+            kwargs["preload"] = self.preload        # workers fork from a zygote (below)
         # A sandboxed worker must still see the pack and the progress socket's directory.
         from ..sandbox import for_pack
         env, kwargs["sandbox"] = for_pack(self.env, self.sandbox, self.pack_dir, hub.address)
         return IsolatedExecutor(env, 1, **kwargs)
 
     def executor(self):
+        creating = self._creating
+        if creating is not None:
+            creating.wait()         # start_early() is constructing it: one executor only
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
@@ -392,6 +497,40 @@ class IsolatedPack:
                 raise mm.InterruptProcessingException() from exc
             exc = named_like_original(exc)
             raise with_worker_frames(exc) from exc.__cause__
+
+
+def _default_preload(env):
+    """What a pack's zygote imports when the pack doesn't say (``preload=None``).
+
+    With ``env=None`` the worker runs ComfyUI's interpreter, which has torch: workers
+    fork from a zygote that has imported it, so a worker that replaces one killed
+    after an interrupt or a crash skips that import.  Only torch: ComfyUI's own
+    ``comfy`` modules read ComfyUI's command line and probe the GPU when imported
+    (``comfy.model_management`` initialises CUDA where there is one), and a process
+    that has touched CUDA cannot fork workers that use it; the pack's node modules
+    may do anything at import.  A separate env may have no torch at all: no zygote
+    unless the pack names what to preload."""
+    if env is not None:
+        return []
+    import importlib.util
+    try:
+        return ["torch"] if importlib.util.find_spec("torch") is not None else []
+    except (ImportError, ValueError):
+        return []
+
+
+def _replace(d, new):
+    """Make ``d`` equal to ``new`` without ever leaving it empty (another thread may be
+    pickling it for a worker start)."""
+    d.update(new)
+    for k in [k for k in d if k not in new]:
+        del d[k]
+
+
+def _log_refresh_failure(fut):
+    exc = fut.exception()
+    if exc is not None:
+        _log.debug("comfy-env: updating a worker's folder configuration failed: %s", exc)
 
 
 def _drain(q, timeout):

@@ -26,7 +26,7 @@ import types
 from . import encoding
 
 __all__ = ["initialize", "collect_metadata", "call_node", "drop_instance", "in_worker",
-           "warm_up"]
+           "warm_up", "configure_folder_paths"]
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
 
@@ -132,6 +132,12 @@ class _ShimGapFinder:
 
     def invalidate_caches(self):
         pass
+
+
+def configure_folder_paths(snapshot):
+    """ComfyUI's folder configuration changed after this worker started (see
+    IsolatedPack.adopt_host_state): the shim's copy follows it."""
+    _configure_folder_paths(snapshot)
 
 
 def _configure_folder_paths(snapshot):
