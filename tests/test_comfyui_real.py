@@ -234,14 +234,24 @@ def test_interrupt(comfy, node):
     assert worker_pid(comfy, seed=hash(node) % 1000 + 1) == before
 
 
+def ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
 def test_crashing_node_fails_and_the_next_run_gets_a_new_worker(comfy):
     before = worker_pid(comfy, seed=11)
+    zygote = ppid(before)
     _, _, last = run(comfy, {"1": h.api_node("CE_Crash", seed=1), "2": probe(["1", 0])})
     assert last["type"] == "execution_error"
     assert "WorkerCrashed" in last["data"]["exception_type"]
     assert "SIGKILL" in last["data"]["exception_message"] or "-9" in last["data"]["exception_message"]
     after = worker_pid(comfy, seed=12)
     assert after != before and not h.alive(before)
+    # env=None: the new worker was forked from the pack's zygote (it preloads torch),
+    # the same one as before, instead of starting from scratch.
+    assert zygote != comfy.proc.pid and ppid(zygote) == comfy.proc.pid
+    assert ppid(after) == zygote
 
 
 def test_failed_pack_is_reported_briefly(comfy):

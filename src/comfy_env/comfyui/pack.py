@@ -144,6 +144,7 @@ class IsolatedPack:
         self._warm = False          # the worker has imported the pack (warm-up or a call)
         self._creating = None       # an Event while start_early() constructs the executor
         self.started_early = False  # by prestart_pack() (from the pack's prestartup_script.py)
+        self._prestarted = False    # pre-started (either way): a killed worker is replaced at once
         # ComfyUI's folder configuration as the worker's initializer gets it; updated in
         # place when it changes (the executor pickles initargs anew at each worker start).
         self._host_folders = {}
@@ -258,6 +259,7 @@ class IsolatedPack:
         comes first starts its pack's worker itself, and no further pack is
         pre-started while it waits.  A failure here is only logged; the first node
         run reports it."""
+        self._prestarted = True
         _prestart_queue().put(self)
 
     def start_early(self):
@@ -265,7 +267,7 @@ class IsolatedPack:
         (prestart_pack: ComfyUI runs prestartup scripts before it imports torch, so the
         worker's start overlaps ComfyUI's own).  Returns at once; a failure is logged
         once, and the pack's worker is then started the usual way."""
-        self.started_early = True
+        self.started_early = self._prestarted = True
         self._creating = threading.Event()
         _register_for_exit(self)
         threading.Thread(target=self._early, name=f"comfy-env-early-{self.name}",
@@ -413,7 +415,8 @@ class IsolatedPack:
             try:
                 self._wait(ch, fut, mm)
             except mm.InterruptProcessingException:
-                self._stop(ch, fut)
+                if self._stop(ch, fut):
+                    self._rewarm()
                 raise
             self._warm = True
             return self._result(fut, mm)
@@ -458,30 +461,39 @@ class IsolatedPack:
             hook(value, total, preview, node_id=node_id)
 
     def _stop(self, ch, fut):
-        """The host was interrupted: stop the worker's call, by killing it if need be."""
+        """The host was interrupted: stop the worker's call, by killing it if need be.
+        True when the worker was killed."""
         ch.interrupt()
         deadline = time.monotonic() + self.interrupt_grace
         while not fut.done() and time.monotonic() < deadline:
             time.sleep(_POLL_S)
-        if fut.done():
-            return
-        if fut.cancel():
-            return          # never started
+        if fut.done() or fut.cancel():      # stopped by itself, or never started
+            return False
         pid = ch.pid
         if pid is None:
             ch.started.wait(max(0.0, deadline - time.monotonic()) + 1.0)
             pid = ch.pid
-        if pid is not None and not fut.done():
-            _log.warning("comfy-env: [%s] node did not stop %.1fs after the interrupt; "
-                         "killing its worker (pid %d)", self.name, self.interrupt_grace, pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                fut.exception(timeout=_KILL_WAIT_S)
-            except Exception:
-                pass
+        if pid is None or fut.done():
+            return False
+        _log.warning("comfy-env: [%s] node did not stop %.1fs after the interrupt; "
+                     "killing its worker (pid %d)", self.name, self.interrupt_grace, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            fut.exception(timeout=_KILL_WAIT_S)
+        except Exception:
+            pass
+        return True
+
+    def _rewarm(self):
+        """The worker was killed or died: start its replacement now, in the background,
+        like the pre-start did (a fork of the zygote with env=None), rather than when
+        the next node runs."""
+        self._warm = False
+        if self._prestarted and not self._closed:
+            _prestart_queue().put(self)
 
     def _result(self, fut, mm):
         try:
@@ -495,6 +507,8 @@ class IsolatedPack:
                 # The worker's own (shim) class when the host can't map it to ComfyUI's.
                 mm.interrupt_current_processing(False)
                 raise mm.InterruptProcessingException() from exc
+            if _worker_died(exc):
+                self._rewarm()
             exc = named_like_original(exc)
             raise with_worker_frames(exc) from exc.__cause__
 
@@ -572,6 +586,14 @@ def _executing_context():
     if ctx is None:
         return None
     return (ctx.prompt_id, ctx.node_id, ctx.list_index)
+
+
+def _worker_died(exc):
+    try:
+        from comfy_env.errors import WorkerCrashed
+    except ImportError:
+        return False
+    return isinstance(exc, WorkerCrashed)
 
 
 def _raised_by_pack_code(exc):
