@@ -399,6 +399,10 @@ def test_prestart_waits_while_a_node_call_waits_for_its_worker():
 
     class FakePack:
         _warm = False
+        _closed = False
+        started_early = False
+        _executor = None
+        _start_in_background = IsolatedPack._start_in_background
 
         def __init__(self):
             self.started = threading.Event()

@@ -183,6 +183,7 @@ class IsolatedPack:
                 except BaseException:
                     self.shutdown(wait=False)       # the pack fails to load: no use for it
                     raise
+                self._warm = True           # it has imported the pack to describe it
                 keep_worker, ex = False, None
             else:
                 ex = self._make_executor()
@@ -263,30 +264,45 @@ class IsolatedPack:
         _prestart_queue().put(self)
 
     def start_early(self):
-        """Start the worker now, in the background, and import the node modules there
+        """Start the worker in the background and import the node modules there
         (prestart_pack: ComfyUI runs prestartup scripts before it imports torch, so the
-        worker's start overlaps ComfyUI's own).  Returns at once; a failure is logged
-        once, and the pack's worker is then started the usual way."""
+        worker's start overlaps ComfyUI's own).  Returns at once.  Early starts share
+        the pre-start thread with prestart(): one worker starts at a time, so that on a
+        small machine they don't all slow ComfyUI's start (and each other) at once.  A
+        failure is logged once, and the pack's worker is then started the usual way."""
         self.started_early = self._prestarted = True
-        self._creating = threading.Event()
         _register_for_exit(self)
-        threading.Thread(target=self._early, name=f"comfy-env-early-{self.name}",
-                         daemon=True).start()
+        _prestart_queue().put(self)
+
+    def _start_in_background(self):
+        """The pre-start thread's turn for this pack."""
+        if self._warm or self._closed:
+            return
+        if self.started_early and self._executor is None:
+            self._early()
+        else:
+            self._warm_up()
 
     def _early(self):
         t0 = time.monotonic()
+        with self._lock:
+            if self._closed or self._executor is not None:
+                return
+            creating = self._creating = threading.Event()
         ex = None
         try:
             try:
                 # Outside the lock: building a separate env can take minutes, and
-                # shutdown() (at exit) must not wait for that.
+                # shutdown() (at exit) must not wait for that; executor() waits for
+                # ``creating`` instead, so there is one executor.
                 ex = self._make_executor()
             finally:
                 with self._lock:
                     if ex is not None and not self._closed and self._executor is None:
                         self._executor, ex = ex, None
                     own = self._executor
-                self._creating.set()
+                    self._creating = None
+                creating.set()
             if ex is not None:      # shut down meanwhile
                 ex.shutdown(wait=False)
                 return
@@ -368,16 +384,17 @@ class IsolatedPack:
         return IsolatedExecutor(env, 1, **kwargs)
 
     def executor(self):
-        creating = self._creating
-        if creating is not None:
-            creating.wait()         # start_early() is constructing it: one executor only
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
-            if self._executor is None:
-                self._executor = self._make_executor()
-                _register_for_exit(self)
-            return self._executor
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
+                creating = self._creating
+                if creating is None:
+                    if self._executor is None:
+                        self._executor = self._make_executor()
+                        _register_for_exit(self)
+                    return self._executor
+            creating.wait()         # _early() is constructing it: one executor only
 
     def shutdown(self, wait=True):
         with self._lock:
@@ -625,8 +642,7 @@ def _prestart_loop(q):
     while True:
         pack = q.get()
         _cold_calls.wait_idle()
-        if not pack._warm:
-            pack._warm_up()
+        pack._start_in_background()
 
 
 class _ColdCalls:
