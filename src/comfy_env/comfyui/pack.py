@@ -138,6 +138,7 @@ class IsolatedPack:
         from .worker_side import _package_name
         self._spec = {"pack_dir": self.pack_dir, "package": _package_name(self.pack_dir),
                       "modules": list(self.modules)}
+        self._link_id = sidechannel.SideChannelHub.new_link_id()
         self._executor = None
         self._lock = threading.Lock()
         self._closed = False
@@ -368,7 +369,7 @@ class IsolatedPack:
         hub = sidechannel.hub()
         _replace(self._host_folders, _folder_paths_snapshot() or {})
         kwargs = dict(initializer=_initializer_ref(),
-                      initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
+                      initargs=(self.name, self.comfy_api, (hub.address, hub.authkey, self._link_id),
                                 self._host_folders, _host_cli_args()),
                       call_timeout=self.call_timeout)
         params = inspect.signature(IsolatedExecutor).parameters
@@ -420,7 +421,7 @@ class IsolatedPack:
         for name in drop:
             if name in kwargs:
                 kwargs[name] = None
-        ch = sidechannel.hub().open_call()
+        ch = sidechannel.hub().open_call(self._link_id)
         cold = not self._warm
         if cold:
             _cold_calls.enter()     # pre-starts of other packs wait: they'd slow this one
@@ -455,10 +456,13 @@ class IsolatedPack:
             if done:
                 break
         # The result and the side channel are different sockets: progress (even the
-        # "start") may still be in flight when the result is here.  The worker sends
-        # "end" before returning, and a dead worker's connection closing sets it too,
-        # so this wait is normally immediate; it is bounded in case the link broke.
-        ch.ended.wait(1.0)
+        # "start") may still be in flight when the result is here.  A call that
+        # reported progress says so in its result, and its worker sends "end" before
+        # returning (a dead worker's connection closing sets it too), so this wait is
+        # normally immediate; it is bounded in case the link broke.  A call that
+        # reported none sent nothing to wait for.
+        if _progressed(fut, ch):
+            ch.ended.wait(1.0)
         try:
             for msg in _coalesce(_drain(ch.queue, timeout=0), first):
                 self._relay(msg)
@@ -487,8 +491,9 @@ class IsolatedPack:
         if fut.done() or fut.cancel():      # stopped by itself, or never started
             return False
         pid = ch.pid
-        if pid is None:
-            ch.started.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+        wait_until = max(deadline, time.monotonic()) + 1.0
+        while pid is None and not fut.done() and time.monotonic() < wait_until:
+            time.sleep(_POLL_S)         # the worker has not said hello yet
             pid = ch.pid
         if pid is None or fut.done():
             return False
@@ -514,7 +519,7 @@ class IsolatedPack:
 
     def _result(self, fut, mm):
         try:
-            return fut.result()
+            return fut.result()[2]          # (RESULT_TAG, progressed, value)
         except mm.InterruptProcessingException:
             # The node noticed the interrupt itself: ComfyUI's flag may still be set.
             mm.interrupt_current_processing(False)
@@ -603,6 +608,16 @@ def _executing_context():
     if ctx is None:
         return None
     return (ctx.prompt_id, ctx.node_id, ctx.list_index)
+
+
+def _progressed(fut, ch):
+    """Whether the finished call reported progress (so its "end" is to be waited for)."""
+    exc = fut.exception()
+    if exc is None:
+        return bool(fut.result()[1])
+    # Set by the worker; a type that lost it on the way (a stand-in) falls back to
+    # whether a "start" arrived.
+    return bool(getattr(exc, "_comfy_env_progressed", ch.started.is_set()))
 
 
 def _worker_died(exc):

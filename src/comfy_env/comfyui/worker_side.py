@@ -60,10 +60,11 @@ def initialize(pack_name, comfy_mode="auto", sidechannel=None, folder_paths_snap
     import comfy.utils
     if sidechannel is not None:
         from .sidechannel import WorkerLink
-        address, authkey = sidechannel
+        address, authkey = sidechannel[:2]
         _link = WorkerLink(address, authkey,
                            on_interrupt=lambda: mm.interrupt_current_processing(True),
-                           clear_interrupt=lambda: mm.interrupt_current_processing(False))
+                           clear_interrupt=lambda: mm.interrupt_current_processing(False),
+                           link_id=sidechannel[2] if len(sidechannel) > 2 else None)
     # Before any node code runs: a ProgressBar copies the global hook when built.
     comfy.utils.set_progress_bar_global_hook(_forwarding_hook)
 
@@ -391,6 +392,9 @@ def warm_up(spec):
 
 # ---------------------------------------------------------------------------- calls
 
+RESULT_TAG = "comfy-env-node-result"    # call_node's result: (tag, progressed, value)
+
+
 def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=None,
               hidden=None):
     """Run ``method`` of node ``key`` on the class (instance_id None) or an instance.
@@ -419,7 +423,8 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
         if obj is None:
             obj = _instances[instance_id] = cls()
         target = getattr(obj, method)
-    if _link is not None and token is not None:
+    linked = _link is not None and token is not None
+    if linked:
         _link.begin(token)
     try:
         with _executing(context):
@@ -429,11 +434,19 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
                 # in a context that still knows the executing node.
                 result = asyncio.run(_await(result))
         if v3 and method == "execute":
-            return _v3_output(result)
+            result = _v3_output(result)
+    except BaseException as exc:
+        if linked:
+            progressed = _link.end(token)
+            try:
+                # The host waits for the call's "end" only if it reported progress.
+                exc._comfy_env_progressed = progressed
+            except Exception:
+                pass        # an exception that takes no attributes: the host guesses
+        raise
+    if token is None:
         return result
-    finally:
-        if _link is not None and token is not None:
-            _link.end(token)
+    return (RESULT_TAG, _link.end(token) if linked else False, result)
 
 
 def _hidden_inputs(hidden):
