@@ -1,25 +1,36 @@
 """comfy-env's ComfyUI adapter in the real ComfyUI: per-node overhead, first run, start time.
 
     COMFYUI_DIR=../shared/comfyui python benchmarks/bench_comfyui.py [--prompts 15] [--starts 3]
+        [--parts overhead,starts,restart]
 
 ComfyUI and its python are found as tests/comfyui_harness.py says (COMFYUI_DIR,
 COMFYUI_PYTHON, or the cached venv of make-venv.sh).  Packs: tests/comfyui_real_packs.
 
-1. Per-node overhead.  Prompts ``EmptyImage -> Tick0 -> X -> Tick1``: the Tick nodes
-   (ordinary in-process nodes) report ``perf_counter_ns`` when they run, so
-   ``Tick1 - Tick0`` is X's run plus ComfyUI's own per-node bookkeeping.  X is the
+1. Per-node overhead (``--parts overhead``).  Prompts ``EmptyImage -> Tick0 -> X -> Tick1``:
+   the Tick nodes (ordinary in-process nodes) report ``perf_counter_ns`` when they run,
+   so ``Tick1 - Tick0`` is X's run plus ComfyUI's own per-node bookkeeping.  X is the
    isolated node (ce_v1, env=None) or the same class loaded in-process (ce_local); the
    overhead is the difference of the medians.  X: a scalar node (``Add``), and a node
-   that returns its image (``Passthrough``) at 512² and 2048²; every prompt changes a
-   seed so ComfyUI's cache never answers.  The two variants alternate prompt by prompt.
-   Reference: one single-threaded copy of the image's bytes (numpy ``copyto`` into
-   memory already touched), in this process.
-2. First node run after ComfyUI reports ready (``/system_stats`` answers): a prompt
-   ``Tick0 -> Add -> Tick1`` is queued at once; ``Tick1 - Tick0`` with the worker
-   pre-started (default) and without (``COMFY_ENV_PRESTART=0``), for the pack ComfyUI
-   loaded first and the one it loaded last (pre-start warms packs in load order).
+   that returns its image (``Passthrough``) at 512² and 2048², with a new image each
+   prompt (EmptyImage's color changes: the tensor is new, as an upstream node's output
+   is in a real workflow) and with the same image object again (ComfyUI's cache
+   answered EmptyImage: the tensor already lives in shared memory); every prompt
+   changes a seed so ComfyUI's cache never answers X.  The two variants alternate
+   prompt by prompt.  Reference: one single-threaded copy of the image's bytes (numpy
+   ``copyto`` into memory already touched), in this process.
+2. First node run after ComfyUI reports ready (``--parts starts``; ``/system_stats``
+   answers): a prompt ``Tick0 -> Add -> Tick1`` is queued at once; ``Tick1 - Tick0``
+   with the worker started by the pack's ``prestartup_script.py`` (``prestart_pack``),
+   pre-started after the pack loads (no prestartup script), and not pre-started
+   (``COMFY_ENV_PRESTART=0``), for the pack ComfyUI loaded first and the one it loaded
+   last (3 packs); modes interleaved.  Also the memory (RSS, PSS) of the workers and
+   zygotes after one node run.
 3. ComfyUI start (process start to ``/system_stats``) with 0 and 3 isolated packs
-   (metadata cached, as on every start after the first), with and without pre-start.
+   (metadata cached, as on every start after the first) in each of those modes.
+4. Next node run after an interrupt kill (``--parts restart``): a node that ignores
+   the interrupt has its worker killed (grace 0.2 s), then ``Tick0 -> Add -> Tick1``
+   runs at once, or after a 3 s pause; with the zygote (default ``preload``) and
+   without (``preload=[]``).
 
 Writes a table and benchmarks/results/comfyui.json.  Medians; no figure is asserted.
 """

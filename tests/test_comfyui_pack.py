@@ -587,3 +587,43 @@ def test_env_none_workers_fork_from_a_zygote_that_preloads_torch(tmp_path):
         assert new != pid and ex._pool.zygote._proc.pid == ppid    # forked by the same zygote
     finally:
         pack.shutdown()
+
+
+def test_adopted_worker_gets_comfyuis_folders_as_they_are_at_load(tmp_path, monkeypatch):
+    # The early worker started before other packs added folders (or --temp-directory
+    # was applied): adopting it updates the running worker and any replacement.
+    import types
+    from comfy_env.comfyui import isolated_nodes, prestart_pack
+    fp = types.ModuleType("folder_paths")
+    fp.output_directory = str(tmp_path / "early")
+    fp.folder_names_and_paths = {}
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    prestart_pack(str(pack_dir), "nodes", comfy_api="shim")
+    from comfy_env.comfyui import early
+    started = early._early[str(pack_dir)]
+    _wait_for_worker(started)
+    ask = "folder_paths:get_output_directory"
+    assert started._executor.submit(ask).result() == str(tmp_path / "early")
+    fp.output_directory = str(tmp_path / "loaded")
+    fp.folder_names_and_paths = {"loras": ([str(tmp_path / "loras")], {".safetensors"})}
+    classes, _ = isolated_nodes(str(pack_dir), "nodes", comfy_api="shim")
+    pack = classes["MixedV1"]._comfy_env_pack
+    try:
+        assert pack is started
+        assert pack._executor.submit(ask).result() == str(tmp_path / "loaded")
+        assert pack._executor.submit("folder_paths:get_folder_paths", "loras").result() == \
+            [str(tmp_path / "loras")]
+        [pid] = pack._executor.worker_pids()
+        os.kill(pid, signal.SIGKILL)              # a replacement starts from initargs
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                got = pack._executor.submit(ask).result()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        assert got == str(tmp_path / "loaded") and pack._executor.worker_pids() != [pid]
+    finally:
+        pack.shutdown()

@@ -6,13 +6,19 @@ In the pack's ``__init__.py``::
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = isolated_nodes(
         __file__, "nodes", env="comfy-env.toml")
 
-ComfyUI then sees proxy classes (same inputs, outputs, widgets, categories, ...)
+and optionally, with the same arguments, in its ``prestartup_script.py``::
+
+    from comfy_env.comfyui import prestart_pack
+    prestart_pack(__file__, "nodes", env="comfy-env.toml")
+
+(the worker then starts while ComfyUI starts).  ComfyUI then sees proxy classes (same inputs, outputs, widgets, categories, ...)
 whose calls run the real node code in a worker process of that env.  See
 docs/comfyui.md for the behaviour (progress, interrupts, errors, caching) and
 limits.  Nothing here imports ComfyUI at import time; ``comfy.*`` is imported when
 a node runs, so this module is safe to import anywhere.
 
-Modules: pack.py (host side of a pack), proxy.py (proxy classes), worker_side.py
+Modules: pack.py (host side of a pack), early.py (workers started by prestartup
+scripts until their pack loads), proxy.py (proxy classes), worker_side.py
 (what runs in the worker), sidechannel.py (progress / interrupt while a call runs),
 metadata_cache.py, encoding.py, errors.py, shim/ (a minimal ``comfy`` for workers).
 """

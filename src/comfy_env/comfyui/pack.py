@@ -2,17 +2,22 @@
 
 Life of a pack::
 
+    prestart_pack(__file__, "nodes", env=...)          (optional: the pack's
+      -> IsolatedPack.start_early() (early.py)          prestartup_script.py, run
+         the worker starts on the pre-start thread      before ComfyUI imports torch)
     isolated_nodes(__file__, "nodes", env=...)         (ComfyUI imports the pack)
+      -> early.adopt(): the early pack if its worker options are the same
       -> IsolatedPack.node_mappings()
            metadata: cache hit (no worker) | worker: collect_metadata -> cache
                      (a failure of the pack's code is cached too)
            proxy classes (proxy.py: V1 classes, V3 io.ComfyNode subclasses)
              -> NODE_CLASS_MAPPINGS for ComfyUI
-      -> prestart(): the worker starts in the background (one pack at a time) and
-         imports the node modules (worker_side.warm_up)
+      -> prestart() (unless started early): the worker starts in the background
+         (one pack at a time) and imports the node modules (worker_side.warm_up)
     ComfyUI runs a node: proxy method -> IsolatedPack.call()
-      -> executor (pre-started, else created on first call; one worker; replaced
-         after a crash)
+      -> executor (started early or pre-started, else created on first call; one
+         worker, forked from a zygote with env=None; replaced after a crash or an
+         interrupt kill, and re-warmed at once if the pack was pre-started)
            submit(worker_side:call_node, ..., token)   result/exception via the future
       -> while it runs, in the calling (ComfyUI execution) thread:
            side-channel progress -> ComfyUI's global progress hook (node id, previews)
