@@ -529,11 +529,12 @@ PRESTART_PACK_EXIT_SCRIPT = textwrap.dedent("""
     sys.path[:0] = {paths!r}
     from comfy_env.comfyui import early, prestart_pack
     prestart_pack({pack!r}, "nodes")
-    print("torch imported:", "torch" in sys.modules, flush=True)
     pack = early._early[{pack!r}]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (pack._executor and pack._executor.worker_pids()):
         time.sleep(0.02)
+    # The worker is up: nothing in this process imported torch for it.
+    print("torch imported:", "torch" in sys.modules, flush=True)
     ex = pack._executor
     z = getattr(ex._pool, "zygote", None)
     print(*ex.worker_pids(), *([z._proc.pid] if z is not None and z._proc else []), flush=True)
