@@ -78,6 +78,9 @@ def test_cache_key_covers_sources_and_env_spec(tmp_path):
     k3 = metadata_cache.pack_key(str(pack_dir), ["nodes"], _env_fingerprint(str(spec)))
     k4 = metadata_cache.pack_key(str(pack_dir), ["nodes", "more"], _env_fingerprint(str(spec)))
     assert k1 != k2 and k2 == k3 and k3 != k4
+    # The prestartup script is host-only: adding one keeps the cached node definitions.
+    (pack_dir / "prestartup_script.py").write_text("from comfy_env.comfyui import prestart_pack\n")
+    assert metadata_cache.pack_key(str(pack_dir), ["nodes"], _env_fingerprint(str(spec))) == k3
 
 
 def test_corrupt_cache_file_is_ignored(tmp_path, cache_dir):
