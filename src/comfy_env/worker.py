@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 
-from . import fncache, forksafe
+from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
@@ -151,6 +151,7 @@ class Worker:
             raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
         self.link.uid = cfg["uid"]
         self.name = cfg.get("name", "worker")
+        settings.install(cfg["settings"])     # the parent's values, not our environment's
         adopt_import_paths(cfg)
         root = logging.getLogger()
         root.addHandler(_LogForwarder(self))

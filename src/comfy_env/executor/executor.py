@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
-from .. import fncache, forksafe
+from .. import fncache, forksafe, settings
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
@@ -222,7 +222,7 @@ def _pickle_by_value(fn):
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
                  worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT,
-                 preload=None):
+                 preload=None, values=None):
         self.wenv = wenv
         # Workers fork from it when preload is given (see comfy_env.zygote).
         self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
@@ -247,6 +247,7 @@ class _Pool:
         self.shutting_down = False
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
+        self.settings = values if values is not None else settings.read()   # sent to workers
         self._worker_index = itertools.count(1)
         self._sent_fns = weakref.WeakKeyDictionary()    # worker -> fncache.SentFunctions
         self.all_done = threading.Condition(self.lock)
@@ -928,6 +929,8 @@ class IsolatedExecutor(Executor):
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
+        comfy_env.settings.SettingsError: a ``COMFY_ENV_*`` variable holds a bad value
+            (a ValueError; the message names it and what it accepts).
         comfy_env.envs.EnvError: ``env`` cannot be found, parsed or built.
     """
 
@@ -972,6 +975,9 @@ class IsolatedExecutor(Executor):
             if bad:
                 raise ValueError(f"preload must hold module names like 'torch' or 'numpy.linalg', "
                                  f"got {bad!r}")
+        # Read once, here: a bad COMFY_ENV_* value fails now, and every worker gets
+        # these values in its handshake (comfy_env.settings).
+        values = settings.read()
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -991,7 +997,7 @@ class IsolatedExecutor(Executor):
             _pickle_by_value(initializer)       # fails here, not at the first start
             init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, worker_output, start_timeout, preload)
+                           worker_log_level, worker_output, start_timeout, preload, values)
         self._pool.share_tensors_in_place = share_tensors_in_place
         self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
 

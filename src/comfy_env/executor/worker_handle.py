@@ -50,6 +50,7 @@ import time
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerStartError)
+from .. import settings
 from ..ipc import codec, lifetime
 from ..ipc.protocol import apply_control
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
@@ -297,6 +298,7 @@ class WorkerHandle:
             "sys_path": list(sys.path) if self.pool.wenv.is_current else None,
             "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
+            "settings": settings.to_wire(self.pool.settings),
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
         fb, chunks = codec.encode_message(("init", cfg), self.link, objs)
