@@ -190,11 +190,14 @@ class Worker:
             frame = codec.decode_envelope(body, fds)
             kind = frame.envelope[0]
             if kind == "call":
-                held = lifetime.LEDGER.leased_from(self.link)
+                # Only a call whose arguments lease blocks can leave leases behind
+                # (counting them walks every record: not for plain calls).
+                leases = any(part.refs for part in frame.parts)
+                held = lifetime.LEDGER.leased_from(self.link) if leases else 0
                 self._run_call(frame)
                 del frame
                 lifetime.LEDGER.drain()     # release the arguments' blocks promptly
-                if lifetime.LEDGER.leased_from(self.link) > held:
+                if leases and lifetime.LEDGER.leased_from(self.link) > held:
                     self._collect_soon()
             elif kind == "ctl":
                 frame.close_fds()

@@ -248,7 +248,6 @@ class _Pool:
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
         self._worker_index = itertools.count(1)
-        self._sent_fns = weakref.WeakKeyDictionary()    # worker -> fncache.SentFunctions
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
         forksafe.track_pool(self)       # inert in fork children
@@ -256,34 +255,34 @@ class _Pool:
     # -- submission ------------------------------------------------------------------
     def submit(self, item):
         forksafe.check_owner(self)      # before the lock: a fork child must not touch it
-        with self.lock:
-            self._check_open()
-            if item.deps:
-                self.waiting.add(item)
-        if item.deps:
-            remaining = [len(item.deps)]
-            counter_lock = threading.Lock()
-            # The callbacks stay in each input future's _done_callbacks for the
-            # future's whole life; they must not keep the item (whose args hold
-            # the inputs) reachable once it ran, or every chained input sits in a
-            # reference cycle (fa -> callback -> item -> args -> fa) and its
-            # shared memory is only released by the cyclic GC, not when the
-            # caller drops fa.  The last callback takes the item out of the cell.
-            cell = [item]
-
-            def dep_done(_f):
-                with counter_lock:
-                    remaining[0] -= 1
-                    it = cell.pop() if remaining[0] == 0 and cell else None
-                if it is not None:
-                    self._deps_ready(it)
-
-            for dep in item.deps:
-                dep.add_done_callback(dep_done)
+        if not item.deps:
+            with self.lock:
+                self._check_open()
+                self.pending.append(item)
+            self.dispatch()
             return
         with self.lock:
-            self.pending.append(item)
-        self.dispatch()
+            self._check_open()
+            self.waiting.add(item)
+        remaining = [len(item.deps)]
+        counter_lock = threading.Lock()
+        # The callbacks stay in each input future's _done_callbacks for the
+        # future's whole life; they must not keep the item (whose args hold
+        # the inputs) reachable once it ran, or every chained input sits in a
+        # reference cycle (fa -> callback -> item -> args -> fa) and its
+        # shared memory is only released by the cyclic GC, not when the
+        # caller drops fa.  The last callback takes the item out of the cell.
+        cell = [item]
+
+        def dep_done(_f):
+            with counter_lock:
+                remaining[0] -= 1
+                it = cell.pop() if remaining[0] == 0 and cell else None
+            if it is not None:
+                self._deps_ready(it)
+
+        for dep in item.deps:
+            dep.add_done_callback(dep_done)
 
     def _check_open(self):
         if self.broken is not None:
@@ -388,9 +387,7 @@ class _Pool:
             once = self._pickled_once(fn)
             if once is not None:
                 blob, key = once
-                sent = self._sent_fns.get(worker)
-                if sent is None:
-                    sent = self._sent_fns[worker] = fncache.SentFunctions()
+                sent = worker.sent_functions
                 plan = sent.plan(key, len(blob))
                 fnref = plan if plan[0] == "id" else plan + (blob,)
                 fn = None

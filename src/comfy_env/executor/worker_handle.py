@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 
+from .. import fncache
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerStartError)
@@ -95,6 +96,8 @@ class WorkerHandle:
         self.timeout_stack = None     # the stack taken by kill_for_timeout ("" if none came)
         self.protocol_error = None    # the worker wrote bytes that are not a frame
         self.info = {}
+        # The by-value functions this worker holds (the parent's books; see fncache).
+        self.sent_functions = fncache.SentFunctions()
 
     # -- start ---------------------------------------------------------------
     def start(self):

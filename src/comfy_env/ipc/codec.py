@@ -35,6 +35,12 @@ import cloudpickle
 
 from . import lifetime
 
+try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
+    from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
+except ImportError:     # pragma: no cover - such functions go through the Encoder
+    _by_reference = None
+_FunctionType = type(lambda: None)
+
 __all__ = [
     "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
     "EncodeError", "Frame", "dumps_portable",
@@ -159,6 +165,44 @@ def _plane_for(tp):
 # Types pickle handles natively and no plane ever claims: skip the lookup.
 _PLAIN = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
                     frozenset, bytearray, complex])
+# Of those, the ones that hold no other object.
+_SCALARS = frozenset([int, float, str, bytes, bool, type(None), complex])
+_PLAIN_ITEMS = 64       # a bigger container goes through the Encoder (checking it costs as much)
+_PLAIN_DEPTH = 4
+
+
+def _is_plain(obj, depth=0):
+    """Is ``obj`` built only of scalars and small tuples, lists and dicts of them?
+
+    Then no plane and no future can be inside, and ``pickle.dumps`` writes exactly
+    what the :class:`Encoder` would (cloudpickle only differs for objects its
+    ``reducer_override`` sees, which these never reach): the small calls and results
+    that make up warm-call latency skip building a cloudpickle Pickler.  Exact
+    types only: a subclass may carry a plane's object in its ``__dict__``.
+    """
+    tp = type(obj)
+    if tp in _SCALARS:
+        return True
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if tp is tuple or tp is list:
+        if len(obj) > _PLAIN_ITEMS:
+            return False
+        for x in obj:
+            if type(x) not in _SCALARS and not _is_plain(x, depth + 1):
+                return False
+        return True
+    if tp is dict:
+        if len(obj) > _PLAIN_ITEMS:
+            return False
+        for k, v in obj.items():
+            if type(k) not in _SCALARS or (type(v) not in _SCALARS and not _is_plain(v, depth + 1)):
+                return False
+        return True
+    if tp is _FunctionType:
+        # A function cloudpickle pickles by reference: pickle does the same (by name).
+        return _by_reference is not None and _by_reference(obj)
+    return False
 
 
 class Part:
@@ -255,6 +299,10 @@ def dumps_portable(obj) -> bytes:
     return buf.getvalue()
 
 
+def _nbytes(data):
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
+
+
 class FrameBuilder:
     """Collects the parts, fds and lends of one outgoing frame."""
 
@@ -290,6 +338,9 @@ class FrameBuilder:
         self._lends.append(record)
 
     def encode_part(self, obj, forward_future=None):
+        if _is_plain(obj):
+            self.parts.append(Part(pickle.dumps(obj, PROTOCOL), None))
+            return len(self.parts) - 1
         # Reserve the slot first: forwarded parts are appended while this one encodes.
         index = len(self.parts)
         self.parts.append(None)
@@ -326,10 +377,12 @@ class FrameBuilder:
             lifetime.LEDGER.on_release(self.link, rec.key, 1)
 
     def build(self, envelope):
-        self._run_before_send()
-        env = pickle.dumps((envelope, [(memoryview(p.data).nbytes, p.refs) for p in self.parts]), PROTOCOL)
-        chunks = [_U32.pack(len(env)), env]
-        chunks.extend(p.data for p in self.parts)
+        if self._before_send:
+            self._run_before_send()
+        parts = self.parts
+        env = pickle.dumps((envelope, [(_nbytes(p.data), p.refs) for p in parts]), PROTOCOL)
+        chunks = [_U32.pack(len(env)) + env]
+        chunks.extend(p.data for p in parts)
         # The lends stay recorded: abort() still undoes them if the send fails.
         return chunks
 
