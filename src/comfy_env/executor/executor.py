@@ -73,6 +73,7 @@ from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import check_reference, run_chunk
+from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
@@ -416,7 +417,7 @@ class _Pool:
             if len(fb.fds) > MAX_FDS:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
-            chunks = fb.build(("call", item.call_id, fnref))
+            chunks = fb.build(Call(item.call_id, fnref))
             check_frame(chunks, fb.fds)
         except BaseException:
             fb.abort()

@@ -33,7 +33,8 @@ from concurrent.futures import Future
 
 import cloudpickle
 
-from . import lifetime
+from . import lifetime, protocol
+from .protocol import PlaneMessage, Release
 
 try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
     from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
@@ -89,6 +90,10 @@ class Plane:
 
     def on_control(self, link, message):
         """A plane-specific control message arrived from ``link``."""
+
+    def post(self, link, payload):
+        """Queue ``payload`` for this plane's :meth:`on_control` in the peer behind ``link``."""
+        link.post(PlaneMessage(self.name, payload))
 
     def reduce_portable(self, obj):
         """A ``__reduce__`` value for ``obj`` in bytes that travel outside a frame (a
@@ -380,7 +385,8 @@ class FrameBuilder:
         if self._before_send:
             self._run_before_send()
         parts = self.parts
-        env = pickle.dumps((envelope, [(_nbytes(p.data), p.refs) for p in parts]), PROTOCOL)
+        env = pickle.dumps((protocol.to_wire(envelope), [(_nbytes(p.data), p.refs) for p in parts]),
+                           PROTOCOL)
         chunks = [_U32.pack(len(env)) + env]
         chunks.extend(p.data for p in parts)
         # The lends stay recorded: abort() still undoes them if the send fails.
@@ -400,12 +406,14 @@ def encode_message(envelope, link, objs=(), forward_future=None):
 
 
 class Frame:
-    """A received frame: the envelope plus undecoded parts and the fds that came with it."""
+    """A received frame: its message (``envelope``, a :mod:`~comfy_env.ipc.protocol`
+    type) plus undecoded parts and the fds that came with it."""
 
     def __init__(self, body, fds):
         view = memoryview(body)
         (n,) = _U32.unpack_from(view, 0)
-        self.envelope, metas = pickle.loads(view[4:4 + n])
+        wire, metas = pickle.loads(view[4:4 + n])
+        self.envelope = protocol.from_wire(wire)
         off = 4 + n
         self.parts = []
         for length, refs in metas:
@@ -488,7 +496,7 @@ def accept_part_leases(frame, part_index, link):
     except BaseException:
         lifetime.LEDGER.sweep(taken)
         for _plane, key, _fd, _meta in refs[len(taken):]:
-            link.post(("release", key, 1))
+            link.post(Release(key, 1))
         raise
 
 
@@ -555,7 +563,7 @@ def _release_untaken(dec):
         return
     for i, (_plane, key, _fd, _meta) in enumerate(refs):
         if i not in dec._records:
-            dec.link.post(("release", key, 1))
+            dec.link.post(Release(key, 1))
 
 
 def decode_part(frame, index, link, cache=None, records=None):
@@ -590,3 +598,8 @@ def decode_part(frame, index, link, cache=None, records=None):
     _release_untaken(dec)
     cache[index] = obj
     return obj
+
+
+@protocol.handles(PlaneMessage)
+def _apply_plane_message(link, msg):
+    get_plane(msg.plane).on_control(link, msg.payload)
