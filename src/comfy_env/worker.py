@@ -194,7 +194,10 @@ class Worker:
             if kind is Call:
                 # Only a call whose arguments lease blocks can leave leases behind
                 # (counting them walks every record: not for plain calls).
-                leases = any(part.refs for part in frame.parts)
+                leases = False
+                for part in frame.parts:
+                    if part.refs:
+                        leases = True
                 held = lifetime.LEDGER.leased_from(self.link) if leases else 0
                 self._run_call(frame)
                 del frame

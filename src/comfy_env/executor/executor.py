@@ -235,7 +235,10 @@ class _Pool:
         self.logger = logger
         self.worker_log_level = worker_log_level
         self.worker_output = worker_output
-        self.lock = threading.RLock()
+        # Not re-entrant: nothing that holds it calls back into the pool.  A finalizer
+        # (which the cycle collector may run on a thread inside it) never takes it:
+        # see _finalize_pool.
+        self.lock = threading.Lock()
         self.pending = deque()
         self.waiting = set()
         self.idle = []
@@ -403,6 +406,10 @@ class _Pool:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
+        chunks = codec.plain_frame(Call(item.call_id, fnref), ((fn, item.args, item.kwargs),))
+        if chunks is not None:
+            check_frame(chunks)
+            return chunks, (), codec.PLAIN_FRAME, fn_sent
         # Check the fd limit before building the frame: a call refused for too
         # many blocks (easy to hit with a list of forwarded futures) must undo
         # every lend it took (fb.abort), or the blocks would never be released
@@ -991,7 +998,7 @@ class IsolatedExecutor(Executor):
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
                            worker_log_level, worker_output, start_timeout, preload)
         self._pool.share_tensors_in_place = share_tensors_in_place
-        self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
+        self._finalizer = weakref.finalize(self, _finalize_pool, self._pool)
 
     @property
     def max_workers(self) -> int:
@@ -1036,7 +1043,9 @@ class IsolatedExecutor(Executor):
                             f"got {type(fn).__name__}")
         if isinstance(fn, str):
             check_reference(fn)
-        deps = _find_futures(args, []) + _find_futures(kwargs, [])
+        deps = _find_futures(args, [])
+        if kwargs:
+            _find_futures(kwargs, deps)
         fut = IsolatedFuture()
         self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
         return fut
@@ -1102,6 +1111,21 @@ class IsolatedExecutor(Executor):
         state = "broken" if p.broken else "shut down" if p.shutting_down else "running"
         return (f"<IsolatedExecutor {self.name!r} env={p.wenv.label!r} workers={len(p.workers)}/"
                 f"{p.max_workers} {state}>")
+
+
+def _finalize_pool(pool):
+    """An executor was garbage collected without ``shutdown()``: shut its pool down
+    (without waiting).
+
+    This runs wherever the collector runs: the cycle collector may start at any
+    allocation, also on a thread inside ``pool.lock`` (a reader dispatching the next
+    call), and the lock is not re-entrant.  So the shutdown runs on a thread of its
+    own.  When no thread may start (the interpreter is exiting) it runs here: by
+    then the at-exit shutdown has stopped every pool and no thread of ours holds a
+    pool's lock.
+    """
+    if lifetime.start_thread(pool.shutdown, "comfy_env-finalize", args=(False, False)) is None:
+        pool.shutdown(False, False)
 
 
 def _sandbox_arg(sandbox):

@@ -393,8 +393,39 @@ class FrameBuilder:
         return chunks
 
 
+class _PlainFrame:
+    """The frame builder of a frame made by :func:`plain_frame`: no fds, nothing lent."""
+
+    __slots__ = ()
+    fds = ()
+
+    def abort(self):
+        pass
+
+
+PLAIN_FRAME = _PlainFrame()
+
+
+def plain_frame(envelope, objs=()):
+    """The chunks of a frame whose parts are all plain (:func:`_is_plain`), else None.
+
+    What :func:`encode_message` would send, without a :class:`FrameBuilder`: warm
+    calls and their results take this way."""
+    datas = []
+    for obj in objs:
+        if not _is_plain(obj):
+            return None
+        datas.append(pickle.dumps(obj, PROTOCOL))
+    env = pickle.dumps((protocol.to_wire(envelope), [(len(d), None) for d in datas]), PROTOCOL)
+    return [_U32.pack(len(env)) + env, *datas]
+
+
 def encode_message(envelope, link, objs=(), forward_future=None):
-    """Encode ``objs`` as parts 0.. of one frame.  Returns ``(FrameBuilder, chunks)``."""
+    """Encode ``objs`` as parts 0.. of one frame.  Returns ``(frame builder, chunks)``
+    (the builder's ``fds`` go with the chunks; ``abort()`` it if they are not sent)."""
+    chunks = plain_frame(envelope, objs)
+    if chunks is not None:
+        return PLAIN_FRAME, chunks
     fb = FrameBuilder(link)
     try:
         for obj in objs:
