@@ -37,6 +37,14 @@ def test_each_message_travels_as_a_plain_tuple_and_comes_back_typed(msg):
         assert [type(m) for m in back.messages] == [Release, PlaneMessage]
 
 
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_message_copies_and_pickles_as_itself(msg):
+    import copy
+    assert copy.copy(msg) == msg and type(copy.deepcopy(msg)) is type(msg)
+    assert pickle.loads(pickle.dumps(msg)) == msg
+    assert repr(msg).startswith(type(msg).__name__ + "(")
+
+
 def test_a_frame_carries_the_typed_message():
     fb, chunks = codec.encode_message(Result(3, True), lifetime.Link(lambda m: None), [42])
     frame = codec.decode_envelope(b"".join(bytes(c) for c in chunks), [])

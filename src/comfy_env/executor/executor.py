@@ -584,7 +584,8 @@ class _Pool:
         with self.lock:
             if worker in self.workers and not worker.exiting and worker not in self.doomed:
                 self.idle.append(worker)
-            self.all_done.notify_all()
+            if self.shutting_down:          # only shutdown(wait=True) waits on all_done
+                self.all_done.notify_all()
             # Unlocked-read safe: a submit() that adds work after this calls
             # dispatch() itself and finds the worker idle.
             busy = self.pending or self.shutting_down

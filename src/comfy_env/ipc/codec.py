@@ -10,9 +10,10 @@ A message body is::
 
     u32 envelope length | envelope (plain pickle) | part 0 | part 1 | ...
 
-The envelope is a small tuple the transport owner reads without touching the
-parts; it ends with ``parts``: a list of ``(length, refs)`` where ``refs``
-lists the blocks a part leases, as ``(plane, key, fd_index, meta)``.  Keeping
+The envelope is ``(message, parts)``: the message (a :mod:`~comfy_env.ipc.protocol`
+type, as its plain wire tuple) is read without touching the parts; ``parts`` is a
+list of ``(length, refs)`` where ``refs`` lists the blocks a part leases, as
+``(plane, key, fd_index, meta)``, or None for a part that holds no block.  Keeping
 the refs outside the pickle lets the parent hold or forward a worker's result
 (zero-copy chains) without decoding it.
 

@@ -2,7 +2,7 @@
 
 Every frame's envelope is one of the message types below (the frame's parts, the
 pickled objects, come after it: :mod:`comfy_env.ipc.codec`).  A message is a
-named tuple whose first field is its tag, so on the wire it is the plain tuple
+tuple with named fields whose first item is its tag, so on the wire it is the plain tuple
 ``(tag, field, ...)`` -- a plain pickle of strings and numbers, as cheap to write
 and read as the tuples it replaced -- and in memory a type both read loops
 dispatch on (``type(msg) is Call``), as CPython's ``concurrent.futures.process``
@@ -38,7 +38,7 @@ these messages, import it, and register what applies each control message
 """
 from __future__ import annotations
 
-from collections import namedtuple
+from operator import itemgetter
 
 __all__ = [
     "Hello", "Init", "Ready", "InitFailed", "Call", "Result", "Log", "Control", "Exit",
@@ -51,93 +51,146 @@ class UnknownMessage(ValueError):
     """The peer sent a message this module does not define."""
 
 
-class Hello(namedtuple("Hello", "tag info")):
+class _Message(tuple):
+    """A message: the tuple ``(tag, *fields)``, with its fields readable by name.
+
+    (Not ``collections.namedtuple``: each of those compiles code when it is made,
+    about a millisecond for this module, paid by every worker start.)"""
+
+    __slots__ = ()
+    _fields = ()
+    tag = property(itemgetter(0), doc="The message's name on the wire.")
+
+    @classmethod
+    def _make(cls, wire):
+        if len(wire) != len(cls._fields) + 1:
+            raise TypeError(f"{cls.__name__} has {len(cls._fields)} fields, got {wire!r:.200}")
+        return tuple.__new__(cls, wire)
+
+    def __getnewargs__(self):           # copy and pickle call __new__ with the fields
+        return tuple(self[1:])
+
+    def __repr__(self):
+        fields = ", ".join(f"{f}={v!r}" for f, v in zip(self._fields, self[1:]))
+        return f"{type(self).__name__}({fields})"
+
+
+def _message(cls):
+    """Give ``cls`` a read-only property per name in ``cls._fields``."""
+    for i, name in enumerate(cls._fields, 1):
+        setattr(cls, name, property(itemgetter(i)))
+    return cls
+
+
+@_message
+class Hello(_Message):
     """The worker's first message: ``info`` holds its protocol number, comfy_env and
     Python versions, executable, pid, uid and the stack-dump signal."""
     __slots__ = ()
+    _fields = ("info",)
 
     def __new__(cls, info):
         return tuple.__new__(cls, ("hello", info))
 
 
-class Init(namedtuple("Init", "tag config")):
+@_message
+class Init(_Message):
     """The parent's answer to ``Hello``: ``config`` holds the parent's uid, the worker's
     name, ``sys_path``, ``cwd`` and ``log_level``."""
     __slots__ = ()
+    _fields = ("config",)
 
     def __new__(cls, config):
         return tuple.__new__(cls, ("init", config))
 
 
-class Ready(namedtuple("Ready", "tag")):
+@_message
+class Ready(_Message):
     """The worker is initialised and serves calls."""
     __slots__ = ()
+    _fields = ()
 
     def __new__(cls):
         return tuple.__new__(cls, ("ready",))
 
 
-class InitFailed(namedtuple("InitFailed", "tag")):
+@_message
+class InitFailed(_Message):
     """The initializer raised; the exception is in the parts."""
     __slots__ = ()
+    _fields = ()
 
     def __new__(cls):
         return tuple.__new__(cls, ("init_failed",))
 
 
-class Call(namedtuple("Call", "tag call_id fn")):
+@_message
+class Call(_Message):
     """Run a call.  ``fn`` is None when part 0 names the function, else the by-value
     function held by the worker: ``("id", key)`` or ``("new", key, evict, blob)``
     (:mod:`comfy_env.fncache`)."""
     __slots__ = ()
+    _fields = ("call_id", "fn")
 
     def __new__(cls, call_id, fn=None):
         return tuple.__new__(cls, ("call", call_id, fn))
 
 
-class Result(namedtuple("Result", "tag call_id ok")):
+@_message
+class Result(_Message):
     """The outcome of call ``call_id``: a value (``ok``) or an exception."""
     __slots__ = ()
+    _fields = ("call_id", "ok")
 
     def __new__(cls, call_id, ok):
         return tuple.__new__(cls, ("result", call_id, ok))
 
 
-class Log(namedtuple("Log", "tag levelno name message created")):
+@_message
+class Log(_Message):
     """A ``logging`` record of the worker, re-emitted by the parent."""
     __slots__ = ()
+    _fields = ("levelno", "name", "message", "created")
 
     def __new__(cls, levelno, name, message, created):
         return tuple.__new__(cls, ("log", levelno, name, message, created))
 
 
-class Control(namedtuple("Control", "tag messages")):
+@_message
+class Control(_Message):
     """A batch of control messages (``Release``, ``PlaneMessage``)."""
     __slots__ = ()
+    _fields = ("messages",)
 
     def __new__(cls, messages):
         return tuple.__new__(cls, ("ctl", messages))
 
 
-class Exit(namedtuple("Exit", "tag")):
+@_message
+class Exit(_Message):
     """The parent asks the worker to exit after what it is doing."""
     __slots__ = ()
+    _fields = ()
 
     def __new__(cls):
         return tuple.__new__(cls, ("exit",))
 
 
-class Release(namedtuple("Release", "tag key n")):
+@_message
+class Release(_Message):
     """Control: the sender let go of ``n`` leases of the receiver's block ``key``."""
     __slots__ = ()
+    _fields = ("key", "n")
 
     def __new__(cls, key, n):
         return tuple.__new__(cls, ("release", key, n))
 
 
-class PlaneMessage(namedtuple("PlaneMessage", "tag plane payload")):
+@_message
+class PlaneMessage(_Message):
     """Control: ``payload`` for data plane ``plane`` (its own small protocol)."""
     __slots__ = ()
+    _fields = ("plane", "payload")
 
     def __new__(cls, plane, payload):
         return tuple.__new__(cls, ("plane", plane, payload))
