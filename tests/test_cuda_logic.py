@@ -378,8 +378,44 @@ def test_import_cache_bounds_idle_entries_by_count_and_bytes_lru_first():
     _settle(ledger)                                # keys 1, 2 idle too: 3 idle > 2
     cache.sweep()
     assert [e for e in t.log if e[0] == "free"] == [("free", keys[0])]
-    assert not cache.keep(ledger.accept_lease(keys[3], t.link, lambda: object(), t.on_zero), 4 << 20, "owner")
-    assert len(cache) == 2                         # bigger than the byte bound: never kept
+    # A block forwarded by the link (its owner is a third process, who cannot say when
+    # it stops using it): bigger than the byte bound, never kept.
+    assert not cache.keep(ledger.accept_lease(keys[3], t.link, lambda: object(), t.on_zero), 4 << 20, "third")
+    assert len(cache) == 2
+
+
+def test_import_cache_keeps_owner_blocks_of_any_size_until_the_owner_reclaims_them():
+    """A block from its owner is kept whatever its size (a 1 GiB result the worker keeps
+    would otherwise be mapped again every call); the owner's "reclaim" evicts it when idle,
+    later when still in use, and refuses a keep whose decode comes after the reclaim."""
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 20, max_count=100, max_idle_s=1000, background=False)
+    a, b, c = ("cuda", "owner", 1), ("cuda", "owner", 2), ("cuda", "owner", 3)
+    big = 4 << 30
+    ra = ledger.accept_lease(a, t.link, lambda: object(), t.on_zero)
+    ha = type("Holder", (), {})()
+    ledger.holder(ra, ha)
+    assert not cache.keep(ra, big, "owner") and len(cache) == 1          # kept, over the byte bound
+    ha = None; _settle(ledger)
+    assert cache.sweep() == 0 and len(cache) == 1 and t.log == []       # idle, still kept
+    assert cache.reclaim([a]) == 1 and t.log == [("free", a)]           # reclaimed: freed, released
+    assert t.releases() == [("release", a, 1)]
+    rb = ledger.accept_lease(b, t.link, lambda: object(), t.on_zero)
+    hb = type("Holder", (), {})()
+    ledger.holder(rb, hb)
+    cache.keep(rb, big, "owner")
+    assert cache.reclaim([b]) == 0 and ledger.get(b) is rb              # in use here: kept for now
+    hb = None; _settle(ledger)
+    assert cache.sweep() == 1 and t.log[-1] == ("free", b)              # ... and evicted once idle
+    assert cache.reclaim([c]) == 0                                      # not decoded yet
+    rc = ledger.accept_lease(c, t.link, lambda: object(), t.on_zero)
+    hc = type("Holder", (), {})()
+    ledger.holder(rc, hc)
+    assert not cache.keep(rc, 1 << 10, "owner") and len(cache) == 0     # never kept
+    hc = None; _settle(ledger)
+    assert t.log[-1] == ("free", c) and len(ledger) == 0
 
 
 def test_import_cache_flush_by_owner_and_after_link_closed():

@@ -2,7 +2,9 @@
 small tensors and of the per-frame / per-batch CUDA bookkeeping:
 
 * a small tensor sent for the first time is staged (one copy), sent again it goes zero
-  copy; big ones always go zero copy; ``COMFY_ENV_CUDA_SMALL_COPY_MIB=0`` turns it off;
+  copy; a bigger first-seen storage (up to ``COMFY_ENV_CUDA_FRESH_COPY_MIB``) is copied
+  too, only the span of the view; ``COMFY_ENV_CUDA_SMALL_COPY_MIB=0`` turns it off;
+* the owner asks peers to reclaim a pool block once its own tensor on it died;
 * one interprocess event per frame and stream, reserved while encoding and recorded
   when the frame is built (after the copies) or aborted;
 * recycled staging blocks: kept by size, the peer's "idle" reports batched (one event
@@ -139,6 +141,7 @@ def worker(monkeypatch):
     monkeypatch.setattr(devices, "use", lambda o: None)
     monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
     monkeypatch.delenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", raising=False)
+    monkeypatch.delenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", raising=False)
     pl = CudaPlane()
     pl._t()
     fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
@@ -221,9 +224,100 @@ def test_views_of_one_small_storage_share_one_staged_copy(worker):
     assert _copies(log) == 1 and len(fb.parts[0].refs) == 1
 
 
+def test_a_big_tensor_first_sent_is_copied_span_only_then_exported(worker):
+    """A storage bigger than the small-copy limit, first sent, is copied too (a recycled
+    staging block the peer keeps mapped instead of a new mapping per call), but only the
+    bytes the view spans; sent again it goes zero copy."""
+    pl, log, link, _ = worker
+    assert pl.fresh_copy == pl.limit
+    s = FakeStorage(1 << 41, 64 * MiB)
+    view = FakeT(0, 8 * MiB, storage=s, offset=16 * MiB)
+    del log[:]
+    assert _send(link, [view]) == ["staging"]
+    assert pl.last_reasons["staging"] == paths.FRESH_COPY_WHY
+    assert ("alloc", 8 * MiB) in log and _copies(log) == 1
+    del log[:]
+    assert _send(link, [view]) == ["pool"] and _copies(log) == 0
+    # A storage bigger than the limit is never copied on first sight (its allocation
+    # still may not be importable: choose() decides).
+    pl.fresh_copy = 32 * MiB
+    assert _send(link, [FakeT(1 << 42, nbytes=64 * MiB)]) == ["pool"]
+
+
+def test_fresh_copy_limit_from_env(monkeypatch):
+    limit = 4096 * MiB
+    monkeypatch.delenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", raising=False)
+    assert paths.fresh_copy_limit(16 * MiB, limit) == limit
+    assert paths.fresh_copy_limit(0, limit) == 0              # small copies off: all off
+    monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", "0")
+    assert paths.fresh_copy_limit(16 * MiB, limit) == 16 * MiB  # small ones only
+    monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", "9000")
+    assert paths.fresh_copy_limit(16 * MiB, limit) == limit     # never above the import limit
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", bad)
+        with pytest.raises(ValueError, match="COMFY_ENV_CUDA_FRESH_COPY_MIB"):
+            paths.fresh_copy_limit(16 * MiB, limit)
+
+
+def _sent_posts(link, sent):
+    """What ``link`` posted: the ledger's flusher may have sent it already."""
+    import time
+    link.flush()
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(sent)
+
+
+def _pool_record(pl, t):
+    rec = pl._by_base[t.data_ptr()]
+    assert lifetime.LEDGER.get(rec.key) is rec and rec.resource.kind == "pool"
+    return rec
+
+
+def test_the_owner_asks_peers_to_reclaim_a_pool_block_once_its_tensor_died(worker):
+    """The peer's import cache keeps our pool blocks with no byte bound; when our last
+    tensor on a block dies, the peers it is lent to are asked to let it go."""
+    pl, log, link, _ = worker
+    sent, other_sent = [], []
+    link._send_control = sent.extend
+    other = lifetime.Link(other_sent.extend, "other")
+    pl._peer(other)
+    t = FakeT(1 << 40)
+    _send(link, [t])
+    assert _send(link, [t]) == ["pool"]
+    rec = _pool_record(pl, t)
+    assert rec.resource.keep is t.untyped_storage()            # the memory, not the tensor
+    assert link.lent[rec.key] > 0
+    del t
+    assert _sent_posts(link, sent) == [("plane", "cuda", ("reclaim", [rec.key]))]
+    other.flush()
+    assert other_sent == []                                    # not lent there
+    lifetime.LEDGER.on_release(link, rec.key, link.lent[rec.key])
+    assert lifetime.LEDGER.get(rec.key) is None and rec.resource.keep is None
+
+
+def test_no_reclaim_while_another_tensor_uses_the_storage(worker, monkeypatch):
+    from comfy_env.ipc.cuda import plane as P
+    pl, log, link, _ = worker
+    users = {"n": 3}
+    monkeypatch.setattr(P, "_storage_users", lambda storage: users["n"])
+    sent = []
+    link._send_control = sent.extend
+    t = FakeT(1 << 40)
+    _send(link, [t])
+    _send(link, [t])
+    rec = _pool_record(pl, t)
+    del t                                                      # a view built apart still uses it
+    link.flush()
+    assert sent == []
+    lifetime.LEDGER.on_release(link, rec.key, link.lent[rec.key])
+    assert rec.resource.watch is None                          # freed: the watch (and storage) went
+
+
 def test_a_lent_tensor_and_big_tensors_go_zero_copy(worker):
     pl, log, link, _ = worker
-    big = FakeT(1 << 41, nbytes=pl.small_copy + 4)
+    big = FakeT(1 << 41, nbytes=pl.fresh_copy + 4)
     assert _send(link, [big]) == ["pool"]
     small = FakeT(1 << 42)
     assert _send(link, [small, small]) == ["staging", "staging"]   # one frame: the block is shared
@@ -241,7 +335,7 @@ def test_small_copy_off_by_env(worker, monkeypatch):
         with pytest.raises(ValueError, match="COMFY_ENV_CUDA_SMALL_COPY_MIB"):
             paths.small_copy_limit()
     wpl, log, link, _ = worker
-    wpl.small_copy = 0
+    wpl.small_copy = wpl.fresh_copy = 0
     assert _send(link, [FakeT(1 << 40)]) == ["pool"]
 
 
@@ -258,7 +352,7 @@ def test_choose_stages_a_small_first_sight_only_where_the_pool_route_works():
 
 def test_one_event_per_frame_recorded_after_the_copies(worker):
     pl, log, link, _ = worker
-    _send(link, [FakeT(1 << 40), FakeT(1 << 41), FakeT(1 << 43, nbytes=pl.small_copy + 4)])
+    _send(link, [FakeT(1 << 40), FakeT(1 << 41), FakeT(1 << 43, nbytes=pl.fresh_copy + 4)])
     names = [e[0] for e in log]
     assert names.count("reserve") == 1 and names.count("record_reserved") == 1 and "record" not in names
     assert ("copy_batch", 2, 7) in log and _copies(log) == 2      # both copies in one call, on the stream

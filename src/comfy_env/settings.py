@@ -102,6 +102,10 @@ VARIABLES = (
     Variable("COMFY_ENV_CUDA_SMALL_COPY_MIB", "cuda_small_copy_mib", 16.0, _number(0, 4096),
              "MiB up to which a CUDA tensor sent the first time is copied, not exported; "
              "0: never (ipc/cuda/paths.py)"),
+    Variable("COMFY_ENV_CUDA_FRESH_COPY_MIB", "cuda_fresh_copy_mib", None, _number(0),
+             "MiB of storage up to which a CUDA tensor a worker sends for the first time is "
+             "copied into a recycled staging block rather than exported (default: the pool "
+             "import limit; 0: small ones only) (ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "cuda_import_cache_mib", 256.0, _number(0),
              "MiB of imported pool blocks kept mapped while idle (ipc/cuda/importcache.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "cuda_import_cache_count", 256, _int(0),
@@ -140,6 +144,7 @@ class Settings:
     cuda_roll_min_idle_mib: int
     cuda_pool_import_limit_mib: int
     cuda_small_copy_mib: float
+    cuda_fresh_copy_mib: float | None
     cuda_import_cache_mib: float
     cuda_import_cache_count: int
     cuda_import_cache_s: float

@@ -26,6 +26,7 @@ route for that peer).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -43,7 +44,8 @@ from .events import EventRing, OpenedEvents
 from .importcache import ImportCache
 from .layout import (CudaTensorDesc, VERSION, ITEMSIZE, pack_fields, pool_meta, span_bytes, unpack, validate,
                      validate_meta, vmm_meta)
-from .paths import POOL_WHY, SMALL_COPY_WHY, Capabilities, PeerVerdicts, choose, import_limit, small_copy_limit
+from .paths import (FRESH_COPY_WHY, POOL_WHY, SMALL_COPY_WHY, Capabilities, PeerVerdicts, choose,
+                    fresh_copy_limit, import_limit, small_copy_limit)
 from .pools import Pools, PoolImports
 from .vmm import VmmBlock
 
@@ -60,6 +62,17 @@ class CudaFallbackWarning(RuntimeWarning):
     """CUDA tensors go through host memory (slow); the message says why."""
 
 
+def _storage_users(storage):
+    """How many references torch counts on ``storage`` (tensors and storage objects), or
+    None where this torch cannot say."""
+    torch = sys.modules.get("torch")
+    count = getattr(getattr(torch, "_C", None), "_storage_Use_Count", None)
+    cdata = getattr(storage, "_cdata", None)
+    if count is None or cdata is None:
+        return None
+    return count(cdata)
+
+
 class _Owned:
     """A block we export.  ``keep`` holds what must stay alive until every peer released.
 
@@ -68,7 +81,7 @@ class _Owned:
     orders its last reads before our next copy.
     """
     __slots__ = ("kind", "ordinal", "ptr", "keep", "gen", "stream", "vmm", "meta", "base", "alloc",
-                 "ptrs", "size", "busy", "seq", "ready")
+                 "ptrs", "size", "busy", "seq", "ready", "watch")
 
     def __init__(self, kind, ordinal, ptr, meta, *, keep=None, gen=None, stream=None, vmm=None, base=None,
                  alloc=0, size=0):
@@ -80,6 +93,7 @@ class _Owned:
         self.busy = True
         self.seq = 0
         self.ready = None
+        self.watch = None             # pool blocks: weakref to the tensor first lent (see _tensor_died)
 
 
 class _Remote:
@@ -162,6 +176,7 @@ class CudaPlane(Plane):
         self.force_cpu = cfg.cuda_force_cpu
         self.roll_min_idle = cfg.cuda_roll_min_idle_mib << 20
         self.small_copy = small_copy_limit()
+        self.fresh_copy = fresh_copy_limit(self.small_copy, self.limit)
         self._seen_small = {}         # storage address -> weakref to the storage last staged from it
         self._idle_local = threading.local()   # importer: idle staging blocks of this batch
         self._batch_copies = True     # cuMemcpyBatchAsync works here (until it fails once)
@@ -332,7 +347,7 @@ class CudaPlane(Plane):
             stream = self._torch.cuda.current_stream(ordinal).cuda_stream
         pool_ok = (heap is not None and caps.pools and ctx.st.verdicts.ok("pool") is not False
                    and not self.force_cpu)
-        copy_ok = pool_ok and self.small_copy > 0
+        copy_ok = pool_ok and self.fresh_copy > 0
         d = ctx.dev[ordinal] = (caps, uuid, heap, stream, pool_ok, copy_ok)
         return d
 
@@ -353,7 +368,7 @@ class CudaPlane(Plane):
         shape = tuple(obj.shape)
         strides = tuple(obj.stride())
         nbytes = span_bytes(shape, strides, ITEMSIZE[dtype])
-        in_pool, alloc, gen, base, ptr, copy, storage = False, 0, None, 0, 0, False, None
+        in_pool, alloc, gen, base, ptr, copy, storage, snbytes = False, 0, None, 0, 0, False, None, 0
         if nbytes and heap is not None:
             ptr = obj.data_ptr()
             rec = self._by_ptr.get(ptr)
@@ -366,7 +381,8 @@ class CudaPlane(Plane):
             else:
                 if copy_ok:
                     storage = obj.untyped_storage()
-                    if storage.nbytes() <= self.small_copy:
+                    snbytes = storage.nbytes()
+                    if snbytes <= self.fresh_copy:
                         # Decided before the two driver calls below, which it does not need.
                         sptr = storage.data_ptr()
                         copy = sptr in ctx.staged or self._first_sight(storage, sptr)
@@ -379,8 +395,8 @@ class CudaPlane(Plane):
             route = "pool"            # choose()'s first answer, without the call
             self.last_reasons[route] = POOL_WHY
         elif copy:
-            route = "staging"         # choose()'s answer for a small first sight, without the call
-            self.last_reasons[route] = SMALL_COPY_WHY
+            route = "staging"         # choose()'s answer for a first sight, without the call
+            self.last_reasons[route] = SMALL_COPY_WHY if snbytes <= self.small_copy else FRESH_COPY_WHY
         else:
             route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
                                 alloc_bytes=alloc, limit=self.limit)
@@ -425,15 +441,17 @@ class CudaPlane(Plane):
         return event
 
     def _first_sight(self, storage, ptr):
-        """Whether ``storage`` (small, not lent now) is one we have not sent before.
+        """Whether ``storage`` (at most ``fresh_copy``, not lent now) is one we have not sent before.
 
         A tensor sent once is likely fresh (a call's output): one device copy into a
         recycled staging block costs less than exporting its allocation, importing
-        it and freeing the import.  A storage sent again, through any view (a cached
-        output, a weight), goes zero copy, and the peer's import cache keeps it
-        mapped.  Torch keeps one Python object per live storage, so a weak reference
-        to it tells "the same storage" from "a new one at a reused address".  Only a
-        hint: either route is correct.
+        it and freeing the import (small: two driver calls per side; big: the peer maps
+        and unmaps every page, ~2.5 ms per GiB on the H100 against ~0.8 ms for the
+        copy).  A storage sent again, through any view (a cached output, a weight),
+        goes zero copy, and the peer's import cache keeps it mapped.  Torch keeps one
+        Python object per live storage, so a weak reference to it tells "the same
+        storage" from "a new one at a reused address".  Only a hint: either route is
+        correct.
         """
         seen = self._seen_small
         ref = seen.get(ptr)
@@ -475,13 +493,45 @@ class CudaPlane(Plane):
                 export = gen.export_pointer(base)
                 meta = pool_meta(gen.key, export, uuid, alloc)
                 key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-                res = _Owned("pool", ordinal, base, meta, keep=obj, gen=gen, base=base, alloc=alloc)
+                # The record keeps the storage (the memory), not the tensor: the tensor's
+                # death is then our signal that the peer's cached import pins memory we
+                # could reuse (see _tensor_died).
+                storage = obj.untyped_storage()
+                res = _Owned("pool", ordinal, base, meta, keep=storage, gen=gen, base=base, alloc=alloc)
                 rec = lifetime.LEDGER.add_owned(key, res, self.on_zero)
                 self._by_base[base] = rec
+                try:
+                    res.watch = weakref.ref(obj, functools.partial(self._tensor_died, key, storage))
+                except TypeError:
+                    pass              # no signal: the peer's idle-time bound still applies
             if self._by_ptr.get(ptr) is not rec:
                 self._by_ptr[ptr] = rec
                 rec.resource.ptrs.append(ptr)
             return enc.add_ref(self, rec, rec.resource.meta, self._pool_fd_for(st, gen))
+
+    def _tensor_died(self, key, storage, _ref):
+        """The tensor of pool block ``key`` (its views keep it alive: ``_base``) died here.
+
+        If nothing else of ours uses the storage (a tensor built on it independently, a
+        Python storage object) only peers' import caches still pin the block: ask them
+        to let it go ("reclaim"), so our allocator can reuse the memory.  A peer's tensor
+        still alive on it keeps it until that dies.  Runs in a weakref callback: cheap,
+        never raises.
+        """
+        try:
+            users = _storage_users(storage)
+            # Ours (the record's storage object) plus the dying tensor, which still
+            # counts during its callback.
+            if users is not None and users > 2:
+                return
+            rec = lifetime.LEDGER.get(key)
+            if rec is None or not rec.owned:
+                return
+            for link in list(self._links):
+                if link.lent.get(key) and not link.closed:
+                    link.post(("plane", self.name, ("reclaim", [key])))
+        except Exception:
+            log.exception("comfy_env: could not ask peers to reclaim CUDA block %s", key)
 
     def _pool_fd_for(self, st, gen):
         """The pool's fd the first time this peer hears of it, else None."""
@@ -858,6 +908,7 @@ class CudaPlane(Plane):
                     if self._by_ptr.get(ptr) is record:
                         del self._by_ptr[ptr]
             res.keep = None           # torch frees it, stream-ordered, when the user did too
+            res.watch = None          # its callback holds the storage too
             self._reap_old(res.ordinal)
         elif res.kind == "staging":
             with lifetime.LEDGER.lock:
@@ -906,6 +957,9 @@ class CudaPlane(Plane):
         elif kind == "idle":
             _, blocks, event = message
             self._on_idle(link, blocks, event)
+        elif kind == "reclaim":
+            # The owner no longer uses these blocks: our cache must not pin them.
+            self.import_cache.reclaim([tuple(k) for k in message[1]])
         elif kind == "uncache":
             # The owner ran empty_cache: drop idle imports of its blocks so it can free them.
             self.import_cache.flush(owner=message[1])
