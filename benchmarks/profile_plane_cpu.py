@@ -27,7 +27,8 @@ from comfy_env.executor.futures import LazyResult  # noqa: E402
 from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
 from comfy_env.ipc.cuda import devices, plane as P  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
-from comfy_env.ipc.cuda.plane import PLANE, _Owned  # noqa: E402
+from comfy_env.ipc.cuda.blocks import OwnedPool  # noqa: E402
+from comfy_env.ipc.cuda.plane import PLANE  # noqa: E402
 
 K, MiB = 32, 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
@@ -130,7 +131,7 @@ def worker_tensors():
         t = FakeCudaTensor(base)
         meta = P.pool_meta(FakeGen.key, b"e" * 64, UUID, 2 * MiB)
         rec = lifetime.LEDGER.add_owned(("cuda", "w" * 16, 10_000 + i),
-                                        _Owned("pool", 0, base, meta, keep=t, gen=FakeGen, base=base, alloc=2 * MiB),
+                                        OwnedPool(0, base, meta, t, FakeGen, 2 * MiB),
                                         PLANE.on_zero)
         PLANE._by_base[base] = rec
         PLANE._by_ptr[base] = rec

@@ -75,6 +75,13 @@ def test_block_meta_roundtrip_and_errors():
     m = pool_meta(("owner", 3), b"x" * 64, UUID, 1024)
     assert validate_meta(m) == m
     assert validate_meta(vmm_meta(2 << 20, UUID))[0] == "vmm"
+    # The wire form is a plain tuple (the envelope is a plain pickle); the receiver reads names.
+    assert type(m) is tuple and type(vmm_meta(1, UUID)) is tuple
+    p = validate_meta(m)
+    assert (p.kind, p.pool_key, p.owner, p.export, p.device_uuid, p.alloc_size) == \
+        ("pool", ("owner", 3), "owner", b"x" * 64, UUID, 1024)
+    v = validate_meta(vmm_meta(2 << 20, UUID))
+    assert (v.kind, v.size, v.device_uuid) == ("vmm", 2 << 20, UUID)
     with pytest.raises(DescriptorError):
         validate_meta(pool_meta(("owner", 3), b"x" * 63, UUID, 1024))
     with pytest.raises(DescriptorError):
@@ -480,14 +487,15 @@ def test_idle_hook_runs_when_only_the_cache_holds_a_staging_block():
 
 def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
     from comfy_env.ipc import lifetime
-    from comfy_env.ipc.cuda.plane import CudaPlane, _Owned
+    from comfy_env.ipc.cuda.blocks import OwnedStaging
+    from comfy_env.ipc.cuda.plane import CudaPlane
     pl = CudaPlane()
     gen, MiB = object(), 1 << 20
     recs = []
 
     def block(size):
         key = ("cuda", "test-exporter", len(recs))
-        recs.append(lifetime.LEDGER.add_owned(key, _Owned("staging", 0, 0x1000, None, gen=gen, size=size),
+        recs.append(lifetime.LEDGER.add_owned(key, OwnedStaging(0, 0x1000, None, gen, None, size),
                                               None))
         return recs[-1]
 

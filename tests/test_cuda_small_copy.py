@@ -20,9 +20,10 @@ from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
 from comfy_env.ipc.cuda import devices, paths  # noqa: E402
 from comfy_env.ipc.cuda import driver as D  # noqa: E402
 from comfy_env.ipc.cuda.events import EventRing  # noqa: E402
-from comfy_env.ipc.cuda.layout import pool_meta, unpack  # noqa: E402
+from comfy_env.ipc.cuda.blocks import OwnedStaging, RemotePool  # noqa: E402
+from comfy_env.ipc.cuda.layout import pool_meta, unpack, validate_meta  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
-from comfy_env.ipc.cuda.plane import CudaPlane, _Owned, _Remote  # noqa: E402
+from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -431,7 +432,7 @@ def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monk
     recs = []
     for i in range(5):
         link = links[i % 2]
-        res = _Remote(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB), -1)
+        res = RemotePool(validate_meta(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB)))
         res.ptr, res.ordinal, res.seq, res.read_stream = 1 << 30, 0, i, 7 if i < 4 else 8
         rec = ledger.accept_lease(("cuda", link.name, i), link, lambda: res, None)
         ledger.hold(rec, 2)                 # the import cache's hold and a tensor's
@@ -452,8 +453,8 @@ def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monk
 
 def _idle_block(pl, gen, size, n):
     key = ("cuda", lifetime.PROCESS_UID, 900 + n)
-    rec = lifetime.LEDGER.add_owned(key, _Owned("staging", 0, (1 << 44) + n * 64 * MiB,
-                                                pool_meta(gen.key, b"e" * 64, UUID, size), gen=gen, size=size),
+    rec = lifetime.LEDGER.add_owned(key, OwnedStaging(0, (1 << 44) + n * 64 * MiB,
+                                                      pool_meta(gen.key, b"e" * 64, UUID, size), gen, None, size),
                                     pl.on_zero)
     return rec
 

@@ -34,6 +34,7 @@ import sys
 import threading
 import warnings
 import weakref
+from typing import NamedTuple
 
 from ... import settings
 from .. import lifetime
@@ -41,6 +42,7 @@ from ..codec import EncodeError, Plane
 from . import devices
 from . import driver as D
 from .events import EventRing, OpenedEvents
+from .blocks import OwnedPool, OwnedStaging, OwnedVmm, RemotePool, RemoteVmm
 from .importcache import ImportCache
 from .layout import (CudaTensorDesc, VERSION, ITEMSIZE, pack_fields, pool_meta, span_bytes, unpack, validate,
                      validate_meta, vmm_meta)
@@ -73,42 +75,21 @@ def _storage_users(storage):
     return count(cdata)
 
 
-class _Owned:
-    """A block we export.  ``keep`` holds what must stay alive until every peer released.
-
-    Staging blocks are recycled (see :meth:`CudaPlane._lend_staging`): ``busy`` while
-    a lend is unanswered, ``seq`` counts the lends, ``ready`` is the peer's event that
-    orders its last reads before our next copy.
-    """
-    __slots__ = ("kind", "ordinal", "ptr", "keep", "gen", "stream", "vmm", "meta", "base", "alloc",
-                 "ptrs", "size", "busy", "seq", "ready", "watch")
-
-    def __init__(self, kind, ordinal, ptr, meta, *, keep=None, gen=None, stream=None, vmm=None, base=None,
-                 alloc=0, size=0):
-        self.kind, self.ordinal, self.ptr, self.meta = kind, ordinal, ptr, meta
-        self.keep, self.gen, self.stream, self.vmm, self.base = keep, gen, stream, vmm, base
-        self.alloc = alloc            # pool blocks: the allocation's size
-        self.ptrs = []                # pool blocks: data pointers looked up through _by_ptr
-        self.size = size              # staging blocks: bytes allocated
-        self.busy = True
-        self.seq = 0
-        self.ready = None
-        self.watch = None             # pool blocks: weakref to the tensor first lent (see _tensor_died)
+class _EncodeDevice(NamedTuple):
+    """What encoding needs of one GPU, found the first time a frame meets it."""
+    caps: Capabilities
+    uuid: str
+    heap: object              # pools.Pools of our export heap, or None
+    stream: object            # torch's current stream there (a CUstream)
+    pool_ok: bool             # a tensor in our export pool goes zero copy without asking choose()
+    copy_ok: bool             # a first-seen storage goes by one copy without asking choose()
 
 
-class _Remote:
-    """A peer's block as we know it: imported only when something decodes it."""
-    __slots__ = ("meta", "fd", "ptr", "vmm", "stream", "ordinal", "seq", "read_stream")
-
-    def __init__(self, meta, fd):
-        self.meta = meta
-        self.fd = fd            # VMM blocks: their own fd (pools: the fd lives in PoolImports)
-        self.ptr = None
-        self.vmm = None
-        self.stream = None
-        self.ordinal = None
-        self.seq = 0            # staging blocks: the lend we last decoded (echoed in "idle")
-        self.read_stream = None  # ... and the stream that decode read on
+class _DecodeDevice(NamedTuple):
+    """What decoding needs of one GPU, found the first time a message meets it."""
+    ordinal: int
+    device: object            # torch.device
+    stream: object            # torch's current stream there
 
 
 class _EncodeContext:
@@ -117,7 +98,7 @@ class _EncodeContext:
 
     def __init__(self, st):
         self.st = st
-        self.dev = {}           # ordinal -> (caps, uuid, heap, stream, pool_ok, copy_ok)
+        self.dev = {}           # ordinal -> _EncodeDevice
         self.events = {}        # (ordinal, stream) -> the frame's event there (reserved, recorded at send)
         self.ready_waited = {}  # id -> a peer's "idle" event already waited on (kept alive: ids stay unique)
         self.staged = {}        # storage address -> (storage, encoder, ref, seq): staged once per part
@@ -129,7 +110,7 @@ class _DecodeContext:
     __slots__ = ("dev", "waited")
 
     def __init__(self):
-        self.dev = {}           # device uuid -> (ordinal, torch.device, stream)
+        self.dev = {}           # device uuid -> _DecodeDevice
         self.waited = set()     # events already waited on, per stream
 
 
@@ -333,11 +314,11 @@ class CudaPlane(Plane):
             D.call("cuMemcpyDtoDAsync_v2", dst, src, n, stream, detail="into the staging pool")
 
     def _encode_device(self, ctx, ordinal):
-        """``(caps, uuid, heap, stream, pool_ok, copy_ok)`` of ``ordinal``, the first time a
-        frame meets it.  ``pool_ok``: a tensor in our export pool goes zero copy without
-        asking :func:`choose`; ``copy_ok``: a small tensor first seen goes by one copy into
-        the staging pool without asking it (what it would answer; the peer's verdict is
-        read once per frame)."""
+        """The :class:`_EncodeDevice` of ``ordinal``, the first time a frame meets it.
+        ``pool_ok``: a tensor in our export pool goes zero copy without asking
+        :func:`choose`; ``copy_ok``: a small tensor first seen goes by one copy into the
+        staging pool without asking it (what it would answer; the peer's verdict is read
+        once per frame)."""
         caps = self.caps(ordinal)
         uuid = devices.uuid_of(ordinal)
         heap = stream = None
@@ -348,7 +329,7 @@ class CudaPlane(Plane):
         pool_ok = (heap is not None and caps.pools and ctx.st.verdicts.ok("pool") is not False
                    and not self.force_cpu)
         copy_ok = pool_ok and self.fresh_copy > 0
-        d = ctx.dev[ordinal] = (caps, uuid, heap, stream, pool_ok, copy_ok)
+        d = ctx.dev[ordinal] = _EncodeDevice(caps, uuid, heap, stream, pool_ok, copy_ok)
         return d
 
     def encode(self, obj, enc):
@@ -497,7 +478,7 @@ class CudaPlane(Plane):
                 # death is then our signal that the peer's cached import pins memory we
                 # could reuse (see _tensor_died).
                 storage = obj.untyped_storage()
-                res = _Owned("pool", ordinal, base, meta, keep=storage, gen=gen, base=base, alloc=alloc)
+                res = OwnedPool(ordinal, base, meta, storage, gen, alloc)
                 rec = lifetime.LEDGER.add_owned(key, res, self.on_zero)
                 self._by_base[base] = rec
                 try:
@@ -647,8 +628,7 @@ class CudaPlane(Plane):
         self._enqueue_copy(ctx, ordinal, stream, ptr, src, nbytes, keep)
         meta = pool_meta(gen.key, export, uuid, size)
         key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-        rec = lifetime.LEDGER.add_owned(key, _Owned("staging", ordinal, ptr, meta, gen=gen, stream=stream,
-                                                    size=size), self.on_zero)
+        rec = lifetime.LEDGER.add_owned(key, OwnedStaging(ordinal, ptr, meta, gen, stream, size), self.on_zero)
         return enc.add_ref(self, rec, meta, self._pool_fd_for(st, gen)), 0
 
     def _on_idle(self, link, blocks, event):
@@ -720,8 +700,7 @@ class CudaPlane(Plane):
             blk.close()
             raise
         meta = vmm_meta(blk.size, uuid)
-        rec = lifetime.LEDGER.add_owned(key, _Owned("vmm", ordinal, blk.ptr, meta, vmm=blk, stream=stream),
-                                        self.on_zero)
+        rec = lifetime.LEDGER.add_owned(key, OwnedVmm(ordinal, blk, meta, stream), self.on_zero)
         return enc.add_ref(self, rec, meta, blk.fd)
 
     def _encode_cpu(self, obj, dtype, ordinal, uuid, why):
@@ -732,7 +711,7 @@ class CudaPlane(Plane):
 
     # -- decode ------------------------------------------------------------------------
     def _decode_device(self, dec, ctx, uuid):
-        """``(ctx, (ordinal, device, stream))`` the first time a message meets ``uuid``."""
+        """``(ctx, _DecodeDevice)`` the first time a message meets ``uuid``."""
         if ctx is None:
             ctx = _DecodeContext()
             try:
@@ -744,7 +723,8 @@ class CudaPlane(Plane):
         except (devices.UnknownDevice, D.CudaError) as exc:
             raise CudaTransferError(str(exc)) from None
         torch = self._torch
-        d = ctx.dev[uuid] = (ordinal, torch.device("cuda", ordinal), torch.cuda.current_stream(ordinal).cuda_stream)
+        d = ctx.dev[uuid] = _DecodeDevice(ordinal, torch.device("cuda", ordinal),
+                                          torch.cuda.current_stream(ordinal).cuda_stream)
         return ctx, d
 
     def decode(self, desc, dec):
@@ -774,11 +754,11 @@ class CudaPlane(Plane):
                     self._events.wait(event, ordinal, stream)
             t, keeper = self._wrap(base + desc.offset, desc, ordinal, device)
             lifetime.LEDGER.holder(rec, keeper)
-            if not rec.owned and res.meta[0] == "pool":
+            if not rec.owned and res.kind == "pool":
                 meta = res.meta
-                owner = meta[1][0]
+                owner = meta.owner
                 if route == "pool":
-                    self.import_cache.keep(rec, meta[4], owner)
+                    self.import_cache.keep(rec, meta.alloc_size, owner)
                 elif route == "staging":
                     # Echoed in our "idle" report (the keeper above is alive until we return).
                     res.seq = desc.seq
@@ -786,7 +766,7 @@ class CudaPlane(Plane):
                     if rec.upstream is not None and rec.upstream.uid == owner:
                         # Only the owner's own blocks: a block forwarded by a third process
                         # would be reported idle to the forwarder, which cannot recycle it.
-                        self.import_cache.keep(rec, meta[4], owner, on_idle=self._staging_idle)
+                        self.import_cache.keep(rec, meta.alloc_size, owner, on_idle=self._staging_idle)
         if desc.requires_grad:
             t.requires_grad_(True)
         return t
@@ -826,13 +806,12 @@ class CudaPlane(Plane):
         with self._lock:
             if res.ptr is not None:
                 return res.ptr
-            kind = res.meta[0]
+            kind = res.kind
             try:
                 if kind == "pool":
-                    _, pool_key, export, _uuid, _size = res.meta
-                    ptr = self.imports.import_pointer(pool_key, export)
+                    ptr = self.imports.import_pointer(res.meta.pool_key, res.meta.export)
                 else:
-                    res.vmm = VmmBlock.open(res.fd, res.meta[1], ordinal)
+                    res.vmm = VmmBlock.open(res.fd, res.meta.size, ordinal)
                     res.fd = -1           # the block owns it now
                     ptr = res.vmm.ptr
             except (D.CudaError, LookupError) as exc:
@@ -855,28 +834,27 @@ class CudaPlane(Plane):
     # -- blocks --------------------------------------------------------------------------
     def open_remote(self, key, meta, fd):
         try:
-            validate_meta(meta)
+            meta = validate_meta(meta)
         except Exception:
             if fd >= 0:
                 os.close(fd)
             raise
-        if meta[0] == "pool":
-            pool_key = meta[1]
+        if meta.kind == "pool":
             if fd >= 0:
-                self.imports.register(pool_key, fd, meta[3])
-            self.imports.pin(pool_key)       # raises clearly if the pool's fd never came
-            return _Remote(meta, -1)
+                self.imports.register(meta.pool_key, fd, meta.device_uuid)
+            self.imports.pin(meta.pool_key)       # raises clearly if the pool's fd never came
+            return RemotePool(meta)
         if fd < 0:
             raise CudaTransferError(f"CUDA VMM block {key} arrived without its fd")
-        return _Remote(meta, fd)
+        return RemoteVmm(meta, fd)
 
     def forward_fd(self, record):
         """An fd (still ours, valid while ``record`` lives) that opens the block elsewhere."""
         res = record.resource
         if record.owned:
-            return res.vmm.fd if res.kind == "vmm" else res.gen.fd
-        if res.meta[0] == "pool":
-            return self.imports.get(res.meta[1]).fd
+            return res.forward_fd()
+        if res.kind == "pool":
+            return self.imports.get(res.meta.pool_key).fd
         return res.vmm.fd if res.vmm is not None else res.fd
 
     def on_zero(self, record):
@@ -929,8 +907,8 @@ class CudaPlane(Plane):
     def _free_remote(self, record):
         """Unmap a peer's block; True when the free was deferred to :meth:`_finish_frees`."""
         res = record.resource
-        if res.meta[0] == "pool":
-            pool_key, export = res.meta[1], res.meta[2]
+        if res.kind == "pool":
+            pool_key, export = res.meta.pool_key, res.meta.export
             try:
                 if res.ptr is not None:
                     return self.imports.release_pointer(pool_key, export, res.stream, defer=True)
