@@ -192,7 +192,7 @@ def parent_timers():
     return Timers({"decode": (PLANE, "decode"), "encode": (PLANE, "encode"),
                    "import_pointer": (PLANE.imports, "import_pointer"),
                    "release_pointer": (PLANE.imports, "release_pointer"),
-                   "event_wait": (PLANE._events, "wait")})
+                   "event_wait": (PLANE.local.events, "wait")})
 
 
 def new_executor(env_extra=None):

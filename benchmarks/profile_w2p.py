@@ -136,7 +136,7 @@ def w_timers(on, bench_dir=None):
 
 def primitives(k=200):
     """Ways to make a tensor over device memory we do not own, in this process."""
-    from comfy_env.ipc.cuda.plane import _DeviceBytes
+    from comfy_env.ipc.cuda.receiver import _DeviceBytes
     import weakref
     x = torch.ones(MiB // 4, device="cuda")
     ptr = x.data_ptr()

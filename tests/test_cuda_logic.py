@@ -203,16 +203,16 @@ def test_cpu_fallback_warns_once_and_keeps_device_identity(monkeypatch):
     torch = pytest.importorskip("torch")
     from comfy_env.ipc.cuda import plane as P
     pl = P.CudaPlane()
-    pl._t()
+    pl.local.t()
     t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).t()
     with pytest.warns(P.CudaFallbackWarning, match="no usable CUDA driver"):
-        d = pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")
+        d = pl.sender._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")
     assert d.route == "cpu" and d.device_uuid == UUID and d.device_index == 1
     assert validate(d).host.dtype == torch.bfloat16
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")   # no second warning
+        pl.sender._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")   # no second warning
 
 
 def test_cpu_tensors_are_left_to_the_cpu_plane():
@@ -502,21 +502,21 @@ def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
     try:
         small, big = block(2 * MiB), block(8 * MiB)
         ev = ("0123456789abcdef", 0, 1, b"e" * 64)
-        pl._on_idle(None, [(small.key, 1)], ev)            # answers a lend that never happened
+        pl.sender.on_idle(None, [(small.key, 1)], ev)            # answers a lend that never happened
         assert pl.stats()["staging_idle"] == 0
-        pl._on_idle(None, [(small.key, 0)], ev)
-        pl._on_idle(None, [(big.key, 0)], None)
+        pl.sender.on_idle(None, [(small.key, 0)], ev)
+        pl.sender.on_idle(None, [(big.key, 0)], None)
         assert pl.stats()["staging_idle"] == 2 and small.resource.ready == ev
         with lifetime.LEDGER.lock:
-            got = pl._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
+            got = pl.sender._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
             assert got is small and small.resource.busy and small.resource.seq == 1
-            assert pl._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
-        pl._on_idle(None, [(small.key, 0)], ev)            # late answer to the previous lend
+            assert pl.sender._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
+        pl.sender.on_idle(None, [(small.key, 0)], ev)            # late answer to the previous lend
         assert small.resource.busy and pl.stats()["staging_idle"] == 1
         with lifetime.LEDGER.lock:                     # a rolled generation is never lent again
-            assert pl._take_idle_staging(0, 8 * MiB, object()) is None
+            assert pl.sender._take_idle_staging(0, 8 * MiB, object()) is None
         assert pl.stats()["staging_idle"] == 0 and pl.recycled == 1
-        assert pl._staging_size(1000) == 1024 and pl._staging_size(3 * MiB + 1) == 4 * MiB
+        assert pl.sender._staging_size(1000) == 1024 and pl.sender._staging_size(3 * MiB + 1) == 4 * MiB
     finally:
         for r in recs:
             lifetime.LEDGER._records.pop(r.key, None)

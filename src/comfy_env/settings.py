@@ -89,13 +89,13 @@ VARIABLES = (
              "seconds before an unused arena segment is given back (ipc/shm.py)"),
     Variable("COMFY_ENV_CUDA_HEAP", "cuda_heap", "pool", _choice("pool", "staging"),
              "where a worker's CUDA results live: torch's allocations in an exportable pool "
-             "(zero copy) or copies in a staging pool (ipc/cuda/plane.py)"),
+             "(zero copy) or copies in a staging pool (ipc/cuda/local.py, sender.py)"),
     Variable("COMFY_ENV_CUDA_FORCE_CPU", "cuda_force_cpu", False, lambda raw: raw == "1",
              "1: send every CUDA tensor through host memory (diagnostics, benchmarks) "
-             "(ipc/cuda/plane.py)"),
+             "(ipc/cuda/sender.py)"),
     Variable("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "cuda_roll_min_idle_mib", 64, _int(0),
              "MiB of idle staging memory before a sender rolls to a fresh staging block "
-             "(ipc/cuda/plane.py)"),
+             "(ipc/cuda/local.py)"),
     Variable("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB", "cuda_pool_import_limit_mib", 4096, _int(1),
              "largest single pool allocation a peer may import, in MiB; bigger tensors take "
              "the VMM route (ipc/cuda/paths.py)"),

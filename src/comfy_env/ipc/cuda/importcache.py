@@ -20,7 +20,7 @@ Bounds (idle entries only: an entry still used by a tensor costs no extra memory
 A zero-copy block that came from its owner has no byte bound: while the owner still
 uses the tensor (a cached output, weights) our mapping costs no memory on either side,
 and once its tensor died there the owner says so (``("reclaim", keys)``, see
-``CudaPlane._tensor_died``) and the entry goes as soon as it is idle here.  So what we
+``Sender._tensor_died``) and the entry goes as soon as it is idle here.  So what we
 pin is bounded by what the owner could reuse, not by a fixed size (a fixed 256 MiB
 unmapped a 1 GiB result the worker kept, and every call mapped it again: ~4 ms).
 ``COMFY_ENV_CUDA_IMPORT_CACHE_MIB`` bounds pool blocks forwarded by a third process,

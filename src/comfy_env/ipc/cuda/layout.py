@@ -58,7 +58,7 @@ class CudaTensorDesc(NamedTuple):
     event: Optional[tuple]        # (owner_uid, owner_ordinal, slot, handle: 64 bytes) or None
     requires_grad: bool
     host: object = None           # the CPU copy, route "cpu" only
-    seq: int = 0                  # staging blocks: which lend of the block this is (see plane.py)
+    seq: int = 0                  # staging blocks: which lend of the block this is (see sender.py)
 
 
 _new_desc = tuple.__new__

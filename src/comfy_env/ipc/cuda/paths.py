@@ -3,7 +3,7 @@
 Inputs are facts, never guesses: :class:`Capabilities` is what *this* process proved
 by doing the operation (creating and exporting a pool, a VMM allocation, an event);
 :class:`PeerVerdicts` is what the *peer* reported after it actually imported a block
-of each kind from us (see plane.py: the first import of each kind is the probe, and
+of each kind from us (see receiver.py: the first import of each kind is the probe, and
 its outcome is posted back).  Unknown means "not tried yet", and trying is allowed:
 a failed import is reported to the caller as a clear error and demotes the route for
 that peer, it never crashes a process.
