@@ -520,3 +520,39 @@ def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
     finally:
         for r in recs:
             lifetime.LEDGER._records.pop(r.key, None)
+
+
+def test_the_sender_guards_its_blocks_with_its_own_lock_not_the_ledgers():
+    """An idle report and the bookkeeping of a freed staging block need only the sender's
+    lock (docs/architecture.md, "Locks"): they go on while another thread holds the
+    ledger's lock, e.g. a frame lending blocks."""
+    import threading
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.cuda.blocks import OwnedStaging
+    from comfy_env.ipc.cuda.plane import CudaPlane
+    pl = CudaPlane()
+    gen = object()
+    key = ("cuda", "test-lock-order", 1)
+    rec = lifetime.LEDGER.add_owned(key, OwnedStaging(0, 0x1000, None, gen, None, 1 << 20), None)
+    held, done = threading.Event(), threading.Event()
+
+    def hold_the_ledger():
+        with lifetime.LEDGER.lock:
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold_the_ledger)
+    t.start()
+    try:
+        assert held.wait(10)
+        reported = threading.Thread(target=pl.sender.on_idle, args=(None, [(key, 0)], None))
+        reported.start()
+        reported.join(5)
+        assert not reported.is_alive(), "on_idle waited for the ledger's lock"
+    finally:
+        done.set()
+        t.join(10)
+    try:
+        assert pl.stats()["staging_idle"] == 1
+    finally:
+        lifetime.LEDGER._records.pop(key, None)

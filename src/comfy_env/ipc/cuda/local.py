@@ -7,8 +7,10 @@ and the trimming of those pools by generations (roll, reap).  Also the peers' ev
 we opened (:class:`~.events.OpenedEvents`), how device copies are enqueued (one batch
 call where the driver has it), and the torch module once a tensor needed it.
 
-``_lock`` guards probing and heap creation only (each happens once per device); the
-dicts are read without it (a dict read is atomic, and an entry, once made, stays).
+``_lock`` guards probing and heap creation only (each happens once per device; heap
+creation probes under it, hence re-entrant); the dicts are read without it (a dict
+read is atomic, and an entry, once made, stays).  Nothing of ours is locked or posted
+under it: it may be taken under the ledger's lock or alone.
 """
 from __future__ import annotations
 
@@ -109,13 +111,16 @@ class LocalGpus:
         torch = self.t()
         if torch.cuda.get_allocator_backend() != "cudaMallocAsync":
             return None           # the native allocator ignores the device's pool
+        failed = None
         with self._lock:
             if ordinal not in self.heap and self.caps(ordinal).pools:
                 try:
                     self.heap[ordinal] = Pools(ordinal, "heap")
                 except D.CudaError as exc:
-                    self._warn_once(("heap", ordinal), f"no zero-copy export pool on GPU {ordinal}: {exc}")
+                    failed = exc
                     self.heap[ordinal] = None
+        if failed is not None:
+            self._warn_once(("heap", ordinal), f"no zero-copy export pool on GPU {ordinal}: {failed}")
         return self.heap.get(ordinal)
 
     # -- device copies -------------------------------------------------------------

@@ -16,9 +16,11 @@ Data flow of one tensor::
     free_remote(rec)               the last user went: free + synchronise; then the ledger
                                    posts the release
 
-Locks: ``_import_lock`` makes the first import of a block happen once (it is taken
-inside the ledger's lock never: decode runs outside it); ``PoolImports`` and the
-import cache have their own (see docs/architecture.md, "Locks").
+Locks (docs/architecture.md, "Locks"): ``_import_lock`` makes the first import of a
+block happen once; decode takes it outside the ledger's lock, and nothing of ours but
+``PoolImports``' lock is taken under it (the verdict a failed import posts waits until
+it is released).  ``PoolImports`` and the import cache have their own locks, taken
+after the ledger's.
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ class Receiver:
         self.name = plane.name
         self.local = local            # LocalGpus
         self.peers = peers            # Peers
-        self._import_lock = threading.RLock()
+        self._import_lock = threading.Lock()
         self._idle_local = threading.local()   # idle staging blocks of this thread's batch
         self.imports = PoolImports()
         self.import_cache = ImportCache(lifetime.LEDGER)   # pool imports kept after use
@@ -184,10 +186,11 @@ class Receiver:
         res = rec.resource
         if rec.owned or res.ptr is not None:
             return res.ptr
+        kind = res.kind
+        failed = None
         with self._import_lock:
             if res.ptr is not None:
                 return res.ptr
-            kind = res.kind
             try:
                 if kind == "pool":
                     ptr = self.imports.import_pointer(res.meta.pool_key, res.meta.export)
@@ -196,11 +199,14 @@ class Receiver:
                     res.fd = -1           # the block owns it now
                     ptr = res.vmm.ptr
             except (D.CudaError, LookupError) as exc:
-                self._tell(link, kind, False, str(exc))
-                raise CudaTransferError(
-                    f"could not import a CUDA {kind} block from {link.name}: {exc}. That route is now "
-                    f"disabled for this peer; the next transfer takes another") from None
-            res.ptr, res.stream, res.ordinal = ptr, stream, ordinal
+                failed = str(exc)
+            else:
+                res.ptr, res.stream, res.ordinal = ptr, stream, ordinal
+        if failed is not None:
+            self._tell(link, kind, False, failed)
+            raise CudaTransferError(
+                f"could not import a CUDA {kind} block from {link.name}: {failed}. That route is now "
+                f"disabled for this peer; the next transfer takes another") from None
         self._tell(link, kind, True, "")
         return ptr
 

@@ -17,10 +17,15 @@ Data flow of one tensor::
       when the frame is sent (_finish_frame)
     ...the peer releases (ledger) -> free_owned: drop t / free the staging block / unmap
 
-Locks: the checks that a record still lives and the lends that follow are made under
-the ledger's lock (``lifetime.LEDGER.lock``): a release on another thread must not
-retire a record between them.  That lock is also what guards this side's dicts and
-the staging blocks' ``busy`` / ``seq`` / ``ready`` (see docs/architecture.md, "Locks").
+Locks, in the order they are taken (docs/architecture.md, "Locks"):
+
+1. the ledger's lock (``lifetime.LEDGER.lock``): a check that a record still lives and
+   the lend that follows are made under it, so that a release on another thread cannot
+   retire the record between them;
+2. ``Sender._lock`` guards this side's dicts (``_by_base``, ``_by_ptr``,
+   ``_idle_staging``) and the staging blocks' ``busy`` / ``seq`` / ``ready``.  Taken
+   inside the ledger's lock or alone, never the other way round, and held only for
+   that bookkeeping: no driver call, no post, no call into the ledger under it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import functools
 import itertools
 import logging
 import sys
+import threading
 import weakref
 from typing import NamedTuple
 
@@ -93,6 +99,7 @@ class Sender:
         self.force_cpu = force_cpu
         self.small_copy = small_copy
         self.fresh_copy = fresh_copy
+        self._lock = threading.Lock()
         self._seen_small = {}         # storage address -> weakref to the storage last staged from it
         self._by_base = {}            # allocation base -> owned "pool" record (one key per allocation)
         self._by_ptr = {}             # data pointer -> live owned "pool" record (skips two driver calls)
@@ -286,7 +293,8 @@ class Sender:
         # retire the record between our lookup and the lend (one key per allocation, so
         # the peer imports each pointer once).
         with lifetime.LEDGER.lock:
-            rec = self._by_base.get(base)
+            with self._lock:
+                rec = self._by_base.get(base)
             if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
                 export = gen.export_pointer(base)
                 meta = pool_meta(gen.key, export, uuid, alloc)
@@ -297,14 +305,16 @@ class Sender:
                 storage = obj.untyped_storage()
                 res = OwnedPool(ordinal, base, meta, storage, gen, alloc)
                 rec = lifetime.LEDGER.add_owned(key, res, self.plane.on_zero)
-                self._by_base[base] = rec
+                with self._lock:
+                    self._by_base[base] = rec
                 try:
                     res.watch = weakref.ref(obj, functools.partial(self._tensor_died, key, storage))
                 except TypeError:
                     pass              # no signal: the peer's idle-time bound still applies
-            if self._by_ptr.get(ptr) is not rec:
-                self._by_ptr[ptr] = rec
-                rec.resource.ptrs.append(ptr)
+            with self._lock:
+                if self._by_ptr.get(ptr) is not rec:
+                    self._by_ptr[ptr] = rec
+                    rec.resource.ptrs.append(ptr)
             return enc.add_ref(self.plane, rec, rec.resource.meta, self._pool_fd_for(st, gen))
 
     def _tensor_died(self, key, storage, _ref):
@@ -356,35 +366,36 @@ class Sender:
 
     def _take_idle_staging(self, ordinal, nbytes, gen):
         """The smallest idle staging block of the current generation that fits ``nbytes``
-        (at most twice its rounded size; caller holds the ledger's lock), marked busy;
-        None if there is none.
+        (at most twice its rounded size), marked busy; None if there is none.  The caller
+        holds the ledger's lock (the block must still live when it is lent).
 
         Idle blocks are kept by size (sizes are rounded, see :meth:`_staging_size`, so
         there are few): the usual case, a block of the rounded size, is one dict lookup
         (a scan of every idle block took 12 µs per tensor with 32 blocks).
         """
-        buckets = self._idle_staging.get(ordinal)
-        if not buckets:
-            return None
-        want = self._staging_size(nbytes)
-        rec = self._pop_idle(buckets, want, gen) if want in buckets else None
-        if rec is None:
-            for size in sorted(z for z in buckets if nbytes <= z <= 2 * want):
-                rec = self._pop_idle(buckets, size, gen)
-                if rec is not None:
-                    break
-        if rec is not None:
-            res = rec.resource
-            res.busy = True
-            res.seq += 1
-            self.recycled += 1
-        return rec
+        with self._lock:
+            buckets = self._idle_staging.get(ordinal)
+            if not buckets:
+                return None
+            want = self._staging_size(nbytes)
+            rec = self._pop_idle(buckets, want, gen) if want in buckets else None
+            if rec is None:
+                for size in sorted(z for z in buckets if nbytes <= z <= 2 * want):
+                    rec = self._pop_idle(buckets, size, gen)
+                    if rec is not None:
+                        break
+            if rec is not None:
+                res = rec.resource
+                res.busy = True
+                res.seq += 1
+                self.recycled += 1
+            return rec
 
     @staticmethod
     def _pop_idle(buckets, size, gen):
         """The last block idle in ``buckets[size]`` that is still ours and of ``gen``;
         the others met on the way were freed or belong to a rolled generation (which
-        must drain, not be lent again): forgotten."""
+        must drain, not be lent again): forgotten.  Caller holds both locks."""
         bucket = buckets[size]
         ledger = lifetime.LEDGER
         while bucket:
@@ -450,8 +461,12 @@ class Sender:
 
     def on_idle(self, link, blocks, event):
         """A peer finished reading our staging blocks ``[(key, lend seq)]`` and keeps them
-        mapped; ``event`` (one for all of them) follows its last reads."""
-        with lifetime.LEDGER.lock:
+        mapped; ``event`` (one for all of them) follows its last reads.
+
+        The ledger's lock is not needed: a record dropped after the check below is taken
+        out of ``_idle_staging`` by :meth:`free_owned` (which waits for our lock), and
+        :meth:`_pop_idle` checks again that a block still lives before it is lent."""
+        with self._lock:
             for key, seq in blocks:
                 rec = lifetime.LEDGER.get(tuple(key))
                 if rec is None or not rec.owned or rec.resource.kind != "staging":
@@ -485,7 +500,7 @@ class Sender:
     def free_owned(self, record):
         res = record.resource
         if res.kind == "pool":
-            with lifetime.LEDGER.lock:
+            with self._lock:
                 if self._by_base.get(res.base) is record:
                     del self._by_base[res.base]
                 for ptr in res.ptrs:
@@ -495,7 +510,7 @@ class Sender:
             res.watch = None          # its callback holds the storage too
             self.reap_old(res.ordinal)
         elif res.kind == "staging":
-            with lifetime.LEDGER.lock:
+            with self._lock:
                 bucket = self._idle_staging.get(res.ordinal, {}).get(res.size)
                 if bucket and record in bucket:
                     bucket.remove(record)
@@ -538,9 +553,10 @@ class Sender:
             st = link.state.get(self.name)
             if st is not None and st.pools_sent and not link.closed:
                 link.post(("plane", self.name, ("uncache", lifetime.PROCESS_UID)))
-        with lifetime.LEDGER.lock:
+        with self._lock:
             self._idle_staging.clear()
 
     def stats(self):
-        return {"staging_recycled": self.recycled,
-                "staging_idle": sum(len(b) for v in self._idle_staging.values() for b in v.values())}
+        with self._lock:
+            idle = sum(len(b) for v in self._idle_staging.values() for b in v.values())
+        return {"staging_recycled": self.recycled, "staging_idle": idle}
