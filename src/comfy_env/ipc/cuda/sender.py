@@ -26,6 +26,9 @@ Locks, in the order they are taken (docs/architecture.md, "Locks"):
    ``_idle_staging``) and the staging blocks' ``busy`` / ``seq`` / ``ready``.  Taken
    inside the ledger's lock or alone, never the other way round, and held only for
    that bookkeeping: no driver call, no post, no call into the ledger under it.
+   Every change of those dicts is made under it; a read of one key of ``_by_base`` or
+   ``_by_ptr`` is not (atomic under the GIL), because whoever reads a record there
+   checks it against the ledger before using it.
 """
 from __future__ import annotations
 
@@ -293,8 +296,7 @@ class Sender:
         # retire the record between our lookup and the lend (one key per allocation, so
         # the peer imports each pointer once).
         with lifetime.LEDGER.lock:
-            with self._lock:
-                rec = self._by_base.get(base)
+            rec = self._by_base.get(base)     # a one-key read: checked against the ledger next
             if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
                 export = gen.export_pointer(base)
                 meta = pool_meta(gen.key, export, uuid, alloc)
@@ -311,10 +313,11 @@ class Sender:
                     res.watch = weakref.ref(obj, functools.partial(self._tensor_died, key, storage))
                 except TypeError:
                     pass              # no signal: the peer's idle-time bound still applies
-            with self._lock:
-                if self._by_ptr.get(ptr) is not rec:
-                    self._by_ptr[ptr] = rec
-                    rec.resource.ptrs.append(ptr)
+            if self._by_ptr.get(ptr) is not rec:    # the usual case, a tensor sent before: no lock
+                with self._lock:
+                    if self._by_ptr.get(ptr) is not rec:
+                        self._by_ptr[ptr] = rec
+                        rec.resource.ptrs.append(ptr)
             return enc.add_ref(self.plane, rec, rec.resource.meta, self._pool_fd_for(st, gen))
 
     def _tensor_died(self, key, storage, _ref):
