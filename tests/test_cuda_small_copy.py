@@ -532,3 +532,35 @@ def test_a_sent_frame_keeps_no_source_alive(worker):
     finally:
         gc.enable()
 
+
+
+def test_a_failed_import_is_a_clear_error_and_a_verdict_to_the_sender(monkeypatch):
+    """The receiver's first import of a block is the probe: a driver error raises
+    CudaTransferError naming it and tells the sender (which then stops using that route
+    for this peer, with one warning); nothing stays locked: the next block imports."""
+    from comfy_env.ipc.cuda.plane import CudaTransferError
+    pl = CudaPlane()
+    sent = []
+    link = lifetime.Link(sent.extend, "worker-1")
+
+    def remote(i):
+        meta = validate_meta(pool_meta(("o" * 16, 1), bytes([i]) * 64, UUID, MiB))
+        return lifetime.Record(("cuda", "o" * 16, i), RemotePool(meta), owned=False, upstream=link)
+
+    def refuse(pool_key, export):
+        raise D.CudaError("cuMemPoolImportPointer", 1, "invalid argument")
+
+    monkeypatch.setattr(pl.imports, "import_pointer", refuse)
+    rec = remote(1)
+    with pytest.raises(CudaTransferError, match="could not import a CUDA pool block from worker-1: .*invalid argument"):
+        pl.receiver._local_ptr(rec, 0, 7, link)
+    posts = _sent_posts(link, sent)
+    assert len(posts) == 1 and posts[0][:2] == ("plane", "cuda") and posts[0][2][:3] == ("verdict", "pool", False)
+    assert "invalid argument" in posts[0][2][3] and rec.resource.ptr is None
+    monkeypatch.setattr(pl.imports, "import_pointer", lambda pool_key, export: 1 << 30)
+    ok = remote(2)
+    assert pl.receiver._local_ptr(ok, 0, 7, link) == 1 << 30
+    assert (ok.resource.ptr, ok.resource.stream, ok.resource.ordinal) == (1 << 30, 7, 0)
+    with pytest.warns(RuntimeWarning, match="cannot import CUDA pool blocks"):
+        pl.on_control(link, posts[0][2])
+    assert pl.peers.of(link).verdicts.ok("pool") is False

@@ -28,7 +28,8 @@ Locks, in the order they are taken (docs/architecture.md, "Locks"):
    that bookkeeping: no driver call, no post, no call into the ledger under it.
    Every change of those dicts is made under it; a read of one key of ``_by_base`` or
    ``_by_ptr`` is not (atomic under the GIL), because whoever reads a record there
-   checks it against the ledger before using it.
+   checks it against the ledger before using it.  ``_seen_small`` is a hint (either
+   route is correct) and is not locked, as before the split.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def _storage_users(storage):
     if count is None or cdata is None:
         return None
     return count(cdata)
+
 
 class _EncodeDevice(NamedTuple):
     """What encoding needs of one GPU, found the first time a frame meets it."""
