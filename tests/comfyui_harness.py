@@ -138,7 +138,8 @@ class ComfyUI:
         self.proc = None
         self.ready_at = None
 
-    def start(self, timeout=180):
+    def start(self, timeout=180, wait=True):
+        """Start ComfyUI; with ``wait``, return once it answers ``/system_stats``."""
         os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)
         env = dict(os.environ)
         env.update(self.extra_env)
@@ -151,6 +152,8 @@ class ComfyUI:
              "--port", str(self.port), "--base-directory", self.base_dir,
              "--disable-auto-launch"],
             cwd=self.tree, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -233,6 +233,33 @@ def test_node_that_never_checks_is_killed_after_the_grace_period(demo, recorder)
         pack.shutdown()
 
 
+def test_a_killed_pre_started_worker_is_replaced_at_once(demo, recorder):
+    # Pre-started pack: after the interrupt kill, the replacement worker starts in the
+    # background (forked from the zygote) instead of when the next node runs.
+    from comfy_env.comfyui import IsolatedPack
+    pack = IsolatedPack(demo[0].NODE_CLASS_MAPPINGS["DemoPid"]._comfy_env_pack.pack_dir, ["nodes"],
+                        interrupt_grace=0.5, name="demo_pack")
+    classes, _ = pack.node_mappings()
+    pack.prestart()
+    try:
+        pid = el.execute_node(classes["DemoPid"], {})[1][0][0]
+        threading.Timer(0.5, mm.interrupt_current_processing).start()
+        st, _, _ = el.execute_node(classes["DemoStubborn"], {"seconds": 60.0})
+        assert st == "interrupted"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (pack._warm and pack._executor.worker_pids()
+                                                   and pack._executor.worker_pids() != [pid]):
+            time.sleep(0.05)
+        [new] = pack._executor.worker_pids()      # started without a node run
+        assert new != pid
+        # ... and it has imported the pack's node modules already (the executor
+        # replaces a dead worker by itself, but only the pack knows what to import).
+        assert pack._executor.submit("sys:modules.__contains__", pack._spec["package"] + ".nodes").result()
+        assert el.execute_node(classes["DemoPid"], {})[1][0][0] == new
+    finally:
+        pack.shutdown()
+
+
 # --------------------------------------------------------------------- errors
 
 def test_error_report_has_worker_traceback_and_type(demo, recorder):

@@ -78,6 +78,9 @@ def test_cache_key_covers_sources_and_env_spec(tmp_path):
     k3 = metadata_cache.pack_key(str(pack_dir), ["nodes"], _env_fingerprint(str(spec)))
     k4 = metadata_cache.pack_key(str(pack_dir), ["nodes", "more"], _env_fingerprint(str(spec)))
     assert k1 != k2 and k2 == k3 and k3 != k4
+    # The prestartup script is host-only: adding one keeps the cached node definitions.
+    (pack_dir / "prestartup_script.py").write_text("from comfy_env.comfyui import prestart_pack\n")
+    assert metadata_cache.pack_key(str(pack_dir), ["nodes"], _env_fingerprint(str(spec))) == k3
 
 
 def test_corrupt_cache_file_is_ignored(tmp_path, cache_dir):
@@ -399,6 +402,10 @@ def test_prestart_waits_while_a_node_call_waits_for_its_worker():
 
     class FakePack:
         _warm = False
+        _closed = False
+        started_early = False
+        _executor = None
+        _start_in_background = IsolatedPack._start_in_background
 
         def __init__(self):
             self.started = threading.Event()
@@ -432,3 +439,195 @@ def test_v3_nodes_need_the_hosts_comfy_api(tmp_path, monkeypatch, caplog):
     classes, _ = IsolatedPack(pack_dir, ["nodes"]).node_mappings()
     assert list(classes) == ["MixedV1"]
     assert any("MixedV3" in r.getMessage() and "comfy_api" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- prestart_pack (prestartup_script.py)
+
+def _wait_for_worker(pack, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ex = pack._executor
+        if ex is not None and ex.worker_pids() and pack._warm:
+            return ex.worker_pids()
+        time.sleep(0.05)
+    raise AssertionError(f"no warm worker for {pack.name} after {timeout}s")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_prestart_pack_worker_is_adopted_by_isolated_nodes(tmp_path, cached):
+    from comfy_env.comfyui import early, isolated_nodes, prestart_pack
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    if cached:
+        IsolatedPack(pack_dir, ["nodes"]).node_mappings()      # metadata cached, no worker kept
+    assert prestart_pack(str(pack_dir / "prestartup_script.py"), "nodes") is None
+    started = early._early[str(pack_dir)]
+    [pid] = _wait_for_worker(started)
+    classes, _ = isolated_nodes(str(pack_dir / "__init__.py"), "nodes")
+    pack = classes["MixedV1"]._comfy_env_pack
+    try:
+        assert pack is started and pack.started_early and str(pack_dir) not in early._early
+        assert pack.metadata_source == ("cache" if cached else "worker")
+        assert classes["MixedV3"].execute(x=1).args == (10,)
+        assert pack._executor.worker_pids() == [pid]      # the early worker ran it
+    finally:
+        pack.shutdown()
+
+
+def test_prestart_pack_with_other_options_is_replaced_and_said(tmp_path, caplog):
+    from comfy_env.comfyui import early, isolated_nodes, prestart_pack
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    prestart_pack(str(pack_dir), "nodes", comfy_api="shim")
+    started = early._early[str(pack_dir)]
+    [pid] = _wait_for_worker(started)
+    caplog.set_level(logging.WARNING, logger="comfy_env.comfyui")
+    classes, _ = isolated_nodes(str(pack_dir), "nodes")
+    pack = classes["MixedV1"]._comfy_env_pack
+    try:
+        assert pack is not started and started._closed
+        [msg] = [r.getMessage() for r in caplog.records if "prestartup_script.py" in r.getMessage()]
+        assert "comfy_api='shim' in prestartup_script.py vs 'auto' in isolated_nodes()" in msg
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.05)
+        assert not alive(pid)
+        assert classes["MixedV3"].execute(x=2).args == (20,)
+    finally:
+        pack.shutdown()
+
+
+def test_prestart_pack_can_be_turned_off(tmp_path, monkeypatch):
+    from comfy_env.comfyui import early, prestart_pack
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    prestart_pack(str(pack_dir), "nodes", prestart=False)
+    monkeypatch.setenv("COMFY_ENV_PRESTART", "0")
+    prestart_pack(str(pack_dir), "nodes")
+    assert str(pack_dir) not in early._early
+
+
+def test_prestart_pack_failures_are_logged_once_and_loading_takes_over(tmp_path, caplog):
+    from comfy_env.comfyui import early, isolated_nodes, prestart_pack
+    caplog.set_level(logging.DEBUG, logger="comfy_env.comfyui")
+    # A bad argument: logged, never raised (ComfyUI would report a failed prestartup script).
+    prestart_pack(str(tmp_path / "nowhere" / "prestartup_script.py"), "nodes")
+    assert [r.levelno for r in caplog.records if "prestart_pack" in r.getMessage()] == [logging.WARNING]
+    # The pack's own code fails: reported once, by isolated_nodes (which caches it).
+    pack_dir = copy_pack(tmp_path, "broken_pack")
+    prestart_pack(str(pack_dir), "nodes")
+    started = early._early[str(pack_dir)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("early worker" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    caplog.clear()
+    with pytest.raises(PackLoadError):
+        isolated_nodes(str(pack_dir), "nodes")
+    assert started._closed and started._executor is None
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    # Cached failure: no early worker at all next time.
+    prestart_pack(str(pack_dir), "nodes")
+    assert str(pack_dir) not in early._early
+
+
+PRESTART_PACK_EXIT_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path[:0] = {paths!r}
+    from comfy_env.comfyui import early, prestart_pack
+    prestart_pack({pack!r}, "nodes")
+    pack = early._early[{pack!r}]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pack._executor and pack._executor.worker_pids()):
+        time.sleep(0.02)
+    # The worker is up: nothing in this process imported torch for it.
+    print("torch imported:", "torch" in sys.modules, flush=True)
+    ex = pack._executor
+    z = getattr(ex._pool, "zygote", None)
+    print(*ex.worker_pids(), *([z._proc.pid] if z is not None and z._proc else []), flush=True)
+    # Exit without the pack ever being loaded (isolated_nodes never called).
+""")
+
+
+@ALL_PYTHONS
+def test_prestart_pack_never_adopted_leaves_no_process(pyver, tmp_path):
+    from pythons import run_script
+    pack = str(copy_pack(tmp_path, "mixed_pack"))
+    proc = run_script(pyver, PRESTART_PACK_EXIT_SCRIPT.format(
+        paths=[conftest_helpers.HERE, PACKS], pack=pack), cwd=tmp_path, timeout=90,
+        env={"COMFY_ENV_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()[:2]
+    assert first == "torch imported: False"      # ComfyUI imports torch after prestartup scripts
+    pids = [int(p) for p in second.split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)]
+
+
+def test_env_none_workers_fork_from_a_zygote_that_preloads_torch(tmp_path):
+    pytest.importorskip("torch")
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    pack = IsolatedPack(pack_dir, ["nodes"])
+    assert pack.preload == ["torch"]
+    assert IsolatedPack(pack_dir, ["nodes"], preload=[]).preload == []
+    classes, _ = pack.node_mappings()
+    try:
+        assert classes["MixedV3"].execute(x=1).args == (10,)
+        ex = pack._executor
+        zygote = ex._pool.zygote
+        [pid] = ex.worker_pids()
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rpartition(")")[2].split()[1])
+        assert zygote is not None and ppid == zygote._proc.pid
+        os.kill(pid, signal.SIGKILL)           # as after an interrupt that the node ignored
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert classes["MixedV3"].execute(x=3).args == (30,)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        [new] = ex.worker_pids()
+        assert new != pid and ex._pool.zygote._proc.pid == ppid    # forked by the same zygote
+    finally:
+        pack.shutdown()
+
+
+def test_adopted_worker_gets_comfyuis_folders_as_they_are_at_load(tmp_path, monkeypatch):
+    # The early worker started before other packs added folders (or --temp-directory
+    # was applied): adopting it updates the running worker and any replacement.
+    import types
+    from comfy_env.comfyui import isolated_nodes, prestart_pack
+    fp = types.ModuleType("folder_paths")
+    fp.output_directory = str(tmp_path / "early")
+    fp.folder_names_and_paths = {}
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    pack_dir = copy_pack(tmp_path, "mixed_pack")
+    prestart_pack(str(pack_dir), "nodes", comfy_api="shim")
+    from comfy_env.comfyui import early
+    started = early._early[str(pack_dir)]
+    _wait_for_worker(started)
+    ask = "folder_paths:get_output_directory"
+    assert started._executor.submit(ask).result() == str(tmp_path / "early")
+    fp.output_directory = str(tmp_path / "loaded")
+    fp.folder_names_and_paths = {"loras": ([str(tmp_path / "loras")], {".safetensors"})}
+    classes, _ = isolated_nodes(str(pack_dir), "nodes", comfy_api="shim")
+    pack = classes["MixedV1"]._comfy_env_pack
+    try:
+        assert pack is started
+        assert pack._executor.submit(ask).result() == str(tmp_path / "loaded")
+        assert pack._executor.submit("folder_paths:get_folder_paths", "loras").result() == \
+            [str(tmp_path / "loras")]
+        [pid] = pack._executor.worker_pids()
+        os.kill(pid, signal.SIGKILL)              # a replacement starts from initargs
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                got = pack._executor.submit(ask).result()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        assert got == str(tmp_path / "loaded") and pack._executor.worker_pids() != [pid]
+    finally:
+        pack.shutdown()

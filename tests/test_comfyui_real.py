@@ -104,6 +104,20 @@ def test_workers_are_prestarted(comfy):
         pytest.fail(f"expected 3 pre-started workers under ComfyUI, found {kids}")
 
 
+def test_prestartup_script_workers_are_adopted(comfy):
+    log = comfy.log()
+    # ComfyUI ran both packs' prestartup scripts, before it imported torch.
+    assert "PRESTARTUP FAILED" not in log
+    assert "Torch already imported" not in log
+    lines = log.splitlines()
+    for pack in ("ce_v1", "ce_sep"):
+        loaded = [ln for ln in lines if f"comfy-env: [{pack}] " in ln and "isolated node(s)" in ln]
+        assert loaded and "worker started by prestartup_script.py" in loaded[0], loaded
+    assert "started with other options" not in log
+    # ce_v3 has no prestartup script: pre-started after loading, as before.
+    assert not any("[ce_v3]" in ln and "prestartup_script.py" in ln for ln in lines)
+
+
 def test_object_info_of_v1_and_v3_proxies(comfy):
     info = comfy.get("/object_info")
     assert info["CE_Invert"]["display_name"] == "Invert (isolated)"
@@ -220,14 +234,24 @@ def test_interrupt(comfy, node):
     assert worker_pid(comfy, seed=hash(node) % 1000 + 1) == before
 
 
+def ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
 def test_crashing_node_fails_and_the_next_run_gets_a_new_worker(comfy):
     before = worker_pid(comfy, seed=11)
+    zygote = ppid(before)
     _, _, last = run(comfy, {"1": h.api_node("CE_Crash", seed=1), "2": probe(["1", 0])})
     assert last["type"] == "execution_error"
     assert "WorkerCrashed" in last["data"]["exception_type"]
     assert "SIGKILL" in last["data"]["exception_message"] or "-9" in last["data"]["exception_message"]
     after = worker_pid(comfy, seed=12)
     assert after != before and not h.alive(before)
+    # env=None: the new worker was forked from the pack's zygote (it preloads torch),
+    # the same one as before, instead of starting from scratch.
+    assert zygote != comfy.proc.pid and ppid(zygote) == comfy.proc.pid
+    assert ppid(after) == zygote
 
 
 def test_failed_pack_is_reported_briefly(comfy):
@@ -237,6 +261,48 @@ def test_failed_pack_is_reported_briefly(comfy):
     # comfy-env's line and ComfyUI's own report, not the worker traceback over and over.
     assert 1 <= len(lines) <= 4, lines
     assert "worker.py" not in log
+
+
+def _comfy_env_descendants(pid):
+    out = []
+    for p in h.descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"comfy_env" in f.read():
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_comfyui_stopped_during_start_leaves_no_process(tmp_path, sig):
+    # ComfyUI is stopped while the worker a prestartup script started is still
+    # starting (SIGKILL: no atexit, the executor's parent-death watch; SIGINT: atexit).
+    import signal as signal_mod
+    tree, py = h.locate()
+    if tree is None:
+        pytest.skip(py)
+    nodes = tmp_path / "custom_nodes"
+    nodes.mkdir()
+    shutil.copytree(os.path.join(PACKS, "ce_v1"), nodes / "ce_v1")
+    server = h.ComfyUI(tree, py, str(tmp_path), env={"COMFY_ENV_CACHE_DIR": str(tmp_path / "cache")})
+    server.start(wait=False)
+    deadline = time.monotonic() + 120
+    seen = set()
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        seen.update(_comfy_env_descendants(server.proc.pid))
+        if seen:
+            break
+        time.sleep(0.02)
+    assert seen, "no comfy-env process was started from the prestartup script:\n" + server.log()[-3000:]
+    time.sleep(0.3)
+    seen.update(h.descendants(server.proc.pid))
+    server.stop(sig=getattr(signal_mod, sig), timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(h.alive(p) for p in seen):
+        time.sleep(0.1)
+    assert not [p for p in seen if h.alive(p)], server.log()[-3000:]
 
 
 def test_zz_no_process_outlives_comfyui(comfy):

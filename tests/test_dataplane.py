@@ -417,7 +417,7 @@ def _small_traits(t):
 def _loopback(obj):
     """Encode ``obj`` as a message and decode it in this process: (part refs, object)."""
     link = lifetime.Link(lambda msgs: None, name="loopback")
-    _fb, chunks = codec.encode_message(("test",), link, [obj])
+    _fb, chunks = codec.encode_message(("result", 1, True), link, [obj])
     frame = codec.decode_envelope(b"".join(bytes(c) for c in chunks), [])
     return frame.parts[0].refs, codec.decode_part(frame, 0, link)
 

@@ -205,7 +205,7 @@ def test_user_script_on_numpy1_with_a_numpy2_worker(pyver, tmp_path):
 
 def _encode(obj):
     link = lifetime.Link(lambda msgs: None, name="loopback")
-    fb, chunks = codec.encode_message(("test",), link, [obj])
+    fb, chunks = codec.encode_message(("result", 1, True), link, [obj])
     frame = codec.decode_envelope(b"".join(bytes(c) for c in chunks), [])
     try:
         return bytes(frame.parts[0].data), codec.decode_part(frame, 0, link)
@@ -243,7 +243,7 @@ def test_an_object_pickled_by_another_numpy_gets_an_error_that_says_so():
     the error says numpy *is* installed and the versions differ, not "install numpy"."""
     link = lifetime.Link(lambda msgs: None, name="loopback")
     data = b"\x80\x05\x95\x00\x00\x00\x00\x00\x00\x00\x00cnumpy._core.no_such_module\nthing\n\x94."
-    env = pickle.dumps((("test",), [(len(data), None)]), 5)
+    env = pickle.dumps((("result", 1, True), [(len(data), None)]), 5)
     frame = codec.decode_envelope(len(env).to_bytes(4, "little") + env + data, [])
     with pytest.raises(ModuleNotFoundError) as e:
         codec.decode_part(frame, 0, link)

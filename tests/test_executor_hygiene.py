@@ -301,3 +301,27 @@ def test_no_thread_is_left_behind_once_the_workers_are_gone():
     while ours() - before and time.monotonic() < end:
         time.sleep(0.02)
     assert sorted(t.name for t in ours() - before) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_finalizer_run_inside_the_pool_lock_does_not_deadlock():
+    """The cycle collector may finalize an executor at any allocation, also on a
+    thread that holds the pool's lock (which is not re-entrant): the finalizer
+    must not take it there."""
+    import threading
+
+    ex = IsolatedExecutor()
+    ex.submit(_funcs.add, 1, 2).result(15)
+    pids = ex.worker_pids()
+    pool, finalizer = ex._pool, ex._finalizer
+    done = threading.Event()
+
+    def collect_inside_the_lock():
+        with pool.lock:
+            finalizer()
+        done.set()
+
+    threading.Thread(target=collect_inside_the_lock, daemon=True).start()
+    assert done.wait(10), "the finalizer deadlocked on the pool's lock"
+    assert wait_gone(pids, 10) == []
+    del ex

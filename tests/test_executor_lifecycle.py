@@ -167,6 +167,32 @@ def test_shutdown_wait_from_a_done_callback_raises_instead_of_hanging(tmp_path):
 
 
 # -- I/O out of the pool lock -----------------------------------------------------------------
+class _OwnedLock:
+    """The pool's (plain, not re-entrant) lock, telling which thread holds it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+
+    def acquire(self, blocking=True, timeout=-1):
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self.owner = threading.get_ident()
+        return got
+
+    def release(self):
+        self.owner = None
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _is_owned(self):
+        return self.owner == threading.get_ident()
+
+
 @pytest.mark.timeout(60)
 def test_no_worker_is_sent_to_or_killed_under_the_pool_lock(monkeypatch):
     under_lock = []
@@ -183,6 +209,8 @@ def test_no_worker_is_sent_to_or_killed_under_the_pool_lock(monkeypatch):
     monkeypatch.setattr(WorkerHandle, "request_exit", request_exit)
     monkeypatch.setattr(WorkerHandle, "kill", kill)
     e = IsolatedExecutor(max_workers=2, call_timeout=1)
+    e._pool.lock = _OwnedLock()
+    e._pool.all_done = threading.Condition(e._pool.lock)
     fs = [e.submit(_funcs.add, i, 1) for i in range(4)]
     assert [f.result(30) for f in fs] == [1, 2, 3, 4]
     slow = e.submit(lf.hang, 30)

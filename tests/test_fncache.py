@@ -310,3 +310,69 @@ def test_a_restarted_worker_runs_the_initializer_as_it_is_now(pyver, env, tmp_pa
     proc = run_script(pyver, INIT.format(env=env), cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == repr(["first", "second"]), proc.stderr
+
+
+def _fresh_key(fn):
+    return fncache.digest(codec.dumps_portable(fn))
+
+
+def test_the_quick_check_sees_every_change_the_fingerprint_sees(tmp_path, monkeypatch):
+    """A function whose state is all atoms, modules and by-name objects skips its
+    fingerprint while the very same objects are in place (fncache._Watch): after each
+    change below, what is sent must be what pickling the function now gives."""
+    mod = tmp_path / "fncache_helper_mod.py"
+    mod.write_text("def helper():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fncache_helper_mod
+    ns = main_fns("""
+        import math
+        import fncache_helper_mod
+        from fncache_helper_mod import helper
+        K = 1.5
+        T = (1, "a", (2.0, None))
+        def make():
+            v = 10
+            def f(x, y=2):
+                "doc"
+                return x + y + K + v + len(T) + math.floor(1.0) + helper()
+            def set_v(n):
+                nonlocal v
+                v = n
+            return f, set_v
+        f, set_v = make()
+    """)
+    f, set_v = ns["f"], ns["set_v"]
+
+    def check(what):
+        got = fncache.pickled_once(f, codec.dumps_portable)
+        assert got is not None, what
+        assert got[1] == _fresh_key(f), f"stale bytes after: {what}"
+        assert fncache.pickled_once(f, codec.dumps_portable)[1] == got[1], what
+
+    check("first call")
+    assert fncache._pickled[f].watch is not None        # the quick check is in use
+    changes = [
+        ("a global rebound to an equal float", lambda: ns.__setitem__("K", float("1.5"))),
+        ("a global changed", lambda: ns.__setitem__("K", 2.5)),
+        ("a tuple global replaced", lambda: ns.__setitem__("T", (1, "a"))),
+        ("a closure cell changed", lambda: set_v(11)),
+        ("defaults replaced", lambda: setattr(f, "__defaults__", (3,))),
+        ("doc changed", lambda: setattr(f, "__doc__", "other doc")),
+        ("renamed", lambda: setattr(f, "__name__", "g")),
+        ("qualname changed", lambda: setattr(f, "__qualname__", "make.<locals>.g")),
+        ("a module global replaced by another module", lambda: ns.__setitem__("math", __import__("cmath"))),
+        ("a by-name function no longer importable by name (pickled by value now)",
+         lambda: setattr(fncache_helper_mod, "helper", lambda: 2)),
+        ("a new module imported", lambda: __import__("fractions")),
+        ("a global deleted", lambda: ns.pop("T")),
+        ("keyword defaults added", lambda: setattr(f, "__kwdefaults__", {"z": 1})),
+        ("annotations added", lambda: f.__annotations__.update(x=int)),
+    ]
+    for what, change in changes:
+        change()
+        check(what)
+    f.__code__ = main_fns("def mk():\n    v = 0\n    def h(x, y=2):\n        return v - x\n"
+                          "    return h\n")["mk"]().__code__
+    check("code replaced in place")
+    f.attr = 1              # state the fingerprint cannot pin: never cached again
+    assert fncache.pickled_once(f, codec.dumps_portable) is None

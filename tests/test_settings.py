@@ -70,3 +70,41 @@ def test_the_docs_table_lists_every_variable():
     section = doc.split("## Configuration", 1)[1]
     listed = re.findall(r"^\| `(COMFY_ENV_[A-Z_]+)` \|", section, flags=re.M)
     assert listed == [v.name for v in settings.VARIABLES]
+
+
+# -- parent -> worker: read once in the parent, sent in the handshake ---------------------
+
+def _worker_settings():
+    from comfy_env import settings as s
+    from comfy_env.ipc import arrays
+    return s.to_wire(s.read()), arrays.INLINE_BYTES
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_value_fails_at_construction_naming_the_variable(monkeypatch):
+    from comfy_env import IsolatedExecutor
+    monkeypatch.setenv("COMFY_ENV_ARENA_IDLE_S", "soon")
+    with pytest.raises(settings.SettingsError, match="COMFY_ENV_ARENA_IDLE_S='soon'"):
+        IsolatedExecutor()
+
+
+@pytest.mark.timeout(60)
+def test_workers_get_the_parents_settings_not_their_environments(tmp_path):
+    """An env's env_vars set COMFY_ENV_* for the worker's environment; the worker still
+    uses the values the parent read (and validated) when the executor was made."""
+    import dataclasses
+    from comfy_env import IsolatedExecutor
+    from comfy_env.envs import resolve_env
+    wenv = resolve_env(None)
+    wenv = dataclasses.replace(wenv, env_vars={"COMFY_ENV_INLINE_BYTES": "123",
+                                               "COMFY_ENV_ARENA_IDLE_S": "7"})
+    parent = settings.to_wire(settings.read())
+    with IsolatedExecutor(wenv) as ex:
+        got, inline = ex.submit(_worker_settings).result(timeout=30)
+    assert got == parent
+    assert inline == parent["inline_bytes"]
+
+
+def test_install_refuses_a_dict_of_another_version():
+    with pytest.raises(settings.SettingsError, match="same comfy_env"):
+        settings.install({"inline_bytes": 1})

@@ -112,13 +112,105 @@ class SentFunctions:
 
 
 class _Pickled:
-    __slots__ = ("fingerprint", "keep", "blob", "key", "__weakref__")
+    __slots__ = ("fingerprint", "keep", "blob", "key", "watch", "__weakref__")
 
-    def __init__(self, fingerprint, keep, blob, key):
+    def __init__(self, fingerprint, keep, blob, key, watch):
         self.fingerprint = fingerprint
         self.keep = keep        # the objects the fingerprint names by id, kept alive
         self.blob = blob
         self.key = key
+        self.watch = watch      # see _Watch; None: check the whole fingerprint each call
+
+
+class _Watch:
+    """The quick check for a *flat* function: the very objects its fingerprint was made of.
+
+    A function is flat when everything its fingerprint reads is an immutable atom, a
+    tuple or frozenset of such, a module, or an object pickled by reference (no
+    function pickled by value, no annotations or keyword defaults, no ``__dict__``).
+    For those, the same objects (``is``) mean the same fingerprint: atoms and tuples
+    cannot change, so only the by-reference objects are asked again whether
+    cloudpickle still pickles them by name, and modules are re-counted
+    (``len(sys.modules)``, as in the fingerprint).  Any difference sends the call
+    through the whole fingerprint, which decides.  It spares a warm call building
+    the fingerprint's tuples, which cost as much as the rest of sending it.
+    """
+
+    __slots__ = ("code", "names", "objects", "refs", "nmodules")
+
+    def __init__(self, code, names, objects, refs, nmodules):
+        self.code = code
+        self.names = names
+        self.objects = objects
+        self.refs = refs
+        self.nmodules = nmodules
+
+
+_DUNDERS = ("__package__", "__name__", "__path__", "__file__")
+_MISSING = object()
+
+
+def _objects(fn, names):
+    """What :func:`fingerprint` reads of a flat function, as the objects themselves."""
+    g = fn.__globals__
+    closure = fn.__closure__
+    # One flat tuple: each item is compared by identity.  (A function's closure has a
+    # fixed number of cells, so the positions cannot shift between calls.)
+    return (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__,
+            *[_contents(c) for c in closure or ()],
+            *[g.get(k, _MISSING) for k in _DUNDERS], *[g.get(k, _MISSING) for k in names])
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _MISSING
+
+
+def _watch(fn, names):
+    """A :class:`_Watch` for ``fn`` if it is flat, else None."""
+    if fn.__annotations__ or fn.__kwdefaults__ or fn.__dict__:
+        return None
+    objects = _objects(fn, names)
+    refs = []
+    modules = [False]
+    for v in objects:
+        if not _flat(v, refs, modules):
+            return None
+    return _Watch(fn.__code__, names, objects, tuple(refs),
+                  len(sys.modules) if modules[0] else None)
+
+
+def _flat(v, refs, modules, depth=0):
+    t = type(v)
+    if t in _ATOMS or t in _NUMBERS or v is _MISSING:
+        return True
+    if t is tuple or t is frozenset:
+        return depth <= 4 and len(v) <= 64 and all(_flat(x, refs, modules, depth + 1) for x in v)
+    if t is types.ModuleType:
+        modules[0] = True
+        return True
+    if t is types.FunctionType or isinstance(v, type) or t is types.BuiltinFunctionType:
+        if _should_pickle_by_reference(v):
+            refs.append(v)
+            return True
+    return False
+
+
+def _unchanged(fn, watch):
+    """Would ``fn``'s fingerprint equal the one ``watch`` was made with?  (False: maybe not.)"""
+    if fn.__code__ is not watch.code or fn.__dict__ or fn.__annotations__ or fn.__kwdefaults__:
+        return False
+    if watch.nmodules is not None and len(sys.modules) != watch.nmodules:
+        return False
+    for now, then in zip(_objects(fn, watch.names), watch.objects):
+        if now is not then:
+            return False
+    for v in watch.refs:
+        if not _should_pickle_by_reference(v):
+            return False
+    return True
 
 
 # function -> _Pickled; weak, so a dead function's entry (and bytes) go with it.
@@ -133,21 +225,30 @@ def pickled_once(fn, pickle):
 
     ``pickle(fn)`` runs now, unless the fingerprint proves its bytes would be
     those of last time."""
+    entry = _pickled.get(fn)
+    if entry is not None and entry.watch is not None and _unchanged(fn, entry.watch):
+        return entry.blob, entry.key
     keep = []
+    # The watch is taken before the fingerprint and the pickle and kept only if the
+    # objects are still the same after them: it then describes what they saw (another
+    # thread may change a global meanwhile).
+    watch = _watch(fn, _info(fn.__code__)[0])
     try:
         fp = fingerprint(fn, keep)
     except _NotFixed:
         return None
-    entry = _pickled.get(fn)
     if entry is not None and entry.fingerprint == fp:
+        entry.watch = watch if watch is not None and _unchanged(fn, watch) else None
         return entry.blob, entry.key
     blob = pickle(fn)
     if len(blob) > MAX_ONE:
         return None
     key = digest(blob)
+    if watch is not None and not _unchanged(fn, watch):
+        watch = None
     if len(_pickled) >= _MAX_REMEMBERED:
         _pickled.clear()
-    _pickled[fn] = _Pickled(fp, keep, blob, key)
+    _pickled[fn] = _Pickled(fp, keep, blob, key, watch)
     return blob, key
 
 

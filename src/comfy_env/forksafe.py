@@ -110,7 +110,7 @@ def _after_fork_in_child():
     PID = os.getpid()
     for pool in list(_pools):
         # The parent's threads may have held these: nothing here may block on them.
-        pool.lock = threading.RLock()
+        pool.lock = threading.Lock()
         pool.all_done = threading.Condition(pool.lock)
         for handle in list(pool.workers):
             _neutralize_worker(handle)

@@ -8,18 +8,27 @@ keeps it equal to :data:`VARIABLES`.
 
 Modules read their setting where they read the variable before (an arena when it
 is made, the CUDA plane when it is installed, an environment build when it starts),
-so a variable set before that point still counts, as it always has.  A worker
-inherits the parent's environment (executor/launch.py), so both read the same values.
+so a variable set before that point still counts, as it always has.
+
+Parent and workers: an executor reads the settings once when it is made (a bad
+value fails there, before any worker starts) and sends them to each worker in the
+handshake's init config; the worker installs them (:func:`install`), and from then on
+:func:`read` in the worker returns the parent's values, whatever the worker's own
+environment holds (an env's ``env_vars``, a sandbox).  The few values a worker
+reads before its handshake (:mod:`comfy_env.ipc.arrays`' inline bound, read at
+import) follow through :func:`on_install`.
 
 Variables comfy_env sets for its own workers (``COMFY_ENV_ROLE``, ``COMFY_ENV_PACK``,
 ``COMFY_ENV_SHIM``) are markers, not settings: they are not read here.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "SettingsError", "VARIABLES", "default", "read"]
+__all__ = ["Settings", "SettingsError", "VARIABLES", "default", "install", "on_install",
+           "read", "to_wire"]
 
 
 class SettingsError(ValueError):
@@ -164,14 +173,53 @@ def default(name):
     raise KeyError(name)
 
 
+_installed: Settings | None = None     # a worker's: the parent's values (install())
+_listeners = []
+
+
+def to_wire(values: Settings) -> dict:
+    """``values`` as the plain dict the handshake carries (field -> value)."""
+    return dataclasses.asdict(values)
+
+
+def install(wire: dict) -> Settings:
+    """In a worker: make the parent's settings (:func:`to_wire`'s dict) this process's.
+
+    Raises:
+        SettingsError: the dict does not hold exactly the fields of :class:`Settings`
+            (parent and worker import different comfy_env versions).
+    """
+    global _installed
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    if not isinstance(wire, dict) or set(wire) != fields:
+        got = sorted(wire) if isinstance(wire, dict) else type(wire).__name__
+        raise SettingsError(f"the parent sent settings {got}, this comfy_env expects "
+                            f"{sorted(fields)}: parent and worker must import the same comfy_env")
+    _installed = Settings(**wire)
+    for listener in list(_listeners):
+        listener(_installed)
+    return _installed
+
+
+def on_install(listener) -> None:
+    """Call ``listener(settings)`` when :func:`install` runs (for values read at import)."""
+    _listeners.append(listener)
+
+
 def read(environ=None) -> Settings:
     """Parse every ``COMFY_ENV_*`` setting from ``environ`` (default ``os.environ``).
+
+    In a worker whose parent sent its settings (:func:`install`), ``read()`` with no
+    argument returns those instead.
 
     Raises:
         SettingsError: a variable holds a value its parser rejects; the message names
             the variable, the value, and what is accepted.
     """
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        if _installed is not None:
+            return _installed
+        environ = os.environ
     values = {}
     for var in VARIABLES:
         raw = environ.get(var.name)

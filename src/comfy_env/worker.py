@@ -34,12 +34,13 @@ import threading
 import time
 import traceback
 
-from . import fncache, forksafe
+from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
 from .ipc.calls import adopt_import_paths, resolve_reference
-from .ipc.protocol import apply_control
+from .ipc.protocol import (Call, Control, Exit, Hello, Init, InitFailed, Log, Ready, Result,
+                           apply_control)
 from .ipc.transport import Channel, ChannelClosed
 
 # A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
@@ -81,7 +82,7 @@ class _LogForwarder(logging.Handler):
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 msg = f"{msg}\n{record.exc_text}"
-            self.worker.send_plain(("log", record.levelno, record.name, msg, record.created))
+            self.worker.send_plain(Log(record.levelno, record.name, msg, record.created))
         except Exception:
             pass  # logging must never take the worker down
 
@@ -104,7 +105,7 @@ class Worker:
 
     # -- sending ---------------------------------------------------------------
     def _send_control(self, msgs):
-        self.send_plain(("ctl", msgs))
+        self.send_plain(Control(msgs))
 
     def send_plain(self, envelope):
         _, chunks = codec.encode_message(envelope, self.link)
@@ -131,7 +132,7 @@ class Worker:
             # The hello's one fd, if any, is the read end of the stack-dump pipe.
             "stack_signal": int(STACK_SIGNAL) if stack_fd is not None else None,
         }
-        _, chunks = codec.encode_message(("hello", hello), self.link)
+        _, chunks = codec.encode_message(Hello(hello), self.link)
         try:
             self.channel.send(chunks, [stack_fd] if stack_fd is not None else [])
         finally:
@@ -139,18 +140,20 @@ class Worker:
                 os.close(stack_fd)
         body, fds = self.channel.recv()
         frame = codec.decode_envelope(body, fds)
-        kind = frame.envelope[0]
-        if kind == "exit":
+        msg = frame.envelope
+        if type(msg) is Exit:
             # shutdown() while this worker was starting: the parent's exit frame (sent
             # by the shutting-down thread) can overtake its init frame (sent by the
             # reader thread).  Leave quietly instead of dying with a traceback.
             frame.close_fds()
             return Handshake.PARENT_LEFT
-        kind, cfg = frame.envelope
-        if kind != "init":
-            raise RuntimeError(f"expected 'init' from the parent, got {kind!r}")
+        if type(msg) is not Init:
+            frame.close_fds()
+            raise RuntimeError(f"expected Init from the parent, got {msg!r:.200}")
+        cfg = msg.config
         self.link.uid = cfg["uid"]
         self.name = cfg.get("name", "worker")
+        settings.install(cfg["settings"])     # the parent's values, not our environment's
         adopt_import_paths(cfg)
         root = logging.getLogger()
         root.addHandler(_LogForwarder(self))
@@ -164,11 +167,11 @@ class Worker:
                         initializer = resolve_reference(initializer)
                     initializer(*initargs)
         except BaseException as exc:
-            self._send_exception("init_failed", None, exc)
+            self._send_exception(InitFailed(), exc)
             return Handshake.INIT_FAILED
         finally:
             frame.close_fds()
-        self.send_plain(("ready",))
+        self.send_plain(Ready())
         return Handshake.READY
 
     # -- the loops -----------------------------------------------------------------
@@ -188,18 +191,24 @@ class Worker:
                 # The parent is gone (or closed us): nobody is left to report to.
                 os._exit(0)
             frame = codec.decode_envelope(body, fds)
-            kind = frame.envelope[0]
-            if kind == "call":
-                held = lifetime.LEDGER.leased_from(self.link)
+            kind = type(frame.envelope)
+            if kind is Call:
+                # Only a call whose arguments lease blocks can leave leases behind
+                # (counting them walks every record: not for plain calls).
+                leases = False
+                for part in frame.parts:
+                    if part.refs:
+                        leases = True
+                held = lifetime.LEDGER.leased_from(self.link) if leases else 0
                 self._run_call(frame)
                 del frame
                 lifetime.LEDGER.drain()     # release the arguments' blocks promptly
-                if lifetime.LEDGER.leased_from(self.link) > held:
+                if leases and lifetime.LEDGER.leased_from(self.link) > held:
                     self._collect_soon()
-            elif kind == "ctl":
+            elif kind is Control:
                 frame.close_fds()
-                apply_control(self.link, frame.envelope[1])
-            elif kind == "exit":
+                apply_control(self.link, frame.envelope.messages)
+            elif kind is Exit:
                 frame.close_fds()
                 return
             else:
@@ -229,7 +238,7 @@ class Worker:
                 lifetime.LEDGER.drain()
 
     def _run_call(self, frame):
-        call_id, fnref = frame.envelope[1], frame.envelope[2]
+        call_id, fnref = frame.envelope.call_id, frame.envelope.fn
         try:
             try:
                 # Before the arguments: the parent counts on this worker holding a
@@ -251,7 +260,7 @@ class Worker:
             if isinstance(exc, SystemExit):
                 # sys.exit() in user code ends the worker like a crash would.
                 raise
-            self._send_exception("result", call_id, exc)
+            self._send_exception(Result(call_id, False), exc)
             return
         finally:
             args = kwargs = fn = held = None
@@ -259,7 +268,7 @@ class Worker:
         # before the result, so the parent can recycle those blocks for its next call.
         lifetime.LEDGER.drain()
         try:
-            self.send_parts(("result", call_id, True), [result])
+            self.send_parts(Result(call_id, True), [result])
         except ChannelClosed:
             raise
         except BaseException as exc:
@@ -267,13 +276,13 @@ class Worker:
                 f"the result of the call ({type(result).__qualname__}) could not be sent "
                 f"to the parent: {type(exc).__name__}: {exc}"
             )
-            self._send_exception("result", call_id, err, cause=exc)
+            self._send_exception(Result(call_id, False), err, cause=exc)
 
-    def _send_exception(self, kind, call_id, exc, cause=None):
+    def _send_exception(self, envelope, exc, cause=None):
+        """Send ``envelope`` (``Result(call_id, False)`` or ``InitFailed()``) with ``exc``."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if cause is not None:
             tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) + "\n" + tb
-        envelope = (kind, call_id, False) if kind == "result" else (kind,)
         qual = f"{type(exc).__module__}.{type(exc).__qualname__}"
         try:
             msg = str(exc)

@@ -53,6 +53,10 @@ def _source_files(pack_dir):
             if not d.startswith(".") and d not in _SKIP_DIRS
             and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg")))
         for f in sorted(filenames):
+            if dirpath == pack_dir and f == "prestartup_script.py":
+                # Host-only (ComfyUI runs it at start; the worker never imports it):
+                # adding or editing it must not cost a worker start to re-read the nodes.
+                continue
             if f.endswith(_SOURCE_SUFFIXES) or _SOURCE_NAMES_RE.match(f):
                 yield os.path.join(dirpath, f)
 

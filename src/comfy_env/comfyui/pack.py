@@ -2,17 +2,22 @@
 
 Life of a pack::
 
+    prestart_pack(__file__, "nodes", env=...)          (optional: the pack's
+      -> IsolatedPack.start_early() (early.py)          prestartup_script.py, run
+         the worker starts on the pre-start thread      before ComfyUI imports torch)
     isolated_nodes(__file__, "nodes", env=...)         (ComfyUI imports the pack)
+      -> early.adopt(): the early pack if its worker options are the same
       -> IsolatedPack.node_mappings()
            metadata: cache hit (no worker) | worker: collect_metadata -> cache
                      (a failure of the pack's code is cached too)
            proxy classes (proxy.py: V1 classes, V3 io.ComfyNode subclasses)
              -> NODE_CLASS_MAPPINGS for ComfyUI
-      -> prestart(): the worker starts in the background (one pack at a time) and
-         imports the node modules (worker_side.warm_up)
+      -> prestart() (unless started early): the worker starts in the background
+         (one pack at a time) and imports the node modules (worker_side.warm_up)
     ComfyUI runs a node: proxy method -> IsolatedPack.call()
-      -> executor (pre-started, else created on first call; one worker; replaced
-         after a crash)
+      -> executor (started early or pre-started, else created on first call; one
+         worker, forked from a zygote with env=None; replaced after a crash or an
+         interrupt kill, and re-warmed at once if the pack was pre-started)
            submit(worker_side:call_node, ..., token)   result/exception via the future
       -> while it runs, in the calling (ComfyUI execution) thread:
            side-channel progress -> ComfyUI's global progress hook (node id, previews)
@@ -103,7 +108,8 @@ class IsolatedPack:
     """A custom-node pack whose node modules run in a worker in their own env."""
 
     def __init__(self, pack_dir, modules, env=None, *, name=None, module_name=None,
-                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto", sandbox=None):
+                 interrupt_grace=5.0, call_timeout=None, comfy_api="auto", sandbox=None,
+                 preload=None):
         self.pack_dir = os.path.abspath(pack_dir)
         if not os.path.isdir(self.pack_dir):
             raise PackLoadError(f"comfy-env: pack directory {self.pack_dir!r} does not exist")
@@ -130,14 +136,32 @@ class IsolatedPack:
         self.call_timeout = call_timeout
         self.comfy_api = comfy_api
         self.sandbox = sandbox
+        if isinstance(preload, str):
+            raise TypeError(f"preload must be a list of module names, got the string "
+                            f"{preload!r} (write preload=[{preload!r}])")
+        self.preload = _default_preload(env) if preload is None else list(preload)
         from .worker_side import _package_name
         self._spec = {"pack_dir": self.pack_dir, "package": _package_name(self.pack_dir),
                       "modules": list(self.modules)}
+        self._link_id = sidechannel.SideChannelHub.new_link_id()
         self._executor = None
         self._lock = threading.Lock()
         self._closed = False
         self._warm = False          # the worker has imported the pack (warm-up or a call)
+        self._creating = None       # an Event while start_early() constructs the executor
+        self.started_early = False  # by prestart_pack() (from the pack's prestartup_script.py)
+        self._prestarted = False    # pre-started (either way): a killed worker is replaced at once
+        # ComfyUI's folder configuration as the worker's initializer gets it; updated in
+        # place when it changes (the executor pickles initargs anew at each worker start).
+        self._host_folders = {}
         self.metadata_source = None        # "cache" or "worker", for tests and logs
+
+    def worker_options(self):
+        """What decides the worker a pack gets: two packs with equal options can share it."""
+        return {"pack_dir": self.pack_dir, "modules": self.modules, "env": self.env,
+                "name": self.name, "comfy_api": self.comfy_api,
+                "call_timeout": self.call_timeout, "sandbox": self.sandbox,
+                "preload": self.preload}
 
     # ------------------------------------------------------------------ metadata
     def metadata(self, keep_worker=False):
@@ -157,13 +181,23 @@ class IsolatedPack:
         try:
             # The worker that described the pack has imported it: it becomes the pack's
             # worker when the pack is to be pre-started (keep_worker), else it is
-            # stopped, so that a pack nobody uses costs nothing after start-up.
-            ex = self._make_executor()
-            try:
-                meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
-            except BaseException:
-                ex.shutdown(wait=True)
-                raise
+            # stopped, so that a pack nobody uses costs nothing after start-up.  A
+            # worker started early (prestart_pack) is the pack's worker already.
+            if self.started_early:
+                try:
+                    meta = self.executor().submit(_WORKER + "collect_metadata", self._spec).result()
+                except BaseException:
+                    self.shutdown(wait=False)       # the pack fails to load: no use for it
+                    raise
+                self._warm = True           # it has imported the pack to describe it
+                keep_worker, ex = False, None
+            else:
+                ex = self._make_executor()
+                try:
+                    meta = ex.submit(_WORKER + "collect_metadata", self._spec).result()
+                except BaseException:
+                    ex.shutdown(wait=True)
+                    raise
             if keep_worker and meta.get("nodes"):
                 with self._lock:
                     if self._executor is None and not self._closed:
@@ -187,6 +221,12 @@ class IsolatedPack:
         self.metadata_source = "worker"
         metadata_cache.store(self.name, key, meta)
         return meta
+
+    def cached_failure(self):
+        """The cached reason this pack's content failed to load before, or None."""
+        key = metadata_cache.pack_key(self.pack_dir, self.modules, _env_fingerprint(self.env))
+        meta = metadata_cache.load(self.name, key)
+        return meta.get("failed") if meta is not None and "failed" in meta else None
 
     def node_mappings(self, keep_worker=False):
         """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) of proxy classes.
@@ -226,7 +266,90 @@ class IsolatedPack:
         comes first starts its pack's worker itself, and no further pack is
         pre-started while it waits.  A failure here is only logged; the first node
         run reports it."""
+        self._prestarted = True
         _prestart_queue().put(self)
+
+    def start_early(self):
+        """Start the worker in the background and import the node modules there
+        (prestart_pack: ComfyUI runs prestartup scripts before it imports torch, so the
+        worker's start overlaps ComfyUI's own).  Returns at once.  Early starts share
+        the pre-start thread with prestart(): one worker starts at a time, so that on a
+        small machine they don't all slow ComfyUI's start (and each other) at once.  A
+        failure is logged once, and the pack's worker is then started the usual way."""
+        self.started_early = self._prestarted = True
+        _register_for_exit(self)
+        _prestart_queue().put(self)
+
+    def _start_in_background(self):
+        """The pre-start thread's turn for this pack."""
+        if self._warm or self._closed:
+            return
+        if self.started_early and self._executor is None:
+            self._early()
+        else:
+            self._warm_up()
+
+    def _early(self):
+        t0 = time.monotonic()
+        with self._lock:
+            if self._closed or self._executor is not None:
+                return
+            creating = self._creating = threading.Event()
+        ex = None
+        try:
+            try:
+                # Outside the lock: building a separate env can take minutes, and
+                # shutdown() (at exit) must not wait for that; executor() waits for
+                # ``creating`` instead, so there is one executor.
+                ex = self._make_executor()
+            finally:
+                with self._lock:
+                    if ex is not None and not self._closed and self._executor is None:
+                        self._executor, ex = ex, None
+                    own = self._executor
+                    self._creating = None
+                creating.set()
+            if ex is not None:      # shut down meanwhile
+                ex.shutdown(wait=False)
+                return
+            own.submit(_WORKER + "warm_up", self._spec).result()
+            self._warm = True
+            _log.info("comfy-env: [%s] worker ready (started by prestartup_script.py, "
+                      "%.1f s)", self.name, time.monotonic() - t0)
+        except Exception as exc:
+            if self._closed:
+                return
+            if _raised_by_pack_code(exc):
+                # The pack's own code failed in a live worker: loading the pack
+                # reports it (and caches it); one report is enough.
+                _log.debug("comfy-env: [%s] early worker: the pack failed to import: %s: %s",
+                           self.name, type(exc).__name__, exc)
+                return
+            _log.warning("comfy-env: [%s] starting the worker early (prestartup_script.py) "
+                         "failed: %s: %s; it is started when the pack loads instead",
+                         self.name, type(exc).__name__, exc)
+            with self._lock:
+                broken, self._executor = self._executor, None
+            if broken is not None:
+                broken.shutdown(wait=False)
+
+    def adopt_host_state(self):
+        """ComfyUI has loaded the pack: what the early worker was started with may have
+        changed since (other packs add model folders; --temp-directory is applied
+        later).  The running worker and any later one get ComfyUI's folders as they
+        are now."""
+        snap = _folder_paths_snapshot()
+        if snap is None or snap == self._host_folders:
+            return
+        _replace(self._host_folders, snap)
+        ex = self._executor
+        if ex is None:
+            return
+        try:
+            fut = ex.submit(_WORKER + "configure_folder_paths", snap)
+        except Exception:
+            return          # no worker: the next one starts with the new state
+        fut.add_done_callback(_log_refresh_failure)
 
     def _warm_up(self):
         t0 = time.monotonic()
@@ -249,28 +372,35 @@ class IsolatedPack:
         except ImportError as exc:
             raise PackLoadError(f"comfy-env's executor is not importable: {exc}") from exc
         hub = sidechannel.hub()
+        _replace(self._host_folders, _folder_paths_snapshot() or {})
         kwargs = dict(initializer=_initializer_ref(),
-                      initargs=(self.name, self.comfy_api, (hub.address, hub.authkey),
-                                _folder_paths_snapshot(), _host_cli_args()),
+                      initargs=(self.name, self.comfy_api, (hub.address, hub.authkey, self._link_id),
+                                self._host_folders, _host_cli_args()),
                       call_timeout=self.call_timeout)
         params = inspect.signature(IsolatedExecutor).parameters
         if "name" in params:
             kwargs["name"] = self.name       # worker output is logged under this name
         if "worker_output" in params:
             kwargs["worker_output"] = "logging"     # ComfyUI's console and log view read logging
+        if self.preload and "preload" in params:
+            kwargs["preload"] = self.preload        # workers fork from a zygote (below)
         # A sandboxed worker must still see the pack and the progress socket's directory.
         from ..sandbox import for_pack
         env, kwargs["sandbox"] = for_pack(self.env, self.sandbox, self.pack_dir, hub.address)
         return IsolatedExecutor(env, 1, **kwargs)
 
     def executor(self):
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
-            if self._executor is None:
-                self._executor = self._make_executor()
-                _register_for_exit(self)
-            return self._executor
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError(f"comfy-env: pack {self.name!r} was shut down")
+                creating = self._creating
+                if creating is None:
+                    if self._executor is None:
+                        self._executor = self._make_executor()
+                        _register_for_exit(self)
+                    return self._executor
+            creating.wait()         # _early() is constructing it: one executor only
 
     def shutdown(self, wait=True):
         with self._lock:
@@ -296,7 +426,7 @@ class IsolatedPack:
         for name in drop:
             if name in kwargs:
                 kwargs[name] = None
-        ch = sidechannel.hub().open_call()
+        ch = sidechannel.hub().open_call(self._link_id)
         cold = not self._warm
         if cold:
             _cold_calls.enter()     # pre-starts of other packs wait: they'd slow this one
@@ -308,7 +438,8 @@ class IsolatedPack:
             try:
                 self._wait(ch, fut, mm)
             except mm.InterruptProcessingException:
-                self._stop(ch, fut)
+                if self._stop(ch, fut):
+                    self._rewarm()
                 raise
             self._warm = True
             return self._result(fut, mm)
@@ -330,10 +461,13 @@ class IsolatedPack:
             if done:
                 break
         # The result and the side channel are different sockets: progress (even the
-        # "start") may still be in flight when the result is here.  The worker sends
-        # "end" before returning, and a dead worker's connection closing sets it too,
-        # so this wait is normally immediate; it is bounded in case the link broke.
-        ch.ended.wait(1.0)
+        # "start") may still be in flight when the result is here.  A call that
+        # reported progress says so in its result, and its worker sends "end" before
+        # returning (a dead worker's connection closing sets it too), so this wait is
+        # normally immediate; it is bounded in case the link broke.  A call that
+        # reported none sent nothing to wait for.
+        if _progressed(fut, ch):
+            ch.ended.wait(1.0)
         try:
             for msg in _coalesce(_drain(ch.queue, timeout=0), first):
                 self._relay(msg)
@@ -353,34 +487,44 @@ class IsolatedPack:
             hook(value, total, preview, node_id=node_id)
 
     def _stop(self, ch, fut):
-        """The host was interrupted: stop the worker's call, by killing it if need be."""
+        """The host was interrupted: stop the worker's call, by killing it if need be.
+        True when the worker was killed."""
         ch.interrupt()
         deadline = time.monotonic() + self.interrupt_grace
         while not fut.done() and time.monotonic() < deadline:
             time.sleep(_POLL_S)
-        if fut.done():
-            return
-        if fut.cancel():
-            return          # never started
+        if fut.done() or fut.cancel():      # stopped by itself, or never started
+            return False
         pid = ch.pid
-        if pid is None:
-            ch.started.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+        wait_until = max(deadline, time.monotonic()) + 1.0
+        while pid is None and not fut.done() and time.monotonic() < wait_until:
+            time.sleep(_POLL_S)         # the worker has not said hello yet
             pid = ch.pid
-        if pid is not None and not fut.done():
-            _log.warning("comfy-env: [%s] node did not stop %.1fs after the interrupt; "
-                         "killing its worker (pid %d)", self.name, self.interrupt_grace, pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                fut.exception(timeout=_KILL_WAIT_S)
-            except Exception:
-                pass
+        if pid is None or fut.done():
+            return False
+        _log.warning("comfy-env: [%s] node did not stop %.1fs after the interrupt; "
+                     "killing its worker (pid %d)", self.name, self.interrupt_grace, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            fut.exception(timeout=_KILL_WAIT_S)
+        except Exception:
+            pass
+        return True
+
+    def _rewarm(self):
+        """The worker was killed or died: start its replacement now, in the background,
+        like the pre-start did (a fork of the zygote with env=None), rather than when
+        the next node runs."""
+        self._warm = False
+        if self._prestarted and not self._closed:
+            _prestart_queue().put(self)
 
     def _result(self, fut, mm):
         try:
-            return fut.result()
+            return fut.result()[2]          # (RESULT_TAG, progressed, value)
         except mm.InterruptProcessingException:
             # The node noticed the interrupt itself: ComfyUI's flag may still be set.
             mm.interrupt_current_processing(False)
@@ -390,8 +534,44 @@ class IsolatedPack:
                 # The worker's own (shim) class when the host can't map it to ComfyUI's.
                 mm.interrupt_current_processing(False)
                 raise mm.InterruptProcessingException() from exc
+            if _worker_died(exc):
+                self._rewarm()
             exc = named_like_original(exc)
             raise with_worker_frames(exc) from exc.__cause__
+
+
+def _default_preload(env):
+    """What a pack's zygote imports when the pack doesn't say (``preload=None``).
+
+    With ``env=None`` the worker runs ComfyUI's interpreter, which has torch: workers
+    fork from a zygote that has imported it, so a worker that replaces one killed
+    after an interrupt or a crash skips that import.  Only torch: ComfyUI's own
+    ``comfy`` modules read ComfyUI's command line and probe the GPU when imported
+    (``comfy.model_management`` initialises CUDA where there is one), and a process
+    that has touched CUDA cannot fork workers that use it; the pack's node modules
+    may do anything at import.  A separate env may have no torch at all: no zygote
+    unless the pack names what to preload."""
+    if env is not None:
+        return []
+    import importlib.util
+    try:
+        return ["torch"] if importlib.util.find_spec("torch") is not None else []
+    except (ImportError, ValueError):
+        return []
+
+
+def _replace(d, new):
+    """Make ``d`` equal to ``new`` without ever leaving it empty (another thread may be
+    pickling it for a worker start)."""
+    d.update(new)
+    for k in [k for k in d if k not in new]:
+        del d[k]
+
+
+def _log_refresh_failure(fut):
+    exc = fut.exception()
+    if exc is not None:
+        _log.debug("comfy-env: updating a worker's folder configuration failed: %s", exc)
 
 
 def _drain(q, timeout):
@@ -435,6 +615,24 @@ def _executing_context():
     return (ctx.prompt_id, ctx.node_id, ctx.list_index)
 
 
+def _progressed(fut, ch):
+    """Whether the finished call reported progress (so its "end" is to be waited for)."""
+    exc = fut.exception()
+    if exc is None:
+        return bool(fut.result()[1])
+    # Set by the worker; a type that lost it on the way (a stand-in) falls back to
+    # whether a "start" arrived.
+    return bool(getattr(exc, "_comfy_env_progressed", ch.started.is_set()))
+
+
+def _worker_died(exc):
+    try:
+        from comfy_env.errors import WorkerCrashed
+    except ImportError:
+        return False
+    return isinstance(exc, WorkerCrashed)
+
+
 def _raised_by_pack_code(exc):
     """Whether a metadata failure came from the pack's code in a running worker."""
     try:
@@ -464,8 +662,7 @@ def _prestart_loop(q):
     while True:
         pack = q.get()
         _cold_calls.wait_idle()
-        if not pack._warm:
-            pack._warm_up()
+        pack._start_in_background()
 
 
 class _ColdCalls:

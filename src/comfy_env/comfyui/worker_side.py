@@ -26,7 +26,7 @@ import types
 from . import encoding
 
 __all__ = ["initialize", "collect_metadata", "call_node", "drop_instance", "in_worker",
-           "warm_up"]
+           "warm_up", "configure_folder_paths"]
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
 
@@ -60,10 +60,11 @@ def initialize(pack_name, comfy_mode="auto", sidechannel=None, folder_paths_snap
     import comfy.utils
     if sidechannel is not None:
         from .sidechannel import WorkerLink
-        address, authkey = sidechannel
+        address, authkey = sidechannel[:2]
         _link = WorkerLink(address, authkey,
                            on_interrupt=lambda: mm.interrupt_current_processing(True),
-                           clear_interrupt=lambda: mm.interrupt_current_processing(False))
+                           clear_interrupt=lambda: mm.interrupt_current_processing(False),
+                           link_id=sidechannel[2] if len(sidechannel) > 2 else None)
     # Before any node code runs: a ProgressBar copies the global hook when built.
     comfy.utils.set_progress_bar_global_hook(_forwarding_hook)
 
@@ -132,6 +133,12 @@ class _ShimGapFinder:
 
     def invalidate_caches(self):
         pass
+
+
+def configure_folder_paths(snapshot):
+    """ComfyUI's folder configuration changed after this worker started (see
+    IsolatedPack.adopt_host_state): the shim's copy follows it."""
+    _configure_folder_paths(snapshot)
 
 
 def _configure_folder_paths(snapshot):
@@ -385,6 +392,9 @@ def warm_up(spec):
 
 # ---------------------------------------------------------------------------- calls
 
+RESULT_TAG = "comfy-env-node-result"    # call_node's result: (tag, progressed, value)
+
+
 def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=None,
               hidden=None):
     """Run ``method`` of node ``key`` on the class (instance_id None) or an instance.
@@ -413,7 +423,8 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
         if obj is None:
             obj = _instances[instance_id] = cls()
         target = getattr(obj, method)
-    if _link is not None and token is not None:
+    linked = _link is not None and token is not None
+    if linked:
         _link.begin(token)
     try:
         with _executing(context):
@@ -423,11 +434,19 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
                 # in a context that still knows the executing node.
                 result = asyncio.run(_await(result))
         if v3 and method == "execute":
-            return _v3_output(result)
+            result = _v3_output(result)
+    except BaseException as exc:
+        if linked:
+            progressed = _link.end(token)
+            try:
+                # The host waits for the call's "end" only if it reported progress.
+                exc._comfy_env_progressed = progressed
+            except Exception:
+                pass        # an exception that takes no attributes: the host guesses
+        raise
+    if token is None:
         return result
-    finally:
-        if _link is not None and token is not None:
-            _link.end(token)
+    return (RESULT_TAG, _link.end(token) if linked else False, result)
 
 
 def _hidden_inputs(hidden):

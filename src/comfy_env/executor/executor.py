@@ -68,11 +68,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
-from .. import fncache, forksafe
+from .. import fncache, forksafe, settings
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, lifetime, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import check_reference, run_chunk
+from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
@@ -222,7 +223,7 @@ def _pickle_by_value(fn):
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
                  worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT,
-                 preload=None):
+                 preload=None, values=None):
         self.wenv = wenv
         # Workers fork from it when preload is given (see comfy_env.zygote).
         self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
@@ -234,7 +235,10 @@ class _Pool:
         self.logger = logger
         self.worker_log_level = worker_log_level
         self.worker_output = worker_output
-        self.lock = threading.RLock()
+        # Not re-entrant: nothing that holds it calls back into the pool.  A finalizer
+        # (which the cycle collector may run on a thread inside it) never takes it:
+        # see _finalize_pool.
+        self.lock = threading.Lock()
         self.pending = deque()
         self.waiting = set()
         self.idle = []
@@ -247,8 +251,8 @@ class _Pool:
         self.shutting_down = False
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
+        self.settings = values if values is not None else settings.read()   # sent to workers
         self._worker_index = itertools.count(1)
-        self._sent_fns = weakref.WeakKeyDictionary()    # worker -> fncache.SentFunctions
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
         forksafe.track_pool(self)       # inert in fork children
@@ -256,34 +260,34 @@ class _Pool:
     # -- submission ------------------------------------------------------------------
     def submit(self, item):
         forksafe.check_owner(self)      # before the lock: a fork child must not touch it
-        with self.lock:
-            self._check_open()
-            if item.deps:
-                self.waiting.add(item)
-        if item.deps:
-            remaining = [len(item.deps)]
-            counter_lock = threading.Lock()
-            # The callbacks stay in each input future's _done_callbacks for the
-            # future's whole life; they must not keep the item (whose args hold
-            # the inputs) reachable once it ran, or every chained input sits in a
-            # reference cycle (fa -> callback -> item -> args -> fa) and its
-            # shared memory is only released by the cyclic GC, not when the
-            # caller drops fa.  The last callback takes the item out of the cell.
-            cell = [item]
-
-            def dep_done(_f):
-                with counter_lock:
-                    remaining[0] -= 1
-                    it = cell.pop() if remaining[0] == 0 and cell else None
-                if it is not None:
-                    self._deps_ready(it)
-
-            for dep in item.deps:
-                dep.add_done_callback(dep_done)
+        if not item.deps:
+            with self.lock:
+                self._check_open()
+                self.pending.append(item)
+            self.dispatch()
             return
         with self.lock:
-            self.pending.append(item)
-        self.dispatch()
+            self._check_open()
+            self.waiting.add(item)
+        remaining = [len(item.deps)]
+        counter_lock = threading.Lock()
+        # The callbacks stay in each input future's _done_callbacks for the
+        # future's whole life; they must not keep the item (whose args hold
+        # the inputs) reachable once it ran, or every chained input sits in a
+        # reference cycle (fa -> callback -> item -> args -> fa) and its
+        # shared memory is only released by the cyclic GC, not when the
+        # caller drops fa.  The last callback takes the item out of the cell.
+        cell = [item]
+
+        def dep_done(_f):
+            with counter_lock:
+                remaining[0] -= 1
+                it = cell.pop() if remaining[0] == 0 and cell else None
+            if it is not None:
+                self._deps_ready(it)
+
+        for dep in item.deps:
+            dep.add_done_callback(dep_done)
 
     def _check_open(self):
         if self.broken is not None:
@@ -388,9 +392,7 @@ class _Pool:
             once = self._pickled_once(fn)
             if once is not None:
                 blob, key = once
-                sent = self._sent_fns.get(worker)
-                if sent is None:
-                    sent = self._sent_fns[worker] = fncache.SentFunctions()
+                sent = worker.sent_functions
                 plan = sent.plan(key, len(blob))
                 fnref = plan if plan[0] == "id" else plan + (blob,)
                 fn = None
@@ -405,6 +407,10 @@ class _Pool:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
+        chunks = codec.plain_frame(Call(item.call_id, fnref), ((fn, item.args, item.kwargs),))
+        if chunks is not None:
+            check_frame(chunks)
+            return chunks, (), codec.PLAIN_FRAME, fn_sent
         # Check the fd limit before building the frame: a call refused for too
         # many blocks (easy to hit with a list of forwarded futures) must undo
         # every lend it took (fb.abort), or the blocks would never be released
@@ -419,7 +425,7 @@ class _Pool:
             if len(fb.fds) > MAX_FDS:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
                                      f"at most {MAX_FDS} fit in one message")
-            chunks = fb.build(("call", item.call_id, fnref))
+            chunks = fb.build(Call(item.call_id, fnref))
             check_frame(chunks, fb.fds)
         except BaseException:
             fb.abort()
@@ -579,7 +585,8 @@ class _Pool:
         with self.lock:
             if worker in self.workers and not worker.exiting and worker not in self.doomed:
                 self.idle.append(worker)
-            self.all_done.notify_all()
+            if self.shutting_down:          # only shutdown(wait=True) waits on all_done
+                self.all_done.notify_all()
             # Unlocked-read safe: a submit() that adds work after this calls
             # dispatch() itself and finds the worker idle.
             busy = self.pending or self.shutting_down
@@ -928,6 +935,8 @@ class IsolatedExecutor(Executor):
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.
+        comfy_env.settings.SettingsError: a ``COMFY_ENV_*`` variable holds a bad value
+            (a ValueError; the message names it and what it accepts).
         comfy_env.envs.EnvError: ``env`` cannot be found, parsed or built.
     """
 
@@ -972,6 +981,9 @@ class IsolatedExecutor(Executor):
             if bad:
                 raise ValueError(f"preload must hold module names like 'torch' or 'numpy.linalg', "
                                  f"got {bad!r}")
+        # Read once, here: a bad COMFY_ENV_* value fails now, and every worker gets
+        # these values in its handshake (comfy_env.settings).
+        values = settings.read()
         wenv = resolve_env(env)
         pin = pin_environment(device)
         if pin:
@@ -991,9 +1003,9 @@ class IsolatedExecutor(Executor):
             _pickle_by_value(initializer)       # fails here, not at the first start
             init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, worker_output, start_timeout, preload)
+                           worker_log_level, worker_output, start_timeout, preload, values)
         self._pool.share_tensors_in_place = share_tensors_in_place
-        self._finalizer = weakref.finalize(self, _Pool.shutdown, self._pool, False, False)
+        self._finalizer = weakref.finalize(self, _finalize_pool, self._pool)
 
     @property
     def max_workers(self) -> int:
@@ -1038,7 +1050,9 @@ class IsolatedExecutor(Executor):
                             f"got {type(fn).__name__}")
         if isinstance(fn, str):
             check_reference(fn)
-        deps = _find_futures(args, []) + _find_futures(kwargs, [])
+        deps = _find_futures(args, [])
+        if kwargs:
+            _find_futures(kwargs, deps)
         fut = IsolatedFuture()
         self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
         return fut
@@ -1104,6 +1118,21 @@ class IsolatedExecutor(Executor):
         state = "broken" if p.broken else "shut down" if p.shutting_down else "running"
         return (f"<IsolatedExecutor {self.name!r} env={p.wenv.label!r} workers={len(p.workers)}/"
                 f"{p.max_workers} {state}>")
+
+
+def _finalize_pool(pool):
+    """An executor was garbage collected without ``shutdown()``: shut its pool down
+    (without waiting).
+
+    This runs wherever the collector runs: the cycle collector may start at any
+    allocation, also on a thread inside ``pool.lock`` (a reader dispatching the next
+    call), and the lock is not re-entrant.  So the shutdown runs on a thread of its
+    own.  When no thread may start (the interpreter is exiting) it runs here: by
+    then the at-exit shutdown has stopped every pool and no thread of ours holds a
+    pool's lock.
+    """
+    if lifetime.start_thread(pool.shutdown, "comfy_env-finalize", args=(False, False)) is None:
+        pool.shutdown(False, False)
 
 
 def _sandbox_arg(sandbox):

@@ -47,11 +47,14 @@ import sys
 import threading
 import time
 
+from .. import fncache
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerStartError)
+from .. import settings
 from ..ipc import codec, lifetime
-from ..ipc.protocol import apply_control
+from ..ipc.protocol import (Control, Exit, Hello, Init, InitFailed, Log, Ready, Result,
+                            apply_control)
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
 from .workitem import Stage
@@ -95,6 +98,8 @@ class WorkerHandle:
         self.timeout_stack = None     # the stack taken by kill_for_timeout ("" if none came)
         self.protocol_error = None    # the worker wrote bytes that are not a frame
         self.info = {}
+        # The by-value functions this worker holds (the parent's books; see fncache).
+        self.sent_functions = fncache.SentFunctions()
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -123,7 +128,7 @@ class WorkerHandle:
 
     # -- sending ---------------------------------------------------------------
     def _send_control(self, msgs):
-        _, chunks = codec.encode_message(("ctl", msgs), self.link)
+        _, chunks = codec.encode_message(Control(msgs), self.link)
         self.channel.send(chunks)
 
     def send_call(self, item, chunks, fds):
@@ -149,7 +154,7 @@ class WorkerHandle:
             return
         self.exiting = True
         try:
-            _, chunks = codec.encode_message(("exit",), self.link)
+            _, chunks = codec.encode_message(Exit(), self.link)
             self.channel.send(chunks)
         except (ChannelClosed, OSError):
             pass
@@ -257,14 +262,15 @@ class WorkerHandle:
 
     def _handshake(self):
         frame = self._recv_frame()
-        kind, info = frame.envelope
-        if kind == "hello" and isinstance(info, dict) and info.get("stack_signal") \
-                and frame.fds:
+        msg = frame.envelope
+        if type(msg) is not Hello or not isinstance(msg.info, dict):
+            frame.close_fds()
+            raise WorkerStartError(f"worker sent {msg!r:.200} instead of its handshake")
+        info = msg.info
+        if info.get("stack_signal") and frame.fds:
             self._stack_fd = frame.fds.pop(0)
             self._stack_signal = info["stack_signal"]
         frame.close_fds()
-        if kind != "hello":
-            raise WorkerStartError(f"worker sent {kind!r} instead of its handshake")
         self.info = info
         if info.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolMismatch(
@@ -297,13 +303,14 @@ class WorkerHandle:
             "sys_path": list(sys.path) if self.pool.wenv.is_current else None,
             "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
+            "settings": settings.to_wire(self.pool.settings),
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
-        fb, chunks = codec.encode_message(("init", cfg), self.link, objs)
+        fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
         self.channel.send(chunks, fb.fds)
         frame = self._recv_frame()
-        kind = frame.envelope[0]
-        if kind == "init_failed":
+        kind = type(frame.envelope)
+        if kind is InitFailed:
             try:
                 exc, tb = _decode_remote_exception(frame, self.link)
             finally:
@@ -313,8 +320,8 @@ class WorkerHandle:
             err.__cause__ = RemoteTraceback(tb)
             raise err
         frame.close_fds()
-        if kind != "ready":
-            raise WorkerStartError(f"worker sent {kind!r} instead of 'ready'")
+        if kind is not Ready:
+            raise WorkerStartError(f"worker sent {frame.envelope!r:.200} instead of Ready")
 
     def _read_loop(self):
         pool = self.pool
@@ -328,13 +335,13 @@ class WorkerHandle:
         try:
             while True:
                 frame = self._recv_frame()
-                kind = frame.envelope[0]
-                if kind == "result":
+                kind = type(frame.envelope)
+                if kind is Result:
                     self._on_result(frame)
-                elif kind == "ctl":
+                elif kind is Control:
                     frame.close_fds()
-                    apply_control(self.link, frame.envelope[1])
-                elif kind == "log":
+                    apply_control(self.link, frame.envelope.messages)
+                elif kind is Log:
                     frame.close_fds()
                     self._on_log(frame.envelope)
                 else:
@@ -353,7 +360,7 @@ class WorkerHandle:
         self._finish()
 
     def _on_result(self, frame):
-        _, call_id, ok = frame.envelope
+        call_id, ok = frame.envelope.call_id, frame.envelope.ok
         # Take the item under the pool lock: the watchdog and dispatch() check
         # ``worker.item`` under it too (see executor.py), so exactly one of them owns it.
         with self.pool.lock:
@@ -406,8 +413,8 @@ class WorkerHandle:
         else:
             fut.set_exception(value)
 
-    def _on_log(self, envelope):
-        _, levelno, name, msg, created = envelope
+    def _on_log(self, log):
+        _, levelno, name, msg, created = log
         logger = self.logger
         if logger.isEnabledFor(levelno):
             rec = logger.makeRecord(logger.name, levelno, "(worker)", 0,

@@ -49,6 +49,16 @@ __all__ = ["INLINE_BYTES", "MOVE_MIN_BYTES", "NumpyPlane", "TorchCPUPlane", "mov
            "tensor_on_record", "shared_empty", "shared_like"]
 
 INLINE_BYTES = settings.read().inline_bytes
+
+
+def _adopt_settings(values):
+    # A worker imports this module before its handshake brings the parent's settings.
+    global INLINE_BYTES
+    INLINE_BYTES = values.inline_bytes
+
+
+settings.on_install(_adopt_settings)
+
 # Smaller storages are copied on every send rather than moved: a moved storage holds
 # an arena segment of its own (at least 1 MiB) for as long as it lives, while copies of
 # small tensors share the frame's scratch segment (see docs/dataplane.md).

@@ -10,9 +10,10 @@ A message body is::
 
     u32 envelope length | envelope (plain pickle) | part 0 | part 1 | ...
 
-The envelope is a small tuple the transport owner reads without touching the
-parts; it ends with ``parts``: a list of ``(length, refs)`` where ``refs``
-lists the blocks a part leases, as ``(plane, key, fd_index, meta)``.  Keeping
+The envelope is ``(message, parts)``: the message (a :mod:`~comfy_env.ipc.protocol`
+type, as its plain wire tuple) is read without touching the parts; ``parts`` is a
+list of ``(length, refs)`` where ``refs`` lists the blocks a part leases, as
+``(plane, key, fd_index, meta)``, or None for a part that holds no block.  Keeping
 the refs outside the pickle lets the parent hold or forward a worker's result
 (zero-copy chains) without decoding it.
 
@@ -33,7 +34,14 @@ from concurrent.futures import Future
 
 import cloudpickle
 
-from . import lifetime
+from . import lifetime, protocol
+from .protocol import PlaneMessage, Release
+
+try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
+    from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
+except ImportError:     # pragma: no cover - such functions go through the Encoder
+    _by_reference = None
+_FunctionType = type(lambda: None)
 
 __all__ = [
     "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
@@ -83,6 +91,10 @@ class Plane:
 
     def on_control(self, link, message):
         """A plane-specific control message arrived from ``link``."""
+
+    def post(self, link, payload):
+        """Queue ``payload`` for this plane's :meth:`on_control` in the peer behind ``link``."""
+        link.post(PlaneMessage(self.name, payload))
 
     def reduce_portable(self, obj):
         """A ``__reduce__`` value for ``obj`` in bytes that travel outside a frame (a
@@ -159,6 +171,44 @@ def _plane_for(tp):
 # Types pickle handles natively and no plane ever claims: skip the lookup.
 _PLAIN = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
                     frozenset, bytearray, complex])
+# Of those, the ones that hold no other object.
+_SCALARS = frozenset([int, float, str, bytes, bool, type(None), complex])
+_PLAIN_ITEMS = 64       # a bigger container goes through the Encoder (checking it costs as much)
+_PLAIN_DEPTH = 4
+
+
+def _is_plain(obj, depth=0):
+    """Is ``obj`` built only of scalars and small tuples, lists and dicts of them?
+
+    Then no plane and no future can be inside, and ``pickle.dumps`` writes exactly
+    what the :class:`Encoder` would (cloudpickle only differs for objects its
+    ``reducer_override`` sees, which these never reach): the small calls and results
+    that make up warm-call latency skip building a cloudpickle Pickler.  Exact
+    types only: a subclass may carry a plane's object in its ``__dict__``.
+    """
+    tp = type(obj)
+    if tp in _SCALARS:
+        return True
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if tp is tuple or tp is list:
+        if len(obj) > _PLAIN_ITEMS:
+            return False
+        for x in obj:
+            if type(x) not in _SCALARS and not _is_plain(x, depth + 1):
+                return False
+        return True
+    if tp is dict:
+        if len(obj) > _PLAIN_ITEMS:
+            return False
+        for k, v in obj.items():
+            if type(k) not in _SCALARS or (type(v) not in _SCALARS and not _is_plain(v, depth + 1)):
+                return False
+        return True
+    if tp is _FunctionType:
+        # A function cloudpickle pickles by reference: pickle does the same (by name).
+        return _by_reference is not None and _by_reference(obj)
+    return False
 
 
 class Part:
@@ -255,6 +305,10 @@ def dumps_portable(obj) -> bytes:
     return buf.getvalue()
 
 
+def _nbytes(data):
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
+
+
 class FrameBuilder:
     """Collects the parts, fds and lends of one outgoing frame."""
 
@@ -290,6 +344,9 @@ class FrameBuilder:
         self._lends.append(record)
 
     def encode_part(self, obj, forward_future=None):
+        if _is_plain(obj):
+            self.parts.append(Part(pickle.dumps(obj, PROTOCOL), None))
+            return len(self.parts) - 1
         # Reserve the slot first: forwarded parts are appended while this one encodes.
         index = len(self.parts)
         self.parts.append(None)
@@ -326,16 +383,50 @@ class FrameBuilder:
             lifetime.LEDGER.on_release(self.link, rec.key, 1)
 
     def build(self, envelope):
-        self._run_before_send()
-        env = pickle.dumps((envelope, [(memoryview(p.data).nbytes, p.refs) for p in self.parts]), PROTOCOL)
-        chunks = [_U32.pack(len(env)), env]
-        chunks.extend(p.data for p in self.parts)
+        if self._before_send:
+            self._run_before_send()
+        parts = self.parts
+        env = pickle.dumps((protocol.to_wire(envelope), [(_nbytes(p.data), p.refs) for p in parts]),
+                           PROTOCOL)
+        chunks = [_U32.pack(len(env)) + env]
+        chunks.extend(p.data for p in parts)
         # The lends stay recorded: abort() still undoes them if the send fails.
         return chunks
 
 
+class _PlainFrame:
+    """The frame builder of a frame made by :func:`plain_frame`: no fds, nothing lent."""
+
+    __slots__ = ()
+    fds = ()
+
+    def abort(self):
+        pass
+
+
+PLAIN_FRAME = _PlainFrame()
+
+
+def plain_frame(envelope, objs=()):
+    """The chunks of a frame whose parts are all plain (:func:`_is_plain`), else None.
+
+    What :func:`encode_message` would send, without a :class:`FrameBuilder`: warm
+    calls and their results take this way."""
+    datas = []
+    for obj in objs:
+        if not _is_plain(obj):
+            return None
+        datas.append(pickle.dumps(obj, PROTOCOL))
+    env = pickle.dumps((protocol.to_wire(envelope), [(len(d), None) for d in datas]), PROTOCOL)
+    return [_U32.pack(len(env)) + env, *datas]
+
+
 def encode_message(envelope, link, objs=(), forward_future=None):
-    """Encode ``objs`` as parts 0.. of one frame.  Returns ``(FrameBuilder, chunks)``."""
+    """Encode ``objs`` as parts 0.. of one frame.  Returns ``(frame builder, chunks)``
+    (the builder's ``fds`` go with the chunks; ``abort()`` it if they are not sent)."""
+    chunks = plain_frame(envelope, objs)
+    if chunks is not None:
+        return PLAIN_FRAME, chunks
     fb = FrameBuilder(link)
     try:
         for obj in objs:
@@ -347,12 +438,14 @@ def encode_message(envelope, link, objs=(), forward_future=None):
 
 
 class Frame:
-    """A received frame: the envelope plus undecoded parts and the fds that came with it."""
+    """A received frame: its message (``envelope``, a :mod:`~comfy_env.ipc.protocol`
+    type) plus undecoded parts and the fds that came with it."""
 
     def __init__(self, body, fds):
         view = memoryview(body)
         (n,) = _U32.unpack_from(view, 0)
-        self.envelope, metas = pickle.loads(view[4:4 + n])
+        wire, metas = pickle.loads(view[4:4 + n])
+        self.envelope = protocol.from_wire(wire)
         off = 4 + n
         self.parts = []
         for length, refs in metas:
@@ -435,7 +528,7 @@ def accept_part_leases(frame, part_index, link):
     except BaseException:
         lifetime.LEDGER.sweep(taken)
         for _plane, key, _fd, _meta in refs[len(taken):]:
-            link.post(("release", key, 1))
+            link.post(Release(key, 1))
         raise
 
 
@@ -502,7 +595,7 @@ def _release_untaken(dec):
         return
     for i, (_plane, key, _fd, _meta) in enumerate(refs):
         if i not in dec._records:
-            dec.link.post(("release", key, 1))
+            dec.link.post(Release(key, 1))
 
 
 def decode_part(frame, index, link, cache=None, records=None):
@@ -537,3 +630,8 @@ def decode_part(frame, index, link, cache=None, records=None):
     _release_untaken(dec)
     cache[index] = obj
     return obj
+
+
+@protocol.handles(PlaneMessage)
+def _apply_plane_message(link, msg):
+    get_plane(msg.plane).on_control(link, msg.payload)

@@ -39,6 +39,9 @@ import time
 import uuid
 import weakref
 
+from . import protocol
+from .protocol import Release
+
 __all__ = ["Ledger", "Record", "Link", "LEDGER", "PROCESS_UID", "exiting", "start_thread"]
 
 # Identifies this process in block keys.  pids are reused; a uuid is not.
@@ -211,7 +214,7 @@ class Ledger:
         finally:
             if redundant:
                 for key in redundant:
-                    link.post(("release", key, 1))
+                    link.post(Release(key, 1))
         return out
 
     def hold(self, rec, n=1):
@@ -306,7 +309,7 @@ class Ledger:
                 fin()
         for rec, (upstream, leases) in items:
             if upstream is not None and leases:
-                upstream.post(("release", rec.key, leases))
+                upstream.post(Release(rec.key, leases))
 
     def sweep(self, recs):
         """Free records that a failed or empty decode left with no user."""
@@ -457,6 +460,11 @@ class Ledger:
 
 
 LEDGER = Ledger()
+
+
+@protocol.handles(Release)
+def _apply_release(link, msg):
+    LEDGER.on_release(link, msg.key, msg.n)
 
 
 def _after_fork_in_child():

@@ -148,6 +148,20 @@ class Channel:
         """
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [chunks]
+        if not fds and len(chunks) <= 4 and all(type(c) is bytes for c in chunks):
+            # A small message (a warm call, its result, a control message): one
+            # buffer, one sendall.
+            length = sum(map(len, chunks))
+            if length <= _READ_CHUNK:
+                data = frame_header(length, 0) + b"".join(chunks)
+                with self._send_lock:
+                    if self._closed:
+                        raise ChannelClosed("channel is closed")
+                    try:
+                        self.sock.sendall(data)
+                    except (BrokenPipeError, ConnectionResetError) as exc:
+                        raise ChannelClosed(str(exc)) from exc
+                return
         views = [memoryview(c).cast("B") for c in chunks]
         length = sum(v.nbytes for v in views)
         nfds = len(fds)
@@ -238,7 +252,8 @@ class Channel:
         start = self._pos + _HEADER.size
         have = len(buf) - start
         if have >= length:
-            body = bytes(buf[start:start + length])
+            with memoryview(buf) as view:       # one copy (a bytearray slice would be two)
+                body = bytes(view[start:start + length])
             self._pos = start + length
         else:
             # Big frame: read the rest straight into its final buffer.

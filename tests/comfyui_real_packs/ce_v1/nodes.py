@@ -107,6 +107,20 @@ class WaitFlag:
         return (seed,)
 
 
+class Sleep:
+    """Runs for a while and never checks for an interrupt: stopped by killing its worker."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "ce/v1"
+
+    def run(self, seed):
+        time.sleep(60)
+        return (seed,)
+
+
 class Crash:
     @classmethod
     def INPUT_TYPES(cls):
@@ -147,6 +161,6 @@ class Text:
 NODE_CLASS_MAPPINGS = {
     "CE_Invert": Invert, "CE_Passthrough": Passthrough, "CE_Add": Add,
     "CE_FastProgress": FastProgress, "CE_Fail": Fail, "CE_WaitProgress": WaitProgress,
-    "CE_WaitFlag": WaitFlag, "CE_Crash": Crash, "CE_Pid": Pid, "CE_Text": Text,
+    "CE_WaitFlag": WaitFlag, "CE_Sleep": Sleep, "CE_Crash": Crash, "CE_Pid": Pid, "CE_Text": Text,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"CE_Invert": "Invert (isolated)"}
