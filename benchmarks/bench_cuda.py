@@ -189,10 +189,12 @@ class Timers:
 
 
 def parent_timers():
+    # A tree from before the plane's split (BASE_SRC) keeps the opened events on the plane.
+    events = PLANE.local.events if hasattr(PLANE, "local") else PLANE._events
     return Timers({"decode": (PLANE, "decode"), "encode": (PLANE, "encode"),
                    "import_pointer": (PLANE.imports, "import_pointer"),
                    "release_pointer": (PLANE.imports, "release_pointer"),
-                   "event_wait": (PLANE._events, "wait")})
+                   "event_wait": (events, "wait")})
 
 
 def new_executor(env_extra=None):

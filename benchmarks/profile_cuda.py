@@ -83,7 +83,7 @@ def profiled(a, label, fn, calls):
 def primitives():
     from comfy_env.ipc.cuda import devices
     from comfy_env.ipc.cuda import driver as D
-    from comfy_env.ipc.cuda.plane import _DeviceBytes
+    from comfy_env.ipc.cuda.receiver import _DeviceBytes
     import weakref
     x = torch.ones(MiB // 4, device="cuda")
     ptr = x.data_ptr()

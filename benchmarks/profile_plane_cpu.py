@@ -25,9 +25,11 @@ import torch  # noqa: E402
 
 from comfy_env.executor.futures import LazyResult  # noqa: E402
 from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
-from comfy_env.ipc.cuda import devices, plane as P  # noqa: E402
+from comfy_env.ipc.cuda import devices  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
-from comfy_env.ipc.cuda.plane import PLANE, _Owned  # noqa: E402
+from comfy_env.ipc.cuda.blocks import OwnedPool  # noqa: E402
+from comfy_env.ipc.cuda.layout import pool_meta  # noqa: E402
+from comfy_env.ipc.cuda.plane import PLANE  # noqa: E402
 
 K, MiB = 32, 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
@@ -109,14 +111,14 @@ def install_fakes():
     fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
     fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
     fake_torch.as_tensor = FakeTensor
-    PLANE._t()
-    PLANE._torch = fake_torch
+    PLANE.local.t()
+    PLANE.local.torch = fake_torch
     PLANE.role = "worker"
-    PLANE._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
-    PLANE._heap[0] = types.SimpleNamespace(old=[], ordinal=0)
-    PLANE._rings[0] = FakeRing()
-    PLANE.imports = FakeImports()
-    PLANE._events = FakeEvents()
+    PLANE.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    PLANE.local.heap[0] = types.SimpleNamespace(old=[], ordinal=0)
+    PLANE.local.rings[0] = FakeRing()
+    PLANE.receiver.imports = FakeImports()
+    PLANE.local.events = FakeEvents()
     devices.uuid_of = lambda o: UUID
     devices.ordinal_of = lambda u: 0
     devices.use = lambda o: None
@@ -128,12 +130,12 @@ def worker_tensors():
     for i in range(K):
         base = (1 << 33) + i * 2 * MiB
         t = FakeCudaTensor(base)
-        meta = P.pool_meta(FakeGen.key, b"e" * 64, UUID, 2 * MiB)
+        meta = pool_meta(FakeGen.key, b"e" * 64, UUID, 2 * MiB)
         rec = lifetime.LEDGER.add_owned(("cuda", "w" * 16, 10_000 + i),
-                                        _Owned("pool", 0, base, meta, keep=t, gen=FakeGen, base=base, alloc=2 * MiB),
+                                        OwnedPool(0, base, meta, t, FakeGen, 2 * MiB),
                                         PLANE.on_zero)
-        PLANE._by_base[base] = rec
-        PLANE._by_ptr[base] = rec
+        PLANE.sender._by_base[base] = rec
+        PLANE.sender._by_ptr[base] = rec
         rec.resource.ptrs.append(base)
         ts.append(t)
     return ts
@@ -159,8 +161,8 @@ def main(n=3000):
     # Now the parent: forget the worker's side of the ledger, decode what it sent.
     with lifetime.LEDGER.lock:
         lifetime.LEDGER._records.clear()
-    PLANE._by_ptr.clear()
-    PLANE._by_base.clear()
+    PLANE.sender._by_ptr.clear()
+    PLANE.sender._by_base.clear()
     PLANE.role = "parent"
     to_worker = lifetime.Link(lambda m: None, "worker")
     to_worker.uid = "w" * 16

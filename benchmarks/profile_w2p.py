@@ -41,24 +41,25 @@ MiB = 1 << 20
 def _targets(side):
     """What to time on ``side`` ("parent" or "worker"): name -> (object, attribute)."""
     from comfy_env.ipc import codec, lifetime, planes  # noqa: F401
-    from comfy_env.ipc.cuda import plane as P
+    from comfy_env.ipc.cuda import receiver as R, sender as S
     from comfy_env.ipc.cuda.plane import PLANE
     common = {"LEDGER.drain": (lifetime.LEDGER, "drain")}
+    snd, rcv = PLANE.sender, PLANE.receiver
     if side == "worker":
         t = {"encode_message": (codec, "encode_message"), "plane.encode": (PLANE, "encode"),
-             "choose": (P, "choose"), "pack_fields": (P, "pack_fields"),
-             "_lend_pool_block": (PLANE, "_lend_pool_block"), "_event_for": (PLANE, "_event_for"),
-             "_lend_staging": (PLANE, "_lend_staging"), "_take_idle_staging": (PLANE, "_take_idle_staging"),
-             "on_control": (PLANE, "on_control"), "_free_owned": (PLANE, "_free_owned"),
+             "choose": (S, "choose"), "pack_fields": (S, "pack_fields"),
+             "_lend_pool_block": (snd, "_lend_pool_block"), "_event_for": (snd, "_event_for"),
+             "_lend_staging": (snd, "_lend_staging"), "_take_idle_staging": (snd, "_take_idle_staging"),
+             "on_control": (PLANE, "on_control"), "free_owned": (snd, "free_owned"),
              "LEDGER.release": (lifetime.LEDGER, "release")}
     else:
         t = {"accept_part_leases": (codec, "accept_part_leases"), "decode_part": (codec, "decode_part"),
-             "plane.decode": (PLANE, "decode"), "unpack": (P, "unpack"), "_wrap": (PLANE, "_wrap"),
+             "plane.decode": (PLANE, "decode"), "unpack": (R, "unpack"), "_wrap": (rcv, "_wrap"),
              "LEDGER.holder": (lifetime.LEDGER, "holder"), "import_cache.keep": (PLANE.import_cache, "keep"),
-             "_local_ptr": (PLANE, "_local_ptr"), "import_pointer": (PLANE.imports, "import_pointer"),
-             "import_cache.sweep": (PLANE.import_cache, "sweep"), "_free_remote": (PLANE, "_free_remote"),
-             "_finish_frees": (PLANE, "_finish_frees"), "LEDGER.free_many": (lifetime.LEDGER, "free_many"),
-             "_staging_idle": (PLANE, "_staging_idle")}
+             "_local_ptr": (rcv, "_local_ptr"), "import_pointer": (PLANE.imports, "import_pointer"),
+             "import_cache.sweep": (PLANE.import_cache, "sweep"), "free_remote": (rcv, "free_remote"),
+             "finish_frees": (rcv, "finish_frees"), "LEDGER.free_many": (lifetime.LEDGER, "free_many"),
+             "staging_idle": (rcv, "staging_idle")}
     t.update({k: v for k, v in common.items()})
     return {k: v for k, v in t.items() if hasattr(v[0], v[1])}
 
@@ -136,7 +137,7 @@ def w_timers(on, bench_dir=None):
 
 def primitives(k=200):
     """Ways to make a tensor over device memory we do not own, in this process."""
-    from comfy_env.ipc.cuda.plane import _DeviceBytes
+    from comfy_env.ipc.cuda.receiver import _DeviceBytes
     import weakref
     x = torch.ones(MiB // 4, device="cuda")
     ptr = x.data_ptr()

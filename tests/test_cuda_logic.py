@@ -75,6 +75,13 @@ def test_block_meta_roundtrip_and_errors():
     m = pool_meta(("owner", 3), b"x" * 64, UUID, 1024)
     assert validate_meta(m) == m
     assert validate_meta(vmm_meta(2 << 20, UUID))[0] == "vmm"
+    # The wire form is a plain tuple (the envelope is a plain pickle); the receiver reads names.
+    assert type(m) is tuple and type(vmm_meta(1, UUID)) is tuple
+    p = validate_meta(m)
+    assert (p.kind, p.pool_key, p.owner, p.export, p.device_uuid, p.alloc_size) == \
+        ("pool", ("owner", 3), "owner", b"x" * 64, UUID, 1024)
+    v = validate_meta(vmm_meta(2 << 20, UUID))
+    assert (v.kind, v.size, v.device_uuid) == ("vmm", 2 << 20, UUID)
     with pytest.raises(DescriptorError):
         validate_meta(pool_meta(("owner", 3), b"x" * 63, UUID, 1024))
     with pytest.raises(DescriptorError):
@@ -196,16 +203,16 @@ def test_cpu_fallback_warns_once_and_keeps_device_identity(monkeypatch):
     torch = pytest.importorskip("torch")
     from comfy_env.ipc.cuda import plane as P
     pl = P.CudaPlane()
-    pl._t()
+    pl.local.t()
     t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).t()
     with pytest.warns(P.CudaFallbackWarning, match="no usable CUDA driver"):
-        d = pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")
+        d = pl.sender._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")
     assert d.route == "cpu" and d.device_uuid == UUID and d.device_index == 1
     assert validate(d).host.dtype == torch.bfloat16
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pl._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")   # no second warning
+        pl.sender._encode_cpu(t, "bfloat16", 1, UUID, "no usable CUDA driver here")   # no second warning
 
 
 def test_cpu_tensors_are_left_to_the_cpu_plane():
@@ -378,8 +385,44 @@ def test_import_cache_bounds_idle_entries_by_count_and_bytes_lru_first():
     _settle(ledger)                                # keys 1, 2 idle too: 3 idle > 2
     cache.sweep()
     assert [e for e in t.log if e[0] == "free"] == [("free", keys[0])]
-    assert not cache.keep(ledger.accept_lease(keys[3], t.link, lambda: object(), t.on_zero), 4 << 20, "owner")
-    assert len(cache) == 2                         # bigger than the byte bound: never kept
+    # A block forwarded by the link (its owner is a third process, who cannot say when
+    # it stops using it): bigger than the byte bound, never kept.
+    assert not cache.keep(ledger.accept_lease(keys[3], t.link, lambda: object(), t.on_zero), 4 << 20, "third")
+    assert len(cache) == 2
+
+
+def test_import_cache_keeps_owner_blocks_of_any_size_until_the_owner_reclaims_them():
+    """A block from its owner is kept whatever its size (a 1 GiB result the worker keeps
+    would otherwise be mapped again every call); the owner's "reclaim" evicts it when idle,
+    later when still in use, and refuses a keep whose decode comes after the reclaim."""
+    from comfy_env.ipc.lifetime import Ledger
+    from comfy_env.ipc.cuda.importcache import ImportCache
+    ledger, t = Ledger(), _Trace()
+    cache = ImportCache(ledger, max_bytes=1 << 20, max_count=100, max_idle_s=1000, background=False)
+    a, b, c = ("cuda", "owner", 1), ("cuda", "owner", 2), ("cuda", "owner", 3)
+    big = 4 << 30
+    ra = ledger.accept_lease(a, t.link, lambda: object(), t.on_zero)
+    ha = type("Holder", (), {})()
+    ledger.holder(ra, ha)
+    assert not cache.keep(ra, big, "owner") and len(cache) == 1          # kept, over the byte bound
+    ha = None; _settle(ledger)
+    assert cache.sweep() == 0 and len(cache) == 1 and t.log == []       # idle, still kept
+    assert cache.reclaim([a]) == 1 and t.log == [("free", a)]           # reclaimed: freed, released
+    assert t.releases() == [("release", a, 1)]
+    rb = ledger.accept_lease(b, t.link, lambda: object(), t.on_zero)
+    hb = type("Holder", (), {})()
+    ledger.holder(rb, hb)
+    cache.keep(rb, big, "owner")
+    assert cache.reclaim([b]) == 0 and ledger.get(b) is rb              # in use here: kept for now
+    hb = None; _settle(ledger)
+    assert cache.sweep() == 1 and t.log[-1] == ("free", b)              # ... and evicted once idle
+    assert cache.reclaim([c]) == 0                                      # not decoded yet
+    rc = ledger.accept_lease(c, t.link, lambda: object(), t.on_zero)
+    hc = type("Holder", (), {})()
+    ledger.holder(rc, hc)
+    assert not cache.keep(rc, 1 << 10, "owner") and len(cache) == 0     # never kept
+    hc = None; _settle(ledger)
+    assert t.log[-1] == ("free", c) and len(ledger) == 0
 
 
 def test_import_cache_flush_by_owner_and_after_link_closed():
@@ -444,35 +487,72 @@ def test_idle_hook_runs_when_only_the_cache_holds_a_staging_block():
 
 def test_exporter_recycles_only_idle_fitting_blocks_of_the_current_generation():
     from comfy_env.ipc import lifetime
-    from comfy_env.ipc.cuda.plane import CudaPlane, _Owned
+    from comfy_env.ipc.cuda.blocks import OwnedStaging
+    from comfy_env.ipc.cuda.plane import CudaPlane
     pl = CudaPlane()
     gen, MiB = object(), 1 << 20
     recs = []
 
     def block(size):
         key = ("cuda", "test-exporter", len(recs))
-        recs.append(lifetime.LEDGER.add_owned(key, _Owned("staging", 0, 0x1000, None, gen=gen, size=size),
+        recs.append(lifetime.LEDGER.add_owned(key, OwnedStaging(0, 0x1000, None, gen, None, size),
                                               None))
         return recs[-1]
 
     try:
         small, big = block(2 * MiB), block(8 * MiB)
         ev = ("0123456789abcdef", 0, 1, b"e" * 64)
-        pl._on_idle(None, [(small.key, 1)], ev)            # answers a lend that never happened
+        pl.sender.on_idle(None, [(small.key, 1)], ev)            # answers a lend that never happened
         assert pl.stats()["staging_idle"] == 0
-        pl._on_idle(None, [(small.key, 0)], ev)
-        pl._on_idle(None, [(big.key, 0)], None)
+        pl.sender.on_idle(None, [(small.key, 0)], ev)
+        pl.sender.on_idle(None, [(big.key, 0)], None)
         assert pl.stats()["staging_idle"] == 2 and small.resource.ready == ev
         with lifetime.LEDGER.lock:
-            got = pl._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
+            got = pl.sender._take_idle_staging(0, MiB, gen)   # best fit, not the 8 MiB one
             assert got is small and small.resource.busy and small.resource.seq == 1
-            assert pl._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
-        pl._on_idle(None, [(small.key, 0)], ev)            # late answer to the previous lend
+            assert pl.sender._take_idle_staging(0, MiB, gen) is None        # 8 MiB is too big for 1 MiB
+        pl.sender.on_idle(None, [(small.key, 0)], ev)            # late answer to the previous lend
         assert small.resource.busy and pl.stats()["staging_idle"] == 1
         with lifetime.LEDGER.lock:                     # a rolled generation is never lent again
-            assert pl._take_idle_staging(0, 8 * MiB, object()) is None
+            assert pl.sender._take_idle_staging(0, 8 * MiB, object()) is None
         assert pl.stats()["staging_idle"] == 0 and pl.recycled == 1
-        assert pl._staging_size(1000) == 1024 and pl._staging_size(3 * MiB + 1) == 4 * MiB
+        assert pl.sender._staging_size(1000) == 1024 and pl.sender._staging_size(3 * MiB + 1) == 4 * MiB
     finally:
         for r in recs:
             lifetime.LEDGER._records.pop(r.key, None)
+
+
+def test_the_sender_guards_its_blocks_with_its_own_lock_not_the_ledgers():
+    """An idle report and the bookkeeping of a freed staging block need only the sender's
+    lock (docs/architecture.md, "Locks"): they go on while another thread holds the
+    ledger's lock, e.g. a frame lending blocks."""
+    import threading
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.cuda.blocks import OwnedStaging
+    from comfy_env.ipc.cuda.plane import CudaPlane
+    pl = CudaPlane()
+    gen = object()
+    key = ("cuda", "test-lock-order", 1)
+    rec = lifetime.LEDGER.add_owned(key, OwnedStaging(0, 0x1000, None, gen, None, 1 << 20), None)
+    held, done = threading.Event(), threading.Event()
+
+    def hold_the_ledger():
+        with lifetime.LEDGER.lock:
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold_the_ledger)
+    t.start()
+    try:
+        assert held.wait(10)
+        reported = threading.Thread(target=pl.sender.on_idle, args=(None, [(key, 0)], None))
+        reported.start()
+        reported.join(5)
+        assert not reported.is_alive(), "on_idle waited for the ledger's lock"
+    finally:
+        done.set()
+        t.join(10)
+    try:
+        assert pl.stats()["staging_idle"] == 1
+    finally:
+        lifetime.LEDGER._records.pop(key, None)

@@ -2,7 +2,9 @@
 small tensors and of the per-frame / per-batch CUDA bookkeeping:
 
 * a small tensor sent for the first time is staged (one copy), sent again it goes zero
-  copy; big ones always go zero copy; ``COMFY_ENV_CUDA_SMALL_COPY_MIB=0`` turns it off;
+  copy; a bigger first-seen storage (up to ``COMFY_ENV_CUDA_FRESH_COPY_MIB``) is copied
+  too, only the span of the view; ``COMFY_ENV_CUDA_SMALL_COPY_MIB=0`` turns it off;
+* the owner asks peers to reclaim a pool block once its own tensor on it died;
 * one interprocess event per frame and stream, reserved while encoding and recorded
   when the frame is built (after the copies) or aborted;
 * recycled staging blocks: kept by size, the peer's "idle" reports batched (one event
@@ -18,9 +20,10 @@ from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
 from comfy_env.ipc.cuda import devices, paths  # noqa: E402
 from comfy_env.ipc.cuda import driver as D  # noqa: E402
 from comfy_env.ipc.cuda.events import EventRing  # noqa: E402
-from comfy_env.ipc.cuda.layout import pool_meta, unpack  # noqa: E402
+from comfy_env.ipc.cuda.blocks import OwnedStaging, RemotePool  # noqa: E402
+from comfy_env.ipc.cuda.layout import pool_meta, unpack, validate_meta  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
-from comfy_env.ipc.cuda.plane import CudaPlane, _Owned, _Remote  # noqa: E402
+from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -139,19 +142,20 @@ def worker(monkeypatch):
     monkeypatch.setattr(devices, "use", lambda o: None)
     monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
     monkeypatch.delenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", raising=False)
+    monkeypatch.delenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", raising=False)
     pl = CudaPlane()
-    pl._t()
+    pl.local.t()
     fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
     stream = types.SimpleNamespace(cuda_stream=7)
     fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
-    pl._torch = fake_torch
+    pl.local.torch = fake_torch
     pl.role = "worker"
-    pl._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
     heap_gen = FakeGen("h", log)
-    pl._heap[0] = types.SimpleNamespace(old=[], ordinal=0, owner_of=lambda pool: heap_gen if pool == 99 else None)
-    pl._staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen("s", log))
-    pl._rings[0] = FakeRing(log)
-    pl._events = FakeEvents(log)
+    pl.local.heap[0] = types.SimpleNamespace(old=[], ordinal=0, owner_of=lambda pool: heap_gen if pool == 99 else None)
+    pl.local.staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen("s", log))
+    pl.local.rings[0] = FakeRing(log)
+    pl.local.events = FakeEvents(log)
     monkeypatch.setitem(codec._DISPATCH, FakeT, (pl,))
     link = lifetime.Link(lambda msgs: None, "parent")
     link.uid = "p" * 16
@@ -221,9 +225,100 @@ def test_views_of_one_small_storage_share_one_staged_copy(worker):
     assert _copies(log) == 1 and len(fb.parts[0].refs) == 1
 
 
+def test_a_big_tensor_first_sent_is_copied_span_only_then_exported(worker):
+    """A storage bigger than the small-copy limit, first sent, is copied too (a recycled
+    staging block the peer keeps mapped instead of a new mapping per call), but only the
+    bytes the view spans; sent again it goes zero copy."""
+    pl, log, link, _ = worker
+    assert pl.sender.fresh_copy == pl.sender.limit
+    s = FakeStorage(1 << 41, 64 * MiB)
+    view = FakeT(0, 8 * MiB, storage=s, offset=16 * MiB)
+    del log[:]
+    assert _send(link, [view]) == ["staging"]
+    assert pl.last_reasons["staging"] == paths.FRESH_COPY_WHY
+    assert ("alloc", 8 * MiB) in log and _copies(log) == 1
+    del log[:]
+    assert _send(link, [view]) == ["pool"] and _copies(log) == 0
+    # A storage bigger than the limit is never copied on first sight (its allocation
+    # still may not be importable: choose() decides).
+    pl.sender.fresh_copy = 32 * MiB
+    assert _send(link, [FakeT(1 << 42, nbytes=64 * MiB)]) == ["pool"]
+
+
+def test_fresh_copy_limit_from_env(monkeypatch):
+    limit = 4096 * MiB
+    monkeypatch.delenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", raising=False)
+    assert paths.fresh_copy_limit(16 * MiB, limit) == limit
+    assert paths.fresh_copy_limit(0, limit) == 0              # small copies off: all off
+    monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", "0")
+    assert paths.fresh_copy_limit(16 * MiB, limit) == 16 * MiB  # small ones only
+    monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", "9000")
+    assert paths.fresh_copy_limit(16 * MiB, limit) == limit     # never above the import limit
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", bad)
+        with pytest.raises(ValueError, match="COMFY_ENV_CUDA_FRESH_COPY_MIB"):
+            paths.fresh_copy_limit(16 * MiB, limit)
+
+
+def _sent_posts(link, sent):
+    """What ``link`` posted: the ledger's flusher may have sent it already."""
+    import time
+    link.flush()
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(sent)
+
+
+def _pool_record(pl, t):
+    rec = pl.sender._by_base[t.data_ptr()]
+    assert lifetime.LEDGER.get(rec.key) is rec and rec.resource.kind == "pool"
+    return rec
+
+
+def test_the_owner_asks_peers_to_reclaim_a_pool_block_once_its_tensor_died(worker):
+    """The peer's import cache keeps our pool blocks with no byte bound; when our last
+    tensor on a block dies, the peers it is lent to are asked to let it go."""
+    pl, log, link, _ = worker
+    sent, other_sent = [], []
+    link._send_control = sent.extend
+    other = lifetime.Link(other_sent.extend, "other")
+    pl.peers.of(other)
+    t = FakeT(1 << 40)
+    _send(link, [t])
+    assert _send(link, [t]) == ["pool"]
+    rec = _pool_record(pl, t)
+    assert rec.resource.keep is t.untyped_storage()            # the memory, not the tensor
+    assert link.lent[rec.key] > 0
+    del t
+    assert _sent_posts(link, sent) == [("plane", "cuda", ("reclaim", [rec.key]))]
+    other.flush()
+    assert other_sent == []                                    # not lent there
+    lifetime.LEDGER.on_release(link, rec.key, link.lent[rec.key])
+    assert lifetime.LEDGER.get(rec.key) is None and rec.resource.keep is None
+
+
+def test_no_reclaim_while_another_tensor_uses_the_storage(worker, monkeypatch):
+    from comfy_env.ipc.cuda import sender
+    pl, log, link, _ = worker
+    users = {"n": 3}
+    monkeypatch.setattr(sender, "_storage_users", lambda storage: users["n"])
+    sent = []
+    link._send_control = sent.extend
+    t = FakeT(1 << 40)
+    _send(link, [t])
+    _send(link, [t])
+    rec = _pool_record(pl, t)
+    del t                                                      # a view built apart still uses it
+    link.flush()
+    assert sent == []
+    lifetime.LEDGER.on_release(link, rec.key, link.lent[rec.key])
+    assert rec.resource.watch is None                          # freed: the watch (and storage) went
+
+
 def test_a_lent_tensor_and_big_tensors_go_zero_copy(worker):
     pl, log, link, _ = worker
-    big = FakeT(1 << 41, nbytes=pl.small_copy + 4)
+    big = FakeT(1 << 41, nbytes=pl.sender.fresh_copy + 4)
     assert _send(link, [big]) == ["pool"]
     small = FakeT(1 << 42)
     assert _send(link, [small, small]) == ["staging", "staging"]   # one frame: the block is shared
@@ -233,7 +328,7 @@ def test_a_lent_tensor_and_big_tensors_go_zero_copy(worker):
 def test_small_copy_off_by_env(worker, monkeypatch):
     monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0")
     pl = CudaPlane()
-    assert pl.small_copy == 0
+    assert pl.sender.small_copy == 0
     monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0.5")
     assert paths.small_copy_limit() == MiB // 2
     for bad in ("lots", "-1", "5000"):
@@ -241,7 +336,7 @@ def test_small_copy_off_by_env(worker, monkeypatch):
         with pytest.raises(ValueError, match="COMFY_ENV_CUDA_SMALL_COPY_MIB"):
             paths.small_copy_limit()
     wpl, log, link, _ = worker
-    wpl.small_copy = 0
+    wpl.sender.small_copy = wpl.sender.fresh_copy = 0
     assert _send(link, [FakeT(1 << 40)]) == ["pool"]
 
 
@@ -258,12 +353,12 @@ def test_choose_stages_a_small_first_sight_only_where_the_pool_route_works():
 
 def test_one_event_per_frame_recorded_after_the_copies(worker):
     pl, log, link, _ = worker
-    _send(link, [FakeT(1 << 40), FakeT(1 << 41), FakeT(1 << 43, nbytes=pl.small_copy + 4)])
+    _send(link, [FakeT(1 << 40), FakeT(1 << 41), FakeT(1 << 43, nbytes=pl.sender.fresh_copy + 4)])
     names = [e[0] for e in log]
     assert names.count("reserve") == 1 and names.count("record_reserved") == 1 and "record" not in names
     assert ("copy_batch", 2, 7) in log and _copies(log) == 2      # both copies in one call, on the stream
     assert names.index("record_reserved") > names.index("copy_batch")
-    assert not pl._rings[0].reserved
+    assert not pl.local.rings[0].reserved
 
 
 def test_copies_fall_back_to_one_call_each_when_the_batch_call_fails(worker, monkeypatch):
@@ -278,7 +373,7 @@ def test_copies_fall_back_to_one_call_each_when_the_batch_call_fails(worker, mon
     _send(link, [FakeT(1 << 42), FakeT(1 << 43)])
     names = [e[0] for e in log]
     assert names.count("copy_batch_failed") == 1 and names.count("cuMemcpyDtoDAsync_v2") == 4
-    assert not pl._batch_copies
+    assert not pl.local.batch_copies
 
 
 def test_an_aborted_frame_gives_its_reserved_event_back(worker):
@@ -290,7 +385,7 @@ def test_an_aborted_frame_gives_its_reserved_event_back(worker):
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
         codec.encode_message(("result", 1, True), link, [[FakeT(1 << 40), Boom()]])
-    assert [e[0] for e in log].count("record_reserved") == 1 and not pl._rings[0].reserved
+    assert [e[0] for e in log].count("record_reserved") == 1 and not pl.local.rings[0].reserved
 
 
 def test_frame_hooks_run_once():
@@ -329,19 +424,19 @@ def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monk
     monkeypatch.setattr(devices, "use", lambda o: None)
     log = []
     pl = CudaPlane()
-    pl._caps[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
-    pl._rings[0] = FakeRing(log)
+    pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    pl.local.rings[0] = FakeRing(log)
     ledger = lifetime.Ledger()
     sent = {"w1": [], "w2": []}           # what the process's flusher may already have sent
     links = [lifetime.Link(lambda msgs, n=n: sent[n].extend(msgs), n) for n in ("w1", "w2")]
     recs = []
     for i in range(5):
         link = links[i % 2]
-        res = _Remote(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB), -1)
+        res = RemotePool(validate_meta(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB)))
         res.ptr, res.ordinal, res.seq, res.read_stream = 1 << 30, 0, i, 7 if i < 4 else 8
         rec = ledger.accept_lease(("cuda", link.name, i), link, lambda: res, None)
         ledger.hold(rec, 2)                 # the import cache's hold and a tensor's
-        rec.on_idle = pl._staging_idle
+        rec.on_idle = pl.receiver.staging_idle
         recs.append(rec)
     ledger.unhold_all(recs)                 # every tensor died: one batch
     assert sorted(e[2] for e in log) == [7, 8]                     # one event per read stream
@@ -358,20 +453,20 @@ def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monk
 
 def _idle_block(pl, gen, size, n):
     key = ("cuda", lifetime.PROCESS_UID, 900 + n)
-    rec = lifetime.LEDGER.add_owned(key, _Owned("staging", 0, (1 << 44) + n * 64 * MiB,
-                                                pool_meta(gen.key, b"e" * 64, UUID, size), gen=gen, size=size),
+    rec = lifetime.LEDGER.add_owned(key, OwnedStaging(0, (1 << 44) + n * 64 * MiB,
+                                                      pool_meta(gen.key, b"e" * 64, UUID, size), gen, None, size),
                                     pl.on_zero)
     return rec
 
 
 def test_a_peer_event_shared_by_idle_blocks_is_waited_on_once_per_frame(worker):
     pl, log, link, _ = worker
-    gen = pl._staging[0].current
+    gen = pl.local.staging[0].current
     blocks = [_idle_block(pl, gen, MiB, i) for i in range(4)]
     ev = ("q" * 16, 0, 5, b"h" * 64)
-    pl._on_idle(link, [(b.key, 0) for b in blocks[:2]], ev)                 # one message, one event
-    pl._on_idle(link, [(blocks[2].key, 0)], tuple(list(ev)))                 # equal, another message
-    pl._on_idle(link, [(blocks[3].key, 0)], tuple(list(ev)))                 # equal, another message
+    pl.sender.on_idle(link, [(b.key, 0) for b in blocks[:2]], ev)                 # one message, one event
+    pl.sender.on_idle(link, [(blocks[2].key, 0)], tuple(list(ev)))                 # equal, another message
+    pl.sender.on_idle(link, [(blocks[3].key, 0)], tuple(list(ev)))                 # equal, another message
     assert pl.stats()["staging_idle"] == 4
     del log[:]
     assert _send(link, [FakeT((1 << 40) + i * MiB) for i in range(4)]) == ["staging"] * 4
@@ -387,15 +482,15 @@ def names_before(log, first, then):
 
 def test_idle_blocks_are_taken_by_rounded_size_and_stale_ones_forgotten(worker):
     pl, log, link, _ = worker
-    gen = pl._staging[0].current
+    gen = pl.local.staging[0].current
     a = _idle_block(pl, gen, 2 * MiB, 0)
     b = _idle_block(pl, gen, 4 * MiB, 1)
     stale = _idle_block(pl, FakeGen("r", log), 2 * MiB, 2)       # a rolled generation
-    pl._on_idle(link, [(a.key, 0), (b.key, 0), (stale.key, 0)], None)
+    pl.sender.on_idle(link, [(a.key, 0), (b.key, 0), (stale.key, 0)], None)
     with lifetime.LEDGER.lock:
-        assert pl._take_idle_staging(0, 2 * MiB - 100, gen) is a       # exact rounded size
-        assert pl._take_idle_staging(0, 3 * MiB, gen) is b              # 4 MiB: the rounded size of 3 MiB
-        assert pl._take_idle_staging(0, 2 * MiB, gen) is None           # only the stale one was left
+        assert pl.sender._take_idle_staging(0, 2 * MiB - 100, gen) is a       # exact rounded size
+        assert pl.sender._take_idle_staging(0, 3 * MiB, gen) is b              # 4 MiB: the rounded size of 3 MiB
+        assert pl.sender._take_idle_staging(0, 2 * MiB, gen) is None           # only the stale one was left
     assert pl.stats()["staging_idle"] == 0
 
 
@@ -437,3 +532,35 @@ def test_a_sent_frame_keeps_no_source_alive(worker):
     finally:
         gc.enable()
 
+
+
+def test_a_failed_import_is_a_clear_error_and_a_verdict_to_the_sender(monkeypatch):
+    """The receiver's first import of a block is the probe: a driver error raises
+    CudaTransferError naming it and tells the sender (which then stops using that route
+    for this peer, with one warning); nothing stays locked: the next block imports."""
+    from comfy_env.ipc.cuda.plane import CudaTransferError
+    pl = CudaPlane()
+    sent = []
+    link = lifetime.Link(sent.extend, "worker-1")
+
+    def remote(i):
+        meta = validate_meta(pool_meta(("o" * 16, 1), bytes([i]) * 64, UUID, MiB))
+        return lifetime.Record(("cuda", "o" * 16, i), RemotePool(meta), owned=False, upstream=link)
+
+    def refuse(pool_key, export):
+        raise D.CudaError("cuMemPoolImportPointer", 1, "invalid argument")
+
+    monkeypatch.setattr(pl.imports, "import_pointer", refuse)
+    rec = remote(1)
+    with pytest.raises(CudaTransferError, match="could not import a CUDA pool block from worker-1: .*invalid argument"):
+        pl.receiver._local_ptr(rec, 0, 7, link)
+    posts = _sent_posts(link, sent)
+    assert len(posts) == 1 and posts[0][:2] == ("plane", "cuda") and posts[0][2][:3] == ("verdict", "pool", False)
+    assert "invalid argument" in posts[0][2][3] and rec.resource.ptr is None
+    monkeypatch.setattr(pl.imports, "import_pointer", lambda pool_key, export: 1 << 30)
+    ok = remote(2)
+    assert pl.receiver._local_ptr(ok, 0, 7, link) == 1 << 30
+    assert (ok.resource.ptr, ok.resource.stream, ok.resource.ordinal) == (1 << 30, 7, 0)
+    with pytest.warns(RuntimeWarning, match="cannot import CUDA pool blocks"):
+        pl.on_control(link, posts[0][2])
+    assert pl.peers.of(link).verdicts.ok("pool") is False

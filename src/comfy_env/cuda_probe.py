@@ -39,7 +39,7 @@ def local_report():
     caps = PLANE.caps(torch.cuda.current_device())
     out["caps"] = {"pools": caps.pools, "vmm": caps.vmm, "events": caps.events, "reasons": dict(caps.reasons)}
     out["role"] = PLANE.role
-    out["heap_pool"] = bool(PLANE._heap.get(torch.cuda.current_device()))
+    out["heap_pool"] = bool(PLANE.local.heap.get(torch.cuda.current_device()))
     out["routes"] = dict(PLANE.routes)
     out["reasons"] = dict(PLANE.last_reasons)
     return out

@@ -98,19 +98,23 @@ VARIABLES = (
              "seconds before an unused arena segment is given back (ipc/shm.py)"),
     Variable("COMFY_ENV_CUDA_HEAP", "cuda_heap", "pool", _choice("pool", "staging"),
              "where a worker's CUDA results live: torch's allocations in an exportable pool "
-             "(zero copy) or copies in a staging pool (ipc/cuda/plane.py)"),
+             "(zero copy) or copies in a staging pool (ipc/cuda/local.py, sender.py)"),
     Variable("COMFY_ENV_CUDA_FORCE_CPU", "cuda_force_cpu", False, lambda raw: raw == "1",
              "1: send every CUDA tensor through host memory (diagnostics, benchmarks) "
-             "(ipc/cuda/plane.py)"),
+             "(ipc/cuda/sender.py)"),
     Variable("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "cuda_roll_min_idle_mib", 64, _int(0),
              "MiB of idle staging memory before a sender rolls to a fresh staging block "
-             "(ipc/cuda/plane.py)"),
+             "(ipc/cuda/local.py)"),
     Variable("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB", "cuda_pool_import_limit_mib", 4096, _int(1),
              "largest single pool allocation a peer may import, in MiB; bigger tensors take "
              "the VMM route (ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_SMALL_COPY_MIB", "cuda_small_copy_mib", 16.0, _number(0, 4096),
              "MiB up to which a CUDA tensor sent the first time is copied, not exported; "
              "0: never (ipc/cuda/paths.py)"),
+    Variable("COMFY_ENV_CUDA_FRESH_COPY_MIB", "cuda_fresh_copy_mib", None, _number(0),
+             "MiB of storage up to which a CUDA tensor a worker sends for the first time is "
+             "copied into a recycled staging block rather than exported (default: the pool "
+             "import limit; 0: small ones only) (ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "cuda_import_cache_mib", 256.0, _number(0),
              "MiB of imported pool blocks kept mapped while idle (ipc/cuda/importcache.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "cuda_import_cache_count", 256, _int(0),
@@ -149,6 +153,7 @@ class Settings:
     cuda_roll_min_idle_mib: int
     cuda_pool_import_limit_mib: int
     cuda_small_copy_mib: float
+    cuda_fresh_copy_mib: float | None
     cuda_import_cache_mib: float
     cuda_import_cache_count: int
     cuda_import_cache_s: float

@@ -4,9 +4,13 @@ Importing this package loads nothing: no torch, no ``libcuda``.  :func:`install`
 registers the plane with the codec (the CPU plane calls it the first time it sees a
 ``torch.Tensor``); CUDA itself is touched only when a CUDA tensor shows up.
 
-Modules: ``driver`` (ctypes over libcuda), ``devices`` (UUIDs, contexts), ``pools``
-(export/staging pools, imports), ``vmm`` (big tensors), ``events`` (stream order),
-``layout`` (the descriptor), ``paths`` (route choice), ``plane`` (the codec plane).
+Modules: ``plane`` (the codec plane, wiring the three parts below), ``sender`` (our
+blocks, routes, lends), ``receiver`` (imports, tensors built on peers' blocks, frees),
+``local`` (per-GPU state: probing, pools, event rings), ``blocks`` (one class per block
+kind), ``peers``, ``errors``; beneath them ``driver`` (ctypes over libcuda), ``devices``
+(UUIDs, contexts), ``pools`` (export/staging pools, imports), ``vmm`` (big tensors),
+``events`` (stream order), ``importcache``, ``layout`` (the descriptor), ``paths``
+(route choice).
 The diagnostics that start a worker to test it live beside the CLI:
 :mod:`comfy_env.cuda_probe`, :mod:`comfy_env.cuda_doctor`.
 """

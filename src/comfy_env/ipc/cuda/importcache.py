@@ -16,8 +16,15 @@ the ledger runs the plane's ``on_zero`` (free the import, synchronise) and only 
 posts the release upstream.  So a block the importer still maps is never freed or
 reused by the exporter.
 
-Bounds (idle entries only: an entry still used by a tensor costs no extra memory):
-``COMFY_ENV_CUDA_IMPORT_CACHE_MIB`` bytes of pool blocks (default 256), ``..._COUNT``
+Bounds (idle entries only: an entry still used by a tensor costs no extra memory).
+A zero-copy block that came from its owner has no byte bound: while the owner still
+uses the tensor (a cached output, weights) our mapping costs no memory on either side,
+and once its tensor died there the owner says so (``("reclaim", keys)``, see
+``Sender._tensor_died``) and the entry goes as soon as it is idle here.  So what we
+pin is bounded by what the owner could reuse, not by a fixed size (a fixed 256 MiB
+unmapped a 1 GiB result the worker kept, and every call mapped it again: ~4 ms).
+``COMFY_ENV_CUDA_IMPORT_CACHE_MIB`` bounds pool blocks forwarded by a third process,
+whose owner cannot tell us (default 256; 0 stops keeping any pool block), ``..._COUNT``
 entries (default 256: a call returning 32 small tensors keeps a few calls' worth of
 recycled staging blocks mapped), ``..._S`` seconds idle (default 1.0).  ``..._COUNT`` or ``..._S`` at
 0 disables the cache; ``..._MIB`` at 0 stops keeping pool blocks, and
@@ -65,16 +72,25 @@ def limits_from_env():
             cfg.cuda_import_cache_s, int(cfg.cuda_staging_cache_mib * (1 << 20)))
 
 
-class _Entry:
-    __slots__ = ("rec", "nbytes", "owner", "leases_seen", "idle_since", "staging")
+# What bounds an entry's bytes (index into the per-kind byte bounds of sweep()).
+_FORWARDED, _STAGING, _OWNED = 0, 1, 2
 
-    def __init__(self, rec, nbytes, owner, staging):
+
+class _Entry:
+    __slots__ = ("rec", "nbytes", "owner", "leases_seen", "idle_since", "kind", "doomed")
+
+    def __init__(self, rec, nbytes, owner, kind):
         self.rec = rec
         self.nbytes = nbytes
         self.owner = owner              # the exporting process's uid (pool key[0])
         self.leases_seen = rec.leases_in
         self.idle_since = None
-        self.staging = staging          # a recycled staging block (own byte bound, on_idle hook)
+        # _STAGING: a recycled staging block (own byte bound, on_idle hook); _OWNED: a
+        # zero-copy block that came from its owner, who tells us when it stops using it
+        # ("reclaim"): no byte bound; _FORWARDED: one a third process forwarded (its
+        # owner cannot tell us): the pool byte bound.
+        self.kind = kind
+        self.doomed = False             # the owner reclaimed it: evict once idle
 
 
 class ImportCache:
@@ -95,6 +111,7 @@ class ImportCache:
         self._wake = threading.Event()
         self._pid = os.getpid()
         self.background = background      # False: only explicit sweep() calls evict (tests)
+        self._reclaimed = set()           # keys the owner reclaimed before we decoded them
         self.hits = self.kept = self.evicted = 0
 
     @property
@@ -110,7 +127,14 @@ class ImportCache:
         Returns True when the record was already cached (a hit).
         """
         staging = on_idle is not None
-        bound = self.max_staging_bytes if staging else self.max_bytes
+        if staging:
+            kind, bound = _STAGING, self.max_staging_bytes
+        elif rec.upstream is not None and rec.upstream.uid == owner:
+            # The owner tells us when it could reuse the block ("reclaim"); until then our
+            # mapping costs no memory on either side: no byte bound.
+            kind, bound = _OWNED, (float("inf") if self.max_bytes > 0 else 0)
+        else:
+            kind, bound = _FORWARDED, self.max_bytes
         if self.max_count <= 0 or self.max_idle_s <= 0 or nbytes > bound or bound <= 0:
             return False
         # A hit needs only our lock: sweep() decides under it too, and a lease counted
@@ -124,9 +148,12 @@ class ImportCache:
                     return True
                 if rec.key in self._entries:   # a stale entry (cannot happen while we hold it)
                     return False
+                if self._reclaimed and rec.key in self._reclaimed:
+                    self._reclaimed.discard(rec.key)     # the owner let go before we decoded it
+                    return False
                 self.ledger.hold(rec)
                 rec.on_idle = on_idle
-                self._entries[rec.key] = _Entry(rec, nbytes, owner, staging)
+                self._entries[rec.key] = _Entry(rec, nbytes, owner, kind)
                 self._bytes += nbytes
                 self.kept += 1
                 # Wake the evictor early only when well over a bound (its sweep walks every
@@ -177,20 +204,20 @@ class ImportCache:
                 if flush:
                     victims = [e for e in idle if owner is None or e.owner == owner]
                 else:
-                    closed = [e for e in idle if e.rec.upstream is None or e.rec.upstream.closed]
-                    old = [e for e in idle if now - e.idle_since >= self.max_idle_s]
-                    victims = closed + [e for e in old if e not in closed]
+                    victims = [e for e in idle if e.doomed or e.rec.upstream is None or e.rec.upstream.closed
+                               or now - e.idle_since >= self.max_idle_s]
                     rest = [e for e in idle if e not in victims]          # LRU order
-                    nbytes = [sum(e.nbytes for e in rest if not e.staging),
-                              sum(e.nbytes for e in rest if e.staging)]
-                    bound = [self.max_bytes, self.max_staging_bytes]
+                    nbytes = [0, 0, 0]
+                    for e in rest:
+                        nbytes[e.kind] += e.nbytes
+                    bound = [self.max_bytes, self.max_staging_bytes, float("inf")]
                     count = len(rest)
                     for e in rest:
                         if count <= self.max_count and nbytes[0] <= bound[0] and nbytes[1] <= bound[1]:
                             break
-                        if count > self.max_count or nbytes[e.staging] > bound[e.staging]:
+                        if count > self.max_count or nbytes[e.kind] > bound[e.kind]:
                             count -= 1
-                            nbytes[e.staging] -= e.nbytes
+                            nbytes[e.kind] -= e.nbytes
                             victims.append(e)
                 for e in victims:
                     del self._entries[e.rec.key]
@@ -208,6 +235,27 @@ class ImportCache:
         if frees:
             self.ledger.free_many(frees)
         self.evicted += n
+        return n
+
+    def reclaim(self, keys):
+        """The owner stopped using blocks ``keys``: evict them now if idle, else once idle
+        (the next sweep after our last tensor on them died); a key not cached yet is
+        not kept when its decode arrives.  Returns the number evicted now."""
+        doomed = False
+        with self._lock:
+            for key in keys:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.doomed = doomed = True
+                else:
+                    if len(self._reclaimed) >= 4096:
+                        self._reclaimed.clear()  # keys whose decode never came; only a hint
+                    self._reclaimed.add(key)
+        if not doomed:
+            return 0
+        n = self.sweep()
+        if self.background:
+            self._wake.set()             # one still in use goes at the next sweep after it died
         return n
 
     def flush(self, owner=None):

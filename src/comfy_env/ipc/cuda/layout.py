@@ -15,7 +15,7 @@ import struct
 from typing import NamedTuple, Optional, Tuple
 
 __all__ = ["CudaTensorDesc", "DescriptorError", "ITEMSIZE", "ROUTES", "span_bytes", "validate",
-           "pack", "pack_fields", "unpack", "pool_meta", "vmm_meta", "validate_meta"]
+           "pack", "pack_fields", "unpack", "PoolMeta", "VmmMeta", "pool_meta", "vmm_meta", "validate_meta"]
 
 VERSION = 1
 
@@ -58,7 +58,7 @@ class CudaTensorDesc(NamedTuple):
     event: Optional[tuple]        # (owner_uid, owner_ordinal, slot, handle: 64 bytes) or None
     requires_grad: bool
     host: object = None           # the CPU copy, route "cpu" only
-    seq: int = 0                  # staging blocks: which lend of the block this is (see plane.py)
+    seq: int = 0                  # staging blocks: which lend of the block this is (see sender.py)
 
 
 _new_desc = tuple.__new__
@@ -238,18 +238,42 @@ def unpack(data: bytes) -> CudaTensorDesc:
 
 
 # -- block meta: rides in the part's refs, outside the pickle, so that the parent can
-#    forward a worker's block to another worker without decoding anything.
+#    forward a worker's block to another worker without decoding anything.  On the wire
+#    it is a plain tuple (the envelope is a plain pickle: no class of ours to look up);
+#    validate_meta() gives the receiver the named form, equal to it field for field.
+class PoolMeta(NamedTuple):
+    """A pointer exported from one of the sender's pools."""
+    kind: str                     # "pool"
+    pool_key: Tuple[str, int]     # (owner_uid, generation serial): names the pool, whose fd travels once
+    export: bytes                 # cuMemPoolExportPointer's 64 bytes
+    device_uuid: str
+    alloc_size: int               # bytes of the allocation (what an importer maps)
+
+    @property
+    def owner(self) -> str:
+        return self.pool_key[0]
+
+
+class VmmMeta(NamedTuple):
+    """A VMM allocation; its fd travels with every message that names it."""
+    kind: str                     # "vmm"
+    size: int
+    device_uuid: str
+
+
 def pool_meta(pool_key, export_data: bytes, device_uuid, alloc_size):
-    """A pointer exported from pool ``pool_key`` = (owner_uid, generation serial)."""
+    """The wire form of a pointer exported from pool ``pool_key`` = (owner_uid, generation serial)."""
     return ("pool", tuple(pool_key), bytes(export_data), device_uuid, int(alloc_size))
 
 
 def vmm_meta(size, device_uuid):
-    """A VMM allocation of ``size`` bytes; its fd travels with every message that names it."""
+    """The wire form of a VMM allocation of ``size`` bytes."""
     return ("vmm", int(size), device_uuid)
 
 
 def validate_meta(meta):
+    """Check a received block meta (the wire form); returns its named form
+    (:class:`PoolMeta` or :class:`VmmMeta`), or raises :class:`DescriptorError`."""
     if not isinstance(meta, tuple) or not meta:
         raise DescriptorError(f"bad CUDA block meta {meta!r}")
     kind = meta[0]
@@ -258,9 +282,9 @@ def validate_meta(meta):
                 or not isinstance(meta[2], bytes) or len(meta[2]) != 64
                 or not _is_uuid(meta[3]) or type(meta[4]) is not int or meta[4] <= 0):
             raise DescriptorError(f"bad pool block meta {meta!r}")
+        return PoolMeta._make(meta)
     elif kind == "vmm":
         if len(meta) != 3 or type(meta[1]) is not int or meta[1] <= 0 or not _is_uuid(meta[2]):
             raise DescriptorError(f"bad VMM block meta {meta!r}")
-    else:
-        raise DescriptorError(f"unknown CUDA block kind {kind!r}")
-    return meta
+        return VmmMeta._make(meta)
+    raise DescriptorError(f"unknown CUDA block kind {kind!r}")

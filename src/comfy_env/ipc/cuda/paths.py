@@ -3,7 +3,7 @@
 Inputs are facts, never guesses: :class:`Capabilities` is what *this* process proved
 by doing the operation (creating and exporting a pool, a VMM allocation, an event);
 :class:`PeerVerdicts` is what the *peer* reported after it actually imported a block
-of each kind from us (see plane.py: the first import of each kind is the probe, and
+of each kind from us (see receiver.py: the first import of each kind is the probe, and
 its outcome is posted back).  Unknown means "not tried yet", and trying is allowed:
 a failed import is reported to the caller as a clear error and demotes the route for
 that peer, it never crashes a process.
@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 from ... import settings
 
 __all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "small_copy_limit", "DEFAULT_IMPORT_LIMIT",
-           "DEFAULT_SMALL_COPY", "POOL_WHY", "SMALL_COPY_WHY"]
+           "DEFAULT_SMALL_COPY", "POOL_WHY", "SMALL_COPY_WHY", "FRESH_COPY_WHY", "fresh_copy_limit"]
 
 POOL_WHY = "zero copy: the tensor lives in this process's export pool"
 SMALL_COPY_WHY = ("one device copy into the staging pool: a small tensor sent for the first time "
                   "(cheaper than exporting its allocation; COMFY_ENV_CUDA_SMALL_COPY_MIB)")
 DEFAULT_SMALL_COPY = int(settings.default("COMFY_ENV_CUDA_SMALL_COPY_MIB") * (1 << 20))
+FRESH_COPY_WHY = ("one device copy into a recycled staging block: a tensor sent for the first time "
+                  "(a copy is cheaper than mapping a new export in the peer; COMFY_ENV_CUDA_FRESH_COPY_MIB)")
 
 # Importing one pool allocation of 5,264 MiB segfaulted the importer, 5,248 MiB did not
 # (H100, driver 580.159.04).  4 GiB leaves a margin for other drivers and GPUs.
@@ -48,6 +50,22 @@ DEFAULT_IMPORT_LIMIT = settings.default("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB") 
 def import_limit() -> int:
     """Largest single pool allocation we let a peer import (env override, in MiB)."""
     return settings.read().cuda_pool_import_limit_mib << 20
+
+
+def fresh_copy_limit(small_copy: int, limit: int) -> int:
+    """Bytes of storage up to which a tensor first sent goes by copy (env, in MiB; 0: small ones only).
+
+    Above ``small_copy`` only the bytes the view spans are copied.  Default: the pool
+    import limit (every first-seen storage a peer could import), or 0 when small copies
+    are off.  Why copy big ones too: mapping a new export costs the peer ~2.5 ms per GiB
+    (import plus unmap, H100), a device copy into a block the peer keeps mapped ~0.8 ms.
+    """
+    mib = settings.read().cuda_fresh_copy_mib
+    if mib is None:
+        return limit if small_copy > 0 else 0
+    # Never above the import limit (the staging block must be importable); never below
+    # small_copy (a small first-seen storage is staged whole, whatever this says).
+    return min(limit, max(small_copy, int(mib * (1 << 20))))
 
 
 def small_copy_limit() -> int:

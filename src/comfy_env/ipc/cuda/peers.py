@@ -1,0 +1,51 @@
+"""The CUDA plane's view of its peers: one :class:`PeerState` per link, and the links.
+
+Owns: ``link.state["cuda"]`` of every link the plane met, and the set of those links
+(weakly held: a link goes when its worker handle does).  The sending side reads and
+writes ``pools_sent`` and ``verdicts``; the receiving side writes ``told``.
+"""
+from __future__ import annotations
+
+import weakref
+
+from .paths import PeerVerdicts
+
+__all__ = ["PeerState", "Peers"]
+
+
+class PeerState:
+    __slots__ = ("pools_sent", "verdicts", "told", "__weakref__")
+
+    def __init__(self):
+        self.pools_sent = set()       # our pool keys whose fd this peer has (sender)
+        self.verdicts = PeerVerdicts()  # its first import of each kind from us: ok? (sender)
+        self.told = set()             # kinds whose import outcome we reported to it (receiver)
+
+
+class Peers:
+    """Every link the plane met, and its :class:`PeerState`."""
+
+    def __init__(self, name):
+        self.name = name              # the plane's name: its key in ``link.state``
+        self._links = weakref.WeakSet()
+        self._dead_seen = set()       # id() of closed links already handled
+
+    def of(self, link) -> PeerState:
+        st = link.state.get(self.name)
+        if st is None:
+            st = link.state[self.name] = PeerState()
+            self._links.add(link)
+        return st
+
+    def links(self):
+        """A snapshot of the links (closed ones included)."""
+        return list(self._links)
+
+    def newly_closed(self):
+        """Links that closed since the last call."""
+        out = []
+        for link in list(self._links):
+            if link.closed and id(link) not in self._dead_seen:
+                self._dead_seen.add(id(link))
+                out.append(link)
+        return out
