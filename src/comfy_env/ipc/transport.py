@@ -148,30 +148,26 @@ class Channel:
         """
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [chunks]
+        small = None
         if not fds and len(chunks) <= 4 and all(type(c) is bytes for c in chunks):
             # A small message (a warm call, its result, a control message): one
             # buffer, one sendall.
             length = sum(map(len, chunks))
             if length <= _READ_CHUNK:
-                data = frame_header(length, 0) + b"".join(chunks)
-                with self._send_lock:
-                    if self._closed:
-                        raise ChannelClosed("channel is closed")
-                    try:
-                        self.sock.sendall(data)
-                    except (BrokenPipeError, ConnectionResetError) as exc:
-                        raise ChannelClosed(str(exc)) from exc
-                return
-        views = [memoryview(c).cast("B") for c in chunks]
-        length = sum(v.nbytes for v in views)
-        nfds = len(fds)
-        header = frame_header(length, nfds)     # refuses before anything is sent
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
+                small = frame_header(length, 0) + b"".join(chunks)
+        if small is None:
+            views = [memoryview(c).cast("B") for c in chunks]
+            nfds = len(fds)
+            header = frame_header(sum(v.nbytes for v in views), nfds)   # refuses before anything is sent
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
+            bufs = [memoryview(header)] + views
         with self._send_lock:
             if self._closed:
                 raise ChannelClosed("channel is closed")
             try:
-                bufs = [memoryview(header)] + views
+                if small is not None:
+                    self.sock.sendall(small)
+                    return
                 # A blocking stream socket can still return short (a signal, a
                 # huge frame), and one call takes at most IOV_MAX buffers (a call
                 # that forwards one result many times has a part per reference):
