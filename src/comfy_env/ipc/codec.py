@@ -309,6 +309,12 @@ def _nbytes(data):
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
+def _envelope_chunk(envelope, metas):
+    """A frame's first chunk: ``u32 length | (message's wire tuple, part metas)``."""
+    env = pickle.dumps((protocol.to_wire(envelope), metas), PROTOCOL)
+    return _U32.pack(len(env)) + env
+
+
 class FrameBuilder:
     """Collects the parts, fds and lends of one outgoing frame."""
 
@@ -386,9 +392,7 @@ class FrameBuilder:
         if self._before_send:
             self._run_before_send()
         parts = self.parts
-        env = pickle.dumps((protocol.to_wire(envelope), [(_nbytes(p.data), p.refs) for p in parts]),
-                           PROTOCOL)
-        chunks = [_U32.pack(len(env)) + env]
+        chunks = [_envelope_chunk(envelope, [(_nbytes(p.data), p.refs) for p in parts])]
         chunks.extend(p.data for p in parts)
         # The lends stay recorded: abort() still undoes them if the send fails.
         return chunks
@@ -417,8 +421,7 @@ def plain_frame(envelope, objs=()):
         if not _is_plain(obj):
             return None
         datas.append(pickle.dumps(obj, PROTOCOL))
-    env = pickle.dumps((protocol.to_wire(envelope), [(len(d), None) for d in datas]), PROTOCOL)
-    return [_U32.pack(len(env)) + env, *datas]
+    return [_envelope_chunk(envelope, [(len(d), None) for d in datas]), *datas]
 
 
 def encode_message(envelope, link, objs=(), forward_future=None):
