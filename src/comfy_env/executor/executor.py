@@ -223,7 +223,7 @@ def _pickle_by_value(fn):
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
                  worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT,
-                 preload=None, values=None):
+                 preload=None, *, values):
         self.wenv = wenv
         # Workers fork from it when preload is given (see comfy_env.zygote).
         self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
@@ -251,7 +251,7 @@ class _Pool:
         self.shutting_down = False
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
-        self.settings = values if values is not None else settings.read()   # sent to workers
+        self.settings = values         # read by IsolatedExecutor; sent to every worker
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)
@@ -1003,7 +1003,7 @@ class IsolatedExecutor(Executor):
             _pickle_by_value(initializer)       # fails here, not at the first start
             init_payload = (_ByValue(initializer), initargs)
         self._pool = _Pool(wenv, max_workers, init_payload, call_timeout, self.name, logger,
-                           worker_log_level, worker_output, start_timeout, preload, values)
+                           worker_log_level, worker_output, start_timeout, preload, values=values)
         self._pool.share_tensors_in_place = share_tensors_in_place
         self._finalizer = weakref.finalize(self, _finalize_pool, self._pool)
 
