@@ -216,6 +216,11 @@ class Channel:
             self._pos = 0
         self._buf += self._scratch_view[:n]
 
+    def buffered(self) -> bool:
+        """Bytes of a frame are already read (``recv`` starts on them without waiting on
+        the socket): a thread that waits for readability must not poll then."""
+        return len(self._buf) > self._pos
+
     def _wait_readable(self, timeout):
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
