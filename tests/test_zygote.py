@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -17,7 +18,7 @@ import _funcs
 import _zygote_funcs as zf
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed, WorkerStartError
 from pythons import ALL_PYTHONS, run_script
-from procstate import alive
+from procstate import alive, proc_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zygotes are Linux-only")
 
@@ -112,14 +113,29 @@ def test_a_killed_zygote_is_replaced_and_its_worker_reported():
 
 
 def _fds():
-    """Open fds, less the wake-up pipes of the ledger and the launch keeper (each made
-    once, on first use, and kept for the process's life)."""
+    """Open fds (number -> what it is), less the wake-up pipes of the ledger and the launch
+    keeper (each made once, on first use, and kept for the process's life)."""
     from comfy_env.executor.launch import KEEPER
     from comfy_env.ipc import lifetime
 
-    fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
-    return len(fds - {lifetime.LEDGER._wake_r, lifetime.LEDGER._wake_w,
-                      KEEPER._wake_r, KEEPER._wake_w})
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass        # the listing's own fd, closed by now
+    for fd in (lifetime.LEDGER._wake_r, lifetime.LEDGER._wake_w, KEEPER._wake_r, KEEPER._wake_w):
+        out.pop(fd, None)
+    return out
+
+
+def _zygote_threads():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("comfy_env-zygote"))
+
+
+def _opened(before):
+    """The fds open now that were not open (as the same thing) in ``before``."""
+    return {fd: what for fd, what in _fds().items() if before.get(fd) != what}
 
 
 @pytest.mark.timeout(60)
@@ -132,12 +148,80 @@ def test_no_fd_or_process_outlives_the_executor():
     assert sorted(f.result() for f in [ex.submit(_funcs.add, i, 1) for i in range(4)]) == [1, 2, 3, 4]
     zpid, wpids = zygote_pid(ex), ex.worker_pids()
     ex.shutdown()
-    deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{p}") and alive(p) for p in [zpid, *wpids]) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(alive(p) for p in [zpid, *wpids])
-    assert _fds() <= before
+    # At once, no polling: shutdown(wait=True) returns after the zygote and its workers
+    # are reaped (gone from /proc, not zombies) and every fd and thread of theirs is closed.
+    assert [proc_state(p) for p in [zpid, *wpids]] == [None] * (1 + len(wpids))
+    assert _opened(before) == {}
+    assert _zygote_threads() == []
+
+
+class _SlowClose:
+    """A zygote's stderr pipe whose close comes late (a drain thread the scheduler is slow to run)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.readline = f.readline
+
+    def close(self):
+        time.sleep(0.3)
+        self.f.close()
+
+
+@pytest.mark.parametrize("preload", [[PRELOADED], None], ids=["zygote", "spawned"])
+@pytest.mark.timeout(60)
+def test_shutdown_waits_for_the_threads_that_close_fds(preload, monkeypatch):
+    # The threads that close fds after a process exits, each made slow: the zygote's
+    # reader (its parent-death pipe), its stderr drain, and the keeper, which closes a
+    # process's pidfd (and its selector after the last one) before it reports the exit.
+    # shutdown(wait=True) must wait for each of them, bounded; before it did not, and the
+    # fds were still open when it returned.
+    from comfy_env import zygote
+    from comfy_env.executor import launch
+
+    lost, drain, report = zygote.Zygote._lost, zygote.Zygote._drain_stderr, launch._report
+
+    def slow_lost(self, channel):
+        time.sleep(0.3)
+        lost(self, channel)
+
+    def slow_report(on_exit):
+        time.sleep(0.3)
+        report(on_exit)
+
+    monkeypatch.setattr(zygote.Zygote, "_lost", slow_lost)
+    monkeypatch.setattr(zygote.Zygote, "_drain_stderr", lambda self, f: drain(self, _SlowClose(f)))
+    monkeypatch.setattr(launch, "_report", slow_report)
+    for _ in range(2):
+        before = _fds()
+        ex = IsolatedExecutor(preload=preload, max_workers=2)
+        assert sorted(f.result() for f in [ex.submit(_funcs.add, i, 1) for i in range(4)]) == [1, 2, 3, 4]
+        pids = ex.worker_pids() + ([zygote_pid(ex)] if preload else [])
+        ex.shutdown()
+        assert [proc_state(p) for p in pids] == [None] * len(pids)
+        assert _opened(before) == {}
+        assert _zygote_threads() == []
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_kills_a_zygote_that_does_not_exit(monkeypatch, caplog):
+    from comfy_env import zygote
+
+    monkeypatch.setattr(zygote, "CLOSE_WAIT", 0.5)
+    before = _fds()
+    ex = IsolatedExecutor(preload=[PRELOADED])
+    with pytest.raises(WorkerCrashed):
+        ex.submit(_funcs.kill_self).result()      # no worker left
+    zpid = zygote_pid(ex)
+    os.kill(zpid, signal.SIGSTOP)       # it cannot see that it was closed
+    try:
+        ex.shutdown()
+    finally:
+        if proc_state(zpid) is not None:
+            os.kill(zpid, signal.SIGKILL)
+    assert proc_state(zpid) is None
+    assert "did not exit within" in caplog.text
+    assert _opened(before) == {}
+    assert _zygote_threads() == []
 
 
 @pytest.mark.timeout(60)

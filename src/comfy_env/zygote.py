@@ -61,6 +61,9 @@ __all__ = ["Zygote", "ZygoteError", "usable_here"]
 log = logging.getLogger("comfy_env.zygote")
 
 FORK_REPLY_TIMEOUT = 60.0       # seconds
+# close(wait=True): how long each step may take (the zygote's exit, its reaping, each
+# thread's end) before it is given up on; a zygote that does not exit in time is killed.
+CLOSE_WAIT = 5.0                # seconds
 
 
 class ZygoteError(WorkerStartError):
@@ -122,10 +125,11 @@ class ForkedWorker:
             if self._exited.is_set():
                 return
             self.returncode = code
-            pidfd, self._pidfd = self._pidfd, None
+            # Closed before wait() returns: a worker that was waited for left no fd.
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
             self._exited.set()
-        if pidfd is not None:
-            os.close(pidfd)
         on_exit, self._on_exit = self._on_exit, None
         if on_exit is not None:
             try:
@@ -155,6 +159,7 @@ class Zygote:
         self._early_exits = {}          # pid -> code, for an exit reported before its fork reply
         self._stderr_tail = []
         self._reader = None
+        self._started = []              # _Started, one per zygote process not yet waited for
         _zygotes.add(self)
 
     # -- used by launch.spawn ----------------------------------------------------
@@ -220,12 +225,22 @@ class Zygote:
         if proc is not None:
             proc.kill()         # its reader then sees EOF and cleans up (_lost)
 
-    def close(self):
-        """No more forks.  The zygote exits once its workers have (they are not killed)."""
+    def close(self, wait=False):
+        """No more forks.  The zygote exits once its workers have (they are not killed).
+
+        ``wait=True`` (the executor's ``shutdown(wait=True)``, after its workers
+        exited): return once every zygote process this started is reaped and the
+        threads that close its fds (reader, stderr drain, the keeper's pidfd) are
+        done -- each step bounded by CLOSE_WAIT, and a zygote that does not exit
+        in time is killed.
+        """
         with self._lock:
             self._closed = True
             channel, self._channel = self._channel, None
-        if channel is not None and forksafe.PID == self.pid:
+            started = list(self._started)
+        if forksafe.PID != self.pid:
+            return          # a fork child's copy: the zygote is the parent's
+        if channel is not None:
             # shutdown, not only close: our reader thread blocks in recv on this
             # socket, which keeps it open (and the zygote waiting) until woken.
             try:
@@ -233,6 +248,11 @@ class Zygote:
             except OSError:
                 pass
             channel.close()
+        if wait:
+            for one in started:
+                one.wait_gone(self.logger)
+            with self._lock:
+                self._started = [one for one in self._started if one not in started]
 
     # -- start ---------------------------------------------------------------------
     def _start(self):
@@ -245,10 +265,11 @@ class Zygote:
         parent, child = Channel.pair()
         alive_r, alive_w = os.pipe()
         proc_box = []
+        reaped = threading.Event()
         try:
             proc = launch.spawn(self.wenv, child.fileno(), alive_r,
-                                on_exit=lambda: _reap(proc_box), module="comfy_env.zygote",
-                                stdout=subprocess.DEVNULL)
+                                on_exit=lambda: _reap(proc_box, reaped),
+                                module="comfy_env.zygote", stdout=subprocess.DEVNULL)
         except BaseException:
             parent.close()
             os.close(alive_w)
@@ -258,8 +279,13 @@ class Zygote:
             os.close(alive_r)
         proc_box.append(proc)
         forksafe.track_channel(parent)
-        threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
-                         name=f"comfy_env-zygote-stderr-{proc.pid}").start()
+        drain = threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
+                                 name=f"comfy_env-zygote-stderr-{proc.pid}")
+        drain.start()
+        # Also a zygote that failed or refused to start: it exits by itself, and
+        # close(wait=True) waits for that as for any other.
+        started = _Started(proc, reaped, drain)
+        self._started = [one for one in self._started if not one.done()] + [started]
         cfg = {
             "preload": self.preload,
             "sys_path": list(sys.path) if self.wenv.is_current else None,
@@ -293,8 +319,8 @@ class Zygote:
                 return
             raise ZygoteError(msg[1])
         self._proc, self._channel, self._alive_w = proc, parent, alive_w
-        self._reader = threading.Thread(target=self._read_loop, args=(parent,), daemon=True,
-                                        name=f"comfy_env-zygote-{proc.pid}")
+        self._reader = started.reader = threading.Thread(
+            target=self._read_loop, args=(parent,), daemon=True, name=f"comfy_env-zygote-{proc.pid}")
         self._reader.start()
 
     def _give_up(self, why):
@@ -391,6 +417,7 @@ def _after_fork_in_child():
         z._closed = True
         z._channel = None
         z._children = {}
+        z._started = []         # the parent's processes and threads
         for fd in fds:
             if fd is not None:
                 try:
@@ -403,13 +430,57 @@ def _after_fork_in_child():
 forksafe.on_fork_child(_after_fork_in_child)
 
 
-def _reap(box):
-    """The zygote process exited: reap it (quick, on the keeper thread)."""
-    for proc in box:
+def _reap(box, reaped):
+    """The zygote process exited: reap it (quick, on the keeper thread, which has closed
+    its pidfd of it by now)."""
+    try:
+        for proc in box:
+            try:
+                proc.wait(timeout=1)
+            except Exception:
+                pass
+    finally:
+        reaped.set()
+
+
+class _Started:
+    """One zygote process, and the parent's threads that close what it holds of it.
+
+    Each piece has one owner, and closes it once the zygote is gone: the reader
+    thread the channel and the parent-death pipe (``Zygote._lost``), the drain
+    thread the stderr pipe, the keeper its pidfd (before it runs ``_reap``).
+    ``wait_gone`` waits for all of them.
+    """
+
+    def __init__(self, proc, reaped, drain):
+        self.proc = proc
+        self.reaped = reaped        # set by _reap, on the keeper thread
+        self.drain = drain
+        self.reader = None          # only for a zygote that became ready
+
+    def threads(self):
+        return [t for t in (self.reader, self.drain) if t is not None]
+
+    def done(self):
+        return self.reaped.is_set() and not any(t.is_alive() for t in self.threads())
+
+    def wait_gone(self, logger):
+        proc = self.proc
         try:
-            proc.wait(timeout=1)
-        except Exception:
-            pass
+            proc.wait(timeout=CLOSE_WAIT)
+        except subprocess.TimeoutExpired:
+            logger.warning("comfy_env: the zygote (pid %s) did not exit within %g s of "
+                           "being closed; killing it", proc.pid, CLOSE_WAIT)
+            proc.kill()
+            try:
+                proc.wait(timeout=CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+        self.reaped.wait(CLOSE_WAIT)
+        me = threading.current_thread()
+        for t in self.threads():
+            if t is not me:
+                t.join(CLOSE_WAIT)
 
 
 # -- the zygote process -----------------------------------------------------------------

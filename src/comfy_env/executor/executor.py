@@ -797,12 +797,14 @@ class _Pool:
             w.request_exit()
         for w in workers:
             w.join()
-        self._close_zygote()
+        self._close_zygote(wait=True)
         self._stop_timer()
 
-    def _close_zygote(self):
+    def _close_zygote(self, wait=False):
         if self.zygote is not None:
-            self.zygote.close()     # it exits once the workers it forked have
+            # It exits once the workers it forked have; wait=True: return once it has
+            # been reaped and every fd of it is closed (the workers are gone by then).
+            self.zygote.close(wait=wait)
 
     def stop_now(self):
         """Stop at once: cancel queued calls, fail running ones, kill every worker.
@@ -829,7 +831,7 @@ class _Pool:
             w.kill()
         for w in workers:
             w.join(5)
-        self._close_zygote()
+        self._close_zygote(wait=True)
         self._stop_timer()
         self._notify_done()
 
@@ -1111,12 +1113,13 @@ class IsolatedExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls and stop the workers once their work is done.
 
-        ``wait=True`` returns when every submitted call has finished and every
-        worker process has exited.  ``wait=False`` returns at once; the calls
-        still run and the workers exit after them.  ``cancel_futures=True``
-        cancels the calls that have not started (queued, or waiting for an
-        input future).  Futures already done keep their results, which stay
-        valid after the workers have exited.
+        ``wait=True`` returns when every submitted call has finished, every
+        worker process (and a ``preload`` zygote) has exited and been reaped, and
+        every fd and thread the executor kept for them is closed.  ``wait=False``
+        returns at once; the calls still run and the workers exit after them.
+        ``cancel_futures=True`` cancels the calls that have not started (queued,
+        or waiting for an input future).  Futures already done keep their
+        results, which stay valid after the workers have exited.
 
         Leaving a ``with`` block calls ``shutdown(wait=True)``, except on a
         ``KeyboardInterrupt``: then queued calls are cancelled, running calls

@@ -86,9 +86,9 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
     """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds.
 
     ``on_exit()`` runs (on the keeper thread: it must be quick and must not block)
-    once the process has exited.  ``zygote``: fork the worker from it (a
-    :class:`comfy_env.zygote.ForkedWorker` comes back), unless it says workers
-    must be spawned here.  ``module``: what the process runs (the zygote's own start).
+    once the process has exited and the keeper has closed its pidfd of it.
+    ``zygote``: fork the worker from it (a :class:`comfy_env.zygote.ForkedWorker`
+    comes back), unless it says workers must be spawned here.  ``module``: what the process runs (the zygote's own start).
     """
     raise_fd_limit()
     if zygote is not None:
@@ -224,22 +224,25 @@ class _Keeper:
         self._watched[pidfd] = on_exit
         self._sel.register(pidfd, selectors.EVENT_READ)
 
-    def _poll(self):
+    def _poll(self, exited):
         for proc, on_exit in list(self._polled.items()):
             try:
                 # WNOWAIT: look, don't reap (the worker's handle reaps it).
-                exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                done = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                exited = True       # reaped already
+                done = True         # reaped already
             except OSError:
-                exited = proc.returncode is not None
-            if exited:
+                done = proc.returncode is not None
+            if done:
                 del self._polled[proc]
-                _report(on_exit)
+                exited.append(on_exit)
 
     def _run(self):
         self._sel = sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)
+        for pidfd in self._watched:     # left by a thread whose loop failed
+            sel.register(pidfd, selectors.EVENT_READ)
+        exited = []                 # on_exit of processes gone, not reported yet
         try:
             while True:
                 with self._lock:
@@ -247,7 +250,12 @@ class _Keeper:
                     self._requests.clear()
                     if not reqs and not self._watched and not self._polled:
                         self._thread = None
-                        return
+                        break
+                # Reported only once the thread knows it goes on: the last exit is
+                # reported after the selector is closed (below), so whoever waits for
+                # its processes' on_exit finds no fd of the keeper's left but the
+                # wake-up pipe.
+                _report_all(exited)
                 for req in reqs:
                     try:
                         req.proc = req.popen(req.argv, **req.kwargs)
@@ -267,9 +275,9 @@ class _Keeper:
                         continue
                     sel.unregister(key.fd)
                     os.close(key.fd)
-                    _report(self._watched.pop(key.fd, None))
+                    exited.append(self._watched.pop(key.fd, None))
                 if self._polled:
-                    self._poll()
+                    self._poll(exited)
         except BaseException:
             # The loop itself failed: let the next start begin a new thread, and fail
             # the starts this one will never serve.
@@ -284,6 +292,7 @@ class _Keeper:
             raise
         finally:
             sel.close()
+            _report_all(exited)
 
     def _after_fork_in_child(self):
         # The thread is the parent's; the pidfds and the pipe are copies we must not keep
@@ -300,6 +309,11 @@ class _Keeper:
             except OSError:
                 pass
         self.__init__()
+
+
+def _report_all(exited):
+    while exited:
+        _report(exited.pop(0))
 
 
 def _report(on_exit):

@@ -98,6 +98,7 @@ class WorkerHandle:
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._fatal_dump = False      # a "Fatal Python error" dump is being kept whole
         self._output_done = threading.Event()
+        self._exit_reported = threading.Event()     # on_exit ran: the watcher let go of it
         self._reader = None
         self._alive_w = None
         self._stack_fd = None         # read end of the worker's stack-dump pipe
@@ -127,9 +128,10 @@ class WorkerHandle:
         parent, child = Channel.pair()
         # The worker watches the read end: EOF means this process died.
         alive_r, self._alive_w = os.pipe()
+        reported = self._exit_reported
         try:
             self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r,
-                                     on_exit=lambda: _process_exited(parent),
+                                     on_exit=lambda: _process_exited(parent, reported),
                                      zygote=self.pool.zygote)
         except BaseException:
             os.close(self._alive_w)
@@ -744,6 +746,11 @@ class WorkerHandle:
         except subprocess.TimeoutExpired:
             code = None
         self._output_done.wait(timeout=2)
+        if code is not None:
+            # Whoever watches the process (the keeper, or the zygote that forked it)
+            # closes its pidfd before it reports the exit: once it has, a joined
+            # worker has left no fd behind.
+            self._exit_reported.wait(timeout=2)
         with self._stack_lock:          # waits for a stack being read
             fd, self._stack_fd = self._stack_fd, None
         if fd is not None:
@@ -779,13 +786,14 @@ class WorkerHandle:
         return msg, tail
 
 
-def _process_exited(channel):
+def _process_exited(channel, reported):
     """The worker process is gone (its pidfd said so): the reader gets EOF after what the
     worker sent, even while a process the call started still holds the worker's end."""
     try:
         channel.sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
+    reported.set()
 
 
 def _decode_remote_exception(frame, link):
