@@ -136,6 +136,10 @@ VARIABLES = (
     Variable("COMFY_ENV_INTERRUPT_GRACE", "interrupt_grace", 5.0, _number(0),
              "seconds a ComfyUI node gets to stop after an interrupt before its worker is "
              "killed (comfyui/__init__.py)"),
+    Variable("COMFY_ENV_WORKER_SPIN_US", "worker_spin_us", 100, _int(0),
+             "microseconds a worker polls for its next call after sending a result, while "
+             "calls follow results that fast, in pools with fewer workers than CPUs; 0: it "
+             "always sleeps (worker.py)"),
     Variable("COMFY_ENV_PRESTART", "prestart", True, _flag,
              "start a ComfyUI pack's worker in the background at load (comfyui/__init__.py)",
              empty_is_unset=False),
@@ -162,6 +166,7 @@ class Settings:
     uv: str | None
     bwrap: str | None
     interrupt_grace: float
+    worker_spin_us: int
     prestart: bool
 
 

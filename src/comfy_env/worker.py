@@ -68,6 +68,44 @@ def _register_stack_dump():
     return r
 
 
+
+class _SpinPolicy:
+    """When the worker polls for its next call instead of sleeping (``worker_spin_us``).
+
+    A sleeping worker costs each call two wake-ups of a sleeping CPU (the parent's send
+    wakes the worker, whose CPU had gone idle, and the kernel call that does it is slow
+    too); polling for a moment after a result catches the next call of a caller that
+    submits in a loop as it lands.  The price is CPU: up to the spin time per call.
+    So the worker polls only while calls follow results within that time -- the gap
+    before the last call, measured whether it polled or slept, says so -- and only with
+    a CPU to spare: the parent sends 0 unless its workers are fewer than its CPUs
+    (polling workers would take CPU from working ones, or from the parent's sending).
+    """
+
+    __slots__ = ("spin", "sent_at", "hot", "polled")
+
+    def __init__(self, spin_us):
+        self.spin = spin_us * 1e-6
+        self.sent_at = None     # when the last result went out; None: not since a call came
+        self.hot = True         # the last call came soon enough after a result
+        self.polled = False     # ... and the worker polled for it
+
+    def before_recv(self):
+        self.polled = self.hot and self.sent_at is not None
+        return self.spin if self.polled else 0.0
+
+    def result_sent(self):
+        if self.spin:
+            self.sent_at = time.perf_counter()
+
+    def call_came(self):
+        if self.sent_at is not None:
+            gap = time.perf_counter() - self.sent_at
+            # A worker that slept measured its own wake-up into the gap too (tens of
+            # microseconds): twice the spin time, or it would never poll again.
+            self.hot = gap <= (self.spin if self.polled else 2 * self.spin)
+            self.sent_at = None
+
 class _LogForwarder(logging.Handler):
     """Sends the worker's log records to the parent, which re-emits them through ``logging``."""
 
@@ -102,6 +140,7 @@ class Worker:
         self._janitor = None
         self.name = "worker"
         self.functions = fncache.HeldFunctions()     # by-value functions sent once
+        self.spin_us = 0              # how long to poll for the next call (the handshake says)
 
     # -- sending ---------------------------------------------------------------
     def _send_control(self, msgs):
@@ -155,6 +194,7 @@ class Worker:
         self.name = cfg.get("name", "worker")
         settings.install(cfg["settings"])     # the parent's values, not our environment's
         adopt_import_paths(cfg)
+        self.spin_us = cfg.get("spin_us", 0)      # the parent's choice (executor.py)
         root = logging.getLogger()
         root.addHandler(_LogForwarder(self))
         if cfg.get("log_level") is not None:
@@ -184,15 +224,17 @@ class Worker:
         :func:`_watch_parent`.
         """
         channel = self.channel
+        spin = _SpinPolicy(self.spin_us)
         while True:
             try:
-                body, fds = channel.recv()
+                body, fds = channel.recv(spin.before_recv())
             except ChannelClosed:
                 # The parent is gone (or closed us): nobody is left to report to.
                 os._exit(0)
             frame = codec.decode_envelope(body, fds)
             kind = type(frame.envelope)
             if kind is Call:
+                spin.call_came()
                 # Only a call whose arguments lease blocks can leave leases behind
                 # (counting them walks every record: not for plain calls).
                 leases = False
@@ -201,6 +243,7 @@ class Worker:
                         leases = True
                 held = lifetime.LEDGER.leased_from(self.link) if leases else 0
                 self._run_call(frame)
+                spin.result_sent()
                 del frame
                 lifetime.LEDGER.drain()     # release the arguments' blocks promptly
                 if leases and lifetime.LEDGER.leased_from(self.link) > held:

@@ -23,12 +23,13 @@ undecoded result as a success until somebody looks at it.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from typing import Any
 
 from ..errors import PicklingFailed
-from ..ipc import codec, lifetime
+from ..ipc import codec, interrupts, lifetime
 
 __all__ = ["IsolatedFuture", "LazyResult", "decode_error"]
 
@@ -110,6 +111,7 @@ class IsolatedFuture(Future):
         self._lazy = None
         self._decoded = None
         self._decode_lock = threading.Lock()
+        self._worker = None         # the worker running the call (its reader role, see result())
 
     def _set_lazy_result(self, lazy: LazyResult):
         self._lazy = lazy
@@ -124,6 +126,9 @@ class IsolatedFuture(Future):
         decoded here (a class or package this process lacks), that error is
         raised, now and on every later call.
         """
+        worker = self._worker
+        if worker is not None and not self.done():
+            timeout = self._read_own(worker, timeout)
         value = super().result(timeout)
         if type(value) is not LazyResult:
             return value
@@ -132,7 +137,19 @@ class IsolatedFuture(Future):
             return outcome
         raise outcome
 
+    def _read_own(self, worker, timeout):
+        """Read the worker's channel on this thread until done; the timeout left."""
+        if timeout is None:
+            worker.read_for(self, None)
+            return None
+        end = time.monotonic() + timeout
+        worker.read_for(self, timeout)
+        return max(0.0, end - time.monotonic())
+
     def exception(self, timeout=None):
+        worker = self._worker
+        if worker is not None and not self.done():
+            timeout = self._read_own(worker, timeout)
         exc = super().exception(timeout)
         if exc is not None:
             return exc
@@ -142,6 +159,9 @@ class IsolatedFuture(Future):
         ok, outcome = self._decode()
         return None if ok else outcome
 
+    # Mapping the blocks updates the ledger: on the main thread a Ctrl-C waits until
+    # that is done (ipc/interrupts.py).
+    @interrupts.holds
     def _decode(self):
         with self._decode_lock:
             if self._decoded is None:

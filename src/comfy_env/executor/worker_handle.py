@@ -27,6 +27,14 @@ A line ends at ``\n``, ``\r\n`` or a lone ``\r`` (progress bars redraw with
 cut into pieces of at most MAX_LINE characters, so output without line ends
 costs linear time and bounded memory.
 
+A caller waiting in ``result()`` (or ``exception()``) for a call this worker runs
+reads the channel itself meanwhile (``read_for``), and handles every frame as the
+reader would: its result then costs one thread wake-up, not two (the reader's,
+then the caller's).  The reader thread stands aside while it does, and reads
+whenever nobody waits that way (done-callbacks, ``as_completed``, log records
+between calls).  Which thread reads is settled by the kernel: both wait on one
+epoll set where the channel is armed one-shot (see ``_read_loop``).
+
 Calls are sent by whichever thread dispatches them (the submitter's, or the
 reader that just finished the previous call): no queue-feeder thread in
 between, which is where most of ProcessPoolExecutor's latency goes.
@@ -50,9 +58,9 @@ import time
 from .. import fncache
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
-                      RemoteTraceback, WorkerStartError)
+                      RemoteTraceback, WorkerCrashed, WorkerStartError)
 from .. import settings
-from ..ipc import codec, lifetime
+from ..ipc import codec, interrupts, lifetime
 from ..ipc.protocol import (Control, Exit, Hello, Init, InitFailed, Log, Ready, Result,
                             apply_control)
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
@@ -98,9 +106,22 @@ class WorkerHandle:
         self._stack_signal = None
         self.timeout_stack = None     # the stack taken by kill_for_timeout ("" if none came)
         self.protocol_error = None    # the worker wrote bytes that are not a frame
+        self.read_interrupted = None  # a send or a caller's read was cut short (stop_interrupted)
         self.info = {}
         # The by-value functions this worker holds (the parent's books; see fncache).
         self.sent_functions = fncache.SentFunctions()
+        # The read role: one thread at a time reads the channel -- the reader thread, or a
+        # caller waiting in result() for a call of this worker (it reads its own result:
+        # one thread wake-up less).  _role guards these fields.
+        self._role = threading.Condition(threading.Lock())
+        self._waiter = None           # the future a caller in read_for waits for
+        self._waiter_thread = None    # ... and that caller's thread
+        self._waiter_token = None     # ... and its own mark (see read_for)
+        self._read_end = None         # the channel ended (a caller may have read it first)
+        self._rearm = False           # a caller left abnormally: the reader re-arms the channel
+        self._handed = None           # ... after dispatching this frame the caller read
+        self._epoll = self._wake = None
+        self._owner_pid = os.getpid()
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -136,6 +157,7 @@ class WorkerHandle:
     def send_call(self, item, chunks, fds):
         """Send an already-encoded call frame; the item is now this worker's."""
         self.item = item
+        item.future._worker = self
         if self.pool.call_timeout is not None:
             self.deadline = time.monotonic() + self.pool.call_timeout
             self.pool.watchdog.watch(self)
@@ -150,6 +172,13 @@ class WorkerHandle:
             self.logger.exception("comfy_env: applying dropped blocks before a call failed")
         self.link.flush()
         self.channel.send(chunks, fds)
+
+    def stop_interrupted(self, exc):
+        """A send or a read of this worker's channel was cut short by ``exc`` (a signal
+        handler raising on the main thread): the channel's state is unknown, so the
+        worker is killed; the death report names the interruption."""
+        self.read_interrupted = exc
+        self.kill()
 
     def request_exit(self):
         if self.exiting:
@@ -306,6 +335,7 @@ class WorkerHandle:
             "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
             "settings": settings.to_wire(self.pool.settings),
+            "spin_us": self.pool.worker_spin_us,
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
         fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
@@ -332,22 +362,58 @@ class WorkerHandle:
         except BaseException as exc:
             self._finish(start_error=exc)
             return
+        # One epoll set, waited on by this thread and by at most one caller in
+        # result() (read_for).  The channel is armed one-shot: the thread its event
+        # goes to holds the read role until it re-arms, and the kernel hands an
+        # exclusive epoll wait's event to the thread that waited last -- the caller,
+        # which so reads its own result with no thread in between.
+        ep = self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        sock = self.channel.fileno()
+        ep.register(sock, _ARMED)
+        ep.register(self._wake, select.EPOLLIN | select.EPOLLET)
+        role = self._role
         self.ready = True
         pool.on_ready(self)
         try:
             while True:
-                frame = self._recv_frame()
-                kind = type(frame.envelope)
-                if kind is Result:
-                    self._on_result(frame)
-                elif kind is Control:
-                    frame.close_fds()
-                    apply_control(self.link, frame.envelope.messages)
-                elif kind is Log:
-                    frame.close_fds()
-                    self._on_log(frame.envelope)
-                else:
-                    frame.close_fds()
+                # The channel's turn first: a re-arm asked for below must not
+                # hand the channel to another thread while this one reads it.
+                for fd, _ in sorted(ep.poll(), key=lambda e: e[0] != sock):
+                    if fd == sock:
+                        self._read_turn()
+                        self._stand_aside()
+                    else:
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
+                with role:
+                    rearm, handed = self._rearm, self._handed
+                    self._handed = None
+                    end = self._read_end
+                if end is not None:
+                    if isinstance(end, (ChannelClosed, ProtocolError)):
+                        raise end
+                    # A caller's turn was cut short (a signal handler raised on the
+                    # main thread, or a bug): where the channel stands is unknown.
+                    self.stop_interrupted(end)
+                    break
+                if rearm:
+                    # A caller left the channel to this thread: interrupted around its
+                    # wait (it may have taken the channel's event without reading), or
+                    # on the main thread with a control message in hand (see
+                    # _read_turn).  Nobody else holds the channel now (the caller's
+                    # slot stays taken until here): finish the turn, then re-arm.
+                    if handed is not None:
+                        self._dispatch_frame(handed)
+                        while self.channel.buffered():
+                            self._dispatch_frame(self._recv_frame())
+                    with role:
+                        ep.modify(sock, _ARMED)
+                        self._rearm = False
+                        self._waiter = self._waiter_thread = self._waiter_token = None
+                        role.notify_all()
         except ChannelClosed:
             pass
         except ProtocolError as exc:
@@ -359,7 +425,161 @@ class WorkerHandle:
             self.logger.error("comfy_env: reader of worker %s failed: %r", self.pid, exc,
                               exc_info=True)
             self.kill()
+        with role:
+            if self._read_end is None:
+                self._read_end = ChannelClosed("the worker's channel is done")
+            if self._waiter is not None:
+                os.eventfd_write(self._wake, 1)
+            while self._waiter is not None and not self._rearm:
+                role.wait()
+        ep.close()
+        os.close(self._wake)
         self._finish()
+
+    @interrupts.holds
+    def _read_turn(self, unheld=False):
+        """This thread got the channel's one-shot event: read what is there, re-arm.
+
+        Frames already in the channel's buffer are read too: no event announces them.
+        When the channel ends (or this turn is cut short, so that the channel's or a
+        frame's state is unknown), ``_read_end`` says so and the reader thread reports
+        it, whichever thread read it: the worker is then killed (see read_for).
+
+        ``unheld``: this is the main thread, where Python runs signal handlers, and a
+        Ctrl-C is not held back here (a program's own SIGINT handler; see
+        ipc/interrupts.py), so it may raise between any two lines.  Control messages
+        change the process-wide ledger, which must never be left half-updated: the
+        main thread then hands the first one it meets, and what follows it, to the
+        reader thread and returns False (it waits for its future as any caller does).
+        """
+        try:
+            frame = self._recv_frame()
+            while True:
+                if unheld and type(frame.envelope) is Control:
+                    with self._role:
+                        self._handed = frame
+                        self._rearm = True
+                    os.eventfd_write(self._wake, 1)
+                    return False
+                self._dispatch_frame(frame)
+                if not self.channel.buffered():
+                    break
+                frame = self._recv_frame()
+        except BaseException as exc:
+            with self._role:
+                self._read_end = exc
+            os.eventfd_write(self._wake, 1)     # whoever waits on the set learns it
+            raise
+        self._epoll.modify(self.channel.fileno(), _ARMED)
+        return True
+
+    def _stand_aside(self):
+        """After this thread's turn: while a caller waits in read_for, stand aside.
+
+        The caller watches the channel meanwhile (nothing is missed); were this
+        thread to wait on the epoll set again it would be the last to wait, and so
+        get the next event instead of the caller.  When the turn completed the
+        caller's future (or the channel ended), wake it first.
+        """
+        role = self._role
+        with role:
+            fut = self._waiter
+            if fut is None:
+                return
+            if fut.done() or self._read_end is not None:
+                os.eventfd_write(self._wake, 1)
+            # Not the future itself while waiting: a finished call must hold nothing.
+            del fut
+            while self._waiter is not None and not self._rearm:
+                role.wait()
+
+    def _dispatch_frame(self, frame):
+        kind = type(frame.envelope)
+        if kind is Result:
+            self._on_result(frame)
+        elif kind is Control:
+            frame.close_fds()
+            apply_control(self.link, frame.envelope.messages)
+        elif kind is Log:
+            frame.close_fds()
+            self._on_log(frame.envelope)
+        else:
+            frame.close_fds()
+
+    def reads_on(self, thread):
+        """Whether ``thread`` reads this worker's results now (done-callbacks run there)."""
+        return self._reader is thread or self._waiter_thread is thread
+
+    # On the main thread a Ctrl-C waits while this takes or gives back the read role
+    # and reads frames, and cuts in only while it waits (ipc/interrupts.py).
+    @interrupts.holds
+    def read_for(self, fut, timeout):
+        """Wait for ``fut`` by reading this worker's channel on the calling thread.
+
+        Returns when ``fut`` is done, the timeout passed, or the channel ended (the
+        reader thread reports that).  Does nothing when another caller already waits
+        this way, in a fork child, or before the worker is ready: the caller then
+        waits on the future as usual.
+        """
+        main = interrupts.on_main()
+        role = self._role
+        token = object()        # which caller holds the role: this one, if it matches below
+        clean = False
+        try:
+            with role:
+                if (self._waiter is not None or self._read_end is not None or not self.ready
+                        or self._owner_pid != os.getpid()):
+                    return
+                self._waiter_token = token
+                self._waiter = fut
+                self._waiter_thread = threading.current_thread()
+            ep = self._epoll
+            sock = self.channel.fileno()
+            # Where a Ctrl-C can't be held back (a program's own SIGINT handler), control
+            # messages go to the reader thread (see _read_turn).
+            unheld = main and not interrupts.installed()
+            end = None if timeout is None else time.monotonic() + timeout
+            while not fut.done():
+                if end is None:
+                    left = -1
+                else:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                if main:
+                    with interrupts.waiting():      # the one place a Ctrl-C may cut in
+                        events = ep.poll(left, 1)
+                else:
+                    events = ep.poll(left, 1)
+                for fd, _ in events:
+                    if fd == sock:
+                        try:
+                            if not self._read_turn(unheld):
+                                return      # handed to the reader thread, which re-arms
+                        except (ChannelClosed, ProtocolError):
+                            clean = True
+                            return
+                    else:
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
+                with role:
+                    if self._read_end is not None:
+                        clean = True
+                        return
+            clean = True
+        finally:
+            with role:
+                if self._waiter_token is token:
+                    if clean or self._read_end is not None:
+                        self._waiter = self._waiter_thread = self._waiter_token = None
+                    else:
+                        # Interrupted (a Ctrl-C in the wait) between taking the channel's
+                        # event and reading, perhaps: the reader thread re-arms it.
+                        self._rearm = True
+                        os.eventfd_write(self._wake, 1)
+                    role.notify_all()
 
     def _on_result(self, frame):
         call_id, ok = frame.envelope.call_id, frame.envelope.ok
@@ -381,15 +601,41 @@ class WorkerHandle:
             frame.close_fds()
             return
         fut = item.future
+        fut._worker = None
         del item
-        # Decode first, hand the worker back (which may send it the next call),
-        # and complete the future last: the caller wakes up wanting the GIL, and
-        # this thread gives it up as soon as it blocks in recv() again.
+        # On the main thread (a caller reading its own result) a signal handler may
+        # raise anywhere below: the future is completed whatever happens, with the
+        # outcome if it was decoded, and the interruption goes on up.
+        outcome = None
+        try:
+            outcome = self._outcome(frame, ok)
+            self.pool.on_idle(self)
+        finally:
+            if outcome is None:
+                outcome = (False, WorkerCrashed(
+                    f"worker pid {self.pid}: reading the call's result was interrupted "
+                    f"(a signal handler raised on the thread reading it)"))
+            kind, value = outcome
+            if kind is True:
+                fut.set_result(value)
+            elif kind is None:
+                fut._set_lazy_result(value)
+            else:
+                fut.set_exception(value)
+
+    def _outcome(self, frame, ok):
+        """Decode a result frame: ``(True, value)``, ``(None, LazyResult)`` or ``(False, exc)``.
+
+        Decode first, hand the worker back (which may send it the next call), and
+        complete the future last: the caller wakes up wanting the GIL.
+        """
         if ok and frame.parts[0].refs is None:
             # Nothing in shared memory: decode here, no lazy bookkeeping.
             frame.close_fds()
             try:
                 outcome = (True, codec.decode_part(frame, 0, self.link))
+            except KeyboardInterrupt:
+                raise               # Ctrl-C on the main thread: not the payload's fault
             except BaseException as exc:
                 outcome = (False, decode_error(exc))
         elif ok:
@@ -406,14 +652,7 @@ class WorkerHandle:
             if tb:
                 exc.__cause__ = RemoteTraceback(tb)
             outcome = (False, exc)
-        self.pool.on_idle(self)
-        kind, value = outcome
-        if kind is True:
-            fut.set_result(value)
-        elif kind is None:
-            fut._set_lazy_result(value)
-        else:
-            fut.set_exception(value)
+        return outcome
 
     def _on_log(self, log):
         _, levelno, name, msg, created = log
@@ -520,6 +759,8 @@ class WorkerHandle:
         lifetime.LEDGER.link_closed(self.link)
         with self.pool.lock:        # vs. dispatch()'s requeue, see _on_result
             item, self.item = self.item, None
+        if item is not None:
+            item.future._worker = None
         self.pool.on_death(self, item, code, start_error)
 
     def describe_exit(self, code):
@@ -535,6 +776,10 @@ class WorkerHandle:
         if self.protocol_error is not None:
             how = (f"broke the channel's protocol (protocol error: {self.protocol_error}) and "
                    f"was stopped; it {how}")
+        elif self.read_interrupted is not None:
+            how = (f"was stopped because a read or a send on its channel was interrupted "
+                   f"({type(self.read_interrupted).__name__} raised there, so the channel's "
+                   f"state was unknown); it {how}")
         tail = "\n".join(self.stderr_tail)
         msg = f"worker pid {self.pid} ({self.pool.wenv.label}) {how}"
         if tail:
@@ -571,6 +816,9 @@ def _decode_remote_exception(frame, link):
                                f"decoded in the parent: {why}"), ""
         return RemoteError(qual, f"{msg} (the exception could not be rebuilt in the parent: "
                            f"{why})", tb), tb
+
+
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")

@@ -39,7 +39,7 @@ import time
 import uuid
 import weakref
 
-from . import protocol
+from . import interrupts, protocol
 from .protocol import Release
 
 __all__ = ["Ledger", "Record", "Link", "LEDGER", "PROCESS_UID", "exiting", "start_thread"]
@@ -333,11 +333,15 @@ class Ledger:
         ref = weakref.ref(obj, self._holder_died)
         self._holders[id(ref)] = (ref, rec)
 
+    @interrupts.holds
     def _holder_died(self, ref):
-        # Runs inside the garbage collector: never block, never send here.
-        entry = self._holders.pop(id(ref), None)
+        # Runs inside the garbage collector: never block, never send here.  The record
+        # is queued before its entry goes: a signal handler raising in between (Ctrl-C
+        # on the main thread) then leaves a stale entry, never a block nobody releases.
+        entry = self._holders.get(id(ref))
         if entry is not None:
             self._dirty.append(entry[1])
+            self._holders.pop(id(ref), None)
             self._burst = True
             self._wake()
 

@@ -38,6 +38,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 __all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "MAX_FDS",
            "MAX_BODY", "frame_header", "check_frame"]
@@ -185,17 +186,29 @@ class Channel:
                 raise ChannelClosed(str(exc)) from exc
 
     # -- receiving ---------------------------------------------------------
-    def _fill(self):
+    def _fill(self, spin=0.0):
         """One recvmsg into the read buffer; fds go to the FIFO in stream order.
 
         Each frame's fds ride on its first byte, so taking them first-in
         first-out as headers announce them matches them to their frames.
+        ``spin``: poll without blocking for up to that many seconds first (see recv).
         """
         try:
             # Received fds are close-on-exec, like every fd Python opens: a
             # process the worker or the parent starts must not inherit them.
-            n, anc, flags, _ = self.sock.recvmsg_into([self._scratch], self._anc_size,
-                                                      _RECV_FLAGS)
+            got = None
+            if spin:
+                end = time.perf_counter() + spin
+                while True:
+                    try:
+                        got = self.sock.recvmsg_into([self._scratch], self._anc_size,
+                                                     _RECV_FLAGS | socket.MSG_DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        if time.perf_counter() >= end:
+                            break
+            n, anc, flags, _ = got or self.sock.recvmsg_into([self._scratch], self._anc_size,
+                                                             _RECV_FLAGS)
         except ConnectionResetError as exc:
             raise ChannelClosed(str(exc)) from exc
         except OSError as exc:
@@ -216,16 +229,27 @@ class Channel:
             self._pos = 0
         self._buf += self._scratch_view[:n]
 
+    def buffered(self) -> bool:
+        """Bytes of a frame are already read (``recv`` starts on them without waiting on
+        the socket): a thread that waits for readability must not poll then."""
+        return len(self._buf) > self._pos
+
     def _wait_readable(self, timeout):
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         return bool(poller.poll(timeout * 1000))
 
-    def recv(self):
+    def recv(self, spin=0.0):
         """Receive one frame: ``(body, fds: list[int])``.
 
         Raises ChannelClosed on EOF, ProtocolError on bytes that are not a frame.
         The caller owns the returned fds.  ``body`` is a bytes-like object.
+
+        ``spin`` (seconds): when nothing is buffered, poll the socket without blocking
+        for up to that long before sleeping in ``recvmsg``.  A process that sleeps is
+        woken by the sender's kernel call, which costs tens of microseconds on a
+        virtual machine (the sleeping CPU must be woken) on both sides; one that polls
+        sees the bytes as they land.
         """
         buf = self._buf
         while len(buf) - self._pos < _HEADER.size:
@@ -242,7 +266,8 @@ class Channel:
                 raise ProtocolError(f"not a comfy_env frame: {len(buf) - self._pos} bytes "
                                     f"{bytes(buf[self._pos:])!r} and then nothing for "
                                     f"{HEADER_STALL:g} s (something else wrote to the channel)")
-            self._fill()
+            self._fill(spin)
+            spin = 0.0
             buf = self._buf
         length, nfds = _check_header(buf, self._pos)
         start = self._pos + _HEADER.size

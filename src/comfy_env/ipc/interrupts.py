@@ -1,0 +1,117 @@
+"""Ctrl-C on the main thread, held back while a step of ours must not be cut in two.
+
+Python runs signal handlers on the main thread only, between any two lines of Python.
+The main thread is also where most programs submit calls and wait for results, and
+with that it sends frames, reads its worker's frames (a caller reads its own result,
+see worker_handle.py), and updates the process-wide ledger of shared blocks.  A
+``KeyboardInterrupt`` raised halfway through one of those steps would leave a frame
+half sent or half read (the worker's channel is then useless) or the ledger half
+updated (a block leaked, or freed while in use).
+
+So the functions that make such steps are marked with :func:`holds`, and while one of
+them is on the main thread's stack a SIGINT is put off: the handler has it delivered
+again a millisecond later (``_thread.interrupt_main``) and returns, until it finds no
+held step, and then raises the ``KeyboardInterrupt``.  A step is a few to a few hundred
+microseconds; a wait is never held (:func:`waiting` marks one inside a held step), so
+Ctrl-C still interrupts at once as far as a person can tell.
+
+Why the stack and not a counter entered and left around each step: a counter can
+itself be cut between its update and the ``try`` that undoes it, and one left raised
+would put off every later Ctrl-C for good.  The stack can't be left in a wrong state;
+marking costs nothing per call (a code object in a set), only a signal pays for the walk.
+
+:func:`install` puts :func:`_on_sigint` in place of SIGINT's handler only when that is
+Python's ``default_int_handler``, and it behaves as that one does outside a held step.
+A program's own SIGINT handler is left alone (and then nothing is held back: the
+steps fall back to what they do when cut short, e.g. the worker is stopped and its call
+fails with ``WorkerCrashed``); so are the handlers of other signals (SIGALRM, SIGTERM).
+"""
+from __future__ import annotations
+
+import _thread
+import signal
+import threading
+
+__all__ = ["install", "installed", "holds", "waiting", "on_main"]
+
+_HELD = set()           # code objects of the marked functions
+_waiting = False        # the main thread waits inside a held step: not held now
+
+
+def holds(fn):
+    """Mark ``fn``: while it runs on the main thread, a Ctrl-C waits for it to return."""
+    _HELD.add(fn.__code__)
+    return fn
+
+
+class waiting:
+    """``with waiting():`` around a wait inside a held step: a Ctrl-C interrupts it."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        global _waiting
+        _waiting = True
+
+    def __exit__(self, *exc):
+        global _waiting
+        _waiting = False
+
+
+# How soon a put-off Ctrl-C is tried again.  Not at once from the handler itself: the
+# handler's own next line would run it again, nested, until the recursion limit.
+RETRY_S = 0.001
+
+
+def _on_sigint(signum, frame):
+    """SIGINT's handler once installed: ``default_int_handler``, unless a step is held."""
+    if not _waiting:
+        f = frame
+        while f is not None:
+            if f.f_code in _HELD:
+                _again(signum)
+                return
+            f = f.f_back
+    raise KeyboardInterrupt
+
+
+def _again(signum):
+    """Deliver the signal to the main thread again shortly (it is held now)."""
+    t = threading.Timer(RETRY_S, _thread.interrupt_main, (signum,))
+    t.daemon = True
+    try:
+        t.start()
+    except RuntimeError:        # interpreter exit: no thread may start; raise it now
+        raise KeyboardInterrupt from None
+
+
+def install() -> bool:
+    """Hold SIGINT back during our steps, if SIGINT has Python's default handler.
+
+    Does something only on the main thread (``signal.signal`` refuses elsewhere);
+    returns whether the handler is ours now.  Idempotent.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return installed()
+    try:
+        current = signal.getsignal(signal.SIGINT)
+        if current is _on_sigint:
+            return True
+        if current is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint)
+            return True
+    except (ValueError, OSError):       # not the main interpreter, or no signals here
+        pass
+    return False
+
+
+def installed() -> bool:
+    """Whether SIGINT is held back now (a program may have put its own handler since)."""
+    try:
+        return signal.getsignal(signal.SIGINT) is _on_sigint
+    except ValueError:
+        return False
+
+
+def on_main() -> bool:
+    return threading.current_thread() is threading.main_thread()

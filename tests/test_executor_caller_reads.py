@@ -1,0 +1,450 @@
+"""A caller waiting in ``result()`` reads its worker's channel itself (one thread
+wake-up less per call): every frame is still handled as the reader thread handles
+it, and timeouts, crashes and concurrent waiters behave as before."""
+from __future__ import annotations
+
+import logging
+import textwrap
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import as_completed
+
+import pytest
+
+import _caller_read_funcs as cf
+import _funcs
+from comfy_env import IsolatedExecutor, WorkerCrashed
+from pythons import ALL_PYTHONS, run_script
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append((record.getMessage(), threading.current_thread().name))
+
+
+@pytest.fixture
+def collected():
+    logger = logging.getLogger("comfy_env.worker.callerreads")
+    handler = _Collect()
+    old = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old[0])
+    logger.propagate = old[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_reading_its_result_handles_the_log_records_before_it_in_order(collected):
+    with IsolatedExecutor(name="callerreads") as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)          # worker up
+        me = threading.current_thread().name
+        for _ in range(3):
+            collected.records.clear()
+            assert ex.submit(cf.log_then_return, 40).result(30) == 40
+            msgs = [m for m, _ in collected.records]
+            assert msgs == [f"[callerreads] user.caller_reads: record {i}" for i in range(40)]
+            # The waiting caller read (some of) them itself, the reader thread stood aside.
+            assert me in {t for _, t in collected.records}, collected.records
+
+
+@pytest.mark.timeout(60)
+def test_a_result_timeout_while_reading_gives_the_channel_back_and_loses_nothing():
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        slow = ex.submit(_funcs.sleep_then, 0.5, "late")
+        with pytest.raises(FutureTimeout):
+            slow.result(0.05)
+        with pytest.raises(FutureTimeout):
+            slow.exception(0.01)
+        got = []
+        t = threading.Thread(target=lambda: got.append(slow.result(30)))
+        t.start()
+        nxt = ex.submit(_funcs.add, 2, 3)           # queued behind the slow call
+        assert nxt.result(30) == 5
+        t.join(30)
+        assert got == ["late"]
+        assert slow.result(0) == "late"
+
+
+@pytest.mark.timeout(60)
+def test_a_result_nobody_waits_for_still_arrives_through_the_reader_thread():
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        slow = ex.submit(_funcs.sleep_then, 0.3, "late")
+        with pytest.raises(FutureTimeout):
+            slow.result(0.01)
+        done = threading.Event()
+        slow.add_done_callback(lambda f: done.set())
+        assert done.wait(30)                      # nobody in result(): the reader read it
+        assert slow.result(0) == "late"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_crash_while_the_caller_reads_is_WorkerCrashed_and_the_executor_goes_on():
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        fut = ex.submit(_funcs.stderr_then_exit, 3, ["last words"])
+        with pytest.raises(WorkerCrashed) as info:
+            fut.result(30)
+        assert info.value.exitcode == 3
+        assert "last words" in str(info.value)
+        assert ex.submit(_funcs.add, 2, 2).result(30) == 4   # a new worker takes over
+
+
+@pytest.mark.timeout(120)
+def test_threads_waiting_on_calls_of_the_same_worker_all_get_their_own_results():
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        errors = []
+
+        def caller(k):
+            try:
+                for i in range(60):
+                    assert ex.submit(_funcs.add, k, i).result(30) == k + i
+                    if i % 10 == 0:     # futures nobody waits on in result() too
+                        futs = [ex.submit(_funcs.add, k, j) for j in range(5)]
+                        assert sorted(f.result(30) for f in as_completed(futs, 30)) == \
+                            [k + j for j in range(5)]
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k * 1000,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_caller_waits_on_the_channel_loses_no_result():
+    import signal
+    import time
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        for delay in (0.02, 0.1):
+            fut = ex.submit(_funcs.sleep_then, 0.3, "after ctrl-c")
+            main = threading.get_ident()
+            timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
+            timer.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    fut.result(30)
+                    time.sleep(30)      # the signal came after the result: wait for it
+            finally:
+                timer.join()
+            assert fut.result(30) == "after ctrl-c"
+            assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_wait_from_a_callback_run_by_a_reading_caller_raises_instead_of_hanging():
+    ex = IsolatedExecutor(max_workers=1)
+    ex.submit(_funcs.add, 1, 1).result(30)
+    fut = ex.submit(_funcs.sleep_then, 0.2, "v")
+    seen = []
+
+    def callback(f):
+        try:
+            ex.shutdown(wait=True)
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    fut.add_done_callback(callback)
+    assert fut.result(30) == "v"
+    assert len(seen) == 1 and "done-callback" in str(seen[0])
+    ex.shutdown(wait=True)
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_a_script_whose_main_thread_reads_its_results_times_out_and_is_interrupted(pyver, tmp_path):
+    code = textwrap.dedent("""
+        import concurrent.futures as cf, signal, threading, time
+        from comfy_env import IsolatedExecutor
+
+        def f(x):
+            return x
+
+        def slow(x):
+            time.sleep(0.3)
+            return x
+
+        with IsolatedExecutor(max_workers=1) as ex:
+            assert [ex.submit(f, i).result() for i in range(200)] == list(range(200))
+            s = ex.submit(slow, 7)
+            try:
+                s.result(0.05)
+                raise SystemExit("result(0.05) did not time out")
+            except cf.TimeoutError:
+                pass
+            s2 = ex.submit(slow, 8)
+            threading.Timer(0.05, signal.pthread_kill,
+                            (threading.get_ident(), signal.SIGINT)).start()
+            try:
+                s2.result()
+                time.sleep(10)
+            except KeyboardInterrupt:
+                pass
+            assert (s.result(5), s2.result(5)) == (7, 8)
+            assert ex.submit(f, 9).result(5) == 9
+        print("ok")
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
+# -- Ctrl-C (a signal handler raising on the main thread) at every step of a call ---------
+# The main thread sends calls and, waiting in result(), reads their results: Python runs
+# signal handlers there, between any two lines.  Each test below makes one step raise
+# KeyboardInterrupt, as a Ctrl-C landing there would, and checks that nothing is lost:
+# the interruption reaches the caller, every future still finishes, the executor goes on.
+def _raise_once_on_main(monkeypatch, owner, name, after=None):
+    """Make ``owner.name`` raise KeyboardInterrupt once, on the main thread (after
+    calling through when ``after`` is true).  Returns the list of hits."""
+    real = getattr(owner, name)
+    hits = []
+
+    def wrapper(*args, **kwargs):
+        if hits or threading.current_thread() is not threading.main_thread():
+            return real(*args, **kwargs)
+        hits.append(1)
+        if after:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return hits
+
+
+def test_under_a_programs_own_sigint_handler_control_messages_go_to_the_reader_thread(monkeypatch):
+    # With its own SIGINT handler a program's Ctrl-C can't be held back (see
+    # ipc/interrupts.py): the main thread must then never apply a control message.
+    import signal
+
+    def own(signum, frame):
+        raise KeyboardInterrupt
+
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(signal, "_own_restore", signal.signal(signal.SIGINT, own), raising=False)
+    from comfy_env.executor import worker_handle
+    from comfy_env.ipc.lifetime import LEDGER
+    real = worker_handle.apply_control
+    threads = []
+
+    def recording(link, msgs):
+        threads.append(threading.current_thread().name)
+        return real(link, msgs)
+
+    monkeypatch.setattr(worker_handle, "apply_control", recording)
+    before = len(LEDGER.records())
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        for i in range(10):
+            arr = np.full(1 << 20, float(i))               # 8 MiB: lent in shared memory
+            assert ex.submit(cf.total, arr, 0.01).result(30) == float(i) * (1 << 20)
+            del arr
+    signal.signal(signal.SIGINT, signal._own_restore)
+    assert threads, "no control message came back: the test does not test anything"
+    assert "MainThread" not in threads, threads
+    assert len(LEDGER.records()) <= before
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_the_main_thread_reads_its_result_is_raised_once_the_read_is_done(monkeypatch):
+    import os
+    import signal
+    import time
+    from comfy_env.ipc import codec
+    real = codec.decode_part
+    sent = []
+
+    def decode_with_ctrl_c(*args, **kwargs):
+        if not sent and threading.current_thread() is threading.main_thread():
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)     # lands in the middle of the read
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        pid = ex.worker_pids()[0]
+        monkeypatch.setattr(codec, "decode_part", decode_with_ctrl_c)
+        for _ in range(10):
+            fut = ex.submit(_funcs.sleep_then, 0.1, "v")
+            try:
+                fut.result(30)
+            except KeyboardInterrupt:
+                break
+        monkeypatch.undo()
+        assert sent, "the main thread never read a result"
+        # Held back until the read was complete: the result is there, the worker lives on.
+        assert fut.result(5) == "v"
+        assert ex.worker_pids() == [pid]
+        assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_main_thread_decodes_its_result_finishes_the_future(monkeypatch):
+    from comfy_env.ipc import codec
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        for _ in range(10):         # until the main thread read a result itself
+            hits = _raise_once_on_main(monkeypatch, codec, "decode_part")
+            fut = ex.submit(_funcs.sleep_then, 0.1, "v")
+            try:
+                assert fut.result(30) == "v"
+            except KeyboardInterrupt:
+                pass
+            monkeypatch.undo()
+            if hits:
+                break
+        assert hits, "the main thread never decoded a result"
+        assert fut.done()
+        err = fut.exception(5)
+        assert isinstance(err, WorkerCrashed) and "interrupted" in str(err), err
+        assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_main_thread_hands_its_worker_back_keeps_the_result(monkeypatch):
+    from comfy_env.executor import executor
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        for _ in range(10):
+            hits = _raise_once_on_main(monkeypatch, executor._Pool, "on_idle")
+            fut = ex.submit(_funcs.sleep_then, 0.1, "v")
+            try:
+                fut.result(30)
+            except KeyboardInterrupt:
+                pass
+            monkeypatch.undo()
+            if hits:
+                break
+        assert hits, "the main thread never read a result"
+        assert fut.result(5) == "v"          # decoded before the interruption: kept
+        assert [ex.submit(_funcs.add, i, 1).result(30) for i in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_submit_encodes_a_call_requeues_it_and_it_still_runs(monkeypatch, tmp_path):
+    import time
+    from comfy_env.executor import executor
+    marker = tmp_path / "ran"
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        hits = _raise_once_on_main(monkeypatch, executor._Pool, "_encode")
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(cf.touch, str(marker))
+        monkeypatch.undo()
+        assert hits
+        # submit() raised, but the call was queued before it was encoded: it still runs
+        # (as a call submitted just before the Ctrl-C would), on a thread of ours.
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists()
+        assert ex.submit(_funcs.add, 4, 5).result(30) == 9
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_a_call_is_sent_fails_it_with_WorkerCrashed_and_the_executor_goes_on(monkeypatch):
+    from comfy_env.executor import worker_handle
+    from comfy_env.ipc import transport
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        pid = ex.worker_pids()[0]
+        _raise_once_on_main(monkeypatch, transport.Channel, "send", after=True)
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(_funcs.sleep_then, 0.2, "v")
+        monkeypatch.undo()
+        assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+        assert pid not in ex.worker_pids()
+
+
+SIGINT_STORM = """
+import random, signal, sys, threading, time
+from concurrent.futures import wait
+import numpy as np
+sys.path.insert(0, {tests!r})
+import _funcs, _caller_read_funcs as cf
+from comfy_env import IsolatedExecutor, WorkerCrashed
+from comfy_env.ipc.lifetime import LEDGER
+
+main = threading.get_ident()
+stop = threading.Event()
+
+def pester():
+    rnd = random.Random({seed})
+    while not stop.is_set():
+        time.sleep(rnd.uniform(0.0003, 0.002))
+        signal.pthread_kill(main, signal.SIGINT)
+
+before = len(LEDGER.records())
+futs, interrupted, answered = [], 0, 0
+ex = IsolatedExecutor(max_workers=1, worker_output="discard")
+ex.submit(_funcs.add, 1, 1).result(30)
+arr = np.ones(1 << 18)                                  # 2 MiB: lent in shared memory
+t = threading.Thread(target=pester, daemon=True)
+t.start()
+end = time.monotonic() + 3.0
+i = 0
+while True:
+    try:
+        if time.monotonic() > end:
+            break
+        i += 1
+        kind = i % 3
+        if kind == 0:
+            f = ex.submit(_funcs.add, i, 1); want = i + 1
+        elif kind == 1:
+            f = ex.submit(cf.chatter, i); want = i
+        else:
+            f = ex.submit(cf.total, arr); want = float(1 << 18)
+        futs.append((f, want))
+        if f.result(30) == want:
+            answered += 1
+    except KeyboardInterrupt:
+        interrupted += 1
+signal.signal(signal.SIGINT, lambda *a: None)   # the storm's last signals land here
+stop.set()
+t.join()
+done, not_done = wait([f for f, _ in futs], timeout=60)
+assert not not_done, f"{{len(not_done)}} calls never finished"
+for f, want in futs:
+    err = f.exception(0)
+    if err is None:
+        assert f.result(0) == want, (f.result(0), want)
+    else:
+        assert isinstance(err, WorkerCrashed) and "interrupted" in str(err), repr(err)
+assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+del futs, f, arr
+ex.shutdown(wait=True)
+deadline = time.monotonic() + 10
+while len(LEDGER.records()) > before and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert len(LEDGER.records()) <= before, LEDGER.records()
+print("ok", interrupted, answered)
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(180)
+def test_a_storm_of_ctrl_c_on_the_main_thread_loses_no_call_and_leaks_nothing(pyver, tmp_path):
+    import os
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = run_script(pyver, SIGINT_STORM.format(tests=tests, seed=7), cwd=tmp_path, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok, interrupted, answered = proc.stdout.split()
+    # The storm did land, and calls still went through between its signals.
+    assert int(interrupted) > 100 and int(answered) > 50, proc.stdout
