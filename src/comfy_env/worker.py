@@ -76,35 +76,44 @@ class _SpinPolicy:
     wakes the worker, whose CPU had gone idle, and the kernel call that does it is slow
     too); polling for a moment after a result catches the next call of a caller that
     submits in a loop as it lands.  The price is CPU: up to the spin time per call.
-    So the worker polls only while calls follow results within that time -- the gap
-    before the last call, measured whether it polled or slept, says so -- and only with
-    a CPU to spare: the parent sends 0 unless its workers are fewer than its CPUs
+    So the worker polls while the calls it polled for came in time, stops after one that
+    did not, and from then on tries once every ``PROBE_EVERY`` calls (a gap measured
+    while sleeping can't say: it holds the worker's own wake-up).  It polls at all only
+    with a CPU to spare: the parent sends 0 unless its workers are fewer than its CPUs
     (polling workers would take CPU from working ones, or from the parent's sending).
     """
 
-    __slots__ = ("spin", "sent_at", "hot", "polled")
+    PROBE_EVERY = 8
+
+    __slots__ = ("spin", "sent_at", "hot", "polled", "skipped")
 
     def __init__(self, spin_us):
         self.spin = spin_us * 1e-6
         self.sent_at = None     # when the last result went out; None: not since a call came
-        self.hot = True         # the last call came soon enough after a result
-        self.polled = False     # ... and the worker polled for it
+        self.hot = True         # the last call polled for came in time
+        self.polled = False     # the worker polls (or polled) for the next call
+        self.skipped = 0        # results after which it slept, since it last polled
 
     def before_recv(self):
-        self.polled = self.hot and self.sent_at is not None
-        return self.spin if self.polled else 0.0
+        if self.sent_at is None or not self.spin:
+            return 0.0          # not right after a result: a control message, the first call
+        if not self.hot:
+            self.skipped += 1
+            if self.skipped < self.PROBE_EVERY:
+                self.polled = False
+                return 0.0
+        self.skipped = 0
+        self.polled = True
+        return self.spin
 
     def result_sent(self):
         if self.spin:
             self.sent_at = time.perf_counter()
 
     def call_came(self):
-        if self.sent_at is not None:
-            gap = time.perf_counter() - self.sent_at
-            # A worker that slept measured its own wake-up into the gap too (tens of
-            # microseconds): twice the spin time, or it would never poll again.
-            self.hot = gap <= (self.spin if self.polled else 2 * self.spin)
-            self.sent_at = None
+        if self.sent_at is not None and self.polled:
+            self.hot = time.perf_counter() - self.sent_at <= self.spin
+        self.sent_at = None
 
 class _LogForwarder(logging.Handler):
     """Sends the worker's log records to the parent, which re-emits them through ``logging``."""
