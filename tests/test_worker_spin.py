@@ -38,18 +38,20 @@ def _round(policy, clock, gap):
 
 
 def test_a_worker_polls_while_calls_come_in_time_and_probes_after_it_stopped(clock):
-    p = worker_mod._SpinPolicy(100)
+    p = worker_mod._SpinPolicy(300)
     assert p.before_recv() == 0.0                       # the first call: nothing to poll for
     p.call_came()
-    assert [_round(p, clock, 30e-6) for _ in range(3)] == [100] * 3
-    assert _round(p, clock, 5e-3) == 100             # polled, but the call came late
+    assert [_round(p, clock, 30e-6) for _ in range(3)] == [300] * 3
+    assert _round(p, clock, 5e-3) == 300                # polled, but the call came late
+    assert _round(p, clock, 30e-6) == 300               # one late call is not enough
+    assert [_round(p, clock, 5e-3) for _ in range(2)] == [300, 300]     # two in a row are
     # Now it sleeps, and polls again once every PROBE_EVERY results.
     n = worker_mod._SpinPolicy.PROBE_EVERY
     spins = [_round(p, clock, 5e-3) for _ in range(2 * n)]
-    assert spins.count(100) == 2 and spins[n - 1] == 100, spins
+    assert spins.count(300) == 2 and spins[n - 1] == 300, spins
     # A probe that catches its call turns polling back on.
     spins = [_round(p, clock, 30e-6) for _ in range(n + 3)]
-    assert spins[-3:] == [100] * 3, spins
+    assert spins[-3:] == [300] * 3, spins
 
 
 def test_a_worker_told_0_never_polls(clock):
@@ -59,6 +61,7 @@ def test_a_worker_told_0_never_polls(clock):
 
 def test_workers_poll_only_when_they_are_fewer_than_the_cpus(monkeypatch):
     values = settings.read({"COMFY_ENV_WORKER_SPIN_US": "100"})
+    assert settings.read({}).worker_spin_us == 300
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert executor_mod._worker_spin_us(values, 1) == 100
     assert executor_mod._worker_spin_us(values, 3) == 100
@@ -75,7 +78,7 @@ def test_a_bad_spin_setting_is_refused_naming_the_variable(monkeypatch):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("spin", ["0", "100"])
+@pytest.mark.parametrize("spin", ["0", "300"])
 def test_calls_are_right_whether_the_worker_polls_or_sleeps(monkeypatch, spin):
     monkeypatch.setenv("COMFY_ENV_WORKER_SPIN_US", spin)
     with IsolatedExecutor(max_workers=1) as ex:

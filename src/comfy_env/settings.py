@@ -136,7 +136,7 @@ VARIABLES = (
     Variable("COMFY_ENV_INTERRUPT_GRACE", "interrupt_grace", 5.0, _number(0),
              "seconds a ComfyUI node gets to stop after an interrupt before its worker is "
              "killed (comfyui/__init__.py)"),
-    Variable("COMFY_ENV_WORKER_SPIN_US", "worker_spin_us", 100, _int(0),
+    Variable("COMFY_ENV_WORKER_SPIN_US", "worker_spin_us", 300, _int(0),
              "microseconds a worker polls for its next call after sending a result, while "
              "calls follow results that fast, in pools with fewer workers than CPUs; 0: it "
              "always sleeps (worker.py)"),

@@ -76,28 +76,30 @@ class _SpinPolicy:
     wakes the worker, whose CPU had gone idle, and the kernel call that does it is slow
     too); polling for a moment after a result catches the next call of a caller that
     submits in a loop as it lands.  The price is CPU: up to the spin time per call.
-    So the worker polls while the calls it polled for came in time, stops after one that
-    did not, and from then on tries once every ``PROBE_EVERY`` calls (a gap measured
-    while sleeping can't say: it holds the worker's own wake-up).  It polls at all only
-    with a CPU to spare: the parent sends 0 unless its workers are fewer than its CPUs
-    (polling workers would take CPU from working ones, or from the parent's sending).
+    So the worker polls while the calls it polls for come in time, stops after
+    ``MISSES`` in a row that did not, and from then on tries once every
+    ``PROBE_EVERY`` results (a gap measured while sleeping can't say: it holds the
+    worker's own wake-up).  It polls at all only with a CPU to spare: the parent sends 0
+    unless its workers are fewer than its CPUs (polling workers would take CPU from
+    working ones, or from the parent's sending).
     """
 
-    PROBE_EVERY = 8
+    PROBE_EVERY = 16
+    MISSES = 2
 
-    __slots__ = ("spin", "sent_at", "hot", "polled", "skipped")
+    __slots__ = ("spin", "sent_at", "missed", "polled", "skipped")
 
     def __init__(self, spin_us):
         self.spin = spin_us * 1e-6
         self.sent_at = None     # when the last result went out; None: not since a call came
-        self.hot = True         # the last call polled for came in time
+        self.missed = 0         # calls in a row that came later than the spin time
         self.polled = False     # the worker polls (or polled) for the next call
         self.skipped = 0        # results after which it slept, since it last polled
 
     def before_recv(self):
         if self.sent_at is None or not self.spin:
             return 0.0          # not right after a result: a control message, the first call
-        if not self.hot:
+        if self.missed >= self.MISSES:
             self.skipped += 1
             if self.skipped < self.PROBE_EVERY:
                 self.polled = False
@@ -112,7 +114,10 @@ class _SpinPolicy:
 
     def call_came(self):
         if self.sent_at is not None and self.polled:
-            self.hot = time.perf_counter() - self.sent_at <= self.spin
+            if time.perf_counter() - self.sent_at <= self.spin:
+                self.missed = 0
+            else:
+                self.missed += 1
         self.sent_at = None
 
 class _LogForwarder(logging.Handler):
