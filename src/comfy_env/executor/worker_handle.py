@@ -384,10 +384,7 @@ class WorkerHandle:
                         self._read_turn()
                         self._stand_aside()
                     else:
-                        try:
-                            os.eventfd_read(self._wake)
-                        except BlockingIOError:
-                            pass
+                        self._drain_wake()
                 with role:
                     rearm, handed = self._rearm, self._handed
                     self._handed = None
@@ -472,6 +469,13 @@ class WorkerHandle:
             raise
         self._epoll.modify(self.channel.fileno(), _ARMED)
         return True
+
+    def _drain_wake(self):
+        """Take the wake-up eventfd's count (edge-triggered: it must be read to fire again)."""
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
 
     def _stand_aside(self):
         """After this thread's turn: while a caller waits in read_for, stand aside.
@@ -560,10 +564,7 @@ class WorkerHandle:
                             clean = True
                             return
                     else:
-                        try:
-                            os.eventfd_read(self._wake)
-                        except BlockingIOError:
-                            pass
+                        self._drain_wake()
                 with role:
                     if self._read_end is not None:
                         clean = True
