@@ -448,3 +448,29 @@ def test_a_storm_of_ctrl_c_on_the_main_thread_loses_no_call_and_leaks_nothing(py
     ok, interrupted, answered = proc.stdout.split()
     # The storm did land, and calls still went through between its signals.
     assert int(interrupted) > 100 and int(answered) > 50, proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_in_a_done_callback_the_main_thread_runs_is_raised_after_it_and_kills_nothing():
+    import os
+    import signal
+    import time
+    ran = []
+
+    def callback(f):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)                 # held back until this returns
+        ran.append(threading.current_thread() is threading.main_thread())
+
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        pid = ex.worker_pids()[0]
+        fut = ex.submit(_funcs.sleep_then, 0.1, "v")
+        fut.add_done_callback(callback)
+        with pytest.raises(KeyboardInterrupt):
+            fut.result(30)
+            time.sleep(5)               # the reader thread ran it: the Ctrl-C lands here
+        assert ran == [True] or ran == [False]
+        assert fut.result(5) == "v"
+        assert ex.worker_pids() == [pid]
+        assert ex.submit(_funcs.add, 2, 3).result(30) == 5

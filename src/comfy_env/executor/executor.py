@@ -386,20 +386,21 @@ class _Pool:
             item.stage = Stage.RUNNING
         try:
             chunks, fds, fb, fn_sent = self._encode(item, worker)
-        except Exception as exc:
-            item.future.set_exception(exc)
-            item.drop_inputs()
-            self._back_to_idle(worker)
-            return True
-        except BaseException:
-            # A signal handler raised that was not held back (see dispatch): the
-            # call goes back to the front of the queue untouched, the worker back to
-            # idle, and the interruption on up; a thread hands the call over.
+        except KeyboardInterrupt:
+            # A Ctrl-C that was not held back (a program's own SIGINT handler, see
+            # ipc/interrupts.py): the call goes back to the front of the queue
+            # untouched, the worker back to idle, and the interruption on up; a
+            # thread hands the call over.
             with self.lock:
                 self.pending.appendleft(item)
             self._back_to_idle(worker)
             lifetime.start_thread(self.dispatch, "comfy_env-redispatch")
             raise
+        except BaseException as exc:
+            item.future.set_exception(exc)
+            item.drop_inputs()
+            self._back_to_idle(worker)
+            return True
         try:
             worker.send_call(item, chunks, fds)
         except (ChannelClosed, OSError):

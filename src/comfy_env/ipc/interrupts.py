@@ -13,7 +13,9 @@ them is on the main thread's stack a SIGINT is put off: the handler has it deliv
 again a millisecond later (``_thread.interrupt_main``) and returns, until it finds no
 held step, and then raises the ``KeyboardInterrupt``.  A step is a few to a few hundred
 microseconds; a wait is never held (:func:`waiting` marks one inside a held step), so
-Ctrl-C still interrupts at once as far as a person can tell.
+Ctrl-C still interrupts at once as far as a person can tell.  One exception: a
+done-callback that the main thread runs while it reads its result runs inside the step,
+so a Ctrl-C waits for that callback to return.
 
 Why the stack and not a counter entered and left around each step: a counter can
 itself be cut between its update and the ``try`` that undoes it, and one left raised
@@ -58,13 +60,18 @@ class waiting:
         _waiting = False
 
 
-# How soon a put-off Ctrl-C is tried again.  Not at once from the handler itself: the
-# handler's own next line would run it again, nested, until the recursion limit.
+# How soon a put-off Ctrl-C is tried again: after 1 ms, then twice as long each time up
+# to 64 ms (a done-callback that runs long inside a held step: see worker_handle.py).
+# Not at once from the handler itself: the handler's own next line would run it again,
+# nested, until the recursion limit.
 RETRY_S = 0.001
+_MAX_DOUBLINGS = 6
+_retries = 0            # tries since the last Ctrl-C was raised
 
 
 def _on_sigint(signum, frame):
     """SIGINT's handler once installed: ``default_int_handler``, unless a step is held."""
+    global _retries
     if not _waiting:
         f = frame
         while f is not None:
@@ -72,12 +79,16 @@ def _on_sigint(signum, frame):
                 _again(signum)
                 return
             f = f.f_back
+    _retries = 0
     raise KeyboardInterrupt
 
 
 def _again(signum):
     """Deliver the signal to the main thread again shortly (it is held now)."""
-    t = threading.Timer(RETRY_S, _thread.interrupt_main, (signum,))
+    global _retries
+    delay = RETRY_S * (1 << min(_retries, _MAX_DOUBLINGS))
+    _retries += 1
+    t = threading.Timer(delay, _thread.interrupt_main, (signum,))
     t.daemon = True
     try:
         t.start()
