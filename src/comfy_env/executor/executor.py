@@ -452,8 +452,10 @@ class _Pool:
                 fn = ("by-value", _pickle_by_value(fn))
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
-        chunks = codec.plain_frame(Call(item.call_id, fnref), ((fn, item.args, item.kwargs),))
-        if chunks is not None:
+        call = (fn, item.args, item.kwargs)
+        plain = codec.plain_flags((call,))[0]
+        if plain:
+            chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,))
             check_frame(chunks)
             return chunks, (), codec.PLAIN_FRAME, fn_sent
         # Check the fd limit before building the frame: a call refused for too
@@ -464,7 +466,7 @@ class _Pool:
         fb.share_tensors_in_place = self.share_tensors_in_place
         try:
             try:
-                fb.encode_part((fn, item.args, item.kwargs), self._forward_future)
+                fb.encode_part(call, self._forward_future, plain)
             except KeyboardInterrupt:
                 raise               # Ctrl-C while pickling: not the arguments' fault
             except BaseException as exc:

@@ -349,8 +349,12 @@ class FrameBuilder:
         lifetime.LEDGER.lend(record, self.link)
         self._lends.append(record)
 
-    def encode_part(self, obj, forward_future=None):
-        if _is_plain(obj):
+    def encode_part(self, obj, forward_future=None, plain=None):
+        """Encode ``obj`` as the next part; its index.  ``plain``: what :func:`_is_plain`
+        says of ``obj``, when the caller asked already (None: ask here)."""
+        if plain is None:
+            plain = _is_plain(obj)
+        if plain:
             self.parts.append(Part(pickle.dumps(obj, PROTOCOL), None))
             return len(self.parts) - 1
         # Reserve the slot first: forwarded parts are appended while this one encodes.
@@ -399,7 +403,7 @@ class FrameBuilder:
 
 
 class _PlainFrame:
-    """The frame builder of a frame made by :func:`plain_frame`: no fds, nothing lent."""
+    """The frame builder of a frame made by :func:`plain_chunks`: no fds, nothing lent."""
 
     __slots__ = ()
     fds = ()
@@ -411,29 +415,29 @@ class _PlainFrame:
 PLAIN_FRAME = _PlainFrame()
 
 
-def plain_frame(envelope, objs=()):
-    """The chunks of a frame whose parts are all plain (:func:`_is_plain`), else None.
+def plain_flags(objs):
+    """:func:`_is_plain` of each of ``objs`` (each object graph is walked once)."""
+    return [_is_plain(obj) for obj in objs]
 
-    What :func:`encode_message` would send, without a :class:`FrameBuilder`: warm
-    calls and their results take this way."""
-    datas = []
-    for obj in objs:
-        if not _is_plain(obj):
-            return None
-        datas.append(pickle.dumps(obj, PROTOCOL))
+
+def plain_chunks(envelope, objs):
+    """The chunks of a frame of ``objs``, every one of them plain (see plain_flags):
+    what :func:`encode_message` would send, without a :class:`FrameBuilder` (warm calls
+    and their results take this way)."""
+    datas = [pickle.dumps(obj, PROTOCOL) for obj in objs]
     return [_envelope_chunk(envelope, [(len(d), None) for d in datas]), *datas]
 
 
 def encode_message(envelope, link, objs=(), forward_future=None):
     """Encode ``objs`` as parts 0.. of one frame.  Returns ``(frame builder, chunks)``
     (the builder's ``fds`` go with the chunks; ``abort()`` it if they are not sent)."""
-    chunks = plain_frame(envelope, objs)
-    if chunks is not None:
-        return PLAIN_FRAME, chunks
+    flags = plain_flags(objs)
+    if all(flags):
+        return PLAIN_FRAME, plain_chunks(envelope, objs)
     fb = FrameBuilder(link)
     try:
-        for obj in objs:
-            fb.encode_part(obj, forward_future)
+        for obj, plain in zip(objs, flags):
+            fb.encode_part(obj, forward_future, plain)
         return fb, fb.build(envelope)
     except BaseException:
         fb.abort()
