@@ -3,7 +3,6 @@ wake-up less per call): every frame is still handled as the reader thread handle
 it, and timeouts, crashes and concurrent waiters behave as before."""
 from __future__ import annotations
 
-import logging
 import textwrap
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -13,31 +12,15 @@ import pytest
 
 import _caller_read_funcs as cf
 import _funcs
+from _log_records import collect_records
 from comfy_env import IsolatedExecutor, WorkerCrashed
 from pythons import ALL_PYTHONS, run_script
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append((record.getMessage(), threading.current_thread().name))
-
-
 @pytest.fixture
 def collected():
-    logger = logging.getLogger("comfy_env.worker.callerreads")
-    handler = _Collect()
-    old = logger.level, logger.propagate
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old[0])
-    logger.propagate = old[1]
+    with collect_records("comfy_env.worker.callerreads") as records:
+        yield records
 
 
 @pytest.mark.timeout(60)
@@ -46,12 +29,12 @@ def test_a_caller_reading_its_result_handles_the_log_records_before_it_in_order(
         ex.submit(_funcs.add, 1, 1).result(30)          # worker up
         me = threading.current_thread().name
         for _ in range(3):
-            collected.records.clear()
+            collected.clear()
             assert ex.submit(cf.log_then_return, 40).result(30) == 40
-            msgs = [m for m, _ in collected.records]
+            msgs = [r.getMessage() for r in collected]
             assert msgs == [f"[callerreads] user.caller_reads: record {i}" for i in range(40)]
             # The waiting caller read (some of) them itself, the reader thread stood aside.
-            assert me in {t for _, t in collected.records}, collected.records
+            assert me in {r.threadName for r in collected}, [(r.getMessage(), r.threadName) for r in collected]
 
 
 @pytest.mark.timeout(60)
@@ -359,7 +342,6 @@ def test_ctrl_c_while_submit_encodes_a_call_requeues_it_and_it_still_runs(monkey
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_a_call_is_sent_fails_it_with_WorkerCrashed_and_the_executor_goes_on(monkeypatch):
-    from comfy_env.executor import worker_handle
     from comfy_env.ipc import transport
     with IsolatedExecutor(max_workers=1) as ex:
         ex.submit(_funcs.add, 1, 1).result(30)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import _funcs
+from _log_records import collect_records
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
 from procstate import proc_state, wait_gone
 
@@ -203,28 +204,11 @@ def test_no_fd_leaks_across_a_thousand_calls_with_errors_and_crashes():
 
 # -- worker output through logging ------------------------------------------------------
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.fixture
 def worker_log():
     """Records of the logger of the executor named "logtest"."""
-    logger = logging.getLogger("comfy_env.worker.logtest")
-    handler = _Collect()
-    old = logger.level, logger.propagate
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False            # thousands of lines: keep them out of pytest's report
-    logger.addHandler(handler)
-    yield handler.records
-    logger.removeHandler(handler)
-    logger.setLevel(old[0])
-    logger.propagate = old[1]
+    with collect_records("comfy_env.worker.logtest") as records:
+        yield records
 
 
 @pytest.mark.timeout(30)

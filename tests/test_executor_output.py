@@ -2,7 +2,6 @@
 (faulthandler) and, on call_timeout, its stack."""
 from __future__ import annotations
 
-import logging
 import os
 import select
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 import _funcs
 import _proc_funcs
+from _log_records import collect_records
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
 from comfy_env.executor import worker_handle
 from pythons import ALL_PYTHONS, script_env, user_python
@@ -141,32 +141,13 @@ def test_worker_output_discard_prints_nothing_but_a_crash_still_shows_its_stderr
     assert "line" not in cap.out and "line" not in cap.err and "famous" not in cap.err
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 @pytest.mark.timeout(30)
 def test_worker_output_logging_sends_lines_to_the_executors_logger_not_stdout(capture):
     cap = capture()
-    logger = logging.getLogger("comfy_env.worker.tolog")
-    handler = _Collect()
-    old = logger.level, logger.propagate
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    logger.addHandler(handler)
-    try:
+    with collect_records("comfy_env.worker.tolog") as records:
         with IsolatedExecutor(name="tolog", worker_output="logging") as ex:
             assert ex.submit(_proc_funcs.print_progress, 2).result(15) == 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old[0])
-        logger.propagate = old[1]
-    msgs = [r.getMessage() for r in handler.records if getattr(r, "stream", None) == "stdout"]
+    msgs = [r.getMessage() for r in records if getattr(r, "stream", None) == "stdout"]
     assert msgs == ["[tolog] progress 0/2", "[tolog] progress 1/2", "[tolog] progress 2/2",
                     "[tolog] after the bar"]
     assert "progress" not in cap.read().out
