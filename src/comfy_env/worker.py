@@ -98,7 +98,7 @@ class _SpinPolicy:
 
     def before_recv(self):
         if self.sent_at is None or not self.spin:
-            return 0.0          # not right after a result: a control message, the first call
+            return 0.0          # no result went out since the last call (the first call)
         if self.missed >= self.MISSES:
             self.skipped += 1
             if self.skipped < self.PROBE_EVERY:

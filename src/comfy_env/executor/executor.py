@@ -453,7 +453,7 @@ class _Pool:
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
         call = (fn, item.args, item.kwargs)
-        plain = codec.plain_flags((call,))[0]
+        plain = codec.is_plain(call)
         if plain:
             chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,))
             check_frame(chunks)

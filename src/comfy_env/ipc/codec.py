@@ -415,6 +415,10 @@ class _PlainFrame:
 PLAIN_FRAME = _PlainFrame()
 
 
+# Public name of the check (the executor asks it once per call, then passes the answer).
+is_plain = _is_plain
+
+
 def plain_flags(objs):
     """:func:`_is_plain` of each of ``objs`` (each object graph is walked once)."""
     return [_is_plain(obj) for obj in objs]
