@@ -597,6 +597,176 @@ def test_big_tensors_both_ways_never_kill_the_parent(gib):
     torch.cuda.empty_cache()
 
 
+# -- the ipc route: legacy IPC handles of a native-allocator process's allocations -------------
+def w_fresh_each_call(n, value):
+    """A new tensor each call (a node's output); the previous one is dropped by the caller."""
+    import torch
+    t = torch.full((n // 4,), value, device="cuda")
+    t[-1] = value + 1
+    return t
+
+
+def w_ipc_stats():
+    import gc
+    gc.collect()
+    from comfy_env.ipc import lifetime
+    lifetime.LEDGER.drain()
+    from comfy_env.ipc.cuda.plane import PLANE
+    return dict(PLANE.routes), PLANE.stats(), dict(PLANE.sender.ipc_export)
+
+
+def w_two_in_one_segment(n):
+    """Two tensors torch places in one cached segment (it splits a freed bigger one), and
+    how many segments hold them (per the driver)."""
+    import torch
+    from comfy_env.ipc.cuda import driver as D
+    big = torch.empty(4 * n, dtype=torch.uint8, device="cuda")
+    del big
+    a = torch.full((n // 4,), 1.0, device="cuda")
+    b = torch.full((n // 4,), 2.0, device="cuda")
+    torch.cuda.synchronize()
+    segments = {D.address_range(a.data_ptr())[0], D.address_range(b.data_ptr())[0]}
+    return a, b, len(segments)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mib", [64, 1024])
+def test_native_worker_returns_a_new_tensor_each_call_by_ipc_handle_without_growth(mib):
+    """Worker on torch's native allocator: a new result each call goes zero copy by the
+    legacy IPC handle of its allocation (route ``ipc``); the parent opens and closes it
+    per call, and 200 calls leave no GPU memory behind on either side."""
+    n = mib << 20
+    with executor("") as ex:
+        opens0 = PLANE.receiver.ipc.stats()["ipc_opens_made"]
+        for i in range(10):                                   # warm the worker's allocator
+            t = ex.submit(w_fresh_each_call, n, float(i)).result(timeout=120)
+            assert float(t[0]) == float(i) and float(t[-1]) == float(i) + 1
+            del t
+        settle()
+        start = free_bytes()
+        for i in range(200):
+            t = ex.submit(w_fresh_each_call, n, float(i)).result(timeout=120)
+            if i % 20 == 0 or i == 199:
+                assert float(t[0]) == float(i) and float(t[n // 4 - 2]) == float(i), i
+                assert float(t[-1]) == float(i) + 1, i
+            del t
+        settle()
+        grown = start - free_bytes()
+        routes, wstats, export = ex.submit(w_ipc_stats).result(timeout=60)
+        ipc = PLANE.receiver.ipc.stats()
+        print(f"{mib} MiB x 200 new tensors by ipc: growth {grown / 2**20:.1f} MiB, worker {routes}, parent {ipc}")
+        assert export == {0: True}, export
+        assert routes.get("ipc", 0) == 210 and routes.get("staging", 0) == 0, routes
+        assert ipc["ipc_opens_made"] - opens0 >= 210 and ipc["ipc_open"] == 0, ipc   # no cache: one open per call
+        assert wstats["owned_blocks"] == 0, wstats            # every record released
+        assert grown < 64 << 20, f"GPU memory grew by {grown / 2**20:.1f} MiB"
+
+
+def test_storages_of_one_allocation_are_opened_once():
+    with executor("") as ex:
+        opens0 = PLANE.receiver.ipc.stats()["ipc_opens_made"]
+        a, b, segments = ex.submit(w_two_in_one_segment, 64 << 20).result(timeout=120)
+        assert float(a[0]) == 1.0 and float(b[-1]) == 2.0
+        assert PLANE.receiver.ipc.stats()["ipc_opens_made"] - opens0 == segments
+        del a
+        settle()
+        assert float(b[0]) == 2.0 and float(b[-1]) == 2.0     # the mapping outlives a's record
+        del b
+        settle()
+        assert PLANE.receiver.ipc.stats()["ipc_open"] == 0
+        assert ex.submit(w_ipc_stats).result(timeout=60)[1]["owned_blocks"] == 0
+
+
+@WORKER_ALLOCS
+def test_parent_on_the_native_allocator_sends_a_big_tensor_by_ipc_handle(worker_alloc):
+    """Parent → worker: zero copy by legacy IPC handle when the parent runs the native
+    allocator; under ``cudaMallocAsync`` (no handle for pool memory) staged as before."""
+    n = 256 << 20
+    with executor(worker_alloc) as ex:
+        before = dict(PLANE.routes)
+        x = torch.full((n // 4,), 3.0, device="cuda")
+        x[-1] = 5.0
+        s, dev, *_ = ex.submit(w_sum, x).result(timeout=120)
+        assert s == 3.0 * (n // 4 - 1) + 5.0 and dev == "cuda:0"
+        x2 = x[1024:]                                          # a view: same storage, its record again
+        assert ex.submit(w_sum, x2).result(timeout=120)[0] == s - 3.0 * 1024
+        got = {k: PLANE.routes[k] - before.get(k, 0) for k in ("ipc", "staging")}
+        if PARENT_ASYNC:
+            assert got == {"ipc": 0, "staging": 2}, got        # pool memory: no handle is even asked for
+            assert PLANE.sender.ipc_export.get(0) is not True
+        else:
+            assert got == {"ipc": 2, "staging": 0}, got
+            assert PLANE.sender.ipc_export.get(0) is True
+        settle()
+        _routes, wstats, _export = ex.submit(w_ipc_stats).result(timeout=60)
+        assert wstats["ipc_open"] == 0, wstats                 # the worker closed after use
+        deadline = time.monotonic() + 10
+        while PLANE.stats()["owned_blocks"] and time.monotonic() < deadline:
+            settle()
+        assert PLANE.stats()["owned_blocks"] == 0              # released: our storage let go
+        assert float(x[-1]) == 5.0 and float(x[0]) == 3.0      # and the parent's tensor intact
+
+
+def test_chain_native_worker_a_to_b_by_ipc_handle_without_parent_open():
+    with executor("") as a, executor("") as b:
+        opens0 = PLANE.receiver.ipc.stats()["ipc_opens_made"]
+        fa = a.submit(w_fresh_each_call, 64 << 20, 4.0)
+        s, dev, *_ = b.submit(w_sum, fa).result(timeout=120)
+        assert s == 4.0 * ((16 << 20) - 1) + 5.0 and dev == "cuda:0"
+        assert PLANE.receiver.ipc.stats()["ipc_opens_made"] == opens0     # the parent opened nothing
+        assert a.submit(w_ipc_stats).result(timeout=60)[0].get("ipc", 0) == 1
+        assert b.submit(w_ipc_stats).result(timeout=60)[1]["ipc_opens_made"] == 1
+        del fa
+        settle()
+
+
+_CRASH_SCRIPT = r"""
+import os, sys, torch
+from comfy_env import IsolatedExecutor, WorkerCrashed
+from comfy_env.ipc.cuda import install
+install()
+os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)     # the worker: native allocator
+
+def make(n):
+    import torch
+    return torch.full((n // 4,), 7.0, device="cuda")
+
+def die():
+    os._exit(3)
+
+def routes():
+    from comfy_env.ipc.cuda.plane import PLANE
+    return dict(PLANE.routes)
+
+with IsolatedExecutor(env=None, max_workers=1, initializer=install) as ex:
+    t = ex.submit(make, 64 << 20).result(timeout=120)
+    print("routes", ex.submit(routes).result(timeout=60))
+    try:
+        ex.submit(die).result(timeout=60)
+    except WorkerCrashed:
+        pass
+    torch.cuda.synchronize()
+    print("after crash", float(t[0]), float(t[-1]), float(t.double().sum()))
+    torch.cuda.synchronize()
+    del t
+"""
+
+
+@pytest.mark.timeout(300)
+def test_native_worker_crash_and_the_parents_ipc_tensor():
+    """Legacy IPC asks that the exporter outlive the importer's use; whether a tensor the
+    parent opened by handle stays readable after the native worker died is measured
+    here, in a child process (an invalid mapping would leave a sticky CUDA error)."""
+    import subprocess
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT], capture_output=True, text=True, timeout=240, env=env)
+    print(r.stdout, r.stderr[-3000:])
+    assert "'ipc': 1" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert r.returncode == 0 and f"after crash 7.0 7.0 {7.0 * (16 << 20)}" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def test_doctor_report_names_routes():
     from comfy_env import cuda_doctor as doctor
     text = doctor.report()

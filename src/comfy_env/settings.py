@@ -115,6 +115,10 @@ VARIABLES = (
              "MiB of storage up to which a CUDA tensor a worker sends for the first time is "
              "copied into a recycled staging block rather than exported (default: the pool "
              "import limit; 0: small ones only) (ipc/cuda/paths.py)"),
+    Variable("COMFY_ENV_CUDA_IPC_MIN_MIB", "cuda_ipc_min_mib", 16.0, _number(0),
+             "MiB of storage above which a CUDA tensor of a process on torch's native allocator "
+             "is lent zero copy by a legacy CUDA IPC handle; above the pool import limit: never "
+             "(ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "cuda_import_cache_mib", 256.0, _number(0),
              "MiB of imported pool blocks kept mapped while idle (ipc/cuda/importcache.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "cuda_import_cache_count", 256, _int(0),
@@ -158,6 +162,7 @@ class Settings:
     cuda_pool_import_limit_mib: int
     cuda_small_copy_mib: float
     cuda_fresh_copy_mib: float | None
+    cuda_ipc_min_mib: float
     cuda_import_cache_mib: float
     cuda_import_cache_count: int
     cuda_import_cache_s: float

@@ -9,8 +9,8 @@ blocks, routes, lends), ``receiver`` (imports, tensors built on peers' blocks, f
 ``local`` (per-GPU state: probing, pools, event rings), ``blocks`` (one class per block
 kind), ``peers``, ``errors``; beneath them ``driver`` (ctypes over libcuda), ``devices``
 (UUIDs, contexts), ``pools`` (export/staging pools, imports), ``vmm`` (big tensors),
-``events`` (stream order), ``importcache``, ``layout`` (the descriptor), ``paths``
-(route choice).
+``events`` (stream order), ``importcache``, ``ipchandles`` (peers' allocations opened by
+legacy IPC handle), ``layout`` (the descriptor), ``paths`` (route choice).
 The diagnostics that start a worker to test it live beside the CLI:
 :mod:`comfy_env.cuda_probe`, :mod:`comfy_env.cuda_doctor`.
 """

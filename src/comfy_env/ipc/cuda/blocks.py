@@ -11,19 +11,24 @@ Blocks we export (``record.owned``), made by the sending side (``sender.py``):
   that keeps it mapped reports it idle, and the next copy of a fitting size goes into
   it and is lent again under the same key.
 * :class:`OwnedVmm`: a copy of a big tensor in a VMM allocation.
+* :class:`OwnedIpc`: a storage in a ``cuMemAlloc`` allocation (torch's native caching
+  allocator), lent zero copy by the allocation's legacy IPC handle.  Keeps the storage
+  alive until every peer released it.
 
 Blocks a peer lent us (made by the receiving side, ``receiver.py``), imported only
 when something decodes them:
 
 * :class:`RemotePool`: a pointer of a peer's pool (zero-copy or staging block).
 * :class:`RemoteVmm`: a peer's VMM allocation, with its fd.
+* :class:`RemoteIpc`: a storage in a peer's allocation, opened by its legacy IPC handle
+  (one mapping per handle in this process, shared: ``ipchandles.IpcImports``).
 
 ``kind`` names the class for messages and stats; for a remote block it is the kind
 of its meta (``"pool"`` or ``"vmm"``).
 """
 from __future__ import annotations
 
-__all__ = ["OwnedPool", "OwnedStaging", "OwnedVmm", "RemotePool", "RemoteVmm"]
+__all__ = ["OwnedPool", "OwnedStaging", "OwnedVmm", "OwnedIpc", "RemotePool", "RemoteVmm", "RemoteIpc"]
 
 
 class OwnedPool:
@@ -91,6 +96,28 @@ class OwnedVmm:
         return self.vmm.fd
 
 
+class OwnedIpc:
+    """A storage of ours lent by the legacy IPC handle of its allocation (zero copy).
+
+    ``keep`` is the storage: while a peer may have the allocation mapped, torch's
+    caching allocator must neither reuse these bytes nor free the allocation (CUDA
+    requires importers to close before the exporter frees).  ``base`` is the
+    allocation's base (the sender's handle cache is keyed by it).
+    """
+    kind = "ipc"
+    __slots__ = ("ordinal", "ptr", "base", "meta", "keep")
+
+    def __init__(self, ordinal, ptr, base, meta, keep):
+        self.ordinal = ordinal
+        self.ptr = ptr                # the storage's address: descriptors' offsets count from it
+        self.base = base
+        self.meta = meta              # wire form (layout.ipc_meta)
+        self.keep = keep
+
+    def forward_fd(self):
+        return None                   # the handle in the meta is all a peer needs
+
+
 class RemotePool:
     """A pointer of a peer's pool.  The pool's fd lives in ``PoolImports``.
 
@@ -119,6 +146,24 @@ class RemoteVmm:
         self.meta = meta              # layout.VmmMeta
         self.fd = fd
         self.vmm = None
+        self.ptr = None
+        self.stream = None
+        self.ordinal = None
+
+
+class RemoteIpc:
+    """A storage in a peer's allocation, opened by its legacy IPC handle.
+
+    ``ptr`` (the storage's address here: the mapping's base plus ``meta.offset``),
+    ``stream`` and ``ordinal`` are set once, by the first decode that opens it (under
+    the receiver's lock); a record that was never decoded (a block we only forward)
+    opens nothing.
+    """
+    kind = "ipc"
+    __slots__ = ("meta", "ptr", "stream", "ordinal")
+
+    def __init__(self, meta):
+        self.meta = meta              # layout.IpcMeta
         self.ptr = None
         self.stream = None
         self.ordinal = None

@@ -17,7 +17,8 @@ import threading
 __all__ = [
     "CudaError", "CudaUnavailable", "lib", "call", "try_call", "error_text",
     "MemLocation", "MemPoolProps", "MemAccessDesc", "PoolPtrExportData",
-    "IpcEventHandle", "AllocationProp", "Uuid", "MemcpyAttributes",
+    "IpcEventHandle", "IpcMemHandle", "AllocationProp", "Uuid", "MemcpyAttributes",
+    "ipc_get_handle", "ipc_open", "ipc_close",
 ]
 
 
@@ -68,6 +69,13 @@ class IpcEventHandle(C.Structure):
     _fields_ = [("reserved", C.c_char * 64)]
 
 
+class IpcMemHandle(C.Structure):
+    """``CUipcMemHandle``: 64 bytes, passed *by value* to ``cuIpcOpenMemHandle``.  Built from
+    bytes with ``from_buffer_copy`` (a ``c_char`` array field would stop at the first NUL
+    byte, and a bare ctypes array argument would go as a pointer)."""
+    _fields_ = [("reserved", C.c_ubyte * 64)]
+
+
 class _AllocFlags(C.Structure):
     _fields_ = [("compressionType", C.c_ubyte), ("gpuDirectRDMACapable", C.c_ubyte),
                 ("usage", C.c_ushort), ("reserved", C.c_ubyte * 4)]
@@ -110,6 +118,7 @@ DEV_ATTR_MEMPOOL_HANDLE_TYPES = 119
 GRANULARITY_RECOMMENDED = 1
 MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
 STREAM_PER_THREAD = 2             # CU_STREAM_PER_THREAD
+IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
 
 _p = C.c_void_p
 _pp = C.POINTER(C.c_void_p)
@@ -177,6 +186,10 @@ _SIGNATURES = {
     "cuEventDestroy_v2": [_p],
     "cuIpcGetEventHandle": [C.POINTER(IpcEventHandle), _p],
     "cuIpcOpenEventHandle": [_pp, IpcEventHandle],
+    "cuIpcGetMemHandle": [C.POINTER(IpcMemHandle), _u64],
+    "cuIpcOpenMemHandle_v2": [_pu64, IpcMemHandle, _ui],
+    "cuIpcOpenMemHandle": [_pu64, IpcMemHandle, _ui],
+    "cuIpcCloseMemHandle": [_u64],
     "cuMemCreate": [_pu64, _sz, C.POINTER(AllocationProp), _u64],
     "cuMemRelease": [_u64],
     "cuMemAddressReserve": [_pu64, _sz, _sz, _u64, _u64],
@@ -337,6 +350,38 @@ def copy_batch(dsts, srcs, sizes, stream, ordinal):
             raise CudaError("cuMemcpyBatchAsync", exc.code, f"copy {fail.value} of {n}") from None
     else:
         raise CudaError("cuMemcpyBatchAsync", 500, "this driver has no batch copy (CUDA 12.8+)")
+
+
+def ipc_get_handle(base) -> bytes:
+    """The legacy IPC handle (64 bytes) of the ``cuMemAlloc`` allocation at ``base``.
+
+    Fails (``CudaError``, INVALID_VALUE) for memory of a pool (``cudaMallocAsync``) or a
+    VMM allocation (torch's ``expandable_segments``): only torch's native caching
+    allocator hands out memory this works on.
+    """
+    h = IpcMemHandle()
+    call("cuIpcGetMemHandle", C.byref(h), base)
+    return bytes(h.reserved)
+
+
+def ipc_open(handle: bytes) -> int:
+    """Map a peer's allocation named by legacy IPC ``handle``; its base address here.
+
+    One open per allocation per process: the driver refuses a second open of the same
+    handle, so callers keep one mapping per handle (``ipchandles.IpcImports``).
+    """
+    if len(handle) != 64:
+        raise ValueError(f"a CUDA IPC memory handle is 64 bytes, not {len(handle)}")
+    h = IpcMemHandle.from_buffer_copy(handle)
+    ptr = C.c_uint64()
+    name = "cuIpcOpenMemHandle_v2" if has("cuIpcOpenMemHandle_v2") else "cuIpcOpenMemHandle"
+    call(name, C.byref(ptr), h, IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+    return ptr.value
+
+
+def ipc_close(base) -> None:
+    """Unmap what :func:`ipc_open` mapped at ``base`` (every read of it must be complete)."""
+    call("cuIpcCloseMemHandle", base)
 
 
 def copy_to_host(ptr, nbytes) -> bytes:

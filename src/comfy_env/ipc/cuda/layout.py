@@ -15,7 +15,8 @@ import struct
 from typing import NamedTuple, Optional, Tuple
 
 __all__ = ["CudaTensorDesc", "DescriptorError", "ITEMSIZE", "ROUTES", "span_bytes", "validate",
-           "pack", "pack_fields", "unpack", "PoolMeta", "VmmMeta", "pool_meta", "vmm_meta", "validate_meta"]
+           "pack", "pack_fields", "unpack", "PoolMeta", "VmmMeta", "IpcMeta", "pool_meta", "vmm_meta", "ipc_meta",
+           "validate_meta", "BLOCK_ROUTES"]
 
 VERSION = 1
 
@@ -26,7 +27,11 @@ ROUTES = (
     "vmm",       # one device copy into a VMM allocation exported as an fd (any size)
     "empty",     # no elements: nothing to share
     "cpu",       # fallback through host memory; lands back on the same GPU
+    "ipc",       # zero copy: the sender's allocation (native allocator), a legacy CUDA IPC handle
 )
+
+# Routes whose descriptor names a block in the part's refs.
+BLOCK_ROUTES = frozenset(("pool", "staging", "vmm", "ipc"))
 
 # Every torch dtype we can rebuild by reinterpreting raw bytes (name -> itemsize).
 ITEMSIZE = {
@@ -112,7 +117,7 @@ def validate(desc) -> CudaTensorDesc:
         raise DescriptorError(f"offset {desc.offset} is not a multiple of {desc.dtype}'s size")
     if not _is_uuid(desc.device_uuid):
         raise DescriptorError(f"bad device uuid {desc.device_uuid!r}")
-    needs_block = desc.route in ("pool", "staging", "vmm")
+    needs_block = desc.route in BLOCK_ROUTES
     if needs_block != (type(desc.ref) is int and desc.ref >= 0):
         raise DescriptorError(f"route {desc.route!r} with ref {desc.ref!r}")
     if desc.event is not None:
@@ -227,7 +232,7 @@ def unpack(data: bytes) -> CudaTensorDesc:
         raise DescriptorError(f"shape and strides must be non-negative: {dims[:n]}, {dims[n:]}")
     if offset % ITEMSIZE[dtype]:
         raise DescriptorError(f"offset {offset} is not a multiple of {dtype}'s size")
-    if (route in ("pool", "staging", "vmm")) != (ref >= 0):
+    if (route in BLOCK_ROUTES) != (ref >= 0):
         raise DescriptorError(f"route {route!r} with ref {ref!r}")
     hexed = _UUID_HEX.get(uuid)
     if hexed is None:
@@ -261,6 +266,20 @@ class VmmMeta(NamedTuple):
     device_uuid: str
 
 
+class IpcMeta(NamedTuple):
+    """A storage in one of the sender's ``cuMemAlloc`` allocations (torch's native caching
+    allocator), named by the allocation's legacy IPC handle.  No fd: the handle is plain
+    bytes, so any process on the machine that sees the GPU opens it (a forwarder opens
+    nothing)."""
+    kind: str                     # "ipc"
+    owner: str                    # the exporting process's uid (the handle's key with it)
+    handle: bytes                 # cuIpcGetMemHandle's 64 bytes, of the allocation's base
+    offset: int                   # bytes from the allocation's base to the storage
+    size: int                     # bytes of the storage (what descriptors may view)
+    alloc_size: int               # bytes of the allocation (what an importer maps)
+    device_uuid: str
+
+
 def pool_meta(pool_key, export_data: bytes, device_uuid, alloc_size):
     """The wire form of a pointer exported from pool ``pool_key`` = (owner_uid, generation serial)."""
     return ("pool", tuple(pool_key), bytes(export_data), device_uuid, int(alloc_size))
@@ -271,9 +290,16 @@ def vmm_meta(size, device_uuid):
     return ("vmm", int(size), device_uuid)
 
 
+def ipc_meta(owner, handle: bytes, offset, size, alloc_size, device_uuid):
+    """The wire form of a storage at ``offset`` in an allocation of ``alloc_size`` bytes
+    whose legacy IPC handle is ``handle``, exported by process ``owner``."""
+    return ("ipc", owner, bytes(handle), int(offset), int(size), int(alloc_size), device_uuid)
+
+
 def validate_meta(meta):
     """Check a received block meta (the wire form); returns its named form
-    (:class:`PoolMeta` or :class:`VmmMeta`), or raises :class:`DescriptorError`."""
+    (:class:`PoolMeta`, :class:`VmmMeta` or :class:`IpcMeta`), or raises
+    :class:`DescriptorError`."""
     if not isinstance(meta, tuple) or not meta:
         raise DescriptorError(f"bad CUDA block meta {meta!r}")
     kind = meta[0]
@@ -287,4 +313,27 @@ def validate_meta(meta):
         if len(meta) != 3 or type(meta[1]) is not int or meta[1] <= 0 or not _is_uuid(meta[2]):
             raise DescriptorError(f"bad VMM block meta {meta!r}")
         return VmmMeta._make(meta)
+    elif kind == "ipc":
+        return _validate_ipc_meta(meta)
     raise DescriptorError(f"unknown CUDA block kind {kind!r}")
+
+
+def _validate_ipc_meta(meta):
+    if len(meta) != 7:
+        raise DescriptorError(f"bad CUDA IPC block meta: {len(meta)} fields, expected 7 "
+                              "(kind, owner, handle, offset, size, alloc_size, device_uuid)")
+    _kind, owner, handle, offset, size, alloc_size, uuid = meta
+    if not isinstance(owner, str) or not owner:
+        raise DescriptorError(f"bad CUDA IPC block meta: owner {owner!r} is not a process uid")
+    if not isinstance(handle, bytes) or len(handle) != 64:
+        raise DescriptorError(f"bad CUDA IPC block meta: the handle must be 64 bytes, got "
+                              f"{len(handle) if isinstance(handle, bytes) else type(handle).__name__}")
+    for name, v in (("offset", offset), ("size", size), ("alloc_size", alloc_size)):
+        if type(v) is not int or v < 0:
+            raise DescriptorError(f"bad CUDA IPC block meta: {name} {v!r} must be an int >= 0")
+    if size <= 0 or offset + size > alloc_size:
+        raise DescriptorError(f"bad CUDA IPC block meta: a storage of {size} bytes at offset {offset} "
+                              f"does not fit its allocation of {alloc_size} bytes")
+    if not _is_uuid(uuid):
+        raise DescriptorError(f"bad CUDA IPC block meta: device uuid {uuid!r}")
+    return IpcMeta._make(meta)

@@ -8,7 +8,15 @@ its outcome is posted back).  Unknown means "not tried yet", and trying is allow
 a failed import is reported to the caller as a clear error and demotes the route for
 that peer, it never crashes a process.
 
-Order of preference, per tensor:
+Order of preference, per tensor (``ipc`` is decided by the sender before it asks
+:func:`choose`: it needs a driver call on the tensor's allocation, see sender.py):
+
+0. ``ipc``     zero copy: the storage is above ``COMFY_ENV_CUDA_IPC_MIN_MIB`` (16) and
+               lives in a ``cuMemAlloc`` allocation (torch's native caching allocator,
+               without expandable segments) whose legacy IPC handle this process could
+               take, of at most the import limit; the peer opens the handle.  Smaller
+               storages keep the copy below (one copy into a block the peer keeps
+               mapped is cheaper than an open + close, ~100-150 µs on the H100).
 
 1. ``pool``    zero copy: the tensor already lives in our export pool (a worker whose
                torch runs ``backend:cudaMallocAsync`` allocates there), and its
@@ -33,7 +41,8 @@ from dataclasses import dataclass, field
 from ... import settings
 
 __all__ = ["Capabilities", "PeerVerdicts", "choose", "import_limit", "small_copy_limit", "DEFAULT_IMPORT_LIMIT",
-           "DEFAULT_SMALL_COPY", "POOL_WHY", "SMALL_COPY_WHY", "FRESH_COPY_WHY", "fresh_copy_limit"]
+           "DEFAULT_SMALL_COPY", "POOL_WHY", "SMALL_COPY_WHY", "FRESH_COPY_WHY", "fresh_copy_limit", "IPC_WHY",
+           "ipc_min_bytes"]
 
 POOL_WHY = "zero copy: the tensor lives in this process's export pool"
 SMALL_COPY_WHY = ("one device copy into the staging pool: a small tensor sent for the first time "
@@ -41,6 +50,9 @@ SMALL_COPY_WHY = ("one device copy into the staging pool: a small tensor sent fo
 DEFAULT_SMALL_COPY = int(settings.default("COMFY_ENV_CUDA_SMALL_COPY_MIB") * (1 << 20))
 FRESH_COPY_WHY = ("one device copy into a recycled staging block: a tensor sent for the first time "
                   "(a copy is cheaper than mapping a new export in the peer; COMFY_ENV_CUDA_FRESH_COPY_MIB)")
+
+IPC_WHY = ("zero copy: the storage's allocation (torch's native allocator) is lent by its legacy CUDA IPC "
+           "handle (above COMFY_ENV_CUDA_IPC_MIN_MIB)")
 
 # Importing one pool allocation of 5,264 MiB segfaulted the importer, 5,248 MiB did not
 # (H100, driver 580.159.04).  4 GiB leaves a margin for other drivers and GPUs.
@@ -68,6 +80,12 @@ def fresh_copy_limit(small_copy: int, limit: int) -> int:
     return min(limit, max(small_copy, int(mib * (1 << 20))))
 
 
+def ipc_min_bytes() -> int:
+    """Bytes of storage above which a tensor on the native allocator goes by legacy IPC
+    handle (env, in MiB; above the import limit: never)."""
+    return int(settings.read().cuda_ipc_min_mib * (1 << 20))
+
+
 def small_copy_limit() -> int:
     """Bytes up to which a tensor first sent goes by copy, not by export (env, in MiB; 0: never)."""
     return int(settings.read().cuda_small_copy_mib * (1 << 20))
@@ -92,6 +110,7 @@ class PeerVerdicts:
     """What a peer reported after importing our blocks: kind -> True / False / None (untried)."""
     pool: object = None
     vmm: object = None
+    ipc: object = None
     reasons: dict = field(default_factory=dict)
 
     def ok(self, kind):

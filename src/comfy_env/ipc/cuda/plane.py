@@ -5,8 +5,10 @@ Data flow of one tensor (sender on the left, receiver on the right)::
     Sender.encode(t)                                    Receiver.decode(desc)
       route = paths.choose(...)                           rec = dec.record(desc.ref)
       pool:    export t's own allocation (zero copy)        (open_remote on first sight:
-      staging: copy into our staging pool                    keep the fd, import nothing)
-      vmm:     copy into a fresh VMM block                  import pointer / map VMM block
+      ipc:     t's allocation's legacy IPC handle          keep the fd, import nothing)
+               (zero copy; native allocator)              import pointer / map VMM block /
+      staging: copy into our staging pool                 open the IPC handle (once per
+      vmm:     copy into a fresh VMM block                allocation)
       record an interprocess event on t's stream  ---->     stream waits on the event
       add_ref(record, meta, fd if the peer lacks it)        wrap as a tensor, LEDGER.holder
                                                            ...tensor garbage collected...
@@ -14,10 +16,11 @@ Data flow of one tensor (sender on the left, receiver on the right)::
       (Sender.free_owned)                                   then the ledger posts release
                                                             (Receiver.free_remote)
 
-Block meta (``layout.pool_meta`` / ``vmm_meta``) plus the fd from :meth:`forward_fd`
-are all a third process needs: the parent forwards worker A's blocks to worker B
-without importing them (``open_remote`` is lazy), B imports from A's pool directly,
-and B's releases flow back through the parent's ledger.
+Block meta (``layout.pool_meta`` / ``vmm_meta`` / ``ipc_meta``) plus the fd from
+:meth:`forward_fd` (none for ``ipc``) are all a third process needs: the parent
+forwards worker A's blocks to worker B without importing them (``open_remote`` is
+lazy), B imports from A's pool (or opens A's handle) directly, and B's releases flow
+back through the parent's ledger.
 
 Per peer (``peers.PeerState``): which of our pools it has (their fd crosses once),
 and what it reported after its first import of each kind (the probe: an import that
@@ -46,7 +49,7 @@ from .. import lifetime
 from ..codec import Plane
 from .errors import CudaFallbackWarning, CudaTransferError, WarnOnce
 from .local import LocalGpus
-from .paths import Capabilities, fresh_copy_limit, import_limit, small_copy_limit
+from .paths import Capabilities, fresh_copy_limit, import_limit, ipc_min_bytes, small_copy_limit
 from .peers import Peers
 from .receiver import Receiver
 from .sender import Sender
@@ -68,10 +71,11 @@ class CudaPlane(Plane):
         self.peers = Peers(self.name)
         limit = import_limit()
         small_copy = small_copy_limit()
+        self.receiver = Receiver(self, self.local, self.peers)
         self.sender = Sender(self, self.local, self.peers, self._warn_once, limit=limit,
                              force_cpu=cfg.cuda_force_cpu, small_copy=small_copy,
-                             fresh_copy=fresh_copy_limit(small_copy, limit))
-        self.receiver = Receiver(self, self.local, self.peers)
+                             fresh_copy=fresh_copy_limit(small_copy, limit), ipc_min=ipc_min_bytes(),
+                             ipc_mapped=self.receiver.ipc.is_mapped)
 
     # -- what other modules read (doctor, probe, tests, benchmarks) --------------------
     @property

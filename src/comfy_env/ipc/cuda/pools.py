@@ -37,7 +37,7 @@ from . import devices
 from . import driver as D
 from .. import lifetime
 
-__all__ = ["Generation", "Pools", "PoolImports", "ImportedPool"]
+__all__ = ["Generation", "Pools", "PoolImports", "ImportedPool", "ReadFences"]
 
 _serial = itertools.count(1)
 
@@ -180,6 +180,49 @@ class Pools:
             self.old, self.current = [], None
 
 
+class ReadFences:
+    """Per GPU, a stream of ours made to wait for the reads enqueued so far on a reader's
+    stream: what imports are unmapped on (``PoolImports``) or synchronised on before a
+    mapping is closed (``ipchandles.IpcImports``), so that their releases leave only
+    after our reads completed.
+
+    Why not the read stream itself: synchronising it waits for everything the user
+    enqueued there too (on the H100, a batch's synchronise took 3.2 ms on the read
+    stream, 0.16 ms on a stream of our own), and the user's later work on that stream
+    would queue behind our unmaps.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._streams = {}      # ordinal -> (stream, event)
+
+    def stream(self, ordinal, read_stream, fenced):
+        """Our stream on ``ordinal`` (its context current), made to wait for the reads
+        enqueued so far on ``read_stream`` unless ``(ordinal, read_stream)`` is in
+        ``fenced`` (the caller's batch: one fence per read stream), which it joins."""
+        u = self._streams.get(ordinal)
+        if u is None:
+            with self._lock:
+                u = self._streams.get(ordinal)
+                if u is None:
+                    s, ev = C.c_void_p(), C.c_void_p()
+                    D.call("cuStreamCreate", C.byref(s), D.STREAM_NON_BLOCKING)
+                    try:
+                        D.call("cuEventCreate", C.byref(ev), D.EVENT_DISABLE_TIMING)
+                    except BaseException:
+                        D.try_call("cuStreamDestroy_v2", s)
+                        raise
+                    u = self._streams[ordinal] = (s.value, ev.value)
+        ours, event = u
+        if (ordinal, read_stream) not in fenced:
+            # The freed tensors are dead, so no read of them can be enqueued after this.
+            with self._lock:                 # one recording of the shared event at a time
+                D.call("cuEventRecord", event, read_stream)
+                D.call("cuStreamWaitEvent", ours, event, 0)
+            fenced.add((ordinal, read_stream))
+        return ours
+
+
 class ImportedPool:
     """A peer's pool: the fd (kept so we can forward it) and, once used, our import."""
 
@@ -209,7 +252,7 @@ class PoolImports:
         # free unmaps both), so an import waits for it.
         self._freeing = {}
         self._deferred = threading.local()   # this thread's frees awaiting finish()
-        self._unmappers = {}    # ordinal -> (stream, event): see _unmap_stream
+        self.fences = ReadFences()   # our unmap stream per GPU, fenced after the reads
         self.made = 0           # pointers imported so far (tests, benchmarks)
 
     def register(self, key, fd, uuid):
@@ -335,35 +378,9 @@ class PoolImports:
         return d.fenced
 
     def _unmap_stream(self, ordinal, read_stream, fenced):
-        """The stream that frees (unmaps) our imports on ``ordinal``, made to wait for the
-        reads enqueued so far on ``read_stream`` (once per batch and read stream).
-
-        Why not free on the read stream itself: synchronising it waits for everything
-        the user enqueued there too (on the H100, a batch's synchronise took 3.2 ms on the
-        read stream, 0.16 ms on a stream of our own), and the user's later work on that
-        stream would queue behind our unmaps.
-        """
-        u = self._unmappers.get(ordinal)
-        if u is None:
-            with self._lock:
-                u = self._unmappers.get(ordinal)
-                if u is None:
-                    s, ev = C.c_void_p(), C.c_void_p()
-                    D.call("cuStreamCreate", C.byref(s), D.STREAM_NON_BLOCKING)
-                    try:
-                        D.call("cuEventCreate", C.byref(ev), D.EVENT_DISABLE_TIMING)
-                    except BaseException:
-                        D.try_call("cuStreamDestroy_v2", s)
-                        raise
-                    u = self._unmappers[ordinal] = (s.value, ev.value)
-        unmap, event = u
-        if (ordinal, read_stream) not in fenced:
-            # The freed tensors are dead, so no read of them can be enqueued after this.
-            with self._lock:                 # one recording of the shared event at a time
-                D.call("cuEventRecord", event, read_stream)
-                D.call("cuStreamWaitEvent", unmap, event, 0)
-            fenced.add((ordinal, read_stream))
-        return unmap
+        """The stream that frees (unmaps) our imports on ``ordinal``, fenced after the
+        reads enqueued so far on ``read_stream`` (see :class:`ReadFences`)."""
+        return self.fences.stream(ordinal, read_stream, fenced)
 
     def finish(self):
         """Wait for this thread's deferred frees: one synchronise per GPU."""

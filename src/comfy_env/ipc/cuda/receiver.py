@@ -1,20 +1,24 @@
 """The CUDA plane's receiving side: peers' blocks we import, the tensors we build on them.
 
 Owns: the peer pools we know and the pointers imported from them (``imports``,
-:class:`~.pools.PoolImports`), the imports kept after use (``import_cache``), and this
-thread's staging blocks that went idle and are not yet reported (``_idle_local``).
-Blocks are ``blocks.RemotePool`` / ``RemoteVmm``, reached through ledger records.
+:class:`~.pools.PoolImports`), the peer allocations opened by legacy IPC handle
+(``ipc``, :class:`~.ipchandles.IpcImports`), the imports kept after use
+(``import_cache``), and this thread's staging blocks that went idle and are not yet
+reported (``_idle_local``).  Blocks are ``blocks.RemotePool`` / ``RemoteVmm`` /
+``RemoteIpc``, reached through ledger records.
 
 Data flow of one tensor::
 
     open_remote(key, meta, fd)     first sight (in the ledger's lock): keep the fd, import nothing
-    decode(desc)                   import the pointer / map the VMM block on first use, wait on
-                                   the sender's event, wrap as a tensor, LEDGER.holder
+    decode(desc)                   import the pointer / map the VMM block / open the IPC handle
+                                   on first use, wait on the sender's event, wrap as a tensor,
+                                   LEDGER.holder
     ...tensor garbage collected...
     staging_idle(rec)              a kept staging block is idle: report it ("idle", with an
                                    event after our reads) so its owner can recycle it
-    free_remote(rec)               the last user went: free + synchronise; then the ledger
-                                   posts the release
+    free_remote(rec)               the last user went: free (or close the IPC mapping once no
+                                   record uses it) after our reads; then the ledger posts the
+                                   release
 
 Locks (docs/architecture.md, "Locks"): ``_import_lock`` makes the first import of a
 block happen once; decode takes it outside the ledger's lock, and nothing of ours but
@@ -32,9 +36,10 @@ from typing import NamedTuple
 from .. import lifetime
 from . import devices
 from . import driver as D
-from .blocks import RemotePool, RemoteVmm
+from .blocks import RemoteIpc, RemotePool, RemoteVmm
 from .errors import CudaTransferError
 from .importcache import ImportCache
+from .ipchandles import IpcImports
 from .layout import ITEMSIZE, span_bytes, unpack, validate, validate_meta
 from .pools import PoolImports
 from .vmm import VmmBlock
@@ -90,6 +95,7 @@ class Receiver:
         self._import_lock = threading.Lock()
         self._idle_local = threading.local()   # idle staging blocks of this thread's batch
         self.imports = PoolImports()
+        self.ipc = IpcImports(self.imports.fences)   # one fence stream per GPU for both
         self.import_cache = ImportCache(lifetime.LEDGER)   # pool imports kept after use
 
     # -- decode ------------------------------------------------------------------------
@@ -126,6 +132,13 @@ class Receiver:
         else:
             rec = dec.record(desc.ref)
             res = rec.resource
+            if (route == "ipc") != (res.kind == "ipc"):
+                raise CudaTransferError(f"a CUDA tensor of route {route!r} names a {res.kind} block")
+            if (route == "ipc" and not rec.owned
+                    and desc.offset + span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype]) > res.meta.size):
+                raise CudaTransferError(
+                    f"a CUDA tensor of {desc.shape} at offset {desc.offset} overruns its IPC block of "
+                    f"{res.meta.size} bytes (a malformed message)")
             base = res.ptr if (rec.owned or res.ptr is not None) else self._local_ptr(rec, ordinal, stream, dec.link)
             event = desc.event
             if event is not None and event[0] != lifetime.PROCESS_UID:
@@ -194,6 +207,9 @@ class Receiver:
             try:
                 if kind == "pool":
                     ptr = self.imports.import_pointer(res.meta.pool_key, res.meta.export)
+                elif kind == "ipc":
+                    meta = res.meta
+                    ptr = self.ipc.open(meta.owner, meta.handle, meta.alloc_size, ordinal) + meta.offset
                 else:
                     res.vmm = VmmBlock.open(res.fd, res.meta.size, ordinal)
                     res.fd = -1           # the block owns it now
@@ -277,6 +293,11 @@ class Receiver:
                 self.imports.register(meta.pool_key, fd, meta.device_uuid)
             self.imports.pin(meta.pool_key)       # raises clearly if the pool's fd never came
             return RemotePool(meta)
+        if meta.kind == "ipc":
+            if fd >= 0:
+                os.close(fd)
+                raise CudaTransferError(f"CUDA IPC block {key} arrived with an fd (it needs none)")
+            return RemoteIpc(meta)                # opened by the first decode, not here
         if fd < 0:
             raise CudaTransferError(f"CUDA VMM block {key} arrived without its fd")
         return RemoteVmm(meta, fd)
@@ -286,6 +307,8 @@ class Receiver:
         res = record.resource
         if res.kind == "pool":
             return self.imports.get(res.meta.pool_key).fd
+        if res.kind == "ipc":
+            return None               # the handle in the meta is all a third process needs
         return res.vmm.fd if res.vmm is not None else res.fd
 
     def free_remote(self, record):
@@ -298,6 +321,12 @@ class Receiver:
                     return self.imports.release_pointer(pool_key, export, res.stream, defer=True)
             finally:
                 self.imports.unpin(pool_key)
+        elif res.kind == "ipc":
+            if res.ptr is not None:
+                # Deferred: the reads fenced now, the mapping closed (if this was its last
+                # record) in finish_frees, before the ledger posts the release.
+                self.ipc.release(res.meta.owner, res.meta.handle, res.stream)
+                return True
         elif res.vmm is not None:
             devices.use(res.ordinal)
             D.call("cuStreamSynchronize", res.stream)   # our reads are done before we unmap
@@ -307,12 +336,17 @@ class Receiver:
             res.fd = -1
 
     def finish_frees(self):
-        """Complete this thread's deferred frees of imported pointers (one synchronise per
-        stream for the whole batch), before the ledger posts their releases."""
+        """Complete this thread's deferred frees of imported pointers and closes of IPC
+        mappings (one synchronise per stream for the whole batch), before the ledger posts
+        their releases."""
         try:
             self.imports.finish()
         except Exception:
             log.exception("comfy_env: waiting for freed CUDA imports failed")
+        try:
+            self.ipc.finish()
+        except Exception:
+            log.exception("comfy_env: waiting for closed CUDA IPC mappings failed")
 
     # -- what owners tell us -------------------------------------------------------------
     def on_reclaim(self, keys):
@@ -332,4 +366,4 @@ class Receiver:
         self.local.events.forget_owner(owner)
 
     def stats(self):
-        return {**self.imports.stats(), "import_cache": self.import_cache.stats()}
+        return {**self.imports.stats(), **self.ipc.stats(), "import_cache": self.import_cache.stats()}

@@ -1,16 +1,21 @@
 """The CUDA plane's sending side: our blocks, the route of each tensor, and its lend.
 
 Owns: the blocks this process exports (``blocks.OwnedPool`` / ``OwnedStaging`` /
-``OwnedVmm``, reached through ledger records), the index from a pool pointer to its
-record (``_by_base``, ``_by_ptr``: one key per allocation, so a peer imports each
-pointer once), the staging blocks peers reported idle (``_idle_staging``: the owner
-side of recycling), the storages sent before (``_seen_small``), and the route counts.
+``OwnedVmm`` / ``OwnedIpc``, reached through ledger records), the index from a pool
+pointer to its record (``_by_base``, ``_by_ptr``: one key per allocation, so a peer
+imports each pointer once), the index from a storage lent by legacy IPC handle to its
+record and the handles of the allocations under them (``_ipc_by_storage``,
+``_ipc_allocs``), whether this process can take such handles per GPU (``ipc_export``),
+the staging blocks peers reported idle (``_idle_staging``: the owner side of
+recycling), the storages sent before (``_seen_small``), and the route counts.
 
 Data flow of one tensor::
 
     encode(t)
-      route = pool | staging | vmm | cpu | empty   (paths.choose, or its first answers inline)
+      route = pool | ipc | staging | vmm | cpu | empty   (paths.choose, or its first answers inline)
       pool:    lend t's own allocation (zero copy; the record keeps the storage)
+      ipc:     lend t's storage by its allocation's legacy IPC handle (zero copy; the
+               record keeps the storage; native allocator only)
       staging: copy into our staging pool, a recycled block when a peer reported one idle
       vmm:     copy into a fresh VMM block
       reserve the frame's event on t's stream; copies and the event's record are enqueued
@@ -23,7 +28,8 @@ Locks, in the order they are taken (docs/architecture.md, "Locks"):
    the lend that follows are made under it, so that a release on another thread cannot
    retire the record between them;
 2. ``Sender._lock`` guards this side's dicts (``_by_base``, ``_by_ptr``,
-   ``_idle_staging``) and the staging blocks' ``busy`` / ``seq`` / ``ready``.  Taken
+   ``_idle_staging``, ``_ipc_by_storage``, ``_ipc_allocs``) and the staging blocks'
+   ``busy`` / ``seq`` / ``ready``.  Taken
    inside the ledger's lock or alone, never the other way round, and held only for
    that bookkeeping: no driver call, no post, no call into the ledger under it.
    Every change of those dicts is made under it; a read of one key of ``_by_base`` or
@@ -46,9 +52,9 @@ from .. import lifetime
 from ..codec import EncodeError
 from . import devices
 from . import driver as D
-from .blocks import OwnedPool, OwnedStaging, OwnedVmm
-from .layout import CudaTensorDesc, VERSION, ITEMSIZE, pack_fields, pool_meta, span_bytes, vmm_meta
-from .paths import FRESH_COPY_WHY, POOL_WHY, SMALL_COPY_WHY, Capabilities, choose
+from .blocks import OwnedIpc, OwnedPool, OwnedStaging, OwnedVmm
+from .layout import CudaTensorDesc, VERSION, ITEMSIZE, ipc_meta, pack_fields, pool_meta, span_bytes, vmm_meta
+from .paths import FRESH_COPY_WHY, IPC_WHY, POOL_WHY, SMALL_COPY_WHY, Capabilities, choose
 from .vmm import VmmBlock
 
 __all__ = ["Sender"]
@@ -93,7 +99,8 @@ class _EncodeContext:
 class Sender:
     """The sending side of the CUDA plane (see the module docstring)."""
 
-    def __init__(self, plane, local, peers, warn_once, *, limit, force_cpu, small_copy, fresh_copy):
+    def __init__(self, plane, local, peers, warn_once, *, limit, force_cpu, small_copy, fresh_copy, ipc_min,
+                 ipc_mapped):
         self.plane = plane            # the codec's plane: refs name it, records call its on_zero
         self.name = plane.name
         self.local = local            # LocalGpus
@@ -104,11 +111,18 @@ class Sender:
         self.force_cpu = force_cpu
         self.small_copy = small_copy
         self.fresh_copy = fresh_copy
+        self.ipc_min = ipc_min        # storages above this many bytes may go by legacy IPC handle
+        self._ipc_mapped = ipc_mapped # ptr -> True inside a peer's allocation we opened (never re-exported)
         self._lock = threading.Lock()
         self._seen_small = {}         # storage address -> weakref to the storage last staged from it
         self._by_base = {}            # allocation base -> owned "pool" record (one key per allocation)
         self._by_ptr = {}             # data pointer -> live owned "pool" record (skips two driver calls)
         self._idle_staging = {}       # ordinal -> {block size -> [owned staging records a peer reported idle]}
+        self._ipc_by_storage = {}     # storage address -> live owned "ipc" record
+        self._ipc_allocs = {}         # allocation base -> [handle, live "ipc" records on it]
+        # ordinal -> True once cuIpcGetMemHandle worked there; the error text when the first
+        # try failed (this process's allocator cannot: cudaMallocAsync, expandable segments).
+        self.ipc_export = {}
         self.recycled = 0             # staging lends that reused a block a peer still had mapped
         self._serial = itertools.count(1)
         self.routes = collections.Counter()   # route -> tensors sent (doctor, tests)
@@ -208,11 +222,22 @@ class Sender:
             route = "staging"         # choose()'s answer for a first sight, without the call
             self.last_reasons[route] = SMALL_COPY_WHY if snbytes <= self.small_copy else FRESH_COPY_WHY
         else:
-            route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
-                                alloc_bytes=alloc, limit=self.limit)
-            if self.force_cpu and route != "empty":
-                route, why = "cpu", "COMFY_ENV_CUDA_FORCE_CPU=1"
-            self.last_reasons[route] = why
+            ipc_ref = None
+            if (nbytes and not in_pool and caps.driver and not self.force_cpu
+                    and st.verdicts.ok("ipc") is not False and self.ipc_export.get(ordinal, True) is True):
+                # Zero copy by legacy IPC handle where this storage's allocation has one.
+                if storage is None:
+                    storage = obj.untyped_storage()
+                ipc_ref = self._lend_ipc(enc, obj, storage, ordinal, uuid)
+            if ipc_ref is not None:
+                route = "ipc"
+                self.last_reasons[route] = IPC_WHY
+            else:
+                route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
+                                    alloc_bytes=alloc, limit=self.limit)
+                if self.force_cpu and route != "empty":
+                    route, why = "cpu", "COMFY_ENV_CUDA_FORCE_CPU=1"
+                self.last_reasons[route] = why
         self.routes[route] += 1
         if route == "empty":
             return pack_fields(VERSION, "empty", -1, dtype, shape, strides, 0, uuid, ordinal, None,
@@ -220,7 +245,9 @@ class Sender:
         if route == "cpu":
             return self._encode_cpu(obj, dtype, ordinal, uuid, why)
         seq = 0
-        if route == "pool":
+        if route == "ipc":
+            ref, offset = ipc_ref
+        elif route == "pool":
             ref = self._lend_pool_block(enc, st, obj, gen, base, alloc, ordinal, uuid, ptr)
             offset = ptr - base
         elif route == "staging":
@@ -321,6 +348,63 @@ class Sender:
                         self._by_ptr[ptr] = rec
                         rec.resource.ptrs.append(ptr)
             return enc.add_ref(self.plane, rec, rec.resource.meta, self._pool_fd_for(st, gen))
+
+    # -- ipc: a storage of torch's native allocator, by its allocation's legacy IPC handle --
+    def _lend_ipc(self, enc, obj, storage, ordinal, uuid):
+        """Lend ``storage`` (``obj``'s) by the legacy IPC handle of its allocation, zero copy:
+        ``(ref, offset of the view in the storage)``, or None where this route does not
+        apply (a small storage, memory of a pool or of a peer, an allocation above the
+        import limit, a process whose allocator hands out no such memory).
+
+        One record per storage (lent again while it lives: the peer maps it once), kept
+        alive until every peer released it; storages of one allocation carry one handle
+        (``_ipc_allocs``), which the peer opens once for all of them.
+        """
+        snbytes = storage.nbytes()
+        if snbytes <= self.ipc_min or snbytes > self.limit:
+            return None
+        sptr = storage.data_ptr()
+        ledger = lifetime.LEDGER
+        with ledger.lock:             # check-and-lend: see _lend_pool_block
+            rec = self._ipc_by_storage.get(sptr)
+            if rec is None or ledger.get(rec.key) is not rec:
+                rec = self._new_ipc_record(storage, sptr, snbytes, ordinal, uuid)
+                if rec is None:
+                    return None
+            return enc.add_ref(self.plane, rec, rec.resource.meta, None), obj.data_ptr() - sptr
+
+    def _new_ipc_record(self, storage, sptr, snbytes, ordinal, uuid):
+        """A record lending ``storage`` by its allocation's handle, or None (see _lend_ipc).
+        The caller holds the ledger's lock."""
+        if self._ipc_mapped(sptr):
+            return None               # a peer's allocation we opened: not ours to lend
+        base, alloc = D.address_range(sptr)
+        if alloc > self.limit or D.pointer_pool(base) is not None:
+            return None               # too big to map safely; a pool's memory (cudaMallocAsync, imports)
+        entry = self._ipc_allocs.get(base)
+        if entry is not None:
+            handle = entry[0]         # the allocation is pinned by a live record: same handle
+        else:
+            try:
+                handle = D.ipc_get_handle(base)
+            except D.CudaError as exc:
+                if ordinal not in self.ipc_export:
+                    # The first try is the probe: this allocator's memory has no handle.
+                    self.ipc_export[ordinal] = str(exc)
+                    log.debug("comfy_env: no legacy CUDA IPC handles on GPU %d: %s", ordinal, exc)
+                return None           # after a success: this one allocation is not cuMemAlloc's
+            self.ipc_export[ordinal] = True
+        meta = ipc_meta(lifetime.PROCESS_UID, handle, sptr - base, snbytes, alloc, uuid)
+        key = (self.name, lifetime.PROCESS_UID, next(self._serial))
+        rec = lifetime.LEDGER.add_owned(key, OwnedIpc(ordinal, sptr, base, meta, storage), self.plane.on_zero)
+        with self._lock:
+            self._ipc_by_storage[sptr] = rec
+            entry = self._ipc_allocs.get(base)
+            if entry is None:
+                self._ipc_allocs[base] = [handle, 1]
+            else:
+                entry[1] += 1
+        return rec
 
     def _tensor_died(self, key, storage, _ref):
         """The tensor of pool block ``key`` (its views keep it alive: ``_base``) died here.
@@ -514,6 +598,18 @@ class Sender:
             res.keep = None           # torch frees it, stream-ordered, when the user did too
             res.watch = None          # its callback holds the storage too
             self.reap_old(res.ordinal)
+        elif res.kind == "ipc":
+            with self._lock:
+                if self._ipc_by_storage.get(res.ptr) is record:
+                    del self._ipc_by_storage[res.ptr]
+                entry = self._ipc_allocs.get(res.base)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self._ipc_allocs[res.base]
+            # Every peer closed its mapping (or released after its reads): torch may reuse
+            # the bytes, and free the allocation, once the user dropped the tensor too.
+            res.keep = None
         elif res.kind == "staging":
             with self._lock:
                 bucket = self._idle_staging.get(res.ordinal, {}).get(res.size)

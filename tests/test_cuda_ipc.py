@@ -1,0 +1,575 @@
+"""CPU-only tests (torch's CPU build, the CUDA driver faked) of the ``ipc`` route: a
+storage of torch's native allocator lent zero copy by its allocation's legacy CUDA IPC
+handle.
+
+* route choice: a big storage in a ``cuMemAlloc`` allocation goes ``ipc``; a small one,
+  pool memory, an allocation above the import limit, a process whose first handle call
+  failed (the probe), a peer that failed to open one (its verdict) keep the old routes;
+* the block meta is checked field by field, with clear errors;
+* the importer opens each (owner, handle) once for every record on that allocation,
+  closes it only after the last record went and after its reads, and only then are the
+  releases posted; an open waits for a pending close of the same handle;
+* a forwarding process (the parent between two workers) opens nothing and hands on no fd.
+"""
+import os
+import threading
+import time
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from comfy_env.ipc import codec, lifetime, planes  # noqa: E402,F401
+from comfy_env.ipc.cuda import devices, paths  # noqa: E402
+from comfy_env.ipc.cuda import driver as D  # noqa: E402
+from comfy_env.ipc.cuda.blocks import RemoteIpc  # noqa: E402
+from comfy_env.ipc.cuda.errors import CudaTransferError  # noqa: E402
+from comfy_env.ipc.cuda.ipchandles import IpcImports  # noqa: E402
+from comfy_env.ipc.cuda.layout import DescriptorError, IpcMeta, ipc_meta, unpack, validate_meta  # noqa: E402
+from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
+from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
+from comfy_env.ipc.protocol import Release  # noqa: E402
+
+pytestmark = pytest.mark.timeout(30)
+
+MiB = 1 << 20
+UUID = "0123456789abcdef0123456789abcdef"
+OWNER = "a" * 16
+
+
+class FakeStorage:
+    def __init__(self, ptr, nbytes):
+        self.ptr, self.n = ptr, nbytes
+
+    def data_ptr(self):
+        return self.ptr
+
+    def nbytes(self):
+        return self.n
+
+
+class FakeT:
+    """What plane.encode reads of a CUDA tensor (float32, 1-D)."""
+    is_cuda = True
+    dtype = torch.float32
+    layout = torch.strided
+    is_quantized = False
+    requires_grad = False
+
+    def __init__(self, storage, nbytes=None, offset=0):
+        self._storage = storage
+        self._ptr = storage.ptr + offset
+        self.shape = torch.Size([(storage.n - offset if nbytes is None else nbytes) // 4])
+
+    def untyped_storage(self):
+        return self._storage
+
+    def get_device(self):
+        return 0
+
+    def stride(self):
+        return (1,)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+class FakeGen:
+    def __init__(self, log):
+        self.key = ("s" * 16, 1)
+        self.fd = -1
+        self.log = log
+        self._next = 1 << 44
+
+    def alloc(self, nbytes, stream):
+        self._next += 1 << 33
+        self.log.append(("alloc", nbytes))
+        return self._next
+
+    def export_pointer(self, ptr):
+        return b"e" * 64
+
+
+class FakeRing:
+    def __init__(self):
+        self.n = 0
+
+    def reserve(self):
+        self.n += 1
+        return self.n, bytes([self.n % 256]) * 64
+
+    def record(self, stream):
+        return self.reserve()
+
+    def record_reserved(self, slot, stream):
+        pass
+
+    def __len__(self):
+        return self.n
+
+
+class Allocations:
+    """The fake driver's view of this process's memory: ``cuMemAlloc`` allocations
+    (native allocator) by base, and which of them are a pool's."""
+
+    def __init__(self, log):
+        self.log = log
+        self.allocs = {}          # base -> size
+        self.pool = set()         # bases of pool allocations (cudaMallocAsync)
+        self.refuse = None        # an error name: cuIpcGetMemHandle fails with it
+
+    def add(self, base, size, pool=False):
+        self.allocs[base] = size
+        if pool:
+            self.pool.add(base)
+        return base
+
+    def address_range(self, ptr):
+        for base, size in self.allocs.items():
+            if base <= ptr < base + size:
+                return base, size
+        raise D.CudaError("cuMemGetAddressRange_v2", 1)
+
+    def get_handle(self, base):
+        self.log.append(("cuIpcGetMemHandle", base))
+        if self.refuse or base not in self.allocs or base in self.pool:
+            raise D.CudaError("cuIpcGetMemHandle", 1, "invalid argument")
+        return base.to_bytes(8, "little") * 8
+
+
+@pytest.fixture
+def parent(monkeypatch):
+    """A parent-role plane on a fake GPU 0 whose torch runs the native allocator (no
+    export heap); returns (plane, log, link, allocations)."""
+    log = []
+    mem = Allocations(log)
+    monkeypatch.setattr(D, "call", lambda name, *args, detail="": log.append((name,) + args[:1]))
+    monkeypatch.setattr(D, "try_call", lambda name, *a: 0)
+    monkeypatch.setattr(D, "address_range", mem.address_range)
+    monkeypatch.setattr(D, "pointer_pool", lambda ptr: 99 if ptr in mem.pool else None)
+    monkeypatch.setattr(D, "ipc_get_handle", mem.get_handle)
+    monkeypatch.setattr(D, "copy_batch", lambda dsts, srcs, sizes, stream, ordinal: log.append(("copy_batch",)))
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
+    for var in ("COMFY_ENV_CUDA_SMALL_COPY_MIB", "COMFY_ENV_CUDA_FRESH_COPY_MIB", "COMFY_ENV_CUDA_IPC_MIN_MIB"):
+        monkeypatch.delenv(var, raising=False)
+    pl = CudaPlane()
+    pl.local.t()
+    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    stream = types.SimpleNamespace(cuda_stream=7)
+    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
+    pl.local.torch = fake_torch
+    pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    pl.local.staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen(log))
+    pl.local.rings[0] = FakeRing()
+    monkeypatch.setitem(codec._DISPATCH, FakeT, (pl,))
+    link = lifetime.Link(lambda msgs: None, "worker-1")
+    link.uid = "w" * 16
+    keys = set(lifetime.LEDGER._records)
+    yield pl, log, link, mem
+    with lifetime.LEDGER.lock:
+        for k in set(lifetime.LEDGER._records) - keys:
+            del lifetime.LEDGER._records[k]
+
+
+def _send(link, objs):
+    """Encode one frame carrying ``objs``: ``(descriptors, part refs, frame builder)``."""
+    fb, _chunks = codec.encode_message(("call", 1), link, [objs])
+    part = fb.parts[0]
+    descs = []
+
+    class _D(codec.pickle.Unpickler):
+        def persistent_load(self, pid):
+            descs.append(unpack(pid[2]))
+
+    _D(codec.io.BytesIO(part.data)).load()
+    return descs, part.refs, fb
+
+
+def _routes(link, objs):
+    descs, _refs, fb = _send(link, objs)
+    fb._lends.clear()                # nobody will release them: the fixture drops the records
+    return [d.route for d in descs]
+
+
+def _handle_calls(log):
+    return [e for e in log if e[0] == "cuIpcGetMemHandle"]
+
+
+# -- route choice -----------------------------------------------------------------------------
+def test_a_big_storage_of_the_native_allocator_goes_by_its_allocations_handle(parent):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    s = FakeStorage(base + 64 * MiB, 64 * MiB)         # a storage inside a bigger segment
+    view = FakeT(s, nbytes=8 * MiB, offset=4 * MiB)
+    descs, refs, fb = _send(link, [view])
+    assert [d.route for d in descs] == ["ipc"] and pl.last_reasons["ipc"] == paths.IPC_WHY
+    assert descs[0].offset == 4 * MiB                  # from the storage, as the meta says where it is
+    (plane_name, key, fd_index, meta), = refs
+    assert fd_index == -1                              # no fd travels: the handle is plain bytes
+    m = validate_meta(meta)
+    assert m == IpcMeta("ipc", lifetime.PROCESS_UID, base.to_bytes(8, "little") * 8, 64 * MiB, 64 * MiB,
+                        256 * MiB, UUID)
+    assert not [e for e in log if e[0] in ("copy_batch", "cuMemcpyDtoDAsync_v2", "alloc")]   # no copy
+    # The record keeps the storage until the peer releases it; then it lets go.
+    rec = lifetime.LEDGER.get(key)
+    assert rec.resource.keep is s and link.lent[key] == 1
+    lifetime.LEDGER.on_release(link, key, 1)
+    assert lifetime.LEDGER.get(key) is None and rec.resource.keep is None
+    assert not pl.sender._ipc_by_storage and not pl.sender._ipc_allocs
+
+
+def test_storages_of_one_allocation_share_its_handle_and_a_storage_sent_again_its_record(parent):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    a, b = FakeStorage(base, 64 * MiB), FakeStorage(base + 128 * MiB, 32 * MiB)
+    descs, refs, fb = _send(link, [FakeT(a), FakeT(b), FakeT(a, nbytes=MiB, offset=MiB)])
+    assert [d.route for d in descs] == ["ipc"] * 3
+    assert len(refs) == 2 and descs[0].ref == descs[2].ref != descs[1].ref
+    metas = [validate_meta(r[3]) for r in refs]
+    assert metas[0].handle == metas[1].handle and [m.offset for m in metas] == [0, 128 * MiB]
+    assert len(_handle_calls(log)) == 1                # the allocation's handle taken once
+    descs2, refs2, fb2 = _send(link, [FakeT(a)])
+    assert refs2[0][1] == refs[0][1]                   # the same record, lent again
+    assert len(_handle_calls(log)) == 1
+
+
+def test_small_storages_keep_the_staging_copy_and_the_threshold_is_a_setting(parent, monkeypatch):
+    pl, log, link, mem = parent
+    assert pl.sender.ipc_min == 16 * MiB == paths.DEFAULT_SMALL_COPY
+    base = mem.add(1 << 40, 256 * MiB)
+    assert _routes(link, [FakeT(FakeStorage(base, MiB))]) == ["staging"]
+    assert _routes(link, [FakeT(FakeStorage(base + 32 * MiB, 16 * MiB))]) == ["staging"]   # at the threshold
+    assert not _handle_calls(log)
+    assert _routes(link, [FakeT(FakeStorage(base + 64 * MiB, 16 * MiB + 4))]) == ["ipc"]
+    monkeypatch.setenv("COMFY_ENV_CUDA_IPC_MIN_MIB", "100")
+    assert paths.ipc_min_bytes() == 100 * MiB and CudaPlane().sender.ipc_min == 100 * MiB
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("COMFY_ENV_CUDA_IPC_MIN_MIB", bad)
+        with pytest.raises(ValueError, match="COMFY_ENV_CUDA_IPC_MIN_MIB"):
+            paths.ipc_min_bytes()
+
+
+def test_a_failed_first_handle_call_is_the_probe_and_keeps_the_old_route(parent):
+    """cudaMallocAsync or expandable segments: cuIpcGetMemHandle refuses; the tensor
+    takes the route it took before, and the failure is remembered (no second try)."""
+    pl, log, link, mem = parent
+    mem.refuse = "CUDA_ERROR_INVALID_VALUE"
+    base = mem.add(1 << 40, 256 * MiB)
+    assert _routes(link, [FakeT(FakeStorage(base, 64 * MiB))]) == ["staging"]
+    assert "invalid argument" in pl.sender.ipc_export[0]
+    mem.refuse = None
+    assert _routes(link, [FakeT(FakeStorage(base + 64 * MiB, 64 * MiB))]) == ["staging"]
+    assert len(_handle_calls(log)) == 1
+
+
+def test_after_a_success_one_foreign_allocation_only_falls_back_itself(parent):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    assert _routes(link, [FakeT(FakeStorage(base, 64 * MiB))]) == ["ipc"]
+    other = 1 << 42                                   # memory the driver has no handle for
+    mem.allocs[other] = 64 * MiB
+    mem.refuse = "x"
+    assert _routes(link, [FakeT(FakeStorage(other, 64 * MiB))]) == ["staging"]
+    mem.refuse = None
+    assert pl.sender.ipc_export[0] is True
+    assert _routes(link, [FakeT(FakeStorage(base + 128 * MiB, 64 * MiB))]) == ["ipc"]
+
+
+def test_pool_memory_big_allocations_peer_mappings_and_force_cpu_never_take_ipc(parent):
+    pl, log, link, mem = parent
+    pooled = mem.add(1 << 40, 64 * MiB, pool=True)   # a cudaMallocAsync parent's tensor
+    assert _routes(link, [FakeT(FakeStorage(pooled, 64 * MiB))]) == ["staging"]
+    huge = mem.add(1 << 41, pl.sender.limit + 2 * MiB)   # an allocation above the import limit
+    assert _routes(link, [FakeT(FakeStorage(huge, 64 * MiB))]) == ["staging"]
+    # A storage inside a peer's allocation we opened (a result passed on as an argument).
+    mapped = mem.add(1 << 43, 128 * MiB)
+    pl.receiver.ipc._bases[mapped] = (("w" * 16, b"h" * 64), 128 * MiB)
+    assert _routes(link, [FakeT(FakeStorage(mapped + 32 * MiB, 64 * MiB))]) == ["staging"]
+    assert not _handle_calls(log)
+    pl.sender.force_cpu = True
+    pl.sender._encode_cpu = lambda obj, dtype, ordinal, uuid, why: log.append(("cpu", why))
+    native = mem.add(1 << 44, 64 * MiB)
+    codec.encode_message(("call", 1), link, [[FakeT(FakeStorage(native, 64 * MiB))]])
+    assert ("cpu", "COMFY_ENV_CUDA_FORCE_CPU=1") in log and not _handle_calls(log)
+
+
+def test_a_peer_that_failed_to_open_a_handle_gets_the_old_route(parent):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    with pytest.warns(RuntimeWarning, match="cannot import CUDA ipc blocks"):
+        pl.on_control(link, ("verdict", "ipc", False, "cuIpcOpenMemHandle failed: CUDA_ERROR_INVALID_DEVICE"))
+    assert _routes(link, [FakeT(FakeStorage(base, 64 * MiB))]) == ["staging"]
+    assert not _handle_calls(log)
+    other = lifetime.Link(lambda msgs: None, "worker-2")   # another peer: still tried
+    assert _routes(other, [FakeT(FakeStorage(base + 64 * MiB, 64 * MiB))]) == ["ipc"]
+
+
+# -- the block meta -----------------------------------------------------------------------------
+GOOD = ipc_meta(OWNER, b"\0h" * 32, 4 * MiB, 64 * MiB, 128 * MiB, UUID)
+
+
+def test_ipc_meta_roundtrip():
+    m = validate_meta(GOOD)
+    assert isinstance(m, IpcMeta) and m == GOOD and m.owner == OWNER and len(m.handle) == 64
+    assert m.handle.startswith(b"\0")                 # NUL bytes survive (a c_char field would cut them)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (GOOD[:6], "6 fields, expected 7"),
+    (GOOD[:1] + ("",) + GOOD[2:], "owner"),
+    (GOOD[:2] + (b"h" * 63,) + GOOD[3:], "64 bytes, got 63"),
+    (GOOD[:2] + ("h" * 64,) + GOOD[3:], "64 bytes, got str"),
+    (GOOD[:3] + (-1,) + GOOD[4:], "offset -1"),
+    (GOOD[:4] + (0,) + GOOD[5:], "does not fit"),
+    (GOOD[:3] + (100 * MiB,) + GOOD[4:], "does not fit"),
+    (GOOD[:5] + (1.5,) + GOOD[6:], "alloc_size 1.5"),
+    (GOOD[:6] + ("GPU-0",), "device uuid"),
+])
+def test_malformed_ipc_meta_gets_a_clear_error(bad, match):
+    with pytest.raises(DescriptorError, match=match):
+        validate_meta(bad)
+
+
+def test_an_ipc_block_with_an_fd_is_refused_and_the_fd_closed():
+    pl = CudaPlane()
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(CudaTransferError, match="arrived with an fd"):
+        pl.open_remote(("cuda", OWNER, 1), GOOD, r)
+    with pytest.raises(OSError):
+        os.fstat(r)
+    r2, w2 = os.pipe()
+    os.close(w2)
+    with pytest.raises(DescriptorError):
+        pl.open_remote(("cuda", OWNER, 2), GOOD[:2] + (b"x",) + GOOD[3:], r2)
+    with pytest.raises(OSError):
+        os.fstat(r2)
+
+
+# -- the importer --------------------------------------------------------------------------------
+class _PostLog(lifetime.Link):
+    """A link that writes its posts into the driver log (their order against the calls)."""
+
+    def __init__(self, log):
+        super().__init__(lambda msgs: None, "worker-1")
+        self.log = log
+        self.uid = OWNER
+
+    def post(self, message):
+        self.log.append(("post", message))
+
+
+@pytest.fixture
+def importer(monkeypatch):
+    """A plane whose driver opens and closes IPC handles in a log; returns (plane, log, link)."""
+    log = []
+    bases = iter(range(1 << 40, 1 << 48, 1 << 34))
+
+    def call(name, *args, detail=""):
+        log.append((name,) + args[:1])
+
+    def ipc_open(handle):
+        base = next(bases)
+        log.append(("open", handle, base))
+        return base
+
+    monkeypatch.setattr(D, "call", call)
+    monkeypatch.setattr(D, "try_call", lambda name, *a: 0)
+    monkeypatch.setattr(D, "ipc_open", ipc_open)
+    monkeypatch.setattr(D, "ipc_close", lambda base: log.append(("close", base)))
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    pl = CudaPlane()
+    link = _PostLog(log)
+    keys = set(lifetime.LEDGER._records)
+    yield pl, log, link
+    with lifetime.LEDGER.lock:
+        for k in set(lifetime.LEDGER._records) - keys:
+            del lifetime.LEDGER._records[k]
+
+
+def _leases(pl, link, metas, serial=0):
+    """Take a lease on one block per meta, as a decoder would (records, in order)."""
+    keys = [("cuda", OWNER, serial + i) for i in range(len(metas))]
+    return lifetime.LEDGER.accept_leases(link, keys, lambda i: (pl.open_remote(keys[i], metas[i], -1), pl.on_zero))
+
+
+def _names(log, *names):
+    return [e for e in log if e[0] in names]
+
+
+def test_one_open_per_handle_closed_after_the_last_record_and_before_its_release(importer):
+    pl, log, link = importer
+    handle = b"\0H" * 32
+    metas = [ipc_meta(OWNER, handle, i * 64 * MiB, 64 * MiB, 256 * MiB, UUID) for i in range(3)]
+    recs = _leases(pl, link, metas)
+    assert not _names(log, "open")                     # open_remote opens nothing
+    ptrs = []
+    for rec in recs:
+        lifetime.LEDGER.hold(rec)                      # a tensor on it
+        ptrs.append(pl.receiver._local_ptr(rec, 0, 7, link))
+    opens = _names(log, "open")
+    assert len(opens) == 1 and opens[0][1] == handle
+    assert ptrs == [opens[0][2] + i * 64 * MiB for i in range(3)]
+    assert ("post", ("plane", "cuda", ("verdict", "ipc", True, ""))) in log
+    # The first record goes: its reads are waited for before its release; nothing closes.
+    del log[:]
+    lifetime.LEDGER.unhold(recs[0])
+    names = [e[0] for e in log]
+    assert "close" not in names and ("post", Release(recs[0].key, 1)) in log
+    assert names.index("cuStreamSynchronize") < names.index("post")
+    # The other two go in one batch: one synchronise, one close, then both releases.
+    del log[:]
+    lifetime.LEDGER.unhold_all(recs[1:])
+    names = [e[0] for e in log]
+    assert names == ["cuEventRecord", "cuStreamWaitEvent", "cuStreamSynchronize", "close", "post", "post"]
+    assert log[3] == ("close", opens[0][2])
+    assert [e[1] for e in log[4:]] == [Release(recs[1].key, 1), Release(recs[2].key, 1)]
+    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_opens_made": 1, "ipc_closed": 1}
+    # Opened again after the close: a fresh mapping.
+    again = _leases(pl, link, metas[:1], serial=10)[0]
+    lifetime.LEDGER.hold(again)
+    pl.receiver._local_ptr(again, 0, 7, link)
+    assert len(_names(log, "open")) == 1 and pl.receiver.ipc.stats()["ipc_open"] == 1
+    lifetime.LEDGER.unhold(again)
+
+
+def test_two_handles_two_mappings(importer):
+    pl, log, link = importer
+    recs = _leases(pl, link, [ipc_meta(OWNER, bytes([i]) * 64, 0, 64 * MiB, 64 * MiB, UUID) for i in range(2)])
+    for rec in recs:
+        lifetime.LEDGER.hold(rec)
+        pl.receiver._local_ptr(rec, 0, 7, link)
+    assert len(_names(log, "open")) == 2
+    lifetime.LEDGER.unhold_all(recs)
+    assert len(_names(log, "close")) == 2 and pl.receiver.ipc.stats()["ipc_open"] == 0
+
+
+def test_a_failed_open_is_a_clear_error_and_a_verdict(importer, monkeypatch):
+    pl, log, link = importer
+
+    def refuse(handle):
+        raise D.CudaError("cuIpcOpenMemHandle_v2", 101, "invalid device")
+
+    monkeypatch.setattr(D, "ipc_open", refuse)
+    rec = _leases(pl, link, [GOOD])[0]
+    with pytest.raises(CudaTransferError, match="could not import a CUDA ipc block from worker-1"):
+        pl.receiver._local_ptr(rec, 0, 7, link)
+    posts = [e[1] for e in log if e[0] == "post"]
+    assert posts[0][2][:3] == ("verdict", "ipc", False) and "invalid device" in posts[0][2][3]
+    lifetime.LEDGER.sweep([rec])                       # never opened: released, nothing closed
+    assert not _names(log, "close") and ("post", Release(rec.key, 1)) in log
+
+
+def test_a_descriptor_overrunning_its_ipc_block_or_naming_another_kind_is_refused(importer):
+    pl, log, link = importer
+    rec = _leases(pl, link, [GOOD])[0]
+    from comfy_env.ipc.cuda.layout import VERSION, pack_fields
+
+    class Dec:
+        _comfy_env_cuda = None
+
+        def record(self, ref):
+            return rec
+
+    pl.local.torch = torch
+    pl.receiver._decode_device = lambda dec, ctx, uuid: (
+        types.SimpleNamespace(dev={}, waited=set()), (0, torch.device("cpu"), 7))
+    over = pack_fields(VERSION, "ipc", 0, "float32", (16 * MiB + 1,), (1,), 0, UUID, 0, None, False)
+    with pytest.raises(CudaTransferError, match="overruns its IPC block"):
+        pl.decode(over, Dec())
+    wrong = pack_fields(VERSION, "pool", 0, "float32", (4,), (1,), 0, UUID, 0, None, False)
+    with pytest.raises(CudaTransferError, match="route 'pool' names a ipc block"):
+        pl.decode(wrong, Dec())
+    assert not _names(log, "open")
+    lifetime.LEDGER.sweep([rec])
+
+
+def test_an_open_waits_for_a_pending_close_of_the_same_handle(importer):
+    _pl, log, _link = importer
+    ipc = IpcImports()
+    h = b"z" * 64
+    ipc.open(OWNER, h, MiB, 0)
+    ipc.release(OWNER, h, 7)                           # deferred: the close is pending
+    # Same thread: the open completes our own pending close first.
+    ipc.open(OWNER, h, MiB, 0)
+    names = [e[0] for e in log]
+    assert names.index("close") < len(names) - 1 - names[::-1].index("open")
+    # Another thread's pending close: the open waits until it completed.
+    ipc.release(OWNER, h, 7)
+    got = []
+    th = threading.Thread(target=lambda: got.append(ipc.open(OWNER, h, MiB, 0)))
+    th.start()
+    th.join(0.2)
+    assert th.is_alive() and not got
+    ipc.finish()
+    th.join(5)
+    assert got and not th.is_alive() and [e[0] for e in log].count("open") == 3
+    with pytest.raises(LookupError, match="released more often than opened"):
+        ipc.release(OWNER, b"y" * 64, 7)
+
+
+# -- forwarding: the parent between two workers opens nothing -------------------------------------
+def test_a_forwarded_ipc_block_is_not_opened_and_carries_no_fd(importer):
+    pl, log, link = importer
+    rec = _leases(pl, link, [GOOD])[0]
+    assert isinstance(rec.resource, RemoteIpc) and rec.resource.ptr is None
+    assert pl.forward_fd(rec) is None
+    worker_b = lifetime.Link(lambda msgs: None, "worker-2")
+    fb = codec.FrameBuilder(worker_b)
+    part = codec.Part(b"data", [("cuda", rec.key, -1, GOOD)])
+    fb.forward_part(part, [rec])
+    assert fb.parts[0].refs == [("cuda", rec.key, -1, GOOD)] and not fb.fds
+    assert worker_b.lent[rec.key] == 1
+    lifetime.LEDGER.on_release(worker_b, rec.key, 1)   # B is done: back to the owner, nothing to close
+    lifetime.LEDGER.sweep([rec])
+    assert not _names(log, "open", "close", "cuStreamSynchronize")
+    assert ("post", Release(rec.key, 1)) in log
+
+
+# -- end to end through the codec: what the sender encodes, the receiver opens once ------------
+class _Tensorish:
+    """Stands for the tensor Receiver._wrap would build (weak-referenceable, like torch's)."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_releases(parent, monkeypatch):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    a, b = FakeStorage(base + 32 * MiB, 64 * MiB), FakeStorage(base + 128 * MiB, 32 * MiB)
+    _descs, refs, fb = _send(link, [FakeT(a), FakeT(a, nbytes=MiB, offset=8 * MiB), FakeT(b)])
+    fb._lends.clear()
+    # The receiving process: another plane, its own keys for the blocks (as a peer's).
+    opened = iter(range(1 << 45, 1 << 48, 1 << 40))
+    monkeypatch.setattr(D, "ipc_open", lambda handle: (log.append(("open", handle)), next(opened))[1])
+    monkeypatch.setattr(D, "ipc_close", lambda b_: log.append(("close", b_)))
+    rpl = CudaPlane()
+    rpl.local.torch = torch
+    rpl.receiver._decode_device = lambda dec, ctx, uuid: (
+        types.SimpleNamespace(dev={}, waited=set()), (0, torch.device("cpu"), 7))
+    rpl.receiver._wrap = lambda ptr, desc, ordinal, device: (lambda t: (t, t))(_Tensorish(ptr))
+    monkeypatch.setitem(codec._PLANES, "cuda", rpl)
+    peer = _PostLog(log)
+    part = fb.parts[0]
+    rrefs = [(name, ("cuda", "f" * 16, i), fd, meta) for i, (name, _key, fd, meta) in enumerate(part.refs)]
+    frame = codec.Frame.__new__(codec.Frame)
+    frame.envelope, frame.parts, frame.fds = None, [codec.Part(part.data, rrefs)], []
+    del log[:]
+    got = codec.decode_part(frame, 0, peer)
+    mapped = 1 << 45
+    assert [t.ptr for t in got] == [mapped + 32 * MiB, mapped + 40 * MiB, mapped + 128 * MiB]
+    assert [e[0] for e in log if e[0] in ("open", "close")] == ["open"]
+    del log[:]
+    del got
+    lifetime.LEDGER.drain()          # or the ledger's thread, which may have taken the batch first
+    deadline = time.monotonic() + 5
+    while [e[0] for e in log].count("post") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    names = [e[0] for e in log]
+    assert names.count("close") == 1 and names.count("post") == 2
+    assert names.index("cuStreamSynchronize") < names.index("close") < names.index("post")
+    assert {e[1].key for e in log if e[0] == "post"} == {r[1] for r in rrefs}
+    assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_opens_made": 1, "ipc_closed": 1}
