@@ -5,6 +5,8 @@
 # a short table is printed at the end.   RUN_SLOW=0 skips the 5/6/12 GiB tests; RUN_TESTS=0 or
 # RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls); RUN_MULTI=0
 # skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
+# BENCH_CONFS="async native": bench_cuda.py once per parent allocator (workers inherit it).
+# RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
 set -u
@@ -34,7 +36,23 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
   SUMMARY+=("tests parent=$label: ${line:-no result (rc $rc)} [at $((SECONDS - T0)) s]")
   echo "${SUMMARY[-1]}"
 }
+bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inherit it)
+  local label=$1 conf=$2
+  mkdir -p "/tmp/bench_$label"
+  PYTORCH_CUDA_ALLOC_CONF="$conf" OUT="/tmp/bench_$label" timeout "${BENCH_LIMIT:-240}" \
+    python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_$label.log" 2>&1
+  echo "bench $label rc=$? [at $((SECONDS - T0)) s]"
+  cp /tmp/bench_$label/cuda_bench_*.json "$OUT/cuda_bench_$label.json" 2>/dev/null
+}
 bench() {
+  if [ -n "${BENCH_CONFS:-}" ]; then
+    # BENCH_CONFS="async native": one benchmark per parent allocator, workers the same
+    # (native: legacy IPC's own setting, the ipc route's).
+    for c in $BENCH_CONFS; do
+      case $c in async) bench_one async "backend:cudaMallocAsync";; native) bench_one native "";; esac
+    done
+    return
+  fi
   if [ -n "${BASE_SRC:-}" ]; then
     # The same script against another tree's src (e.g. main's), first, in the same call:
     # H100 and H200 figures differ, so a before/after comparison must share the machine.
@@ -56,6 +74,10 @@ bench() {
       > "$OUT/compare.txt" 2>&1
   fi
 }
+if [ "${RUN_PROBE:-0}" = 1 ]; then
+  timeout 120 python3 benchmarks/probe_ipc_free_while_mapped.py > "$OUT/probe.log" 2>&1
+  SUMMARY+=("probe_ipc_free_while_mapped rc=$? [at $((SECONDS - T0)) s]"); echo "${SUMMARY[-1]}"
+fi
 [ "${BENCH_FIRST:-0}" = 1 ] && [ "${RUN_BENCH:-1}" = 1 ] && bench
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   # TEST_K: a pytest -k expression, e.g. "not 10000" for a short run
@@ -79,10 +101,15 @@ echo
 echo "================ summary ================"
 cat /tmp/comfy_env_gpu.txt
 printf '%s\n' "${SUMMARY[@]}"
+[ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 if [ "${RUN_BENCH:-1}" = 1 ]; then
-  sed -n '/^GPU: /,$p' "$OUT/bench.log"
+  for f in "$OUT"/bench.log "$OUT"/bench_async.log "$OUT"/bench_native.log; do
+    [ -f "$f" ] || continue
+    echo "--- $f"
+    sed -n '/^GPU: /,$p' "$f"
+    grep -q "^GPU: " "$f" || tail -40 "$f"
+  done
   [ -f "$OUT/bench_multigpu.log" ] && tail -25 "$OUT/bench_multigpu.log"
-  grep -q "^GPU: " "$OUT/bench.log" || tail -40 "$OUT/bench.log"
   [ -f "$OUT/compare.txt" ] && cat "$OUT/compare.txt"
 fi

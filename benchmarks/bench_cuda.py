@@ -97,6 +97,11 @@ def w_nothing():
     return None
 
 
+def w_backend():
+    import torch
+    return torch.cuda.get_allocator_backend()
+
+
 def w_footprint(nbytes):
     import torch
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -468,6 +473,7 @@ def main():
     # And one without small copies: every worker tensor goes zero copy (exported).
     z = new_executor({"COMFY_ENV_CUDA_SMALL_COPY_MIB": "0"})
     try:
+        res["worker_backend"] = a.submit(w_backend).result()
         empty = timed(lambda: a.submit(w_nothing).result(), 300, warm=20)
         res["empty_call_us"] = empty * 1e3 * 1e3
         print(f"empty call {empty * 1e6:.0f} us (median, back to back)", flush=True)
@@ -525,6 +531,9 @@ def main():
         res["routes_parent"] = dict(PLANE.routes)
         res["routes_worker"], res["staging_recycled_worker"] = a.submit(w_routes).result()
         res["import_cache_stats"] = PLANE.import_cache.stats()
+        ipc = getattr(PLANE.receiver, "ipc", None) if hasattr(PLANE, "receiver") else None
+        res["ipc_stats_parent"] = ipc.stats() if ipc is not None else None
+        print("parent routes", res["routes_parent"], "ipc mappings", res["ipc_stats_parent"], flush=True)
         res["staging_recycled"] = PLANE.recycled
     finally:
         a.shutdown()
@@ -591,7 +600,7 @@ def _ratio(a, b):
 
 def print_table(res, sizes, leg):
     print(f"\nGPU: {res['gpu']}  torch {res['torch']}  parent allocator {res['parent_backend']}  "
-          f"(workers: cudaMallocAsync)")
+          f"(workers: {res.get('worker_backend', '?')})")
     print(f"method: {res['method']}; empty call {res['empty_call_us']:.0f} µs")
     for k, v in res["per_tensor_w2p"].items():
         pr, cpu = v["paired"], v["cpu"]

@@ -381,6 +381,7 @@ def importer(monkeypatch):
     monkeypatch.setattr(D, "ipc_close", lambda base: log.append(("close", base)))
     monkeypatch.setattr(devices, "use", lambda o: None)
     pl = CudaPlane()
+    pl.receiver.ipc.background = False                 # idle mappings close on sweep() only
     link = _PostLog(log)
     keys = set(lifetime.LEDGER._records)
     yield pl, log, link
@@ -399,8 +400,7 @@ def _names(log, *names):
     return [e for e in log if e[0] in names]
 
 
-def test_one_open_per_handle_closed_after_the_last_record_and_before_its_release(importer):
-    pl, log, link = importer
+def _three_on_one_handle(pl, log, link):
     handle = b"\0H" * 32
     metas = [ipc_meta(OWNER, handle, i * 64 * MiB, 64 * MiB, 256 * MiB, UUID) for i in range(3)]
     recs = _leases(pl, link, metas)
@@ -419,20 +419,58 @@ def test_one_open_per_handle_closed_after_the_last_record_and_before_its_release
     names = [e[0] for e in log]
     assert "close" not in names and ("post", Release(recs[0].key, 1)) in log
     assert names.index("cuStreamSynchronize") < names.index("post")
-    # The other two go in one batch: one synchronise, one close, then both releases.
     del log[:]
+    return metas, recs, opens[0][2]
+
+
+def test_with_the_cache_off_the_last_record_closes_the_mapping_before_its_release(importer):
+    pl, log, link = importer
+    pl.receiver.ipc.max_count = 0
+    metas, recs, mapped = _three_on_one_handle(pl, log, link)
+    # The other two go in one batch: one synchronise, one close, then both releases.
     lifetime.LEDGER.unhold_all(recs[1:])
     names = [e[0] for e in log]
     assert names == ["cuEventRecord", "cuStreamWaitEvent", "cuStreamSynchronize", "close", "post", "post"]
-    assert log[3] == ("close", opens[0][2])
+    assert log[3] == ("close", mapped)
     assert [e[1] for e in log[4:]] == [Release(recs[1].key, 1), Release(recs[2].key, 1)]
-    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_opens_made": 1, "ipc_closed": 1}
+    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_reused": 0,
+                                       "ipc_closed": 1}
     # Opened again after the close: a fresh mapping.
     again = _leases(pl, link, metas[:1], serial=10)[0]
     lifetime.LEDGER.hold(again)
     pl.receiver._local_ptr(again, 0, 7, link)
     assert len(_names(log, "open")) == 1 and pl.receiver.ipc.stats()["ipc_open"] == 1
     lifetime.LEDGER.unhold(again)
+
+
+def test_the_last_records_mapping_is_kept_and_a_new_storage_on_it_opens_nothing(importer):
+    pl, log, link = importer
+    metas, recs, mapped = _three_on_one_handle(pl, log, link)
+    # The other two go in one batch: one synchronise, both releases, and the mapping stays.
+    lifetime.LEDGER.unhold_all(recs[1:])
+    names = [e[0] for e in log]
+    assert names == ["cuEventRecord", "cuStreamWaitEvent", "cuStreamSynchronize", "post", "post"]
+    assert [e[1] for e in log[3:]] == [Release(recs[1].key, 1), Release(recs[2].key, 1)]
+    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_reused": 0,
+                                       "ipc_closed": 0}
+    # The owner's next tensor in the same allocation (its next call's new output): a new
+    # record, the same handle, no open; the mapping's address serves its offset.
+    del log[:]
+    again = _leases(pl, link, [ipc_meta(OWNER, b"\0H" * 32, 8 * MiB, MiB, 256 * MiB, UUID)], serial=10)[0]
+    lifetime.LEDGER.hold(again)
+    assert pl.receiver._local_ptr(again, 0, 7, link) == mapped + 8 * MiB
+    assert not _names(log, "open", "close")
+    assert pl.receiver.ipc.stats()["ipc_reused"] == 1 and pl.receiver.ipc.stats()["ipc_idle"] == 0
+    # In use, a sweep long after leaves it alone; idle again, the sweep closes it once
+    # it has been idle for the cache's time, not before.
+    assert pl.receiver.ipc.sweep(now=time.monotonic() + 3600) == 0
+    lifetime.LEDGER.unhold(again)
+    ipc = pl.receiver.ipc
+    assert ipc.sweep(now=time.monotonic() + ipc.max_idle_s / 2) == 0 and not _names(log, "close")
+    assert ipc.sweep(now=time.monotonic() + ipc.max_idle_s + 0.01) == 1
+    assert _names(log, "close") == [("close", mapped)]
+    assert ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_reused": 1, "ipc_closed": 1}
+    assert not ipc.is_mapped(mapped)
 
 
 def test_two_handles_two_mappings(importer):
@@ -443,7 +481,68 @@ def test_two_handles_two_mappings(importer):
         pl.receiver._local_ptr(rec, 0, 7, link)
     assert len(_names(log, "open")) == 2
     lifetime.LEDGER.unhold_all(recs)
-    assert len(_names(log, "close")) == 2 and pl.receiver.ipc.stats()["ipc_open"] == 0
+    assert not _names(log, "close") and pl.receiver.ipc.stats()["ipc_idle"] == 2
+    pl.trim()                                          # our empty_cache closes every idle mapping
+    assert len(_names(log, "close")) == 2 and pl.receiver.ipc.stats()["ipc_idle"] == 0
+
+
+def _idle_mappings(pl, link, owners_handles):
+    recs = []
+    for i, (owner, h) in enumerate(owners_handles):
+        rec = _leases(pl, link, [ipc_meta(owner, h, 0, 64 * MiB, 64 * MiB, UUID)], serial=100 + i)[0]
+        lifetime.LEDGER.hold(rec)
+        recs.append((rec, pl.receiver._local_ptr(rec, 0, 7, link)))
+        lifetime.LEDGER.unhold(rec)
+    return [p for _r, p in recs]
+
+
+def test_idle_mappings_are_bounded_by_count_oldest_first(importer):
+    pl, log, link = importer
+    pl.receiver.ipc.max_count = 2
+    ptrs = _idle_mappings(pl, link, [(OWNER, bytes([i]) * 64) for i in range(4)])
+    # Each went idle in turn; over the bound of 2, the oldest two were closed.
+    assert _names(log, "close") == [("close", ptrs[0]), ("close", ptrs[1])]
+    assert pl.receiver.ipc.stats()["ipc_idle"] == 2
+
+
+def test_the_owners_uncache_and_its_link_closing_close_only_its_idle_mappings(importer):
+    pl, log, link = importer
+    other = "9" * 16
+    ptrs = _idle_mappings(pl, link, [(OWNER, b"a" * 64), (other, b"b" * 64), (OWNER, b"c" * 64)])
+    del log[:]
+    pl.on_control(link, ("uncache", OWNER))            # the owner ran empty_cache: it may free them
+    assert sorted(_names(log, "close")) == sorted([("close", ptrs[0]), ("close", ptrs[2])])
+    del log[:]
+    pl.receiver.forget_owner(other)                    # the other owner's link closed
+    assert _names(log, "close") == [("close", ptrs[1])]
+    assert pl.receiver.ipc.stats()["ipc_idle"] == 0
+
+
+def test_the_sweeper_thread_closes_idle_mappings_after_the_idle_time_and_exits(importer):
+    pl, log, link = importer
+    ipc = pl.receiver.ipc
+    ipc.background, ipc.max_idle_s = True, 0.05
+    ptr = _idle_mappings(pl, link, [(OWNER, b"t" * 64)])[0]
+    deadline = time.monotonic() + 5
+    while ipc.stats()["ipc_idle"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _names(log, "close") == [("close", ptr)]
+    while ipc._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ipc._thread is None
+
+
+def test_a_sender_that_lent_by_ipc_handle_asks_its_peer_to_uncache_on_empty_cache(parent):
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    posts = []
+    link.post = posts.append
+    pl.sender.trim()
+    assert not posts                                   # nothing lent to it: nothing to ask
+    _descs, _refs, fb = _send(link, [FakeT(FakeStorage(base, 64 * MiB))])
+    fb._lends.clear()
+    pl.sender.trim()
+    assert posts == [("plane", "cuda", ("uncache", lifetime.PROCESS_UID))]
 
 
 def test_a_failed_open_is_a_clear_error_and_a_verdict(importer, monkeypatch):
@@ -488,7 +587,7 @@ def test_a_descriptor_overrunning_its_ipc_block_or_naming_another_kind_is_refuse
 
 def test_an_open_waits_for_a_pending_close_of_the_same_handle(importer):
     _pl, log, _link = importer
-    ipc = IpcImports()
+    ipc = IpcImports(max_count=0)                      # no idle mappings: the last release closes
     h = b"z" * 64
     ipc.open(OWNER, h, MiB, 0)
     ipc.release(OWNER, h, 7)                           # deferred: the close is pending
@@ -569,7 +668,10 @@ def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_
     while [e[0] for e in log].count("post") < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     names = [e[0] for e in log]
-    assert names.count("close") == 1 and names.count("post") == 2
-    assert names.index("cuStreamSynchronize") < names.index("close") < names.index("post")
+    assert names.count("close") == 0 and names.count("post") == 2      # kept mapped, idle
+    assert names.index("cuStreamSynchronize") < names.index("post")
     assert {e[1].key for e in log if e[0] == "post"} == {r[1] for r in rrefs}
-    assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_opens_made": 1, "ipc_closed": 1}
+    assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_reused": 0,
+                                        "ipc_closed": 0}
+    rpl.receiver.ipc.flush()
+    assert [e[0] for e in log].count("close") == 1

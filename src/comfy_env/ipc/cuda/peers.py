@@ -2,7 +2,7 @@
 
 Owns: ``link.state["cuda"]`` of every link the plane met, and the set of those links
 (weakly held: a link goes when its worker handle does).  The sending side reads and
-writes ``pools_sent`` and ``verdicts``; the receiving side writes ``told``.
+writes ``pools_sent``, ``ipc_lent`` and ``verdicts``; the receiving side writes ``told``.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ __all__ = ["PeerState", "Peers"]
 
 
 class PeerState:
-    __slots__ = ("pools_sent", "verdicts", "told", "__weakref__")
+    __slots__ = ("pools_sent", "ipc_lent", "verdicts", "told", "__weakref__")
 
     def __init__(self):
         self.pools_sent = set()       # our pool keys whose fd this peer has (sender)
+        self.ipc_lent = False         # we lent it a storage by IPC handle: it may keep mappings (sender)
         self.verdicts = PeerVerdicts()  # its first import of each kind from us: ok? (sender)
         self.told = set()             # kinds whose import outcome we reported to it (receiver)
 

@@ -191,6 +191,7 @@ class CudaPlane(Plane):
         """
         # Our cached imports first: their releases let peers free (and us reap) blocks.
         self.receiver.import_cache.flush()
+        self.receiver.ipc.flush()
         self.sender.trim()
         retired = self.local.roll_and_reap(self.roll_min_idle)
         self.sender.post_retired(retired)

@@ -354,8 +354,10 @@ class Receiver:
         self.import_cache.reclaim([tuple(k) for k in keys])
 
     def on_uncache(self, owner):
-        """The owner ran empty_cache: drop idle imports of its blocks so it can free them."""
+        """The owner ran empty_cache: drop idle imports of its blocks so it can free them,
+        and close our idle mappings of its allocations (it may have freed them)."""
         self.import_cache.flush(owner=owner)
+        self.ipc.flush(owner)
 
     def on_retire(self, pool_key):
         self.imports.retire(tuple(pool_key))
@@ -363,6 +365,7 @@ class Receiver:
     def forget_owner(self, owner):
         """``owner`` is gone (or a forwarder told us so): drop its pools and events."""
         self.imports.forget_owner(owner)
+        self.ipc.flush(owner)
         self.local.events.forget_owner(owner)
 
     def stats(self):

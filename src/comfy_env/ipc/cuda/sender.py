@@ -231,6 +231,7 @@ class Sender:
                 ipc_ref = self._lend_ipc(enc, obj, storage, ordinal, uuid)
             if ipc_ref is not None:
                 route = "ipc"
+                st.ipc_lent = True    # it may keep our allocations mapped: trim() tells it
                 self.last_reasons[route] = IPC_WHY
             else:
                 route, why = choose(caps, st.verdicts, nbytes=nbytes, in_export_pool=in_pool,
@@ -652,7 +653,7 @@ class Sender:
         Idle staging blocks are not lent again: they go when released."""
         for link in self.peers.links():
             st = link.state.get(self.name)
-            if st is not None and st.pools_sent and not link.closed:
+            if st is not None and (st.pools_sent or st.ipc_lent) and not link.closed:
                 link.post(("plane", self.name, ("uncache", lifetime.PROCESS_UID)))
         with self._lock:
             self._idle_staging.clear()
