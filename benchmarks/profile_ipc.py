@@ -58,7 +58,7 @@ def w_prof(on):
     p = builtins._profile_ipc_prof
     p.disable()
     s = io.StringIO()
-    pstats.Stats(p, stream=s).sort_stats("tottime").print_stats(18)
+    pstats.Stats(p, stream=s).sort_stats("cumtime").print_stats("comfy_env|built-in|method", 45)
     return s.getvalue()
 
 
@@ -118,7 +118,7 @@ def main():
             prof.disable()
             wtext = ex.submit(w_prof, False).result()
             s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+            pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats("comfy_env|built-in|method", 60)
             print(f"--- parent profile, {mib} MiB, {a.reps} calls\n{s.getvalue()}", flush=True)
             print(f"--- worker profile, {mib} MiB\n{wtext}", flush=True)
             gc.collect()
