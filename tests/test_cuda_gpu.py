@@ -661,7 +661,7 @@ def test_native_worker_returns_a_new_tensor_each_call_by_ipc_handle_without_grow
               f"parent {ipc}, opened {opened}")
         assert export == {0: True}, export
         assert routes.get("ipc", 0) == 210 and routes.get("staging", 0) == 0, routes
-        assert opened <= 10 and ipc["ipc_reused"] - ipc0["ipc_reused"] >= 190, ipc   # kept mappings served them
+        assert opened <= 10 and ipc["ipc_hits"] - ipc0["ipc_hits"] >= 190, ipc   # kept mappings served them
         assert ipc["ipc_open"] == 0 and ipc["ipc_idle"] >= 1, ipc
         assert wstats["owned_blocks"] == 0, wstats            # every record released
         assert grown < 64 << 20, f"GPU memory grew by {grown / 2**20:.1f} MiB"

@@ -434,7 +434,7 @@ def test_with_the_cache_off_the_last_record_closes_the_mapping_before_its_releas
     assert names == ["cuEventRecord", "cuStreamWaitEvent", "cuStreamSynchronize", "close", "post", "post"]
     assert log[3] == ("close", mapped)
     assert [e[1] for e in log[4:]] == [Release(recs[1].key, 1), Release(recs[2].key, 1)]
-    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_reused": 0,
+    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_hits": 2,
                                        "ipc_closed": 1}
     # Opened again after the close: a fresh mapping.
     again = _leases(pl, link, metas[:1], serial=10)[0]
@@ -452,7 +452,7 @@ def test_the_last_records_mapping_is_kept_and_a_new_storage_on_it_opens_nothing(
     names = [e[0] for e in log]
     assert names == ["cuEventRecord", "cuStreamWaitEvent", "cuStreamSynchronize", "post", "post"]
     assert [e[1] for e in log[3:]] == [Release(recs[1].key, 1), Release(recs[2].key, 1)]
-    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_reused": 0,
+    assert pl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_hits": 2,
                                        "ipc_closed": 0}
     # The owner's next tensor in the same allocation (its next call's new output): a new
     # record, the same handle, no open; the mapping's address serves its offset.
@@ -461,7 +461,7 @@ def test_the_last_records_mapping_is_kept_and_a_new_storage_on_it_opens_nothing(
     lifetime.LEDGER.hold(again)
     assert pl.receiver._local_ptr(again, 0, 7, link) == mapped + 8 * MiB
     assert not _names(log, "open", "close")
-    assert pl.receiver.ipc.stats()["ipc_reused"] == 1 and pl.receiver.ipc.stats()["ipc_idle"] == 0
+    assert pl.receiver.ipc.stats()["ipc_hits"] == 3 and pl.receiver.ipc.stats()["ipc_idle"] == 0
     # In use, a sweep long after leaves it alone; idle again, the sweep closes it once
     # it has been idle for the cache's time, not before.
     assert pl.receiver.ipc.sweep(now=time.monotonic() + 3600) == 0
@@ -470,7 +470,7 @@ def test_the_last_records_mapping_is_kept_and_a_new_storage_on_it_opens_nothing(
     assert ipc.sweep(now=time.monotonic() + ipc.max_idle_s / 2) == 0 and not _names(log, "close")
     assert ipc.sweep(now=time.monotonic() + ipc.max_idle_s + 0.01) == 1
     assert _names(log, "close") == [("close", mapped)]
-    assert ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_reused": 1, "ipc_closed": 1}
+    assert ipc.stats() == {"ipc_open": 0, "ipc_idle": 0, "ipc_opens_made": 1, "ipc_hits": 3, "ipc_closed": 1}
     assert not ipc.is_mapped(mapped)
 
 
@@ -683,7 +683,7 @@ def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_
     assert names.count("close") == 0 and names.count("post") == 2      # kept mapped, idle
     assert names.index("cuStreamSynchronize") < names.index("post")
     assert {e[1].key for e in log if e[0] == "post"} == {r[1] for r in rrefs}
-    assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_reused": 0,
+    assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_hits": 1,
                                         "ipc_closed": 0}
     rpl.receiver.ipc.flush()
     assert [e[0] for e in log].count("close") == 1

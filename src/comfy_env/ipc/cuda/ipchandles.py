@@ -84,7 +84,7 @@ class IpcImports:
         self.fences = fences if fences is not None else ReadFences()
         self.made = 0           # opens so far (tests, benchmarks)
         self.closed = 0
-        self.reused = 0         # opens served by a kept (idle) mapping
+        self.hits = 0           # opens served by a mapping we had (kept idle, or in use)
 
     @property
     def keeps(self) -> bool:
@@ -100,8 +100,8 @@ class IpcImports:
                 if m is not None:
                     if m.users == 0:
                         self._idle.pop(k, None)
-                        self.reused += 1
                     m.users += 1
+                    self.hits += 1
                     return m.base
                 closing = self._closing.get(k)
                 if closing is None:
@@ -273,4 +273,4 @@ class IpcImports:
     def stats(self):
         with self._lock:
             return {"ipc_open": len(self._open) - len(self._idle), "ipc_idle": len(self._idle),
-                    "ipc_opens_made": self.made, "ipc_reused": self.reused, "ipc_closed": self.closed}
+                    "ipc_opens_made": self.made, "ipc_hits": self.hits, "ipc_closed": self.closed}
