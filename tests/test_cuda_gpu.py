@@ -713,22 +713,12 @@ def test_parent_on_the_native_allocator_sends_a_big_tensor_by_ipc_handle(worker_
             assert PLANE.sender.ipc_export.get(0) is True
         settle()
         _routes, wstats, _export = ex.submit(w_ipc_stats).result(timeout=60)
-        if not PARENT_ASYNC:
-            # The worker keeps our record (and its mapping) while we keep x: sent again,
-            # it is a lease on a live record, no release and no open in between.
-            assert wstats["import_cache"]["entries"] == 1 and wstats["ipc_opens_made"] == 1, wstats
-            assert ex.submit(w_sum, x).result(timeout=120)[0] == s
-            assert ex.submit(w_ipc_stats).result(timeout=60)[1]["ipc_opens_made"] == 1
-            assert PLANE.stats()["owned_blocks"] == 1
-        assert float(x[-1]) == 5.0 and float(x[0]) == 3.0      # the parent's tensor intact
-        del x, x2                                              # our tensor dies: the worker lets go
+        assert wstats["ipc_open"] == 0, wstats                 # the worker closed after use
         deadline = time.monotonic() + 10
         while PLANE.stats()["owned_blocks"] and time.monotonic() < deadline:
             settle()
         assert PLANE.stats()["owned_blocks"] == 0              # released: our storage let go
-        if not PARENT_ASYNC:
-            wstats = ex.submit(w_ipc_stats).result(timeout=60)[1]
-            assert wstats["ipc_open"] == 0 and wstats["import_cache"]["entries"] == 0, wstats
+        assert float(x[-1]) == 5.0 and float(x[0]) == 3.0      # and the parent's tensor intact
 
 
 def test_chain_native_worker_a_to_b_by_ipc_handle_without_parent_open():

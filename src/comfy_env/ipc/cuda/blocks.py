@@ -99,14 +99,13 @@ class OwnedVmm:
 class OwnedIpc:
     """A storage of ours lent by the legacy IPC handle of its allocation (zero copy).
 
-    ``keep`` is the storage: while a peer reads it (or keeps the record in its import
-    cache), torch's caching allocator must not reuse these bytes.  ``base`` is the
-    allocation's base (the sender's handle cache is keyed by it).  ``watch``: a weak
-    reference to the tensor first lent, whose death makes us ask peers to stop caching
-    the record (``reclaim``), as for ``OwnedPool``.
+    ``keep`` is the storage: while a peer may have the allocation mapped, torch's
+    caching allocator must neither reuse these bytes nor free the allocation (CUDA
+    requires importers to close before the exporter frees).  ``base`` is the
+    allocation's base (the sender's handle cache is keyed by it).
     """
     kind = "ipc"
-    __slots__ = ("ordinal", "ptr", "base", "meta", "keep", "watch")
+    __slots__ = ("ordinal", "ptr", "base", "meta", "keep")
 
     def __init__(self, ordinal, ptr, base, meta, keep):
         self.ordinal = ordinal
@@ -114,7 +113,6 @@ class OwnedIpc:
         self.base = base
         self.meta = meta              # wire form (layout.ipc_meta)
         self.keep = keep
-        self.watch = None
 
     def forward_fd(self):
         return None                   # the handle in the meta is all a peer needs

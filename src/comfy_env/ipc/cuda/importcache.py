@@ -247,25 +247,19 @@ class ImportCache:
                 e = self._entries.get(key)
                 if e is not None:
                     e.doomed = doomed = True
-                    if e.rec.on_idle is None:
-                        # Still read here: evict the moment our last tensor on it dies
-                        # (the owner's next tensor may need these bytes now, not at the
-                        # next sweep).  Staging blocks keep their own hook.
-                        e.rec.on_idle = self._doomed_went_idle
                 else:
                     if len(self._reclaimed) >= 4096:
                         self._reclaimed.clear()  # keys whose decode never came; only a hint
                     self._reclaimed.add(key)
         if not doomed:
             return 0
-        return self.sweep()             # one still in use goes when it dies (_doomed_went_idle)
+        n = self.sweep()
+        if self.background:
+            self._wake.set()             # one still in use goes at the next sweep after it died
+        return n
 
     def flush(self, owner=None):
         return self.sweep(flush=True, owner=owner)
-
-    def _doomed_went_idle(self, _rec):
-        """``Record.on_idle`` of a reclaimed entry: only our hold is left, evict it now."""
-        self.sweep()
 
     def _start(self):
         with self._lock:

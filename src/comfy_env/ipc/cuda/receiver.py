@@ -150,11 +150,7 @@ class Receiver:
                     self.local.events.wait(event, ordinal, stream)
             t, keeper = self._wrap(base + desc.offset, desc, ordinal, device)
             lifetime.LEDGER.holder(rec, keeper)
-            if not rec.owned and res.kind == "ipc":
-                # Kept while its owner keeps the tensor (it says when not: "reclaim"):
-                # the same tensor again is then a lease on a live record, no release.
-                self.import_cache.keep(rec, res.meta.size, res.meta.owner)
-            elif not rec.owned and res.kind == "pool":
+            if not rec.owned and res.kind == "pool":
                 meta = res.meta
                 owner = meta.owner
                 if route == "pool":

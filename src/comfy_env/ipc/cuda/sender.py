@@ -369,12 +369,12 @@ class Sender:
         with ledger.lock:             # check-and-lend: see _lend_pool_block
             rec = self._ipc_by_storage.get(sptr)
             if rec is None or ledger.get(rec.key) is not rec:
-                rec = self._new_ipc_record(obj, storage, sptr, snbytes, ordinal, uuid)
+                rec = self._new_ipc_record(storage, sptr, snbytes, ordinal, uuid)
                 if rec is None:
                     return None
             return enc.add_ref(self.plane, rec, rec.resource.meta, None), obj.data_ptr() - sptr
 
-    def _new_ipc_record(self, obj, storage, sptr, snbytes, ordinal, uuid):
+    def _new_ipc_record(self, storage, sptr, snbytes, ordinal, uuid):
         """A record lending ``storage`` by its allocation's handle, or None (see _lend_ipc).
         The caller holds the ledger's lock."""
         if self._ipc_mapped(sptr):
@@ -397,14 +397,7 @@ class Sender:
             self.ipc_export[ordinal] = True
         meta = ipc_meta(lifetime.PROCESS_UID, handle, sptr - base, snbytes, alloc, uuid)
         key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-        res = OwnedIpc(ordinal, sptr, base, meta, storage)
-        rec = lifetime.LEDGER.add_owned(key, res, self.plane.on_zero)
-        try:
-            # Peers keep the record in their import cache while we keep the tensor (a
-            # cached output, weights): its death here tells them to let go (_tensor_died).
-            res.watch = weakref.ref(obj, functools.partial(self._tensor_died, key, storage))
-        except TypeError:
-            pass                      # no signal: the peer's idle-time bound still applies
+        rec = lifetime.LEDGER.add_owned(key, OwnedIpc(ordinal, sptr, base, meta, storage), self.plane.on_zero)
         with self._lock:
             self._ipc_by_storage[sptr] = rec
             entry = self._ipc_allocs.get(base)
@@ -415,7 +408,7 @@ class Sender:
         return rec
 
     def _tensor_died(self, key, storage, _ref):
-        """The tensor of pool or ipc block ``key`` (its views keep it alive: ``_base``) died here.
+        """The tensor of pool block ``key`` (its views keep it alive: ``_base``) died here.
 
         If nothing else of ours uses the storage (a tensor built on it independently, a
         Python storage object) only peers' import caches still pin the block: ask them
@@ -615,10 +608,9 @@ class Sender:
                     entry[1] -= 1
                     if entry[1] <= 0:
                         del self._ipc_allocs[res.base]
-            # Every peer released it after its reads: torch may reuse the bytes once the
-            # user dropped the tensor too.
+            # Every peer closed its mapping (or released after its reads): torch may reuse
+            # the bytes, and free the allocation, once the user dropped the tensor too.
             res.keep = None
-            res.watch = None
         elif res.kind == "staging":
             with self._lock:
                 bucket = self._idle_staging.get(res.ordinal, {}).get(res.size)
