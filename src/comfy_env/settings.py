@@ -122,10 +122,11 @@ VARIABLES = (
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "cuda_import_cache_mib", 256.0, _number(0),
              "MiB of imported pool blocks kept mapped while idle (ipc/cuda/importcache.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "cuda_import_cache_count", 256, _int(0),
-             "idle imported blocks kept mapped; 0 disables the cache (ipc/cuda/importcache.py)"),
+             "idle imported blocks kept mapped, and idle peer allocations opened by IPC handle; 0 disables "
+             "the cache (ipc/cuda/importcache.py, ipchandles.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_S", "cuda_import_cache_s", 1.0, _number(0),
-             "seconds an idle imported block stays mapped; 0 disables the cache "
-             "(ipc/cuda/importcache.py)"),
+             "seconds an idle imported block (or IPC mapping) stays mapped; 0 disables the cache "
+             "(ipc/cuda/importcache.py, ipchandles.py)"),
     Variable("COMFY_ENV_CUDA_STAGING_CACHE_MIB", "cuda_staging_cache_mib", 4096.0, _number(0),
              "MiB of a peer's staging blocks kept mapped for recycling; 0: no recycling "
              "(ipc/cuda/importcache.py)"),
