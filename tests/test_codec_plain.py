@@ -83,3 +83,98 @@ def test_an_array_deep_in_small_containers_still_travels_by_descriptor():
         assert fb.parts[0].refs, "the array went inline instead of through its plane"
     finally:
         fb.abort()
+
+
+# -- small numpy arrays and scalars: plain parts too (pickled by _InlinePickler) ------------------
+INLINE_PLAIN = [
+    (None, (np.arange(6, dtype=np.int16).reshape(2, 3),), {}),
+    (None, (np.float32(1.5), np.bool_(True), np.complex64(1 + 2j)), {}),
+    (None, (), {"img": np.ones((4, 4, 3), np.uint8), "n": 3}),
+    [np.zeros(0), np.ones(3)[::2], np.asfortranarray(np.ones((2, 3)))],
+]
+
+
+@pytest.mark.parametrize("obj", INLINE_PLAIN, ids=lambda o: repr(o)[:30])
+def test_small_arrays_keep_a_part_plain_and_load_with_pickle_alone(obj):
+    assert codec._is_plain(obj) is codec.INLINE
+    part = encoded(obj)
+    assert part.refs is None                          # decoded by pickle.loads, no Decoder
+    data = bytes(part.data)
+    # numpy's own pickle names numpy._core (numpy 2) or numpy.core (numpy 1): never used.
+    assert b"numpy._core" not in data and b"numpy.core" not in data and b"multiarray" not in data
+    got = codec.pickle.loads(data)
+    flat = lambda o: [o] if not isinstance(o, (list, tuple, dict)) else [  # noqa: E731
+        y for x in (o.values() if isinstance(o, dict) else o) for y in flat(x)]
+    for a, b in zip(flat(obj), flat(got)):
+        assert type(a) is type(b)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
+            assert b.flags.writeable
+            if a.flags.f_contiguous and not a.flags.c_contiguous:
+                assert b.flags.f_contiguous           # F order kept, as the Encoder's inline route does
+        else:
+            assert a == b
+
+
+def test_inline_plain_keeps_identity_and_the_writeable_flag():
+    a = np.arange(4.0)
+    ro = np.ones(3)
+    ro.flags.writeable = False
+    got = codec.pickle.loads(bytes(encoded([a, a, ro]).data))
+    assert got[0] is got[1] and (got[0] == a).all() and got[0].base is not a
+    assert got[0].flags.writeable and not got[2].flags.writeable
+    got[0][0] = 9                                     # a private copy
+    assert a[0] == 0
+
+
+@pytest.mark.parametrize("obj", [
+    np.zeros(1 << 16, np.uint8),                      # at INLINE_BYTES: a shared segment
+    np.array([object()], dtype=object),               # object dtype: numpy's pickle
+    np.array(["ab"]),                                 # a flexible dtype: the Encoder's descriptor
+    np.datetime64("2020-01-01"),
+    np.ma.array([1, 2], mask=[0, 1]),                 # a subclass
+    np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]),  # a structured dtype
+], ids=lambda o: f"{type(o).__name__}-{getattr(o, 'dtype', '')}")
+def test_other_numpy_objects_still_go_through_the_encoder(obj):
+    assert not codec._is_plain(obj) and not codec._is_plain((None, (obj,), {}))
+
+
+def test_a_small_array_round_trips_through_a_worker_as_a_plain_result():
+    from comfy_env import IsolatedExecutor
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with IsolatedExecutor(max_workers=1) as ex:
+        got = ex.submit(_funcs.echo, a, s=np.int64(7)).result(timeout=60)
+    args, kwargs = got
+    assert type(args[0]) is np.ndarray and args[0].dtype == np.float32 and (args[0] == a).all()
+    assert type(kwargs["s"]) is np.int64 and kwargs["s"] == 7
+
+
+_SMALL_ARRAYS_SCRIPT = r"""
+import numpy as np
+from comfy_env import IsolatedExecutor
+
+def echo(*args, **kwargs):
+    return args, kwargs
+
+if __name__ == "__main__":
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ro = np.ones(2)
+    ro.flags.writeable = False
+    with IsolatedExecutor(max_workers=1) as ex:
+        (x, y, z), kw = ex.submit(echo, a, a, ro, s=np.int64(7), f=np.asfortranarray(a)).result(timeout=60)
+    assert type(x) is np.ndarray and x.dtype == np.float32 and (x == a).all() and x is y
+    assert not z.flags.writeable and (z == 1).all()
+    assert type(kw["s"]) is np.int64 and kw["s"] == 7
+    assert kw["f"].flags.f_contiguous and (kw["f"] == a).all()
+    print("ok")
+"""
+
+
+from pythons import ALL_PYTHONS, run_script  # noqa: E402
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(300)
+def test_small_arrays_cross_as_plain_parts_on_every_python(pyver, tmp_path):
+    proc = run_script(pyver, _SMALL_ARRAYS_SCRIPT, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

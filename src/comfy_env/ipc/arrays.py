@@ -223,6 +223,20 @@ class NumpyPlane(_SegmentPlane):
         desc = self._encode(obj, None, inline=True)
         return None if desc is None else (_portable, (desc,))
 
+    def plain_inline(self, obj):
+        # A small plain array or scalar of one of numpy's own dtypes: its inline
+        # descriptor is builtins only, so the part it is in stays plain (codec._is_plain).
+        # Subclasses, object and user dtypes, and bigger arrays take the Encoder.
+        np = sys.modules["numpy"]
+        tp = type(obj)
+        if tp is np.ndarray:
+            if obj.nbytes >= INLINE_BYTES:
+                return False
+        elif not isinstance(obj, np.generic) or tp is not obj.dtype.type:
+            return False
+        dtype = obj.dtype
+        return dtype.isbuiltin == 1 and dtype.metadata is None and dtype.kind != "O"
+
     def _encode(self, a, enc, inline=False):
         np = sys.modules["numpy"]          # loaded: one of its objects is here
         cls = type(a)

@@ -101,6 +101,12 @@ class Plane:
         function pickled by value and what it captures), or None for pickle's own."""
         return None
 
+    def plain_inline(self, obj) -> bool:
+        """Whether ``obj`` travels whole in the pickle, as :meth:`reduce_portable` gives
+        it, with no block and nothing to decode but that reduction (a small numpy
+        array): then a part made of it and builtins stays plain (see _is_plain)."""
+        return False
+
 
 _PLANES = {}            # name -> plane
 _BY_TYPENAME = {}       # "module.Qualname" -> [planes], asked in order
@@ -177,6 +183,11 @@ _PLAIN_ITEMS = 64       # a bigger container goes through the Encoder (checking 
 _PLAIN_DEPTH = 4
 
 
+# _is_plain's answer for a graph that holds an object a plane sends inline: plain, but
+# pickled by _InlinePickler (which writes that object as its plane's portable reduction).
+INLINE = 2
+
+
 def _is_plain(obj, depth=0):
     """Is ``obj`` built only of scalars and small tuples, lists and dicts of them?
 
@@ -185,6 +196,11 @@ def _is_plain(obj, depth=0):
     ``reducer_override`` sees, which these never reach): the small calls and results
     that make up warm-call latency skip building a cloudpickle Pickler.  Exact
     types only: a subclass may carry a plane's object in its ``__dict__``.
+
+    Objects a plane sends whole inside the pickle (``Plane.plain_inline``: a small
+    numpy array) keep a graph plain too; the answer is then :data:`INLINE` (truthy),
+    and the part is pickled by :class:`_InlinePickler` and still loaded by a bare
+    ``pickle.loads``: no Encoder, no Decoder, no lazy result for a small array.
     """
     tp = type(obj)
     if tp in _SCALARS:
@@ -194,21 +210,58 @@ def _is_plain(obj, depth=0):
     if tp is tuple or tp is list:
         if len(obj) > _PLAIN_ITEMS:
             return False
+        res = True
         for x in obj:
-            if type(x) not in _SCALARS and not _is_plain(x, depth + 1):
-                return False
-        return True
+            if type(x) not in _SCALARS:
+                r = _is_plain(x, depth + 1)
+                if not r:
+                    return False
+                if r is INLINE:
+                    res = INLINE
+        return res
     if tp is dict:
         if len(obj) > _PLAIN_ITEMS:
             return False
+        res = True
         for k, v in obj.items():
-            if type(k) not in _SCALARS or (type(v) not in _SCALARS and not _is_plain(v, depth + 1)):
+            if type(k) not in _SCALARS:
                 return False
-        return True
+            if type(v) not in _SCALARS:
+                r = _is_plain(v, depth + 1)
+                if not r:
+                    return False
+                if r is INLINE:
+                    res = INLINE
+        return res
     if tp is _FunctionType:
         # A function cloudpickle pickles by reference: pickle does the same (by name).
         return _by_reference is not None and _by_reference(obj)
+    if tp not in _PLAIN:
+        for plane in _plane_for(tp) or ():
+            if plane.plain_inline(obj):
+                return INLINE
     return False
+
+
+class _InlinePickler(pickle.Pickler):
+    """pickle (the C pickler: builtins never reach this hook), with the objects of a
+    plane that sends them inline written as the plane's portable reduction."""
+
+    def reducer_override(self, obj):
+        for plane in _plane_for(type(obj)) or ():
+            reduced = plane.reduce_portable(obj)
+            if reduced is not None:
+                return reduced
+        return NotImplemented
+
+
+def _dumps_plain(obj, flag):
+    """The pickle of a plain ``obj``; ``flag``: what :func:`_is_plain` said of it."""
+    if flag is not INLINE:
+        return pickle.dumps(obj, PROTOCOL)
+    buf = io.BytesIO()
+    _InlinePickler(buf, PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 class Part:
@@ -355,7 +408,7 @@ class FrameBuilder:
         if plain is None:
             plain = _is_plain(obj)
         if plain:
-            self.parts.append(Part(pickle.dumps(obj, PROTOCOL), None))
+            self.parts.append(Part(_dumps_plain(obj, plain), None))
             return len(self.parts) - 1
         # Reserve the slot first: forwarded parts are appended while this one encodes.
         index = len(self.parts)
@@ -424,11 +477,11 @@ def plain_flags(objs):
     return [_is_plain(obj) for obj in objs]
 
 
-def plain_chunks(envelope, objs):
-    """The chunks of a frame of ``objs``, every one of them plain (see plain_flags):
-    what :func:`encode_message` would send, without a :class:`FrameBuilder` (warm calls
-    and their results take this way)."""
-    datas = [pickle.dumps(obj, PROTOCOL) for obj in objs]
+def plain_chunks(envelope, objs, flags):
+    """The chunks of a frame of ``objs``, every one of them plain (``flags``: what
+    :func:`plain_flags` said of each): what :func:`encode_message` would send, without
+    a :class:`FrameBuilder` (warm calls and their results take this way)."""
+    datas = [_dumps_plain(obj, flag) for obj, flag in zip(objs, flags)]
     return [_envelope_chunk(envelope, [(len(d), None) for d in datas]), *datas]
 
 
@@ -437,7 +490,7 @@ def encode_message(envelope, link, objs=(), forward_future=None):
     (the builder's ``fds`` go with the chunks; ``abort()`` it if they are not sent)."""
     flags = plain_flags(objs)
     if all(flags):
-        return PLAIN_FRAME, plain_chunks(envelope, objs)
+        return PLAIN_FRAME, plain_chunks(envelope, objs, flags)
     fb = FrameBuilder(link)
     try:
         for obj, plain in zip(objs, flags):
