@@ -89,6 +89,7 @@ def test_an_array_deep_in_small_containers_still_travels_by_descriptor():
 INLINE_PLAIN = [
     (None, (np.arange(6, dtype=np.int16).reshape(2, 3),), {}),
     (None, (np.float32(1.5), np.bool_(True), np.complex64(1 + 2j)), {}),
+    {"scale": np.float32(0.5), "dtype": np.dtype("float16"), "idx": np.dtype("int32")},
     (None, (), {"img": np.ones((4, 4, 3), np.uint8), "n": 3}),
     [np.zeros(0), np.ones(3)[::2], np.asfortranarray(np.ones((2, 3)))],
 ]

@@ -232,9 +232,13 @@ class NumpyPlane(_SegmentPlane):
         if tp is np.ndarray:
             if obj.nbytes >= INLINE_BYTES:
                 return False
-        elif not isinstance(obj, np.generic) or tp is not obj.dtype.type:
+            dtype = obj.dtype
+        elif isinstance(obj, np.dtype):
+            dtype = obj
+        elif isinstance(obj, np.generic) and tp is obj.dtype.type:
+            dtype = obj.dtype
+        else:
             return False
-        dtype = obj.dtype
         return dtype.isbuiltin == 1 and dtype.metadata is None and dtype.kind != "O"
 
     def _encode(self, a, enc, inline=False):
