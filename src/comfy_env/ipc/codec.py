@@ -208,31 +208,14 @@ def _is_plain(obj, depth=0):
     if depth >= _PLAIN_DEPTH:
         return False
     if tp is tuple or tp is list:
-        if len(obj) > _PLAIN_ITEMS:
-            return False
-        res = True
-        for x in obj:
-            if type(x) not in _SCALARS:
-                r = _is_plain(x, depth + 1)
-                if not r:
-                    return False
-                if r is INLINE:
-                    res = INLINE
-        return res
+        return len(obj) <= _PLAIN_ITEMS and _all_plain(obj, depth + 1)
     if tp is dict:
         if len(obj) > _PLAIN_ITEMS:
             return False
-        res = True
-        for k, v in obj.items():
+        for k in obj:
             if type(k) not in _SCALARS:
                 return False
-            if type(v) not in _SCALARS:
-                r = _is_plain(v, depth + 1)
-                if not r:
-                    return False
-                if r is INLINE:
-                    res = INLINE
-        return res
+        return _all_plain(obj.values(), depth + 1)
     if tp is _FunctionType:
         # A function cloudpickle pickles by reference: pickle does the same (by name).
         return _by_reference is not None and _by_reference(obj)
@@ -241,6 +224,19 @@ def _is_plain(obj, depth=0):
             if plane.plain_inline(obj):
                 return INLINE
     return False
+
+
+def _all_plain(items, depth):
+    """:func:`_is_plain` of a container's items: False, True, or INLINE if one is."""
+    res = True
+    for x in items:
+        if type(x) not in _SCALARS:
+            r = _is_plain(x, depth)
+            if not r:
+                return False
+            if r is INLINE:
+                res = INLINE
+    return res
 
 
 class _InlinePickler(pickle.Pickler):
