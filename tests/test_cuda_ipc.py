@@ -37,42 +37,13 @@ MiB = 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
 OWNER = "a" * 16
 
-
-class FakeStorage:
-    def __init__(self, ptr, nbytes):
-        self.ptr, self.n = ptr, nbytes
-
-    def data_ptr(self):
-        return self.ptr
-
-    def nbytes(self):
-        return self.n
+from _cuda_fakes import FakeStorage  # noqa: E402
+from _cuda_fakes import FakeT as _FakeT  # noqa: E402
 
 
-class FakeT:
-    """What plane.encode reads of a CUDA tensor (float32, 1-D)."""
-    is_cuda = True
-    dtype = torch.float32
-    layout = torch.strided
-    is_quantized = False
-    requires_grad = False
-
-    def __init__(self, storage, nbytes=None, offset=0):
-        self._storage = storage
-        self._ptr = storage.ptr + offset
-        self.shape = torch.Size([(storage.n - offset if nbytes is None else nbytes) // 4])
-
-    def untyped_storage(self):
-        return self._storage
-
-    def get_device(self):
-        return 0
-
-    def stride(self):
-        return (1,)
-
-    def data_ptr(self):
-        return self._ptr
+def FakeT(storage, nbytes=None, offset=0):
+    """A tensor over ``storage`` (this file's tests name the storage first)."""
+    return _FakeT(storage=storage, nbytes=nbytes, offset=offset)
 
 
 class FakeGen:
@@ -163,7 +134,7 @@ def parent(monkeypatch):
     pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
     pl.local.staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen(log))
     pl.local.rings[0] = FakeRing()
-    monkeypatch.setitem(codec._DISPATCH, FakeT, (pl,))
+    monkeypatch.setitem(codec._DISPATCH, _FakeT, (pl,))
     link = lifetime.Link(lambda msgs: None, "worker-1")
     link.uid = "w" * 16
     keys = set(lifetime.LEDGER._records)

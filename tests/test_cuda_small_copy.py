@@ -25,49 +25,12 @@ from comfy_env.ipc.cuda.layout import pool_meta, unpack, validate_meta  # noqa: 
 from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
 from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 
+from _cuda_fakes import FakeStorage, FakeT  # noqa: E402
+
 pytestmark = pytest.mark.timeout(30)
 
 MiB = 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
-
-
-class FakeStorage:
-    """Torch keeps one Python object per live storage: so does this fake."""
-
-    def __init__(self, ptr, nbytes):
-        self.ptr, self.n = ptr, nbytes
-
-    def data_ptr(self):
-        return self.ptr
-
-    def nbytes(self):
-        return self.n
-
-
-class FakeT:
-    """What plane.encode reads of a CUDA tensor."""
-    is_cuda = True
-    dtype = torch.float32
-    layout = torch.strided
-    is_quantized = False
-    requires_grad = False
-
-    def __init__(self, ptr, nbytes=MiB, storage=None, offset=0):
-        self._storage = storage if storage is not None else FakeStorage(ptr, nbytes)
-        self._ptr = self._storage.ptr + offset
-        self.shape = torch.Size([nbytes // 4])
-
-    def untyped_storage(self):
-        return self._storage
-
-    def get_device(self):
-        return 0
-
-    def stride(self):
-        return (1,)
-
-    def data_ptr(self):
-        return self._ptr
 
 
 class FakeGen:

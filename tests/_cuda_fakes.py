@@ -1,0 +1,49 @@
+"""Fakes of what the CUDA plane's sender reads of a torch CUDA tensor (CPU-only tests)."""
+from __future__ import annotations
+
+import torch
+
+MiB = 1 << 20
+
+
+class FakeStorage:
+    """Torch keeps one Python object per live storage: so does this fake."""
+
+    def __init__(self, ptr, nbytes):
+        self.ptr, self.n = ptr, nbytes
+
+    def data_ptr(self):
+        return self.ptr
+
+    def nbytes(self):
+        return self.n
+
+
+class FakeT:
+    """What plane.encode reads of a CUDA tensor (float32, 1-D): ``nbytes`` of it at
+    ``offset`` in ``storage`` (by default a storage of its own at ``ptr``, 1 MiB; a
+    view of a given storage spans the rest of it unless ``nbytes`` says)."""
+    is_cuda = True
+    dtype = torch.float32
+    layout = torch.strided
+    is_quantized = False
+    requires_grad = False
+
+    def __init__(self, ptr=None, nbytes=None, storage=None, offset=0):
+        if storage is None:
+            storage = FakeStorage(ptr, MiB if nbytes is None else nbytes)
+        self._storage = storage
+        self._ptr = storage.ptr + offset
+        self.shape = torch.Size([(storage.n - offset if nbytes is None else nbytes) // 4])
+
+    def untyped_storage(self):
+        return self._storage
+
+    def get_device(self):
+        return 0
+
+    def stride(self):
+        return (1,)
+
+    def data_ptr(self):
+        return self._ptr
