@@ -179,3 +179,18 @@ from pythons import ALL_PYTHONS, run_script  # noqa: E402
 def test_small_arrays_cross_as_plain_parts_on_every_python(pyver, tmp_path):
     proc = run_script(pyver, _SMALL_ARRAYS_SCRIPT, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_a_failure_writing_an_inline_array_is_a_pickling_error_naming_the_argument(monkeypatch):
+    from comfy_env import IsolatedExecutor, PicklingFailed
+    from comfy_env.ipc import arrays
+
+    def boom(self, obj):
+        raise ValueError("cannot write this array")
+
+    with IsolatedExecutor(max_workers=1) as ex:
+        monkeypatch.setattr(arrays.NumpyPlane, "reduce_portable", boom)
+        with pytest.raises(PicklingFailed, match=r"argument 1 \(ndarray\).*cannot write this array"):
+            ex.submit(_funcs.echo, 1, np.ones(4)).result(timeout=60)
+        monkeypatch.undo()
+        assert ex.submit(_funcs.add, 1, 2).result(timeout=60) == 3      # the pool goes on

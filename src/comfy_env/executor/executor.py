@@ -461,7 +461,17 @@ class _Pool:
         call = (fn, item.args, item.kwargs)
         plain = codec.is_plain(call)
         if plain:
-            chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,), (plain,))
+            if plain is codec.INLINE:
+                # A plane's inline objects (small numpy arrays) are written by its code:
+                # a failure there is the arguments' fault, as on the Encoder's path.
+                try:
+                    chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,), (plain,))
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
+                    raise _explain_pickling(exc, item, _plain_dumps) from exc
+            else:
+                chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,), (plain,))
             check_frame(chunks)
             return chunks, (), codec.PLAIN_FRAME, fn_sent
         # Check the fd limit before building the frame: a call refused for too
@@ -889,8 +899,13 @@ def _clone(exc):
     return new
 
 
-def _explain_pickling(exc, item):
-    """Say which argument could not be pickled, and why."""
+def _plain_dumps(obj):
+    return codec._dumps_plain(obj, codec.is_plain(obj))
+
+
+def _explain_pickling(exc, item, dumps=cloudpickle.dumps):
+    """Say which argument could not be pickled, and why (``dumps``: the way they were
+    pickled, tried on each argument alone)."""
     if isinstance(exc, PicklingFailed):
         return exc
     what = None
@@ -898,7 +913,7 @@ def _explain_pickling(exc, item):
         if _find_futures(a, []):
             continue        # chained inputs are forwarded, never pickled: not the culprit
         try:
-            cloudpickle.dumps(a)
+            dumps(a)
         except Exception:
             what = f"argument {i} ({type(a).__qualname__})"
             break
@@ -907,7 +922,7 @@ def _explain_pickling(exc, item):
             if _find_futures(v, []):
                 continue
             try:
-                cloudpickle.dumps(v)
+                dumps(v)
             except Exception:
                 what = f"keyword argument {k!r} ({type(v).__qualname__})"
                 break
