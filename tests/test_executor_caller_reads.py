@@ -231,13 +231,15 @@ def test_under_a_programs_own_sigint_handler_control_messages_go_to_the_reader_t
 
     monkeypatch.setattr(worker_handle, "apply_control", recording)
     before = len(LEDGER.records())
-    with IsolatedExecutor(max_workers=1) as ex:
-        ex.submit(_funcs.add, 1, 1).result(30)
-        for i in range(10):
-            arr = np.full(1 << 20, float(i))               # 8 MiB: lent in shared memory
-            assert ex.submit(cf.total, arr, 0.01).result(30) == float(i) * (1 << 20)
-            del arr
-    signal.signal(signal.SIGINT, signal._own_restore)
+    try:
+        with IsolatedExecutor(max_workers=1) as ex:
+            ex.submit(_funcs.add, 1, 1).result(30)
+            for i in range(10):
+                arr = np.full(1 << 20, float(i))               # 8 MiB: lent in shared memory
+                assert ex.submit(cf.total, arr, 0.01).result(30) == float(i) * (1 << 20)
+                del arr
+    finally:
+        signal.signal(signal.SIGINT, signal._own_restore)
     assert threads, "no control message came back: the test does not test anything"
     assert "MainThread" not in threads, threads
     assert len(LEDGER.records()) <= before
@@ -456,3 +458,49 @@ def test_a_ctrl_c_in_a_done_callback_the_main_thread_runs_is_raised_after_it_and
         assert fut.result(5) == "v"
         assert ex.worker_pids() == [pid]
         assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+
+
+def test_a_caller_that_handed_its_read_over_may_shut_down_as_soon_as_its_result_is_in(monkeypatch):
+    # Under a program's own SIGINT handler the main thread hands a control message (and
+    # its turn) to the reader thread, which may complete the caller's future before it
+    # clears the caller's slot: shutdown(wait=True) right then is not "from a callback".
+    import signal
+    import time
+
+    def own(signum, frame):
+        raise KeyboardInterrupt
+
+    np = pytest.importorskip("numpy")
+    from comfy_env.executor import worker_handle
+    real = worker_handle.WorkerHandle._dispatch_frame
+    handed = []
+
+    from comfy_env.ipc.protocol import Result
+
+    def slow_after_handed_result(self, frame):
+        real(self, frame)
+        if (type(frame.envelope) is Result and self._rearm
+                and threading.current_thread() is self._reader):
+            handed.append(1)
+            time.sleep(0.3)                 # the caller's result is in, its slot not yet freed
+
+    old = signal.signal(signal.SIGINT, own)
+    try:
+        monkeypatch.setattr(worker_handle.WorkerHandle, "_dispatch_frame", slow_after_handed_result)
+        for _ in range(10):
+            ex = IsolatedExecutor(max_workers=1)
+            try:
+                ex.submit(_funcs.add, 1, 1).result(30)
+                for i in range(10):
+                    arr = np.full(1 << 20, float(i))       # 8 MiB: its release is a control message
+                    assert ex.submit(cf.total, arr, 0.01).result(30) == float(i) * (1 << 20)
+                    del arr
+                    if handed:
+                        break
+            finally:
+                ex.shutdown(wait=True)      # raised RuntimeError while the slot was still taken
+            if handed:
+                break
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert handed, "the main thread never handed a turn over: the test does not test anything"

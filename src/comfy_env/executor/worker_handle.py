@@ -511,8 +511,12 @@ class WorkerHandle:
             frame.close_fds()
 
     def reads_on(self, thread):
-        """Whether ``thread`` reads this worker's results now (done-callbacks run there)."""
-        return self._reader is thread or self._waiter_thread is thread
+        """Whether ``thread`` reads this worker's results now (done-callbacks run there).
+
+        A caller that left its read to the reader thread (``_rearm``) keeps its slot
+        until that thread finished the turn, which may complete the caller's future
+        first: the caller is not reading any more (it may shut the executor down)."""
+        return self._reader is thread or (self._waiter_thread is thread and not self._rearm)
 
     # On the main thread a Ctrl-C waits while this takes or gives back the read role
     # and reads frames, and cuts in only while it waits (ipc/interrupts.py).
