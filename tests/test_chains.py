@@ -518,3 +518,26 @@ def test_views_bounce_between_workers_and_back_to_the_owner(pair):
     assert _parent_ledger_settles(base_p) == base_p
     assert _worker_ledger_settles(a, base_a) == base_a
     assert _worker_ledger_settles(b, base_b) == base_b
+
+
+@pytest.mark.timeout(40)
+def test_shutdown_waits_for_a_chained_call_being_handed_to_its_worker(pair, monkeypatch):
+    """A call taken from the queue and still being encoded is neither queued nor a
+    worker's yet: shutdown(wait=True) must not ask the worker to exit meanwhile."""
+    import time
+    from comfy_env.executor import executor as ex_mod
+    a, b = pair
+    real = ex_mod._Pool._encode
+    slowed = []
+
+    def slow_encode(self, item, worker):
+        if item.fn is cf.summary:
+            slowed.append(1)
+            time.sleep(0.3)             # the window: popped from the queue, not sent yet
+        return real(self, item, worker)
+
+    monkeypatch.setattr(ex_mod._Pool, "_encode", slow_encode)
+    fa = a.submit(cf.slow, 0.2, np.full(MiB, 5, np.uint8))
+    fb = b.submit(cf.summary, fa)
+    b.shutdown(wait=True)
+    assert slowed and fb.result(0)["first"] == 5

@@ -265,6 +265,9 @@ class _Pool:
         self.idle = []
         self.workers = set()
         self.starting = 0           # workers reserved but not started yet (and start retries)
+        # Calls taken from the queue and not yet a worker's (being encoded and sent):
+        # shutdown(wait=True) must not ask the workers to exit meanwhile.
+        self.handing = 0
         self.start_failures = 0     # failed starts in a row (see _start_failed)
         self.doomed = set()         # workers we are killing: never handed a call again
         self.start_timed_out = set()    # ... because they ran past start_timeout
@@ -384,6 +387,18 @@ class _Pool:
                 return (), self._workers_to_start_locked()
             worker = self.idle.pop()
             item = self.pending.popleft()
+            self.handing += 1
+        try:
+            return self._hand_over(worker, item)
+        finally:
+            with self.lock:
+                self.handing -= 1
+                if self.shutting_down:
+                    self.all_done.notify_all()
+
+    def _hand_over(self, worker, item):
+        """_dispatch_one's second half, outside the lock: encode ``item`` and send it to
+        ``worker`` (or put it back, or fail its future).  True."""
         if item.stage is Stage.QUEUED:
             if not item.future.set_running_or_notify_cancel():
                 item.drop_inputs()    # cancelled: drop its inputs
@@ -823,7 +838,7 @@ class _Pool:
             return
         with self.lock:
             while self.pending or self.waiting or any(w.item is not None for w in self.workers) \
-                    or self.starting:
+                    or self.starting or self.handing:
                 self.all_done.wait(0.1)
                 if self.broken is not None and not any(w.item for w in self.workers):
                     break
