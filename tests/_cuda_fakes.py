@@ -1,6 +1,8 @@
 """Fakes of what the CUDA plane's sender reads of a torch CUDA tensor (CPU-only tests)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 MiB = 1 << 20
@@ -47,3 +49,25 @@ class FakeT:
 
     def data_ptr(self):
         return self._ptr
+
+
+def fake_torch_on_stream(cuda_stream=7):
+    """torch's namespace with ``torch.cuda.current_stream()`` a fake stream (no GPU)."""
+    import types
+    ns = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    stream = types.SimpleNamespace(cuda_stream=cuda_stream)
+    ns.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
+    return ns
+
+
+@contextlib.contextmanager
+def ledger_records_dropped():
+    """Drop the ledger records made inside (tests whose fake blocks nobody releases)."""
+    from comfy_env.ipc import lifetime
+    keys = set(lifetime.LEDGER._records)
+    try:
+        yield
+    finally:
+        with lifetime.LEDGER.lock:
+            for k in set(lifetime.LEDGER._records) - keys:
+                del lifetime.LEDGER._records[k]

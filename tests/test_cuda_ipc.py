@@ -37,7 +37,7 @@ MiB = 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
 OWNER = "a" * 16
 
-from _cuda_fakes import FakeStorage  # noqa: E402
+from _cuda_fakes import FakeStorage, fake_torch_on_stream, ledger_records_dropped  # noqa: E402
 from _cuda_fakes import FakeT as _FakeT  # noqa: E402
 
 
@@ -127,21 +127,15 @@ def parent(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     pl = CudaPlane()
     pl.local.t()
-    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
-    stream = types.SimpleNamespace(cuda_stream=7)
-    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
-    pl.local.torch = fake_torch
+    pl.local.torch = fake_torch_on_stream()
     pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
     pl.local.staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=FakeGen(log))
     pl.local.rings[0] = FakeRing()
     monkeypatch.setitem(codec._DISPATCH, _FakeT, (pl,))
     link = lifetime.Link(lambda msgs: None, "worker-1")
     link.uid = "w" * 16
-    keys = set(lifetime.LEDGER._records)
-    yield pl, log, link, mem
-    with lifetime.LEDGER.lock:
-        for k in set(lifetime.LEDGER._records) - keys:
-            del lifetime.LEDGER._records[k]
+    with ledger_records_dropped():
+        yield pl, log, link, mem
 
 
 def _send(link, objs):
@@ -354,11 +348,8 @@ def importer(monkeypatch):
     pl = CudaPlane()
     pl.receiver.ipc.background = False                 # idle mappings close on sweep() only
     link = _PostLog(log)
-    keys = set(lifetime.LEDGER._records)
-    yield pl, log, link
-    with lifetime.LEDGER.lock:
-        for k in set(lifetime.LEDGER._records) - keys:
-            del lifetime.LEDGER._records[k]
+    with ledger_records_dropped():
+        yield pl, log, link
 
 
 def _leases(pl, link, metas, serial=0):

@@ -25,7 +25,7 @@ from comfy_env.ipc.cuda.layout import pool_meta, unpack, validate_meta  # noqa: 
 from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
 from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 
-from _cuda_fakes import FakeStorage, FakeT  # noqa: E402
+from _cuda_fakes import FakeStorage, FakeT, fake_torch_on_stream, ledger_records_dropped  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,10 +108,7 @@ def worker(monkeypatch):
     monkeypatch.delenv("COMFY_ENV_CUDA_FRESH_COPY_MIB", raising=False)
     pl = CudaPlane()
     pl.local.t()
-    fake_torch = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
-    stream = types.SimpleNamespace(cuda_stream=7)
-    fake_torch.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
-    pl.local.torch = fake_torch
+    pl.local.torch = fake_torch_on_stream()
     pl.role = "worker"
     pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
     heap_gen = FakeGen("h", log)
@@ -122,11 +119,8 @@ def worker(monkeypatch):
     monkeypatch.setitem(codec._DISPATCH, FakeT, (pl,))
     link = lifetime.Link(lambda msgs: None, "parent")
     link.uid = "p" * 16
-    keys = set(lifetime.LEDGER._records)
-    yield pl, log, link, heap_gen
-    with lifetime.LEDGER.lock:
-        for k in set(lifetime.LEDGER._records) - keys:
-            del lifetime.LEDGER._records[k]
+    with ledger_records_dropped():
+        yield pl, log, link, heap_gen
 
 
 def _copies(log):
