@@ -112,6 +112,21 @@ class IsolatedFuture(Future):
         self._decoded = None
         self._decode_lock = threading.Lock()
         self._worker = None         # the worker running the call (its reader role, see result())
+        self._callbacks_to = None   # set while a caller completes it: who runs the callbacks
+
+    def _invoke_callbacks(self):
+        # Future.set_result / set_exception end here, on the completing thread.  A caller
+        # that read its own result hands the callbacks to the worker's reader thread
+        # (WorkerHandle._on_result); everywhere else they run here, as in the base class.
+        to = self._callbacks_to
+        if to is not None and self._done_callbacks:
+            self._callbacks_to = None
+            to(self)
+        else:
+            super()._invoke_callbacks()
+
+    def _run_done_callbacks(self):
+        Future._invoke_callbacks(self)
 
     def _set_lazy_result(self, lazy: LazyResult):
         self._lazy = lazy

@@ -122,6 +122,9 @@ class WorkerHandle:
         self._handed = None           # ... after dispatching this frame the caller read
         self._epoll = self._wake = None
         self._owner_pid = os.getpid()
+        # Futures a caller completed while reading its own result: their done-callbacks
+        # run on the reader thread (see _on_result).
+        self._deferred = collections.deque()
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -385,6 +388,8 @@ class WorkerHandle:
                         self._stand_aside()
                     else:
                         self._drain_wake()
+                if self._deferred:
+                    self._run_deferred()
                 with role:
                     rearm, handed = self._rearm, self._handed
                     self._handed = None
@@ -429,6 +434,7 @@ class WorkerHandle:
                 os.eventfd_write(self._wake, 1)
             while self._waiter is not None and not self._rearm:
                 role.wait()
+        self._run_deferred()        # no caller reads any more: nothing is deferred after this
         ep.close()
         os.close(self._wake)
         self._finish()
@@ -469,6 +475,25 @@ class WorkerHandle:
             raise
         self._epoll.modify(self.channel.fileno(), _ARMED)
         return True
+
+    def _run_callbacks(self, fut):
+        """Reader thread: run ``fut``'s done-callbacks, after waking a caller that waits
+        for it in read_for (it would otherwise wake only after this turn)."""
+        if self._waiter is fut:
+            os.eventfd_write(self._wake, 1)
+        self._run_deferred()          # those of futures completed before it first
+        fut._run_done_callbacks()
+
+    def _defer_callbacks(self, fut):
+        """A caller completed ``fut`` while reading its own result: its done-callbacks
+        run here, on the reader thread, as if this thread had read it."""
+        self._deferred.append(fut)
+        os.eventfd_write(self._wake, 1)
+
+    def _run_deferred(self):
+        deferred = self._deferred
+        while deferred:
+            deferred.popleft()._run_done_callbacks()
 
     def _drain_wake(self):
         """Take the wake-up eventfd's count (edge-triggered: it must be read to fire again)."""
@@ -621,12 +646,22 @@ class WorkerHandle:
                     f"worker pid {self.pid}: reading the call's result was interrupted "
                     f"(a signal handler raised on the thread reading it)"))
             kind, value = outcome
-            if kind is True:
-                fut.set_result(value)
-            elif kind is None:
-                fut._set_lazy_result(value)
+            # Done-callbacks run on the reader thread, as on ProcessPoolExecutor's manager
+            # thread, and a caller waiting in result() returns as soon as the outcome is
+            # there: a callback may wait for a lock the caller holds, or take long.
+            if threading.current_thread() is self._reader:
+                fut._callbacks_to = self._run_callbacks
             else:
-                fut.set_exception(value)
+                fut._callbacks_to = self._defer_callbacks     # a caller read its own result
+            try:
+                if kind is True:
+                    fut.set_result(value)
+                elif kind is None:
+                    fut._set_lazy_result(value)
+                else:
+                    fut.set_exception(value)
+            finally:
+                fut._callbacks_to = None
 
     def _outcome(self, frame, ok):
         """Decode a result frame: ``(True, value)``, ``(None, LazyResult)`` or ``(False, exc)``.
