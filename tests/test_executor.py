@@ -473,12 +473,25 @@ def test_call_timeout_counts_from_the_start_of_each_call_not_from_submit():
 
 
 def test_bad_constructor_arguments_are_refused():
-    for kwargs in [dict(max_workers=0), dict(max_workers=True), dict(call_timeout=0),
-                   dict(call_timeout=-1), dict(call_timeout="1")]:
+    for kwargs in [dict(call_timeout=0), dict(call_timeout=-1), dict(call_timeout="1")]:
         with pytest.raises(ValueError):
             IsolatedExecutor(**kwargs)
+    for bad in (0, -1):           # ProcessPoolExecutor's words, which its own tests match
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            IsolatedExecutor(max_workers=bad)
+    for bad in (True, "2", 1.5):
+        with pytest.raises(TypeError, match="max_workers must be an int or None"):
+            IsolatedExecutor(max_workers=bad)
     with pytest.raises(TypeError):
         IsolatedExecutor(initializer=42)
+
+
+def test_max_workers_none_is_one_per_cpu_this_process_may_use():
+    ex = IsolatedExecutor(max_workers=None)
+    try:
+        assert ex._pool.max_workers == len(os.sched_getaffinity(0))
+    finally:
+        ex.shutdown()
 
 
 @pytest.mark.timeout(30)
@@ -516,3 +529,46 @@ def test_an_unpicklable_result_fails_that_future_and_the_worker_survives():
         assert isinstance(exc, PicklingFailed)
         assert "result" in str(exc) and "lock" in str(exc) and "cannot pickle" in str(exc)
         assert ex.submit(_funcs.getpid).result(15) == pid
+
+
+@pytest.mark.timeout(60)
+def test_workers_start_for_the_calls_there_are_not_more():
+    """A call submitted while another worker still starts needs one more worker, not
+    one for every call already covered (3 calls once started 8 of 8)."""
+    for calls in (1, 2, 3):
+        with IsolatedExecutor(max_workers=8) as ex:
+            futs = [ex.submit(_funcs.add, i, 1) for i in range(calls)]
+            assert [f.result(30) for f in futs] == [i + 1 for i in range(calls)]
+            started = len(ex._pool.workers) + ex._pool.starting
+            assert 1 <= started <= calls, (calls, started)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_cancel_futures_right_after_submit_still_runs_the_calls_workers_start_for():
+    """As ProcessPoolExecutor (and its own test_cancel_futures): the calls handed to the
+    workers being started run; the rest are cancelled; none is left pending."""
+    ex = IsolatedExecutor(max_workers=2)
+    futs = [ex.submit(_funcs.sleep_then, 0.05, i) for i in range(30)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    cancelled = [f for f in futs if f.cancelled()]
+    ran = [f for f in futs if not f.cancelled()]
+    assert len(cancelled) > 20 and ran
+    assert all(f.done() and f.exception() is None for f in ran)
+    assert [f.result() for f in ran] == [futs.index(f) for f in ran]
+
+
+@pytest.mark.timeout(60)
+def test_map_with_chunks_is_a_generator_that_lets_go_of_what_it_yielded():
+    import types
+    import weakref
+    with IsolatedExecutor(max_workers=2) as ex:
+        it = ex.map(frozenset, [[i] for i in range(6)], chunksize=3)
+        assert isinstance(it, types.GeneratorType)
+        refs = []
+        for got in it:
+            refs.append(weakref.ref(got))
+            del got
+        assert [r() for r in refs] == [None] * 6       # nothing of the chunks kept them
+        it = ex.map(_funcs.sleep_then, [0.2] * 8, range(8), chunksize=2)
+        assert next(it) == 0
+        it.close()                                      # the calls not reached are cancelled

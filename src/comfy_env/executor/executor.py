@@ -73,7 +73,7 @@ from .. import fncache, forksafe, settings
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, interrupts, lifetime, planes  # noqa: F401  (planes: registers the data planes)
-from ..ipc.calls import check_reference, run_chunk
+from ..ipc.calls import chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
@@ -321,9 +321,9 @@ class _Pool:
         if self.broken is not None:
             raise type(self.broken)(str(self.broken)) from self.broken
         if self.shutting_down:
-            raise RuntimeError("cannot schedule new calls after shutdown")
+            raise RuntimeError("cannot schedule new futures after shutdown")
         if lifetime.exiting():
-            raise RuntimeError("cannot schedule new calls after interpreter shutdown")
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _deps_ready(self, item):
         # The inputs are done: the item no longer needs to list them (it keeps
@@ -566,8 +566,10 @@ class _Pool:
         if self.broken is not None or self.shutting_down and not self.pending:
             return 0
         live = len(self.workers) + self.starting
-        busy = live - len(self.idle)
-        want = min(self.max_workers, busy + len(self.pending))
+        # Workers still starting (or handshaking) will each take a pending call: only
+        # those running one are busy.
+        running = sum(1 for w in self.workers if w.item is not None)
+        want = min(self.max_workers, running + len(self.pending))
         n = max(0, want - live)
         self.starting += n
         return n
@@ -827,8 +829,13 @@ class _Pool:
         with self.lock:
             self.shutting_down = True
             if cancel_futures:
+                # As ProcessPoolExecutor, whose queue hands calls to its processes before
+                # they run: the calls workers are being started for still run.
+                coming = self.starting + sum(1 for w in self.workers if not w.ready and not w.exiting)
+                keep = [self.pending.popleft() for _ in range(min(coming, len(self.pending)))]
                 items = list(self.pending) + list(self.waiting)
                 self.pending.clear()
+                self.pending.extend(keep)
                 self.waiting.clear()
             else:
                 items = []
@@ -884,6 +891,20 @@ class _Pool:
         self._close_zygote(wait=True)
         self._stop_timer()
         self._notify_done()
+
+
+def _max_workers(value):
+    """``max_workers`` checked; None is the number of CPUs this process may run on."""
+    if value is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"max_workers must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_workers must be greater than 0, got {value}")
+    return value
 
 
 def _input_failure(dep):
@@ -966,7 +987,9 @@ class IsolatedExecutor(Executor):
             environment's packages, ``comfy_env`` and ``cloudpickle`` (linked
             from the parent) and what the spec's ``share`` adds, nothing else of
             the parent's: not its ``sys.path``, not its working directory.
-        max_workers: how many calls run in parallel (one worker process each).
+        max_workers: how many calls run in parallel (one worker process each,
+            started when calls need them).  ``None``: the number of CPUs this
+            process may run on, as for ``ProcessPoolExecutor``.
         initializer: a callable, or a ``"package.module:qualname"`` string, run
             as ``initializer(*initargs)`` once in each worker before its first
             call.  If it raises, the executor is broken
@@ -1027,7 +1050,7 @@ class IsolatedExecutor(Executor):
         comfy_env.envs.EnvError: ``env`` cannot be found, parsed or built.
     """
 
-    def __init__(self, env: Any = None, max_workers: int = 1, *,
+    def __init__(self, env: Any = None, max_workers: int | None = 1, *,
                  initializer: Callable[..., Any] | str | None = None, initargs: Iterable[Any] = (),
                  call_timeout: float | None = None, name: str | None = None,
                  worker_log_level: int | str | None = None, device: Any = None,
@@ -1038,8 +1061,7 @@ class IsolatedExecutor(Executor):
         if not isinstance(share_tensors_in_place, bool):
             raise TypeError(f"share_tensors_in_place must be True or False, "
                             f"got {share_tensors_in_place!r}")
-        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
+        max_workers = _max_workers(max_workers)
         if call_timeout is not None:
             if not isinstance(call_timeout, (int, float)) or isinstance(call_timeout, bool) \
                     or call_timeout <= 0:
@@ -1163,7 +1185,7 @@ class IsolatedExecutor(Executor):
             return super().map(fn, *iterables, timeout=timeout)
         chunks = _chunks(zip(*iterables), chunksize)
         results = super().map(run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
-        return itertools.chain.from_iterable(results)
+        return chain_chunk_results(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls and stop the workers once their work is done.

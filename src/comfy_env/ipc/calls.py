@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-__all__ = ["adopt_import_paths", "check_reference", "resolve_reference", "run_chunk"]
+__all__ = ["adopt_import_paths", "chain_chunk_results", "check_reference", "resolve_reference", "run_chunk"]
 
 
 def check_reference(ref: str) -> tuple[str, str]:
@@ -45,6 +45,16 @@ def run_chunk(fn, chunk):
     if isinstance(fn, str):
         fn = resolve_reference(fn)
     return [fn(*args) for args in chunk]
+
+
+def chain_chunk_results(results):
+    """The items of each chunk's result list, in order, as ProcessPoolExecutor.map yields
+    them: a generator (``close()`` cancels the calls not yet reached) that lets go of
+    each item as it yields it, so the caller alone decides how long a result lives."""
+    for chunk in results:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()
 
 
 def adopt_import_paths(cfg) -> None:

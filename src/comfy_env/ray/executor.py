@@ -37,6 +37,7 @@ import ray
 
 from ..errors import CallTimeout, InitializerFailed, RemoteError, RemoteTraceback, WorkerCrashed
 from ..executor.executor import _by_reference, _find_futures, _pickle_by_value
+from ..ipc.calls import chain_chunk_results
 from .runtime_env import cluster_runtime_env, local_runtime_env
 from .task import ByValue, run_call, run_chunk_call
 
@@ -255,7 +256,7 @@ class RayExecutor(Executor):
                  call_timeout=None, initializer=None, initargs=()):
         if max_workers is not None and (not isinstance(max_workers, int) or isinstance(max_workers, bool)
                                         or max_workers < 1):
-            raise ValueError(f"max_workers must be None or an int >= 1, got {max_workers!r}")
+            raise ValueError(f"max_workers must be greater than 0 (an int, or None), got {max_workers!r}")
         if call_timeout is not None and (not isinstance(call_timeout, (int, float))
                                          or isinstance(call_timeout, bool) or call_timeout <= 0):
             raise ValueError(f"call_timeout must be a positive number of seconds or None, "
@@ -370,7 +371,7 @@ class RayExecutor(Executor):
             return super().map(fn, *iterables, timeout=timeout)
         from ..executor.executor import _chunks
         results = super().map(_Chunk(fn), _chunks(zip(*iterables), chunksize), timeout=timeout)
-        return itertools.chain.from_iterable(results)
+        return chain_chunk_results(results)
 
     # -- scheduling ----------------------------------------------------------------------
     def _pump(self):
