@@ -191,3 +191,11 @@ def fail_on(x, bad):
     if x == bad:
         raise ValueError(f"item {x} is bad")
     return x * 10
+
+
+def limit_address_space(extra_mib):
+    """Initializer: this worker may map only ``extra_mib`` MiB more than it has now."""
+    import resource
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (extra_mib << 20), resource.RLIM_INFINITY))

@@ -572,3 +572,40 @@ def test_map_with_chunks_is_a_generator_that_lets_go_of_what_it_yielded():
         it = ex.map(_funcs.sleep_then, [0.2] * 8, range(8), chunksize=2)
         assert next(it) == 0
         it.close()                                      # the calls not reached are cancelled
+
+
+@pytest.mark.timeout(90)
+def test_a_call_that_kills_every_worker_receiving_it_fails_instead_of_being_resent_forever():
+    """An argument too big for the worker's memory: the worker dies receiving it, the
+    call is sent once more (the first worker might have died idle), then fails."""
+    with IsolatedExecutor(initializer=_funcs.limit_address_space, initargs=(48,),
+                          worker_output="discard") as ex:
+        fut = ex.submit(len, bytes(160 << 20))
+        exc = fut.exception(60)
+        assert isinstance(exc, WorkerCrashed), exc
+        assert "while the call was being sent to it" in str(exc) and "Cannot allocate memory" in str(exc)
+        assert ex.submit(len, b"abc").result(30) == 3          # and the executor goes on
+
+
+@pytest.mark.timeout(60)
+def test_a_send_that_fails_on_our_side_stops_that_worker_and_the_call_runs_on_a_fresh_one(monkeypatch):
+    """No buffer space (ENOBUFS), too many fds in flight: the worker is alive but the
+    frame may be half out, so it is stopped; the call, not delivered, runs elsewhere."""
+    import errno
+    from comfy_env.executor import worker_handle
+    real = worker_handle.WorkerHandle.send_call
+    sends = []
+
+    def fails_once(self, item, chunks, fds):
+        sends.append(self.pid)
+        if len(sends) == 2:
+            self.item = item
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return real(self, item, chunks, fds)
+
+    monkeypatch.setattr(worker_handle.WorkerHandle, "send_call", fails_once)
+    with IsolatedExecutor(max_workers=1) as ex:
+        first = ex.submit(os.getpid).result(30)
+        second = ex.submit(os.getpid).result(30)
+        assert second != first and ex.worker_pids() == [second]
+        assert ex.submit(_funcs.add, 1, 2).result(30) == 3

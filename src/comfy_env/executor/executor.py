@@ -91,6 +91,7 @@ _exit_started = False           # the at-exit shutdown runs: a failed start is n
 
 DEFAULT_START_TIMEOUT = 300.0   # seconds: a cold import of torch plus an initializer loading a model
 START_RETRY_BACKOFF = 1.0       # seconds before a failed worker start is tried once more
+MAX_SEND_FAILURES = 2           # a call whose send failed this often fails (WorkerCrashed)
 
 
 # What a timer entry is for, besides a call (named by its call id).
@@ -424,17 +425,26 @@ class _Pool:
             return True
         try:
             worker.send_call(item, chunks, fds)
-        except (ChannelClosed, OSError):
-            # Died between calls: the reader reports it; the call was not
-            # delivered, so it goes back to the front of the queue.
+        except (ChannelClosed, OSError) as exc:
             fb.abort()
-            # Requeue only if the worker's reader has not claimed the item for
-            # its death report already (WorkerHandle._finish): a call both failed
-            # and re-run would set its future twice.
+            item.send_failures += 1
+            # The worker died between calls (killed while idle), or while it received
+            # this one: the call goes back to the front of the queue, once.  A second
+            # failure is left to the death report (WorkerCrashed): a call whose frame
+            # kills every worker it reaches (an argument too big for the worker's
+            # memory) must fail, not start workers forever.  Requeued only if the
+            # worker's reader has not claimed the item for its death report already
+            # (WorkerHandle._finish): a call both failed and re-run would set its
+            # future twice.
             with self.lock:
-                if worker.item is item:
+                if worker.item is item and item.send_failures < MAX_SEND_FAILURES:
                     worker.item = None
                     self.pending.appendleft(item)
+            if not isinstance(exc, ChannelClosed):
+                # Our side of the send failed (no buffer space, too many fds in flight)
+                # with part of the frame perhaps out: the channel can't be trusted, and
+                # the worker, alive, would wait for the rest forever.
+                worker.stop_interrupted(exc)
             return True
         except BaseException as exc:
             # Cut short while sending (a signal handler that was not held back):
@@ -731,9 +741,14 @@ class _Pool:
                     f"exit after one) while this call ran; its worker (pid {worker.pid}) was killed"))
             else:
                 msg, tail = worker.describe_exit(code)
-                item.future.set_exception(WorkerCrashed(
-                    f"the worker died while running the call: {msg}", exitcode=code,
-                    stderr_tail=tail))
+                if item.send_failures:
+                    what = (f"the worker died while the call was being sent to it, and so did "
+                            f"the one before it (the call itself may kill them: an argument too "
+                            f"big for the worker's memory?): {msg}" if item.send_failures > 1 else
+                            f"the call could not be sent to the worker: {msg}")
+                else:
+                    what = f"the worker died while running the call: {msg}"
+                item.future.set_exception(WorkerCrashed(what, exitcode=code, stderr_tail=tail))
         if not worker.ready and not worker.exiting:
             if start_timed_out:
                 msg, _ = worker.describe_exit(code)

@@ -817,9 +817,9 @@ class WorkerHandle:
             how = (f"broke the channel's protocol (protocol error: {self.protocol_error}) and "
                    f"was stopped; it {how}")
         elif self.read_interrupted is not None:
-            how = (f"was stopped because a read or a send on its channel was interrupted "
-                   f"({type(self.read_interrupted).__name__} raised there, so the channel's "
-                   f"state was unknown); it {how}")
+            how = (f"was stopped because a read or a send on its channel failed or was "
+                   f"interrupted ({type(self.read_interrupted).__name__} raised there: "
+                   f"{self.read_interrupted}; the channel's state was unknown); it {how}")
         tail = "\n".join(self.stderr_tail)
         msg = f"worker pid {self.pid} ({self.pool.wenv.label}) {how}"
         if tail:

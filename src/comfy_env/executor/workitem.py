@@ -22,7 +22,7 @@ class Stage(enum.Enum):
 
 
 class WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage")
+    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage", "send_failures")
 
     def __init__(self, future, fn, args, kwargs, deps):
         self.future = future
@@ -32,6 +32,7 @@ class WorkItem:
         self.call_id = next(_ids)
         self.deps = deps
         self.stage = Stage.QUEUED
+        self.send_failures = 0      # sends of it that failed (the worker died or the send broke)
 
     def drop_inputs(self, keep_fn=False):
         """Let go of what the user submitted once nothing will send it again (the call
