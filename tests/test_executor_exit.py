@@ -150,3 +150,33 @@ def test_ctrl_c_during_a_long_call_exits_promptly_and_stops_the_workers(pyver, c
     if case != "during-exit":       # there the exit's own wait takes the interrupt, quietly
         assert "KeyboardInterrupt" in stderr
     assert "Exception ignored" not in stderr and "RuntimeError" not in stderr, stderr
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_a_failed_call_kept_in_a_traceback_cycle_is_collected_without_a_crash(pyver, tmp_path):
+    """The frame a failed start or encode left in its traceback (a reference cycle) used
+    to hold a view exporting a BytesIO: the collector freed the BytesIO first
+    ("deallocated BytesIO object has exported buffers"), and Python 3.12 segfaulted."""
+    code = textwrap.dedent("""
+        import gc
+        from comfy_env import IsolatedExecutor
+
+        def init():
+            1 / 0
+
+        ex = IsolatedExecutor(initializer=init)
+        try:
+            ex.submit(sum, [1, 2]).result(60)
+        except Exception as e:
+            print("failed:", type(e).__name__, flush=True)
+        ex.shutdown()
+        del ex
+        gc.collect()
+        with IsolatedExecutor() as ex:
+            print("then:", ex.submit(sum, [1, 2]).result(60), flush=True)
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["failed: InitializerFailed", "then: 3"], proc.stdout
+    assert "Exception ignored" not in proc.stderr and "SystemError" not in proc.stderr, proc.stderr

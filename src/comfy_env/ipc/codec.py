@@ -257,6 +257,16 @@ def _dumps_plain(obj, flag):
         return pickle.dumps(obj, PROTOCOL)
     buf = io.BytesIO()
     _InlinePickler(buf, PROTOCOL).dump(obj)
+    return _bytes_of(buf)
+
+
+def _bytes_of(buf):
+    """``buf``'s contents.  ``getvalue()``, not ``getbuffer()``: CPython hands over its
+    internal bytes (shrunk in place, not copied) when nothing exports the buffer, and
+    a ``getbuffer()`` view kept in a part that ends up in a reference cycle (a
+    traceback holding the frame) lets the collector free the BytesIO while the view
+    exports it: "deallocated BytesIO object has exported buffers", then a segfault on
+    Python 3.12."""
     return buf.getvalue()
 
 
@@ -412,7 +422,7 @@ class FrameBuilder:
         buf = io.BytesIO()
         enc = Encoder(buf, self, self.link, forward_future)
         enc.dump(obj)
-        self.parts[index] = Part(buf.getbuffer(), None if enc.plain else enc.refs)
+        self.parts[index] = Part(_bytes_of(buf), None if enc.plain else enc.refs)
         return index
 
     def forward_part(self, part, records):
