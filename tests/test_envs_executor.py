@@ -112,6 +112,13 @@ def test_worker_with_another_python_minor_version(tmp_path):
         # By reference works across versions.
         assert ex.submit("platform:python_version").result(60) == other.version_str
         assert ex.submit("math:hypot", 3, 4).result(30) == 5.0
+        # Functions of modules compiled into the interpreter go by reference too.
+        import operator
+        import time
+        assert ex.submit(sum, [1, 2, 3]).result(30) == 6
+        assert ex.submit(operator.add, 2, 3).result(30) == 5
+        assert ex.submit(time.sleep, 0).result(30) is None
+        assert isinstance(ex.submit(os.getpid).result(30), int)
         # By value is refused, naming both versions.
         with pytest.raises(Exception) as e:
             ex.submit(lambda: 1).result(30)

@@ -609,3 +609,62 @@ def test_a_send_that_fails_on_our_side_stops_that_worker_and_the_call_runs_on_a_
         second = ex.submit(os.getpid).result(30)
         assert second != first and ex.worker_pids() == [second]
         assert ex.submit(_funcs.add, 1, 2).result(30) == 3
+
+
+@pytest.mark.timeout(60)
+def test_timeouts_are_checked_and_an_infinite_one_means_none():
+    for name in ("call_timeout", "start_timeout"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive number of seconds"):
+            IsolatedExecutor(**{name: float("nan")})
+    with IsolatedExecutor(call_timeout=float("inf"), start_timeout=float("inf")) as ex:
+        assert ex._pool.call_timeout is None and ex._pool.start_timeout is None
+        assert ex.submit(_funcs.add, 1, 2).result(30) == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_deadline_years_away_leaves_the_watchdog_working():
+    """A start_timeout of 1e10 s overflowed the watchdog's wait and ended its thread:
+    call_timeout then never fired."""
+    with IsolatedExecutor(start_timeout=1e10, call_timeout=1) as ex:
+        with pytest.raises(CallTimeout):
+            ex.submit(_funcs.sleep_then, 30).result(20)
+
+
+def test_worker_log_level_is_checked_when_the_executor_is_made():
+    with pytest.raises(ValueError, match="worker_log_level must be a logging level name"):
+        IsolatedExecutor(worker_log_level="LOUD")
+    with IsolatedExecutor(worker_log_level="debug") as ex:       # any case
+        assert ex._pool.worker_log_level == "DEBUG"
+
+
+@pytest.mark.timeout(60)
+def test_futures_cancelled_by_shutdown_are_done_for_wait_and_as_completed():
+    from concurrent.futures import as_completed, wait
+    ex = IsolatedExecutor(max_workers=1)
+    ex.submit(_funcs.add, 1, 1).result(30)
+    futs = [ex.submit(_funcs.sleep_then, 0.2, i) for i in range(10)]
+    futs[5].cancel()                          # cancelled by the caller before, too
+    ex.shutdown(wait=False, cancel_futures=True)
+    done, not_done = wait(futs, timeout=20)
+    assert not not_done and sum(f.cancelled() for f in futs) >= 8
+    assert len(list(as_completed(futs, timeout=20))) == 10
+    ex.shutdown(wait=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_be_started_leaves_no_socket_behind(monkeypatch):
+    from comfy_env.executor import launch
+
+    def refuse(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(launch, "spawn", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    kept = []
+    for _ in range(5):
+        ex = IsolatedExecutor()
+        with pytest.raises(Exception):
+            ex.submit(_funcs.add, 1, 2).result(30)
+        ex.shutdown(wait=True)
+        kept.append(ex)                       # the error's traceback stays reachable
+    assert len(os.listdir("/proc/self/fd")) <= before

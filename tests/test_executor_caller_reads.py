@@ -539,3 +539,41 @@ def test_a_caller_that_handed_its_read_over_may_shut_down_as_soon_as_its_result_
     finally:
         signal.signal(signal.SIGINT, old)
     assert handed, "the main thread never handed a turn over: the test does not test anything"
+
+
+@pytest.mark.parametrize("who", ["caller", "reader"])
+@pytest.mark.timeout(120)
+def test_a_result_this_process_has_no_memory_for_is_one_WorkerCrashed_naming_it(who, tmp_path):
+    """The parent can't map a big result's frame (ENOMEM): whoever reads it, the
+    future's outcome is a WorkerCrashed naming the error, the same for every accessor
+    (result() raised the raw OSError when the caller read it), and the worker is stopped."""
+    import subprocess
+    import sys
+    code = textwrap.dedent(f"""
+        import os, resource, time
+        from comfy_env import IsolatedExecutor, WorkerCrashed
+
+        def big(n):
+            return b"z" * n
+
+        with IsolatedExecutor(worker_output="discard") as ex:
+            pid = ex.submit(os.getpid).result(60)
+            with open("/proc/self/status") as f:
+                vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
+            resource.setrlimit(resource.RLIMIT_AS, (vm + (200 << 20), resource.RLIM_INFINITY))
+            fut = ex.submit(big, 400 << 20)
+            if {who!r} == "reader":
+                while not fut.done():
+                    time.sleep(0.02)
+            try:
+                fut.result(60)
+            except WorkerCrashed as exc:
+                first = exc
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+            assert fut.exception(10) is first, (fut.exception(), first)
+            assert "Cannot allocate memory" in str(first), first
+            print("ok", ex.submit(os.getpid).result(60) != pid)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100,
+                          cwd=str(tmp_path))
+    assert proc.stdout.strip() == "ok True", proc.stdout + proc.stderr

@@ -58,6 +58,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -95,6 +96,7 @@ MAX_SEND_FAILURES = 2           # a call whose send failed this often fails (Wor
 
 
 # What a timer entry is for, besides a call (named by its call id).
+_LONGEST_WAIT = 3600.0          # seconds the watchdog sleeps at most before it looks again
 _START = "start"                # the worker must be ready by then
 _RETRY = "retry"                # start a worker again (after a failed start)
 
@@ -159,7 +161,8 @@ class _Timer:
                     now = time.monotonic()
                     if when <= now:
                         break
-                    self._cond.wait(when - now)
+                    # Capped: a deadline years away (a huge timeout) would overflow the wait.
+                    self._cond.wait(min(when - now, _LONGEST_WAIT))
                 _, _, worker, what = heapq.heappop(self._heap)
             pool = self._pool()
             if pool is None:
@@ -196,6 +199,8 @@ def _by_reference(fn):
     qual = getattr(fn, "__qualname__", "")
     if not mod or mod == "__main__" or "<" in qual:
         return False
+    if mod in sys.builtin_module_names:
+        return True             # compiled into every interpreter (sum, time.sleep, os.getpid)
     module = sys.modules.get(mod)
     if module is None:
         return False
@@ -824,8 +829,13 @@ class _Pool:
                 # already running, so it fails rather than being cancelled.
                 item.future.set_exception(RuntimeError("the executor was shut down before this "
                                                        "call could be delivered"))
-            else:
-                item.future.cancel()
+            elif item.future.cancel():
+                # Tell wait() and as_completed() too (Future.cancel alone does not;
+                # ProcessPoolExecutor does when its queue reaches the call).
+                try:
+                    item.future.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass            # told already
             item.drop_inputs()
 
     def shutdown(self, wait=True, cancel_futures=False):
@@ -906,6 +916,27 @@ class _Pool:
         self._close_zygote(wait=True)
         self._stop_timer()
         self._notify_done()
+
+
+def _seconds(name, value):
+    """A timeout argument checked: a positive number of seconds, or None (no limit;
+    ``float("inf")`` means the same)."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+    return None if math.isinf(value) else value
+
+
+def _log_level(value):
+    """``worker_log_level`` checked here rather than by each worker's start: a level
+    name (any case) or number, or None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and isinstance(logging.getLevelName(value.upper()), int):
+        return value.upper()
+    raise ValueError(f"worker_log_level must be a logging level name (DEBUG, INFO, WARNING, ERROR, "
+                     f"CRITICAL) or number, or None, got {value!r}")
 
 
 def _max_workers(value):
@@ -1077,16 +1108,9 @@ class IsolatedExecutor(Executor):
             raise TypeError(f"share_tensors_in_place must be True or False, "
                             f"got {share_tensors_in_place!r}")
         max_workers = _max_workers(max_workers)
-        if call_timeout is not None:
-            if not isinstance(call_timeout, (int, float)) or isinstance(call_timeout, bool) \
-                    or call_timeout <= 0:
-                raise ValueError(f"call_timeout must be a positive number of seconds or None, "
-                                 f"got {call_timeout!r}")
-        if start_timeout is not None:
-            if not isinstance(start_timeout, (int, float)) or isinstance(start_timeout, bool) \
-                    or start_timeout <= 0:
-                raise ValueError(f"start_timeout must be a positive number of seconds or None, "
-                                 f"got {start_timeout!r}")
+        call_timeout = _seconds("call_timeout", call_timeout)
+        start_timeout = _seconds("start_timeout", start_timeout)
+        worker_log_level = _log_level(worker_log_level)
         if initializer is not None and not (callable(initializer) or isinstance(initializer, str)):
             raise TypeError(f"initializer must be callable or a 'module:qualname' string, "
                             f"got {initializer!r}")

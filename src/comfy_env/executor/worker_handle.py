@@ -139,6 +139,7 @@ class WorkerHandle:
         except BaseException:
             os.close(self._alive_w)
             self._alive_w = None
+            parent.close()          # nothing will read it (the error's traceback keeps this frame)
             raise
         finally:
             child.close()
@@ -423,10 +424,10 @@ class WorkerHandle:
             # nothing after them can be trusted.  The death report names it.
             self.protocol_error = exc
             self.kill()
-        except BaseException as exc:      # a bug here must not hang futures
+        except BaseException as exc:      # no memory for a frame, or a bug: must not hang futures
             self.logger.error("comfy_env: reader of worker %s failed: %r", self.pid, exc,
                               exc_info=True)
-            self.kill()
+            self.stop_interrupted(exc)    # the death report names it
         with role:
             if self._read_end is None:
                 self._read_end = ChannelClosed("the worker's channel is done")
@@ -590,6 +591,13 @@ class WorkerHandle:
                             if not self._read_turn(unheld):
                                 return      # handed to the reader thread, which re-arms
                         except (ChannelClosed, ProtocolError):
+                            clean = True
+                            return
+                        except Exception:
+                            # This read failed (no memory for the frame): the reader
+                            # thread stops the worker (_read_end), and the death report,
+                            # naming the error, is the future's outcome for every
+                            # accessor alike.
                             clean = True
                             return
                     else:
