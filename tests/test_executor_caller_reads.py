@@ -577,3 +577,33 @@ def test_a_result_this_process_has_no_memory_for_is_one_WorkerCrashed_naming_it(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100,
                           cwd=str(tmp_path))
     assert proc.stdout.strip() == "ok True", proc.stdout + proc.stderr
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_put_off_by_a_held_step_interrupts_the_blocking_wait_after_it(pyver, tmp_path):
+    """The put-off Ctrl-C is delivered again as a real signal: a flag for the next
+    bytecode (``_thread.interrupt_main``) did not wake a wait the main thread went on
+    into, so it came only when that wait ended (here 30 s later)."""
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        from comfy_env.ipc import interrupts
+
+        assert interrupts.install()
+
+        @interrupts.holds
+        def step():
+            time.sleep(0.3)               # a step that must not be cut in two
+
+        t0 = time.monotonic()
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            step()
+            threading.Event().wait(30)    # a blocking wait right after it
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted after %.1f s" % (time.monotonic() - t0))
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=60)
+    out = proc.stdout.strip()
+    assert out.startswith("interrupted after") and float(out.split()[2]) < 5, (out, proc.stderr)

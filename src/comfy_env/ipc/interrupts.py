@@ -10,7 +10,7 @@ updated (a block leaked, or freed while in use).
 
 So the functions that make such steps are marked with :func:`holds`, and while one of
 them is on the main thread's stack a SIGINT is put off: the handler has it delivered
-again a millisecond later (``_thread.interrupt_main``) and returns, until it finds no
+again a millisecond later (``signal.pthread_kill`` to the main thread) and returns, until it finds no
 held step, and then raises the ``KeyboardInterrupt``.  A step is a few to a few hundred
 microseconds; a wait is never held (:func:`waiting` marks one inside a held step), so
 Ctrl-C still interrupts at once as far as a person can tell.  One exception: a
@@ -88,12 +88,22 @@ def _again(signum):
     global _retries
     delay = RETRY_S * (1 << min(_retries, _MAX_DOUBLINGS))
     _retries += 1
-    t = threading.Timer(delay, _thread.interrupt_main, (signum,))
+    t = threading.Timer(delay, _redeliver, (signum,))
     t.daemon = True
     try:
         t.start()
     except RuntimeError:        # interpreter exit: no thread may start; raise it now
         raise KeyboardInterrupt from None
+
+
+def _redeliver(signum):
+    """A real signal to the main thread, not ``_thread.interrupt_main``: that one only
+    flags the signal for the interpreter's next bytecode, so a main thread that went on
+    into a blocking wait (epoll, a lock, a sleep) would not see it until the wait ended."""
+    try:
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    except (AttributeError, OSError, ValueError):
+        _thread.interrupt_main(signum)
 
 
 def install() -> bool:
