@@ -315,3 +315,39 @@ def test_forked_workers_start_report_and_exit_with_the_script(pyver, tmp_path):
     assert proc.stdout.strip() == "[True, True, True, 5]", proc.stderr
     # Nothing but the crashing worker's own stderr line, streamed (worker_output="stream").
     assert proc.stderr.splitlines() == ["[local-1#1] bye"], proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_submit_does_not_wait_for_the_preload_and_stopping_ends_a_hanging_one_at_once():
+    ex = IsolatedExecutor(preload=["_zygote_hang"], start_timeout=None)
+    t0 = time.monotonic()
+    fut = ex.submit(_funcs.add, 1, 2)
+    assert time.monotonic() - t0 < 2            # the preload runs on another thread
+    time.sleep(1)
+    zygote = ex._pool.zygote._starting
+    assert zygote is not None and zygote.poll() is None       # importing, for ever
+    t0 = time.monotonic()
+    ex._pool.stop_now()                         # what a Ctrl-C leaving `with` does
+    assert time.monotonic() - t0 < 5
+    assert fut.cancelled() or isinstance(fut.exception(5), Exception)
+    zygote.wait(timeout=5)                      # killed, and reaped
+
+
+@pytest.mark.timeout(90)
+def test_a_wedged_zygote_holds_a_worker_start_for_start_timeout_not_a_minute():
+    with IsolatedExecutor(preload=[PRELOADED], start_timeout=3) as ex:
+        ex.submit(zf.pid).result(30)
+        zpid = zygote_pid(ex)
+        os.kill(zpid, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerCrashed):
+                ex.submit(os._exit, 1).result(30)      # its replacement needs the zygote
+            t0 = time.monotonic()
+            assert ex.submit(_funcs.add, 1, 2).result(40) == 3
+            assert time.monotonic() - t0 < 20
+            assert zygote_pid(ex) != zpid           # the wedged one was killed, a new one started
+        finally:
+            try:
+                os.kill(zpid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass

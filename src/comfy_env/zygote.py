@@ -160,7 +160,13 @@ class Zygote:
         self._stderr_tail = []
         self._reader = None
         self._started = []              # _Started, one per zygote process not yet waited for
+        self._starting = None           # the zygote process whose preload runs now (close kills it)
         _zygotes.add(self)
+
+    @property
+    def starts_on_next_fork(self) -> bool:
+        """Whether the next :meth:`fork` starts the zygote first (runs the preload)."""
+        return self._unusable is None and self._channel is None and not self._closed
 
     # -- used by launch.spawn ----------------------------------------------------
     def fork(self, child_fd, alive_fd, on_exit):
@@ -192,10 +198,11 @@ class Zygote:
                 os.close(out_w)
                 os.close(err_w)
             # A fork takes milliseconds; a zygote that does not answer is wedged.
-            if not waiter[0].wait(FORK_REPLY_TIMEOUT):
+            limit = min(FORK_REPLY_TIMEOUT, self.start_timeout or FORK_REPLY_TIMEOUT)
+            if not waiter[0].wait(limit):
                 self._kill_wedged(channel)
                 raise self._died(f"the zygote did not answer a fork request within "
-                                 f"{FORK_REPLY_TIMEOUT:.0f} s and was killed")
+                                 f"{limit:g} s and was killed")
             reply, fds = waiter[1], waiter[2]
             if reply is None:
                 raise self._died("the zygote died before it forked the worker")
@@ -234,8 +241,13 @@ class Zygote:
         done -- each step bounded by CLOSE_WAIT, and a zygote that does not exit
         in time is killed.
         """
+        self._closed = True
+        starting = self._starting
+        if starting is not None:
+            # Its preload runs now, under the lock (a slow import, or one that hangs):
+            # no worker of it exists to wait for, and the start fails at once.
+            starting.kill()
         with self._lock:
-            self._closed = True
             channel, self._channel = self._channel, None
             started = list(self._started)
         if forksafe.PID != self.pid:
@@ -278,6 +290,7 @@ class Zygote:
             child.close()
             os.close(alive_r)
         proc_box.append(proc)
+        self._starting = proc
         forksafe.track_channel(parent)
         drain = threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
                                  name=f"comfy_env-zygote-stderr-{proc.pid}")
@@ -297,6 +310,8 @@ class Zygote:
             timer.daemon = True
             timer.start()
         try:
+            if self._closed:
+                raise ChannelClosed("the executor was shut down while its zygote started")
             _send(parent, ("preload", cfg))
             msg, _ = _recv(parent)
         except (ChannelClosed, OSError) as exc:
@@ -308,6 +323,7 @@ class Zygote:
                 f"the zygote of environment {self.wenv.label!r} (preload={self.preload}) "
                 f"died while starting: {exc}" + (f"; its stderr:\n{tail}" if tail else "")) from exc
         finally:
+            self._starting = None
             if timer is not None:
                 timer.cancel()
         kind = msg[0]

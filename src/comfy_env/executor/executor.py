@@ -377,6 +377,13 @@ class _Pool:
         retired, n = more
         for w in retired:
             w.request_exit()
+        if n and self.zygote is not None and self.zygote.starts_on_next_fork:
+            # The first fork starts the zygote, which runs the preload (seconds, or a
+            # hang that start_timeout ends): not on the thread calling submit().
+            for _ in range(n):
+                if lifetime.start_thread(self._start_worker, "comfy_env-start") is None:
+                    self._start_worker()        # interpreter exit: it fails the calls clearly
+            return
         for _ in range(n):
             self._start_worker()
 
