@@ -668,3 +668,24 @@ def test_a_worker_that_cannot_be_started_leaves_no_socket_behind(monkeypatch):
         ex.shutdown(wait=True)
         kept.append(ex)                       # the error's traceback stays reachable
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.timeout(60)
+def test_a_path_added_to_sys_path_after_the_worker_started_is_the_workers_too(tmp_path):
+    """env=None: code that adds a plugin directory at run time (as ComfyUI does) and
+    imports from it; the worker, started before, imports the call's function from it."""
+    import importlib
+    import sys
+    lib = tmp_path / "late_plugins"
+    lib.mkdir()
+    (lib / "late_plugin_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    with IsolatedExecutor() as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)            # started before the path existed
+        sys.path.insert(0, str(lib))
+        try:
+            mod = importlib.import_module("late_plugin_mod")
+            assert ex.submit(mod.triple, 2).result(30) == 6
+            assert ex.submit("late_plugin_mod:triple", 3).result(30) == 9
+        finally:
+            sys.path.remove(str(lib))
+            sys.modules.pop("late_plugin_mod", None)

@@ -38,10 +38,16 @@ from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
-from .ipc.calls import adopt_import_paths, resolve_reference
-from .ipc.protocol import (Call, Control, Exit, Hello, Init, InitFailed, Log, Ready, Result,
-                           apply_control)
+from .ipc.calls import adopt_import_paths, adopt_sys_path, resolve_reference
+from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
+                           Result, apply_control, handles)
 from .ipc.transport import Channel, ChannelClosed
+
+
+# Registered here, in the worker only: a parent never takes a sys.path from a worker.
+@handles(ImportPaths)
+def _apply_import_paths(link, msg):
+    adopt_sys_path(msg.paths)
 
 # A real-time signal: no library has a use for it, and unlike SIGUSR1 user code
 # is unlikely to install its own handler over faulthandler's.

@@ -61,7 +61,7 @@ from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteEr
                       RemoteTraceback, WorkerCrashed, WorkerStartError)
 from .. import settings
 from ..ipc import codec, interrupts, lifetime
-from ..ipc.protocol import (Control, Exit, Hello, Init, InitFailed, Log, Ready, Result,
+from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready, Result,
                             apply_control)
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
@@ -125,6 +125,9 @@ class WorkerHandle:
         # Futures a caller completed while reading its own result: their done-callbacks
         # run on the reader thread (see _on_result).
         self._deferred = collections.deque()
+        # This process's sys.path as the worker last had it (env=None workers only):
+        # a change goes with the next call (ImportPaths), as code adds plugin paths at run time.
+        self._sent_path = None
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -174,6 +177,10 @@ class WorkerHandle:
             lifetime.LEDGER.drain()
         except Exception:           # a plane's free failed: the call still goes
             self.logger.exception("comfy_env: applying dropped blocks before a call failed")
+        sent = self._sent_path
+        if sent is not None and sys.path != sent:
+            self._sent_path = list(sys.path)
+            self.link.post(ImportPaths(self._sent_path))
         self.link.flush()
         self.channel.send(chunks, fds)
 
@@ -332,10 +339,12 @@ class WorkerHandle:
                 f"{self.pool.wenv.label!r} says Python {'.'.join(map(str, env_py))}"
             )
         self.link.uid = info["uid"]
+        if self.pool.wenv.is_current:
+            self._sent_path = list(sys.path)
         cfg = {
             "uid": lifetime.PROCESS_UID,
             "name": self.link.name,
-            "sys_path": list(sys.path) if self.pool.wenv.is_current else None,
+            "sys_path": self._sent_path,
             "cwd": os.getcwd(),     # a foreign worker starts elsewhere (launch.py): it changes here
             "log_level": self.pool.worker_log_level,
             "settings": settings.to_wire(self.pool.settings),

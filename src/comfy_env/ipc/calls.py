@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-__all__ = ["adopt_import_paths", "chain_chunk_results", "check_reference", "resolve_reference", "run_chunk"]
+__all__ = ["adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "resolve_reference", "run_chunk"]
 
 
 def check_reference(ref: str) -> tuple[str, str]:
@@ -57,6 +57,12 @@ def chain_chunk_results(results):
             yield chunk.pop()
 
 
+def adopt_sys_path(paths) -> None:
+    """The parent's ``sys.path`` first, then what only this process added (its own extras)."""
+    extra = [p for p in sys.path if p not in paths]
+    sys.path[:] = list(paths) + extra
+
+
 def adopt_import_paths(cfg) -> None:
     """Take the parent's ``sys.path`` (first, keeping our own extras after it) and cwd.
 
@@ -64,8 +70,7 @@ def adopt_import_paths(cfg) -> None:
     is the right one.  A cwd that is gone or unreadable here is skipped (the call
     may not need it; an import that does fails with its own clear error)."""
     if cfg.get("sys_path") is not None:
-        extra = [p for p in sys.path if p not in cfg["sys_path"]]
-        sys.path[:] = list(cfg["sys_path"]) + extra
+        adopt_sys_path(cfg["sys_path"])
     if cfg.get("cwd"):
         try:
             os.chdir(cfg["cwd"])

@@ -158,7 +158,7 @@ class Log(_Message):
 
 @_message
 class Control(_Message):
-    """A batch of control messages (``Release``, ``PlaneMessage``)."""
+    """A batch of control messages (``Release``, ``PlaneMessage``, ``ImportPaths``)."""
     __slots__ = ()
     _fields = ("messages",)
 
@@ -196,9 +196,21 @@ class PlaneMessage(_Message):
         return tuple.__new__(cls, ("plane", plane, payload))
 
 
+@_message
+class ImportPaths(_Message):
+    """Control, parent to a worker of its own environment: the parent's ``sys.path`` now
+    (it changed since the worker started: a plugin directory added at run time), to
+    import the next call's function from as the parent could."""
+    __slots__ = ()
+    _fields = ("paths",)
+
+    def __new__(cls, paths):
+        return tuple.__new__(cls, ("paths", paths))
+
+
 _FRAMES = {"hello": Hello, "init": Init, "ready": Ready, "init_failed": InitFailed,
            "call": Call, "result": Result, "log": Log, "ctl": Control, "exit": Exit}
-_CONTROLS = {"release": Release, "plane": PlaneMessage}
+_CONTROLS = {"release": Release, "plane": PlaneMessage, "paths": ImportPaths}
 
 
 def to_wire(msg) -> tuple:
