@@ -689,3 +689,17 @@ def test_a_path_added_to_sys_path_after_the_worker_started_is_the_workers_too(tm
         finally:
             sys.path.remove(str(lib))
             sys.modules.pop("late_plugin_mod", None)
+
+
+async def _async_double(x):
+    import asyncio
+    await asyncio.sleep(0.01)
+    return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_an_async_function_runs_to_completion_in_the_worker():
+    with IsolatedExecutor() as ex:
+        assert ex.submit(_async_double, 21).result(30) == 42
+        assert list(ex.map(_async_double, [1, 2])) == [2, 4]
+        assert list(ex.map(_async_double, range(5), chunksize=2)) == [0, 2, 4, 6, 8]

@@ -113,6 +113,17 @@ def test_results_callable_and_reference(ex):
         ex.submit(42)
 
 
+async def _async_double(x):
+    import asyncio
+    await asyncio.sleep(0.01)
+    return 2 * x
+
+
+def test_an_async_function_runs_to_completion_in_the_task(ex):
+    assert ex.submit(_async_double, 21).result(timeout=60) == 42
+    assert list(ex.map(_async_double, range(3), chunksize=2)) == [0, 2, 4]
+
+
 def test_exception_keeps_type_args_and_remote_traceback(ex):
     f = ex.submit(_raise_boom, 7)
     with pytest.raises(Boom) as info:

@@ -38,7 +38,7 @@ from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
-from .ipc.calls import adopt_import_paths, adopt_sys_path, resolve_reference
+from .ipc.calls import adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
                            Result, apply_control, handles)
 from .ipc.transport import Channel, ChannelClosed
@@ -318,7 +318,7 @@ class Worker:
             elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
                 import cloudpickle
                 fn = cloudpickle.loads(fn[1])
-            result = fn(*args, **kwargs)
+            result = completed(fn(*args, **kwargs))
         except BaseException as exc:
             if isinstance(exc, SystemExit):
                 # sys.exit() in user code ends the worker like a crash would.

@@ -1178,7 +1178,8 @@ class IsolatedExecutor(Executor):
         so do those of your own modules (only installed packages and
         ``comfy_env`` go by reference there), which needs that environment to
         run the parent's Python minor version (``PicklingFailed`` says so
-        otherwise).
+        otherwise).  An ``async def`` function runs to completion in the worker
+        (``asyncio.run``) and its future holds what it returned.
 
         Arguments and the result are pickled once; numpy arrays and torch
         tensors of 64 KiB or more travel through shared memory (CUDA tensors

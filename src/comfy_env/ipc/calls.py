@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import types
 
-__all__ = ["adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "resolve_reference", "run_chunk"]
+__all__ = ["adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "completed",
+           "resolve_reference", "run_chunk"]
 
 
 def check_reference(ref: str) -> tuple[str, str]:
@@ -40,11 +42,21 @@ def resolve_reference(ref: str):
     return obj
 
 
+def completed(result):
+    """What a call returned, with an ``async def`` function's coroutine run to completion
+    here, on its own loop: a coroutine object can't be sent back, and nobody in this
+    process would await it."""
+    if type(result) is types.CoroutineType:
+        import asyncio
+        return asyncio.run(result)
+    return result
+
+
 def run_chunk(fn, chunk):
     """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
     if isinstance(fn, str):
         fn = resolve_reference(fn)
-    return [fn(*args) for args in chunk]
+    return [completed(fn(*args)) for args in chunk]
 
 
 def chain_chunk_results(results):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cloudpickle
 
 from ..errors import InitializerFailed
-from ..ipc.calls import resolve_reference, run_chunk
+from ..ipc.calls import completed, resolve_reference, run_chunk
 
 __all__ = ["run_call", "run_chunk_call", "ByValue"]
 
@@ -58,7 +58,7 @@ def run_call(fn, setup, nested, /, *args, **kwargs):
     if nested:
         args = _resolve_nested(args)
         kwargs = _resolve_nested(kwargs)
-    return _function(fn)(*args, **kwargs)
+    return completed(_function(fn)(*args, **kwargs))
 
 
 def run_chunk_call(fn, setup, nested, chunk):
