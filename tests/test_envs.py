@@ -407,8 +407,11 @@ def test_resolve_interpreter_and_env_directories(built_env, tmp_path):
 
 
 def test_resolve_bad_paths_and_types(tmp_path):
-    with pytest.raises(InterpreterNotFound, match="does not exist; expected a Python interpreter"):
+    with pytest.raises(InterpreterNotFound, match=r"does not exist \(nor is it a command on PATH\); expected a"):
         resolve_env(tmp_path / "missing")
+    with pytest.raises(InterpreterNotFound, match="nor is it a command on PATH"):
+        resolve_env("python3.99")
+
     with pytest.raises(InterpreterNotFound, match=r"holds no Python interpreter \(looked for bin/python"):
         resolve_env(tmp_path)
     (tmp_path / "notes.txt").write_text("hi")
@@ -513,3 +516,13 @@ def test_interpreter_probes_are_cached_on_disk(cache_dir):
     t0 = time.perf_counter()
     assert interpreters.probe(other[0].path) == other[0]
     assert time.perf_counter() - t0 < 0.01  # read back, not started again
+
+
+def test_a_bare_interpreter_name_is_found_on_path():
+    import shutil
+    name = "python%d.%d" % sys.version_info[:2]
+    if not shutil.which(name):
+        pytest.skip(f"no {name} on PATH")
+    wenv = resolve_env(name)
+    assert wenv.python_version[:2] == sys.version_info[:2]
+    assert os.path.realpath(wenv.python) == os.path.realpath(shutil.which(name))

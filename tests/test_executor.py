@@ -703,3 +703,12 @@ def test_an_async_function_runs_to_completion_in_the_worker():
         assert ex.submit(_async_double, 21).result(30) == 42
         assert list(ex.map(_async_double, [1, 2])) == [2, 4]
         assert list(ex.map(_async_double, range(5), chunksize=2)) == [0, 2, 4, 6, 8]
+
+
+def test_an_executor_sent_as_an_argument_says_what_to_do_instead():
+    import pickle
+    with IsolatedExecutor() as ex:
+        with pytest.raises(TypeError, match="cannot be pickled or sent to a worker"):
+            pickle.dumps(ex)
+        with pytest.raises(PicklingFailed, match="cannot be pickled or sent to a worker"):
+            ex.submit(_funcs.echo, ex).result(30)

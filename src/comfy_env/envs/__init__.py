@@ -16,6 +16,7 @@ public ``Env``), ``cli`` (``comfy-env env ...``), ``doctor`` (its part of ``comf
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -133,6 +134,10 @@ def _resolve_path(env, progress) -> WorkerEnvironment:
     path = os.path.abspath(os.path.expanduser(os.fspath(env)))
     if path.endswith(".toml") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, SPEC_FILENAME))):
         return Env.from_toml(path).worker_environment(progress=progress)
+    name = os.fspath(env)
+    if not os.path.exists(path) and os.sep not in name and shutil.which(name):
+        # A bare command name ("python3.12"), as a shell or subprocess would find it.
+        path = os.path.abspath(shutil.which(name))
     python = interpreter_in(path)  # raises InterpreterNotFound naming the path
     interp = probe(python)
     if interp.minor < MIN_WORKER_PYTHON:

@@ -184,8 +184,8 @@ def interpreter_in(path) -> str:
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(path):
         raise InterpreterNotFound(
-            f"env path {path!r} does not exist; expected a Python interpreter, an environment "
-            "directory (venv, conda, pixi) or a comfy-env.toml."
+            f"env path {path!r} does not exist (nor is it a command on PATH); expected a Python "
+            "interpreter, an environment directory (venv, conda, pixi) or a comfy-env.toml."
         )
     if os.path.isfile(path):
         if not os.access(path, os.X_OK):

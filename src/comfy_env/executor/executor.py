@@ -1271,6 +1271,12 @@ class IsolatedExecutor(Executor):
         with self._pool.lock:
             return sorted(w.pid for w in self._pool.workers if w.pid)
 
+    def __reduce__(self):
+        raise TypeError(
+            f"an IsolatedExecutor cannot be pickled or sent to a worker ({self.name!r}): its "
+            f"workers are this process's children.  Make an executor where it is used (a worker "
+            f"may make its own), or pass the executor's futures on: they travel (docs/chains.md)")
+
     def __repr__(self):
         p = self._pool
         state = "broken" if p.broken else "shut down" if p.shutting_down else "running"
