@@ -180,3 +180,26 @@ def test_a_failed_call_kept_in_a_traceback_cycle_is_collected_without_a_crash(py
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["failed: InitializerFailed", "then: 3"], proc.stdout
     assert "Exception ignored" not in proc.stderr and "SystemError" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_script_without_a_main_guard_submitting_itself_by_name_fails_clearly(tmp_path):
+    """Its workers import the script, which submits again when imported: each would
+    start another worker, for ever (processes grew without bound).  The submit made
+    while a worker imports the call's module is refused instead, saying why."""
+    code = textwrap.dedent("""
+        from comfy_env import IsolatedExecutor
+
+        def work(x):
+            return x + 1
+
+        ex = IsolatedExecutor(worker_output="discard")
+        fut = ex.submit("user_script:work", 1)          # the worker imports this script
+        exc = fut.exception(60)
+        print(type(exc).__name__, "__main__" in str(exc))
+        exc = ex.submit(lambda: list(map(int, "12"))).exception(60)
+        print("then", exc)
+    """)
+    proc = run_script("3.11", code, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["RuntimeError True", "then None"], proc.stdout + proc.stderr

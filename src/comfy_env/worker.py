@@ -38,7 +38,7 @@ from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
 from .ipc import codec, lifetime, planes
-from .ipc.calls import adopt_import_paths, adopt_sys_path, completed, resolve_reference
+from .ipc.calls import IMPORTING, adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
                            Result, apply_control, handles)
 from .ipc.transport import Channel, ChannelClosed
@@ -303,21 +303,22 @@ class Worker:
     def _run_call(self, frame):
         call_id, fnref = frame.envelope.call_id, frame.envelope.fn
         try:
-            try:
-                # Before the arguments: the parent counts on this worker holding a
-                # function sent once even if this call's arguments fail to decode.
-                held = self.functions.take(fnref) if fnref is not None else None
-                fn, args, kwargs = codec.decode_part(frame, 0, self.link)
-            finally:
-                frame.close_fds()
-            if fnref is not None:
-                fn = self.functions.load(held)
-                held = None
-            elif isinstance(fn, str):
-                fn = resolve_reference(fn)
-            elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
-                import cloudpickle
-                fn = cloudpickle.loads(fn[1])
+            with IMPORTING:         # what the call names may be imported now
+                try:
+                    # Before the arguments: the parent counts on this worker holding a
+                    # function sent once even if this call's arguments fail to decode.
+                    held = self.functions.take(fnref) if fnref is not None else None
+                    fn, args, kwargs = codec.decode_part(frame, 0, self.link)
+                finally:
+                    frame.close_fds()
+                if fnref is not None:
+                    fn = self.functions.load(held)
+                    held = None
+                elif isinstance(fn, str):
+                    fn = resolve_reference(fn)
+                elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
+                    import cloudpickle
+                    fn = cloudpickle.loads(fn[1])
             result = completed(fn(*args, **kwargs))
         except BaseException as exc:
             if isinstance(exc, SystemExit):

@@ -74,7 +74,7 @@ from .. import fncache, forksafe, settings
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, interrupts, lifetime, planes  # noqa: F401  (planes: registers the data planes)
-from ..ipc.calls import chain_chunk_results, check_reference, run_chunk
+from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
@@ -1207,6 +1207,13 @@ class IsolatedExecutor(Executor):
                             f"got {type(fn).__name__}")
         if isinstance(fn, str):
             check_reference(fn)
+        if IMPORTING.now():
+            raise RuntimeError(
+                "submit() ran while this worker imported the module its call names, so that "
+                "module submits work when imported: each worker would import it and start "
+                "another.  Put the module's own work under `if __name__ == \"__main__\":` (a "
+                "script that submits \"script:fn\" is imported by its workers), or move the "
+                "function the workers run into a module of its own")
         deps = _find_futures(args, [])
         if kwargs:
             _find_futures(kwargs, deps)

@@ -11,10 +11,36 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 import types
 
-__all__ = ["adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "completed",
+__all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "completed",
            "resolve_reference", "run_chunk"]
+
+
+class _Importing:
+    """``with IMPORTING:`` in a worker while it imports what a call names (the function's
+    module, by reference or by string), on the thread that does it.  A submit from that
+    thread then is module-level code of the call's own module starting work when
+    imported -- a script without an ``if __name__ == "__main__":`` guard, submitting
+    ``"script:fn"``: each worker would import it and start another worker, for ever."""
+
+    __slots__ = ("thread",)
+
+    def __init__(self):
+        self.thread = None
+
+    def __enter__(self):
+        self.thread = threading.get_ident()
+
+    def __exit__(self, *exc):
+        self.thread = None
+
+    def now(self) -> bool:
+        return self.thread is not None and self.thread == threading.get_ident()
+
+
+IMPORTING = _Importing()
 
 
 def check_reference(ref: str) -> tuple[str, str]:
@@ -55,7 +81,8 @@ def completed(result):
 def run_chunk(fn, chunk):
     """``map(..., chunksize=N)``: one call runs several items (ProcessPoolExecutor's _process_chunk)."""
     if isinstance(fn, str):
-        fn = resolve_reference(fn)
+        with IMPORTING:
+            fn = resolve_reference(fn)
     return [completed(fn(*args)) for args in chunk]
 
 
