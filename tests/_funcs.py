@@ -199,3 +199,16 @@ def limit_address_space(extra_mib):
     with open("/proc/self/status") as f:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
     resource.setrlimit(resource.RLIMIT_AS, (vm + (extra_mib << 20), resource.RLIM_INFINITY))
+
+
+class InterruptsWhenUnpickled:
+    def __reduce__(self):
+        return (_interrupt, ())
+
+
+def _interrupt():
+    raise KeyboardInterrupt("raised by the payload, not by a Ctrl-C")
+
+
+def return_interrupts_when_unpickled():
+    return InterruptsWhenUnpickled()

@@ -712,3 +712,26 @@ def test_an_executor_sent_as_an_argument_says_what_to_do_instead():
             pickle.dumps(ex)
         with pytest.raises(PicklingFailed, match="cannot be pickled or sent to a worker"):
             ex.submit(_funcs.echo, ex).result(30)
+
+
+@pytest.mark.timeout(60)
+def test_a_result_whose_unpickling_raises_keyboardinterrupt_off_the_main_thread_is_a_pickling_failure():
+    """Off the main thread no Ctrl-C arrives: a KeyboardInterrupt while decoding is the
+    payload's, a PicklingFailed of that call, not a broken reader and a killed worker."""
+    import threading
+    with IsolatedExecutor() as ex:
+        pid = ex.submit(os.getpid).result(30)
+        fut = ex.submit(_funcs.return_interrupts_when_unpickled)
+        out = []
+        t = threading.Thread(target=lambda: out.append(fut.exception(30)))
+        t.start()
+        t.join(40)
+        assert isinstance(out[0], PicklingFailed) and "KeyboardInterrupt" in str(out[0]), out
+        assert ex.submit(os.getpid).result(30) == pid          # the worker goes on
+
+
+def test_the_worker_spin_setting_has_an_upper_bound(monkeypatch):
+    from comfy_env import settings
+    with pytest.raises(settings.SettingsError, match="COMFY_ENV_WORKER_SPIN_US"):
+        settings.read({"COMFY_ENV_WORKER_SPIN_US": "99999999999999"})
+    assert settings.read({"COMFY_ENV_WORKER_SPIN_US": "100000"}).worker_spin_us == 100_000

@@ -35,13 +35,14 @@ class SettingsError(ValueError):
     """A ``COMFY_ENV_*`` variable holds a value comfy_env does not accept."""
 
 
-def _int(lo=None):
+def _int(lo=None, hi=None):
     def parse(raw):
         v = int(raw)
-        if lo is not None and v < lo:
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError
         return v
-    parse.accepts = "an integer" if lo is None else f"an integer >= {lo}"
+    parse.accepts = ("an integer" if lo is None else f"an integer >= {lo}" if hi is None
+                     else f"an integer from {lo} to {hi}")
     return parse
 
 
@@ -141,7 +142,7 @@ VARIABLES = (
     Variable("COMFY_ENV_INTERRUPT_GRACE", "interrupt_grace", 5.0, _number(0),
              "seconds a ComfyUI node gets to stop after an interrupt before its worker is "
              "killed (comfyui/__init__.py)"),
-    Variable("COMFY_ENV_WORKER_SPIN_US", "worker_spin_us", 300, _int(0),
+    Variable("COMFY_ENV_WORKER_SPIN_US", "worker_spin_us", 300, _int(0, 100_000),
              "microseconds a worker polls for its next call after sending a result, while "
              "calls follow results that fast, in pools with fewer workers than CPUs; 0: it "
              "always sleeps (worker.py)"),

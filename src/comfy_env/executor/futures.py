@@ -183,10 +183,12 @@ class IsolatedFuture(Future):
                 lazy = self._lazy
                 try:
                     value = lazy.materialise()
-                except KeyboardInterrupt:
-                    # Not the payload's fault: the outcome stays open, a later
-                    # caller decodes again.
-                    raise
+                except KeyboardInterrupt as exc:
+                    if interrupts.on_main():
+                        # Ctrl-C, not the payload's fault: the outcome stays open, a
+                        # later caller decodes again.
+                        raise
+                    self._decoded = (False, decode_error(exc))   # only the payload raises it here
                 except BaseException as exc:
                     self._decoded = (False, decode_error(exc))
                 else:

@@ -691,8 +691,10 @@ class WorkerHandle:
             frame.close_fds()
             try:
                 outcome = (True, codec.decode_part(frame, 0, self.link))
-            except KeyboardInterrupt:
-                raise               # Ctrl-C on the main thread: not the payload's fault
+            except KeyboardInterrupt as exc:
+                if interrupts.on_main():
+                    raise           # Ctrl-C on the main thread: not the payload's fault
+                outcome = (False, decode_error(exc))    # elsewhere only the payload raises it
             except BaseException as exc:
                 outcome = (False, decode_error(exc))
         elif ok:
