@@ -735,3 +735,15 @@ def test_the_worker_spin_setting_has_an_upper_bound(monkeypatch):
     with pytest.raises(settings.SettingsError, match="COMFY_ENV_WORKER_SPIN_US"):
         settings.read({"COMFY_ENV_WORKER_SPIN_US": "99999999999999"})
     assert settings.read({"COMFY_ENV_WORKER_SPIN_US": "100000"}).worker_spin_us == 100_000
+
+
+@pytest.mark.timeout(60)
+def test_a_futures_repr_names_the_result_type_not_the_lazy_wrapper():
+    np = pytest.importorskip("numpy")
+    with IsolatedExecutor() as ex:
+        fut = ex.submit(_funcs.echo, np.zeros(1 << 20))
+        from concurrent.futures import wait
+        wait([fut], timeout=30)                  # done, not decoded (exception() decodes)
+        assert "returned an undecoded result" in repr(fut), repr(fut)
+        fut.result()
+        assert "returned tuple" in repr(fut), repr(fut)

@@ -197,6 +197,16 @@ class IsolatedFuture(Future):
                 lazy.release()
             return self._decoded
 
+    def __repr__(self):
+        # The base class names its result's type: here a LazyResult until decoded.
+        r = super().__repr__()
+        if " returned LazyResult>" in r:
+            decoded = self._decoded
+            what = ("an undecoded result" if decoded is None else type(decoded[1]).__name__ if decoded[0]
+                    else f"a result that failed to decode ({type(decoded[1]).__name__})")
+            r = r.replace(" returned LazyResult>", f" returned {what}>")
+        return r
+
     def undecoded_failure(self):
         """The call's exception, without decoding its result (chains ask this).
 
