@@ -13,9 +13,7 @@ them is on the main thread's stack a SIGINT is put off: the handler has it deliv
 again a millisecond later (``signal.pthread_kill`` to the main thread) and returns, until it finds no
 held step, and then raises the ``KeyboardInterrupt``.  A step is a few to a few hundred
 microseconds; a wait is never held (:func:`waiting` marks one inside a held step), so
-Ctrl-C still interrupts at once as far as a person can tell.  One exception: a
-done-callback that the main thread runs while it reads its result runs inside the step,
-so a Ctrl-C waits for that callback to return.
+Ctrl-C still interrupts at once as far as a person can tell.
 
 Why the stack and not a counter entered and left around each step: a counter can
 itself be cut between its update and the ``try`` that undoes it, and one left raised
@@ -61,7 +59,7 @@ class waiting:
 
 
 # How soon a put-off Ctrl-C is tried again: after 1 ms, then twice as long each time up
-# to 64 ms (a done-callback that runs long inside a held step: see worker_handle.py).
+# to 64 ms (a held step that runs long: sending a big argument).
 # Not at once from the handler itself: the handler's own next line would run it again,
 # nested, until the recursion limit.
 RETRY_S = 0.001
