@@ -607,3 +607,29 @@ def test_a_ctrl_c_put_off_by_a_held_step_interrupts_the_blocking_wait_after_it(p
     proc = run_script(pyver, code, cwd=tmp_path, timeout=60)
     out = proc.stdout.strip()
     assert out.startswith("interrupted after") and float(out.split()[2]) < 5, (out, proc.stderr)
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_a_script_whose_callback_takes_the_lock_held_around_result_finishes(pyver, tmp_path):
+    code = textwrap.dedent("""
+        import threading
+        from comfy_env import IsolatedExecutor
+
+        lock = threading.Lock()
+        seen = []
+
+        def on_done(f):
+            with lock:
+                seen.append(f.result())
+
+        with IsolatedExecutor() as ex:
+            for i in range(20):
+                fut = ex.submit(pow, i, 2)
+                fut.add_done_callback(on_done)
+                with lock:
+                    assert fut.result(30) == i * i
+        print(sorted(seen) == [i * i for i in range(20)])
+    """)
+    proc = run_script(pyver, code, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
