@@ -395,6 +395,7 @@ class WorkerHandle:
                 for fd, _ in sorted(ep.poll(), key=lambda e: e[0] != sock):
                     if fd == sock:
                         self._read_turn()
+                        self._run_deferred()    # the channel is armed again: a caller may read
                         self._stand_aside()
                     else:
                         self._drain_wake()
@@ -426,6 +427,7 @@ class WorkerHandle:
                         self._rearm = False
                         self._waiter = self._waiter_thread = self._waiter_token = None
                         role.notify_all()
+                    self._run_deferred()
         except ChannelClosed:
             pass
         except ProtocolError as exc:
@@ -486,13 +488,15 @@ class WorkerHandle:
         self._epoll.modify(self.channel.fileno(), _ARMED)
         return True
 
-    def _run_callbacks(self, fut):
-        """Reader thread: run ``fut``'s done-callbacks, after waking a caller that waits
-        for it in read_for (it would otherwise wake only after this turn)."""
+    def _queue_callbacks(self, fut):
+        """Reader thread, in a read turn: ``fut``'s done-callbacks run once the turn is
+        over and the channel armed again (_read_loop), so that a callback that blocks --
+        on a lock a caller holds while it waits in read_for for its next result -- does
+        not keep that caller from reading it.  A caller waiting for ``fut`` itself is
+        woken now."""
         if self._waiter is fut:
             os.eventfd_write(self._wake, 1)
-        self._run_deferred()          # those of futures completed before it first
-        fut._run_done_callbacks()
+        self._deferred.append(fut)
 
     def _defer_callbacks(self, fut):
         """A caller completed ``fut`` while reading its own result: its done-callbacks
@@ -667,7 +671,7 @@ class WorkerHandle:
             # thread, and a caller waiting in result() returns as soon as the outcome is
             # there: a callback may wait for a lock the caller holds, or take long.
             if threading.current_thread() is self._reader:
-                fut._callbacks_to = self._run_callbacks
+                fut._callbacks_to = self._queue_callbacks
             else:
                 fut._callbacks_to = self._defer_callbacks     # a caller read its own result
             try:
