@@ -115,3 +115,16 @@ def result_above_max_body(limit, size):
     from comfy_env.ipc import transport
     transport.MAX_BODY = limit
     return b"x" * size
+
+
+def start_chatty_grandchild_then_exit(seconds, code=3):
+    """Start a process that inherits the worker's stdout and stderr and writes a line
+    after ``seconds``, then end the worker."""
+    import subprocess
+    import sys
+    subprocess.Popen([sys.executable, "-c",
+                      f"import time; time.sleep({seconds}); print('grandchild late line', flush=True)"])
+    print("worker last line", flush=True)
+    sys.stderr.write("worker's last words\n")
+    sys.stderr.flush()
+    os._exit(code)

@@ -343,3 +343,23 @@ def test_output_without_line_ends_keeps_at_most_max_line_pending():
         assert sp._size <= 1000
     got += sum(len(t) for t, _ in sp.feed(b"", final=True))
     assert got == 2000 * 777
+
+
+@pytest.mark.timeout(60)
+def test_a_process_holding_the_workers_pipes_does_not_delay_its_death_report(capfd):
+    """A process the call started keeps the worker's stdout/stderr open, so EOF comes
+    only when it exits: the report waits for what the worker itself wrote, not for
+    EOF (it waited 2 s), and that process's later lines are still forwarded."""
+    with IsolatedExecutor(name="held") as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashed) as info:
+            ex.submit(_proc_funcs.start_chatty_grandchild_then_exit, 1.5).result(30)
+        assert time.monotonic() - t0 < 1.2
+        assert "worker's last words" in str(info.value)
+        deadline = time.monotonic() + 10
+        out = ""
+        while "grandchild late line" not in out and time.monotonic() < deadline:
+            time.sleep(0.1)
+            out += capfd.readouterr().out
+        assert "worker last line" in out and "[held#1] grandchild late line" in out, out

@@ -97,7 +97,9 @@ class WorkerHandle:
         self.exiting = False          # we asked it to exit
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._fatal_dump = False      # a "Fatal Python error" dump is being kept whole
-        self._output_done = threading.Event()
+        self._output_done = threading.Event()     # the worker's own output is all forwarded
+        self._exited_fd = None        # eventfd: _finish tells the pump the process is gone
+        self._exited_lock = threading.Lock()    # writing it vs. the pump closing it
         self._exit_reported = threading.Event()     # on_exit ran: the watcher let go of it
         self._reader = None
         self._alive_w = None
@@ -150,8 +152,14 @@ class WorkerHandle:
         self.pid = self.proc.pid
         self.channel = parent
         self.logger = self.pool.logger
-        threading.Thread(target=self._pump_output, name=f"comfy_env-output-{self.pid}",
-                         daemon=True).start()
+        self._exited_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            threading.Thread(target=self._pump_output, name=f"comfy_env-output-{self.pid}",
+                             daemon=True).start()
+        except BaseException:
+            os.close(self._exited_fd)
+            self._exited_fd = None
+            raise
         self._reader = threading.Thread(target=self._read_loop, name=f"comfy_env-reader-{self.pid}",
                                         daemon=True)
         self._reader.start()
@@ -729,16 +737,35 @@ class WorkerHandle:
             logger.handle(rec)
 
     def _pump_output(self):
+        """Forward the worker's stdout and stderr until both reach EOF.
+
+        A process the call started may hold the pipes after the worker exited, so EOF
+        can come much later: once _finish says the worker is gone (``_exited_fd``),
+        what the worker wrote is all in the pipes, and ``_output_done`` is set as soon
+        as nothing is left to read -- the death report waits for that, not for EOF --
+        while that other process's lines are still forwarded until it closes them."""
         sel = selectors.DefaultSelector()
         streams = {self.proc.stdout: "stdout", self.proc.stderr: "stderr"}
         lines = {}
         for f in streams:
             sel.register(f, selectors.EVENT_READ)
             lines[f] = _LineSplitter(MAX_LINE)
+        exited = self._exited_fd
+        sel.register(exited, selectors.EVENT_READ)
+        draining = False
         try:
             while streams:
-                for key, _ in sel.select():
+                ready = sel.select(0 if draining else None)
+                if draining and not any(key.fileobj in streams for key, _ in ready):
+                    draining = False
+                    self._output_done.set()
+                    continue
+                for key, _ in ready:
                     f = key.fileobj
+                    if f is exited:
+                        sel.unregister(exited)
+                        draining = True
+                        continue
                     data = os.read(f.fileno(), _READ_SIZE)
                     name = streams[f]
                     if not data:
@@ -754,7 +781,15 @@ class WorkerHandle:
                     f.close()
                 except OSError:
                     pass
+            with self._exited_lock:
+                self._exited_fd = None
+                os.close(exited)
             self._output_done.set()
+
+    def _tell_pump_exited(self):
+        with self._exited_lock:
+            if self._exited_fd is not None:
+                os.eventfd_write(self._exited_fd, 1)
 
     def _forward(self, stream, lines):
         """Hand complete lines ``[(text, end), ...]`` of one read to ``worker_output``."""
@@ -809,6 +844,8 @@ class WorkerHandle:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        if code is not None:
+            self._tell_pump_exited()
         self._output_done.wait(timeout=2)
         if code is not None:
             # Whoever watches the process (the keeper, or the zygote that forked it)
