@@ -282,6 +282,38 @@ def test_timeouts_and_crashes_fail_only_their_test(pytester):
     assert "exited with code 3" in section(result, "test_exit")
 
 
+SLOW_IMPORT = '''
+import time
+import pytest
+
+time.sleep(1.5)                 # a module whose imports take longer than its tests' timeout
+
+@pytest.mark.isolated(timeout=1)
+def test_first():
+    pass
+
+@pytest.mark.isolated(timeout=1)
+def test_hangs():
+    time.sleep(30)
+
+@pytest.mark.isolated(timeout=1)
+def test_after_the_kill():
+    pass
+'''
+
+
+@pytest.mark.timeout(90)
+def test_the_timeout_does_not_count_the_workers_import_of_the_test_module(pytester):
+    """In the pytest process collection imports the module and pytest-timeout does not
+    count it; in the worker the import ran inside the timed call, and a worker replaced
+    after a timeout imported again: every test of a slow-to-import module failed."""
+    pytester.makepyfile(test_slow_import=SLOW_IMPORT)
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_first": "PASSED", "test_hangs": "FAILED",
+                                "test_after_the_kill": "PASSED"}
+    assert "timed out after 1 s" in section(result, "test_hangs")
+
+
 def _workers_have_faulthandler():
     import faulthandler
 

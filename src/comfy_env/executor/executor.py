@@ -82,7 +82,7 @@ from .gpu_pinning import pin_environment
 from .futures import IsolatedFuture
 from ..zygote import Zygote
 from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
-from .workitem import Stage, WorkItem
+from .workitem import DEFAULT, Stage, WorkItem
 
 __all__ = ["IsolatedExecutor"]
 
@@ -746,7 +746,8 @@ class _Pool:
             self._close_zygote()
         if item is not None and not item.future.done():
             if item.stage is Stage.TIMED_OUT:
-                item.future.set_exception(worker.timeout_error(self.call_timeout))
+                item.future.set_exception(worker.timeout_error(
+                    self.call_timeout if item.timeout is DEFAULT else item.timeout))
             elif item.stage is Stage.STOPPED:
                 item.future.set_exception(CancelledError(
                     f"the executor {self.name!r} was stopped (KeyboardInterrupt, or interpreter "
@@ -1220,6 +1221,18 @@ class IsolatedExecutor(Executor):
         fut = IsolatedFuture()
         self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
         return fut
+
+    def _submit_timed(self, timeout, fn, /, *args, **kwargs) -> IsolatedFuture:
+        """``submit`` with this call's own time limit (seconds, or None for none) in place
+        of ``call_timeout``: for comfy_env's own preparation calls (the pytest plugin
+        imports a test module before the timed test)."""
+        if not (callable(fn) or isinstance(fn, str)):
+            raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
+                            f"got {type(fn).__name__}")
+        item = WorkItem(IsolatedFuture(), fn, args, kwargs, _find_futures((args, kwargs), []))
+        item.timeout = _seconds("timeout", timeout)
+        self._pool.submit(item)
+        return item.future
 
     def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:

@@ -65,7 +65,7 @@ from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed,
                             apply_control)
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
-from .workitem import Stage
+from .workitem import DEFAULT, Stage
 from .futures import LazyResult, decode_error
 
 WORKER_OUTPUT_MODES = ("stream", "logging", "discard")
@@ -173,8 +173,9 @@ class WorkerHandle:
         """Send an already-encoded call frame; the item is now this worker's."""
         self.item = item
         item.future._worker = self
-        if self.pool.call_timeout is not None:
-            self.deadline = time.monotonic() + self.pool.call_timeout
+        timeout = self.pool.call_timeout if item.timeout is DEFAULT else item.timeout
+        if timeout is not None:
+            self.deadline = time.monotonic() + timeout
             self.pool.watchdog.watch(self)
         # Tensors the caller already dropped, and releases already queued for this
         # worker, go first: it applies them before the call, as it would have if the

@@ -10,6 +10,7 @@ import enum
 import itertools
 
 _ids = itertools.count(1)
+DEFAULT = object()          # WorkItem.timeout: the executor's call_timeout
 
 
 class Stage(enum.Enum):
@@ -22,7 +23,7 @@ class Stage(enum.Enum):
 
 
 class WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage", "send_failures")
+    __slots__ = ("future", "fn", "args", "kwargs", "call_id", "deps", "stage", "send_failures", "timeout")
 
     def __init__(self, future, fn, args, kwargs, deps):
         self.future = future
@@ -33,6 +34,7 @@ class WorkItem:
         self.deps = deps
         self.stage = Stage.QUEUED
         self.send_failures = 0      # sends of it that failed (the worker died or the send broke)
+        self.timeout = DEFAULT      # seconds it may run: DEFAULT is the executor's call_timeout
 
     def drop_inputs(self, keep_fn=False):
         """Let go of what the user submitted once nothing will send it again (the call

@@ -31,6 +31,9 @@ import pytest
 from .executors import Executors, Isolation, SetupFailed
 
 _RUN_TEST = "comfy_env.testing.worker_side:run_test"
+_IMPORT_TEST = "comfy_env.testing.worker_side:import_test_module"
+# Importing a test module in a worker is not the test's time: it is bounded by this.
+IMPORT_TIMEOUT = 300.0
 
 # pytest-timeout's timer for an isolated test is moved past the isolated timeout by
 # this much, so that the worker is killed (with its stack reported) first, and
@@ -322,14 +325,20 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "cwd": os.getcwd(),
         "settings": state.settings(),
     }
-    try:
-        fut = slot.executor.submit(_RUN_TEST, req, **fixtures)
-    except Exception as exc:
-        pytest.fail(f"the isolated test could not be sent to a worker of {wenv.label!r}: "
-                    f"{type(exc).__name__}: {exc}", pytrace=False)
+    fut = None
     failure = None
     try:
-        result = fut.result()
+        if iso.timeout is not None:
+            # The module's import first, outside the test's timeout (a worker replaced
+            # after a timeout imports it again: heavy imports failed every test).
+            prep = slot.executor._submit_timed(IMPORT_TIMEOUT, _IMPORT_TEST, req)
+            prep_error = prep.exception()
+            if isinstance(prep_error, CallTimeout):
+                failure = (f"importing the test module in the isolated worker took longer than "
+                           f"{IMPORT_TIMEOUT:g} s; {prep_error}")
+        if failure is None:
+            fut = slot.executor.submit(_RUN_TEST, req, **fixtures)
+            result = fut.result()
     except CallTimeout as exc:
         stack = getattr(exc, "worker_stack", None)
         failure = f"Timeout: the isolated test timed out after {iso.timeout} s; {exc}"
@@ -341,16 +350,20 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         failure = _unpicklable(fixtures, instance_state) or (
             f"the isolated test's arguments could not be sent to the worker: {exc}")
     except BaseException as exc:
-        if not fut.done():
-            # The wait itself was interrupted (Ctrl-C, pytest-timeout's signal): the
-            # worker must not keep running the abandoned test.
+        if fut is not None and fut.done():
+            failure = (f"the isolated test could not run in a worker of {wenv.label!r}: "
+                       f"{type(exc).__name__}: {exc}")
+            cause = exc.__cause__
+            if cause is not None and str(cause) not in failure:
+                failure += f"\n{cause}"
+        elif fut is None and isinstance(exc, Exception):
+            failure = (f"the isolated test could not be sent to a worker of {wenv.label!r}: "
+                       f"{type(exc).__name__}: {exc}")
+        else:
+            # A wait was interrupted (Ctrl-C, pytest-timeout's signal): the worker must
+            # not keep running the abandoned test (or import).
             slot.kill_workers()
             raise
-        failure = (f"the isolated test could not run in a worker of {wenv.label!r}: "
-                   f"{type(exc).__name__}: {exc}")
-        cause = exc.__cause__
-        if cause is not None and str(cause) not in failure:
-            failure += f"\n{cause}"
     if failure is not None:
         # Outside the except blocks: the report shows the message, not a chain.
         _replay_output(slot, state)

@@ -80,9 +80,19 @@ def run_test(req, /, **fixtures):
     return outcome + (logs.records, _plain_warnings(recorded))
 
 
-def _run(req, kwargs):
-    from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
+def import_test_module(req):
+    """The call before a timed test: import its module here, outside the test's time
+    limit (in the pytest process, collection imports it, and pytest-timeout does not
+    count that either).  An import that fails is reported by the test's own call."""
+    _where(req)
+    try:
+        _import_test_module(*req["module"])
+    except BaseException:
+        pass
 
+
+def _where(req):
+    """The parent's ``sys.path`` additions and working directory, as the request says."""
     if req.get("sys_path"):
         missing = [p for p in req["sys_path"] if p not in sys.path]
         sys.path[:0] = missing
@@ -91,6 +101,12 @@ def _run(req, kwargs):
             os.chdir(req["cwd"])
         except OSError:
             pass
+
+
+def _run(req, kwargs):
+    from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
+
+    _where(req)
     settings = req["settings"]
     fn = None
     stage = "import"
