@@ -632,3 +632,65 @@ def test_an_isolated_gpu_test_uses_cuda_in_its_worker(pytester):
     pytester.makepyfile(test_gpu=GPU_TEST)
     result = run(pytester, "-rA")
     assert outcomes(result) == {"test_cuda_in_the_worker": "PASSED"}, result.stdout.str()
+
+
+SESSION_DETAILS = '''
+import os
+import unittest
+import pytest
+
+@pytest.fixture
+def flag(monkeypatch):
+    monkeypatch.setenv("MY_FLAG", "on")
+    return "on"
+
+@pytest.mark.isolated
+def test_env_from_a_fixture(flag):
+    assert os.getpid() != int(os.environ["PARENT_PID"])
+    assert os.environ["MY_FLAG"] == "on"
+    assert os.environ["PYTEST_CURRENT_TEST"].endswith("test_env_from_a_fixture (call)")
+
+@pytest.mark.isolated
+def test_env_is_gone_for_the_next_test():
+    assert "MY_FLAG" not in os.environ
+
+@pytest.mark.isolated
+def test_refused_executor_fixture(isolated_executor):
+    pass
+
+@pytest.mark.isolated
+def test_refused_record_property(record_property):
+    pass
+
+@pytest.mark.isolated(env="no/such/env")
+def test_missing_env_setup():
+    pass
+
+@pytest.mark.isolated(timeout=1)
+class TestCaseMarked(unittest.TestCase):
+    def test_method(self):
+        pass
+
+@pytest.mark.isolated(timeout=1)
+@pytest.mark.timeout(2, "thread")
+def test_positional_timeout_method_kept():
+    pass
+'''
+
+
+@pytest.mark.timeout(90)
+def test_fixture_environment_refused_fixtures_unittest_and_setup_messages(pytester, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    pytester.makepyfile(test_details=SESSION_DETAILS)
+    result = run(pytester, "-rA", "-p", "timeout")
+    got = outcomes(result)
+    assert got["test_env_from_a_fixture"] == "PASSED"
+    assert got["test_env_is_gone_for_the_next_test"] == "PASSED"
+    assert got["test_refused_executor_fixture"] in ("FAILED", "ERROR")
+    assert "isolated_executor" in result.stdout.str() and "IsolatedExecutor() as ex" in result.stdout.str()
+    assert got["test_refused_record_property"] in ("FAILED", "ERROR")
+    assert got["TestCaseMarked::test_method"] == "ERROR"
+    assert "unittest.TestCase tests cannot run isolated" in result.stdout.str()
+    assert got["test_positional_timeout_method_kept"] == "PASSED"
+    text = result.stdout.str()
+    assert "no/such/env" in text and "During handling of the above exception" not in text

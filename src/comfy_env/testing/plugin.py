@@ -60,6 +60,12 @@ _REFUSED = {
     "recwarn": "use `pytest.warns(...)` or `warnings.catch_warnings(record=True)` inside the test",
     "request": "pass what the test needs through a fixture that returns a picklable value",
     "pytester": "it drives pytest in the pytest process; run the test in-process",
+    "isolated_executor": "its executors would be made in the worker and never shut down; "
+                         "inside an isolated test use `with IsolatedExecutor() as ex:`",
+    "record_property": "it records into the pytest process's report, which the worker cannot "
+                       "reach; record from a fixture, or run the test in-process",
+    "record_xml_attribute": "see record_property",
+    "record_testsuite_property": "see record_property",
     "testdir": "it drives pytest in the pytest process; run the test in-process",
 }
 
@@ -122,6 +128,11 @@ class _State:
         self.capture = config.getoption("capture", "fd") != "no"
         self._settings = None
         self.roots = set()          # sys.path entries of the isolated tests' modules
+        # The environment as the session started, and every variable seen to differ
+        # from it since (a fixture's monkeypatch.setenv, PYTEST_CURRENT_TEST): each test
+        # sends those as they are now (see worker_side._environ).
+        self.base_environ = dict(os.environ)
+        self.touched_environ = set()
         self.modules = set()        # their names (rewritten even if python_files misses them)
 
     def initargs(self):
@@ -177,6 +188,17 @@ def pytest_collection_modifyitems(config, items):
         marks = list(item.iter_markers("isolated"))
         if not marks and not state.all:
             continue
+        if _is_unittest(item):
+            # unittest runs these itself (TestCaseFunction.runtest), never through the
+            # function call this plugin moves to a worker: they would run here, with no
+            # timeout, as if isolated.  --isolated leaves them in-process; a marker on
+            # one is an error at setup, saying so.
+            if marks:
+                item.stash[_ISOLATION] = (
+                    "unittest.TestCase tests cannot run isolated: unittest runs them itself, "
+                    "in the pytest process.  Write the test as a pytest function or plain class "
+                    "to isolate it, or take the isolated marker off")
+            continue
         iso = _isolation_of(item, marks, state)
         item.stash[_ISOLATION] = iso
         state.modules.add(item.module.__name__)
@@ -185,6 +207,12 @@ def pytest_collection_modifyitems(config, items):
             state.roots.add(root)
         if isinstance(iso, Isolation) and iso.timeout is not None:
             _extend_pytest_timeout(item, iso.timeout)
+
+
+def _is_unittest(item):
+    import unittest
+    cls = getattr(item, "cls", None)
+    return cls is not None and issubclass(cls, unittest.TestCase)
 
 
 def _isolation_of(item, marks, state):
@@ -245,7 +273,12 @@ def _extend_pytest_timeout(item, timeout):
     if current is None or current >= timeout + PYTEST_TIMEOUT_SLACK:
         return
     mark = item.get_closest_marker("timeout")
-    kwargs = {k: v for k, v in (mark.kwargs if mark else {}).items() if k != "timeout"}
+    kwargs = {}
+    if mark is not None:
+        # pytest-timeout's marker is timeout(timeout=None, method=None, func_only=None):
+        # positional method and func_only must not be dropped either.
+        kwargs.update(zip(("method", "func_only"), mark.args[1:]))
+        kwargs.update((k, v) for k, v in mark.kwargs.items() if k != "timeout")
     item.add_marker(pytest.mark.timeout(timeout + PYTEST_TIMEOUT_SLACK, **kwargs), append=False)
 
 
@@ -280,7 +313,11 @@ def _run_isolated(item, iso, state):
     try:
         slot = state.executors.slot(iso, state.initargs())
     except SetupFailed as exc:
-        pytest.fail(str(exc), pytrace=False)
+        failure = str(exc)
+    else:
+        failure = None
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)     # outside the except: no exception chain shown
     try:
         _call(item, iso, state, slot, fixtures, instance_state)
     finally:
@@ -324,6 +361,7 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "sys_path": sys_path,
         "cwd": os.getcwd(),
         "settings": state.settings(),
+        "environ": _environ_changes(state),
     }
     fut = None
     failure = None
@@ -373,6 +411,16 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     _replay_logs(logs)
     _replay_warnings(warns)
     _raise_outcome(item, kind, detail)
+
+
+def _environ_changes(state):
+    """``{name: value, or None if unset}`` of every variable that differs from the
+    session's start now or did before: a worker started while a fixture had set one
+    inherited it, and must lose it again when the pytest process has."""
+    env, base, touched = os.environ, state.base_environ, state.touched_environ
+    touched.update(k for k, v in env.items() if base.get(k) != v)
+    touched.update(k for k in base if k not in env)
+    return {k: env.get(k) for k in touched}
 
 
 def _package_root(module):

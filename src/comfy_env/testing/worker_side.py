@@ -91,8 +91,23 @@ def import_test_module(req):
         pass
 
 
+def _environ(changes):
+    """The variables the pytest process changed since its session started, as they are
+    there now (``{name: value or None}``): a variable a fixture set for one test is
+    there for that test only, as in the pytest process."""
+    env = os.environ
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        elif env.get(k) != v:
+            env[k] = v
+
+
 def _where(req):
-    """The parent's ``sys.path`` additions and working directory, as the request says."""
+    """The parent's ``sys.path`` additions, working directory and environment variables,
+    as the request says."""
+    if req.get("environ") is not None:
+        _environ(req["environ"])
     if req.get("sys_path"):
         missing = [p for p in req["sys_path"] if p not in sys.path]
         sys.path[:0] = missing
