@@ -694,3 +694,39 @@ def test_fixture_environment_refused_fixtures_unittest_and_setup_messages(pytest
     assert got["test_positional_timeout_method_kept"] == "PASSED"
     text = result.stdout.str()
     assert "no/such/env" in text and "During handling of the above exception" not in text
+
+
+WARNING_FILTERS = '''
+import warnings
+import pytest
+
+@pytest.mark.isolated
+@pytest.mark.filterwarnings("error")
+def test_error_filter_raises_where_the_warning_is_issued(tmp_path):
+    with pytest.raises(UserWarning):
+        warnings.warn("boom")
+    warnings.warn("stops here")
+    (tmp_path / "after").write_text("x")
+
+@pytest.mark.isolated
+def test_repeated_warning_counts_as_in_process():
+    for _ in range(10):
+        warnings.warn("same place", UserWarning)
+'''
+
+
+@pytest.mark.timeout(90)
+def test_warning_filters_apply_in_the_worker_as_in_process(pytester):
+    pytester.makepyfile(test_warn=WARNING_FILTERS)
+    isolated = run(pytester, "-rA")
+    plain = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:comfy_env")
+    assert outcomes(isolated) == outcomes(plain) == {
+        "test_error_filter_raises_where_the_warning_is_issued": "FAILED",
+        "test_repeated_warning_counts_as_in_process": "PASSED"}
+    assert "UserWarning: stops here" in section(isolated, "test_error_filter_raises_where_the_warning_is_issued")
+    assert not list(pytester.path.rglob("after"))          # it stopped at the warning
+
+    def warnings_in(result):
+        return re.search(r"(\d+) warnings?", result.outlines[-1]).group(1)
+
+    assert warnings_in(isolated) == warnings_in(plain), (isolated.outlines[-1], plain.outlines[-1])

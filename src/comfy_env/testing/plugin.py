@@ -362,6 +362,10 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "cwd": os.getcwd(),
         "settings": state.settings(),
         "environ": _environ_changes(state),
+        "warnings": (item.config.getini("filterwarnings"),
+                     item.config.known_args_namespace.pythonwarnings or [],
+                     [arg for mark in item.iter_markers("filterwarnings") for arg in mark.args],
+                     bool(sys.warnoptions)),
     }
     fut = None
     failure = None
@@ -457,6 +461,14 @@ def _replay_logs(records):
 
 
 def _replay_warnings(warns):
+    # The worker applied the test's filters already: an "error" there raised where the
+    # warning was issued.  These are the ones it recorded, for the report, each once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _reemit(warns)
+
+
+def _reemit(warns):
     for modname, qualname, message, filename, lineno in warns:
         category = sys.modules.get(modname)
         for part in qualname.split("."):

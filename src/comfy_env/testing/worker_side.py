@@ -70,9 +70,10 @@ def run_test(req, /, **fixtures):
         capture.start()
     try:
         with logs, warnings.catch_warnings(record=True) as recorded:
-            # Everything is recorded here and goes through the parent's filters
-            # (-W, filterwarnings marks) when re-emitted there.
-            warnings.simplefilter("always")
+            # The test's filters, as pytest sets them for it in its own process: an
+            # "error" one raises here, where the warning is issued; what is recorded
+            # is re-emitted in the pytest process for its report.
+            _warning_filters(req.get("warnings"))
             outcome = _run(req, fixtures)
     finally:
         if capture is not None:
@@ -116,6 +117,24 @@ def _where(req):
             os.chdir(req["cwd"])
         except OSError:
             pass
+
+
+def _warning_filters(spec):
+    """Apply pytest's filters for the test: ``(ini filterwarnings, -W options, the
+    item's filterwarnings marks, whether Python got -W options)``, in pytest's order
+    (``Config._catch_configured_warnings`` and ``catch_warnings_for_item``)."""
+    if spec is None:
+        warnings.simplefilter("always")
+        return
+    from _pytest.config import apply_warning_filters, parse_warning_filter
+
+    config_filters, cmdline_filters, mark_filters, warnoptions = spec
+    if not warnoptions:
+        warnings.filterwarnings("always", category=DeprecationWarning)
+        warnings.filterwarnings("always", category=PendingDeprecationWarning)
+    apply_warning_filters(config_filters, cmdline_filters)
+    for arg in mark_filters:
+        warnings.filterwarnings(*parse_warning_filter(arg, escape=False))
 
 
 def _run(req, kwargs):
