@@ -730,3 +730,43 @@ def test_warning_filters_apply_in_the_worker_as_in_process(pytester):
         return re.search(r"(\d+) warnings?", result.outlines[-1]).group(1)
 
     assert warnings_in(isolated) == warnings_in(plain), (isolated.outlines[-1], plain.outlines[-1])
+
+
+ODD_EXCEPTIONS = '''
+import threading
+import pytest
+
+class TwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+class HoldsALock(Exception):
+    def __init__(self):
+        super().__init__("locked")
+        self.lock = threading.Lock()
+
+@pytest.mark.isolated
+@pytest.mark.xfail(raises=TwoArgs, strict=True)
+def test_two_args():
+    raise TwoArgs(1, 2)
+
+@pytest.mark.isolated
+@pytest.mark.xfail(raises=HoldsALock, strict=True)
+def test_holds_a_lock():
+    raise HoldsALock()
+
+@pytest.mark.isolated
+@pytest.mark.xfail(raises=KeyError, strict=True)
+def test_other_type_still_fails():
+    raise TwoArgs(3, 4)
+'''
+
+
+@pytest.mark.timeout(90)
+def test_xfail_raises_matches_exceptions_that_cannot_cross_as_they_are(pytester):
+    pytester.makepyfile(test_odd=ODD_EXCEPTIONS)
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_two_args": "XFAIL", "test_holds_a_lock": "XFAIL",
+                                "test_other_type_still_fails": "FAILED"}
+    assert "1/2" not in section(result, "test_other_type_still_fails") and \
+        "3/4" in section(result, "test_other_type_still_fails")
