@@ -212,3 +212,10 @@ def _interrupt():
 
 def return_interrupts_when_unpickled():
     return InterruptsWhenUnpickled()
+
+
+def raise_from_a_module_only_here(directory, message):
+    """Raise an exception whose class lives in a module only this worker can import."""
+    sys.path.insert(0, directory)
+    import only_in_the_worker
+    raise only_in_the_worker.OnlyHereError(message)

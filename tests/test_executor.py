@@ -747,3 +747,16 @@ def test_a_futures_repr_names_the_result_type_not_the_lazy_wrapper():
         assert "returned an undecoded result" in repr(fut), repr(fut)
         fut.result()
         assert "returned tuple" in repr(fut), repr(fut)
+
+
+@pytest.mark.timeout(30)
+def test_an_exception_of_a_class_only_the_worker_has_keeps_its_message(tmp_path):
+    (tmp_path / "only_in_the_worker.py").write_text("class OnlyHereError(Exception):\n    pass\n")
+    from comfy_env.comfyui.errors import named_like_original
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.raise_from_a_module_only_here, str(tmp_path), "the original words").exception(20)
+    assert isinstance(exc, RemoteError) and exc.type_name == "only_in_the_worker.OnlyHereError"
+    assert exc.message == "the original words"
+    assert "could not be rebuilt in the parent" in str(exc)
+    shown = named_like_original(exc)
+    assert type(shown).__qualname__ == "OnlyHereError" and str(shown) == "the original words"

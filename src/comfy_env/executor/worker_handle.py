@@ -915,8 +915,11 @@ def _decode_remote_exception(frame, link):
         except BaseException:
             return RemoteError(type(dexc).__name__, f"the worker's exception could not be "
                                f"decoded in the parent: {why}"), ""
-        return RemoteError(qual, f"{msg} (the exception could not be rebuilt in the parent: "
-                           f"{why})", tb), tb
+        err = RemoteError(qual, msg, tb)
+        # The original message stays .message (a stand-in named like the original, as
+        # the ComfyUI adapter makes, shows just it); str() says why it is a RemoteError.
+        err.args = (f"{qual}: {msg} (the exception could not be rebuilt in the parent: {why})",)
+        return err, tb
 
 
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
