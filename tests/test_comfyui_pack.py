@@ -294,6 +294,24 @@ def test_encoding_keeps_tuples_lists_and_odd_values():
     assert isinstance(back["enum"], enum.Enum)
 
 
+def test_a_str_subclass_the_host_cannot_import_arrives_as_its_plain_value():
+    """The popular wildcard type ``class AnyType(str)`` of a pack's own module: the host
+    can't unpickle it; the type is "*" (ComfyUI's any type), not the repr "'*'"."""
+    data = json.loads(json.dumps(encoding.encode(("IMAGE", signal.SIGTERM, "x"))))
+    # As the worker would send it for a class only it has: the pickle fails on the host.
+    from comfy_env.comfyui import encoding as enc
+    any_type = {"__pickle__": "bm90IGEgcGlja2xl", "__repr__": "'*'", "__plain__": "*"}
+    assert enc.decode({"__tuple__": [any_type]}) == ("*",)
+    assert enc.decode({"__pickle__": "bm90IGEgcGlja2xl", "__repr__": "<X>"}) == "<X>"
+
+    class AnyType(str):
+        def __ne__(self, other):
+            return False
+    encoded = enc.encode(AnyType("*"))
+    assert encoded == "*" or encoded["__plain__"] == "*"     # a local class doesn't pickle: plain
+    assert enc.decode(data)[1] is signal.SIGTERM
+
+
 WORKER_LIFETIME_SCRIPT = textwrap.dedent("""
     import os, sys, time
     sys.path[:0] = {paths!r}
