@@ -149,6 +149,21 @@ def test_validate_inputs_and_is_changed_forwarded(demo):
     assert math.isnan(a) and math.isnan(b)
 
 
+def test_an_interrupt_left_from_idle_does_not_fail_validation_or_is_changed(demo):
+    """ComfyUI checks its interrupt flag only around a node's function: an interrupt
+    pressed while idle must not fail the validation of the next prompt queued (the
+    server's thread), nor be taken by it."""
+    pack, originals = demo
+    cls = pack.NODE_CLASS_MAPPINGS["DemoInvertImage"]
+    mm.interrupt_current_processing(True)
+    try:
+        assert el.validate_node(cls, {"strength": 0.5}) == el.validate_node(originals.InvertImage, {"strength": 0.5})
+        assert el.is_changed(cls, {"strength": 0.5, "mode": "exact"}) == ["0.5-exact"]
+        assert mm.processing_interrupted()          # still there for the node that runs next
+    finally:
+        mm.interrupt_current_processing(False)
+
+
 def test_lazy_inputs(demo, recorder):
     cls = nodes(demo)["DemoLazy"]
     assert el.execute_node(cls, {"use_b": True, "a": ("link", [None])})[:2] == ("pending", ["b"])

@@ -431,12 +431,17 @@ class IsolatedPack:
         if cold:
             _cold_calls.enter()     # pre-starts of other packs wait: they'd slow this one
         try:
+            executing = _executing_context()
             fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
                                          instance_id, tuple(args), dict(kwargs), ch.token,
-                                         _executing_context(), hidden)
+                                         executing, hidden)
             fut.add_done_callback(lambda _f: ch.queue.put(sidechannel.DONE))
             try:
-                self._wait(ch, fut, mm)
+                # ComfyUI's interrupt is for the node it executes (it checks the flag
+                # only around the node's function and check_lazy_status): a validation
+                # or IS_CHANGED call (a prompt being queued, on the server's thread)
+                # must not take the flag, nor fail on one left from an interrupt while idle.
+                self._wait(ch, fut, mm, interruptible=method not in _NOT_INTERRUPTIBLE)
             except mm.InterruptProcessingException:
                 if self._stop(ch, fut):
                     self._rewarm()
@@ -448,7 +453,7 @@ class IsolatedPack:
                 _cold_calls.leave()
             ch.close()
 
-    def _wait(self, ch, fut, mm):
+    def _wait(self, ch, fut, mm, interruptible=True):
         """Until the future is done: relay progress; turn ComfyUI's interrupt into ours."""
         first = [True]      # the call's first update always goes out, like ComfyUI's
         while True:
@@ -456,7 +461,7 @@ class IsolatedPack:
             done = fut.done() or sidechannel.DONE in msgs
             for msg in _coalesce(msgs, first):
                 self._relay(msg)
-            if mm.processing_interrupted():
+            if interruptible and mm.processing_interrupted():
                 mm.throw_exception_if_processing_interrupted()   # resets the flag, raises
             if done:
                 break
@@ -602,6 +607,10 @@ def _coalesce(msgs, first):
     keep.add(len(progress) - 1)
     keep.update(i for i, m in enumerate(progress) if m[4] is not None)
     return [m for i, m in enumerate(progress) if i in keep]
+
+
+# Node methods ComfyUI calls without checking its interrupt flag (allow_interrupt=False).
+_NOT_INTERRUPTIBLE = frozenset({"VALIDATE_INPUTS", "IS_CHANGED", "validate_inputs", "fingerprint_inputs"})
 
 
 def _executing_context():
