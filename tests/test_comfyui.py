@@ -331,3 +331,11 @@ def test_host_command_line_reaches_a_worker_running_comfyuis_own_modules(monkeyp
     monkeypatch.setitem(sys.modules, "comfy.cli_args", fake)
     assert pack._host_cli_args() == {"cpu": True, "reserve_vram": 1.5,
                                      "output_directory": None, "fast": ["fp16"]}
+
+
+def test_a_packs_executor_stops_at_interpreter_exit_instead_of_waiting(demo):
+    """ComfyUI catches Ctrl-C itself and then exits normally: the exit must not wait
+    for a node still running in a worker (it waited for the node to finish)."""
+    pack = demo[0].NODE_CLASS_MAPPINGS["DemoPid"]._comfy_env_pack
+    _pid(demo)
+    assert pack.executor()._pool.stop_at_exit is True

@@ -203,3 +203,21 @@ def test_a_script_without_a_main_guard_submitting_itself_by_name_fails_clearly(t
     proc = run_script("3.11", code, cwd=tmp_path, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["RuntimeError True", "then None"], proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_an_executor_marked_stop_at_exit_kills_its_running_call_when_the_program_ends(tmp_path):
+    code = textwrap.dedent("""
+        import time
+        from comfy_env import IsolatedExecutor
+
+        ex = IsolatedExecutor()
+        ex._pool.stop_at_exit = True          # what the ComfyUI adapter sets on a pack's
+        ex.submit(time.sleep, 60)
+        time.sleep(1)
+        print("ending", flush=True)
+    """)
+    t0 = time.monotonic()
+    proc = run_script("3.11", code, cwd=tmp_path, timeout=50)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ending", proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 20

@@ -387,7 +387,11 @@ class IsolatedPack:
         # A sandboxed worker must still see the pack and the progress socket's directory.
         from ..sandbox import for_pack
         env, kwargs["sandbox"] = for_pack(self.env, self.sandbox, self.pack_dir, hub.address)
-        return IsolatedExecutor(env, 1, **kwargs)
+        ex = IsolatedExecutor(env, 1, **kwargs)
+        # ComfyUI ending (Ctrl-C, which it catches itself and then exits normally) must
+        # not wait for a node still running: its result has nowhere to go.
+        ex._pool.stop_at_exit = True
+        return ex
 
     def executor(self):
         while True:

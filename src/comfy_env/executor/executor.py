@@ -276,6 +276,9 @@ class _Pool:
         self.handing = 0
         self.start_failures = 0     # failed starts in a row (see _start_failed)
         self.doomed = set()         # workers we are killing: never handed a call again
+        # At interpreter exit: stop at once instead of letting running calls finish (set
+        # by the ComfyUI adapter: a node's result has nobody to go to once ComfyUI ends).
+        self.stop_at_exit = False
         self.start_timed_out = set()    # ... because they ran past start_timeout
         self.broken = None
         self.shutting_down = False
@@ -1362,6 +1365,12 @@ def _shutdown_all_at_exit():
     global _exit_started
     _exit_started = True
     pools = list(_live_pools)
+    for pool in [p for p in pools if p.stop_at_exit]:
+        try:
+            pool.stop_now()
+        except Exception:
+            pass
+    pools = [p for p in pools if not p.stop_at_exit]
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     if not interrupted:
         try:
