@@ -306,8 +306,20 @@ def test_comfyui_stopped_during_start_leaves_no_process(tmp_path, sig):
 
 
 def test_zz_no_process_outlives_comfyui(comfy):
+    # Stopped with Ctrl-C (SIGINT, which ComfyUI catches before it exits normally) while
+    # an isolated node sleeps 60 s: the exit does not wait for it.
+    comfy.queue({"1": h.api_node("CE_Sleep", seed=int(time.time()) % 100000), "2": probe(["1", 0])})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        msg = comfy.ws.recv(timeout=1)
+        if isinstance(msg, dict) and msg.get("type") == "executing" and \
+                (msg.get("data") or {}).get("node") == "1":
+            break
+    time.sleep(1)                   # the node runs in its worker now
     comfy.ws.close()
-    kids = comfy.stop()
+    t0 = time.monotonic()
+    kids = comfy.stop(timeout=50)
+    assert time.monotonic() - t0 < 20, comfy.log()[-3000:]
     assert kids, "ComfyUI had no worker processes to check"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(h.alive(p) for p in kids):
