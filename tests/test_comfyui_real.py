@@ -132,6 +132,10 @@ def test_object_info_of_v1_and_v3_proxies(comfy):
     sep = info["CE3_SepScale"]
     assert sep["input"]["required"] == {"image": ["IMAGE", {}], "factor": ["FLOAT", {"default": 2.0}]}
     assert sep["output_node"] is True
+    # Outputs declared without an id are labelled with their type, as in-process (they
+    # showed the "_0_IMAGE_" id finalize() gives them).
+    assert sep["output_name"] == ["IMAGE"]
+    assert info["CE3_Text"]["output_name"] == ["STRING"] and info["CE3_Even"]["output_name"] == ["INT"]
     assert "ce_broken" not in str(info)
 
 

@@ -155,6 +155,10 @@ def _v3_record_types():
     class RecordedOutput(io.Output):
         def __init__(self, rec):
             super().__init__(rec["id"], rec["display_name"], rec["tooltip"], rec["is_output_list"])
+            # Output.__init__ takes the id for a missing display name, and the id of an
+            # output declared without one is the "_0_STRING_" that finalize() gave it in
+            # the worker: the slot's label is then its type, as in-process.
+            self.display_name = rec["display_name"]
             self._io_type = encoding.decode(rec["io_type"])
 
         @property
@@ -171,6 +175,7 @@ def _v3_record_types():
         def __init__(self, rec):
             io.Output.__init__(self, rec["id"], rec["display_name"], rec["tooltip"],
                                rec["is_output_list"])
+            self.display_name = rec["display_name"]        # as in RecordedOutput
             self._io_type = encoding.decode(rec["io_type"])
             self.template = type("Template", (), {"template_id": rec["matchtype"]})()
 
