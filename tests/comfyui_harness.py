@@ -128,8 +128,9 @@ def descendants(pid):
 class ComfyUI:
     """One headless ComfyUI process on a free port with ``base_dir`` as --base-directory."""
 
-    def __init__(self, tree, python, base_dir, env=None, log_path=None):
+    def __init__(self, tree, python, base_dir, env=None, log_path=None, args=()):
         self.tree, self.python, self.base_dir = tree, python, base_dir
+        self.args = list(args)          # more of ComfyUI's command-line options
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
@@ -150,7 +151,7 @@ class ComfyUI:
         self.proc = subprocess.Popen(
             [self.python, os.path.join(self.tree, "main.py"), "--cpu", "--listen", "127.0.0.1",
              "--port", str(self.port), "--base-directory", self.base_dir,
-             "--disable-auto-launch"],
+             "--disable-auto-launch", *self.args],
             cwd=self.tree, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         if not wait:
             return self

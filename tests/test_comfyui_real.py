@@ -45,9 +45,17 @@ def comfy(tmp_path_factory):
         "from comfy_env.comfyui import isolated_nodes\n"
         "NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = isolated_nodes(__file__, 'nodes')\n")
     (nodes / "ce_broken" / "nodes.py").write_text("import a_module_nobody_has\n")
+    # Folders set by main.py's options, which a worker's fresh folder_paths never saw.
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "ckpts").mkdir()
+    (elsewhere / "extra_model_paths.yaml").write_text(
+        f"extra:\n    base_path: {elsewhere}\n    checkpoints: ckpts\n")
     server = h.ComfyUI(tree, py, str(base),
                        env={"COMFY_ENV_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-                            "COMFY_ENV_INTERRUPT_GRACE": "20"})
+                            "COMFY_ENV_INTERRUPT_GRACE": "20"},
+                       args=["--output-directory", str(elsewhere / "out"),
+                             "--extra-model-paths-config", str(elsewhere / "extra_model_paths.yaml")])
+    server.elsewhere = str(elsewhere)
     server.start(timeout=300)
     ws = server.connect()
     server.ws = ws
@@ -137,6 +145,18 @@ def test_object_info_of_v1_and_v3_proxies(comfy):
     assert sep["output_name"] == ["IMAGE"]
     assert info["CE3_Text"]["output_name"] == ["STRING"] and info["CE3_Even"]["output_name"] == ["INT"]
     assert "ce_broken" not in str(info)
+
+
+def test_node_code_in_the_worker_sees_comfyuis_folders(comfy):
+    """env=None: the worker imports ComfyUI's own folder_paths afresh; --base-directory
+    (and the other folder options, extra model paths) must reach it."""
+    import json
+    out, _ = ok(comfy, {"1": h.api_node("CE_Folders", seed=int(time.time()) % 100000), "2": probe(["1", 0])})
+    seen = json.loads(probed(out, "2")["value"])
+    base, elsewhere = os.path.realpath(comfy.base_dir), os.path.realpath(comfy.elsewhere)
+    assert os.path.realpath(seen["output"]) == os.path.join(elsewhere, "out"), seen     # --output-directory
+    assert os.path.realpath(seen["input"]) == os.path.join(base, "input"), seen         # --base-directory
+    assert os.path.join(elsewhere, "ckpts") in map(os.path.realpath, seen["checkpoints"]), seen   # extra paths
 
 
 def test_images_pass_through_isolated_nodes_exactly(comfy):

@@ -141,14 +141,35 @@ def configure_folder_paths(snapshot):
     _configure_folder_paths(snapshot)
 
 
+_FOLDER_KEYS = ("base_path", "models_dir", "output_directory", "temp_directory",
+                "input_directory", "user_directory")
+
+
 def _configure_folder_paths(snapshot):
     try:
         import folder_paths
     except Exception:
         return
     configure = getattr(folder_paths, "_configure", None)
-    if configure is not None:          # only the shim takes a copy; ComfyUI's own is live
+    if configure is not None:          # the shim (another env) takes a copy
         configure(snapshot)
+        return
+    if not snapshot:
+        return
+    # ComfyUI's own folder_paths (env=None), imported afresh in this process: the host's
+    # --base-directory, --output-directory, --temp-directory, extra model paths and the
+    # folders other packs added never reached it.  Take the host's configuration.
+    for key in _FOLDER_KEYS:
+        if isinstance(snapshot.get(key), str) and hasattr(folder_paths, key):
+            setattr(folder_paths, key, snapshot[key])
+    table = getattr(folder_paths, "folder_names_and_paths", None)
+    if isinstance(table, dict) and snapshot.get("folder_names_and_paths"):
+        table.clear()
+        for name, (paths, extensions) in snapshot["folder_names_and_paths"].items():
+            table[name] = (list(paths), set(extensions))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
 
 
 # ---------------------------------------------------------------------- pack loading

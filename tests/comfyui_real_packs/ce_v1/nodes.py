@@ -164,3 +164,23 @@ NODE_CLASS_MAPPINGS = {
     "CE_WaitFlag": WaitFlag, "CE_Sleep": Sleep, "CE_Crash": Crash, "CE_Pid": Pid, "CE_Text": Text,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"CE_Invert": "Invert (isolated)"}
+
+
+class Folders:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "ce/v1"
+
+    def run(self, seed):
+        import json
+        import folder_paths
+        return (json.dumps({"output": folder_paths.get_output_directory(),
+                            "temp": folder_paths.get_temp_directory(),
+                            "input": folder_paths.get_input_directory(),
+                            "checkpoints": folder_paths.get_folder_paths("checkpoints")}),)
+
+
+NODE_CLASS_MAPPINGS["CE_Folders"] = Folders
