@@ -237,6 +237,12 @@ def test_v3_validate_inputs_rejects_the_prompt(comfy):
     assert "x must be even, got 3" in str(info.value.body)
     out, _ = ok(comfy, {"1": h.api_node("CE3_Even", x=8), "2": probe(["1", 0])})
     assert probed(out, "2")["value"] == 4
+    # V1's VALIDATE_INPUTS the same way (both run off ComfyUI's event loop).
+    with pytest.raises(h.PromptRejected) as info:
+        comfy.queue({"1": h.api_node("CE_Validated", x=3), "2": probe(["1", 0])})
+    assert "x must be even, got 3" in str(info.value.body)
+    out, _ = ok(comfy, {"1": h.api_node("CE_Validated", x=6), "2": probe(["1", 0])})
+    assert probed(out, "2")["value"] == 6
 
 
 @pytest.mark.parametrize("node", ["CE_WaitProgress", "CE_WaitFlag"])
@@ -256,6 +262,34 @@ def test_interrupt(comfy, node):
     # Stopped by the node itself (progress hook / its own check), well inside the 20 s
     # grace: the worker was not killed.
     assert worker_pid(comfy, seed=hash(node) % 1000 + 1) == before
+
+
+def test_validating_a_prompt_while_the_packs_worker_runs_a_node_leaves_the_server_responsive(comfy):
+    """VALIDATE_INPUTS waits for the pack's worker, busy with a running node: on
+    ComfyUI's event loop that wait froze the whole HTTP server (/system_stats, /interrupt)."""
+    import threading
+    started = []
+
+    def on_event(e):
+        if not started and e["type"] == "executing" and e["data"].get("node") == "1":
+            started.append(1)
+            queued = []
+            t = threading.Thread(target=lambda: queued.append(comfy.queue(
+                {"1": h.api_node("CE_Validated", x=4), "2": probe(["1", 0])})), daemon=True)
+            t.start()
+            time.sleep(0.5)             # the validation waits for the worker now
+            t0 = time.monotonic()
+            comfy.get("/system_stats", timeout=20)
+            started.append(time.monotonic() - t0)
+            comfy.interrupt()
+            t.join(30)
+            started.append(queued)
+
+    _, _, last = run(comfy, {"1": h.api_node("CE_WaitFlag", seed=int(time.time()) % 100000),
+                             "2": probe(["1", 0])}, timeout=90, on_event=on_event)
+    assert last["type"] == "execution_interrupted", last
+    assert started[1] < 2, started          # answered while the validation waited
+    assert started[2], started              # and the prompt was queued once the worker was free
 
 
 def ppid(pid):

@@ -59,6 +59,29 @@ def _signature(params):
         return None
 
 
+# Hooks ComfyUI awaits while it validates a prompt being queued, on the server's event loop.
+_VALIDATION_HOOKS = frozenset({"VALIDATE_INPUTS", "validate_inputs"})
+
+
+def _awaits_validation():
+    """Whether this ComfyUI validates prompts with coroutines (``execution.validate_inputs``
+    is ``async``, as in 0.33): a validation hook may then be async too."""
+    import sys
+    execution = sys.modules.get("execution")
+    return inspect.iscoroutinefunction(getattr(execution, "validate_inputs", None))
+
+
+def _off_the_loop(call):
+    """``call`` as an async function run in a thread: a validation hook waits for the
+    pack's worker, which may be running a node for seconds; on ComfyUI's event loop that
+    wait froze its whole HTTP server (queueing, /interrupt, /system_stats)."""
+    import asyncio
+
+    async def forward(*args, **kwargs):
+        return await asyncio.to_thread(call, *args, **kwargs)
+    return forward
+
+
 def _forwarder(key, name, info, drop):
     kind = info["kind"]
 
@@ -73,6 +96,11 @@ def _forwarder(key, name, info, drop):
             # it on the class the same way, with the same outcome.
             cls, instance_id = forward._comfy_env_owner, None
         return cls._comfy_env_pack.call(key, name, instance_id, args, kwargs, drop=drop)
+
+    if name in _VALIDATION_HOOKS and _awaits_validation():
+        # (The synchronous forward reads its owner from the name ``forward``: the
+        # attribute set on what is returned, this async function.)
+        forward = _off_the_loop(forward)
 
     forward.__name__ = name
     sig = _signature(info["params"])
@@ -264,6 +292,9 @@ def _v3_forwarder(key, name, info, hidden_names):
     def forward(cls, *args, **kwargs):
         return cls._comfy_env_pack.call(key, name, None, args, kwargs,
                                         hidden=_hidden_values(cls, hidden_names))
+
+    if name in _VALIDATION_HOOKS and _awaits_validation():
+        forward = _off_the_loop(forward)
 
     forward.__name__ = name
     sig = _signature(info["params"])

@@ -183,4 +183,21 @@ class Folders:
                             "checkpoints": folder_paths.get_folder_paths("checkpoints")}),)
 
 
+class Validated:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("INT", {"default": 2})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "ce/v1"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, x):
+        return True if x % 2 == 0 else f"x must be even, got {x}"
+
+    def run(self, x):
+        return (x,)
+
+
 NODE_CLASS_MAPPINGS["CE_Folders"] = Folders
+NODE_CLASS_MAPPINGS["CE_Validated"] = Validated
