@@ -105,6 +105,11 @@ def test_a_decode_failure_shows_in_exception_callbacks_wait_and_as_completed(ex,
     assert fut in done
     exc = fut.exception()                   # before anybody called result()
     assert isinstance(exc, LookupError)
+    # Callbacks run on the reader thread after waiters are woken (as Future.set_result
+    # orders them): wait for it.
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert seen == [exc]
     assert [f.exception() for f in as_completed([fut], 30)] == [exc]
     with pytest.raises(LookupError) as info:
@@ -146,7 +151,12 @@ _SHUTDOWN_IN_CALLBACK = textwrap.dedent("""
     f1 = ex.submit(_funcs.sleep_then, 0.3, 1)
     f1.add_done_callback(on_done)
     f2 = ex.submit(_funcs.add, 1, 1)        # queued behind f1
-    print(f2.result(timeout=20), errors[0] if errors else "no error", flush=True)
+    r = f2.result(timeout=20)
+    for _ in range(500):                    # the callback runs on the reader thread
+        if errors:
+            break
+        time.sleep(0.01)
+    print(r, errors[0] if errors else "no error", flush=True)
 """)
 
 

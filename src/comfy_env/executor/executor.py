@@ -1206,6 +1206,15 @@ class IsolatedExecutor(Executor):
             concurrent.futures.BrokenExecutor: the executor is broken (a worker
                 could not start or its initializer failed).
         """
+        return self._submit(fn, args, kwargs, DEFAULT)
+
+    def _submit_timed(self, timeout, fn, /, *args, **kwargs) -> IsolatedFuture:
+        """``submit`` with this call's own time limit (seconds, or None for none) in place
+        of ``call_timeout``: for comfy_env's own preparation calls (the pytest plugin
+        imports a test module before the timed test)."""
+        return self._submit(fn, args, kwargs, _seconds("timeout", timeout))
+
+    def _submit(self, fn, args, kwargs, timeout):
         if not (callable(fn) or isinstance(fn, str)):
             raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
                             f"got {type(fn).__name__}")
@@ -1222,20 +1231,10 @@ class IsolatedExecutor(Executor):
         if kwargs:
             _find_futures(kwargs, deps)
         fut = IsolatedFuture()
-        self._pool.submit(WorkItem(fut, fn, args, kwargs, deps))
-        return fut
-
-    def _submit_timed(self, timeout, fn, /, *args, **kwargs) -> IsolatedFuture:
-        """``submit`` with this call's own time limit (seconds, or None for none) in place
-        of ``call_timeout``: for comfy_env's own preparation calls (the pytest plugin
-        imports a test module before the timed test)."""
-        if not (callable(fn) or isinstance(fn, str)):
-            raise TypeError(f"fn must be a callable or a 'package.module:qualname' string, "
-                            f"got {type(fn).__name__}")
-        item = WorkItem(IsolatedFuture(), fn, args, kwargs, _find_futures((args, kwargs), []))
-        item.timeout = _seconds("timeout", timeout)
+        item = WorkItem(fut, fn, args, kwargs, deps)
+        item.timeout = timeout
         self._pool.submit(item)
-        return item.future
+        return fut
 
     def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
