@@ -120,3 +120,36 @@ def test_to_device_moves_across_gpus_to_the_pinned_one():
         back = ex.submit(lambda x, u: __import__("comfy_env").to_device(x * 2, "GPU-" + u), t,
                          devices.uuid_of(0)).result()
         assert back.device == torch.device("cuda:0") and float(back[0]) == 8.0
+
+
+def _current_device_and_sum(t):
+    import torch
+    return torch.cuda.current_device(), float(t.sum())
+
+
+@multigpu
+@pytest.mark.multigpu
+@pytest.mark.timeout(180)
+def test_the_callers_current_device_is_the_same_before_and_after_every_call():
+    """Importing or exporting memory of another GPU makes that GPU's context current for
+    the driver calls; neither the parent's nor the worker's code may see the switch."""
+    on1 = torch.full((1 << 20,), 1.0, device="cuda:1")
+    with IsolatedExecutor(device="cuda:1") as pinned, IsolatedExecutor() as both:
+        for current in (0, 1):
+            torch.cuda.set_device(current)
+            back = pinned.submit(_make, 1 << 20, 3.0).result()            # arrives on cuda:1
+            assert back.device == torch.device("cuda:1")
+            assert torch.cuda.current_device() == current
+            # the worker sees both GPUs and starts on its cuda:0: a cuda:1 argument
+            # must not move it
+            assert both.submit(_current_device_and_sum, on1).result() == (0, float(1 << 20))
+            assert torch.cuda.current_device() == current
+            with torch.cuda.device(1 - current):
+                t = torch.full((1 << 20,), 2.0)
+                t = t.to(f"cuda:{1 - current}")
+            assert both.submit(_current_device_and_sum, t).result() == (0, 2.0 * (1 << 20))
+            assert torch.cuda.current_device() == current
+            del back, t
+            torch.cuda.empty_cache()                  # the trim hook visits every GPU
+            assert torch.cuda.current_device() == current
+    torch.cuda.set_device(0)

@@ -8,15 +8,24 @@ the same number within one process (both count visible devices).
 Driver calls that touch memory need a context current in the calling thread; the
 ledger's flusher thread frees imported memory, so :func:`use` makes the device's
 primary context (the one torch shares) current wherever we are.
+
+That switch must not leak into the caller's code: the current context *is* torch's
+current device (``torch.cuda.current_device()`` asks the runtime, which answers from
+the thread's current primary context), so decoding a tensor of ``cuda:1`` would leave
+a caller on ``cuda:0`` allocating on ``cuda:1`` afterwards.  Every entry into the plane
+from code we don't own runs under :data:`CALLER` (or :func:`keeps_caller_context`),
+which puts back the context :func:`use` displaced.
 """
 from __future__ import annotations
 
 import ctypes as C
+import functools
 import threading
 
 from . import driver as D
 
-__all__ = ["uuid_of", "ordinal_of", "use", "count", "name_of", "peers_of", "access_for", "UnknownDevice"]
+__all__ = ["uuid_of", "ordinal_of", "use", "count", "name_of", "peers_of", "access_for", "UnknownDevice",
+           "CALLER", "keeps_caller_context"]
 
 
 class UnknownDevice(LookupError):
@@ -28,6 +37,11 @@ _uuids = {}          # ordinal -> uuid hex
 _by_uuid = {}        # uuid hex -> ordinal
 _contexts = {}       # ordinal -> primary CUcontext (retained for the process's life)
 _peers = {}          # ordinal -> ordinals that can access its memory peer-to-peer
+
+# Per thread: how deep in CALLER scopes we are, and the context the first use() in the
+# outermost scope displaced (_UNSET: none displaced; None: no context was current).
+_tls = threading.local()
+_UNSET = object()
 
 
 def count() -> int:
@@ -92,7 +106,48 @@ def use(ordinal: int) -> None:
                 ctx = _contexts[ordinal] = h.value
     cur = C.c_void_p()
     if D.try_call("cuCtxGetCurrent", C.byref(cur)) != 0 or cur.value != ctx:
+        if getattr(_tls, "depth", 0) and _tls.displaced is _UNSET:
+            _tls.displaced = cur.value
         D.call("cuCtxSetCurrent", ctx)
+
+
+class _CallerContext:
+    """``with CALLER:`` — the calling thread's current CUDA context (so torch's current
+    device) is on exit what it was on entry, however many devices :func:`use` visited.
+
+    Costs nothing when no device switch happened: :func:`use` already reads the
+    current context before it switches, and notes the one it displaced.  Scopes nest;
+    the outermost restores.  Re-entrant per thread, shared across threads (the state
+    is thread-local)."""
+    __slots__ = ()
+
+    def __enter__(self):
+        depth = getattr(_tls, "depth", 0)
+        if depth == 0:
+            _tls.displaced = _UNSET
+        _tls.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc):
+        _tls.depth -= 1
+        if _tls.depth == 0 and _tls.displaced is not _UNSET:
+            ctx, _tls.displaced = _tls.displaced, _UNSET
+            # Not raising: the scope's own result or error is what the caller must see,
+            # and a context that can't be made current again has nothing left to run.
+            D.try_call("cuCtxSetCurrent", ctx)
+        return False
+
+
+CALLER = _CallerContext()
+
+
+def keeps_caller_context(fn):
+    """Decorator: ``fn`` runs under :data:`CALLER`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with CALLER:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def peers_of(ordinal: int):

@@ -39,6 +39,11 @@ its own but the wiring.  The state lives in three parts, split along the wire:
 
 It routes each control message to the side it is for, and does what spans the
 sides: noticing dead peers, ``trim`` (``torch.cuda.empty_cache``), ``stats``.
+
+Every entry point here is called from code we don't own (the codec on the caller's
+thread, the ledger, torch's ``empty_cache``) and keeps the caller's current CUDA
+context: a tensor of another GPU must not change ``torch.cuda.current_device()``
+(``devices.CALLER``).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import logging
 from ... import settings
 from .. import lifetime
 from ..codec import Plane
+from .devices import keeps_caller_context
 from .errors import CudaFallbackWarning, CudaTransferError, WarnOnce
 from .local import LocalGpus
 from .paths import Capabilities, fresh_copy_limit, import_limit, ipc_min_bytes, small_copy_limit
@@ -76,6 +82,8 @@ class CudaPlane(Plane):
                              force_cpu=cfg.cuda_force_cpu, small_copy=small_copy,
                              fresh_copy=fresh_copy_limit(small_copy, limit), ipc_min=ipc_min_bytes(),
                              ipc_mapped=self.receiver.ipc.is_mapped)
+        # One object for the ledger's finisher de-duplication (it compares finishers).
+        self._finish_frees = keeps_caller_context(self.receiver.finish_frees)
 
     # -- what other modules read (doctor, probe, tests, benchmarks) --------------------
     @property
@@ -114,40 +122,48 @@ class CudaPlane(Plane):
     def import_cache(self):
         return self.receiver.import_cache
 
+    @keeps_caller_context
     def caps(self, ordinal) -> Capabilities:
         return self.local.caps(ordinal)
 
+    @keeps_caller_context
     def ensure_heap(self, ordinal):
         return self.local.ensure_heap(ordinal)
 
     # -- the codec's hooks -------------------------------------------------------------
+    @keeps_caller_context
     def encode(self, obj, enc):
         return self.sender.encode(obj, enc)
 
+    @keeps_caller_context
     def decode(self, desc, dec):
         return self.receiver.decode(desc, dec)
 
+    @keeps_caller_context
     def open_remote(self, key, meta, fd):
         return self.receiver.open_remote(key, meta, fd)
 
+    @keeps_caller_context
     def forward_fd(self, record):
         """An fd (still ours, valid while ``record`` lives) that opens the block elsewhere."""
         if record.owned:
             return record.resource.forward_fd()
         return self.receiver.forward_fd(record)
 
+    @keeps_caller_context
     def on_zero(self, record):
         # Runs on the ledger's thread (or whichever released last): never raise from here.
         try:
             if record.owned:
                 self.sender.free_owned(record)
             elif self.receiver.free_remote(record):
-                return self.receiver.finish_frees     # the ledger calls it once per batch
+                return self._finish_frees     # the ledger calls it once per batch
         except Exception:
             log.exception("comfy_env: freeing CUDA block %s failed", record.key)
         return None
 
     # -- control ---------------------------------------------------------------------------
+    @keeps_caller_context
     def on_control(self, link, message):
         kind = message[0]
         if kind == "verdict":
@@ -171,6 +187,7 @@ class CudaPlane(Plane):
         else:
             log.warning("comfy_env: unknown CUDA plane message %r from %s", kind, link.name)
 
+    @keeps_caller_context
     def housekeeping(self):
         """Before each frame we encode: reap drained generations, and notice peers that
         went away: their pools retire here and at those we forwarded to."""
@@ -184,6 +201,7 @@ class CudaPlane(Plane):
                         other.post(("plane", self.name, ("retire-owner", link.uid)))
 
     # -- memory ---------------------------------------------------------------------------
+    @keeps_caller_context
     def trim(self):
         """Release what exportable pools can release: roll to new generations, destroy drained ones.
 
@@ -197,6 +215,7 @@ class CudaPlane(Plane):
         self.sender.post_retired(retired)
         return retired
 
+    @keeps_caller_context
     def stats(self):
         records = lifetime.LEDGER.records()
         owned = sum(1 for r in records if r.owned and r.key[0] == self.name)
