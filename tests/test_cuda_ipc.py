@@ -200,6 +200,24 @@ def test_storages_of_one_allocation_share_its_handle_and_a_storage_sent_again_it
     assert len(_handle_calls(log)) == 1
 
 
+def test_every_tensor_of_a_frame_makes_its_gpus_context_current_again(parent, monkeypatch):
+    """Each entry into the plane gives the caller's CUDA context back on the way out
+    (devices.CALLER), so the second tensor of a frame cannot rely on the context the
+    first one's encode made current: its driver calls come after a use() of its own."""
+    pl, log, link, mem = parent
+    monkeypatch.setattr(devices, "use", lambda o: log.append(("use", o)))
+    base = mem.add(1 << 40, 256 * MiB)
+    other = mem.add(1 << 41, 256 * MiB)
+    descs, refs, fb = _send(link, [FakeT(FakeStorage(base, 64 * MiB)), FakeT(FakeStorage(other, 64 * MiB))])
+    fb._lends.clear()
+    assert [d.route for d in descs] == ["ipc", "ipc"]
+    seen = [e[0] for e in log if e[0] in ("use", "cuIpcGetMemHandle")]
+    assert seen.count("cuIpcGetMemHandle") == 2
+    for i, name in enumerate(seen):
+        if name == "cuIpcGetMemHandle":
+            assert i > 0 and seen[i - 1] == "use", seen
+
+
 def test_small_storages_keep_the_staging_copy_and_the_threshold_is_a_setting(parent, monkeypatch):
     pl, log, link, mem = parent
     assert pl.sender.ipc_min == 16 * MiB == paths.DEFAULT_SMALL_COPY

@@ -316,6 +316,9 @@ class PoolImports:
                 if freeing is None:
                     p = self.get(key)
                     handle = self._ensure_imported(p)
+                    # The pool was imported in an earlier entry into the plane, which gave
+                    # the caller its context back (devices.CALLER).
+                    devices.use(p.ordinal)
                     ed = D.PoolPtrExportData()
                     C.memmove(C.byref(ed), export_data, 64)
                     ptr = C.c_uint64()

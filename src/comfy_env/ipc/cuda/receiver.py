@@ -235,6 +235,7 @@ class Receiver:
         link.post(("plane", self.name, ("verdict", kind, bool(ok), reason[:500])))
 
     # -- recycled staging blocks: the importer's side --------------------------------
+    @devices.keeps_caller_context
     def staging_idle(self, rec):
         """Importer side, ``Record.on_idle`` of a kept staging block: queue it for the
         owner; the returned finisher (run once per batch by the ledger) tells it."""
@@ -249,6 +250,7 @@ class Receiver:
         pending.append((rec.key, res.seq, link, res.ordinal, stream))
         return self._finish_idles
 
+    @devices.keeps_caller_context
     def _finish_idles(self):
         """Tell owners which of their staging blocks went idle here: one event per GPU and
         read stream after our reads (not one per block), one message per owner and event."""

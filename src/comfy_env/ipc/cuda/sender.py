@@ -136,7 +136,7 @@ class Sender:
             self.local.t()
             self.plane.housekeeping()
             ctx = state[self.name] = _EncodeContext(self.peers.of(enc.link))
-            enc.fb.before_send(lambda: self._finish_frame(ctx))
+            enc.fb.before_send(devices.keeps_caller_context(lambda: self._finish_frame(ctx)))
         return ctx
 
     def _finish_frame(self, ctx):
@@ -185,7 +185,13 @@ class Sender:
             raise EncodeError(f"CUDA tensors of dtype {obj.dtype} cannot be shared")
         ordinal = obj.get_device()
         d = ctx.dev.get(ordinal)
-        caps, uuid, heap, stream, pool_ok, copy_ok = d if d is not None else self._encode_device(ctx, ordinal)
+        if d is None:
+            d = self._encode_device(ctx, ordinal)
+        elif d.caps.driver:
+            # Each entry into the plane gives the caller its context back on the way out
+            # (devices.CALLER), so the driver calls below need ours made current again.
+            devices.use(ordinal)
+        caps, uuid, heap, stream, pool_ok, copy_ok = d
         if obj.layout != torch.strided or obj.is_quantized:
             self.routes["cpu"] += 1
             return self._encode_cpu(obj, dtype, ordinal, uuid, f"{obj.layout} tensors have no plain memory layout")
