@@ -711,14 +711,58 @@ def test_parent_on_the_native_allocator_sends_a_big_tensor_by_ipc_handle(worker_
         else:
             assert got == {"ipc": 2, "staging": 0}, got
             assert PLANE.sender.ipc_export.get(0) is True
-        settle()
-        _routes, wstats, _export = ex.submit(w_ipc_stats).result(timeout=60)
-        assert wstats["ipc_open"] == 0, wstats                 # the worker closed after use
+        assert float(x[-1]) == 5.0 and float(x[0]) == 3.0      # the parent's tensor intact
+        # The parent lets go: whatever the worker still keeps (the storage was sent twice,
+        # so its import cache may hold the record) it is asked to reclaim; then nothing of
+        # ours is lent and the worker has nothing of ours mapped in use.
+        del x, x2
         deadline = time.monotonic() + 10
-        while PLANE.stats()["owned_blocks"] and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             settle()
+            wstats = ex.submit(w_ipc_stats).result(timeout=60)[1]
+            if not PLANE.stats()["owned_blocks"] and not wstats["ipc_open"]:
+                break
         assert PLANE.stats()["owned_blocks"] == 0              # released: our storage let go
-        assert float(x[-1]) == 5.0 and float(x[0]) == 3.0      # and the parent's tensor intact
+        assert wstats["ipc_open"] == 0, wstats
+
+
+def test_a_native_workers_kept_result_is_kept_by_the_parent_until_the_worker_drops_it():
+    """Worker on torch's native allocator returning a tensor it keeps (64 MiB, the ``ipc``
+    route): the first call is released at once (a first sight: a new output must not be
+    pinned), from the second on the parent keeps the record, so every later call lends the
+    same record again (no record, open, synchronise or release per call); once the worker
+    drops the tensor it asks the parent to let go ("reclaim"), and nothing stays lent."""
+    n = 64 << 20
+    with executor("") as ex:
+        t = ex.submit(w_keep_big, n).result(timeout=120)
+        assert int(t[0]) == 5 and int(t[-1]) == 5
+        del t
+        settle(flush=False)
+        assert ex.submit(w_stats).result(timeout=60)["owned_blocks"] == 0     # first sight: released
+        old_idle = PLANE.import_cache.max_idle_s
+        PLANE.import_cache.max_idle_s = 1000.0                 # only the reclaim lets it go
+        try:
+            hits = PLANE.import_cache.stats()["hits"]
+            opens = PLANE.receiver.ipc.stats()["ipc_opens_made"]
+            for _ in range(20):
+                t = ex.submit(w_keep_big, n).result(timeout=120)
+                assert int(t[-1]) == 5
+                del t
+            settle(flush=False)
+            assert PLANE.import_cache.stats()["hits"] >= hits + 19
+            assert PLANE.receiver.ipc.stats()["ipc_opens_made"] == opens
+            routes, wstats, _export = ex.submit(w_ipc_stats).result(timeout=60)
+            assert routes.get("ipc", 0) == 21 and routes.get("staging", 0) == 0, routes
+            assert wstats["owned_blocks"] == 1, wstats         # one record, lent again each call
+            ex.submit(w_forget_big).result(timeout=60)
+            deadline = time.monotonic() + 10
+            while PLANE.import_cache.stats()["entries"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert PLANE.import_cache.stats()["entries"] == 0
+            settle(flush=False)
+            assert ex.submit(w_stats).result(timeout=60)["owned_blocks"] == 0
+        finally:
+            PLANE.import_cache.max_idle_s = old_idle
 
 
 def test_chain_native_worker_a_to_b_by_ipc_handle_without_parent_open():

@@ -300,7 +300,7 @@ def test_ipc_meta_roundtrip():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (GOOD[:6], "6 fields, expected 7"),
+    (GOOD[:7], "7 fields, expected 8"),
     (GOOD[:1] + ("",) + GOOD[2:], "owner"),
     (GOOD[:2] + (b"h" * 63,) + GOOD[3:], "64 bytes, got 63"),
     (GOOD[:2] + ("h" * 64,) + GOOD[3:], "64 bytes, got str"),
@@ -308,7 +308,8 @@ def test_ipc_meta_roundtrip():
     (GOOD[:4] + (0,) + GOOD[5:], "does not fit"),
     (GOOD[:3] + (100 * MiB,) + GOOD[4:], "does not fit"),
     (GOOD[:5] + (1.5,) + GOOD[6:], "alloc_size 1.5"),
-    (GOOD[:6] + ("GPU-0",), "device uuid"),
+    (GOOD[:6] + ("GPU-0", False), "device uuid"),
+    (GOOD[:7] + (1,), "sent_before 1 must be a bool"),
 ])
 def test_malformed_ipc_meta_gets_a_clear_error(bad, match):
     with pytest.raises(DescriptorError, match=match):
@@ -655,3 +656,102 @@ def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_
                                         "ipc_closed": 0}
     rpl.receiver.ipc.flush()
     assert [e[0] for e in log].count("close") == 1
+
+
+# -- a storage sent again: the peer keeps its record until the owner reclaims it ------------
+def _receive(rpl, peer, fb, serial):
+    """Decode ``fb``'s first part in the receiving plane ``rpl``, the blocks renamed as a
+    peer's keys (both planes share this process's ledger): ``(tensors, renamed keys)``."""
+    part = fb.parts[0]
+    rrefs = [(name, ("cuda", "f" * 16, serial + i), fd, meta) for i, (name, _k, fd, meta) in enumerate(part.refs)]
+    frame = codec.Frame.__new__(codec.Frame)
+    frame.envelope, frame.parts, frame.fds = None, [codec.Part(part.data, rrefs)], []
+    return codec.decode_part(frame, 0, peer), [r[1] for r in rrefs]
+
+
+def _receiving_plane(monkeypatch, log):
+    opened = iter(range(1 << 45, 1 << 48, 1 << 40))
+    monkeypatch.setattr(D, "ipc_open", lambda handle: (log.append(("open", handle)), next(opened))[1])
+    monkeypatch.setattr(D, "ipc_close", lambda b_: log.append(("close", b_)))
+    rpl = CudaPlane()
+    rpl.local.torch = torch
+    rpl.receiver._decode_device = lambda dec, ctx, uuid: (
+        types.SimpleNamespace(dev={}, waited=set()), (0, torch.device("cpu"), 7))
+    rpl.receiver._wrap = lambda ptr, desc, ordinal, device: (lambda t: (t, t))(_Tensorish(ptr))
+    rpl.receiver.import_cache.background = False      # evicts on sweep() / reclaim only
+    monkeypatch.setitem(codec._PLANES, "cuda", rpl)
+    return rpl
+
+
+def _posts_after_drain(log, n):
+    lifetime.LEDGER.drain()          # or the ledger's thread, which may have taken the batch first
+    deadline = time.monotonic() + 5
+    while len([e for e in log if e[0] == "post"]) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [e[1] for e in log if e[0] == "post"]
+
+
+def test_a_storage_sent_again_is_kept_by_the_peer_until_the_owner_reclaims_it(parent, monkeypatch):
+    """A first sight (a call's new output) is released as soon as the peer's tensor died;
+    the same storage sent again says so (``sent_before``): the peer keeps the record, so
+    later sends reuse it (no open, no synchronise, no release per call), and it is
+    released once the owner's tensor died (the owner's "reclaim")."""
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    posts = []
+    link.post = posts.append
+    s = FakeStorage(base, 64 * MiB)
+    t = FakeT(s)
+    rpl = _receiving_plane(monkeypatch, log)
+    peer = _PostLog(log)
+
+    _d, refs1, fb1 = _send(link, [t])
+    fb1._lends.clear()
+    assert validate_meta(refs1[0][3]).sent_before is False
+    assert lifetime.LEDGER.get(refs1[0][1]).resource.watch is None
+    got, rkeys1 = _receive(rpl, peer, fb1, 0)
+    del log[:]
+    del got
+    assert _posts_after_drain(log, 1) == [Release(rkeys1[0], 1)]      # released at once
+    lifetime.LEDGER.on_release(link, refs1[0][1], 1)                  # ... and the owner frees its record
+    assert lifetime.LEDGER.get(refs1[0][1]) is None
+
+    del log[:]
+    _d, refs2, fb2 = _send(link, [t])                                 # the same storage again
+    fb2._lends.clear()
+    key2 = refs2[0][1]
+    assert key2 != refs1[0][1] and validate_meta(refs2[0][3]).sent_before is True
+    got, rkeys2 = _receive(rpl, peer, fb2, 10)
+    rrec = lifetime.LEDGER.get(rkeys2[0])
+    del got
+    lifetime.LEDGER.drain()
+    time.sleep(0.05)
+    assert lifetime.LEDGER.get(rkeys2[0]) is rrec                     # kept: no release, no sync
+    assert not _names(log, "post", "cuStreamSynchronize", "open", "close")
+    assert rpl.receiver.import_cache.stats()["entries"] == 1
+
+    # Sent a third time: the owner lends the same record, and the peer reuses its import.
+    _d, refs3, fb3 = _send(link, [t])
+    fb3._lends.clear()
+    assert refs3[0][1] == key2 and link.lent[key2] == 2
+    got, rkeys3 = _receive(rpl, peer, fb3, 10)
+    assert got[0].ptr == (1 << 45) and not _names(log, "open", "post")
+    del got
+    lifetime.LEDGER.drain()
+
+    # The owner's tensor dies: it asks the peer to let go; the peer releases once idle.
+    del t
+    assert posts == [("plane", "cuda", ("reclaim", [key2]))]
+    rpl.on_control(peer, ("reclaim", [rkeys2[0]]))                    # (the peer's name for it)
+    assert _posts_after_drain(log, 1) == [Release(rkeys2[0], 2)]
+    assert lifetime.LEDGER.get(rkeys2[0]) is None
+    lifetime.LEDGER.on_release(link, key2, 2)
+    assert lifetime.LEDGER.get(key2) is None and not pl.sender._ipc_by_storage
+    del s
+
+    # A new storage at the same address (the allocator's next output): a first sight.
+    _d, refs4, fb4 = _send(link, [FakeT(FakeStorage(base, 64 * MiB))])
+    fb4._lends.clear()
+    assert validate_meta(refs4[0][3]).sent_before is False
+    lifetime.LEDGER.on_release(link, refs4[0][1], 1)
+

@@ -102,10 +102,11 @@ class OwnedIpc:
     ``keep`` is the storage: while a peer may have the allocation mapped, torch's
     caching allocator must neither reuse these bytes nor free the allocation (CUDA
     requires importers to close before the exporter frees).  ``base`` is the
-    allocation's base (the sender's handle cache is keyed by it).
+    allocation's base (the sender's handle cache is keyed by it).  ``watch``: as for
+    :class:`OwnedPool`, on a storage sent before (peers keep its record cached).
     """
     kind = "ipc"
-    __slots__ = ("ordinal", "ptr", "base", "meta", "keep")
+    __slots__ = ("ordinal", "ptr", "base", "meta", "keep", "watch")
 
     def __init__(self, ordinal, ptr, base, meta, keep):
         self.ordinal = ordinal
@@ -113,6 +114,7 @@ class OwnedIpc:
         self.base = base
         self.meta = meta              # wire form (layout.ipc_meta)
         self.keep = keep
+        self.watch = None             # weakref to the tensor lent (Sender._tensor_died)
 
     def forward_fd(self):
         return None                   # the handle in the meta is all a peer needs

@@ -278,6 +278,11 @@ class IpcMeta(NamedTuple):
     size: int                     # bytes of the storage (what descriptors may view)
     alloc_size: int               # bytes of the allocation (what an importer maps)
     device_uuid: str
+    # The owner sent this storage before (the same storage object, not only its address):
+    # likely sent again (a kept output, weights), so the importer keeps the record in its
+    # import cache until the owner reclaims it.  A first sight (a call's new output) is
+    # released at once, so the owner's allocator can hand its memory to the next one.
+    sent_before: bool = False
 
 
 def pool_meta(pool_key, export_data: bytes, device_uuid, alloc_size):
@@ -290,10 +295,11 @@ def vmm_meta(size, device_uuid):
     return ("vmm", int(size), device_uuid)
 
 
-def ipc_meta(owner, handle: bytes, offset, size, alloc_size, device_uuid):
+def ipc_meta(owner, handle: bytes, offset, size, alloc_size, device_uuid, sent_before=False):
     """The wire form of a storage at ``offset`` in an allocation of ``alloc_size`` bytes
-    whose legacy IPC handle is ``handle``, exported by process ``owner``."""
-    return ("ipc", owner, bytes(handle), int(offset), int(size), int(alloc_size), device_uuid)
+    whose legacy IPC handle is ``handle``, exported by process ``owner`` (``sent_before``:
+    see :class:`IpcMeta`)."""
+    return ("ipc", owner, bytes(handle), int(offset), int(size), int(alloc_size), device_uuid, bool(sent_before))
 
 
 def validate_meta(meta):
@@ -319,10 +325,10 @@ def validate_meta(meta):
 
 
 def _validate_ipc_meta(meta):
-    if len(meta) != 7:
-        raise DescriptorError(f"bad CUDA IPC block meta: {len(meta)} fields, expected 7 "
-                              "(kind, owner, handle, offset, size, alloc_size, device_uuid)")
-    _kind, owner, handle, offset, size, alloc_size, uuid = meta
+    if len(meta) != 8:
+        raise DescriptorError(f"bad CUDA IPC block meta: {len(meta)} fields, expected 8 "
+                              "(kind, owner, handle, offset, size, alloc_size, device_uuid, sent_before)")
+    _kind, owner, handle, offset, size, alloc_size, uuid, sent_before = meta
     if not isinstance(owner, str) or not owner:
         raise DescriptorError(f"bad CUDA IPC block meta: owner {owner!r} is not a process uid")
     if not isinstance(handle, bytes) or len(handle) != 64:
@@ -336,4 +342,6 @@ def _validate_ipc_meta(meta):
                               f"does not fit its allocation of {alloc_size} bytes")
     if not _is_uuid(uuid):
         raise DescriptorError(f"bad CUDA IPC block meta: device uuid {uuid!r}")
+    if type(sent_before) is not bool:
+        raise DescriptorError(f"bad CUDA IPC block meta: sent_before {sent_before!r} must be a bool")
     return IpcMeta._make(meta)

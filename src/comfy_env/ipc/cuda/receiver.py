@@ -163,6 +163,11 @@ class Receiver:
                         # Only the owner's own blocks: a block forwarded by a third process
                         # would be reported idle to the forwarder, which cannot recycle it.
                         self.import_cache.keep(rec, meta.alloc_size, owner, on_idle=self.staging_idle)
+            elif not rec.owned and res.kind == "ipc" and res.meta.sent_before:
+                # An ipc storage its owner sent before: likely sent again.  Kept, the next
+                # message reuses the record (no release, no fence, no synchronise per call)
+                # until the owner reclaims it; a first sight is released as before.
+                self.import_cache.keep(rec, res.meta.size, res.meta.owner)
         if desc.requires_grad:
             t.requires_grad_(True)
         return t

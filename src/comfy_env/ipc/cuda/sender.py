@@ -285,7 +285,7 @@ class Sender:
         return event
 
     def _first_sight(self, storage, ptr):
-        """Whether ``storage`` (at most ``fresh_copy``, not lent now) is one we have not sent before.
+        """Whether ``storage`` (not lent now) is one we have not sent before.
 
         A tensor sent once is likely fresh (a call's output): one device copy into a
         recycled staging block costs less than exporting its allocation, importing
@@ -375,14 +375,22 @@ class Sender:
         with ledger.lock:             # check-and-lend: see _lend_pool_block
             rec = self._ipc_by_storage.get(sptr)
             if rec is None or ledger.get(rec.key) is not rec:
-                rec = self._new_ipc_record(storage, sptr, snbytes, ordinal, uuid)
+                rec = self._new_ipc_record(obj, storage, sptr, snbytes, ordinal, uuid)
                 if rec is None:
                     return None
             return enc.add_ref(self.plane, rec, rec.resource.meta, None), obj.data_ptr() - sptr
 
-    def _new_ipc_record(self, storage, sptr, snbytes, ordinal, uuid):
+    def _new_ipc_record(self, obj, storage, sptr, snbytes, ordinal, uuid):
         """A record lending ``storage`` by its allocation's handle, or None (see _lend_ipc).
-        The caller holds the ledger's lock."""
+        The caller holds the ledger's lock.
+
+        A storage sent before (``_first_sight``) says so in its meta: the peer then keeps
+        the record (its import cache) and the next sends cost no record, release or
+        synchronise; we ask it to let go once our tensor died (``watch``).  A first sight
+        (a call's new output) is released as soon as the peer is done with it, so torch's
+        allocator hands the same memory to the next one (keeping it would pin a second
+        copy's worth of memory for every new output).
+        """
         if self._ipc_mapped(sptr):
             return None               # a peer's allocation we opened: not ours to lend
         base, alloc = D.address_range(sptr)
@@ -401,9 +409,16 @@ class Sender:
                     log.debug("comfy_env: no legacy CUDA IPC handles on GPU %d: %s", ordinal, exc)
                 return None           # after a success: this one allocation is not cuMemAlloc's
             self.ipc_export[ordinal] = True
-        meta = ipc_meta(lifetime.PROCESS_UID, handle, sptr - base, snbytes, alloc, uuid)
+        sent_before = not self._first_sight(storage, sptr)
+        meta = ipc_meta(lifetime.PROCESS_UID, handle, sptr - base, snbytes, alloc, uuid, sent_before)
         key = (self.name, lifetime.PROCESS_UID, next(self._serial))
-        rec = lifetime.LEDGER.add_owned(key, OwnedIpc(ordinal, sptr, base, meta, storage), self.plane.on_zero)
+        res = OwnedIpc(ordinal, sptr, base, meta, storage)
+        rec = lifetime.LEDGER.add_owned(key, res, self.plane.on_zero)
+        if sent_before:
+            try:
+                res.watch = weakref.ref(obj, functools.partial(self._tensor_died, key, storage))
+            except TypeError:
+                pass                  # no signal: the peer's idle-time bound still applies
         with self._lock:
             self._ipc_by_storage[sptr] = rec
             entry = self._ipc_allocs.get(base)
