@@ -5,7 +5,9 @@
 # a short table is printed at the end.   RUN_SLOW=0 skips the 5/6/12 GiB tests; RUN_TESTS=0 or
 # RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls); RUN_MULTI=0
 # skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
-# BENCH_CONFS="async native": bench_cuda.py once per parent allocator (workers inherit it).
+# BENCH_CONFS="async native mixed": bench_cuda.py once per parent allocator (workers inherit it;
+# mixed: a cudaMallocAsync parent, workers on the native allocator, COMFY_ENV_CUDA_HEAP=native);
+# with BASE_SRC, each conf but mixed runs against that tree first ($OUT/compare_<conf>.txt).
 # RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
@@ -36,20 +38,35 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
   SUMMARY+=("tests parent=$label: ${line:-no result (rc $rc)} [at $((SECONDS - T0)) s]")
   echo "${SUMMARY[-1]}"
 }
-bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inherit it)
-  local label=$1 conf=$2
+bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inherit it), VAR=value...
+  local label=$1 conf=$2; shift 2
+  if [ -n "${BASE_SRC:-}" ] && [ "$label" != mixed ]; then
+    # The same script against the base tree first (the base has no COMFY_ENV_CUDA_HEAP=native).
+    mkdir -p "/tmp/bench_base_$label"
+    env "$@" PYTORCH_CUDA_ALLOC_CONF="$conf" COMFY_ENV_BENCH_SRC="$BASE_SRC" OUT="/tmp/bench_base_$label" \
+      PYTHONPATH="$BASE_SRC:$PYTHONPATH" timeout "${BENCH_LIMIT:-240}" \
+      python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_base_$label.log" 2>&1
+    echo "bench base $label rc=$? [at $((SECONDS - T0)) s]"
+    cp /tmp/bench_base_$label/cuda_bench_*.json "$OUT/cuda_bench_base_$label.json" 2>/dev/null
+  fi
   mkdir -p "/tmp/bench_$label"
-  PYTORCH_CUDA_ALLOC_CONF="$conf" OUT="/tmp/bench_$label" timeout "${BENCH_LIMIT:-240}" \
+  env "$@" PYTORCH_CUDA_ALLOC_CONF="$conf" OUT="/tmp/bench_$label" timeout "${BENCH_LIMIT:-240}" \
     python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_$label.log" 2>&1
   echo "bench $label rc=$? [at $((SECONDS - T0)) s]"
   cp /tmp/bench_$label/cuda_bench_*.json "$OUT/cuda_bench_$label.json" 2>/dev/null
+  if [ -f "$OUT/cuda_bench_base_$label.json" ] && [ -f "$OUT/cuda_bench_$label.json" ]; then
+    python3 benchmarks/bench_cuda.py --compare "$OUT/cuda_bench_base_$label.json" "$OUT/cuda_bench_$label.json" \
+      > "$OUT/compare_$label.txt" 2>&1
+  fi
 }
 bench() {
   if [ -n "${BENCH_CONFS:-}" ]; then
     # BENCH_CONFS="async native": one benchmark per parent allocator, workers the same
     # (native: legacy IPC's own setting, the ipc route's).
     for c in $BENCH_CONFS; do
-      case $c in async) bench_one async "backend:cudaMallocAsync";; native) bench_one native "";; esac
+      # mixed: a cudaMallocAsync parent (ComfyUI's) whose workers run the native allocator.
+      case $c in async) bench_one async "backend:cudaMallocAsync";; native) bench_one native "";;
+                 mixed) bench_one mixed "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native;; esac
     done
     return
   fi
@@ -104,12 +121,12 @@ printf '%s\n' "${SUMMARY[@]}"
 [ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 if [ "${RUN_BENCH:-1}" = 1 ]; then
-  for f in "$OUT"/bench.log "$OUT"/bench_async.log "$OUT"/bench_native.log; do
+  for f in "$OUT"/bench.log "$OUT"/bench_base_*.log "$OUT"/bench_async.log "$OUT"/bench_native.log "$OUT"/bench_mixed.log; do
     [ -f "$f" ] || continue
     echo "--- $f"
     sed -n '/^GPU: /,$p' "$f"
     grep -q "^GPU: " "$f" || tail -40 "$f"
   done
   [ -f "$OUT/bench_multigpu.log" ] && tail -25 "$OUT/bench_multigpu.log"
-  [ -f "$OUT/compare.txt" ] && cat "$OUT/compare.txt"
+  for f in "$OUT"/compare*.txt; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
 fi

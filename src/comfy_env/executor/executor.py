@@ -79,6 +79,7 @@ from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
+from .worker_allocator import allocator_environment
 from .futures import IsolatedFuture
 from ..zygote import Zygote
 from .worker_handle import WORKER_OUTPUT_MODES, WorkerHandle
@@ -1145,6 +1146,7 @@ class IsolatedExecutor(Executor):
         values = settings.read()
         wenv = resolve_env(env)
         pin = pin_environment(device)
+        pin.update(allocator_environment(values.cuda_heap, wenv.env_vars))
         if pin:
             wenv = dataclasses.replace(wenv, env_vars={**(wenv.env_vars or {}), **pin})
         if sandbox is not None:
