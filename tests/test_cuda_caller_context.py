@@ -102,6 +102,34 @@ def test_an_error_in_the_scope_still_restores(drv):
     assert drv.current() == CTX[0]
 
 
+def test_the_decorator_restores_on_return_and_on_error_and_nests_with_scopes(drv):
+    @devices.keeps_caller_context
+    def visit(ordinal, fail=False):
+        devices.use(ordinal)
+        if fail:
+            raise RuntimeError("boom")
+        return ordinal
+
+    drv.make_current(CTX[0])
+    assert visit(1) == 1 and drv.current() == CTX[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        visit(1, fail=True)
+    assert drv.current() == CTX[0]
+    with devices.CALLER:                        # inside a scope: the outermost restores
+        visit(1)
+        assert drv.current() == CTX[1]
+    assert drv.current() == CTX[0]
+
+    @devices.keeps_caller_context
+    def outer():
+        visit(1)
+        assert drv.current() == CTX[1]          # the inner call is not the outermost
+        return visit(0)
+
+    drv.make_current(None)
+    assert outer() == 0 and drv.current() is None
+
+
 def test_use_outside_a_scope_stays(drv):
     """Our own threads (the ledger's flusher) switch without a scope: nobody to restore for."""
     drv.make_current(CTX[0])

@@ -142,11 +142,25 @@ CALLER = _CallerContext()
 
 
 def keeps_caller_context(fn):
-    """Decorator: ``fn`` runs under :data:`CALLER`."""
+    """Decorator: ``fn`` runs under :data:`CALLER`.
+
+    :class:`_CallerContext`'s steps written out inline: the plane's per-tensor hooks
+    run under it, and a ``with`` block's two method calls cost ~0.5 µs a tensor."""
+    tls = _tls
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with CALLER:
+        depth = getattr(tls, "depth", 0)
+        if depth == 0:
+            tls.displaced = _UNSET
+        tls.depth = depth + 1
+        try:
             return fn(*args, **kwargs)
+        finally:
+            tls.depth = depth
+            if depth == 0 and tls.displaced is not _UNSET:
+                ctx, tls.displaced = tls.displaced, _UNSET
+                D.try_call("cuCtxSetCurrent", ctx)
     return wrapper
 
 

@@ -1,4 +1,4 @@
-"""Keep a peer's pool pointer mapped for a while after our last tensor on it died.
+"""Keep a peer's pool pointer (or ipc storage) mapped for a while after our last tensor on it died.
 
 Why: importing a pool pointer (``cuMemPoolImportPointer``) maps it, and freeing the
 import (``cuMemFreeAsync`` + ``cuStreamSynchronize``) unmaps it; on an H100 that pair
@@ -33,6 +33,11 @@ Released: on eviction (LRU, over a bound, or idle too long), on
 ``torch.cuda.empty_cache()`` (here), when the owner asks (its own ``empty_cache``),
 and once the link to the owner closed.  A background thread does the evicting, so
 freeing never happens on the decode path; it exits when the cache is empty.
+
+Zero-copy ``ipc`` storages are kept like owned ``pool`` blocks, but only those their
+owner says it sent before (``IpcMeta.sent_before``): the record then costs the next
+send no release, fence or synchronise; a first sight (a call's new output) is not
+kept, so the owner's caching allocator gets its memory back for the next output.
 
 Zero-copy ``pool`` blocks are kept, and ``staging`` blocks too: a staging block is
 the sender's copy of one tensor, which the sender *recycles* for later tensors once

@@ -23,6 +23,8 @@ memory pressure) while we keep it mapped, the driver keeps the physical memory u
 we close (CUDA calls the order undefined; NVIDIA's UCX keeps such mappings too, and
 ``benchmarks/probe_ipc_free_while_mapped.py`` checks it on the GPU), and a segment the
 owner allocates later has a new handle, so a kept mapping never serves new memory.
+(A storage its owner sent before is kept one level up, as a record in the receiver's
+import cache, until the owner reclaims it: see importcache.py.)
 What bounds the cache: the owner's ``empty_cache`` (``uncache``: its mappings close at
 once), the link closing, our own ``empty_cache``, and ``COMFY_ENV_CUDA_IMPORT_CACHE_S``
 (1 s idle) / ``..._COUNT`` (256 idle mappings), either at 0 turning the cache off.
