@@ -545,8 +545,10 @@ def test_no_gpu_memory_growth_over_10000_calls(worker_alloc):
               f"{PLANE.stats()}")
         assert grown < 64 << 20, f"GPU memory grew by {grown / 2**20:.1f} MiB"
         # The worker may still keep our recycled staging block mapped (idle, for the next
-        # call): empty_cache asks it to let go, after which nothing is lent or held.
-        assert PLANE.stats()["owned_blocks"] <= 2
+        # call), and, under a native parent, the record of x (sent again each call: the
+        # ipc route, kept while we keep x): empty_cache asks it to let go, after which
+        # nothing is lent or held.
+        assert PLANE.stats()["owned_blocks"] <= 3
         torch.cuda.empty_cache()
         deadline = time.monotonic() + 10
         while (PLANE.stats()["owned_blocks"] or PLANE.stats()["remote_blocks"]) and time.monotonic() < deadline:

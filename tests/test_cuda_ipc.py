@@ -234,6 +234,41 @@ def test_small_storages_keep_the_staging_copy_and_the_threshold_is_a_setting(par
             paths.ipc_min_bytes()
 
 
+def test_a_small_storage_sent_again_goes_by_handle_and_says_so(parent):
+    """Small storages keep the staging copy the first time; the same storage sent again
+    goes zero copy by handle (its record kept by the peer), as pool blocks do; a new
+    storage at the same address is a first sight again; two views of a small storage in
+    one frame share its copy; a process whose torch allocates from pools skips it."""
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 20 * MiB)                     # torch's segment of 1-10 MiB blocks
+    s = FakeStorage(base + 2 * MiB, MiB)
+    t = FakeT(s)
+    assert _routes(link, [t, FakeT(s, nbytes=1024, offset=4096)]) == ["staging", "staging"]
+    assert not _handle_calls(log)
+    descs, refs, fb = _send(link, [t, FakeT(s, nbytes=1024, offset=4096)])
+    fb._lends.clear()
+    assert [d.route for d in descs] == ["ipc", "ipc"] and len(refs) == 1
+    assert validate_meta(refs[0][3]).sent_before is True and len(_handle_calls(log)) == 1
+    lifetime.LEDGER.on_release(link, refs[0][1], 2)
+    del t, s
+    assert _routes(link, [FakeT(FakeStorage(base + 2 * MiB, MiB))]) == ["staging"]   # a new storage there
+    pl.sender._async_torch = True                         # cudaMallocAsync: pool memory, no handle
+    s2 = FakeStorage(base + 4 * MiB, MiB)
+    assert _routes(link, [FakeT(s2)]) == _routes(link, [FakeT(s2)]) == ["staging"]
+    assert len(_handle_calls(log)) == 1
+
+
+def test_the_route_is_off_with_the_threshold_at_the_import_limit(parent, monkeypatch):
+    monkeypatch.setenv("COMFY_ENV_CUDA_IPC_MIN_MIB", str(paths.import_limit() >> 20))
+    pl = CudaPlane()
+    parent[0].sender.ipc_min = pl.sender.ipc_min
+    _pl, log, link, mem = parent
+    base = mem.add(1 << 40, 256 * MiB)
+    s = FakeStorage(base, 64 * MiB)
+    assert _routes(link, [FakeT(s)]) == _routes(link, [FakeT(s)]) == ["staging"]
+    assert not _handle_calls(log)
+
+
 def test_a_failed_first_handle_call_is_the_probe_and_keeps_the_old_route(parent):
     """cudaMallocAsync or expandable segments: cuIpcGetMemHandle refuses; the tensor
     takes the route it took before, and the failure is remembered (no second try)."""

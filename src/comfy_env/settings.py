@@ -120,8 +120,8 @@ VARIABLES = (
              "import limit; 0: small ones only) (ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_IPC_MIN_MIB", "cuda_ipc_min_mib", 16.0, _number(0),
              "MiB of storage above which a CUDA tensor of a process on torch's native allocator "
-             "is lent zero copy by a legacy CUDA IPC handle; above the pool import limit: never "
-             "(ipc/cuda/paths.py)"),
+             "is lent zero copy by a legacy CUDA IPC handle when sent for the first time (any "
+             "size when sent again); at or above the pool import limit: never (ipc/cuda/paths.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "cuda_import_cache_mib", 256.0, _number(0),
              "MiB of imported pool blocks kept mapped while idle (ipc/cuda/importcache.py)"),
     Variable("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "cuda_import_cache_count", 256, _int(0),

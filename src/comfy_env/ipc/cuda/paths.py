@@ -11,12 +11,14 @@ that peer, it never crashes a process.
 Order of preference, per tensor (``ipc`` is decided by the sender before it asks
 :func:`choose`: it needs a driver call on the tensor's allocation, see sender.py):
 
-0. ``ipc``     zero copy: the storage is above ``COMFY_ENV_CUDA_IPC_MIN_MIB`` (16) and
-               lives in a ``cuMemAlloc`` allocation (torch's native caching allocator,
-               without expandable segments) whose legacy IPC handle this process could
-               take, of at most the import limit; the peer opens the handle.  Smaller
-               storages keep the copy below (one copy into a block the peer keeps
-               mapped is cheaper than an open + close, ~100-150 µs on the H100).
+0. ``ipc``     zero copy: the storage is above ``COMFY_ENV_CUDA_IPC_MIN_MIB`` (16), or
+               was sent before (any size), and lives in a ``cuMemAlloc`` allocation
+               (torch's native caching allocator, without expandable segments) whose
+               legacy IPC handle this process could take, of at most the import limit;
+               the peer opens the handle (once per allocation) and keeps the record of
+               a storage sent before.  Smaller storages sent for the first time keep
+               the copy below (one copy into a block the peer keeps mapped is cheaper
+               than a record, an open and a release).
 
 1. ``pool``    zero copy: the tensor already lives in our export pool (a worker whose
                torch runs ``backend:cudaMallocAsync`` allocates there), and its

@@ -111,10 +111,10 @@ class Sender:
         self.force_cpu = force_cpu
         self.small_copy = small_copy
         self.fresh_copy = fresh_copy
-        self.ipc_min = ipc_min        # storages above this many bytes may go by legacy IPC handle
+        self.ipc_min = ipc_min        # storages above this many bytes may go by legacy IPC handle when new
         self._ipc_mapped = ipc_mapped # ptr -> True inside a peer's allocation we opened (never re-exported)
         self._lock = threading.Lock()
-        self._seen_small = {}         # storage address -> weakref to the storage last staged from it
+        self._seen_small = {}         # storage address -> weakref to the storage last sent from it
         self._by_base = {}            # allocation base -> owned "pool" record (one key per allocation)
         self._by_ptr = {}             # data pointer -> live owned "pool" record (skips two driver calls)
         self._idle_staging = {}       # ordinal -> {block size -> [owned staging records a peer reported idle]}
@@ -123,6 +123,9 @@ class Sender:
         # ordinal -> True once cuIpcGetMemHandle worked there; the error text when the first
         # try failed (this process's allocator cannot: cudaMallocAsync, expandable segments).
         self.ipc_export = {}
+        # Whether torch here allocates from pools (cudaMallocAsync), whose memory has no
+        # legacy handle: small storages sent again then skip two driver calls saying so.
+        self._async_torch = None
         self.recycled = 0             # staging lends that reused a block a peer still had mapped
         self._serial = itertools.count(1)
         self.routes = collections.Counter()   # route -> tensors sent (doctor, tests)
@@ -234,7 +237,7 @@ class Sender:
                 # Zero copy by legacy IPC handle where this storage's allocation has one.
                 if storage is None:
                     storage = obj.untyped_storage()
-                ipc_ref = self._lend_ipc(enc, obj, storage, ordinal, uuid)
+                ipc_ref = self._lend_ipc(ctx, enc, obj, storage, ordinal, uuid)
             if ipc_ref is not None:
                 route = "ipc"
                 st.ipc_lent = True    # it may keep our allocations mapped: trim() tells it
@@ -357,30 +360,49 @@ class Sender:
             return enc.add_ref(self.plane, rec, rec.resource.meta, self._pool_fd_for(st, gen))
 
     # -- ipc: a storage of torch's native allocator, by its allocation's legacy IPC handle --
-    def _lend_ipc(self, enc, obj, storage, ordinal, uuid):
+    def _lend_ipc(self, ctx, enc, obj, storage, ordinal, uuid):
         """Lend ``storage`` (``obj``'s) by the legacy IPC handle of its allocation, zero copy:
         ``(ref, offset of the view in the storage)``, or None where this route does not
-        apply (a small storage, memory of a pool or of a peer, an allocation above the
-        import limit, a process whose allocator hands out no such memory).
+        apply (a small storage sent for the first time, memory of a pool or of a peer, an
+        allocation above the import limit, a process whose allocator hands out no such
+        memory).
 
         One record per storage (lent again while it lives: the peer maps it once), kept
         alive until every peer released it; storages of one allocation carry one handle
-        (``_ipc_allocs``), which the peer opens once for all of them.
+        (``_ipc_allocs``), which the peer opens once for all of them.  A small storage
+        (at most ``ipc_min``) sent for the first time is copied instead (one copy into a
+        block the peer keeps mapped costs less than a record, an open and a release);
+        sent again, it goes by handle too, and the peer keeps its record.
         """
         snbytes = storage.nbytes()
-        if snbytes <= self.ipc_min or snbytes > self.limit:
-            return None
+        if snbytes > self.limit or self.ipc_min >= self.limit:
+            return None               # too big to map safely; the route turned off
         sptr = storage.data_ptr()
         ledger = lifetime.LEDGER
         with ledger.lock:             # check-and-lend: see _lend_pool_block
             rec = self._ipc_by_storage.get(sptr)
             if rec is None or ledger.get(rec.key) is not rec:
-                rec = self._new_ipc_record(obj, storage, sptr, snbytes, ordinal, uuid)
+                if sptr in ctx.staged:
+                    return None       # staged in this frame already: its views share the copy
+                first = self._first_sight(storage, sptr)
+                if snbytes <= self.ipc_min and (first or self._torch_is_async()):
+                    return None
+                rec = self._new_ipc_record(obj, storage, sptr, snbytes, ordinal, uuid, sent_before=not first)
                 if rec is None:
                     return None
             return enc.add_ref(self.plane, rec, rec.resource.meta, None), obj.data_ptr() - sptr
 
-    def _new_ipc_record(self, obj, storage, sptr, snbytes, ordinal, uuid):
+    def _torch_is_async(self):
+        v = self._async_torch
+        if v is None:
+            try:
+                v = self.local.torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+            except Exception:
+                v = False             # cannot say: the driver calls will
+            self._async_torch = v
+        return v
+
+    def _new_ipc_record(self, obj, storage, sptr, snbytes, ordinal, uuid, sent_before):
         """A record lending ``storage`` by its allocation's handle, or None (see _lend_ipc).
         The caller holds the ledger's lock.
 
@@ -409,7 +431,6 @@ class Sender:
                     log.debug("comfy_env: no legacy CUDA IPC handles on GPU %d: %s", ordinal, exc)
                 return None           # after a success: this one allocation is not cuMemAlloc's
             self.ipc_export[ordinal] = True
-        sent_before = not self._first_sight(storage, sptr)
         meta = ipc_meta(lifetime.PROCESS_UID, handle, sptr - base, snbytes, alloc, uuid, sent_before)
         key = (self.name, lifetime.PROCESS_UID, next(self._serial))
         res = OwnedIpc(ordinal, sptr, base, meta, storage)
