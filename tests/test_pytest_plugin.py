@@ -770,3 +770,153 @@ def test_xfail_raises_matches_exceptions_that_cannot_cross_as_they_are(pytester)
                                 "test_other_type_still_fails": "FAILED"}
     assert "1/2" not in section(result, "test_other_type_still_fails") and \
         "3/4" in section(result, "test_other_type_still_fails")
+
+
+AS_IN_PROCESS = '''
+import gc
+import logging
+import sys
+import threading
+import warnings
+import pytest
+
+print("MODULE-LEVEL PRINT")
+warnings.warn("warned at import")
+
+logging.getLogger("noisy").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def app_debug():
+    logging.getLogger("app").setLevel(logging.DEBUG)
+    yield
+    logging.getLogger("app").setLevel(logging.NOTSET)
+
+
+@pytest.mark.isolated
+@pytest.mark.filterwarnings("error")
+def test_import_warning_is_not_this_tests():
+    print("mine")
+
+
+@pytest.mark.isolated
+def test_logger_levels_as_here():
+    logging.getLogger("noisy").warning("NOISY-WARNING")
+    logging.getLogger("app").debug("APP-DEBUG")
+    assert False
+
+
+@pytest.mark.isolated
+@pytest.mark.filterwarnings("error")
+def test_thread_exception():
+    t = threading.Thread(target=lambda: 1 / 0)
+    t.start()
+    t.join()
+
+
+class _Bad:
+    def __del__(self):
+        raise ValueError("in del")
+
+
+@pytest.mark.isolated
+@pytest.mark.filterwarnings("error")
+def test_unraisable():
+    _Bad()
+    gc.collect()
+
+
+@pytest.mark.isolated
+@pytest.mark.filterwarnings("error")
+def test_returns_a_value():
+    return 1
+
+
+@pytest.mark.isolated
+def test_reading_stdin_fails_while_captured():
+    sys.stdin.read()
+
+
+class _Base:
+    def test_in_class(self):
+        assert type(self).__name__ in ("Renamed", "Made")
+
+
+def _factory():
+    class Made(_Base):
+        pass
+    return Made
+
+
+TestRenamed = pytest.mark.isolated(type("Renamed", (_Base,), {}))
+TestMade = pytest.mark.isolated(_factory())
+'''
+
+
+@pytest.mark.timeout(120)
+def test_outcomes_output_logs_and_warnings_as_in_process(pytester):
+    """What pytest itself does around a test's call happens for an isolated test too:
+    the warnings of an uncaught thread exception, an unraisable exception and a returned
+    value (under an "error" filter: failures); the module's import is not the first
+    test's (its print and warning stay out of it); named loggers' levels apply; stdin
+    cannot be read while output is captured; classes are found by the name they were
+    collected under."""
+    pytester.makepyfile(test_as_in_process=AS_IN_PROCESS)
+    isolated = run(pytester, "-rA", "-p", "no:randomly")
+    plain = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:comfy_env", "-p", "no:randomly")
+    expected = {
+        "test_import_warning_is_not_this_tests": "PASSED",
+        "test_logger_levels_as_here": "FAILED",
+        "test_thread_exception": "FAILED",
+        "test_unraisable": "FAILED",
+        "test_returns_a_value": "FAILED",
+        "test_reading_stdin_fails_while_captured": "FAILED",
+        "TestRenamed::test_in_class": "PASSED",
+        "TestMade::test_in_class": "PASSED",
+    }
+    assert outcomes(plain) == expected, plain.stdout.str()
+    assert outcomes(isolated) == expected, isolated.stdout.str()
+    for result in (isolated, plain):
+        logs = section(result, "test_logger_levels_as_here").split("Captured log call")[1]
+        assert "APP-DEBUG" in logs and "NOISY-WARNING" not in logs
+        assert "PytestUnhandledThreadExceptionWarning" in section(result, "test_thread_exception")
+        assert "PytestUnraisableExceptionWarning" in section(result, "test_unraisable")
+        assert "PytestReturnNotNoneWarning" in section(result, "test_returns_a_value")
+        assert "reading from stdin while output is captured" in section(
+            result, "test_reading_stdin_fails_while_captured")
+    text = isolated.stdout.str()
+    assert text.count("MODULE-LEVEL PRINT") == 0, text
+    assert text.count("UserWarning: warned at import") == plain.stdout.str().count(
+        "UserWarning: warned at import") == 1, text
+
+
+BAD_TIMEOUTS = '''
+import pytest
+
+@pytest.mark.isolated(timeout=float("nan"))
+def test_nan():
+    pass
+
+@pytest.mark.isolated(timeout=float("inf"))
+def test_inf_is_no_limit():
+    pass
+
+@pytest.mark.isolated
+def test_refused_capteesys(capteesys):
+    pass
+'''
+
+
+@pytest.mark.timeout(90)
+def test_bad_timeouts_and_more_refused_fixtures(pytester):
+    pytester.makepyfile(test_bad=BAD_TIMEOUTS)
+    result = run(pytester, "-rA")
+    got = outcomes(result)
+    assert got["test_nan"] == "ERROR" and "must be a positive number of seconds, got nan" in result.stdout.str()
+    assert got["test_inf_is_no_limit"] == "PASSED"
+    if "test_refused_capteesys" in got:                  # pytest >= 8.4 has the fixture
+        assert got["test_refused_capteesys"] in ("FAILED", "ERROR")
+        assert "fixture 'capteesys' cannot be used by an isolated test" in result.stdout.str()
+    usage = run(pytester, "--isolated-timeout=nan")
+    assert usage.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--isolated-timeout must be a positive number of seconds, got nan" in usage.stderr.str()

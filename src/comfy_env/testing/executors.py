@@ -141,6 +141,22 @@ class _Slot:
         self.executor = executor
         self.capture_paths = capture_paths
         self.sent_sys_path = None      # the sys.path last sent (current-env workers)
+        self._imported = ((), set())   # (worker pids, test modules those workers imported)
+
+    def needs_import(self, modname):
+        """Whether the worker may not have imported test module ``modname`` yet (then the
+        plugin imports it with a call of its own first, and says so: :meth:`imported`).
+        A new worker (a crash, a timeout, a fresh slot) has imported nothing."""
+        pids, modules = self._imported
+        return not pids or pids != tuple(self.executor.worker_pids()) or modname not in modules
+
+    def imported(self, modname):
+        pids = tuple(self.executor.worker_pids())
+        seen, modules = self._imported
+        if pids != seen:
+            modules = set()
+        modules.add(modname)
+        self._imported = (pids, modules)
 
     def kill_workers(self):
         """A wait interrupted in the parent (Ctrl-C, pytest-timeout): the worker must not

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import sys
 import warnings
@@ -67,6 +68,9 @@ _REFUSED = {
     "record_xml_attribute": "see record_property",
     "record_testsuite_property": "see record_property",
     "testdir": "it drives pytest in the pytest process; run the test in-process",
+    "capteesys": "see capsys",
+    "subtests": "its sub-test reports belong to the pytest process's session, which the worker "
+                "cannot reach; parametrize the test instead, or run it in-process",
 }
 
 
@@ -122,9 +126,11 @@ class _State:
                 except ValueError:
                     raise pytest.UsageError(
                         f"ini option isolated_timeout must be a number of seconds, got {raw!r}")
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout is not None and (math.isnan(self.timeout) or self.timeout <= 0):
             raise pytest.UsageError(f"--isolated-timeout must be a positive number of seconds, "
                                     f"got {self.timeout}")
+        if self.timeout == math.inf:
+            self.timeout = None         # no limit, as the executor takes it
         self.capture = config.getoption("capture", "fd") != "no"
         self._settings = None
         self.roots = set()          # sys.path entries of the isolated tests' modules
@@ -232,8 +238,10 @@ def _isolation_of(item, marks, state):
     if timeout is None:
         timeout = _pytest_timeout_of(item)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout <= 0):
+                                or math.isnan(timeout) or timeout <= 0):
         return f"isolated(timeout=...) must be a positive number of seconds, got {timeout!r}"
+    if timeout == math.inf:
+        timeout = None                  # no limit, as the executor takes it
     fresh = given.get("fresh", False)
     if not isinstance(fresh, bool):
         return f"isolated(fresh=...) must be True or False, got {fresh!r}"
@@ -354,10 +362,14 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     cls = getattr(item, "cls", None)
     req = {
         "module": (module.__name__, module.__file__, _package_root(module)),
-        "target": (cls.__qualname__ if cls is not None else None, item.originalname),
+        # The names the class was collected under (its __qualname__ may be another's).
+        "target": (".".join(n.name for n in item.listchain() if isinstance(n, pytest.Class)) or None
+                   if cls is not None else None, item.originalname),
+        "nodeid": item.nodeid,
         "instance": instance_state,
         "capture": slot.capture_paths if state.capture else None,
         "log_level": logging.getLogger().level,
+        "log_levels": _logger_levels(),
         "sys_path": sys_path,
         "cwd": os.getcwd(),
         "settings": state.settings(),
@@ -370,11 +382,15 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     fut = None
     failure = None
     try:
-        if iso.timeout is not None:
-            # The module's import first, outside the test's timeout (a worker replaced
-            # after a timeout imports it again: heavy imports failed every test).
+        if slot.needs_import(module.__name__):
+            # The module's import first, as a call of its own: outside the test's timeout
+            # (a worker replaced after a timeout imports it again: heavy imports failed
+            # every test), and what it prints or warns is not the test's (collection
+            # showed it in this process).
             prep = slot.executor._submit_timed(IMPORT_TIMEOUT, _IMPORT_TEST, req)
             prep_error = prep.exception()
+            if prep_error is None:
+                slot.imported(module.__name__)
             if isinstance(prep_error, CallTimeout):
                 failure = (f"importing the test module in the isolated worker took longer than "
                            f"{IMPORT_TIMEOUT:g} s; {prep_error}")
@@ -454,10 +470,22 @@ def _replay_output(slot, state):
         sys.stderr.flush()
 
 
+def _logger_levels():
+    """``{name: level}`` of the named loggers whose level is set here (comfy_env's own
+    excepted): the worker applies them for the test, as they decide which records it makes."""
+    out = {}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+                and not name.startswith("comfy_env")):
+            out[name] = logger.level
+    return out
+
+
 def _replay_logs(records):
     for rec in records:
-        record = logging.makeLogRecord(rec)
-        logging.getLogger(rec["name"]).handle(record)
+        logger = logging.getLogger(rec["name"])
+        if logger.isEnabledFor(rec["levelno"]):       # as Logger.log would have checked here
+            logger.handle(logging.makeLogRecord(rec))
 
 
 def _replay_warnings(warns):

@@ -32,6 +32,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import traceback
 import warnings
 
@@ -64,12 +65,12 @@ def run_test(req, /, **fixtures):
     (arrays by shared memory, readable by another numpy version too).
     """
     capture = _FdCapture(*req["capture"]) if req.get("capture") else None
-    logs = _LogRecorder(req["log_level"])
+    logs = _LogRecorder(req["log_level"], req.get("log_levels"))
     recorded = []
     if capture is not None:
         capture.start()
     try:
-        with logs, warnings.catch_warnings(record=True) as recorded:
+        with logs, _NoStdin(capture is not None), warnings.catch_warnings(record=True) as recorded:
             # The test's filters, as pytest sets them for it in its own process: an
             # "error" one raises here, where the warning is issued; what is recorded
             # is re-emitted in the pytest process for its report.
@@ -82,14 +83,24 @@ def run_test(req, /, **fixtures):
 
 
 def import_test_module(req):
-    """The call before a timed test: import its module here, outside the test's time
-    limit (in the pytest process, collection imports it, and pytest-timeout does not
-    count that either).  An import that fails is reported by the test's own call."""
-    _where(req)
+    """The call before each test's own: import its module here (once per worker), as
+    collection did in the pytest process, so the test's call neither pays for the import
+    (its time limit) nor reports what the import printed or warned (pytest showed the
+    warnings of collection already).  Its output goes into the capture files, which the
+    parent then drops.  An import that fails is reported by the test's own call."""
+    capture = _FdCapture(*req["capture"]) if req.get("capture") else None
+    if capture is not None:
+        capture.start()
     try:
-        _import_test_module(*req["module"])
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            _where(req)
+            _import_test_module(*req["module"])
     except BaseException:
         pass
+    finally:
+        if capture is not None:
+            capture.stop()
 
 
 def _environ(changes):
@@ -151,11 +162,16 @@ def _run(req, kwargs):
         if req.get("instance"):
             owner.__dict__.update(req["instance"])
         stage = "call"
-        result = fn(**kwargs)
+        with _UncaughtErrors() as uncaught:
+            result = fn(**kwargs)
         if hasattr(result, "__await__"):
             result.close()
             raise RuntimeError("async test functions are not supported by the isolated marker: "
                                "call asyncio.run(...) inside a plain test function")
+        # What pytest's own plugins warn of after a test's call, in its process.
+        uncaught.warn()
+        if result is not None:
+            _warn_return_not_none(req.get("nodeid") or req["target"][1], result)
     except Exit as exc:
         return ("exit", (str(exc.msg), exc.returncode))
     except XFailed as exc:
@@ -168,6 +184,93 @@ def _run(req, kwargs):
             exc = RuntimeError(f"unexpected pytest outcome {type(exc).__name__}: {exc}")
         return _failure(exc, fn if stage == "call" else None, settings, stage)
     return ("passed", ())
+
+
+class _UncaughtErrors:
+    """An exception no code caught during the test: in a thread
+    (``threading.excepthook``) or where Python cannot raise it (``sys.unraisablehook``:
+    ``__del__``, a callback).  pytest's threadexception and unraisableexception plugins
+    turn each into a warning after the test's call; the worker's hooks are pytest's
+    stand-ins here, for the test's duration."""
+
+    def __enter__(self):
+        self.events = []
+        self._saved = sys.unraisablehook, threading.excepthook
+        sys.unraisablehook = self._unraisable
+        threading.excepthook = self._thread
+        return self
+
+    def __exit__(self, *exc):
+        sys.unraisablehook, threading.excepthook = self._saved
+        return False
+
+    def _unraisable(self, u):
+        err_msg = "Exception ignored in" if u.err_msg is None else u.err_msg
+        self._note("PytestUnraisableExceptionWarning", f"{err_msg}: {u.object!r}",
+                   u.exc_type, u.exc_value, u.exc_traceback)
+
+    def _thread(self, args):
+        name = "<unknown>" if args.thread is None else args.thread.name
+        self._note("PytestUnhandledThreadExceptionWarning", f"Exception in thread {name}",
+                   args.exc_type, args.exc_value, args.exc_traceback)
+
+    def _note(self, category, summary, exc_type, exc_value, exc_tb):
+        try:
+            text = "".join(traceback.format_exception(exc_type, exc_value, exc_tb))
+            self.events.append((category, summary, text, exc_value))
+        except BaseException:
+            pass
+
+    def warn(self):
+        """One warning each, as pytest words them; under an "error" filter the first one
+        raises (with the original exception as its cause), failing the test."""
+        import pytest
+
+        for category, summary, text, exc_value in self.events:
+            cls = getattr(pytest, category, None)
+            if cls is None:       # an older pytest: no such warning there either
+                continue
+            try:
+                warnings.warn(cls(f"{summary}\n\n{text}"))
+            except cls as e:
+                e.args = (summary,)
+                e.__cause__ = exc_value
+                raise
+
+
+def _warn_return_not_none(nodeid, result):
+    import pytest
+
+    cls = getattr(pytest, "PytestReturnNotNoneWarning", None)
+    if cls is not None:
+        warnings.warn(cls(
+            f"Test functions should return None, but {nodeid} returned {type(result)!r}.\n"
+            "Did you mean to use `assert` instead of `return`?\n"
+            "See https://docs.pytest.org/en/stable/how-to/assert.html#return-not-none for more information."))
+
+
+class _NoStdin:
+    """While pytest captures output, reading ``sys.stdin`` in a test fails with pytest's
+    own error (its ``DontReadFromInput``); the worker's stdin is empty, which would read
+    as end of file instead."""
+
+    def __init__(self, active):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            self._saved = sys.stdin
+            try:
+                from _pytest.capture import DontReadFromInput
+                sys.stdin = DontReadFromInput()
+            except Exception:
+                self.active = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            sys.stdin = self._saved
+        return False
 
 
 def _failure(exc, fn, settings, stage):
@@ -300,7 +403,10 @@ def _same_file(a, b):
 
 
 def _find_test(module, cls_path, name):
-    """The callable to run and the object that owns it (module or a fresh instance)."""
+    """The callable to run and the object that owns it (module or a fresh instance).
+    ``cls_path``: the names the test's class was collected under, dotted (the module's
+    attribute, then nested classes' attributes), not its ``__qualname__``, which a class
+    made by a factory or ``type()`` does not share."""
     owner = module
     if cls_path:
         for part in cls_path.split("."):
@@ -479,9 +585,10 @@ class _LogRecorder(logging.Handler):
     arrive twice.  The root level mirrors the parent's (pytest's ``log_level``).
     """
 
-    def __init__(self, level):
+    def __init__(self, level, levels=None):
         super().__init__(logging.NOTSET)
         self.level_wanted = level
+        self.levels = levels or {}      # named loggers' levels in the pytest process
         self.records = []
 
     def __enter__(self):
@@ -489,12 +596,22 @@ class _LogRecorder(logging.Handler):
         self._saved = root.handlers[:], root.level
         root.handlers[:] = [self]
         root.setLevel(self.level_wanted)
+        # The named loggers' levels as the pytest process has them now (a conftest's
+        # setLevel, caplog.set_level in a fixture): which records a test makes depends
+        # on them.  Put back afterwards: the worker runs other tests.
+        self._saved_levels = {}
+        for name, level in self.levels.items():
+            logger = logging.getLogger(name)
+            self._saved_levels[name] = logger.level
+            logger.setLevel(level)
         return self
 
     def __exit__(self, *exc):
         root = logging.getLogger()
         root.handlers[:], level = self._saved
         root.setLevel(level)
+        for name, level in self._saved_levels.items():
+            logging.getLogger(name).setLevel(level)
 
     def emit(self, record):
         try:
