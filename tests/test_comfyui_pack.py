@@ -229,6 +229,26 @@ def test_shim_progress_bar_throttles_like_comfyui(monkeypatch):
     assert len(sent) < 10
 
 
+def test_shim_model_management_has_oom_exception_and_names_what_it_lacks():
+    """Packs write ``except mm.OOM_EXCEPTION:``; without it any error inside such a try
+    became an AttributeError naming OOM_EXCEPTION, hiding the real one."""
+    import torch
+    spec = importlib.util.spec_from_file_location(
+        "shim_mm", os.path.join(conftest_helpers.SRC, "comfy_env", "comfyui", "shim", "comfy",
+                                "model_management.py"))
+    mm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mm)
+    assert mm.OOM_EXCEPTION is torch.cuda.OutOfMemoryError
+    try:
+        raise ValueError("the real error")
+    except mm.OOM_EXCEPTION:
+        raise AssertionError("not an out-of-memory error")
+    except ValueError as exc:
+        assert str(exc) == "the real error"
+    with pytest.raises(AttributeError, match="load_models_gpu.*stand-in.*env=None"):
+        mm.load_models_gpu
+
+
 def test_shim_names_what_it_provides_when_a_comfyui_module_is_missing(tmp_path):
     pack_dir = tmp_path / "gap_pack"
     pack_dir.mkdir()

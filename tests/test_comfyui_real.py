@@ -159,6 +159,18 @@ def test_node_code_in_the_worker_sees_comfyuis_folders(comfy):
     assert os.path.join(elsewhere, "ckpts") in map(os.path.realpath, seen["checkpoints"]), seen   # extra paths
 
 
+def test_isolated_nodes_of_two_packs_expanding_in_one_prompt_keep_their_own_subgraphs(comfy):
+    """A node that expands names its subgraph's nodes from ComfyUI's per-call prefix
+    (GraphBuilder.set_default_prefix): each pack's worker gets the host's, or the two
+    subgraphs got the same ids and one replaced the other (a wrong result, no error)."""
+    out, _ = ok(comfy, {"1": h.api_node("CE_Expand", a=2, b=3), "2": probe(["1", 0]),
+                        "3": h.api_node("CE3_Expand", x=3), "4": probe(["3", 0]),
+                        "5": h.api_node("CE_Expand", a=10, b=20), "6": probe(["5", 0])})
+    assert probed(out, "2")["value"] == 6
+    assert probed(out, "4")["value"] == 12
+    assert probed(out, "6")["value"] == 31
+
+
 def test_images_pass_through_isolated_nodes_exactly(comfy):
     out, _ = ok(comfy, {
         "1": empty_image(),

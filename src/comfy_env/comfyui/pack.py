@@ -438,7 +438,7 @@ class IsolatedPack:
             executing = _executing_context()
             fut = self.executor().submit(_WORKER + "call_node", self._spec, key, method,
                                          instance_id, tuple(args), dict(kwargs), ch.token,
-                                         executing, hidden)
+                                         executing, hidden, _graph_prefix())
             fut.add_done_callback(lambda _f: ch.queue.put(sidechannel.DONE))
             try:
                 # ComfyUI's interrupt is for the node it executes (it checks the flag
@@ -626,6 +626,21 @@ def _executing_context():
     if ctx is None:
         return None
     return (ctx.prompt_id, ctx.node_id, ctx.list_index)
+
+
+def _graph_prefix():
+    """ComfyUI's default prefix for node ids of graphs a node expands into, as its
+    execution set it for this call (``GraphBuilder.set_default_prefix(unique_id,
+    call_index)``): ``(root, call_index, graph_index)``, or None outside ComfyUI."""
+    import sys
+    mod = sys.modules.get("comfy_execution.graph_utils")
+    gb = getattr(mod, "GraphBuilder", None)
+    if gb is None:
+        return None
+    try:
+        return (gb._default_prefix_root, gb._default_prefix_call_index, gb._default_prefix_graph_index)
+    except AttributeError:
+        return None
 
 
 def _progressed(fut, ch):

@@ -417,7 +417,7 @@ RESULT_TAG = "comfy-env-node-result"    # call_node's result: (tag, progressed, 
 
 
 def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=None,
-              hidden=None):
+              hidden=None, graph_prefix=None):
     """Run ``method`` of node ``key`` on the class (instance_id None) or an instance.
 
     Instances live as long as the host's proxy instance (ComfyUI keeps one node
@@ -426,6 +426,10 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
     on a clone of the class whose ``hidden`` holds the hidden inputs (``hidden``).
     ``context``: the host's (prompt_id, node_id, list_index), set as the executing
     context here too, so ``get_executing_context()`` and the V3 progress API know the node.
+    ``graph_prefix``: the host's ``GraphBuilder`` default prefix for this call, set here
+    too, so a node that expands into a graph names its nodes as it would in ComfyUI
+    (without it every worker counted from ``.0.0.``, and two packs expanding in one
+    prompt overwrote each other's nodes).
     """
     classes, _ = _load_pack(spec)
     try:
@@ -444,6 +448,7 @@ def call_node(spec, key, method, instance_id, args, kwargs, token=None, context=
         if obj is None:
             obj = _instances[instance_id] = cls()
         target = getattr(obj, method)
+    _set_graph_prefix(graph_prefix)
     linked = _link is not None and token is not None
     if linked:
         _link.begin(token)
@@ -516,6 +521,20 @@ def _plain(value):
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def _set_graph_prefix(prefix):
+    if prefix is None:
+        return
+    mod = sys.modules.get("comfy_execution.graph_utils")
+    if mod is None:
+        try:
+            import comfy_execution.graph_utils as mod
+        except Exception:
+            return          # no ComfyUI here (a separate env): node code has no GraphBuilder either
+    gb = getattr(mod, "GraphBuilder", None)
+    if gb is not None and hasattr(gb, "set_default_prefix"):
+        gb.set_default_prefix(*prefix)
 
 
 class _executing:

@@ -201,3 +201,23 @@ class Validated:
 
 NODE_CLASS_MAPPINGS["CE_Folders"] = Folders
 NODE_CLASS_MAPPINGS["CE_Validated"] = Validated
+
+
+class Expand:
+    """Expands into CE_Add(a, b) -> CE_Add(that, 1): a node whose output is a subgraph."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"a": ("INT", {"default": 0}), "b": ("INT", {"default": 0})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "ce/v1"
+
+    def run(self, a, b):
+        from comfy_execution.graph_utils import GraphBuilder
+        g = GraphBuilder()
+        first = g.node("CE_Add", a=a, b=b)
+        second = g.node("CE_Add", a=first.out(0), b=1)
+        return {"result": (second.out(0),), "expand": g.finalize()}
+
+
+NODE_CLASS_MAPPINGS["CE_Expand"] = Expand

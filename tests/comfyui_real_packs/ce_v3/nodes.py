@@ -54,9 +54,25 @@ class Even(io.ComfyNode):
         return io.NodeOutput(x // 2)
 
 
+class Expand(io.ComfyNode):
+    """Expands into CE_Add(x, x) -> CE_Add(that, that): 4x, as a subgraph."""
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="CE3_Expand", category="ce/v3", enable_expand=True,
+                         inputs=[io.Int.Input("x", default=1)], outputs=[io.Int.Output()])
+
+    @classmethod
+    def execute(cls, x):
+        from comfy_execution.graph_utils import GraphBuilder
+        g = GraphBuilder()
+        double = g.node("CE_Add", a=x, b=x)
+        quad = g.node("CE_Add", a=double.out(0), b=double.out(0))
+        return io.NodeOutput(quad.out(0), expand=g.finalize())
+
+
 class Extension(ComfyExtension):
     async def get_node_list(self):
-        return [Scale, Text, Even]
+        return [Scale, Text, Even, Expand]
 
 
 def comfy_entrypoint():

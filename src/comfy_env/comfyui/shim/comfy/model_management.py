@@ -62,3 +62,19 @@ def soft_empty_cache(force=False):
 
 def throw_if_interrupted():      # convenience alias some packs use
     throw_exception_if_processing_interrupted()
+
+
+def __getattr__(name):
+    # ComfyUI's OOM_EXCEPTION is torch's out-of-memory error; packs write
+    # ``except mm.OOM_EXCEPTION:`` around tiled code.  Looked up lazily: the shim imports
+    # no torch until a node needs it (and a worker without torch has plain MemoryError).
+    if name == "OOM_EXCEPTION":
+        try:
+            import torch
+            return torch.cuda.OutOfMemoryError
+        except (ImportError, AttributeError):
+            return MemoryError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r} (comfy-env's stand-in for "
+                         f"comfy.model_management in a separate environment has the interrupt API, "
+                         f"the device helpers and OOM_EXCEPTION only; run the pack with env=None to "
+                         f"use ComfyUI's own)")
