@@ -448,3 +448,108 @@ def test_interpreter_exit_runs_calls_still_waiting_in_the_executor(tmp_path):
                          text=True, timeout=100, env=dict(os.environ, PYTHONPATH=SRC))
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("done*")) == [f"done{i}" for i in range(5)]
+
+
+def test_done_callbacks_never_run_inside_the_callers_result(ex):
+    """As the standard library: the caller is woken, then the callbacks run on the
+    executor's own thread (Ray's), so one that takes a lock the caller holds while it
+    waits in result() does not deadlock."""
+    lock = threading.Lock()
+    threads = []
+
+    def cb(_f):
+        threads.append(threading.current_thread().name)
+        with lock:
+            pass
+
+    for i in range(20):
+        f = ex.submit(_sleep_then, i, 0.02)
+        f.add_done_callback(cb)
+        got = []
+
+        def caller():
+            with lock:
+                got.append(f.result(timeout=60))
+
+        t = threading.Thread(target=caller, name="caller")
+        t.start()
+        t.join(30)
+        assert not t.is_alive() and got == [i], f"call {i}: the caller hung"
+    assert "caller" not in threads
+
+
+def test_shutdown_wait_from_a_done_callback_raises_and_the_other_calls_finish():
+    e = RayExecutor(max_workers=2)
+    errors = []
+
+    def cb(_f):
+        try:
+            e.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    slow = e.submit(_sleep_then, "slow", 1.0)
+    fast = e.submit(_sleep_then, "fast", 0.0)
+    fast.add_done_callback(cb)
+    assert slow.result(timeout=60) == "slow" and fast.result() == "fast"
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert errors and "would wait for itself" in errors[0]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        e.submit(pow, 1, 1)
+
+
+def test_a_call_cancelled_while_waiting_for_an_input_counts_as_done(ex):
+    from comfy_env import IsolatedExecutor
+    with IsolatedExecutor() as iso:
+        gate = iso.submit(time.sleep, 1.0)
+        waiting = ex.submit(_identity, gate)          # waits here for the foreign future
+        assert waiting.cancel()
+        done, not_done = wait([waiting], timeout=10)
+        assert waiting in done and not not_done
+        assert list(as_completed([waiting], timeout=10)) == [waiting]
+
+
+def _keywords(**kw):
+    return kw
+
+
+def test_a_keyword_argument_named_self(ex):
+    assert ex.submit(_keywords, self=1, x=2).result(timeout=60) == {"self": 1, "x": 2}
+    first = ex.submit(_identity, 5)
+    assert ex.submit(_keywords, self=first).result(timeout=60) == {"self": 5}   # a chained one
+
+
+def test_ray_shut_down_under_calls_fails_them_and_shutdown_returns(tmp_path):
+    """ray.shutdown() while a call runs: its outcome can never arrive, so the future
+    fails (BrokenExecutor, as a broken ProcessPoolExecutor's calls do) instead of staying
+    RUNNING, and shutdown(wait=True) and the interpreter's exit return, also after Ray
+    was started again."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, time, ray\n"
+        "from concurrent.futures import BrokenExecutor, wait\n"
+        "from comfy_env.ray import RayExecutor\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "ex = RayExecutor(max_workers=1)\n"
+        "f = ex.submit(time.sleep, 30)\n"
+        "queued = ex.submit(time.sleep, 0)\n"
+        "time.sleep(1.0)\n"
+        "ray.shutdown()\n"
+        "done, _ = wait([f, queued], timeout=10)\n"
+        "print('done', len(done), type(f.exception(0)).__name__, type(queued.exception(0)).__name__, flush=True)\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "t = time.monotonic(); ex.shutdown(wait=True)\n"
+        "print('shutdown', round(time.monotonic() - t), flush=True)\n"
+        "try:\n"
+        "    ex.submit(pow, 1, 1)\n"
+        "except BrokenExecutor:\n"
+        "    print('broken', flush=True)\n"
+    )
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, str(script), address], capture_output=True,
+                         text=True, timeout=100, env=dict(os.environ, PYTHONPATH=SRC))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "done 2 BrokenExecutor BrokenExecutor" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "shutdown 0" in out.stdout and "broken" in out.stdout, out.stdout

@@ -39,13 +39,17 @@ from ..errors import CallTimeout, InitializerFailed, RemoteError, RemoteTracebac
 from ..executor.executor import _by_reference, _find_futures, _pickle_by_value
 from ..ipc.calls import chain_chunk_results
 from .runtime_env import cluster_runtime_env, local_runtime_env
-from .task import ByValue, run_call, run_chunk_call
+from .task import ByValue, Keywords, run_call, run_chunk_call
 
 __all__ = ["RayExecutor", "RayFuture", "writable"]
 
 _UNSET = object()
 _ANY = object()
 _REMOTES_KEPT = 256        # remote functions cached per executor (one per distinct fn)
+# A caller that saw its call's outcome waits this long for Ray's callback thread to
+# complete the future before doing it itself (Ray shut down under it: none will come).
+_CALLBACK_GRACE_S = 1.0
+_tls = threading.local()   # .completing: the executor whose future this thread is completing
 
 
 class RayFuture(Future):
@@ -66,47 +70,58 @@ class RayFuture(Future):
         self._direct = None           # (executor, item) while the task is in flight
 
     def result(self, timeout=None):
-        self._wait_here(timeout, with_value=True)
-        value = super().result(timeout)
+        deadline = _deadline(timeout)
+        self._wait_here(deadline, with_value=True)
+        value = super().result(_left(deadline))
         if value is not _UNSET:
             return value
         return self._fetch()
 
     def exception(self, timeout=None):
-        self._wait_here(timeout, with_value=False)
-        return super().exception(timeout)
+        deadline = _deadline(timeout)
+        self._wait_here(deadline, with_value=False)
+        return super().exception(_left(deadline))
 
-    def _wait_here(self, timeout, with_value):
-        """Wait for the task in this thread, with ``ray.get``.
+    def _wait_here(self, deadline, with_value):
+        """Wait for the task in this thread, with ``ray.get``: ``result()`` needs only the
+        value's ``ray.get``, which also brings the value.
 
-        Waking the caller straight from Ray, rather than from Ray's callback
-        thread through the future's condition variable, saves a thread hand-off
-        per call, and ``result()`` needs only the value's ``ray.get``;
-        whichever of this thread and the callback sees the outcome first completes
-        the future.
+        The future itself is completed by Ray's callback thread (``_on_status``), which
+        runs its done-callbacks after waking us, as the standard library's executors
+        run them on their own thread: a callback never runs inside this ``result()``
+        (one that takes a lock the caller holds would deadlock).  Only if that thread
+        does not come (Ray was shut down under us) does this one complete it.
         """
         direct = self._direct
         if direct is None or self.done():
             return
         executor, item = direct
-        if timeout is not None:
-            timeout = max(0.0, timeout)     # Executor.map passes what is left, maybe < 0
+        if not ray.is_initialized():
+            executor._fail_all_ray_gone()     # and ray.get would start a new local Ray
+            return
         try:
             if with_value:
                 # The value ref fails exactly when the status ref does.
-                value = ray.get(self.object_ref, timeout=timeout)
+                value = ray.get(self.object_ref, timeout=_left(deadline))
                 with self._fetch_lock:
                     if self._value is _UNSET:
                         self.fetches += 1
                         self._value = value
             else:
-                ray.get(item.status_ref, timeout=timeout)
+                ray.get(item.status_ref, timeout=_left(deadline))
             exc = None
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError() from None
         except Exception as e:          # the call's outcome (KeyboardInterrupt is ours)
+            if not executor._ray_alive():
+                executor._fail_all_ray_gone()
+                return
             exc = e
-        executor._complete(item, exc)
+        left = _left(deadline)
+        with self._condition:
+            self._condition.wait_for(self.done, _CALLBACK_GRACE_S if left is None else min(left, _CALLBACK_GRACE_S))
+        if not self.done():
+            executor._complete(item, exc)
 
     def _fetch(self):
         with self._fetch_lock:
@@ -117,6 +132,16 @@ class RayFuture(Future):
                 except BaseException as exc:
                     raise _convert(exc, None) from None
             return self._value
+
+
+def _deadline(timeout):
+    if timeout is None:
+        return None
+    return time.monotonic() + max(0.0, timeout)     # Executor.map passes what is left, maybe < 0
+
+
+def _left(deadline):
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def writable(obj):
@@ -303,6 +328,7 @@ class RayExecutor(Executor):
         self._broken = None
         self._watchdog = None
         self._wake = threading.Event()
+        self._ray_id = _ray_identity()    # the Ray session our tasks belong to
         _live.add(self)
 
     # -- submitting ------------------------------------------------------------------
@@ -379,8 +405,10 @@ class RayExecutor(Executor):
         while True:
             with self._lock:
                 still = []
+                cancelled = []
                 for item in self._waiting:
                     if item.future.cancelled():
+                        cancelled.append(item)
                         continue
                     ready = _deps_ready(item, need_done=self.call_timeout is not None)
                     (self._pending if ready else still).append(item)
@@ -391,12 +419,20 @@ class RayExecutor(Executor):
                     cand = self._pending.popleft()
                     if cand.future.set_running_or_notify_cancel():
                         item = cand
+                        # Reserve the slot before leaving the lock: .remote() runs outside it.
+                        self._inflight[item] = item
                         break
                 if item is None:
                     self._idle.notify_all()
-                    return
-                # Reserve the slot before leaving the lock: .remote() runs outside it.
-                self._inflight[item] = item
+            for c in cancelled:
+                # Tell wait() and as_completed(): Future.cancel() alone does not.
+                try:
+                    c.future.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass                # told already
+                _notify_dispatched(c.future)
+            if item is None:
+                return
             self._dispatch(item)
 
     def _dispatch(self, item):
@@ -409,6 +445,12 @@ class RayExecutor(Executor):
                     "a future this call takes as an argument was cancelled")
             args, nested = _refs(item.args)
             kwargs, nested_kw = _refs(item.kwargs)
+            if "self" in kwargs:
+                # Ray's .remote(self, ...) would take it: the keywords go as one argument
+                # (refs among them are then resolved by the task, like nested ones).
+                args = tuple(args) + (Keywords(kwargs),)
+                nested_kw = nested_kw or _has_ref(dict(kwargs))
+                kwargs = {}
             remote, lead = self._remote_for(item.fn, item.chunk, nested or nested_kw)
             status_ref, value_ref = remote.remote(*lead, *args, **kwargs)
         except BaseException as exc:
@@ -426,7 +468,7 @@ class RayExecutor(Executor):
             if self.call_timeout is not None:
                 item.deadline = time.monotonic() + self.call_timeout
                 heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
-                self._start_watchdog()
+            self._start_watchdog()      # deadlines, and Ray going away under the calls
         with future._fetch_lock:
             future.object_ref = value_ref
         _notify_dispatched(future)
@@ -440,6 +482,36 @@ class RayExecutor(Executor):
         except BaseException as e:      # cancelled ray future
             exc = e
         self._complete(item, exc)
+
+    # -- Ray going away under us -----------------------------------------------------------
+    def _ray_alive(self):
+        return ray.is_initialized() and _ray_identity() == self._ray_id
+
+    def _fail_all_ray_gone(self):
+        """Ray was shut down (or restarted) under this executor: its tasks' outcomes will
+        never arrive, so every call not done fails (as ProcessPoolExecutor's calls do when
+        its pool breaks) and the executor is broken."""
+        err = BrokenExecutor("Ray was shut down (ray.shutdown(), or the cluster went away) while "
+                             "this RayExecutor had calls in flight; make a new RayExecutor once "
+                             "Ray runs again")
+        with self._lock:
+            if self._broken is None:
+                self._broken = err
+            items = list(self._inflight.values()) + list(self._pending) + self._waiting
+            self._inflight.clear()
+            self._pending.clear()
+            self._waiting = []
+            self._deadlines = []
+            self._idle.notify_all()
+        for item in items:
+            f = item.future
+            f._direct = None
+            try:
+                if f.running() or (not f.done() and f.set_running_or_notify_cancel()):
+                    f.set_exception(err)
+            except Exception:
+                pass                    # cancelled, or completed meanwhile
+            _notify_dispatched(f)
 
     def _complete(self, item, exc):
         """Complete the call's future from Ray's outcome; the first caller wins (Ray's
@@ -471,10 +543,16 @@ class RayExecutor(Executor):
             except Exception:
                 pass
         if not future.done():           # a timed-out call was completed by the watchdog
-            if exc is None:
-                future.set_result(_UNSET)
-            else:
-                future.set_exception(exc)
+            # Its done-callbacks run in set_*: a shutdown(wait=True) there must not wait
+            # for this very thread (see shutdown).
+            outer, _tls.completing = getattr(_tls, "completing", None), self
+            try:
+                if exc is None:
+                    future.set_result(_UNSET)
+                else:
+                    future.set_exception(exc)
+            finally:
+                _tls.completing = outer
         for other in doomed:
             if other.future.set_running_or_notify_cancel():
                 other.future.set_exception(BrokenExecutor(f"this RayExecutor is broken: {exc}"))
@@ -491,10 +569,12 @@ class RayExecutor(Executor):
 
     def _watch(self):
         while True:
+            if not self._ray_alive():
+                self._fail_all_ray_gone()
             with self._lock:
-                if not self._deadlines:
+                if not self._deadlines and not self._inflight:
                     # Nothing to watch: the thread ends (and holds no reference to the
-                    # executor); the next timed call starts another.
+                    # executor); the next call in flight starts another.
                     self._watchdog = None
                     return
                 now = time.monotonic()
@@ -518,6 +598,16 @@ class RayExecutor(Executor):
 
     # -- shutting down -----------------------------------------------------------------
     def shutdown(self, wait=True, *, cancel_futures=False):
+        if wait and getattr(_tls, "completing", None) is self:
+            # A done-callback of one of our calls, on Ray's callback thread (or a caller
+            # completing a call): that thread completes the calls this would wait for.
+            # ThreadPoolExecutor raises here too; the shutdown itself goes ahead.
+            self.shutdown(wait=False, cancel_futures=cancel_futures)
+            raise RuntimeError(
+                "shutdown(wait=True) was called from a done-callback, which runs on the "
+                "thread that completes this executor's calls: it would wait for itself. "
+                "The executor is shutting down; call shutdown(wait=False) from callbacks, "
+                "or wait from another thread")
         with self._lock:
             self._shutdown = True
             if cancel_futures:
@@ -531,17 +621,28 @@ class RayExecutor(Executor):
             _notify_dispatched(item.future)
         self._wake.set()
         if wait:
-            with self._lock:
-                while self._pending or self._waiting or self._inflight:
-                    if not ray.is_initialized():
-                        break       # Ray was shut down under us: nothing will complete
+            while True:
+                with self._lock:
+                    if not (self._pending or self._waiting or self._inflight):
+                        break
                     self._idle.wait(0.5)
+                if not self._ray_alive():
+                    self._fail_all_ray_gone()    # nothing will complete: fail what is left
 
     def __repr__(self):
         state = "broken" if self._broken else "shut down" if self._shutdown else "running"
         env = self.runtime_env.get("py_executable") or ("uv" if "uv" in self.runtime_env else "driver")
         return (f"<RayExecutor env={env!r} in_flight={len(self._inflight)} "
                 f"max_workers={self.max_workers} {state}>")
+
+
+def _ray_identity():
+    """Which Ray session this process is connected to: (job, node) ids, or None."""
+    try:
+        ctx = ray.get_runtime_context()
+        return (ctx.get_job_id(), ctx.get_node_id())
+    except Exception:
+        return None
 
 
 _live = weakref.WeakSet()

@@ -47,6 +47,11 @@ def _resolve_nested(obj, depth=0):
     return obj
 
 
+class Keywords(dict):
+    """A call's keyword arguments passed as one positional argument: Ray's ``.remote()``
+    has a parameter named ``self`` of its own, so ``submit(fn, self=...)`` goes this way."""
+
+
 def run_call(fn, setup, nested, /, *args, **kwargs):
     """The Ray task behind ``RayExecutor.submit``.
 
@@ -55,6 +60,9 @@ def run_call(fn, setup, nested, /, *args, **kwargs):
     """
     if setup is not None:
         _setup(setup)
+    if args and type(args[-1]) is Keywords:
+        kwargs = dict(args[-1])
+        args = args[:-1]
     if nested:
         args = _resolve_nested(args)
         kwargs = _resolve_nested(kwargs)
