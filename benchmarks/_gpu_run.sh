@@ -5,8 +5,9 @@
 # a short table is printed at the end.   RUN_SLOW=0 skips the 5/6/12 GiB tests; RUN_TESTS=0 or
 # RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls); RUN_MULTI=0
 # skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
-# BENCH_CONFS="async native mixed": bench_cuda.py once per parent allocator (workers inherit it;
-# mixed: a cudaMallocAsync parent, workers on the native allocator, COMFY_ENV_CUDA_HEAP=native);
+# BENCH_CONFS="async native mixed": bench_cuda.py once per parent allocator (async: workers on
+# cudaMallocAsync too, COMFY_ENV_CUDA_HEAP=pool; mixed: a cudaMallocAsync parent, workers on the
+# native allocator, COMFY_ENV_CUDA_HEAP=native, the default);
 # with BASE_SRC, each conf but mixed runs against that tree first ($OUT/compare_<conf>.txt).
 # RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
@@ -65,7 +66,7 @@ bench() {
     # (native: legacy IPC's own setting, the ipc route's).
     for c in $BENCH_CONFS; do
       # mixed: a cudaMallocAsync parent (ComfyUI's) whose workers run the native allocator.
-      case $c in async) bench_one async "backend:cudaMallocAsync";; native) bench_one native "";;
+      case $c in async) bench_one async "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=pool;; native) bench_one native "";;
                  mixed) bench_one mixed "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native;; esac
     done
     return

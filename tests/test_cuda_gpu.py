@@ -35,8 +35,11 @@ PARENT_ASYNC = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 def executor(worker_alloc, **kw):
     """An executor whose worker runs ``worker_alloc`` (its env is read at spawn)."""
     old = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    old_heap = os.environ.get("COMFY_ENV_CUDA_HEAP")
     if worker_alloc:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = worker_alloc
+        # An async worker: the pool policy (the default, native, would take the backend out).
+        os.environ.setdefault("COMFY_ENV_CUDA_HEAP", "pool")
     else:
         os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     try:
@@ -47,6 +50,10 @@ def executor(worker_alloc, **kw):
             os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
         else:
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = old
+        if old_heap is None:
+            os.environ.pop("COMFY_ENV_CUDA_HEAP", None)
+        else:
+            os.environ["COMFY_ENV_CUDA_HEAP"] = old_heap
     try:
         yield ex
     finally:

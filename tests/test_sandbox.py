@@ -427,6 +427,7 @@ def test_cuda_tensors_cross_a_sandboxed_worker_by_pool_ipc(readable, monkeypatch
     from comfy_env.ipc.cuda import install
     install()
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")   # the worker's
+    monkeypatch.setenv("COMFY_ENV_CUDA_HEAP", "pool")                        # (not the native default)
     monkeypatch.setenv("COMFY_ENV_CUDA_SMALL_COPY_MIB", "0")                 # zero copy only
     n = 1 << 22
     ref = (torch.arange(n, device="cuda") % 251).float()

@@ -17,7 +17,7 @@ def test_defaults():
     cfg = settings.read({})
     for var in settings.VARIABLES:
         assert getattr(cfg, var.field) == var.default, var.name
-    assert cfg.inline_bytes == 64 * 1024 and cfg.arena_bytes == 1 << 30 and cfg.cuda_heap == "pool"
+    assert cfg.inline_bytes == 64 * 1024 and cfg.arena_bytes == 1 << 30 and cfg.cuda_heap == "native"
 
 
 def test_every_field_has_one_variable():

@@ -43,6 +43,9 @@ def test_a_worker_under_the_native_policy_starts_without_the_parents_backend(mon
     with IsolatedExecutor(max_workers=1, preload=preload) as ex:
         assert ex.submit(_conf).result(timeout=60) == "max_split_size_mb:128"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync,max_split_size_mb:128"
+    monkeypatch.delenv("COMFY_ENV_CUDA_HEAP")
+    with IsolatedExecutor(max_workers=1) as ex:          # native is the default
+        assert ex.submit(_conf).result(timeout=60) == "max_split_size_mb:128"
     monkeypatch.setenv("COMFY_ENV_CUDA_HEAP", "pool")
-    with IsolatedExecutor(max_workers=1) as ex:          # the default: the parent's allocator
+    with IsolatedExecutor(max_workers=1) as ex:          # pool: the parent's allocator
         assert ex.submit(_conf).result(timeout=60) == "backend:cudaMallocAsync,max_split_size_mb:128"

@@ -97,11 +97,11 @@ VARIABLES = (
              "bytes of unused shared-memory segments the arena keeps for reuse (ipc/shm.py)"),
     Variable("COMFY_ENV_ARENA_IDLE_S", "arena_idle_s", 30, _int(0),
              "seconds before an unused arena segment is given back (ipc/shm.py)"),
-    Variable("COMFY_ENV_CUDA_HEAP", "cuda_heap", "pool", _choice("pool", "staging", "native"),
-             "where a worker's CUDA results live: torch's allocations in an exportable pool "
-             "(zero copy), copies in a staging pool, or torch's native caching allocator in the "
-             "worker whatever the parent runs (big results zero copy by legacy IPC handle) "
-             "(ipc/cuda/local.py, sender.py, executor/worker_allocator.py)"),
+    Variable("COMFY_ENV_CUDA_HEAP", "cuda_heap", "native", _choice("native", "pool", "staging"),
+             "where a worker's CUDA results live: torch's native caching allocator in the worker "
+             "whatever the parent runs (results zero copy by legacy IPC handle), torch's "
+             "allocations in an exportable pool under cudaMallocAsync (zero copy), or copies in "
+             "a staging pool (ipc/cuda/local.py, sender.py, executor/worker_allocator.py)"),
     Variable("COMFY_ENV_CUDA_FORCE_CPU", "cuda_force_cpu", False, lambda raw: raw == "1",
              "1: send every CUDA tensor through host memory (diagnostics, benchmarks) "
              "(ipc/cuda/sender.py)"),
