@@ -127,6 +127,12 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
     p = write_spec(tmp_path, '[environment]\nOMP_NUM_THREADS = ["4"]\n')
     with pytest.raises(EnvSpecError, match=r"line 2: \[environment\] OMP_NUM_THREADS must be a string"):
         Env.from_toml(p)
+    p = write_spec(tmp_path, '[environment]\nFLAG = "a\\u0000b"\n')
+    with pytest.raises(EnvSpecError, match=r"line 2: \[environment\] FLAG holds a NUL character"):
+        Env.from_toml(p)
+    p = write_spec(tmp_path, 'exclude_newer = "2025-02-30"\n')
+    with pytest.raises(EnvSpecError, match=r"line 1: exclude_newer = '2025-02-30' is not a date"):
+        Env.from_toml(p)
     p = write_spec(tmp_path, 'share = ["torch>=2"]\n')
     with pytest.raises(EnvSpecError, match="not a distribution name"):
         Env.from_toml(p)

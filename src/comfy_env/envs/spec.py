@@ -63,6 +63,21 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
+
+
+def _real_date(text):
+    """Whether the date (and time) ``_DATE_RE`` matched exists ("2025-02-30" does not)."""
+    try:
+        datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        try:                          # Python < 3.11 takes no fraction of other than 3/6 digits
+            datetime.date.fromisoformat(text[:10])
+            datetime.time.fromisoformat(text[11:19]) if len(text) > 10 else None
+        except ValueError:
+            return False
+    return True
+
+
 # The worker's start-up needs these as comfy-env sets them (PYTHONPATH holds the bootstrap dir).
 _RESERVED_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE")
 
@@ -309,7 +324,7 @@ def spec_from_dict(data: dict, source: str | None = None, text: str = "") -> Env
             v = v.isoformat() if v.tzinfo else v.isoformat() + "Z"   # a local time is taken as UTC
         elif isinstance(v, datetime.date):
             v = v.isoformat()
-        elif not _DATE_RE.match(v.strip()):
+        elif not _DATE_RE.match(v.strip()) or not _real_date(v.strip()):
             fail(f"exclude_newer = {v!r} is not a date; expected \"YYYY-MM-DD\" or an RFC 3339 timestamp "
                  "such as \"2025-06-01T00:00:00Z\".", "exclude_newer")
         kw["exclude_newer"] = v.strip()
@@ -329,6 +344,9 @@ def spec_from_dict(data: dict, source: str | None = None, text: str = "") -> Env
             fail(f"[environment] key {k!r} is not a valid environment variable name.", k, "environment")
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             fail(f"[environment] {k} must be a string (or a number), not {type(v).__name__} ({v!r}).",
+                 k, "environment")
+        if "\0" in str(v):
+            fail(f"[environment] {k} holds a NUL character, which no environment variable can hold.",
                  k, "environment")
         env[k] = str(v)
     kw["environment"] = env
