@@ -658,22 +658,10 @@ def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_
     _descs, refs, fb = _send(link, [FakeT(a), FakeT(a, nbytes=MiB, offset=8 * MiB), FakeT(b)])
     fb._lends.clear()
     # The receiving process: another plane, its own keys for the blocks (as a peer's).
-    opened = iter(range(1 << 45, 1 << 48, 1 << 40))
-    monkeypatch.setattr(D, "ipc_open", lambda handle: (log.append(("open", handle)), next(opened))[1])
-    monkeypatch.setattr(D, "ipc_close", lambda b_: log.append(("close", b_)))
-    rpl = CudaPlane()
-    rpl.local.torch = torch
-    rpl.receiver._decode_device = lambda dec, ctx, uuid: (
-        types.SimpleNamespace(dev={}, waited=set()), (0, torch.device("cpu"), 7))
-    rpl.receiver._wrap = lambda ptr, desc, ordinal, device: (lambda t: (t, t))(_Tensorish(ptr))
-    monkeypatch.setitem(codec._PLANES, "cuda", rpl)
+    rpl = _receiving_plane(monkeypatch, log)
     peer = _PostLog(log)
-    part = fb.parts[0]
-    rrefs = [(name, ("cuda", "f" * 16, i), fd, meta) for i, (name, _key, fd, meta) in enumerate(part.refs)]
-    frame = codec.Frame.__new__(codec.Frame)
-    frame.envelope, frame.parts, frame.fds = None, [codec.Part(part.data, rrefs)], []
     del log[:]
-    got = codec.decode_part(frame, 0, peer)
+    got, rkeys = _receive(rpl, peer, fb, 0)
     mapped = 1 << 45
     assert [t.ptr for t in got] == [mapped + 32 * MiB, mapped + 40 * MiB, mapped + 128 * MiB]
     assert [e[0] for e in log if e[0] in ("open", "close")] == ["open"]
@@ -686,7 +674,7 @@ def test_encoded_by_the_sender_decoded_by_the_receiver_one_open_then_close_then_
     names = [e[0] for e in log]
     assert names.count("close") == 0 and names.count("post") == 2      # kept mapped, idle
     assert names.index("cuStreamSynchronize") < names.index("post")
-    assert {e[1].key for e in log if e[0] == "post"} == {r[1] for r in rrefs}
+    assert {e[1].key for e in log if e[0] == "post"} == set(rkeys)
     assert rpl.receiver.ipc.stats() == {"ipc_open": 0, "ipc_idle": 1, "ipc_opens_made": 1, "ipc_hits": 1,
                                         "ipc_closed": 0}
     rpl.receiver.ipc.flush()
