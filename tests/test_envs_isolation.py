@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import textwrap
 import time
 
@@ -103,3 +104,42 @@ def test_an_env_given_by_its_directory_is_held_in_use_too(tmp_path, wheels):
         with pytest.raises(EnvInUse):
             env.remove()
     assert env.remove() is True
+
+
+_STDLIB_NAMES_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from comfy_env import IsolatedExecutor
+    import helper                      # next to this script: the worker finds it as the parent does
+
+    def where():
+        import queue, random
+        return [os.getcwd(), queue.__file__, random.__file__, helper.VALUE]
+
+    out = []
+    for preload in (None, ["json"]):
+        with IsolatedExecutor(preload=preload) as ex:
+            out.append(ex.submit(where).result(60))
+    print(json.dumps(out))
+""")
+
+
+@ALL_PYTHONS
+def test_files_named_like_the_standard_library_in_the_working_directory_do_not_stop_workers(pyver, tmp_path):
+    """``python tools/run.py`` from a project holding a queue.py or random.py: the parent
+    never imports them (its path starts at the script's directory), and a worker of the
+    same interpreter must not either (it started with the working directory first on its
+    path, imported queue.py while comfy_env loaded, and no worker could start)."""
+    from pythons import script_env, user_python
+
+    project = tmp_path / "project"
+    (project / "tools").mkdir(parents=True)
+    for name in ("queue", "random", "types", "runpy", "selectors", "signal"):
+        (project / f"{name}.py").write_text(f"raise ImportError('the project\\'s {name}.py was imported')\n")
+    (project / "tools" / "helper.py").write_text("VALUE = 42\n")
+    (project / "tools" / "run.py").write_text(_STDLIB_NAMES_SCRIPT)
+    proc = subprocess.run([user_python(pyver), "tools/run.py"], cwd=str(project), env=script_env(),
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cwd, queue_file, random_file, value in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert cwd == str(project) and value == 42
+        assert not queue_file.startswith(str(project)) and not random_file.startswith(str(project))

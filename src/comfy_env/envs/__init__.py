@@ -57,16 +57,21 @@ class WorkerEnvironment:
 
     @property
     def start_cwd(self):
-        """The directory a foreign worker starts in (None: the parent's).
+        """The directory a worker starts in.
 
         ``python -m`` puts the working directory first on ``sys.path``, before the
         standard library; a worker started in the parent's directory would import a
-        ``nodes.py`` or ``utils/`` found there instead of the env's.  It starts in the
-        bootstrap dir (already on its path, holding only comfy_env and cloudpickle) and
-        changes to the parent's working directory once it runs.
+        ``nodes.py`` or ``utils/`` found there instead of the env's, or a ``queue.py`` or
+        ``random.py`` instead of the standard library's while comfy_env itself imports
+        (no worker of the current interpreter could start).  A foreign worker starts in
+        the bootstrap dir (already on its path, holding only comfy_env and cloudpickle),
+        a worker of the current interpreter in the directory comfy_env was imported from
+        (already on the parent's path); both change to the parent's working directory
+        once they run, before any code of the user's (``ipc.calls.adopt_import_paths``).
         """
         if self.is_current:
-            return None
+            import comfy_env
+            return os.path.dirname(os.path.dirname(os.path.abspath(comfy_env.__file__)))
         return self.pythonpath[0] if self.pythonpath else os.path.dirname(self.python)
 
     def prepare_launch(self) -> tuple:
