@@ -195,6 +195,37 @@ def test_a_segfault_reports_the_python_stack_of_every_frame_in_worker_crashed(ca
     assert "in segfault_deep" in str(exc)
 
 
+class _Hiccup(_Sink):
+    """A host's stream interceptor that fails its first write (and only that one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def write(self, text):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the interceptor had a bad moment")
+        return super().write(text)
+
+
+@pytest.mark.timeout(30)
+def test_a_parent_stream_that_raises_once_drops_that_text_and_output_goes_on(monkeypatch):
+    """The output thread drops what a raising stream refused and keeps draining the
+    worker's pipe: it died before, and every later print of the worker failed with a
+    broken pipe, and a crash's stderr was lost."""
+    out, err = _Hiccup(), _Sink()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with IsolatedExecutor(name="hiccup") as ex:
+        for i in range(4):
+            assert ex.submit(_funcs.print_lines, 2, f"call{i}").result(15) == 2
+        _wait_for(lambda: "call3" in out.text, what="the last call's lines")
+        exc = ex.submit(_proc_funcs.segfault_deep, 3).exception(15)
+    assert out.failed and "call1" in out.text
+    assert isinstance(exc, WorkerCrashed) and "in segfault_deep" in exc.stderr_tail
+
+
 # -- call_timeout: the worker's stack ------------------------------------------------------
 
 @pytest.mark.timeout(30)

@@ -1008,8 +1008,10 @@ class _LineSplitter:
 def _write_stream(stream, text):
     """Write to the parent's sys.stdout / sys.stderr as they are now, and flush.
 
-    A missing or closed stream drops the text: the pump must keep draining the
-    pipe, or the worker would block on its next print.
+    A missing or closed stream, or one that raises anything else (a host's
+    interceptor having a bad moment), drops the text: the pump must keep draining
+    the pipe, or the worker would block on its next print (a dead pump broke every
+    later print of the worker and lost a crash's stderr).
     """
     with _stream_lock:
         f = sys.stdout if stream == "stdout" else sys.stderr
@@ -1022,5 +1024,5 @@ def _write_stream(stream, text):
                 enc = getattr(f, "encoding", None) or "ascii"
                 f.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
             f.flush()
-        except (OSError, ValueError):
+        except Exception:
             pass
