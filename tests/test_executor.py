@@ -730,6 +730,24 @@ def test_a_result_whose_unpickling_raises_keyboardinterrupt_off_the_main_thread_
         assert ex.submit(os.getpid).result(30) == pid          # the worker goes on
 
 
+@pytest.mark.timeout(60)
+def test_a_result_whose_unpickling_raises_keyboardinterrupt_on_the_main_thread_is_a_pickling_failure():
+    """On the main thread too: decoding holds Ctrl-C back (comfy_env's SIGINT handler),
+    so a KeyboardInterrupt raised there is the payload's; every accessor gives the same
+    PicklingFailed (it was a KeyboardInterrupt on the main thread, another thread's)."""
+    from comfy_env.ipc import interrupts
+    with IsolatedExecutor() as ex:
+        if not interrupts.installed():
+            pytest.skip("another SIGINT handler is in place: a real Ctrl-C could land there")
+        for with_array in (False, True):
+            fut = ex.submit(_funcs.return_interrupts_when_unpickled, with_array)
+            exc = fut.exception(30)
+            assert isinstance(exc, PicklingFailed) and "KeyboardInterrupt" in str(exc), with_array
+            with pytest.raises(PicklingFailed) as info:
+                fut.result(5)
+            assert info.value is exc
+
+
 def test_the_worker_spin_setting_has_an_upper_bound(monkeypatch):
     from comfy_env import settings
     with pytest.raises(settings.SettingsError, match="COMFY_ENV_WORKER_SPIN_US"):

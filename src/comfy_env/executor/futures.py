@@ -184,11 +184,13 @@ class IsolatedFuture(Future):
                 try:
                     value = lazy.materialise()
                 except KeyboardInterrupt as exc:
-                    if interrupts.on_main():
-                        # Ctrl-C, not the payload's fault: the outcome stays open, a
-                        # later caller decodes again.
+                    if interrupts.on_main() and not interrupts.installed():
+                        # Maybe Ctrl-C (this step holds it back only with our SIGINT
+                        # handler in place): the outcome stays open, a later caller
+                        # decodes again.
                         raise
-                    self._decoded = (False, decode_error(exc))   # only the payload raises it here
+                    # Off the main thread, or with Ctrl-C held back: the payload raised it.
+                    self._decoded = (False, decode_error(exc))
                 except BaseException as exc:
                     self._decoded = (False, decode_error(exc))
                 else:
