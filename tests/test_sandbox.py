@@ -150,6 +150,28 @@ def test_readable_list_hides_everything_else(tmp_path):
         assert ex.submit(read, str(hidden / "b.txt")).result(timeout=30) == "secret"
 
 
+@needs_bwrap
+def test_readable_and_writable_paths_given_through_a_symlink_work_by_that_name(tmp_path):
+    """A ``models`` folder linked to another disk: mounted at its real place, and the
+    link recreated, so the name the user gave works too when ``readable`` is a list."""
+    real_models, real_out = tmp_path / "disk2" / "models", tmp_path / "disk2" / "out"
+    real_models.mkdir(parents=True)
+    real_out.mkdir()
+    (real_models / "m.txt").write_text("MODEL")
+    project = tmp_path / "project"
+    project.mkdir()
+    models, out = project / "models", project / "out"
+    models.symlink_to(real_models)
+    out.symlink_to(real_out)
+    with IsolatedExecutor(sandbox=Sandbox(readable=[models], writable=[out], tmp=False)) as ex:
+        assert ex.submit(read, str(models / "m.txt")).result(timeout=30) == "MODEL"
+        assert ex.submit(read, str(real_models / "m.txt")).result(timeout=30) == "MODEL"
+        assert ex.submit(write, str(out / "o.txt")).result(timeout=30)
+        with pytest.raises(OSError):                # still read-only by either name
+            ex.submit(write, str(models / "m.txt")).result(timeout=30)
+    assert (real_out / "o.txt").read_text() == "x"
+
+
 # -- environment variables -------------------------------------------------------------------
 
 @needs_bwrap

@@ -496,6 +496,8 @@ def bwrap_args(sb, wenv, cwd, package_parent):
         args += ["--ro-bind", p, p]
     for p in _minimal([_real(p) for p in sb.writable]):
         args += ["--bind", p, p]
+    if sb.readable is not None:
+        args += _given_names(sb, ro)
     if sb.gpu:
         for pattern in _GPU_DEVICES:
             for dev in sorted(glob.glob(pattern)):
@@ -506,6 +508,21 @@ def bwrap_args(sb, wenv, cwd, package_parent):
         args += ["--remount-ro", "/"]
     args += ["--chdir", cwd if _visible(cwd, sb, ro) else "/"]
     return args
+
+
+def _given_names(sb, ro):
+    """``--symlink`` options that make each readable or writable path given through a
+    symlink (a ``models`` folder linked to another disk) work by that name too: paths
+    are mounted at their real place, and with a ``readable`` list nothing else holds
+    the link.  Not where a mounted directory already shows the link itself."""
+    mounted = list(ro) + [_real(p) for p in sb.writable] + list(_SYSTEM_PATHS)
+    out = []
+    for given in list(sb.readable) + list(sb.writable):
+        real = _real(given)
+        parent = os.path.dirname(given)
+        if given != real and given not in out[2::3] and not any(_under(parent, m) for m in mounted):
+            out += ["--symlink", real, given]
+    return out
 
 
 def _visible(path, sb, ro):
