@@ -143,3 +143,17 @@ def test_files_named_like_the_standard_library_in_the_working_directory_do_not_s
     for cwd, queue_file, random_file, value in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert cwd == str(project) and value == 42
         assert not queue_file.startswith(str(project)) and not random_file.startswith(str(project))
+
+
+@pytest.mark.parametrize("preload", [None, ["json"]], ids=["spawned", "forked-from-zygote"])
+def test_a_working_directory_removed_under_the_parent_does_not_stop_workers(tmp_path, monkeypatch, preload):
+    """The parent's cwd was deleted (a build directory cleaned under a running script):
+    workers start and stay where they started, instead of every start failing with a
+    bare FileNotFoundError."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with IsolatedExecutor(preload=preload, start_timeout=60) as ex:
+        assert os.path.isdir(ex.submit(os.getcwd).result(60))
+        assert ex.submit(sum, [1, 2]).result(60) == 3

@@ -53,7 +53,7 @@ import weakref
 
 from . import forksafe
 from .errors import WorkerStartError
-from .ipc.calls import adopt_import_paths
+from .ipc.calls import adopt_import_paths, parent_cwd
 from .ipc.transport import Channel, ChannelClosed
 
 __all__ = ["Zygote", "ZygoteError", "usable_here"]
@@ -302,7 +302,7 @@ class Zygote:
         cfg = {
             "preload": self.preload,
             "sys_path": list(sys.path) if self.wenv.is_current else None,
-            "cwd": os.getcwd(),
+            "cwd": parent_cwd(),
         }
         timer = None
         if self.start_timeout is not None:

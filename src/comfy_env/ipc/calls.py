@@ -14,7 +14,7 @@ import sys
 import threading
 import types
 
-__all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "chain_chunk_results", "check_reference", "completed",
+__all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "parent_cwd", "chain_chunk_results", "check_reference", "completed",
            "resolve_reference", "run_chunk"]
 
 
@@ -100,6 +100,16 @@ def adopt_sys_path(paths) -> None:
     """The parent's ``sys.path`` first, then what only this process added (its own extras)."""
     extra = [p for p in sys.path if p not in paths]
     sys.path[:] = list(paths) + extra
+
+
+def parent_cwd():
+    """This process's working directory, for its workers to take; None when it was
+    removed under us (the worker then stays where it started, as for a cwd it cannot
+    enter: a deleted directory failed every worker start)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def adopt_import_paths(cfg) -> None:
