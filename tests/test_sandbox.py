@@ -172,6 +172,19 @@ def test_readable_and_writable_paths_given_through_a_symlink_work_by_that_name(t
     assert (real_out / "o.txt").read_text() == "x"
 
 
+@needs_bwrap
+def test_an_empty_sys_path_entry_makes_the_working_directory_readable(tmp_path, monkeypatch):
+    """``python -c`` or the REPL put "" (the working directory) on sys.path: with a
+    readable list the worker must still read that directory, as the parent's sys.path."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "cwd_module_for_sandbox.py").write_text("def f(x):\n    return 2 * x\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [""] + [p for p in sys.path if p])
+    with IsolatedExecutor(sandbox=Sandbox(readable=[])) as ex:
+        assert ex.submit("cwd_module_for_sandbox:f", 21).result(timeout=30) == 42
+
+
 # -- environment variables -------------------------------------------------------------------
 
 @needs_bwrap

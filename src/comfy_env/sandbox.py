@@ -407,6 +407,13 @@ def _pth_dirs(site_dirs):
     return out
 
 
+def _cwd():
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
 def _env_paths(wenv, package_parent):
     """What a worker of ``wenv`` must be able to read to start and import its env."""
     paths = _interpreter_paths(wenv.python)
@@ -416,7 +423,8 @@ def _env_paths(wenv, package_parent):
     if wenv.is_current:
         # The parent's interpreter and its sys.path (the worker gets the parent's sys.path).
         paths += [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, package_parent]
-        paths += [p for p in sys.path if p and os.path.exists(p)]
+        # An empty entry ("python -c", the REPL) is the working directory.
+        paths += [p or _cwd() for p in sys.path if os.path.exists(p or _cwd() or "\0")]
         paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.exists(p)]
     site = glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.dirname(os.path.abspath(wenv.python)))),
                                   "lib", "python3*", "site-packages"))
