@@ -492,6 +492,9 @@ def test_bad_constructor_input_gets_clear_errors(tmp_path):
         Sandbox(network="no")
     with pytest.raises(ValueError, match="not an environment variable name"):
         Sandbox(env_passthrough=["BAD NAME"])
+    with pytest.raises(TypeError, match="as str, not bytes"):
+        Sandbox(env_passthrough=b"HOME")
+    assert Sandbox(env_passthrough="HOME").env_passthrough == ("HOME",)
     with pytest.raises(TypeError, match="sandbox must be"):
         IsolatedExecutor(sandbox={"network": False})
     assert Sandbox(writable=str(tmp_path)).writable == (str(tmp_path),)     # one path is fine

@@ -193,6 +193,9 @@ def _env_names(value):
         return None
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"Sandbox(env_passthrough=...) takes variable names as str, not bytes "
+                        f"({value!r})")
     try:
         names = list(value)
     except TypeError:
