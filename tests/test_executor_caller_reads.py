@@ -633,3 +633,21 @@ def test_a_script_whose_callback_takes_the_lock_held_around_result_finishes(pyve
     """)
     proc = run_script(pyver, code, cwd=tmp_path, timeout=90)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
+
+
+def test_a_held_ctrl_c_is_not_redelivered_once_the_program_replaced_the_handler():
+    """A Ctrl-C put off by a held step is sent again shortly; if the program has put its
+    own SIGINT handler in place meanwhile (or the interpreter is exiting, when the
+    default action is back and the signal would kill the process mid-exit), it is
+    dropped: that Ctrl-C was for our handler."""
+    import signal
+    import time
+    from comfy_env.ipc import interrupts
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append(1))
+    try:
+        interrupts._redeliver(signal.SIGINT)
+        time.sleep(0.05)                     # a delivered signal runs its handler by now
+        assert got == []
+    finally:
+        signal.signal(signal.SIGINT, old)

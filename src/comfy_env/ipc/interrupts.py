@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _thread
 import signal
+import sys
 import threading
 
 __all__ = ["install", "installed", "holds", "waiting", "on_main"]
@@ -97,7 +98,13 @@ def _again(signum):
 def _redeliver(signum):
     """A real signal to the main thread, not ``_thread.interrupt_main``: that one only
     flags the signal for the interpreter's next bytecode, so a main thread that went on
-    into a blocking wait (epoll, a lock, a sleep) would not see it until the wait ended."""
+    into a blocking wait (epoll, a lock, a sleep) would not see it until the wait ended.
+
+    Dropped once our handler is no longer SIGINT's (the program put its own in place:
+    it decides about later signals) or the interpreter is exiting (the default action
+    is back then: the process would die of the signal in the middle of its exit)."""
+    if sys.is_finalizing() or not installed():
+        return
     try:
         signal.pthread_kill(threading.main_thread().ident, signum)
     except (AttributeError, OSError, ValueError):
