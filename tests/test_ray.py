@@ -154,6 +154,28 @@ def test_unpicklable_exception_becomes_remote_error_naming_it(ex):
     assert "_raise_unpicklable" in str(info.value.__cause__)
 
 
+class NeedsTwo(Exception):
+    """Pickles, but cannot be rebuilt from its args (its __init__ takes two)."""
+
+    def __init__(self, what, where):
+        super().__init__(what)
+        self.where = where
+
+
+def _raise_needs_two():
+    raise NeedsTwo("disk full", "/dev/sda")
+
+
+def test_an_exception_that_cannot_be_rebuilt_becomes_remote_error_naming_it(ex):
+    from comfy_env import RemoteError
+    f = ex.submit(_raise_needs_two)
+    err = f.exception(timeout=60)
+    assert isinstance(err, RemoteError) and err.type_name.endswith("NeedsTwo") and err.message == "disk full"
+    assert isinstance(err.__cause__, RemoteTraceback) and "_raise_needs_two" in str(err.__cause__)
+    with pytest.raises(RemoteError):
+        f.result()
+
+
 def test_bad_reference_raises_in_the_future(ex):
     with pytest.raises(AttributeError, match="no attribute"):
         ex.submit("os.path:no_such_function").result(timeout=60)

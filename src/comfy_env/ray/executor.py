@@ -732,6 +732,10 @@ _CRASHES = tuple(getattr(ray.exceptions, n) for n in (
     "ObjectLostError", "OutOfMemoryError") if hasattr(ray.exceptions, n))
 
 
+# Ray's stand-in for a task exception that could not be unpickled in the driver.
+_UNSERIALIZABLE = getattr(ray.exceptions, "UnserializableException", None)
+
+
 def _convert(exc, item):
     """A Ray exception -> what IsolatedExecutor would raise for the same failure."""
     from ..envs.errors import EnvBuildError
@@ -755,6 +759,15 @@ def _convert(exc, item):
             err = cause
         else:
             err = RemoteError(type(exc).__name__, str(exc), tb)
+        err.__cause__ = RemoteTraceback(tb)
+        return err
+    if _UNSERIALIZABLE is not None and isinstance(exc, _UNSERIALIZABLE):
+        # The task's exception pickled but cannot be rebuilt here (its __init__ takes
+        # other arguments than its args): Ray's message carries the remote traceback,
+        # whose last line names the type and the message, as RemoteError keeps them.
+        tb = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).split("Original exception:\n", 1)[-1]).strip()
+        name, _, msg = (tb.splitlines()[-1] if tb else "").partition(": ")
+        err = RemoteError(name or "Exception", msg, tb)
         err.__cause__ = RemoteTraceback(tb)
         return err
     if isinstance(exc, ray.exceptions.RuntimeEnvSetupError):
