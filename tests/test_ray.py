@@ -176,6 +176,22 @@ def test_an_exception_that_cannot_be_rebuilt_becomes_remote_error_naming_it(ex):
         f.result()
 
 
+class _Unloadable:
+    def __reduce__(self):
+        return (int, ("not a number",))
+
+
+def _return_unloadable():
+    return _Unloadable()
+
+
+def test_a_result_that_cannot_be_unpickled_raises_the_unpicklings_error(ex):
+    """As IsolatedExecutor: the error of unpickling the value, not Ray's wrapper of it.
+    (exception() says None: it does not fetch the value.)"""
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        ex.submit(_return_unloadable).result(timeout=60)
+
+
 def test_bad_reference_raises_in_the_future(ex):
     with pytest.raises(AttributeError, match="no attribute"):
         ex.submit("os.path:no_such_function").result(timeout=60)

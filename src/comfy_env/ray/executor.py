@@ -37,6 +37,7 @@ import ray
 
 from ..errors import CallTimeout, InitializerFailed, RemoteError, RemoteTraceback, WorkerCrashed
 from ..executor.executor import _by_reference, _find_futures, _pickle_by_value
+from ..executor.futures import decode_error
 from ..ipc.calls import chain_chunk_results
 from .runtime_env import cluster_runtime_env, local_runtime_env
 from .task import ByValue, Keywords, run_call, run_chunk_call
@@ -129,6 +130,13 @@ class RayFuture(Future):
                 self.fetches += 1
                 try:
                     self._value = ray.get(self.object_ref)
+                except ray.exceptions.RaySystemError as exc:
+                    # The value arrived but could not be unpickled here: the unpickling's
+                    # own error, as IsolatedExecutor gives it (Ray wraps it).
+                    cause = getattr(exc, "client_exc", None)
+                    if not isinstance(cause, BaseException):
+                        raise
+                    raise decode_error(cause) from None
                 except BaseException as exc:
                     raise _convert(exc, None) from None
             return self._value
