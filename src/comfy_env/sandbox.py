@@ -49,6 +49,8 @@ import subprocess
 import sys
 import threading
 
+from .ipc.calls import parent_cwd
+
 __all__ = ["Sandbox", "SandboxUnavailable", "sandbox_from_table", "probe", "check_available",
            "for_pack", "TABLE_KEYS"]
 
@@ -410,13 +412,6 @@ def _pth_dirs(site_dirs):
     return out
 
 
-def _cwd():
-    try:
-        return os.getcwd()
-    except OSError:
-        return ""
-
-
 def _env_paths(wenv, package_parent):
     """What a worker of ``wenv`` must be able to read to start and import its env."""
     paths = _interpreter_paths(wenv.python)
@@ -426,8 +421,9 @@ def _env_paths(wenv, package_parent):
     if wenv.is_current:
         # The parent's interpreter and its sys.path (the worker gets the parent's sys.path).
         paths += [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, package_parent]
-        # An empty entry ("python -c", the REPL) is the working directory.
-        paths += [p or _cwd() for p in sys.path if os.path.exists(p or _cwd() or "\0")]
+        # An empty entry ("python -c", the REPL) is the working directory (none if removed).
+        cwd = parent_cwd()
+        paths += [p or cwd for p in sys.path if (p or cwd) and os.path.exists(p or cwd)]
         paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.exists(p)]
     site = glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.dirname(os.path.abspath(wenv.python)))),
                                   "lib", "python3*", "site-packages"))
@@ -528,10 +524,9 @@ def _given_names(sb, ro):
     the link.  Not where a mounted directory already shows the link itself."""
     mounted = list(ro) + [_real(p) for p in sb.writable] + list(_SYSTEM_PATHS)
     out = []
-    for given in list(sb.readable) + list(sb.writable):
+    for given in dict.fromkeys(sb.readable + sb.writable):     # a path may be in both
         real = _real(given)
-        parent = os.path.dirname(given)
-        if given != real and given not in out[2::3] and not any(_under(parent, m) for m in mounted):
+        if given != real and not any(_under(os.path.dirname(given), m) for m in mounted):
             out += ["--symlink", real, given]
     return out
 
