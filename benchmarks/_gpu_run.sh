@@ -7,8 +7,9 @@
 # skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
 # BENCH_CONFS="async native mixed": bench_cuda.py once per parent allocator (async: workers on
 # cudaMallocAsync too, COMFY_ENV_CUDA_HEAP=pool; mixed: a cudaMallocAsync parent, workers on the
-# native allocator, COMFY_ENV_CUDA_HEAP=native, the default);
-# with BASE_SRC, each conf but mixed runs against that tree first ($OUT/compare_<conf>.txt).
+# native allocator, COMFY_ENV_CUDA_HEAP=native, the default; heap: mixed with
+# COMFY_ENV_CUDA_PARENT_HEAP=pool, the parent's tensors in an exportable pool);
+# with BASE_SRC, each conf but heap runs against that tree first ($OUT/compare_<conf>.txt).
 # RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
@@ -41,7 +42,8 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
 }
 bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inherit it), VAR=value...
   local label=$1 conf=$2; shift 2
-  if [ -n "${BASE_SRC:-}" ] && [ "$label" != mixed ]; then
+  # heap's base would be mixed's (the base tree has no parent heap): run mixed beside it.
+  if [ -n "${BASE_SRC:-}" ] && [ "$label" != heap ]; then
     # The same script against the base tree first (the base has no COMFY_ENV_CUDA_HEAP=native).
     mkdir -p "/tmp/bench_base_$label"
     env "$@" PYTORCH_CUDA_ALLOC_CONF="$conf" COMFY_ENV_BENCH_SRC="$BASE_SRC" OUT="/tmp/bench_base_$label" \
@@ -67,7 +69,10 @@ bench() {
     for c in $BENCH_CONFS; do
       # mixed: a cudaMallocAsync parent (ComfyUI's) whose workers run the native allocator.
       case $c in async) bench_one async "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=pool;; native) bench_one native "";;
-                 mixed) bench_one mixed "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native;; esac
+                 mixed) bench_one mixed "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native;;
+                 # heap: mixed, plus the parent's own tensors in an exportable pool (opt-in).
+                 heap) bench_one heap "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native \
+                         COMFY_ENV_CUDA_PARENT_HEAP=pool;; esac
     done
     return
   fi
@@ -108,6 +113,8 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
   if [ "${RUN_SLOW:-1}" = 1 ]; then
     run_tests async-slow "backend:cudaMallocAsync" "${SLOW_LIMIT:-150}" -m "slow"
   fi
+  # The parent-heap test once more with its output shown (its memory figures).
+  [ "${SHOW_HEAP:-1}" = 1 ] && run_tests parent-heap "backend:cudaMallocAsync" 150 -m gpu -k parent_heap -s
 fi
 [ "${BENCH_FIRST:-0}" = 1 ] || [ "${RUN_BENCH:-1}" = 0 ] || bench
 if [ "${RUN_BENCH:-1}" = 1 ] && [ "${RUN_MULTI:-1}" = 1 ] && [ -f benchmarks/bench_multigpu.py ]; then
@@ -122,7 +129,7 @@ printf '%s\n' "${SUMMARY[@]}"
 [ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 if [ "${RUN_BENCH:-1}" = 1 ]; then
-  for f in "$OUT"/bench.log "$OUT"/bench_base_*.log "$OUT"/bench_async.log "$OUT"/bench_native.log "$OUT"/bench_mixed.log; do
+  for f in "$OUT"/bench.log "$OUT"/bench_base_*.log "$OUT"/bench_async.log "$OUT"/bench_native.log "$OUT"/bench_mixed.log "$OUT"/bench_heap.log; do
     [ -f "$f" ] || continue
     echo "--- $f"
     sed -n '/^GPU: /,$p' "$f"

@@ -461,6 +461,7 @@ def main():
     torch.zeros(1, device="cuda")
     gpu = torch.cuda.get_device_name()
     res = {"gpu": gpu, "torch": torch.__version__, "parent_backend": torch.cuda.get_allocator_backend(),
+           "parent_heap": os.environ.get("COMFY_ENV_CUDA_PARENT_HEAP", "torch"),
            "driver": _driver_version(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "median of warm back-to-back calls",
            "import_cache": {"max_bytes": PLANE.import_cache.max_bytes, "max_count": PLANE.import_cache.max_count,
@@ -600,7 +601,7 @@ def _ratio(a, b):
 
 def print_table(res, sizes, leg):
     print(f"\nGPU: {res['gpu']}  torch {res['torch']}  parent allocator {res['parent_backend']}  "
-          f"(workers: {res.get('worker_backend', '?')})")
+          f"(workers: {res.get('worker_backend', '?')}; parent heap: {res.get('parent_heap', 'torch')})")
     print(f"method: {res['method']}; empty call {res['empty_call_us']:.0f} µs")
     for k, v in res["per_tensor_w2p"].items():
         pr, cpu = v["paired"], v["cpu"]

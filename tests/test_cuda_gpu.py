@@ -839,3 +839,105 @@ def test_doctor_report_names_routes():
     text = doctor.report()
     print(text)
     assert "parent → worker: ok" in text and "worker → parent: ok" in text
+
+
+# -- the parent's heap: COMFY_ENV_CUDA_PARENT_HEAP=pool ------------------------------------
+_PARENT_HEAP_SCRIPT = r"""
+import gc, os, sys, time, torch
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import lifetime
+from comfy_env.ipc.cuda import driver as D
+from comfy_env.ipc.cuda.plane import PLANE
+
+GiB = 1 << 30
+
+def w_sum(t):
+    import torch
+    return float(t.double().sum()), int(t[-1]), str(t.device)
+
+def w_add1(t):
+    t.add_(1)
+    return None
+
+def settle():
+    for _ in range(5):
+        gc.collect(); lifetime.LEDGER.drain(); time.sleep(0.05)
+
+def free():
+    torch.cuda.synchronize()
+    return D.mem_get_info()[0]
+
+with IsolatedExecutor(env=None, max_workers=1) as ex:   # installs the plane: the heap is current
+    torch.zeros(1, device="cuda")
+    heap = PLANE.local.heap.get(0)
+    print("heap", heap is not None, torch.cuda.get_allocator_backend())
+    n = 256 << 20
+    x = torch.full((n // 4,), 2.0, device="cuda")
+    x[-1] = 7.0
+    before = dict(PLANE.routes)
+    want = 2.0 * (n // 4 - 1) + 7.0
+    sums = [ex.submit(w_sum, x).result(timeout=120) for _ in range(4)]
+    got = {k: PLANE.routes[k] - before.get(k, 0) for k in ("pool", "staging", "ipc")}
+    print("sums ok", all(s[0] == want and s[1] == 7 and s[2] == "cuda:0" for s in sums), "routes", got)
+    ex.submit(w_add1, x).result(timeout=60)               # zero copy: the worker's write is the parent's
+    torch.cuda.synchronize()
+    print("in place", float(x[0]), float(x[-1]))
+    reserved = torch.cuda.memory_reserved()
+    print("stats count the heap", reserved >= n, torch.cuda.memory_allocated() >= n)
+    del x, sums
+    settle()
+    keep = torch.ones(1 << 20, device="cuda")             # a long-lived tensor (a model's weights)
+    base = free()
+    y = torch.empty(GiB, dtype=torch.uint8, device="cuda"); y.fill_(1); del y
+    torch.cuda.empty_cache(); settle()
+    held = base - free()
+    z = torch.empty(GiB, dtype=torch.uint8, device="cuda"); z.fill_(2)
+    again = base - free()
+    del z
+    print(f"pinned generation: held after empty_cache {held >> 20} MiB, after a second 1 GiB {again >> 20} MiB, "
+          f"generations {1 + len(heap.old)}")
+    del keep
+    deadline = time.monotonic() + 20
+    while True:                 # the worker drops its import of the old pool when told: a lag
+        settle()
+        torch.cuda.empty_cache()
+        settle()
+        left = base - free()
+        if left < (256 << 20) or time.monotonic() > deadline:
+            break
+    print(f"drained: {left >> 20} MiB above the baseline, generations {1 + len(heap.old)}")
+    print("stats after drain", torch.cuda.memory_allocated() < (1 << 20))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_parent_heap_pool_sends_parent_tensors_zero_copy_and_gives_memory_back_when_drained():
+    """``COMFY_ENV_CUDA_PARENT_HEAP=pool`` in a ``cudaMallocAsync`` parent (ComfyUI's): the
+    parent's tensors live in an exportable pool; one sent again goes zero copy (``pool``
+    route, a worker's in-place write reaches it), torch's memory figures count the pool,
+    freed memory is reused while a long-lived tensor is in the pool (no second
+    generation drawing fresh memory), and ``empty_cache`` gives it back once nothing in it
+    is used.  Run in a child process: the policy is read when the plane is made."""
+    import subprocess
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                         env.get("PYTHONPATH", "")])
+    env["PYTORCH_CUDA_ALLOC_CONF"] = ASYNC
+    env["COMFY_ENV_CUDA_PARENT_HEAP"] = "pool"
+    r = subprocess.run([sys.executable, "-c", _PARENT_HEAP_SCRIPT], capture_output=True, text=True, timeout=240,
+                       env=env)
+    out = r.stdout
+    print(out, r.stderr[-3000:])
+    assert r.returncode == 0, out + r.stderr[-3000:]
+    assert "heap True cudaMallocAsync" in out, out
+    # The first send of a new storage is a copy; from the second on, zero copy.
+    assert "sums ok True routes {'pool': 3, 'staging': 1, 'ipc': 0}" in out, out
+    assert "in place 3.0 8.0" in out, out
+    assert "stats count the heap True True" in out, out
+    held = int(out.split("held after empty_cache ")[1].split()[0])
+    again = int(out.split("after a second 1 GiB ")[1].split()[0])
+    assert out.split("generations ")[1].split()[0] == "1", out          # no roll while in use
+    assert again - held < 256, out                                     # the freed GiB was reused
+    drained = int(out.split("drained: ")[1].split()[0])
+    assert drained < 256, out
+    assert "stats after drain True" in out, out

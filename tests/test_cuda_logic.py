@@ -1,5 +1,6 @@
 """CPU-only tests of the CUDA plane: descriptors, route choice with injected probe results,
 the fallback, and import hygiene (no CUDA, no torch touched by importing comfy_env)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -556,3 +557,101 @@ def test_the_sender_guards_its_blocks_with_its_own_lock_not_the_ledgers():
         assert pl.stats()["staging_idle"] == 1
     finally:
         lifetime.LEDGER._records.pop(key, None)
+
+
+# -- the parent's heap (COMFY_ENV_CUDA_PARENT_HEAP) ---------------------------------------------
+@pytest.mark.parametrize("role,worker_heap,parent_heap,wants", [
+    ("parent", "pool", "torch", False),      # a worker's policy is not the parent's
+    ("parent", "native", "pool", True),
+    ("worker", "pool", "torch", True),
+    ("worker", "native", "pool", False),     # nor the other way round
+    ("worker", "staging", "pool", False),
+])
+def test_which_process_takes_an_export_heap(role, worker_heap, parent_heap, wants):
+    from comfy_env.ipc.cuda.local import LocalGpus
+    local = LocalGpus(worker_heap, None, parent_heap)
+    local.role = role
+    assert local.wants_heap() is wants
+    if not wants:
+        assert local.ensure_heap(0) is None and local.heap == {}   # no driver, no torch touched
+
+
+class _FakeGen:
+    def __init__(self, used, reserved):
+        self.u, self.r = used, reserved
+
+    def used(self):
+        return self.u
+
+    def reserved(self):
+        return self.r
+
+
+def _pools_of(gen):
+    import threading
+    from comfy_env.ipc.cuda.pools import Pools
+    p = object.__new__(Pools)
+    p.ordinal, p.kind, p._lock, p.current, p.old = 0, "heap", threading.Lock(), gen, []
+
+    def roll():
+        p.old.append(p.current)
+        p.current = _FakeGen(0, 0)
+    p._roll = roll
+    return p
+
+
+def test_the_parents_heap_rolls_only_when_nothing_in_it_is_used():
+    """A generation pinned by a long-lived tensor is not rolled (the new one would draw
+    fresh memory while the old keeps its idle bytes); a drained one is."""
+    MiB = 1 << 20
+    busy = _pools_of(_FakeGen(used=4 * MiB, reserved=1024 * MiB))
+    assert busy.roll(64 * MiB) is True                                 # a worker's heap: rolls
+    busy = _pools_of(_FakeGen(used=4 * MiB, reserved=1024 * MiB))
+    assert busy.roll(64 * MiB, only_unused=True) is False and busy.old == []
+    drained = _pools_of(_FakeGen(used=0, reserved=1024 * MiB))
+    assert drained.roll(64 * MiB, only_unused=True) is True and len(drained.old) == 1
+    small = _pools_of(_FakeGen(used=0, reserved=32 * MiB))
+    assert small.roll(64 * MiB, only_unused=True) is False             # under the idle bound
+
+
+@pytest.mark.parametrize("policy", ["pool", "torch"])
+def test_parent_heap_policy_installs_the_heap_hooks_without_touching_cuda(policy):
+    """Under ``COMFY_ENV_CUDA_PARENT_HEAP=pool`` making an executor installs the plane
+    (torch imported), which queues the heap for CUDA init and makes torch's memory
+    figures count it, without initialising CUDA or loading libcuda; the figures get the
+    heap's bytes added.  Under the default nothing is installed or hooked."""
+    code = textwrap.dedent("""
+        import torch
+        figures = {"allocated_bytes.all.current": 10, "active_bytes.all.current": 10,
+                   "reserved_bytes.all.current": 20, "allocated_bytes.all.peak": 30,
+                   "active_bytes.all.peak": 30, "reserved_bytes.all.peak": 40, "num_ooms": 0}
+        # Stands in for torch's figures of a GPU (none here): the hook wraps it.
+        torch.cuda.memory.memory_stats = lambda device=None: dict(figures)
+        from comfy_env import IsolatedExecutor
+        import comfy_env.ipc.cuda as c
+        from comfy_env.ipc.cuda import driver
+        from comfy_env.ipc.cuda.plane import PLANE
+        with IsolatedExecutor(env=None, max_workers=1):
+            pass
+        hooked = getattr(torch.cuda.memory_stats, "_comfy_env_hook", False)
+        print("installed", c._installed, "hooked", hooked)
+        assert driver._lib is None and not torch.cuda.is_initialized()
+        if hooked:
+            assert torch.cuda.memory_stats(0) == figures              # no heap yet: as torch says
+            class Heap:
+                def bytes_held(self):
+                    return (1, 2, 3, 4)       # used, reserved, used peak, reserved peak
+            PLANE.local.heap[0] = Heap()
+            print("with heap", torch.cuda.memory_stats(0), torch.cuda.memory_reserved(0))
+    """)
+    env = {**os.environ, "COMFY_ENV_CUDA_PARENT_HEAP": policy}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    if policy == "torch":
+        assert out.stdout.strip() == "installed False hooked False", out.stdout
+        return
+    assert "installed True hooked True" in out.stdout, out.stdout
+    want = {"allocated_bytes.all.current": 11, "active_bytes.all.current": 11, "reserved_bytes.all.current": 22,
+            "allocated_bytes.all.peak": 33, "active_bytes.all.peak": 33, "reserved_bytes.all.peak": 44,
+            "num_ooms": 0}
+    assert f"with heap {want} 22" in out.stdout, out.stdout

@@ -29,7 +29,8 @@ def test_every_field_has_one_variable():
 @pytest.mark.parametrize("name,bad", [
     ("COMFY_ENV_INLINE_BYTES", "64k"), ("COMFY_ENV_INLINE_BYTES", "-1"),
     ("COMFY_ENV_ARENA_BYTES", "lots"), ("COMFY_ENV_ARENA_IDLE_S", "1.5"),
-    ("COMFY_ENV_CUDA_HEAP", "device"), ("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "x"),
+    ("COMFY_ENV_CUDA_HEAP", "device"), ("COMFY_ENV_CUDA_PARENT_HEAP", "native"),
+    ("COMFY_ENV_CUDA_ROLL_MIN_IDLE_MIB", "x"),
     ("COMFY_ENV_CUDA_POOL_IMPORT_LIMIT_MIB", "0"), ("COMFY_ENV_CUDA_SMALL_COPY_MIB", "5000"),
     ("COMFY_ENV_CUDA_IMPORT_CACHE_MIB", "-1"), ("COMFY_ENV_CUDA_IMPORT_CACHE_COUNT", "2.5"),
     ("COMFY_ENV_CUDA_IMPORT_CACHE_S", "soon"), ("COMFY_ENV_CUDA_STAGING_CACHE_MIB", "nan"),
@@ -46,9 +47,11 @@ def test_a_bad_value_names_the_variable_and_what_is_accepted(name, bad):
 def test_values_parse():
     cfg = settings.read({"COMFY_ENV_INLINE_BYTES": " 0 ", "COMFY_ENV_CUDA_FORCE_CPU": "1",
                          "COMFY_ENV_CUDA_SMALL_COPY_MIB": "0.5", "COMFY_ENV_PRESTART": "no",
-                         "COMFY_ENV_UV": "", "COMFY_ENV_CACHE_DIR": "", "COMFY_ENV_CUDA_HEAP": "staging"})
+                         "COMFY_ENV_UV": "", "COMFY_ENV_CACHE_DIR": "", "COMFY_ENV_CUDA_HEAP": "staging",
+                         "COMFY_ENV_CUDA_PARENT_HEAP": "pool"})
     assert cfg.inline_bytes == 0 and cfg.cuda_force_cpu is True and cfg.cuda_small_copy_mib == 0.5
-    assert cfg.prestart is False and cfg.cuda_heap == "staging"
+    assert cfg.prestart is False and cfg.cuda_heap == "staging" and cfg.cuda_parent_heap == "pool"
+    assert settings.read({}).cuda_parent_heap == "torch"
     assert cfg.uv == "" and cfg.cache_dir is None      # "" disables uv; an empty cache dir is unset
     assert settings.read({"COMFY_ENV_PRESTART": ""}).prestart is False   # as before: empty is off
 

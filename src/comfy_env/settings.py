@@ -102,6 +102,13 @@ VARIABLES = (
              "whatever the parent runs (results zero copy by legacy IPC handle), torch's "
              "allocations in an exportable pool under cudaMallocAsync (zero copy), or copies in "
              "a staging pool (ipc/cuda/local.py, sender.py, executor/worker_allocator.py)"),
+    Variable("COMFY_ENV_CUDA_PARENT_HEAP", "cuda_parent_heap", "torch", _choice("torch", "pool"),
+             "where the parent's own CUDA tensors live when its torch runs cudaMallocAsync "
+             "(ComfyUI): torch's default pool, untouched (what the parent sends a worker is "
+             "copied once into a staging pool), or an exportable pool made torch's current "
+             "pool (sent zero copy from the second send on; memory the parent frees stays in "
+             "that pool for its own reuse until nothing in it is in use) (ipc/cuda/local.py, "
+             "ipc/cuda/__init__.py)"),
     Variable("COMFY_ENV_CUDA_FORCE_CPU", "cuda_force_cpu", False, lambda raw: raw == "1",
              "1: send every CUDA tensor through host memory (diagnostics, benchmarks) "
              "(ipc/cuda/sender.py)"),
@@ -161,6 +168,7 @@ class Settings:
     arena_bytes: int
     arena_idle_s: int
     cuda_heap: str
+    cuda_parent_heap: str
     cuda_force_cpu: bool
     cuda_roll_min_idle_mib: int
     cuda_pool_import_limit_mib: int

@@ -409,46 +409,6 @@ def _watch_parent(fd):
     os._exit(0)
 
 
-class _TorchImportHook:
-    """Installs the CUDA plane as soon as node code imports torch.
-
-    The worker's zero-copy route needs comfy_env's export pool to be torch's
-    current pool *before* the first CUDA allocation, i.e. the plane must be
-    installed between ``import torch`` and CUDA's lazy init.  Importing torch
-    ourselves at start-up would cost every worker a second; this meta-path
-    finder waits for the user's own import instead.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "torch":
-            return None
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:
-            return None
-        import importlib.util
-
-        spec = importlib.util.find_spec("torch")
-        loader = getattr(spec, "loader", None)
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        run = loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            planes.install_cuda_plane()
-
-        loader.exec_module = exec_module
-        return spec
-
-
-def _watch_for_torch():
-    if "torch" in sys.modules:
-        planes.install_cuda_plane()
-    else:
-        sys.meta_path.insert(0, _TorchImportHook())
-
-
 def main(argv=None):
     fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
     # Close-on-exec for our fds, and death with the parent even while a call holds the GIL.
@@ -468,7 +428,7 @@ def main(argv=None):
                          daemon=True).start()
     worker = Worker(Channel.from_fd(fd))
     forksafe.track_channel(worker.channel)     # a fork child of the worker closes it
-    _watch_for_torch()              # before the initializer, which may import torch
+    planes.install_cuda_plane_with_torch()    # before the initializer, which may import torch
     try:
         outcome = worker.handshake()
     except ChannelClosed:

@@ -1144,6 +1144,10 @@ class IsolatedExecutor(Executor):
         # Read once, here: a bad COMFY_ENV_* value fails now, and every worker gets
         # these values in its handshake (comfy_env.settings).
         values = settings.read()
+        if values.cuda_parent_heap == "pool":
+            # Our export pool must be torch's current pool before the parent allocates
+            # what it will send (docs/cuda.md, "The parent's heap").
+            planes.install_cuda_plane_with_torch()
         wenv = resolve_env(env)
         pin = pin_environment(device)
         pin.update(allocator_environment(values.cuda_heap, wenv.env_vars))

@@ -50,6 +50,8 @@ def install() -> None:
             register_plane(PLANE, first=True)
             if _looks_like_worker():
                 set_role("worker")
+            else:
+                _heap_at_cuda_init()      # the parent's, under COMFY_ENV_CUDA_PARENT_HEAP=pool
             _hook_empty_cache()
             _installed = True
         finally:
@@ -57,27 +59,38 @@ def install() -> None:
 
 
 def set_role(role: str) -> None:
-    """``"worker"``: make an export pool torch's current pool at CUDA init (zero-copy results)."""
+    """``"worker"``: make an export pool torch's current pool at CUDA init (zero-copy
+    results) where ``COMFY_ENV_CUDA_HEAP=pool``."""
     if role not in ("parent", "worker"):
         raise ValueError(f"role must be 'parent' or 'worker', not {role!r}")
     from .plane import PLANE
     PLANE.role = role
-    if role == "worker":
-        import torch
+    _heap_at_cuda_init()
 
-        def _at_cuda_init():
-            # torch turns an exception here into a failed CUDA init for the user's code:
-            # without an export pool the worker still works (its results take staging).
-            try:
-                PLANE.ensure_heap(torch.cuda.current_device())
-            except Exception as exc:
-                import logging
-                logging.getLogger("comfy_env.cuda").warning(
-                    "comfy_env: no zero-copy export pool in this worker: %s", exc)
 
-        # Runs at torch's lazy CUDA init (or now, if CUDA is already up): we never
-        # initialise CUDA ourselves, and allocations made after this land in the pool.
-        torch.cuda._lazy_call(_at_cuda_init)
+def _heap_at_cuda_init():
+    """Where this process's heap policy asks for it, make an export pool torch's current
+    pool when torch initialises CUDA (or now, if it has): allocations made after that
+    land in the pool and leave zero copy."""
+    from .plane import PLANE
+    if not PLANE.local.wants_heap():
+        return
+    import torch
+
+    def _at_cuda_init():
+        # torch turns an exception here into a failed CUDA init for the user's code:
+        # without an export pool the process still works (what it sends is staged).
+        try:
+            PLANE.ensure_heap(torch.cuda.current_device())
+        except Exception as exc:
+            import logging
+            logging.getLogger("comfy_env.cuda").warning(
+                "comfy_env: no zero-copy export pool in this %s: %s", PLANE.role, exc)
+
+    # Runs at torch's lazy CUDA init (or now, if CUDA is already up): we never
+    # initialise CUDA ourselves, and allocations made after this land in the pool.
+    torch.cuda._lazy_call(_at_cuda_init)
+    _hook_memory_stats()
 
 
 def trim():
@@ -107,3 +120,47 @@ def _hook_empty_cache():
     empty_cache._comfy_env_hook = True
     mem.empty_cache = empty_cache
     torch.cuda.empty_cache = empty_cache
+
+
+_STAT_KEYS = (("allocated_bytes.all.current", 0), ("active_bytes.all.current", 0),
+              ("reserved_bytes.all.current", 1), ("allocated_bytes.all.peak", 2),
+              ("active_bytes.all.peak", 2), ("reserved_bytes.all.peak", 3))
+
+
+def _hook_memory_stats():
+    """``torch.cuda.memory_stats()`` must count our export heap.
+
+    torch's ``cudaMallocAsync`` backend reads its figures from the device's *default*
+    pool; with our heap made the current pool, the memory torch allocates is in ours
+    and those figures leave it out (``memory_reserved()`` near 0 while gigabytes are
+    held).  ComfyUI decides what to offload from them, so they get our heap's bytes
+    added (peaks: the sum of each pool's peak, an upper bound).
+    """
+    import torch
+    mem = torch.cuda.memory
+    original = mem.memory_stats
+    if getattr(original, "_comfy_env_hook", False):
+        return
+    from .plane import PLANE
+
+    def memory_stats(device=None):
+        stats = original(device=device)
+        if not PLANE.local.heap or not stats:
+            return stats
+        try:
+            held = PLANE.local.heap_bytes(torch.cuda._utils._get_device_index(device, optional=True))
+        except Exception as exc:           # never break the caller's figures
+            import logging
+            logging.getLogger("comfy_env.cuda").warning("comfy_env: reading the export heap's size failed: %s",
+                                                        exc)
+            return stats
+        if held:
+            for key, i in _STAT_KEYS:
+                if key in stats:
+                    stats[key] += held[i]
+        return stats
+
+    memory_stats.__doc__ = original.__doc__
+    memory_stats._comfy_env_hook = True
+    mem.memory_stats = memory_stats
+    torch.cuda.memory_stats = memory_stats

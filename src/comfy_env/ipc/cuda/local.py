@@ -31,10 +31,11 @@ log = logging.getLogger("comfy_env.cuda")
 
 
 class LocalGpus:
-    def __init__(self, heap_policy, warn_once):
+    def __init__(self, heap_policy, warn_once, parent_heap="torch"):
         self._lock = threading.RLock()
         self.role = "parent"
-        self.heap_policy = heap_policy
+        self.heap_policy = heap_policy      # a worker's (COMFY_ENV_CUDA_HEAP)
+        self.parent_heap = parent_heap      # the parent's (COMFY_ENV_CUDA_PARENT_HEAP)
         self._warn_once = warn_once
         self.torch = None
         self.dtypes = None            # torch dtype -> name
@@ -104,9 +105,18 @@ class LocalGpus:
             reasons["events"] = str(exc)
         return Capabilities(driver=True, pools=pools, vmm=vmm, events=events, reasons=reasons)
 
+    def wants_heap(self) -> bool:
+        """Whether this process's policy asks for an export pool as torch's current pool:
+        a worker under ``COMFY_ENV_CUDA_HEAP=pool``, the parent under
+        ``COMFY_ENV_CUDA_PARENT_HEAP=pool``."""
+        if self.role == "worker":
+            return self.heap_policy == "pool"
+        return self.parent_heap == "pool"
+
     def ensure_heap(self, ordinal):
-        """Worker side: make an export pool ``ordinal``'s current pool (torch allocates there)."""
-        if self.role != "worker" or self.heap_policy != "pool" or ordinal in self.heap:
+        """Make an export pool ``ordinal``'s current pool (torch allocates there) where
+        :meth:`wants_heap` and torch runs ``cudaMallocAsync``; the heap, or None."""
+        if ordinal in self.heap or not self.wants_heap():
             return self.heap.get(ordinal)
         torch = self.t()
         if torch.cuda.get_allocator_backend() != "cudaMallocAsync":
@@ -145,13 +155,18 @@ class LocalGpus:
 
     def roll_and_reap(self, min_idle):
         """Roll every pool holding more than ``min_idle`` idle bytes to a new generation,
-        destroy drained old ones; returns the retired pool keys (peers must be told)."""
+        destroy drained old ones; returns the retired pool keys (peers must be told).
+
+        The parent's heap rolls only when nothing in it is in use: its long-lived tensors
+        (a ComfyUI parent's models) would pin the old generation, idle bytes included,
+        while the new one draws fresh memory for the same work; kept current, the pool
+        hands its idle bytes to the parent's next allocations instead."""
         retired = []
         for _o, pools in self._all_pools():
             if pools is None:
                 continue
             devices.use(pools.ordinal)
-            pools.roll(min_idle)
+            pools.roll(min_idle, only_unused=(pools.kind == "heap" and self.role != "worker"))
             retired += pools.reap()
         return retired
 
@@ -164,6 +179,14 @@ class LocalGpus:
                 continue
             devices.use(pools.ordinal)
             on_retired(pools.reap())
+
+    def heap_bytes(self, ordinal):
+        """``(used, reserved, used peak, reserved peak)`` bytes of our heap pools on
+        ``ordinal`` (every live generation), or None without a heap there."""
+        pools = self.heap.get(ordinal)
+        if pools is None:
+            return None
+        return pools.bytes_held()
 
     def stats(self):
         return {"heap_generations": {o: (1 + len(p.old)) for o, p in self.heap.items() if p},

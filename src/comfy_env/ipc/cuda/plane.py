@@ -73,7 +73,7 @@ class CudaPlane(Plane):
         cfg = settings.read()
         self._warn_once = WarnOnce()
         self.roll_min_idle = cfg.cuda_roll_min_idle_mib << 20
-        self.local = LocalGpus(cfg.cuda_heap, self._warn_once)
+        self.local = LocalGpus(cfg.cuda_heap, self._warn_once, cfg.cuda_parent_heap)
         self.peers = Peers(self.name)
         limit = import_limit()
         small_copy = small_copy_limit()

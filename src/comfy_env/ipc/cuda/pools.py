@@ -141,13 +141,23 @@ class Pools:
         cur = self.current
         return cur.reserved() - cur.used()
 
-    def roll(self, min_idle=0) -> bool:
-        """Start a new generation if the current one holds more than ``min_idle`` idle bytes."""
+    def roll(self, min_idle=0, only_unused=False) -> bool:
+        """Start a new generation if the current one holds more than ``min_idle`` idle
+        bytes (and, with ``only_unused``, nothing in it is in use: it is then destroyed
+        at the next :meth:`reap`)."""
         with self._lock:
-            if self.idle_bytes() <= min_idle:
+            if self.idle_bytes() <= min_idle or (only_unused and self.current.used()):
                 return False
             self._roll()
             return True
+
+    def bytes_held(self):
+        """``(used, reserved, used peak, reserved peak)`` over every live generation."""
+        with self._lock:
+            gens = [g for g in self.old + [self.current] if g is not None and not g.destroyed]
+            return tuple(sum(D.pool_attribute(g.handle, a) for g in gens)
+                         for a in (D.MEMPOOL_ATTR_USED_MEM_CURRENT, D.MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                                   D.MEMPOOL_ATTR_USED_MEM_HIGH, D.MEMPOOL_ATTR_RESERVED_MEM_HIGH))
 
     def reap(self):
         """Destroy old generations nobody uses any more; returns their keys (tell peers)."""
