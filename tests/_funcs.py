@@ -178,8 +178,8 @@ def print_lines(n, prefix="line"):
     return n
 
 
-def log_message(level, msg):
-    logging.getLogger("user.module").log(level, msg)
+def log_message(level, msg, *args):
+    logging.getLogger("user.module").log(level, msg, *args)
     return True
 
 

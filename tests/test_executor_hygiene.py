@@ -245,6 +245,28 @@ def test_worker_logging_records_arrive_through_the_executors_logger(worker_log):
     assert rec.worker_logger == "user.module"
 
 
+@pytest.mark.timeout(30)
+def test_an_initializer_that_logs_starts_the_worker_and_its_records_arrive(worker_log):
+    """Records the initializer logs (a model loading warns) come before the worker's
+    Ready: they reach the executor's logger, and the worker starts (it failed to)."""
+    with IsolatedExecutor(name="logtest", initializer=_funcs.log_message,
+                          initargs=(logging.WARNING, "weights are in fp16")) as ex:
+        assert ex.submit(_funcs.add, 1, 2).result(15) == 3
+        pid = ex.worker_pids()[0]
+    msgs = [r for r in worker_log if getattr(r, "stream", None) == "logging"]
+    assert [r.getMessage().split(": ", 1)[1] for r in msgs] == ["weights are in fp16"], msgs
+    assert msgs[0].worker_pid == pid and msgs[0].levelno == logging.WARNING
+
+
+@pytest.mark.timeout(20)
+def test_a_worker_log_call_with_a_bad_format_reports_it_on_stderr_as_logging_does(worker_log):
+    with IsolatedExecutor(name="logtest", worker_output="logging") as ex:
+        ex.submit(_funcs.log_message, logging.WARNING, "%d apples", "many").result(15)
+    err = [r.getMessage() for r in worker_log if getattr(r, "stream", None) == "stderr"]
+    assert any("--- Logging error ---" in m for m in err), err
+    assert any("%d format: a real number is required" in m for m in err), err
+
+
 @pytest.mark.timeout(20)
 def test_worker_log_level_lets_lower_records_through(worker_log):
     with IsolatedExecutor(name="logtest", worker_log_level=logging.INFO) as ex:

@@ -140,6 +140,12 @@ class _LogForwarder(logging.Handler):
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 msg = f"{msg}\n{record.exc_text}"
+        except Exception:
+            # A bad format string or argument: logging's own "--- Logging error ---"
+            # report, on the worker's stderr (which the parent shows).
+            self.handleError(record)
+            return
+        try:
             self.worker.send_plain(Log(record.levelno, record.name, msg, record.created))
         except Exception:
             pass  # logging must never take the worker down

@@ -363,8 +363,14 @@ class WorkerHandle:
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
         fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
         self.channel.send(chunks, fb.fds)
-        frame = self._recv_frame()
-        kind = type(frame.envelope)
+        while True:
+            frame = self._recv_frame()
+            kind = type(frame.envelope)
+            if kind is not Log and kind is not Control:
+                break
+            # The initializer's log records, and releases of the arguments it was sent,
+            # come before Ready.
+            self._dispatch_frame(frame)
         if kind is InitFailed:
             try:
                 exc, tb = _decode_remote_exception(frame, self.link)
