@@ -920,3 +920,105 @@ def test_bad_timeouts_and_more_refused_fixtures(pytester):
     usage = run(pytester, "--isolated-timeout=nan")
     assert usage.ret == pytest.ExitCode.USAGE_ERROR
     assert "--isolated-timeout must be a positive number of seconds, got nan" in usage.stderr.str()
+
+
+NAMESPACES = """
+import pytest
+
+LIMIT = 1
+SEEN = None
+
+
+def setup_module(module):
+    global SEEN
+    SEEN = "set up"
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "LIMIT", 5)
+
+
+def test_module_state(patched):
+    assert SEEN == "set up" and LIMIT == 5
+
+
+def test_monkeypatch_undone():
+    assert LIMIT == 1            # the same worker: the fixture's patch did not stay
+
+
+class TestSetupClass:
+    def setup_class(cls):
+        cls.shared = {"db": 42}
+
+    def test_a(self):
+        assert self.shared == {"db": 42}
+
+
+@pytest.fixture(scope="class")
+def db_class(request):
+    request.cls.db = "connected"
+    yield
+    del request.cls.db
+
+
+@pytest.mark.usefixtures("db_class")
+class TestRequestCls:
+    def test_db(self):
+        assert self.db == "connected"
+
+
+class TestAfter(TestRequestCls):
+    pass
+
+
+def test_class_attribute_gone_after_teardown():
+    assert not hasattr(TestRequestCls, "db")
+"""
+
+
+def test_setup_class_request_cls_setup_module_and_fixture_patches_reach_the_worker(pytester):
+    """What setup_module, setup_class, a class fixture's ``request.cls.x = ...`` and a
+    fixture's monkeypatch change in the test module or class since collection is the
+    worker's too for that test, and undone for the next, as in-process."""
+    pytester.makepyfile(test_ns=NAMESPACES)
+    pytester.makeini("[pytest]\nisolated = true\n")
+    result = run(pytester, "-rA", "-p", "no:randomly")
+    got = outcomes(result)
+    assert got == {"test_module_state": "PASSED", "test_monkeypatch_undone": "PASSED",
+                   "TestSetupClass::test_a": "PASSED", "TestRequestCls::test_db": "PASSED",
+                   "TestAfter::test_db": "PASSED", "test_class_attribute_gone_after_teardown": "PASSED"}, \
+        result.stdout.str()
+
+
+ASYNC_AND_STYLES = """
+import warnings
+import pytest
+
+
+async def test_agen():
+    yield 1
+
+
+def test_eq():
+    assert {"a": 1} == {"a": 2}
+
+
+@pytest.mark.filterwarnings("error")
+def test_warns():
+    warnings.warn("careful", UserWarning)
+"""
+
+
+def test_async_generators_fail_tb_line_and_no_warnings_plugin_as_in_process(pytester):
+    pytester.makepyfile(test_more=ASYNC_AND_STYLES)
+    for args in (("--tb=line",), ("--tb=line", "--isolated")):
+        result = run(pytester, "-rA", *args)
+        got = outcomes(result)
+        assert got["test_agen"] == "FAILED" and got["test_eq"] == "FAILED", result.stdout.str()
+        text = result.stdout.str()
+        assert "test_more.py:10: AssertionError" in text and "def test_eq" not in text, text
+    # Without pytest's warnings plugin its filterwarnings marks do not apply.
+    for args in (("-p", "no:warnings"), ("-p", "no:warnings", "--isolated")):
+        # In a subprocess: in this one the inner session's warning would reach our report.
+        assert outcomes(run(pytester, "-rA", *args, subprocess=True))["test_warns"] == "PASSED"

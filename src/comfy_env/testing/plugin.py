@@ -140,6 +140,10 @@ class _State:
         self.base_environ = dict(os.environ)
         self.touched_environ = set()
         self.modules = set()        # their names (rewritten even if python_files misses them)
+        # id -> (test module or class, its namespace at collection): what setup_module,
+        # setup_class, a class fixture's request.cls.x = ... or a fixture's monkeypatch
+        # changes in it since is sent with each test (_namespace_changes).
+        self.namespaces = {}
 
     def initargs(self):
         return (self.settings(), sorted(self.roots))
@@ -208,6 +212,10 @@ def pytest_collection_modifyitems(config, items):
         iso = _isolation_of(item, marks, state)
         item.stash[_ISOLATION] = iso
         state.modules.add(item.module.__name__)
+        cls_path = _class_path(item)
+        for obj, path in ((item.module, None), (getattr(item, "cls", None), cls_path)):
+            if obj is not None and id(obj) not in state.namespaces:
+                state.namespaces[id(obj)] = (obj, dict(vars(obj)), item.module.__name__, path)
         root = _package_root(item.module)
         if root:
             state.roots.add(root)
@@ -333,6 +341,46 @@ def _run_isolated(item, iso, state):
             slot.close(wait=True)
 
 
+_MISSING = object()
+
+
+def _class_path(item):
+    """The names the item's class was collected under, dotted (its ``__qualname__`` may
+    be another's: a class made by a factory or ``type()``), or None."""
+    if getattr(item, "cls", None) is None:
+        return None
+    return ".".join(n.name for n in item.listchain() if isinstance(n, pytest.Class)) or None
+
+
+def _module_namespaces(state, module_name):
+    """``[(class path or None for the module, changes)]`` for the test module and every
+    class collected from it: the worker syncs them all, so a class attribute a teardown
+    removed here is gone there too, whichever test runs next."""
+    return [(path, _namespace_changes(obj, snap))
+            for obj, snap, mod, path in state.namespaces.values() if mod == module_name]
+
+
+def _namespace_changes(obj, snap):
+    """``(changed, deleted)`` in ``obj``'s namespace (the test module, or a class) since
+    collection (``snap``): what setup_module/setup_class, ``request.cls.x = ...`` in a
+    class fixture or a fixture's monkeypatch did here, which the worker's own copy
+    (imported there) lacks.  Values that cannot be pickled are left out (the worker
+    keeps its own); None when nothing changed."""
+    import cloudpickle
+
+    now = vars(obj)
+    changed = {}
+    for name, value in now.items():
+        if snap.get(name, _MISSING) is not value:
+            try:
+                cloudpickle.dumps(value)
+            except Exception:
+                continue
+            changed[name] = value
+    deleted = [name for name in snap if name not in now]
+    return (changed, deleted) if changed or deleted else None
+
+
 def _unpicklable(fixtures, instance_state):
     """Name the fixture (or instance attribute) that does not pickle, with why."""
     import cloudpickle
@@ -363,10 +411,10 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     req = {
         "module": (module.__name__, module.__file__, _package_root(module)),
         # The names the class was collected under (its __qualname__ may be another's).
-        "target": (".".join(n.name for n in item.listchain() if isinstance(n, pytest.Class)) or None
-                   if cls is not None else None, item.originalname),
+        "target": (_class_path(item), item.originalname),
         "nodeid": item.nodeid,
         "instance": instance_state,
+        "namespaces": _module_namespaces(state, module.__name__),
         "capture": slot.capture_paths if state.capture else None,
         "log_level": logging.getLogger().level,
         "log_levels": _logger_levels(),
@@ -374,10 +422,13 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "cwd": os.getcwd(),
         "settings": state.settings(),
         "environ": _environ_changes(state),
+        # "off": pytest's warnings plugin is not running (-p no:warnings), so neither
+        # its filters nor the filterwarnings marks apply, as in this process.
         "warnings": (item.config.getini("filterwarnings"),
                      item.config.known_args_namespace.pythonwarnings or [],
                      [arg for mark in item.iter_markers("filterwarnings") for arg in mark.args],
-                     bool(sys.warnoptions)),
+                     bool(sys.warnoptions))
+                    if item.config.pluginmanager.has_plugin("warnings") else "off",
     }
     fut = None
     failure = None

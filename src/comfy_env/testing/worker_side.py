@@ -137,6 +137,8 @@ def _warning_filters(spec):
     if spec is None:
         warnings.simplefilter("always")
         return
+    if spec == "off":
+        return              # Python's own filters, as the pytest process runs the test
     from _pytest.config import apply_warning_filters, parse_warning_filter
 
     config_filters, cmdline_filters, mark_filters, warnoptions = spec
@@ -158,14 +160,17 @@ def _run(req, kwargs):
     try:
         module = _import_test_module(*req["module"])
         stage = "lookup"
+        for path, changes in req.get("namespaces") or ():
+            _sync_namespace(module if path is None else _find_class(module, path), changes)
         fn, owner = _find_test(module, *req["target"])
         if req.get("instance"):
             owner.__dict__.update(req["instance"])
         stage = "call"
         with _UncaughtErrors() as uncaught:
             result = fn(**kwargs)
-        if hasattr(result, "__await__"):
-            result.close()
+        if hasattr(result, "__await__") or hasattr(result, "__anext__"):
+            if hasattr(result, "close"):
+                result.close()          # a coroutine never awaited: no warning about it
             raise RuntimeError("async test functions are not supported by the isolated marker: "
                                "call asyncio.run(...) inside a plain test function")
         # What pytest's own plugins warn of after a test's call, in its process.
@@ -320,8 +325,8 @@ def _longrepr(exc, fn, settings):
             style, tbfilter = "long", False
         elif fn is not None:
             tbfilter = _traceback_filter(fn, style == "auto")
-        if style in ("auto", "line", "no"):
-            style = "long"
+        if style == "auto":
+            style = "long"       # as Function.repr_failure; "line" and "no" are pytest's too
         kwargs = dict(funcargs=True, abspath=settings["abspath"], showlocals=settings["showlocals"],
                       style=style, tbfilter=tbfilter, truncate_locals=settings["verbose"] <= 1)
         try:
@@ -402,18 +407,58 @@ def _same_file(a, b):
         return False
 
 
+def _find_class(module, cls_path):
+    """The test class at ``cls_path``: the names it was collected under, dotted (the
+    module's attribute, then nested classes' attributes), not its ``__qualname__``, which
+    a class made by a factory or ``type()`` does not share."""
+    owner = module
+    for part in cls_path.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
 def _find_test(module, cls_path, name):
-    """The callable to run and the object that owns it (module or a fresh instance).
-    ``cls_path``: the names the test's class was collected under, dotted (the module's
-    attribute, then nested classes' attributes), not its ``__qualname__``, which a class
-    made by a factory or ``type()`` does not share."""
+    """The callable to run and the object that owns it (module or a fresh instance)."""
     owner = module
     if cls_path:
-        for part in cls_path.split("."):
-            owner = getattr(owner, part)
+        cls = _find_class(module, cls_path)
         # pytest makes one instance per test; so do we (its state comes from the parent).
-        owner = owner.__new__(owner)
+        owner = cls.__new__(cls)
     return getattr(owner, name), owner
+
+
+_UNSET = object()
+_synced = {}    # id -> (module or class, {name: its own value before we set it, or _UNSET})
+
+
+def _sync_namespace(obj, changes):
+    """Make ``obj``'s namespace (the worker's copy of the test module or class) what the
+    pytest process's is now, as far as it changed since collection (``changes``:
+    ``(changed, deleted)`` or None).  A name set for an earlier test and unchanged in
+    the parent now gets the worker's own value back: the module stays imported here
+    for later tests."""
+    entry = _synced.get(id(obj))
+    if entry is None:
+        if changes is None:
+            return
+        entry = _synced[id(obj)] = (obj, {})
+    own = entry[1]
+    changed, deleted = changes if changes is not None else ({}, ())
+    for name in [n for n in own if n not in changed and n not in deleted]:
+        value = own.pop(name)
+        if value is _UNSET:
+            if name in vars(obj):
+                delattr(obj, name)
+        else:
+            setattr(obj, name, value)
+    for name in list(changed) + list(deleted):
+        if name not in own:
+            own[name] = vars(obj).get(name, _UNSET)
+    for name, value in changed.items():
+        setattr(obj, name, value)
+    for name in deleted:
+        if name in vars(obj):
+            delattr(obj, name)
 
 
 class _RewritingLoader(importlib.machinery.SourceFileLoader):
