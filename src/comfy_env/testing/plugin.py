@@ -407,7 +407,6 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     if wenv.is_current and slot.sent_sys_path != sys.path:
         sys_path = list(sys.path)
         slot.sent_sys_path = sys_path
-    cls = getattr(item, "cls", None)
     req = {
         "module": (module.__name__, module.__file__, _package_root(module)),
         # The names the class was collected under (its __qualname__ may be another's).
