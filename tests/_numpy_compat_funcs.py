@@ -340,3 +340,38 @@ def check_round_trips(ex, big, other=None):
         except Exception as e:
             fails.append(f"object array: {type(e).__name__}: {e}")
     return fails
+
+
+# -- numpy's own names, random generators, numpy's errors (test_numpy_names_...) -----------
+def zeros_of(dtype_type):
+    """np.zeros(2, dtype_type): the type object itself crossed (np.bool_ is numpy.bool in
+    numpy 2's pickle, which numpy 1 lacks)."""
+    import numpy as np
+    return np.zeros(2, dtype_type), dtype_type
+
+
+def bool_type():
+    import numpy as np
+    return np.bool_
+
+
+def draws(rng):
+    """Eight draws of a Generator / RandomState / bit generator, and the object back."""
+    import numpy as np
+    if isinstance(rng, np.random.Generator):
+        vals = rng.integers(0, 1 << 30, 8)
+    elif isinstance(rng, np.random.RandomState):
+        vals = rng.randint(0, 1 << 30, 8)
+    else:
+        vals = rng.random_raw(8)
+    return [int(v) for v in vals], rng
+
+
+def ufunc_type_error():
+    import numpy as np
+    np.add(np.array(["a"]), 1.5)
+
+
+def string_dtype_array():
+    import numpy as np
+    return np.array(["a", "bcd"], dtype=np.dtypes.StringDType())

@@ -317,3 +317,40 @@ def test_big_masked_arrays_take_shared_memory_both_ways(np2_worker):
     back = np2_worker.submit(F.echo, m).result(30)
     assert type(back) is np.ma.MaskedArray and F.fp(back) == F.fp(m)
     assert shm.find_segment(back.data.__array_interface__["data"][0], back.nbytes) is not None
+
+
+def _random_objects():
+    return {"Generator": np.random.default_rng(7), "RandomState": np.random.RandomState(7),
+            "PCG64": np.random.PCG64(7), "MT19937": np.random.MT19937(7), "Philox": np.random.Philox(7),
+            "SFC64": np.random.SFC64(7), "Generator(MT19937)": np.random.Generator(np.random.MT19937(3))}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("direction", ["numpy1-worker", "numpy2-worker"])
+def test_numpy_types_random_generators_and_numpy_errors_cross_numpy_versions(np1_worker, np2_worker, direction):
+    """What still takes numpy's own pickle: ``np.bool_`` (numpy 2 names it numpy.bool),
+    numpy's exception classes (numpy._core / numpy.core), and random generators (numpy 2
+    pickles them with the class where numpy 1 wants a name, and its own state layout).
+    Each arrives as it left: the same draws from a generator, a ``TypeError`` subclass
+    from numpy's ufunc error.  The numpy-2 worker is the same-version reference."""
+    ex = np1_worker if direction == "numpy1-worker" else np2_worker
+    arr, tp = ex.submit(F.zeros_of, np.bool_).result(60)
+    assert arr.dtype == np.bool_ and arr.tolist() == [False, False] and tp is np.bool_
+    assert ex.submit(F.bool_type).result(60) is np.bool_
+    for name, rng in _random_objects().items():
+        ref = _random_objects()[name]
+        want, _ = F.draws(ref)
+        got, back = ex.submit(F.draws, rng).result(60)
+        assert got == want and type(back) is type(rng), name    # the generator's state crossed
+        assert F.draws(back)[0] == F.draws(ref)[0], name        # and came back as the worker left it
+    with pytest.raises(TypeError) as e:
+        ex.submit(F.ufunc_type_error).result(60)
+    assert "UFunc" in type(e.value).__name__, type(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_numpy2_only_dtype_sent_to_numpy1_says_the_versions_differ(np1_worker):
+    with pytest.raises(AttributeError) as e:
+        np1_worker.submit(len, F.string_dtype_array()).result(60)
+    msg = str(e.value)
+    assert "same major version of numpy" in msg and "1.26" in msg, msg

@@ -44,6 +44,25 @@ HOLDERS = {
         atexit.register(rs.clear)
         print("got", len(rs))
     """,
+    # Kept where the interpreter clears it after comfy_env's modules: their globals are
+    # None by then when the holder dies (a TypeError was printed, "Exception ignored").
+    "kept-on-sys": """
+        import sys
+        ex = IsolatedExecutor()
+        sys._kept = ex.submit(ones).result()
+        print("got", sys._kept.shape)
+    """,
+    "worker-keeps-on-sys": """
+        import numpy as np
+
+        def keep(a):
+            import sys
+            sys._kept = a
+            return a.shape
+
+        with IsolatedExecutor() as ex:
+            print("got", ex.submit(keep, np.ones(100_000)).result())
+    """,
     # A call still running when the script ends: at exit it is waited for
     # (concurrent.futures' contract), then its result is dropped in finalisation.
     "running-call": """

@@ -49,7 +49,7 @@ import types
 import weakref
 from collections import OrderedDict
 
-import cloudpickle
+from .ipc import numpy_names
 
 try:    # cloudpickle's own rules: the fingerprint must follow them exactly, or not be used.
     from cloudpickle.cloudpickle import _extract_code_globals, _should_pickle_by_reference
@@ -376,5 +376,5 @@ class HeldFunctions:
         if entry[1] is None:
             # Unpickled at first use; a failure (a module missing here) repeats on
             # every call, as it would if the bytes came each time.
-            entry[1] = cloudpickle.loads(entry[0])
+            entry[1] = numpy_names.loads(entry[0])
         return entry[1]

@@ -37,7 +37,7 @@ import traceback
 from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
-from .ipc import codec, lifetime, planes
+from .ipc import codec, lifetime, numpy_names, planes
 from .ipc.calls import IMPORTING, adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
                            Result, apply_control, handles)
@@ -323,8 +323,7 @@ class Worker:
                 elif isinstance(fn, str):
                     fn = resolve_reference(fn)
                 elif isinstance(fn, tuple) and fn and fn[0] == "by-value":
-                    import cloudpickle
-                    fn = cloudpickle.loads(fn[1])
+                    fn = numpy_names.loads(fn[1])
             result = completed(fn(*args, **kwargs))
         except BaseException as exc:
             if isinstance(exc, SystemExit):

@@ -73,7 +73,7 @@ import cloudpickle
 from .. import fncache, forksafe, settings
 from ..envs import resolve_env
 from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
-from ..ipc import codec, interrupts, lifetime, planes  # noqa: F401  (planes: registers the data planes)
+from ..ipc import codec, interrupts, lifetime, numpy_names, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
 from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
@@ -1349,7 +1349,7 @@ class _ByValue:
         self.fn = fn
 
     def __reduce__(self):
-        return cloudpickle.loads, (_pickle_by_value(self.fn),)
+        return numpy_names.loads, (_pickle_by_value(self.fn),)
 
 
 def _chunks(it, size):

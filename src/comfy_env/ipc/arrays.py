@@ -196,6 +196,11 @@ class _SegmentPlane(codec.Plane):
         return obj
 
 
+# numpy's bit generators: (module under numpy.random, class), the same in numpy 1 and 2.
+_BIT_GENERATORS = (("_pcg64", "PCG64"), ("_pcg64", "PCG64DXSM"), ("_mt19937", "MT19937"),
+                   ("_philox", "Philox"), ("_sfc64", "SFC64"))
+
+
 class NumpyPlane(_SegmentPlane):
     """numpy arrays, and the numpy objects that travel with them (scalars, dtypes, masked
     arrays), described in builtins only, so that numpy 1 and numpy 2 read each other's
@@ -211,13 +216,19 @@ class NumpyPlane(_SegmentPlane):
         ("u", name)               one of numpy's ufuncs (np.add)
         ("ma", data, mask, fill_value, hard_mask)     a masked array; its parts nest
         ("o", array)              a read-only object array (numpy's pickle, flag restored)
+        ("r", kind, name, state)  a random Generator ("g"), RandomState ("rs") or bit
+                                  generator ("b") of numpy's bit generator ``name``, with
+                                  its state (numpy 2 pickles these with the class where
+                                  numpy 1 reads a name, and its own state layout)
 
     ``head`` is ``(dtype, shape, strides, writeable, subclass)`` on both routes: one
     builder (:func:`_build`) makes the array over the inline bytes or the mapped segment.
     """
 
     name = "np"
-    types = ("numpy.ndarray", "numpy.generic", "numpy.dtype", "numpy.ufunc")
+    types = ("numpy.ndarray", "numpy.generic", "numpy.dtype", "numpy.ufunc",
+             "numpy.random._generator.Generator", "numpy.random.mtrand.RandomState",
+             *(f"numpy.random.{m}.{c}" for m, c in _BIT_GENERATORS))
 
     def reduce_portable(self, obj):
         desc = self._encode(obj, None, inline=True)
@@ -258,6 +269,8 @@ class NumpyPlane(_SegmentPlane):
             if cls.__name__ == "MaskedArray" and cls.__module__.startswith("numpy.ma") \
                     and cls is np.ma.MaskedArray:
                 return _encode_masked(np, a)
+            if cls.__module__.startswith("numpy.random"):
+                return _encode_random(np, a)
         sub = _subclass_ref(np, cls)
         if sub is False:
             return None           # a subclass with state of its own: its reduce knows it
@@ -316,6 +329,8 @@ class NumpyPlane(_SegmentPlane):
             arr = desc[1]
             arr.flags.writeable = False
             return arr
+        if tag == "r":
+            return _decode_random(np, *desc[1:])
         raise ValueError(f"unknown numpy descriptor tag {tag!r} (protocol error)")
 
 
@@ -357,6 +372,39 @@ def _build(np, head, buf, offset):
         except Exception:
             pass
     return arr
+
+
+def _encode_random(np, obj):
+    """``("r", kind, name, state)`` for numpy's own Generator, RandomState or bit
+    generator (exact classes: a subclass may hold more), else None.  The state crosses;
+    a bit generator's seed sequence (what ``spawn`` draws from) does not."""
+    random = np.random
+    cls = type(obj)
+    if cls is random.Generator:
+        kind, bg = "g", obj.bit_generator
+    elif cls is random.RandomState:
+        kind, bg = "rs", obj._bit_generator
+    else:
+        kind, bg = "b", obj
+    name = type(bg).__name__
+    if getattr(random, name, None) is not type(bg):
+        return None
+    state = obj.get_state(legacy=False) if kind == "rs" else bg.state
+    return ("r", kind, name, state)
+
+
+def _decode_random(np, kind, name, state):
+    cls = getattr(np.random, name, None)
+    if cls is None:
+        raise ValueError(f"this numpy ({np.__version__}) has no bit generator {name!r}, which the "
+                         f"peer's random generator uses")
+    if kind == "rs":
+        rs = np.random.RandomState(cls())
+        rs.set_state(state)
+        return rs
+    bg = cls()
+    bg.state = state
+    return np.random.Generator(bg) if kind == "g" else bg
 
 
 def _encode_scalar(np, s):

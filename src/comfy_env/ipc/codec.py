@@ -34,7 +34,7 @@ from concurrent.futures import Future
 
 import cloudpickle
 
-from . import lifetime, protocol
+from . import lifetime, numpy_names, protocol
 from .protocol import PlaneMessage, Release
 
 try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
@@ -42,6 +42,7 @@ try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
 except ImportError:     # pragma: no cover - such functions go through the Encoder
     _by_reference = None
 _FunctionType = type(lambda: None)
+_BuiltinType = type(len)
 
 __all__ = [
     "Plane", "register_plane", "encode_message", "decode_envelope", "Part",
@@ -311,6 +312,11 @@ class Encoder(cloudpickle.Pickler):
         if isinstance(obj, Future):
             self.plain = False
             return self._encode_future(obj)
+        if self.plain and (tp is type or tp is _FunctionType or tp is _BuiltinType) \
+                and (getattr(obj, "__module__", None) or "").startswith("numpy"):
+            # numpy's own name for a class or function (numpy.bool, numpy._core...): the
+            # part decodes through the Decoder, which reads either numpy's names.
+            self.plain = False
         return None
 
     def _encode_future(self, fut):
@@ -537,8 +543,9 @@ def decode_envelope(body, fds):
     return Frame(body, fds)
 
 
-class Decoder(pickle.Unpickler):
-    """Decodes one part; plane descriptors become objects built on shared blocks."""
+class Decoder(numpy_names.Unpickler):
+    """Decodes one part; plane descriptors become objects built on shared blocks (numpy's
+    own pickles of either numpy major version read through :mod:`.numpy_names`)."""
 
     def __init__(self, frame, part_index, link, cache, records=None):
         part = frame.parts[part_index]

@@ -334,7 +334,7 @@ class Ledger:
         self._holders[id(ref)] = (ref, rec)
 
     @interrupts.holds
-    def _holder_died(self, ref):
+    def _holder_died(self, ref, _sys=sys):
         # Runs inside the garbage collector: never block, never send here.  The record
         # is queued before its entry goes: a signal handler raising in between (Ctrl-C
         # on the main thread) then leaves a stale entry, never a block nobody releases.
@@ -343,7 +343,14 @@ class Ledger:
             self._dirty.append(entry[1])
             self._holders.pop(id(ref), None)
             self._burst = True
-            self._wake()
+            try:
+                self._wake()
+            except Exception:
+                # An object torn down after this module (kept on sys or builtins) dies
+                # while the interpreter clears modules: their globals are None by then,
+                # and the process's segments go with it.  ``_sys`` is bound at definition.
+                if not _sys.is_finalizing():
+                    raise
 
     # -- control messages ---------------------------------------------------
     def on_release(self, link, key, n):

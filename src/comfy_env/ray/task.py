@@ -7,9 +7,8 @@ resolved here, so a future may sit anywhere in the arguments, as with
 """
 from __future__ import annotations
 
-import cloudpickle
-
 from ..errors import InitializerFailed
+from ..ipc import numpy_names
 from ..ipc.calls import completed, resolve_reference, run_chunk
 
 __all__ = ["run_call", "run_chunk_call", "ByValue"]
@@ -28,7 +27,7 @@ def _function(fn):
     if isinstance(fn, str):
         return resolve_reference(fn)
     if isinstance(fn, ByValue):
-        return cloudpickle.loads(fn.blob)
+        return numpy_names.loads(fn.blob)
     return fn
 
 
