@@ -222,3 +222,10 @@ def raise_from_a_module_only_here(directory, message):
     sys.path.insert(0, directory)
     import only_in_the_worker
     raise only_in_the_worker.OnlyHereError(message)
+
+
+def instance_of_a_module_only_here(directory):
+    """An object of a class from a module only this worker can import (a node pack's)."""
+    sys.path.insert(0, directory)
+    import only_in_the_worker
+    return only_in_the_worker.Thing()

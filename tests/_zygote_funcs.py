@@ -16,5 +16,5 @@ def pid():
 
 
 def is_worker_for_cuda():
-    from comfy_env.ipc import cuda
-    return cuda._looks_like_worker()
+    from comfy_env.ipc.calls import in_worker
+    return in_worker()

@@ -204,8 +204,11 @@ class ComfyUI:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
-    def queue(self, prompt):
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+    def queue(self, prompt, extra_data=None):
+        payload = {"prompt": prompt, "client_id": self.client_id}
+        if extra_data is not None:
+            payload["extra_data"] = extra_data      # e.g. extra_pnginfo: the workflow
+        status, body = self.post("/prompt", payload)
         if status != 200:
             raise PromptRejected(status, body)
         return body["prompt_id"]
@@ -217,13 +220,13 @@ class ComfyUI:
     def connect(self):
         return WebSocket("127.0.0.1", self.port, f"/ws?clientId={self.client_id}")
 
-    def run(self, prompt, ws, timeout=120, on_event=None):
+    def run(self, prompt, ws, timeout=120, on_event=None, extra_data=None):
         """Queue ``prompt`` and collect its events until it ends; returns (prompt_id, events).
 
         The last event is ``execution_success``, ``execution_error`` or
         ``execution_interrupted``.  ``on_event(event)`` sees each event as it arrives.
         """
-        pid = self.queue(prompt)
+        pid = self.queue(prompt, extra_data)
         events = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

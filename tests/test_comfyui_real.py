@@ -7,6 +7,7 @@ reports the values it receives.  Skipped, with the reason, when no ComfyUI is gi
 see tests/comfyui_harness.py (COMFYUI_DIR, COMFYUI_PYTHON).  The unit tests
 (test_comfyui.py, test_comfyui_pack.py) use the stand-in in tests/comfy_stub.
 """
+import json
 import os
 import shutil
 import time
@@ -38,7 +39,7 @@ def comfy(tmp_path_factory):
     demo_dep_wheel(str(wheels), "1.0")
     (nodes / "ce_sep" / "comfy-env.toml").write_text(
         'name = "ce-sep-test"\nrequirements = ["demo_dep==1.0"]\n'
-        f'find_links = ["{wheels}"]\nno_index = true\nshare = ["torch", "numpy"]\n')
+        f'find_links = ["{wheels}"]\nno_index = true\nshare = ["torch", "numpy", "pillow"]\n')
     # A pack whose node module can't be imported: listed as failed, briefly.
     (nodes / "ce_broken").mkdir()
     (nodes / "ce_broken" / "__init__.py").write_text(
@@ -77,8 +78,8 @@ def run(comfy, prompt, **kw):
     return pid, events, events[-1]
 
 
-def ok(comfy, prompt):
-    pid, events, last = run(comfy, prompt)
+def ok(comfy, prompt, **kw):
+    pid, events, last = run(comfy, prompt, **kw)
     assert last["type"] == "execution_success", (last, comfy.log()[-3000:])
     return comfy.history(pid)["outputs"], events
 
@@ -199,6 +200,41 @@ def test_ui_outputs_v1_and_v3(comfy):
     [img] = out["4"]["images"]
     assert img["type"] == "temp" and os.path.isfile(os.path.join(comfy.base_dir, "temp", img["filename"]))
     assert out["5"] == {"text": ["demo_dep 1.0"]}
+
+
+def _png_text(path):
+    """A PNG's tEXt chunks (this test's venv has no Pillow): {key: text}."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    out, pos = {}, 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            out[key.decode("latin-1")] = value.decode("latin-1")
+        pos += 12 + n
+    return out
+
+
+def test_a_preview_saved_by_the_shim_is_numbered_and_carries_the_workflow_as_comfyuis(comfy):
+    """The shim's ui.PreviewImage (a separate env) saves as ComfyUI's own does: the
+    prompt and extra_pnginfo as PNG text (dragging the preview back into ComfyUI loads
+    the workflow), numbered after the files already there (from _00001_, never
+    overwriting one)."""
+    prompt = {"1": empty_image(size=16), "2": h.api_node("CE3_SepPreview", image=["1", 0])}
+    names = []
+    for _ in range(2):
+        out, _ = ok(comfy, prompt, extra_data={"extra_pnginfo": {"workflow": {"nodes": [1, 2]}}})
+        [img] = out["2"]["images"]
+        assert img["type"] == "temp" and img["subfolder"] == ""
+        names.append(img["filename"])
+        text = _png_text(os.path.join(comfy.base_dir, "temp", img["filename"]))
+        assert json.loads(text["prompt"])["2"]["class_type"] == "CE3_SepPreview", text
+        assert json.loads(text["workflow"]) == {"nodes": [1, 2]}, text
+    assert all(n.endswith("_00001_.png") for n in names), names
 
 
 def test_hidden_inputs_and_worker_identity(comfy):

@@ -768,6 +768,20 @@ def test_a_futures_repr_names_the_result_type_not_the_lazy_wrapper():
 
 
 @pytest.mark.timeout(30)
+def test_a_result_of_a_class_only_the_worker_has_says_to_return_plain_data(tmp_path):
+    """The parent cannot import a class of the worker's own modules (a node pack's): the
+    error says so and what to return instead, not to install or share it into an env."""
+    (tmp_path / "only_in_the_worker.py").write_text("class Thing:\n    pass\n")
+    with IsolatedExecutor() as ex:
+        exc = ex.submit(_funcs.instance_of_a_module_only_here, str(tmp_path)).exception(20)
+        assert ex.submit(_funcs.add, 1, 2).result(20) == 3
+    assert isinstance(exc, ModuleNotFoundError) and exc.name == "only_in_the_worker"
+    msg = str(exc)
+    assert "a worker sent" in msg and "Return plain data" in msg, msg
+    assert "share" not in msg and "comfy-env.toml" not in msg, msg
+
+
+@pytest.mark.timeout(30)
 def test_an_exception_of_a_class_only_the_worker_has_keeps_its_message(tmp_path):
     (tmp_path / "only_in_the_worker.py").write_text("class OnlyHereError(Exception):\n    pass\n")
     from comfy_env.comfyui.errors import named_like_original

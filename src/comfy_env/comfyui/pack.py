@@ -101,6 +101,9 @@ def _folder_paths_snapshot():
         snap["folder_names_and_paths"] = {
             k: (list(v[0]), sorted(v[1])) for k, v in fnp.items()
             if isinstance(v, tuple) and len(v) == 2}
+    # ComfyUI's --disable-metadata: previews saved in a worker leave the prompt out too.
+    cli = sys.modules.get("comfy.cli_args")
+    snap["disable_metadata"] = bool(getattr(getattr(cli, "args", None), "disable_metadata", False))
     return snap
 
 

@@ -15,7 +15,15 @@ import threading
 import types
 
 __all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "parent_cwd", "chain_chunk_results", "check_reference", "completed",
-           "resolve_reference", "run_chunk"]
+           "in_worker", "resolve_reference", "run_chunk"]
+
+
+def in_worker() -> bool:
+    """Whether this process is one of comfy_env's workers (spawned, or forked from a
+    zygote, which marks them)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", None) == "comfy_env.worker" or os.environ.get("COMFY_ENV_ROLE") == "worker"
 
 
 class _Importing:

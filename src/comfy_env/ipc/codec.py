@@ -633,7 +633,17 @@ def _explain_missing(exc):
 
 def not_importable(pkg, what, prefix=""):
     """The error for a message holding ``what`` when ``pkg`` cannot be imported here:
-    names the package, this process's Python, and the two ways to fix it."""
+    names the package, this process's Python, and the ways to fix it (a worker's
+    environment can get the package; the parent, receiving a worker's object, cannot)."""
+    from .calls import in_worker
+    if not in_worker():
+        return ModuleNotFoundError(
+            f"{prefix}a worker sent {what}, but {pkg} is not importable in this (the "
+            f"calling) process (Python {sys.version.split()[0]} at {sys.executable}): a "
+            f"class defined in the worker's own modules (a node pack's, for instance) "
+            f"cannot be rebuilt here.  Return plain data (dicts, lists, numbers, strings, "
+            f"arrays, tensors) or objects of packages this process has, or install {pkg} "
+            f"here as well", name=pkg)
     return ModuleNotFoundError(
         f"{prefix}this message holds {what}, but {pkg} is not importable in this process "
         f"(Python {sys.version.split()[0]} at {sys.executable}): install {pkg} in this "

@@ -52,4 +52,19 @@ class SepScale(io.ComfyNode):
                              ui=ui.PreviewText(f"demo_dep {demo_dep.VERSION}"))
 
 
-NODE_CLASS_MAPPINGS = {"CE_SepInfo": Info, "CE_SepGap": Gap, "CE3_SepScale": SepScale}
+class SepPreview(io.ComfyNode):
+    """A preview saved by the shim's ui.PreviewImage (this env has no ComfyUI)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="CE3_SepPreview", category="ce/sep", is_output_node=True,
+                         inputs=[io.Image.Input("image")], outputs=[],
+                         hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo])
+
+    @classmethod
+    def execute(cls, image):
+        return io.NodeOutput(ui=ui.PreviewImage(image, cls=cls))
+
+
+NODE_CLASS_MAPPINGS = {"CE_SepInfo": Info, "CE_SepGap": Gap, "CE3_SepScale": SepScale,
+                       "CE3_SepPreview": SepPreview}

@@ -16,8 +16,6 @@ The diagnostics that start a worker to test it live beside the CLI:
 """
 from __future__ import annotations
 
-import os
-import sys
 import threading
 
 __all__ = ["install", "set_role", "trim"]
@@ -25,12 +23,6 @@ __all__ = ["install", "set_role", "trim"]
 _lock = threading.RLock()
 _installed = False
 _installing = False      # install() runs now in the thread holding _lock
-
-
-def _looks_like_worker() -> bool:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return getattr(spec, "name", None) == "comfy_env.worker" or os.environ.get("COMFY_ENV_ROLE") == "worker"
 
 
 def install() -> None:
@@ -48,7 +40,8 @@ def install() -> None:
             from ..codec import register_plane
             from .plane import PLANE
             register_plane(PLANE, first=True)
-            if _looks_like_worker():
+            from ..calls import in_worker
+            if in_worker():
                 set_role("worker")
             else:
                 _heap_at_cuda_init()      # the parent's, under COMFY_ENV_CUDA_PARENT_HEAP=pool

@@ -6,6 +6,7 @@ comfy-env sends the host the ``as_dict()`` of the ui object.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -34,10 +35,30 @@ class SavedImages(_UIOutput):
         return data
 
 
-def _save_temp_images(images, prefix):
+def _png_metadata(cls, PngInfo):
+    """The prompt and extra_pnginfo of the node's run, as ComfyUI writes them into a
+    preview (dragging the image back into ComfyUI loads its workflow); None under the
+    host's --disable-metadata or without hidden inputs."""
+    import folder_paths
+    hidden = getattr(cls, "hidden", None) if cls is not None else None
+    if getattr(folder_paths, "disable_metadata", False) or not hidden:
+        return None
+    metadata = PngInfo()
+    if hidden.prompt:
+        metadata.add_text("prompt", json.dumps(hidden.prompt))
+    if hidden.extra_pnginfo:
+        for key in hidden.extra_pnginfo:
+            metadata.add_text(key, json.dumps(hidden.extra_pnginfo[key]))
+    return metadata
+
+
+def _save_temp_images(images, prefix, cls=None):
+    """ComfyUI's ``ImageSaveHelper.save_images`` into the temp folder: numbered after the
+    files already there, with the run's metadata."""
     import numpy as np
     try:
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
     except ImportError as exc:
         raise ImportError("comfy-env's ui.PreviewImage needs Pillow in the node's env "
                           "(add 'pillow' to its requirements)") from exc
@@ -45,21 +66,24 @@ def _save_temp_images(images, prefix):
     out_dir = folder_paths.get_temp_directory()
     if not out_dir:
         raise RuntimeError("comfy-env: ComfyUI's temp directory is unknown in this worker")
-    os.makedirs(out_dir, exist_ok=True)
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, out_dir, images[0].shape[1], images[0].shape[0])
+    metadata = _png_metadata(cls, PngInfo)
     results = []
-    for i, image in enumerate(images):
+    for batch_number, image in enumerate(images):
         arr = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
         img = Image.fromarray(np.clip(255.0 * arr, 0, 255).astype(np.uint8))
-        name = f"{prefix}_{i:05}_.png"
-        img.save(os.path.join(out_dir, name), compress_level=1)
-        results.append(SavedResult(name, "", "temp"))
+        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        img.save(os.path.join(folder, name), pnginfo=metadata, compress_level=1)
+        results.append(SavedResult(name, subfolder, "temp"))
+        counter += 1
     return results
 
 
 class PreviewImage(_UIOutput):
     def __init__(self, image, animated=False, cls=None, **kwargs):
         prefix = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
-        self.values = _save_temp_images(image, prefix)
+        self.values = _save_temp_images(image, prefix, cls)
         self.animated = animated
 
     def as_dict(self):
