@@ -152,6 +152,47 @@ def test_missing_spec_file_and_missing_local_requirement(tmp_path):
         Env.from_toml(p)
 
 
+@pytest.mark.parametrize("req,why", [
+    ("demo_dep>>1.0", "is not a valid requirement"),
+    ("--no-deps", "is not one requirement: installer options"),
+    ("demo_dep>=1\\n--find-links=/elsewhere", "is not one requirement: installer options and line breaks"),
+    ("demo_dep @ ./no/such.whl", "names a local path, but .* does not exist"),
+])
+def test_a_bad_requirement_is_a_spec_error_naming_its_line(tmp_path, req, why):
+    p = write_spec(tmp_path, f'name = "x"\nrequirements = ["{req}"]\n')
+    with pytest.raises(EnvSpecError, match=rf"comfy-env.toml, line 2: requirement .*{why}"):
+        Env.from_toml(p)
+
+
+def test_local_paths_in_requirements_are_taken_from_the_tomls_directory(tmp_path, wheels, monkeypatch):
+    """``name @ ./wheel.whl``, a bare ``./wheel.whl`` and either with a marker: made absolute
+    from the toml's directory (a relative direct reference was resolved against the
+    working directory, then the env's), whatever the working directory is."""
+    node = tmp_path / "node"
+    (node / "wheels").mkdir(parents=True)
+    whl = [f for f in os.listdir(wheels) if f.startswith("demo_dep-1.0")][0]
+    os.link(os.path.join(wheels, whl), node / "wheels" / whl)
+    p = write_spec(node, f'requirements = ["demo_dep @ ./wheels/{whl} ; python_version >= \'3.8\'", '
+                         f'"./wheels/{whl}"]\n')
+    monkeypatch.chdir(tmp_path)
+    direct, bare = Env.from_toml(p).spec.requirements
+    local = os.path.join(str(node), "wheels", whl)
+    assert direct == f"demo_dep @ file://{local} ; python_version >= '3.8'", direct
+    assert bare == local
+    p = write_spec(node, f'requirements = ["demo_dep @ ./wheels/{whl}"]\nno_index = true\n')
+    env = Env.from_toml(p, cache_dir=str(tmp_path / "c"))
+    env.create(progress=False)
+    out = subprocess.run([env.python, "-c", "import demo_dep; print(demo_dep.VERSION)"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "1.0"
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    p = tmp_path / "comfy-env.toml"
+    p.write_bytes("\ufeffname = \"bom\"\n".encode("utf-8"))
+    assert Env.from_toml(p).spec.name == "bom"
+
+
 def test_missing_interpreter_lists_the_ones_found(tmp_path):
     p = write_spec(tmp_path, 'python = "3.99"\n')
     env = Env.from_toml(p)
@@ -485,6 +526,46 @@ def test_cli_create_list_path_remove(tmp_path, wheels, capsys):
     assert main(["env", "remove", "--cache-dir", cache]) == 1
     assert main(["env", "create", str(tmp_path / "nope.toml")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,why", [
+    (["env", "prune", "--days", "nan"], "--days: must be a number of days >= 0, not 'nan'"),
+    (["env", "prune", "--days", "-1"], "--days: must be a number of days >= 0, not '-1'"),
+    (["env", "list", "--cache-dir", ""], "--cache-dir: must name a directory"),
+    (["env", "list", "--cache-dir", __file__], "exists and is not a directory"),
+])
+def test_cli_refuses_bad_option_values(capsys, args, why):
+    from comfy_env.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from comfy_env import cli
+    from comfy_env.envs import cli as env_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(env_cli, "_list", interrupted)
+    assert cli.main(["env", "list"]) == 130
+    assert capsys.readouterr().err == "comfy-env: interrupted\n"
+
+
+def test_cli_a_process_that_waited_for_anothers_build_says_cached(tmp_path, wheels, capsys, monkeypatch):
+    """The build lock was held by another process, which built it: this one built nothing."""
+    from comfy_env.cli import main
+    from comfy_env.envs import builder as b
+    cache = str(tmp_path / "cli-cache")
+    spec = demo_spec(tmp_path, wheels, name="waiter")
+    real = b.build_env
+
+    def built_meanwhile(final, spec, interp, **kw):
+        real(final, spec, interp, progress=False, label=kw.get("label"), key=kw.get("key"), lock=kw.get("lock"))
+        return False            # what build_env says when it found the env built after its wait
+    monkeypatch.setattr("comfy_env.envs.env.build_env", built_meanwhile)
+    assert main(["env", "create", "-q", spec, "--cache-dir", cache]) == 0
+    assert "(cached)" in capsys.readouterr().out
 
 
 def test_cli_entry_point_runs_as_a_program(tmp_path):

@@ -40,7 +40,13 @@ def main(argv=None) -> int:
         # A group given without its subcommand prints that group's help.
         (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return 2
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        # What was interrupted cleaned up after itself (a build leaves no staging
+        # directory or lock behind); a traceback would only hide that.
+        print("comfy-env: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ def add_parser(subparsers) -> None:
     env = subparsers.add_parser("env", help="manage environments built from comfy-env.toml files")
     env.set_defaults(group_parser=env)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", default=None,
+    common.add_argument("--cache-dir", default=None, type=_cache_dir_arg,
                         help=f"cache root (default: ${cache.CACHE_ENV_VAR} or the user cache dir)")
     sub = env.add_subparsers(dest="env_command", metavar="SUBCOMMAND")
 
@@ -49,9 +50,29 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("prune", parents=[common],
                        help="remove envs unused for N days and what dead builds left behind")
-    p.add_argument("--days", type=float, default=30.0, help="remove envs not used for this many days (default 30)")
+    p.add_argument("--days", type=_days_arg, default=30.0,
+                   help="remove envs not used for this many days (default 30)")
     p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     p.set_defaults(func=_prune)
+
+
+def _days_arg(raw):
+    try:
+        days = float(raw)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, not {raw!r}")
+    return days
+
+
+def _cache_dir_arg(raw):
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must name a directory (leave the option out for the default)")
+    path = os.path.abspath(os.path.expanduser(raw))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
+    return raw
 
 
 def _fail(msg: str) -> int:
@@ -69,11 +90,11 @@ def _create(args) -> int:
     try:
         env = _load(args)
         t0 = time.perf_counter()
-        was_built = env.is_built
         env.create(progress=not args.quiet, locked=args.locked)
     except EnvError as e:
         return _fail(str(e))
-    state = "cached" if was_built else f"built in {time.perf_counter() - t0:.1f} s"
+    # "cached" too when another process built it while this one waited for it.
+    state = f"built in {time.perf_counter() - t0:.1f} s" if env.built_here else "cached"
     print(f"{env.path}  ({state})")
     return 0
 

@@ -48,6 +48,7 @@ class Env:
         self._interp = None
         self._key = None
         self._lock = None          # (LockFile or None, why a lock next to the spec is not used)
+        self.built_here = False    # whether the last create() built it (not the cache, not another process)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> "Env":
@@ -180,6 +181,7 @@ class Env:
             raise EnvLockError(f"{self.spec.source or 'this Env'}: a locked build needs a lock file "
                                f"({self.lock_path or 'next to the spec'}), and there is none. Run `comfy-env "
                                "env lock` first.")
+        self.built_here = False
         if self.is_built:
             return self
         if why_not:
@@ -189,8 +191,9 @@ class Env:
             from .share import check_share_roots
 
             check_share_roots(self.spec)   # before building: a build that cannot be used is not kept
-        build_env(self.path, self.spec, self.interpreter, progress=report, label=self.name, key=self.key,
-                  lock=lock)
+        # False when another process built it while this one waited for its lock.
+        self.built_here = build_env(self.path, self.spec, self.interpreter, progress=report, label=self.name,
+                                    key=self.key, lock=lock)
         return self
 
     def lock(self, progress=True) -> str:

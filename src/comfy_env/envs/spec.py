@@ -214,6 +214,42 @@ def _resolve_local(item: str, root: str) -> str:
     return os.path.normpath(os.path.join(root, os.path.expanduser(item)))
 
 
+def _requirement(req: str, root: str, fail) -> str:
+    """One ``requirements`` entry as the installer gets it: a PEP 508 requirement (checked
+    where ``packaging`` is importable), a local wheel/directory path, or ``name @ path``,
+    local paths made absolute from the toml's directory (a marker after ``;`` kept)."""
+    if any(c in req for c in "\n\r\t\x00") or req.startswith("-"):
+        fail(f"requirement {req!r} is not one requirement: installer options and line breaks have no place "
+             "here. List one requirement per string; index options are keys of their own (index_url, "
+             "extra_index_urls, find_links, no_index).")
+    spec, marker = (req.split(";", 1) + [None])[:2] if ";" in req else (req, None)
+    spec = spec.strip()
+    suffix = f" ; {marker.strip()}" if marker is not None else ""
+    if " @ " in spec:
+        name, _, url = (part.strip() for part in spec.partition(" @ "))
+        if url.startswith((".", "/", "~")) or (url.startswith("file:") and not url.startswith("file:///")):
+            local = _resolve_local(url, root)
+            if not os.path.exists(local):
+                fail(f"requirement {req!r} names a local path, but {local!r} does not exist (relative "
+                     "paths are taken from the toml's directory).")
+            return f"{name} @ file://{local}{suffix}"
+    elif _looks_like_path(spec):
+        local = _resolve_local(spec, root)
+        if not os.path.exists(local):
+            fail(f"requirement {req!r} looks like a local path but {local!r} does not exist "
+                 "(relative paths are taken from the toml's directory).")
+        return local + suffix
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        return req                # the installer checks it
+    try:
+        Requirement(req)
+    except InvalidRequirement as e:
+        fail(f"requirement {req!r} is not a valid requirement: {e}.")
+    return req
+
+
 def load_spec(path) -> EnvSpec:
     """Read and validate a ``comfy-env.toml`` (or a directory holding one)."""
     # Imported here, not at module level: workers import comfy_env.envs on Python 3.10
@@ -235,6 +271,8 @@ def load_spec(path) -> EnvSpec:
         raise EnvSpecError(f"cannot read: {e.strerror}.", path) from None
     try:
         text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):
+            text = text[1:]            # a byte order mark (Windows editors write one): not TOML
         data = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise EnvSpecError(f"not UTF-8 text ({e}).", path) from None
@@ -287,15 +325,7 @@ def spec_from_dict(data: dict, source: str | None = None, text: str = "") -> Env
         kw["python_line"] = line
     reqs = []
     for r in data.get("requirements", ()):
-        r = r.strip()
-        if _looks_like_path(r):
-            local = _resolve_local(r, root)
-            if not os.path.exists(local):
-                fail(f"requirement {r!r} looks like a local path but {local!r} does not exist "
-                     "(relative paths are taken from the toml's directory).", "requirements")
-            reqs.append(local)
-        else:
-            reqs.append(r)
+        reqs.append(_requirement(r.strip(), root, lambda msg: fail(msg, "requirements")))
     kw["requirements"] = tuple(reqs)
     if "index_url" in data:
         kw["index_url"] = data["index_url"]
