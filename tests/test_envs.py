@@ -613,3 +613,47 @@ def test_a_bare_interpreter_name_is_found_on_path():
     wenv = resolve_env(name)
     assert wenv.python_version[:2] == sys.version_info[:2]
     assert os.path.realpath(wenv.python) == os.path.realpath(shutil.which(name))
+
+
+_READ_ONLY_SCRIPT = r"""
+set -e
+mount --bind -o ro "$CACHE" "$CACHE"
+"$PY" -m comfy_env.cli env list --cache-dir "$CACHE"
+"$PY" -m comfy_env.cli env prune --dry-run --cache-dir "$CACHE"
+"$PY" -c "
+from comfy_env import IsolatedExecutor
+from comfy_env.envs import Env
+with IsolatedExecutor(env=Env.from_toml('$SPEC', cache_dir='$CACHE')) as ex:
+    print('worker says', ex.submit('sys:getrecursionlimit').result(60))
+"
+set +e
+"$PY" -m comfy_env.cli env remove "$SPEC" --cache-dir "$CACHE"
+echo "remove rc=$?"
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_read_only_cache_still_lists_and_runs_its_built_envs(tmp_path, wheels):
+    """A cache mounted read-only (shared between users, a container image): listing,
+    a dry-run prune and workers of an env built there work; what would write fails with
+    one line, not a traceback."""
+    import shutil as sh
+    if sh.which("unshare") is None or sh.which("mount") is None:
+        pytest.skip("needs unshare and mount")
+    cache = str(tmp_path / "ro-cache")
+    spec = demo_spec(tmp_path, wheels, name="ro")
+    env = Env.from_toml(spec, cache_dir=cache).create(progress=False)
+    from comfy_env import IsolatedExecutor
+    with IsolatedExecutor(env=env) as ex:      # its bootstrap dir and lease file exist now
+        assert ex.submit("sys:getrecursionlimit").result(60) > 0
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode()[:200]}")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", _READ_ONLY_SCRIPT], capture_output=True, text=True,
+                         timeout=150, env=dict(os.environ, CACHE=cache, SPEC=spec, PY=sys.executable,
+                                               PYTHONPATH=SRC))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert " ro " in out.stdout and "nothing to prune" in out.stdout and "worker says" in out.stdout, text
+    assert "remove rc=1" in out.stdout and "Read-only file system" in out.stderr, text
+    assert "Traceback" not in text, text

@@ -42,6 +42,10 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(func(args) or 0)
+    except OSError as e:
+        # What the file system refused (a read-only or full cache): said in one line.
+        print(f"comfy-env: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # What was interrupted cleaned up after itself (a build leaves no staging
         # directory or lock behind); a traceback would only hide that.

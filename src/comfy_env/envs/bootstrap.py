@@ -41,6 +41,9 @@ def bootstrap_dir(root: str) -> str:
     """Create (once) and return the bootstrap dir under cache root ``root``."""
     sources = bootstrap_sources()
     probe_link = os.path.join(root, "bootstrap")
+    linked = os.path.join(probe_link, short_hash({"sources": sources, "stamps": {}}))
+    if os.path.isdir(linked):
+        return linked           # made with symlinks once: usable from a read-only cache too
     os.makedirs(probe_link, exist_ok=True)
     key = short_hash({
         "sources": sources,

@@ -42,14 +42,31 @@ def use_file(env_dir: str) -> str:
     return env_dir + ".use"
 
 
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open(path: str) -> int:
+    """An fd of lock file ``path``, made if missing; read-only where the cache is (a
+    shared or read-only mount): flock needs no write access, so an existing lock file
+    still works there.  Raises OSError where it cannot be opened at all."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise e from None             # cannot be made here: say why
+
+
 def _open_locked(path: str, mode: int, blocking: bool):
     """Open ``path`` and flock it; return the fd, or None if ``blocking`` is False and it is taken."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open(path)
         try:
             fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
         except OSError as e:
@@ -144,7 +161,12 @@ def hold_in_use(env_dir: str):
     if fcntl is None:  # pragma: no cover - Windows
         return None
     path = use_file(env_dir)
-    fd = _open_locked(path, fcntl.LOCK_SH, blocking=True)
+    try:
+        fd = _open_locked(path, fcntl.LOCK_SH, blocking=True)
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        return None           # a read-only cache with no lease file: nobody can remove the env anyway
     try:
         os.utime(fd)
     except OSError:
