@@ -122,7 +122,13 @@ class RayFuture(Future):
         with self._condition:
             self._condition.wait_for(self.done, _CALLBACK_GRACE_S if left is None else min(left, _CALLBACK_GRACE_S))
         if not self.done():
-            executor._complete(item, exc)
+            # Ray's callback thread has not come (a busy Ray, or one shut down under us):
+            # complete the future from a thread of our own, so that its done-callbacks
+            # still never run inside this result() (the caller may hold their lock).
+            threading.Thread(target=executor._complete, args=(item, exc), daemon=True,
+                             name="comfy_env-ray-complete").start()
+            with self._condition:
+                self._condition.wait_for(self.done, _left(deadline))
 
     def _fetch(self):
         with self._fetch_lock:
