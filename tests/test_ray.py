@@ -597,3 +597,58 @@ def test_ray_shut_down_under_calls_fails_them_and_shutdown_returns(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "done 2 BrokenExecutor BrokenExecutor" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "shutdown 0" in out.stdout and "broken" in out.stdout, out.stdout
+
+
+_CALLBACK_SHUTS_DOWN_ANOTHER = r"""
+import os, sys, threading
+import ray
+from comfy_env.ray import RayExecutor
+from cb_funcs import add, sleep_ret     # by reference, as a user's module
+
+if __name__ == "__main__":
+    ray.init(num_cpus=2, include_dashboard=False)
+    a, b = RayExecutor(), RayExecutor()
+    a.submit(add, 0, 0).result(60); b.submit(add, 0, 0).result(60)
+    slow = b.submit(sleep_ret, 1, "slow")
+    returned = threading.Event()
+
+    def cb(_f):
+        b.shutdown(wait=True)
+        returned.set()
+
+    a.submit(add, 1, 2).add_done_callback(cb)
+    print("returned", returned.wait(20), "slow done", slow.done(), flush=True)
+    os._exit(0)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_done_callback_that_waits_for_another_executor_holds_up_nothing_else(tmp_path):
+    """Ray has one callback thread for the whole process; each executor completes its
+    calls (and runs their done-callbacks) on its own thread, so a callback of one
+    executor's call that shuts down another executor, waiting for that one's running
+    call, returns once that call ends (it hung for ever: the other call was to be
+    completed on the very thread the callback held).  In a script of its own: a fresh
+    Ray, as a user's program has."""
+    script = tmp_path / "cb.py"
+    script.write_text(_CALLBACK_SHUTS_DOWN_ANOTHER)
+    (tmp_path / "cb_funcs.py").write_text("import time\n\ndef add(a, b):\n    return a + b\n\n\n"
+                                          "def sleep_ret(s, v=None):\n    time.sleep(s)\n    return v\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), SRC])))
+    assert "returned True slow done True" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_calls_cancelled_by_shutdown_count_as_done_for_wait():
+    """shutdown(cancel_futures=True): the calls it cancels are done for wait() and
+    as_completed() at once (they stayed CANCELLED, never notified: wait() ran out its
+    timeout), as IsolatedExecutor's are."""
+    e = RayExecutor(max_workers=1)
+    assert e.submit(_sleep_then, 0, 0).result(60) == 0
+    fs = [e.submit(_sleep_then, i, 1.0) for i in range(4)]
+    dep = e.submit(_sleep_then, fs[3], 0)
+    e.shutdown(wait=False, cancel_futures=True)
+    t0 = time.monotonic()
+    done, not_done = wait(fs + [dep], timeout=20)
+    assert not not_done and time.monotonic() - t0 < 10
+    assert sum(f.cancelled() for f in fs + [dep]) >= 3

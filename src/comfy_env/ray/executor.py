@@ -23,6 +23,8 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
+import queue
 import re
 import sys
 import threading
@@ -43,6 +45,8 @@ from .runtime_env import cluster_runtime_env, local_runtime_env
 from .task import ByValue, Keywords, run_call, run_chunk_call
 
 __all__ = ["RayExecutor", "RayFuture", "writable"]
+
+log = logging.getLogger("comfy_env.ray")
 
 _UNSET = object()
 _ANY = object()
@@ -342,6 +346,11 @@ class RayExecutor(Executor):
         self._broken = None
         self._watchdog = None
         self._wake = threading.Event()
+        # Outcomes Ray reported, completed (done-callbacks included) on this executor's
+        # own thread: Ray has one callback thread for the whole process, and a callback
+        # waiting for another executor's calls must not hold up every future (_on_status).
+        self._outcomes = queue.SimpleQueue()
+        self._completer = None
         self._ray_id = _ray_identity()    # the Ray session our tasks belong to
         _live.add(self)
 
@@ -490,12 +499,35 @@ class RayExecutor(Executor):
         status_ref.future().add_done_callback(lambda rf, item=item: self._on_status(item, rf))
 
     def _on_status(self, item, status_future):
-        """Ray's callback thread: the call ended (value stored, raised, crashed or cancelled)."""
-        try:
-            exc = status_future.exception()
-        except BaseException as e:      # cancelled ray future
-            exc = e
-        self._complete(item, exc)
+        """Ray's callback thread: the call ended (value stored, raised, crashed or
+        cancelled).  Handed to this executor's completer thread (see ``_outcomes``)."""
+        self._outcomes.put((item, status_future))
+        with self._lock:
+            if self._completer is None:
+                self._completer = threading.Thread(target=self._complete_outcomes, daemon=True,
+                                                   name="comfy_env-ray-completer")
+                self._completer.start()
+
+    def _complete_outcomes(self):
+        """The completer thread: completes what Ray reported, in order; leaves once the
+        executor is shut down with nothing in flight (a later outcome starts another)."""
+        while True:
+            try:
+                item, status_future = self._outcomes.get(timeout=0.5)
+            except queue.Empty:
+                with self._lock:
+                    if self._outcomes.empty() and (self._shutdown or self._broken) and not self._inflight:
+                        self._completer = None
+                        return
+                continue
+            try:
+                exc = status_future.exception()
+            except BaseException as e:      # cancelled ray future
+                exc = e
+            try:
+                self._complete(item, exc)
+            except Exception:
+                log.exception("comfy_env: completing a Ray call failed")
 
     # -- Ray going away under us -----------------------------------------------------------
     def _ray_alive(self):
@@ -631,7 +663,9 @@ class RayExecutor(Executor):
             else:
                 doomed = []
         for item in doomed:
-            item.future.cancel()
+            if item.future.cancel():
+                # Cancelled *and notified*: wait() and as_completed() count it as done.
+                item.future.set_running_or_notify_cancel()
             _notify_dispatched(item.future)
         self._wake.set()
         if wait:
