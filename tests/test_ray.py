@@ -652,3 +652,39 @@ def test_calls_cancelled_by_shutdown_count_as_done_for_wait():
     done, not_done = wait(fs + [dep], timeout=20)
     assert not not_done and time.monotonic() - t0 < 10
     assert sum(f.cancelled() for f in fs + [dep]) >= 3
+
+
+_READ_AFTER_RAY_SHUTDOWN = r"""
+import ray
+from comfy_env.ray import RayExecutor
+from cb_funcs import add
+
+if __name__ == "__main__":
+    ray.init(num_cpus=2, include_dashboard=False)
+    with RayExecutor() as ex:
+        read, unread = ex.submit(add, 1, 2), ex.submit(add, 3, 4)
+        print("read", read.result(60), flush=True)
+    ray.shutdown()
+    print("again", read.result(), flush=True)
+    try:
+        unread.result(10)
+    except RuntimeError as e:
+        print("unread:", e, flush=True)
+    print("ray restarted:", ray.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_value_never_read_before_ray_shutdown_is_a_clear_error_not_a_new_ray(tmp_path):
+    """After ray.shutdown() a finished call's value is gone with the object store: a value
+    read before stays readable, one never read raises an error that says so (ray.get
+    started a new local Ray and raised Ray's 'owner is unknown')."""
+    script = tmp_path / "after.py"
+    script.write_text(_READ_AFTER_RAY_SHUTDOWN)
+    (tmp_path / "cb_funcs.py").write_text("def add(a, b):\n    return a + b\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), SRC])))
+    text = out.stdout + out.stderr[-2000:]
+    assert "read 3" in out.stdout and "again 3" in out.stdout, text
+    assert "unread: this call's value was in the object store of a Ray session that has ended" in out.stdout, text
+    assert "ray restarted: False" in out.stdout, text

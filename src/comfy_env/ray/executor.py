@@ -73,6 +73,7 @@ class RayFuture(Future):
         self._fetch_lock = threading.Lock()
         self._dispatched = []         # callbacks run once object_ref is set
         self._direct = None           # (executor, item) while the task is in flight
+        self._ray_id = None           # the Ray session holding the value (see _fetch)
 
     def result(self, timeout=None):
         deadline = _deadline(timeout)
@@ -137,6 +138,12 @@ class RayFuture(Future):
     def _fetch(self):
         with self._fetch_lock:
             if self._value is _UNSET:
+                if self._ray_id is not None and (not ray.is_initialized() or _ray_identity() != self._ray_id):
+                    # ray.get would start a new local Ray, which has no such object.
+                    raise RuntimeError(
+                        "this call's value was in the object store of a Ray session that has "
+                        "ended (ray.shutdown(), or the cluster went away) before it was read: "
+                        "call result() before shutting Ray down")
                 self.fetches += 1
                 try:
                     self._value = ray.get(self.object_ref)
@@ -496,6 +503,7 @@ class RayExecutor(Executor):
             future.object_ref = value_ref
         _notify_dispatched(future)
         future._direct = (self, item)
+        future._ray_id = self._ray_id
         status_ref.future().add_done_callback(lambda rf, item=item: self._on_status(item, rf))
 
     def _on_status(self, item, status_future):
