@@ -171,14 +171,14 @@ class _SlowClose:
 @pytest.mark.timeout(60)
 def test_shutdown_waits_for_the_threads_that_close_fds(preload, monkeypatch):
     # The threads that close fds after a process exits, each made slow: the zygote's
-    # reader (its parent-death pipe), its stdout and stderr drains, and the keeper, which closes a
+    # reader (its parent-death pipe), its stderr drain, and the keeper, which closes a
     # process's pidfd (and its selector after the last one) before it reports the exit.
     # shutdown(wait=True) must wait for each of them, bounded; before it did not, and the
     # fds were still open when it returned.
     from comfy_env import zygote
     from comfy_env.executor import launch
 
-    lost, drain, report = zygote.Zygote._lost, zygote.Zygote._drain, launch._report
+    lost, drain, report = zygote.Zygote._lost, zygote.Zygote._drain_stderr, launch._report
 
     def slow_lost(self, channel):
         time.sleep(0.3)
@@ -189,7 +189,7 @@ def test_shutdown_waits_for_the_threads_that_close_fds(preload, monkeypatch):
         report(on_exit)
 
     monkeypatch.setattr(zygote.Zygote, "_lost", slow_lost)
-    monkeypatch.setattr(zygote.Zygote, "_drain", lambda self, f, stream: drain(self, _SlowClose(f), stream))
+    monkeypatch.setattr(zygote.Zygote, "_drain_stderr", lambda self, f: drain(self, _SlowClose(f)))
     monkeypatch.setattr(launch, "_report", slow_report)
     for _ in range(2):
         before = _fds()
@@ -351,30 +351,3 @@ def test_a_wedged_zygote_holds_a_worker_start_for_start_timeout_not_a_minute():
                 os.kill(zpid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-
-
-NOISY_PRELOAD = """
-import logging, sys
-print("preload says hi", flush=True)
-print("preload to stderr", file=sys.stderr, flush=True)
-logging.getLogger("noisy").warning("preload warns")
-"""
-
-
-@pytest.mark.timeout(60)
-def test_what_the_preload_prints_or_logs_shows_as_worker_output_does(tmp_path, capfd, monkeypatch):
-    """The preload's import runs in the zygote: its prints and its warnings (logging's
-    last-resort handler, there unconfigured) reach the parent's streams prefixed like a
-    worker's lines (they were dropped: stdout went to /dev/null, stderr to INFO records)."""
-    (tmp_path / "noisy_preload.py").write_text(NOISY_PRELOAD)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with IsolatedExecutor(preload=["noisy_preload"], name="zy") as ex:
-        assert ex.submit(zf.loaded, "noisy_preload").result() is True
-    out, err = capfd.readouterr()
-    assert "[zy-zygote] preload says hi" in out.splitlines(), out
-    assert "[zy-zygote] preload to stderr" in err.splitlines(), err
-    assert "[zy-zygote] preload warns" in err.splitlines(), err
-    with IsolatedExecutor(preload=["noisy_preload"], worker_output="discard") as ex:
-        assert ex.submit(zf.loaded, "noisy_preload").result() is True
-    out, err = capfd.readouterr()
-    assert "preload" not in out + err, out + err

@@ -141,12 +141,10 @@ class ForkedWorker:
 class Zygote:
     """One environment's zygote, started at the first :meth:`fork`; one per executor."""
 
-    def __init__(self, wenv, preload, logger=None, start_timeout=None, output="stream", name="zygote"):
+    def __init__(self, wenv, preload, logger=None, start_timeout=None):
         self.wenv = wenv
         self.preload = list(preload)
         self.logger = logger or log
-        self.output = output            # the executor's worker_output: where the preload's output goes
-        self.name = name                # its prefix in that output
         self.start_timeout = start_timeout
         self.pid = forksafe.PID         # the process this object belongs to
         self._lock = threading.Lock()   # one start, and fork requests in order
@@ -283,7 +281,7 @@ class Zygote:
         try:
             proc = launch.spawn(self.wenv, child.fileno(), alive_r,
                                 on_exit=lambda: _reap(proc_box, reaped),
-                                module="comfy_env.zygote", stdout=subprocess.PIPE)
+                                module="comfy_env.zygote", stdout=subprocess.DEVNULL)
         except BaseException:
             parent.close()
             os.close(alive_w)
@@ -294,14 +292,12 @@ class Zygote:
         proc_box.append(proc)
         self._starting = proc
         forksafe.track_channel(parent)
-        drains = [threading.Thread(target=self._drain, args=(f, stream), daemon=True,
-                                   name=f"comfy_env-zygote-{stream}-{proc.pid}")
-                  for f, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
-        for drain in drains:
-            drain.start()
+        drain = threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
+                                 name=f"comfy_env-zygote-stderr-{proc.pid}")
+        drain.start()
         # Also a zygote that failed or refused to start: it exits by itself, and
         # close(wait=True) waits for that as for any other.
-        started = _Started(proc, reaped, drains)
+        started = _Started(proc, reaped, drain)
         self._started = [one for one in self._started if not one.done()] + [started]
         cfg = {
             "preload": self.preload,
@@ -348,22 +344,13 @@ class Zygote:
         warnings.warn(f"comfy_env: {why}; workers of environment {self.wenv.label!r} are "
                       f"started the usual way (no zygote)", RuntimeWarning, stacklevel=4)
 
-    def _drain(self, f, stream):
-        """Forward what the zygote writes (its preload's prints and warnings, logging's
-        last-resort output) as the executor forwards its workers' output; keep a tail
-        of stderr for a start that fails."""
-        from .executor.worker_handle import _write_stream
-
+    def _drain_stderr(self, f):
         try:
             for raw in iter(lambda: f.readline(), b""):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
-                if stream == "stderr":
-                    self._stderr_tail.append(line)
-                    del self._stderr_tail[:-50]
-                if self.output == "stream":
-                    _write_stream(stream, f"[{self.name}] {line}\n")
-                elif self.output == "logging":
-                    self.logger.info("[zygote] %s", line, extra={"stream": stream, "worker_name": self.name})
+                self._stderr_tail.append(line)
+                del self._stderr_tail[:-50]
+                self.logger.info("[zygote] %s", line)
         except (OSError, ValueError):
             pass
         finally:
@@ -477,18 +464,18 @@ class _Started:
 
     Each piece has one owner, and closes it once the zygote is gone: the reader
     thread the channel and the parent-death pipe (``Zygote._lost``), the drain
-    threads the stdout and stderr pipes, the keeper its pidfd (before it runs
-    ``_reap``).  ``wait_gone`` waits for all of them.
+    thread the stderr pipe, the keeper its pidfd (before it runs ``_reap``).
+    ``wait_gone`` waits for all of them.
     """
 
-    def __init__(self, proc, reaped, drains):
+    def __init__(self, proc, reaped, drain):
         self.proc = proc
         self.reaped = reaped        # set by _reap, on the keeper thread
-        self.drains = drains
+        self.drain = drain
         self.reader = None          # only for a zygote that became ready
 
     def threads(self):
-        return [t for t in (self.reader, *self.drains) if t is not None]
+        return [t for t in (self.reader, self.drain) if t is not None]
 
     def done(self):
         return self.reaped.is_set() and not any(t.is_alive() for t in self.threads())

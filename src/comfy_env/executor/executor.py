@@ -254,8 +254,7 @@ class _Pool:
                  preload=None, *, values):
         self.wenv = wenv
         # Workers fork from it when preload is given (see comfy_env.zygote).
-        self.zygote = (Zygote(wenv, preload, logger, start_timeout, output=worker_output, name=f"{name}-zygote")
-                       if preload else None)
+        self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
         self.max_workers = max_workers
         self.init_payload = init_payload
         self.call_timeout = call_timeout
