@@ -224,21 +224,19 @@ def _requirement(req: str, root: str, fail) -> str:
              "extra_index_urls, find_links, no_index).")
     spec, marker = (req.split(";", 1) + [None])[:2] if ";" in req else (req, None)
     spec = spec.strip()
-    suffix = f" ; {marker.strip()}" if marker is not None else ""
+    path, prefix = None, ""
     if " @ " in spec:
         name, _, url = (part.strip() for part in spec.partition(" @ "))
         if url.startswith((".", "/", "~")) or (url.startswith("file:") and not url.startswith("file:///")):
-            local = _resolve_local(url, root)
-            if not os.path.exists(local):
-                fail(f"requirement {req!r} names a local path, but {local!r} does not exist (relative "
-                     "paths are taken from the toml's directory).")
-            return f"{name} @ file://{local}{suffix}"
+            path, prefix = url, f"{name} @ file://"
     elif _looks_like_path(spec):
-        local = _resolve_local(spec, root)
+        path = spec
+    if path is not None:
+        local = _resolve_local(path, root)
         if not os.path.exists(local):
-            fail(f"requirement {req!r} looks like a local path but {local!r} does not exist "
-                 "(relative paths are taken from the toml's directory).")
-        return local + suffix
+            fail(f"requirement {req!r} names a local path, but {local!r} does not exist (relative "
+                 "paths are taken from the toml's directory).")
+        return prefix + local + (f" ; {marker.strip()}" if marker is not None else "")
     try:
         from packaging.requirements import InvalidRequirement, Requirement
     except ImportError:
