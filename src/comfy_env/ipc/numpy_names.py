@@ -8,9 +8,10 @@ things one version lacks:
   object array's reconstructor); numpy 1 has ``numpy.core.*``, which numpy 2 keeps
   only as deprecated aliases;
 * numpy 2 pickles the bool scalar type as ``numpy.bool``, which numpy 1 lacks
-  (``numpy.bool_`` in both);
-* numpy 2 pickles a random ``Generator``, ``RandomState`` or bit generator with the
-  bit generator's class (or instance) where numpy 1's constructors take its name.
+  (``numpy.bool_`` in both).
+
+(Random generators are not among them: their pickles differ in the state's layout too,
+so the numpy plane describes them itself, as name and state.)
 
 :class:`Unpickler` maps those names when a pickle is loaded here; everything else loads
 as pickle does.  Written by hand: pickle's ``find_class`` is the only hook, and no
@@ -46,8 +47,6 @@ def find_global(find, module, name):
             return np.bool_
         if module == "numpy._core" or module.startswith("numpy._core."):
             module = "numpy.core" + module[len("numpy._core"):]
-        elif module == "numpy.random._pickle":
-            return _RandomCtor(find(module, name), name)
     elif module == "numpy.core" or module.startswith("numpy.core."):
         module = "numpy._core" + module[len("numpy.core"):]
     try:
@@ -59,27 +58,6 @@ def find_global(find, module, name):
             f"numpy version (a numpy 2 StringDType array, for instance, has no numpy 1 "
             f"equivalent): convert it to plain Python or numpy data, or use the same major "
             f"version of numpy on both sides") from None
-
-
-class _RandomCtor:
-    """numpy 1's ``numpy.random._pickle`` constructor ``name``, taking what numpy 2's
-    pickles pass: a bit generator's class (numpy 1 wants its name) or instance."""
-
-    def __init__(self, fn, name):
-        self.fn, self.name = fn, name
-
-    def __call__(self, *args, **kwargs):
-        if args:
-            first = args[0]
-            random = sys.modules["numpy.random"]
-            if isinstance(first, type):
-                args = (first.__name__,) + args[1:]
-            elif isinstance(first, random.BitGenerator):
-                if self.name == "__generator_ctor":
-                    return random.Generator(first)
-                if self.name == "__randomstate_ctor":
-                    return random.RandomState(first)
-        return self.fn(*args, **kwargs)
 
 
 class Unpickler(pickle.Unpickler):
