@@ -277,6 +277,33 @@ def test_initializer_runs_once_per_worker_and_failure_breaks():
             e.submit(pow, 1, 1)
 
 
+_INIT_STATE = {}
+
+
+def _init_state(value):
+    _INIT_STATE["v"] = value
+
+
+def _read_state(_=None):
+    return _INIT_STATE.get("v"), os.getpid()
+
+
+def test_executors_with_initializers_never_share_a_worker_process():
+    """Ray gives a worker process to any task of the same runtime_env: two executors
+    whose initializers set up different state (a model each) must each see their own,
+    as two IsolatedExecutors do; an executor without one keeps Ray's shared workers."""
+    with RayExecutor(initializer=_init_state, initargs=("A",)) as a, \
+            RayExecutor(initializer=_init_state, initargs=("B",)) as b:
+        for _ in range(3):
+            va, pa = a.submit(_read_state).result(timeout=60)
+            vb, pb = b.submit(_read_state).result(timeout=60)
+            assert (va, vb) == ("A", "B") and pa != pb
+        assert a.runtime_env["env_vars"]["COMFY_ENV_RAY_EXECUTOR"] != b.runtime_env["env_vars"][
+            "COMFY_ENV_RAY_EXECUTOR"]
+    with RayExecutor() as plain:
+        assert "COMFY_ENV_RAY_EXECUTOR" not in plain.runtime_env.get("env_vars", {})
+
+
 # -- data ------------------------------------------------------------------------------------
 
 def test_numpy_round_trip_exact_dtypes_and_views(ex):

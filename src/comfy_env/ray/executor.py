@@ -325,6 +325,17 @@ class RayExecutor(Executor):
         # anywhere else functions of modules the workers may not import (the user's
         # scripts, tests) travel by value.
         self._by_value = env is not None or self.multi_node
+        self._init = None
+        if initializer is not None:
+            token = uuid.uuid4().hex
+            self._init = (token, self._encode_fn(initializer), tuple(initargs))
+            # Ray hands a worker process to any task of the same runtime_env, so two
+            # executors would share what their initializers set up (each its own model
+            # in a global, say).  A runtime_env of its own gives this executor worker
+            # processes of its own, as each IsolatedExecutor has.
+            self.runtime_env = {**self.runtime_env,
+                                "env_vars": {**self.runtime_env.get("env_vars", {}),
+                                             "COMFY_ENV_RAY_EXECUTOR": token}}
         self.max_workers = max_workers
         self.call_timeout = call_timeout
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, num_returns=2, max_retries=0,
@@ -339,9 +350,6 @@ class RayExecutor(Executor):
                 ray.get_runtime_context().get_node_id(), soft=False)
         self._options = options
         self._remotes = collections.OrderedDict()     # (fn, chunk) -> remote function
-        self._init = None
-        if initializer is not None:
-            self._init = (uuid.uuid4().hex, self._encode_fn(initializer), tuple(initargs))
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._waiting = []
