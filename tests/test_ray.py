@@ -135,6 +135,34 @@ def test_exception_keeps_type_args_and_remote_traceback(ex):
     assert isinstance(f.exception(), Boom)
 
 
+def _raise_it(exc):
+    raise exc
+
+
+def _raise_it_at(exc, at, x):
+    if x == at:
+        raise exc
+    return x
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt("kbi"), StopIteration(5)], ids=["KeyboardInterrupt", "StopIteration"])
+def test_keyboard_interrupt_and_stop_iteration_from_a_call_keep_their_type(ex, exc):
+    """Ray takes a task's KeyboardInterrupt for its own cancellation and a StopIteration
+    breaks a generator of its own in the driver; a call's keep their type and args, as
+    with IsolatedExecutor, in submit, in map with chunks and through a chain."""
+    f = ex.submit(_raise_it, exc)
+    err = f.exception(timeout=60)
+    assert type(err) is type(exc) and err.args == exc.args and not f.cancelled()
+    assert isinstance(err.__cause__, RemoteTraceback) and "_raise_it" in str(err.__cause__)
+    # map's iterator is a generator, as the standard library's: a StopIteration leaving
+    # it becomes RuntimeError (PEP 479), its cause the call's.
+    with pytest.raises(RuntimeError if isinstance(exc, StopIteration) else type(exc)) as info:
+        list(ex.map(_raise_it_at, [exc] * 4, [2] * 4, range(4), chunksize=2, timeout=60))
+    assert type(info.value if type(info.value) is type(exc) else info.value.__cause__) is type(exc)
+    chained = ex.submit(_identity, ex.submit(_raise_it, exc))
+    assert type(chained.exception(timeout=60)) is type(exc)
+
+
 class Unpicklable(Exception):
     def __init__(self, msg):
         super().__init__(msg)

@@ -42,7 +42,7 @@ from ..executor.executor import _by_reference, _find_futures, _pickle_by_value
 from ..executor.futures import decode_error
 from ..ipc.calls import chain_chunk_results
 from .runtime_env import cluster_runtime_env, local_runtime_env
-from .task import ByValue, Keywords, run_call, run_chunk_call
+from .task import ByValue, Carried, Keywords, run_call, run_chunk_call
 
 __all__ = ["RayExecutor", "RayFuture", "writable"]
 
@@ -819,6 +819,8 @@ def _convert(exc, item):
             m = re.search(r"Exception (\S+) isn't serializable", str(cause))
             err = RemoteError(m.group(1) if m else type(cause).__name__,
                               str(cause).split("\n")[0], tb)
+        elif isinstance(cause, Carried):
+            err = cause.exc
         elif isinstance(cause, BaseException):
             err = cause
         else:

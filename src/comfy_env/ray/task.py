@@ -11,7 +11,18 @@ from ..errors import InitializerFailed
 from ..ipc import numpy_names
 from ..ipc.calls import completed, resolve_reference, run_chunk
 
-__all__ = ["run_call", "run_chunk_call", "ByValue"]
+__all__ = ["run_call", "run_chunk_call", "ByValue", "Carried"]
+
+
+class Carried(Exception):
+    """A ``KeyboardInterrupt`` or ``StopIteration`` the call raised, carried to the
+    driver as an ordinary exception, which unwraps it (``executor._convert``): Ray takes
+    a task's ``KeyboardInterrupt`` for its own cancellation, and a ``StopIteration``
+    reaching the driver breaks a generator of Ray's there (PEP 479)."""
+
+    def __init__(self, exc):
+        super().__init__(exc)
+        self.exc = exc
 
 
 class ByValue:
@@ -65,7 +76,10 @@ def run_call(fn, setup, nested, /, *args, **kwargs):
     if nested:
         args = _resolve_nested(args)
         kwargs = _resolve_nested(kwargs)
-    return completed(_function(fn)(*args, **kwargs))
+    try:
+        return completed(_function(fn)(*args, **kwargs))
+    except (KeyboardInterrupt, StopIteration) as exc:
+        raise Carried(exc) from exc
 
 
 def run_chunk_call(fn, setup, nested, chunk):
@@ -74,7 +88,10 @@ def run_chunk_call(fn, setup, nested, chunk):
         _setup(setup)
     if nested:
         chunk = _resolve_nested(chunk)
-    return run_chunk(_function(fn), chunk)
+    try:
+        return run_chunk(_function(fn), chunk)
+    except (KeyboardInterrupt, StopIteration) as exc:
+        raise Carried(exc) from exc
 
 
 _done_setups = set()
