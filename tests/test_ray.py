@@ -416,6 +416,22 @@ def test_chain_error_propagates(ex):
         b.result(timeout=60)
 
 
+@pytest.mark.parametrize("how", ["crash", "timeout", "crash nested"])
+def test_a_chained_call_fails_as_its_producer_did(ex, how):
+    """A producer that crashed or ran past its call_timeout: Ray reports the consumer's
+    failure by its own error type (WorkerCrashedError, TaskCancelledError), which was a
+    RemoteError; the consumer fails as the producer did (WorkerCrashed, CallTimeout),
+    whether the future is an argument or nested in one, and the consumer's executor
+    stays usable."""
+    with RayExecutor(call_timeout=1.0 if how == "timeout" else None) as producer:
+        a = producer.submit(_sleep_then, 1, 30) if how == "timeout" else producer.submit(os._exit, 3)
+        b = ex.submit(_identity, [a] if how.endswith("nested") else a)
+        want = CallTimeout if how == "timeout" else WorkerCrashed
+        assert type(a.exception(timeout=60)) is want
+        assert type(b.exception(timeout=60)) is want, repr(b.exception())
+    assert ex.submit(_identity, 5).result(timeout=60) == 5
+
+
 def test_chain_from_a_foreign_future(ex):
     from concurrent.futures import Future
     f = Future()

@@ -800,6 +800,23 @@ _CRASHES = tuple(getattr(ray.exceptions, n) for n in (
 _UNSERIALIZABLE = getattr(ray.exceptions, "UnserializableException", None)
 
 
+def _failed_input(item):
+    """What a failed future among ``item``'s arguments raised, or None if none is known
+    to have failed yet.  A producer cancelled for its ``call_timeout`` is known by its
+    item before its future completes; one that crashed may not be done yet (the caller
+    then maps Ray's error type)."""
+    for dep in item.deps:
+        direct = getattr(dep, "_direct", None)
+        if direct is not None and direct[1].timed_out:
+            return CallTimeout("a call this one takes as an argument ran longer than its call_timeout; "
+                               "its Ray task was cancelled")
+        if dep.done() and not dep.cancelled():
+            err = Future.exception(dep)         # the outcome alone: no Ray wait
+            if err is not None:
+                return err
+    return None
+
+
 def _convert(exc, item):
     """A Ray exception -> what IsolatedExecutor would raise for the same failure."""
     from ..envs.errors import EnvBuildError
@@ -812,8 +829,18 @@ def _convert(exc, item):
         # the remote traceback, which RayTaskError itself keeps in traceback_str.
         cause = exc.__dict__.get("cause")
         tb = exc.__dict__.get("traceback_str") or str(exc)
-        if isinstance(cause, ray.exceptions.RayError) and not isinstance(
-                cause, ray.exceptions.RayTaskError):
+        system = isinstance(cause, ray.exceptions.RayError) and not isinstance(cause, ray.exceptions.RayTaskError)
+        failed = _failed_input(item) if system and item is not None else None
+        if failed is not None:
+            # A future among the arguments failed (Ray reports it as this task's own
+            # error, by Ray's type): the call fails as that future did.
+            return failed
+        if system and isinstance(cause, _CRASHES):
+            err = WorkerCrashed(f"the Ray worker running a call this one takes as an argument died: "
+                                f"{type(cause).__name__}")
+        elif system and isinstance(cause, ray.exceptions.TaskCancelledError):
+            err = CancelledError("the Ray task of a call this one takes as an argument was cancelled")
+        elif system:
             # Ray's stand-in for an exception that could not be pickled; its message
             # names the original type ("Exception mod.Type isn't serializable: ...").
             m = re.search(r"Exception (\S+) isn't serializable", str(cause))
