@@ -157,3 +157,37 @@ def test_a_working_directory_removed_under_the_parent_does_not_stop_workers(tmp_
     with IsolatedExecutor(preload=preload, start_timeout=60) as ex:
         assert os.path.isdir(ex.submit(os.getcwd).result(60))
         assert ex.submit(sum, [1, 2]).result(60) == 3
+
+
+_ARGV_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from comfy_env import IsolatedExecutor
+    import config                      # parses the command line at import, as many scripts' do
+
+    def seen(x):
+        return [x * config.ARGS.scale, sys.argv]
+
+    if __name__ == "__main__":
+        out = []
+        for preload in (None, ["config"]):
+            with IsolatedExecutor(preload=preload) as ex:
+                out.append(ex.submit(seen, 10).result(60))
+        print(json.dumps(out))
+""")
+
+
+def test_workers_see_the_parents_command_line(tmp_path):
+    """A module that parses ``sys.argv`` at import (argparse in a config module) works in
+    a worker, spawned or forked from a zygote whose preload imports it: the worker's
+    ``sys.argv`` is the parent's, as multiprocessing's spawn gives its children, not its
+    own internal command line (argparse exited the worker with code 2 on its fds)."""
+    from pythons import script_env
+    (tmp_path / "config.py").write_text(
+        "import argparse\np = argparse.ArgumentParser()\np.add_argument('--scale', type=float, default=1.0)\n"
+        "ARGS = p.parse_args()\n")
+    (tmp_path / "run.py").write_text(_ARGV_SCRIPT)
+    proc = subprocess.run([os.sys.executable, "run.py", "--scale", "3"], cwd=str(tmp_path), env=script_env(),
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = [30.0, ["run.py", "--scale", "3"]]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want, want], proc.stdout

@@ -53,7 +53,7 @@ import weakref
 
 from . import forksafe
 from .errors import WorkerStartError
-from .ipc.calls import adopt_import_paths, parent_cwd
+from .ipc.calls import adopt_import_paths, parent_argv, parent_cwd
 from .ipc.transport import Channel, ChannelClosed
 
 __all__ = ["Zygote", "ZygoteError", "usable_here"]
@@ -303,6 +303,7 @@ class Zygote:
             "preload": self.preload,
             "sys_path": list(sys.path) if self.wenv.is_current else None,
             "cwd": parent_cwd(),
+            "argv": parent_argv(),      # the preload's imports may read the command line
         }
         timer = None
         if self.start_timeout is not None:

@@ -61,7 +61,7 @@ from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteEr
                       RemoteTraceback, WorkerCrashed, WorkerStartError)
 from .. import settings
 from ..ipc import codec, interrupts, lifetime
-from ..ipc.calls import parent_cwd
+from ..ipc.calls import parent_argv, parent_cwd
 from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready, Result,
                             apply_control)
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
@@ -356,6 +356,7 @@ class WorkerHandle:
             "name": self.link.name,
             "sys_path": self._sent_path,
             "cwd": parent_cwd(),    # a worker starts elsewhere (launch.py): it changes here
+            "argv": parent_argv(),
             "log_level": self.pool.worker_log_level,
             "settings": settings.to_wire(self.pool.settings),
             "spin_us": self.pool.worker_spin_us,

@@ -14,7 +14,7 @@ import sys
 import threading
 import types
 
-__all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "parent_cwd", "chain_chunk_results", "check_reference", "completed",
+__all__ = ["IMPORTING", "adopt_import_paths", "adopt_sys_path", "parent_argv", "parent_cwd", "chain_chunk_results", "check_reference", "completed",
            "in_worker", "resolve_reference", "run_chunk"]
 
 
@@ -110,6 +110,12 @@ def adopt_sys_path(paths) -> None:
     sys.path[:] = list(paths) + extra
 
 
+def parent_argv() -> list:
+    """This process's ``sys.argv`` for its workers (``[""]`` where an embedding
+    interpreter set none)."""
+    return [str(a) for a in (getattr(sys, "argv", None) or [""])]
+
+
 def parent_cwd():
     """This process's working directory, for its workers to take; None when it was
     removed under us (the worker then stays where it started, as for a cwd it cannot
@@ -121,11 +127,17 @@ def parent_cwd():
 
 
 def adopt_import_paths(cfg) -> None:
-    """Take the parent's ``sys.path`` (first, keeping our own extras after it) and cwd.
+    """Take the parent's ``sys.path`` (first, keeping our own extras after it), cwd and
+    ``sys.argv``.
 
     ``cfg["sys_path"]`` is None for a worker of another environment: its own path
     is the right one.  A cwd that is gone or unreadable here is skipped (the call
-    may not need it; an import that does fails with its own clear error)."""
+    may not need it; an import that does fails with its own clear error).  The
+    parent's ``sys.argv`` replaces the worker's own command line (its fds, nothing a
+    module parsing the command line at import should see), as multiprocessing's
+    spawn gives its children the parent's."""
+    if cfg.get("argv") is not None:
+        sys.argv[:] = list(cfg["argv"])
     if cfg.get("sys_path") is not None:
         adopt_sys_path(cfg["sys_path"])
     if cfg.get("cwd"):
