@@ -190,13 +190,22 @@ def bump():
     global counter
     counter += 1
     return counter
-run(bump); run(bump)                            # each call starts from the parent's globals
+run(bump); run(bump)                            # the worker's copy keeps what its calls set
+counter = 10; run(bump)                         # the parent's change: its value, afresh
+
+cache = {}
+def load_once():
+    if "model" not in cache:
+        cache["model"] = 0                      # an expensive load, once per worker
+    cache["model"] += 1
+    return cache["model"]
+run(load_once); run(load_once)
 
 print(out)
 ex.shutdown()
 """
 
-EXPECTED = [2, 3, 11, 21, "h1", "h2", 2, 6, 0, 2, 4, 10, 11, 12, 2, 8, -6, 1.0, -1.0, 1, 2, 1, 1]
+EXPECTED = [2, 3, 11, 21, "h1", "h2", 2, 6, 0, 2, 4, 10, 11, 12, 2, 8, -6, 1.0, -1.0, 1, 2, 1, 2, 11, 1, 2]
 
 
 @ALL_PYTHONS
@@ -243,7 +252,7 @@ def test_fingerprint_repickles_on_every_change_it_must_see():
     assert len(n) == 5
 
 
-def test_state_that_can_change_unseen_is_never_cached():
+def test_state_that_can_change_unseen_is_pickled_on_every_call():
     ns = main_fns("""
         L = []
         class C: pass
@@ -254,11 +263,15 @@ def test_state_that_can_change_unseen_is_never_cached():
             L = []
         def reads_globals(): return globals()
     """)
-    for name in ("uses_list", "uses_class", "rebinds", "reads_globals"):
-        assert fncache.pickled_once(ns[name], codec.dumps_portable) is None, name
     fn = main_fns("def f(): pass")["f"]
     fn.attr = 1
-    assert fncache.pickled_once(fn, codec.dumps_portable) is None
+    for f in [ns[name] for name in ("uses_list", "uses_class", "rebinds", "reads_globals")] + [fn]:
+        n, pickle = counted()
+        blob, key = fncache.pickled_once(f, pickle)
+        # Keyed by the bytes (a worker holding them is not sent them again), never
+        # assumed unchanged: pickled again each time.
+        assert fncache.pickled_once(f, pickle) == (blob, key) and len(n) == 2, f.__name__
+        assert key == fncache.digest(codec.dumps_portable(f))
 
 
 def test_recursive_functions_get_a_fingerprint():
@@ -374,5 +387,6 @@ def test_the_quick_check_sees_every_change_the_fingerprint_sees(tmp_path, monkey
     f.__code__ = main_fns("def mk():\n    v = 0\n    def h(x, y=2):\n        return v - x\n"
                           "    return h\n")["mk"]().__code__
     check("code replaced in place")
-    f.attr = 1              # state the fingerprint cannot pin: never cached again
-    assert fncache.pickled_once(f, codec.dumps_portable) is None
+    f.attr = 1              # state the fingerprint cannot pin: pickled on every call again
+    assert fncache.pickled_once(f, codec.dumps_portable)[1] == _fresh_key(f)
+    assert f not in fncache._pickled

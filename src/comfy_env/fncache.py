@@ -22,15 +22,19 @@ tuples/frozensets of them, objects pickled by reference (modules, importable
 functions and classes: identity, re-checked for being importable each call),
 and by-value functions (recursively).  Anything else reachable (a list, a
 dict, an array, an instance, a class defined in ``__main__``) can change
-without the function object noticing, so such a function gets no fingerprint
-and is pickled on every call (its bytes' hash still spares the worker a
-re-send and an unpickling when they did not change).
+without the function object noticing, and a function whose code rebinds its
+module globals (``global x; x = ...``) or calls ``globals()`` or has attributes
+is not described by them: such a function gets no fingerprint and is pickled
+on every call (its bytes' hash still spares the worker a re-send and an
+unpickling when they did not change).
 
-Two things are deliberately different from pickling every call, both as in
-ProcessPoolExecutor: the worker's copy of a function keeps its own function
-attributes between calls; and a function whose code rebinds its module
-globals (``global x; x = ...``) or calls ``globals()`` is never cached, so
-each call starts from the parent's values, as it always did.  The submodule
+What a worker keeps between calls, as a ProcessPoolExecutor worker keeps its
+copy of the module: its copy of a function, with the function's attributes and
+the globals the function's calls set there (``global MODEL; MODEL = load()``, a
+dict filled lazily), for as long as the parent's own values of what the function
+reads stay the same; when they change, the bytes do, and the next call starts
+from the parent's new values.  Functions pickled apart do not share globals: a
+``load()`` and an ``infer()`` of the same script each see their own.  The submodule
 imports cloudpickle records (``os.path`` used as ``os.path.join``) depend on
 ``sys.modules``; the fingerprint records its size, so any import in between
 re-pickles.
@@ -236,7 +240,11 @@ def pickled_once(fn, pickle):
     try:
         fp = fingerprint(fn, keep)
     except _NotFixed:
-        return None
+        # Pickled on every call; bytes a worker already holds are not sent again, and
+        # it keeps running its copy, whose globals keep what its earlier calls set there.
+        _pickled.pop(fn, None)
+        blob = pickle(fn)
+        return (blob, digest(blob)) if len(blob) <= MAX_ONE else None
     if entry is not None and entry.fingerprint == fp:
         entry.watch = watch if watch is not None and _unchanged(fn, watch) else None
         return entry.blob, entry.key
