@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 import warnings
+from concurrent.futures import BrokenExecutor
 
 import pytest
 
@@ -60,10 +61,16 @@ def test_a_preload_that_initialised_cuda_is_refused(monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_a_preload_that_fails_to_import_says_which():
+def test_a_preload_that_fails_to_import_says_which_at_once(caplog):
+    """A preload that fails to import (a typo) breaks the executor at once: a second
+    start would fail the same way, so it is not retried after a back-off with a warning."""
+    t0 = time.monotonic()
     with IsolatedExecutor(preload=["no_such_module_xyz"]) as ex:
         with pytest.raises(WorkerStartError, match="no_such_module_xyz"):
             ex.submit(zf.pid).result()
+        with pytest.raises(BrokenExecutor):
+            ex.submit(zf.pid)
+    assert time.monotonic() - t0 < 0.9 and "trying once more" not in caplog.text
 
 
 @pytest.mark.timeout(60)

@@ -67,7 +67,14 @@ CLOSE_WAIT = 5.0                # seconds
 
 
 class ZygoteError(WorkerStartError):
-    """The zygote refused or failed to start (a preload failed or initialised CUDA)."""
+    """The zygote refused or failed to start (a preload failed or initialised CUDA).
+
+    ``permanent``: starting it again would fail the same way (the preload's own
+    failure), so the executor does not retry."""
+
+    def __init__(self, *args, permanent=False):
+        super().__init__(*args)
+        self.permanent = permanent
 
 
 def usable_here() -> bool:
@@ -334,7 +341,7 @@ class Zygote:
             if kind == "threads":
                 self._give_up(msg[1])
                 return
-            raise ZygoteError(msg[1])
+            raise ZygoteError(msg[1], permanent=kind == "failed")
         self._proc, self._channel, self._alive_w = proc, parent, alive_w
         self._reader = started.reader = threading.Thread(
             target=self._read_loop, args=(parent,), daemon=True, name=f"comfy_env-zygote-{proc.pid}")

@@ -627,7 +627,10 @@ class _Pool:
             else:
                 err = WorkerStartError(f"could not start a worker: {exc!r}")
                 err.__cause__ = exc
-            self._start_failed(err, transient=launch.is_transient(exc))
+            if getattr(exc, "permanent", False):
+                self._break(err)        # a preload that failed to import: it would only repeat
+            else:
+                self._start_failed(err, transient=launch.is_transient(exc))
             return
         if self.start_timeout is not None:
             self.watchdog.at(time.monotonic() + self.start_timeout, worker, _START)
