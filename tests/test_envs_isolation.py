@@ -191,3 +191,39 @@ def test_workers_see_the_parents_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [30.0, ["run.py", "--scale", "3"]]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want, want], proc.stdout
+
+
+_FLAGS_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    from comfy_env import IsolatedExecutor
+
+    def seen():
+        try:
+            warnings.warn("deprecated thing")
+            raised = False
+        except UserWarning:
+            raised = True
+        return [sys.warnoptions, sys.flags.optimize, sys.flags.utf8_mode, sys.flags.dont_write_bytecode, raised]
+
+    if __name__ == "__main__":
+        out = []
+        for preload in (None, ["json"]):
+            with IsolatedExecutor(preload=preload) as ex:
+                out.append(ex.submit(seen).result(60))
+        print(json.dumps(out))
+""")
+
+
+@ALL_PYTHONS
+def test_workers_of_the_same_interpreter_take_its_flags(pyver, tmp_path):
+    """``python -W error::UserWarning -O -B -X utf8 script.py``: workers of the parent's
+    interpreter (spawned, or forked from a zygote) run with the same flags, as
+    multiprocessing's spawned children do; the flags that would hide the worker's own
+    imports (-E, -I, -S) are not passed."""
+    from pythons import script_env, user_python
+    (tmp_path / "run.py").write_text(_FLAGS_SCRIPT)
+    proc = subprocess.run([user_python(pyver), "-W", "error::UserWarning", "-O", "-B", "-X", "utf8", "run.py"],
+                          cwd=str(tmp_path), env=script_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = [["error::UserWarning"], 1, 1, 1, True]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want, want], proc.stdout

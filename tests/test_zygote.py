@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
 import warnings

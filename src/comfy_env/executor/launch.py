@@ -41,10 +41,30 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(comfy_env.__fi
 _TRANSIENT = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN])
 
 
+# Interpreter flags a worker of the parent's own interpreter must not take: they would
+# hide the PYTHONPATH (or site-packages) it imports comfy_env and its dependencies from
+# before the handshake hands it the parent's sys.path.
+_FLAGS_NOT_PASSED = frozenset(["-E", "-I", "-S"])
+
+
+def interpreter_flags() -> list:
+    """The parent's interpreter flags (``-W``, ``-X``, ``-O``, ``-B``, ...) for a worker of
+    the same interpreter, as multiprocessing passes them to its spawned children.
+    ``subprocess._args_from_interpreter_flags`` is what multiprocessing itself uses: no
+    public function lists them."""
+    try:
+        flags = subprocess._args_from_interpreter_flags()
+    except Exception:       # pragma: no cover - a Python without it: start plain
+        return []
+    return [f for f in flags if f not in _FLAGS_NOT_PASSED]
+
+
 def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
                    module: str = "comfy_env.worker"):
     cmd = [wenv.python]
-    if not wenv.is_current:
+    if wenv.is_current:
+        cmd += interpreter_flags()
+    else:
         cmd.append("-s")            # no user site-packages in a foreign env
     cmd += ["-m", module, "--fd", str(fd)]
     if alive_fd is not None:
