@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from comfy_env.envs import Env, resolve_env
+from comfy_env.errors import PicklingFailed
 from comfy_env.envs.interpreters import find_interpreters
 from test_envs_helpers import demo_dep_wheel
 
@@ -125,6 +126,33 @@ def test_worker_with_another_python_minor_version(tmp_path):
         msg = str(e.value)
         assert "%d.%d" % sys.version_info[:2] in msg and "%d.%d" % other.minor in msg
         assert "module:qualname" in msg or "qualname" in msg
+
+
+def _python_310():
+    saved = os.environ.get("COMFY_ENV_CACHE_DIR")
+    os.environ["COMFY_ENV_CACHE_DIR"] = saved or _COLLECT_CACHE
+    try:
+        return next((i for i in find_interpreters() if i.minor == (3, 10)), None)
+    finally:
+        if saved is None:
+            del os.environ["COMFY_ENV_CACHE_DIR"]
+
+
+@pytest.mark.skipif(sys.version_info[:2] == (3, 10) or _python_310() is None,
+                    reason="needs a Python 3.10 beside a newer parent")
+def test_an_argument_of_a_class_of_the_parents_script_says_the_versions_differ():
+    """An instance of a class defined in the parent's script travels as code (by
+    value); Python 3.10 cannot load a newer version's code objects, and the bare error
+    was ``TypeError: code expected at most 16 arguments, got 18``.  It now names both
+    versions and what to pass instead; a module missing in the env still says so."""
+    other = _python_310()
+    Thing = type("Thing", (), {"__module__": "__main__", "size": lambda self: 1})
+    with IsolatedExecutor(env=other.executable) as ex:
+        with pytest.raises(PicklingFailed) as e:
+            ex.submit("builtins:repr", Thing()).result(60)
+        msg = str(e.value)
+        assert "%d.%d" % sys.version_info[:2] in msg and "3.10" in msg and "plain data" in msg, msg
+        assert ex.submit("builtins:len", [1, 2]).result(30) == 2       # the worker is fine
 
 
 @pytest.mark.skipif(_other_python() is None, reason="no second Python (>= 3.10) on this machine")

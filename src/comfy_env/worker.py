@@ -160,6 +160,7 @@ class Handshake(enum.Enum):
 
 class Worker:
     def __init__(self, channel: Channel):
+        self.parent_python = tuple(sys.version_info[:2])     # the Init says (handshake)
         self.channel = channel
         self.link = lifetime.Link(self._send_control, name="parent")
         self._gc_due = None
@@ -218,6 +219,7 @@ class Worker:
         cfg = msg.config
         self.link.uid = cfg["uid"]
         self.name = cfg.get("name", "worker")
+        self.parent_python = tuple(cfg.get("python") or sys.version_info[:3])[:2]
         settings.install(cfg["settings"])     # the parent's values, not our environment's
         adopt_import_paths(cfg)
         self.spin_us = cfg.get("spin_us", 0)      # the parent's choice (executor.py)
@@ -314,7 +316,10 @@ class Worker:
                     # Before the arguments: the parent counts on this worker holding a
                     # function sent once even if this call's arguments fail to decode.
                     held = self.functions.take(fnref) if fnref is not None else None
-                    fn, args, kwargs = codec.decode_part(frame, 0, self.link)
+                    try:
+                        fn, args, kwargs = codec.decode_part(frame, 0, self.link)
+                    except Exception as exc:
+                        raise self._undecodable(exc) from exc
                 finally:
                     frame.close_fds()
                 if fnref is not None:
@@ -346,6 +351,24 @@ class Worker:
                 f"to the parent: {type(exc).__name__}: {exc}"
             )
             self._send_exception(Result(call_id, False), err, cause=exc)
+
+    def _undecodable(self, exc):
+        """The call's arguments did not unpickle here: under another Python minor version
+        than the parent's, say why that is the likely cause (a class or function of the
+        parent's script travels as code, which another version cannot load: the bare
+        error was ``code expected at most 16 arguments``).  A module missing here says so
+        itself."""
+        ours = tuple(sys.version_info[:2])
+        if self.parent_python == ours or isinstance(exc, ImportError):
+            return exc
+        v = ".".join
+        return PicklingFailed(
+            f"the call's arguments could not be unpickled in the worker ({type(exc).__name__}: {exc}). "
+            f"The parent runs Python {v(map(str, self.parent_python))}, this environment Python "
+            f"{v(map(str, ours))}: objects of classes (and functions) defined in the parent's script "
+            f"travel as Python code, which only the same Python version can load. Pass plain data "
+            f"(dicts, lists, numbers, strings, arrays), or define the class in a module both "
+            f"environments import.")
 
     def _send_exception(self, envelope, exc, cause=None):
         """Send ``envelope`` (``Result(call_id, False)`` or ``InitFailed()``) with ``exc``."""

@@ -357,6 +357,7 @@ class WorkerHandle:
             "sys_path": self._sent_path,
             "cwd": parent_cwd(),    # a worker starts elsewhere (launch.py): it changes here
             "argv": parent_argv(),
+            "python": tuple(sys.version_info[:3]),
             "log_level": self.pool.worker_log_level,
             "settings": settings.to_wire(self.pool.settings),
             "spin_us": self.pool.worker_spin_us,
