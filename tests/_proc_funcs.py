@@ -70,8 +70,11 @@ def spin_in_python(seconds):
 
 
 def channel_fd():
-    """The fd of the worker's end of the channel (``--fd N`` on its command line)."""
-    return int(sys.argv[sys.argv.index("--fd") + 1])
+    """The fd of the worker's end of the channel (``--fd N`` on its own command line:
+    ``sys.argv`` is the parent's)."""
+    with open("/proc/self/cmdline", "rb") as f:
+        cmd = f.read().split(b"\0")
+    return int(cmd[cmd.index(b"--fd") + 1])
 
 
 def write_garbage_to_channel(data, then_sleep=0.0):

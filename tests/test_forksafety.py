@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -159,8 +158,8 @@ def _leave_a_grandchild_and_die(path, explicit):
     if explicit:
         # A grandchild that holds the channel whatever we do (C code forking without
         # exec would): the parent must see the worker's death all the same.
-        fd = int(sys.argv[sys.argv.index("--fd") + 1])
-        p = subprocess.Popen(["sleep", "60"], pass_fds=(fd,))
+        from _proc_funcs import channel_fd
+        p = subprocess.Popen(["sleep", "60"], pass_fds=(channel_fd(),))
     else:
         p = subprocess.Popen(["sleep", "60"], close_fds=False)
     with open(path, "w") as f:
