@@ -14,6 +14,15 @@ Cases, each on a fresh pool with the release threshold at 0 and then ``cuMemPool
   imported:  a peer imported the pool (fd), imported no pointer of it
   other-ptr: the peer imported a pointer of another, live allocation of the pool
   same-ptr:  the peer imported the freed allocation's pointer and freed its import first
+  late-free: the peer imported that pointer and freed its import only after our free and
+             trim; trimmed again after (``after_late_trim``)
+  peer-drop: as same-ptr, then the peer destroyed its import of the pool
+  peer-exit: as same-ptr, then the peer process exited
+  chunk:     32 allocations of 1/32 the size, one of them exported and imported (then
+             freed) by the peer: how much of the pool stays held (the pinning's granularity)
+
+After each trim, a new allocation of the pool is made, exported and (with a peer)
+imported: ``reuse_ok`` says the pool still works after giving memory back.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ pool = C.c_void_p()
 D.call("cuMemPoolImportFromShareableHandle", C.byref(pool), C.c_void_p(fd), D.HANDLE_POSIX_FD, 0)
 descs, n = devices.access_for(0, peers=False)
 D.call("cuMemPoolSetAccess", pool, descs, n)
-ptr = None
+ptrs = []  # a stack: "free" frees the last import
 print("ready", flush=True)
 for line in sys.stdin:
     cmd = line.split()
@@ -51,11 +60,12 @@ for line in sys.stdin:
         C.memmove(C.byref(ed), bytes.fromhex(cmd[1]), 64)
         p = C.c_uint64()
         D.call("cuMemPoolImportPointer", C.byref(p), pool, C.byref(ed))
-        ptr = p.value
+        ptrs.append(p.value)
     elif cmd[0] == "free":
-        D.call("cuMemFreeAsync", ptr, None)
+        D.call("cuMemFreeAsync", ptrs.pop(), None)
         D.call("cuCtxSynchronize")
-        ptr = None
+    elif cmd[0] == "drop":
+        D.call("cuMemPoolDestroy", pool)
     elif cmd[0] == "exit":
         break
     print("ok", flush=True)
@@ -115,27 +125,56 @@ class Peer:
 def case(name, nbytes):
     export_fd = name != "created"
     pool, fd = new_pool(export_fd)
-    peer = Peer(fd) if name in ("imported", "other-ptr", "same-ptr") else None
+    peer = Peer(fd) if name not in ("created", "exported") else None
     keep = None
     try:
         if name == "other-ptr":
             keep = alloc(pool, 2 * MiB)
             peer.do("import", export(keep))
         base = free_mib()
-        big = alloc(pool, nbytes)
-        if name == "same-ptr":
-            peer.do("import", export(big))
+        if name == "chunk":
+            parts = [alloc(pool, nbytes // 32) for _ in range(32)]
+            peer.do("import", export(parts[5]))
             peer.do("free")
+        else:
+            parts = [alloc(pool, nbytes)]
+        if name in ("same-ptr", "late-free", "peer-drop", "peer-exit"):
+            peer.do("import", export(parts[0]))
+            if name != "late-free":
+                peer.do("free")
+            if name == "peer-drop":
+                peer.do("drop")
+            elif name == "peer-exit":
+                peer.close()
+                peer = None
         held = base - free_mib()
-        D.call("cuMemFreeAsync", big, None)
+        for ptr in parts:
+            D.call("cuMemFreeAsync", ptr, None)
         after_free = base - free_mib()
+        t0 = time.perf_counter()
         D.call("cuMemPoolTrimTo", pool, 0)
+        trim_us = (time.perf_counter() - t0) * 1e6
         after_trim = base - free_mib()
         time.sleep(0.2)
         after_wait = base - free_mib()
         out = {"case": name, "alloc_MiB": nbytes / MiB, "held_MiB": round(held),
                "after_free_MiB": round(after_free), "after_trim_MiB": round(after_trim),
-               "after_trim_0.2s_MiB": round(after_wait)}
+               "after_trim_0.2s_MiB": round(after_wait), "trim_us": round(trim_us)}
+        if name == "late-free":
+            peer.do("free")
+            D.call("cuMemPoolTrimTo", pool, 0)
+            out["after_late_trim_MiB"] = round(base - free_mib())
+        try:
+            again = alloc(pool, 64 * MiB)
+            if peer is not None and name != "peer-drop":
+                peer.do("import", export(again))
+                peer.do("free")
+            elif fd is not None:
+                export(again)
+            D.call("cuMemFreeAsync", again, None)
+            out["reuse_ok"] = True
+        except Exception as exc:
+            out["reuse_ok"] = f"{type(exc).__name__}: {exc}"
     finally:
         if keep is not None:
             if peer is not None:
@@ -155,7 +194,8 @@ def main():
     D.lib()
     devices.use(0)
     res = []
-    for name in ("created", "exported", "imported", "other-ptr", "same-ptr"):
+    for name in ("created", "exported", "imported", "other-ptr", "same-ptr", "late-free", "peer-drop",
+                 "peer-exit", "chunk"):
         try:
             r = case(name, int(gib * 1024) * MiB)
         except Exception as exc:

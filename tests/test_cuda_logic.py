@@ -577,14 +577,22 @@ def test_which_process_takes_an_export_heap(role, worker_heap, parent_heap, want
 
 
 class _FakeGen:
-    def __init__(self, used, reserved):
+    def __init__(self, used, reserved, imported=0):
         self.u, self.r = used, reserved
+        self.imported = imported         # free bytes a peer imported: a trim leaves them
+        self.destroyed = False
+        self.trims = 0
 
     def used(self):
         return self.u
 
     def reserved(self):
         return self.r
+
+    def trim(self):
+        self.trims += 1
+        self.r = min(self.r, self.u + self.imported)
+        return True
 
 
 def _pools_of(gen):
@@ -614,12 +622,37 @@ def test_the_parents_heap_rolls_only_when_nothing_in_it_is_used():
     assert small.roll(64 * MiB, only_unused=True) is False             # under the idle bound
 
 
+@pytest.mark.parametrize("role", ["parent", "worker"])
+def test_empty_cache_trims_every_generation_before_deciding_to_roll(role, monkeypatch):
+    """``empty_cache`` (``roll_and_reap``) first trims every live generation: what a
+    trim gives back is never a reason to roll.  Only idle memory a peer imported (which
+    a trim cannot give back) above the bound rolls a worker's heap; the parent's rolls
+    only once nothing in it is used."""
+    from comfy_env.ipc.cuda import devices
+    from comfy_env.ipc.cuda.local import LocalGpus
+    monkeypatch.setattr(devices, "use", lambda ordinal: None)
+    MiB = 1 << 20
+    old = _FakeGen(used=2 * MiB, reserved=512 * MiB)
+    never_sent = _pools_of(_FakeGen(used=4 * MiB, reserved=1024 * MiB, imported=0))
+    never_sent.old = [old]
+    sent = _pools_of(_FakeGen(used=4 * MiB, reserved=1024 * MiB, imported=256 * MiB))
+    for pools, rolls in ((never_sent, False), (sent, role == "worker")):
+        local = LocalGpus("pool", None, "pool")
+        local.role = role
+        local.heap[0] = pools
+        gen = pools.current
+        local.roll_and_reap(64 * MiB)
+        assert gen.trims == 1 and gen.reserved() == gen.used() + gen.imported
+        assert (pools.current is not gen) is rolls
+    assert old.trims == 1 and old.reserved() == old.used()     # rolled generations too
+
+
 @pytest.mark.parametrize("policy", ["pool", "torch"])
 def test_parent_heap_policy_installs_the_heap_hooks_without_touching_cuda(policy):
-    """Under ``COMFY_ENV_CUDA_PARENT_HEAP=pool`` making an executor installs the plane
-    (torch imported), which queues the heap for CUDA init and makes torch's memory
-    figures count it, without initialising CUDA or loading libcuda; the figures get the
-    heap's bytes added.  Under the default nothing is installed or hooked."""
+    """Under ``COMFY_ENV_CUDA_PARENT_HEAP=pool`` (the default) making an executor installs
+    the plane (torch imported), which queues the heap for CUDA init and makes torch's
+    memory figures count it, without initialising CUDA or loading libcuda; the figures get
+    the heap's bytes added.  Under ``torch`` nothing is installed or hooked."""
     code = textwrap.dedent("""
         import torch
         figures = {"allocated_bytes.all.current": 10, "active_bytes.all.current": 10,

@@ -154,8 +154,9 @@ class LocalGpus:
         return list(self.heap.items()) + list(self.staging.items())
 
     def roll_and_reap(self, min_idle):
-        """Roll every pool holding more than ``min_idle`` idle bytes to a new generation,
-        destroy drained old ones; returns the retired pool keys (peers must be told).
+        """Trim every pool, roll each still holding more than ``min_idle`` idle bytes (memory
+        peers imported) to a new generation, destroy drained old ones; returns the retired
+        pool keys (peers must be told).
 
         The parent's heap rolls only when nothing in it is in use: its long-lived tensors
         (a ComfyUI parent's models) would pin the old generation, idle bytes included,
@@ -166,6 +167,7 @@ class LocalGpus:
             if pools is None:
                 continue
             devices.use(pools.ordinal)
+            pools.trim()
             pools.roll(min_idle, only_unused=(pools.kind == "heap" and self.role != "worker"))
             retired += pools.reap()
         return retired

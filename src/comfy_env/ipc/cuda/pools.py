@@ -6,18 +6,20 @@ A :class:`Generation` is one pool created with the POSIX-fd handle type.  Its fd
 exported at creation, because ``cuMemPoolExportPointer`` fails with INVALID_VALUE
 until the pool itself has been exported.  The fd crosses to each peer once.
 
-Exportable pools never give memory back while they exist (measured on an H100:
-trim, release threshold 0 and ``empty_cache`` all left a freed 4 GiB in use); only
-``cuMemPoolDestroy`` does, once every exported fd is closed everywhere.  So memory is
-reclaimed by *generations*: :meth:`Pools.roll` makes a fresh pool current, the old one
-receives no new allocations, and :meth:`Pools.reap` destroys it once nothing in it is
-used any more (the ledger guarantees importers freed first), telling peers to drop
-their import of it.
+An exportable pool gives freed memory back on ``cuMemPoolTrimTo`` (:meth:`Pools.trim`)
+like any pool, except memory a peer imported a pointer of: that stays in the pool after
+every free (free for the pool's own reuse) until ``cuMemPoolDestroy``, even once the
+peer freed its import (H100, driver 580: ``benchmarks/probe_pool_trim.py``).  So what
+trimming leaves is reclaimed by *generations*: :meth:`Pools.roll` makes a fresh pool
+current, the old one receives no new allocations, and :meth:`Pools.reap` destroys it
+once nothing in it is used any more (the ledger guarantees importers freed first),
+telling peers to drop their import of it.
 
 * ``heap`` pools are made the device's current pool, so torch's ``cudaMallocAsync``
-  backend allocates from them: the worker's tensors are exportable as they stand.
+  backend allocates from them (a ``pool`` worker's, the parent's by default): the
+  process's tensors are exportable as they stand.
 * ``staging`` pools are not current: we copy into them (``cuMemAllocFromPoolAsync``)
-  without touching the process's allocator (the parent's belongs to ComfyUI).
+  without touching the process's allocator.
 
 Importing side
 --------------
@@ -64,8 +66,8 @@ class Generation:
         D.call("cuMemPoolCreate", C.byref(h), C.byref(_props(ordinal)), detail=f"{kind} pool, device {ordinal}")
         self.handle = h.value
         try:
-            # Freed blocks stay in the pool for reuse: an exportable pool cannot hand
-            # memory back to the device anyway, and re-mapping per call would cost time.
+            # Freed blocks stay in the pool for reuse until a trim (torch's own pool is
+            # set the same way): re-mapping per call would cost time.
             v = C.c_uint64(2 ** 64 - 1)
             D.call("cuMemPoolSetAttribute", self.handle, D.MEMPOOL_ATTR_RELEASE_THRESHOLD, C.byref(v))
             fd = C.c_int(-1)
@@ -86,6 +88,12 @@ class Generation:
         D.call("cuMemAllocFromPoolAsync", C.byref(ptr), max(1, nbytes), self.handle, stream,
                detail=f"{nbytes} bytes from the {self.kind} pool")
         return ptr.value
+
+    def trim(self) -> bool:
+        """Give the device back this pool's free memory that no peer ever imported.
+        Best effort (False if the driver refused): what stays is reclaimed by generations."""
+        devices.use(self.ordinal)
+        return D.try_call("cuMemPoolTrimTo", self.handle, 0) == D.CUDA_SUCCESS
 
     def export_pointer(self, ptr) -> bytes:
         ed = D.PoolPtrExportData()
@@ -140,6 +148,14 @@ class Pools:
         """Reserved but unused bytes in the current generation: what a roll could free."""
         cur = self.current
         return cur.reserved() - cur.used()
+
+    def trim(self):
+        """:meth:`Generation.trim` every live generation: what stays idle after it is
+        memory peers imported, which only a roll (and the reap after it) gives back."""
+        with self._lock:
+            for g in self.old + [self.current]:
+                if g is not None and not g.destroyed:
+                    g.trim()
 
     def roll(self, min_idle=0, only_unused=False) -> bool:
         """Start a new generation if the current one holds more than ``min_idle`` idle
