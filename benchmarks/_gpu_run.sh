@@ -6,11 +6,13 @@
 # RUN_BENCH=0 skips the tests or the benchmarks (to split the run over two device calls); RUN_MULTI=0
 # skips bench_multigpu.py; PARENTS="async" (or "native") tests under one parent allocator only.
 # BENCH_CONFS="async native mixed": bench_cuda.py once per parent allocator (async: workers on
-# cudaMallocAsync too, COMFY_ENV_CUDA_HEAP=pool; mixed: a cudaMallocAsync parent, workers on the
-# native allocator, COMFY_ENV_CUDA_HEAP=native, the default; heap: mixed with
-# COMFY_ENV_CUDA_PARENT_HEAP=pool, the parent's tensors in an exportable pool);
-# with BASE_SRC, each conf but heap runs against that tree first ($OUT/compare_<conf>.txt).
-# RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log).
+# cudaMallocAsync too, COMFY_ENV_CUDA_HEAP=pool; mixed: the defaults under a cudaMallocAsync
+# parent (ComfyUI's): workers on the native allocator, the parent's tensors in an exportable
+# pool; parent-torch: mixed with COMFY_ENV_CUDA_PARENT_HEAP=torch, the parent's tensors in
+# torch's default pool); with BASE_SRC, each conf but parent-torch runs against that tree
+# first ($OUT/compare_<conf>.txt).
+# RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log);
+# RUN_TRIM_PROBE=1 runs benchmarks/probe_pool_trim.py at 1 GiB and 64 MiB ($OUT/probe_trim.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
 #   bash benchmarks/_gpu_run.sh            (carry .whl if cloudpickle/pytest are missing there)
 set -u
@@ -42,8 +44,8 @@ run_tests() {   # label, PYTORCH_CUDA_ALLOC_CONF, time limit (s), extra pytest a
 }
 bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inherit it), VAR=value...
   local label=$1 conf=$2; shift 2
-  # heap's base would be mixed's (the base tree has no parent heap): run mixed beside it.
-  if [ -n "${BASE_SRC:-}" ] && [ "$label" != heap ]; then
+  # parent-torch's base would be mixed's: run mixed beside it.
+  if [ -n "${BASE_SRC:-}" ] && [ "$label" != parent-torch ]; then
     # The same script against the base tree first (the base has no COMFY_ENV_CUDA_HEAP=native).
     mkdir -p "/tmp/bench_base_$label"
     env "$@" PYTORCH_CUDA_ALLOC_CONF="$conf" COMFY_ENV_BENCH_SRC="$BASE_SRC" OUT="/tmp/bench_base_$label" \
@@ -67,12 +69,11 @@ bench() {
     # BENCH_CONFS="async native": one benchmark per parent allocator, workers the same
     # (native: legacy IPC's own setting, the ipc route's).
     for c in $BENCH_CONFS; do
-      # mixed: a cudaMallocAsync parent (ComfyUI's) whose workers run the native allocator.
+      # mixed: a cudaMallocAsync parent (ComfyUI's), every COMFY_ENV_CUDA_* at its default.
       case $c in async) bench_one async "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=pool;; native) bench_one native "";;
-                 mixed) bench_one mixed "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native;;
-                 # heap: mixed, plus the parent's own tensors in an exportable pool (opt-in).
-                 heap) bench_one heap "backend:cudaMallocAsync" COMFY_ENV_CUDA_HEAP=native \
-                         COMFY_ENV_CUDA_PARENT_HEAP=pool;; esac
+                 mixed) bench_one mixed "backend:cudaMallocAsync";;
+                 # parent-torch: mixed, the parent's own tensors left in torch's default pool.
+                 parent-torch) bench_one parent-torch "backend:cudaMallocAsync" COMFY_ENV_CUDA_PARENT_HEAP=torch;; esac
     done
     return
   fi
@@ -101,15 +102,20 @@ if [ "${RUN_PROBE:-0}" = 1 ]; then
   timeout 120 python3 benchmarks/probe_ipc_free_while_mapped.py > "$OUT/probe.log" 2>&1
   SUMMARY+=("probe_ipc_free_while_mapped rc=$? [at $((SECONDS - T0)) s]"); echo "${SUMMARY[-1]}"
 fi
+if [ "${RUN_TRIM_PROBE:-0}" = 1 ]; then
+  { timeout 120 python3 benchmarks/probe_pool_trim.py --gib 1; timeout 120 python3 benchmarks/probe_pool_trim.py --gib 0.0625; } \
+    > "$OUT/probe_trim.log" 2>&1
+  SUMMARY+=("probe_pool_trim rc=$? [at $((SECONDS - T0)) s]"); echo "${SUMMARY[-1]}"
+fi
 [ "${BENCH_FIRST:-0}" = 1 ] && [ "${RUN_BENCH:-1}" = 1 ] && bench
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   # TEST_K: a pytest -k expression, e.g. "not 10000" for a short run
   # PARENTS: which parent allocators to test under ("async native" by default)
   case " ${PARENTS:-async native} " in *" async "*)
-    run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"};; esac
+    run_tests async "backend:cudaMallocAsync" "${TEST_LIMIT:-300}" -m "gpu and not slow" ${TEST_K:+-k "$TEST_K"};; esac
   case " ${PARENTS:-async native} " in *" native "*)
     K=${TEST_K_NATIVE:-${TEST_K:-}}     # TEST_K_NATIVE: another -k for the native parent's run
-    run_tests native "" "${TEST_LIMIT:-170}" -m "gpu and not slow" ${K:+-k "$K"};; esac
+    run_tests native "" "${TEST_LIMIT:-300}" -m "gpu and not slow" ${K:+-k "$K"};; esac
   if [ "${RUN_SLOW:-1}" = 1 ]; then
     run_tests async-slow "backend:cudaMallocAsync" "${SLOW_LIMIT:-150}" -m "slow"
   fi
@@ -127,9 +133,10 @@ echo "================ summary ================"
 cat /tmp/comfy_env_gpu.txt
 printf '%s\n' "${SUMMARY[@]}"
 [ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
+[ -f "$OUT/probe_trim.log" ] && cat "$OUT/probe_trim.log"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
 if [ "${RUN_BENCH:-1}" = 1 ]; then
-  for f in "$OUT"/bench.log "$OUT"/bench_base_*.log "$OUT"/bench_async.log "$OUT"/bench_native.log "$OUT"/bench_mixed.log "$OUT"/bench_heap.log; do
+  for f in "$OUT"/bench.log "$OUT"/bench_base_*.log "$OUT"/bench_async.log "$OUT"/bench_native.log "$OUT"/bench_mixed.log "$OUT"/bench_parent-torch.log; do
     [ -f "$f" ] || continue
     echo "--- $f"
     sed -n '/^GPU: /,$p' "$f"

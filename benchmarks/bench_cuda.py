@@ -461,7 +461,9 @@ def main():
     torch.zeros(1, device="cuda")
     gpu = torch.cuda.get_device_name()
     res = {"gpu": gpu, "torch": torch.__version__, "parent_backend": torch.cuda.get_allocator_backend(),
-           "parent_heap": os.environ.get("COMFY_ENV_CUDA_PARENT_HEAP", "torch"),
+           # The policy (the tree's default unless set) and whether the heap was made.
+           "parent_heap": getattr(PLANE.local, "parent_heap", "torch")
+                          + ("" if PLANE.local.heap.get(0) else " (none made)"),
            "driver": _driver_version(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": "median of warm back-to-back calls",
            "import_cache": {"max_bytes": PLANE.import_cache.max_bytes, "max_count": PLANE.import_cache.max_count,

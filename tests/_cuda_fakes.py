@@ -51,12 +51,13 @@ class FakeT:
         return self._ptr
 
 
-def fake_torch_on_stream(cuda_stream=7):
-    """torch's namespace with ``torch.cuda.current_stream()`` a fake stream (no GPU)."""
+def fake_torch_on_stream(cuda_stream=7, backend="native"):
+    """torch's namespace with ``torch.cuda.current_stream()`` a fake stream (no GPU) and
+    the allocator ``backend`` (the native one: no export heap, whatever the policy)."""
     import types
     ns = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
     stream = types.SimpleNamespace(cuda_stream=cuda_stream)
-    ns.cuda = types.SimpleNamespace(current_stream=lambda *a: stream)
+    ns.cuda = types.SimpleNamespace(current_stream=lambda *a: stream, get_allocator_backend=lambda: backend)
     return ns
 
 

@@ -48,10 +48,10 @@ def test_values_parse():
     cfg = settings.read({"COMFY_ENV_INLINE_BYTES": " 0 ", "COMFY_ENV_CUDA_FORCE_CPU": "1",
                          "COMFY_ENV_CUDA_SMALL_COPY_MIB": "0.5", "COMFY_ENV_PRESTART": "no",
                          "COMFY_ENV_UV": "", "COMFY_ENV_CACHE_DIR": "", "COMFY_ENV_CUDA_HEAP": "staging",
-                         "COMFY_ENV_CUDA_PARENT_HEAP": "pool"})
+                         "COMFY_ENV_CUDA_PARENT_HEAP": "torch"})
     assert cfg.inline_bytes == 0 and cfg.cuda_force_cpu is True and cfg.cuda_small_copy_mib == 0.5
-    assert cfg.prestart is False and cfg.cuda_heap == "staging" and cfg.cuda_parent_heap == "pool"
-    assert settings.read({}).cuda_parent_heap == "torch"
+    assert cfg.prestart is False and cfg.cuda_heap == "staging" and cfg.cuda_parent_heap == "torch"
+    assert settings.read({}).cuda_parent_heap == "pool"
     assert cfg.uv == "" and cfg.cache_dir is None      # "" disables uv; an empty cache dir is unset
     assert settings.read({"COMFY_ENV_PRESTART": ""}).prestart is False   # as before: empty is off
 

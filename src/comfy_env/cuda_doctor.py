@@ -31,7 +31,8 @@ def report(env=None, live=True) -> str:
     else:
         res, parent = None, local_report()
     lines.append(f"  torch {parent['torch']}, driver {parent.get('driver_version')}, "
-                 f"parent allocator: {parent.get('backend')} (PYTORCH_CUDA_ALLOC_CONF={parent['alloc_conf']!r})")
+                 f"parent allocator: {parent.get('backend')} (PYTORCH_CUDA_ALLOC_CONF={parent['alloc_conf']!r}), "
+                 f"export pool as torch heap: {parent.get('heap_pool')}")
     for i, name, uuid in parent.get("devices", []):
         lines.append(f"  GPU {i}: {name}  uuid {uuid}")
     caps = parent.get("caps", {})

@@ -102,13 +102,13 @@ VARIABLES = (
              "whatever the parent runs (results zero copy by legacy IPC handle), torch's "
              "allocations in an exportable pool under cudaMallocAsync (zero copy), or copies in "
              "a staging pool (ipc/cuda/local.py, sender.py, executor/worker_allocator.py)"),
-    Variable("COMFY_ENV_CUDA_PARENT_HEAP", "cuda_parent_heap", "torch", _choice("torch", "pool"),
+    Variable("COMFY_ENV_CUDA_PARENT_HEAP", "cuda_parent_heap", "pool", _choice("torch", "pool"),
              "where the parent's own CUDA tensors live when its torch runs cudaMallocAsync "
-             "(ComfyUI): torch's default pool, untouched (what the parent sends a worker is "
-             "copied once into a staging pool), or an exportable pool made torch's current "
-             "pool (sent zero copy from the second send on; memory the parent frees stays in "
-             "that pool for its own reuse until nothing in it is in use) (ipc/cuda/local.py, "
-             "ipc/cuda/__init__.py)"),
+             "(ComfyUI): an exportable pool made torch's current pool (sent zero copy from a "
+             "tensor's second send on; empty_cache gives its free memory back, except memory a "
+             "worker imported, which stays for the parent's own reuse until nothing in that "
+             "pool is in use), or torch's default pool, untouched (what the parent sends a "
+             "worker is copied once into a staging pool) (ipc/cuda/local.py, ipc/cuda/__init__.py)"),
     Variable("COMFY_ENV_CUDA_FORCE_CPU", "cuda_force_cpu", False, lambda raw: raw == "1",
              "1: send every CUDA tensor through host memory (diagnostics, benchmarks) "
              "(ipc/cuda/sender.py)"),

@@ -29,8 +29,10 @@ Order of preference, per tensor (``ipc`` is decided by the sender before it asks
                export + import + unmap (H100: copy ~1 µs of GPU time per MiB against
                ~17 + 11 + 10 µs of driver calls).  Sent again, the same tensor goes zero
                copy, and the peer's import cache keeps it mapped.
-2. ``staging`` one device copy into our exportable staging pool (the parent, whose
-               allocator belongs to ComfyUI; or a worker on the native allocator).
+2. ``staging`` one device copy into our exportable staging pool (a tensor outside our
+               export pool: a parent's under ``COMFY_ENV_CUDA_PARENT_HEAP=torch``, or
+               allocated before the heap was installed; a worker's on the native
+               allocator, below the ``ipc`` route's bound).
 3. ``vmm``     one device copy into a VMM allocation exported as an fd: any size.
                Taken whenever the bytes exceed the pool import limit, because importing
                one pool allocation above ~5.1 GiB kills the importer (H100, driver 580).
