@@ -229,3 +229,14 @@ def instance_of_a_module_only_here(directory):
     sys.path.insert(0, directory)
     import only_in_the_worker
     return only_in_the_worker.Thing()
+
+
+def exit_leaving_a_thread(code, marker=None):
+    """Start a non-daemon thread that never ends, register an atexit handler that
+    writes ``marker``, then ``sys.exit(code)``."""
+    import atexit
+    import threading
+    threading.Thread(target=time.sleep, args=(1e6,), name="never-ends").start()
+    if marker is not None:
+        atexit.register(lambda: open(marker, "w").write("atexit ran"))
+    sys.exit(code)

@@ -375,6 +375,21 @@ def test_sys_exit_in_the_call_ends_the_worker_like_a_crash():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("code,status", [(3, 3), (None, 0), ("bye", 1)])
+def test_sys_exit_with_a_non_daemon_thread_alive_still_ends_the_worker(tmp_path, code, status):
+    """A call that started a thread which never ends and then calls ``sys.exit()``: the
+    interpreter's shutdown would wait for the thread for ever, and the call never
+    completed (with one worker, neither did any later call).  The worker ends now, with
+    the exit status Python gives that argument, after its atexit handlers."""
+    marker = tmp_path / "atexit"
+    with IsolatedExecutor(max_workers=1) as ex:
+        exc = ex.submit(_funcs.exit_leaving_a_thread, code, str(marker)).exception(15)
+        assert isinstance(exc, WorkerCrashed) and exc.exitcode == status, repr(exc)
+        assert ex.submit(sum, [1, 2]).result(15) == 3
+    assert marker.read_text() == "atexit ran"
+
+
+@pytest.mark.timeout(30)
 def test_calls_queued_behind_a_crash_run_on_a_replacement_worker():
     with IsolatedExecutor(max_workers=1) as ex:
         first_pid = ex.submit(_funcs.getpid).result(15)

@@ -333,7 +333,7 @@ class Worker:
         except BaseException as exc:
             if isinstance(exc, SystemExit):
                 # sys.exit() in user code ends the worker like a crash would.
-                raise
+                _exit_now(exc)
             self._send_exception(Result(call_id, False), exc)
             return
         finally:
@@ -395,6 +395,35 @@ class Worker:
             pass
         self.send_parts(envelope, [(RemoteError(qual, msg + " (the exception could not be pickled)", tb), tb),
                                    info])
+
+
+def _exit_now(exc: SystemExit):
+    """End the worker as ``sys.exit()`` would, without waiting for the call's non-daemon
+    threads: interpreter shutdown joins them, and one that never ends would keep the
+    worker (and its call) alive for ever; the parent learns of the exit only when the
+    process ends.  atexit handlers run, and output is flushed, as at a normal exit."""
+    code = exc.code
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        try:
+            print(code, file=sys.stderr)        # as Python prints a non-int exit argument
+        except Exception:
+            pass
+        status = 1
+    try:
+        import atexit
+        atexit._run_exitfuncs()     # the public atexit module runs them only at shutdown
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status & 0xFF)           # what the OS keeps of any exit status
 
 
 def _strip(exc):
