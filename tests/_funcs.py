@@ -240,3 +240,10 @@ def exit_leaving_a_thread(code, marker=None):
     if marker is not None:
         atexit.register(lambda: open(marker, "w").write("atexit ran"))
     sys.exit(code)
+
+
+def leave_a_thread():
+    """Start a non-daemon thread that never ends; return this worker's pid."""
+    import threading
+    threading.Thread(target=time.sleep, args=(1e6,), name="never-ends").start()
+    return os.getpid()

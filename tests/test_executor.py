@@ -390,6 +390,22 @@ def test_sys_exit_with_a_non_daemon_thread_alive_still_ends_the_worker(tmp_path,
 
 
 @pytest.mark.timeout(30)
+def test_a_thread_a_call_left_running_does_not_keep_the_worker_after_shutdown(capfd):
+    """A call started a non-daemon thread that never ends: at shutdown the worker gives
+    such threads a grace period, then ends without them and says so on stderr (it
+    waited for them for ever, and ``shutdown(wait=True)`` with it)."""
+    from procstate import wait_gone
+    from comfy_env import worker as worker_module
+    ex = IsolatedExecutor(max_workers=1)
+    pid = ex.submit(_funcs.leave_a_thread).result(15)
+    t0 = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - t0 < worker_module.STRAY_THREAD_GRACE + 5
+    assert wait_gone([pid], 5) == []
+    assert "ending with 1 thread(s) a call started still running (never-ends)" in capfd.readouterr().err
+
+
+@pytest.mark.timeout(30)
 def test_calls_queued_behind_a_crash_run_on_a_replacement_worker():
     with IsolatedExecutor(max_workers=1) as ex:
         first_pid = ex.submit(_funcs.getpid).result(15)

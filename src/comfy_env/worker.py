@@ -397,6 +397,26 @@ class Worker:
                                    info])
 
 
+STRAY_THREAD_GRACE = 5.0        # seconds a thread a call left running may take at exit
+
+
+def _end_without_stray_threads(grace=STRAY_THREAD_GRACE):
+    """The parent said exit: threads that calls started and left running get ``grace``
+    seconds to end, then the worker ends without them.  Interpreter shutdown would join
+    them, and one that never ends would keep the worker alive for ever (the parent's
+    ``shutdown(wait=True)`` waiting on it).  Says so on stderr."""
+    me = threading.current_thread()
+    deadline = time.monotonic() + grace
+    for t in threading.enumerate():
+        if t is not me and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    if left:
+        print(f"comfy_env worker: ending with {len(left)} thread(s) a call started still running "
+              f"({', '.join(left[:5])})", file=sys.stderr)
+        _exit_now(SystemExit(0))
+
+
 def _exit_now(exc: SystemExit):
     """End the worker as ``sys.exit()`` would, without waiting for the call's non-daemon
     threads: interpreter shutdown joins them, and one that never ends would keep the
@@ -497,6 +517,7 @@ def main(argv=None):
         time.sleep(0.05)
         return 3
     worker.serve()
+    _end_without_stray_threads()
     return 0
 
 
