@@ -176,17 +176,18 @@ _ARGV_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_workers_see_the_parents_command_line(tmp_path):
+@ALL_PYTHONS
+def test_workers_see_the_parents_command_line(pyver, tmp_path):
     """A module that parses ``sys.argv`` at import (argparse in a config module) works in
     a worker, spawned or forked from a zygote whose preload imports it: the worker's
     ``sys.argv`` is the parent's, as multiprocessing's spawn gives its children, not its
     own internal command line (argparse exited the worker with code 2 on its fds)."""
-    from pythons import script_env
+    from pythons import script_env, user_python
     (tmp_path / "config.py").write_text(
         "import argparse\np = argparse.ArgumentParser()\np.add_argument('--scale', type=float, default=1.0)\n"
         "ARGS = p.parse_args()\n")
     (tmp_path / "run.py").write_text(_ARGV_SCRIPT)
-    proc = subprocess.run([os.sys.executable, "run.py", "--scale", "3"], cwd=str(tmp_path), env=script_env(),
+    proc = subprocess.run([user_python(pyver), "run.py", "--scale", "3"], cwd=str(tmp_path), env=script_env(),
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [30.0, ["run.py", "--scale", "3"]]

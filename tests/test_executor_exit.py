@@ -240,3 +240,38 @@ def test_an_executor_marked_stop_at_exit_kills_its_running_call_when_the_program
     proc = run_script("3.11", code, cwd=tmp_path, timeout=50)
     assert proc.returncode == 0 and proc.stdout.strip() == "ending", proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 20
+
+
+_STRAY_THREADS = textwrap.dedent("""
+    import sys, threading, time
+    from comfy_env import IsolatedExecutor, WorkerCrashed
+
+    def leave():
+        threading.Thread(target=time.sleep, args=(1e6,), name="never-ends").start()
+        return 1
+
+    def leave_and_exit():
+        leave()
+        sys.exit(4)
+
+    if __name__ == "__main__":
+        t0 = time.monotonic()
+        with IsolatedExecutor(max_workers=1) as ex:
+            e = ex.submit(leave_and_exit).exception(30)
+            print(type(e).__name__, e.exitcode)
+            print(ex.submit(leave).result(30))
+        print("done", time.monotonic() - t0 < 20)
+""")
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_threads_a_call_left_running_never_keep_a_worker(pyver, tmp_path):
+    """``sys.exit()`` in a call that left a non-daemon thread running ends the worker
+    (its call fails with WorkerCrashed and the exit code; it hung for ever), and at the
+    executor's end a worker whose call left such a thread ends after a grace period
+    instead of keeping ``shutdown`` (and the script) waiting."""
+    proc = run_script(pyver, _STRAY_THREADS, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["WorkerCrashed", "4", "1", "done", "True"], proc.stdout + proc.stderr
+    assert "ending with 1 thread(s) a call started still running (never-ends)" in proc.stderr
