@@ -69,7 +69,9 @@ def test_calls_run_in_another_process_of_the_same_interpreter():
         assert ex.submit(lambda: sys.executable).result(15) == sys.executable
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        assert argv[1:3] == [b"-m", b"comfy_env.worker"]
+        from comfy_env.executor.launch import interpreter_flags
+        flags = [f.encode() for f in interpreter_flags()]     # the parent's own (-B here, say)
+        assert argv[1:3 + len(flags)] == flags + [b"-m", b"comfy_env.worker"]
         assert ex.submit(_funcs.echo, 1, x=2).result(15) == ((1,), {"x": 2})
 
 
