@@ -66,8 +66,8 @@ class Generation:
         D.call("cuMemPoolCreate", C.byref(h), C.byref(_props(ordinal)), detail=f"{kind} pool, device {ordinal}")
         self.handle = h.value
         try:
-            # Freed blocks stay in the pool for reuse until a trim (torch's own pool is
-            # set the same way): re-mapping per call would cost time.
+            # Freed blocks stay in the pool for reuse until a trim (empty_cache):
+            # re-mapping them per call would cost time.
             v = C.c_uint64(2 ** 64 - 1)
             D.call("cuMemPoolSetAttribute", self.handle, D.MEMPOOL_ATTR_RELEASE_THRESHOLD, C.byref(v))
             fd = C.c_int(-1)
