@@ -890,6 +890,68 @@ def test_outcomes_output_logs_and_warnings_as_in_process(pytester):
         "UserWarning: warned at import") == 1, text
 
 
+
+AS_IN_PROCESS_2 = '''
+import logging, threading
+import pytest
+
+log = logging.getLogger("app")
+
+
+@pytest.fixture
+def testdir(tmp_path):                # a project's own fixture that shares a built-in's name
+    return str(tmp_path)
+
+
+@pytest.fixture
+def audit_log(caplog):
+    yield
+    recs = caplog.get_records("call")
+    assert [getattr(r, "request_id", None) for r in recs] == ["r-1", "r-1"]
+    assert [r.exc_info is not None for r in recs] == [False, True]
+    assert recs[0].args == ("job",) and recs[0].getMessage() == "start job"
+
+
+@pytest.mark.isolated
+def test_own_fixture_named_like_a_builtin(testdir):
+    assert isinstance(testdir, str)
+
+
+@pytest.mark.isolated
+def test_log_records_keep_extra_args_and_exc_info(audit_log):
+    log.warning("start %s", "job", extra={"request_id": "r-1"})
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.exception("failed", extra={"request_id": "r-1"})
+
+
+@pytest.mark.isolated
+def test_thread_exception_without_its_plugin():
+    t = threading.Thread(target=lambda: 1 / 0)
+    t.start()
+    t.join()
+'''
+
+
+@pytest.mark.timeout(120)
+def test_more_outcomes_as_in_process(pytester):
+    """A project fixture named like a refused built-in (``testdir``) is an ordinary value;
+    replayed log records keep their ``extra`` fields, args and exc_info (a
+    ``%(request_id)s`` log format failed); ``-p no:threadexception`` is honoured."""
+    pytester.makepyfile(test_more=AS_IN_PROCESS_2)
+    args = ("-rA", "-W", "error", "-p", "no:threadexception", "-o", "log_format=%(levelname)s [%(request_id)s] %(message)s")
+    isolated = run(pytester, *args)
+    # In a subprocess: in this one the thread's exception would reach this session's own plugin.
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:comfy_env", *args,
+                                          "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    expected = {"test_own_fixture_named_like_a_builtin": "PASSED",
+                "test_log_records_keep_extra_args_and_exc_info": "PASSED",
+                "test_thread_exception_without_its_plugin": "PASSED"}
+    assert outcomes(plain) == expected, plain.stdout.str()
+    assert outcomes(isolated) == expected, isolated.stdout.str()
+    assert "WARNING [r-1] start job" in isolated.stdout.str()
+
 BAD_TIMEOUTS = '''
 import pytest
 

@@ -320,7 +320,7 @@ def pytest_pyfunc_call(pyfuncitem):
 def _run_isolated(item, iso, state):
     fixtures = {}
     for name in item._fixtureinfo.argnames:
-        if name in _REFUSED:
+        if name in _REFUSED and _builtin_fixture(item, name):
             pytest.fail(f"fixture {name!r} cannot be used by an isolated test (the test body runs "
                         f"in a worker process): {_REFUSED[name]}", pytrace=False)
         fixtures[name] = item.funcargs[name]
@@ -342,6 +342,17 @@ def _run_isolated(item, iso, state):
 
 
 _MISSING = object()
+
+
+def _builtin_fixture(item, name):
+    """Is fixture ``name`` as the test gets it pytest's own (or this plugin's)?  A
+    project's fixture that happens to share the name (a ``testdir`` data directory) is
+    an ordinary value."""
+    defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+    if not defs:
+        return True
+    module = getattr(defs[-1].func, "__module__", "") or ""
+    return module.startswith(("_pytest.", "pytest", "comfy_env.")) or module == "_pytest"
 
 
 def _class_path(item):
@@ -421,6 +432,11 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "cwd": os.getcwd(),
         "settings": state.settings(),
         "environ": _environ_changes(state),
+        # pytest's plugins that turn uncaught thread / unraisable exceptions into warnings
+        # (-p no:threadexception drops one): the worker does what they would.
+        "uncaught": [kind for kind, plugin in (("thread", "threadexception"),
+                                                ("unraisable", "unraisableexception"))
+                     if item.config.pluginmanager.has_plugin(plugin)],
         # "off": pytest's warnings plugin is not running (-p no:warnings), so neither
         # its filters nor the filterwarnings marks apply, as in this process.
         "warnings": (item.config.getini("filterwarnings"),

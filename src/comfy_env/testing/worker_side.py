@@ -166,7 +166,7 @@ def _run(req, kwargs):
         if req.get("instance"):
             owner.__dict__.update(req["instance"])
         stage = "call"
-        with _UncaughtErrors() as uncaught:
+        with _UncaughtErrors(req.get("uncaught", ("thread", "unraisable"))) as uncaught:
             result = fn(**kwargs)
         if hasattr(result, "__await__") or hasattr(result, "__anext__"):
             if hasattr(result, "close"):
@@ -196,13 +196,19 @@ class _UncaughtErrors:
     (``threading.excepthook``) or where Python cannot raise it (``sys.unraisablehook``:
     ``__del__``, a callback).  pytest's threadexception and unraisableexception plugins
     turn each into a warning after the test's call; the worker's hooks are pytest's
-    stand-ins here, for the test's duration."""
+    stand-ins here, for the test's duration.  ``kinds``: which of the two the pytest
+    process runs (``"thread"``, ``"unraisable"``; ``-p no:threadexception`` drops one)."""
+
+    def __init__(self, kinds=("thread", "unraisable")):
+        self.kinds = frozenset(kinds)
 
     def __enter__(self):
         self.events = []
         self._saved = sys.unraisablehook, threading.excepthook
-        sys.unraisablehook = self._unraisable
-        threading.excepthook = self._thread
+        if "unraisable" in self.kinds:
+            sys.unraisablehook = self._unraisable
+        if "thread" in self.kinds:
+            threading.excepthook = self._thread
         return self
 
     def __exit__(self, *exc):
@@ -659,21 +665,37 @@ class _LogRecorder(logging.Handler):
             logging.getLogger(name).setLevel(level)
 
     def emit(self, record):
+        """Keep the record as the parent re-makes it (``logging.makeLogRecord``): every
+        attribute, a handler's or formatter's ``extra`` fields included; the message with
+        its args when they pickle, else formatted here; the exception's traceback as
+        text (a traceback does not pickle), the exception itself where it pickles."""
         try:
-            msg = record.getMessage()
-            exc_text = record.exc_text
-            if record.exc_info and not exc_text:
-                exc_text = logging.Formatter().formatException(record.exc_info)
-            self.records.append({
-                "name": record.name, "msg": msg, "args": None, "levelname": record.levelname,
-                "levelno": record.levelno, "pathname": record.pathname, "filename": record.filename,
-                "module": record.module, "lineno": record.lineno, "funcName": record.funcName,
-                "created": record.created, "msecs": record.msecs, "exc_text": exc_text,
-                "stack_info": record.stack_info, "threadName": record.threadName,
-                "processName": record.processName, "process": record.process,
-            })
+            out = {}
+            for key, value in vars(record).items():
+                if key in ("msg", "args", "exc_info"):
+                    continue
+                out[key] = value if _pickles(value) else repr(value)
+            if _pickles((record.msg, record.args)):
+                out["msg"], out["args"] = record.msg, record.args
+            else:
+                out["msg"], out["args"] = record.getMessage(), None
+            if record.exc_info and not out.get("exc_text"):
+                out["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            if record.exc_info and record.exc_info[0] is not None:
+                exc = (record.exc_info[0], record.exc_info[1], None)
+                out["exc_info"] = exc if _pickles(exc) else None
+            self.records.append(out)
         except Exception:
             pass
+
+
+def _pickles(value) -> bool:
+    import pickle
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:
+        return False
 
 
 def _plain_warnings(recorded):
