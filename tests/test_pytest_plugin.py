@@ -989,11 +989,15 @@ import pytest
 
 LIMIT = 1
 SEEN = None
+STATE = {}
+COUNTER = None
 
 
 def setup_module(module):
-    global SEEN
+    global SEEN, COUNTER
     SEEN = "set up"
+    COUNTER = 0
+    STATE["db"] = "ready"              # changed in place, not rebound
 
 
 @pytest.fixture
@@ -1036,21 +1040,52 @@ class TestAfter(TestRequestCls):
 
 def test_class_attribute_gone_after_teardown():
     assert not hasattr(TestRequestCls, "db")
+
+
+class Helper:
+    shared = None
+
+
+class TestHelperSetUp:
+    def setup_class(cls):
+        Helper.shared = "configured"   # a class of the module that is not a test class
+
+    def test_helper(self):
+        assert Helper.shared == "configured"
+
+
+def test_in_place_change_reaches_the_worker():
+    assert STATE == {"db": "ready"}
+
+
+def test_counts_in_the_worker():
+    global COUNTER
+    COUNTER += 1
+
+
+def test_the_workers_count_stays():
+    assert COUNTER == 1          # the parent's unchanged 0 is not sent again over it
 """
 
 
 def test_setup_class_request_cls_setup_module_and_fixture_patches_reach_the_worker(pytester):
     """What setup_module, setup_class, a class fixture's ``request.cls.x = ...`` and a
-    fixture's monkeypatch change in the test module or class since collection is the
-    worker's too for that test, and undone for the next, as in-process."""
+    fixture's monkeypatch change in the test module or its classes since collection (in
+    place too, and in a class that is not a test class) is the worker's too for that
+    test, and undone for the next; each change is sent to a worker once, so what the
+    tests change in the worker's module stays for the next, as in-process."""
     pytester.makepyfile(test_ns=NAMESPACES)
     pytester.makeini("[pytest]\nisolated = true\n")
     result = run(pytester, "-rA", "-p", "no:randomly")
     got = outcomes(result)
-    assert got == {"test_module_state": "PASSED", "test_monkeypatch_undone": "PASSED",
-                   "TestSetupClass::test_a": "PASSED", "TestRequestCls::test_db": "PASSED",
-                   "TestAfter::test_db": "PASSED", "test_class_attribute_gone_after_teardown": "PASSED"}, \
-        result.stdout.str()
+    want = {"test_module_state": "PASSED", "test_monkeypatch_undone": "PASSED",
+            "TestSetupClass::test_a": "PASSED", "TestRequestCls::test_db": "PASSED",
+            "TestAfter::test_db": "PASSED", "test_class_attribute_gone_after_teardown": "PASSED",
+            "TestHelperSetUp::test_helper": "PASSED", "test_in_place_change_reaches_the_worker": "PASSED",
+            "test_counts_in_the_worker": "PASSED", "test_the_workers_count_stays": "PASSED"}
+    assert got == want, result.stdout.str()
+    plain = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:comfy_env", "-p", "no:randomly")
+    assert outcomes(plain) == want, plain.stdout.str()
 
 
 ASYNC_AND_STYLES = """

@@ -142,6 +142,7 @@ class _Slot:
         self.capture_paths = capture_paths
         self.sent_sys_path = None      # the sys.path last sent (current-env workers)
         self._imported = ((), set())   # (worker pids, test modules those workers imported)
+        self._views = ((), {})         # (worker pids, what they were told of namespaces)
 
     def needs_import(self, modname):
         """Whether the worker may not have imported test module ``modname`` yet (then the
@@ -157,6 +158,19 @@ class _Slot:
             modules = set()
         modules.add(modname)
         self._imported = (pids, modules)
+
+    def namespace_views(self):
+        """A copy of what this slot's worker was told of the test modules' and classes'
+        namespaces (plugin._namespace_changes updates it); a new worker was told nothing."""
+        pids, views = self._views
+        if not pids or pids != tuple(self.executor.worker_pids()):
+            return {}
+        return {key: dict(view) for key, view in views.items()}
+
+    def told(self, views):
+        """The worker ran a test with ``views``' changes applied: they are what it knows
+        now (its pids taken now: a worker started for that very test counts)."""
+        self._views = (tuple(self.executor.worker_pids()), views)
 
     def kill_workers(self):
         """A wait interrupted in the parent (Ctrl-C, pytest-timeout): the worker must not

@@ -20,16 +20,19 @@ in with the first isolated test.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
 import os
 import sys
+import types
 import warnings
 
 import pytest
 
 from .executors import Executors, Isolation, SetupFailed
+from .worker_side import RESTORE
 
 _RUN_TEST = "comfy_env.testing.worker_side:run_test"
 _IMPORT_TEST = "comfy_env.testing.worker_side:import_test_module"
@@ -212,10 +215,9 @@ def pytest_collection_modifyitems(config, items):
         iso = _isolation_of(item, marks, state)
         item.stash[_ISOLATION] = iso
         state.modules.add(item.module.__name__)
-        cls_path = _class_path(item)
-        for obj, path in ((item.module, None), (getattr(item, "cls", None), cls_path)):
-            if obj is not None and id(obj) not in state.namespaces:
-                state.namespaces[id(obj)] = (obj, dict(vars(obj)), item.module.__name__, path)
+        for obj, path in _namespaces_of(item):
+            if id(obj) not in state.namespaces:
+                state.namespaces[id(obj)] = (obj, _Snapshot(obj), item.module.__name__, path)
         root = _package_root(item.module)
         if root:
             state.roots.add(root)
@@ -363,32 +365,96 @@ def _class_path(item):
     return ".".join(n.name for n in item.listchain() if isinstance(n, pytest.Class)) or None
 
 
-def _module_namespaces(state, module_name):
-    """``[(class path or None for the module, changes)]`` for the test module and every
-    class collected from it: the worker syncs them all, so a class attribute a teardown
-    removed here is gone there too, whichever test runs next."""
-    return [(path, _namespace_changes(obj, snap))
-            for obj, snap, mod, path in state.namespaces.values() if mod == module_name]
+def _namespaces_of(item):
+    """``[(object, path)]`` whose namespaces the worker's copies follow: the test module
+    (path None), the test's class (the names it was collected under), and the module's
+    other classes (helpers whose attributes a ``setup_class`` may set)."""
+    module = item.module
+    out = [(module, None)]
+    if getattr(item, "cls", None) is not None:
+        out.append((item.cls, _class_path(item)))
+    for name, value in list(vars(module).items()):
+        if isinstance(value, type) and getattr(value, "__module__", None) == module.__name__ \
+                and getattr(value, "__qualname__", None) == name:
+            out.append((value, name))
+    return out
 
 
-def _namespace_changes(obj, snap):
-    """``(changed, deleted)`` in ``obj``'s namespace (the test module, or a class) since
-    collection (``snap``): what setup_module/setup_class, ``request.cls.x = ...`` in a
-    class fixture or a fixture's monkeypatch did here, which the worker's own copy
-    (imported there) lacks.  Values that cannot be pickled are left out (the worker
-    keeps its own); None when nothing changed."""
+def _fixed(value):
+    """Values whose identity says all (nothing in them can change unseen): atoms,
+    modules, functions, classes and other callables pickled by name.  Anything else is
+    compared by its pickled bytes."""
+    return isinstance(value, (type(None), bool, int, float, complex, str, bytes, types.ModuleType, type)) \
+        or callable(value)
+
+
+def _digest(value):
+    """The pickled bytes' digest, or None when ``value`` does not pickle."""
     import cloudpickle
+    try:
+        return hashlib.blake2b(cloudpickle.dumps(value), digest_size=16).digest()
+    except Exception:
+        return None
 
+
+class _Snapshot:
+    """A namespace as collection left it: each name's object and, for objects whose
+    contents can change in place, their pickled digest."""
+
+    def __init__(self, obj):
+        self.values = dict(vars(obj))
+        self.digests = {name: _digest(v) for name, v in self.values.items() if not _fixed(v)}
+
+    def token(self, name, value):
+        """``"="`` when ``value`` is what collection left under ``name`` (the worker's own
+        import has it too), else ``("v", digest)``; None when it does not pickle."""
+        if name in self.values and value is self.values[name]:
+            if _fixed(value):
+                return "="
+            d = _digest(value)
+            if d is not None and d == self.digests.get(name):
+                return "="
+            return None if d is None else ("v", d)
+        d = _digest(value)
+        return None if d is None else ("v", d)
+
+
+def _module_namespaces(state, module_name, views):
+    """``[(class path or None for the module, changes)]`` for the test module and its
+    classes, as far as the worker's copies (``views``: what this worker was told) differ
+    from the pytest process's now: each change is sent to a worker once, so what a test
+    changes in the worker's own copy afterwards stays there for the tests after it, as
+    in-process."""
+    return [(path, _namespace_changes(obj, snap, views.setdefault(key, {})))
+            for key, (obj, snap, mod, path) in state.namespaces.items() if mod == module_name]
+
+
+def _namespace_changes(obj, snap, view):
+    """``(changed, deleted)`` in ``obj``'s namespace (the test module, or a class) that
+    this worker has not been told of (``view``: name -> what it was told), or None.
+
+    What setup_module/setup_class, ``request.cls.x = ...`` in a class fixture, a
+    fixture's monkeypatch or an in-place change (``STATE["db"] = ...``) did here, which
+    the worker's own copy (imported there) lacks; a value back as collection left it
+    (a teardown's undo) is :data:`RESTORE`: the worker puts its own back.  Values that
+    cannot be pickled are left out (the worker keeps its own)."""
     now = vars(obj)
     changed = {}
-    for name, value in now.items():
-        if snap.get(name, _MISSING) is not value:
-            try:
-                cloudpickle.dumps(value)
-            except Exception:
+    deleted = []
+    for name in set(now) | set(snap.values) | set(view):
+        if name in now:
+            tok = snap.token(name, now[name])
+            if tok is None:
                 continue
-            changed[name] = value
-    deleted = [name for name in snap if name not in now]
+        else:
+            tok = "-" if name in snap.values else "="
+        if view.get(name, "=") == tok:
+            continue
+        view[name] = tok
+        if tok == "-":
+            deleted.append(name)
+        else:
+            changed[name] = RESTORE if tok == "=" else now[name]
     return (changed, deleted) if changed or deleted else None
 
 
@@ -418,13 +484,14 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     if wenv.is_current and slot.sent_sys_path != sys.path:
         sys_path = list(sys.path)
         slot.sent_sys_path = sys_path
+    views = slot.namespace_views()
     req = {
         "module": (module.__name__, module.__file__, _package_root(module)),
         # The names the class was collected under (its __qualname__ may be another's).
         "target": (_class_path(item), item.originalname),
         "nodeid": item.nodeid,
         "instance": instance_state,
-        "namespaces": _module_namespaces(state, module.__name__),
+        "namespaces": _module_namespaces(state, module.__name__, views),
         "capture": slot.capture_paths if state.capture else None,
         "log_level": logging.getLogger().level,
         "log_levels": _logger_levels(),
@@ -463,6 +530,7 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         if failure is None:
             fut = slot.executor.submit(_RUN_TEST, req, **fixtures)
             result = fut.result()
+            slot.told(views)        # the worker applied this test's namespace changes
     except CallTimeout as exc:
         stack = getattr(exc, "worker_stack", None)
         failure = f"Timeout: the isolated test timed out after {iso.timeout} s; {exc}"

@@ -434,33 +434,34 @@ def _find_test(module, cls_path, name):
 
 
 _UNSET = object()
+# In a namespace change: put the worker's own value back (plugin._namespace_changes).
+RESTORE = "\x00comfy_env: the worker's own value"
 _synced = {}    # id -> (module or class, {name: its own value before we set it, or _UNSET})
 
 
 def _sync_namespace(obj, changes):
-    """Make ``obj``'s namespace (the worker's copy of the test module or class) what the
-    pytest process's is now, as far as it changed since collection (``changes``:
-    ``(changed, deleted)`` or None).  A name set for an earlier test and unchanged in
-    the parent now gets the worker's own value back: the module stays imported here
-    for later tests."""
+    """Apply to ``obj`` (the worker's copy of the test module or a class) what the
+    pytest process changed in its own and had not told this worker yet (``changes``:
+    ``(changed, deleted)`` or None; see plugin._namespace_changes).  A value of
+    ``RESTORE`` puts back the worker's own (what its import made), which is kept the
+    first time a name is changed here."""
+    if changes is None:
+        return
     entry = _synced.get(id(obj))
     if entry is None:
-        if changes is None:
-            return
         entry = _synced[id(obj)] = (obj, {})
     own = entry[1]
-    changed, deleted = changes if changes is not None else ({}, ())
-    for name in [n for n in own if n not in changed and n not in deleted]:
-        value = own.pop(name)
-        if value is _UNSET:
-            if name in vars(obj):
-                delattr(obj, name)
-        else:
-            setattr(obj, name, value)
+    changed, deleted = changes
     for name in list(changed) + list(deleted):
         if name not in own:
             own[name] = vars(obj).get(name, _UNSET)
     for name, value in changed.items():
+        if isinstance(value, str) and value == RESTORE:
+            value = own.pop(name)
+            if value is _UNSET:
+                if name in vars(obj):
+                    delattr(obj, name)
+                continue
         setattr(obj, name, value)
     for name in deleted:
         if name in vars(obj):
