@@ -158,6 +158,9 @@ def test_node_code_in_the_worker_sees_comfyuis_folders(comfy):
     assert os.path.realpath(seen["output"]) == os.path.join(elsewhere, "out"), seen     # --output-directory
     assert os.path.realpath(seen["input"]) == os.path.join(base, "input"), seen         # --base-directory
     assert os.path.join(elsewhere, "ckpts") in map(os.path.realpath, seen["checkpoints"]), seen   # extra paths
+    # ComfyUI's own top-level modules resolve as in the host: its utils package (not
+    # comfy/utils.py, first on the path ComfyUI gives custom nodes), so `server` imports.
+    assert seen["utils"].endswith(os.path.join("utils", "__init__.py")) and seen["server"] == "server", seen
 
 
 def test_isolated_nodes_of_two_packs_expanding_in_one_prompt_keep_their_own_subgraphs(comfy):

@@ -36,6 +36,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -378,7 +379,7 @@ class IsolatedPack:
         _replace(self._host_folders, _folder_paths_snapshot() or {})
         kwargs = dict(initializer=_initializer_ref(),
                       initargs=(self.name, self.comfy_api, (hub.address, hub.authkey, self._link_id),
-                                self._host_folders, _host_cli_args()),
+                                self._host_folders, _host_cli_args(), _host_top_modules()),
                       call_timeout=self.call_timeout)
         params = inspect.signature(IsolatedExecutor).parameters
         if "name" in params:
@@ -724,6 +725,31 @@ _cold_calls = _ColdCalls()
 
 
 _prestart_lock = threading.Lock()
+
+
+def _host_top_modules():
+    """ComfyUI's own top-level modules the host imported, by file (name -> path): the
+    files directly in ComfyUI's directory (``server.py``, ``utils/``...).  ComfyUI puts
+    ``comfy/`` first on ``sys.path`` when it loads custom nodes, after it imported its
+    ``utils`` package: a worker of the host's interpreter importing ``utils`` got
+    ``comfy/utils.py`` instead, and ``from server import PromptServer`` failed.  The
+    worker resolves these names as the host did (worker_side._HostModules)."""
+    where = getattr(sys.modules.get("folder_paths"), "__file__", None)
+    if not isinstance(where, str):
+        return None             # not inside ComfyUI (or a stand-in without a file)
+    base = os.path.dirname(os.path.abspath(where))
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if "." in name or name.startswith("__") or not isinstance(path, str):
+            continue
+        path = os.path.abspath(path)
+        where = os.path.dirname(path)
+        if os.path.basename(path) == "__init__.py":
+            where = os.path.dirname(where)
+        if where == base:
+            out[name] = path
+    return out
 
 
 def _initializer_ref():

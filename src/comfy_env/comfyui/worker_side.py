@@ -48,12 +48,13 @@ def in_worker() -> bool:
 # --------------------------------------------------------------------------- setup
 
 def initialize(pack_name, comfy_mode="auto", sidechannel=None, folder_paths_snapshot=None,
-               host_args=None):
+               host_args=None, host_modules=None):
     """Executor initializer: comfy API, progress forwarding, side channel."""
     global _in_worker, _link
     _in_worker = True
     os.environ["COMFY_ENV_PACK"] = pack_name
-    _ensure_comfy(comfy_mode, host_args)
+    if _ensure_comfy(comfy_mode, host_args) and host_modules:
+        _HostModules.install(host_modules)
     if folder_paths_snapshot:
         _configure_folder_paths(folder_paths_snapshot)
     import comfy.model_management as mm
@@ -96,7 +97,7 @@ def _ensure_comfy(mode, host_args=None):
                     setattr(comfy.cli_args.args, k, v)
             import comfy.model_management  # noqa: F401
             import comfy.utils  # noqa: F401
-            return
+            return True
         except Exception:
             if mode == "comfyui":
                 raise
@@ -108,6 +109,34 @@ def _ensure_comfy(mode, host_args=None):
     sys.meta_path.append(_ShimGapFinder())
     import comfy.model_management  # noqa: F401,F811
     import comfy.utils  # noqa: F401,F811
+    return False
+
+
+class _HostModules:
+    """First on sys.meta_path in a worker that runs ComfyUI's own modules: ComfyUI's
+    top-level modules the host had imported (pack._host_top_modules) resolve to the
+    host's files, whatever this worker's path says by the time they are imported
+    (``utils``: ComfyUI's package, not ``comfy/utils.py``, which the path ComfyUI gives
+    custom nodes puts first; a prestarted worker gets that path later).  Other names
+    are left to the usual finders."""
+
+    @classmethod
+    def install(cls, modules):
+        modules = {name: path for name, path in modules.items()
+                   if not name.startswith("__") and name not in sys.modules}
+        if modules:
+            sys.meta_path.insert(0, cls(modules))
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def find_spec(self, name, path=None, target=None):
+        where = self.modules.get(name) if path is None else None
+        if where is None:
+            return None
+        package = os.path.basename(where) == "__init__.py"
+        return importlib.util.spec_from_file_location(
+            name, where, submodule_search_locations=[os.path.dirname(where)] if package else None)
 
 
 _SHIM_PACKAGES = ("comfy", "comfy_api", "comfy_execution", "folder_paths")

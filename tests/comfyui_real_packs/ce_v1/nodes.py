@@ -177,7 +177,10 @@ class Folders:
     def run(self, seed):
         import json
         import folder_paths
-        return (json.dumps({"output": folder_paths.get_output_directory(),
+        import utils                              # ComfyUI's package, as in the host
+        from server import PromptServer           # imports utils.install_util
+        return (json.dumps({"utils": utils.__file__, "server": PromptServer.__module__,
+                            "output": folder_paths.get_output_directory(),
                             "temp": folder_paths.get_temp_directory(),
                             "input": folder_paths.get_input_directory(),
                             "checkpoints": folder_paths.get_folder_paths("checkpoints")}),)
