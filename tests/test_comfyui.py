@@ -339,3 +339,17 @@ def test_a_packs_executor_stops_at_interpreter_exit_instead_of_waiting(demo):
     pack = demo[0].NODE_CLASS_MAPPINGS["DemoPid"]._comfy_env_pack
     _pid(demo)
     assert pack.executor()._pool.stop_at_exit is True
+
+
+@pytest.mark.parametrize("name", ["comfy.sd", "nodes", "server", "comfy_extras.nodes_mask", "node_helpers",
+                                  "latent_preview"])
+def test_a_comfyui_module_the_shim_lacks_is_explained(name):
+    """In a shim worker, importing a ComfyUI module the shim has no stand-in for says why
+    (the shim, what it provides, env=None), not a bare "No module named"; a module of
+    any other name is left to the usual error."""
+    from comfy_env.comfyui.worker_side import _ShimGapFinder
+    with pytest.raises(ModuleNotFoundError, match="shim of ComfyUI") as info:
+        _ShimGapFinder().find_spec(name)
+    assert info.value.name == name and "env=None" in str(info.value)
+    assert _ShimGapFinder().find_spec("some_pack_dependency") is None
+    assert _ShimGapFinder().find_spec("comfy") is None       # the shim's own package: found earlier

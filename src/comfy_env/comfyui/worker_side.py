@@ -140,6 +140,11 @@ class _HostModules:
 
 
 _SHIM_PACKAGES = ("comfy", "comfy_api", "comfy_execution", "folder_paths")
+# ComfyUI's top-level modules the shim has no stand-in for, named so that importing one
+# in a shim worker says why it is missing (the finder is consulted last: a module of the
+# env's own with such a name is found first).
+_COMFYUI_ONLY = ("nodes", "server", "execution", "node_helpers", "latent_preview", "comfy_extras",
+                 "comfy_api_nodes", "comfyui_version", "comfy_config")
 
 
 class _ShimGapFinder:
@@ -150,7 +155,8 @@ class _ShimGapFinder:
     """
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] not in _SHIM_PACKAGES or fullname in _SHIM_PACKAGES:
+        top = fullname.partition(".")[0]
+        if (top not in _SHIM_PACKAGES or fullname in _SHIM_PACKAGES) and top not in _COMFYUI_ONLY:
             return None
         from .shim import PROVIDES
         raise ModuleNotFoundError(
