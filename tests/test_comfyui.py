@@ -248,6 +248,28 @@ def test_node_that_never_checks_is_killed_after_the_grace_period(demo, recorder)
         pack.shutdown()
 
 
+def test_a_node_that_finishes_within_the_grace_keeps_its_output(demo, recorder):
+    """Interrupted while it runs, a node that never looks at the interrupt but finishes
+    within the grace period keeps its output (ComfyUI's own run would, and cache it);
+    the interrupt then stops the next node, as ComfyUI's flag does."""
+    from comfy_env.comfyui import IsolatedPack
+    pack = IsolatedPack(demo[0].NODE_CLASS_MAPPINGS["DemoPid"]._comfy_env_pack.pack_dir, ["nodes"],
+                        interrupt_grace=10.0, name="demo_pack")
+    classes, _ = pack.node_mappings()
+    try:
+        pid = el.execute_node(classes["DemoPid"], {})[1][0][0]
+        threading.Timer(0.3, mm.interrupt_current_processing).start()
+        st, out, _ = el.execute_node(classes["DemoStubborn"], {"seconds": 1.0})
+        assert st == "success" and out[0][0] == 1, (st, out)
+        assert mm.processing_interrupted()              # for the next node
+        st, _, _ = el.execute_node(classes["DemoPid"], {})
+        assert st == "interrupted" and not mm.processing_interrupted()
+        assert el.execute_node(classes["DemoPid"], {})[1][0][0] == pid      # not killed
+    finally:
+        mm.interrupt_current_processing(False)
+        pack.shutdown()
+
+
 def test_a_killed_pre_started_worker_is_replaced_at_once(demo, recorder):
     # Pre-started pack: after the interrupt kill, the replacement worker starts in the
     # background (forked from the zygote) instead of when the next node runs.

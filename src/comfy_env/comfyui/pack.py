@@ -453,7 +453,12 @@ class IsolatedPack:
             except mm.InterruptProcessingException:
                 if self._stop(ch, fut):
                     self._rewarm()
-                raise
+                    raise
+                if not (fut.done() and not fut.cancelled() and fut.exception() is None):
+                    raise
+                # The node finished within the grace without looking at the interrupt:
+                # its output stands, as in ComfyUI, whose flag then stops the next node.
+                mm.interrupt_current_processing(True)
             self._warm = True
             return self._result(fut, mm)
         finally:
