@@ -966,6 +966,10 @@ def test_inf_is_no_limit():
 @pytest.mark.isolated
 def test_refused_capteesys(capteesys):
     pass
+
+@pytest.mark.isolated
+def test_refused_pytestconfig(pytestconfig):
+    pass
 '''
 
 
@@ -979,6 +983,10 @@ def test_bad_timeouts_and_more_refused_fixtures(pytester):
     if "test_refused_capteesys" in got:                  # pytest >= 8.4 has the fixture
         assert got["test_refused_capteesys"] in ("FAILED", "ERROR")
         assert "fixture 'capteesys' cannot be used by an isolated test" in result.stdout.str()
+    # Said why, not "could not be pickled (EncodedFile)" (``cache`` the same way; these
+    # runs have no cacheprovider).
+    assert got["test_refused_pytestconfig"] == "FAILED"
+    assert "fixture 'pytestconfig' cannot be used by an isolated test" in result.stdout.str()
     usage = run(pytester, "--isolated-timeout=nan")
     assert usage.ret == pytest.ExitCode.USAGE_ERROR
     assert "--isolated-timeout must be a positive number of seconds, got nan" in usage.stderr.str()

@@ -74,6 +74,10 @@ _REFUSED = {
     "capteesys": "see capsys",
     "subtests": "its sub-test reports belong to the pytest process's session, which the worker "
                 "cannot reach; parametrize the test instead, or run it in-process",
+    "pytestconfig": "the session's config lives in the pytest process; read what the test needs "
+                    "(pytestconfig.getoption(...)) in a fixture and pass the value",
+    "cache": "pytest's cache is the pytest process's; read or write it in a fixture and pass "
+             "the value",
 }
 
 
