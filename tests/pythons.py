@@ -91,8 +91,8 @@ def script_env(extra=None):
     return env
 
 
-def run_script(ver, code, *, cwd, timeout=60, args=(), env=None, python=None):
-    """Run ``code`` (a script's text) as ``python script.py`` under Python ``ver``.
+def run_script(ver, code, *, cwd, timeout=60, args=(), env=None, python=None, flags=()):
+    """Run ``code`` (a script's text) as ``python [flags] script.py [args]`` under Python ``ver``.
 
     Returns the CompletedProcess; a script still running at ``timeout`` fails the
     test with its output so far (the hang is the finding, not a pytest timeout).
@@ -102,7 +102,7 @@ def run_script(ver, code, *, cwd, timeout=60, args=(), env=None, python=None):
     with open(path, "w") as f:
         f.write(code)
     try:
-        return subprocess.run([python, path, *args], cwd=str(cwd), env=script_env(env),
+        return subprocess.run([python, *flags, path, *args], cwd=str(cwd), env=script_env(env),
                               capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:

@@ -182,15 +182,12 @@ def test_workers_see_the_parents_command_line(pyver, tmp_path):
     a worker, spawned or forked from a zygote whose preload imports it: the worker's
     ``sys.argv`` is the parent's, as multiprocessing's spawn gives its children, not its
     own internal command line (argparse exited the worker with code 2 on its fds)."""
-    from pythons import script_env, user_python
     (tmp_path / "config.py").write_text(
         "import argparse\np = argparse.ArgumentParser()\np.add_argument('--scale', type=float, default=1.0)\n"
         "ARGS = p.parse_args()\n")
-    (tmp_path / "run.py").write_text(_ARGV_SCRIPT)
-    proc = subprocess.run([user_python(pyver), "run.py", "--scale", "3"], cwd=str(tmp_path), env=script_env(),
-                          capture_output=True, text=True, timeout=100)
+    proc = run_script(pyver, _ARGV_SCRIPT, cwd=tmp_path, timeout=100, args=("--scale", "3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    want = [30.0, ["run.py", "--scale", "3"]]
+    want = [30.0, [str(tmp_path / "user_script.py"), "--scale", "3"]]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want, want], proc.stdout
 
 
@@ -221,10 +218,8 @@ def test_workers_of_the_same_interpreter_take_its_flags(pyver, tmp_path):
     interpreter (spawned, or forked from a zygote) run with the same flags, as
     multiprocessing's spawned children do; the flags that would hide the worker's own
     imports (-E, -I, -S) are not passed."""
-    from pythons import script_env, user_python
-    (tmp_path / "run.py").write_text(_FLAGS_SCRIPT)
-    proc = subprocess.run([user_python(pyver), "-W", "error::UserWarning", "-O", "-B", "-X", "utf8", "run.py"],
-                          cwd=str(tmp_path), env=script_env(), capture_output=True, text=True, timeout=100)
+    proc = run_script(pyver, _FLAGS_SCRIPT, cwd=tmp_path, timeout=100,
+                      flags=("-W", "error::UserWarning", "-O", "-B", "-X", "utf8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = [["error::UserWarning"], 1, 1, 1, True]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want, want], proc.stdout

@@ -122,8 +122,7 @@ class _HostModules:
 
     @classmethod
     def install(cls, modules):
-        modules = {name: path for name, path in modules.items()
-                   if not name.startswith("__") and name not in sys.modules}
+        modules = {name: path for name, path in modules.items() if name not in sys.modules}
         if modules:
             sys.meta_path.insert(0, cls(modules))
 

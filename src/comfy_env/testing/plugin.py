@@ -347,9 +347,6 @@ def _run_isolated(item, iso, state):
             slot.close(wait=True)
 
 
-_MISSING = object()
-
-
 def _builtin_fixture(item, name):
     """Is fixture ``name`` as the test gets it pytest's own (or this plugin's)?  A
     project's fixture that happens to share the name (a ``testdir`` data directory) is
@@ -388,7 +385,7 @@ def _fixed(value):
     """Values whose identity says all (nothing in them can change unseen): atoms,
     modules, functions, classes and other callables pickled by name.  Anything else is
     compared by its pickled bytes."""
-    return isinstance(value, (type(None), bool, int, float, complex, str, bytes, types.ModuleType, type)) \
+    return isinstance(value, (type(None), bool, int, float, complex, str, bytes, types.ModuleType)) \
         or callable(value)
 
 
@@ -412,15 +409,13 @@ class _Snapshot:
     def token(self, name, value):
         """``"="`` when ``value`` is what collection left under ``name`` (the worker's own
         import has it too), else ``("v", digest)``; None when it does not pickle."""
-        if name in self.values and value is self.values[name]:
-            if _fixed(value):
-                return "="
-            d = _digest(value)
-            if d is not None and d == self.digests.get(name):
-                return "="
-            return None if d is None else ("v", d)
+        same = name in self.values and value is self.values[name]
+        if same and _fixed(value):
+            return "="
         d = _digest(value)
-        return None if d is None else ("v", d)
+        if d is None:
+            return None
+        return "=" if same and d == self.digests.get(name) else ("v", d)
 
 
 def _module_namespaces(state, module_name, views):
