@@ -52,13 +52,15 @@ bench_one() {   # label, PYTORCH_CUDA_ALLOC_CONF of the parent (its workers inhe
       PYTHONPATH="$BASE_SRC:$PYTHONPATH" timeout "${BENCH_LIMIT:-240}" \
       python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_base_$label.log" 2>&1
     echo "bench base $label rc=$? [at $((SECONDS - T0)) s]"
-    cp /tmp/bench_base_$label/cuda_bench_*.json "$OUT/cuda_bench_base_$label.json" 2>/dev/null
+    # The run's JSON, not cuda_bench_partial.json (two sources would make cp fail).
+    cp "$(ls /tmp/bench_base_$label/cuda_bench_*.json | grep -v _partial | head -1)" \
+      "$OUT/cuda_bench_base_$label.json" 2>/dev/null
   fi
   mkdir -p "/tmp/bench_$label"
   env "$@" PYTORCH_CUDA_ALLOC_CONF="$conf" OUT="/tmp/bench_$label" timeout "${BENCH_LIMIT:-240}" \
     python3 benchmarks/bench_cuda.py ${BENCH_ARGS:-} > "$OUT/bench_$label.log" 2>&1
   echo "bench $label rc=$? [at $((SECONDS - T0)) s]"
-  cp /tmp/bench_$label/cuda_bench_*.json "$OUT/cuda_bench_$label.json" 2>/dev/null
+  cp "$(ls /tmp/bench_$label/cuda_bench_*.json | grep -v _partial | head -1)" "$OUT/cuda_bench_$label.json" 2>/dev/null
   if [ -f "$OUT/cuda_bench_base_$label.json" ] && [ -f "$OUT/cuda_bench_$label.json" ]; then
     python3 benchmarks/bench_cuda.py --compare "$OUT/cuda_bench_base_$label.json" "$OUT/cuda_bench_$label.json" \
       > "$OUT/compare_$label.txt" 2>&1

@@ -10,8 +10,9 @@ call's median is measured in the same run and printed beside the rest.
 Measures, for 1 MiB, 64 MiB, 1 GiB and 4 GiB tensors:
   worker → parent (the same tensor every call, and a new one every call), parent → worker, worker A → worker B (through IsolatedExecutor),
   the CPU route (COMFY_ENV_CUDA_FORCE_CPU=1), and torch.multiprocessing legacy CUDA IPC
-  (native allocator, in a separate process pair, as torch users would do it; a hard
-  time budget, sizes that do not fit in it are reported as skipped);
+  (native allocator, in a process pair of its own, as torch users would do it; its
+  cells and ours alternate in rounds, so both are measured under the same load; a pair
+  that fails or hangs is reported as skipped, with why);
 plus worker → parent per tensor (one call returning 32 tensors of 1 MiB against the
 empty call, divided by 32), both for tensors the worker returns again (the import
 cache's case) and for fresh tensors: the median of interleaved pairs (the headline:
@@ -26,6 +27,7 @@ Prints a table and writes benchmarks/results/cuda_<gpu>_<time>.json (and $OUT/).
 """
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -51,6 +53,7 @@ from comfy_env.ipc.cuda.plane import PLANE  # noqa: E402
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MiB, GiB = 1 << 20, 1 << 30
 SIZES = [("1MiB", MiB), ("64MiB", 64 * MiB), ("1GiB", GiB), ("4GiB", 4 * GiB)]
+ROUNDS = 4        # ours and legacy IPC alternate this many times per size (see Legacy)
 
 
 # -- worker side ---------------------------------------------------------------------------
@@ -133,8 +136,8 @@ def settle():
         time.sleep(0.005)
 
 
-def timed(fn, reps, warm=3, budget_s=None):
-    """Median of ``reps`` warm calls made back to back (no pause); ``warm`` untimed first."""
+def samples(fn, reps, warm=3, budget_s=None):
+    """``reps`` warm calls made back to back (no pause), each timed (s); ``warm`` untimed first."""
     for _ in range(warm):
         r = fn()
         torch.cuda.synchronize()
@@ -149,7 +152,12 @@ def timed(fn, reps, warm=3, budget_s=None):
         del r
         if t_end is not None and time.perf_counter() > t_end and len(out) >= 1:
             break
-    return statistics.median(out)
+    return out
+
+
+def timed(fn, reps, warm=3, budget_s=None):
+    """Median of :func:`samples`."""
+    return statistics.median(samples(fn, reps, warm, budget_s))
 
 
 def reps_for(nbytes, cpu=False):
@@ -220,13 +228,14 @@ def free_bytes():
 
 
 # -- legacy torch.multiprocessing IPC (native allocator) --------------------------------------
-# The parent drives every step, so it can stop at its time budget; each size prints its
-# result line as soon as it is done (a late size never hides an earlier one).  The script
-# runs from a file: "spawn" re-imports the parent's __main__ in the child, and with
-# ``python -c`` there is none, so the child died at once and the parent waited forever
-# (why this section never finished before).
+# A process pair of its own (legacy IPC needs the native allocator; ours runs under
+# cudaMallocAsync), driven one command at a time over a pipe, so that its samples
+# interleave with ours round by round: on a shared host the two are then measured under
+# the same load, which one block of each at different minutes is not.  The script runs
+# from a file: "spawn" re-imports the parent's __main__ in the child, and with
+# ``python -c`` there is none.
 LEGACY = r"""
-import json, os, queue, statistics, sys, time, torch, torch.multiprocessing as mp
+import json, os, queue, sys, time, torch, torch.multiprocessing as mp
 DEV = os.environ.get("LEGACY_DEVICE", "cuda")
 def sync():
     if DEV == "cuda": torch.cuda.synchronize()
@@ -245,42 +254,42 @@ def child(q_in, q_out):
             q_out.put(torch.empty(msg[1] // 4, device=DEV))
         elif msg[0] == "p2w":
             x = msg[1]; sync(); del x; q_out.put(1)
+        elif msg[0] == "empty":
+            q_out.put(1)
         elif msg[0] == "drop":
             cache.clear(); q_out.put(1)
 if __name__ == "__main__":
-    sizes = json.loads(sys.argv[1]); budget = float(sys.argv[2]); reps = int(sys.argv[3])
-    t_start = time.perf_counter(); ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn")
     qi, qo = ctx.Queue(), ctx.Queue(); p = ctx.Process(target=child, args=(qi, qo), daemon=True); p.start()
-    torch.zeros(1, device=DEV)
-    def left(): return budget - (time.perf_counter() - t_start)
-    def get():
-        while True:
-            try: return qo.get(timeout=max(1.0, left() + 5))
-            except queue.Empty:
-                if not p.is_alive(): print("SKIP", n, "the child process died", flush=True); sys.exit(1)
-                print("SKIP", n, "no answer within the time budget", flush=True); p.kill(); sys.exit(1)
-    for n in sizes:
-        if left() <= 0:
-            print("SKIP", n, "time budget spent", flush=True); continue
-        t0 = time.perf_counter(); w2p = []; p2w = []; w2pf = []
-        for i in range(reps + 1):
-            a = time.perf_counter(); qi.put(("w2p", n)); x = get(); sync()
-            w2p.append(time.perf_counter() - a); del x
-            if left() <= 0: break
-        for i in range(reps + 1):
-            if left() <= 0: break
-            a = time.perf_counter(); qi.put(("w2pf", n)); x = get(); sync()
-            w2pf.append(time.perf_counter() - a); del x
-        y = torch.ones(n // 4, device=DEV); sync()
-        for i in range(reps + 1):
-            if left() <= 0: break
-            a = time.perf_counter(); qi.put(("p2w", y)); get(); p2w.append(time.perf_counter() - a)
-        del y; qi.put(("drop",)); get()
-        if DEV == "cuda": torch.cuda.empty_cache()
-        med = lambda v: statistics.median(v[1:]) if len(v) > 1 else (v[0] if v else None)
-        print("RESULT", json.dumps({"n": n, "w2p": med(w2p), "p2w": med(p2w), "w2p_fresh": med(w2pf),
-              "w2p_first": w2p[0] if w2p else None,
-              "reps": [len(w2p), len(p2w)], "s": time.perf_counter() - t0}), flush=True)
+    torch.zeros(1, device=DEV); held = {}
+    qi.put(("empty",)); qo.get(timeout=120)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        op, n, reps, timeout = json.loads(line)
+        if op == "stop":
+            break
+        times = []
+        try:
+            if op == "drop":
+                held.pop(n, None); qi.put(("drop",)); qo.get(timeout=timeout)
+                if DEV == "cuda": torch.cuda.empty_cache()
+            for i in range(reps + 1):          # the first one untimed
+                a = time.perf_counter()
+                if op == "p2w":
+                    y = held.get(n)
+                    if y is None:
+                        y = held[n] = torch.ones(n // 4, device=DEV); sync(); a = time.perf_counter()
+                    qi.put(("p2w", y)); qo.get(timeout=timeout)
+                elif op in ("w2p", "w2pf"):
+                    qi.put((op, n)); x = qo.get(timeout=timeout); sync(); del x
+                else:
+                    qi.put(("empty",)); qo.get(timeout=timeout)
+                if i:
+                    times.append(time.perf_counter() - a)
+        except queue.Empty:
+            why = "the child process died" if not p.is_alive() else f"no answer within {timeout} s"
+            print("ERROR", why, flush=True); p.kill(); sys.exit(1)
+        print("RESULT", json.dumps(times), flush=True)
     qi.put(("stop",))
     try: qo.get(timeout=10)
     except Exception: pass
@@ -289,34 +298,81 @@ if __name__ == "__main__":
 """
 
 
-def legacy_ipc(sizes, budget_s=45.0, reps=5):
-    env = dict(os.environ)
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)         # legacy IPC needs the native allocator
-    out = {}
-    import tempfile
-    with tempfile.NamedTemporaryFile("w", suffix="_legacy_ipc.py", delete=False) as f:
-        f.write(LEGACY)
-        script = f.name
-    try:
-        r = subprocess.run([sys.executable, script, json.dumps(sizes), str(budget_s), str(reps)],
-                           env=env, capture_output=True, text=True, timeout=budget_s + 60)
-        stdout, err = r.stdout, r.stderr
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err = f"timed out after {budget_s + 60:.0f} s"
-    finally:
-        os.unlink(script)
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            d = json.loads(line[7:])
-            out[d["n"]] = d
-        elif line.startswith("SKIP "):
-            _, n, why = line.split(" ", 2)
-            out[int(n)] = {"n": int(n), "skipped": why}
-    for n in sizes:
-        if n not in out:
-            out[n] = {"n": n, "skipped": "did not finish: " + (err or "")[-300:]}
-    return out
+class Legacy:
+    """torch.multiprocessing's legacy CUDA IPC in its own process pair (see LEGACY).
+
+    ``run(op, n, reps)`` returns that many samples (seconds); once the pair failed
+    (died, hung, out of memory) every later call returns [] and ``error`` says why."""
+
+    def __init__(self, start_timeout=180.0):
+        import queue
+        import tempfile
+        import threading
+        env = dict(os.environ)
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)         # legacy IPC needs the native allocator
+        with tempfile.NamedTemporaryFile("w", suffix="_legacy_ipc.py", delete=False) as f:
+            f.write(LEGACY)
+            self._script = f.name
+        self._err = tempfile.TemporaryFile("w+")
+        self.error = None
+        self._lines = queue.Queue()
+        self.proc = subprocess.Popen([sys.executable, self._script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
+
+        def read(out=self.proc.stdout, q=self._lines):
+            for line in out:
+                q.put(line)
+            q.put(None)
+        threading.Thread(target=read, daemon=True).start()
+        self._expect("READY", start_timeout)
+
+    def _expect(self, word, timeout):
+        import queue
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            line = None
+            why = f"no answer within {timeout:.0f} s"
+        else:
+            why = "it exited" if line is None else line.strip()
+        if line is None or not line.startswith(word):
+            self._fail(why)
+            return None
+        return line[len(word):].strip()
+
+    def _fail(self, why):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.seek(0)
+        tail = self._err.read()[-300:]
+        self.error = f"{why}; stderr: {tail}" if tail.strip() else why
+
+    def run(self, op, n=0, reps=0, timeout=60.0):
+        if self.error is not None:
+            return []
+        try:
+            self.proc.stdin.write(json.dumps([op, n, reps, timeout]) + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            self._fail(f"the pipe broke: {exc}")
+            return []
+        got = self._expect("RESULT", timeout * (reps + 1) + 30)
+        return [] if got is None else json.loads(got)
+
+    def close(self):
+        try:
+            if self.error is None:
+                self.proc.stdin.write(json.dumps(["stop", 0, 0, 0]) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+        os.unlink(self._script)
 
 
 def cpu_route(a, x, n, budget_s):
@@ -340,7 +396,7 @@ def w_cpu():
     return time.process_time()
 
 
-def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
+def paired_per_tensor(a, fn, k, nbytes, reps, sync=None, call=None):
     """Per tensor µs from interleaved pairs (empty call, ``k``-tensor call): the median of
     the pairs' differences / k, with the 25th and 75th percentiles.  Pairing cancels the
     drift of a shared host, which a difference of two separately taken medians does not.
@@ -349,7 +405,11 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
     device (``torch.cuda.synchronize``: every stream, the unmapping of imports freed
     after earlier calls included); ``"stream"``: the caller's current stream only,
     i.e. until the received tensors are ready for the caller's next kernel.  Each call's
-    time includes dropping its result (what the parent does when the tensors die)."""
+    time includes dropping its result (what the parent does when the tensors die).
+    ``call``: what the second call of a pair is, instead of ``fn(k, nbytes)`` in ``a``."""
+    if call is None:
+        def call():
+            return a.submit(fn, k, nbytes).result()
     if sync == "stream":
         def wait():
             torch.cuda.current_stream().synchronize()
@@ -357,7 +417,7 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
         wait = torch.cuda.synchronize
     for _ in range(5):
         a.submit(w_nothing).result()
-        r = a.submit(fn, k, nbytes).result()
+        r = call()
         del r
     drain = lifetime.LEDGER.drain
     diffs = []
@@ -371,7 +431,7 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
         del r
         drain()
         t1 = time.perf_counter()
-        r = a.submit(fn, k, nbytes).result()
+        r = call()
         wait()
         del r
         drain()
@@ -381,16 +441,17 @@ def paired_per_tensor(a, fn, k, nbytes, reps, sync=None):
     return {"median_us": statistics.median(diffs), "p25_us": q[0], "p75_us": q[2], "pairs": reps}
 
 
-def cpu_per_tensor(a, fn, k, nbytes, calls):
-    """CPU µs per tensor in each process (all threads), k-tensor calls minus empty calls.
+def cpu_per_tensor(a, fn, k, nbytes, calls, args=None):
+    """CPU µs per tensor in each process (all threads), k-tensor calls minus empty calls
+    (``fn(*args)`` when given, else ``fn(k, nbytes)``).
 
     Less sensitive than wall time to a busy host's scheduling: it counts the work done."""
-    def run(f, *args):
+    def run(f, *f_args):
         settle()
         w0 = a.submit(w_cpu).result()
         p0 = time.process_time()
         for _ in range(calls):
-            r = a.submit(f, *args).result()
+            r = a.submit(f, *f_args).result()
             del r
         torch.cuda.synchronize()
         settle()
@@ -398,9 +459,43 @@ def cpu_per_tensor(a, fn, k, nbytes, calls):
         w1 = a.submit(w_cpu).result()
         return p1 - p0, w1 - w0
     pe, we = run(w_nothing)
-    pm, wm = run(fn, k, nbytes)
+    pm, wm = run(fn, *(args if args is not None else (k, nbytes)))
     n = calls * k
     return {"parent_cpu_us": (pm - pe) / n * 1e6, "worker_cpu_us": (wm - we) / n * 1e6}
+
+
+def w_timers(on):
+    """Worker side: time the plane's decode and event waits from now (``on``), or stop and
+    return the per-call figures."""
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.cuda.plane import PLANE
+    if on:
+        events = PLANE.local.events if hasattr(PLANE, "local") else PLANE._events
+        t = _cache()["timers"] = Timers({"decode": (PLANE, "decode"), "event_wait": (events, "wait"),
+                                         "holder": (lifetime.LEDGER, "holder")})
+        t.__enter__()
+        return None
+    t = _cache().pop("timers")
+    t.__exit__(None, None, None)
+    return t.per_call_us()
+
+
+def p2w_detail(a, x, calls=200):
+    """Where a parent → worker call of ``x`` (sent before) spends its time beyond the
+    empty call: interleaved pairs, CPU per call in each process, the parent's encode and
+    the worker's decode (µs per call)."""
+    def call():
+        return a.submit(w_touch, x).result()
+    out = {"paired": paired_per_tensor(a, None, 1, 0, reps=calls, call=call),
+           "cpu": cpu_per_tensor(a, w_touch, 1, 0, calls, args=(x,))}
+    a.submit(w_timers, True).result()
+    with parent_timers() as tm:
+        for _ in range(calls):
+            call()
+    torch.cuda.synchronize()
+    out["worker_timers"] = a.submit(w_timers, False).result()
+    out["parent_timers"] = tm.per_call_us()
+    return out
 
 
 def w_routes():
@@ -469,6 +564,7 @@ def main():
            "import_cache": {"max_bytes": PLANE.import_cache.max_bytes, "max_count": PLANE.import_cache.max_count,
                             "max_idle_s": PLANE.import_cache.max_idle_s},
            "rows": {}}
+    legacy = None
     a = new_executor()
     b = new_executor()
     # The same worker with staging recycling off: parent → worker as before it existed.
@@ -496,15 +592,43 @@ def main():
             with open(os.path.join(out, "profile_parent.txt"), "w") as f:
                 f.write(res["profile_fresh_parent"])
         settle()
+        res["legacy_ipc_native"] = {}
+        legacy = legacy_why = None
+        try:
+            legacy = Legacy()
+        except OSError as exc:
+            legacy_why = f"could not start: {exc}"
+        if legacy is not None and legacy.error is not None:
+            legacy_why, legacy = legacy.error, legacy.close()
         for label, n in sizes:
             row = {}
             x = torch.ones(n // 4, device="cuda")
             r = reps_for(n)
+            # The cells compared with legacy IPC, interleaved with it round by round.
+            got = collections.defaultdict(list)
             with parent_timers() as tm:
-                row["w2p"] = timed(lambda: a.submit(w_get, n).result(), r)
-            row["w2p_parent"] = tm.per_call_us()
-            # A new tensor every call (a node's fresh output): staged when small, else exported.
-            row["w2p_fresh"] = timed(lambda: a.submit(w_fresh, 1, n).result(), r)
+                for i in range(ROUNDS):
+                    k, w = -(-r // ROUNDS), 3 if i == 0 else 1
+                    got["empty"] += samples(lambda: a.submit(w_nothing).result(), k, warm=w)
+                    got["w2p"] += samples(lambda: a.submit(w_get, n).result(), k, warm=w)
+                    # A new tensor every call (a node's fresh output): staged when small, else exported.
+                    got["w2p_fresh"] += samples(lambda: a.submit(w_fresh, 1, n).result(), k, warm=w)
+                    got["p2w"] += samples(lambda: a.submit(w_touch, x).result(), k, warm=w)
+                    if legacy is not None:
+                        for op, cell in (("empty", "empty"), ("w2p", "w2p"), ("w2pf", "w2p_fresh"),
+                                         ("p2w", "p2w")):
+                            got["legacy_" + cell] += legacy.run(op, n, k)
+            row["parent_timers"] = tm.per_call_us()
+            for cell, v in got.items():
+                if v:
+                    row[cell] = statistics.median(v)
+            row["empty_ms"] = row.pop("empty")
+            res["legacy_ipc_native"][str(n)] = (
+                {"n": n, **{c: row.pop("legacy_" + c) for c in ("empty", "w2p", "w2p_fresh", "p2w")
+                            if "legacy_" + c in row}, "reps": len(got["legacy_p2w"])}
+                if got["legacy_p2w"] else {"n": n, "skipped": (legacy.error if legacy else legacy_why) or "?"})
+            if legacy is not None:
+                legacy.run("drop", n)
             if n > PLANE.import_cache.max_bytes:
                 # Bigger than the import cache's default bound: once more with a bound that fits.
                 old = PLANE.import_cache.max_bytes
@@ -515,17 +639,15 @@ def main():
                     PLANE.import_cache.max_bytes = old
                     settle()
                     PLANE.import_cache.flush()
-            with parent_timers() as tm:
-                row["p2w"] = timed(lambda: a.submit(w_touch, x).result(), r)
-            row["p2w_parent"] = tm.per_call_us()
+            if n in (MiB, 64 * MiB):
+                row["p2w_detail"] = p2w_detail(a, x)
             row["p2w_no_recycle"] = timed(lambda: c.submit(w_touch, x).result(), r)
             row["a2b"] = timed(lambda: b.submit(w_touch, a.submit(w_get, n)).result(), r)
-            row["empty_ms"] = timed(lambda: a.submit(w_nothing).result(), 50, warm=5)
             if lean and n > GiB:
                 row["cpu_w2p"] = row["cpu_p2w"] = None
             else:
                 row["cpu_w2p"], row["cpu_p2w"] = cpu_route(a, x, n, budget_s=20)
-            del x
+            x = None
             settle()
             PLANE.import_cache.flush()
             res["rows"][label] = row
@@ -539,6 +661,8 @@ def main():
         print("parent routes", res["routes_parent"], "ipc mappings", res["ipc_stats_parent"], flush=True)
         res["staging_recycled"] = PLANE.recycled
     finally:
+        if legacy is not None:
+            legacy.close()
         a.shutdown()
         b.shutdown()
         c.shutdown()
@@ -561,8 +685,7 @@ def main():
             ex.shutdown()
         res["footprint"][heap] = {"held_after_peak_MiB": (base - after_peak) / MiB,
                                   "held_after_empty_cache_MiB": (base - after_trim) / MiB}
-    leg = legacy_ipc([n for _, n in sizes], budget_s=20 if (quick or lean) else 45)
-    res["legacy_ipc_native"] = {str(k): v for k, v in leg.items()}
+    leg = {int(k): v for k, v in res["legacy_ipc_native"].items()}
     res["bench_s"] = time.perf_counter() - t_main
     print_table(res, sizes, leg)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -618,7 +741,8 @@ def print_table(res, sizes, leg):
               f"worker routes {v.get('worker_routes')}, recycled {v.get('worker_recycled')}")
     hdr = (f"{'size':>6} | {'empty':>7} {'w→p':>8} {'w→p new':>8} {'p→w':>8} {'p→w¹':>8} {'A→B':>8} | "
            f"{'CPU w→p':>9} {'CPU p→w':>9} | "
-           f"{'legacy w→p':>10} {'legacy new':>10} {'legacy p→w':>10} | {'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
+           f"{'legacy ∅':>9} {'legacy w→p':>10} {'legacy new':>10} {'legacy p→w':>10} | "
+           f"{'CPU/ours w→p':>12} {'CPU/ours p→w':>12}")
     print(hdr)
     print("-" * len(hdr))
     for label, n in sizes:
@@ -627,14 +751,27 @@ def print_table(res, sizes, leg):
         lw = _ms(lg.get("w2p"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         lp = _ms(lg.get("p2w"), 10) if "skipped" not in lg else f"{'skipped':>10}"
         lf = _ms(lg.get("w2p_fresh"), 10) if "skipped" not in lg else f"{'skipped':>10}"
+        le = _ms(lg.get("empty"), 9) if "skipped" not in lg else f"{'':>9}"
         print(f"{label:>6} | {_ms(r['empty_ms'], 7)} {_ms(r['w2p'])} {_ms(r.get('w2p_fresh'))} {_ms(r['p2w'])} "
               f"{_ms(r.get('p2w_no_recycle'))} "
               f"{_ms(r['a2b'])} | "
-              f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {lw} {lf} {lp} | "
+              f"{_ms(r['cpu_w2p'], 9, 1)} {_ms(r['cpu_p2w'], 9, 1)} | {le} {lw} {lf} {lp} | "
               f"{_ratio(r['cpu_w2p'], r['w2p'])} {_ratio(r['cpu_p2w'], r['p2w'])}")
     print("(ms, medians of warm back-to-back calls, the executor's call overhead included: see 'empty'; "
           "w→p: the same worker tensor every call; w→p new: a new one every call; "
-          "p→w¹: staging recycling off, COMFY_ENV_CUDA_STAGING_CACHE_MIB=0 in the worker)")
+          "p→w¹: staging recycling off, COMFY_ENV_CUDA_STAGING_CACHE_MIB=0 in the worker; "
+          f"empty, w→p, w→p new, p→w and the legacy cells (legacy ∅: its empty round trip) were "
+          f"measured in {ROUNDS} alternating rounds per size)")
+    for label, n in sizes:
+        dt = res["rows"][label].get("p2w_detail")
+        if dt:
+            pr, cpu, wt, pt = dt["paired"], dt["cpu"], dt["worker_timers"], dt["parent_timers"]
+            us = lambda t: f"{t[0]:.1f}" if t and t[0] is not None else "n/a"   # noqa: E731
+            print(f"{label} p→w beyond the empty call: {pr['median_us']:.1f} µs (paired, p25 {pr['p25_us']:.1f}, "
+                  f"p75 {pr['p75_us']:.1f}); CPU parent {cpu['parent_cpu_us']:.1f} µs, worker "
+                  f"{cpu['worker_cpu_us']:.1f} µs; parent encode {us(pt.get('encode'))} µs; worker decode "
+                  f"{us(wt.get('decode'))} µs, event wait {us(wt.get('event_wait'))} µs, "
+                  f"holder {us(wt.get('holder'))} µs")
     print(f"worker routes over the run: {res.get('routes_worker')}")
     for n, lg in leg.items():
         if "skipped" in lg:
