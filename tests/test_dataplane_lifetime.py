@@ -426,3 +426,45 @@ def test_failed_encode_and_failed_decode_lend_nothing_for_good(clean):
             ex.submit(F.unpicklable_result, 300_000).result(timeout=30)
         assert _worker_clean(ex) == (0, 0, 0)
         del info
+
+
+# -- the worker's janitor: arguments caught in reference cycles ----------------------------
+
+def _busy_for(ex, seconds):
+    """Calls back to back for ``seconds``; the worker's full-collection count at the end."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n = ex.submit(F.full_collections).result(timeout=30)
+    return n
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_left_in_a_cycle_is_released_once_calls_pause_not_between_them(clean):
+    """Collecting costs tens of ms on a big heap: not while calls keep coming, but
+    soon after they pause, and only then is the argument's block released."""
+    a = np.ones(200_000)
+    with IsolatedExecutor(name="janitor") as ex:
+        ex.submit(F.echo, 1).result(timeout=30)
+        before = _keys()
+        ex.submit(F.keep_in_cycle, a).result(timeout=30)
+        lent = _keys() - before
+        assert lent, "the argument went through shared memory: the parent lends a block"
+        assert _busy_for(ex, 1.5) == 0, "the janitor collected while calls kept coming"
+        assert lent <= _keys(), "the block was released without a collection"
+        time.sleep(1.2)
+        assert ex.submit(F.full_collections).result(timeout=30) == 1
+        _wait_until(lambda: not (lent & _keys()), 5, "the argument's block released")
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_kept_busy_still_collects_within_its_cap(clean):
+    a = np.ones(200_000)
+    with IsolatedExecutor(name="janitor") as ex:
+        ex.submit(F.echo, 1).result(timeout=30)
+        before = _keys()
+        ex.submit(F.keep_in_cycle, a, 1.0).result(timeout=30)
+        lent = _keys() - before
+        assert lent
+        assert _busy_for(ex, 2.5) >= 1, "no collection within the cap while busy"
+        _wait_until(lambda: not (lent & _keys()), 5, "the argument's block released")

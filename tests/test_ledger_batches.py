@@ -182,3 +182,56 @@ def test_a_release_without_defer_synchronises_before_it_returns(imports):
     assert pi.release_pointer(("owner", 1), e, stream=3) is False
     assert [c for c, _ in calls][-2:] == ["cuMemFreeAsync", "cuStreamSynchronize"]
     assert not pi._freeing and pi._pools[("owner", 1)].live == 0
+
+
+def test_leased_from_counts_the_records_held_through_each_link():
+    ledger, a, b = Ledger(), _Log("a"), _Log("b")
+    ra = [_remote(ledger, a, ("p", "a", i), lambda rec: None) for i in range(3)]
+    rb = _remote(ledger, b, ("p", "b", 0), lambda rec: None)
+    again = ledger.accept_lease(("p", "a", 0), a.link, object, None)     # a second lease, same record
+    assert again is ra[0]
+    redundant = ledger.accept_lease(("p", "a", 1), b.link, object, None)  # held through a already
+    assert redundant is ra[1]
+    assert (ledger.leased_from(a.link), ledger.leased_from(b.link)) == (3, 1)
+    ledger.unhold(ra[0])
+    assert ledger.leased_from(a.link) == 2
+    ledger.unhold(ra[0])                      # a record already gone: counted once
+    assert ledger.leased_from(a.link) == 2
+    ledger.link_closed(a.link)
+    assert (ledger.leased_from(a.link), ledger.leased_from(b.link)) == (0, 1)
+    ledger.unhold_all(ra[1:])                 # records that outlived their link
+    assert (ledger.leased_from(a.link), ledger.leased_from(b.link)) == (0, 1)
+    ledger.unhold(rb)
+    assert ledger.leased_from(b.link) == 0
+
+
+def test_holders_dying_while_hushed_wake_no_flusher_and_drain_with_the_hush():
+    """The worker hushes the ledger while a call's arguments die and drains inline right
+    after: no wake-up of the flusher (a syscall and a thread switch per call), nothing
+    left queued, and the next death wakes it as before."""
+    ledger, log = Ledger(), _Log()
+    freed = []
+
+    class Keeper:
+        pass
+
+    def on_zero(rec):
+        freed.append(rec.key)
+
+    rec = ledger.accept_lease(("p", "up", 1), log.link, object, on_zero)
+    rec2 = ledger.accept_lease(("p", "up", 2), log.link, object, on_zero)
+    k, k2 = Keeper(), Keeper()
+    ledger.holder(rec, k)
+    ledger.holder(rec2, k2)
+    ledger.hush()
+    del k
+    assert ledger._thread is None and not ledger._wake_pending, "a hushed death woke the flusher"
+    assert freed == []
+    ledger.drain_hushed()
+    assert freed == [("p", "up", 1)] and not ledger._dirty
+    del k2                                    # after the hush: the flusher drains it
+    deadline = time.monotonic() + 5
+    while freed != [("p", "up", 1), ("p", "up", 2)] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert freed == [("p", "up", 1), ("p", "up", 2)]
+    assert ledger._thread is not None

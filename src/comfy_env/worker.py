@@ -159,11 +159,16 @@ class Handshake(enum.Enum):
 
 
 class Worker:
+    COLLECT_IDLE_S = 0.5        # the janitor collects once calls paused this long...
+    COLLECT_MAX_S = 10.0        # ...or this long after a call first left leases behind
+
     def __init__(self, channel: Channel):
         self.parent_python = tuple(sys.version_info[:2])     # the Init says (handshake)
         self.channel = channel
         self.link = lifetime.Link(self._send_control, name="parent")
-        self._gc_due = None
+        self._gc_due = None             # when the janitor collects (see _collect_soon)
+        self._gc_latest = 0.0           # ... at the latest
+        self._busy = False              # a call is running
         self._janitor = None
         self.name = "worker"
         self.functions = fncache.HeldFunctions()     # by-value functions sent once
@@ -270,12 +275,19 @@ class Worker:
                     if part.refs:
                         leases = True
                 held = lifetime.LEDGER.leased_from(self.link) if leases else 0
-                self._run_call(frame)
+                self._busy = True
+                try:
+                    self._run_call(frame)
+                finally:
+                    self._busy = False
                 spin.result_sent()
+                lifetime.LEDGER.hush()
                 del frame
-                lifetime.LEDGER.drain()     # release the arguments' blocks promptly
+                lifetime.LEDGER.drain_hushed()     # release the arguments' blocks promptly
                 if leases and lifetime.LEDGER.leased_from(self.link) > held:
                     self._collect_soon()
+                elif self._gc_due is not None:      # not idle yet: later, within the cap
+                    self._gc_due = min(time.monotonic() + self.COLLECT_IDLE_S, self._gc_latest)
             elif kind is Control:
                 frame.close_fds()
                 apply_control(self.link, frame.envelope.messages)
@@ -294,7 +306,10 @@ class Worker:
         cost milliseconds on a large heap; a janitor thread does it off the
         hot path instead (a lease still held on purpose costs one collection).
         """
-        self._gc_due = time.monotonic() + 0.5
+        now = time.monotonic()
+        if self._gc_due is None:
+            self._gc_latest = now + self.COLLECT_MAX_S
+        self._gc_due = min(now + self.COLLECT_IDLE_S, self._gc_latest)
         if self._janitor is None:
             # None at interpreter exit (no thread may start then).
             self._janitor = lifetime.start_thread(self._janitor_loop, "comfy_env-janitor")
@@ -303,7 +318,11 @@ class Worker:
         while True:
             time.sleep(0.25)
             due = self._gc_due
-            if due is not None and time.monotonic() >= due:
+            # Each call that ends pushes the due time back (up to COLLECT_MAX_S after
+            # the first need): a full collection (tens of ms on a heap with torch)
+            # stalls whatever call it overlaps.
+            now = time.monotonic()
+            if due is not None and now >= due and (not self._busy or now >= self._gc_latest):
                 self._gc_due = None
                 gc.collect()
                 lifetime.LEDGER.drain()
@@ -337,10 +356,12 @@ class Worker:
             self._send_exception(Result(call_id, False), exc)
             return
         finally:
+            # Their holders die here; we drain inline (below, or in serve()).
+            lifetime.LEDGER.hush()
             args = kwargs = fn = held = None
         # Arguments the result does not keep are dead now: their releases go out
         # before the result, so the parent can recycle those blocks for its next call.
-        lifetime.LEDGER.drain()
+        lifetime.LEDGER.drain_hushed()
         try:
             self.send_parts(Result(call_id, True), [result])
         except ChannelClosed:

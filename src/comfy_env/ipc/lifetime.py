@@ -101,6 +101,7 @@ class Link:
         self.closed = False
         self._posts = collections.deque()
         self.lent = collections.Counter()   # key -> outstanding lends to this peer
+        self.held = 0                       # our records held through leases from this peer
         self.state = {}                     # plane name -> per-peer plane state
 
     def post(self, message) -> None:
@@ -166,6 +167,7 @@ class Ledger:
         self._wake_r = self._wake_w = None
         self._wake_pending = False      # a byte is in the pipe: no need to write another
         self._burst = False             # holders died since the flusher last woke (see _run)
+        self._hushed = False            # dead holders do not wake the flusher (see hush)
         self._thread = None
 
     # -- records -----------------------------------------------------------
@@ -204,6 +206,7 @@ class Ledger:
                     if rec is None:
                         resource, on_zero = make(i)
                         rec = records[key] = Record(key, resource, owned=False, upstream=link, on_zero=on_zero)
+                        link.held += 1
                     if rec.upstream is link:
                         rec.leases_in += 1
                     else:
@@ -278,9 +281,11 @@ class Ledger:
         rec.users -= n
         if rec.users > 0:
             return None
+        upstream, leases = rec.upstream, rec.leases_in
         if self._records.get(rec.key) is rec:
             del self._records[rec.key]
-        upstream, leases = rec.upstream, rec.leases_in
+            if upstream is not None:
+                upstream.held -= 1
         rec.leases_in = 0
         return upstream, leases
 
@@ -376,6 +381,7 @@ class Ledger:
                 if rec.upstream is link:
                     rec.leases_in = 0
                     rec.upstream = None
+            link.held = 0
         for key, n in lent.items():
             rec = self._records.get(key)
             if rec is not None:
@@ -386,11 +392,27 @@ class Ledger:
         self._dirty.append(link)
         self._wake()
 
+    def hush(self):
+        """Until :meth:`drain_hushed`, what is queued does not wake the flusher.
+
+        For a thread about to drop objects and drain inline right after (the worker,
+        once a call returned: its arguments' holders die): waking the flusher would
+        only cost a syscall, a thread switch and the GIL handed back and forth, in the
+        middle of sending the result.  Whatever any thread queues meanwhile is drained
+        by that :meth:`drain_hushed`."""
+        self._hushed = True
+
+    def drain_hushed(self):
+        """End :meth:`hush` and drain what was queued (anything queued after this wakes
+        the flusher as usual)."""
+        self._hushed = False
+        self.drain()
+
     def _wake(self):
         # One byte in the pipe is enough: the flusher clears the flag before it drains,
         # so whatever was queued before this call is drained after it (one write per
         # burst of dead holders, not one syscall per tensor).
-        if self._wake_pending:
+        if self._wake_pending or self._hushed:
             return
         if self._thread is None and not self._start():
             return                        # exiting: what is queued stays queued
@@ -462,8 +484,7 @@ class Ledger:
 
     def leased_from(self, link):
         """How many blocks this process holds through leases from ``link``."""
-        with self._lock:
-            return sum(1 for r in self._records.values() if r.upstream is link)
+        return link.held
 
     def records(self):
         with self._lock:

@@ -45,6 +45,7 @@ class LocalGpus:
         self.staging = {}             # ordinal -> Pools
         self.rings = {}               # ordinal -> EventRing
         self.events = OpenedEvents()  # peers' events we opened
+        self._raw_stream = None       # (torch, its _cuda_getCurrentRawStream) once it agreed
 
     def t(self):
         """The torch module (imported on first use: only a tensor brings us here)."""
@@ -53,6 +54,22 @@ class LocalGpus:
             self.dtypes = {getattr(torch, n): n for n in ITEMSIZE if hasattr(torch, n)}
             self.torch = torch
         return self.torch
+
+    def current_stream(self, ordinal):
+        """torch's current stream on ``ordinal``, as the raw ``CUstream`` driver calls take.
+
+        One C call where this torch has it: ``current_stream(i).cuda_stream`` checks the
+        device argument and builds a Stream object first, which a message paid once per
+        GPU on each side."""
+        torch = self.torch
+        raw = self._raw_stream
+        if raw is not None and raw[0] is torch:
+            return raw[1](ordinal)
+        stream = torch.cuda.current_stream(ordinal).cuda_stream     # initialises torch's CUDA
+        fn = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if fn is not None and fn(ordinal) == stream:
+            self._raw_stream = (torch, fn)
+        return stream
 
     # -- probing -------------------------------------------------------------------
     def caps(self, ordinal) -> Capabilities:

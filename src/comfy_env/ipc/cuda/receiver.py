@@ -113,7 +113,7 @@ class Receiver:
             raise CudaTransferError(str(exc)) from None
         torch = self.local.torch
         d = ctx.dev[uuid] = _DecodeDevice(ordinal, torch.device("cuda", ordinal),
-                                          torch.cuda.current_stream(ordinal).cuda_stream)
+                                          self.local.current_stream(ordinal))
         return ctx, d
 
     def decode(self, desc, dec):

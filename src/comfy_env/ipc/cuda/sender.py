@@ -130,6 +130,8 @@ class Sender:
         self._serial = itertools.count(1)
         self.routes = collections.Counter()   # route -> tensors sent (doctor, tests)
         self.last_reasons = {}        # route -> why it was last chosen
+        # Wrapped once (functools.wraps per frame cost more than the rest of a small send).
+        self._finish_frame_kept = devices.keeps_caller_context(self._finish_frame)
 
     # -- encode ----------------------------------------------------------------------
     def _encode_context(self, enc):
@@ -139,7 +141,7 @@ class Sender:
             self.local.t()
             self.plane.housekeeping()
             ctx = state[self.name] = _EncodeContext(self.peers.of(enc.link))
-            enc.fb.before_send(devices.keeps_caller_context(lambda: self._finish_frame(ctx)))
+            enc.fb.before_send(functools.partial(self._finish_frame_kept, ctx))
         return ctx
 
     def _finish_frame(self, ctx):
@@ -171,7 +173,7 @@ class Sender:
         if caps.driver:
             heap = self.local.ensure_heap(ordinal)
             devices.use(ordinal)
-            stream = self.local.torch.cuda.current_stream(ordinal).cuda_stream
+            stream = self.local.current_stream(ordinal)
         pool_ok = (heap is not None and caps.pools and ctx.st.verdicts.ok("pool") is not False
                    and not self.force_cpu)
         copy_ok = pool_ok and self.fresh_copy > 0
