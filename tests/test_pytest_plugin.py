@@ -1127,3 +1127,399 @@ def test_async_generators_fail_tb_line_and_no_warnings_plugin_as_in_process(pyte
     for args in (("-p", "no:warnings"), ("-p", "no:warnings", "--isolated")):
         # In a subprocess: in this one the inner session's warning would reach our report.
         assert outcomes(run(pytester, "-rA", *args, subprocess=True))["test_warns"] == "PASSED"
+
+
+RESETS = """
+import pytest
+
+REGISTRY = {}
+CACHE = {}
+COUNT = 0
+_LOADED = None              # a lazily made resource: a test's change that stays
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    global REGISTRY, COUNT
+    REGISTRY = {}           # rebound to a new dict equal to the one sent before
+    CACHE.clear()           # emptied in place: no change at all in the pytest process
+    COUNT = 0               # the same int as before
+    yield
+
+
+def load():
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = {"loads": 0}
+    _LOADED["loads"] += 1
+    return _LOADED
+
+
+def register(name):
+    global COUNT
+    REGISTRY[name] = True
+    CACHE[name] = 1
+    COUNT += 1
+
+
+@pytest.mark.parametrize("name", ["one", "two", "three"])
+def test_reset_before_each(name):
+    register(name)
+    assert REGISTRY == {name: True} and CACHE == {name: 1} and COUNT == 1
+    assert load()["loads"] == ["one", "two", "three"].index(name) + 1
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_fixtures_reset_of_module_globals_reaches_the_worker(pytester):
+    """A fixture that resets module globals to values equal to those the worker was
+    sent before (``REGISTRY = {}``, ``CACHE.clear()``, ``COUNT = 0``) resets them in the
+    worker too, after a test changed them there; what no fixture touches (a lazily
+    loaded resource) stays in the worker, as in-process."""
+    pytester.makepyfile(test_resets=RESETS)
+    want = {f"test_reset_before_each[{n}]": "PASSED" for n in ("one", "two", "three")}
+    for args in (("--isolated",), ("-p", "no:comfy_env")):
+        result = run(pytester, "-rA", "-p", "no:randomly", *args)
+        assert outcomes(result) == want, result.stdout.str()
+
+
+UNPICKLING = """
+import os
+import pytest
+
+
+class Client:
+    def __init__(self, addr):
+        self.addr = addr
+
+    def __reduce__(self):
+        return (Client._reconnect, (self.addr,))
+
+    @staticmethod
+    def _reconnect(addr):
+        if os.environ.get("IN_PARENT") != str(os.getpid()):
+            raise ConnectionRefusedError(f"cannot reconnect to {addr}")
+        return Client(addr)
+
+
+class Fragile:
+    def __init__(self):
+        self.v = 1
+
+    def __setstate__(self, state):
+        raise RuntimeError("cannot restore Fragile here")
+
+
+CLIENT = None
+
+
+def setup_module(module):
+    os.environ["IN_PARENT"] = str(os.getpid())
+    module.CLIENT = Client("127.0.0.1:1")
+
+
+@pytest.fixture
+def fragile():
+    return Fragile()
+
+
+class Proxy:
+    # Unpickling recurses (as a MockerFixture's does): __getattr__ reads an attribute
+    # that is not set yet when pickle looks for __setstate__.
+    def __init__(self, target):
+        self._target = target
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
+@pytest.fixture
+def a_proxy():
+    return Proxy([1, 2])
+
+
+def test_uses_client():
+    assert CLIENT is not None
+
+
+def test_other():
+    assert 1 + 1 == 2
+
+
+def test_fragile(fragile):
+    pass
+
+
+def test_proxy(a_proxy):
+    pass
+
+
+def test_last():
+    pass
+"""
+
+
+@pytest.mark.timeout(90)
+def test_values_that_do_not_unpickle_in_the_worker(pytester):
+    """A module global that pickles here but does not unpickle in the worker is left
+    out (a warning names it) and fails only the test that uses it; a fixture value
+    that does not fails its test with a message naming the fixture, never an internal
+    traceback or a RecursionError."""
+    pytester.makepyfile(test_unpickling=UNPICKLING)
+    result = run(pytester, "-rA", "-p", "no:randomly", "--isolated")
+    got = outcomes(result)
+    assert got == {"test_uses_client": "FAILED", "test_other": "PASSED", "test_fragile": "FAILED",
+                   "test_proxy": "FAILED", "test_last": "PASSED"}, result.stdout.str()
+    text = result.stdout.str()
+    assert "assert None is not None" in section(result, "test_uses_client")
+    assert "test_unpickling.CLIENT is not sent to the isolated worker" in text
+    assert "ConnectionRefusedError: cannot reconnect to 127.0.0.1:1" in text
+    assert "the value of fixture 'fragile' (Fragile) could not be unpickled in the isolated worker: " \
+           "RuntimeError: cannot restore Fragile here" in section(result, "test_fragile")
+    assert "the value of fixture 'a_proxy' (Proxy) could not be unpickled in the isolated worker: " \
+           "RecursionError" in section(result, "test_proxy")
+    assert "Traceback" not in text and "plugin.py" not in text, text
+
+
+@pytest.mark.timeout(90)
+def test_mocker_is_refused_and_a_projects_fixture_named_like_a_builtin_is_a_value(pytester):
+    """pytest-mock's ``mocker`` is refused with its reason (as monkeypatch is); a
+    project's ``cache`` fixture from a module named ``pytest_*`` is an ordinary value."""
+    pkg = pytester.mkpydir("pytest_mock")
+    (pkg / "plugin.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.fixture
+        def mocker():
+            return object()
+    """))
+    pytester.makepyfile(pytest_fixtures="""
+        import pytest
+
+        @pytest.fixture
+        def cache():
+            return {"warm": True}      # the project's own data cache, not pytest's
+    """)
+    pytester.makeconftest('pytest_plugins = ["pytest_mock.plugin", "pytest_fixtures"]')
+    pytester.makepyfile(test_plugins="""
+        def test_mocker(mocker):
+            pass
+
+        def test_project_cache(cache):
+            assert cache == {"warm": True}
+    """)
+    result = run(pytester, "-rA", "--isolated")
+    assert outcomes(result) == {"test_mocker": "FAILED", "test_project_cache": "PASSED"}, \
+        result.stdout.str()
+    assert "fixture 'mocker' cannot be used by an isolated test" in section(result, "test_mocker")
+    assert "unittest.mock.patch" in section(result, "test_mocker")
+
+
+CALLABLES = """
+import functools
+
+import numpy as np
+import pytest
+
+
+class Scorer:
+    def __init__(self):
+        self.threshold = 1
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
+scorer = Scorer()
+scaled = functools.partial(pow, 2)
+DATA = np.zeros((600, 600))
+
+
+def setup_module(module):
+    scorer.threshold = 10                   # in place, in a callable instance
+    module.scaled.__dict__["note"] = "set"  # in place, in a partial
+    DATA[300, 300] = 7                      # in place, in a big array
+
+
+@pytest.fixture
+def bump():
+    DATA[599, 599] += 1                     # in place again, before each test using it
+
+
+def test_callable_changed_in_place():
+    assert scorer.threshold == 10 and not scorer(5)
+    assert scaled.__dict__.get("note") == "set"
+
+
+def test_array_changed_in_place(bump):
+    assert DATA[300, 300] == 7 and DATA[599, 599] == 1
+
+
+def test_array_again(bump):
+    assert DATA[599, 599] == 2
+"""
+
+
+@pytest.mark.timeout(90)
+def test_callable_instances_and_arrays_changed_in_place_reach_the_worker(pytester):
+    pytester.makepyfile(test_callables=CALLABLES)
+    want = {"test_callable_changed_in_place": "PASSED", "test_array_changed_in_place": "PASSED",
+            "test_array_again": "PASSED"}
+    for args in (("--isolated",), ("-p", "no:comfy_env")):
+        result = run(pytester, "-rA", "-p", "no:randomly", *args)
+        assert outcomes(result) == want, result.stdout.str()
+
+
+def test_arrays_are_digested_by_checksum_not_pickled(monkeypatch):
+    """The change detection of a module-level array hashes its memory: no pickling of
+    200 MB per test (and an in-place change of one element still shows)."""
+    import numpy as np
+
+    from comfy_env.testing import worker_side
+
+    class NoPickling:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("an array was pickled to be digested")
+
+    a = np.zeros((1000, 1000))
+    before = worker_side.digest(a)
+    monkeypatch.setattr(worker_side, "_Digester", NoPickling)
+    a[500, 321] = 1
+    after = worker_side.digest(a)
+    assert before is not None and after is not None and before != after
+    assert worker_side.digest(a) == after
+    assert worker_side.digest(a.T) != after                 # another layout
+    monkeypatch.undo()
+    inside = worker_side.digest({"data": a})
+    a[0, 0] = 5
+    assert worker_side.digest({"data": a}) != inside       # an array inside a value too
+
+
+@pytest.mark.timeout(90)
+def test_runxfail_makes_pytest_xfail_a_no_op_in_the_worker(pytester):
+    pytester.makepyfile(test_rx="""
+        import pytest
+
+        def test_imperative_xfail():
+            pytest.xfail("known bug")
+            assert 1 + 1 == 2
+
+        def test_imperative_xfail_then_fails():
+            pytest.xfail("known bug")
+            assert 0
+
+        @pytest.mark.xfail(reason="marked")
+        def test_marked_xfail():
+            assert 0
+
+        def test_xfail_without_runxfail_elsewhere():
+            pass
+    """)
+    want = {"test_imperative_xfail": "PASSED", "test_imperative_xfail_then_fails": "FAILED",
+            "test_marked_xfail": "FAILED", "test_xfail_without_runxfail_elsewhere": "PASSED"}
+    for args in (("--isolated",), ("-p", "no:comfy_env")):
+        result = run(pytester, "-rA", "--runxfail", *args)
+        assert outcomes(result) == want, result.stdout.str()
+        assert "plugin.py" not in result.stdout.str()
+    # Without --runxfail the same worker-side code leaves pytest.xfail alone.
+    got = outcomes(run(pytester, "-rA", "--isolated"))
+    assert got["test_imperative_xfail"] == "XFAIL", got
+
+
+@pytest.mark.timeout(90)
+def test_markers_added_after_collection_are_honoured(pytester):
+    """An isolated marker added by another plugin's trylast modifyitems hook, or by a
+    fixture's request.node.add_marker during setup, isolates the test."""
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_modifyitems(config, items):
+            for item in items:
+                if "hook" in item.name:
+                    item.add_marker(pytest.mark.isolated(timeout=1))
+
+        @pytest.fixture
+        def isolate_me(request):
+            request.node.add_marker(pytest.mark.isolated(timeout=1))
+    """)
+    pytester.makepyfile(test_late="""
+        import os
+        import time
+
+        PARENT = os.getpid()
+        STATE = {"n": 0}
+
+        def test_by_hook():
+            time.sleep(30)
+
+        def test_by_hook_pid():
+            assert os.getpid() != PARENT
+
+        def test_by_fixture(isolate_me):
+            assert os.getpid() != PARENT
+            time.sleep(30)
+
+        def test_by_fixture_state(isolate_me):
+            STATE["n"] += 1
+            assert STATE["n"] == 1 and os.getpid() != PARENT
+
+        def test_not_isolated():
+            assert os.getpid() == PARENT
+    """)
+    result = run(pytester, "-rA", "-p", "no:randomly")
+    assert outcomes(result) == {"test_by_hook": "FAILED", "test_by_hook_pid": "PASSED",
+                                "test_by_fixture": "FAILED", "test_by_fixture_state": "PASSED",
+                                "test_not_isolated": "PASSED"}, result.stdout.str()
+    assert "the isolated test timed out after 1 s" in section(result, "test_by_hook")
+    assert "the isolated test timed out after 1 s" in section(result, "test_by_fixture")
+
+
+def _python310():
+    import sys
+
+    if sys.version_info < (3, 11):
+        return None
+    for cand in ("/root/.pyenv/versions/3.10.13/bin/python", shutil.which("python3.10")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(_python310() is None, reason="needs a Python 3.10 interpreter and a 3.11+ host")
+def test_a_python_310_env_gets_pytests_dependencies_below_311_or_says_what_to_add(pytester):
+    """pytest needs exceptiongroup and tomli on 3.10 only: a host on 3.11+ shares them
+    when it has them; when neither it nor the env has them, every test of that env
+    fails at once with a message saying what to install (no worker is started)."""
+    import importlib.metadata as md
+
+    py = _python310()
+    pytester.makepyfile(test_foreign=f"""
+        import sys
+        import pytest
+
+        pytestmark = pytest.mark.isolated(env={py!r}, timeout=60)
+
+        def test_version():
+            assert sys.version_info[:2] == (3, 10)
+
+        def test_second():
+            pass
+    """)
+    result = run(pytester, "-rA")
+    text = result.stdout.str()
+    missing = []
+    for name in ("exceptiongroup", "tomli"):
+        try:
+            md.distribution(name)
+        except md.PackageNotFoundError:
+            missing.append(name)
+    if not missing:
+        assert outcomes(result) == {"test_version": "PASSED", "test_second": "PASSED"}, text
+        return
+    assert outcomes(result) == {"test_version": "FAILED", "test_second": "FAILED"}, text
+    for name in missing:
+        assert name in section(result, "test_version") and name in section(result, "test_second")
+    assert f"{py} -m pip install" in section(result, "test_second")
+    assert "No module named" not in text, text

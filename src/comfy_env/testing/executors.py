@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -221,17 +222,94 @@ def _resolve(iso):
                           f"prepared: {type(exc).__name__}: {exc}") from exc
     if wenv.is_current:
         return wenv
-    return dataclasses.replace(wenv, pythonpath=tuple(wenv.pythonpath) + (_pytest_share_dir(env),))
+    return dataclasses.replace(wenv, pythonpath=tuple(wenv.pythonpath) + (_pytest_share_dir(env, wenv),))
 
 
-def _pytest_share_dir(env):
+def _pytest_share_dir(env, wenv):
     from ..envs import Env
     from ..envs.cache import cache_root
     from ..envs.share import share_dir
 
     root = env.cache_root if isinstance(env, Env) else cache_root()
     try:
-        return share_dir(root, ["pytest"])
+        extra = _pytest_needs_there(wenv)
+        return share_dir(root, ["pytest", *extra])
+    except SetupFailed:
+        raise
     except Exception as exc:
         raise SetupFailed(f"could not share the host's pytest with the worker's environment: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _pytest_needs_there(wenv):
+    """The host distributions to share besides pytest's closure: the dependencies that
+    pytest (and its dependencies) need on the env's Python only.  The closure's markers
+    are evaluated for the host's Python: on a host of 3.11+ it leaves out
+    ``exceptiongroup`` and ``tomli``, which pytest imports on 3.10.  Each is shared
+    from the host where the host has it; one that neither the host nor the env has
+    fails the env's tests at once (SetupFailed), naming what to install."""
+    import importlib.metadata as md
+    import sys
+
+    from ..envs.share import share_closure
+    from ..envs.spec import normalize_dist_name
+
+    try:
+        from packaging.markers import Marker
+    except ImportError:
+        return []
+    version = tuple(wenv.python_version)[:2]
+    if version == tuple(sys.version_info[:2]):
+        return []
+    where = {"python_version": "%d.%d" % version, "python_full_version": "%d.%d.0" % version,
+             "extra": ""}
+    closure = share_closure(["pytest"])
+    have = {normalize_dist_name(d.metadata["Name"]) for d in closure}
+    needed = {}
+    for dist in closure:
+        for req in dist.requires or ():
+            name, _, marker = req.partition(";")
+            name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", name)
+            if not name or not marker.strip() or "extra" in marker:
+                continue
+            try:
+                applies = Marker(marker.strip()).evaluate(where)
+            except Exception:
+                continue
+            if applies and normalize_dist_name(name.group(1)) not in have:
+                needed[normalize_dist_name(name.group(1))] = req.strip()
+    shared, missing = [], []
+    for name, req in needed.items():
+        try:
+            md.distribution(name)
+            shared.append(name)
+        except md.PackageNotFoundError:
+            missing.append((name, req))
+    if missing and not _env_has([n for n, _ in missing], wenv):
+        names = " ".join(n for n, _ in missing)
+        listed = " and ".join(n for n, _ in missing)
+        raise SetupFailed(
+            f"the host's pytest {md.version('pytest')} needs {', '.join(repr(r) for _, r in missing)} "
+            f"on the environment's Python {'%d.%d' % version}, and neither the host (Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}, where pytest does not need "
+            f"{'it' if len(missing) == 1 else 'them'}) nor the environment has "
+            f"{'it' if len(missing) == 1 else 'them'}: add {listed} to the environment's "
+            f"requirements (or pytest itself), or install {'it' if len(missing) == 1 else 'them'} "
+            f"into {wenv.python} (`{wenv.python} -m pip install {names}`)")
+    return shared
+
+
+def _env_has(names, wenv):
+    """Whether the env's interpreter finds all of the distributions ``names``."""
+    import subprocess
+
+    code = ("import importlib.metadata as m, sys\n"
+            "for n in sys.argv[1:]: m.distribution(n)\n")
+    env = dict(os.environ)
+    env.update(wenv.env_vars or {})
+    env["PYTHONPATH"] = os.pathsep.join(wenv.pythonpath)
+    try:
+        return subprocess.run([wenv.python, "-c", code, *names], env=env, timeout=60,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False

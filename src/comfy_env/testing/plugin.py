@@ -20,7 +20,6 @@ in with the first isolated test.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import math
@@ -32,10 +31,11 @@ import warnings
 import pytest
 
 from .executors import Executors, Isolation, SetupFailed
-from .worker_side import RESTORE
+from .worker_side import IGNORED, RESTORE, digest, fixed
 
 _RUN_TEST = "comfy_env.testing.worker_side:run_test"
 _IMPORT_TEST = "comfy_env.testing.worker_side:import_test_module"
+_CHECK_VALUES = "comfy_env.testing.worker_side:check_values"
 # Importing a test module in a worker is not the test's time: it is bounded by this.
 IMPORT_TIMEOUT = 300.0
 
@@ -47,6 +47,7 @@ PYTEST_TIMEOUT_SLACK = 30.0
 _STATE = pytest.StashKey()
 _ISOLATION = pytest.StashKey()      # Isolation, or a str: what is wrong with the marker
 _REPORT = pytest.StashKey()         # what the report of the call phase should show instead
+_MARKS = pytest.StashKey()          # the isolated markers _ISOLATION was computed from
 
 # Built-in fixtures whose value cannot do its job in another process.
 _REFUSED = {
@@ -78,7 +79,23 @@ _REFUSED = {
                     "(pytestconfig.getoption(...)) in a fixture and pass the value",
     "cache": "pytest's cache is the pytest process's; read or write it in a fixture and pass "
              "the value",
+    # pytest-mock's: a MockerFixture (and the mocks it holds) does not cross to another
+    # process (unpickling a Mock recurses), and its patches must be undone after the test,
+    # in the process where they were made.
+    "mocker": "its patches would be made in the worker, where pytest-mock cannot undo them "
+              "after the test (and a mocker does not cross processes); patch inside the test "
+              "with `with unittest.mock.patch(...):` (or `@unittest.mock.patch` on the test), "
+              "which undoes the patch when the test ends",
+    "class_mocker": "see mocker",
+    "module_mocker": "see mocker",
+    "package_mocker": "see mocker",
+    "session_mocker": "see mocker",
 }
+
+# The packages whose fixtures of those names are refused: pytest's own (``_pytest``,
+# and ``pytest`` itself), this plugin's, and pytest-mock's.  A project's fixture of the
+# same name, in a module of any other name (``pytest_fixtures.py`` too), is a value.
+_REFUSED_FROM = ("_pytest", "pytest", "comfy_env", "pytest_mock", "pytest_subtests")
 
 
 def _marker_signature(env=None, timeout=None, device=None, *, fresh=False):
@@ -151,6 +168,9 @@ class _State:
         # setup_class, a class fixture's request.cls.x = ... or a fixture's monkeypatch
         # changes in it since is sent with each test (_namespace_changes).
         self.namespaces = {}
+        # The fixture functions run (set up or torn down) since the last isolated call:
+        # the names they mention are the ones they may have reset (_names_set_up).
+        self.ran = set()
 
     def initargs(self):
         return (self.settings(), sorted(self.roots))
@@ -181,6 +201,7 @@ class _State:
                 "fulltrace": bool(config.getoption("fulltrace", False)),
                 "showlocals": bool(config.getoption("showlocals", False)),
                 "abspath": False,
+                "runxfail": bool(config.getoption("runxfail", False)),
                 "verbose": verbose,
                 "verbose_assertions": get_verbosity("assertions") if get_verbosity else verbose,
                 "ini": ini,
@@ -197,36 +218,71 @@ class _State:
 # -- which tests are isolated, and how -------------------------------------------------------------
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    # trylast: after the other plugins' and conftests' hooks, which may add markers.
     state = config.stash[_STATE]
     for item in items:
-        if not isinstance(item, pytest.Function):
-            continue
-        marks = list(item.iter_markers("isolated"))
-        if not marks and not state.all:
-            continue
-        if _is_unittest(item):
-            # unittest runs these itself (TestCaseFunction.runtest), never through the
-            # function call this plugin moves to a worker: they would run here, with no
-            # timeout, as if isolated.  --isolated leaves them in-process; a marker on
-            # one is an error at setup, saying so.
-            if marks:
-                item.stash[_ISOLATION] = (
-                    "unittest.TestCase tests cannot run isolated: unittest runs them itself, "
-                    "in the pytest process.  Write the test as a pytest function or plain class "
-                    "to isolate it, or take the isolated marker off")
-            continue
-        iso = _isolation_of(item, marks, state)
-        item.stash[_ISOLATION] = iso
-        state.modules.add(item.module.__name__)
-        for obj, path in _namespaces_of(item):
-            if id(obj) not in state.namespaces:
-                state.namespaces[id(obj)] = (obj, _Snapshot(obj), item.module.__name__, path)
-        root = _package_root(item.module)
-        if root:
-            state.roots.add(root)
-        if isinstance(iso, Isolation) and iso.timeout is not None:
-            _extend_pytest_timeout(item, iso.timeout)
+        if isinstance(item, pytest.Function):
+            _resolve_isolation(item, state, at_collection=True)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Markers added after collection (a trylast modifyitems hook of another plugin, one
+    # that runs later than ours): read again before the test's setup, and before
+    # pytest-timeout's own hook wrapper sets its timer (this one wraps it).
+    if isinstance(item, pytest.Function):
+        _resolve_isolation(item, item.config.stash[_STATE])
+    yield
+
+
+def _resolve_isolation(item, state, at_collection=False, at_call=False):
+    """Set ``item.stash[_ISOLATION]`` from the item's isolated markers as they are now
+    (or --isolated): at collection, again when its protocol starts and at its call (a
+    fixture's ``request.node.add_marker`` adds one during setup).  Unchanged markers
+    are not looked at again."""
+    marks = list(item.iter_markers("isolated"))
+    if item.stash.get(_MARKS, None) == marks:
+        return
+    item.stash[_MARKS] = marks
+    if not marks and not state.all:
+        if _ISOLATION in item.stash:
+            del item.stash[_ISOLATION]
+        return
+    if _is_unittest(item):
+        # unittest runs these itself (TestCaseFunction.runtest), never through the
+        # function call this plugin moves to a worker: they would run here, with no
+        # timeout, as if isolated.  --isolated leaves them in-process; a marker on
+        # one is an error at setup, saying so.
+        if marks:
+            item.stash[_ISOLATION] = (
+                "unittest.TestCase tests cannot run isolated: unittest runs them itself, "
+                "in the pytest process.  Write the test as a pytest function or plain class "
+                "to isolate it, or take the isolated marker off")
+        return
+    iso = _isolation_of(item, marks, state)
+    item.stash[_ISOLATION] = iso
+    _register(item, state, known=at_collection)
+    if isinstance(iso, Isolation) and iso.timeout is not None and not at_call:
+        _extend_pytest_timeout(item, iso.timeout)
+
+
+def _register(item, state, known):
+    """Follow the namespaces of an isolated test's module and classes from now on.
+    ``known``: at collection, they are as the worker's import makes them; an item
+    marked later finds its module as setup_module and other tests may have left it, so
+    every value it holds is sent to the worker (once)."""
+    name = item.module.__name__
+    if name not in state.modules:
+        state.modules.add(name)
+        state._settings = None          # rewrite_marked names the test modules
+    for obj, path in _namespaces_of(item):
+        if id(obj) not in state.namespaces:
+            state.namespaces[id(obj)] = (obj, _Snapshot(obj, known), name, path)
+    root = _package_root(item.module)
+    if root:
+        state.roots.add(root)
 
 
 def _is_unittest(item):
@@ -316,7 +372,10 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
+    _resolve_isolation(pyfuncitem, pyfuncitem.config.stash[_STATE], at_call=True)
     iso = pyfuncitem.stash.get(_ISOLATION, None)
+    if isinstance(iso, str):
+        pytest.fail(iso, pytrace=False)         # a bad marker added during setup
     if not isinstance(iso, Isolation):
         return None
     _run_isolated(pyfuncitem, iso, pyfuncitem.config.stash[_STATE])
@@ -355,7 +414,7 @@ def _builtin_fixture(item, name):
     if not defs:
         return True
     module = getattr(defs[-1].func, "__module__", "") or ""
-    return module.startswith(("_pytest.", "pytest", "comfy_env.")) or module == "_pytest"
+    return module.partition(".")[0] in _REFUSED_FROM
 
 
 def _class_path(item):
@@ -381,79 +440,157 @@ def _namespaces_of(item):
     return out
 
 
-def _fixed(value):
-    """Values whose identity says all (nothing in them can change unseen): atoms,
-    modules, functions, classes and other callables pickled by name.  Anything else is
-    compared by its pickled bytes."""
-    return isinstance(value, (type(None), bool, int, float, complex, str, bytes, types.ModuleType)) \
-        or callable(value)
-
-
-def _digest(value):
-    """The pickled bytes' digest, or None when ``value`` does not pickle."""
-    import cloudpickle
-    try:
-        return hashlib.blake2b(cloudpickle.dumps(value), digest_size=16).digest()
-    except Exception:
-        return None
-
-
 class _Snapshot:
     """A namespace as collection left it: each name's object and, for objects whose
-    contents can change in place, their pickled digest."""
+    contents can change in place, their digest.  ``known=False``: nothing is known of
+    it (the worker's copy may differ in anything): every value counts as changed."""
 
-    def __init__(self, obj):
-        self.values = dict(vars(obj))
-        self.digests = {name: _digest(v) for name, v in self.values.items() if not _fixed(v)}
+    def __init__(self, obj, known=True):
+        self.values = {k: v for k, v in vars(obj).items() if k not in IGNORED} if known else {}
+        self.digests = {name: digest(v) for name, v in self.values.items() if not fixed(v)}
 
     def token(self, name, value):
         """``"="`` when ``value`` is what collection left under ``name`` (the worker's own
         import has it too), else ``("v", digest)``; None when it does not pickle."""
         same = name in self.values and value is self.values[name]
-        if same and _fixed(value):
+        if same and fixed(value):
             return "="
-        d = _digest(value)
+        d = digest(value)
         if d is None:
             return None
         return "=" if same and d == self.digests.get(name) else ("v", d)
 
 
-def _module_namespaces(state, module_name, views):
+# A view's value ``(_CHANGED_THERE, token)``: the worker's test changed that name there
+# (its copy is its own now), when the pytest process had ``token`` under it.
+_CHANGED_THERE = "changed in the worker"
+
+
+def _module_namespaces(state, item, views):
     """``[(class path or None for the module, changes)]`` for the test module and its
-    classes, as far as the worker's copies (``views``: what this worker was told) differ
-    from the pytest process's now: each change is sent to a worker once, so what a test
-    changes in the worker's own copy afterwards stays there for the tests after it, as
-    in-process."""
-    return [(path, _namespace_changes(obj, snap, views.setdefault(key, {})))
-            for key, (obj, snap, mod, path) in state.namespaces.items() if mod == module_name]
+    classes, as far as the worker's copies (``views``: what this worker was told, and
+    what its tests changed there) differ from the pytest process's now.  A value sent
+    once is not sent again while neither side changes it.  What an earlier test changed
+    in the worker stays there (a lazily loaded model, a count, as in-process) unless
+    this process changed it since or the code it ran for this test's setup names it: a
+    fixture's reset (``CACHE.clear()``, ``COUNT = 0``) gives the worker this process's
+    value, though that looks like no change here."""
+    mentioned = _names_set_up(state)
+    return [(path, _namespace_changes(obj, snap, views.setdefault(key, {}), mentioned))
+            for key, (obj, snap, mod, path) in state.namespaces.items()
+            if mod == item.module.__name__]
 
 
-def _namespace_changes(obj, snap, view):
+_NAMES_OF = {}      # function -> the global and attribute names its code may set
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    request.config.stash[_STATE].ran.add(fixturedef.func)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    request.config.stash[_STATE].ran.add(fixturedef.func)
+
+
+def _names_set_up(state):
+    """The names that the fixtures set up or torn down since the last isolated call (the
+    xunit setup/teardown functions among them) mention in their code, in the code of
+    the functions they close over and of the module-level functions they call by name:
+    those they may have set in the test module or its classes."""
+    names = set()
+    for func in state.ran:
+        if func not in _NAMES_OF:
+            _NAMES_OF[func] = frozenset(_names_of(func, set()))
+        names |= _NAMES_OF[func]
+    state.ran.clear()
+    return names
+
+
+def _names_of(func, seen, depth=0):
+    func = getattr(func, "__func__", func)          # a bound method (a class's fixture)
+    code = getattr(func, "__code__", None)
+    if code is None or id(func) in seen or depth > 4:
+        return set()
+    seen.add(id(func))
+    names = set()
+    # pytest's own fixtures touch no test module; its xunit wrappers (setup_function,
+    # setup_method) hold the user's function in their closure.
+    if not (getattr(func, "__module__", "") or "").partition(".")[0] in _REFUSED_FROM:
+        todo = [code]
+        while todo:
+            c = todo.pop()
+            names.update(c.co_names)
+            todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        glob = getattr(func, "__globals__", {})
+        for name in list(names):
+            helper = glob.get(name)
+            if isinstance(helper, types.FunctionType) and helper.__module__ == func.__module__:
+                names |= _names_of(helper, seen, depth + 1)
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:
+            continue
+        if callable(inner):
+            names |= _names_of(inner, seen, depth + 1)
+    return names
+
+
+def _changed_in_worker(state, module_name, views, changed):
+    """Note in ``views`` the names the worker reported its test changed (``changed``:
+    ``[(class path or None, [names])]``): the next test gets the pytest process's values
+    of them, a fixture's reset (``CACHE.clear()``, ``COUNT = 0``) included."""
+    keys = {path: key for key, (obj, snap, mod, path) in state.namespaces.items()
+            if mod == module_name}
+    for path, names in changed or ():
+        key = keys.get(path)
+        if key is not None:
+            view = views.setdefault(key, {})
+            for name in names:
+                told = view.get(name, "=")
+                if not (isinstance(told, tuple) and told[0] == _CHANGED_THERE):
+                    view[name] = (_CHANGED_THERE, told)
+
+
+def _namespace_changes(obj, snap, view, mentioned=frozenset()):
     """``(changed, deleted)`` in ``obj``'s namespace (the test module, or a class) that
-    this worker has not been told of (``view``: name -> what it was told), or None.
+    this worker's copy lacks (``view``: name -> what it was told, or what its test
+    changed there: see _module_namespaces; ``mentioned``: the names this test's setup
+    code may have set), or None.
 
     What setup_module/setup_class, ``request.cls.x = ...`` in a class fixture, a
     fixture's monkeypatch or an in-place change (``STATE["db"] = ...``) did here, which
-    the worker's own copy (imported there) lacks; a value back as collection left it
-    (a teardown's undo) is :data:`RESTORE`: the worker puts its own back.  Values that
-    cannot be pickled are left out (the worker keeps its own)."""
+    the worker's own copy (imported there) lacks, and the pytest process's value of
+    what an earlier test changed in the worker.  A function, class or atom back as
+    collection left it (a teardown's undo) is :data:`RESTORE`: the worker puts its own
+    back; other values are sent themselves (the worker's own may have been changed in
+    place).  Values that cannot be pickled are left out (the worker keeps its own)."""
     now = vars(obj)
     changed = {}
     deleted = []
     for name in set(now) | set(snap.values) | set(view):
+        if name in IGNORED:
+            continue
         if name in now:
             tok = snap.token(name, now[name])
             if tok is None:
                 continue
         else:
             tok = "-" if name in snap.values else "="
-        if view.get(name, "=") == tok:
+        told = view.get(name, "=")
+        if isinstance(told, tuple) and told[0] == _CHANGED_THERE:
+            if told[1] == tok and name not in mentioned:
+                continue        # the worker's own change stays, as in-process
+        elif told == tok:
             continue
         view[name] = tok
-        if tok == "-":
+        if name not in now:
             deleted.append(name)
+        elif tok == "=" and fixed(now[name]):
+            changed[name] = RESTORE
         else:
-            changed[name] = RESTORE if tok == "=" else now[name]
+            changed[name] = now[name]
     return (changed, deleted) if changed or deleted else None
 
 
@@ -466,12 +603,64 @@ def _unpicklable(fixtures, instance_state):
         for name, value in values.items():
             try:
                 cloudpickle.dumps(value)
-            except Exception as exc:
+            except Exception as exc:        # RecursionError too
                 return (f"the value of {what} {name!r} ({type(value).__qualname__}) could not be "
                         f"pickled for the isolated worker: {type(exc).__name__}: {exc}.  Fixture "
                         f"values are made in the pytest process and sent to the worker; return "
                         f"something picklable, or create the object inside the test.")
     return None
+
+
+def _unloadable(slot, req, fixtures, instance_state):
+    """The test's call failed before the test ran (its arguments did not unpickle in
+    the worker): find out which value did it, each unpickled on its own there.  Returns
+    ``(message, globals)``: a message naming the fixture (or instance attribute) that
+    cannot be unpickled, or None; and ``[(namespace index, name, why)]`` of the test
+    module's globals that cannot (left out of the request by the caller)."""
+    import cloudpickle
+
+    blobs = {}
+    values = [("fixture", name, value) for name, value in fixtures.items()]
+    values += [("instance", name, value) for name, value in (instance_state or {}).items()]
+    for index, (path, changes) in enumerate(req["namespaces"]):
+        for name, value in (changes[0] if changes else {}).items():
+            if not (isinstance(value, str) and value == RESTORE):
+                values.append((index, name, value))
+    for where, name, value in values:
+        try:
+            blobs[(where, name)] = cloudpickle.dumps(value)
+        except Exception:
+            pass            # it did pickle with the call; this copy cannot tell more
+    try:
+        bad = slot.executor.submit(_CHECK_VALUES, blobs).result()
+    except Exception:
+        return None, []
+    for (where, name), why in bad.items():
+        if where in ("fixture", "instance"):
+            what = "fixture" if where == "fixture" else "test class instance attribute"
+            value = (fixtures if where == "fixture" else instance_state)[name]
+            return (f"the value of {what} {name!r} ({type(value).__qualname__}) could not be "
+                    f"unpickled in the isolated worker: {why}.  Fixture values are made in the "
+                    f"pytest process and sent to the worker as pickles; return something that "
+                    f"unpickles there (plain data), or create the object inside the test."), []
+    return None, [(where, name, why) for (where, name), why in bad.items()]
+
+
+def _leave_out(item, req, bad):
+    """Take the globals that do not unpickle in the worker out of the request: the
+    worker keeps its own value of each (the docs' "values that cannot cross are left
+    out"), which tests that use it may trip on; a warning says which and why.  The
+    worker was told of them all the same (``views``), so they are not tried again
+    while their value here stays as it is."""
+    for index, name, why in bad:
+        path, changes = req["namespaces"][index]
+        changes[0].pop(name, None)
+        where = f"{item.module.__name__}.{path + '.' if path else ''}{name}"
+        lineno = (item.location[1] or 0) + 1
+        warnings.warn_explicit(pytest.PytestWarning(
+            f"{where} is not sent to the isolated worker: its value here could not be "
+            f"unpickled there ({why}); the worker keeps its own value of it"),
+            pytest.PytestWarning, str(item.path), lineno)
 
 
 def _call(item, iso, state, slot, fixtures, instance_state):
@@ -490,7 +679,7 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         "target": (_class_path(item), item.originalname),
         "nodeid": item.nodeid,
         "instance": instance_state,
-        "namespaces": _module_namespaces(state, module.__name__, views),
+        "namespaces": _module_namespaces(state, item, views),
         "capture": slot.capture_paths if state.capture else None,
         "log_level": logging.getLogger().level,
         "log_levels": _logger_levels(),
@@ -513,23 +702,47 @@ def _call(item, iso, state, slot, fixtures, instance_state):
     }
     fut = None
     failure = None
+    result = None
     try:
         if slot.needs_import(module.__name__):
             # The module's import first, as a call of its own: outside the test's timeout
             # (a worker replaced after a timeout imports it again: heavy imports failed
             # every test), and what it prints or warns is not the test's (collection
-            # showed it in this process).
-            prep = slot.executor._submit_timed(IMPORT_TIMEOUT, _IMPORT_TEST, req)
+            # showed it in this process).  Without the values to send: one that does not
+            # unpickle there is found by the test's call.
+            prep = slot.executor._submit_timed(
+                IMPORT_TIMEOUT, _IMPORT_TEST,
+                {k: v for k, v in req.items() if k not in ("namespaces", "instance")})
             prep_error = prep.exception()
             if prep_error is None:
                 slot.imported(module.__name__)
             if isinstance(prep_error, CallTimeout):
                 failure = (f"importing the test module in the isolated worker took longer than "
                            f"{IMPORT_TIMEOUT:g} s; {prep_error}")
-        if failure is None:
+        # Each round that fails before the test ran leaves out at least one global that
+        # does not unpickle in the worker; a fixture that does not fails the test.
+        for _ in range(1 + sum(len(c[0]) for _, c in req["namespaces"] if c)):
+            if failure is not None:
+                break
             fut = slot.executor.submit(_RUN_TEST, req, **fixtures)
-            result = fut.result()
-            slot.told(views)        # the worker applied this test's namespace changes
+            try:
+                result = fut.result()
+                break
+            except (CallTimeout, WorkerCrashed):
+                raise
+            except Exception:
+                # run_test returns the test's own outcome: an exception here means the
+                # call did not run, most likely its arguments did not unpickle there.
+                failure, bad = _unloadable(slot, req, fixtures, instance_state)
+                if failure is None and not bad:
+                    raise
+                _leave_out(item, req, bad)
+                fut = None
+        if result is not None:
+            # The worker applied this test's namespace changes, and its test changed
+            # what it reports (result[4]) there.
+            _changed_in_worker(state, module.__name__, views, result[4])
+            slot.told(views)
     except CallTimeout as exc:
         stack = getattr(exc, "worker_stack", None)
         failure = f"Timeout: the isolated test timed out after {iso.timeout} s; {exc}"
@@ -548,8 +761,9 @@ def _call(item, iso, state, slot, fixtures, instance_state):
             if cause is not None and str(cause) not in failure:
                 failure += f"\n{cause}"
         elif fut is None and isinstance(exc, Exception):
-            failure = (f"the isolated test could not be sent to a worker of {wenv.label!r}: "
-                       f"{type(exc).__name__}: {exc}")
+            failure = _unpicklable(fixtures, instance_state) or (
+                f"the isolated test could not be sent to a worker of {wenv.label!r}: "
+                f"{type(exc).__name__}: {exc}")
         else:
             # A wait was interrupted (Ctrl-C, pytest-timeout's signal): the worker must
             # not keep running the abandoned test (or import).
@@ -559,7 +773,7 @@ def _call(item, iso, state, slot, fixtures, instance_state):
         # Outside the except blocks: the report shows the message, not a chain.
         _replay_output(slot, state)
         pytest.fail(failure, pytrace=False)
-    kind, detail, logs, warns = result
+    kind, detail, logs, warns, _ = result
     _replay_output(slot, state)
     _replay_logs(logs)
     _replay_warnings(warns)

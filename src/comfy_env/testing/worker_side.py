@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import hashlib
+import io
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -34,7 +36,9 @@ import os
 import sys
 import threading
 import traceback
+import types
 import warnings
+import zlib
 
 _finder = None          # the rewriting finder, installed on first use
 _shim = None            # the assertion-explanation config stand-in
@@ -67,6 +71,7 @@ def run_test(req, /, **fixtures):
     capture = _FdCapture(*req["capture"]) if req.get("capture") else None
     logs = _LogRecorder(req["log_level"], req.get("log_levels"))
     recorded = []
+    synced = []         # (path, namespace) the request's changes were applied to
     if capture is not None:
         capture.start()
     try:
@@ -75,11 +80,28 @@ def run_test(req, /, **fixtures):
             # "error" one raises here, where the warning is issued; what is recorded
             # is re-emitted in the pytest process for its report.
             _warning_filters(req.get("warnings"))
-            outcome = _run(req, fixtures)
+            outcome = _run(req, fixtures, synced)
     finally:
         if capture is not None:
             capture.stop()
-    return outcome + (logs.records, _plain_warnings(recorded))
+    return outcome + (logs.records, _plain_warnings(recorded), _changed_by_test(synced))
+
+
+def check_values(blobs):
+    """Which of ``blobs`` (``{key: pickled value}``) do not unpickle here: ``{key: why}``.
+    The parent asks when a test's call could not even start (its arguments failed to
+    unpickle), to name the fixture, or to leave out the module global, that did it."""
+    import pickle
+
+    bad = {}
+    for key, blob in blobs.items():
+        try:
+            pickle.loads(blob)
+        except BaseException as exc:            # RecursionError too (a Mock's __getattr__)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            bad[key] = f"{type(exc).__name__}: {exc}"[:500]
+    return bad
 
 
 def import_test_module(req):
@@ -150,7 +172,7 @@ def _warning_filters(spec):
         warnings.filterwarnings(*parse_warning_filter(arg, escape=False))
 
 
-def _run(req, kwargs):
+def _run(req, kwargs, synced):
     from _pytest.outcomes import Exit, Failed, OutcomeException, Skipped, XFailed
 
     _where(req)
@@ -161,12 +183,15 @@ def _run(req, kwargs):
         module = _import_test_module(*req["module"])
         stage = "lookup"
         for path, changes in req.get("namespaces") or ():
-            _sync_namespace(module if path is None else _find_class(module, path), changes)
+            obj = module if path is None else _find_class(module, path)
+            _sync_namespace(obj, changes)
+            synced.append((path, obj))
         fn, owner = _find_test(module, *req["target"])
         if req.get("instance"):
             owner.__dict__.update(req["instance"])
         stage = "call"
-        with _UncaughtErrors(req.get("uncaught", ("thread", "unraisable"))) as uncaught:
+        with _UncaughtErrors(req.get("uncaught", ("thread", "unraisable"))) as uncaught, \
+                _RunXfail(settings.get("runxfail")):
             result = fn(**kwargs)
         if hasattr(result, "__await__") or hasattr(result, "__anext__"):
             if hasattr(result, "close"):
@@ -189,6 +214,35 @@ def _run(req, kwargs):
             exc = RuntimeError(f"unexpected pytest outcome {type(exc).__name__}: {exc}")
         return _failure(exc, fn if stage == "call" else None, settings, stage)
     return ("passed", ())
+
+
+class _RunXfail:
+    """``--runxfail``: pytest's skipping plugin makes ``pytest.xfail`` a no-op in its
+    process (the test goes on and passes or fails on its own); the same here, for the
+    test's call."""
+
+    def __init__(self, active):
+        self.active = bool(active)
+
+    def __enter__(self):
+        if self.active:
+            import pytest
+
+            self._saved = pytest.xfail
+
+            def nop(*args, **kwargs):
+                pass
+
+            nop.Exception = self._saved.Exception
+            pytest.xfail = nop
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import pytest
+
+            pytest.xfail = self._saved
+        return False
 
 
 class _UncaughtErrors:
@@ -385,6 +439,7 @@ def _raise_site(exc):
 def _import_test_module(modname, path, pkg_root):
     mod = sys.modules.get(modname)
     if mod is not None and _same_file(getattr(mod, "__file__", None), path):
+        _remember(mod)          # imported by a fixture value's class, by name
         return mod
     if pkg_root and pkg_root not in sys.path:
         sys.path.insert(0, pkg_root)        # pytest's "prepend" import mode
@@ -401,6 +456,7 @@ def _import_test_module(modname, path, pkg_root):
         raise
     if parent and parent in sys.modules:
         setattr(sys.modules[parent], child, mod)
+    _remember(mod)
     return mod
 
 
@@ -436,28 +492,122 @@ def _find_test(module, cls_path, name):
 _UNSET = object()
 # In a namespace change: put the worker's own value back (plugin._namespace_changes).
 RESTORE = "\x00comfy_env: the worker's own value"
-_synced = {}    # id -> (module or class, {name: its own value before we set it, or _UNSET})
+_own = {}       # id -> (module or class, {name: value}) as the worker's import made it
+_seen = {}      # id -> {name: value_key}: the namespace as the last test left it
+
+# Names of a namespace that no test changes and that are costly or meaningless to
+# compare (the builtins' dict, the import machinery's objects, class slots).
+IGNORED = frozenset(("__builtins__", "__loader__", "__spec__", "__cached__", "__dict__",
+                     "__weakref__", "@py_builtins", "@pytest_ar"))
+_IDENTITY = (type(None), bool, int, float, complex, str, bytes, type, types.ModuleType,
+             types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+             types.WrapperDescriptorType, types.MethodWrapperType, types.GetSetDescriptorType,
+             types.MemberDescriptorType, staticmethod, classmethod, property)
+
+
+def fixed(value):
+    """Values whose identity says all (nothing in them changes unseen): atoms, modules,
+    functions, classes, builtins and descriptors.  A callable *instance* (an nn.Module,
+    a functools.partial, a callable config object) is not: its attributes change in
+    place, so it is compared by its contents like any other value."""
+    return isinstance(value, _IDENTITY)
+
+
+_Digester = None       # cloudpickle's Pickler, with arrays and tensors taken by checksum
+
+
+def digest(value):
+    """A digest of ``value``'s contents (its pickled bytes), or None when it does not
+    pickle.  Arrays and tensors are taken by a checksum of their memory, not pickled:
+    a 200 MB module-level array costs a checksum per test, not a copy and a hash."""
+    global _Digester
+    try:
+        mark = _buffer_mark(value)
+        if mark is not None:
+            return mark
+        if _Digester is None:
+            import cloudpickle
+
+            class _Digester(cloudpickle.Pickler):
+                def reducer_override(self, obj):
+                    mark = _buffer_mark(obj)
+                    if mark is not None:
+                        return tuple, (mark,)
+                    return super().reducer_override(obj)
+
+        out = io.BytesIO()
+        _Digester(out, protocol=5).dump(value)
+        return hashlib.blake2b(out.getbuffer(), digest_size=16).digest()
+    except BaseException as exc:        # RecursionError too
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+
+
+def _buffer_mark(obj):
+    """``(kind, dtype, shape, crc32 of the memory)`` of a numpy array (no objects in it)
+    or a torch tensor, else None.  numpy and torch are not imported for this: a value
+    can only be one of theirs if its module is loaded."""
+    np = sys.modules.get("numpy")
+    if np is not None and type(obj) is np.ndarray and not obj.dtype.hasobject:
+        flat = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
+        return ("ndarray", obj.dtype.str, obj.shape, zlib.crc32(memoryview(flat)))
+    torch = sys.modules.get("torch")
+    if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter) \
+            and obj.layout == torch.strided:
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        flat = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        return ("tensor", type(obj).__name__, str(obj.dtype), str(obj.device), tuple(obj.shape),
+                obj.requires_grad, zlib.crc32(memoryview(flat)))
+    return None
+
+
+def value_key(value):
+    """What tells whether a namespace's value changed: the object itself (compared by
+    identity: an id alone could be a freed object's, reused) and, for a value whose
+    contents can change in place, its digest."""
+    return (value, None if fixed(value) else digest(value))
+
+
+def same_key(a, b):
+    return a is not None and b is not None and a[0] is b[0] and a[1] == b[1]
+
+
+def _remember(mod):
+    """Keep the test module's namespace, and those of its classes, as this worker's
+    import made them: what RESTORE puts back (a test of this worker may have rebound
+    or changed them since)."""
+    if id(mod) in _own:
+        return
+    todo = [mod]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in _own:
+            continue
+        _own[id(obj)] = (obj, dict(vars(obj)))
+        for value in list(vars(obj).values()):
+            if isinstance(value, type) and getattr(value, "__module__", None) == mod.__name__:
+                todo.append(value)
 
 
 def _sync_namespace(obj, changes):
     """Apply to ``obj`` (the worker's copy of the test module or a class) what the
-    pytest process changed in its own and had not told this worker yet (``changes``:
+    pytest process has there now and this worker's copy lacks (``changes``:
     ``(changed, deleted)`` or None; see plugin._namespace_changes).  A value of
-    ``RESTORE`` puts back the worker's own (what its import made), which is kept the
-    first time a name is changed here."""
+    ``RESTORE`` puts back the worker's own (what its import made)."""
+    seen = _seen.get(id(obj))
     if changes is None:
+        if seen is None:
+            _seen[id(obj)] = _keys(obj)
         return
-    entry = _synced.get(id(obj))
-    if entry is None:
-        entry = _synced[id(obj)] = (obj, {})
-    own = entry[1]
+    entry = _own.get(id(obj))
+    own = entry[1] if entry is not None and entry[0] is obj else {}
     changed, deleted = changes
-    for name in list(changed) + list(deleted):
-        if name not in own:
-            own[name] = vars(obj).get(name, _UNSET)
     for name, value in changed.items():
         if isinstance(value, str) and value == RESTORE:
-            value = own.pop(name)
+            value = own.get(name, _UNSET)
             if value is _UNSET:
                 if name in vars(obj):
                     delattr(obj, name)
@@ -466,6 +616,36 @@ def _sync_namespace(obj, changes):
     for name in deleted:
         if name in vars(obj):
             delattr(obj, name)
+    if seen is None:
+        _seen[id(obj)] = _keys(obj)
+    else:
+        for name in list(changed) + list(deleted):
+            if name in vars(obj):
+                seen[name] = value_key(vars(obj)[name])
+            else:
+                seen.pop(name, None)
+
+
+def _keys(obj):
+    return {name: value_key(value) for name, value in list(vars(obj).items())
+            if name not in IGNORED}
+
+
+def _changed_by_test(synced):
+    """``[(path, [names])]``: what the test rebound, deleted or changed in place in the
+    namespaces it ran with.  The pytest process sends its own values of those names
+    with the next test (a fixture's reset ``CACHE.clear()`` reads as no change there)."""
+    out = []
+    for path, obj in synced:
+        before = _seen.get(id(obj))
+        if before is None:
+            continue
+        now = _keys(obj)
+        names = [n for n in set(before) | set(now) if not same_key(before.get(n), now.get(n))]
+        _seen[id(obj)] = now
+        if names:
+            out.append((path, sorted(names)))
+    return out
 
 
 class _RewritingLoader(importlib.machinery.SourceFileLoader):
