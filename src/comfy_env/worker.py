@@ -37,7 +37,7 @@ import traceback
 from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError
-from .ipc import codec, lifetime, numpy_names, planes
+from .ipc import codec, lifetime, mainspace, numpy_names, planes
 from .ipc.calls import IMPORTING, adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
                            Result, apply_control, handles)
@@ -524,6 +524,9 @@ def main(argv=None):
     if alive is not None:
         threading.Thread(target=_watch_parent, args=(alive,), name="comfy_env-parent-watch",
                          daemon=True).start()
+    # The parent's script functions arrive by value: give them one __main__ to share,
+    # where code in the worker finds them by name (ipc/mainspace.py).
+    mainspace.install()
     worker = Worker(Channel.from_fd(fd))
     forksafe.track_channel(worker.channel)     # a fork child of the worker closes it
     planes.install_cuda_plane_with_torch()    # before the initializer, which may import torch

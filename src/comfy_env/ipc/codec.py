@@ -23,10 +23,13 @@ and :mod:`comfy_env.ipc.planes` registers them (the executor and the worker impo
 """
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import logging
 import os
 import pickle
+import re
 import struct
 import sys
 import traceback
@@ -34,7 +37,7 @@ from concurrent.futures import Future
 
 import cloudpickle
 
-from . import lifetime, numpy_names, protocol
+from . import lifetime, mainspace, numpy_names, protocol
 from .protocol import PlaneMessage, Release
 
 try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
@@ -285,8 +288,40 @@ class Part:
         self.refs = refs      # [(plane, key, fd_index, meta)] or None
 
 
+def _rebuild_lru_cache(wrapped, maxsize, typed):
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(wrapped)
+
+
+def _reduce_lru_cache(obj):
+    """A ``functools.lru_cache`` function of the script (or of a module pickled by value)
+    as its function and cache parameters: pickle writes it by name, which a worker
+    cannot find (ipc/mainspace.py).  The worker's copy keeps a cache of its own, as a
+    ProcessPoolExecutor worker's does."""
+    mod = sys.modules.get(getattr(obj, "__module__", None) or "")
+    wrapped = getattr(obj, "__wrapped__", None)
+    if wrapped is not None and (mod is None or mod.__name__ == "__main__" or _by_value_module(mod)):
+        params = obj.cache_parameters()
+        return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
+    return obj.__reduce__()
+
+
+def _by_value_module(mod):
+    try:
+        from cloudpickle.cloudpickle import _is_registered_pickle_by_value
+    except ImportError:       # pragma: no cover - an older cloudpickle: by name, as pickle would
+        return False
+    return _is_registered_pickle_by_value(mod)
+
+
+# Ours first, then cloudpickle's (which chains copyreg's): the C pickler reads it per instance.
+_PICKLE_DISPATCH = collections.ChainMap({functools._lru_cache_wrapper: _reduce_lru_cache},
+                                        cloudpickle.Pickler.dispatch_table)
+
+
 class Encoder(cloudpickle.Pickler):
     """Pickles one object graph for ``link``; planes turn bulk data into descriptors."""
+
+    dispatch_table = _PICKLE_DISPATCH
 
     def __init__(self, file, frame_builder, link, forward_future=None):
         super().__init__(file, protocol=PROTOCOL)
@@ -349,6 +384,8 @@ class Encoder(cloudpickle.Pickler):
 
 class _PortablePickler(cloudpickle.Pickler):
     """cloudpickle, with the objects a plane knows in the plane's portable form."""
+
+    dispatch_table = _PICKLE_DISPATCH
 
     def reducer_override(self, obj):
         tp = type(obj)
@@ -685,6 +722,9 @@ def _release_untaken(dec):
             dec.link.post(Release(key, 1))
 
 
+_CLOUDPICKLE_NAMES = re.compile(rb"cloudpickle\.cloudpickle")    # searches a memoryview, no copy
+
+
 def decode_part(frame, index, link, cache=None, records=None):
     if cache is None:
         cache = {}
@@ -693,7 +733,13 @@ def decode_part(frame, index, link, cache=None, records=None):
     part = frame.parts[index]
     if part.refs is None:
         try:
-            obj = pickle.loads(part.data)
+            data = part.data
+            if mainspace.SPACE is not None and _CLOUDPICKLE_NAMES.search(data):
+                # The parent's script functions and classes (an initializer, a lambda
+                # argument) are built over the worker's __main__, as by the Decoder.
+                obj = numpy_names.loads(data)
+            else:
+                obj = pickle.loads(data)
         except ModuleNotFoundError as exc:
             raise _explain_missing(exc) from exc
         cache[index] = obj

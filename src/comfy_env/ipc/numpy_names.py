@@ -23,6 +23,8 @@ import io
 import pickle
 import sys
 
+from . import mainspace
+
 __all__ = ["Unpickler", "loads", "find_global"]
 
 
@@ -61,11 +63,17 @@ def find_global(find, module, name):
 
 
 class Unpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` reading numpy 1's and numpy 2's pickles alike."""
+    """``pickle.Unpickler`` reading numpy 1's and numpy 2's pickles alike, and, in a
+    worker, building the parent's script functions over the worker's ``__main__``
+    (:mod:`.mainspace`)."""
 
     def find_class(self, module, name):
         if module.startswith("numpy"):
             return find_global(super().find_class, module, name)
+        if module == "cloudpickle.cloudpickle":
+            hook = mainspace.hook_for(module, name)
+            if hook is not None:
+                return hook
         return super().find_class(module, name)
 
 

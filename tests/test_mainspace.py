@@ -1,0 +1,91 @@
+"""The worker's ``__main__``: the parent's script functions share one namespace there,
+and code in the worker finds the script's objects by name (src/comfy_env/ipc/mainspace.py).
+
+Each case is what a ProcessPoolExecutor user writes and gets; run as a user's script on
+every Python, since it touches pickling."""
+from __future__ import annotations
+
+import pytest
+
+from pythons import ALL_PYTHONS, run_script
+
+SCRIPT = r"""
+import functools, pickle, sys
+import concurrent.futures as cf
+import multiprocessing as mp
+from comfy_env import IsolatedExecutor
+
+MODEL = None
+TABLE = {}
+K = 1
+
+def init(scale):
+    global MODEL
+    MODEL = [i * scale for i in range(3)]
+    TABLE["loaded"] = scale                 # changed in place by the initializer
+
+def infer(i):
+    return MODEL[i], TABLE.get("loaded")
+
+def with_k(x):
+    return x + K
+
+@functools.lru_cache(maxsize=None)
+def load(name):
+    load.calls = getattr(load, "calls", 0) + 1
+    return name.upper()
+
+def uses_load(name):
+    return load(name), load.cache_info().hits
+
+@functools.cache
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+class Checkpoint:
+    def __init__(self, w):
+        self.w = w
+
+def save_and_load(w):
+    back = pickle.loads(pickle.dumps(Checkpoint(w)))    # torch.save / joblib do this
+    return type(back).__name__, back.w
+
+def square(x):
+    return x * x
+
+def nested_pool():
+    # A pool inside the call, forked: its children find the script's function by name.
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        return pool.submit(square, 7).result()
+
+def main_module():
+    m = sys.modules["__main__"]
+    return m.__name__, m.infer is not None, "Worker" in vars(m)
+
+out = []
+with IsolatedExecutor(initializer=init, initargs=(10,)) as ex:
+    out.append([ex.submit(infer, i).result() for i in range(3)])
+    out.append(ex.submit(with_k, 1).result())
+    K = 5
+    out.append(ex.submit(with_k, 1).result())             # the parent's change still arrives
+    out.append(ex.submit(load, "a").result())
+    out.append([ex.submit(uses_load, "b").result() for _ in range(3)])
+    out.append(ex.submit(functools.partial(load, "c")).result())
+    out.append(ex.submit(fib, 90).result())                # exponential without its cache
+    out.append(ex.submit(save_and_load, 3).result())
+    if sys.platform.startswith("linux"):
+        out.append(ex.submit(nested_pool).result())
+    out.append(ex.submit(main_module).result())
+print(out)
+"""
+
+EXPECTED = [[(0, 10), (10, 10), (20, 10)], 2, 6, "A", [("B", 0), ("B", 1), ("B", 2)], "C",
+            2880067194370816120, ("Checkpoint", 3), 49, ("__main__", True, False)]
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_the_scripts_functions_share_one_main_in_the_worker(pyver, tmp_path):
+    proc = run_script(pyver, SCRIPT, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == repr(EXPECTED), proc.stderr
