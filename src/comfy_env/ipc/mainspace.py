@@ -43,8 +43,9 @@ __all__ = ["install", "hook_for", "SPACE"]
 class MainSpace:
     """The worker's ``__main__`` namespace and what the parent sent for each name."""
 
-    def __init__(self, module):
+    def __init__(self, module, real=None):
         self.module = module
+        self.real = real              # the module running the worker (the old __main__)
         self.ns = module.__dict__
         self._sent = {}               # name -> _digest of the parent's value it sent last
         self._lock = threading.Lock()
@@ -105,7 +106,7 @@ def install():
     module = types.ModuleType("__main__", "The parent's script, as this comfy_env worker holds it.")
     module.__spec__ = getattr(real, "__spec__", None)
     module.__builtins__ = __builtins__
-    SPACE = MainSpace(module)
+    SPACE = MainSpace(module, real)
     sys.modules["__main__"] = module
     return SPACE
 
