@@ -194,3 +194,39 @@ def test_a_failure_writing_an_inline_array_is_a_pickling_error_naming_the_argume
             ex.submit(_funcs.echo, 1, np.ones(4)).result(timeout=60)
         monkeypatch.undo()
         assert ex.submit(_funcs.add, 1, 2).result(timeout=60) == 3      # the pool goes on
+
+
+# -- what pickle writes by name, and what must not cross -----------------------------------
+
+def _open_text(path):
+    return open(path)
+
+
+@pytest.mark.timeout(60)
+def test_an_open_text_file_is_refused_both_ways_naming_what(tmp_path):
+    """cloudpickle would send a snapshot of the file as a StringIO; pickle (and
+    ProcessPoolExecutor) refuse it: so do we, saying which value and what to pass."""
+    from comfy_env import IsolatedExecutor, PicklingFailed
+    p = tmp_path / "f.txt"
+    p.write_text("line1\nline2\n")
+    with open(p) as fh, IsolatedExecutor() as ex:
+        with pytest.raises(PicklingFailed, match=r"argument 0 \(TextIOWrapper\).*open file.*pass its path"):
+            ex.submit(_funcs.echo, fh).result(timeout=30)
+        with pytest.raises(PicklingFailed, match=r"result of the call \(TextIOWrapper\).*open file"):
+            ex.submit(_open_text, str(p)).result(timeout=30)
+        assert ex.submit(_funcs.echo, 1).result(timeout=30) == ((1,), {})
+
+
+def test_a_scripts_lru_cache_function_pickles_by_value_and_an_importable_one_by_name():
+    import functools
+    import pickle
+
+    ns = {"__name__": "__main__"}
+    exec("import functools\n@functools.lru_cache(maxsize=8, typed=True)\ndef f(x):\n    return x * 2\n", ns)
+    fn, args = codec._reduce_lru_cache(ns["f"])
+    assert fn is codec._rebuild_lru_cache and args[1:] == (8, True)
+    back = fn(*args)
+    assert back(21) == 42 and back.cache_parameters() == {"maxsize": 8, "typed": True}
+    # An importable one stays by name, as pickle writes it.
+    assert codec._reduce_lru_cache(functools.lru_cache(_funcs.echo)) == "echo"
+    assert pickle.loads(pickle.dumps(codec._reduce_lru_cache)) is codec._reduce_lru_cache

@@ -313,8 +313,18 @@ def _by_value_module(mod):
     return _is_registered_pickle_by_value(mod)
 
 
+def _refuse_open_file(obj):
+    """An open text file does not cross: cloudpickle would send a snapshot of its
+    contents as a ``StringIO`` (the worker then reads, or writes, something that is not
+    the file).  Refused, as pickle refuses it (binary files already are)."""
+    raise pickle.PicklingError(
+        f"an open file ({getattr(obj, 'name', '?')!r}, mode {getattr(obj, 'mode', '?')!r}) cannot be sent to "
+        f"another process: pass its path and open it there, or pass its contents (f.read())")
+
+
 # Ours first, then cloudpickle's (which chains copyreg's): the C pickler reads it per instance.
-_PICKLE_DISPATCH = collections.ChainMap({functools._lru_cache_wrapper: _reduce_lru_cache},
+_PICKLE_DISPATCH = collections.ChainMap({functools._lru_cache_wrapper: _reduce_lru_cache,
+                                         io.TextIOWrapper: _refuse_open_file},
                                         cloudpickle.Pickler.dispatch_table)
 
 
