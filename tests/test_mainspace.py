@@ -43,11 +43,13 @@ def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 class Checkpoint:
+    nbytes = property(lambda self: 0)       # a class with an nbytes descriptor, read by a call
     def __init__(self, w):
         self.w = w
 
 def save_and_load(w):
     back = pickle.loads(pickle.dumps(Checkpoint(w)))    # torch.save / joblib do this
+    assert Checkpoint.nbytes is not None
     return type(back).__name__, back.w
 
 def square(x):

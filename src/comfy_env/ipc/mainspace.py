@@ -79,7 +79,8 @@ def _digest(value):
     its pickle (``0.0`` and ``-0.0`` differ, as do an empty and a filled dict), or None
     where there is none worth keeping (a big array, an object pickle cannot write by
     itself, such as a script function: it counts as changed)."""
-    if getattr(value, "nbytes", 0) > _DIGEST_MAX:
+    n = getattr(value, "nbytes", 0)       # a class may have an ``nbytes`` descriptor: ints only
+    if type(n) is int and n > _DIGEST_MAX:
         return None
     try:
         data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
