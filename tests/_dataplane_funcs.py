@@ -493,8 +493,10 @@ def keep_in_cycle(x, collect_max_s=None):
     worker's janitor (an explicit full collection) can release it.  Counts full
     collections from now on (``full_collections``)."""
     if collect_max_s is not None:
-        # The worker runs as ``python -m comfy_env.worker``: its classes are __main__'s.
-        main = sys.modules["__main__"]
+        # The worker runs as ``python -m comfy_env.worker``: its classes are those of the
+        # module that was __main__ (ipc/mainspace.py gave the script's a __main__ of its own).
+        from comfy_env.ipc import mainspace
+        main = mainspace.SPACE.real if mainspace.SPACE is not None else None
         if getattr(getattr(main, "__spec__", None), "name", None) != "comfy_env.worker":
             import comfy_env.worker as main
         main.Worker.COLLECT_MAX_S = collect_max_s
@@ -509,3 +511,28 @@ def keep_in_cycle(x, collect_max_s=None):
 
 def full_collections():
     return _full_collections[0]
+
+
+def typed_report(t):
+    """What a tensor subclass / a tensor with attributes is, as received: (class name,
+    attributes, requires_grad, leaf, values' checksum, data in a segment)."""
+    import torch
+
+    with torch._C.DisableTorchFunctionSubclass():
+        data = t.detach()
+        attrs = sorted((k, repr(v)) for k, v in t.__dict__.items())
+        return (type(t).__qualname__, attrs, t.requires_grad, t.is_leaf,
+                float(data.double().sum()), in_segment(data))
+
+
+def typed_cases(n):
+    """The test's tensor subclasses and tensors with attributes, made in the worker."""
+    import test_dataplane
+
+    return test_dataplane._typed_cases(n)
+
+
+def wrapped_report(w):
+    """A wrapper subclass as received: (class name, sum of its inner tensor, inner tensor
+    in a segment)."""
+    return type(w).__qualname__, float(w.elem.sum()), in_segment(w.elem)

@@ -528,31 +528,185 @@ class _TaggedParameter(torch.nn.Parameter):
     pass
 
 
-@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
-def test_small_tensors_torch_must_pickle_keep_its_path():
-    """Subclasses, tensors with Python attributes, other layouts, quantized and nested
-    tensors: the plane declines them and torch's own reduce sends them, as before (the plain
-    tensors that reduce hands over, a sparse tensor's indices say, then go inline)."""
-    plane = arrays.TorchCPUPlane()
-    tagged = torch.arange(3.0)
+class GGMLLike(torch.Tensor):
+    """The shape of ComfyUI-GGUF's quantized weight: attributes, and a ``shape`` that is not
+    its data's (the dequantized one)."""
+
+    def __new__(cls, data, tensor_type=None, tensor_shape=None):
+        t = torch.Tensor._make_subclass(cls, data, False)
+        t.tensor_type, t.tensor_shape = tensor_type, tensor_shape
+        return t
+
+    @property
+    def shape(self):
+        return self.tensor_shape
+
+
+class Params4bitLike(torch.nn.Parameter):
+    """The shape of bitsandbytes' Params4bit: a Parameter subclass with attributes."""
+
+    def __new__(cls, data, blocksize=64, requires_grad=False):
+        p = torch.nn.Parameter._make_subclass(cls, data, requires_grad)
+        p.blocksize = blocksize
+        return p
+
+
+class StatefulTensor(torch.Tensor):
+    """A subclass with its own __getstate__/__setstate__ (torch's rebuild calls them)."""
+
+    def __getstate__(self):
+        return {"packed": self.__dict__.get("note", "")[::-1]}
+
+    def __setstate__(self, state):
+        self.note = state["packed"][::-1]
+        self.restored = True
+
+
+class Wrapped(torch.Tensor):
+    """A wrapper subclass (``_make_wrapper_subclass``: no storage of its own) with a
+    ``__torch_dispatch__`` and its own reduce."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        r = torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype,
+                                                device=elem.device)
+        r.elem = elem
+        return r
+
+    def __reduce_ex__(self, proto):
+        return (Wrapped, (self.elem,))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.elem if isinstance(x, Wrapped) else x  # noqa: E731
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+class OwnReduce(torch.Tensor):
+    """A subclass whose own __reduce_ex__ says how it travels (the plane must not guess)."""
+
+    def __reduce_ex__(self, proto):
+        return (_own_reduce_rebuild, (self.detach().as_subclass(torch.Tensor).clone(),))
+
+
+def _own_reduce_rebuild(data):
+    t = data.as_subclass(OwnReduce)
+    t.rebuilt_by_own_reduce = True
+    return t
+
+
+def _typed_cases(n):
+    """Tensor subclasses and tensors with Python attributes of ``n`` float32 elements."""
+    tagged = torch.arange(n, dtype=torch.float32)
     tagged.note = "kept"
+    stateful = torch.arange(n, dtype=torch.float32).as_subclass(StatefulTensor)
+    stateful.note = "abc"
+    tagged_param = torch.nn.Parameter(torch.arange(n, dtype=torch.float32))
+    tagged_param.note = {"x": 1}
+    return [GGMLLike(torch.arange(n, dtype=torch.float32), "Q4_K", (2, n // 2)),
+            Params4bitLike(torch.arange(n, dtype=torch.float32), blocksize=128),
+            Params4bitLike(torch.arange(n, dtype=torch.float32), requires_grad=True),
+            torch.arange(n, dtype=torch.float32).as_subclass(_TaggedTensor),
+            _TaggedParameter(torch.arange(n, dtype=torch.float32)),
+            tagged, tagged_param, stateful,
+            GGMLLike(torch.arange(2 * n, dtype=torch.float32)[::2], "F16", (n,))]   # a view
+
+
+def _expected_state(t):
+    """``t.__dict__`` as it arrives (a StatefulTensor's __setstate__ marks it restored)."""
+    return {**t.__dict__, "restored": True} if type(t) is StatefulTensor else t.__dict__
+
+
+def _assert_same_typed(got, want):
+    assert type(got) is type(want), (type(got), type(want))
+    assert got.__dict__ == _expected_state(want), (got.__dict__, want.__dict__)
+    assert got.requires_grad == want.requires_grad and got.is_leaf
+    with torch._C.DisableTorchFunctionSubclass():
+        assert got.size() == want.size() and got.dtype == want.dtype
+        assert torch.equal(got.detach(), want.detach())
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("n", [16, 1 << 14, 1 << 20], ids=["inline", "64KiB", "4MiB"])
+def test_tensor_subclasses_and_attributes_keep_class_and_state_at_every_size(ex, n):
+    """A subclass (GGUF's GGMLTensor, bitsandbytes' Params4bit) or a tensor with Python
+    attributes arrives with its class and its state, whatever its size, both ways; its data
+    takes the plane's route (inline, a copy into a segment, or moved in place)."""
+    for t in _typed_cases(n):
+        report = ex.submit(F.typed_report, t).result(timeout=30)
+        with torch._C.DisableTorchFunctionSubclass():
+            nbytes = t.numel() * t.element_size()
+        want = F.typed_report(t)
+        attrs = sorted((k, repr(v)) for k, v in _expected_state(t).items())
+        assert report == (want[0], attrs, *want[2:-1], nbytes >= arrays.INLINE_BYTES), (t, report)
+        _assert_same_typed(ex.submit(F.echo, t).result(timeout=30), t)
+    # The worker's own.
+    for got, want in zip(ex.submit(F.typed_cases, n).result(timeout=30), _typed_cases(n)):
+        _assert_same_typed(got, want)
+
+
+@pytest.mark.timeout(60)
+def test_a_big_subclass_tensor_is_moved_in_place_then_sent_by_descriptor(ex):
+    g = GGMLLike(torch.arange(1 << 20, dtype=torch.float32), "Q8_0", (1024, 1024))
+    before = shm.STATS["copies"], shm.STATS["moves"]
+    backs = [ex.submit(F.echo, g).result(timeout=30) for _ in range(3)]
+    assert (shm.STATS["copies"], shm.STATS["moves"]) == (before[0], before[1] + 1)
+    assert in_segment(g) and type(g) is GGMLLike and g.tensor_type == "Q8_0"
+    for b in backs:                      # the caller's own memory came back, as a GGMLLike
+        assert type(b) is GGMLLike and b.data_ptr() == g.data_ptr() and b.tensor_shape == (1024, 1024)
+    ex.submit(F.add_one_inplace, g).result(timeout=30)
+    assert g[0].item() == 1.0            # shared: the worker wrote into the caller's tensor
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+@pytest.mark.parametrize("n", [3, 1 << 18], ids=["inline", "big"])
+def test_tensors_torch_must_pickle_keep_its_path(n):
+    """Other layouts, quantized and nested tensors, wrapper / ``__torch_dispatch__``
+    subclasses and classes with their own ``__reduce_ex__``: the plane declines them and
+    torch's (or the class's) reduce sends them, as before (the plain tensors that reduce
+    hands over, a sparse tensor's indices or a wrapper's inner tensor, then take the plane)."""
+    plane = arrays.TorchCPUPlane()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")            # prototype / beta / deprecated
-        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
-        cases = [torch.arange(3.0).as_subclass(_TaggedTensor), _TaggedParameter(torch.ones(2)),
-                 tagged, torch.arange(4.0).to_sparse(), torch.eye(3).to_sparse_csr(),
-                 torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)]
+        nested = torch.nested.nested_tensor([torch.ones(n), torch.ones(3)])
+        cases = [torch.arange(float(n)).to_sparse(), torch.eye(3).to_sparse_csr(),
+                 torch.quantize_per_tensor(torch.ones(n), 0.1, 0, torch.quint8),
+                 Wrapped(torch.arange(float(n))), torch.arange(float(n)).as_subclass(OwnReduce)]
     for t in cases + [nested]:
         assert plane._encode(t, None) is None, t
+    if n > 3:
+        return                                     # the executor tests send big ones
     for t in cases:
         refs, got = _loopback(t)
-        want = pickle.loads(pickle.dumps(t))       # what torch's pickle makes of it
         assert not refs                            # nothing in shared memory
+        want = pickle.loads(pickle.dumps(t))       # what torch's pickle makes of it
         assert type(got) is type(want) and got.layout == t.layout
         if t.is_quantized:
             got, t = got.dequantize(), t.dequantize()
+        if isinstance(t, Wrapped):
+            got, t = got.elem, t.elem
         assert torch.equal(got.to_dense(), t.to_dense())
-    assert _loopback(tagged)[1].note == "kept"
+    assert _loopback(cases[-1])[1].rebuilt_by_own_reduce
+
+
+@pytest.mark.timeout(60)
+def test_wrapper_subclasses_travel_whole_and_their_inner_tensor_through_the_plane(ex):
+    w = Wrapped(torch.ones(1 << 20))                # 4 MiB: once failed to send at all
+    assert ex.submit(F.wrapped_report, w).result(timeout=30) == ("Wrapped", float(1 << 20), True)
+    back = ex.submit(F.echo, w).result(timeout=30)
+    assert type(back) is Wrapped and torch.equal(back.elem, w.elem)
+
+
+@pytest.mark.timeout(60)
+def test_an_unpicklable_attribute_fails_naming_the_argument_not_the_function(ex):
+    from comfy_env import PicklingFailed
+
+    for n in (16, 1 << 20):
+        t = GGMLLike(torch.zeros(n), "Q4_K", (n,))
+        t.lock = threading.Lock()                  # torch's pickle cannot send it either
+        with pytest.raises(PicklingFailed, match=r"argument 1 \(GGMLLike\)"):
+            ex.submit(F.echo_many, 1, t).result(timeout=30)
+        assert ex.submit(F.echo, 5).result(timeout=30) == 5     # the executor carries on
 
 
 @pytest.mark.timeout(60)
@@ -702,6 +856,36 @@ def test_shared_arrays_go_by_descriptor_with_no_copy(ex):
     assert in_segment(s) and np.array_equal(s, np.arange(100_000, dtype=np.int16))
     gf, gs = ex.submit(F.echo_many, f, s).result(timeout=30)[0]
     assert np.shares_memory(gf, f) and gf.flags.f_contiguous and np.shares_memory(gs, s)
+
+
+@pytest.mark.timeout(60)
+def test_small_shared_arrays_and_tensors_go_by_descriptor_too(ex):
+    """shared_empty / shared_like promise shared memory at every size: below the inline
+    threshold (and for sparse views, which a copy would compact) the descriptor goes too,
+    so a worker's writes reach the caller."""
+    for n in (1, 16, arrays.INLINE_BYTES // 8 - 1):
+        a = shared_empty((n,), np.float64)
+        a[:] = 0
+        t = shared_like(torch.zeros(n, dtype=torch.float64))
+        assert a.nbytes < arrays.INLINE_BYTES and not codec.is_plain([a])
+        before = _arena_counts()
+        for x in (a, t):
+            assert ex.submit(F.add_one_inplace, x).result(timeout=30) is None
+            assert x[0] == 1 and x[n - 1] == 1
+            back, _, desc = ex.submit(F.echo_and_hash, x).result(timeout=30)
+            assert desc[-1] is True                    # in a segment in the worker
+            assert _addr(back) == _addr(x) and in_segment(back)
+        assert _arena_counts() == before               # no copy anywhere
+    # A sparse view of a shared array (span > twice its data) is not compacted either.
+    big = shared_empty((1000, 300), np.float32)
+    big[:] = 0
+    for v in (big[::50, ::30], big[3:, 7]):
+        ex.submit(F.add_one_inplace, v).result(timeout=30)
+        assert np.all(v == 1)
+    assert big.sum() == big[::50, ::30].size + big[3:, 7].size    # disjoint: col 7 vs ::30
+    # Ordinary small arrays still travel inline (the plain route).
+    small = np.zeros(16)
+    assert codec.is_plain([small]) and not in_segment(ex.submit(F.echo, small).result(timeout=30))
 
 
 @pytest.mark.timeout(60)

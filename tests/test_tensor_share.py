@@ -129,6 +129,51 @@ def test_a_sparse_view_of_a_much_bigger_storage_is_copied_not_moved(ex):
 
 
 @pytest.mark.timeout(60)
+def test_a_tensor_in_torchs_shared_memory_stays_there(ex):
+    """``share_memory_()`` (or a torch.multiprocessing queue) put the storage in torch's
+    shared memory, which other processes may map: moving it would cut them off."""
+    import mmap
+    import struct
+
+    t = torch.zeros(N)
+    t.share_memory_()
+    ptr = t.data_ptr()
+    before = counts()
+    for _ in range(2):
+        assert torch.equal(ex.submit(F.echo, t).result(timeout=30), t)
+    ex.submit(F.add_one_inplace, t).result(timeout=30)
+    d = delta(before)
+    assert d["moves"] == 0 and d["copies"] == 3        # sent as unmovable storages are
+    assert t.data_ptr() == ptr and t.is_shared() and not in_segment(t)
+    assert t[0].item() == 0                            # the worker wrote into its copy
+    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
+        # Another mapping of torch's shared memory (what a torch.multiprocessing child
+        # has) still sees this process's writes.
+        fd, size = t.untyped_storage()._share_fd_cpu_()[:2]
+        with mmap.mmap(fd, size) as other:
+            t[1] = 42.0
+            assert struct.unpack_from("f", other, 4)[0] == 42.0
+
+
+@pytest.mark.timeout(60)
+def test_small_views_of_a_moved_tensor_go_by_descriptor(ex):
+    """A view below the inline threshold of a storage that lives in shared memory is sent
+    as a descriptor, like a big one: the worker's writes reach the caller's tensor."""
+    w = torch.zeros(N)
+    ex.submit(F.echo, w).result(timeout=30)            # moves it
+    assert in_segment(w)
+    before = counts()
+    for v in (w[:1000], w[5:6], w[10:20].view(2, 5).t(), w[::4096]):
+        assert v.numel() * 4 < arrays.INLINE_BYTES
+        assert ex.submit(F.add_one_inplace, v).result(timeout=30) is None
+        back = ex.submit(F.echo, v).result(timeout=30)
+        assert back.data_ptr() == v.data_ptr() and back.stride() == v.stride()
+    assert delta(before) == {"copies": 0, "copied_bytes": 0, "moves": 0, "moved_bytes": 0}
+    # Each element in two of the views got two writes, one in one view one write.
+    assert [w[i].item() for i in (0, 5, 12, 999, 1000, 4096)] == [2, 2, 2, 1, 0, 1]
+
+
+@pytest.mark.timeout(60)
 def test_option_off_copies_every_call_and_leaves_the_tensor_alone(ex_off):
     t = torch.arange(N, dtype=torch.float32)
     ptr = t.data_ptr()

@@ -2,13 +2,14 @@
 
 Sending an array:
 
-* below ``INLINE_BYTES`` it travels inline, in the pickle (a descriptor would cost
-  more): its raw bytes with dtype, shape and strides (compacted: C order, or F order
-  if it was F-contiguous); torch CPU tensors likewise (torch's own pickle would run
-  ``torch.save``/``torch.load`` on each);
-* if its memory already lies in a comfy_env segment (received from a peer, or
-  made with ``shared_empty``/``shared_like``) only a descriptor travels:
-  segment, offset, dtype, shape, strides -- no copy;
+* if its memory already lies in a comfy_env segment (received from a peer, made
+  with ``shared_empty``/``shared_like``, a view of a moved tensor) only a descriptor
+  travels, whatever its size and layout: segment, offset, dtype, shape, strides -- no
+  copy, and the peer's writes reach this process's array;
+* otherwise below ``INLINE_BYTES`` it travels inline, in the pickle (a descriptor would
+  cost more): its raw bytes with dtype, shape and strides (compacted: C order, or F
+  order if it was F-contiguous); torch CPU tensors likewise (torch's own pickle would
+  run ``torch.save``/``torch.load`` on each);
 * a torch CPU tensor of at least ``MOVE_MIN_BYTES`` that the executor sends
   (``share_tensors_in_place``, on by default) has its whole storage moved into
   an arena block once, as ``Tensor.share_memory_()`` does (:func:`move_storage`):
@@ -89,6 +90,24 @@ def _span(ptr, shape, strides, itemsize):
         else:
             hi += (n - 1) * s
     return lo, hi + itemsize
+
+
+def _in_segment(ptr):
+    """Does the memory at ``ptr`` (an array's first element) lie in one of our segments?
+
+    Its first byte tells for the whole array: every array or storage on a segment is
+    built inside it (holder_for, tensor_on_record, move_storage), never across its end.
+    """
+    return shm.find_segment(ptr, 1) is not None
+
+
+def _np_in_segment(a):
+    """:func:`_in_segment` for a small numpy array, cheap for the common ones: an array
+    that owns its memory (no ``base``: numpy allocated it) is in no segment, and
+    nothing is while no segment is mapped."""
+    if a.base is None or not a.size or not shm.ADDRESS_MAP:
+        return False
+    return _in_segment(a.__array_interface__["data"][0])
 
 
 class _Scratch:
@@ -241,7 +260,7 @@ class NumpyPlane(_SegmentPlane):
         np = sys.modules["numpy"]
         tp = type(obj)
         if tp is np.ndarray:
-            if obj.nbytes >= INLINE_BYTES:
+            if obj.nbytes >= INLINE_BYTES or _np_in_segment(obj):
                 return False
             dtype = obj.dtype
         elif isinstance(obj, np.dtype):
@@ -284,12 +303,15 @@ class NumpyPlane(_SegmentPlane):
             return ("o", a.copy(order="K"))
         dt = _dtype_desc(np, dtype)
         writeable = bool(a.flags.writeable)
-        if inline or a.nbytes < INLINE_BYTES:
+        # An array in one of our segments (shared_empty, a peer's) goes by descriptor
+        # whatever its size or layout: a copy, inline or compacted, would break the
+        # sharing that shared_empty promises (the worker's writes would stay there).
+        if inline or (a.nbytes < INLINE_BYTES and not _np_in_segment(a)):
             return _encode_inline(np, a, cls, dt, writeable, sub)
-        # Compact a sparse view (the flag is read above: the compact copy is writeable).
         ptr = a.__array_interface__["data"][0]
         lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
-        if hi - lo > _SPAN_SLACK * a.nbytes:
+        if hi - lo > _SPAN_SLACK * a.nbytes and not _in_segment(ptr):
+            # Compact a sparse view (the flag is read above: the copy is writeable).
             a = np.ascontiguousarray(a) if not a.flags.f_contiguous else a
             ptr = a.__array_interface__["data"][0]
             lo, hi = _span(ptr, a.shape, a.strides, dtype.itemsize)
@@ -557,25 +579,74 @@ def _with_grad(t, requires_grad, param):
     return t
 
 
-def _inline_tensor(t, nbytes):
+def _inline_tensor(t, nbytes, requires_grad, param):
     """The inline descriptor of a small tensor: ``(None, raw, dtype, shape, requires_grad, param)``.
 
-    ``raw`` holds the values in C order (views are compacted).  Returns None for
-    what torch's pickle must handle: subclasses other than Parameter, tensors with
-    Python attributes (their state travels with torch's reduce), nested tensors.
+    ``t`` is plain (a Tensor or Parameter without Python attributes: :func:`_typed_tensor`
+    sends the others) with its values as they read (:func:`_plain_values`).  ``raw`` holds
+    them in C order (views are compacted).
     """
-    import torch
-
-    tp = type(t)
-    if (tp is not torch.Tensor and tp is not torch.nn.Parameter) or t.__dict__ or t.is_nested:
-        return None
-    t, requires_grad, param = _plain_values(t)
     if not t.is_contiguous():
         t = t.detach().contiguous()
     # The bytes of the dtype as they lie, whatever it is (bfloat16, float8, bool,
     # complex...): no detour through numpy dtypes.
     raw = ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
     return (None, raw, _dtype_name(t.dtype), tuple(t.shape), requires_grad, param)
+
+
+def _typed_tensor(plane, torch, t, enc):
+    """``("x", cls, data, requires_grad, state)`` for a tensor subclass, or a tensor with
+    Python attributes, whose data is ordinary memory; None for torch's pickle.
+
+    What torch's own ``Tensor.__reduce_ex__`` sends (the data, the class, and the state
+    from ``torch._utils._get_obj_state``), with the data as the plane sends a plain
+    tensor: inline when small, else through shared memory -- moved in place like any
+    other, so the subclass tensor, which shares the storage, lives there too.
+    :func:`_rebuild_typed` makes the class and state again as torch's
+    ``_rebuild_from_type_v2`` does.
+
+    Declined (None), so that torch's pickle (or the class's own) sends them whole: a
+    class with its own ``__reduce_ex__`` (its reduce knows what it needs), and one with a
+    ``__torch_dispatch__`` (a wrapper subclass made by ``_make_wrapper_subclass`` has no
+    storage of its own, and detaching it would hand back whatever its dispatch returns).
+    A Parameter subclass keeps its class (torch's pickle makes it a plain Parameter).
+    """
+    cls = type(t)
+    tensor = torch.Tensor
+    if cls.__torch_dispatch__ is not tensor.__torch_dispatch__ \
+            or (cls.__reduce_ex__ is not tensor.__reduce_ex__
+                and cls.__reduce_ex__ is not torch.nn.Parameter.__reduce_ex__):
+        return None
+    # The class's __torch_function__ stays out of it: it may rewrap what detach()
+    # returns, or override what a plain tensor reports (ComfyUI-GGUF's GGMLTensor's
+    # ``shape`` is the dequantized shape, not its data's).
+    with torch._C.DisableTorchFunctionSubclass():
+        requires_grad = bool(t.requires_grad)
+        data = t.detach()                 # a plain tensor on the same storage
+    state = torch._utils._get_obj_state(t)
+    desc = plane._encode(data, enc)
+    if desc is None:
+        return None                       # sparse, quantized, on another device...
+    return ("x", cls, desc, requires_grad, state)
+
+
+def _rebuild_typed(torch, cls, t, requires_grad, state):
+    """The tensor :func:`_typed_tensor` described, of class ``cls``, over the plain
+    received tensor ``t`` (no copy), a leaf like every received tensor."""
+    if cls is torch.Tensor:
+        if requires_grad:
+            t.requires_grad_(True)
+    else:
+        # What Parameter.__new__ does for a subclass; as_subclass (torch's rebuild)
+        # would keep an autograd edge to ``t`` where the sender had a leaf.
+        t = torch.Tensor._make_subclass(cls, t, requires_grad)
+    # torch's own rebuild restores the state: the class's __setstate__, or the
+    # attributes (and slots) set one by one.
+    return torch._tensor._rebuild_from_type_v2(_same, cls, (t,), state)
+
+
+def _same(t):
+    return t
 
 
 def _inline_tensor_decode(desc):
@@ -601,8 +672,12 @@ def _may_move(t, lo, hi):
         return None
     # Only memory torch's own allocator gave (resizable storages): a storage over
     # numpy's memory (torch.from_numpy), a buffer, a mapped file (torch.load(mmap=True))
-    # or one of our segments must keep aliasing what it aliases.
-    if not storage.resizable() or shm.find_segment(storage.data_ptr(), size) is not None:
+    # or one of our segments must keep aliasing what it aliases.  So must a storage in
+    # torch's shared memory (``share_memory_()``, a torch.multiprocessing queue): it
+    # reports resizable(), but other processes may have it mapped, and after a move
+    # they would no longer see this process's writes, nor it theirs.
+    if not storage.resizable() or storage.is_shared() \
+            or shm.find_segment(storage.data_ptr(), size) is not None:
         return None
     try:
         if t.is_pinned():             # page-locked for fast host-to-GPU copies: keep it so
@@ -760,29 +835,49 @@ forksafe.on_fork_child(_RELEASER._after_fork)
 
 
 class TorchCPUPlane(_SegmentPlane):
+    """torch CPU tensors.  Descriptors::
+
+        (None, raw, dtype, shape, requires_grad, param)     a small tensor, inline
+        (ref, offset, dtype, shape, strides, requires_grad, param, start)
+                                                            in a shared-memory segment
+        ("x", cls, data, requires_grad, state)              a subclass, or a tensor with
+                                                            Python attributes: ``data`` is
+                                                            one of the above (_typed_tensor)
+    """
+
     name = "tcpu"
     types = ("torch.Tensor",)
 
     def _encode(self, t, enc):
-        if t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.is_quantized:
+        torch = sys.modules["torch"]      # loaded: one of its tensors is here
+        tp = type(t)
+        if (tp is not torch.Tensor and tp is not torch.nn.Parameter) or t.__dict__:
+            return _typed_tensor(self, torch, t, enc)
+        if t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized \
+                or t.is_nested:
             return None
         item = t.element_size()
         nbytes = t.numel() * item
-        if nbytes < INLINE_BYTES:
-            return _inline_tensor(t, nbytes)
         orig = t
         t, requires_grad, param = _plain_values(t)
         ptr = t.data_ptr()
+        # Small tensors travel inline, unless they already live in one of our segments
+        # (shared_like, a view of a moved storage, a peer's): a copy would break the
+        # sharing, so the descriptor goes whatever the size.
+        shared = nbytes > 0 and _in_segment(ptr)
+        if nbytes < INLINE_BYTES and not shared:
+            return _inline_tensor(t, nbytes, requires_grad, param)
         strides_b = [s * item for s in t.stride()]
         lo, hi = _span(ptr, t.shape, strides_b, item)
-        if t is orig and enc.fb.share_tensors_in_place:
+        if not shared and t is orig and enc.fb.share_tensors_in_place:
             storage = _may_move(t, lo, hi)
             if storage is not None and move_storage(storage):
                 ptr = t.data_ptr()
                 lo, hi = _span(ptr, t.shape, strides_b, item)
+                shared = True
         # A sparse view is compacted (one copy of its values) unless its memory is
         # shared already: then the descriptor costs nothing.
-        if hi - lo > _SPAN_SLACK * nbytes and shm.find_segment(lo, hi - lo) is None:
+        if not shared and hi - lo > _SPAN_SLACK * nbytes:
             t = t.contiguous()
             ptr = t.data_ptr()
             strides_b = [s * item for s in t.stride()]
@@ -799,11 +894,15 @@ class TorchCPUPlane(_SegmentPlane):
 
     def _decode(self, desc, dec):
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             raise _missing("torch", "torch.Tensor") from None
-        if desc[0] is None:          # a small tensor, inline
+        head = desc[0]
+        if head is None:             # a small tensor, inline
             return _inline_tensor_decode(desc)
+        if type(head) is str:        # "x": a subclass or a tensor with attributes
+            _, cls, data, requires_grad, state = desc
+            return _rebuild_typed(torch, cls, self._decode(data, dec), requires_grad, state)
         idx, off, dtype_name, shape, strides, requires_grad, param, start = desc
         rec = dec.record(idx)
         t = tensor_on_record(rec, off, _torch_dtype(dtype_name), shape, strides,
