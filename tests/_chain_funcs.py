@@ -5,6 +5,7 @@ Everything here runs inside a worker process unless said otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -102,3 +103,70 @@ def stats():
     from comfy_env.ipc import shm
 
     return dict(shm.STATS)
+
+
+def make_many(n, nbytes, fd_room=None):
+    """``n`` arrays of ``nbytes``, each in a segment of its own (array ``i`` filled with
+    ``i % 256``): a result that refers to ``n`` blocks, hence carries ``n`` fds.
+    ``fd_room``: pretend the next message of more than MAX_FDS fds may carry that many."""
+    if fd_room is not None:
+        from comfy_env.ipc import transport
+
+        real = transport.fd_room
+
+        def once():
+            transport.fd_room = real
+            return fd_room
+
+        transport.fd_room = once
+    return [make(nbytes, i % 256) for i in range(n)]
+
+
+@dataclasses.dataclass
+class Box:
+    """An object that holds a future in an attribute (submit() does not look there)."""
+    item: object
+
+
+class MyList(list):
+    pass
+
+
+def slow_make(seconds, nbytes, fill=1):
+    time.sleep(seconds)
+    return make(nbytes, fill)
+
+
+def slow_fail(seconds, msg="boom"):
+    time.sleep(seconds)
+    raise ValueError(msg)
+
+
+def arrays_in(o):
+    """``("arr", first value, size)`` of each array in ``o``, through lists, tuples,
+    dicts and objects' attributes, in order."""
+    import numpy as np
+
+    out = []
+
+    def walk(o):
+        if isinstance(o, np.ndarray):
+            out.append(("arr", int(o.flat[0]), o.size))
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        elif hasattr(o, "__dict__"):
+            walk(vars(o))
+
+    walk(o)
+    return out
+
+
+def same(x, y):
+    """Did ``x`` and ``y`` arrive as one object?  (And do they share memory?)"""
+    import numpy as np
+
+    return x is y, bool(np.shares_memory(x, y))

@@ -96,7 +96,7 @@ class Shrinks:
 
 def big_inline_result(nbytes):
     """A result the parent keeps undecoded (it holds an array in shared memory) with a
-    ``nbytes`` inline part: forwarding it N times makes an N * nbytes frame cheaply."""
+    ``nbytes`` inline part: forwarding it makes a frame of at least ``nbytes``."""
     import numpy as np
     return (np.ones(32768), Shrinks(nbytes))
 

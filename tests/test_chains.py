@@ -170,6 +170,57 @@ def test_futures_nested_in_lists_tuples_dicts_and_kwargs(pair):
     assert f1.lazy_result() is not None and f2.lazy_result() is not None
 
 
+def _nest(x, levels):
+    for _ in range(levels):
+        x = [x]
+    return x
+
+
+@pytest.mark.timeout(40)
+def test_futures_anywhere_in_the_arguments_are_waited_for_done_or_not(pair):
+    """submit() looks for futures in lists, tuples, sets and dicts up to 20 levels; the
+    encoder meets them anywhere (an object's attributes, a container subclass, deeper).
+    One it meets that is not done yet is waited for like the others (it used to fail
+    the call with EncodeError, while a done one worked)."""
+    import collections
+
+    a, b = pair
+    NT = collections.namedtuple("NT", "x y")
+    wraps = {"dataclass": cf.Box, "list subclass": lambda f: cf.MyList([f]),
+             "namedtuple": lambda f: NT(f, 1), "25 levels": lambda f: _nest(f, 25)}
+    for fill, (name, wrap) in enumerate(wraps.items(), 1):
+        fa = a.submit(cf.slow_make, 0.2, 70000, fill)
+        fb = b.submit(cf.arrays_in, wrap(fa))
+        assert not fa.done(), name
+        assert fb.result(30) == [("arr", fill, 70000)], name
+        assert fa.lazy_result() is not None, name      # forwarded, not decoded here
+    # A plain Future the caller completes later: the call waits for it.
+    plain = Future()
+    fb = b.submit(cf.arrays_in, cf.Box(plain))
+    time.sleep(0.2)
+    assert not fb.done()
+    plain.set_result(np.full(8, 7, np.uint8))
+    assert fb.result(30) == [("arr", 7, 8)]
+    # A failed input found late fails the call without running it, as one found at submit.
+    fa = a.submit(cf.slow_fail, 0.2, "late boom")
+    exc = b.submit(cf.arrays_in, cf.Box(fa)).exception(30)
+    assert type(exc) is ValueError and str(exc) == "late boom", repr(exc)
+    assert isinstance(exc.__cause__, ValueError)
+
+
+@pytest.mark.timeout(40)
+def test_the_same_future_twice_arrives_as_one_object(pair):
+    """Like an array passed twice (pickle's memo): one forwarded part, decoded once."""
+    a, b = pair
+    fa = a.submit(cf.make, MiB, 3)
+    fa2 = a.submit(cf.make, MiB, 4)
+    assert b.submit(cf.same, fa, fa).result(30) == (True, True)
+    assert b.submit(cf.same, fa, fa2).result(30) == (False, False)
+    assert b.submit(lambda l, d: l[0] is d["k"], [fa, fa2], {"k": fa}).result(30) is True
+    r = fa.result()
+    assert b.submit(cf.same, r, r).result(30) == (True, True)
+
+
 @pytest.mark.timeout(40)
 def test_diamond_from_different_executors_and_fan_out(pair):
     a, b = pair
@@ -465,19 +516,53 @@ def test_chain_memory_freed_without_the_cyclic_gc(pair):
 
 
 @pytest.mark.timeout(40)
-def test_too_many_forwarded_blocks_fail_cleanly_and_leak_nothing(pair):
-    """More blocks than one message can carry (fds): a clear PicklingFailed, and the
-    refused call's lends are undone (they used to leak in the parent and producer)."""
-    from comfy_env import PicklingFailed
+def test_more_blocks_than_one_sendmsg_takes_travel_both_ways_and_through_chains(pair):
+    """A message may refer to any number of blocks: their fds cross in batches of at most
+    MAX_FDS per sendmsg.  It used to fail past 250 (PicklingFailed), e.g. a model of 256
+    weight tensors, each moved into a segment of its own."""
     from comfy_env.ipc.transport import MAX_FDS
 
     a, b = pair
+    n = MAX_FDS + 50
     base_p = _parent_ledger_settles(0, within=0.5)
     base_a = _worker_ledger_settles(a, 10**9)
-    fs = [a.submit(cf.make, 70000, 1) for _ in range(MAX_FDS + 5)]   # one segment each
+    fills = [("arr", i % 256, 70000) for i in range(n)]
+    many = a.submit(cf.make_many, n, 70000)                 # worker -> parent: n fds
+    assert b.submit(cf.combine, many).result(30)["args"] == [fills]   # forwarded undecoded
+    held = many.result(30)                                  # decoded in the parent
+    assert [int(x[0]) for x in held] == [f[1] for f in fills]
+    assert b.submit(cf.combine, *held).result(30)["args"] == fills    # parent -> worker
+    fs = [a.submit(cf.make, 70000, i % 256) for i in range(n)]         # one block each
+    assert b.submit(cf.combine, fs).result(30)["args"] == [fills]
+    del many, held, fs
+    gc.collect()
+    assert _parent_ledger_settles(base_p) == base_p
+    assert _worker_ledger_settles(a, base_a) == base_a
+
+
+@pytest.mark.timeout(40)
+def test_more_blocks_than_the_receiver_can_open_fail_cleanly_and_leak_nothing(pair, monkeypatch):
+    """More fds than the receiving process could open (its RLIMIT_NOFILE): a clear error
+    before anything is sent, either way, and the refused message's lends are undone (they
+    used to leak in the parent and the producer)."""
+    from comfy_env import PicklingFailed
+    from comfy_env.ipc import transport
+
+    a, b = pair
+    n = transport.MAX_FDS + 5
+    base_p = _parent_ledger_settles(0, within=0.5)
+    base_a = _worker_ledger_settles(a, 10**9)
+    fs = [a.submit(cf.make, 70000, 1) for _ in range(n)]   # one segment each
+    wait(fs)
+    monkeypatch.setattr(transport, "fd_room", lambda: n - 1)
     exc = b.submit(cf.combine, fs).exception(30)
-    assert isinstance(exc, PicklingFailed) and "shared blocks" in str(exc)
+    assert isinstance(exc, PicklingFailed), repr(exc)
+    assert f"span {n} shared blocks" in str(exc) and "RLIMIT_NOFILE" in str(exc), str(exc)
+    monkeypatch.undo()
     assert b.submit(cf.combine, fs[:10]).result(30)["args"][0][0] == ("arr", 1, 70000)
+    # The other way: a worker's result with too many blocks for the parent.
+    exc = a.submit(cf.make_many, n, 70000, fd_room=n - 1).exception(30)
+    assert isinstance(exc, PicklingFailed) and "RLIMIT_NOFILE" in str(exc), repr(exc)
     del fs, exc
     gc.collect()
     assert _parent_ledger_settles(base_p) == base_p

@@ -76,7 +76,7 @@ from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, interrupts, lifetime, numpy_names, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
-from ..ipc.transport import ChannelClosed, MAX_FDS, check_frame
+from ..ipc.transport import ChannelClosed, TooManyFds, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
 from .worker_allocator import allocator_environment
@@ -194,6 +194,54 @@ def _find_futures(obj, out, depth=0):
     return out
 
 
+class _InputsNotDone(Exception):
+    """A call's encoding met futures that are not done (``futures``): it waits for them."""
+
+    def __init__(self, futures):
+        super().__init__(f"{len(futures)} input future(s) not done")
+        self.futures = futures
+
+
+class _Sink:
+    __slots__ = ()
+
+    def write(self, data):
+        return len(data)
+
+
+class _FutureFinder(cloudpickle.Pickler):
+    """Walks what the Encoder would (cloudpickle's pass over the call), noting the futures
+    that are not done; arrays, tensors and futures are not looked into."""
+
+    def __init__(self):
+        super().__init__(_Sink(), protocol=codec.PROTOCOL)
+        self.pending = {}           # id -> future (pickle asks persistent_id at each reference)
+
+    def persistent_id(self, obj):
+        tp = type(obj)
+        if tp in _CONTAINERS or tp in _LEAVES or tp is dict:
+            return None
+        if isinstance(obj, Future):
+            if not obj.done():
+                self.pending[id(obj)] = obj
+            return 0
+        if codec._plane_for(tp) is not None:
+            return 0
+        return None
+
+
+def _pending_inputs(call):
+    """The futures in ``call`` that are not done, wherever pickle finds them.  Only when
+    the Encoder met one (rare: submit() waits for those it finds, see _find_futures), so
+    every submit need not walk its arguments' objects."""
+    finder = _FutureFinder()
+    try:
+        finder.dump(call)
+    except Exception:
+        pass            # something further on does not pickle: the next encode says so
+    return list(finder.pending.values())
+
+
 def _by_reference(fn):
     """Can a worker of a *foreign* env import ``fn`` by its module and qualname?"""
     mod = getattr(fn, "__module__", None)
@@ -307,6 +355,10 @@ class _Pool:
         with self.lock:
             self._check_open()
             self.waiting.add(item)
+        self._wait_for_deps(item)
+
+    def _wait_for_deps(self, item):
+        """``item`` (in ``waiting``) goes on once every future in ``item.deps`` is done."""
         remaining = [len(item.deps)]
         counter_lock = threading.Lock()
         # The callbacks stay in each input future's _done_callbacks for the
@@ -345,10 +397,12 @@ class _Pool:
                 return          # cancelled by shutdown
             self.waiting.discard(item)
         fut = item.future
+        # An item that waited for inputs found only while it was encoded is running already.
+        queued = item.stage is Stage.QUEUED
         for dep in deps:
             exc = _input_failure(dep)
             if exc is not None:
-                if fut.set_running_or_notify_cancel():
+                if not queued or fut.set_running_or_notify_cancel():
                     err = type(exc)(*exc.args) if _copyable(exc) else RuntimeError(str(exc))
                     err.__cause__ = exc
                     fut.set_exception(err)
@@ -367,7 +421,7 @@ class _Pool:
                 self.pending.append(item)
         if fail is not None:
             item.drop_inputs()
-            if fut.set_running_or_notify_cancel():
+            if not queued or fut.set_running_or_notify_cancel():
                 fut.set_exception(fail)
             return
         self.dispatch()
@@ -434,6 +488,16 @@ class _Pool:
             self._back_to_idle(worker)
             lifetime.start_thread(self.dispatch, "comfy_env-redispatch")
             raise
+        except _InputsNotDone as late:
+            # Futures submit() does not look for (in an object's attributes, a
+            # container subclass, deeper than _find_futures goes) that were not done
+            # yet: the call waits for them like for the others, then is encoded again.
+            item.deps = late.futures
+            with self.lock:
+                self.waiting.add(item)
+            self._back_to_idle(worker)
+            self._wait_for_deps(item)
+            return True
         except BaseException as exc:
             item.future.set_exception(exc)
             item.drop_inputs()
@@ -515,10 +579,9 @@ class _Pool:
                 chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,), (plain,))
             check_frame(chunks)
             return chunks, (), codec.PLAIN_FRAME, fn_sent
-        # Check the fd limit before building the frame: a call refused for too
-        # many blocks (easy to hit with a list of forwarded futures) must undo
-        # every lend it took (fb.abort), or the blocks would never be released
-        # in the parent nor in the producing worker.
+        # A call refused for too many blocks (more fds than the worker can open, see
+        # transport.fd_room) must undo every lend it took (fb.abort), or the blocks
+        # would never be released in the parent nor in the producing worker.
         fb = codec.FrameBuilder(worker.link)
         fb.share_tensors_in_place = self.share_tensors_in_place
         try:
@@ -527,12 +590,16 @@ class _Pool:
             except KeyboardInterrupt:
                 raise               # Ctrl-C while pickling: not the arguments' fault
             except BaseException as exc:
+                late = _pending_inputs(call) if isinstance(exc, codec.EncodeError) else None
+                if late:
+                    raise _InputsNotDone(late) from None
                 raise _explain_pickling(exc, item) from exc
-            if len(fb.fds) > MAX_FDS:
-                raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared blocks; "
-                                     f"at most {MAX_FDS} fit in one message")
             chunks = fb.build(Call(item.call_id, fnref))
-            check_frame(chunks, fb.fds)
+            try:
+                check_frame(chunks, fb.fds)
+            except TooManyFds as exc:
+                raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared "
+                                     f"blocks: {exc}") from None
         except BaseException:
             fb.abort()
             raise
@@ -572,7 +639,21 @@ class _Pool:
 
     @staticmethod
     def _forward_future(fut, fb):
-        """Encode a done future's undecoded result as a forwarded part (zero-copy chain)."""
+        """Encode a done future's undecoded result as a forwarded part (zero-copy chain).
+
+        A future met again in the same frame gets the part it got the first time: the
+        worker decodes a part once, so it arrives as one object, as pickle's memo makes
+        of any object passed twice (and its blocks are lent, and its bytes sent, once)."""
+        forwarded = fb.__dict__.setdefault("_forwarded_futures", {})
+        entry = forwarded.get(id(fut))
+        if entry is not None:
+            return entry[1]
+        index = _Pool._forward_future_once(fut, fb)
+        forwarded[id(fut)] = (fut, index)      # the future, kept: its id stays its own
+        return index
+
+    @staticmethod
+    def _forward_future_once(fut, fb):
         # Take the lazy result *with a hold on its records*: a concurrent
         # fa.result() releases the lazy result's own hold once it decoded, and
         # if the decoded value is dropped at once the blocks would be freed (fd
@@ -1000,7 +1081,7 @@ def _plain_dumps(obj):
     return codec._dumps_plain(obj, codec.is_plain(obj))
 
 
-def _explain_pickling(exc, item, dumps=cloudpickle.dumps):
+def _explain_pickling(exc, item, dumps=codec.dumps_portable):
     """Say which argument could not be pickled, and why (``dumps``: the way they were
     pickled, tried on each argument alone)."""
     if isinstance(exc, PicklingFailed):

@@ -5,15 +5,26 @@ the filesystem or the abstract namespace, so nobody else can connect to it.
 
 Frame layout (little endian)::
 
-    +----------+------------+---------+---------+-----------------+---------------------+
-    | magic 4s | version u8 | nfds u8 | zero u16| body length u64 | body (length bytes) |
-    +----------+------------+---------+---------+-----------------+---------------------+
-      fds ride as SCM_RIGHTS ancillary data on the 16 header bytes
+    +----------+------------+----------+-----------------+---------------------+
+    | magic 4s | version u8 | nfds u24 | body length u64 | body (length bytes) |
+    +----------+------------+----------+-----------------+---------------------+
+      fds ride as SCM_RIGHTS ancillary data on the frame's first bytes
+
+A frame may carry any number of fds (up to 2**24 - 1, far beyond any fd limit), but
+one ``sendmsg`` passes at most SCM_MAX_FD (253 on Linux): a frame with more than
+:data:`MAX_FDS` sends them in batches of at most that many, each riding on one byte
+of the frame (its first bytes, header first).  All of a frame's fds so arrive with
+its own bytes, in stream order, and the receiver hands them out only once the
+whole frame is read: no state spans frames, and a frame with few fds is sent and
+received exactly as before.  (``nfds`` was a u8 followed by a zero u16: a frame
+with at most 255 fds reads the same either way.)  The sender refuses a frame with
+more fds than the receiver could open (:class:`TooManyFds`), before it sends a
+byte, rather than have the kernel drop them on the receiving side.
 
 The header is checked before anything it announces is believed: the magic (its
 first byte is not ASCII, so stray text such as a ``print`` to the channel's fd
 fails at once, byte by byte, without waiting for a whole header), the format
-version, the zero field, the fd count and the body length (at most the machine's
+version, the fd count and the body length (at most the machine's
 physical memory: a bigger body could not be received anyway).  A bad header
 raises :class:`ProtocolError`; the stream cannot be resynchronised after it, so
 the channel is done.  A body of any size that passes goes through: lengths are
@@ -23,7 +34,8 @@ the channel is done.  A body of any size that passes goes through: lengths are
 Reads are buffered (one ``recvmsg`` usually returns a whole small frame, or
 several); fds are queued in stream order and handed to frames as their headers
 announce them.  A large body is read straight into its own buffer.  Sending is one ``sendmsg`` call per
-frame, under a lock, so frames from several threads never interleave.
+frame (plus one per extra batch of fds), under a lock, so frames from several threads
+never interleave.
 
 Why by hand: ``multiprocessing.connection`` frames but cannot pass fds with a
 message, and ``SOCK_SEQPACKET`` caps a message at the socket buffer size.
@@ -40,13 +52,17 @@ import struct
 import threading
 import time
 
-__all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "MAX_FDS",
-           "MAX_BODY", "frame_header", "check_frame"]
+__all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "TooManyFds",
+           "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room"]
 
 MAGIC = b"\x89CEF"
 FRAME_VERSION = 1
-_HEADER = struct.Struct("<4sBBHQ")
-MAX_FDS = 250  # SCM_MAX_FD is 253 on Linux
+_HEADER = struct.Struct("<4sBBHQ")   # nfds u24 as its low byte and high u16 (little endian)
+MAX_FDS = 250  # fds per sendmsg (SCM_MAX_FD is 253 on Linux); a frame sends more in batches
+MAX_FRAME_FDS = (1 << 24) - 1   # what the header's u24 can announce
+# The receiver's own fds (stdio, its channel, pipes, shared segments it keeps open):
+# a frame may carry the soft fd limit less this (an eighth of it, at most 64).
+_FD_RESERVE = 64
 _FD_SIZE = array.array("i").itemsize
 _READ_CHUNK = 64 * 1024
 # Plain ints: socket's constants are IntFlags, and an operation on one builds a new enum
@@ -87,16 +103,57 @@ class FrameTooLarge(ValueError):
     """A frame's body is larger than a receiver accepts (:data:`MAX_BODY`); nothing was sent."""
 
 
+class TooManyFds(ValueError):
+    """A frame carries more fds than the receiver can open (:func:`fd_room`); nothing was sent."""
+
+
+def fd_room() -> int:
+    """How many fds one frame may carry: what a receiver can open at once.
+
+    The receiver's limit is not known here; this process's soft RLIMIT_NOFILE stands
+    for it (the parent raises its soft limit to the hard one before it starts a worker,
+    and workers inherit it), less what the receiver itself keeps open.
+    """
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return MAX_FRAME_FDS
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft > MAX_FRAME_FDS:
+        return MAX_FRAME_FDS
+    return max(0, soft - min(_FD_RESERVE, soft // 8))
+
+
+def _too_many_fds(nfds, room):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return TooManyFds(
+        f"this message would carry {nfds} file descriptors (one per shared-memory block "
+        f"it refers to), more than the receiving process can open: RLIMIT_NOFILE is "
+        f"{soft} (hard limit {hard}), which leaves room for {room} in one message. "
+        f"Raise the hard limit before Python starts (`ulimit -Hn`, LimitNOFILE= for a "
+        f"systemd service; comfy_env raises the soft limit to it), or send fewer separate "
+        f"blocks: stack many small arrays into one, or copy tensors instead of moving "
+        f"each storage into a segment of its own (share_tensors_in_place=False)")
+
+
 def frame_header(length: int, nfds: int = 0) -> bytes:
     """The 16 header bytes of a frame whose body is ``length`` bytes and carries ``nfds`` fds."""
     if nfds > MAX_FDS:
-        raise ValueError(f"a frame carries at most {MAX_FDS} fds, got {nfds}")
+        # Only frames that need several batches ask (getrlimit is a system call).
+        room = min(fd_room(), MAX_FRAME_FDS)
+        if nfds > room:
+            raise _too_many_fds(nfds, room)
+        if -(-nfds // MAX_FDS) > _HEADER.size + length:
+            # Each batch rides on a byte of its own: only a frame of (almost) no bytes
+            # and thousands of fds lacks them; a frame's body names what its fds are.
+            raise ValueError(f"a frame of {length} bytes carries at most "
+                             f"{(_HEADER.size + length) * MAX_FDS} fds, got {nfds}")
     if length > MAX_BODY:
         raise FrameTooLarge(
             f"a message of {length / 2**30:.1f} GiB is larger than this machine's memory "
-            f"({MAX_BODY / 2**30:.1f} GiB), the most a receiver accepts; send less per call "
-            f"(a value referenced many times travels once per reference)")
-    return _HEADER.pack(MAGIC, FRAME_VERSION, nfds, 0, length)
+            f"({MAX_BODY / 2**30:.1f} GiB), the most a receiver accepts; send less per call")
+    return _HEADER.pack(MAGIC, FRAME_VERSION, nfds & 0xFF, nfds >> 8, length)
 
 
 def check_frame(chunks, fds=()) -> None:
@@ -106,15 +163,20 @@ def check_frame(chunks, fds=()) -> None:
 
 def _check_header(buf, pos):
     """``(length, nfds)`` of the header at ``buf[pos:]``, or ProtocolError."""
-    magic, version, nfds, zero, length = _HEADER.unpack_from(buf, pos)
+    magic, version, nfds, nfds_hi, length = _HEADER.unpack_from(buf, pos)
     if magic != MAGIC:
         raise ProtocolError(f"not a comfy_env frame: the header starts with {magic!r} "
                             f"instead of {MAGIC!r} (something else wrote to the channel)")
     if version != FRAME_VERSION:
         raise ProtocolError(f"frame format {version}, this comfy_env reads {FRAME_VERSION}")
-    if zero or nfds > MAX_FDS or length > MAX_BODY:
+    if nfds_hi:
+        nfds |= nfds_hi << 8
+        if -(-nfds // MAX_FDS) > _HEADER.size + length:
+            raise ProtocolError(f"corrupt frame header {bytes(buf[pos:pos + _HEADER.size])!r} "
+                                f"({nfds} fds, more than a body of {length} bytes can carry)")
+    if length > MAX_BODY:
         raise ProtocolError(f"corrupt frame header {bytes(buf[pos:pos + _HEADER.size])!r} "
-                            f"(reserved field {zero}, {nfds} fds, body of {length} bytes)")
+                            f"({nfds} fds, body of {length} bytes)")
     return length, nfds
 
 
@@ -164,7 +226,12 @@ class Channel:
             views = [memoryview(c).cast("B") for c in chunks]
             nfds = len(fds)
             header = frame_header(sum(v.nbytes for v in views), nfds)   # refuses before anything is sent
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
+            batches = None
+            if nfds <= MAX_FDS:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
+            else:   # several batches (see the module docstring)
+                batches = [array.array("i", fds[i:i + MAX_FDS]) for i in range(0, nfds, MAX_FDS)]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batches.pop())]
             bufs = [memoryview(header)] + views
         with self._send_lock:
             if self._closed:
@@ -178,6 +245,17 @@ class Channel:
                 # that forwards one result many times has a part per reference):
                 # go on from where it stopped.  The fds go with the first byte.
                 i = 0
+                if batches:
+                    # More fds than one sendmsg takes: all batches but the last ride on
+                    # one byte each (a one-byte send is never short), the last on the rest.
+                    for batch in batches:
+                        while not bufs[i].nbytes:
+                            i += 1
+                        self.sock.sendmsg([bufs[i][:1]],
+                                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)])
+                        bufs[i] = bufs[i][1:]
+                    while not bufs[i].nbytes:       # frame_header saw a byte left for the last
+                        i += 1
                 while i < len(bufs):
                     sent = self.sock.sendmsg(bufs[i:i + _IOV_MAX], anc)
                     anc = []
@@ -219,19 +297,29 @@ class Channel:
             if self._closed:
                 raise ChannelClosed(str(exc)) from exc
             raise
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
-                self._fds.extend(arr)
-        if flags & _MSG_CTRUNC:
-            raise OSError("file descriptors were truncated in transit (fd limit reached?)")
+        if anc or flags & _MSG_CTRUNC:
+            self._take_fds(anc, flags)
         if not n:
             raise ChannelClosed("peer closed the channel")
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += self._scratch_view[:n]
+
+    def _take_fds(self, anc, flags):
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
+                self._fds.extend(arr)
+        if flags & _MSG_CTRUNC:
+            try:
+                import resource
+                limit = f" (RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
+            except (ImportError, ValueError, OSError):
+                limit = ""
+            raise OSError(f"file descriptors were truncated in transit: this process could not "
+                          f"open all the fds a message carried, its fd limit{limit} reached?")
 
     def buffered(self) -> bool:
         """Bytes of a frame are already read (``recv`` starts on them without waiting on
@@ -274,6 +362,13 @@ class Channel:
             spin = 0.0
             buf = self._buf
         length, nfds = _check_header(buf, self._pos)
+        if nfds and len(self._fds) < min(nfds, _HEADER.size * MAX_FDS):
+            # Batch i of a frame's fds rides on its byte i: those on the header's bytes
+            # came with them.  Without them the header lies, and waiting for its body
+            # could wait for ever.
+            header = bytes(buf[self._pos:self._pos + _HEADER.size])
+            raise ProtocolError(f"corrupt frame header {header!r}: it announces {nfds} fds, "
+                                f"{len(self._fds)} came with it")
         start = self._pos + _HEADER.size
         have = len(buf) - start
         if have >= length:
@@ -288,7 +383,14 @@ class Channel:
             self._pos = len(buf)
             got = have
             while got < length:
-                n = self.sock.recv_into(view[got:], length - got)
+                if len(self._fds) < nfds:
+                    # The frame's last batches of fds ride on bytes still to come (a
+                    # frame with thousands): recv() would drop them.
+                    n, anc, flags, _ = self.sock.recvmsg_into([view[got:]], self._anc_size,
+                                                              _RECV_FLAGS)
+                    self._take_fds(anc, flags)
+                else:
+                    n = self.sock.recv_into(view[got:], length - got)
                 if n == 0:
                     raise ChannelClosed("peer closed the channel mid-frame")
                 got += n
