@@ -825,3 +825,50 @@ def test_an_exception_of_a_class_only_the_worker_has_keeps_its_message(tmp_path)
     assert "could not be rebuilt in the parent" in str(exc)
     shown = named_like_original(exc)
     assert type(shown).__qualname__ == "OnlyHereError" and str(shown) == "the original words"
+
+
+@pytest.mark.timeout(60)
+def test_a_function_of_a_module_loaded_from_a_file_path_runs_by_value(tmp_path):
+    """Plugin systems load modules by path (spec_from_file_location) into sys.modules; a
+    worker cannot import those by name, so they travel by value.  Importable modules
+    still go by name."""
+    import importlib.util
+
+    from comfy_env.executor import executor as ex_mod
+
+    path = tmp_path / "plugin_impl.py"
+    path.write_text("FACTOR = 11\n\ndef run(x):\n    return x * FACTOR\n")
+    spec = importlib.util.spec_from_file_location("comfy_env_test_plugin", path)
+    plugin = importlib.util.module_from_spec(spec)
+    sys.modules["comfy_env_test_plugin"] = plugin
+    try:
+        spec.loader.exec_module(plugin)
+        with IsolatedExecutor() as ex:
+            assert ex.submit(plugin.run, 2).result(timeout=30) == 22
+            assert ex.submit(_funcs.echo, 1).result(timeout=30) == ((1,), {})
+        assert ex_mod._importable["comfy_env_test_plugin"] is False
+        assert ex_mod._importable["_funcs"] is True
+    finally:
+        sys.modules.pop("comfy_env_test_plugin", None)
+
+
+class _RaisesKeyboardInterrupt:
+    def __reduce__(self):
+        raise KeyboardInterrupt("raised by __reduce__")
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_whose_pickling_raises_keyboardinterrupt_fails_only_its_call():
+    """Not a Ctrl-C (ours is held back while a call is handed over): the call fails with
+    PicklingFailed, nothing is put back for ever, the executor carries on."""
+    import threading
+
+    with IsolatedExecutor() as ex:
+        ex.submit(_funcs.echo, 0).result(timeout=30)
+        before = threading.active_count()
+        fut = ex.submit(_funcs.echo, _RaisesKeyboardInterrupt())
+        with pytest.raises(PicklingFailed, match="KeyboardInterrupt"):
+            fut.result(timeout=30)
+        time.sleep(0.3)
+        assert threading.active_count() <= before + 2
+        assert ex.submit(_funcs.echo, 2).result(timeout=30) == ((2,), {})

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import importlib.machinery
 import itertools
 import logging
 import math
@@ -261,6 +262,35 @@ def _by_reference(fn):
 
 
 _by_value_lock = threading.Lock()
+_importable = {}        # module name -> whether a worker finds it by name (see below)
+
+
+def _send_unimportable_by_value(fn):
+    """Register ``fn``'s module with cloudpickle to travel by value when a worker of
+    this interpreter could not import it by name: a module a plugin system loaded from
+    a file path (``spec_from_file_location``) and put in ``sys.modules``, or one made in
+    memory.  Pickled by name, it failed in the worker (``No module named ...``); by
+    value it runs as ``__main__``'s functions do.  Decided once per module."""
+    modname = getattr(fn, "__module__", None)
+    if not modname or modname == "__main__" or modname in _importable:
+        return
+    module = sys.modules.get(modname)
+    ok = True
+    if module is not None and modname not in sys.builtin_module_names:
+        top = modname.partition(".")[0]
+        try:
+            ok = (top in sys.builtin_module_names
+                  or importlib.machinery.PathFinder.find_spec(top, sys.path) is not None
+                  or importlib.machinery.FrozenImporter.find_spec(top) is not None)
+        except (ImportError, ValueError, AttributeError):
+            ok = True         # cannot tell: as before, by name
+    _importable[modname] = ok
+    if not ok:
+        with _by_value_lock:
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:
+                pass
 
 
 def _pickle_by_value(fn):
@@ -478,7 +508,17 @@ class _Pool:
             item.stage = Stage.RUNNING
         try:
             chunks, fds, fb, fn_sent = self._encode(item, worker)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if not (interrupts.on_main() and not interrupts.installed()):
+                # Off the main thread, or with Ctrl-C held back (this step holds it):
+                # no Ctrl-C, the arguments' own code raised it (a __reduce__). Putting
+                # the call back would raise it again on every hand-over, for ever.
+                item.future.set_exception(PicklingFailed(
+                    f"the call's arguments could not be pickled for the worker: pickling "
+                    f"them raised KeyboardInterrupt ({exc})"))
+                item.drop_inputs()
+                self._back_to_idle(worker)
+                return True
             # A Ctrl-C that was not held back (a program's own SIGINT handler, see
             # ipc/interrupts.py): the call goes back to the front of the queue
             # untouched, the worker back to idle, and the interruption on up; a
@@ -544,6 +584,8 @@ class _Pool:
         went out (the worker then holds the function it carried; see fncache)."""
         fn = item.fn
         fnref = fn_sent = None
+        if self.wenv.is_current and not isinstance(fn, str):
+            _send_unimportable_by_value(fn)
         if not isinstance(fn, str) and fncache.cacheable(fn):
             once = self._pickled_once(fn)
             if once is not None:
