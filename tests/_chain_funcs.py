@@ -170,3 +170,24 @@ def same(x, y):
     import numpy as np
 
     return x is y, bool(np.shares_memory(x, y))
+
+
+class Coded(Exception):
+    """An exception whose __init__ takes other arguments than its args."""
+
+    def __init__(self, code, msg):
+        super().__init__(f"{code}: {msg}")
+        self.code, self.msg = code, msg
+
+    def __reduce__(self):
+        return (Coded, (self.code, self.msg))
+
+
+def raise_coded(code, msg):
+    err = Coded(code, msg)
+    err.add_note("raised in the producer") if hasattr(err, "add_note") else None
+    raise err
+
+
+def open_missing(path):
+    open(path)

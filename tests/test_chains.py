@@ -626,3 +626,21 @@ def test_shutdown_waits_for_a_chained_call_being_handed_to_its_worker(pair, monk
     fb = b.submit(cf.summary, fa)
     b.shutdown(wait=True)
     assert slowed and fb.result(0)["first"] == 5
+
+
+@pytest.mark.timeout(60)
+def test_a_chained_failure_is_a_copy_of_the_inputs_exception_type_and_attributes(tmp_path):
+    """Not RuntimeError for an exception whose __init__ takes other arguments, nor an
+    OSError without its filename: type, args, attributes and notes, own traceback."""
+    missing = str(tmp_path / "nope.txt")
+    with IsolatedExecutor(name="A") as a, IsolatedExecutor(name="B") as b:
+        fa = a.submit(cf.raise_coded, 7, "disk full")
+        fb = b.submit(cf.identity, fa)
+        ea, eb = fa.exception(timeout=30), fb.exception(timeout=30)
+        assert type(eb) is cf.Coded and eb is not ea and eb.__cause__ is ea
+        assert (eb.code, eb.msg, eb.args) == (7, "disk full", ("7: disk full",))
+        assert getattr(eb, "__notes__", None) == getattr(ea, "__notes__", None)
+        fo = b.submit(cf.identity, a.submit(cf.open_missing, missing))
+        eo = fo.exception(timeout=30)
+        assert type(eo) is FileNotFoundError and (eo.errno, eo.filename) == (2, missing)
+        assert missing in str(eo)

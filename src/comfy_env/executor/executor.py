@@ -433,7 +433,7 @@ class _Pool:
             exc = _input_failure(dep)
             if exc is not None:
                 if not queued or fut.set_running_or_notify_cancel():
-                    err = type(exc)(*exc.args) if _copyable(exc) else RuntimeError(str(exc))
+                    err = _copy_exception(exc)
                     err.__cause__ = exc
                     fut.set_exception(err)
                 # Drop the other inputs now (a diamond's good branch), and let
@@ -1102,12 +1102,29 @@ def _input_failure(dep):
     return undecoded() if undecoded is not None else dep.exception()
 
 
-def _copyable(exc):
+def _copy_exception(exc):
+    """A copy of ``exc`` for a chained call that fails with its input: its type, args
+    and attributes, with a traceback of its own (raising the input's exception object
+    itself would grow its traceback in each call that raises it).
+
+    Made without calling ``__init__`` (an exception whose ``__init__`` takes other
+    arguments than its ``args``, ``Coded(code, msg)``, lost its type before): the class's
+    ``__new__`` with the args (OSError's fills errno and filename there), then its
+    ``__dict__`` (what ``__init__`` set, notes included).  RuntimeError saying what it was
+    where even that fails."""
+    cls = type(exc)
     try:
-        type(exc)(*exc.args)
-        return True
+        new = cls.__new__(cls, *exc.args)
+        new.args = exc.args
+        state = getattr(exc, "__dict__", None)
+        if state:
+            new.__dict__.update(state)
+        if isinstance(exc, OSError):        # not in args: OSError(errno, strerror, filename)
+            for name in ("errno", "strerror", "filename", "filename2"):
+                setattr(new, name, getattr(exc, name))
+        return new
     except Exception:
-        return False
+        return RuntimeError(f"{cls.__qualname__}: {exc}")
 
 
 def _clone(exc):
