@@ -872,3 +872,19 @@ def test_an_argument_whose_pickling_raises_keyboardinterrupt_fails_only_its_call
         time.sleep(0.3)
         assert threading.active_count() <= before + 2
         assert ex.submit(_funcs.echo, 2).result(timeout=30) == ((2,), {})
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_cancel_futures_marks_the_calls_it_lets_run_as_running():
+    """Calls handed to a worker that is still starting run after shutdown(cancel_futures=
+    True), as ProcessPoolExecutor's handed-over calls do, and say so: running, not
+    cancellable; the others are cancelled."""
+    ex = IsolatedExecutor(max_workers=1)
+    fs = [ex.submit(time.sleep, 0.3) for _ in range(3)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    first = fs[0]
+    assert first.running() or first.done()
+    assert not first.cancel()
+    assert all(f.cancelled() for f in fs[1:])
+    assert first.result(timeout=30) is None
+    ex.shutdown()

@@ -996,6 +996,11 @@ class _Pool:
                 # they run: the calls workers are being started for still run.
                 coming = self.starting + sum(1 for w in self.workers if not w.ready and not w.exiting)
                 keep = [self.pending.popleft() for _ in range(min(coming, len(self.pending)))]
+                for it in keep:
+                    # Running from now, as ProcessPoolExecutor marks the calls it handed
+                    # over: not cancellable any more, since they will run.
+                    if it.stage is Stage.QUEUED and it.future.set_running_or_notify_cancel():
+                        it.stage = Stage.RUNNING
                 items = list(self.pending) + list(self.waiting)
                 self.pending.clear()
                 self.pending.extend(keep)
