@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import importlib.machinery
 import itertools
 import logging
 import math
@@ -265,6 +264,23 @@ _by_value_lock = threading.Lock()
 _importable = {}        # module name -> whether a worker finds it by name (see below)
 
 
+def _findable(name):
+    """Whether an import system finder of this process finds the top-level module
+    ``name`` by itself (``sys.modules`` aside): the path finder, an editable install's
+    own finder, the builtin and frozen importers.  A worker of this interpreter starts
+    with the same ``sys.path`` and finds it too."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            if find(name, None) is not None:
+                return True
+        except Exception:
+            continue          # a finder that cannot answer for this name
+    return False
+
+
 def _send_unimportable_by_value(fn):
     """Register ``fn``'s module with cloudpickle to travel by value when a worker of
     this interpreter could not import it by name: a module a plugin system loaded from
@@ -275,15 +291,7 @@ def _send_unimportable_by_value(fn):
     if not modname or modname == "__main__" or modname in _importable:
         return
     module = sys.modules.get(modname)
-    ok = True
-    if module is not None and modname not in sys.builtin_module_names:
-        top = modname.partition(".")[0]
-        try:
-            ok = (top in sys.builtin_module_names
-                  or importlib.machinery.PathFinder.find_spec(top, sys.path) is not None
-                  or importlib.machinery.FrozenImporter.find_spec(top) is not None)
-        except (ImportError, ValueError, AttributeError):
-            ok = True         # cannot tell: as before, by name
+    ok = module is None or modname in sys.builtin_module_names or _findable(modname.partition(".")[0])
     _importable[modname] = ok
     if not ok:
         with _by_value_lock:
