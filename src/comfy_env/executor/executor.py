@@ -1426,8 +1426,10 @@ class IsolatedExecutor(Executor):
         every fd and thread the executor kept for them is closed.  ``wait=False``
         returns at once; the calls still run and the workers exit after them.
         ``cancel_futures=True`` cancels the calls that have not started (queued,
-        or waiting for an input future).  Futures already done keep their
-        results, which stay valid after the workers have exited.
+        or waiting for an input future), except those already handed to a worker
+        that is starting: as in ProcessPoolExecutor, they run, and are marked
+        running at once.  Futures already done keep their results, which stay
+        valid after the workers have exited.
 
         Leaving a ``with`` block calls ``shutdown(wait=True)``, except on a
         ``KeyboardInterrupt``: then queued calls are cancelled, running calls
