@@ -888,3 +888,50 @@ def test_shutdown_cancel_futures_marks_the_calls_it_lets_run_as_running():
     assert all(f.cancelled() for f in fs[1:])
     assert first.result(timeout=30) is None
     ex.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_module_loaded_by_path_under_a_name_found_elsewhere_runs_by_value(tmp_path, monkeypatch):
+    """The worker would import another file under that name: the parent's code travels."""
+    import importlib.util
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "comfy_env_test_shadowed.py").write_text("def which():\n    return 'A (sys.path)'\n")
+    (tmp_path / "b" / "comfy_env_test_shadowed.py").write_text("def which():\n    return 'B (by path)'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    spec = importlib.util.spec_from_file_location("comfy_env_test_shadowed", tmp_path / "b" / "comfy_env_test_shadowed.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "comfy_env_test_shadowed", mod)
+    spec.loader.exec_module(mod)
+    with IsolatedExecutor() as ex:
+        assert ex.submit(mod.which).result(timeout=30) == "B (by path)"
+
+
+EMFILE_SCRIPT = r"""
+import resource, numpy as np
+from comfy_env import IsolatedExecutor, PicklingFailed, shared_like
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+def total(*arrs):
+    return len(arrs)
+with IsolatedExecutor() as ex:
+    arrs = [shared_like(np.ones(1 << 17)) for _ in range(600)]
+    try:
+        ex.submit(total, *arrs).result(timeout=60)
+        print("sent")
+    except PicklingFailed as exc:
+        print("refused:", str(exc)[:160])
+    del arrs
+    print(ex.submit(total, 1, 2).result(timeout=60))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_running_out_of_fds_while_sending_says_so_not_that_the_function_failed(tmp_path):
+    from pythons import run_script
+    proc = run_script("3.11", EMFILE_SCRIPT, cwd=tmp_path, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sent" in out or "ran out of file descriptors" in out or "file descriptors" in out, out
+    assert "the function" not in out, out
+    assert out.strip().splitlines()[-1] == "2", out

@@ -18,6 +18,7 @@ from comfy_env import IsolatedExecutor
 MODEL = None
 TABLE = {}
 K = 1
+LATE = None
 
 def init(scale):
     global MODEL
@@ -26,6 +27,12 @@ def init(scale):
 
 def infer(i):
     return MODEL[i], TABLE.get("loaded")
+
+def init_by_name():
+    globals()["LATE"] = "loaded"            # no `global LATE`: the name never travels with init
+
+def read_late():
+    return LATE
 
 def with_k(x):
     return x + K
@@ -78,11 +85,13 @@ with IsolatedExecutor(initializer=init, initargs=(10,)) as ex:
     if sys.platform.startswith("linux"):
         out.append(ex.submit(nested_pool).result())
     out.append(ex.submit(main_module).result())
+with IsolatedExecutor(initializer=init_by_name) as ex:
+    out.append(ex.submit(read_late).result())
 print(out)
 """
 
 EXPECTED = [[(0, 10), (10, 10), (20, 10)], 2, 6, "A", [("B", 0), ("B", 1), ("B", 2)], "C",
-            2880067194370816120, ("Checkpoint", 3), 49, ("__main__", True, False)]
+            2880067194370816120, ("Checkpoint", 3), 49, ("__main__", True, False), "loaded"]
 
 
 @ALL_PYTHONS

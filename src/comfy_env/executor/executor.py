@@ -55,6 +55,7 @@ executor that is garbage collected without ``shutdown()`` is finalized.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import heapq
 import itertools
 import logging
@@ -264,20 +265,33 @@ _by_value_lock = threading.Lock()
 _importable = {}        # module name -> whether a worker finds it by name (see below)
 
 
-def _findable(name):
-    """Whether an import system finder of this process finds the top-level module
-    ``name`` by itself (``sys.modules`` aside): the path finder, an editable install's
-    own finder, the builtin and frozen importers.  A worker of this interpreter starts
-    with the same ``sys.path`` and finds it too."""
+def _findable(modname, module):
+    """Whether a worker of this interpreter, starting with the same ``sys.path``,
+    imports ``module`` by its name ``modname``: an import system finder of this process
+    finds that name by itself (``sys.modules`` aside: the path finder, an editable
+    install's own finder, the builtin and frozen importers), and finds the same file
+    (a module loaded from another path under a name that exists elsewhere, or under a
+    standard module's name, is not what the worker would import)."""
+    parent, _, _ = modname.rpartition(".")
+    path = None
+    if parent:
+        package = sys.modules.get(parent)
+        path = getattr(package, "__path__", None)
+        if path is None or not _findable(parent, package):
+            return False
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
         if find is None:
             continue
         try:
-            if find(name, None) is not None:
-                return True
+            spec = find(modname, path)
         except Exception:
             continue          # a finder that cannot answer for this name
+        if spec is None:
+            continue
+        ours = getattr(module, "__file__", None)
+        origin = spec.origin if spec.has_location else None
+        return ours is None or origin is None or os.path.realpath(ours) == os.path.realpath(origin)
     return False
 
 
@@ -291,7 +305,7 @@ def _send_unimportable_by_value(fn):
     if not modname or modname == "__main__" or modname in _importable:
         return
     module = sys.modules.get(modname)
-    ok = module is None or modname in sys.builtin_module_names or _findable(modname.partition(".")[0])
+    ok = module is None or modname in sys.builtin_module_names or _findable(modname, module)
     _importable[modname] = ok
     if not ok:
         with _by_value_lock:
@@ -1158,6 +1172,17 @@ def _explain_pickling(exc, item, dumps=codec.dumps_portable):
     pickled, tried on each argument alone)."""
     if isinstance(exc, PicklingFailed):
         return exc
+    if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+        # Not one argument's fault: each shared block the arguments refer to takes an
+        # fd while the call is sent, and this process ran out of them.
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return PicklingFailed(
+            f"this process ran out of file descriptors while sending the call's arguments "
+            f"(RLIMIT_NOFILE {soft}, hard limit {hard}): each shared-memory block they refer to "
+            f"takes one while the call is sent. Raise the hard limit before Python starts "
+            f"(`ulimit -Hn`), or send fewer separate blocks (stack small arrays into one, or "
+            f"share_tensors_in_place=False): {exc}")
     what = None
     for i, a in enumerate(item.args or ()):
         if _find_futures(a, []):

@@ -22,8 +22,9 @@ each name: where the parent's value changed since it last sent it, the worker ta
 it (the parent's later ``K = 20`` reaches the worker, as it did before this module);
 where the parent sends the value it sent before, the worker's stays, rebound there
 (the initializer's ``MODEL``) or changed in place there (a dict filled lazily), as in a
-ProcessPoolExecutor worker.  A value that cannot be told apart (a big array, an
-object pickle cannot write by itself) counts as changed.
+ProcessPoolExecutor worker; so does a name code in the worker made before the parent
+ever sent it (``globals()["MODEL"] = ...``).  A value that cannot be told apart (a big
+array, an object pickle cannot write by itself) counts as changed.
 
 Written by hand: cloudpickle rebuilds functions through ``_make_function`` and
 ``_function_setstate`` and classes through ``_class_setstate``, which the pickle
@@ -56,9 +57,13 @@ class MainSpace:
         rebound (the initializer's ``MODEL``) or changed in place (a lazily filled dict)."""
         d = _digest(value)
         with self._lock:
-            prev = self._sent.get(name)
+            prev = self._sent.get(name, _NEVER)
             self._sent[name] = d
-            if d is None or d != prev or name not in self.ns:
+            if name not in self.ns:
+                self.ns[name] = value
+            elif prev is _NEVER:
+                pass                  # made here, never sent: the worker's own (globals()["X"] = ...)
+            elif d is None or d != prev:
                 self.ns[name] = value
 
     def register(self, obj):
@@ -72,6 +77,7 @@ class MainSpace:
             with self._lock:
                 if name not in self.ns:
                     self.ns[name] = obj
+                    self._sent[name] = None       # the parent's: its later binding replaces it
 
 
 def _digest(value):
@@ -90,6 +96,7 @@ def _digest(value):
 
 
 _DIGEST_MAX = 1 << 16
+_NEVER = object()         # a name the parent never sent
 
 SPACE: MainSpace | None = None
 
