@@ -1480,10 +1480,8 @@ def _python310():
 
     if sys.version_info < (3, 11):
         return None
-    for cand in ("/root/.pyenv/versions/3.10.13/bin/python", shutil.which("python3.10")):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
+    from pythons import find_interpreter
+    return find_interpreter("3.10")
 
 
 @pytest.mark.timeout(120)
