@@ -87,11 +87,20 @@ with IsolatedExecutor(initializer=init, initargs=(10,)) as ex:
     out.append(ex.submit(main_module).result())
 with IsolatedExecutor(initializer=init_by_name) as ex:
     out.append(ex.submit(read_late).result())
+    out.append(ex.submit(save_and_load, 1).result())
+    class Checkpoint:                         # redefined, as a notebook re-runs a cell
+        def __init__(self, w):
+            self.w = w * 100
+    def pickled_name(obj):
+        back = pickle.loads(pickle.dumps(obj))
+        return type(back).__name__, back.w
+    out.append(ex.submit(pickled_name, Checkpoint(2)).result())
 print(out)
 """
 
 EXPECTED = [[(0, 10), (10, 10), (20, 10)], 2, 6, "A", [("B", 0), ("B", 1), ("B", 2)], "C",
-            2880067194370816120, ("Checkpoint", 3), 49, ("__main__", True, False), "loaded"]
+            2880067194370816120, ("Checkpoint", 3), 49, ("__main__", True, False), "loaded",
+            ("Checkpoint", 1), ("Checkpoint", 200)]
 
 
 @ALL_PYTHONS

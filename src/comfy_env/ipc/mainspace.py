@@ -75,7 +75,13 @@ class MainSpace:
         if (type(name) is str and name.isidentifier() and getattr(obj, "__module__", None) == "__main__"
                 and name == getattr(obj, "__name__", None)):
             with self._lock:
-                if name not in self.ns:
+                current = self.ns.get(name, _NEVER)
+                # A class the parent redefined replaces the one it sent before (a
+                # notebook re-running a cell): pickling an instance here looks the name
+                # up.  A function does not replace a bound name, which may be its own
+                # wrapper (lru_cache copies its __name__).
+                if current is _NEVER or (isinstance(obj, type) and isinstance(current, type)
+                                         and self._sent.get(name, _NEVER) is None):
                     self.ns[name] = obj
                     self._sent[name] = None       # the parent's: its later binding replaces it
 
@@ -85,6 +91,8 @@ def _digest(value):
     its pickle (``0.0`` and ``-0.0`` differ, as do an empty and a filled dict), or None
     where there is none worth keeping (a big array, an object pickle cannot write by
     itself, such as a script function: it counts as changed)."""
+    if callable(value) and getattr(value, "__module__", None) == "__main__":
+        return None           # pickle writes the script's classes and functions by name only
     n = getattr(value, "nbytes", 0)       # a class may have an ``nbytes`` descriptor: ints only
     if type(n) is int and n > _DIGEST_MAX:
         return None
