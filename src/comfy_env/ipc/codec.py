@@ -29,7 +29,6 @@ import io
 import logging
 import os
 import pickle
-import re
 import struct
 import sys
 import traceback
@@ -37,7 +36,7 @@ from concurrent.futures import Future
 
 import cloudpickle
 
-from . import lifetime, mainspace, numpy_names, protocol
+from . import lifetime, numpy_names, protocol
 from .protocol import PlaneMessage, Release
 
 try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
@@ -357,11 +356,14 @@ class Encoder(cloudpickle.Pickler):
         if isinstance(obj, Future):
             self.plain = False
             return self._encode_future(obj)
-        if self.plain and (tp is type or tp is _FunctionType or tp is _BuiltinType) \
-                and (getattr(obj, "__module__", None) or "").startswith("numpy"):
-            # numpy's own name for a class or function (numpy.bool, numpy._core...): the
-            # part decodes through the Decoder, which reads either numpy's names.
-            self.plain = False
+        if self.plain and (tp is _FunctionType or tp is _BuiltinType or isinstance(obj, type)):
+            mod = getattr(obj, "__module__", None) or ""
+            if mod == "__main__" or mod.startswith("numpy"):
+                # The part decodes through the Decoder, whose unpickler reads either
+                # numpy's names for its classes and functions (numpy.bool, numpy._core...)
+                # and, in a worker, builds the script's over the worker's __main__
+                # (ipc/mainspace.py).
+                self.plain = False
         return None
 
     def _encode_future(self, fut):
@@ -732,9 +734,6 @@ def _release_untaken(dec):
             dec.link.post(Release(key, 1))
 
 
-_CLOUDPICKLE_NAMES = re.compile(rb"cloudpickle\.cloudpickle")    # searches a memoryview, no copy
-
-
 def decode_part(frame, index, link, cache=None, records=None):
     if cache is None:
         cache = {}
@@ -743,13 +742,7 @@ def decode_part(frame, index, link, cache=None, records=None):
     part = frame.parts[index]
     if part.refs is None:
         try:
-            data = part.data
-            if mainspace.SPACE is not None and _CLOUDPICKLE_NAMES.search(data):
-                # The parent's script functions and classes (an initializer, a lambda
-                # argument) are built over the worker's __main__, as by the Decoder.
-                obj = numpy_names.loads(data)
-            else:
-                obj = pickle.loads(data)
+            obj = pickle.loads(part.data)
         except ModuleNotFoundError as exc:
             raise _explain_missing(exc) from exc
         cache[index] = obj
