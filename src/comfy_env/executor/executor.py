@@ -77,7 +77,7 @@ from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, interrupts, lifetime, numpy_names, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
-from ..ipc.transport import ChannelClosed, TooManyFds, check_frame
+from ..ipc.transport import FD_ADVICE, ChannelClosed, TooManyFds, check_frame
 from . import launch
 from .gpu_pinning import pin_environment
 from .worker_allocator import allocator_environment
@@ -708,7 +708,7 @@ class _Pool:
         A future met again in the same frame gets the part it got the first time: the
         worker decodes a part once, so it arrives as one object, as pickle's memo makes
         of any object passed twice (and its blocks are lent, and its bytes sent, once)."""
-        forwarded = fb.__dict__.setdefault("_forwarded_futures", {})
+        forwarded = fb.forwarded_futures
         entry = forwarded.get(id(fut))
         if entry is not None:
             return entry[1]
@@ -1129,7 +1129,7 @@ def _input_failure(dep):
     return undecoded() if undecoded is not None else dep.exception()
 
 
-def _copy_exception(exc):
+def _copy_exception(exc, fallback=None):
     """A copy of ``exc`` for a chained call that fails with its input: its type, args
     and attributes, with a traceback of its own (raising the input's exception object
     itself would grow its traceback in each call that raises it).
@@ -1137,8 +1137,8 @@ def _copy_exception(exc):
     Made without calling ``__init__`` (an exception whose ``__init__`` takes other
     arguments than its ``args``, ``Coded(code, msg)``, lost its type before): the class's
     ``__new__`` with the args (OSError's fills errno and filename there), then its
-    ``__dict__`` (what ``__init__`` set, notes included).  RuntimeError saying what it was
-    where even that fails."""
+    ``__dict__`` (what ``__init__`` set, notes included).  Where even that fails:
+    ``fallback(exc)``, by default a RuntimeError saying what it was."""
     cls = type(exc)
     try:
         new = cls.__new__(cls, *exc.args)
@@ -1151,14 +1151,12 @@ def _copy_exception(exc):
                 setattr(new, name, getattr(exc, name))
         return new
     except Exception:
-        return RuntimeError(f"{cls.__qualname__}: {exc}")
+        return fallback(exc) if fallback is not None else RuntimeError(f"{cls.__qualname__}: {exc}")
 
 
 def _clone(exc):
-    try:
-        new = type(exc)(*exc.args)
-    except Exception:
-        new = BrokenExecutor(str(exc))
+    """The executor's breaking exception again, for one more future."""
+    new = _copy_exception(exc, lambda e: BrokenExecutor(str(e)))
     new.__cause__ = exc.__cause__ or exc
     return new
 
@@ -1180,9 +1178,7 @@ def _explain_pickling(exc, item, dumps=codec.dumps_portable):
         return PicklingFailed(
             f"this process ran out of file descriptors while sending the call's arguments "
             f"(RLIMIT_NOFILE {soft}, hard limit {hard}): each shared-memory block they refer to "
-            f"takes one while the call is sent. Raise the hard limit before Python starts "
-            f"(`ulimit -Hn`), or send fewer separate blocks (stack small arrays into one, or "
-            f"share_tensors_in_place=False): {exc}")
+            f"takes one while the call is sent ({exc}). " + FD_ADVICE)
     what = None
     for i, a in enumerate(item.args or ()):
         if _find_futures(a, []):

@@ -43,6 +43,11 @@ try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
     from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
 except ImportError:     # pragma: no cover - such functions go through the Encoder
     _by_reference = None
+try:    # cloudpickle's modules pickled by value (see _reduce_lru_cache)
+    from cloudpickle.cloudpickle import _is_registered_pickle_by_value as _by_value_module
+except ImportError:     # pragma: no cover - an older cloudpickle: by name, as pickle would
+    def _by_value_module(mod):
+        return False
 _FunctionType = type(lambda: None)
 _BuiltinType = type(len)
 
@@ -304,14 +309,6 @@ def _reduce_lru_cache(obj):
     return obj.__reduce__()
 
 
-def _by_value_module(mod):
-    try:
-        from cloudpickle.cloudpickle import _is_registered_pickle_by_value
-    except ImportError:       # pragma: no cover - an older cloudpickle: by name, as pickle would
-        return False
-    return _is_registered_pickle_by_value(mod)
-
-
 def _refuse_open_file(obj):
     """An open text file does not cross: cloudpickle would send a snapshot of its
     contents as a ``StringIO`` (the worker then reads, or writes, something that is not
@@ -439,6 +436,7 @@ class FrameBuilder:
         self._lends = []
         self._before_send = []            # callables run once, when the frame is built or aborted
         self.plane_state = {}             # plane name -> what it computes once per frame
+        self.forwarded_futures = {}       # id -> (future, part index): forwarded once per frame
         # May a torch CPU tensor's storage be moved into shared memory for good (see
         # arrays.move_storage)?  Only the executor's calls say yes: a worker's results
         # must not alias the worker's own tensors.

@@ -168,8 +168,7 @@ _HOOKS = {"_make_function": _make_function, "_function_setstate": _function_sets
           "_class_setstate": _class_setstate}
 
 
-def hook_for(module, name):
-    """Our stand-in for cloudpickle's ``module.name`` while a worker's ``__main__`` is ours, else None."""
-    if SPACE is not None and module == "cloudpickle.cloudpickle":
-        return _HOOKS.get(name)
-    return None
+def hook_for(name):
+    """Our stand-in for ``cloudpickle.cloudpickle.<name>`` while a worker's ``__main__`` is
+    ours, else None."""
+    return _HOOKS.get(name) if SPACE is not None else None

@@ -71,7 +71,7 @@ class Unpickler(pickle.Unpickler):
         if module.startswith("numpy"):
             return find_global(super().find_class, module, name)
         if module == "cloudpickle.cloudpickle":
-            hook = mainspace.hook_for(module, name)
+            hook = mainspace.hook_for(name)
             if hook is not None:
                 return hook
         return super().find_class(module, name)

@@ -124,6 +124,14 @@ def fd_room() -> int:
     return max(0, soft - min(_FD_RESERVE, soft // 8))
 
 
+# What to do when a message needs more fds than a process can open (said by the sender's
+# refusal here and by the executor when the parent itself ran out while encoding).
+FD_ADVICE = ("Raise the hard limit before Python starts (`ulimit -Hn`, LimitNOFILE= for a "
+             "systemd service; comfy_env raises the soft limit to it), or send fewer separate "
+             "blocks: stack many small arrays into one, or copy tensors instead of moving "
+             "each storage into a segment of its own (share_tensors_in_place=False)")
+
+
 def _too_many_fds(nfds, room):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -131,10 +139,7 @@ def _too_many_fds(nfds, room):
         f"this message would carry {nfds} file descriptors (one per shared-memory block "
         f"it refers to), more than the receiving process can open: RLIMIT_NOFILE is "
         f"{soft} (hard limit {hard}), which leaves room for {room} in one message. "
-        f"Raise the hard limit before Python starts (`ulimit -Hn`, LimitNOFILE= for a "
-        f"systemd service; comfy_env raises the soft limit to it), or send fewer separate "
-        f"blocks: stack many small arrays into one, or copy tensors instead of moving "
-        f"each storage into a segment of its own (share_tensors_in_place=False)")
+        + FD_ADVICE)
 
 
 def frame_header(length: int, nfds: int = 0) -> bytes:
