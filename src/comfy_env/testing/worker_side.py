@@ -25,6 +25,7 @@ pytest gives a clear error instead of a failed call reference.
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -75,7 +76,7 @@ def run_test(req, /, **fixtures):
     if capture is not None:
         capture.start()
     try:
-        with logs, _NoStdin(capture is not None), warnings.catch_warnings(record=True) as recorded:
+        with logs, _no_stdin(capture is not None), warnings.catch_warnings(record=True) as recorded:
             # The test's filters, as pytest sets them for it in its own process: an
             # "error" one raises here, where the warning is issued; what is recorded
             # is re-emitted in the pytest process for its report.
@@ -191,7 +192,7 @@ def _run(req, kwargs, synced):
             owner.__dict__.update(req["instance"])
         stage = "call"
         with _UncaughtErrors(req.get("uncaught", ("thread", "unraisable"))) as uncaught, \
-                _RunXfail(settings.get("runxfail")):
+                _run_xfail(settings.get("runxfail")):
             result = fn(**kwargs)
         if hasattr(result, "__await__") or hasattr(result, "__anext__"):
             if hasattr(result, "close"):
@@ -216,33 +217,30 @@ def _run(req, kwargs, synced):
     return ("passed", ())
 
 
-class _RunXfail:
+@contextlib.contextmanager
+def _replaced(obj, name, value):
+    """``obj.name`` is ``value`` inside the block, what it was after it."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def _run_xfail(active):
     """``--runxfail``: pytest's skipping plugin makes ``pytest.xfail`` a no-op in its
     process (the test goes on and passes or fails on its own); the same here, for the
     test's call."""
+    if not active:
+        return contextlib.nullcontext()
+    import pytest
 
-    def __init__(self, active):
-        self.active = bool(active)
+    def nop(*args, **kwargs):
+        pass
 
-    def __enter__(self):
-        if self.active:
-            import pytest
-
-            self._saved = pytest.xfail
-
-            def nop(*args, **kwargs):
-                pass
-
-            nop.Exception = self._saved.Exception
-            pytest.xfail = nop
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            import pytest
-
-            pytest.xfail = self._saved
-        return False
+    nop.Exception = pytest.xfail.Exception
+    return _replaced(pytest, "xfail", nop)
 
 
 class _UncaughtErrors:
@@ -314,28 +312,17 @@ def _warn_return_not_none(nodeid, result):
             "See https://docs.pytest.org/en/stable/how-to/assert.html#return-not-none for more information."))
 
 
-class _NoStdin:
+def _no_stdin(active):
     """While pytest captures output, reading ``sys.stdin`` in a test fails with pytest's
     own error (its ``DontReadFromInput``); the worker's stdin is empty, which would read
     as end of file instead."""
-
-    def __init__(self, active):
-        self.active = active
-
-    def __enter__(self):
-        if self.active:
-            self._saved = sys.stdin
-            try:
-                from _pytest.capture import DontReadFromInput
-                sys.stdin = DontReadFromInput()
-            except Exception:
-                self.active = False
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            sys.stdin = self._saved
-        return False
+    if active:
+        try:
+            from _pytest.capture import DontReadFromInput
+            return _replaced(sys, "stdin", DontReadFromInput())
+        except Exception:
+            pass
+    return contextlib.nullcontext()
 
 
 def _failure(exc, fn, settings, stage):
