@@ -15,6 +15,10 @@ import textwrap
 
 import numpy  # noqa: F401  (loaded before pytester's module snapshots: inner sessions that
 #               import numpy must not make it import twice in this process)
+try:            # torch likewise: imported again after an inner session dropped it, its
+    import torch  # noqa: F401  ctypes state broke (SystemError, then a segfault of pytest)
+except ImportError:
+    pass
 import pytest
 
 pytest_plugins = ["pytester"]
