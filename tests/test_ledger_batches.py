@@ -235,3 +235,38 @@ def test_holders_dying_while_hushed_wake_no_flusher_and_drain_with_the_hush():
         time.sleep(0.01)
     assert freed == [("p", "up", 1), ("p", "up", 2)]
     assert ledger._thread is not None
+
+
+def test_an_inline_drain_waits_for_the_flushers_drain_in_progress():
+    """The executor drains inline before it sends a call (the worker before a result) so
+    that releases go first.  When the flusher has already taken a dead holder and is
+    still freeing it, the inline drain must wait for it: returning at once let the call
+    overtake its release (a native worker then allocated a second segment)."""
+    ledger, log = Ledger(), _Log()
+    entered, go, freed = threading.Event(), threading.Event(), []
+
+    class Keeper:
+        pass
+
+    def on_zero(rec):
+        if threading.current_thread() is ledger._thread:
+            entered.set()
+            go.wait(5)
+        freed.append(rec.key)
+
+    rec = ledger.accept_lease(("p", "up", 1), log.link, object, on_zero)
+    k = Keeper()
+    ledger.holder(rec, k)
+    del k                                     # wakes the flusher, which blocks in the free
+    assert entered.wait(5), "the flusher never took the dead holder"
+    seen = []
+
+    def inline():
+        ledger.drain()
+        seen.append(list(freed))
+    t = threading.Thread(target=inline)
+    t.start()
+    t.join(0.3)
+    go.set()
+    t.join(5)
+    assert seen == [[("p", "up", 1)]], "the inline drain returned before the flusher's free"

@@ -87,3 +87,16 @@ def test_calls_are_right_whether_the_worker_polls_or_sleeps(monkeypatch, spin):
             [i + 1 for i in range(300)]
         futs = [ex.submit(_funcs.add, i, 2) for i in range(300)]
         assert [f.result(30) for f in futs] == [i + 2 for i in range(300)]
+
+
+def test_a_sleeping_worker_polls_again_as_soon_as_a_call_came_within_the_spin_time(clock):
+    """Calls after a pause (a node graph queued again, a benchmark's next block): the
+    gap of a call the worker slept through holds its own wake-up, so one measured within
+    the spin time means the calls come fast again; waiting for the next probe would sleep
+    through up to PROBE_EVERY of them."""
+    p = worker_mod._SpinPolicy(300)
+    p.call_came()
+    assert [_round(p, clock, 5e-3) for _ in range(4)] == [300, 300, 0, 0]   # asleep now
+    assert _round(p, clock, 100e-6) == 0               # slept, but the call came in time
+    assert [_round(p, clock, 100e-6) for _ in range(3)] == [300] * 3
+    assert [_round(p, clock, 400e-6) for _ in range(4)] == [300, 300, 0, 0]  # slow again

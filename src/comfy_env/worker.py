@@ -84,8 +84,9 @@ class _SpinPolicy:
     submits in a loop as it lands.  The price is CPU: up to the spin time per call.
     So the worker polls while the calls it polls for come in time, stops after
     ``MISSES`` in a row that did not, and from then on tries once every
-    ``PROBE_EVERY`` results (a gap measured while sleeping can't say: it holds the
-    worker's own wake-up).  It polls at all only with a CPU to spare: the parent sends 0
+    ``PROBE_EVERY`` results, or at once after a call that came within the spin time
+    even though the worker slept: a gap measured asleep holds the worker's own wake-up,
+    so the true gap was shorter still (a longer one can't say which it was).  It polls at all only with a CPU to spare: the parent sends 0
     unless its workers are fewer than its CPUs (polling workers would take CPU from
     working ones, or from the parent's sending).
     """
@@ -119,10 +120,10 @@ class _SpinPolicy:
             self.sent_at = time.perf_counter()
 
     def call_came(self):
-        if self.sent_at is not None and self.polled:
+        if self.sent_at is not None:
             if time.perf_counter() - self.sent_at <= self.spin:
-                self.missed = 0
-            else:
+                self.missed = 0             # asleep or not: polling would have caught it
+            elif self.polled:
                 self.missed += 1
         self.sent_at = None
 

@@ -169,6 +169,11 @@ class Ledger:
         self._burst = False             # holders died since the flusher last woke (see _run)
         self._hushed = False            # dead holders do not wake the flusher (see hush)
         self._thread = None
+        # One drain at a time.  A caller that drains inline does so to order what it sends
+        # next after every release queued so far; without this, the flusher could have
+        # popped a dead holder and be freeing it (its release not posted yet) while the
+        # inline drain finds nothing queued and returns, so the call overtook its release.
+        self._drain_lock = threading.RLock()
 
     # -- records -----------------------------------------------------------
     def get(self, key):
@@ -460,7 +465,13 @@ class Ledger:
             self.drain()
 
     def drain(self):
-        """Apply dead holders and send posted messages.  Called by the flusher, or inline."""
+        """Apply dead holders and send posted messages.  Called by the flusher, or inline:
+        when it returns, whatever was queued before the call has been sent, even if the
+        flusher had started on it."""
+        with self._drain_lock:
+            self._drain()
+
+    def _drain(self):
         dirty = self._dirty
         while dirty:
             links = set()
