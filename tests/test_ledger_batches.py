@@ -270,3 +270,31 @@ def test_an_inline_drain_waits_for_the_flushers_drain_in_progress():
     go.set()
     t.join(5)
     assert seen == [[("p", "up", 1)]], "the inline drain returned before the flusher's free"
+
+
+def test_a_hushed_drain_sends_the_releases_it_frees_without_waking_the_flusher(monkeypatch):
+    """The worker's drain after a call frees the arguments' blocks, which posts their
+    releases: that drain sends them itself, so no wake-up of the flusher (a pipe write,
+    a thread switch) per call."""
+    ledger, log = lifetime.LEDGER, _Log()
+    woke = []
+    real = ledger._wake
+
+    def wake():
+        if not ledger._hushed:
+            woke.append(1)
+        real()
+    monkeypatch.setattr(ledger, "_wake", wake)
+
+    class Keeper:
+        pass
+
+    rec = ledger.accept_lease(("p", "hushed-release", 1), log.link, object, None)
+    k = Keeper()
+    ledger.holder(rec, k)
+    ledger.hush()
+    del k
+    ledger.drain_hushed()
+    assert [e[1:3] for e in log.events if e[0] == "sent"] == [("release", ("p", "hushed-release", 1))]
+    assert woke == [], "the drain's own releases woke the flusher"
+    assert not ledger._hushed

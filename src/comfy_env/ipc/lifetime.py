@@ -408,10 +408,17 @@ class Ledger:
         self._hushed = True
 
     def drain_hushed(self):
-        """End :meth:`hush` and drain what was queued (anything queued after this wakes
-        the flusher as usual)."""
-        self._hushed = False
-        self.drain()
+        """Drain what was queued, then end :meth:`hush` (anything queued after this wakes
+        the flusher as usual).
+
+        Still hushed while it drains: the frees it runs post releases, which this same
+        drain sends; waking the flusher for them only had it find nothing to do."""
+        try:
+            self.drain()
+        finally:
+            self._hushed = False
+        if self._dirty:
+            self._wake()              # queued by another thread after the drain's last look
 
     def _wake(self):
         # One byte in the pipe is enough: the flusher clears the flag before it drains,
