@@ -33,6 +33,15 @@ import signal
 import sys
 import threading
 
+try:
+    # The C function: signal.getsignal converts what it returns to the Handlers enum,
+    # which for a function handler costs a failed enum lookup (an exception, ~3 µs),
+    # and installed() runs once per call.
+    from _signal import getsignal as _getsignal
+except ImportError:     # pragma: no cover - other interpreters
+    _getsignal = signal.getsignal
+_SIGINT = int(signal.SIGINT)
+
 __all__ = ["install", "installed", "holds", "waiting", "on_main"]
 
 _HELD = set()           # code objects of the marked functions
@@ -134,7 +143,7 @@ def install() -> bool:
 def installed() -> bool:
     """Whether SIGINT is held back now (a program may have put its own handler since)."""
     try:
-        return signal.getsignal(signal.SIGINT) is _on_sigint
+        return _getsignal(_SIGINT) is _on_sigint
     except ValueError:
         return False
 
