@@ -42,7 +42,7 @@ import time
 import uuid
 import warnings
 
-from .. import settings
+from .. import settings, stdfds
 from .cache import META_FILENAME
 from .errors import EnvBuildError
 from .spec import normalize_dist_name
@@ -112,13 +112,16 @@ def _spawn(cmd, env):
     if _IS_WINDOWS or not (sys.executable and os.path.isfile(sys.executable)):
         return subprocess.Popen(cmd, **popen), None  # pragma: no cover - no guard there
     alive_r, alive_w = os.pipe()  # non-inheritable: only the guard gets the read end
+    moved = ()
     try:
-        proc = subprocess.Popen([sys.executable, "-I", _GUARD, str(alive_r), "--", *cmd],
-                                pass_fds=(alive_r,), start_new_session=True, **popen)
+        (passed,), moved = stdfds.above((alive_r,))   # the child's stdin/stdout would replace 0-2
+        proc = subprocess.Popen([sys.executable, "-I", _GUARD, str(passed), "--", *cmd],
+                                pass_fds=(passed,), start_new_session=True, **popen)
     except BaseException:
         os.close(alive_w)
         raise
     finally:
+        stdfds.close_all(moved)
         os.close(alive_r)
     return proc, alive_w
 

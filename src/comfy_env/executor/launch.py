@@ -30,7 +30,7 @@ import threading
 
 import comfy_env
 
-from .. import forksafe
+from .. import forksafe, stdfds
 from ..envs import WorkerEnvironment
 
 # The directory that holds the comfy_env package the parent runs: the worker
@@ -115,22 +115,28 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
         proc = zygote.fork(child_fd, alive_fd, on_exit)
         if proc is not None:
             return proc
-    fds = (child_fd,) if alive_fd is None else (child_fd, alive_fd)
     # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
     lease = wenv.prepare_launch()
-    kwargs = dict(
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        pass_fds=fds + lease,
-        env=worker_environ(wenv),
-        close_fds=True,
-        cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
-        # The parent's process group: a Ctrl-C in the terminal reaches the workers too,
-        # which ignore SIGINT; the parent decides (it stops its running calls).
-        start_new_session=False,
-    )
+    # None of them may be 0-2: the child's stdin/stdout/stderr would replace them.
     try:
+        passed, moved = stdfds.above((child_fd,) + (() if alive_fd is None else (alive_fd,)) + tuple(lease))
+    except BaseException:
+        stdfds.close_all(lease)
+        raise
+    child_fd, alive_fd = passed[0], (None if alive_fd is None else passed[1])
+    try:
+        kwargs = dict(
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            pass_fds=passed,
+            env=worker_environ(wenv),
+            close_fds=True,
+            cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
+            # The parent's process group: a Ctrl-C in the terminal reaches the workers too,
+            # which ignore SIGINT; the parent decides (it stops its running calls).
+            start_new_session=False,
+        )
         cmd, popen = worker_command(wenv, child_fd, alive_fd, module), subprocess.Popen
         if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
             from ..sandbox import wrap
@@ -144,6 +150,7 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
             f"(environment {wenv.label!r}): {exc}"
         ) from exc
     finally:
+        stdfds.close_all(moved)
         for fd in lease:
             os.close(fd)
 

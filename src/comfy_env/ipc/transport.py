@@ -52,6 +52,8 @@ import struct
 import threading
 import time
 
+from .. import stdfds
+
 __all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "TooManyFds",
            "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room"]
 
@@ -185,6 +187,17 @@ def _check_header(buf, pos):
     return length, nfds
 
 
+def _above_std(sock):
+    """``sock``, moved off fds 0-2 if it got one (see comfy_env/stdfds.py)."""
+    if sock.fileno() > 2:
+        return sock
+    try:
+        moved = socket.socket(fileno=stdfds.dup_above(sock.fileno()))
+    finally:
+        sock.close()
+    return moved
+
+
 class Channel:
     """One end of a framed, fd-capable, bidirectional message channel."""
 
@@ -203,7 +216,7 @@ class Channel:
     @classmethod
     def pair(cls):
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return cls(a), cls(b)
+        return cls(_above_std(a)), cls(_above_std(b))
 
     @classmethod
     def from_fd(cls, fd: int) -> "Channel":
