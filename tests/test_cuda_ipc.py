@@ -778,3 +778,18 @@ def test_a_storage_sent_again_is_kept_by_the_peer_until_the_owner_reclaims_it(pa
     assert validate_meta(refs4[0][3]).sent_before is False
     lifetime.LEDGER.on_release(link, refs4[0][1], 1)
 
+
+
+def test_a_lent_tensor_dying_while_the_interpreter_exits_is_silent(monkeypatch):
+    """A worker's tensor kept on a global until exit dies while modules are cleared
+    (their globals are None): its reclaim hook must neither raise nor log ("Exception
+    ignored in ... _tensor_died" was printed by an H100 run's worker at exit)."""
+    from comfy_env.ipc.cuda import sender as sender_mod
+    monkeypatch.setattr(sender_mod, "_storage_users", None)
+    monkeypatch.setattr(sender_mod, "log", None)
+
+    class Finalizing:
+        @staticmethod
+        def is_finalizing():
+            return True
+    sender_mod.Sender._tensor_died(object(), ("cuda", "uid", 1), object(), None, _sys=Finalizing)

@@ -451,7 +451,7 @@ class Sender:
                 entry[1] += 1
         return rec
 
-    def _tensor_died(self, key, storage, _ref):
+    def _tensor_died(self, key, storage, _ref, _sys=sys):
         """The tensor of pool block ``key`` (its views keep it alive: ``_base``) died here.
 
         If nothing else of ours uses the storage (a tensor built on it independently, a
@@ -473,7 +473,11 @@ class Sender:
                 if link.lent.get(key) and not link.closed:
                     link.post(("plane", self.name, ("reclaim", [key])))
         except Exception:
-            log.exception("comfy_env: could not ask peers to reclaim CUDA block %s", key)
+            # A tensor that outlives this module (kept on a global until the interpreter
+            # exits) dies while modules are cleared: their globals are None by then, and
+            # the peers go with the process.  ``_sys`` is bound at definition.
+            if not _sys.is_finalizing():
+                log.exception("comfy_env: could not ask peers to reclaim CUDA block %s", key)
 
     def _pool_fd_for(self, st, gen):
         """The pool's fd the first time this peer hears of it, else None."""
