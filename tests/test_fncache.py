@@ -255,8 +255,9 @@ def test_fingerprint_repickles_on_every_change_it_must_see():
 def test_state_that_can_change_unseen_is_pickled_on_every_call():
     ns = main_fns("""
         L = []
+        BIG = list(range(100))
         class C: pass
-        def uses_list(): return L
+        def uses_big_list(): return BIG
         def uses_class(): return C
         def rebinds():
             global L
@@ -265,13 +266,48 @@ def test_state_that_can_change_unseen_is_pickled_on_every_call():
     """)
     fn = main_fns("def f(): pass")["f"]
     fn.attr = 1
-    for f in [ns[name] for name in ("uses_list", "uses_class", "rebinds", "reads_globals")] + [fn]:
+    for f in [ns[name] for name in ("uses_big_list", "uses_class", "rebinds", "reads_globals")] + [fn]:
         n, pickle = counted()
         blob, key = fncache.pickled_once(f, pickle)
         # Keyed by the bytes (a worker holding them is not sent them again), never
         # assumed unchanged: pickled again each time.
         assert fncache.pickled_once(f, pickle) == (blob, key) and len(n) == 2, f.__name__
         assert key == fncache.digest(codec.dumps_portable(f))
+
+
+def test_small_dicts_lists_and_sets_are_fingerprinted_by_contents_and_identity():
+    """A function reading a small mutable global (a cache the worker fills, a config
+    dict) is pickled once while that global's contents and identity stay, and again
+    on any change in place or rebinding (pickling it on every call cost ~1 ms per call
+    with torch imported)."""
+    n, pickle = counted()
+    ns = main_fns("""
+        CACHE = {}
+        CONF = {"size": 3, "names": ["a", "b"], "tags": {"x"}}
+        def f(k):
+            return CACHE.get(k), CONF["size"]
+    """)
+    f = ns["f"]
+    key = fncache.pickled_once(f, pickle)[1]
+    for _ in range(3):
+        assert fncache.pickled_once(f, pickle)[1] == key
+    assert len(n) == 1
+    seen = {key}
+    for change in (lambda: ns["CACHE"].__setitem__("k", 1),     # in place, each kind
+                   lambda: ns["CONF"]["names"].append("c"),
+                   lambda: ns["CONF"]["tags"].add("y"),
+                   lambda: ns.__setitem__("CACHE", dict(ns["CACHE"]))):   # equal, another object
+        before = len(n)
+        change()
+        k = fncache.pickled_once(f, pickle)[1]
+        assert len(n) == before + 1 and fncache.pickled_once(f, pickle)[1] == k
+        assert k == fncache.digest(codec.dumps_portable(f))
+        seen.add(k)
+    ns["CONF"]["self"] = ns["CONF"]              # a cycle: pickled on every call
+    before = len(n)
+    fncache.pickled_once(f, pickle)
+    fncache.pickled_once(f, pickle)
+    assert len(n) == before + 2
 
 
 def test_recursive_functions_get_a_fingerprint():

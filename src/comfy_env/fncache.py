@@ -341,6 +341,24 @@ def _value(v, keep, memo, depth=0):
             raise _NotFixed
         items = tuple(_value(x, keep, memo, depth + 1) for x in v)
         return (t, tuple(sorted(items, key=repr)) if t is frozenset else items)
+    if t is dict or t is list or t is set:
+        # A small mutable global (a cache the worker fills while the parent's stays
+        # empty, a config dict): by its contents, read now, so a change in place is
+        # seen; and by its id, since two names bound to one dict pickle as one object
+        # and to two equal dicts as two.  Pickling such a function on every call cost
+        # ~1 ms with torch imported (cloudpickle scans sys.modules for each module a
+        # function names).  A snapshot of the items: another thread may change it.
+        if depth > 4 or len(v) > 64:
+            raise _NotFixed
+        keep.append(v)
+        if t is dict:
+            items = tuple((_value(k, keep, memo, depth + 1), _value(x, keep, memo, depth + 1))
+                          for k, x in tuple(v.items()))
+        else:
+            items = tuple(_value(x, keep, memo, depth + 1) for x in tuple(v))
+            if t is set:
+                items = tuple(sorted(items, key=repr))
+        return (t, id(v), items)
     if t is types.FunctionType:
         if _should_pickle_by_reference(v):
             keep.append(v)
