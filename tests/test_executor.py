@@ -770,7 +770,7 @@ def test_a_result_whose_unpickling_raises_keyboardinterrupt_on_the_main_thread_i
     PicklingFailed (it was a KeyboardInterrupt on the main thread, another thread's)."""
     from comfy_env.ipc import interrupts
     with IsolatedExecutor() as ex:
-        if not interrupts.installed():
+        if interrupts.may_raise():
             pytest.skip("another SIGINT handler is in place: a real Ctrl-C could land there")
         for with_array in (False, True):
             fut = ex.submit(_funcs.return_interrupts_when_unpickled, with_array)
@@ -872,6 +872,29 @@ def test_an_argument_whose_pickling_raises_keyboardinterrupt_fails_only_its_call
         time.sleep(0.3)
         assert threading.active_count() <= before + 2
         assert ex.submit(_funcs.echo, 2).result(timeout=30) == ((2,), {})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("handler", ["SIG_IGN", "SIG_DFL"])
+def test_keyboardinterrupts_of_the_payload_are_its_own_where_sigint_is_ignored(handler):
+    """A program a shell started in the background (``&``, ``nohup``) has SIGINT ignored:
+    no Ctrl-C can raise there, so a KeyboardInterrupt from an argument's ``__reduce__`` or
+    a result's unpickling on the main thread is the payload's (PicklingFailed), as where
+    our handler holds Ctrl-C back.  Taken for a Ctrl-C, it escaped the caller (it ended
+    this test session, run in the background)."""
+    import signal
+    old = signal.signal(signal.SIGINT, getattr(signal, handler))
+    try:
+        with IsolatedExecutor() as ex:
+            with pytest.raises(PicklingFailed, match="KeyboardInterrupt"):
+                ex.submit(_funcs.echo, _RaisesKeyboardInterrupt()).result(timeout=30)
+            for with_array in (False, True):
+                fut = ex.submit(_funcs.return_interrupts_when_unpickled, with_array)
+                exc = fut.exception(30)
+                assert isinstance(exc, PicklingFailed) and "KeyboardInterrupt" in str(exc), with_array
+            assert ex.submit(_funcs.echo, 2).result(timeout=30) == ((2,), {})
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.mark.timeout(60)

@@ -531,9 +531,10 @@ class _Pool:
         try:
             chunks, fds, fb, fn_sent = self._encode(item, worker)
         except KeyboardInterrupt as exc:
-            if not (interrupts.on_main() and not interrupts.installed()):
-                # Off the main thread, or with Ctrl-C held back (this step holds it):
-                # no Ctrl-C, the arguments' own code raised it (a __reduce__). Putting
+            if not (interrupts.on_main() and interrupts.may_raise()):
+                # Off the main thread, with Ctrl-C held back (this step holds it), or
+                # with SIGINT ignored or left to the OS (interrupts.may_raise): no
+                # Ctrl-C, the arguments' own code raised it (a __reduce__). Putting
                 # the call back would raise it again on every hand-over, for ever.
                 item.future.set_exception(PicklingFailed(
                     f"the call's arguments could not be pickled for the worker: pickling "

@@ -184,12 +184,13 @@ class IsolatedFuture(Future):
                 try:
                     value = lazy.materialise()
                 except KeyboardInterrupt as exc:
-                    if interrupts.on_main() and not interrupts.installed():
+                    if interrupts.on_main() and interrupts.may_raise():
                         # Maybe Ctrl-C (this step holds it back only with our SIGINT
                         # handler in place): the outcome stays open, a later caller
                         # decodes again.
                         raise
-                    # Off the main thread, or with Ctrl-C held back: the payload raised it.
+                    # Off the main thread, with Ctrl-C held back, or with SIGINT ignored
+                    # (interrupts.may_raise): the payload raised it.
                     self._decoded = (False, decode_error(exc))
                 except BaseException as exc:
                     self._decoded = (False, decode_error(exc))

@@ -602,7 +602,7 @@ class WorkerHandle:
             sock = self.channel.fileno()
             # Where a Ctrl-C can't be held back (a program's own SIGINT handler), control
             # messages go to the reader thread (see _read_turn).
-            unheld = main and not interrupts.installed()
+            unheld = main and interrupts.may_raise()
             end = None if timeout is None else time.monotonic() + timeout
             while not fut.done():
                 if end is None:
@@ -714,9 +714,10 @@ class WorkerHandle:
             try:
                 outcome = (True, codec.decode_part(frame, 0, self.link))
             except KeyboardInterrupt as exc:
-                if interrupts.on_main():
-                    raise           # Ctrl-C on the main thread: not the payload's fault
-                outcome = (False, decode_error(exc))    # elsewhere only the payload raises it
+                if interrupts.on_main() and interrupts.may_raise():
+                    raise           # maybe Ctrl-C on the main thread: not the payload's fault
+                # Elsewhere, or with Ctrl-C held back or impossible, only the payload raises it.
+                outcome = (False, decode_error(exc))
             except BaseException as exc:
                 outcome = (False, decode_error(exc))
         elif ok:

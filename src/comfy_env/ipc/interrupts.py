@@ -42,7 +42,7 @@ except ImportError:     # pragma: no cover - other interpreters
     _getsignal = signal.getsignal
 _SIGINT = int(signal.SIGINT)
 
-__all__ = ["install", "installed", "holds", "waiting", "on_main"]
+__all__ = ["install", "installed", "may_raise", "holds", "waiting", "on_main"]
 
 _HELD = set()           # code objects of the marked functions
 _waiting = False        # the main thread waits inside a held step: not held now
@@ -146,6 +146,21 @@ def installed() -> bool:
         return _getsignal(_SIGINT) is _on_sigint
     except ValueError:
         return False
+
+
+def may_raise() -> bool:
+    """Whether a Ctrl-C can raise ``KeyboardInterrupt`` at any line of the main thread now:
+    SIGINT's handler is a Python one that is not ours (a program's own, or Python's
+    default where ours could not be installed).  Not when it is ours (it holds Ctrl-C
+    back during our steps), nor when SIGINT is ignored (a program a shell started in the
+    background, ``nohup``: ``SIG_IGN``) or left to the OS (``SIG_DFL``: the process dies,
+    nothing is raised); a ``KeyboardInterrupt`` then is the code's own (an argument's
+    ``__reduce__``, a result's unpickling)."""
+    try:
+        handler = _getsignal(_SIGINT)
+    except ValueError:
+        return False
+    return callable(handler) and handler is not _on_sigint
 
 
 def on_main() -> bool:
