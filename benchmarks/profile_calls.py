@@ -4,7 +4,8 @@
 
 Needs ``yappi`` in both processes (the workers run this interpreter).  Runs ``--n``
 empty calls, then (``--cuda BYTES``) as many parent → worker calls of one CUDA tensor
-of that size sent again each call (the parent's tensor, kept), and prints for each the
+of that size sent again each call (the parent's tensor, kept), and (``--fresh BYTES``)
+as many worker → parent calls returning a new tensor of that size each, and prints for each the
 functions with the most CPU time of their own (yappi's ``tsub``) per call, per
 process.  yappi slows every Python function down, so read the split, not the totals;
 benchmarks/bench_calls.py and bench_cuda.py give the real figures.
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
@@ -29,6 +32,12 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def w_nothing(*_args):
     return None
+
+
+def w_fresh(nbytes):
+    """A new CUDA tensor each call (a node's output)."""
+    import torch
+    return torch.empty(nbytes // 4, device="cuda")
 
 
 def w_start():
@@ -60,6 +69,12 @@ def _table(stats, calls, top):
 def profile(ex, label, call, n, top):
     for _ in range(200):
         call()
+    times = []
+    for _ in range(300):              # the real figure, before yappi slows everything down
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    print(f"\n{label}: {statistics.median(times) * 1e6:.1f} µs per call (median of 300, unprofiled)")
     ex.submit(w_start).result()
     yappi.clear_stats()
     yappi.set_clock_type("cpu")
@@ -78,9 +93,11 @@ def main():
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--cuda", type=int, default=0, help="also profile parent → worker of a CUDA tensor of this size")
+    ap.add_argument("--fresh", type=int, default=0,
+                    help="also profile worker → parent of a new CUDA tensor of this size each call")
     args = ap.parse_args()
     init = None
-    if args.cuda:
+    if args.cuda or args.fresh:
         from comfy_env.ipc.cuda import install
         install()
         init = install
@@ -96,6 +113,14 @@ def main():
                 ex.submit(w_nothing, x).result()
                 torch.cuda.synchronize()
             profile(ex, f"parent → worker, {args.cuda} bytes", p2w, args.n, args.top)
+        if args.fresh:
+            import torch
+
+            def w2p_fresh():
+                t = ex.submit(w_fresh, args.fresh).result()
+                torch.cuda.synchronize()
+                return t                  # dropped by the caller: the next call's tensor is new
+            profile(ex, f"worker → parent, a new {args.fresh}-byte tensor each call", w2p_fresh, args.n, args.top)
 
 
 if __name__ == "__main__":
