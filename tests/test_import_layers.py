@@ -21,8 +21,8 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "comfy_env"
 
 # What ipc may import of ours: the layers below it.
-IPC_MAY_IMPORT = ("comfy_env.ipc", "comfy_env.forksafe", "comfy_env.errors", "comfy_env._version",
-                  "comfy_env.settings")
+IPC_MAY_IMPORT = ("comfy_env.ipc", "comfy_env.forksafe", "comfy_env.stdfds", "comfy_env.errors",
+                  "comfy_env._version", "comfy_env.settings")
 
 
 def _modules():
