@@ -86,9 +86,10 @@ class _SpinPolicy:
     ``MISSES`` in a row that did not, and from then on tries once every
     ``PROBE_EVERY`` results, or at once after a call that came within the spin time
     even though the worker slept: a gap measured asleep holds the worker's own wake-up,
-    so the true gap was shorter still (a longer one can't say which it was).  It polls at all only with a CPU to spare: the parent sends 0
-    unless its workers are fewer than its CPUs (polling workers would take CPU from
-    working ones, or from the parent's sending).
+    so the true gap was shorter still (a longer one can't say which it was).  It polls
+    at all only with a CPU to spare: the parent sends 0 unless its workers are fewer
+    than its CPUs (polling workers would take CPU from working ones, or from the
+    parent's sending).
     """
 
     PROBE_EVERY = 16
