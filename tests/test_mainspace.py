@@ -109,3 +109,59 @@ def test_the_scripts_functions_share_one_main_in_the_worker(pyver, tmp_path):
     proc = run_script(pyver, SCRIPT, cwd=tmp_path, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == repr(EXPECTED), proc.stderr
+
+
+SLOTS = r'''
+import dataclasses
+import pickle
+from comfy_env import IsolatedExecutor
+
+class P:
+    __slots__ = ("x", "y")
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+class Q(P):                      # a subclass with slots of its own
+    __slots__ = "z"
+    def __init__(self, x, y, z):
+        super().__init__(x, y)
+        self.z = z
+
+@dataclasses.dataclass(slots=True)
+class D:
+    a: int
+    b: str = "b"
+
+def make(x):
+    return P(x, 2), Q(x, 3, 4), D(x)
+
+def total(p, q, d):
+    return p.x + p.y + q.x + q.y + q.z + d.a
+
+def in_worker():
+    p = P(1, 2)
+    return hasattr(p, "__dict__"), pickle.loads(pickle.dumps(p)).y, [k for k in ("x", "y") if k in P.__dict__]
+
+if __name__ == "__main__":
+    with IsolatedExecutor() as ex:
+        p, q, d = ex.submit(make, 5).result(timeout=60)
+        print(type(p) is P, type(q) is Q, type(d) is D, p.x, p.y, q.z, d, hasattr(p, "__dict__"))
+        print(ex.submit(total, P(1, 2), Q(1, 2, 3), D(4)).result(timeout=60))
+        print(ex.submit(in_worker).result(timeout=60))
+'''
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_script_classes_with_slots_cross_both_ways_and_keep_their_slots(pyver, tmp_path):
+    """cloudpickle builds a class it pickles by value and sets ``__slots__`` afterwards,
+    which makes no slots: a script class with ``__slots__`` came back from a worker
+    with "'P' object has no attribute '__dict__'".  Built with its slots now, in the
+    worker too."""
+    proc = run_script(pyver, SLOTS, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "True True True 5 2 4 D(a=5, b='b') False",
+        "13",
+        "(False, 2, ['x', 'y'])",
+    ], proc.stderr

@@ -43,6 +43,10 @@ try:    # cloudpickle's own rule for pickling a function by name (see _is_plain)
     from cloudpickle.cloudpickle import _should_pickle_by_reference as _by_reference
 except ImportError:     # pragma: no cover - such functions go through the Encoder
     _by_reference = None
+try:    # cloudpickle's constructor of a class pickled by value (see _SlotsKept)
+    from cloudpickle.cloudpickle import _make_skeleton_class
+except ImportError:     # pragma: no cover - an older cloudpickle: slots are lost, as before
+    _make_skeleton_class = None
 try:    # cloudpickle's modules pickled by value (see _reduce_lru_cache)
     from cloudpickle.cloudpickle import _is_registered_pickle_by_value as _by_value_module
 except ImportError:     # pragma: no cover - an older cloudpickle: by name, as pickle would
@@ -324,7 +328,27 @@ _PICKLE_DISPATCH = collections.ChainMap({functools._lru_cache_wrapper: _reduce_l
                                         cloudpickle.Pickler.dispatch_table)
 
 
-class Encoder(cloudpickle.Pickler):
+class _SlotsKept:
+    """cloudpickle, keeping a class's ``__slots__`` when it pickles the class by value.
+
+    cloudpickle builds such a class empty and sets ``__slots__`` on it afterwards, with
+    the rest of its attributes, which makes no slots: instances made on the other side
+    get a ``__dict__``, and their state no longer fits the class this side knows (a
+    script class with ``__slots__`` could not come back from a worker:
+    "'P' object has no attribute '__dict__'").  Here the class is built with its
+    ``__slots__``, as its ``class`` statement did."""
+
+    def reducer_override(self, obj):
+        rv = super().reducer_override(obj)
+        if (type(rv) is tuple and len(rv) > 1 and rv[0] is _make_skeleton_class
+                and isinstance(obj, type) and "__slots__" in obj.__dict__):
+            args = list(rv[1])
+            args[3] = dict(args[3], __slots__=obj.__dict__["__slots__"])
+            rv = (rv[0], tuple(args)) + rv[2:]
+        return rv
+
+
+class Encoder(_SlotsKept, cloudpickle.Pickler):
     """Pickles one object graph for ``link``; planes turn bulk data into descriptors."""
 
     dispatch_table = _PICKLE_DISPATCH
@@ -391,7 +415,7 @@ class Encoder(cloudpickle.Pickler):
         return idx
 
 
-class _PortablePickler(cloudpickle.Pickler):
+class _PortablePickler(_SlotsKept, cloudpickle.Pickler):
     """cloudpickle, with the objects a plane knows in the plane's portable form."""
 
     dispatch_table = _PICKLE_DISPATCH
