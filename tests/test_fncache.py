@@ -201,11 +201,30 @@ def load_once():
     return cache["model"]
 run(load_once); run(load_once)
 
+K2 = 1
+def kf(): return K2
+for v in (1, 2, 1):                             # back to a value sent before: its bytes come
+    K2 = v                                      # again, and the worker must not keep the 2
+    run(kf)
+
+def hh(): return "a"
+def uses_hh(): return hh()
+run(uses_hh)
+def hh(): return "b"
+run(uses_hh)
+def hh(): return "a"                            # a helper redefined back as it was
+run(uses_hh)
+
+from math import sqrt
+def root(x): return sqrt(x)                     # a module's builtin function as a global
+run(root, 9.0)
+
 print(out)
 ex.shutdown()
 """
 
-EXPECTED = [2, 3, 11, 21, "h1", "h2", 2, 6, 0, 2, 4, 10, 11, 12, 2, 8, -6, 1.0, -1.0, 1, 2, 1, 2, 11, 1, 2]
+EXPECTED = [2, 3, 11, 21, "h1", "h2", 2, 6, 0, 2, 4, 10, 11, 12, 2, 8, -6, 1.0, -1.0, 1, 2, 1, 2, 11, 1, 2,
+            1, 2, 1, "a", "b", "a", 3.0]
 
 
 @ALL_PYTHONS
@@ -291,7 +310,7 @@ def test_small_dicts_lists_and_sets_are_fingerprinted_by_contents_and_identity()
     key = fncache.pickled_once(f, pickle)[1]
     for _ in range(3):
         assert fncache.pickled_once(f, pickle)[1] == key
-    assert len(n) == 1
+    assert len(n) == 2            # twice, once: another thread may change a container meanwhile
     seen = {key}
     for change in (lambda: ns["CACHE"].__setitem__("k", 1),     # in place, each kind
                    lambda: ns["CONF"]["names"].append("c"),
@@ -300,7 +319,7 @@ def test_small_dicts_lists_and_sets_are_fingerprinted_by_contents_and_identity()
         before = len(n)
         change()
         k = fncache.pickled_once(f, pickle)[1]
-        assert len(n) == before + 1 and fncache.pickled_once(f, pickle)[1] == k
+        assert len(n) == before + 2 and fncache.pickled_once(f, pickle)[1] == k
         assert k == fncache.digest(codec.dumps_portable(f))
         seen.add(k)
     ns["CONF"]["self"] = ns["CONF"]              # a cycle: pickled on every call
@@ -308,6 +327,44 @@ def test_small_dicts_lists_and_sets_are_fingerprinted_by_contents_and_identity()
     fncache.pickled_once(f, pickle)
     fncache.pickled_once(f, pickle)
     assert len(n) == before + 2
+
+
+def test_bytes_pickled_while_another_thread_changed_a_container_are_not_kept():
+    """The fingerprint is read before the pickle: a global changed by another thread in
+    between left bytes of the new value cached under the old value's fingerprint, sent
+    for as long as the old value stayed."""
+    ns = main_fns("""
+        D = {"x": 1}
+        def f(): return D["x"]
+    """)
+    f = ns["f"]
+
+    def changing(fn):
+        ns["D"]["x"] = 2                  # another thread, between fingerprint and pickle
+        return codec.dumps_portable(fn)
+    fncache.pickled_once(f, changing)
+    ns["D"]["x"] = 1
+    assert fncache.pickled_once(f, codec.dumps_portable)[1] == fncache.digest(codec.dumps_portable(f))
+
+
+def test_module_builtins_are_fingerprinted_and_builtin_methods_pickled_each_call():
+    """cloudpickle's by-reference check refuses builtins (TypeError): a script function
+    reading ``from math import sqrt`` or ``APP = L.append`` could not be sent at all."""
+    n, pickle = counted()
+    ns = main_fns("""
+        from math import sqrt
+        L = []
+        APP = L.append
+        def f(x): return sqrt(x) + len(L)
+        def g(x): APP(x); return len(L)
+    """)
+    key = fncache.pickled_once(ns["f"], pickle)[1]
+    assert fncache.pickled_once(ns["f"], pickle)[1] == key
+    assert len(n) == 2                  # f reads a list: pickled twice, once
+    before = len(n)
+    fncache.pickled_once(ns["g"], pickle)
+    fncache.pickled_once(ns["g"], pickle)
+    assert len(n) == before + 2         # a bound builtin method pickles its list: every call
 
 
 def test_recursive_functions_get_a_fingerprint():

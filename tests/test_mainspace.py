@@ -114,7 +114,15 @@ def test_the_scripts_functions_share_one_main_in_the_worker(pyver, tmp_path):
 SLOTS = r'''
 import dataclasses
 import pickle
+import typing
 from comfy_env import IsolatedExecutor
+
+class NT(typing.NamedTuple):     # a tuple subclass with empty __slots__, rebuilt by typing
+    a: int
+    b: str = "x"
+
+def echo(v):
+    return v
 
 class P:
     __slots__ = ("x", "y")
@@ -148,6 +156,7 @@ if __name__ == "__main__":
         print(type(p) is P, type(q) is Q, type(d) is D, p.x, p.y, q.z, d, hasattr(p, "__dict__"))
         print(ex.submit(total, P(1, 2), Q(1, 2, 3), D(4)).result(timeout=60))
         print(ex.submit(in_worker).result(timeout=60))
+        print(ex.submit(echo, NT(1)).result(timeout=60))
 '''
 
 
@@ -164,4 +173,5 @@ def test_script_classes_with_slots_cross_both_ways_and_keep_their_slots(pyver, t
         "True True True 5 2 4 D(a=5, b='b') False",
         "13",
         "(False, 2, ['x', 'y'])",
+        "NT(a=1, b='x')",
     ], proc.stderr

@@ -53,7 +53,7 @@ import types
 import weakref
 from collections import OrderedDict
 
-from .ipc import numpy_names
+from .ipc import mainspace, numpy_names
 
 try:    # cloudpickle's own rules: the fingerprint must follow them exactly, or not be used.
     from cloudpickle.cloudpickle import _extract_code_globals, _should_pickle_by_reference
@@ -65,6 +65,7 @@ MAX_BYTES = 32 << 20            # their pickled bytes, in all
 MAX_ONE = 4 << 20               # bigger functions travel with each call, as before
 
 _ATOMS = (type(None), bool, int, str, bytes)
+_MUTABLE = object()             # in a fingerprint's ``keep``: it read a dict, list or set
 _NUMBERS = (float, complex)
 
 
@@ -195,11 +196,22 @@ def _flat(v, refs, modules, depth=0):
     if t is types.ModuleType:
         modules[0] = True
         return True
-    if t is types.FunctionType or isinstance(v, type) or t is types.BuiltinFunctionType:
+    if t is types.BuiltinFunctionType:
+        return _module_builtin(v)
+    if t is types.FunctionType or isinstance(v, type):
         if _should_pickle_by_reference(v):
             refs.append(v)
             return True
     return False
+
+
+def _module_builtin(v):
+    """A builtin function of a module (``math.sqrt``, ``len``): pickled as that module's
+    attribute, by name, so the same object pickles the same.  A builtin *method*
+    (``L.append``) pickles its object, which may change: not this.  (cloudpickle's
+    ``_should_pickle_by_reference`` refuses builtins with a TypeError.)"""
+    owner = getattr(v, "__self__", None)
+    return owner is None or type(owner) is types.ModuleType
 
 
 def _unchanged(fn, watch):
@@ -252,6 +264,19 @@ def pickled_once(fn, pickle):
     if len(blob) > MAX_ONE:
         return None
     key = digest(blob)
+    try:
+        # What another thread changed while it was pickled (a global's contents): the
+        # bytes may hold either value, so they are not kept under either fingerprint.
+        # Changed and changed back meanwhile, the fingerprint would not show it: where a
+        # container is read, the bytes must also come out the same from a second pickle.
+        settled = fingerprint(fn, []) == fp
+        if settled and any(x is _MUTABLE for x in keep):
+            settled = pickle(fn) == blob and fingerprint(fn, []) == fp
+    except _NotFixed:
+        settled = False
+    if not settled:
+        _pickled.pop(fn, None)
+        return blob, key
     if watch is not None and not _unchanged(fn, watch):
         watch = None
     if len(_pickled) >= _MAX_REMEMBERED:
@@ -351,6 +376,7 @@ def _value(v, keep, memo, depth=0):
         if depth > 4 or len(v) > 64:
             raise _NotFixed
         keep.append(v)
+        keep.append(_MUTABLE)
         if t is dict:
             items = tuple((_value(k, keep, memo, depth + 1), _value(x, keep, memo, depth + 1))
                           for k, x in tuple(v.items()))
@@ -368,7 +394,10 @@ def _value(v, keep, memo, depth=0):
         # Pickled by name; which of its submodules cloudpickle lists depends on sys.modules.
         keep.append(v)
         return ("module", id(v), len(sys.modules))
-    if (isinstance(v, type) or t is types.BuiltinFunctionType) and _should_pickle_by_reference(v):
+    if t is types.BuiltinFunctionType and _module_builtin(v):
+        keep.append(v)
+        return ("ref", id(v))
+    if isinstance(v, type) and _should_pickle_by_reference(v):
         keep.append(v)
         return ("ref", id(v))
     raise _NotFixed
@@ -379,7 +408,8 @@ class HeldFunctions:
     """The worker's functions by digest; the parent says what to add and drop."""
 
     def __init__(self):
-        self.entries = {}       # key -> [blob, function or None until unpickled]
+        # key -> [blob, function or None until unpickled, the names its load took, key]
+        self.entries = {}
 
     def take(self, ref):
         """Apply the parent's ``("new", key, evict, blob)`` or look up ``("id", key)``.
@@ -390,7 +420,7 @@ class HeldFunctions:
             _, key, evict, blob = ref
             for old in evict:
                 self.entries.pop(old, None)
-            entry = self.entries[key] = [blob, None]
+            entry = self.entries[key] = [blob, None, (), key]
             return entry
         return self.entries.get(ref[1])
 
@@ -399,8 +429,14 @@ class HeldFunctions:
         if entry is None:
             raise RuntimeError("comfy_env internal error: the parent referred to a function "
                                "this worker does not hold (please report it)")
-        if entry[1] is None:
-            # Unpickled at first use; a failure (a module missing here) repeats on
-            # every call, as it would if the bytes came each time.
-            entry[1] = numpy_names.loads(entry[0])
+        space = mainspace.SPACE
+        if entry[1] is None or (space is not None and not space.still_current(entry[3], entry[2])):
+            # Unpickled at first use, and again where the script's globals it brought were
+            # changed since by another function's bytes (ipc/mainspace.py): its own values
+            # come back with it.  A failure (a module missing here) repeats on every call,
+            # as it would if the bytes came each time.
+            if space is None:
+                entry[1] = numpy_names.loads(entry[0])
+            else:
+                entry[1], entry[2] = space.loading(entry[3], lambda: numpy_names.loads(entry[0]))
         return entry[1]

@@ -340,8 +340,12 @@ class _SlotsKept:
 
     def reducer_override(self, obj):
         rv = super().reducer_override(obj)
+        # Not a tuple subclass: a named tuple's empty __slots__ only keeps a __dict__
+        # away, and typing.NamedTuple, which cloudpickle rebuilds from its original
+        # bases, refuses __slots__ in the class body.
         if (type(rv) is tuple and len(rv) > 1 and rv[0] is _make_skeleton_class
-                and isinstance(obj, type) and "__slots__" in obj.__dict__):
+                and isinstance(obj, type) and "__slots__" in obj.__dict__
+                and not issubclass(obj, tuple)):
             args = list(rv[1])
             args[3] = dict(args[3], __slots__=obj.__dict__["__slots__"])
             rv = (rv[0], tuple(args)) + rv[2:]

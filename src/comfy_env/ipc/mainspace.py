@@ -49,6 +49,9 @@ class MainSpace:
         self.real = real              # the module running the worker (the old __main__)
         self.ns = module.__dict__
         self._sent = {}               # name -> _digest of the parent's value it sent last
+        self._by = {}                 # name -> the load (a held function's key) that sent it last
+        self._load = None             # the load running now, and what it takes (see loading)
+        self._took = None
         self._lock = threading.Lock()
 
     def take(self, name, value):
@@ -59,12 +62,46 @@ class MainSpace:
         with self._lock:
             prev = self._sent.get(name, _NEVER)
             self._sent[name] = d
+            self._by[name] = self._load
+            if self._took is not None:
+                # A script function or class has no digest: kept, to compare with
+                # what the name holds later (see still_current).
+                self._took.append((name, d, value if d is None and callable(value) else None))
             if name not in self.ns:
                 self.ns[name] = value
             elif prev is _NEVER:
                 pass                  # made here, never sent: the worker's own (globals()["X"] = ...)
             elif d is None or d != prev:
                 self.ns[name] = value
+
+    def loading(self, token, load):
+        """``(load(), taken)``: run ``load`` (unpickling a function the worker keeps, under
+        ``token``) and say which names it took and the digests it took them with."""
+        saved = self._load, self._took
+        self._load, self._took = token, []
+        try:
+            return load(), self._took
+        finally:
+            self._load, self._took = saved
+
+    def still_current(self, token, taken):
+        """Whether the names a kept function's load took still hold what it sent: then the
+        function can run again as it is.  Not when another load sent one of them since
+        with another value (the parent's value went 1, 2, then back to 1: the bytes of
+        the first load come again, and the worker must see 1, not the 2 it holds now).
+        A value with no digest (a big array) is current only if no other load sent it."""
+        sent, by, ns = self._sent, self._by, self.ns
+        for name, d, kept in taken:
+            if d is not None:
+                if sent.get(name, _NEVER) != d:
+                    return False
+            elif kept is not None:
+                # Another function's bytes bring the same helper as a new object.
+                if not _same_callable(ns.get(name, _NEVER), kept):
+                    return False
+            elif by.get(name) != token:
+                return False
+        return True
 
     def register(self, obj):
         """A top-level function or class of the script, findable by name here where the
@@ -84,6 +121,21 @@ class MainSpace:
                                          and self._sent.get(name, _NEVER) is None):
                     self.ns[name] = obj
                     self._sent[name] = None       # the parent's: its later binding replaces it
+
+
+def _same_callable(now, kept):
+    """Whether ``now`` is ``kept``, or a function built from the same code, name and
+    defaults (the parent's unchanged helper, arrived with another function's bytes)."""
+    if now is kept:
+        return True
+    if type(now) is not types.FunctionType or type(kept) is not types.FunctionType:
+        return False
+    try:
+        return bool(now.__code__ == kept.__code__ and now.__qualname__ == kept.__qualname__
+                    and now.__defaults__ == kept.__defaults__
+                    and now.__kwdefaults__ == kept.__kwdefaults__)
+    except Exception:             # defaults whose == raises or is ambiguous (arrays)
+        return False
 
 
 def _digest(value):
