@@ -404,12 +404,24 @@ def _value(v, keep, memo, depth=0):
 
 
 # -- the worker's side --------------------------------------------------------------
+class _Held:
+    """One function a worker holds: its bytes, and once unpickled, the function and the
+    script globals its load took (:meth:`~.mainspace.MainSpace.loading`)."""
+
+    __slots__ = ("key", "blob", "fn", "taken")
+
+    def __init__(self, key, blob):
+        self.key = key
+        self.blob = blob
+        self.fn = None
+        self.taken = ()
+
+
 class HeldFunctions:
     """The worker's functions by digest; the parent says what to add and drop."""
 
     def __init__(self):
-        # key -> [blob, function or None until unpickled, the names its load took, key]
-        self.entries = {}
+        self.entries = {}       # key -> _Held
 
     def take(self, ref):
         """Apply the parent's ``("new", key, evict, blob)`` or look up ``("id", key)``.
@@ -420,7 +432,7 @@ class HeldFunctions:
             _, key, evict, blob = ref
             for old in evict:
                 self.entries.pop(old, None)
-            entry = self.entries[key] = [blob, None, (), key]
+            entry = self.entries[key] = _Held(key, blob)
             return entry
         return self.entries.get(ref[1])
 
@@ -430,13 +442,13 @@ class HeldFunctions:
             raise RuntimeError("comfy_env internal error: the parent referred to a function "
                                "this worker does not hold (please report it)")
         space = mainspace.SPACE
-        if entry[1] is None or (space is not None and not space.still_current(entry[3], entry[2])):
+        if entry.fn is None or (space is not None and not space.still_current(entry.key, entry.taken)):
             # Unpickled at first use, and again where the script's globals it brought were
             # changed since by another function's bytes (ipc/mainspace.py): its own values
             # come back with it.  A failure (a module missing here) repeats on every call,
             # as it would if the bytes came each time.
             if space is None:
-                entry[1] = numpy_names.loads(entry[0])
+                entry.fn = numpy_names.loads(entry.blob)
             else:
-                entry[1], entry[2] = space.loading(entry[3], lambda: numpy_names.loads(entry[0]))
-        return entry[1]
+                entry.fn, entry.taken = space.loading(entry.key, lambda: numpy_names.loads(entry.blob))
+        return entry.fn

@@ -77,7 +77,7 @@ from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
 from ..ipc import codec, interrupts, lifetime, numpy_names, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
-from ..ipc.transport import FD_ADVICE, ChannelClosed, TooManyFds, check_frame
+from ..ipc.transport import FD_ADVICE, ChannelClosed, TooManyFds, check_frame, fd_limits
 from . import launch
 from .gpu_pinning import pin_environment
 from .worker_allocator import allocator_environment
@@ -1174,11 +1174,9 @@ def _explain_pickling(exc, item, dumps=codec.dumps_portable):
     if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
         # Not one argument's fault: each shared block the arguments refer to takes an
         # fd while the call is sent, and this process ran out of them.
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return PicklingFailed(
             f"this process ran out of file descriptors while sending the call's arguments "
-            f"(RLIMIT_NOFILE {soft}, hard limit {hard}): each shared-memory block they refer to "
+            f"({fd_limits()}): each shared-memory block they refer to "
             f"takes one while the call is sent ({exc}). " + FD_ADVICE)
     what = None
     for i, a in enumerate(item.args or ()):

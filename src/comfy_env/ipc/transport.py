@@ -55,7 +55,7 @@ import time
 from .. import stdfds
 
 __all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "TooManyFds",
-           "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room"]
+           "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room", "fd_limits"]
 
 MAGIC = b"\x89CEF"
 FRAME_VERSION = 1
@@ -134,14 +134,21 @@ FD_ADVICE = ("Raise the hard limit before Python starts (`ulimit -Hn`, LimitNOFI
              "each storage into a segment of its own (share_tensors_in_place=False)")
 
 
+def fd_limits() -> str:
+    """This process's fd limits, as the messages about running out of fds name them."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return "RLIMIT_NOFILE unknown"
+    return f"RLIMIT_NOFILE {soft}, hard limit {hard}"
+
+
 def _too_many_fds(nfds, room):
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return TooManyFds(
         f"this message would carry {nfds} file descriptors (one per shared-memory block "
-        f"it refers to), more than the receiving process can open: RLIMIT_NOFILE is "
-        f"{soft} (hard limit {hard}), which leaves room for {room} in one message. "
-        + FD_ADVICE)
+        f"it refers to), more than the receiving process can open ({fd_limits()}), which "
+        f"leaves room for {room} in one message. " + FD_ADVICE)
 
 
 def frame_header(length: int, nfds: int = 0) -> bytes:
@@ -331,13 +338,8 @@ class Channel:
                 arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
                 self._fds.extend(arr)
         if flags & _MSG_CTRUNC:
-            try:
-                import resource
-                limit = f" (RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
-            except (ImportError, ValueError, OSError):
-                limit = ""
             raise OSError(f"file descriptors were truncated in transit: this process could not "
-                          f"open all the fds a message carried, its fd limit{limit} reached?")
+                          f"open all the fds a message carried, its fd limit ({fd_limits()}) reached?")
 
     def buffered(self) -> bool:
         """Bytes of a frame are already read (``recv`` starts on them without waiting on
