@@ -19,7 +19,7 @@ pytest.importorskip("comfy_env.ray")
 import ray  # noqa: E402
 
 from comfy_env import CallTimeout, Env, WorkerCrashed  # noqa: E402
-from comfy_env.errors import InitializerFailed, RemoteTraceback  # noqa: E402
+from comfy_env.errors import InitializerFailed, PicklingFailed, RemoteTraceback  # noqa: E402
 from comfy_env.ray import RayExecutor, writable  # noqa: E402
 from test_envs_helpers import demo_dep_wheel  # noqa: E402
 
@@ -214,10 +214,127 @@ def _return_unloadable():
 
 
 def test_a_result_that_cannot_be_unpickled_raises_the_unpicklings_error(ex):
-    """As IsolatedExecutor: the error of unpickling the value, not Ray's wrapper of it.
-    (exception() says None: it does not fetch the value.)"""
+    """As IsolatedExecutor: the error of unpickling the value, not Ray's wrapper of it."""
     with pytest.raises(ValueError, match="invalid literal for int"):
         ex.submit(_return_unloadable).result(timeout=60)
+
+
+def _return_from_a_module_only_the_worker_has():
+    import types
+    mod = types.ModuleType("comfy_env_test_only_in_the_ray_worker")
+    mod.__file__ = "<only in the Ray worker>"     # not a dynamic module: pickled by reference
+    sys.modules[mod.__name__] = mod
+    exec("class Thing:\n    pass\n", mod.__dict__)
+    mod.Thing.__module__ = mod.__name__
+    return mod.Thing()
+
+
+class _ExitsWhenUnpickled:
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+
+def _return_exiting():
+    return _ExitsWhenUnpickled()
+
+
+@pytest.mark.parametrize("fn, error", [(_return_unloadable, ValueError),
+                                       (_return_from_a_module_only_the_worker_has, ModuleNotFoundError),
+                                       (_return_exiting, PicklingFailed)])
+@pytest.mark.parametrize("first", ["exception", "result"])
+def test_exception_of_a_result_that_cannot_be_unpickled_is_the_error_result_raises(ex, fn, error, first):
+    """As IsolatedFuture: the first of exception() or result() to look fetches the value;
+    one that does not unpickle here is the future's exception from then on, the same
+    object for both accessors and every call (an unpickling that calls sys.exit included,
+    as PicklingFailed)."""
+    f = ex.submit(fn)
+    wait([f], timeout=60)
+    assert f.done() and f.fetches == 0        # done() and wait() do not fetch
+    if first == "exception":
+        err = f.exception(timeout=60)
+        assert isinstance(err, error)
+        with pytest.raises(error) as raised:
+            f.result(timeout=60)
+        assert raised.value is err
+    else:
+        with pytest.raises(error) as raised:
+            f.result(timeout=60)
+        err = raised.value
+    assert f.exception() is err and f.exception(0) is err
+    with pytest.raises(error) as again:
+        f.result()
+    assert again.value is err
+    assert f.fetches == 1
+
+
+def test_exception_of_a_result_that_unpickles_is_none_and_result_gives_it(ex):
+    f = ex.submit(pow, 2, 10)
+    assert f.exception(timeout=60) is None
+    assert f.result(timeout=0) == 1024 and f.exception(0) is None
+    assert f.fetches == 1
+
+
+def test_exception_of_a_result_that_cannot_be_unpickled_agrees_across_threads(ex):
+    f = ex.submit(_return_unloadable)
+    wait([f], timeout=60)
+    seen = [None] * 8
+    go = threading.Barrier(len(seen))
+
+    def look(i):
+        go.wait()
+        if i % 2:
+            seen[i] = f.exception(timeout=60)
+        else:
+            try:
+                f.result(timeout=60)
+            except ValueError as e:
+                seen[i] = e
+
+    threads = [threading.Thread(target=look, args=(i,)) for i in range(len(seen))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(seen[0], ValueError) and all(s is seen[0] for s in seen)
+    assert f.fetches == 1
+
+
+def test_exception_still_times_out_while_the_call_runs(ex):
+    f = ex.submit(_sleep_then, 5, 2)
+    with pytest.raises(TimeoutError):
+        f.exception(timeout=0.2)
+    assert f.exception(timeout=60) is None and f.result() == 5
+
+
+def test_a_chain_forwards_a_value_the_driver_cannot_unpickle_even_after_exception(ex):
+    """The driver's failure to unpickle is not the call's: a chained call gets the
+    ObjectRef, and its worker unpickles the value."""
+    a = ex.submit(_OnlyInWorkers, os.getpid())
+    assert isinstance(a.exception(timeout=60), ModuleNotFoundError)
+    b = ex.submit(_type_name, a)
+    assert b.result(timeout=60) == "_OnlyInWorkers"
+    assert a.fetches == 1
+
+
+class _OnlyInWorkers:
+    """Unpickles in any process but the driver (whose pid it carries): what a class
+    only the workers' env can import does."""
+
+    def __init__(self, driver_pid):
+        self.driver_pid = driver_pid
+
+    def __reduce__(self):
+        return (_rebuild_in_a_worker, (self.driver_pid,))
+
+
+def _rebuild_in_a_worker(driver_pid):
+    if os.getpid() == driver_pid:
+        raise ModuleNotFoundError("No module named 'only_in_the_workers_env'", name="only_in_the_workers_env")
+    return _OnlyInWorkers(driver_pid)
+
+
+def _type_name(x):
+    return type(x).__name__
 
 
 def test_bad_reference_raises_in_the_future(ex):

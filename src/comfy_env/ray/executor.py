@@ -61,15 +61,24 @@ class RayFuture(Future):
     """A ``concurrent.futures.Future`` for a Ray task.
 
     ``object_ref`` is the ``ray.ObjectRef`` of the call's value once the call has
-    been handed to Ray (None before); ``result()`` fetches it on first use.
-    ``fetches`` counts those fetches (a chain that never asked for a result shows 0).
+    been handed to Ray (None before); the first of ``result()`` or ``exception()`` to
+    look at a call that succeeded fetches it.  ``fetches`` counts those fetches (a
+    chain that never asked for a result shows 0).
+
+    A value can arrive intact and still fail to unpickle here (a class only the
+    worker's env can import): the future is then that error, for both accessors,
+    as an ``IsolatedFuture`` whose result fails to decode.  The outcome of the
+    fetch lives in ``_fetched`` (None until fetched, then ``(True, value)`` or
+    ``(False, exception)``), guarded by ``_fetch_lock``, so every caller gets the
+    same value or the same exception object.  Chains never fetch: they take
+    ``object_ref`` (and ask the base class, not ``exception()``, whether the call failed).
     """
 
     def __init__(self):
         super().__init__()
         self.object_ref = None
         self.fetches = 0
-        self._value = _UNSET
+        self._fetched = None
         self._fetch_lock = threading.Lock()
         self._dispatched = []         # callbacks run once object_ref is set
         self._direct = None           # (executor, item) while the task is in flight
@@ -81,12 +90,21 @@ class RayFuture(Future):
         value = super().result(_left(deadline))
         if value is not _UNSET:
             return value
-        return self._fetch()
+        ok, outcome = self._fetch()
+        if ok:
+            return outcome
+        raise outcome
 
     def exception(self, timeout=None):
         deadline = _deadline(timeout)
         self._wait_here(deadline, with_value=False)
-        return super().exception(_left(deadline))
+        exc = super().exception(_left(deadline))
+        if exc is not None:
+            return exc
+        # The call succeeded, but its value may not unpickle here: like result(), look
+        # (the first of the two fetches; the outcome is fixed from then on).
+        ok, outcome = self._fetch()
+        return None if ok else outcome
 
     def _wait_here(self, deadline, with_value):
         """Wait for the task in this thread, with ``ray.get``: ``result()`` needs only the
@@ -108,11 +126,15 @@ class RayFuture(Future):
         try:
             if with_value:
                 # The value ref fails exactly when the status ref does.
-                value = ray.get(self.object_ref, timeout=_left(deadline))
+                fetched = _get_value(self.object_ref, _left(deadline))
+                if not fetched[0]:
+                    # The value arrived but does not unpickle here: this future's outcome
+                    # once done; the call's own outcome is the status's.
+                    ray.get(item.status_ref, timeout=_left(deadline))
                 with self._fetch_lock:
-                    if self._value is _UNSET:
+                    if self._fetched is None:
                         self.fetches += 1
-                        self._value = value
+                        self._fetched = fetched
             else:
                 ray.get(item.status_ref, timeout=_left(deadline))
             exc = None
@@ -136,27 +158,44 @@ class RayFuture(Future):
                 self._condition.wait_for(self.done, _left(deadline))
 
     def _fetch(self):
+        """``(True, value)`` or ``(False, exception)``: fetched once, under the lock, and
+        the same from then on (a concurrent caller waits for the first one's fetch)."""
         with self._fetch_lock:
-            if self._value is _UNSET:
-                if self._ray_id is not None and (not ray.is_initialized() or _ray_identity() != self._ray_id):
-                    # ray.get would start a new local Ray, which has no such object.
-                    raise RuntimeError(
-                        "this call's value was in the object store of a Ray session that has "
-                        "ended (ray.shutdown(), or the cluster went away) before it was read: "
-                        "call result() before shutting Ray down")
-                self.fetches += 1
-                try:
-                    self._value = ray.get(self.object_ref)
-                except ray.exceptions.RaySystemError as exc:
-                    # The value arrived but could not be unpickled here: the unpickling's
-                    # own error, as IsolatedExecutor gives it (Ray wraps it).
-                    cause = getattr(exc, "client_exc", None)
-                    if not isinstance(cause, BaseException):
-                        raise
-                    raise decode_error(cause) from None
-                except BaseException as exc:
-                    raise _convert(exc, None) from None
-            return self._value
+            if self._fetched is None:
+                self._fetched = self._fetch_now()
+            return self._fetched
+
+    def _fetch_now(self):
+        if self._ray_id is not None and (not ray.is_initialized() or _ray_identity() != self._ray_id):
+            # ray.get would start a new local Ray, which has no such object.
+            return False, RuntimeError(
+                "this call's value was in the object store of a Ray session that has "
+                "ended (ray.shutdown(), or the cluster went away) before it was read: "
+                "call result() before shutting Ray down")
+        self.fetches += 1
+        try:
+            return _get_value(self.object_ref)
+        except Exception as exc:        # KeyboardInterrupt may be Ctrl-C: the outcome stays open
+            return False, _convert(exc, None)
+
+
+def _get_value(ref, timeout=None):
+    """``ray.get`` of a call's value: ``(True, value)``, or ``(False, error)`` where the
+    value arrived but does not unpickle here (the unpickling's own error, as
+    IsolatedExecutor gives it, where Ray wraps it); Ray's other errors are raised."""
+    try:
+        return True, ray.get(ref, timeout=timeout)
+    except ray.exceptions.RaySystemError as exc:
+        cause = getattr(exc, "client_exc", None)
+        if not isinstance(cause, BaseException):
+            raise
+        return False, decode_error(cause)
+    except (Exception, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        # Ray catches only Exception around unpickling: a value whose unpickling calls
+        # sys.exit ends up here, and must not end the caller's thread.
+        return False, decode_error(exc)
 
 
 def _deadline(timeout):
@@ -477,9 +516,9 @@ class RayExecutor(Executor):
         future = item.future
         try:
             failed = next((d for d in item.deps if d.done()
-                           and (d.cancelled() or d.exception() is not None)), None)
+                           and (d.cancelled() or _call_failure(d) is not None)), None)
             if failed is not None:
-                raise failed.exception() if not failed.cancelled() else CancelledError(
+                raise _call_failure(failed) if not failed.cancelled() else CancelledError(
                     "a future this call takes as an argument was cancelled")
             args, nested = _refs(item.args)
             kwargs, nested_kw = _refs(item.kwargs)
@@ -731,6 +770,13 @@ def _notify_dispatched(future):
         callbacks, future._dispatched = future._dispatched, []
     for cb in callbacks:
         cb()
+
+
+def _call_failure(dep):
+    """A done input's exception.  A RayFuture's own call only: its value goes on as its
+    ObjectRef, so whether it unpickles in the driver is no concern of the chain, and
+    ``exception()`` would fetch it."""
+    return Future.exception(dep) if isinstance(dep, RayFuture) else dep.exception()
 
 
 def _deps_ready(item, need_done):
