@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import dis
 import hashlib
+import itertools
+import operator
 import sys
 import types
 import weakref
@@ -141,11 +143,11 @@ class _Watch:
     the fingerprint's tuples, which cost as much as the rest of sending it.
     """
 
-    __slots__ = ("code", "names", "objects", "refs", "nmodules")
+    __slots__ = ("code", "keys", "objects", "refs", "nmodules")
 
-    def __init__(self, code, names, objects, refs, nmodules):
+    def __init__(self, code, keys, objects, refs, nmodules):
         self.code = code
-        self.names = names
+        self.keys = keys        # the globals read: cloudpickle's dunders, then the code's names
         self.objects = objects
         self.refs = refs
         self.nmodules = nmodules
@@ -155,15 +157,20 @@ _DUNDERS = ("__package__", "__name__", "__path__", "__file__")
 _MISSING = object()
 
 
-def _objects(fn, names):
-    """What :func:`fingerprint` reads of a flat function, as the objects themselves."""
-    g = fn.__globals__
-    closure = fn.__closure__
+_ALWAYS_MISSING = itertools.repeat(_MISSING)
+
+
+def _objects(fn, keys):
+    """What :func:`fingerprint` reads of a flat function, as the objects themselves
+    (``keys``: the globals it reads, :data:`_DUNDERS` first)."""
     # One flat tuple: each item is compared by identity.  (A function's closure has a
-    # fixed number of cells, so the positions cannot shift between calls.)
-    return (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__,
-            *[_contents(c) for c in closure or ()],
-            *[g.get(k, _MISSING) for k in _DUNDERS], *[g.get(k, _MISSING) for k in names])
+    # fixed number of cells, so the positions cannot shift between calls.)  Built with
+    # map(): this runs before every warm call of a script's function.
+    objects = (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__defaults__)
+    closure = fn.__closure__
+    if closure:
+        objects += tuple(map(_contents, closure))
+    return objects + tuple(map(fn.__globals__.get, keys, _ALWAYS_MISSING))
 
 
 def _contents(cell):
@@ -177,13 +184,14 @@ def _watch(fn, names):
     """A :class:`_Watch` for ``fn`` if it is flat, else None."""
     if fn.__annotations__ or fn.__kwdefaults__ or fn.__dict__:
         return None
-    objects = _objects(fn, names)
+    keys = _DUNDERS + tuple(names)
+    objects = _objects(fn, keys)
     refs = []
     modules = [False]
     for v in objects:
         if not _flat(v, refs, modules):
             return None
-    return _Watch(fn.__code__, names, objects, tuple(refs),
+    return _Watch(fn.__code__, keys, objects, tuple(refs),
                   len(sys.modules) if modules[0] else None)
 
 
@@ -220,13 +228,8 @@ def _unchanged(fn, watch):
         return False
     if watch.nmodules is not None and len(sys.modules) != watch.nmodules:
         return False
-    for now, then in zip(_objects(fn, watch.names), watch.objects):
-        if now is not then:
-            return False
-    for v in watch.refs:
-        if not _should_pickle_by_reference(v):
-            return False
-    return True
+    return (all(map(operator.is_, _objects(fn, watch.keys), watch.objects))
+            and all(map(_should_pickle_by_reference, watch.refs)))
 
 
 # function -> _Pickled; weak, so a dead function's entry (and bytes) go with it.

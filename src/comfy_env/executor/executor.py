@@ -484,6 +484,12 @@ class _Pool:
             more = self._dispatch_one()
             if more is not True:
                 break
+            if not self.pending and not self.shutting_down:
+                # Unlocked look (the usual case, one call handed over): nothing queued is
+                # left, and nothing to retire.  A call queued since is handed over by the
+                # dispatch() of the submit() that queued it, and shutdown() dispatches
+                # once it has set shutting_down.
+                return
         retired, n = more
         for w in retired:
             w.request_exit()

@@ -26,12 +26,15 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any
 
 from ..errors import PicklingFailed
 from ..ipc import codec, interrupts, lifetime
 
 __all__ = ["IsolatedFuture", "LazyResult", "decode_error"]
+
+_DONE_STATES = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class LazyResult:
@@ -128,6 +131,12 @@ class IsolatedFuture(Future):
     def _run_done_callbacks(self):
         Future._invoke_callbacks(self)
 
+    def settled(self):
+        """``done()`` without taking the future's lock, for the loops that wait for a result
+        while reading it (a warm call asks several times): the state is one attribute,
+        read whole, and an answer a moment old only means one more look."""
+        return self._state in _DONE_STATES
+
     def _set_lazy_result(self, lazy: LazyResult):
         self._lazy = lazy
         self.set_result(lazy)
@@ -142,7 +151,7 @@ class IsolatedFuture(Future):
         raised, now and on every later call.
         """
         worker = self._worker
-        if worker is not None and not self.done():
+        if worker is not None and not self.settled():
             timeout = self._read_own(worker, timeout)
         value = super().result(timeout)
         if type(value) is not LazyResult:
@@ -163,7 +172,7 @@ class IsolatedFuture(Future):
 
     def exception(self, timeout=None):
         worker = self._worker
-        if worker is not None and not self.done():
+        if worker is not None and not self.settled():
             timeout = self._read_own(worker, timeout)
         exc = super().exception(timeout)
         if exc is not None:

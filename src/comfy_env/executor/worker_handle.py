@@ -604,7 +604,7 @@ class WorkerHandle:
             # messages go to the reader thread (see _read_turn).
             unheld = main and interrupts.may_raise()
             end = None if timeout is None else time.monotonic() + timeout
-            while not fut.done():
+            while not fut.settled():
                 if end is None:
                     left = -1
                 else:
@@ -633,10 +633,9 @@ class WorkerHandle:
                             return
                     else:
                         self._drain_wake()
-                with role:
-                    if self._read_end is not None:
-                        clean = True
-                        return
+                if self._read_end is not None:      # set under the role's lock; read whole
+                    clean = True
+                    return
             clean = True
         finally:
             with role:

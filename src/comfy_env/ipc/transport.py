@@ -172,7 +172,11 @@ def frame_header(length: int, nfds: int = 0) -> bytes:
 
 def check_frame(chunks, fds=()) -> None:
     """Raise what :meth:`Channel.send` would for this frame, before it is sent."""
-    frame_header(sum(memoryview(c).nbytes for c in chunks), len(fds))
+    length = 0
+    for c in chunks:
+        length += len(c) if type(c) is bytes else memoryview(c).nbytes
+    if length > MAX_BODY or len(fds) > MAX_FDS:     # all frame_header refuses
+        frame_header(length, len(fds))
 
 
 def _check_header(buf, pos):
@@ -241,12 +245,17 @@ class Channel:
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [chunks]
         small = None
-        if not fds and len(chunks) <= 4 and all(type(c) is bytes for c in chunks):
+        if not fds and len(chunks) <= 4:
             # A small message (a warm call, its result, a control message): one
             # buffer, one sendall.
-            length = sum(map(len, chunks))
-            if length <= _READ_CHUNK:
-                small = frame_header(length, 0) + b"".join(chunks)
+            length = 0
+            for c in chunks:
+                if type(c) is not bytes:
+                    break
+                length += len(c)
+            else:
+                if length <= _READ_CHUNK:       # nothing for frame_header to refuse
+                    small = b"".join((_HEADER.pack(MAGIC, FRAME_VERSION, 0, 0, length), *chunks))
         if small is None:
             views = [memoryview(c).cast("B") for c in chunks]
             nfds = len(fds)
@@ -300,6 +309,17 @@ class Channel:
         first-out as headers announce them matches them to their frames.
         ``spin``: poll without blocking for up to that many seconds first (see recv).
         """
+        self._keep(self._recv_scratch(spin))
+
+    def _keep(self, n):
+        """Append the ``n`` bytes :meth:`_recv_scratch` got to the read buffer."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += self._scratch_view[:n]
+
+    def _recv_scratch(self, spin):
+        """One recvmsg into the scratch buffer (fds to the FIFO): how many bytes came."""
         try:
             # Received fds are close-on-exec, like every fd Python opens: a
             # process the worker or the parent starts must not inherit them.
@@ -326,10 +346,7 @@ class Channel:
             self._take_fds(anc, flags)
         if not n:
             raise ChannelClosed("peer closed the channel")
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += self._scratch_view[:n]
+        return n
 
     def _take_fds(self, anc, flags):
         for level, kind, payload in anc:
@@ -363,6 +380,18 @@ class Channel:
         virtual machine (the sleeping CPU must be woken) on both sides; one that polls
         sees the bytes as they land.
         """
+        if self._pos == len(self._buf):
+            # Nothing buffered (the usual case): a small frame that came alone and
+            # without fds -- a warm call, its result -- is taken from the scratch
+            # buffer as it is; anything else goes through the read buffer below.
+            n = self._recv_scratch(spin)
+            spin = 0.0
+            if n >= _HEADER.size:
+                magic, version, nfds, nfds_hi, length = _HEADER.unpack_from(self._scratch, 0)
+                if n - _HEADER.size == length and magic == MAGIC and version == FRAME_VERSION \
+                        and not nfds and not nfds_hi:
+                    return bytes(self._scratch_view[_HEADER.size:n]), []
+            self._keep(n)
         buf = self._buf
         while len(buf) - self._pos < _HEADER.size:
             # Check the magic as it arrives: a stray write shorter than a header
