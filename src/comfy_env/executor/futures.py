@@ -153,7 +153,12 @@ class IsolatedFuture(Future):
         worker = self._worker
         if worker is not None and not self.settled():
             timeout = self._read_own(worker, timeout)
-        value = super().result(timeout)
+        if self._state == FINISHED and self._exception is None:
+            # What the base class returns for a finished call, without its lock (set_result
+            # sets the result before the state).
+            value = self._result
+        else:
+            value = super().result(timeout)
         if type(value) is not LazyResult:
             return value
         ok, outcome = self._decode()
