@@ -131,7 +131,7 @@ class IsolatedFuture(Future):
     def _run_done_callbacks(self):
         Future._invoke_callbacks(self)
 
-    def settled(self):
+    def _settled(self):
         """``done()`` without taking the future's lock, for the loops that wait for a result
         while reading it (a warm call asks several times): the state is one attribute,
         read whole, and an answer a moment old only means one more look."""
@@ -151,7 +151,7 @@ class IsolatedFuture(Future):
         raised, now and on every later call.
         """
         worker = self._worker
-        if worker is not None and not self.settled():
+        if worker is not None and not self._settled():
             timeout = self._read_own(worker, timeout)
         if self._state == FINISHED and self._exception is None:
             # What the base class returns for a finished call, without its lock (set_result
@@ -177,7 +177,7 @@ class IsolatedFuture(Future):
 
     def exception(self, timeout=None):
         worker = self._worker
-        if worker is not None and not self.settled():
+        if worker is not None and not self._settled():
             timeout = self._read_own(worker, timeout)
         exc = super().exception(timeout)
         if exc is not None:

@@ -604,7 +604,7 @@ class WorkerHandle:
             # messages go to the reader thread (see _read_turn).
             unheld = main and interrupts.may_raise()
             end = None if timeout is None else time.monotonic() + timeout
-            while not fut.settled():
+            while not fut._settled():
                 if end is None:
                     left = -1
                 else:
