@@ -11,8 +11,12 @@ read the same clock (CLOCK_MONOTONIC), so the wire stages are real.
 
     P0 submit -> Penc0 encode starts -> Penc1 function handled -> Penc2 call pickled
     -> P1 send -> P2 sent -> W0 worker received -> W0a envelope decoded -> W1 call
-    starts -> W2 call returned -> W2a result pickled -> W3 sent -> R0 reader received
-    -> R1 claimed and decoded -> R2 worker handed back -> R3 future set -> P3 result()
+    starts -> W2 call returned -> W2a result pickled -> W3 sent -> R0 the caller, in
+    result(), received the frame -> R1 claimed and decoded -> R2 worker handed back
+    -> R3 future set -> P3 result() returns
+
+The marks match the code of this checkout: an older tree whose lines differ gets the
+marks that still match (the others are reported, and their stages left out).
 """
 from __future__ import annotations
 
@@ -31,33 +35,39 @@ MARKS = {
     "executor/executor.py": [
         ("        if not (callable(fn) or isinstance(fn, str)):\n",
          "        _tp.mark('P0')\n        if not (callable(fn) or isinstance(fn, str)):\n"),
-        ("                chunks, fds, fb, fn_sent = self._encode(item, worker)",
-         "                _tp.mark('Penc0')\n                chunks, fds, fb, fn_sent = self._encode(item, worker)"),
+        ("        try:\n            chunks, fds, fb, fn_sent = self._encode(item, worker)",
+         "        _tp.mark('Penc0')\n        try:\n            chunks, fds, fb, fn_sent = self._encode(item, worker)"),
         ("        wenv = self.wenv\n        if fn is not None",
          "        _tp.mark('Penc1')\n        wenv = self.wenv\n        if fn is not None"),
-        ("            check_frame(chunks)\n", "            check_frame(chunks)\n            _tp.mark('Penc2')\n"),
-        ("            check_frame(chunks, fb.fds)\n", "            check_frame(chunks, fb.fds)\n            _tp.mark('Penc2')\n"),
+        ("            check_frame(chunks)\n            return chunks, (), codec.PLAIN_FRAME, fn_sent\n",
+         "            check_frame(chunks)\n            _tp.mark('Penc2')\n            return chunks, (), codec.PLAIN_FRAME, fn_sent\n"),
+        ("        return chunks, fb.fds, fb, fn_sent\n",
+         "        _tp.mark('Penc2')\n        return chunks, fb.fds, fb, fn_sent\n"),
     ],
     "executor/worker_handle.py": [
-        ("        self.channel.send(chunks, fds)\n",
-         "        _tp.mark('P1')\n        self.channel.send(chunks, fds)\n        _tp.mark('P2')\n"),
-        ("                frame = self._recv_frame()\n                kind = ",
-         "                frame = self._recv_frame()\n                _tp.mark('R0')\n                kind = "),
-        ("        self.pool.on_idle(self)\n", "        _tp.mark('R1')\n        self.pool.on_idle(self)\n        _tp.mark('R2')\n"),
-        ("            fut.set_result(value)\n", "            fut.set_result(value)\n            _tp.mark('R3')\n"),
+        ("        self.link.flush()\n        self.channel.send(chunks, fds)\n",
+         "        self.link.flush()\n        _tp.mark('P1')\n        self.channel.send(chunks, fds)\n        _tp.mark('P2')\n"),
+        # The caller reads its own result (read_for -> _read_turn), on the caller's thread.
+        ("            frame = self._recv_frame()\n            while True:\n",
+         "            frame = self._recv_frame()\n            _tp.mark('R0')\n            while True:\n"),
+        ("            self.pool.on_idle(self)\n",
+         "            _tp.mark('R1')\n            self.pool.on_idle(self)\n            _tp.mark('R2')\n"),
+        ("                    fut.set_result(value)\n",
+         "                    fut.set_result(value)\n                    _tp.mark('R3')\n"),
     ],
     "worker.py": [
-        ("                body, fds = channel.recv()\n", "                body, fds = channel.recv()\n                _tp.mark('W0')\n"),
+        ("                body, fds = channel.recv(spin.before_recv())\n",
+         "                body, fds = channel.recv(spin.before_recv())\n                _tp.mark('W0')\n"),
         ("                frame.close_fds()\n                return\n",
          "                frame.close_fds()\n                _tp.dump()\n                return\n"),
-        ("            result = fn(*args, **kwargs)", "            _tp.mark('W1')\n            result = fn(*args, **kwargs)\n            _tp.mark('W2')"),
-        ("                held = self.functions.take(", "                _tp.mark('W0a')\n                held = self.functions.take("),
+        ("            result = completed(fn(*args, **kwargs))",
+         "            _tp.mark('W1')\n            result = completed(fn(*args, **kwargs))\n            _tp.mark('W2')"),
+        ("                    held = self.functions.take(",
+         "                    _tp.mark('W0a')\n                    held = self.functions.take("),
         ("        fb, chunks = codec.encode_message(envelope, self.link, objs)\n",
          "        fb, chunks = codec.encode_message(envelope, self.link, objs)\n        _tp.mark('W2a')\n"),
-        ("        self.send_parts(Result(call_id, True), [result])\n",
-         "        self.send_parts(Result(call_id, True), [result])\n            _tp.mark('W3')\n"),
-        ("        self.send_parts((\"result\", call_id, True), [result])\n",
-         "        self.send_parts((\"result\", call_id, True), [result])\n            _tp.mark('W3')\n"),
+        ("            self.send_parts(Result(call_id, True), [result])\n",
+         "            self.send_parts(Result(call_id, True), [result])\n            _tp.mark('W3')\n"),
     ],
 }
 SEQ = ["P0", "Penc0", "Penc1", "Penc2", "P1", "P2", "W0", "W0a", "W1", "W2", "W2a", "W3",
