@@ -295,7 +295,9 @@ def cacheable(fn) -> bool:
 
 def by_value_natively(fn) -> bool:
     """Would cloudpickle pickle ``fn`` by value without being asked to?"""
-    return not _should_pickle_by_reference(fn)
+    # A script's function: cloudpickle's own first answer (its module lookup names
+    # __main__), without the lookup, on every warm call of one.
+    return fn.__module__ == "__main__" or not _should_pickle_by_reference(fn)
 
 
 def fingerprint(fn, keep, memo=None):
