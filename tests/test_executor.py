@@ -629,12 +629,12 @@ def test_a_send_that_fails_on_our_side_stops_that_worker_and_the_call_runs_on_a_
     real = worker_handle.WorkerHandle.send_call
     sends = []
 
-    def fails_once(self, item, chunks, fds):
+    def fails_once(self, item, chunks, fds, *books):
         sends.append(self.pid)
         if len(sends) == 2:
             self.item = item
             raise OSError(errno.ENOBUFS, "No buffer space available")
-        return real(self, item, chunks, fds)
+        return real(self, item, chunks, fds, *books)
 
     monkeypatch.setattr(worker_handle.WorkerHandle, "send_call", fails_once)
     with IsolatedExecutor(max_workers=1) as ex:

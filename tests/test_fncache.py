@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -39,9 +41,9 @@ def sent_bytes(monkeypatch):
     sizes = []
     orig = WorkerHandle.send_call
 
-    def send_call(self, item, chunks, fds):
+    def send_call(self, item, chunks, fds, *books):
         sizes.append(sum(memoryview(c).nbytes for c in chunks))
-        return orig(self, item, chunks, fds)
+        return orig(self, item, chunks, fds, *books)
 
     monkeypatch.setattr(WorkerHandle, "send_call", send_call)
     return sizes
@@ -109,6 +111,53 @@ def test_the_byte_budget_evicts_too(monkeypatch, sent_bytes):
         order = [f1, f1, f2, f1, f1]
         assert [ex.submit(f, 0).result() for f in order] == [f(0) for f in order]
     assert [n > BIG for n in sent_bytes] == [True, False, True, True, False]
+
+
+@pytest.mark.timeout(120)
+def test_a_call_is_never_planned_from_books_that_lack_the_one_just_sent(monkeypatch):
+    """The worker's books (what it holds) are updated before the frame goes out.  Once it
+    is out, the worker may answer, and another thread plan the next call for it, before
+    the sending thread runs again.  A sender held up right after sending (a sleep here,
+    a preemption in real life) left that plan made from stale books: two calls evicted
+    the same function (KeyError in submit(), for a call that ran anyway), or one referred
+    to a function the worker had already dropped."""
+    monkeypatch.setattr(fncache, "MAX_ENTRIES", 4)      # evictions from the 5th function
+    real = WorkerHandle.send_call
+
+    def held_up_after_sending(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if threading.current_thread().name.startswith("submitter"):
+            time.sleep(0.02)
+
+    monkeypatch.setattr(WorkerHandle, "send_call", held_up_after_sending)
+
+    def make(v):
+        def f():
+            return v        # a closure: by value, a new function (and key) per value
+        return f
+
+    submitted, errors = [], []
+    with IsolatedExecutor(max_workers=1) as ex:
+        assert ex.submit(make(-1)).result(timeout=30) == -1
+
+        def submit_many(k):
+            for i in range(20):
+                v = k * 100 + i
+                try:
+                    submitted.append((v, ex.submit(make(v))))
+                except Exception as exc:
+                    errors.append(exc)
+                time.sleep(0.001)
+
+        threads = [threading.Thread(target=submit_many, args=(k,), name=f"submitter{k}")
+                   for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        results = [(v, f.result(timeout=60)) for v, f in submitted]
+    assert errors == []
+    assert len(results) == 40 and all(v == r for v, r in results)
 
 
 @pytest.mark.timeout(60)

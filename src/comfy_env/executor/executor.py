@@ -573,7 +573,7 @@ class _Pool:
             self._back_to_idle(worker)
             return True
         try:
-            worker.send_call(item, chunks, fds)
+            worker.send_call(item, chunks, fds, fn_sent)
         except (ChannelClosed, OSError) as exc:
             fb.abort()
             item.send_failures += 1
@@ -603,14 +603,13 @@ class _Pool:
             fb.abort()
             worker.stop_interrupted(exc)
             raise
-        if fn_sent is not None:
-            fn_sent()                       # the worker holds the function now
         item.drop_inputs(keep_fn=True)      # the worker has them now
         return True
 
     def _encode(self, item, worker):
-        """``(chunks, fds, frame builder, fn_sent)``: call ``fn_sent()`` once the frame
-        went out (the worker then holds the function it carried; see fncache)."""
+        """``(chunks, fds, frame builder, fn_sent)``: ``fn_sent()`` updates the worker's
+        books (the function the frame carries, what it evicts; see fncache) and must run
+        as the frame goes out (WorkerHandle.send_call)."""
         fn = item.fn
         fnref = fn_sent = None
         if self.wenv.is_current and not isinstance(fn, str):

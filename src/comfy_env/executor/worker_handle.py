@@ -170,8 +170,14 @@ class WorkerHandle:
         _, chunks = codec.encode_message(Control(msgs), self.link)
         self.channel.send(chunks)
 
-    def send_call(self, item, chunks, fds):
-        """Send an already-encoded call frame; the item is now this worker's."""
+    def send_call(self, item, chunks, fds, books=None):
+        """Send an already-encoded call frame; the item is now this worker's.
+
+        ``books()`` (the executor's ``fn_sent``) records what the worker holds after
+        this frame, just before it goes out: once it is out the worker may answer, and
+        another thread hand it its next call, planned from these books, before this
+        thread runs again.  A send that fails leaves the worker dead or stopped, and
+        its books with it."""
         self.item = item
         item.future._worker = self
         timeout = self.pool.call_timeout if item.timeout is DEFAULT else item.timeout
@@ -192,6 +198,8 @@ class WorkerHandle:
             self._sent_path = list(sys.path)
             self.link.post(ImportPaths(self._sent_path))
         self.link.flush()
+        if books is not None:
+            books()
         self.channel.send(chunks, fds)
 
     def stop_interrupted(self, exc):
