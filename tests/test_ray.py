@@ -219,6 +219,15 @@ def test_a_result_that_cannot_be_unpickled_raises_the_unpicklings_error(ex):
         ex.submit(_return_unloadable).result(timeout=60)
 
 
+def test_a_chained_value_the_next_worker_cannot_unpickle_fails_that_call_with_the_unpicklings_error(ex):
+    """As IsolatedExecutor: the call taking the value fails with the unpickling's own
+    error (top-level or nested), not with Ray's RaySystemError text in a RemoteError."""
+    value = ex.submit(_return_unloadable)
+    for arg in (value, [value]):
+        err = ex.submit(_identity, arg).exception(timeout=60)
+        assert type(err) is ValueError and "not a number" in str(err), repr(err)
+
+
 def _return_from_a_module_only_the_worker_has():
     import types
     mod = types.ModuleType("comfy_env_test_only_in_the_ray_worker")
@@ -741,6 +750,24 @@ def test_a_call_cancelled_while_waiting_for_an_input_counts_as_done(ex):
         done, not_done = wait([waiting], timeout=10)
         assert waiting in done and not not_done
         assert list(as_completed([waiting], timeout=10)) == [waiting]
+
+
+def test_cancelling_a_queued_input_of_another_executor_fails_the_call_that_takes_it():
+    """A call chained on a RayFuture still queued in another executor (beyond its
+    max_workers) waits for that future's ObjectRef; cancelling the input must fail the
+    call with CancelledError.  It stayed pending for ever, and shutdown(wait=True) and
+    the interpreter's exit with it."""
+    producer, consumer = RayExecutor(max_workers=1), RayExecutor()
+    try:
+        busy = producer.submit(_sleep_then, 1, 1.0)
+        queued = producer.submit(_sleep_then, 2, 0)
+        taker = consumer.submit(_identity, queued)
+        assert queued.cancel()
+        assert busy.result(timeout=60) == 1
+        assert isinstance(taker.exception(timeout=30), CancelledError)
+    finally:
+        producer.shutdown(wait=True)
+        consumer.shutdown(wait=True)
 
 
 def _keywords(**kw):

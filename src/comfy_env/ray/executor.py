@@ -84,6 +84,14 @@ class RayFuture(Future):
         self._direct = None           # (executor, item) while the task is in flight
         self._ray_id = None           # the Ray session holding the value (see _fetch)
 
+    def cancel(self):
+        if not super().cancel():
+            return False
+        # Calls of any executor waiting for this call's ObjectRef (chains) learn that it
+        # will never come: they fail with CancelledError instead of waiting for ever.
+        _notify_dispatched(self)
+        return True
+
     def result(self, timeout=None):
         deadline = _deadline(timeout)
         self._wait_here(deadline, with_value=True)
@@ -886,6 +894,10 @@ def _convert(exc, item):
                                 f"{type(cause).__name__}")
         elif system and isinstance(cause, ray.exceptions.TaskCancelledError):
             err = CancelledError("the Ray task of a call this one takes as an argument was cancelled")
+        elif system and isinstance(getattr(cause, "client_exc", None), BaseException):
+            # An argument (a chained value) arrived but did not unpickle in the worker:
+            # the unpickling's own error, as IsolatedExecutor's worker reports it.
+            err = decode_error(cause.client_exc)
         elif system:
             # Ray's stand-in for an exception that could not be pickled; its message
             # names the original type ("Exception mod.Type isn't serializable: ...").
