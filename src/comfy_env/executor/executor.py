@@ -537,7 +537,7 @@ class _Pool:
         try:
             chunks, fds, fb, fn_sent = self._encode(item, worker)
         except KeyboardInterrupt as exc:
-            if not (interrupts.on_main() and interrupts.may_raise()):
+            if not interrupts.maybe_ctrl_c():
                 # Off the main thread, with Ctrl-C held back (this step holds it), or
                 # with SIGINT ignored or left to the OS (interrupts.may_raise): no
                 # Ctrl-C, the arguments' own code raised it (a __reduce__). Putting

@@ -198,7 +198,7 @@ class IsolatedFuture(Future):
                 try:
                     value = lazy.materialise()
                 except KeyboardInterrupt as exc:
-                    if interrupts.on_main() and interrupts.may_raise():
+                    if interrupts.maybe_ctrl_c():
                         # Maybe Ctrl-C (this step holds it back only with our SIGINT
                         # handler in place): the outcome stays open, a later caller
                         # decodes again.

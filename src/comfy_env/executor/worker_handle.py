@@ -721,7 +721,7 @@ class WorkerHandle:
             try:
                 outcome = (True, codec.decode_part(frame, 0, self.link))
             except KeyboardInterrupt as exc:
-                if interrupts.on_main() and interrupts.may_raise():
+                if interrupts.maybe_ctrl_c():
                     raise           # maybe Ctrl-C on the main thread: not the payload's fault
                 # Elsewhere, or with Ctrl-C held back or impossible, only the payload raises it.
                 outcome = (False, decode_error(exc))

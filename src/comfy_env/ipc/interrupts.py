@@ -42,7 +42,7 @@ except ImportError:     # pragma: no cover - other interpreters
     _getsignal = signal.getsignal
 _SIGINT = int(signal.SIGINT)
 
-__all__ = ["install", "installed", "may_raise", "holds", "waiting", "on_main"]
+__all__ = ["install", "installed", "may_raise", "maybe_ctrl_c", "holds", "waiting", "on_main"]
 
 _HELD = set()           # code objects of the marked functions
 _waiting = False        # the main thread waits inside a held step: not held now
@@ -165,3 +165,11 @@ def may_raise() -> bool:
 
 def on_main() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def maybe_ctrl_c() -> bool:
+    """Whether a ``KeyboardInterrupt`` caught on this thread now may be the user's Ctrl-C
+    (to raise on) rather than the payload's own (an argument's ``__reduce__``, a result's
+    unpickling): only on the main thread, with a SIGINT handler that raises at any line
+    (:func:`may_raise`)."""
+    return on_main() and may_raise()

@@ -510,12 +510,12 @@ class RayExecutor(Executor):
                 if item is None:
                     self._idle.notify_all()
             for c in cancelled:
-                # Tell wait() and as_completed(): Future.cancel() alone does not.
+                # Tell wait() and as_completed(): Future.cancel() alone does not (it told
+                # the chained calls waiting for it: RayFuture.cancel).
                 try:
                     c.future.set_running_or_notify_cancel()
                 except RuntimeError:
                     pass                # told already
-                _notify_dispatched(c.future)
             if item is None:
                 return
             self._dispatch(item)
@@ -726,10 +726,9 @@ class RayExecutor(Executor):
             else:
                 doomed = []
         for item in doomed:
-            if item.future.cancel():
+            if item.future.cancel():      # (it tells the chained calls waiting for it)
                 # Cancelled *and notified*: wait() and as_completed() count it as done.
                 item.future.set_running_or_notify_cancel()
-            _notify_dispatched(item.future)
         self._wake.set()
         if wait:
             while True:
