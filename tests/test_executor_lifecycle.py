@@ -290,3 +290,21 @@ def test_a_spawn_that_fails_once_with_emfile_is_retried(monkeypatch):
     with IsolatedExecutor() as e:
         assert e.submit(_funcs.add, 3, 4).result(30) == 7
     assert len(calls) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_bug_raised_when_a_worker_becomes_ready_replaces_that_worker_instead_of_hanging(monkeypatch):
+    from comfy_env.executor import executor as executor_mod
+
+    real, raised = executor_mod._Pool.on_ready, []
+
+    def on_ready(self, worker):
+        if not raised:
+            raised.append(worker.pid)
+            raise RuntimeError("a bug in on_ready")
+        return real(self, worker)
+
+    monkeypatch.setattr(executor_mod._Pool, "on_ready", on_ready)
+    with IsolatedExecutor(max_workers=1) as e:
+        assert e.submit(_funcs.add, 2, 5).result(30) == 7   # hung before: the reader thread was gone
+        assert raised and raised[0] not in e.worker_pids()

@@ -413,8 +413,10 @@ class WorkerHandle:
         ep.register(self._wake, select.EPOLLIN | select.EPOLLET)
         role = self._role
         self.ready = True
-        pool.on_ready(self)
         try:
+            # Inside the try: a bug raised here must kill this worker (and so start
+            # another for the queued calls), not end this thread and leave them pending.
+            pool.on_ready(self)
             while True:
                 # The channel's turn first: a re-arm asked for below must not
                 # hand the channel to another thread while this one reads it.
