@@ -45,8 +45,8 @@ MARKS = {
          "        _tp.mark('Penc2')\n        return chunks, fb.fds, fb, fn_sent\n"),
     ],
     "executor/worker_handle.py": [
-        ("        self.link.flush()\n        self.channel.send(chunks, fds)\n",
-         "        self.link.flush()\n        _tp.mark('P1')\n        self.channel.send(chunks, fds)\n        _tp.mark('P2')\n"),
+        ("            books()\n        self.channel.send(chunks, fds)\n",
+         "            books()\n        _tp.mark('P1')\n        self.channel.send(chunks, fds)\n        _tp.mark('P2')\n"),
         # The caller reads its own result (read_for -> _read_turn), on the caller's thread.
         ("            frame = self._recv_frame()\n            while True:\n",
          "            frame = self._recv_frame()\n            _tp.mark('R0')\n            while True:\n"),

@@ -185,9 +185,11 @@ class Worker:
         self.channel.send(chunks)
 
     def send_parts(self, envelope, objs):
+        """Send ``envelope`` with ``objs``, what is queued for the parent just ahead of it
+        in the same write (a call's releases, see _run_call)."""
         fb, chunks = codec.encode_message(envelope, self.link, objs)
         try:
-            self.channel.send(chunks, fb.fds)
+            self.channel.send(chunks, fb.fds, codec.queued_control(self.link))
         except BaseException:
             fb.abort()
             raise
@@ -363,7 +365,7 @@ class Worker:
             args = kwargs = fn = held = None
         # Arguments the result does not keep are dead now: their releases go out
         # before the result, so the parent can recycle those blocks for its next call.
-        lifetime.LEDGER.drain_hushed()
+        lifetime.LEDGER.drain_hushed(keep=self.link)
         try:
             self.send_parts(Result(call_id, True), [result])
         except ChannelClosed:
