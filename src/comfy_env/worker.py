@@ -185,11 +185,9 @@ class Worker:
         self.channel.send(chunks)
 
     def send_parts(self, envelope, objs):
-        """Send ``envelope`` with ``objs``, what is queued for the parent just ahead of it
-        in the same write (a call's releases, see _run_call)."""
         fb, chunks = codec.encode_message(envelope, self.link, objs)
         try:
-            self.channel.send(chunks, fb.fds, codec.queued_control(self.link))
+            self.channel.send(chunks, fb.fds)
         except BaseException:
             fb.abort()
             raise
@@ -365,7 +363,7 @@ class Worker:
             args = kwargs = fn = held = None
         # Arguments the result does not keep are dead now: their releases go out
         # before the result, so the parent can recycle those blocks for its next call.
-        lifetime.LEDGER.drain_hushed(keep=self.link)
+        lifetime.LEDGER.drain_hushed()
         try:
             self.send_parts(Result(call_id, True), [result])
         except ChannelClosed:

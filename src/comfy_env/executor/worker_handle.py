@@ -189,20 +189,18 @@ class WorkerHandle:
         # ledger's flusher had got to them (it naps ``Ledger.BATCH_S`` after a burst).  So a caller
         # that drops a result before the next call always lets the worker recycle its
         # staging blocks ("idle" reports), instead of only when the flusher was quick.
-        # What is queued for this worker goes in the call's own write (keep=).
-        link = self.link
         try:
-            lifetime.LEDGER.drain(keep=link)
+            lifetime.LEDGER.drain()
         except Exception:           # a plane's free failed: the call still goes
             self.logger.exception("comfy_env: applying dropped blocks before a call failed")
         sent = self._sent_path
         if sent is not None and sys.path != sent:
             self._sent_path = list(sys.path)
-            link.post(ImportPaths(self._sent_path))
-        before = codec.queued_control(link)
+            self.link.post(ImportPaths(self._sent_path))
+        self.link.flush()
         if books is not None:
             books()
-        self.channel.send(chunks, fds, before)
+        self.channel.send(chunks, fds)
 
     def stop_interrupted(self, exc):
         """A send or a read of this worker's channel was cut short by ``exc`` (a signal

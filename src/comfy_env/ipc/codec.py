@@ -588,21 +588,6 @@ def encode_message(envelope, link, objs=(), forward_future=None):
         raise
 
 
-def queued_control(link):
-    """What is queued for ``link``'s peer as the chunks of one control frame, to go
-    ahead of the frame about to be sent to it (``Channel.send(before=)``); None when
-    nothing is queued, or when it cannot be encoded (dropped and logged, as
-    ``Link.flush`` drops what cannot be sent)."""
-    if not link.has_posts():
-        return None
-    msgs = link.take_posts()
-    try:
-        return encode_message(protocol.Control(msgs), link)[1]
-    except Exception:
-        log.exception("comfy_env: could not encode %d control messages for %s", len(msgs), link.name)
-        return None
-
-
 class Frame:
     """A received frame: its message (``envelope``, a :mod:`~comfy_env.ipc.protocol`
     type) plus undecoded parts and the fds that came with it."""

@@ -90,9 +90,8 @@ class Link:
     """One peer of this process (the parent, or one worker) as the data planes see it.
 
     ``post`` queues a control message for the peer; the ledger's flusher thread
-    sends them.  A process about to send the peer a frame (a call, a result) drains
-    inline first, so that its releases overtake that frame, and takes what is queued
-    for that peer to send in the same write (``LEDGER.drain(keep=link)``).
+    sends them (the worker also flushes inline, in ``LEDGER.drain()``, before it
+    sends a result, so that its releases overtake the result).
     """
 
     def __init__(self, send_control, name="peer"):
@@ -110,9 +109,6 @@ class Link:
         if not self.closed:
             self._posts.append(message)
             LEDGER.poke(self)
-
-    def has_posts(self) -> bool:
-        return bool(self._posts)
 
     def take_posts(self):
         out = []
@@ -411,14 +407,14 @@ class Ledger:
         by that :meth:`drain_hushed`."""
         self._hushed = True
 
-    def drain_hushed(self, keep=None):
+    def drain_hushed(self):
         """Drain what was queued, then end :meth:`hush` (anything queued after this wakes
-        the flusher as usual).  ``keep``: as for :meth:`drain`.
+        the flusher as usual).
 
         Still hushed while it drains: the frees it runs post releases, which this same
         drain sends; waking the flusher for them only had it find nothing to do."""
         try:
-            self.drain(keep)
+            self.drain()
         finally:
             self._hushed = False
         if self._dirty:
@@ -475,18 +471,14 @@ class Ledger:
             self._wake_pending = False
             self.drain()
 
-    def drain(self, keep=None):
+    def drain(self):
         """Apply dead holders and send posted messages.  Called by the flusher, or inline:
         when it returns, whatever was queued before the call has been sent, even if the
-        flusher had started on it.
-
-        ``keep``: a link whose messages stay queued: the caller is about to send that
-        peer a frame and takes them (:meth:`Link.take_posts`) to go in the same write,
-        ahead of it (one send and one wake-up of the peer instead of two)."""
+        flusher had started on it."""
         with self._drain_lock:
-            self._drain(keep)
+            self._drain()
 
-    def _drain(self, keep=None):
+    def _drain(self):
         dirty = self._dirty
         while dirty:
             links = set()
@@ -503,8 +495,7 @@ class Ledger:
             if dead:
                 self.unhold_all(dead)     # frees post releases: sent by the next pass
             for link in links:
-                if link is not keep:
-                    link.flush()
+                link.flush()
 
     def __len__(self):
         return len(self._records)
