@@ -659,3 +659,16 @@ def test_a_held_ctrl_c_is_not_redelivered_once_the_program_replaced_the_handler(
         assert got == []
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [30 * 86400.0, 1e8])
+def test_a_timeout_longer_than_epoll_takes_still_waits_for_the_result(timeout):
+    """result()/exception() accept any timeout ProcessPoolExecutor's futures accept: a
+    caller reading its own result must not hand epoll more milliseconds than a C int
+    holds (24.8 days; it raised OverflowError)."""
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        assert ex.submit(_funcs.sleep_then, 0.2, "late").exception(timeout) is None
+        assert ex.submit(_funcs.sleep_then, 0.2, "late").result(timeout) == "late"
+        assert list(ex.map(_funcs.add, [1, 2], [3, 4], timeout=timeout)) == [4, 6]

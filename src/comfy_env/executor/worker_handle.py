@@ -76,6 +76,7 @@ STDERR_TAIL_LINES = 30
 FATAL_DUMP_LINES = 2000
 MAX_LINE = 1 << 20              # characters; longer lines are forwarded in pieces
 _READ_SIZE = 1 << 16
+_LONGEST_POLL_S = 3600.0        # a caller's read waits at most this long before looking again
 # call_timeout: how long to wait for the worker's stack before killing it anyway,
 # and the silence that says the dump is complete (faulthandler writes it in one go).
 STACK_DUMP_WAIT = 1.0
@@ -621,6 +622,9 @@ class WorkerHandle:
                     left = end - time.monotonic()
                     if left <= 0:
                         break
+                    # epoll takes whole milliseconds as a C int (24.8 days at most): a
+                    # longer timeout waits in slices, the loop looking again after each.
+                    left = min(left, _LONGEST_POLL_S)
                 if main:
                     with interrupts.waiting():      # the one place a Ctrl-C may cut in
                         events = ep.poll(left, 1)
