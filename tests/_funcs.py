@@ -90,6 +90,23 @@ class UnunpicklableError(Exception):
         super().__init__(f"{a} and {b}")
 
 
+class CodedError(Exception):
+    """``__init__`` takes a code and a keyword-only message; ``args`` is the message."""
+
+    def __init__(self, code, *, msg):
+        super().__init__(msg)
+        self.code = code
+        self.notes_seen = []
+
+
+def raise_coded_error(code, msg):
+    exc = CodedError(code, msg=msg)
+    exc.add_note("added in the worker") if hasattr(exc, "add_note") else setattr(
+        exc, "__notes__", ["added in the worker"])
+    exc.notes_seen.append("added in the worker")
+    raise exc
+
+
 def raise_value_error(msg):
     raise ValueError(msg)
 

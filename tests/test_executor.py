@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import _funcs
+from pythons import ALL_PYTHONS, run_script
 import comfy_env
 from comfy_env import CallTimeout, IsolatedExecutor, PicklingFailed, RemoteError, WorkerCrashed
 from comfy_env.errors import InitializerFailed, RemoteTraceback
@@ -308,15 +309,47 @@ def test_an_exception_that_cannot_be_pickled_arrives_as_a_substitute_naming_it()
 
 
 @pytest.mark.timeout(20)
-def test_an_exception_that_cannot_be_rebuilt_in_the_parent_arrives_as_a_substitute_naming_it():
-    # Pickles in the worker, but UnunpicklableError(*args) fails in the parent.
+def test_an_exception_whose_init_does_not_take_its_args_keeps_its_type():
+    # UnunpicklableError(a, b) calls super().__init__(f"{a} and {b}"): pickle's rebuild,
+    # UnunpicklableError("x and y"), fails (a RemoteError naming it before).
     with IsolatedExecutor() as ex:
         exc = ex.submit(_funcs.raise_ununpicklable_error, "x", "y").exception(15)
-        assert isinstance(exc, RemoteError)
-        assert exc.type_name == "_funcs.UnunpicklableError"
-        assert "x and y" in str(exc)
-        assert "raise_ununpicklable_error" in exc.tb
+        assert type(exc) is _funcs.UnunpicklableError
+        assert exc.args == ("x and y",) and str(exc) == "x and y"
         assert isinstance(exc.__cause__, RemoteTraceback)
+        assert "raise_ununpicklable_error" in str(exc.__cause__)
+        with pytest.raises(_funcs.UnunpicklableError, match="x and y"):
+            ex.submit(_funcs.raise_ununpicklable_error, "x", "y").result(15)
+        # Attributes __init__ set travel too; keyword-only parameters are no obstacle.
+        exc = ex.submit(_funcs.raise_coded_error, 404, "not here").exception(15)
+        assert type(exc) is _funcs.CodedError
+        assert (exc.code, exc.args, exc.notes_seen) == (404, ("not here",), ["added in the worker"])
+        assert exc.__notes__ == ["added in the worker"]
+        assert ex.submit(_funcs.add, 1, 1).result(15) == 2
+
+
+@pytest.mark.timeout(120)
+@ALL_PYTHONS
+def test_a_script_exception_whose_init_does_not_take_its_args_keeps_its_type(pyver, tmp_path):
+    proc = run_script(pyver, textwrap.dedent("""
+        from comfy_env import IsolatedExecutor
+
+        class Coded(Exception):
+            def __init__(self, code, *, why):
+                super().__init__(f"{code}: {why}")
+                self.code = code
+
+        def fail(code):
+            raise Coded(code, why="because")
+
+        if __name__ == "__main__":
+            with IsolatedExecutor() as ex:
+                try:
+                    ex.submit(fail, 7).result(30)
+                except Coded as exc:
+                    print("caught", type(exc).__name__, exc.code, exc)
+    """), cwd=tmp_path, timeout=100)
+    assert "caught Coded 7 7: because" in proc.stdout, (proc.stdout, proc.stderr)
 
 
 # -- a worker that dies ------------------------------------------------------------------

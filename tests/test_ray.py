@@ -194,14 +194,23 @@ def _raise_needs_two():
     raise NeedsTwo("disk full", "/dev/sda")
 
 
-def test_an_exception_that_cannot_be_rebuilt_becomes_remote_error_naming_it(ex):
-    from comfy_env import RemoteError
+def _raise_needs_two_at(i):
+    if i == 1:
+        _raise_needs_two()
+    return i
+
+
+def test_an_exception_whose_init_does_not_take_its_args_keeps_its_type(ex):
+    # NeedsTwo(what, where) calls super().__init__(what): pickle's NeedsTwo(*args) fails
+    # in the driver (a RemoteError naming it before), as with IsolatedExecutor.
     f = ex.submit(_raise_needs_two)
     err = f.exception(timeout=60)
-    assert isinstance(err, RemoteError) and err.type_name.endswith("NeedsTwo") and err.message == "disk full"
+    assert type(err) is NeedsTwo and err.args == ("disk full",) and err.where == "/dev/sda"
     assert isinstance(err.__cause__, RemoteTraceback) and "_raise_needs_two" in str(err.__cause__)
-    with pytest.raises(RemoteError):
+    with pytest.raises(NeedsTwo):
         f.result()
+    with pytest.raises(NeedsTwo):
+        list(ex.map(_raise_needs_two_at, range(4), chunksize=2, timeout=60))
 
 
 class _Unloadable:

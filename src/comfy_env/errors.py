@@ -101,3 +101,49 @@ class RemoteError(Exception):
 
     def __reduce__(self):
         return (RemoteError, (self.type_name, self.message, self.tb))
+
+
+def rebuild_exception(cls, args, state=None):
+    """An exception of ``cls`` with ``args`` and the attributes ``state``, made without
+    calling ``__init__``, whose parameters need not be its ``args`` (``Coded(code, msg)``
+    calling ``super().__init__(msg)``: pickle's ``cls(*args)`` fails for it).  Used
+    where such an exception crosses to the parent and where a chained call copies its
+    input's exception."""
+    new = cls.__new__(cls, *args)
+    new.args = args
+    if state:
+        new.__dict__.update(state)
+    return new
+
+
+class _Rebuilt:
+    """Pickles as :func:`rebuild_exception` of ``exc``: its class, args and attributes,
+    without ``__init__`` where it is unpickled."""
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __reduce__(self):
+        exc = self.exc
+        return rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", None) or None)
+
+
+def portable_exception(exc):
+    """``exc`` as a worker pickles it for the parent.
+
+    Pickle rebuilds an exception as ``type(exc)(*exc.args)`` and then sets its
+    attributes; an ``__init__`` whose parameters are not its ``args`` (``Coded(code,
+    msg)`` calling ``super().__init__(msg)``, keyword-only ones) fails there, and the
+    parent got a RemoteError instead of the exception.  Such an exception (tried in the
+    worker, where its class surely exists) travels as one :func:`rebuild_exception`
+    makes again.  One with a ``__reduce__`` of its own (``OSError``'s, a library's)
+    pickles as it says."""
+    cls = type(exc)
+    if cls.__reduce__ is not BaseException.__reduce__ or cls.__reduce_ex__ is not BaseException.__reduce_ex__:
+        return exc
+    try:
+        cls(*exc.args)
+    except Exception:
+        return _Rebuilt(exc)
+    return exc

@@ -36,7 +36,7 @@ import traceback
 
 from . import fncache, forksafe, settings
 from ._version import PROTOCOL_VERSION, __version__
-from .errors import PicklingFailed, RemoteError
+from .errors import PicklingFailed, RemoteError, portable_exception
 from .ipc import codec, lifetime, mainspace, numpy_names, planes
 from .ipc.calls import IMPORTING, adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
@@ -405,12 +405,12 @@ class Worker:
             msg = "<str() failed>"
         # Part 1 is a plain (type name, message, traceback) the parent can always
         # decode: an exception that pickles here may still fail to be rebuilt there
-        # (its args do not match __init__, or its class is unknown to the parent), and
-        # the substitute must then name the original type, not the decoding error.
+        # (its class is unknown to the parent, or its own __reduce__ fails), and the
+        # substitute must then name the original type, not the decoding error.
         info = (qual, msg, tb)
         try:
             # The exception's own traceback must not travel (frames don't pickle).
-            self.send_parts(envelope, [(_strip(exc), tb), info])
+            self.send_parts(envelope, [(portable_exception(_strip(exc)), tb), info])
             return
         except ChannelClosed:
             raise

@@ -73,7 +73,7 @@ import cloudpickle
 
 from .. import fncache, forksafe, settings
 from ..envs import resolve_env
-from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError
+from ..errors import PicklingFailed, WorkerCrashed, WorkerStartError, rebuild_exception
 from ..ipc import codec, interrupts, lifetime, numpy_names, planes  # noqa: F401  (planes: registers the data planes)
 from ..ipc.calls import IMPORTING, chain_chunk_results, check_reference, run_chunk
 from ..ipc.protocol import Call
@@ -1147,11 +1147,7 @@ def _copy_exception(exc, fallback=None):
     ``fallback(exc)``, by default a RuntimeError saying what it was."""
     cls = type(exc)
     try:
-        new = cls.__new__(cls, *exc.args)
-        new.args = exc.args
-        state = getattr(exc, "__dict__", None)
-        if state:
-            new.__dict__.update(state)
+        new = rebuild_exception(cls, exc.args, getattr(exc, "__dict__", None))
         if isinstance(exc, OSError):        # not in args: OSError(errno, strerror, filename)
             for name in ("errno", "strerror", "filename", "filename2"):
                 setattr(new, name, getattr(exc, name))

@@ -7,7 +7,7 @@ resolved here, so a future may sit anywhere in the arguments, as with
 """
 from __future__ import annotations
 
-from ..errors import InitializerFailed
+from ..errors import InitializerFailed, portable_exception
 from ..ipc import numpy_names
 from ..ipc.calls import completed, resolve_reference, run_chunk
 
@@ -80,6 +80,9 @@ def run_call(fn, setup, nested, /, *args, **kwargs):
         return completed(_function(fn)(*args, **kwargs))
     except (KeyboardInterrupt, StopIteration) as exc:
         raise Carried(exc) from exc
+    except Exception as exc:
+        _carry_if_not_rebuilt(exc)
+        raise
 
 
 def run_chunk_call(fn, setup, nested, chunk):
@@ -92,6 +95,18 @@ def run_chunk_call(fn, setup, nested, chunk):
         return run_chunk(_function(fn), chunk)
     except (KeyboardInterrupt, StopIteration) as exc:
         raise Carried(exc) from exc
+    except Exception as exc:
+        _carry_if_not_rebuilt(exc)
+        raise
+
+
+def _carry_if_not_rebuilt(exc):
+    """An exception pickle cannot rebuild in the driver (its ``__init__`` takes other
+    arguments than its ``args``) goes carried, in the form the driver rebuilds with its
+    type (as IsolatedExecutor's worker sends it)."""
+    portable = portable_exception(exc)
+    if portable is not exc:
+        raise Carried(portable) from exc
 
 
 _done_setups = set()
