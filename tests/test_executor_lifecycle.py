@@ -308,3 +308,18 @@ def test_a_bug_raised_when_a_worker_becomes_ready_replaces_that_worker_instead_o
     with IsolatedExecutor(max_workers=1) as e:
         assert e.submit(_funcs.add, 2, 5).result(30) == 7   # hung before: the reader thread was gone
         assert raised and raised[0] not in e.worker_pids()
+
+
+@pytest.mark.timeout(60)
+def test_initargs_that_do_not_pickle_break_the_executor_naming_the_argument():
+    e = IsolatedExecutor(max_workers=1, initializer=_funcs.init_set, initargs=("key", threading.Lock()))
+    try:
+        with pytest.raises(WorkerStartError, match=r"initargs\[1\] \(lock\) could not be pickled") as info:
+            e.submit(_funcs.add, 1, 2).result(30)
+        assert isinstance(info.value.__cause__, PicklingFailed)
+        assert "let the initializer make the object in the worker" in str(info.value)
+        with pytest.raises(WorkerStartError, match="could not be pickled"):
+            e.submit(_funcs.add, 1, 2)
+    finally:
+        e.shutdown(wait=True)
+    assert e.worker_pids() == []

@@ -57,7 +57,7 @@ import time
 
 from .. import fncache
 from .._version import PROTOCOL_VERSION, __version__
-from ..errors import (CallTimeout, InitializerFailed, ProtocolMismatch, RemoteError,
+from ..errors import (CallTimeout, InitializerFailed, PicklingFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerCrashed, WorkerStartError)
 from .. import settings
 from ..ipc import codec, interrupts, lifetime
@@ -372,7 +372,12 @@ class WorkerHandle:
             "spin_us": self.pool.worker_spin_us,
         }
         objs = [self.pool.init_payload] if self.pool.init_payload is not None else []
-        fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
+        try:
+            fb, chunks = codec.encode_message(Init(cfg), self.link, objs)
+        except Exception as exc:
+            if not objs:
+                raise
+            raise _init_payload_error(self.pool.init_payload, exc) from exc
         self.channel.send(chunks, fb.fds)
         while True:
             frame = self._recv_frame()
@@ -919,6 +924,23 @@ def _process_exited(channel, reported):
     except OSError:
         pass
     reported.set()
+
+
+def _init_payload_error(payload, exc):
+    """The error of an initializer or initargs that do not pickle: which one, and what
+    to do (every start would fail the same way, so the executor breaks with it)."""
+    initializer, initargs = payload
+    what = "the initializer"
+    for i, arg in enumerate(initargs):
+        try:
+            codec.dumps_portable(arg)
+        except Exception:
+            what = f"initargs[{i}] ({type(arg).__qualname__})"
+            break
+    return PicklingFailed(
+        f"{what} could not be pickled for the worker: {type(exc).__name__}: {exc}. Pass "
+        f"initargs that pickle (plain data, arrays, tensors), or let the initializer make "
+        f"the object in the worker")
 
 
 def _decode_remote_exception(frame, link):
