@@ -52,3 +52,10 @@ def kill_self_always(marker_dir):
 
 def hang(seconds):
     time.sleep(seconds)
+
+
+def mark_and_len(directory, data):
+    """Leave a file in ``directory`` (the call ran), return ``len(data)``."""
+    import tempfile
+    tempfile.NamedTemporaryFile(dir=directory, delete=False).close()
+    return len(data)

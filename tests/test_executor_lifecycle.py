@@ -323,3 +323,28 @@ def test_initargs_that_do_not_pickle_break_the_executor_naming_the_argument():
     finally:
         e.shutdown(wait=True)
     assert e.worker_pids() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_call_timeout_that_runs_out_while_the_call_is_sent_fails_it_once(tmp_path):
+    """The watchdog claims a call whose frame is still going out (the worker reads
+    nothing: stopped here; a big pickled argument on a slow worker does the same): it
+    fails with CallTimeout and never runs.  It was put back in the queue when the send
+    failed, ran on the next worker with nobody to take its result, and its future,
+    shutdown(wait=True) and the interpreter's exit waited for ever."""
+    import signal
+
+    from comfy_env import CallTimeout
+    e = IsolatedExecutor(max_workers=1, call_timeout=1)
+    try:
+        (pid,) = {e.submit(_funcs.getpid).result(30)}
+        os.kill(pid, signal.SIGSTOP)            # reads nothing now: the send blocks
+        fut = e.submit(lf.mark_and_len, str(tmp_path), b"y" * (64 << 20))
+        with pytest.raises(CallTimeout):
+            fut.result(30)
+        assert e.submit(_funcs.add, 2, 3).result(30) == 5     # a fresh worker
+        assert os.listdir(tmp_path) == []                       # the timed-out call never ran
+    finally:
+        done = threading.Event()
+        threading.Thread(target=lambda: (e.shutdown(wait=True), done.set()), daemon=True).start()
+        assert done.wait(30), "shutdown(wait=True) hung"

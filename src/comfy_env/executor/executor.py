@@ -585,8 +585,12 @@ class _Pool:
             # worker's reader has not claimed the item for its death report already
             # (WorkerHandle._finish): a call both failed and re-run would set its
             # future twice.
+            # Nor if the watchdog claimed it meanwhile (its call_timeout ran out while the
+            # frame was still going out, or shutdown stopped it): the death report fails
+            # it, with CallTimeout; requeued, it ran again with nobody to take its result.
             with self.lock:
-                if worker.item is item and item.send_failures < MAX_SEND_FAILURES:
+                if (worker.item is item and item.stage is Stage.RUNNING
+                        and item.send_failures < MAX_SEND_FAILURES):
                     worker.item = None
                     self.pending.appendleft(item)
             if not isinstance(exc, ChannelClosed):
