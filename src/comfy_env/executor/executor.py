@@ -1448,7 +1448,10 @@ class IsolatedExecutor(Executor):
 
         ``wait=True`` returns when every submitted call has finished, every
         worker process (and a ``preload`` zygote) has exited and been reaped, and
-        every fd and thread the executor kept for them is closed.  ``wait=False``
+        every fd and thread the executor kept for them is closed -- except the
+        thread forwarding a worker's output while a process that worker started
+        still holds its stdout or stderr: it forwards that process's lines until
+        it closes them, then ends.  ``wait=False``
         returns at once; the calls still run and the workers exit after them.
         ``cancel_futures=True`` cancels the calls that have not started (queued,
         or waiting for an input future), except those already handed to a worker
