@@ -59,3 +59,12 @@ def write_results(path, benchmark, rows, **extra):
         json.dump(out, f, indent=2)
     print(f"wrote {path}")
     return out
+
+
+def dump_to_out(name, res):
+    """Write ``res`` as ``$OUT/name`` (JSON) when ``$OUT`` is set: what a device call
+    brings back (benchmarks/_gpu_run.sh)."""
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(res, f, indent=1, default=str)

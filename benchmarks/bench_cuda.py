@@ -44,6 +44,7 @@ sys.path.insert(0, os.environ.get("COMFY_ENV_BENCH_SRC") or os.path.join(HERE, "
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
 
+from _common import dump_to_out  # noqa: E402
 from comfy_env import IsolatedExecutor  # noqa: E402
 from comfy_env.ipc import lifetime  # noqa: E402
 from comfy_env.ipc.cuda import install  # noqa: E402
@@ -710,10 +711,7 @@ def _driver_version():
 
 
 def _dump_partial(res):
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "cuda_bench_partial.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    dump_to_out("cuda_bench_partial.json", res)
 
 
 def _ms(v, w=8, d=3):

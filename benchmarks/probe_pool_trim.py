@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from _common import dump_to_out  # noqa: E402
 from comfy_env.ipc.cuda import devices  # noqa: E402
 from comfy_env.ipc.cuda import driver as D  # noqa: E402
 from comfy_env.ipc.cuda.pools import _props  # noqa: E402
@@ -202,9 +203,7 @@ def main():
             r = {"case": name, "error": f"{type(exc).__name__}: {exc}"}
         res.append(r)
         print(json.dumps(r), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "probe_pool_trim.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    dump_to_out("probe_pool_trim.json", res)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ alternating rounds.  Prints a table and the worker's route counts.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_cuda as B  # noqa: E402  (puts the tree's src first on sys.path)
+from _common import dump_to_out  # noqa: E402
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
 
@@ -67,10 +67,7 @@ def main():
     finally:
         for ex in exs.values():
             ex.shutdown()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "profile_fresh_routes.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    dump_to_out("profile_fresh_routes.json", res)
 
 
 if __name__ == "__main__":

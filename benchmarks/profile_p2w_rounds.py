@@ -17,7 +17,6 @@ and prints every sample (µs), so the slow ones can be placed.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_cuda as B  # noqa: E402  (puts the tree's src first on sys.path)
+from _common import dump_to_out  # noqa: E402
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
 
@@ -123,10 +123,7 @@ def main():
     finally:
         a.shutdown()
         c.shutdown()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "profile_p2w_rounds.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    dump_to_out("profile_p2w_rounds.json", res)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ processes over the same calls: ``benchmarks/profile_cuda.py``.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_cuda as B  # noqa: E402  (puts the tree's src first on sys.path)
+from _common import dump_to_out  # noqa: E402
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
 
@@ -282,10 +282,7 @@ def main():
         print(f"[{label}] again: {_e2e_line(res['e2e_again'])}")
     finally:
         a.shutdown()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, f"profile_w2p_{label}.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    dump_to_out(f"profile_w2p_{label}.json", res)
 
 
 if __name__ == "__main__":
