@@ -180,6 +180,12 @@ def drop_kept():
     return ledger_size()
 
 
+def unpicklable_of(x):
+    """A result that cannot be pickled (the call's argument is dead by then)."""
+    import threading
+    return threading.Lock()
+
+
 def hold_then_exit(x, code=0):
     os._exit(code)
 

@@ -104,6 +104,19 @@ def clean():
     assert not {n for n in _dev_shm() - state["shm"] if "comfy" in n}
 
 
+def test_an_unpicklable_result_still_releases_the_calls_argument(clean):
+    """A call's releases travel in its result's write; a result that cannot be pickled
+    loses none of them: the argument's block is released all the same."""
+    from comfy_env.errors import PicklingFailed
+    a = np.arange(1_000_000, dtype=np.float64)
+    with IsolatedExecutor(max_workers=1) as ex:
+        for _ in range(3):
+            with pytest.raises(PicklingFailed, match="could not be sent"):
+                ex.submit(F.unpicklable_of, a).result(timeout=30)
+        _wait_until(lambda: _keys() <= clean["keys"], 10, "the argument's block released")
+        assert _worker_clean(ex) == (0, 0, 0)
+
+
 def _round_trips(ex):
     """A mix of transfers both ways; returns nothing that stays alive."""
     a = np.random.default_rng(0).random(300_000)

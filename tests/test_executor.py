@@ -757,6 +757,38 @@ def test_a_path_added_to_sys_path_after_the_worker_started_is_the_workers_too(tm
             sys.modules.pop("late_plugin_mod", None)
 
 
+@pytest.mark.timeout(60)
+def test_what_is_queued_for_a_worker_goes_in_the_same_write_as_the_call(tmp_path, monkeypatch):
+    """Messages queued for a worker (here the new sys.path) travel ahead of the next
+    call in the call's own write: one send, one wake-up of the worker, not two."""
+    import importlib
+    import sys
+
+    from comfy_env.ipc.transport import Channel
+    lib = tmp_path / "queued_plugins"
+    lib.mkdir()
+    (lib / "queued_plugin_mod.py").write_text("def twice(x):\n    return 2 * x\n")
+    sends = []
+    real_send = Channel.send
+
+    def send(self, chunks, fds=(), *args, **kwargs):
+        sends.append((self, bool(args and args[0]) or kwargs.get("before") is not None))
+        return real_send(self, chunks, fds, *args, **kwargs)
+
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        monkeypatch.syspath_prepend(str(lib))
+        monkeypatch.setattr(Channel, "send", send)
+        try:
+            mod = importlib.import_module("queued_plugin_mod")
+            assert ex.submit(mod.twice, 4).result(30) == 8       # the worker took the path first
+        finally:
+            monkeypatch.setattr(Channel, "send", real_send)
+            sys.modules.pop("queued_plugin_mod", None)
+        (worker,) = ex._pool.workers
+        assert [before for ch, before in sends if ch is worker.channel] == [True], sends
+
+
 async def _async_double(x):
     import asyncio
     await asyncio.sleep(0.01)

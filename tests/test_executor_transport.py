@@ -78,6 +78,47 @@ def test_back_to_back_frames_each_get_their_own_fds(pair):
         assert [_read_fd(fd) for fd in fds] == payloads
 
 
+class _CountingSocket:
+    """The channel's socket, counting its writes."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, 0
+
+    def sendall(self, data):
+        self.writes += 1
+        return self.sock.sendall(data)
+
+    def sendmsg(self, *args):
+        self.writes += 1
+        return self.sock.sendmsg(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("before, body, with_fd", [
+    ([b"control"], [b"call"], False),                    # both small: one write
+    ([b"control"], [b"x" * (200 << 10)], False),         # the frame is big
+    ([b"control"], [b"call"], True),                     # the frame carries an fd
+    ([b"c" * (100 << 10)], [b"call"], False),            # the control frame is big
+])
+def test_a_frame_sent_before_another_arrives_first_and_whole(pair, before, body, with_fd):
+    a, b = pair
+    counting = a.sock = _CountingSocket(a.sock)
+    fds = [_pipe_with(b"the call's fd")] if with_fd else []
+    a.send(body, fds, before=before)
+    for fd in fds:
+        os.close(fd)
+    if len(before[0]) < 1024 and len(body[0]) < 1024 and not with_fd:
+        assert counting.writes == 1
+    assert b.recv() == (b"".join(before), [])
+    got, got_fds = b.recv()
+    assert got == b"".join(body)
+    assert [_read_fd(fd) for fd in got_fds] == ([b"the call's fd"] if with_fd else [])
+    a.sock = counting.sock
+
+
+
 def test_many_fds_in_one_frame(pair):
     a, b = pair
     fds = [_pipe_with(str(i).encode()) for i in range(MAX_FDS)]

@@ -184,10 +184,18 @@ class Worker:
         _, chunks = codec.encode_message(envelope, self.link)
         self.channel.send(chunks)
 
-    def send_parts(self, envelope, objs):
-        fb, chunks = codec.encode_message(envelope, self.link, objs)
+    def send_parts(self, envelope, objs, msgs=()):
+        """Send ``envelope`` with ``objs``, and the control messages ``msgs`` (taken from
+        the link: a call's releases, see _run_call) and whatever else is queued for the
+        parent just ahead of it, in the same write."""
         try:
-            self.channel.send(chunks, fb.fds)
+            fb, chunks = codec.encode_message(envelope, self.link, objs)
+        except BaseException:
+            for m in msgs:            # not lost: the next send (or the flusher) takes them
+                self.link.post(m)
+            raise
+        try:
+            self.channel.send(chunks, fb.fds, codec.control_chunks(self.link, [*msgs, *self.link.take_posts()]))
         except BaseException:
             fb.abort()
             raise
@@ -362,10 +370,11 @@ class Worker:
             lifetime.LEDGER.hush()
             args = kwargs = fn = held = None
         # Arguments the result does not keep are dead now: their releases go out
-        # before the result, so the parent can recycle those blocks for its next call.
-        lifetime.LEDGER.drain_hushed()
+        # before the result (in its write), so the parent can recycle those blocks for
+        # its next call.
+        msgs = lifetime.LEDGER.drain_hushed(keep=self.link)
         try:
-            self.send_parts(Result(call_id, True), [result])
+            self.send_parts(Result(call_id, True), [result], msgs)
         except ChannelClosed:
             raise
         except BaseException as exc:

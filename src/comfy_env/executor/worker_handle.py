@@ -190,18 +190,21 @@ class WorkerHandle:
         # ledger's flusher had got to them (it naps ``Ledger.BATCH_S`` after a burst).  So a caller
         # that drops a result before the next call always lets the worker recycle its
         # staging blocks ("idle" reports), instead of only when the flusher was quick.
+        # What is queued for this worker goes in the call's own write (keep=).
+        link = self.link
         try:
-            lifetime.LEDGER.drain()
+            msgs = lifetime.LEDGER.drain(keep=link)
         except Exception:           # a plane's free failed: the call still goes
             self.logger.exception("comfy_env: applying dropped blocks before a call failed")
+            msgs = []               # what stays queued goes with the flusher
         sent = self._sent_path
         if sent is not None and sys.path != sent:
             self._sent_path = list(sys.path)
-            self.link.post(ImportPaths(self._sent_path))
-        self.link.flush()
+            msgs.append(ImportPaths(self._sent_path))
+        before = codec.control_chunks(link, msgs)
         if books is not None:
             books()
-        self.channel.send(chunks, fds)
+        self.channel.send(chunks, fds, before)
 
     def stop_interrupted(self, exc):
         """A send or a read of this worker's channel was cut short by ``exc`` (a signal

@@ -588,6 +588,20 @@ def encode_message(envelope, link, objs=(), forward_future=None):
         raise
 
 
+def control_chunks(link, msgs):
+    """Control messages ``msgs`` for ``link``'s peer as the chunks of one frame, to go
+    ahead of the frame about to be sent to it (``Channel.send(before=)``); None when
+    there are none, or when they cannot be encoded (dropped and logged, as
+    ``Link.flush`` drops what cannot be sent)."""
+    if not msgs:
+        return None
+    try:
+        return encode_message(protocol.Control(msgs), link)[1]
+    except Exception:
+        log.exception("comfy_env: could not encode %d control messages for %s", len(msgs), link.name)
+        return None
+
+
 class Frame:
     """A received frame: its message (``envelope``, a :mod:`~comfy_env.ipc.protocol`
     type) plus undecoded parts and the fds that came with it."""

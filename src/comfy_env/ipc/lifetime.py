@@ -90,8 +90,9 @@ class Link:
     """One peer of this process (the parent, or one worker) as the data planes see it.
 
     ``post`` queues a control message for the peer; the ledger's flusher thread
-    sends them (the worker also flushes inline, in ``LEDGER.drain()``, before it
-    sends a result, so that its releases overtake the result).
+    sends them.  A process about to send the peer a frame (a call, a result) drains
+    inline first, so that its releases overtake that frame, and sends what is queued
+    for that peer in the same write (``LEDGER.drain(keep=link)`` returns it).
     """
 
     def __init__(self, send_control, name="peer"):
@@ -407,18 +408,19 @@ class Ledger:
         by that :meth:`drain_hushed`."""
         self._hushed = True
 
-    def drain_hushed(self):
+    def drain_hushed(self, keep=None):
         """Drain what was queued, then end :meth:`hush` (anything queued after this wakes
-        the flusher as usual).
+        the flusher as usual).  ``keep``: as for :meth:`drain`, whose answer it returns.
 
         Still hushed while it drains: the frees it runs post releases, which this same
         drain sends; waking the flusher for them only had it find nothing to do."""
         try:
-            self.drain()
+            kept = self.drain(keep)
         finally:
             self._hushed = False
         if self._dirty:
             self._wake()              # queued by another thread after the drain's last look
+        return kept
 
     def _wake(self):
         # One byte in the pipe is enough: the flusher clears the flag before it drains,
@@ -471,14 +473,20 @@ class Ledger:
             self._wake_pending = False
             self.drain()
 
-    def drain(self):
+    def drain(self, keep=None):
         """Apply dead holders and send posted messages.  Called by the flusher, or inline:
         when it returns, whatever was queued before the call has been sent, even if the
-        flusher had started on it."""
-        with self._drain_lock:
-            self._drain()
+        flusher had started on it.
 
-    def _drain(self):
+        ``keep``: a link whose messages are not sent but returned (taken under the drain
+        lock, so the flusher cannot send them meanwhile, after the caller's frame): the
+        caller is about to send that peer a frame and sends them in the same write, ahead
+        of it (one send and one wake-up of the peer instead of two).  None without it."""
+        with self._drain_lock:
+            self._drain(keep)
+            return keep.take_posts() if keep is not None else None
+
+    def _drain(self, keep=None):
         dirty = self._dirty
         while dirty:
             links = set()
@@ -495,7 +503,8 @@ class Ledger:
             if dead:
                 self.unhold_all(dead)     # frees post releases: sent by the next pass
             for link in links:
-                link.flush()
+                if link is not keep:
+                    link.flush()
 
     def __len__(self):
         return len(self._records)

@@ -93,6 +93,22 @@ def _physical_memory():
 MAX_BODY = _physical_memory()
 
 
+def _small_frame(chunks):
+    """A small frame of ``chunks`` without fds (a warm call, its result, a control
+    message) as one buffer, header included, or None.  Nothing in it for
+    :func:`frame_header` to refuse, so its checks are skipped."""
+    if len(chunks) > 4:
+        return None
+    length = 0
+    for c in chunks:
+        if type(c) is not bytes:
+            return None
+        length += len(c)
+    if length > _READ_CHUNK:
+        return None
+    return b"".join((_HEADER.pack(MAGIC, FRAME_VERSION, 0, 0, length), *chunks))
+
+
 class ChannelClosed(EOFError):
     """The peer closed its end (or died)."""
 
@@ -237,25 +253,24 @@ class Channel:
         return self.sock.fileno()
 
     # -- sending -----------------------------------------------------------
-    def send(self, chunks, fds=()) -> None:
+    def send(self, chunks, fds=(), before=None) -> None:
         """Send one frame made of ``chunks`` (bytes-like objects, sent back to back).
 
         ``fds`` stay owned by the caller (the kernel duplicates them into the peer).
+        ``before``: the chunks of a frame without fds (a control message) to send just
+        ahead of this one, in the same write where both are small: the peer then gets
+        both with one wake-up and one read.
         """
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [chunks]
-        small = None
-        if not fds and len(chunks) <= 4:
-            # A small message (a warm call, its result, a control message): one
-            # buffer, one sendall.
-            length = 0
-            for c in chunks:
-                if type(c) is not bytes:
-                    break
-                length += len(c)
-            else:
-                if length <= _READ_CHUNK:       # nothing for frame_header to refuse
-                    small = b"".join((_HEADER.pack(MAGIC, FRAME_VERSION, 0, 0, length), *chunks))
+        small = None if fds else _small_frame(chunks)
+        pre = None
+        if before is not None:
+            pre = _small_frame(before)
+            if pre is None:
+                self.send(before)             # a big one (control messages never are): alone
+            elif small is not None:
+                small, pre = pre + small, None
         if small is None:
             views = [memoryview(c).cast("B") for c in chunks]
             nfds = len(fds)
@@ -274,6 +289,8 @@ class Channel:
                 if small is not None:
                     self.sock.sendall(small)
                     return
+                if pre is not None:
+                    self.sock.sendall(pre)
                 # A blocking stream socket can still return short (a signal, a
                 # huge frame), and one call takes at most IOV_MAX buffers (a call
                 # that forwards one result many times has a part per reference):
