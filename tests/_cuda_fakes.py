@@ -1,9 +1,12 @@
-"""Fakes of what the CUDA plane's sender reads of a torch CUDA tensor (CPU-only tests)."""
+"""Fakes of what the CUDA plane's sender reads of a torch CUDA tensor, and of the driver's
+answers (CPU-only tests)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from comfy_env.ipc.cuda import driver as D
 
 MiB = 1 << 20
 
@@ -72,3 +75,10 @@ def ledger_records_dropped():
         with lifetime.LEDGER.lock:
             for k in set(lifetime.LEDGER._records) - keys:
                 del lifetime.LEDGER._records[k]
+
+
+def try_call_reader_busy(name, *args):
+    """A fake ``driver.try_call``: every call succeeds, except that ``cuStreamQuery``
+    answers NOT_READY (the reader's stream still has work queued), so releases are
+    fenced and idle reports carry an event, as under a caller that did not synchronise."""
+    return D.CUDA_ERROR_NOT_READY if name == "cuStreamQuery" else D.CUDA_SUCCESS

@@ -25,7 +25,8 @@ from comfy_env.ipc.cuda.layout import pool_meta, unpack, validate_meta  # noqa: 
 from comfy_env.ipc.cuda.paths import Capabilities, PeerVerdicts, choose  # noqa: E402
 from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 
-from _cuda_fakes import FakeStorage, FakeT, fake_torch_on_stream, ledger_records_dropped  # noqa: E402
+from _cuda_fakes import (FakeStorage, FakeT, fake_torch_on_stream, ledger_records_dropped,  # noqa: E402
+                        try_call_reader_busy)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,7 +98,7 @@ def worker(monkeypatch):
         log.append((name,) + args[:1])
 
     monkeypatch.setattr(D, "call", call)
-    monkeypatch.setattr(D, "try_call", lambda name, *a: 0)
+    monkeypatch.setattr(D, "try_call", try_call_reader_busy)
     monkeypatch.setattr(D, "address_range", lambda ptr: (log.append(("address_range", ptr)), (ptr, 2 * MiB))[1])
     monkeypatch.setattr(D, "pointer_pool", lambda ptr: 99)
     monkeypatch.setattr(D, "copy_batch", lambda dsts, srcs, sizes, stream, ordinal:
@@ -379,6 +380,7 @@ def test_event_ring_never_hands_out_a_reserved_slot(monkeypatch):
 
 def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monkeypatch):
     monkeypatch.setattr(devices, "use", lambda o: None)
+    monkeypatch.setattr(D, "try_call", try_call_reader_busy)
     log = []
     pl = CudaPlane()
     pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
@@ -406,6 +408,43 @@ def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monk
     got = {name: sorted((k[2], seq) for m in msgs for k, seq in m[2][1]) for name, msgs in posts.items()}
     assert got == {"w1": [(0, 0), (2, 2), (4, 4)], "w2": [(1, 1), (3, 3)]}
     assert len(posts["w1"]) == 2 and len(posts["w2"]) == 1
+
+
+def test_an_idle_report_after_reads_that_completed_carries_no_event(monkeypatch):
+    """A reader that synchronised (its stream has nothing queued) reports its blocks
+    idle without an event: the owner's next copy into them waits for nothing, where an
+    event recorded just now could still be pending on the GPU when the owner asks."""
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    queries = []
+    busy = {8}                              # stream 7 drained, stream 8 still has work
+
+    def try_call(name, *args):
+        if name == "cuStreamQuery":
+            queries.append(args[0])
+            return D.CUDA_ERROR_NOT_READY if args[0] in busy else D.CUDA_SUCCESS
+        return D.CUDA_SUCCESS
+
+    monkeypatch.setattr(D, "try_call", try_call)
+    log = []
+    pl = CudaPlane()
+    pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
+    pl.local.rings[0] = FakeRing(log)
+    ledger = lifetime.Ledger()
+    sent = []                               # what the process's flusher may already have sent
+    link = lifetime.Link(sent.extend, "w1")
+    recs = []
+    for i, stream in enumerate((7, 7, 8)):
+        res = RemotePool(validate_meta(pool_meta(("o" * 16, 1), b"e" * 64, UUID, MiB)))
+        res.ptr, res.ordinal, res.seq, res.read_stream = 1 << 30, 0, i, stream
+        rec = ledger.accept_lease(("cuda", "w1", i), link, lambda: res, None)
+        ledger.hold(rec, 2)
+        rec.on_idle = pl.receiver.staging_idle
+        recs.append(rec)
+    ledger.unhold_all(recs)
+    assert sorted(queries) == [7, 8]                        # asked once per read stream
+    assert [e[2] for e in log] == [8]                       # an event only where reads are pending
+    reports = {tuple(k[2] for k, _seq in m[2][1]): m[2][2] for m in sent + link.take_posts()}
+    assert reports[(0, 1)] is None and reports[(2,)] is not None
 
 
 def _idle_block(pl, gen, size, n):

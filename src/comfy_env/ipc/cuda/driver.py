@@ -180,6 +180,7 @@ _SIGNATURES = {
     "cuStreamCreate": [_pp, _ui],
     "cuStreamDestroy_v2": [_p],
     "cuStreamSynchronize": [_p],
+    "cuStreamQuery": [_p],
     "cuStreamWaitEvent": [_p, _p, _ui],
     "cuEventCreate": [_pp, _ui],
     "cuEventRecord": [_p, _p],
@@ -291,6 +292,14 @@ def try_call(name, *args) -> int:
 
 
 # -- small typed helpers used across the package -----------------------------------------
+def stream_done(stream) -> bool:
+    """Whether every operation enqueued on ``stream`` so far has completed (its context
+    current).  On the legacy default stream this covers the stream's own work only, not
+    that of the blocking streams it would wait for: callers ask it about reads enqueued on
+    ``stream`` itself (torch's own streams are non-blocking)."""
+    return try_call("cuStreamQuery", stream) == CUDA_SUCCESS
+
+
 def device_attribute(attr, ordinal) -> int:
     v = C.c_int()
     call("cuDeviceGetAttribute", C.byref(v), attr, ordinal)

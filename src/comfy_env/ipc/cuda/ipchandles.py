@@ -52,6 +52,9 @@ __all__ = ["IpcImports"]
 
 log = logging.getLogger("comfy_env.cuda")
 
+# A release whose reads had completed when it was made: no fence, nothing to wait for.
+_READS_DONE = object()
+
 
 class _Mapping:
     __slots__ = ("base", "users", "ordinal", "size")
@@ -137,7 +140,10 @@ class IpcImports:
                 done = self._closing[k] = threading.Event()
         try:
             devices.use(ordinal)
-            ours = self.fences.stream(ordinal, read_stream, self._batch_fences())
+            fenced = self._batch_fences()
+            # Reads already completed (a caller that synchronised): nothing to fence or
+            # wait for (a fence and its synchronise cost ~20 µs on the H100 host).
+            ours = _READS_DONE if D.stream_done(read_stream) else self.fences.stream(ordinal, read_stream, fenced)
         except BaseException:
             if done is not None:
                 D.try_call("cuStreamSynchronize", read_stream)   # no fence: wait for the reads here
@@ -162,7 +168,7 @@ class IpcImports:
         synced = set()
         try:
             for _k, _base, _done, ordinal, ours in pending:
-                if (ordinal, ours) not in synced:
+                if ours is not _READS_DONE and (ordinal, ours) not in synced:
                     synced.add((ordinal, ours))
                     devices.use(ordinal)
                     D.call("cuStreamSynchronize", ours)

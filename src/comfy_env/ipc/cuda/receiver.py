@@ -269,11 +269,17 @@ class Receiver:
         for (ordinal, stream), items in groups.items():
             event = None
             try:
-                if self.local.caps(ordinal).events:
+                devices.use(ordinal)
+                if D.stream_done(stream):
+                    # Our reads completed already (a caller that synchronised): the owner
+                    # has nothing to wait for, and an event recorded now could still be
+                    # pending when its next copy into the block asks, making it wait on
+                    # our context across processes.
+                    pass
+                elif self.local.caps(ordinal).events:
                     slot, handle = self.local.rings[ordinal].record(stream)
                     event = (lifetime.PROCESS_UID, ordinal, slot, handle)
                 else:
-                    devices.use(ordinal)
                     D.call("cuStreamSynchronize", stream)
             except Exception:
                 # Without the ordering the owner must not recycle them: say nothing; the
