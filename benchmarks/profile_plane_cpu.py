@@ -1,6 +1,6 @@
 """The CUDA plane's Python cost per tensor, on a machine without a GPU (a diagnostic).
 
-    python benchmarks/profile_plane_cpu.py [--src DIR] [--profile]
+    python benchmarks/profile_plane_cpu.py [--src DIR] [--tensors 32] [--profile]
 
 Worker → parent with the import cache's case (the same 32 pool tensors every call),
 with the driver, torch's CUDA calls and the tensors themselves replaced by stand-ins
@@ -31,7 +31,9 @@ from comfy_env.ipc.cuda.blocks import OwnedPool  # noqa: E402
 from comfy_env.ipc.cuda.layout import pool_meta  # noqa: E402
 from comfy_env.ipc.cuda.plane import PLANE  # noqa: E402
 
-K, MiB = 32, 1 << 20
+# --tensors K: tensors per message (1 shows what each message costs on top of its tensor)
+K = int(sys.argv[sys.argv.index("--tensors") + 1]) if "--tensors" in sys.argv else 32
+MiB = 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
 
 
