@@ -298,3 +298,22 @@ def test_a_hushed_drain_sends_the_releases_it_frees_without_waking_the_flusher(m
     assert [e[1:3] for e in log.events if e[0] == "sent"] == [("release", ("p", "hushed-release", 1))]
     assert woke == [], "the drain's own releases woke the flusher"
     assert not ledger._hushed
+
+
+def test_requeued_messages_stay_queued_when_waking_the_flusher_fails(monkeypatch):
+    """A worker whose result failed to encode puts the call's releases back for its next
+    send.  The failure may be EMFILE, and the flusher's first wake-up (a new pipe) then
+    fails too: the messages must stay queued and nothing raise (they were dropped)."""
+    sent = []
+    link = Link(sent.extend, "parent")
+
+    def no_pipe(self, link):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(Ledger, "poke", no_pipe)
+    msgs = [("release", i) for i in range(3)]
+    link.requeue(msgs)
+    assert link.take_posts() == msgs and not sent
+    link.closed = True
+    link.requeue(msgs)                      # a closed peer needs no releases
+    assert link.take_posts() == []

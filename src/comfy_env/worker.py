@@ -191,8 +191,7 @@ class Worker:
         try:
             fb, chunks = codec.encode_message(envelope, self.link, objs)
         except BaseException:
-            for m in msgs:            # not lost: the next send (or the flusher) takes them
-                self.link.post(m)
+            self.link.requeue(msgs)   # not lost: the next send (or the flusher) takes them
             raise
         try:
             self.channel.send(chunks, fb.fds, codec.control_chunks(self.link, [*msgs, *self.link.take_posts()]))

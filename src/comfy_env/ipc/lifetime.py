@@ -111,6 +111,19 @@ class Link:
             self._posts.append(message)
             LEDGER.poke(self)
 
+    def requeue(self, messages) -> None:
+        """Put back ``messages`` taken for a frame that was not sent (its encoding failed),
+        for the next send or drain.  Never raises: the failure being handled may be the
+        process running out of fds, and waking the flusher (its first wake makes a pipe)
+        can then fail too; the messages stay queued for the next frame to take."""
+        if self.closed or not messages:
+            return
+        self._posts.extend(messages)
+        try:
+            LEDGER.poke(self)
+        except Exception:
+            pass
+
     def take_posts(self):
         out = []
         posts = self._posts
