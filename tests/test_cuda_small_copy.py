@@ -378,14 +378,20 @@ def test_event_ring_never_hands_out_a_reserved_slot(monkeypatch):
     assert ring.reserve()[0] == 3
 
 
-def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monkeypatch):
+def _importing_plane(monkeypatch, try_call):
+    """A plane on a fake GPU 0 whose event ring logs its recordings, the driver's
+    queries answered by ``try_call``: ``(plane, log, a ledger of its own)``."""
     monkeypatch.setattr(devices, "use", lambda o: None)
-    monkeypatch.setattr(D, "try_call", try_call_reader_busy)
+    monkeypatch.setattr(D, "try_call", try_call)
     log = []
     pl = CudaPlane()
     pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
     pl.local.rings[0] = FakeRing(log)
-    ledger = lifetime.Ledger()
+    return pl, log, lifetime.Ledger()
+
+
+def test_idle_reports_are_batched_one_event_per_stream_one_message_per_peer(monkeypatch):
+    pl, log, ledger = _importing_plane(monkeypatch, try_call_reader_busy)
     sent = {"w1": [], "w2": []}           # what the process's flusher may already have sent
     links = [lifetime.Link(lambda msgs, n=n: sent[n].extend(msgs), n) for n in ("w1", "w2")]
     recs = []
@@ -414,7 +420,6 @@ def test_an_idle_report_after_reads_that_completed_carries_no_event(monkeypatch)
     """A reader that synchronised (its stream has nothing queued) reports its blocks
     idle without an event: the owner's next copy into them waits for nothing, where an
     event recorded just now could still be pending on the GPU when the owner asks."""
-    monkeypatch.setattr(devices, "use", lambda o: None)
     queries = []
     busy = {8}                              # stream 7 drained, stream 8 still has work
 
@@ -424,12 +429,7 @@ def test_an_idle_report_after_reads_that_completed_carries_no_event(monkeypatch)
             return D.CUDA_ERROR_NOT_READY if args[0] in busy else D.CUDA_SUCCESS
         return D.CUDA_SUCCESS
 
-    monkeypatch.setattr(D, "try_call", try_call)
-    log = []
-    pl = CudaPlane()
-    pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=True, events=True)
-    pl.local.rings[0] = FakeRing(log)
-    ledger = lifetime.Ledger()
+    pl, log, ledger = _importing_plane(monkeypatch, try_call)
     sent = []                               # what the process's flusher may already have sent
     link = lifetime.Link(sent.extend, "w1")
     recs = []
