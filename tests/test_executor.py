@@ -789,6 +789,38 @@ def test_what_is_queued_for_a_worker_goes_in_the_same_write_as_the_call(tmp_path
         assert [before for ch, before in sends if ch is worker.channel] == [True], sends
 
 
+def test_a_failed_drain_before_a_call_still_sends_what_was_queued_in_the_calls_write(monkeypatch):
+    """A plane's free that fails in the drain before a call is logged and the call goes;
+    the messages queued for the worker until then go in the call's write too, not later."""
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.protocol import ImportPaths
+    from comfy_env.ipc.transport import Channel
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 1).result(30)
+        (worker,) = ex._pool.workers
+        real_drain, real_send = lifetime.Ledger._drain, Channel.send
+        sends = []
+
+        def failing_drain(self, keep=None):
+            if keep is worker.link:
+                keep._posts.append(ImportPaths(list(sys.path)))    # queued, then a free fails
+                raise RuntimeError("a plane's free failed")
+            return real_drain(self, keep)
+
+        def send(self, chunks, fds=(), before=None):
+            if self is worker.channel:
+                sends.append(before is not None)
+            return real_send(self, chunks, fds, before)
+
+        monkeypatch.setattr(lifetime.Ledger, "_drain", failing_drain)
+        monkeypatch.setattr(Channel, "send", send)
+        try:
+            assert ex.submit(_funcs.add, 2, 2).result(30) == 4
+        finally:
+            monkeypatch.undo()
+        assert sends == [True] and not worker.link.take_posts()
+
+
 async def _async_double(x):
     import asyncio
     await asyncio.sleep(0.01)

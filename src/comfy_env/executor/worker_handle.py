@@ -196,7 +196,7 @@ class WorkerHandle:
             msgs = lifetime.LEDGER.drain(keep=link)
         except Exception:           # a plane's free failed: the call still goes
             self.logger.exception("comfy_env: applying dropped blocks before a call failed")
-            msgs = []               # what stays queued goes with the flusher
+            msgs = link.take_posts()    # what was queued before the failure still goes first
         sent = self._sent_path
         if sent is not None and sys.path != sent:
             self._sent_path = list(sys.path)
