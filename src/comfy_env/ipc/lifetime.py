@@ -125,8 +125,10 @@ class Link:
             pass
 
     def take_posts(self):
-        out = []
         posts = self._posts
+        if not posts:
+            return []                     # the usual case: each call and result asks
+        out = []
         while True:
             try:
                 out.append(posts.popleft())
