@@ -21,10 +21,11 @@ a CUDA tensor of ``--mib`` MiB: ``p2w`` the same parent tensor every call, ``w2p
 new worker tensor every call, ``w2p_same`` the same worker tensor; the parent
 synchronises after each ``result()`` as bench_cuda.py does, and the empty call runs in
 the same process before it, so the two columns compare stage by stage.  Marks inside
-the CUDA plane: Ps0/Ps1 the sender's encode of a tensor, Pf0/Pf1 the frame's copies
-and event records just before sending (also Wf0/Wf1 in the worker), Wd0/Wd1 the
-worker's decode of a tensor (Rd0/Rd1 in the parent), Wz the arguments' holders gone,
-Wr their releases drained.
+the CUDA plane, named by the process they ran in (P or W): s0/s1 the sender's encode of
+a tensor (s0a-s0d inside it: the frame's plane context, the device's, the route, the
+lend), f0/f1 the frame's copies and event records just before sending, d0/d1 the
+receiver's decode of a tensor (d0a-d0e inside it: record, event wait, wrap, holder);
+Wz the call's arguments' holders gone, Wr their releases drained.
 
 The marks match the code of this checkout: an older tree whose lines differ gets the
 marks that still match (the others are reported, and their stages left out).
@@ -144,7 +145,7 @@ PLANE_TAGS = {t: t.lower() for t in ("S0", "S0a", "S0b", "S0c", "S0d", "S1", "F0
                                      "D0", "D0a", "D0b", "D0c", "D0d", "D0e", "D1")}
 
 DRIVER = '''
-import os, sys
+import sys
 sys.path.insert(0, {here!r})
 from _bench_funcs import identity
 from comfy_env import IsolatedExecutor, _tp
