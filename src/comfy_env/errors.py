@@ -1,7 +1,6 @@
 """Every failure mode of comfy_env has a named exception (loky's lesson)."""
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -50,12 +49,13 @@ class CallTimeout(TimeoutError):
         return (type(self), (self.args[0] if self.args else "", self.worker_stack))
 
 
-class WorkerStartError(BrokenExecutor):
+class WorkerStartError(BrokenProcessPool):
     """A worker could not be started (bad interpreter, failed handshake, version mismatch).
 
-    The executor is broken (a ``concurrent.futures.BrokenExecutor``): pending
-    calls fail with it and ``submit`` raises it, since a restart would fail the
-    same way.
+    The executor is broken: pending calls fail with it and ``submit`` raises it,
+    since a restart would fail the same way.  A ``BrokenProcessPool`` (so a
+    ``concurrent.futures.BrokenExecutor``), as ``ProcessPoolExecutor`` raises when its
+    initializer fails: code written for that catches it unchanged.
     """
 
 

@@ -67,6 +67,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
@@ -1162,7 +1163,7 @@ def _copy_exception(exc, fallback=None):
 
 def _clone(exc):
     """The executor's breaking exception again, for one more future."""
-    new = _copy_exception(exc, lambda e: BrokenExecutor(str(e)))
+    new = _copy_exception(exc, lambda e: BrokenProcessPool(str(e)))
     new.__cause__ = exc.__cause__ or exc
     return new
 
