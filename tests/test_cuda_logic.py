@@ -222,6 +222,76 @@ def test_cpu_tensors_are_left_to_the_cpu_plane():
     assert CudaPlane().encode(torch.ones(3), enc=None) is None
 
 
+def test_housekeeping_retires_each_closed_peer_once_and_only_looks_after_a_close(monkeypatch):
+    """A peer that went away is noticed before the next frame: its pools are forgotten
+    and every other open peer is told to retire them, once per close; between closes no
+    link is looked at.  A link closed before the plane met it is noticed too, and one
+    made at a dead link's address (a reused ``id``) is not taken for the dead one."""
+    import gc
+    from comfy_env.ipc import lifetime
+    from comfy_env.ipc.cuda.plane import CudaPlane
+    pl = CudaPlane()
+    forgot = []
+    monkeypatch.setattr(pl.receiver, "forget_owner", forgot.append)
+
+    def link(uid):
+        ln = lifetime.Link(lambda msgs: None, uid)
+        ln.uid = uid
+        monkeypatch.setattr(ln, "post", lambda m, ln=ln: ln.state.setdefault("posted", []).append(m))
+        pl.peers.of(ln)
+        return ln
+
+    a, b, c = link("A"), link("B"), link("C")
+    pl.housekeeping()
+    assert forgot == []
+    looked, links = [], pl.peers._links
+
+    class Counted:
+        def __iter__(self):
+            looked.append(1)
+            return iter(links)
+
+        def add(self, link):
+            links.add(link)
+
+    monkeypatch.setattr(pl.peers, "_links", Counted())
+    pl.housekeeping()
+    assert forgot == [] and looked == []
+    lifetime.LEDGER.link_closed(b)
+    pl.housekeeping()
+    n = len(looked)
+    pl.housekeeping()                       # the same close again: nothing more
+    assert forgot == ["B"] and n and len(looked) == n
+    lifetime.LEDGER.link_closed(a)
+    pl.housekeeping()
+    assert forgot == ["B", "A"]
+    retire = [("plane", "cuda", ("retire-owner", x)) for x in ("B", "A")]
+    assert c.state["posted"] == retire and a.state["posted"] == retire[:1] and "posted" not in b.state
+    # Closed before the plane met it, then met (a late frame from a dead peer).
+    d = lifetime.Link(lambda msgs: None, "D")
+    d.uid = "D"
+    lifetime.LEDGER.link_closed(d)
+    pl.housekeeping()
+    pl.peers.of(d)
+    pl.housekeeping()
+    assert forgot == ["B", "A", "D"]
+    # Links made and dropped: a later one at a reused address is its own link.
+    ids = []
+    for i in range(50):
+        e = lifetime.Link(lambda msgs: None, f"E{i}")
+        e.uid = f"E{i}"
+        pl.peers.of(e)
+        ids.append(id(e))
+        lifetime.LEDGER.link_closed(e)
+        pl.housekeeping()
+        del e
+        gc.collect()
+    assert len(set(ids)) < len(ids)         # addresses were reused
+    assert forgot[3:] == [f"E{i}" for i in range(50)]
+    with pytest.raises(ValueError, match="stays closed"):
+        a.closed = False
+
+
 def test_decoding_for_an_invisible_gpu_is_a_clear_error():
     pytest.importorskip("torch")
     from comfy_env.ipc.cuda.plane import CudaPlane, CudaTransferError

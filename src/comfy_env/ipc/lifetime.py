@@ -32,6 +32,7 @@ their blocks go with them).
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import sys
 import threading
@@ -99,15 +100,35 @@ class Link:
         self._send_control = send_control   # callable(list_of_messages)
         self.name = name
         self.uid = None                     # the peer's PROCESS_UID, from the handshake
-        self.closed = False
+        self._closed = False
         self._posts = collections.deque()
         self.lent = collections.Counter()   # key -> outstanding lends to this peer
         self.held = 0                       # our records held through leases from this peer
         self.state = {}                     # plane name -> per-peer plane state
 
+    # Changes whenever a link of this process closes: a plane that must notice closed
+    # peers (the CUDA plane, before each frame) compares it instead of looking at every
+    # link.  Each close stores a new number from one counter (``next`` is atomic; no lock,
+    # which a forked child could inherit held: forksafe closes links there).
+    closes = 0
+    _close_serial = itertools.count(1)
+
+    @property
+    def closed(self) -> bool:
+        """The peer is gone (set by ``LEDGER.link_closed``; never cleared)."""
+        return self._closed
+
+    @closed.setter
+    def closed(self, value) -> None:
+        if value and not self._closed:
+            self._closed = True       # before the count: whoever sees the new count sees the flag
+            Link.closes = next(Link._close_serial)
+        elif not value and self._closed:
+            raise ValueError("a closed link stays closed")
+
     def post(self, message) -> None:
         """Queue ``message`` for the peer.  Safe from finalizers and any thread."""
-        if not self.closed:
+        if not self._closed:
             self._posts.append(message)
             LEDGER.poke(self)
 
