@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import sys
@@ -117,6 +118,20 @@ def test_a_frame_sent_before_another_arrives_first_and_whole(pair, before, body,
     assert [_read_fd(fd) for fd in got_fds] == ([b"the call's fd"] if with_fd else [])
     a.sock = counting.sock
 
+
+def test_a_refused_frame_still_sends_what_was_to_go_before_it(pair, monkeypatch):
+    """The control messages that ride ahead of a frame (a call's releases) were taken
+    from the link for it: a frame refused before anything is sent (too big, too many
+    fds) must not take them with it, or the peer never learns of the releases."""
+    from comfy_env.ipc import transport
+    a, b = pair
+    monkeypatch.setattr(transport, "MAX_BODY", 100 << 10)
+    with pytest.raises(transport.FrameTooLarge):
+        a.send([b"x" * (200 << 10)], before=[b"control"])
+    assert select.select([b.sock], [], [], 5)[0], "what was to go before the frame was lost"
+    assert b.recv() == (b"control", [])
+    a.send([b"next"])                       # the channel is still in step
+    assert b.recv() == (b"next", [])
 
 
 def test_many_fds_in_one_frame(pair):

@@ -274,7 +274,12 @@ class Channel:
         if small is None:
             views = [memoryview(c).cast("B") for c in chunks]
             nfds = len(fds)
-            header = frame_header(sum(v.nbytes for v in views), nfds)   # refuses before anything is sent
+            try:
+                header = frame_header(sum(v.nbytes for v in views), nfds)   # refuses before anything is sent
+            except Exception:
+                if pre is not None:
+                    self.send(before)     # only this frame is refused: what was to go ahead of it goes
+                raise
             batches = None
             if nfds <= MAX_FDS:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if nfds else []
