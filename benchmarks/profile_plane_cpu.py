@@ -1,6 +1,6 @@
 """The CUDA plane's Python cost per tensor, on a machine without a GPU (a diagnostic).
 
-    python benchmarks/profile_plane_cpu.py [--src DIR] [--tensors 32] [--profile]
+    python benchmarks/profile_plane_cpu.py [--src DIR] [--tensors 32] [--busy] [--profile]
 
 Worker → parent with the import cache's case (the same 32 pool tensors every call),
 with the driver, torch's CUDA calls and the tensors themselves replaced by stand-ins
@@ -9,6 +9,8 @@ plane, import cache, lazy result, holder deaths), which is most of the per-tenso
 time on the GPU machine too (bench_cuda.py measures the real thing there).  Both
 "processes" run here, one after the other: encode ``N`` messages, then decode them
 as the parent would (LazyResult, materialise, drop).  ``--src`` measures another tree.
+``--busy``: the producer's stream still has work queued (each frame then carries an
+interprocess event); by default it has none, as for a tensor made a while ago.
 """
 from __future__ import annotations
 
@@ -124,6 +126,9 @@ def install_fakes():
     devices.uuid_of = lambda o: UUID
     devices.ordinal_of = lambda u: 0
     devices.use = lambda o: None
+    from comfy_env.ipc.cuda import driver
+    busy = "--busy" in sys.argv
+    driver.stream_done = lambda stream: not busy
     codec._DISPATCH[FakeCudaTensor] = (PLANE,)
 
 

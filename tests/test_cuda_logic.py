@@ -629,6 +629,88 @@ def test_the_sender_guards_its_blocks_with_its_own_lock_not_the_ledgers():
         lifetime.LEDGER._records.pop(key, None)
 
 
+class _FakeCudaTensor:
+    """What the sender reads of a CUDA tensor, as plain attributes."""
+    is_cuda = True
+    is_quantized = False
+    requires_grad = False
+
+    def __init__(self, torch, ptr, n):
+        self.dtype, self.layout, self.shape, self._ptr = torch.float32, torch.strided, torch.Size([n]), ptr
+
+    def get_device(self):
+        return 0
+
+    def stride(self):
+        return (1,)
+
+    def data_ptr(self):
+        return self._ptr
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_a_tensor_lent_in_place_carries_an_event_only_while_its_stream_has_work_queued(monkeypatch, settled):
+    """Pool tensors lent in place: when the producer's stream has nothing queued, the
+    descriptor names no event (nothing to wait for) and the frame reserves and records
+    none; otherwise every tensor of the frame on that stream names the one event the
+    frame records before it is sent.  The stream is asked once per frame."""
+    torch = pytest.importorskip("torch")
+    import io
+    import types
+    from comfy_env.ipc import codec, lifetime
+    from comfy_env.ipc.cuda import devices, driver
+    from comfy_env.ipc.cuda.blocks import OwnedPool
+    from comfy_env.ipc.cuda.plane import CudaPlane
+
+    asked, ring_calls = [], []
+
+    class Ring:
+        def reserve(self):
+            ring_calls.append("reserve")
+            return 3, b"h" * 64
+
+        def record_reserved(self, slot, stream):
+            ring_calls.append("record")
+
+    monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
+    monkeypatch.setattr(devices, "use", lambda o: None)
+    monkeypatch.setattr(driver, "stream_done", lambda s: asked.append(s) or settled)
+    pl = CudaPlane()
+    pl.local.t()
+    pl.local.probed[0] = FULL
+    pl.local.rings[0] = Ring()
+    pl.local.current_stream = lambda o: 7
+    gen = types.SimpleNamespace(key=("w" * 16, 1), fd=-1)
+    pl.local.heap[0] = types.SimpleNamespace(old=[], ordinal=0, owner_of=lambda pool: gen)
+    link = lifetime.Link(lambda m: None, "peer")
+    pl.peers.of(link).pools_sent.add(gen.key)
+    keys, tensors = [], []
+    try:
+        for i in range(2):
+            base = (1 << 40) + i * (4 << 20)
+            t = _FakeCudaTensor(torch, base, 1024)
+            key = ("cuda", "test-settled", i)
+            rec = lifetime.LEDGER.add_owned(key, OwnedPool(0, base, pool_meta(gen.key, b"e" * 64, UUID, 2 << 20),
+                                                           t, gen, 2 << 20), None)
+            pl.sender._by_ptr[base] = pl.sender._by_base[base] = rec
+            rec.resource.ptrs.append(base)
+            keys.append(key)
+            tensors.append(t)
+        fb = codec.FrameBuilder(link)
+        enc = codec.Encoder(io.BytesIO(), fb, link)
+        events = [unpack(pl.sender.encode(t, enc)).event for t in tensors]
+        fb.abort()                            # runs the frame's hook (the record), undoes the lends
+        assert asked == [7]
+        if settled:
+            assert events == [None, None] and ring_calls == []
+        else:
+            assert events[0] is not None and events[0] == events[1]
+            assert ring_calls == ["reserve", "record"]
+    finally:
+        for key in keys:
+            lifetime.LEDGER._records.pop(key, None)
+
+
 # -- the parent's heap (COMFY_ENV_CUDA_PARENT_HEAP) ---------------------------------------------
 @pytest.mark.parametrize("role,worker_heap,parent_heap,wants", [
     ("parent", "pool", "torch", False),      # a worker's policy is not the parent's

@@ -85,12 +85,14 @@ class _EncodeDevice(NamedTuple):
 
 class _EncodeContext:
     """What encoding one frame computes once, not once per tensor."""
-    __slots__ = ("st", "dev", "events", "ready_waited", "staged", "copies")
+    __slots__ = ("st", "hooked", "dev", "events", "settled", "ready_waited", "staged", "copies")
 
     def __init__(self, st):
         self.st = st
+        self.hooked = False     # _finish_frame is registered with the frame
         self.dev = {}           # ordinal -> _EncodeDevice
         self.events = {}        # (ordinal, stream) -> the frame's event there (reserved, recorded at send)
+        self.settled = {}       # (ordinal, stream) -> nothing was queued there when the frame first asked
         self.ready_waited = {}  # id -> a peer's "idle" event already waited on (kept alive: ids stay unique)
         self.staged = {}        # storage address -> (storage, encoder, ref, seq): staged once per part
         self.copies = {}        # (ordinal, stream) -> ([dst], [src], [nbytes], [source kept alive])
@@ -141,12 +143,20 @@ class Sender:
             self.local.t()
             self.plane.housekeeping()
             ctx = state[self.name] = _EncodeContext(self.peers.of(enc.link))
-            enc.fb.before_send(functools.partial(self._finish_frame_kept, ctx))
         return ctx
+
+    def _finish_later(self, ctx, enc):
+        """Have :meth:`_finish_frame` run before the frame is sent (or when it is aborted).
+        Asked before a frame first reserves an event or stages a copy: a frame of
+        tensors lent in place from settled streams has nothing to finish."""
+        if not ctx.hooked:
+            ctx.hooked = True
+            enc.fb.before_send(functools.partial(self._finish_frame_kept, ctx))
 
     def _finish_frame(self, ctx):
         """The frame is about to be sent (or aborted): enqueue its staging copies, then
         record its reserved events after them."""
+        ctx.hooked = False
         copies, ctx.copies = ctx.copies, {}
         events, ctx.events = ctx.events, {}
         # What pinned sources during encoding goes now: ``staged`` holds the encoders,
@@ -154,6 +164,7 @@ class Sender:
         # would break, keeping the user's tensors, and a worker's heap generation, alive).
         ctx.staged.clear()
         ctx.ready_waited.clear()
+        ctx.settled.clear()
         try:
             for (ordinal, stream), (dsts, srcs, sizes, _keep) in copies.items():
                 self.local.copy(ordinal, stream, dsts, srcs, sizes)
@@ -263,6 +274,7 @@ class Sender:
             ref = self._lend_pool_block(enc, st, obj, gen, base, alloc, ordinal, uuid, ptr)
             offset = ptr - base
         elif route == "staging":
+            self._finish_later(ctx, enc)
             ref, seq, offset = self._stage(ctx, enc, obj, ptr or obj.data_ptr(), nbytes, ordinal, uuid, stream,
                                            storage)
         else:
@@ -270,7 +282,9 @@ class Sender:
             offset = 0
         event = None
         if caps.events:
-            event = self._event_for(ctx, ordinal, stream)
+            if (route != "pool" and route != "ipc") or not self._settled(ctx, ordinal, stream):
+                self._finish_later(ctx, enc)
+                event = self._event_for(ctx, ordinal, stream)
         else:
             # No interprocess events: the receiver must not read early, so wait here.
             D.call("cuStreamSynchronize", stream)
@@ -288,6 +302,25 @@ class Sender:
             slot, handle = self.local.rings[ordinal].reserve()
             event = ctx.events[key] = (lifetime.PROCESS_UID, ordinal, slot, handle)
         return event
+
+    def _settled(self, ctx, ordinal, stream):
+        """Whether nothing is queued on ``stream`` any more, asked once per frame: then a
+        tensor lent in place (pool, ipc) needs no event, its bytes are written already.
+
+        The reserve, the record and the receiver's query of an event cost three driver
+        calls and two context checks a frame, against one ``cuStreamQuery`` here; a
+        tensor produced a while ago (a weight, a latent the caller kept, a cached
+        output) is the common case.  Copies (staging, vmm) are queued on the stream
+        by the send itself, so theirs always get the event.  The answer covers what
+        ``stream`` itself ordered, as the event did for torch's streams (non-blocking:
+        the legacy stream never waited for them); "Stream order" in docs/cuda.md says
+        what the caller must order on the current stream either way.
+        """
+        key = (ordinal, stream)
+        done = ctx.settled.get(key)
+        if done is None:
+            done = ctx.settled[key] = D.stream_done(stream)
+        return done
 
     def _first_sight(self, storage, ptr):
         """Whether ``storage`` (not lent now) is one we have not sent before.
