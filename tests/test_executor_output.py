@@ -218,7 +218,11 @@ def test_a_parent_stream_that_raises_once_drops_that_text_and_output_goes_on(mon
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
     with IsolatedExecutor(name="hiccup") as ex:
-        for i in range(4):
+        assert ex.submit(_funcs.print_lines, 2, "call0").result(15) == 2
+        # The refused write first: the output thread may read several calls' lines in
+        # one chunk, and a busy host would then drop call1's with call0's.
+        _wait_for(lambda: out.failed, what="the refused write")
+        for i in range(1, 4):
             assert ex.submit(_funcs.print_lines, 2, f"call{i}").result(15) == 2
         _wait_for(lambda: "call3" in out.text, what="the last call's lines")
         exc = ex.submit(_proc_funcs.segfault_deep, 3).exception(15)
