@@ -7,6 +7,7 @@ under both allocators (``worker_alloc`` parameter).
 import contextlib
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -327,6 +328,63 @@ def test_receiver_waits_for_producer_kernels(worker_alloc):
 
 def w_sums(ts):
     return [w_sum(t) for t in ts]
+
+
+def _current_context():
+    import ctypes
+    cur = ctypes.c_void_p()
+    assert D.try_call("cuCtxGetCurrent", ctypes.byref(cur)) == 0
+    return cur.value
+
+
+def test_a_thread_with_no_cuda_context_sends_several_tensors_in_one_call():
+    """Each driver call of the sending side makes its context current first: a caller
+    thread where no CUDA context is current (it never used CUDA itself) sends, in one
+    call, tensors through each way that makes a driver call while encoding (a new
+    pointer exported or a new storage's handle taken, a first copy into a new staging
+    block, a view of a tensor sent before) after one that makes none, and has no
+    context current after ``submit`` either."""
+    n = 1 << 20
+    big = torch.arange(n, dtype=torch.float32, device="cuda")          # 4 MiB: zero copy when sent again
+    with executor("") as ex:
+        assert ex.submit(w_sum, big).result(timeout=60)[0] == float(n * (n - 1) // 2)   # sent before now
+        fresh_big = torch.full((4 * n,), 2.0, device="cuda")            # 16 MiB, first sight
+        small = [torch.full((1000,), float(i), device="cuda") for i in range(3)]
+        torch.cuda.synchronize()
+        out, errors = {}, []
+
+        def caller():
+            try:
+                out["before"] = _current_context()
+                fut = ex.submit(w_sums, [big, fresh_big, *small, big[10:20], fresh_big[:5]])
+                out["after"] = _current_context()
+                out["sums"] = [s for s, *_ in fut.result(timeout=60)]
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=caller)
+        t.start()
+        t.join(120)
+        assert not t.is_alive() and not errors, errors
+        assert out["before"] is None and out["after"] is None
+        assert out["sums"] == [float(n * (n - 1) // 2), 8.0 * n, 0.0, 1000.0, 2000.0, float(sum(range(10, 20))),
+                               10.0]
+
+
+def test_a_tensor_sent_again_while_a_kernel_still_writes_it_is_read_after_the_kernel():
+    """A tensor lent in place names an event only while its stream has work queued:
+    sent again right after a slow kernel and an in-place fill (no synchronise), the
+    worker reads the filled values."""
+    n = 1 << 20
+    x = torch.zeros(n, device="cuda")
+    with executor("") as ex:
+        assert ex.submit(w_sum, x).result(timeout=60)[0] == 0.0       # sent before: zero copy now
+        for v in (3.0, 4.0):
+            torch.cuda._sleep(1_000_000_000)                           # ~0.5 s of GPU time first
+            x.fill_(v)
+            assert ex.submit(w_sum, x).result(timeout=60)[0] == v * n
+        torch.cuda.synchronize()
+        assert ex.submit(w_sum, x).result(timeout=60)[0] == 4.0 * n    # settled: no event needed
 
 
 @SMALL_COPY

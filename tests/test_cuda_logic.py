@@ -711,6 +711,95 @@ def test_a_tensor_lent_in_place_carries_an_event_only_while_its_stream_has_work_
             lifetime.LEDGER._records.pop(key, None)
 
 
+class _FakeStorage:
+    def __init__(self, ptr, nbytes):
+        self._ptr, self._nbytes = ptr, nbytes
+
+    def data_ptr(self):
+        return self._ptr
+
+    def nbytes(self):
+        return self._nbytes
+
+
+def test_every_driver_call_of_an_encode_finds_the_senders_context_current(monkeypatch):
+    """Each entry into the plane gives the caller its context back on the way out, so
+    every driver call made while encoding must make ours current first: here the
+    caller's thread has none, and one frame sends a tensor sent before (no driver
+    call), a new pointer of our pool (its range, its pool, its export), and a small tensor
+    first seen (a copy into a new staging block: allocated, exported; the copy when
+    the frame is sent)."""
+    torch = pytest.importorskip("torch")
+    import io
+    import types
+    from comfy_env.ipc import codec, lifetime
+    from comfy_env.ipc.cuda import devices, driver
+    from comfy_env.ipc.cuda.blocks import OwnedPool
+    from comfy_env.ipc.cuda.plane import CudaPlane
+
+    current, calls, wrong = [None], [], []
+
+    def driver_call(name, result=None):
+        def call(*args):
+            calls.append(name)
+            if current[0] != 0:
+                wrong.append(name)
+            return result
+        return call
+
+    heap_gen = types.SimpleNamespace(key=("w" * 16, 1), fd=-1, export_pointer=driver_call("export", b"e" * 64))
+    staging_gen = types.SimpleNamespace(key=("w" * 16, 2), fd=-1, alloc=driver_call("alloc", 1 << 44),
+                                        export_pointer=driver_call("export staging", b"s" * 64))
+    pool_base, outside = 1 << 40, 1 << 42
+    monkeypatch.setattr(devices, "uuid_of", lambda o: UUID)
+    monkeypatch.setattr(devices, "use", lambda o: current.__setitem__(0, o))
+    monkeypatch.setattr(driver, "stream_done", driver_call("stream query", True))
+    monkeypatch.setattr(driver, "address_range", lambda p: driver_call("range", (p, 8 << 20))())
+    monkeypatch.setattr(driver, "pointer_pool", lambda b: driver_call("pool of", b == pool_base + (8 << 20))())
+    pl = CudaPlane()
+    pl.local.t()
+    pl.local.probed[0] = FULL
+    pl.local.current_stream = lambda o: 7
+    pl.local.heap[0] = types.SimpleNamespace(old=[], ordinal=0, owner_of=lambda pool: heap_gen if pool else None)
+    pl.local.staging[0] = types.SimpleNamespace(old=[], ordinal=0, current=staging_gen)
+    # The event ring makes its device current itself (events.py); the frame's copy goes
+    # through LocalGpus.copy and the driver's own entry point.
+    pl.local.rings[0] = types.SimpleNamespace(reserve=lambda: (3, b"h" * 64),
+                                              record_reserved=lambda slot, stream: None)
+    monkeypatch.setattr(driver, "call", lambda name, *a, **kw: driver_call(name)())
+    pl.sender.fresh_copy = 1 << 20    # a new storage above it goes by export, a smaller one by copy
+    link = lifetime.Link(lambda m: None, "peer")
+    st = pl.peers.of(link)
+    st.pools_sent.update({heap_gen.key, staging_gen.key})
+    st.verdicts.record("ipc", False, "not here")
+    sent_before = _FakeCudaTensor(torch, pool_base, 1024)
+    rec = lifetime.LEDGER.add_owned(("cuda", "test-context", 1),
+                                    OwnedPool(0, pool_base, pool_meta(heap_gen.key, b"e" * 64, UUID, 2 << 20),
+                                              sent_before, heap_gen, 2 << 20), None)
+    pl.sender._by_ptr[pool_base] = pl.sender._by_base[pool_base] = rec
+    new_in_pool = _FakeCudaTensor(torch, pool_base + (8 << 20), 1024)
+    new_in_pool.untyped_storage = lambda: _FakeStorage(pool_base + (8 << 20), 2 << 20)
+    new_outside = _FakeCudaTensor(torch, outside, 1024)
+    new_outside.untyped_storage = lambda s=_FakeStorage(outside, 4096): s
+    fb = codec.FrameBuilder(link)
+    enc = codec.Encoder(io.BytesIO(), fb, link)
+    try:
+        routes = []
+        for t in (sent_before, new_in_pool, new_outside):
+            current[0] = None         # what the caller's thread has on each entry
+            routes.append(unpack(pl.sender.encode(t, enc)).route)
+        current[0] = None
+        fb._run_before_send()
+        assert routes == ["pool", "pool", "staging"]
+        assert {"range", "pool of", "export", "alloc", "export staging", "cuMemcpyDtoDAsync_v2",
+                "stream query"} <= set(calls)
+        assert wrong == [], f"driver calls made with no context current: {wrong}"
+    finally:
+        with lifetime.LEDGER.lock:
+            for key in [*link.lent, ("cuda", "test-context", 1)]:
+                lifetime.LEDGER._records.pop(key, None)
+
+
 # -- the parent's heap (COMFY_ENV_CUDA_PARENT_HEAP) ---------------------------------------------
 @pytest.mark.parametrize("role,worker_heap,parent_heap,wants", [
     ("parent", "pool", "torch", False),      # a worker's policy is not the parent's

@@ -183,7 +183,6 @@ class Sender:
         heap = stream = None
         if caps.driver:
             heap = self.local.ensure_heap(ordinal)
-            devices.use(ordinal)
             stream = self.local.current_stream(ordinal)
         pool_ok = (heap is not None and caps.pools and ctx.st.verdicts.ok("pool") is not False
                    and not self.force_cpu)
@@ -203,10 +202,9 @@ class Sender:
         d = ctx.dev.get(ordinal)
         if d is None:
             d = self._encode_device(ctx, ordinal)
-        elif d.caps.driver:
-            # Each entry into the plane gives the caller its context back on the way out
-            # (devices.CALLER), so the driver calls below need ours made current again.
-            devices.use(ordinal)
+        # Each entry into the plane gives the caller its context back on the way out
+        # (devices.CALLER): each driver call below makes ours current first.  A tensor
+        # sent before, or copied into a recycled block, makes none while encoded.
         caps, uuid, heap, stream, pool_ok, copy_ok = d
         if obj.layout != torch.strided or obj.is_quantized:
             self.routes["cpu"] += 1
@@ -233,6 +231,7 @@ class Sender:
                         sptr = storage.data_ptr()
                         copy = sptr in ctx.staged or self._first_sight(storage, sptr)
                 if not copy:
+                    devices.use(ordinal)
                     base, alloc = D.address_range(ptr)
                     gen = heap.owner_of(D.pointer_pool(base))
                     in_pool = gen is not None
@@ -287,6 +286,7 @@ class Sender:
                 event = self._event_for(ctx, ordinal, stream)
         else:
             # No interprocess events: the receiver must not read early, so wait here.
+            devices.use(ordinal)
             D.call("cuStreamSynchronize", stream)
         return pack_fields(VERSION, route, ref, dtype, shape, strides, offset, uuid, ordinal, event,
                            obj.requires_grad, seq)
@@ -319,6 +319,7 @@ class Sender:
         key = (ordinal, stream)
         done = ctx.settled.get(key)
         if done is None:
+            devices.use(ordinal)
             done = ctx.settled[key] = D.stream_done(stream)
         return done
 
@@ -372,6 +373,7 @@ class Sender:
         with lifetime.LEDGER.lock:
             rec = self._by_base.get(base)     # a one-key read: checked against the ledger next
             if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
+                devices.use(ordinal)
                 export = gen.export_pointer(base)
                 meta = pool_meta(gen.key, export, uuid, alloc)
                 key = (self.name, lifetime.PROCESS_UID, next(self._serial))
@@ -450,6 +452,7 @@ class Sender:
         """
         if self._ipc_mapped(sptr):
             return None               # a peer's allocation we opened: not ours to lend
+        devices.use(ordinal)
         base, alloc = D.address_range(sptr)
         if alloc > self.limit or D.pointer_pool(base) is not None:
             return None               # too big to map safely; a pool's memory (cudaMallocAsync, imports)
@@ -618,6 +621,7 @@ class Sender:
             self._enqueue_copy(ctx, ordinal, stream, res.ptr, src, nbytes, keep)
             return ref, res.seq
         size = self._staging_size(nbytes)
+        devices.use(ordinal)
         ptr = gen.alloc(size, stream)
         try:
             export = gen.export_pointer(ptr)
@@ -651,6 +655,7 @@ class Sender:
 
     def _lend_vmm(self, enc, obj, nbytes, ordinal, uuid, stream):
         key = (self.name, lifetime.PROCESS_UID, next(self._serial))
+        devices.use(ordinal)
         blk = VmmBlock.create(ordinal, nbytes)
         try:
             D.call("cuMemcpyDtoDAsync_v2", blk.ptr, obj.data_ptr(), nbytes, stream, detail="into a VMM block")
