@@ -129,20 +129,25 @@ def _copies(log):
     return sum(e[1] if e[0] == "copy_batch" else 1 for e in log if e[0] in ("copy_batch", "cuMemcpyDtoDAsync_v2"))
 
 
-def _send(link, objs):
-    """Encode one frame carrying ``objs``; returns the descriptors' routes, in order."""
+def _sent(link, objs):
+    """Encode one frame carrying ``objs``; returns its descriptors, in order."""
     fb, _chunks = codec.encode_message(("result", 1, True), link, [objs])
     fb._lends.clear()                # nobody will release them: the fixture drops the records
     part = fb.parts[0]
-    routes = []
+    descs = []
 
     class _D(codec.pickle.Unpickler):
         def persistent_load(self, pid):
-            routes.append(unpack(pid[2]).route)
+            descs.append(unpack(pid[2]))
             return None
 
     _D(codec.io.BytesIO(part.data)).load()
-    return routes
+    return descs
+
+
+def _send(link, objs):
+    """Encode one frame carrying ``objs``; returns the descriptors' routes, in order."""
+    return [d.route for d in _sent(link, objs)]
 
 
 def test_a_small_tensor_is_copied_the_first_time_and_exported_when_sent_again(worker):
@@ -317,6 +322,65 @@ def test_one_event_per_frame_recorded_after_the_copies(worker):
     assert ("copy_batch", 2, 7) in log and _copies(log) == 2      # both copies in one call, on the stream
     assert names.index("record_reserved") > names.index("copy_batch")
     assert not pl.local.rings[0].reserved
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_tensors_lent_in_place_name_an_event_only_while_their_stream_has_work_queued(worker, monkeypatch, settled):
+    """Sent again (zero copy), tensors whose stream has nothing queued any more name no
+    event, and the frame reserves and records none; with work queued, every one of them
+    names the frame's one event.  The stream is asked once per frame; a copy's frame
+    never asks (its copy is queued on the stream when the frame is sent)."""
+    pl, log, link, _ = worker
+    asked = []
+    monkeypatch.setattr(D, "stream_done", lambda stream: asked.append(stream) or settled)
+    a, b = FakeT(1 << 40), FakeT(1 << 41)
+    assert _send(link, [a, b]) == ["staging", "staging"]
+    assert asked == []
+    del log[:]
+    descs = _sent(link, [a, b])
+    assert [d.route for d in descs] == ["pool", "pool"] and asked == [7]
+    names = [e[0] for e in log]
+    if settled:
+        assert [d.event for d in descs] == [None, None]
+        assert "reserve" not in names and "record_reserved" not in names
+    else:
+        assert descs[0].event is not None and descs[0].event == descs[1].event
+        assert names.count("reserve") == 1 and names.count("record_reserved") == 1
+
+
+def test_every_driver_call_of_an_encode_finds_the_senders_context_current(worker, monkeypatch):
+    """Each entry into the plane gives the caller its context back on the way out, so
+    each driver call made while encoding makes ours current first.  One frame: a tensor
+    sent before (no driver call), a new pointer of a storage sent before (its range and
+    pool, its export) and a small tensor first seen (a new staging block: allocated,
+    exported; its copy when the frame is sent)."""
+    pl, log, link, _ = worker
+    t0, s = FakeT(1 << 40), FakeStorage(1 << 42, MiB)
+    _send(link, [t0, FakeT(0, MiB // 2, storage=s)])      # both copied: first sight
+    _send(link, [t0])                                      # exported: t0 is sent before now
+    encode, finish = pl.sender.encode, pl.sender._finish_frame_kept
+    monkeypatch.setattr(pl.sender, "encode", lambda *a: (log.append(("enter",)), encode(*a))[1])
+    monkeypatch.setattr(pl.sender, "_finish_frame_kept", lambda *a: (log.append(("enter",)), finish(*a))[1])
+    monkeypatch.setattr(devices, "use", lambda o: log.append(("use", o)))
+    monkeypatch.setattr(D, "pointer_pool", lambda ptr: (log.append(("pointer_pool", ptr)), 99)[1])
+    monkeypatch.setattr(D, "stream_done", lambda stream: (log.append(("stream_done", stream)), True)[1])
+    del log[:]
+    assert _send(link, [t0, FakeT(0, MiB // 4, storage=s, offset=MiB // 2), FakeT(1 << 43)]) == [
+        "pool", "pool", "staging"]
+    driver = {"address_range", "pointer_pool", "export", "alloc", "stream_done", "copy_batch",
+              "cuMemcpyDtoDAsync_v2", "cuStreamSynchronize"}
+    current, made, wrong = False, [], []
+    for entry in log:
+        if entry[0] == "enter":
+            current = False           # the caller's own context (none here) is back
+        elif entry[0] == "use":
+            current = True
+        elif entry[0] in driver:
+            made.append(entry[0])
+            if not current:
+                wrong.append(entry[0])
+    assert {"address_range", "pointer_pool", "export", "alloc", "stream_done", "cuMemcpyDtoDAsync_v2"} <= set(made)
+    assert wrong == [], f"driver calls made with no context current: {wrong}"
 
 
 def test_copies_fall_back_to_one_call_each_when_the_batch_call_fails(worker, monkeypatch):
