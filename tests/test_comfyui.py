@@ -375,3 +375,71 @@ def test_a_comfyui_module_the_shim_lacks_is_explained(name):
     assert info.value.name == name and "env=None" in str(info.value)
     assert _ShimGapFinder().find_spec("some_pack_dependency") is None
     assert _ShimGapFinder().find_spec("comfy") is None       # the shim's own package: found earlier
+
+
+def _graph_utils_of_comfyui():
+    """ComfyUI's own comfy_execution/graph_utils.py (a module of plain Python), loaded
+    from the tree the real-ComfyUI tests use; None where there is none."""
+    import importlib.util
+
+    import comfyui_harness
+    found = comfyui_harness._tree(os.environ.get("COMFYUI_DIR")
+                                  or os.path.join(comfyui_harness.REPO, "..", "shared", "comfyui"))
+    if found is None:
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "_comfyui_graph_utils", os.path.join(found[0], "comfy_execution", "graph_utils.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _shim_graph_utils():
+    import importlib.util
+
+    from comfy_env.comfyui import shim
+    spec = importlib.util.spec_from_file_location(
+        "_shim_graph_utils", os.path.join(os.path.dirname(shim.__file__), "comfy_execution", "graph_utils.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_a_graph(gu):
+    """The same GraphBuilder work on either module: what it produced."""
+    gu.GraphBuilder.set_default_prefix("12", 3)
+    g = gu.GraphBuilder()
+    a = g.node("CE_Add", a=1, b=2)
+    b = g.node("CE_Add", a=a.out(0), b=a.out(0))
+    named = g.node("KSampler", id="named", model=b.out(0), seed=5, steps=b.out(1))
+    again = g.node("Other", id="named", seed=6)
+    named.set_input("seed", None)
+    named.set_input("missing", None)
+    named.set_input("cfg", 7.5)
+    named.set_override_display_id("12")
+    d = g.node("CE_Add", a=b.out(0), b=named.out(0))
+    g.node("Dropped")
+    g.replace_node_output("2", 1, 9)
+    g.replace_node_output("named", 0, None)
+    g.remove_node("4")
+    second = gu.GraphBuilder()                      # the next graph index
+    second.node("X", id="x")
+    explicit = gu.GraphBuilder(prefix="mine.")
+    explicit.node("Y")
+    allocated = gu.GraphBuilder.alloc_prefix(root="r", call_index=1)
+    graph, outs = gu.add_graph_prefix(g.finalize(), (d.out(0), 5, "text"), "pre.")
+    links = [gu.is_link(v) for v in (["1", 0], ["1", 0.0], ("1", 0), ["1", "0"], [1, 0], ["1", 0, 1], "x")]
+    return (again is named, g.prefix, g.finalize(), second.prefix, second.finalize(), explicit.finalize(),
+            allocated, gu.GraphBuilder.alloc_prefix(), graph, outs, links,
+            g.lookup_node("named").get_input("cfg"), g.lookup_node("absent"), vars(gu.ExecutionBlocker("why")))
+
+
+def test_the_shims_graph_builder_builds_what_comfyuis_builds():
+    """A node in a shim worker expands into a subgraph with the shim's GraphBuilder: the
+    ids, links and serialised nodes must be ComfyUI's own, or the host runs another graph."""
+    real = _graph_utils_of_comfyui()
+    if real is None:
+        pytest.skip("no ComfyUI tree to compare with (tests/comfyui_harness.py: COMFYUI_DIR)")
+    ours = _build_a_graph(_shim_graph_utils())
+    assert ours == _build_a_graph(real)
+    assert ours[1] == "12.3.0." and ours[3] == "12.3.1." and ours[6] == "r.1.2."

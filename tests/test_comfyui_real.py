@@ -175,6 +175,23 @@ def test_isolated_nodes_of_two_packs_expanding_in_one_prompt_keep_their_own_subg
     assert probed(out, "6")["value"] == 31
 
 
+def test_a_node_in_a_shim_env_expands_with_the_shims_graph_builder_and_blocks_with_its_blocker(comfy):
+    """A pack in its own env (the shim of ComfyUI) builds its subgraph with the shim's
+    GraphBuilder, beside a pack with ComfyUI's own: both subgraphs run, each under its own
+    ids; an ExecutionBlocker it returns is ComfyUI's own in the host (the nodes that use
+    the output are blocked and the message reported)."""
+    out, _ = ok(comfy, {"1": h.api_node("CE_SepExpand", a=2, b=3), "2": probe(["1", 0]),
+                        "3": h.api_node("CE_Expand", a=2, b=3), "4": probe(["3", 0]),
+                        "5": h.api_node("CE_SepExpand", a=10, b=20), "6": probe(["5", 0])})
+    assert probed(out, "2")["value"] == 10
+    assert probed(out, "4")["value"] == 6
+    assert probed(out, "6")["value"] == 60
+    _, events, _ = run(comfy, {"1": h.api_node("CE_SepBlock", why="no input today"), "2": probe(["1", 0], tag="b")})
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert [(e["exception_type"], e["node_id"]) for e in errors] == [("ExecutionBlocked", "2")], errors
+    assert "no input today" in errors[0]["exception_message"]
+
+
 def test_images_pass_through_isolated_nodes_exactly(comfy):
     out, _ = ok(comfy, {
         "1": empty_image(),

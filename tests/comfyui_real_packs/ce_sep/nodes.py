@@ -66,5 +66,36 @@ class SepPreview(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewImage(image, cls=cls))
 
 
+class SepExpand:
+    """Expands, with the shim's GraphBuilder, into CE_Add(a, b) -> CE_Add(that, that)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"a": ("INT", {"default": 0}), "b": ("INT", {"default": 0})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "ce/sep"
+
+    def run(self, a, b):
+        from comfy_execution.graph_utils import GraphBuilder
+        g = GraphBuilder()
+        total = g.node("CE_Add", a=a, b=b)
+        double = g.node("CE_Add", a=total.out(0), b=total.out(0))
+        return {"result": (double.out(0),), "expand": g.finalize()}
+
+
+class SepBlock:
+    """Blocks the nodes that use its output, with a message, through the shim's ExecutionBlocker."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"why": ("STRING", {"default": "blocked"})}}
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "ce/sep"
+
+    def run(self, why):
+        from comfy_execution.graph_utils import ExecutionBlocker
+        return (ExecutionBlocker(why),)
+
+
 NODE_CLASS_MAPPINGS = {"CE_SepInfo": Info, "CE_SepGap": Gap, "CE3_SepScale": SepScale,
-                       "CE3_SepPreview": SepPreview}
+                       "CE3_SepPreview": SepPreview, "CE_SepExpand": SepExpand, "CE_SepBlock": SepBlock}

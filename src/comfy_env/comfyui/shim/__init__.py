@@ -10,11 +10,13 @@ what node code commonly touches:
 - ``folder_paths``: a read-only copy of the host's folders;
 - ``comfy_api.latest``: ``io`` / ``ui`` / ``ComfyExtension`` to define V3 nodes, and the
   progress API (``ComfyAPI[Sync]().execution.set_progress``);
-- ``comfy_execution.utils``: the executing-node context.
+- ``comfy_execution.utils``: the executing-node context;
+- ``comfy_execution.graph_utils``: ``GraphBuilder`` for nodes that expand into a
+  subgraph, ``ExecutionBlocker``.
 
 Anything else of ComfyUI (models, samplers, ``comfy.sd``, ...) is not available in an
 isolated env by design; importing it fails with an error that says so (PROVIDES).
 """
 PROVIDES = ("comfy.utils", "comfy.model_management", "folder_paths", "comfy_api.latest "
             "(io, ui, ComfyExtension, ComfyAPI/ComfyAPISync)", "comfy_execution.utils",
-            "comfy_execution.progress")
+            "comfy_execution.progress", "comfy_execution.graph_utils (GraphBuilder, ExecutionBlocker)")
