@@ -72,6 +72,47 @@ def test_a_preload_that_fails_to_import_says_which_at_once(caplog):
     assert time.monotonic() - t0 < 0.9 and "trying once more" not in caplog.text
 
 
+_PRINTING_PRELOAD = """
+import sys
+print("preload says hello")
+print("preload warns", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("mode", ["stream", "logging", "discard"])
+@pytest.mark.timeout(60)
+def test_what_the_preload_prints_goes_where_worker_output_says(mode, tmp_path, monkeypatch, capsys, caplog):
+    """The zygote's own output (a preload's imports printing or warning) is handled as
+    the workers' is: labelled ``[<name> zygote]`` on this process's streams, INFO
+    records of the executor's logger, or dropped.  It went to /dev/null (stdout) and to
+    an INFO record whatever the mode (stderr)."""
+    import logging
+    (tmp_path / "_printing_preload.py").write_text(_PRINTING_PRELOAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    caplog.set_level(logging.INFO, logger="comfy_env.worker.zp")
+    out = err = ""
+    with IsolatedExecutor(name="zp", preload=["_printing_preload"], worker_output=mode) as ex:
+        assert ex.submit(zf.parent_pid).result() == zygote_pid(ex)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got = capsys.readouterr()
+            out, err = out + got.out, err + got.err
+            logged = [r.getMessage() for r in caplog.records if getattr(r, "worker_name", "") == "zp zygote"]
+            if mode == "stream" and "preload warns" in err and "preload says hello" in out:
+                break
+            if mode == "logging" and len(logged) == 2:
+                break
+            time.sleep(0.05)
+    if mode == "stream":
+        assert "[zp zygote] preload says hello\n" in out and "[zp zygote] preload warns\n" in err
+    elif mode == "logging":
+        assert sorted(logged) == ["[zp] preload says hello", "[zp] preload warns"]
+    if mode != "stream":
+        assert "preload" not in out and "preload" not in err
+    if mode == "discard":
+        assert not [r for r in caplog.records if "preload" in r.getMessage()]
+
+
 @pytest.mark.timeout(60)
 def test_a_preload_that_left_threads_falls_back_to_spawn_with_a_warning():
     with pytest.warns(RuntimeWarning, match="threads running in the zygote.*preload-bg"):
@@ -162,11 +203,13 @@ def test_no_fd_or_process_outlives_the_executor():
 
 
 class _SlowClose:
-    """A zygote's stderr pipe whose close comes late (a drain thread the scheduler is slow to run)."""
+    """A zygote's output pipe whose close comes late (a drain thread the scheduler is slow to run)."""
 
     def __init__(self, f):
         self.f = f
-        self.readline = f.readline
+
+    def fileno(self):
+        return self.f.fileno()
 
     def close(self):
         time.sleep(0.3)
@@ -177,14 +220,14 @@ class _SlowClose:
 @pytest.mark.timeout(60)
 def test_shutdown_waits_for_the_threads_that_close_fds(preload, monkeypatch):
     # The threads that close fds after a process exits, each made slow: the zygote's
-    # reader (its parent-death pipe), its stderr drain, and the keeper, which closes a
+    # reader (its parent-death pipe), its output drain, and the keeper, which closes a
     # process's pidfd (and its selector after the last one) before it reports the exit.
     # shutdown(wait=True) must wait for each of them, bounded; before it did not, and the
     # fds were still open when it returned.
     from comfy_env import zygote
     from comfy_env.executor import launch
 
-    lost, drain, report = zygote.Zygote._lost, zygote.Zygote._drain_stderr, launch._report
+    lost, drain, report = zygote.Zygote._lost, zygote.Zygote._drain_output, launch._report
 
     def slow_lost(self, channel):
         time.sleep(0.3)
@@ -195,7 +238,8 @@ def test_shutdown_waits_for_the_threads_that_close_fds(preload, monkeypatch):
         report(on_exit)
 
     monkeypatch.setattr(zygote.Zygote, "_lost", slow_lost)
-    monkeypatch.setattr(zygote.Zygote, "_drain_stderr", lambda self, f: drain(self, _SlowClose(f)))
+    monkeypatch.setattr(zygote.Zygote, "_drain_output",
+                        lambda self, pid, out, err: drain(self, pid, _SlowClose(out), _SlowClose(err)))
     monkeypatch.setattr(launch, "_report", slow_report)
     for _ in range(2):
         before = _fds()
@@ -321,6 +365,28 @@ def test_forked_workers_start_report_and_exit_with_the_script(pyver, tmp_path):
     assert proc.stdout.strip() == "[True, True, True, 5]", proc.stderr
     # Nothing but the crashing worker's own stderr line, streamed (worker_output="stream").
     assert proc.stderr.splitlines() == ["[local-1#1] bye"], proc.stderr
+
+
+PRINTING_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import _zygote_funcs as zf
+from comfy_env import IsolatedExecutor
+
+with IsolatedExecutor(name="zp", preload=["_printing_preload"]) as ex:
+    print(ex.submit(zf.parent_pid).result() == ex._pool.zygote._proc.pid, flush=True)
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_what_the_preload_prints_is_shown_labelled_on_every_python(pyver, tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "_printing_preload.py").write_text(_PRINTING_PRELOAD)
+    proc = run_script(pyver, PRINTING_SCRIPT.format(tests=tests), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["True", "[zp zygote] preload says hello"], proc.stdout
+    assert proc.stderr.splitlines() == ["[zp zygote] preload warns"], proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -27,6 +27,10 @@ Rules (fork is only safe in a simple process):
   pipe as every worker does, so a SIGKILLed parent takes the zygote and its
   workers with it.
 
+What the zygote itself prints (a preload's imports printing or warning, before any
+worker forks) goes where the executor's ``worker_output`` sends its workers' output,
+labelled ``[<name> zygote]``; a tail of its stderr is kept for start errors.
+
 A forked worker is the zygote's child, not the parent's: the zygote reaps it
 and reports its exit status (the parent's crash reports keep their exit codes
 and signals), and hands the parent a pidfd of it, taken before the worker can
@@ -42,6 +46,7 @@ import logging
 import os
 import pickle
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -148,11 +153,14 @@ class ForkedWorker:
 class Zygote:
     """One environment's zygote, started at the first :meth:`fork`; one per executor."""
 
-    def __init__(self, wenv, preload, logger=None, start_timeout=None):
+    def __init__(self, wenv, preload, logger=None, start_timeout=None, output="stream", name=None):
         self.wenv = wenv
         self.preload = list(preload)
         self.logger = logger or log
         self.start_timeout = start_timeout
+        self.output = output            # the executor's worker_output: where the zygote's own output goes
+        self.label = f"{name or wenv.label} zygote"
+        self.name = name or wenv.label
         self.pid = forksafe.PID         # the process this object belongs to
         self._lock = threading.Lock()   # one start, and fork requests in order
         self._proc = None
@@ -288,7 +296,7 @@ class Zygote:
         try:
             proc = launch.spawn(self.wenv, child.fileno(), alive_r,
                                 on_exit=lambda: _reap(proc_box, reaped),
-                                module="comfy_env.zygote", stdout=subprocess.DEVNULL)
+                                module="comfy_env.zygote", stdout=subprocess.PIPE)
         except BaseException:
             parent.close()
             os.close(alive_w)
@@ -299,8 +307,8 @@ class Zygote:
         proc_box.append(proc)
         self._starting = proc
         forksafe.track_channel(parent)
-        drain = threading.Thread(target=self._drain_stderr, args=(proc.stderr,), daemon=True,
-                                 name=f"comfy_env-zygote-stderr-{proc.pid}")
+        drain = threading.Thread(target=self._drain_output, args=(proc.pid, proc.stdout, proc.stderr),
+                                 daemon=True, name=f"comfy_env-zygote-output-{proc.pid}")
         drain.start()
         # Also a zygote that failed or refused to start: it exits by itself, and
         # close(wait=True) waits for that as for any other.
@@ -352,20 +360,42 @@ class Zygote:
         warnings.warn(f"comfy_env: {why}; workers of environment {self.wenv.label!r} are "
                       f"started the usual way (no zygote)", RuntimeWarning, stacklevel=4)
 
-    def _drain_stderr(self, f):
+    def _drain_output(self, pid, out, err):
+        """The zygote's own stdout and stderr (what the preload's imports print, before
+        any worker forks) go where the executor's ``worker_output`` sends its workers'
+        output, labelled ``[<name> zygote]``; a tail of stderr is kept for start errors.
+        Until both pipes end; closes them."""
+        from .executor.worker_handle import _READ_SIZE, MAX_LINE, _LineSplitter, forward_output
+        streams = {out: "stdout", err: "stderr"}
+        split = {f: _LineSplitter(MAX_LINE) for f in streams}
+        sel = selectors.DefaultSelector()
         try:
-            for raw in iter(lambda: f.readline(), b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self._stderr_tail.append(line)
-                del self._stderr_tail[:-50]
-                self.logger.info("[zygote] %s", line)
+            for f in streams:
+                sel.register(f, selectors.EVENT_READ)
+            while streams:
+                for key, _ in sel.select():
+                    f = key.fileobj
+                    data = os.read(f.fileno(), _READ_SIZE)
+                    stream = streams[f]
+                    if not data:
+                        sel.unregister(f)
+                        del streams[f]
+                    lines = split[f].feed(data, final=not data)
+                    if stream == "stderr":
+                        self._stderr_tail.extend(line for line, _ in lines)
+                        del self._stderr_tail[:-50]
+                    elif self.output == "discard":
+                        continue        # read only to keep the pipe flowing
+                    forward_output(self.output, self.logger, self.name, self.label, pid, stream, lines)
         except (OSError, ValueError):
             pass
         finally:
-            try:
-                f.close()
-            except OSError:
-                pass
+            sel.close()
+            for f in (out, err):
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
     # -- replies and exits -----------------------------------------------------------
     def _read_loop(self, channel):

@@ -355,7 +355,8 @@ class _Pool:
                  preload=None, *, values):
         self.wenv = wenv
         # Workers fork from it when preload is given (see comfy_env.zygote).
-        self.zygote = Zygote(wenv, preload, logger, start_timeout) if preload else None
+        self.zygote = Zygote(wenv, preload, logger, start_timeout, output=worker_output,
+                             name=name) if preload else None
         self.max_workers = max_workers
         self.init_payload = init_payload
         self.call_timeout = call_timeout
@@ -1281,7 +1282,9 @@ class IsolatedExecutor(Executor):
             (``docs/performance.md``).  Linux only; where forking is unsafe (a
             preload that starts threads) a warning says so and workers start
             as usual.  A preload that initialises CUDA is refused
-            (:class:`~comfy_env.WorkerStartError`).  Default: no zygote.
+            (:class:`~comfy_env.WorkerStartError`).  What the preload prints goes
+            where ``worker_output`` says, as ``[<name> zygote]``.  Default: no
+            zygote.
 
     Raises:
         ValueError / TypeError: a bad argument, at construction.

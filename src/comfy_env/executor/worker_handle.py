@@ -829,17 +829,8 @@ class WorkerHandle:
             return
         if stream == "stderr":
             self._keep_tail(lines)
-        mode = self.pool.worker_output
-        if mode == "stream":
-            prefix = f"[{self.link.name}] "
-            text = "".join(f"{prefix}{line}{end or chr(10)}" for line, end in lines)
-            _write_stream(stream, text)
-        elif mode == "logging":
-            logger = self.pool.logger
-            if logger.isEnabledFor(logging.INFO):
-                extra = {"worker_name": self.link.name, "worker_pid": self.pid, "stream": stream}
-                for line, _ in lines:
-                    logger.info("[%s] %s", self.pool.name, line, extra=extra)
+        forward_output(self.pool.worker_output, self.pool.logger, self.pool.name, self.link.name, self.pid,
+                       stream, lines)
 
     def _keep_tail(self, lines):
         for line, _ in lines:
@@ -1051,6 +1042,22 @@ class _LineSplitter:
         self._size = 0
         if line or end != "\r":
             out.append((line, end))
+
+
+def forward_output(mode, logger, pool_name, label, pid, stream, lines):
+    """Hand complete lines ``[(text, end), ...]`` of a process's ``stream`` to
+    ``worker_output`` ``mode`` (see the module docstring); ``label`` names the process
+    (a worker, or an executor's zygote)."""
+    if not lines:
+        return
+    if mode == "stream":
+        prefix = f"[{label}] "
+        _write_stream(stream, "".join(f"{prefix}{line}{end or chr(10)}" for line, end in lines))
+    elif mode == "logging":
+        if logger.isEnabledFor(logging.INFO):
+            extra = {"worker_name": label, "worker_pid": pid, "stream": stream}
+            for line, _ in lines:
+                logger.info("[%s] %s", pool_name, line, extra=extra)
 
 
 def _write_stream(stream, text):
