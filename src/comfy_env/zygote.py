@@ -159,8 +159,7 @@ class Zygote:
         self.logger = logger or log
         self.start_timeout = start_timeout
         self.output = output            # the executor's worker_output: where the zygote's own output goes
-        self.label = f"{name or wenv.label} zygote"
-        self.name = name or wenv.label
+        self.name = name or wenv.label  # the executor's: its output is labelled "[<name> zygote]"
         self.pid = forksafe.PID         # the process this object belongs to
         self._lock = threading.Lock()   # one start, and fork requests in order
         self._proc = None
@@ -380,13 +379,13 @@ class Zygote:
                     if not data:
                         sel.unregister(f)
                         del streams[f]
+                    if stream == "stdout" and self.output == "discard":
+                        continue        # read only to keep the pipe flowing (as a worker's pump)
                     lines = split[f].feed(data, final=not data)
                     if stream == "stderr":
                         self._stderr_tail.extend(line for line, _ in lines)
                         del self._stderr_tail[:-50]
-                    elif self.output == "discard":
-                        continue        # read only to keep the pipe flowing
-                    forward_output(self.output, self.logger, self.name, self.label, pid, stream, lines)
+                    forward_output(self.output, self.logger, self.name, f"{self.name} zygote", pid, stream, lines)
         except (OSError, ValueError):
             pass
         finally:
