@@ -1,11 +1,18 @@
 """Warm call latency and cold start: IsolatedExecutor vs ProcessPoolExecutor vs loky.
 
-    python benchmarks/bench_calls.py [--calls 3000] [--rounds 5] [--json PATH]
+    python benchmarks/bench_calls.py [--calls 3000] [--rounds 5] [--json PATH] [--cuda-plane]
 
 Each system runs ``submit(identity, 1).result()`` in a loop; the systems take
 turns in several rounds (this box is shared and noisy: interleaving keeps a
 burst of noise from landing on one system only).  Prints a table of medians
 and p99 in microseconds, and the ratio to ProcessPoolExecutor; writes JSON.
+
+``mp.Queue pair`` is no executor: one ``multiprocessing`` queue each way between
+two processes, a call being one message out and one back (no futures, no
+function lookup).  It is the floor an executor's warm call stands on, and the
+round trip bench_cuda.py's legacy-IPC cells pay (``legacy ∅`` there).
+``--cuda-plane`` installs comfy_env's CUDA plane in the parent and the workers
+first (imports torch; on a GPU machine: what an empty call costs with it).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +32,49 @@ from _common import cold_start, percentile, write_results  # noqa: E402
 from comfy_env import IsolatedExecutor  # noqa: E402
 
 
-def _systems():
+def _queue_child(calls, results):
+    while True:
+        msg = calls.get()
+        if msg is None:
+            return
+        fn, args = msg
+        results.put(fn(*args))
+
+
+class QueuePair:
+    """Two ``multiprocessing`` queues and a process that serves them, behind
+    ``submit(fn, *args).result()``: the round trip without an executor."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self._calls, self._results = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_queue_child, args=(self._calls, self._results), daemon=True)
+        self._proc.start()
+
+    def submit(self, fn, *args):
+        self._calls.put((fn, args))
+        return self
+
+    def result(self, timeout=60):
+        return self._results.get(timeout=timeout)
+
+    def shutdown(self):
+        self._calls.put(None)
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._calls.close()
+        self._results.close()
+
+
+def _systems(cuda_plane=False):
+    init = None
+    if cuda_plane:
+        from comfy_env.ipc.cuda import install
+        install()
+        init = install
     systems = {
-        "comfy_env": lambda: IsolatedExecutor(max_workers=1),
+        "comfy_env": lambda: IsolatedExecutor(max_workers=1, initializer=init),
         "ProcessPoolExecutor": lambda: ProcessPoolExecutor(max_workers=1),
     }
     try:
@@ -36,6 +84,7 @@ def _systems():
         systems["loky"] = lambda: LokyPPE(max_workers=1)
     except ImportError:
         print("loky not installed: skipped (pip install loky)", file=sys.stderr)
+    systems["mp.Queue pair"] = QueuePair
     return systems
 
 
@@ -44,8 +93,9 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "calls.json"))
+    ap.add_argument("--cuda-plane", action="store_true")
     args = ap.parse_args(argv)
-    systems = _systems()
+    systems = _systems(args.cuda_plane)
     samples = {name: [] for name in systems}
     colds = {name: [] for name in systems}
     executors = {}
@@ -86,7 +136,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['system']:<22}{r['median_us']:>12.1f}{r['p99_us']:>12.1f}"
               f"{r['ratio_to_ProcessPoolExecutor']:>10.2f}{r['cold_start_ms']:>16.1f}")
-    return write_results(args.json, "calls", rows)
+    return write_results(args.json, "calls", rows, cuda_plane=args.cuda_plane)
 
 
 if __name__ == "__main__":
