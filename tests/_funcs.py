@@ -264,3 +264,13 @@ def leave_a_thread():
     import threading
     threading.Thread(target=time.sleep, args=(1e6,), name="never-ends").start()
     return os.getpid()
+
+
+def record_run(path, value, then_exit=None):
+    """Append ``value`` and this process's pid to ``path`` (one line per run); exit with
+    ``then_exit`` afterwards if given (a call that kills its worker after it ran)."""
+    with open(path, "a") as f:
+        f.write(f"{value} {os.getpid()}\n")
+    if then_exit is not None:
+        os._exit(then_exit)
+    return value

@@ -41,6 +41,7 @@ from .ipc import codec, lifetime, mainspace, numpy_names, planes
 from .ipc.calls import IMPORTING, adopt_import_paths, adopt_sys_path, completed, resolve_reference
 from .ipc.protocol import (Call, Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready,
                            Result, apply_control, handles)
+from .ipc.taken import WorkerSlot
 from .ipc.transport import Channel, ChannelClosed
 
 
@@ -175,6 +176,7 @@ class Worker:
         self.name = "worker"
         self.functions = fncache.HeldFunctions()     # by-value functions sent once
         self.spin_us = 0              # how long to poll for the next call (the handshake says)
+        self.taken = None             # the slot that tells the parent which call we took (ipc/taken.py)
 
     # -- sending ---------------------------------------------------------------
     def _send_control(self, msgs):
@@ -202,6 +204,7 @@ class Worker:
     # -- handshake -----------------------------------------------------------------
     def handshake(self) -> "Handshake":
         stack_fd = _register_stack_dump()
+        self.taken = WorkerSlot.create()
         hello = {
             "protocol": PROTOCOL_VERSION,
             "version": __version__,
@@ -209,15 +212,20 @@ class Worker:
             "executable": sys.executable,
             "pid": os.getpid(),
             "uid": lifetime.PROCESS_UID,
-            # The hello's one fd, if any, is the read end of the stack-dump pipe.
+            # The hello's fds, in this order, each if present: the read end of the
+            # stack-dump pipe, the taken-call slot.
             "stack_signal": int(STACK_SIGNAL) if stack_fd is not None else None,
+            "taken_slot": self.taken is not None,
         }
+        fds = [fd for fd in (stack_fd, self.taken and self.taken.fd) if fd is not None]
         _, chunks = codec.encode_message(Hello(hello), self.link)
         try:
-            self.channel.send(chunks, [stack_fd] if stack_fd is not None else [])
+            self.channel.send(chunks, fds)
         finally:
             if stack_fd is not None:
                 os.close(stack_fd)
+            if self.taken is not None:
+                self.taken.close_fd()
         body, fds = self.channel.recv()
         frame = codec.decode_envelope(body, fds)
         msg = frame.envelope
@@ -267,6 +275,7 @@ class Worker:
         """
         channel = self.channel
         spin = _SpinPolicy(self.spin_us)
+        taken = self.taken
         while True:
             try:
                 body, fds = channel.recv(spin.before_recv())
@@ -276,6 +285,8 @@ class Worker:
             frame = codec.decode_envelope(body, fds)
             kind = type(frame.envelope)
             if kind is Call:
+                if taken is not None:
+                    taken.took(frame.envelope.call_id)      # first: from here on it may run
                 spin.call_came()
                 # Only a call whose arguments lease blocks can leave leases behind
                 # (counting them walks every record: not for plain calls).

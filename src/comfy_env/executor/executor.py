@@ -609,7 +609,12 @@ class _Pool:
             fb.abort()
             worker.stop_interrupted(exc)
             raise
-        item.drop_inputs(keep_fn=True)      # the worker has them now
+        if fb.lends:
+            # The worker has them now: shared blocks (arrays, tensors) are not pinned
+            # here for the call's length.  The inputs of a call without shared blocks
+            # stay until its result, so that it can be sent again if the worker dies
+            # before it takes the call (on_death).
+            item.drop_inputs(keep_fn=True)
         return True
 
     def _encode(self, item, worker):
@@ -893,12 +898,15 @@ class _Pool:
             worker.kill_for_timeout()
 
     def on_death(self, worker, item, code, start_error):
+        taken = None if item is None else worker.took(item.call_id)
         with self.lock:
             self.workers.discard(worker)
             if worker in self.idle:
                 self.idle.remove(worker)
             killed_by_us = worker in self.doomed
             self.doomed.discard(worker)
+            if taken is False and self._deliver_again_locked(worker, item, killed_by_us):
+                item = None         # queued again: before `finished` below, which it changes
             start_timed_out = worker in self.start_timed_out
             self.start_timed_out.discard(worker)
             # After shutdown(wait=False) (or garbage collection) nothing else stops the
@@ -918,11 +926,14 @@ class _Pool:
                     f"exit after one) while this call ran; its worker (pid {worker.pid}) was killed"))
             else:
                 msg, tail = worker.describe_exit(code)
-                if item.send_failures:
+                if taken is not True and item.send_failures:
                     what = (f"the worker died while the call was being sent to it, and so did "
                             f"the one before it (the call itself may kill them: an argument too "
                             f"big for the worker's memory?): {msg}" if item.send_failures > 1 else
                             f"the call could not be sent to the worker: {msg}")
+                elif taken is False:
+                    what = (f"the worker died before it took the call off its channel (nothing "
+                            f"of the call ran): {msg}")
                 else:
                     what = f"the worker died while running the call: {msg}"
                 item.future.set_exception(WorkerCrashed(what, exitcode=code, stderr_tail=tail))
@@ -950,6 +961,22 @@ class _Pool:
                     self._break(start_error)
         self._notify_done()
         self.dispatch()
+
+    def _deliver_again_locked(self, worker, item, killed_by_us):
+        """``worker`` died with ``item`` sent but not taken (nothing of it ran there): put
+        it back at the front of the queue, as a call whose send failed, and True.  Not
+        when its inputs were handed over at the send (shared blocks: see _hand_over), it
+        was sent MAX_SEND_FAILURES times, we stopped the worker, or the pool is broken:
+        its death report then says the call never ran.  Caller holds the pool lock."""
+        if (killed_by_us or item.args is None or item.stage is not Stage.RUNNING
+                or item.future.done() or self.broken is not None
+                or worker.read_interrupted is not None or worker.protocol_error is not None):
+            return False
+        item.send_failures += 1             # counted as _hand_over counts a failed send
+        if item.send_failures >= MAX_SEND_FAILURES:
+            return False
+        self.pending.appendleft(item)
+        return True
 
     def _break(self, exc):
         with self.lock:

@@ -64,6 +64,7 @@ from ..ipc import codec, interrupts, lifetime
 from ..ipc.calls import parent_argv, parent_cwd
 from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed, Log, Ready, Result,
                             apply_control)
+from ..ipc.taken import ParentSlot
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
 from . import launch
 from .workitem import DEFAULT, Stage
@@ -108,6 +109,7 @@ class WorkerHandle:
         self._stack_fd = None         # read end of the worker's stack-dump pipe
         self._stack_lock = threading.Lock()     # reading it vs. closing it in _finish
         self._stack_signal = None
+        self._taken = None            # the worker's taken-call slot (ipc/taken.py), from its handshake
         self.timeout_stack = None     # the stack taken by kill_for_timeout ("" if none came)
         self.protocol_error = None    # the worker wrote bytes that are not a frame
         self.read_interrupted = None  # a send or a caller's read was cut short (stop_interrupted)
@@ -334,6 +336,11 @@ class WorkerHandle:
         if info.get("stack_signal") and frame.fds:
             self._stack_fd = frame.fds.pop(0)
             self._stack_signal = info["stack_signal"]
+        if info.get("taken_slot") and frame.fds:
+            try:
+                self._taken = ParentSlot(frame.fds.pop(0))
+            except OSError:
+                pass                # as without a slot: every call counts as taken
         frame.close_fds()
         self.info = info
         if info.get("protocol") != PROTOCOL_VERSION:
@@ -884,7 +891,19 @@ class WorkerHandle:
             item, self.item = self.item, None
         if item is not None:
             item.future._worker = None
-        self.pool.on_death(self, item, code, start_error)
+        try:
+            self.pool.on_death(self, item, code, start_error)
+        finally:
+            if self._taken is not None:
+                self._taken.close()
+                self._taken = None
+
+    def took(self, call_id):
+        """Whether the worker took call ``call_id`` off its channel (ipc/taken.py): False
+        when it had not when it died, so nothing of the call ran there; None when it
+        can't be told (no slot)."""
+        slot = self._taken
+        return None if slot is None else slot.last() == call_id
 
     def describe_exit(self, code):
         if code is None:

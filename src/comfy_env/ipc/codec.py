@@ -521,6 +521,11 @@ class FrameBuilder:
         self.parts.append(Part(part.data, refs))
         return len(self.parts) - 1
 
+    @property
+    def lends(self):
+        """Whether the frame lends shared blocks (its own, or forwarded parts')."""
+        return bool(self._lends)
+
     def abort(self):
         """The frame will not be sent: undo its lends (after the hooks, which may hold
         resources such as reserved events)."""
@@ -547,6 +552,7 @@ class _PlainFrame:
 
     __slots__ = ()
     fds = ()
+    lends = False
 
     def abort(self):
         pass

@@ -13,7 +13,8 @@ does with ``_CallItem`` and ``_ResultItem``.  :func:`to_wire` and
 ==============  ==============  ==========================================================
 message         direction       parts / fds
 ==============  ==============  ==========================================================
-``Hello``       worker->parent  fd: read end of the stack-dump pipe
+``Hello``       worker->parent  fds, each if present: the stack-dump pipe's read end, then the
+                                taken-call slot (:mod:`comfy_env.ipc.taken`)
 ``Init``        parent->worker  part 0: ``(initializer, initargs)`` if any
 ``Ready``       worker->parent  --
 ``InitFailed``  worker->parent  part 0: ``(exception, traceback)``; part 1: its text

@@ -97,7 +97,7 @@ class Segment:
                 if self.mm is None:
                     if self.fd < 0:
                         raise RuntimeError(f"segment {self.key} is closed")
-                    mm = _map(self.fd, self.size)
+                    mm = map_fd(self.fd, self.size)
                     STATS["maps"] += 1
                     self._attach(mm)
                     if _can_reopen():
@@ -130,7 +130,7 @@ class Segment:
         fd = os.memfd_create("comfy_env", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            mm = _map(fd, size)
+            mm = map_fd(fd, size)
         except BaseException:
             os.close(fd)
             raise
@@ -146,7 +146,7 @@ class Segment:
         if _keep_fd():
             return cls(key, fd, size)
         try:
-            mm = _map(fd, size)
+            mm = map_fd(fd, size)
         finally:
             os.close(fd)
         STATS["maps"] += 1
@@ -176,7 +176,9 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _map(fd, size):
+def map_fd(fd, size):
+    """``size`` bytes of ``fd`` mapped shared, read-write, holding no fd (a ctypes array;
+    unmapped when the last object built on it is gone)."""
     addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
@@ -204,7 +206,7 @@ def _can_reopen():
             fd = os.memfd_create("comfy_env-probe", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, _PAGE)
-                mm = _map(fd, _PAGE)
+                mm = map_fd(fd, _PAGE)
             finally:
                 os.close(fd)
             fd = os.open(_map_files_path(ctypes.addressof(mm), _PAGE), os.O_RDWR | os.O_CLOEXEC)
