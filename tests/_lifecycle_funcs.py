@@ -44,6 +44,18 @@ def kill_self_first_time(marker_dir):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_self_first_n(marker_dir, n):
+    """Initializer: the first ``n`` workers to start are SIGKILLed while they start (one
+    event that kills several starting workers, as the OOM killer may); a worker claims
+    a slot with an exclusive create, so workers starting together each get their own."""
+    for i in range(n):
+        try:
+            os.close(os.open(os.path.join(marker_dir, f"killed-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def kill_self_always(marker_dir):
     n = len(os.listdir(marker_dir))
     open(os.path.join(marker_dir, f"start-{n}"), "w").close()

@@ -241,6 +241,17 @@ def test_a_worker_killed_while_it_starts_is_started_once_more(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_workers_killed_together_while_they_start_are_one_failure_not_two(tmp_path):
+    """Two workers starting at once, both killed (one event): that is one failed start,
+    retried, not two in a row (which broke the executor); the calls run."""
+    with IsolatedExecutor(max_workers=2, initializer=lf.kill_self_first_n, initargs=(str(tmp_path), 2),
+                          worker_output="discard") as e:
+        fs = [e.submit(_funcs.add, i, i) for i in range(2)]
+        assert [f.result(30) for f in fs] == [0, 2]
+    assert sorted(os.listdir(tmp_path)) == ["killed-0", "killed-1"]
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_that_dies_at_every_start_breaks_the_executor_after_one_retry(tmp_path):
     e = IsolatedExecutor(initializer=lf.kill_self_always, initargs=(str(tmp_path),))
     try:
@@ -348,3 +359,38 @@ def test_a_call_timeout_that_runs_out_while_the_call_is_sent_fails_it_once(tmp_p
         done = threading.Event()
         threading.Thread(target=lambda: (e.shutdown(wait=True), done.set()), daemon=True).start()
         assert done.wait(30), "shutdown(wait=True) hung"
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_broken_while_a_worker_is_being_started_stops_that_worker_too(monkeypatch):
+    """The pool breaks (a second failed start, elsewhere) after a worker was counted but
+    before its process exists: asking it to exit must not fail on the missing channel
+    (it raised on the breaking reader thread, and the pool hung), and the worker, once
+    started, leaves at its handshake; shutdown returns and no process is left."""
+    from comfy_env import WorkerStartError
+    real = WorkerHandle.start
+    paused, go = threading.Event(), threading.Event()
+    started = []
+
+    def start(self):
+        if self.index == 2:
+            paused.set()
+            go.wait(20)
+        real(self)
+        started.append(self)
+
+    monkeypatch.setattr(WorkerHandle, "start", start)
+    ex = IsolatedExecutor(max_workers=2, worker_output="discard")
+    first = ex.submit(_funcs.sleep_then, 1.0, "a")
+    second = []
+    t = threading.Thread(target=lambda: second.append(ex.submit(_funcs.sleep_then, 0.1, "b")))
+    t.start()
+    assert paused.wait(20)
+    ex._pool._break(WorkerStartError("broken for the test"))
+    go.set()
+    t.join(20)
+    with pytest.raises(WorkerStartError):
+        second[0].result(20)
+    ex.shutdown(wait=True)
+    assert [w.proc.poll() is not None for w in started] == [True, True]
+    assert first.done()

@@ -378,6 +378,7 @@ class _Pool:
         # shutdown(wait=True) must not ask the workers to exit meanwhile.
         self.handing = 0
         self.start_failures = 0     # failed starts in a row (see _start_failed)
+        self.start_failure_seq = 0  # failed starts counted so far (a worker notes it when made)
         self.doomed = set()         # workers we are killing: never handed a call again
         # At interpreter exit: stop at once instead of letting running calls finish (set
         # by the ComfyUI adapter: a node's result has nobody to go to once ComfyUI ends).
@@ -777,6 +778,7 @@ class _Pool:
         with self.lock:
             self.starting -= 1
             self.workers.add(worker)
+            worker.made_after_failures = self.start_failure_seq
         try:
             worker.start()      # Popen only; the handshake happens on the reader thread
         except BaseException as exc:
@@ -792,18 +794,24 @@ class _Pool:
             if getattr(exc, "permanent", False):
                 self._break(err)        # a preload that failed to import: it would only repeat
             else:
-                self._start_failed(err, transient=launch.is_transient(exc))
+                self._start_failed(err, transient=launch.is_transient(exc), worker=worker)
             return
         if self.start_timeout is not None:
             self.watchdog.at(time.monotonic() + self.start_timeout, worker, _START)
 
-    def _start_failed(self, error, transient=False):
+    def _start_failed(self, error, transient=False, worker=None):
         """A worker failed to start in a way that may not happen again (killed while it
         started, a transient OSError): try once more after a back-off; a second failure
         in a row breaks the executor, unless it was a shortage of fds or memory
-        (``transient``), which says nothing about the environment."""
+        (``transient``), which says nothing about the environment.
+
+        Only a start made after the last counted failure counts: workers started
+        together and killed together (the OOM killer) are one failure, each retried,
+        not a second failure in a row."""
         with self.lock:
-            self.start_failures += 1
+            if worker is None or worker.made_after_failures >= self.start_failure_seq:
+                self.start_failures += 1
+                self.start_failure_seq += 1
             retry = (self.start_failures < 2 and self.broken is None
                      and not _exit_started and not lifetime.exiting())
             if retry:
@@ -956,7 +964,7 @@ class _Pool:
                     err.__cause__ = start_error
                     start_error = err
                 if retryable:
-                    self._start_failed(start_error)
+                    self._start_failed(start_error, worker=worker)
                 else:
                     self._break(start_error)
         self._notify_done()

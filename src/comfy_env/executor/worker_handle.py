@@ -98,6 +98,8 @@ class WorkerHandle:
         self.deadline = None
         self.ready = False
         self.exiting = False          # we asked it to exit
+        self.made_after_failures = 0  # the pool's failed-start count when it was made (_start_failed)
+        self._exit_lock = threading.Lock()      # request_exit vs. start() making the channel
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._fatal_dump = False      # a "Fatal Python error" dump is being kept whole
         self._output_done = threading.Event()     # the worker's own output is all forwarded
@@ -154,7 +156,11 @@ class WorkerHandle:
             child.close()
             os.close(alive_r)
         self.pid = self.proc.pid
-        self.channel = parent
+        with self._exit_lock:
+            self.channel = parent
+            asked = self.exiting
+        if asked:
+            self._send_exit(parent)     # request_exit came before the channel (see there)
         self.logger = self.pool.logger
         self._exited_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
@@ -216,12 +222,20 @@ class WorkerHandle:
         self.kill()
 
     def request_exit(self):
-        if self.exiting:
-            return
-        self.exiting = True
+        with self._exit_lock:
+            if self.exiting:
+                return
+            self.exiting = True
+            channel = self.channel
+        if channel is not None:
+            self._send_exit(channel)
+        # else: counted by the pool but not started yet (a pool broken meanwhile):
+        # start() sends it once the channel exists, and the worker leaves at its handshake.
+
+    def _send_exit(self, channel):
         try:
             _, chunks = codec.encode_message(Exit(), self.link)
-            self.channel.send(chunks)
+            channel.send(chunks)
         except (ChannelClosed, OSError):
             pass
 
