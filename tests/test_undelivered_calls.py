@@ -142,6 +142,29 @@ def test_a_call_whose_inputs_went_with_the_send_fails_saying_it_never_ran(tmp_pa
 
 
 @pytest.mark.timeout(90)
+def test_only_a_small_call_keeps_its_inputs_after_the_send(monkeypatch):
+    # What can be sent again: the inputs of a call without shared blocks whose message
+    # is at most KEEP_INPUTS_MAX.  Big ones are let go at the send, as before.
+    from comfy_env.executor import executor as ex_mod
+    from comfy_env.executor.worker_handle import WorkerHandle
+    sent = []
+    real = WorkerHandle.send_call
+
+    def spy(self, item, *args, **kwargs):
+        sent.append(item)
+        return real(self, item, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerHandle, "send_call", spy)
+    small, big = b"x" * 1000, b"x" * (ex_mod.KEEP_INPUTS_MAX + 1)
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 2).result(30)
+        for arg, kept in ((small, True), (big, False), (np.zeros(1 << 20), False)):
+            fut = ex.submit(_funcs.sleep_then, 0.3, arg)     # sent (and so judged) by now
+            assert (sent[-1].args is not None) is kept, type(arg)
+            fut.result(30)
+
+
+@pytest.mark.timeout(90)
 def test_a_call_that_kills_each_worker_before_it_is_taken_is_sent_twice_then_fails(tmp_path, monkeypatch):
     # Two deaths before delivery, as a call whose frame kills every worker reading it:
     # sent twice (MAX_SEND_FAILURES), then it fails, and the executor goes on.

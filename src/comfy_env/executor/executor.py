@@ -96,6 +96,7 @@ _exit_started = False           # the at-exit shutdown runs: a failed start is n
 DEFAULT_START_TIMEOUT = 300.0   # seconds: a cold import of torch plus an initializer loading a model
 START_RETRY_BACKOFF = 1.0       # seconds before a failed worker start is tried once more
 MAX_SEND_FAILURES = 2           # a call whose send failed this often fails (WorkerCrashed)
+KEEP_INPUTS_MAX = 1 << 20       # a sent call keeps its inputs (to send again) up to this message size
 
 
 # What a timer entry is for, besides a call (named by its call id).
@@ -610,11 +611,11 @@ class _Pool:
             fb.abort()
             worker.stop_interrupted(exc)
             raise
-        if fb.lends:
-            # The worker has them now: shared blocks (arrays, tensors) are not pinned
-            # here for the call's length.  The inputs of a call without shared blocks
-            # stay until its result, so that it can be sent again if the worker dies
-            # before it takes the call (on_death).
+        if fb.lends or sum(memoryview(c).nbytes for c in chunks) > KEEP_INPUTS_MAX:
+            # The worker has them now: big inputs (shared blocks, a big message) are not
+            # pinned here for the call's length.  A small call's stay until its result,
+            # so that it can be sent again if the worker dies before it takes the call
+            # (on_death).
             item.drop_inputs(keep_fn=True)
         return True
 
