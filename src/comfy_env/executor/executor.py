@@ -974,7 +974,8 @@ class _Pool:
     def _deliver_again_locked(self, worker, item, killed_by_us):
         """``worker`` died with ``item`` sent but not taken (nothing of it ran there): put
         it back at the front of the queue, as a call whose send failed, and True.  Not
-        when its inputs were handed over at the send (shared blocks: see _hand_over), it
+        when its inputs were let go at the send (shared blocks or a message over
+        KEEP_INPUTS_MAX: see _hand_over), it
         was sent MAX_SEND_FAILURES times, we stopped the worker, or the pool is broken:
         its death report then says the call never ran.  Caller holds the pool lock."""
         if (killed_by_us or item.args is None or item.stage is not Stage.RUNNING
