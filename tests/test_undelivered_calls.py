@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +191,52 @@ def test_a_call_that_kills_each_worker_before_it_is_taken_is_sent_twice_then_fai
             fut.result(60)
         assert len(killed) == 2
         assert ex.submit(_funcs.add, 2, 3).result(30) == 5
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_send_whose_death_report_came_first_is_counted_once(tmp_path, monkeypatch):
+    # The send fails because the worker died, and its reader claims the call for the
+    # death report before the sender looks: one failed delivery, counted once (it was
+    # counted by both and so failed as a second one, "and so did the one before it").
+    from comfy_env.executor import executor as ex_mod
+    from comfy_env.executor.worker_handle import WorkerHandle
+    from comfy_env.ipc.transport import ChannelClosed
+    path = str(tmp_path / "runs")
+    real_send, real_death, real_hand = WorkerHandle.send_call, ex_mod._Pool.on_death, ex_mod._Pool._hand_over
+    handed = threading.Event()
+    doomed = [True]                           # the first delivery only
+
+    def send_call(self, item, chunks, fds, books=None):
+        if doomed and item.args and item.args[1] == "doomed":
+            doomed.clear()
+            self.item = item                  # what send_call does first, then the send fails
+            item.future._worker = self
+            os.kill(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while self.item is item and time.monotonic() < deadline:
+                time.sleep(0.005)             # the reader claimed it for the death report
+            raise ChannelClosed("the worker died while the call was sent (test)")
+        return real_send(self, item, chunks, fds, books)
+
+    def hand_over(self, worker, item):
+        try:
+            return real_hand(self, worker, item)
+        finally:
+            if item.args and item.args[1] == "doomed":
+                handed.set()
+
+    def on_death(self, worker, item, code, start_error):
+        if item is not None and item.args and item.args[1] == "doomed":
+            handed.wait(20)                   # the sender has handled its failure by now
+        return real_death(self, worker, item, code, start_error)
+
+    monkeypatch.setattr(WorkerHandle, "send_call", send_call)
+    monkeypatch.setattr(ex_mod._Pool, "_hand_over", hand_over)
+    monkeypatch.setattr(ex_mod._Pool, "on_death", on_death)
+    with IsolatedExecutor(max_workers=1) as ex:
+        ex.submit(_funcs.add, 1, 2).result(30)
+        assert ex.submit(_funcs.record_run, path, "doomed").result(30) == "doomed"
+    assert [v for v, _ in runs(path)] == ["doomed"]
 
 
 SCRIPT = """

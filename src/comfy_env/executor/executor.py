@@ -580,23 +580,21 @@ class _Pool:
             worker.send_call(item, chunks, fds, fn_sent)
         except (ChannelClosed, OSError) as exc:
             fb.abort()
-            item.send_failures += 1
             # The worker died between calls (killed while idle), or while it received
             # this one: the call goes back to the front of the queue, once.  A second
             # failure is left to the death report (WorkerCrashed): a call whose frame
             # kills every worker it reaches (an argument too big for the worker's
-            # memory) must fail, not start workers forever.  Requeued only if the
-            # worker's reader has not claimed the item for its death report already
-            # (WorkerHandle._finish): a call both failed and re-run would set its
-            # future twice.
+            # memory) must fail, not start workers forever.  Counted and requeued here
+            # only if the worker's reader has not claimed the item for its death report
+            # already (WorkerHandle._finish): that report counts this failed delivery
+            # then (on_death), and a call both failed and re-run would set its future twice.
             # Nor if the watchdog claimed it meanwhile (its call_timeout ran out while the
             # frame was still going out, or shutdown stopped it): the death report fails
             # it, with CallTimeout; requeued, it ran again with nobody to take its result.
             with self.lock:
                 if (worker.item is item and item.stage is Stage.RUNNING
-                        and item.send_failures < MAX_SEND_FAILURES):
+                        and self._send_again_locked(item)):
                     worker.item = None
-                    self.pending.appendleft(item)
             if not isinstance(exc, ChannelClosed):
                 # Our side of the send failed (no buffer space, too many fds in flight)
                 # with part of the frame perhaps out: the channel can't be trusted, and
@@ -982,7 +980,13 @@ class _Pool:
                 or item.future.done() or self.broken is not None
                 or worker.read_interrupted is not None or worker.protocol_error is not None):
             return False
-        item.send_failures += 1             # counted as _hand_over counts a failed send
+        return self._send_again_locked(item)
+
+    def _send_again_locked(self, item):
+        """Count a failed delivery of ``item`` (taken from its worker by the caller, who
+        holds the pool lock) and put it back at the front of the queue: True.  False once
+        it failed MAX_SEND_FAILURES times: its death report fails it."""
+        item.send_failures += 1
         if item.send_failures >= MAX_SEND_FAILURES:
             return False
         self.pending.appendleft(item)
