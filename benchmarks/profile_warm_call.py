@@ -49,12 +49,20 @@ MARKS = {
          "        _tp.mark('P0')\n        if not (callable(fn) or isinstance(fn, str)):\n"),
         ("        try:\n            chunks, fds, fb, fn_sent = self._encode(item, worker)",
          "        _tp.mark('Penc0')\n        try:\n            chunks, fds, fb, fn_sent = self._encode(item, worker)"),
+        ("        try:\n            chunks, fds, fb, fn_sent, size = self._encode(item, worker)",
+         "        _tp.mark('Penc0')\n        try:\n            chunks, fds, fb, fn_sent, size = self._encode(item, worker)"),
         ("        wenv = self.wenv\n        if fn is not None",
          "        _tp.mark('Penc1')\n        wenv = self.wenv\n        if fn is not None"),
         ("            check_frame(chunks)\n            return chunks, (), codec.PLAIN_FRAME, fn_sent\n",
          "            check_frame(chunks)\n            _tp.mark('Penc2')\n            return chunks, (), codec.PLAIN_FRAME, fn_sent\n"),
         ("        return chunks, fb.fds, fb, fn_sent\n",
          "        _tp.mark('Penc2')\n        return chunks, fb.fds, fb, fn_sent\n"),
+        # (trees since the frame's size is returned too)
+        ("            size = check_frame(chunks)\n            return chunks, (), codec.PLAIN_FRAME, fn_sent, size\n",
+         "            size = check_frame(chunks)\n            _tp.mark('Penc2')\n"
+         "            return chunks, (), codec.PLAIN_FRAME, fn_sent, size\n"),
+        ("        return chunks, fb.fds, fb, fn_sent, size\n",
+         "        _tp.mark('Penc2')\n        return chunks, fb.fds, fb, fn_sent, size\n"),
     ],
     "executor/worker_handle.py": [
         ("            books()\n        self.channel.send(chunks, fds)\n",

@@ -539,7 +539,7 @@ class _Pool:
                 return True
             item.stage = Stage.RUNNING
         try:
-            chunks, fds, fb, fn_sent = self._encode(item, worker)
+            chunks, fds, fb, fn_sent, size = self._encode(item, worker)
         except KeyboardInterrupt as exc:
             if not interrupts.maybe_ctrl_c():
                 # Off the main thread, with Ctrl-C held back (this step holds it), or
@@ -609,7 +609,7 @@ class _Pool:
             fb.abort()
             worker.stop_interrupted(exc)
             raise
-        if fb.lends or sum(memoryview(c).nbytes for c in chunks) > KEEP_INPUTS_MAX:
+        if fb.lends or size > KEEP_INPUTS_MAX:
             # The worker has them now: big inputs (shared blocks, a big message) are not
             # pinned here for the call's length.  A small call's stay until its result,
             # so that it can be sent again if the worker dies before it takes the call
@@ -618,7 +618,7 @@ class _Pool:
         return True
 
     def _encode(self, item, worker):
-        """``(chunks, fds, frame builder, fn_sent)``: ``fn_sent()`` updates the worker's
+        """``(chunks, fds, frame builder, fn_sent, body bytes)``: ``fn_sent()`` updates the worker's
         books (the function the frame carries, what it evicts; see fncache) and must run
         as the frame goes out (WorkerHandle.send_call)."""
         fn = item.fn
@@ -658,8 +658,8 @@ class _Pool:
                     raise _explain_pickling(exc, item, _plain_dumps) from exc
             else:
                 chunks = codec.plain_chunks(Call(item.call_id, fnref), (call,), (plain,))
-            check_frame(chunks)
-            return chunks, (), codec.PLAIN_FRAME, fn_sent
+            size = check_frame(chunks)
+            return chunks, (), codec.PLAIN_FRAME, fn_sent, size
         # A call refused for too many blocks (more fds than the worker can open, see
         # transport.fd_room) must undo every lend it took (fb.abort), or the blocks
         # would never be released in the parent nor in the producing worker.
@@ -677,14 +677,14 @@ class _Pool:
                 raise _explain_pickling(exc, item) from exc
             chunks = fb.build(Call(item.call_id, fnref))
             try:
-                check_frame(chunks, fb.fds)
+                size = check_frame(chunks, fb.fds)
             except TooManyFds as exc:
                 raise PicklingFailed(f"the call's arguments span {len(fb.fds)} shared "
                                      f"blocks: {exc}") from None
         except BaseException:
             fb.abort()
             raise
-        return chunks, fb.fds, fb, fn_sent
+        return chunks, fb.fds, fb, fn_sent, size
 
     def _pickled_once(self, fn):
         """``(blob, key)`` when ``fn`` goes by value and can be sent once per worker

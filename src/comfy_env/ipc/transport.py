@@ -186,13 +186,15 @@ def frame_header(length: int, nfds: int = 0) -> bytes:
     return _HEADER.pack(MAGIC, FRAME_VERSION, nfds & 0xFF, nfds >> 8, length)
 
 
-def check_frame(chunks, fds=()) -> None:
-    """Raise what :meth:`Channel.send` would for this frame, before it is sent."""
+def check_frame(chunks, fds=()) -> int:
+    """Raise what :meth:`Channel.send` would for this frame, before it is sent; else
+    return its body's length in bytes."""
     length = 0
     for c in chunks:
         length += len(c) if type(c) is bytes else memoryview(c).nbytes
     if length > MAX_BODY or len(fds) > MAX_FDS:     # all frame_header refuses
         frame_header(length, len(fds))
+    return length
 
 
 def _check_header(buf, pos):
