@@ -14,7 +14,7 @@ import _caller_read_funcs as cf
 import _funcs
 from _log_records import collect_records
 from comfy_env import IsolatedExecutor, WorkerCrashed
-from pythons import ALL_PYTHONS, run_script
+from pythons import ALL_PYTHONS, TESTS, run_script
 
 
 @pytest.fixture
@@ -465,9 +465,7 @@ print("ok", interrupted, answered)
 @ALL_PYTHONS
 @pytest.mark.timeout(180)
 def test_a_storm_of_ctrl_c_on_the_main_thread_loses_no_call_and_leaks_nothing(pyver, tmp_path):
-    import os
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_script(pyver, SIGINT_STORM.format(tests=tests, seed=7), cwd=tmp_path, timeout=150)
+    proc = run_script(pyver, SIGINT_STORM.format(tests=TESTS, seed=7), cwd=tmp_path, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok, interrupted, answered = proc.stdout.split()
     # The storm did land, and calls still went through between its signals.

@@ -19,7 +19,7 @@ import pytest
 
 import _funcs
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
-from pythons import ALL_PYTHONS, run_script
+from pythons import ALL_PYTHONS, TESTS, run_script
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd slots are Linux-only")
 
@@ -259,7 +259,6 @@ print(open(path).read().split()[0])
 @ALL_PYTHONS
 @pytest.mark.timeout(120)
 def test_redelivery_on_every_python(pyver, tmp_path):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_script(pyver, SCRIPT.format(tests=tests), cwd=tmp_path, timeout=90)
+    proc = run_script(pyver, SCRIPT.format(tests=TESTS), cwd=tmp_path, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["sent", "True", "sent"], (proc.stdout, proc.stderr)

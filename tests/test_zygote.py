@@ -17,7 +17,7 @@ import pytest
 import _funcs
 import _zygote_funcs as zf
 from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed, WorkerStartError
-from pythons import ALL_PYTHONS, run_script
+from pythons import ALL_PYTHONS, TESTS, run_script
 from procstate import alive, proc_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="zygotes are Linux-only")
@@ -319,8 +319,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 @pytest.mark.parametrize("fork_child", [False, True])
 @pytest.mark.timeout(120)
 def test_a_sigkilled_parent_takes_the_zygote_and_its_workers_along(pyver, fork_child, tmp_path):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_script(pyver, SIGKILLED.format(tests=tests, fork_child=fork_child), cwd=tmp_path,
+    proc = run_script(pyver, SIGKILLED.format(tests=TESTS, fork_child=fork_child), cwd=tmp_path,
                       timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     pids = [int(p) for p in proc.stdout.split()]
@@ -359,8 +358,7 @@ r = ex.submit(zf.pid)                   # still queued or running when the scrip
 @ALL_PYTHONS
 @pytest.mark.timeout(120)
 def test_forked_workers_start_report_and_exit_with_the_script(pyver, tmp_path):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = run_script(pyver, LIFECYCLE.format(tests=tests), cwd=tmp_path, timeout=60)
+    proc = run_script(pyver, LIFECYCLE.format(tests=TESTS), cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[True, True, True, 5]", proc.stderr
     # Nothing but the crashing worker's own stderr line, streamed (worker_output="stream").
@@ -381,9 +379,8 @@ with IsolatedExecutor(name="zp", preload=["_printing_preload"]) as ex:
 @ALL_PYTHONS
 @pytest.mark.timeout(120)
 def test_what_the_preload_prints_is_shown_labelled_on_every_python(pyver, tmp_path):
-    tests = os.path.dirname(os.path.abspath(__file__))
     (tmp_path / "_printing_preload.py").write_text(_PRINTING_PRELOAD)
-    proc = run_script(pyver, PRINTING_SCRIPT.format(tests=tests), cwd=tmp_path, timeout=60)
+    proc = run_script(pyver, PRINTING_SCRIPT.format(tests=TESTS), cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == ["True", "[zp zygote] preload says hello"], proc.stdout
     assert proc.stderr.splitlines() == ["[zp zygote] preload warns"], proc.stderr
