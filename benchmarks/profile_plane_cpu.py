@@ -11,6 +11,11 @@ time on the GPU machine too (bench_cuda.py measures the real thing there).  Both
 as the parent would (LazyResult, materialise, drop).  ``--src`` measures another tree.
 ``--busy``: the producer's stream still has work queued (each frame then carries an
 interprocess event); by default it has none, as for a tensor made a while ago.
+``--new``: bench_cuda.py's other case, a new worker tensor every call: each goes by
+one copy into a staging block (the copy faked), and after each frame the parent's
+"idle" report of its blocks is handed to the worker's plane, so later frames recycle
+them as they do on the GPU; the parent decodes into its kept imports and reports them
+idle again.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from comfy_env.ipc.cuda.plane import PLANE  # noqa: E402
 
 # --tensors K: tensors per message (1 shows what each message costs on top of its tensor)
 K = int(sys.argv[sys.argv.index("--tensors") + 1]) if "--tensors" in sys.argv else 32
+NEW = "--new" in sys.argv
 MiB = 1 << 20
 UUID = "0123456789abcdef0123456789abcdef"
 
@@ -59,6 +65,46 @@ class FakeCudaTensor:
 
     def data_ptr(self):
         return self._ptr
+
+
+class FakeStorage:
+    """A storage as the staging route reads it: its size and address; weakref-able."""
+    __slots__ = ("_ptr", "__weakref__")
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+
+    def nbytes(self):
+        return MiB
+
+    def data_ptr(self):
+        return self._ptr
+
+
+class FakeNewCudaTensor(FakeCudaTensor):
+    """A worker's new output: a new storage (torch may hand out the same address again)."""
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+        self._storage = FakeStorage(ptr)
+
+    def untyped_storage(self):
+        return self._storage
+
+
+class FakeStagingGen:
+    key = ("w" * 16, 2)       # the worker's (its uid): the parent keeps and reports its blocks
+    fd = -1
+
+    def __init__(self):
+        self._next = 1 << 36
+
+    def alloc(self, nbytes, stream):
+        self._next += nbytes
+        return self._next
+
+    def export_pointer(self, ptr):
+        return b"x" * 64
 
 
 class FakeTensor:
@@ -130,6 +176,14 @@ def install_fakes():
     busy = "--busy" in sys.argv
     driver.stream_done = lambda stream: not busy
     codec._DISPATCH[FakeCudaTensor] = (PLANE,)
+    codec._DISPATCH[FakeNewCudaTensor] = (PLANE,)
+    if NEW:
+        PLANE.local.staging[0] = types.SimpleNamespace(current=FakeStagingGen(), old=[])
+        PLANE.local.copy = lambda ordinal, stream, dsts, srcs, sizes: None
+        # The default worker: torch's native allocator, no export heap (bench_cuda.py's mixed).
+        PLANE.local.heap[0] = None
+        PLANE.sender.ipc_min = PLANE.sender.small_copy = 16 * MiB
+        PLANE.sender.fresh_copy = 4096 * MiB
 
 
 def worker_tensors():
@@ -148,9 +202,26 @@ def worker_tensors():
     return ts
 
 
+def new_tensors(frame):
+    """K new outputs; torch's allocator hands out the same few addresses again."""
+    return [FakeNewCudaTensor((1 << 34) + ((frame % 2) * K + i) * 2 * MiB) for i in range(K)]
+
+
+def encode_new_frames(n, to_parent):
+    """The worker's side of ``n`` calls returning K new tensors each: after each frame,
+    the parent's "idle" report of the frame's staging blocks, as after its reads."""
+    bodies = []
+    for frame in range(n):
+        fb, chunks = codec.encode_message(("result", 1, True), to_parent, [new_tensors(frame)])
+        bodies.append((b"".join(bytes(c) for c in chunks), list(fb.fds)))
+        keys = [(ref[1], lifetime.LEDGER.get(ref[1]).resource.seq) for ref in fb.parts[0].refs]
+        PLANE.sender.on_idle(to_parent, keys, None)
+    return bodies
+
+
 def main(n=3000):
     install_fakes()
-    ts = worker_tensors()
+    ts = worker_tensors() if not NEW else None
     to_parent = lifetime.Link(lambda m: None, "parent")
     to_parent.uid = "p" * 16
     prof = None
@@ -160,10 +231,13 @@ def main(n=3000):
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    bodies = []
-    for _ in range(n):
-        fb, chunks = codec.encode_message(("result", 1, True), to_parent, [ts])
-        bodies.append((b"".join(bytes(c) for c in chunks), list(fb.fds)))
+    if NEW:
+        bodies = encode_new_frames(n, to_parent)
+    else:
+        bodies = []
+        for _ in range(n):
+            fb, chunks = codec.encode_message(("result", 1, True), to_parent, [ts])
+            bodies.append((b"".join(bytes(c) for c in chunks), list(fb.fds)))
     enc = (time.perf_counter() - t0) / (n * K) * 1e6
     # Now the parent: forget the worker's side of the ledger, decode what it sent.
     with lifetime.LEDGER.lock:
@@ -184,6 +258,9 @@ def main(n=3000):
     dec = (time.perf_counter() - t0) / ((n - 1) * K) * 1e6
     if prof:
         prof.disable()
+    if NEW:
+        print(f"routes {dict(PLANE.sender.routes)}, recycled {PLANE.sender.recycled}, "
+              f"parent's cache {PLANE.receiver.import_cache.stats()}")
     print(f"{_src}: worker encode {enc:.2f} µs/tensor, parent decode+drop {dec:.2f} µs/tensor "
           f"(Python only; torch and the driver faked)")
     if prof:

@@ -11,6 +11,7 @@ handle.
   releases posted; an open waits for a pending close of the same handle;
 * a forwarding process (the parent between two workers) opens nothing and hands on no fd.
 """
+import collections
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from comfy_env.ipc.cuda import driver as D  # noqa: E402
 from comfy_env.ipc.cuda.blocks import RemoteIpc  # noqa: E402
 from comfy_env.ipc.cuda.errors import CudaTransferError  # noqa: E402
 from comfy_env.ipc.cuda.ipchandles import IpcImports  # noqa: E402
-from comfy_env.ipc.cuda.layout import DescriptorError, IpcMeta, ipc_meta, unpack, validate_meta  # noqa: E402
+from comfy_env.ipc.cuda.layout import VERSION, DescriptorError, IpcMeta, ipc_meta, pack_fields, unpack, validate_meta  # noqa: E402
 from comfy_env.ipc.cuda.paths import Capabilities  # noqa: E402
 from comfy_env.ipc.cuda.plane import CudaPlane  # noqa: E402
 from comfy_env.ipc.protocol import Release  # noqa: E402
@@ -256,6 +257,81 @@ def test_a_small_storage_sent_again_goes_by_handle_and_says_so(parent):
     s2 = FakeStorage(base + 4 * MiB, MiB)
     assert _routes(link, [FakeT(s2)]) == _routes(link, [FakeT(s2)]) == ["staging"]
     assert len(_handle_calls(log)) == 1
+
+
+def test_a_small_first_seen_storage_is_staged_without_asking_the_ipc_route_or_choose(parent, monkeypatch):
+    """No export heap (torch's native allocator): a call's new small output is staged
+    straight away, with its own reason; sent again it still goes by handle."""
+    pl, log, link, mem = parent
+    base = mem.add(1 << 40, 64 * MiB)
+    s = FakeStorage(base, MiB)
+    refuse = lambda *a, **k: pytest.fail("asked although the answer was known")   # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(pl.sender, "_lend_ipc", refuse)
+        m.setattr("comfy_env.ipc.cuda.sender.choose", refuse)
+        assert _routes(link, [FakeT(s), FakeT(s, nbytes=1024, offset=4096)]) == ["staging", "staging"]
+    assert pl.last_reasons["staging"] == paths.NATIVE_COPY_WHY
+    assert _routes(link, [FakeT(s)]) == ["ipc"] and len(_handle_calls(log)) == 1
+
+
+def _cpu_stub(obj, dtype, ordinal, uuid, why):
+    """_encode_cpu's place in a route test: no copy to host (the fakes have no memory)."""
+    return pack_fields(VERSION, "empty", -1, dtype, tuple(obj.shape), tuple(obj.stride()), 0, uuid, ordinal,
+                       None, False)
+
+
+@pytest.mark.parametrize("case", ["fresh", "again", "verdict_pool", "verdict_ipc", "no_handles", "force_cpu",
+                                  "ipc_min_0", "ipc_min_limit", "small_copy_0", "no_pools"])
+def test_the_native_fast_path_picks_the_route_the_slow_path_picks(parent, monkeypatch, case):
+    """The inline answer for a small first-seen storage is the one _lend_ipc and choose()
+    give, whatever the settings, the peer's verdicts and this process's capabilities."""
+    pl, log, link, mem = parent
+    monkeypatch.setattr(pl.sender, "_encode_cpu", _cpu_stub)
+    real = pl.sender._encode_device
+
+    def routes(fast):
+        def device(ctx, ordinal):
+            d = real(ctx, ordinal)
+            d = ctx.dev[ordinal] = d._replace(native_copy_ok=d.native_copy_ok and fast)
+            return d
+        pl.sender._seen_small.clear()
+        pl.sender.ipc_export.clear()
+        out = []
+        with monkeypatch.context() as m:
+            m.setattr(pl.sender, "_encode_device", device)
+            for n, size in enumerate((512, MiB, 16 * MiB, 16 * MiB + 4, 64 * MiB)):
+                st = FakeStorage(mem.add((1 << 40) + (2 * n + fast) * (1 << 30), 128 * MiB), size)
+                for k in range(3 if case == "again" else 1):
+                    if k == 2:
+                        pl.sender._seen_small.clear()     # forgotten (a full table): its live record still counts
+                    before = collections.Counter(pl.sender.routes)
+                    descs, _refs, fb = _send(link, [FakeT(st), FakeT(st, nbytes=512, offset=0)])
+                    fb._lends.clear()
+                    out.append((size, dict(pl.sender.routes - before)))
+        return out
+
+    if case == "verdict_pool":
+        pl.sender.peers.of(link).verdicts.record("pool", False, "x")
+    elif case == "verdict_ipc":
+        pl.sender.peers.of(link).verdicts.record("ipc", False, "x")
+    elif case == "no_handles":
+        mem.refuse = "CUDA_ERROR_INVALID_VALUE"
+    elif case == "force_cpu":
+        pl.sender.force_cpu = True
+    elif case == "ipc_min_0":
+        pl.sender.ipc_min = 0
+    elif case == "ipc_min_limit":
+        pl.sender.ipc_min = pl.sender.limit
+    elif case == "small_copy_0":
+        pl.sender.small_copy = pl.sender.fresh_copy = 0
+    elif case == "no_pools":
+        pl.local.probed[0] = Capabilities(driver=True, pools=False, vmm=False, events=True)
+    if case == "verdict_pool":
+        pl.local.probed[0] = Capabilities(driver=True, pools=True, vmm=False, events=True)
+    slow = routes(False)
+    assert routes(True) == slow
+    if case == "fresh":
+        assert [r for _size, r in slow] == [{"staging": 2}] * 3 + [{"ipc": 2}] * 2
 
 
 def test_the_route_is_off_with_the_threshold_at_the_import_limit(parent, monkeypatch):

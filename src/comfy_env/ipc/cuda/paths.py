@@ -55,6 +55,10 @@ DEFAULT_SMALL_COPY = int(settings.default("COMFY_ENV_CUDA_SMALL_COPY_MIB") * (1 
 FRESH_COPY_WHY = ("one device copy into a recycled staging block: a tensor sent for the first time "
                   "(a copy is cheaper than mapping a new export in the peer; COMFY_ENV_CUDA_FRESH_COPY_MIB)")
 
+NATIVE_COPY_WHY = ("one device copy into a recycled staging block: a storage of torch's native allocator sent "
+                   "for the first time, at most COMFY_ENV_CUDA_IPC_MIN_MIB (a copy is cheaper than lending it by "
+                   "IPC handle: a record, an open and a release)")
+
 IPC_WHY = ("zero copy: the storage's allocation (torch's native allocator) is lent by its legacy CUDA IPC "
            "handle (above COMFY_ENV_CUDA_IPC_MIN_MIB)")
 

@@ -54,7 +54,7 @@ from . import devices
 from . import driver as D
 from .blocks import OwnedIpc, OwnedPool, OwnedStaging, OwnedVmm
 from .layout import CudaTensorDesc, VERSION, ITEMSIZE, ipc_meta, pack_fields, pool_meta, span_bytes, vmm_meta
-from .paths import FRESH_COPY_WHY, IPC_WHY, POOL_WHY, SMALL_COPY_WHY, Capabilities, choose
+from .paths import FRESH_COPY_WHY, IPC_WHY, NATIVE_COPY_WHY, POOL_WHY, SMALL_COPY_WHY, Capabilities, choose
 from .vmm import VmmBlock
 
 __all__ = ["Sender"]
@@ -81,6 +81,8 @@ class _EncodeDevice(NamedTuple):
     stream: object            # torch's current stream there (a CUstream)
     pool_ok: bool             # a tensor in our export pool goes zero copy without asking choose()
     copy_ok: bool             # a first-seen storage goes by one copy without asking choose()
+    native_copy_ok: bool      # no export heap: a small first-seen storage goes by one copy without
+                              # asking _lend_ipc() and choose()
 
 
 class _EncodeContext:
@@ -184,10 +186,11 @@ class Sender:
         if caps.driver:
             heap = self.local.ensure_heap(ordinal)
             stream = self.local.current_stream(ordinal)
-        pool_ok = (heap is not None and caps.pools and ctx.st.verdicts.ok("pool") is not False
-                   and not self.force_cpu)
+        stage_ok = caps.driver and caps.pools and ctx.st.verdicts.ok("pool") is not False and not self.force_cpu
+        pool_ok = heap is not None and stage_ok
         copy_ok = pool_ok and self.fresh_copy > 0
-        d = ctx.dev[ordinal] = _EncodeDevice(caps, uuid, heap, stream, pool_ok, copy_ok)
+        d = ctx.dev[ordinal] = _EncodeDevice(caps, uuid, heap, stream, pool_ok, copy_ok,
+                                             heap is None and stage_ok)
         return d
 
     def encode(self, obj, enc):
@@ -205,14 +208,14 @@ class Sender:
         # Each entry into the plane gives the caller its context back on the way out
         # (devices.CALLER): each driver call below makes ours current first.  A tensor
         # sent before, or copied into a recycled block, makes none while encoded.
-        caps, uuid, heap, stream, pool_ok, copy_ok = d
+        caps, uuid, heap, stream, pool_ok, copy_ok, native_copy_ok = d
         if obj.layout != torch.strided or obj.is_quantized:
             self.routes["cpu"] += 1
             return self._encode_cpu(obj, dtype, ordinal, uuid, f"{obj.layout} tensors have no plain memory layout")
         shape = tuple(obj.shape)
         strides = tuple(obj.stride())
         nbytes = span_bytes(shape, strides, ITEMSIZE[dtype])
-        in_pool, alloc, gen, base, ptr, copy, storage, snbytes = False, 0, None, 0, 0, False, None, 0
+        in_pool, alloc, gen, base, ptr, copy, storage, snbytes, native = False, 0, None, 0, 0, False, None, 0, False
         if nbytes and heap is not None:
             ptr = obj.data_ptr()
             rec = self._by_ptr.get(ptr)
@@ -235,13 +238,27 @@ class Sender:
                     base, alloc = D.address_range(ptr)
                     gen = heap.owner_of(D.pointer_pool(base))
                     in_pool = gen is not None
+        elif nbytes and native_copy_ok:
+            # No export heap (torch's native allocator, the default worker): a storage of at
+            # most ipc_min not lent now and not sent before is staged.  That is what
+            # _lend_ipc() and choose() answer for it; asked here it costs no ledger lock
+            # and no second look at the storage (a call's new outputs are this case).
+            storage = obj.untyped_storage()
+            snbytes = storage.nbytes()
+            if snbytes <= self.ipc_min and snbytes <= self.limit:
+                sptr = storage.data_ptr()
+                rec = self._ipc_by_storage.get(sptr)
+                if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
+                    copy = sptr in ctx.staged or self._first_sight(storage, sptr)
+                    native = copy
         st = ctx.st
         if in_pool and pool_ok and alloc <= self.limit:
             route = "pool"            # choose()'s first answer, without the call
             self.last_reasons[route] = POOL_WHY
         elif copy:
             route = "staging"         # choose()'s answer for a first sight, without the call
-            self.last_reasons[route] = SMALL_COPY_WHY if snbytes <= self.small_copy else FRESH_COPY_WHY
+            self.last_reasons[route] = (NATIVE_COPY_WHY if native else
+                                        SMALL_COPY_WHY if snbytes <= self.small_copy else FRESH_COPY_WHY)
         else:
             ipc_ref = None
             if (nbytes and not in_pool and caps.driver and not self.force_cpu
@@ -275,7 +292,7 @@ class Sender:
         elif route == "staging":
             self._finish_later(ctx, enc)
             ref, seq, offset = self._stage(ctx, enc, obj, ptr or obj.data_ptr(), nbytes, ordinal, uuid, stream,
-                                           storage)
+                                           storage, snbytes)
         else:
             ref = self._lend_vmm(enc, obj, nbytes, ordinal, uuid, stream)
             offset = 0
@@ -345,7 +362,7 @@ class Sender:
         seen[ptr] = weakref.ref(storage)
         return True
 
-    def _stage(self, ctx, enc, obj, ptr, nbytes, ordinal, uuid, stream, storage=None):
+    def _stage(self, ctx, enc, obj, ptr, nbytes, ordinal, uuid, stream, storage=None, snbytes=0):
         """Copy ``obj`` into a staging block: ``(ref, lend seq, offset of the view in it)``.
 
         A storage of at most ``COMFY_ENV_CUDA_SMALL_COPY_MIB`` is staged whole, once per
@@ -355,7 +372,8 @@ class Sender:
         """
         if storage is None:
             storage = obj.untyped_storage()
-        snbytes = storage.nbytes()
+        if not snbytes:
+            snbytes = storage.nbytes()
         if snbytes <= self.small_copy:
             sbase = storage.data_ptr()
             staged = ctx.staged.get(sbase)
@@ -532,11 +550,14 @@ class Sender:
 
     def _staging_size(self, nbytes):
         """Bytes to allocate for ``nbytes``: rounded up, so later tensors of nearby sizes fit."""
-        if nbytes < self._STAGING_ROUND:
-            size = 1 << max(9, (nbytes - 1).bit_length())          # powers of two from 512 B
+        if nbytes <= 512:
+            size = 512                # powers of two from 512 B
+        elif nbytes < self._STAGING_ROUND:
+            size = 1 << (nbytes - 1).bit_length()
         else:
             size = -(-nbytes // self._STAGING_ROUND) * self._STAGING_ROUND
-        return max(nbytes, min(size, self.limit))
+        # Never above the import limit, never below what it must hold (size >= nbytes here).
+        return size if size <= self.limit else max(nbytes, self.limit)
 
     def _take_idle_staging(self, ordinal, nbytes, gen):
         """The smallest idle staging block of the current generation that fits ``nbytes``
