@@ -12,9 +12,12 @@ allowed)::
 
     <!-- snippet: skip (needs a CUDA GPU) -->
     <!-- snippet: stderr-ok (uv prints the build to stderr) -->
+    <!-- snippet: needs-bwrap (runs its workers in a sandbox) -->
 
 ``skip (reason)`` skips it and reports the reason; ``stderr-ok (reason)`` still runs it
-and requires exit code 0, but accepts output on stderr.  A reason is required.
+and requires exit code 0, but accepts output on stderr; ``needs-bwrap (reason)`` runs it
+where bubblewrap can run (``comfy_env.sandbox.probe()``, as tests/test_sandbox.py asks)
+and skips it elsewhere, saying why.  A reason is required.
 Keep skips rare: a snippet that needs files should create them itself.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ TIMEOUT = 30          # per snippet run: generous for a loaded 2-core box (they 
 
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*snippet:\s*([\w-]+)\s*(?:\((.*)\))?\s*-->\s*$")
-_KNOWN = {"skip", "stderr-ok"}
+_KNOWN = {"skip", "stderr-ok", "needs-bwrap"}
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,12 @@ def test_extract_finds_blocks_and_directives():
         "<!-- snippet: skip (needs a CUDA GPU) -->", "", "```python", "import torch", "```",
         "<!-- snippet: stderr-ok (uv's progress) -->", "```py", "x = 1", "  y = 2", "```",
         "````python", "s = '''", "```", "'''", "````",
+        "<!-- snippet: needs-bwrap (a sandbox) -->", "```python", "pass", "```",
     ])
     got = extract(text)
     assert [(s.line, s.directive, s.reason) for s in got] == [
         (5, None, None), (10, "skip", "needs a CUDA GPU"), (14, "stderr-ok", "uv's progress"),
-        (18, None, None)]
+        (18, None, None), (24, "needs-bwrap", "a sandbox")]
     assert got[0].code == "print(1)\n"
     assert got[2].code == "x = 1\n  y = 2\n"
     assert got[3].code == "s = '''\n```\n'''\n"
@@ -137,9 +141,18 @@ def test_snippet_compiles(snippet):
     compile(snippet.code, snippet.id, "exec")
 
 
+def _bwrap_problem():
+    from comfy_env import sandbox
+    return sandbox.probe()[1]
+
+
 def _check(snippet, pyver, tmp_path):
     if snippet.directive == "skip":
         pytest.skip(f"{snippet.id}: {snippet.reason}")
+    if snippet.directive == "needs-bwrap":
+        problem = _bwrap_problem()
+        if problem is not None:
+            pytest.skip(f"{snippet.id} ({snippet.reason}): bubblewrap cannot run here: {problem}")
     proc = run_script(pyver, snippet.code, cwd=tmp_path, timeout=TIMEOUT)
     where = f"{snippet.id} on Python {pyver}"
     assert proc.returncode == 0, (f"{where} exited with {proc.returncode}\n--- stdout:\n{proc.stdout}"
