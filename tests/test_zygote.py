@@ -402,6 +402,49 @@ def test_submit_does_not_wait_for_the_preload_and_stopping_ends_a_hanging_one_at
     zygote.wait(timeout=5)                      # killed, and reaped
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how,code", [("exit", 3), ("sigkill", -signal.SIGKILL)])
+def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_with_its_status(how, code):
+    """A stopped zygote reaps nothing and reports nothing: the crash is still reported
+    within a second, with the status the kernel keeps for the unreaped worker (before:
+    12 s later, as "did not exit")."""
+    with IsolatedExecutor(max_workers=1, preload=[PRELOADED]) as ex:
+        ex.submit(os.getpid).result(30)
+        zpid = zygote_pid(ex)
+        os.kill(zpid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            # Calls that end their worker themselves: taken, so never sent again (which
+            # would wait for a fork from the stopped zygote).
+            if how == "exit":
+                fut = ex.submit(_funcs.stderr_then_exit, 3)
+            else:
+                fut = ex.submit(_funcs.kill_self, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed) as info:
+                fut.result(30)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(zpid, signal.SIGCONT)
+    assert info.value.exitcode == code, info.value
+    assert took < 5, took
+
+
+def test_the_status_of_an_unreaped_process_comes_from_the_kernel():
+    from comfy_env.zygote import _unreaped_status
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    try:
+        deadline = time.monotonic() + 10
+        while _unreaped_status(pid) is None and time.monotonic() < deadline:
+            time.sleep(0.01)                  # until it is a zombie
+        assert _unreaped_status(pid) == 7
+    finally:
+        os.waitpid(pid, 0)
+    assert _unreaped_status(pid) is None      # reaped: nothing to tell
+    assert _unreaped_status(os.getpid()) is None   # running
+
+
 @pytest.mark.timeout(90)
 def test_a_wedged_zygote_holds_a_worker_start_for_start_timeout_not_a_minute():
     with IsolatedExecutor(preload=[PRELOADED], start_timeout=3) as ex:

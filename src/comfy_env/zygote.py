@@ -52,6 +52,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -69,6 +70,9 @@ FORK_REPLY_TIMEOUT = 60.0       # seconds
 # close(wait=True): how long each step may take (the zygote's exit, its reaping, each
 # thread's end) before it is given up on; a zygote that does not exit in time is killed.
 CLOSE_WAIT = 5.0                # seconds
+# A worker that exited (its pidfd says so) but whose zygote has not reported its status
+# (stopped, wedged, busy): how long the report is awaited before the kernel is asked.
+REPORT_GRACE = 0.5              # seconds
 
 
 class ZygoteError(WorkerStartError):
@@ -128,7 +132,27 @@ class ForkedWorker:
         return self.returncode
 
     def wait(self, timeout=None):
-        if not self._exited.wait(timeout):
+        """The exit status, as its zygote reports it; where the worker is gone but the
+        report is late (a stopped or wedged zygote reaps nothing), the status the kernel
+        keeps for the unreaped worker, so a crash is not reported as "did not exit"
+        seconds later."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            # Our own fd: _set_exited closes the shared one (and its number may be reused).
+            fd = None if self._pidfd is None else os.dup(self._pidfd)
+        if fd is not None:
+            try:
+                gone = bool(select.select([fd], [], [], timeout)[0])   # readable once it exited
+            finally:
+                os.close(fd)
+            if gone and not self._exited.wait(REPORT_GRACE):
+                code = _unreaped_status(self.pid)
+                if code is not None:
+                    self._set_exited(code)
+                else:
+                    # Reaped meanwhile (its report is on the way), or no procfs.
+                    self._exited.wait(None if end is None else max(0.0, end - time.monotonic()))
+        if not self._exited.is_set():
             raise subprocess.TimeoutExpired(f"forked worker {self.pid}", timeout)
         return self.returncode
 
@@ -148,6 +172,24 @@ class ForkedWorker:
                 on_exit()
             except Exception:
                 pass
+
+
+def _unreaped_status(pid):
+    """The exit code (negative: the signal) of exited, unreaped process ``pid``, from
+    /proc/<pid>/stat's state and exit_code fields (Linux 3.5+); None when it can't be
+    told (already reaped, or no procfs).  A zombie's pid is not reused until it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state), so field 52 (exit_code) is fields[49].
+    if len(fields) < 50 or fields[0] != b"Z":
+        return None
+    try:
+        return os.waitstatus_to_exitcode(int(fields[49]))
+    except ValueError:
+        return None
 
 
 class Zygote:
@@ -696,6 +738,11 @@ def _serve(channel, alive):
             return ["--fd", str(sock_fd), "--alive-fd", str(alive_fd),
                     "--parent-pid", str(os.getppid())]
         children.add(pid)
+        # The worker's ends are its own now: closed before the parent hears of it, so
+        # that no end of the worker's stays here once the parent uses it (a stopped or
+        # wedged zygote must not keep the worker's death from being EOF there).
+        for fd in fds:
+            os.close(fd)
         # Taken before we can reap it: the pid is still this child's.
         try:
             pidfd = os.pidfd_open(pid)
@@ -708,9 +755,6 @@ def _serve(channel, alive):
             except (ChannelClosed, OSError):
                 closing = True
             os.close(pidfd)
-        finally:
-            for fd in fds:
-                os.close(fd)
 
 
 def main(argv=None):
