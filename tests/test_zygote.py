@@ -431,6 +431,35 @@ def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_with_its_stat
     assert took < 5, took
 
 
+STOPPED_ZYGOTE_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import _funcs
+from comfy_env import IsolatedExecutor, WorkerCrashed
+
+with IsolatedExecutor(max_workers=1, preload=["xml.dom.minidom"]) as ex:
+    ex.submit(os.getpid).result(30)
+    zpid = ex._pool.zygote._proc.pid
+    os.kill(zpid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        try:
+            ex.submit(_funcs.stderr_then_exit, 3).result(30)
+        except WorkerCrashed as exc:
+            print(exc.exitcode, time.monotonic() - t0 < 5, flush=True)
+    finally:
+        os.kill(zpid, signal.SIGCONT)
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(120)
+def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_on_every_python(pyver, tmp_path):
+    proc = run_script(pyver, STOPPED_ZYGOTE_SCRIPT.format(tests=TESTS), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "True"], (proc.stdout, proc.stderr)
+
+
 def test_the_status_of_an_unreaped_process_comes_from_the_kernel():
     from comfy_env.zygote import _unreaped_status
     pid = os.fork()
