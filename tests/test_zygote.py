@@ -432,10 +432,15 @@ def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_with_its_stat
 
 
 STOPPED_ZYGOTE_SCRIPT = """
-import os, signal, sys, time
+import os, resource, signal, sys, time
 sys.path.insert(0, {tests!r})
 import _funcs
 from comfy_env import IsolatedExecutor, WorkerCrashed
+
+# A process with many files open: the executor's fds are numbered above select()'s 1024.
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
 
 with IsolatedExecutor(max_workers=1, preload=["xml.dom.minidom"]) as ex:
     ex.submit(os.getpid).result(30)
@@ -455,6 +460,7 @@ with IsolatedExecutor(max_workers=1, preload=["xml.dom.minidom"]) as ex:
 @ALL_PYTHONS
 @pytest.mark.timeout(120)
 def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_on_every_python(pyver, tmp_path):
+    """... with over a thousand files open (fds past select()'s limit)."""
     proc = run_script(pyver, STOPPED_ZYGOTE_SCRIPT.format(tests=TESTS), cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "True"], (proc.stdout, proc.stderr)

@@ -142,7 +142,7 @@ class ForkedWorker:
             fd = None if self._pidfd is None else os.dup(self._pidfd)
         if fd is not None:
             try:
-                gone = bool(select.select([fd], [], [], timeout)[0])   # readable once it exited
+                gone = _readable(fd, timeout)     # a pidfd reads ready once its process exited
             finally:
                 os.close(fd)
             if gone and not self._exited.wait(REPORT_GRACE):
@@ -172,6 +172,14 @@ class ForkedWorker:
                 on_exit()
             except Exception:
                 pass
+
+
+def _readable(fd, timeout):
+    """Whether ``fd`` reads ready within ``timeout`` seconds (None: no limit).  poll, not
+    select: this process's fds may be numbered above select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def _unreaped_status(pid):
@@ -488,8 +496,8 @@ class Zygote:
             fd = proc._pidfd
             if fd is not None:
                 try:
-                    select.select([fd], [], [], 5.0)
-                except (OSError, ValueError):
+                    _readable(fd, 5.0)
+                except OSError:
                     pass
             proc._set_exited(-signal.SIGKILL)
 
@@ -663,10 +671,18 @@ def _serve(channel, alive):
     children = set()
     closing = False
     ctl = channel.fileno()
+    # poll, not select: the fds the parent passed keep its numbers, which may be above
+    # select()'s 1024 (a parent with many files open).
+    poller = select.poll()
+    for fd in (wake_r, alive, ctl):
+        poller.register(fd, select.POLLIN)
+    watching_ctl = True
     while True:
-        watched = [wake_r, alive] + ([] if closing else [ctl])
+        if closing and watching_ctl:
+            poller.unregister(ctl)
+            watching_ctl = False
         try:
-            ready, _, _ = select.select(watched, [], [])
+            ready = [fd for fd, _ in poller.poll()]
         except InterruptedError:
             ready = []
         if alive in ready:

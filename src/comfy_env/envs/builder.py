@@ -200,11 +200,15 @@ def _run(cmd, report, what, env=None, *, hide=None, uv=None) -> str:
     try:
         fd = proc.stdout.fileno()
         buf = b""
+        if not _IS_WINDOWS:
+            # poll, not select: this process's fds may be numbered above select's 1024.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
         while True:
-            if _IS_WINDOWS:  # pragma: no cover - no select() on pipes there
+            if _IS_WINDOWS:  # pragma: no cover - no poll() on pipes there
                 chunk = proc.stdout.readline()
             else:
-                ready, _, _ = select.select([fd], [], [], max(0.0, next_beat - time.monotonic()))
+                ready = poller.poll(max(0.0, next_beat - time.monotonic()) * 1000)
                 if not ready:
                     now = time.monotonic()
                     report(f"{what}: still running after {_secs(now - t0)} (no output for {_secs(now - last)}"
