@@ -121,3 +121,39 @@ def test_running_out_of_fds_while_a_worker_restarts_does_not_break_the_executor(
     lines = dict(ln.split(None, 1) for ln in out.stdout.splitlines())
     assert lines["STARVED"] == "WorkerStartError True"
     assert lines["AFTER"] == "32 64"
+
+
+_FEW_FDS_MANY_WORKERS = r"""
+import os, resource, sys, time
+sys.path.insert(0, {tests!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (36, 36))      # room for a few workers, not 8
+import _funcs
+from comfy_env import IsolatedExecutor
+
+with IsolatedExecutor(max_workers=8) as ex:
+    futs = [ex.submit(_funcs.sleep_then, 0.5, i) for i in range(8)]
+    out = []
+    for f in futs:
+        try:
+            out.append(f.result(60))
+        except Exception as exc:
+            out.append(type(exc).__name__)
+    print("RESULTS", out)
+    print("AFTER", ex.submit(_funcs.add, 2, 3).result(60))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_bigger_than_the_fd_limit_allows_runs_every_call_on_the_workers_that_started(tmp_path):
+    """Workers whose start runs out of fds (the handshake's fds truncated, EMFILE) are a
+    shortage, not a broken environment: the calls run on the workers that did start
+    (before: every call but the first failed with WorkerStartError and the executor
+    broke), and a reader thread that finds no fd for its epoll set fails that start
+    instead of dying with an uncaught exception."""
+    from pythons import TESTS
+    out = run_script("3.12", _FEW_FDS_MANY_WORKERS.format(tests=TESTS), cwd=tmp_path, timeout=90)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(ln.split(None, 1) for ln in out.stdout.splitlines())
+    assert lines["RESULTS"] == str(list(range(8))), (out.stdout, out.stderr[-2000:])
+    assert lines["AFTER"] == "5"
+    assert "Exception in thread" not in out.stderr, out.stderr[-3000:]

@@ -963,7 +963,9 @@ class _Pool:
                     err.__cause__ = start_error
                     start_error = err
                 if retryable:
-                    self._start_failed(start_error, worker=worker)
+                    # A shortage of fds or memory (the handshake's fds truncated) says
+                    # nothing about the environment: it must not break the executor.
+                    self._start_failed(start_error, transient=launch.is_transient(start_error), worker=worker)
                 else:
                     self._break(start_error)
         self._notify_done()

@@ -426,18 +426,23 @@ class WorkerHandle:
 
     def _read_loop(self):
         pool = self.pool
+        ep = None
         try:
             self._handshake()
+            # One epoll set, waited on by this thread and by at most one caller in
+            # result() (read_for).  The channel is armed one-shot: the thread its event
+            # goes to holds the read role until it re-arms, and the kernel hands an
+            # exclusive epoll wait's event to the thread that waited last -- the caller,
+            # which so reads its own result with no thread in between.  Made in the
+            # start's try: no fd for them (EMFILE) is a failed start, not a dead reader.
+            ep = select.epoll()
+            wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except BaseException as exc:
+            if ep is not None:
+                ep.close()
             self._finish(start_error=exc)
             return
-        # One epoll set, waited on by this thread and by at most one caller in
-        # result() (read_for).  The channel is armed one-shot: the thread its event
-        # goes to holds the read role until it re-arms, and the kernel hands an
-        # exclusive epoll wait's event to the thread that waited last -- the caller,
-        # which so reads its own result with no thread in between.
-        ep = self._epoll = select.epoll()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll, self._wake = ep, wake
         sock = self.channel.fileno()
         ep.register(sock, _ARMED)
         ep.register(self._wake, select.EPOLLIN | select.EPOLLET)

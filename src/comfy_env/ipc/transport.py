@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import mmap
 import os
 import select
@@ -379,8 +380,10 @@ class Channel:
                 arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
                 self._fds.extend(arr)
         if flags & _MSG_CTRUNC:
-            raise OSError(f"file descriptors were truncated in transit: this process could not "
-                          f"open all the fds a message carried, its fd limit ({fd_limits()}) reached?")
+            # EMFILE: the control buffer fits every fd a frame may carry, so a truncation
+            # is this process's fd limit (a shortage callers may wait out, launch.is_transient).
+            raise OSError(errno.EMFILE, f"file descriptors were truncated in transit: this process could "
+                          f"not open all the fds a message carried, its fd limit ({fd_limits()}) reached?")
 
     def buffered(self) -> bool:
         """Bytes of a frame are already read (``recv`` starts on them without waiting on
