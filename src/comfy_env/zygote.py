@@ -60,7 +60,7 @@ import weakref
 from . import forksafe
 from .errors import WorkerStartError
 from .ipc.calls import adopt_import_paths, parent_argv, parent_cwd
-from .ipc.transport import Channel, ChannelClosed
+from .ipc.transport import Channel, ChannelClosed, wait_readable
 
 __all__ = ["Zygote", "ZygoteError", "usable_here"]
 
@@ -142,7 +142,7 @@ class ForkedWorker:
             fd = None if self._pidfd is None else os.dup(self._pidfd)
         if fd is not None:
             try:
-                gone = _readable(fd, timeout)     # a pidfd reads ready once its process exited
+                gone = wait_readable(fd, timeout)     # a pidfd reads ready once its process exited
             finally:
                 os.close(fd)
             if gone and not self._exited.wait(REPORT_GRACE):
@@ -172,14 +172,6 @@ class ForkedWorker:
                 on_exit()
             except Exception:
                 pass
-
-
-def _readable(fd, timeout):
-    """Whether ``fd`` reads ready within ``timeout`` seconds (None: no limit).  poll, not
-    select: this process's fds may be numbered above select's 1024."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def _unreaped_status(pid):
@@ -496,7 +488,7 @@ class Zygote:
             fd = proc._pidfd
             if fd is not None:
                 try:
-                    _readable(fd, 5.0)
+                    wait_readable(fd, 5.0)
                 except OSError:
                     pass
             proc._set_exited(-signal.SIGKILL)

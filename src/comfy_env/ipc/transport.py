@@ -56,7 +56,7 @@ import time
 from .. import stdfds
 
 __all__ = ["Channel", "ChannelClosed", "ProtocolError", "FrameTooLarge", "TooManyFds",
-           "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room", "fd_limits"]
+           "MAX_FDS", "MAX_FRAME_FDS", "MAX_BODY", "frame_header", "check_frame", "fd_room", "fd_limits", "wait_readable"]
 
 MAGIC = b"\x89CEF"
 FRAME_VERSION = 1
@@ -108,6 +108,15 @@ def _small_frame(chunks):
     if length > _READ_CHUNK:
         return None
     return b"".join((_HEADER.pack(MAGIC, FRAME_VERSION, 0, 0, length), *chunks))
+
+
+def wait_readable(fd, timeout):
+    """Whether ``fd`` reads ready within ``timeout`` seconds (None: no limit).  poll, not
+    select: a process's fds may be numbered above select's 1024 (a child keeps the
+    numbers its parent passed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 class ChannelClosed(EOFError):
@@ -390,11 +399,6 @@ class Channel:
         the socket): a thread that waits for readability must not poll then."""
         return len(self._buf) > self._pos
 
-    def _wait_readable(self, timeout):
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-
     def recv(self, spin=0.0):
         """Receive one frame: ``(body, fds: list[int])``.
 
@@ -428,7 +432,7 @@ class Channel:
                 raise ProtocolError(f"not a comfy_env frame: the header starts with "
                                     f"{bytes(have)!r} instead of {MAGIC!r} (something else "
                                     f"wrote to the channel)")
-            if have and not self._wait_readable(HEADER_STALL):
+            if have and not wait_readable(self.sock.fileno(), HEADER_STALL):
                 # A sender writes a header in one piece with its body's start: a
                 # part of one that stays alone is a stray write that looked like one.
                 raise ProtocolError(f"not a comfy_env frame: {len(buf) - self._pos} bytes "

@@ -215,7 +215,7 @@ class Sender:
         shape = tuple(obj.shape)
         strides = tuple(obj.stride())
         nbytes = span_bytes(shape, strides, ITEMSIZE[dtype])
-        in_pool, alloc, gen, base, ptr, copy, storage, snbytes, native = False, 0, None, 0, 0, False, None, 0, False
+        in_pool, alloc, gen, base, ptr, copy, storage, snbytes = False, 0, None, 0, 0, False, None, 0
         if nbytes and heap is not None:
             ptr = obj.data_ptr()
             rec = self._by_ptr.get(ptr)
@@ -250,14 +250,14 @@ class Sender:
                 rec = self._ipc_by_storage.get(sptr)
                 if rec is None or lifetime.LEDGER.get(rec.key) is not rec:
                     copy = sptr in ctx.staged or self._first_sight(storage, sptr)
-                    native = copy
         st = ctx.st
         if in_pool and pool_ok and alloc <= self.limit:
             route = "pool"            # choose()'s first answer, without the call
             self.last_reasons[route] = POOL_WHY
         elif copy:
             route = "staging"         # choose()'s answer for a first sight, without the call
-            self.last_reasons[route] = (NATIVE_COPY_WHY if native else
+            # Decided above by the export heap's branch, or (no heap) the native one.
+            self.last_reasons[route] = (NATIVE_COPY_WHY if heap is None else
                                         SMALL_COPY_WHY if snbytes <= self.small_copy else FRESH_COPY_WHY)
         else:
             ipc_ref = None
