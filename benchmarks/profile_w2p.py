@@ -158,6 +158,13 @@ def primitives(k=200):
         _DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,)), device=dev))
     t("as_tensor(CAI typed)", lambda: torch.as_tensor(_DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,))))
     t("_DeviceBytes + weakref.ref", lambda: weakref.ref(_DeviceBytes(ptr, 0, "<f4", (MiB // 4,), (4,))))
+    # A dtype with no __cuda_array_interface__ typestr (bfloat16, float8): today bytes, a dtype
+    # view and as_strided; the candidate: the same-size integer typed, then one dtype view.
+    t("bfloat16 2-d: as_tensor(CAI bytes) + view + as_strided", lambda: torch.as_tensor(
+        _DeviceBytes(ptr, 512 * 1024 * 2)).view(torch.bfloat16).as_strided((512, 1024), (1024, 1)))
+    t("bfloat16 2-d: as_tensor(CAI <i2 typed) + view", lambda: torch.as_tensor(
+        _DeviceBytes(ptr, 0, "<i2", (512, 1024), (2048, 2))).view(torch.bfloat16))
+    t("torch.empty((0,), device=)", lambda: torch.empty((0,), dtype=torch.float32, device=dev))
     if hasattr(torch._C, "_construct_storage_from_data_pointer"):
         mk = torch._C._construct_storage_from_data_pointer
         t("_construct_storage_from_data_pointer", lambda: mk(ptr, dev, MiB))

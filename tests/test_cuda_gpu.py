@@ -21,6 +21,7 @@ import cloudpickle
 from comfy_env import IsolatedExecutor, WorkerCrashed
 from comfy_env.ipc.cuda import install
 from comfy_env.ipc.cuda import driver as D
+from comfy_env.ipc import lifetime
 from comfy_env.ipc.cuda.plane import PLANE
 
 # Worker functions below travel by value: the worker cannot import this test module.
@@ -556,6 +557,39 @@ def test_fresh_results_are_staged_and_recycled():
         routes = ex.submit(w_staging_stats).result()[1]
         assert routes.get("pool", 0) == 0 and routes.get("staging", 0) == 169, routes
         del held, big
+        settle()
+
+
+def test_a_received_view_keeps_its_bytes_and_lets_them_go_with_it():
+    """Every dtype both ways from a native worker (staged), and a result's lifetime: a view
+    of a dtype other than the result's keeps the staging block it arrived in out of
+    recycling (later results do not overwrite it), and its death releases the block."""
+    with executor("") as ex:
+        for name in ["float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "int64", "bool",
+                     "complex64"]:
+            t = ex.submit(w_make, 1000, name).result(timeout=60)
+            ref = (torch.arange(1000, device="cuda") % 251).to(getattr(torch, name))
+            assert t.device == torch.device("cuda", 0) and t.dtype == ref.dtype
+            assert torch.equal(t, ref), name
+            s, dev, dt, shape, _ = ex.submit(w_sum, ref[3:]).result(timeout=60)
+            assert (s, dev, dt, shape) == (float(ref[3:].double().sum()), "cuda:0", ref.dtype, (997,)), name
+        del t
+        settle(flush=False)
+        holders0 = len(lifetime.LEDGER._holders)
+        n = 1 << 18
+        t = ex.submit(w_fresh, n, 1.0).result(timeout=60)
+        v = t[10:20].view(torch.int32)
+        del t
+        recycled0 = ex.submit(w_staging_stats).result()[0]
+        for i in range(20):
+            assert float(ex.submit(w_fresh, n, float(i + 2)).result(timeout=60)[0]) == float(i + 2)
+        assert torch.equal(v, torch.full((10,), 1.0, device="cuda").view(torch.int32))
+        assert ex.submit(w_staging_stats).result()[0] >= recycled0 + 10    # the others were recycled
+        settle(flush=False)
+        assert len(lifetime.LEDGER._holders) > holders0          # the view keeps its bytes held
+        del v
+        settle(flush=False)
+        assert len(lifetime.LEDGER._holders) == holders0         # and lets them go with it
         settle()
 
 
