@@ -11,6 +11,8 @@
 # pool; parent-torch: mixed with COMFY_ENV_CUDA_PARENT_HEAP=torch, the parent's tensors in
 # torch's default pool); with BASE_SRC, each conf but parent-torch runs against that tree
 # first ($OUT/compare_<conf>.txt).
+# RUN_PROFILE=1 runs benchmarks/profile_w2p.py --primitives --e2e-only --fresh-driver first
+# ($OUT/profile_w2p.log: what building a received tensor costs, the driver's time per new tensor);
 # RUN_PROBE=1 runs benchmarks/probe_ipc_free_while_mapped.py first ($OUT/probe.log);
 # RUN_TRIM_PROBE=1 runs benchmarks/probe_pool_trim.py at 1 GiB and 64 MiB ($OUT/probe_trim.log).
 # BASE_SRC=<dir>/src runs the benchmark against that tree first and writes $OUT/compare.txt.
@@ -100,6 +102,13 @@ bench() {
       > "$OUT/compare.txt" 2>&1
   fi
 }
+if [ "${RUN_PROFILE:-0}" = 1 ]; then
+  # Where worker → parent time per tensor goes: the wrap primitives, then the driver's share
+  # per new tensor in both processes ($OUT/profile_w2p.log).
+  PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout "${PROFILE_LIMIT:-120}" \
+    python3 benchmarks/profile_w2p.py --primitives --e2e-only --fresh-driver --calls 100 > "$OUT/profile_w2p.log" 2>&1
+  SUMMARY+=("profile_w2p rc=$? [at $((SECONDS - T0)) s]"); echo "${SUMMARY[-1]}"
+fi
 if [ "${RUN_PROBE:-0}" = 1 ]; then
   timeout 120 python3 benchmarks/probe_ipc_free_while_mapped.py > "$OUT/probe.log" 2>&1
   SUMMARY+=("probe_ipc_free_while_mapped rc=$? [at $((SECONDS - T0)) s]"); echo "${SUMMARY[-1]}"
@@ -134,6 +143,7 @@ echo
 echo "================ summary ================"
 cat /tmp/comfy_env_gpu.txt
 printf '%s\n' "${SUMMARY[@]}"
+[ -f "$OUT/profile_w2p.log" ] && grep -vE "^(Traceback|  File)" "$OUT/profile_w2p.log" | tail -60
 [ -f "$OUT/probe.log" ] && cat "$OUT/probe.log"
 [ -f "$OUT/probe_trim.log" ] && cat "$OUT/probe_trim.log"
 grep -hE "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -20
