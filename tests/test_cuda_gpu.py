@@ -560,6 +560,7 @@ def test_fresh_results_are_staged_and_recycled():
         settle()
 
 
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")   # w_sum of complex64
 def test_a_received_view_keeps_its_bytes_and_lets_them_go_with_it():
     """Every dtype both ways from a native worker (staged), and a result's lifetime: a view
     of a dtype other than the result's keeps the staging block it arrived in out of
