@@ -66,7 +66,7 @@ from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed,
                             apply_control)
 from ..ipc.taken import ParentSlot
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
-from . import launch
+from . import launch, proctree
 from .workitem import DEFAULT, Stage
 from .futures import LazyResult, decode_error
 
@@ -92,6 +92,7 @@ class WorkerHandle:
         self.index = index
         self.proc = None
         self.pid = None
+        self._ticks = None            # proctree.start_ticks of the process
         self.channel = None
         self.link = lifetime.Link(self._send_control, name=f"{pool.name}#{index}")
         self.item = None              # the work item running in the worker
@@ -156,6 +157,7 @@ class WorkerHandle:
             child.close()
             os.close(alive_r)
         self.pid = self.proc.pid
+        self._ticks = proctree.start_ticks(self.pid)     # its identity for kill_tree
         with self._exit_lock:
             self.channel = parent
             asked = self.exiting
@@ -240,10 +242,10 @@ class WorkerHandle:
             pass
 
     def kill(self):
-        try:
-            self.proc.kill()
-        except (ProcessLookupError, OSError, AttributeError):
-            pass
+        """SIGKILL the worker and the processes its calls left running (proctree)."""
+        proc = self.proc
+        if proc is not None:
+            proctree.kill_tree(proc, self._ticks)
 
     # -- call_timeout --------------------------------------------------------------------
     def kill_for_timeout(self):

@@ -1,0 +1,122 @@
+"""Killing a worker together with the processes its calls left running.
+
+A worker that is killed (its call timed out, a read of its channel was interrupted, a
+broken pool is torn down) may have started processes a call never waited for: a
+subprocess, a server, a nested pool.  Killed alone, the worker leaves them to init,
+running for ever.  :func:`kill_tree` kills them with it:
+
+1. the worker is frozen (SIGSTOP): a stopped process forks nothing and reaps nothing,
+   so what is found below stays its descendants and keeps its pid;
+2. /proc is read for its children, each is frozen as it is found, and again until a
+   pass finds nothing new (each pass first waits, briefly, for the last ones to be
+   seen stopped, so none forks after the pass that missed its child);
+3. all of them get SIGKILL, the worker last.
+
+The worker's identity is its pid plus its start time (``/proc/<pid>/stat`` field 22,
+read by :func:`start_ticks` right after it was started): a pid that names another
+process now (the worker was reaped meanwhile) is never walked.  Processes that left the
+tree on purpose (double-forked daemons) are not found, nor are those of a worker that
+died by itself (the kernel re-parents them before anyone can look).
+
+Written by hand: psutil would walk the tree but is not a dependency, and the freeze
+is what makes the walk safe.  Linux only (/proc); elsewhere only the worker is killed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+__all__ = ["kill_tree", "start_ticks"]
+
+# How long a pass waits for the processes it just froze to show as stopped (a process in
+# an uninterruptible wait stops only when it returns from it): the walk goes on after it.
+SETTLE_S = 0.2
+_STOPPED = frozenset(b"TtZXx")
+
+
+def _stat(pid):
+    """``(state, ppid, start ticks)`` of ``pid`` from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ")".
+    rest = data[data.rindex(b")") + 2:].split()
+    return rest[0][0], int(rest[1]), int(rest[19])
+
+
+def start_ticks(pid):
+    """When ``pid`` started (clock ticks since boot), to tell it from a later process
+    given the same pid; None where /proc cannot say."""
+    st = _stat(pid)
+    return st[2] if st is not None else None
+
+
+def _children(of):
+    """The pids whose parent is in ``of``, now."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if name.isdigit():
+            st = _stat(name)
+            if st is not None and st[1] in of:
+                found.append(int(name))
+    return found
+
+
+def _settle(pids, deadline):
+    """Wait (until ``deadline``) for ``pids`` to be stopped or gone."""
+    waiting = list(pids)
+    while waiting:
+        waiting = [p for p in waiting if (st := _stat(p)) is not None and st[0] not in _STOPPED]
+        if not waiting or time.monotonic() >= deadline:
+            return
+        time.sleep(0.001)
+
+
+def kill_tree(proc, ticks):
+    """SIGKILL ``proc`` (a ``subprocess.Popen``, or anything with ``pid``,
+    ``send_signal`` and ``kill`` that refuse a reaped pid) and every process below it.
+
+    ``ticks``: :func:`start_ticks` of ``proc.pid`` when it was started; None kills the
+    worker alone.  Never raises for a process already gone.
+    """
+    pid = proc.pid
+    found = []
+    if ticks is not None and start_ticks(pid) == ticks:
+        try:
+            proc.send_signal(signal.SIGSTOP)
+        except OSError:
+            pass
+        try:
+            _settle([pid], time.monotonic() + SETTLE_S)
+            tree = {pid}
+            fresh = _children(tree)
+            while fresh and start_ticks(pid) == ticks:
+                for child in fresh:
+                    try:
+                        os.kill(child, signal.SIGSTOP)
+                    except OSError:
+                        pass
+                found.extend(fresh)
+                tree.update(fresh)
+                _settle(fresh, time.monotonic() + SETTLE_S)
+                fresh = [p for p in _children(tree) if p not in tree]
+        except Exception:       # a /proc we cannot read as expected: the worker alone
+            pass
+        if start_ticks(pid) != ticks:
+            found = []          # not our worker's tree any more: touch nothing of it
+    for child in found:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        proc.kill()
+    except (ProcessLookupError, OSError, AttributeError):
+        pass

@@ -1,0 +1,203 @@
+"""A killed worker takes the processes its calls left running with it (executor/proctree.py):
+a call timed out, the executor shut down with calls running; spawned and zygote-forked
+workers.  A call that ends normally leaves its processes alone, and a pid that no longer
+names the worker is never walked."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from comfy_env import CallTimeout, IsolatedExecutor
+from comfy_env.executor import proctree
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _alive(pid):
+    st = proctree._stat(pid)
+    return st is not None and st[0] not in b"ZX"
+
+
+def _gone_within(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def start_family_then_hang(path):
+    """A child that starts a grandchild; their pids written to ``path``; then hang."""
+    import subprocess
+    import sys
+    import time
+    code = ("import subprocess, sys, time\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(g.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = int(child.stdout.readline())
+    with open(path, "w") as f:
+        f.write(f"{child.pid} {grandchild}")
+    time.sleep(120)
+
+
+def start_child(path):
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(path, "w") as f:
+        f.write(str(child.pid))
+    return child.pid
+
+
+def _pids(path):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and open(path).read().strip():
+            return [int(p) for p in open(path).read().split()]
+        time.sleep(0.02)
+    raise AssertionError("the call never wrote its processes' pids")
+
+
+def _kill(pids):
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("preload", [None, ["json"]], ids=["spawned", "zygote-forked"])
+def test_a_timed_out_call_takes_its_child_and_grandchild_with_its_worker(tmp_path, preload):
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1, call_timeout=3, preload=preload) as ex:
+        fut = ex.submit(start_family_then_hang, path)
+        pids = _pids(path)
+        try:
+            assert all(_alive(p) for p in pids)
+            with pytest.raises(CallTimeout):
+                fut.result(timeout=60)
+            assert _gone_within(pids, 5), f"left running after the timeout: {[p for p in pids if _alive(p)]}"
+            assert ex.submit(sum, [1, 2]).result(timeout=60) == 3      # the executor goes on
+        finally:
+            _kill(pids)
+
+
+def test_ctrl_c_leaving_the_with_block_takes_the_running_calls_children(tmp_path):
+    # KeyboardInterrupt out of the ``with`` block: running calls are cancelled and their
+    # workers killed at once (shutdown's documented path), their families with them.
+    path = str(tmp_path / "pids")
+    pids = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with IsolatedExecutor(max_workers=1) as ex:
+                ex.submit(start_family_then_hang, path)
+                pids = _pids(path)
+                raise KeyboardInterrupt
+        assert pids and _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+    finally:
+        _kill(pids)
+
+
+def test_a_call_that_returns_leaves_its_child_alone(tmp_path):
+    path = str(tmp_path / "pid")
+    with IsolatedExecutor(max_workers=1) as ex:
+        pid = ex.submit(start_child, path).result(timeout=60)
+        try:
+            time.sleep(0.2)
+            assert _alive(pid)
+        finally:
+            _kill([pid])
+
+
+class _Proc:
+    """Stands for the worker's Popen: pid, send_signal, kill."""
+    def __init__(self, popen):
+        self.pid = popen.pid
+        self._p = popen
+        self.signals = []
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+        self._p.send_signal(sig)
+
+    def kill(self):
+        self.signals.append(signal.SIGKILL)
+        self._p.kill()
+
+
+def _parent_with_child():
+    code = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(c.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    return p, int(p.stdout.readline())
+
+
+def test_kill_tree_kills_the_process_and_what_it_started():
+    p, child = _parent_with_child()
+    try:
+        proctree.kill_tree(_Proc(p), proctree.start_ticks(p.pid))
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        assert _gone_within([child], 5)
+    finally:
+        _kill([p.pid, child])
+        p.stdout.close()
+
+
+def test_a_pid_that_is_not_the_workers_any_more_is_not_walked():
+    # The start time recorded does not match: the pid names another process now.
+    p, child = _parent_with_child()
+    try:
+        proc = _Proc(p)
+        proctree.kill_tree(proc, proctree.start_ticks(p.pid) - 1)
+        assert proc.signals == [signal.SIGKILL]          # no freeze, no walk
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        time.sleep(0.2)
+        assert _alive(child), "the walk reached a process that was not the worker's"
+    finally:
+        _kill([p.pid, child])
+        p.stdout.close()
+
+
+def test_no_start_time_kills_the_worker_alone():
+    p, child = _parent_with_child()
+    try:
+        proctree.kill_tree(_Proc(p), None)
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        time.sleep(0.2)
+        assert _alive(child)
+    finally:
+        _kill([p.pid, child])
+        p.stdout.close()
+
+
+def test_kill_tree_of_a_process_already_reaped_does_not_raise():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    ticks = proctree.start_ticks(p.pid)
+    p.wait()
+    proctree.kill_tree(p, ticks)
+
+
+def test_stat_reads_a_command_name_with_spaces_and_parentheses(tmp_path):
+    odd = tmp_path / "a) b ("
+    shutil.copy(sys.executable, odd) if not os.path.islink(sys.executable) else os.symlink(
+        os.path.realpath(sys.executable), odd)
+    p = subprocess.Popen([str(odd), "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"a) b" not in open(f"/proc/{p.pid}/stat", "rb").read():
+            time.sleep(0.01)
+        state, ppid, ticks = proctree._stat(p.pid)
+        assert ppid == os.getpid() and ticks == proctree.start_ticks(p.pid) and state in b"SR"
+    finally:
+        p.kill()
+        p.wait()
+    assert proctree.start_ticks(2 ** 22 + 12345) is None
