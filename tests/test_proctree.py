@@ -13,6 +13,7 @@ import pytest
 
 from comfy_env import CallTimeout, IsolatedExecutor
 from comfy_env.executor import proctree
+from pythons import ALL_PYTHONS, run_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,3 +202,46 @@ def test_stat_reads_a_command_name_with_spaces_and_parentheses(tmp_path):
         p.kill()
         p.wait()
     assert proctree.start_ticks(2 ** 22 + 12345) is None
+
+
+_SCRIPT = r'''
+import os, sys, time
+from comfy_env import IsolatedExecutor, CallTimeout
+
+def family(path):
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(path, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    with IsolatedExecutor(call_timeout=2) as ex:
+        try:
+            ex.submit(family, path).result()
+        except CallTimeout:
+            pass
+    pid = int(open(path).read())
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+        except OSError:
+            break
+        if st[st.rindex(")") + 2] in "ZX":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        print("left running:", pid)
+        sys.exit(1)
+    print("gone")
+'''
+
+
+@ALL_PYTHONS
+def test_a_timed_out_calls_child_is_gone_on_every_python(pyver, tmp_path):
+    proc = run_script(pyver, _SCRIPT, cwd=tmp_path, args=(str(tmp_path / "pid"),), timeout=90)
+    assert proc.returncode == 0 and proc.stdout.strip() == "gone", proc.stdout + proc.stderr
