@@ -153,28 +153,18 @@ def test_kill_tree_kills_the_process_and_what_it_started():
         p.stdout.close()
 
 
-def test_a_pid_that_is_not_the_workers_any_more_is_not_walked():
-    # The start time recorded does not match: the pid names another process now.
+@pytest.mark.parametrize("ticks", ["another", None], ids=["pid-names-another-process", "no-start-time"])
+def test_a_worker_whose_identity_is_not_certain_is_killed_alone(ticks):
+    # "another": the recorded start time does not match (the pid names another process now);
+    # None: it could not be read at spawn.  Either way: no freeze, no walk.
     p, child = _parent_with_child()
     try:
         proc = _Proc(p)
-        proctree.kill_tree(proc, proctree.start_ticks(p.pid) - 1)
-        assert proc.signals == [signal.SIGKILL]          # no freeze, no walk
+        proctree.kill_tree(proc, proctree.start_ticks(p.pid) - 1 if ticks == "another" else None)
+        assert proc.signals == [signal.SIGKILL]
         assert p.wait(timeout=10) == -signal.SIGKILL
         time.sleep(0.2)
         assert _alive(child), "the walk reached a process that was not the worker's"
-    finally:
-        _kill([p.pid, child])
-        p.stdout.close()
-
-
-def test_no_start_time_kills_the_worker_alone():
-    p, child = _parent_with_child()
-    try:
-        proctree.kill_tree(_Proc(p), None)
-        assert p.wait(timeout=10) == -signal.SIGKILL
-        time.sleep(0.2)
-        assert _alive(child)
     finally:
         _kill([p.pid, child])
         p.stdout.close()
