@@ -90,6 +90,28 @@ def test_a_timed_out_call_takes_its_child_and_grandchild_with_its_worker(tmp_pat
             _kill(pids)
 
 
+def test_a_sandboxed_workers_timeout_has_its_stack_and_takes_its_child(tmp_path):
+    # The worker runs below bubblewrap: the stack signal goes to the worker itself (sent to
+    # bwrap, its default action ended bwrap and the worker with it: no stack, and the
+    # child orphaned before the walk), and the walk starts at bwrap.
+    from comfy_env import Sandbox
+    from comfy_env import sandbox as sbmod
+    _bwrap, problem = sbmod.probe()
+    if problem is not None:
+        pytest.skip(f"bubblewrap cannot run here: {problem}")
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1, call_timeout=3, sandbox=Sandbox(writable=[str(tmp_path)])) as ex:
+        fut = ex.submit(start_family_then_hang, path)
+        pids = _pids(path)
+        try:
+            with pytest.raises(CallTimeout) as info:
+                fut.result(timeout=60)
+            assert "start_family_then_hang" in info.value.worker_stack, str(info.value)
+            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+        finally:
+            _kill(pids)
+
+
 def test_ctrl_c_leaving_the_with_block_takes_the_running_calls_children(tmp_path):
     # KeyboardInterrupt out of the ``with`` block: running calls are cancelled and their
     # workers killed at once (shutdown's documented path), their families with them.

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 
-__all__ = ["kill_tree", "start_ticks"]
+__all__ = ["children", "kill_tree", "start_ticks"]
 
 # How long a pass waits for the processes it just froze to show as stopped (a process in
 # an uninterruptible wait stops only when it returns from it): the walk goes on after it.
@@ -67,6 +67,11 @@ def _children(of):
             if st is not None and st[1] in of:
                 found.append(int(name))
     return found
+
+
+def children(pid):
+    """The processes whose parent is ``pid``, now."""
+    return _children({pid})
 
 
 def _settle(pids, deadline):

@@ -284,10 +284,24 @@ class WorkerHandle:
                 return ""
             return self._read_stack(self._stack_fd)
 
+    def _signal_worker(self, sig):
+        """``sig`` to the worker's own process: ``proc``, or where ``proc`` is a wrapper
+        (bubblewrap, whose default action for the stack signal would end it, and the
+        worker with it) the process below it that the handshake named.  False where that
+        process is not ``proc``'s child now (nothing is sent: never a pid not ours)."""
+        inner = (self.info or {}).get("pid")
+        if inner is None or inner == self.proc.pid:
+            self.proc.send_signal(sig)      # Popen.send_signal: never a reaped (reused) pid
+            return True
+        if inner not in proctree.children(self.proc.pid):
+            return False
+        os.kill(inner, sig)
+        return True
+
     def _read_stack(self, fd):
         try:
-            # Popen.send_signal: never a reaped (possibly reused) pid.
-            self.proc.send_signal(self._stack_signal)
+            if not self._signal_worker(self._stack_signal):
+                return ""
         except OSError:
             return ""
         if self.proc.returncode is not None:
