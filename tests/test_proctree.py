@@ -1,4 +1,4 @@
-"""A killed worker takes the processes its calls left running with it (executor/proctree.py):
+"""A killed worker takes the processes its calls left running with it (proctree.py):
 a call timed out, the executor shut down with calls running; spawned and zygote-forked
 workers.  A call that ends normally leaves its processes alone, and a pid that no longer
 names the worker is never walked."""
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from comfy_env import CallTimeout, IsolatedExecutor
-from comfy_env.executor import proctree
+from comfy_env import proctree
 from pythons import ALL_PYTHONS, run_script
 
 pytestmark = pytest.mark.timeout(120)

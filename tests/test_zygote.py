@@ -467,19 +467,19 @@ def test_a_worker_dying_under_a_stopped_zygote_is_reported_at_once_on_every_pyth
 
 
 def test_the_status_of_an_unreaped_process_comes_from_the_kernel():
-    from comfy_env.zygote import _unreaped_status
+    from comfy_env.proctree import unreaped_status
     pid = os.fork()
     if pid == 0:
         os._exit(7)
     try:
         deadline = time.monotonic() + 10
-        while _unreaped_status(pid) is None and time.monotonic() < deadline:
+        while unreaped_status(pid) is None and time.monotonic() < deadline:
             time.sleep(0.01)                  # until it is a zombie
-        assert _unreaped_status(pid) == 7
+        assert unreaped_status(pid) == 7
     finally:
         os.waitpid(pid, 0)
-    assert _unreaped_status(pid) is None      # reaped: nothing to tell
-    assert _unreaped_status(os.getpid()) is None   # running
+    assert unreaped_status(pid) is None      # reaped: nothing to tell
+    assert unreaped_status(os.getpid()) is None   # running
 
 
 @pytest.mark.timeout(90)

@@ -58,6 +58,7 @@ import warnings
 import weakref
 
 from . import forksafe
+from .proctree import unreaped_status
 from .errors import WorkerStartError
 from .ipc.calls import adopt_import_paths, parent_argv, parent_cwd
 from .ipc.transport import Channel, ChannelClosed, wait_readable
@@ -146,7 +147,7 @@ class ForkedWorker:
             finally:
                 os.close(fd)
             if gone and not self._exited.wait(REPORT_GRACE):
-                code = _unreaped_status(self.pid)
+                code = unreaped_status(self.pid)
                 if code is not None:
                     self._set_exited(code)
                 else:
@@ -172,24 +173,6 @@ class ForkedWorker:
                 on_exit()
             except Exception:
                 pass
-
-
-def _unreaped_status(pid):
-    """The exit code (negative: the signal) of exited, unreaped process ``pid``, from
-    /proc/<pid>/stat's state and exit_code fields (Linux 3.5+); None when it can't be
-    told (already reaped, or no procfs).  A zombie's pid is not reused until it is reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # fields[0] is field 3 (state), so field 52 (exit_code) is fields[49].
-    if len(fields) < 50 or fields[0] != b"Z":
-        return None
-    try:
-        return os.waitstatus_to_exitcode(int(fields[49]))
-    except ValueError:
-        return None
 
 
 class Zygote:

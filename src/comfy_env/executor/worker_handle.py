@@ -66,7 +66,8 @@ from ..ipc.protocol import (Control, Exit, Hello, ImportPaths, Init, InitFailed,
                             apply_control)
 from ..ipc.taken import ParentSlot
 from ..ipc.transport import Channel, ChannelClosed, ProtocolError
-from . import launch, proctree
+from .. import proctree
+from . import launch
 from .workitem import DEFAULT, Stage
 from .futures import LazyResult, decode_error
 
@@ -293,7 +294,7 @@ class WorkerHandle:
         if inner is None or inner == self.proc.pid:
             self.proc.send_signal(sig)      # Popen.send_signal: never a reaped (reused) pid
             return True
-        if inner not in proctree.children(self.proc.pid):
+        if proctree.parent_of(inner) != self.proc.pid:
             return False
         os.kill(inner, sig)
         return True

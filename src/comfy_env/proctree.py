@@ -1,4 +1,5 @@
-"""Killing a worker together with the processes its calls left running.
+"""Processes as /proc tells them: killing a worker with the processes its calls left
+running, and the status of an exited process nobody has reaped yet.
 
 A worker that is killed (its call timed out, a read of its channel was interrupted, a
 broken pool is torn down) may have started processes a call never waited for: a
@@ -20,6 +21,7 @@ died by itself (the kernel re-parents them before anyone can look).
 
 Written by hand: psutil would walk the tree but is not a dependency, and the freeze
 is what makes the walk safe.  Linux only (/proc); elsewhere only the worker is killed.
+A leaf module (nothing of ours imported): the executor and the zygote both use it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import os
 import signal
 import time
 
-__all__ = ["children", "kill_tree", "start_ticks"]
+__all__ = ["kill_tree", "parent_of", "start_ticks", "unreaped_status"]
 
 # How long a pass waits for the processes it just froze to show as stopped (a process in
 # an uninterruptible wait stops only when it returns from it): the walk goes on after it.
@@ -35,16 +37,21 @@ SETTLE_S = 0.2
 _STOPPED = frozenset(b"TtZXx")
 
 
-def _stat(pid):
-    """``(state, ppid, start ticks)`` of ``pid`` from /proc, or None when it is gone."""
+def _fields(pid):
+    """``/proc/<pid>/stat`` from field 3 (state) on, as bytes, or None when it is gone.
+    The command name (field 2) is in parentheses and may hold spaces or ")"."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces or ")".
-    rest = data[data.rindex(b")") + 2:].split()
-    return rest[0][0], int(rest[1]), int(rest[19])
+    return data[data.rindex(b")") + 2:].split()
+
+
+def _stat(pid):
+    """``(state, ppid, start ticks)`` of ``pid``, or None when it is gone."""
+    f = _fields(pid)
+    return None if f is None else (f[0][0], int(f[1]), int(f[19]))
 
 
 def start_ticks(pid):
@@ -52,6 +59,25 @@ def start_ticks(pid):
     given the same pid; None where /proc cannot say."""
     st = _stat(pid)
     return st[2] if st is not None else None
+
+
+def parent_of(pid):
+    """``pid``'s parent now, or None when it is gone."""
+    st = _stat(pid)
+    return st[1] if st is not None else None
+
+
+def unreaped_status(pid):
+    """The exit code (negative: the signal) of exited, unreaped process ``pid``, from its
+    state and exit_code (field 52, Linux 3.5+); None when it can't be told (already
+    reaped, running, or no procfs).  A zombie's pid is not reused until it is reaped."""
+    f = _fields(pid)
+    if f is None or len(f) < 50 or f[0] != b"Z":
+        return None
+    try:
+        return os.waitstatus_to_exitcode(int(f[49]))     # field 52
+    except ValueError:
+        return None
 
 
 def _children(of):
@@ -67,11 +93,6 @@ def _children(of):
             if st is not None and st[1] in of:
                 found.append(int(name))
     return found
-
-
-def children(pid):
-    """The processes whose parent is ``pid``, now."""
-    return _children({pid})
 
 
 def _settle(pids, deadline):
