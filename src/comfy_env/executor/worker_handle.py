@@ -242,8 +242,10 @@ class WorkerHandle:
         except (ChannelClosed, OSError):
             pass
 
+    @interrupts.holds
     def kill(self):
-        """SIGKILL the worker and the processes its calls left running (proctree)."""
+        """SIGKILL the worker and the processes its calls left running (proctree).  Held
+        against Ctrl-C: cut between the freeze and the kill, it would leave them stopped."""
         proc = self.proc
         if proc is not None:
             proctree.kill_tree(proc, self._ticks)
