@@ -1,6 +1,6 @@
 """Where the time of a CUDA transfer goes (GPU; a diagnostic, not a benchmark table).
 
-    PYTHONPATH=src python benchmarks/profile_cuda.py [--tensors K] [--calls N]
+    PYTHONPATH=src python benchmarks/profile_cuda.py [--tensors K] [--calls N] [--p2w-only MIB]
 
 Profiles both processes (cProfile on the parent's main thread and on the worker's
 main thread, where calls run and results are encoded) for
@@ -11,6 +11,8 @@ main thread, where calls run and results are encoded) for
 
 and prints per-call medians plus the top functions of each side, so that speed
 work starts from a measurement.  Also times a few primitives on their own.
+``--p2w-only MIB``: only parent → worker, one tensor of that size sent every call
+(bench_cuda.py's p→w cell), ``--calls`` of them, both by own time and cumulative.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MiB, GiB = 1 << 20, 1 << 30
 
 
-def w_prof(on, top=30):
+def w_prof(on, top=30, sort=("tottime",)):
     """Start (on=True) or stop and report (on=False) a profile of the worker's main thread."""
     import builtins
     import cProfile
@@ -47,11 +49,12 @@ def w_prof(on, top=30):
     pr = builtins.__dict__.pop("_comfy_env_prof")
     pr.disable()
     s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    for key in sort:
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(top)
     return s.getvalue()
 
 
-def profiled(a, label, fn, calls):
+def profiled(a, label, fn, calls, sort=("tottime",)):
     import cProfile
     import io
     import pstats
@@ -70,9 +73,10 @@ def profiled(a, label, fn, calls):
         times.append(time.perf_counter() - t0)
         del r
     pr.disable()
-    worker = a.submit(w_prof, False).result()
+    worker = a.submit(w_prof, False, 30, sort).result()
     s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+    for key in sort:
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(30)
     print(f"\n===== {label}: median {statistics.median(times) * 1e3:.3f} ms/call under the profiler")
     print("----- parent (main thread)")
     print(s.getvalue())
@@ -113,9 +117,21 @@ def main():
     B.install()
     torch.zeros(1, device="cuda")
     print(torch.cuda.get_device_name(), torch.__version__, torch.cuda.get_allocator_backend())
-    primitives()
+    p2w_only = int(sys.argv[sys.argv.index("--p2w-only") + 1]) if "--p2w-only" in sys.argv else None
+    if p2w_only is None:
+        primitives()
     a = B.new_executor()
     try:
+        if p2w_only is not None:
+            x = torch.ones(p2w_only * MiB // 4, device="cuda")
+            empty = B.timed(lambda: a.submit(B.w_nothing).result(), 300, warm=30)
+            p2w = B.timed(lambda: a.submit(B.w_touch, x).result(), 300, warm=30)
+            print(f"empty call {empty * 1e6:.1f} µs, p→w {p2w_only} MiB {p2w * 1e6:.1f} µs (no profiler)")
+            profiled(a, f"p→w {p2w_only} MiB", lambda: a.submit(B.w_touch, x).result(), calls,
+                     sort=("tottime", "cumulative"))
+            profiled(a, "empty call", lambda: a.submit(B.w_nothing).result(), calls,
+                     sort=("tottime", "cumulative"))
+            return
         empty = B.timed(lambda: a.submit(B.w_nothing).result(), 200, warm=20)
         print(f"empty call {empty * 1e6:.0f} µs")
         for label, fn in (("same", B.w_many), ("fresh", B.w_fresh)):

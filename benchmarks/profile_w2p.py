@@ -1,6 +1,6 @@
 """Where worker → parent time per tensor goes (GPU; a diagnostic beside bench_cuda.py).
 
-    PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives] [--e2e-only]
+    PYTHONPATH=src python benchmarks/profile_w2p.py [--tensors K] [--calls N] [--primitives | --primitives-only] [--e2e-only]
                                                   [--fresh-phases] [--fresh-driver] [--worker-env K=V ...]
     COMFY_ENV_BENCH_SRC=<other tree>/src python benchmarks/profile_w2p.py   # the same, another tree
 
@@ -164,6 +164,17 @@ def primitives(k=200):
         _DeviceBytes(ptr, 512 * 1024 * 2)).view(torch.bfloat16).as_strided((512, 1024), (1024, 1)))
     t("bfloat16 2-d: as_tensor(CAI <i2 typed) + view", lambda: torch.as_tensor(
         _DeviceBytes(ptr, 0, "<i2", (512, 1024), (2048, 2))).view(torch.bfloat16))
+    # The receiver's own wrap, as this tree (or COMFY_ENV_BENCH_SRC's) builds it.
+    from types import SimpleNamespace
+    from comfy_env.ipc.cuda.receiver import Receiver
+    me = SimpleNamespace(local=SimpleNamespace(torch=torch))
+    for label, dtype, shape, strides in (("float32 1-d", "float32", (MiB // 4,), (1,)),
+                                         ("bfloat16 2-d", "bfloat16", (512, 1024), (1024, 1)),
+                                         ("bfloat16 2-d transposed", "bfloat16", (1024, 512), (1, 1024)),
+                                         ("float8_e4m3fn 1-d", "float8_e4m3fn", (MiB,), (1,)),
+                                         ("float32 0-d", "float32", (), ())):
+        desc = SimpleNamespace(dtype=dtype, shape=shape, strides=strides)
+        t(f"Receiver._wrap {label}", lambda desc=desc: Receiver._wrap(me, ptr, desc, 0, dev))
     t("torch.empty((0,), device=)", lambda: torch.empty((0,), dtype=torch.float32, device=dev))
     if hasattr(torch._C, "_construct_storage_from_data_pointer"):
         mk = torch._C._construct_storage_from_data_pointer
@@ -257,8 +268,11 @@ def main():
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} {torch.cuda.get_allocator_backend()} "
           f"comfy_env from {os.path.dirname(comfy_env.__file__)}")
     res = {"label": label, "tensors": k, "gpu": torch.cuda.get_device_name()}
-    if "--primitives" in sys.argv:
+    if "--primitives" in sys.argv or "--primitives-only" in sys.argv:
         res["primitives"] = primitives()
+    if "--primitives-only" in sys.argv:
+        dump_to_out(f"profile_w2p_{label}.json", res)
+        return
     a = B.new_executor(wenv)
     res["worker_env"] = wenv
     try:

@@ -110,6 +110,29 @@ def w_echo(t):
     return t
 
 
+# dtypes no __cuda_array_interface__ typestr names: received over the integer of their size.
+ALIASED = ["bfloat16", "float8_e4m3fn", "float8_e5m2", "complex32", "uint16", "uint32", "uint64"]
+
+
+def w_bit_views(name):
+    """Views of a tensor of dtype ``name`` whose bits are all distinct (made as integers)."""
+    import torch
+    dt = getattr(torch, name)
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    it = ints[dt.itemsize]
+    base = (torch.arange(5 * 6, device="cuda", dtype=torch.int64) * 2654435761 % 251 - 120).to(it)
+    base = base.view(dt).reshape(5, 6)
+    return {"base": base, "row": base[1:], "col": base[:, 2], "t": base.t(), "step": base[::2, ::3],
+            "scalar": base[2, 3], "expand": base[0:1].expand(3, 6)}
+
+
+def w_bits_of(t):
+    """What the worker got: its layout and its bits (as the integer of its size, on the CPU)."""
+    import torch
+    it = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return str(t.device), t.dtype, tuple(t.shape), tuple(t.stride()), t.view(it).cpu()
+
+
 def w_add1(t):
     return t + 1
 
@@ -262,6 +285,27 @@ def test_views_keep_shape_strides_and_values_both_ways(worker_alloc):
             s, dev, dt, shape, stride = ex.submit(w_sum, w).result(timeout=60)
             assert s == float(w.double().sum()) and dev == "cuda:0" and shape == tuple(w.shape), k
             assert stride == w.stride(), k
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@WORKER_ALLOCS
+def test_views_of_dtypes_without_a_typestr_keep_layout_and_bits_both_ways(worker_alloc):
+    """bfloat16, float8, complex32 and the wide unsigned ints have no typestr torch reads:
+    they are built over the signed integer of their size and viewed; shape, strides and
+    every bit must survive, including 0-d, transposed, strided and expanded views."""
+    def bits(t):
+        return w_bits_of(t)[4]
+    with executor(worker_alloc) as ex:
+        for name in ALIASED:
+            got = ex.submit(w_bit_views, name).result(timeout=60)
+            want = w_bit_views(name)
+            for k, w in want.items():
+                g = got[k]
+                assert (g.device, g.dtype, g.shape, g.stride()) == (w.device, w.dtype, w.shape, w.stride()), (name, k)
+                assert torch.equal(bits(g), bits(w)), (name, k)
+                dev, dt, shape, stride, b = ex.submit(w_bits_of, w).result(timeout=60)   # parent -> worker
+                assert (dev, dt, shape, stride) == ("cuda:0", w.dtype, tuple(w.shape), w.stride()), (name, k)
+                assert torch.equal(b, bits(w)), (name, k)
 
 
 @WORKER_ALLOCS

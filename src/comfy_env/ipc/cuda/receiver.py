@@ -79,10 +79,17 @@ class _DeviceBytes:
                                          "data": (ptr, False), "version": 2, "strides": strides}
 
 
-# dtypes torch builds straight from a typed __cuda_array_interface__ (one call instead of
-# as_tensor + view + as_strided); the others (bfloat16, float8, ...) go through bytes.
-_TYPESTR = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "complex128": "<c16", "complex64": "<c8",
-            "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1"}
+# How a tensor is built from a typed __cuda_array_interface__: its typestr, and the dtype
+# to view the result as (None: none).  Torch builds the dtypes a typestr can name in one
+# call; the others (bfloat16, float8, complex32, the wide unsigned ints) over the signed
+# integer of their size, then one dtype view, which keeps shape and strides because the
+# element size is the same (cheaper than bytes + view + as_strided).
+_TYPESTR = {"float64": ("<f8", None), "float32": ("<f4", None), "float16": ("<f2", None),
+            "complex128": ("<c16", None), "complex64": ("<c8", None), "int64": ("<i8", None),
+            "int32": ("<i4", None), "int16": ("<i2", None), "int8": ("|i1", None), "uint8": ("|u1", None),
+            "bool": ("|b1", None)}
+_TYPESTR.update((name, ({1: "|i1", 2: "<i2", 4: "<i4", 8: "<i8"}[ITEMSIZE[name]], name))
+                for name in ITEMSIZE if name not in _TYPESTR)
 
 
 class Receiver:
@@ -183,14 +190,14 @@ class Receiver:
         built again with ``device=`` (torch 2.11 builds it there, no copy).
         """
         torch = self.local.torch
-        typestr = _TYPESTR.get(desc.dtype)
-        if typestr is not None and desc.shape:
+        if desc.shape:     # (0-d tensors, rare, go through bytes below)
+            typestr, view = _TYPESTR[desc.dtype]
             item = ITEMSIZE[desc.dtype]
             keeper = _DeviceBytes(ptr, 0, typestr, desc.shape, tuple(map(item.__mul__, desc.strides)))
             t = torch.as_tensor(keeper)
             if t.get_device() != ordinal:
                 t = torch.as_tensor(keeper, device=device)
-            return t, keeper
+            return (t if view is None else t.view(getattr(torch, view))), keeper
         keeper = _DeviceBytes(ptr, span_bytes(desc.shape, desc.strides, ITEMSIZE[desc.dtype]))
         raw = torch.as_tensor(keeper)
         if raw.get_device() != ordinal:
