@@ -1,6 +1,7 @@
 """CUDA data plane benchmark (GPU): routes side by side in one run.
 
-    PYTHONPATH=src python benchmarks/bench_cuda.py [--quick]
+    PYTHONPATH=src python benchmarks/bench_cuda.py [--quick] [--lean]
+    BENCH_SIZES=64MiB,1MiB PYTHONPATH=src python benchmarks/bench_cuda.py   (those rows, in that order)
 
 Every figure is the median of warm, back-to-back calls (no pause between calls: a
 pause lets the worker's and the parent's threads fall asleep, and waking them costs
@@ -551,6 +552,13 @@ def main():
     quick = "--quick" in sys.argv
     lean = "--lean" in sys.argv        # a short device run: no footprint, no 4 GiB CPU route
     sizes = SIZES[:2] if quick else SIZES
+    if os.environ.get("BENCH_SIZES"):
+        # BENCH_SIZES=64MiB,1MiB: those rows, in that order (does a row's place move it?)
+        names = dict(SIZES)
+        unknown = [n for n in os.environ["BENCH_SIZES"].split(",") if n not in names]
+        if unknown:
+            sys.exit(f"BENCH_SIZES: unknown sizes {unknown}; choose from {list(names)}")
+        sizes = [(n, names[n]) for n in os.environ["BENCH_SIZES"].split(",")]
     t_main = time.perf_counter()
     out = os.environ.get("OUT")
     install()
