@@ -122,11 +122,15 @@ def result_above_max_body(limit, size):
 
 def start_chatty_grandchild_then_exit(seconds, code=3):
     """Start a process that inherits the worker's stdout and stderr and writes a line
-    after ``seconds``, then end the worker."""
+    after ``seconds``, then end the worker.  The process's environment lacks the
+    worker's tag (as one built from scratch would), so the worker's death leaves it
+    running (proctree.kill_tagged would find it otherwise)."""
     import subprocess
     import sys
+    env = {k: v for k, v in os.environ.items() if k != "COMFY_ENV_WORKER_UIDS"}
     subprocess.Popen([sys.executable, "-c",
-                      f"import time; time.sleep({seconds}); print('grandchild late line', flush=True)"])
+                      f"import time; time.sleep({seconds}); print('grandchild late line', flush=True)"],
+                     env=env)
     print("worker last line", flush=True)
     sys.stderr.write("worker's last words\n")
     sys.stderr.flush()

@@ -1,6 +1,8 @@
 """A killed worker takes the processes its calls left running with it (proctree.py):
 a call timed out, the executor shut down with calls running; spawned and zygote-forked
-workers.  A call that ends normally leaves its processes alone, and a pid that no longer
+workers.  So does a worker that died by itself, and a daemon that left the tree goes
+too (both found by the tag in their environment).  A call that ends normally, and a
+worker that exits when asked, leave their processes alone, and a pid that no longer
 names the worker is never walked."""
 import os
 import shutil
@@ -11,7 +13,7 @@ import time
 
 import pytest
 
-from comfy_env import CallTimeout, IsolatedExecutor
+from comfy_env import CallTimeout, IsolatedExecutor, WorkerCrashed
 from comfy_env import proctree
 from pythons import ALL_PYTHONS, run_script
 
@@ -128,6 +130,164 @@ def test_ctrl_c_leaving_the_with_block_takes_the_running_calls_children(tmp_path
         _kill(pids)
 
 
+def start_family_then_die(path, how):
+    """A child that starts a grandchild, their pids written to ``path``; then the worker
+    dies by itself (``how``), leaving them to init."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    code = ("import subprocess, sys, time\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(g.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = int(child.stdout.readline())
+    with open(path, "w") as f:
+        f.write(f"{child.pid} {grandchild}")
+    if how == "exit":
+        os._exit(7)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+@pytest.mark.parametrize("preload", [None, ["json"]], ids=["spawned", "zygote-forked"])
+def test_a_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path, preload, how):
+    # Re-parented to init before the parent hears of the death: no walk can find them, so
+    # they are found by the worker's uid in their environment.
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1, preload=preload) as ex:
+        fut = ex.submit(start_family_then_die, path, how)
+        with pytest.raises(WorkerCrashed):
+            fut.result(timeout=60)
+        pids = _pids(path)
+        try:
+            assert _gone_within(pids, 5), f"left running after the crash: {[p for p in pids if _alive(p)]}"
+            assert ex.submit(sum, [1, 2]).result(timeout=60) == 3      # the executor goes on
+        finally:
+            _kill(pids)
+
+
+def test_a_sandboxed_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path):
+    from comfy_env import Sandbox
+    from comfy_env import sandbox as sbmod
+    _bwrap, problem = sbmod.probe()
+    if problem is not None:
+        pytest.skip(f"bubblewrap cannot run here: {problem}")
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1, sandbox=Sandbox(writable=[str(tmp_path)])) as ex:
+        with pytest.raises(WorkerCrashed):
+            ex.submit(start_family_then_die, path, "exit").result(timeout=60)
+        pids = _pids(path)
+        try:
+            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+        finally:
+            _kill(pids)
+
+
+def nested_family_then_die(path):
+    """Start an executor here (a worker of our own), have its worker start a child, then
+    die: the inner worker and its child carry our tag as well as theirs."""
+    import os
+    from comfy_env import IsolatedExecutor
+    ex = IsolatedExecutor(max_workers=1)
+    inner = ex.submit(os.getpid).result(timeout=60)
+    child = ex.submit(start_child, path + ".child").result(timeout=60)
+    with open(path, "w") as f:
+        f.write(f"{inner} {child}")
+    os._exit(9)
+
+
+def test_a_worker_that_dies_takes_the_workers_of_its_own_executor_and_their_processes(tmp_path):
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1) as ex:
+        with pytest.raises(WorkerCrashed):
+            ex.submit(nested_family_then_die, path).result(timeout=120)
+        pids = _pids(path)
+        try:
+            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+        finally:
+            _kill(pids)
+
+
+def start_daemon_then_hang(path):
+    """A double-forked daemon (it leaves the worker's tree, in a session of its own); its
+    pid written to ``path``; then hang."""
+    import subprocess
+    import sys
+    import time
+    code = ("import os, sys, time\n"
+            "if os.fork(): os._exit(0)\n"
+            "os.setsid()\n"
+            "if os.fork(): os._exit(0)\n"
+            "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+            "time.sleep(120)\n")
+    subprocess.run([sys.executable, "-c", code, path], check=True)
+    time.sleep(120)
+
+
+def test_a_daemon_that_left_the_tree_goes_with_a_timed_out_calls_worker(tmp_path):
+    path = str(tmp_path / "pid")
+    with IsolatedExecutor(max_workers=1, call_timeout=3) as ex:
+        fut = ex.submit(start_daemon_then_hang, path)
+        pids = _pids(path)
+        try:
+            with pytest.raises(CallTimeout):
+                fut.result(timeout=60)
+            assert _gone_within(pids, 5), f"the daemon was left running: {pids}"
+        finally:
+            _kill(pids)
+
+
+def test_a_worker_asked_to_exit_leaves_what_its_calls_started(tmp_path):
+    # Shutdown is a normal exit: a process a call started on purpose outlives the worker,
+    # as it would outlive any process that started it and exited.
+    path = str(tmp_path / "pid")
+    with IsolatedExecutor(max_workers=1) as ex:
+        pid = ex.submit(start_child, path).result(timeout=60)
+    try:
+        time.sleep(0.3)
+        assert _alive(pid)
+    finally:
+        _kill([pid])
+
+
+def _sleeper(tags):
+    env = dict(os.environ)
+    env.pop(proctree.TAG_VAR, None)
+    if tags is not None:
+        env[proctree.TAG_VAR] = tags
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+
+
+def test_kill_tagged_kills_exactly_the_processes_carrying_the_tag():
+    # (Popen returns once the child has exec'd: its environment is its own by then.)
+    procs = {tags: _sleeper(tags) for tags in ("a1 b2", "b2", "c3", "b22", None)}
+    try:
+        assert proctree.kill_tagged("b2") == 2
+        assert procs["a1 b2"].wait(timeout=10) == -signal.SIGKILL
+        assert procs["b2"].wait(timeout=10) == -signal.SIGKILL
+        for tags in ("c3", "b22", None):      # another tag, a longer one, none
+            assert procs[tags].poll() is None, tags
+        assert proctree.kill_tagged("") == 0 and proctree.kill_tagged("nobody") == 0
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_tag_process_adds_the_workers_uid_after_its_ancestors(monkeypatch):
+    monkeypatch.delenv(proctree.TAG_VAR, raising=False)
+    proctree.tag_process("aa")
+    assert os.environ[proctree.TAG_VAR] == "aa"
+    proctree.tag_process("bb")                # a worker started by a worker
+    assert os.environ[proctree.TAG_VAR] == "aa bb"
+    for i in range(40):
+        proctree.tag_process(f"u{i}")
+    held = os.environ[proctree.TAG_VAR].split()
+    assert len(held) == proctree._MAX_TAGS and held[-1] == "u39"
+
+
 def test_a_call_that_returns_leaves_its_child_alone(tmp_path):
     path = str(tmp_path / "pid")
     with IsolatedExecutor(max_workers=1) as ex:
@@ -218,22 +378,18 @@ def test_stat_reads_a_command_name_with_spaces_and_parentheses(tmp_path):
 
 _SCRIPT = r'''
 import os, sys, time
-from comfy_env import IsolatedExecutor, CallTimeout
+from comfy_env import IsolatedExecutor, CallTimeout, WorkerCrashed
 
-def family(path):
-    import subprocess, sys, time
+def family(path, then):
+    import subprocess, sys, time, os
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     with open(path, "w") as f:
         f.write(str(child.pid))
+    if then == "die":
+        os._exit(5)
     time.sleep(60)
 
-if __name__ == "__main__":
-    path = sys.argv[1]
-    with IsolatedExecutor(call_timeout=2) as ex:
-        try:
-            ex.submit(family, path).result()
-        except CallTimeout:
-            pass
+def gone(path):
     pid = int(open(path).read())
     deadline = time.time() + 5
     while time.time() < deadline:
@@ -241,19 +397,28 @@ if __name__ == "__main__":
             with open(f"/proc/{pid}/stat") as f:
                 st = f.read()
         except OSError:
-            break
+            return True
         if st[st.rindex(")") + 2] in "ZX":
-            break
+            return True
         time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        print("left running:", pid)
-        sys.exit(1)
-    print("gone")
+    os.kill(pid, 9)
+    return False
+
+if __name__ == "__main__":
+    out = []
+    with IsolatedExecutor(call_timeout=2) as ex:
+        for then, error in (("hang", CallTimeout), ("die", WorkerCrashed)):
+            path = os.path.join(sys.argv[1], then)
+            try:
+                ex.submit(family, path, then).result()
+            except error:
+                pass
+            out.append("gone" if gone(path) else f"left running after {then}")
+    print(" ".join(out))
 '''
 
 
 @ALL_PYTHONS
-def test_a_timed_out_calls_child_is_gone_on_every_python(pyver, tmp_path):
-    proc = run_script(pyver, _SCRIPT, cwd=tmp_path, args=(str(tmp_path / "pid"),), timeout=90)
-    assert proc.returncode == 0 and proc.stdout.strip() == "gone", proc.stdout + proc.stderr
+def test_a_timed_out_or_crashed_calls_child_is_gone_on_every_python(pyver, tmp_path):
+    proc = run_script(pyver, _SCRIPT, cwd=tmp_path, args=(str(tmp_path),), timeout=90)
+    assert proc.returncode == 0 and proc.stdout.strip() == "gone gone", proc.stdout + proc.stderr

@@ -15,9 +15,13 @@ running for ever.  :func:`kill_tree` kills them with it:
 
 The worker's identity is its pid plus its start time (``/proc/<pid>/stat`` field 22,
 read by :func:`start_ticks` right after it was started): a pid that names another
-process now (the worker was reaped meanwhile) is never walked.  Processes that left the
-tree on purpose (double-forked daemons) are not found, nor are those of a worker that
-died by itself (the kernel re-parents them before anyone can look).
+process now (the worker was reaped meanwhile) is never walked.
+
+The walk cannot find processes that left the tree: a double-forked daemon, or the
+processes of a worker that died by itself (the kernel hands them to init before anyone
+can look).  :func:`kill_tagged` finds those by their environment instead.  Each worker
+adds its uid to ``COMFY_ENV_WORKER_UIDS`` at start (:func:`tag_process`), so every
+process it starts inherits the tag, unless it builds its environment from scratch.
 
 Written by hand: psutil would walk the tree but is not a dependency, and the freeze
 is what makes the walk safe.  Linux only (/proc); elsewhere only the worker is killed.
@@ -26,11 +30,18 @@ A leaf module (nothing of ours imported): the executor and the zygote both use i
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
-__all__ = ["kill_tree", "parent_of", "start_ticks", "unreaped_status"]
+__all__ = ["kill_tagged", "kill_tree", "parent_of", "start_ticks", "tag_process", "unreaped_status"]
 
+# The uids of the comfy_env workers a process descends from, oldest first, space-separated.
+TAG_VAR = "COMFY_ENV_WORKER_UIDS"
+_TAG_PREFIX = TAG_VAR.encode() + b"="
+_MAX_TAGS = 16              # nesting depth kept (workers that start executors that start...)
+# Passes of kill_tagged: each kills what it finds; a process forked meanwhile is the next one's.
+_TAGGED_PASSES = 20
 # How long a pass waits for the processes it just froze to show as stopped (a process in
 # an uninterruptible wait stops only when it returns from it): the walk goes on after it.
 SETTLE_S = 0.2
@@ -146,3 +157,84 @@ def kill_tree(proc, ticks):
         proc.kill()
     except (ProcessLookupError, OSError, AttributeError):
         pass
+
+
+def tag_process(uid):
+    """Add ``uid`` (this worker's) to the tag every process started from here inherits."""
+    held = os.environ.get(TAG_VAR, "").split()
+    os.environ[TAG_VAR] = " ".join(held[-(_MAX_TAGS - 1):] + [uid])
+
+
+def _tagged(pid, tag):
+    """Whether ``pid``'s environment (as it was exec'd) carries worker ``tag``."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:             # gone, a zombie's, or another user's
+        return False
+    if tag not in data:
+        return False
+    for item in data.split(b"\0"):
+        if item.startswith(_TAG_PREFIX):
+            return tag in item[len(_TAG_PREFIX):].split()
+    return False
+
+
+def _exited(pidfd):
+    """Whether the process ``pidfd`` names has exited (its pid may name another by now)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def kill_tagged(tag):
+    """SIGKILL every process (of this user) whose environment carries worker ``tag``
+    (:func:`tag_process`), wherever it sits in the process tree now; the number killed.
+
+    Each process is signalled through a pidfd opened before its environment is read
+    again, so a pid reused meanwhile by a process that is not tagged is never touched.
+    Passes repeat until one finds nothing: a process forked before its parent was
+    killed carries the tag too.  Without pidfds (Linux < 5.3) nothing is done.
+    """
+    if not tag or not hasattr(os, "pidfd_open"):
+        return 0
+    tag = tag.encode()
+    me = os.getpid()
+    done = {}                   # pid -> pidfd of the process killed under it
+    killed = 0
+    try:
+        for _ in range(_TAGGED_PASSES):
+            try:
+                names = os.listdir("/proc")
+            except OSError:
+                break
+            fresh = 0
+            for name in names:
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                if pid == me or not _tagged(pid, tag):
+                    continue
+                old = done.get(pid)
+                if old is not None:
+                    if not _exited(old):
+                        continue            # killed, not dead yet
+                    os.close(done.pop(pid))     # the pid names a new process
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                if not _tagged(pid, tag):   # the pid now names another process
+                    os.close(fd)
+                    continue
+                done[pid] = fd
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    continue                # it exited meanwhile
+                fresh += 1
+            killed += fresh
+            if not fresh:
+                break
+    finally:
+        for fd in done.values():
+            os.close(fd)
+    return killed

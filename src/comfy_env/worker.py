@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 
-from . import fncache, forksafe, settings
+from . import fncache, forksafe, proctree, settings
 from ._version import PROTOCOL_VERSION, __version__
 from .errors import PicklingFailed, RemoteError, portable_exception
 from .ipc import codec, lifetime, mainspace, numpy_names, planes
@@ -532,6 +532,9 @@ def main(argv=None):
     fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
     # Close-on-exec for our fds, and death with the parent even while a call holds the GIL.
     forksafe.protect_worker((fd, alive), parent)
+    # Every process started from here carries our uid (the handshake tells the parent):
+    # if we die, the parent finds and kills those that would outlive us (proctree).
+    proctree.tag_process(lifetime.PROCESS_UID)
     # Ctrl-C in the terminal reaches the whole process group: the parent
     # decides what happens to calls; the worker must not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -94,6 +94,7 @@ class WorkerHandle:
         self.proc = None
         self.pid = None
         self._ticks = None            # proctree.start_ticks of the process
+        self._tag = None              # its uid, which the processes it starts carry (proctree)
         self.channel = None
         self.link = lifetime.Link(self._send_control, name=f"{pool.name}#{index}")
         self.item = None              # the work item running in the worker
@@ -244,11 +245,25 @@ class WorkerHandle:
 
     @interrupts.holds
     def kill(self):
-        """SIGKILL the worker and the processes its calls left running (proctree).  Held
-        against Ctrl-C: cut between the freeze and the kill, it would leave them stopped."""
+        """SIGKILL the worker and the processes its calls left running (proctree): its
+        tree, then those that left the tree but carry its tag.  Held against Ctrl-C: cut
+        between the freeze and the kill, it would leave them stopped."""
         proc = self.proc
         if proc is not None:
             proctree.kill_tree(proc, self._ticks)
+            self._kill_tagged()
+
+    def _kill_tagged(self):
+        """Kill what the worker started and left running outside its tree now (a daemon,
+        or everything once the worker died by itself and init adopted it).  Once: the
+        worker is dead or dying, so nothing new gets its tag after this."""
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            try:
+                proctree.kill_tagged(tag)
+            except Exception:       # a /proc we cannot read as expected: nothing more to do
+                self.logger.debug("comfy_env: looking for worker %s's processes failed", self.pid,
+                                  exc_info=True)
 
     # -- call_timeout --------------------------------------------------------------------
     def kill_for_timeout(self):
@@ -401,6 +416,8 @@ class WorkerHandle:
                 f"{self.pool.wenv.label!r} says Python {'.'.join(map(str, env_py))}"
             )
         self.link.uid = info["uid"]
+        if isinstance(info["uid"], str) and info["uid"].isalnum():
+            self._tag = info["uid"]
         if self.pool.wenv.is_current:
             self._sent_path = list(sys.path)
         cfg = {
@@ -912,6 +929,12 @@ class WorkerHandle:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        if code is not None and (code != 0 or not self.exiting):
+            # It died by itself (a crash, os._exit, the OOM killer), even while asked to
+            # exit: what it started is init's now, and would run on with nobody to stop
+            # it.  A worker that exits when asked leaves its processes alone, as any
+            # process's normal exit does.
+            self._kill_tagged()
         if code is not None:
             self._tell_pump_exited()
         self._output_done.wait(timeout=2)
