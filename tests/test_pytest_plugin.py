@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import textwrap
+import time
 
 import numpy  # noqa: F401  (loaded before pytester's module snapshots: inner sessions that
 #               import numpy must not make it import twice in this process)
@@ -284,6 +285,53 @@ def test_timeouts_and_crashes_fail_only_their_test(pytester):
     assert "timed out after 1 s" in section(result, "test_c_call_holding_the_gil")
     assert "SIGSEGV" in section(result, "test_segfault")
     assert "exited with code 3" in section(result, "test_exit")
+
+
+LEFTOVERS = '''
+import os, subprocess, sys, time
+import pytest
+
+def server(name):
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(os.path.join(os.path.dirname(__file__), name), "w") as f:
+        f.write(str(p.pid))
+
+@pytest.mark.isolated(timeout=1)
+def test_hangs_with_a_server():
+    server("hang.pid")
+    time.sleep(30)
+
+@pytest.mark.isolated
+def test_exits_with_a_server():
+    server("exit.pid")
+    os._exit(3)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_or_crashed_tests_processes_go_with_its_worker(pytester):
+    # A test that started a server and then hung or died must not leave it running for
+    # the rest of the session (or after it).
+    pytester.makepyfile(test_leftovers=LEFTOVERS)
+    result = run(pytester, "-rA")
+    assert outcomes(result) == {"test_hangs_with_a_server": "FAILED", "test_exits_with_a_server": "FAILED"}
+    pids = [int((pytester.path / name).read_text()) for name in ("hang.pid", "exit.pid")]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if _running(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"left running: {left}"
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return False
+    return st[st.rindex(")") + 2] not in "ZX"
 
 
 SLOW_IMPORT = '''
