@@ -34,8 +34,26 @@ def _gone_within(pids, seconds):
     return False
 
 
-def start_family_then_hang(path):
-    """A child that starts a grandchild; their pids written to ``path``; then hang."""
+def _sandbox(tmp_path):
+    """A sandbox that may write ``tmp_path``; the test skips where bubblewrap cannot run."""
+    from comfy_env import Sandbox
+    from comfy_env import sandbox as sbmod
+    _bwrap, problem = sbmod.probe()
+    if problem is not None:
+        pytest.skip(f"bubblewrap cannot run here: {problem}")
+    return Sandbox(writable=[str(tmp_path)])
+
+
+def _assert_gone(pids, after):
+    assert _gone_within(pids, 5), f"left running after {after}: {[p for p in pids if _alive(p)]}"
+
+
+def start_family_then(path, then="hang"):
+    """A child that starts a grandchild, their pids written to ``path``; then the call
+    hangs (``then="hang"``) or the worker dies by itself (``"exit"``: ``os._exit``;
+    ``"sigkill"``), leaving them to init."""
+    import os
+    import signal
     import subprocess
     import sys
     import time
@@ -47,6 +65,10 @@ def start_family_then_hang(path):
     grandchild = int(child.stdout.readline())
     with open(path, "w") as f:
         f.write(f"{child.pid} {grandchild}")
+    if then == "exit":
+        os._exit(7)
+    if then == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(120)
 
 
@@ -80,13 +102,13 @@ def _kill(pids):
 def test_a_timed_out_call_takes_its_child_and_grandchild_with_its_worker(tmp_path, preload):
     path = str(tmp_path / "pids")
     with IsolatedExecutor(max_workers=1, call_timeout=3, preload=preload) as ex:
-        fut = ex.submit(start_family_then_hang, path)
+        fut = ex.submit(start_family_then, path)
         pids = _pids(path)
         try:
             assert all(_alive(p) for p in pids)
             with pytest.raises(CallTimeout):
                 fut.result(timeout=60)
-            assert _gone_within(pids, 5), f"left running after the timeout: {[p for p in pids if _alive(p)]}"
+            _assert_gone(pids, "the timeout")
             assert ex.submit(sum, [1, 2]).result(timeout=60) == 3      # the executor goes on
         finally:
             _kill(pids)
@@ -96,20 +118,15 @@ def test_a_sandboxed_workers_timeout_has_its_stack_and_takes_its_child(tmp_path)
     # The worker runs below bubblewrap: the stack signal goes to the worker itself (sent to
     # bwrap, its default action ended bwrap and the worker with it: no stack, and the
     # child orphaned before the walk), and the walk starts at bwrap.
-    from comfy_env import Sandbox
-    from comfy_env import sandbox as sbmod
-    _bwrap, problem = sbmod.probe()
-    if problem is not None:
-        pytest.skip(f"bubblewrap cannot run here: {problem}")
     path = str(tmp_path / "pids")
-    with IsolatedExecutor(max_workers=1, call_timeout=3, sandbox=Sandbox(writable=[str(tmp_path)])) as ex:
-        fut = ex.submit(start_family_then_hang, path)
+    with IsolatedExecutor(max_workers=1, call_timeout=3, sandbox=_sandbox(tmp_path)) as ex:
+        fut = ex.submit(start_family_then, path)
         pids = _pids(path)
         try:
             with pytest.raises(CallTimeout) as info:
                 fut.result(timeout=60)
-            assert "start_family_then_hang" in info.value.worker_stack, str(info.value)
-            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+            assert "start_family_then" in info.value.worker_stack, str(info.value)
+            _assert_gone(pids, "the timeout")
         finally:
             _kill(pids)
 
@@ -122,65 +139,30 @@ def test_ctrl_c_leaving_the_with_block_takes_the_running_calls_children(tmp_path
     try:
         with pytest.raises(KeyboardInterrupt):
             with IsolatedExecutor(max_workers=1) as ex:
-                ex.submit(start_family_then_hang, path)
+                ex.submit(start_family_then, path)
                 pids = _pids(path)
                 raise KeyboardInterrupt
-        assert pids and _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+        assert pids
+        _assert_gone(pids, "Ctrl-C")
     finally:
         _kill(pids)
 
 
-def start_family_then_die(path, how):
-    """A child that starts a grandchild, their pids written to ``path``; then the worker
-    dies by itself (``how``), leaving them to init."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    code = ("import subprocess, sys, time\n"
-            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-            "print(g.pid, flush=True)\n"
-            "time.sleep(120)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    grandchild = int(child.stdout.readline())
-    with open(path, "w") as f:
-        f.write(f"{child.pid} {grandchild}")
-    if how == "exit":
-        os._exit(7)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
-@pytest.mark.parametrize("preload", [None, ["json"]], ids=["spawned", "zygote-forked"])
-def test_a_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path, preload, how):
+@pytest.mark.parametrize("kind", ["spawned", "zygote-forked", "sandboxed"])
+def test_a_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path, kind, how):
     # Re-parented to init before the parent hears of the death: no walk can find them, so
     # they are found by the worker's uid in their environment.
     path = str(tmp_path / "pids")
-    with IsolatedExecutor(max_workers=1, preload=preload) as ex:
-        fut = ex.submit(start_family_then_die, path, how)
+    kw = ({"preload": ["json"]} if kind == "zygote-forked" else
+          {"sandbox": _sandbox(tmp_path)} if kind == "sandboxed" else {})
+    with IsolatedExecutor(max_workers=1, **kw) as ex:
         with pytest.raises(WorkerCrashed):
-            fut.result(timeout=60)
+            ex.submit(start_family_then, path, how).result(timeout=60)
         pids = _pids(path)
         try:
-            assert _gone_within(pids, 5), f"left running after the crash: {[p for p in pids if _alive(p)]}"
+            _assert_gone(pids, "the crash")
             assert ex.submit(sum, [1, 2]).result(timeout=60) == 3      # the executor goes on
-        finally:
-            _kill(pids)
-
-
-def test_a_sandboxed_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path):
-    from comfy_env import Sandbox
-    from comfy_env import sandbox as sbmod
-    _bwrap, problem = sbmod.probe()
-    if problem is not None:
-        pytest.skip(f"bubblewrap cannot run here: {problem}")
-    path = str(tmp_path / "pids")
-    with IsolatedExecutor(max_workers=1, sandbox=Sandbox(writable=[str(tmp_path)])) as ex:
-        with pytest.raises(WorkerCrashed):
-            ex.submit(start_family_then_die, path, "exit").result(timeout=60)
-        pids = _pids(path)
-        try:
-            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
         finally:
             _kill(pids)
 
@@ -205,7 +187,7 @@ def test_a_worker_that_dies_takes_the_workers_of_its_own_executor_and_their_proc
             ex.submit(nested_family_then_die, path).result(timeout=120)
         pids = _pids(path)
         try:
-            assert _gone_within(pids, 5), f"left running: {[p for p in pids if _alive(p)]}"
+            _assert_gone(pids, "the crash")
         finally:
             _kill(pids)
 
@@ -234,22 +216,9 @@ def test_a_daemon_that_left_the_tree_goes_with_a_timed_out_calls_worker(tmp_path
         try:
             with pytest.raises(CallTimeout):
                 fut.result(timeout=60)
-            assert _gone_within(pids, 5), f"the daemon was left running: {pids}"
+            _assert_gone(pids, "the timeout (a daemon)")
         finally:
             _kill(pids)
-
-
-def test_a_worker_asked_to_exit_leaves_what_its_calls_started(tmp_path):
-    # Shutdown is a normal exit: a process a call started on purpose outlives the worker,
-    # as it would outlive any process that started it and exited.
-    path = str(tmp_path / "pid")
-    with IsolatedExecutor(max_workers=1) as ex:
-        pid = ex.submit(start_child, path).result(timeout=60)
-    try:
-        time.sleep(0.3)
-        assert _alive(pid)
-    finally:
-        _kill([pid])
 
 
 def _sleeper(tags):
@@ -288,15 +257,20 @@ def test_tag_process_adds_the_workers_uid_after_its_ancestors(monkeypatch):
     assert len(held) == proctree._MAX_TAGS and held[-1] == "u39"
 
 
-def test_a_call_that_returns_leaves_its_child_alone(tmp_path):
+def test_a_call_that_returns_and_a_worker_asked_to_exit_leave_their_child_alone(tmp_path):
+    # Shutdown is a normal exit: a process a call started on purpose outlives the worker,
+    # as it would outlive any process that started it and exited.
     path = str(tmp_path / "pid")
-    with IsolatedExecutor(max_workers=1) as ex:
-        pid = ex.submit(start_child, path).result(timeout=60)
-        try:
+    pid = None
+    try:
+        with IsolatedExecutor(max_workers=1) as ex:
+            pid = ex.submit(start_child, path).result(timeout=60)
             time.sleep(0.2)
             assert _alive(pid)
-        finally:
-            _kill([pid])
+        time.sleep(0.3)
+        assert _alive(pid), "the worker's shutdown took the process its call started"
+    finally:
+        _kill([pid] if pid else [])
 
 
 class _Proc:
