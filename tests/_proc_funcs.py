@@ -127,7 +127,7 @@ def start_chatty_grandchild_then_exit(seconds, code=3):
     running (proctree.kill_tagged would find it otherwise)."""
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "COMFY_ENV_WORKER_UIDS"}
+    env = {k: v for k, v in os.environ.items() if k != "COMFY_ENV_WORKER_TAGS"}
     subprocess.Popen([sys.executable, "-c",
                       f"import time; time.sleep({seconds}); print('grandchild late line', flush=True)"],
                      env=env)

@@ -167,6 +167,32 @@ def test_a_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path, kind, 
             _kill(pids)
 
 
+def fork_then_die(path):
+    """A fork child of the worker (no exec: its environment in /proc is the one the worker
+    was started with), its pid written to ``path``; then the worker dies."""
+    import os
+    import time
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    with open(path, "w") as f:
+        f.write(str(pid))
+    os._exit(4)
+
+
+def test_a_spawned_worker_that_dies_takes_its_fork_children(tmp_path):
+    path = str(tmp_path / "pid")
+    with IsolatedExecutor(max_workers=1) as ex:
+        with pytest.raises(WorkerCrashed):
+            ex.submit(fork_then_die, path).result(timeout=60)
+        pids = _pids(path)
+        try:
+            _assert_gone(pids, "the crash")
+        finally:
+            _kill(pids)
+
+
 def nested_family_then_die(path):
     """Start an executor here (a worker of our own), have its worker start a child, then
     die: the inner worker and its child carry our tag as well as theirs."""
@@ -245,11 +271,13 @@ def test_kill_tagged_kills_exactly_the_processes_carrying_the_tag():
             p.wait()
 
 
-def test_tag_process_adds_the_workers_uid_after_its_ancestors(monkeypatch):
+def test_tag_process_adds_the_workers_tag_after_its_ancestors(monkeypatch):
     monkeypatch.delenv(proctree.TAG_VAR, raising=False)
     proctree.tag_process("aa")
     assert os.environ[proctree.TAG_VAR] == "aa"
     proctree.tag_process("bb")                # a worker started by a worker
+    assert os.environ[proctree.TAG_VAR] == "aa bb"
+    proctree.tag_process("bb")                # spawned with it, and told it again
     assert os.environ[proctree.TAG_VAR] == "aa bb"
     for i in range(40):
         proctree.tag_process(f"u{i}")

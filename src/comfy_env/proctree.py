@@ -19,9 +19,13 @@ process now (the worker was reaped meanwhile) is never walked.
 
 The walk cannot find processes that left the tree: a double-forked daemon, or the
 processes of a worker that died by itself (the kernel hands them to init before anyone
-can look).  :func:`kill_tagged` finds those by their environment instead.  Each worker
-adds its uid to ``COMFY_ENV_WORKER_UIDS`` at start (:func:`tag_process`), so every
-process it starts inherits the tag, unless it builds its environment from scratch.
+can look).  :func:`kill_tagged` finds those by their environment instead.  The parent
+gives each worker a tag of its own choosing, added to ``COMFY_ENV_WORKER_TAGS`` in the
+environment the worker starts with where it is spawned, and by the worker itself
+(:func:`tag_process`) where it is forked from a zygote; every process it starts
+inherits the tag, unless it builds its environment from scratch.  The parent chooses
+the tag, not the worker: a worker (sandboxed, untrusted) cannot point the kill at
+another worker's processes.
 
 Written by hand: psutil would walk the tree but is not a dependency, and the freeze
 is what makes the walk safe.  Linux only (/proc); elsewhere only the worker is killed.
@@ -36,8 +40,8 @@ import time
 
 __all__ = ["kill_tagged", "kill_tree", "parent_of", "start_ticks", "tag_process", "unreaped_status"]
 
-# The uids of the comfy_env workers a process descends from, oldest first, space-separated.
-TAG_VAR = "COMFY_ENV_WORKER_UIDS"
+# The tags of the comfy_env workers a process descends from, oldest first, space-separated.
+TAG_VAR = "COMFY_ENV_WORKER_TAGS"
 _TAG_PREFIX = TAG_VAR.encode() + b"="
 _MAX_TAGS = 16              # nesting depth kept (workers that start executors that start...)
 # Passes of kill_tagged: each kills what it finds; a process forked meanwhile is the next one's.
@@ -159,10 +163,18 @@ def kill_tree(proc, ticks):
         pass
 
 
-def tag_process(uid):
-    """Add ``uid`` (this worker's) to the tag every process started from here inherits."""
-    held = os.environ.get(TAG_VAR, "").split()
-    os.environ[TAG_VAR] = " ".join(held[-(_MAX_TAGS - 1):] + [uid])
+def tags_with(held, tag):
+    """The value of ``TAG_VAR`` for a worker tagged ``tag`` whose environment had ``held``
+    (the tags of the workers it descends from, kept: their deaths take it too)."""
+    held = (held or "").split()
+    if held and held[-1] == tag:
+        return " ".join(held)
+    return " ".join(held[-(_MAX_TAGS - 1):] + [tag])
+
+
+def tag_process(tag):
+    """Give every process started from here from now on worker tag ``tag``."""
+    os.environ[TAG_VAR] = tags_with(os.environ.get(TAG_VAR), tag)
 
 
 def _tagged(pid, tag):
@@ -182,7 +194,9 @@ def _tagged(pid, tag):
 
 def _exited(pidfd):
     """Whether the process ``pidfd`` names has exited (its pid may name another by now)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+    poller = select.poll()      # (not select(): a pidfd may be above FD_SETSIZE)
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def kill_tagged(tag):

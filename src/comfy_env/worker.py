@@ -496,7 +496,7 @@ def _strip(exc):
 
 
 def _parse_args(argv):
-    fd = alive = parent = None
+    fd = alive = parent = tag = None
     it = iter(argv)
     for a in it:
         if a == "--fd":
@@ -505,10 +505,12 @@ def _parse_args(argv):
             alive = int(next(it))
         elif a == "--parent-pid":
             parent = int(next(it))
+        elif a == "--tag":
+            tag = next(it)
     if fd is None:
         raise SystemExit("usage: python -m comfy_env.worker --fd N [--alive-fd M] "
-                         "[--parent-pid P] (started by IsolatedExecutor)")
-    return fd, alive, parent
+                         "[--parent-pid P] [--tag T] (started by IsolatedExecutor)")
+    return fd, alive, parent, tag
 
 
 def _watch_parent(fd):
@@ -529,12 +531,13 @@ def _watch_parent(fd):
 
 
 def main(argv=None):
-    fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
+    fd, alive, parent, tag = _parse_args(sys.argv[1:] if argv is None else argv)
     # Close-on-exec for our fds, and death with the parent even while a call holds the GIL.
     forksafe.protect_worker((fd, alive), parent)
-    # Every process started from here carries our uid (the handshake tells the parent):
-    # if we die, the parent finds and kills those that would outlive us (proctree).
-    proctree.tag_process(lifetime.PROCESS_UID)
+    # Every process started from here carries the tag the parent gave us: if we die, the
+    # parent finds and kills those that would outlive us (proctree).
+    if tag:
+        proctree.tag_process(tag)
     # Ctrl-C in the terminal reaches the whole process group: the parent
     # decides what happens to calls; the worker must not die under them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

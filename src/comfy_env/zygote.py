@@ -208,9 +208,10 @@ class Zygote:
         return self._unusable is None and self._channel is None and not self._closed
 
     # -- used by launch.spawn ----------------------------------------------------
-    def fork(self, child_fd, alive_fd, on_exit):
+    def fork(self, child_fd, alive_fd, on_exit, tag=None):
         """A ForkedWorker running ``comfy_env.worker`` on ``child_fd``, or None where
-        workers must be spawned (no fork here, or the preload started threads)."""
+        workers must be spawned (no fork here, or the preload started threads).
+        ``tag``: what the worker tags the processes it starts with (proctree)."""
         if self._unusable is not None or forksafe.PID != self.pid:
             return None
         with self._lock:
@@ -227,7 +228,7 @@ class Zygote:
         err_r, err_w = os.pipe()
         try:
             try:
-                _send(channel, ("fork", token), [child_fd, alive_fd, out_w, err_w])
+                _send(channel, ("fork", token, tag), [child_fd, alive_fd, out_w, err_w])
             except (ChannelClosed, OSError) as exc:
                 with self._lock:
                     if self._channel is channel:
@@ -704,6 +705,7 @@ def _serve(channel, alive):
                 os.close(fd)
             continue
         token = msg[1]
+        tag = msg[2] if len(msg) > 2 else None
         sock_fd, alive_fd, out_w, err_w = fds
         try:
             pid = os.fork()
@@ -726,8 +728,8 @@ def _serve(channel, alive):
             # Our __main__ is the zygote, not comfy_env.worker: say what we are (the
             # CUDA plane makes workers export their results zero-copy by this).
             os.environ["COMFY_ENV_ROLE"] = "worker"
-            return ["--fd", str(sock_fd), "--alive-fd", str(alive_fd),
-                    "--parent-pid", str(os.getppid())]
+            return (["--fd", str(sock_fd), "--alive-fd", str(alive_fd),
+                     "--parent-pid", str(os.getppid())] + (["--tag", tag] if tag else []))
         children.add(pid)
         # The worker's ends are its own now: closed before the parent hears of it, so
         # that no end of the worker's stays here once the parent uses it (a stopped or
@@ -751,7 +753,7 @@ def _serve(channel, alive):
 def main(argv=None):
     from .worker import _parse_args
 
-    fd, alive, parent = _parse_args(sys.argv[1:] if argv is None else argv)
+    fd, alive, parent, _tag = _parse_args(sys.argv[1:] if argv is None else argv)
     forksafe.protect_worker((fd, alive), parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # as the workers: the parent decides
     channel = Channel.from_fd(fd)

@@ -30,7 +30,7 @@ import threading
 
 import comfy_env
 
-from .. import forksafe, stdfds
+from .. import forksafe, proctree, stdfds
 from ..envs import WorkerEnvironment
 
 # The directory that holds the comfy_env package the parent runs: the worker
@@ -60,7 +60,7 @@ def interpreter_flags() -> list:
 
 
 def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
-                   module: str = "comfy_env.worker"):
+                   module: str = "comfy_env.worker", tag: str = None):
     cmd = [wenv.python]
     if wenv.is_current:
         cmd += interpreter_flags()
@@ -70,11 +70,15 @@ def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
     if alive_fd is not None:
         cmd += ["--alive-fd", str(alive_fd)]
     cmd += ["--parent-pid", str(os.getpid())]
+    if tag is not None:
+        cmd += ["--tag", tag]
     return cmd
 
 
-def worker_environ(wenv: WorkerEnvironment):
+def worker_environ(wenv: WorkerEnvironment, tag: str = None):
     env = dict(os.environ)
+    if tag is not None:
+        env[proctree.TAG_VAR] = proctree.tags_with(env.get(proctree.TAG_VAR), tag)
     if wenv.is_current:
         paths = [_PACKAGE_PARENT]
         if env.get("PYTHONPATH"):
@@ -102,17 +106,19 @@ def is_transient(exc) -> bool:
 
 def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
           on_exit=None, *, zygote=None, module: str = "comfy_env.worker",
-          stdout=subprocess.PIPE) -> subprocess.Popen:
+          stdout=subprocess.PIPE, tag: str = None) -> subprocess.Popen:
     """Start a worker.  ``alive_fd``: read end of a pipe whose write end only the parent holds.
 
     ``on_exit()`` runs (on the keeper thread: it must be quick and must not block)
     once the process has exited and the keeper has closed its pidfd of it.
     ``zygote``: fork the worker from it (a :class:`comfy_env.zygote.ForkedWorker`
     comes back), unless it says workers must be spawned here.  ``module``: what the process runs (the zygote's own start).
+    ``tag``: the worker's tag (proctree.kill_tagged), in its environment from the start
+    where it is spawned (its fork children show it too), set by the worker where forked.
     """
     raise_fd_limit()
     if zygote is not None:
-        proc = zygote.fork(child_fd, alive_fd, on_exit)
+        proc = zygote.fork(child_fd, alive_fd, on_exit, tag)
         if proc is not None:
             return proc
     # envs/: rebuild an env removed under us; the worker inherits the env's in-use lease.
@@ -130,14 +136,14 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
             stdout=stdout,
             stderr=subprocess.PIPE,
             pass_fds=passed,
-            env=worker_environ(wenv),
+            env=worker_environ(wenv, tag),
             close_fds=True,
             cwd=wenv.start_cwd,     # not the parent's: it would come first on sys.path
             # The parent's process group: a Ctrl-C in the terminal reaches the workers too,
             # which ignore SIGINT; the parent decides (it stops its running calls).
             start_new_session=False,
         )
-        cmd, popen = worker_command(wenv, child_fd, alive_fd, module), subprocess.Popen
+        cmd, popen = worker_command(wenv, child_fd, alive_fd, module, tag), subprocess.Popen
         if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
             from ..sandbox import wrap
             cmd, kwargs["env"], popen = wrap(wenv.sandbox, wenv, cmd, kwargs["env"], _PACKAGE_PARENT)

@@ -46,6 +46,7 @@ import collections
 import logging
 import os
 import re
+import secrets
 import select
 import selectors
 import signal
@@ -94,7 +95,7 @@ class WorkerHandle:
         self.proc = None
         self.pid = None
         self._ticks = None            # proctree.start_ticks of the process
-        self._tag = None              # its uid, which the processes it starts carry (proctree)
+        self._tag = None              # the tag the processes it starts carry (proctree), ours to choose
         self.channel = None
         self.link = lifetime.Link(self._send_control, name=f"{pool.name}#{index}")
         self.item = None              # the work item running in the worker
@@ -146,10 +147,11 @@ class WorkerHandle:
         # The worker watches the read end: EOF means this process died.
         alive_r, self._alive_w = os.pipe()
         reported = self._exit_reported
+        self._tag = secrets.token_hex(8)
         try:
             self.proc = launch.spawn(self.pool.wenv, child.fileno(), alive_r,
                                      on_exit=lambda: _process_exited(parent, reported),
-                                     zygote=self.pool.zygote)
+                                     zygote=self.pool.zygote, tag=self._tag)
         except BaseException:
             os.close(self._alive_w)
             self._alive_w = None
@@ -416,8 +418,6 @@ class WorkerHandle:
                 f"{self.pool.wenv.label!r} says Python {'.'.join(map(str, env_py))}"
             )
         self.link.uid = info["uid"]
-        if isinstance(info["uid"], str) and info["uid"].isalnum():
-            self._tag = info["uid"]
         if self.pool.wenv.is_current:
             self._sent_path = list(sys.path)
         cfg = {
