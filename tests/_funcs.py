@@ -48,6 +48,13 @@ def wait_for_file(path, value=None, timeout=30.0):
     return value
 
 
+def touch_then_wait(started, path, value=None):
+    """Create ``started`` (the call is running in the worker now), then wait for ``path``."""
+    with open(started, "w"):
+        pass
+    return wait_for_file(path, value)
+
+
 def rendezvous(directory, me, others, timeout=20.0):
     """Mark ``me`` as running, wait until every one of ``others`` is running too."""
     open(os.path.join(directory, me), "w").close()

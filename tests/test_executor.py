@@ -383,10 +383,13 @@ def test_death_by_signal_fails_the_call_with_worker_crashed_naming_the_signal(fn
 
 
 @pytest.mark.timeout(20)
-def test_sigkill_from_outside_fails_the_running_call(gate):
+def test_sigkill_from_outside_fails_the_running_call(gate, tmp_path):
+    # Killed once the worker runs the call (not merely once it was sent: a call the worker
+    # had not taken yet is sent again to a fresh worker, and would wait on the gate there).
+    started = tmp_path / "started"
     with IsolatedExecutor() as ex:
-        fut = ex.submit(_funcs.wait_for_file, str(gate))
-        _wait_until(fut.running)
+        fut = ex.submit(_funcs.touch_then_wait, str(started), str(gate))
+        _wait_until(started.exists)
         (pid,) = ex.worker_pids()
         os.kill(pid, signal.SIGKILL)
         exc = fut.exception(15)
