@@ -148,23 +148,30 @@ def test_ctrl_c_leaving_the_with_block_takes_the_running_calls_children(tmp_path
         _kill(pids)
 
 
+def _crash_takes_what_the_call_started(tmp_path, fn, *args, **executor_kw):
+    """Run ``fn(path, *args)``, which writes the pids of processes it started to ``path``
+    and then kills its worker: the call fails with WorkerCrashed, those processes are
+    gone soon after, and the executor goes on."""
+    path = str(tmp_path / "pids")
+    with IsolatedExecutor(max_workers=1, **executor_kw) as ex:
+        with pytest.raises(WorkerCrashed):
+            ex.submit(fn, path, *args).result(timeout=120)
+        pids = _pids(path)
+        try:
+            _assert_gone(pids, "the crash")
+            assert ex.submit(sum, [1, 2]).result(timeout=60) == 3
+        finally:
+            _kill(pids)
+
+
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
 @pytest.mark.parametrize("kind", ["spawned", "zygote-forked", "sandboxed"])
 def test_a_worker_that_dies_by_itself_takes_its_calls_processes(tmp_path, kind, how):
     # Re-parented to init before the parent hears of the death: no walk can find them, so
-    # they are found by the worker's uid in their environment.
-    path = str(tmp_path / "pids")
+    # they are found by the worker's tag in their environment.
     kw = ({"preload": ["json"]} if kind == "zygote-forked" else
           {"sandbox": _sandbox(tmp_path)} if kind == "sandboxed" else {})
-    with IsolatedExecutor(max_workers=1, **kw) as ex:
-        with pytest.raises(WorkerCrashed):
-            ex.submit(start_family_then, path, how).result(timeout=60)
-        pids = _pids(path)
-        try:
-            _assert_gone(pids, "the crash")
-            assert ex.submit(sum, [1, 2]).result(timeout=60) == 3      # the executor goes on
-        finally:
-            _kill(pids)
+    _crash_takes_what_the_call_started(tmp_path, start_family_then, how, **kw)
 
 
 def fork_then_die(path):
@@ -182,15 +189,7 @@ def fork_then_die(path):
 
 
 def test_a_spawned_worker_that_dies_takes_its_fork_children(tmp_path):
-    path = str(tmp_path / "pid")
-    with IsolatedExecutor(max_workers=1) as ex:
-        with pytest.raises(WorkerCrashed):
-            ex.submit(fork_then_die, path).result(timeout=60)
-        pids = _pids(path)
-        try:
-            _assert_gone(pids, "the crash")
-        finally:
-            _kill(pids)
+    _crash_takes_what_the_call_started(tmp_path, fork_then_die)
 
 
 def nested_family_then_die(path):
@@ -207,15 +206,7 @@ def nested_family_then_die(path):
 
 
 def test_a_worker_that_dies_takes_the_workers_of_its_own_executor_and_their_processes(tmp_path):
-    path = str(tmp_path / "pids")
-    with IsolatedExecutor(max_workers=1) as ex:
-        with pytest.raises(WorkerCrashed):
-            ex.submit(nested_family_then_die, path).result(timeout=120)
-        pids = _pids(path)
-        try:
-            _assert_gone(pids, "the crash")
-        finally:
-            _kill(pids)
+    _crash_takes_what_the_call_started(tmp_path, nested_family_then_die)
 
 
 def start_daemon_then_hang(path):

@@ -95,19 +95,18 @@ def unreaped_status(pid):
         return None
 
 
-def _children(of):
-    """The pids whose parent is in ``of``, now."""
-    found = []
+def _pids():
+    """Every process's pid in /proc now (none where it cannot be read)."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return found
-    for name in names:
-        if name.isdigit():
-            st = _stat(name)
-            if st is not None and st[1] in of:
-                found.append(int(name))
-    return found
+        return []
+    return [int(name) for name in names if name.isdigit()]
+
+
+def _children(of):
+    """The pids whose parent is in ``of``, now."""
+    return [pid for pid in _pids() if (st := _stat(pid)) is not None and st[1] in of]
 
 
 def _settle(pids, deadline):
@@ -216,15 +215,8 @@ def kill_tagged(tag):
     killed = 0
     try:
         for _ in range(_TAGGED_PASSES):
-            try:
-                names = os.listdir("/proc")
-            except OSError:
-                break
             fresh = 0
-            for name in names:
-                if not name.isdigit():
-                    continue
-                pid = int(name)
+            for pid in _pids():
                 if pid == me or not _tagged(pid, tag):
                     continue
                 old = done.get(pid)

@@ -535,7 +535,8 @@ def main(argv=None):
     # Close-on-exec for our fds, and death with the parent even while a call holds the GIL.
     forksafe.protect_worker((fd, alive), parent)
     # Every process started from here carries the tag the parent gave us: if we die, the
-    # parent finds and kills those that would outlive us (proctree).
+    # parent finds and kills those that would outlive us (proctree).  A spawned worker
+    # has it in its environment already; one forked from a zygote is told it here.
     if tag:
         proctree.tag_process(tag)
     # Ctrl-C in the terminal reaches the whole process group: the parent

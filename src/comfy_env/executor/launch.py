@@ -60,7 +60,7 @@ def interpreter_flags() -> list:
 
 
 def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
-                   module: str = "comfy_env.worker", tag: str = None):
+                   module: str = "comfy_env.worker"):
     cmd = [wenv.python]
     if wenv.is_current:
         cmd += interpreter_flags()
@@ -70,8 +70,6 @@ def worker_command(wenv: WorkerEnvironment, fd: int, alive_fd: int = None,
     if alive_fd is not None:
         cmd += ["--alive-fd", str(alive_fd)]
     cmd += ["--parent-pid", str(os.getpid())]
-    if tag is not None:
-        cmd += ["--tag", tag]
     return cmd
 
 
@@ -113,8 +111,9 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
     once the process has exited and the keeper has closed its pidfd of it.
     ``zygote``: fork the worker from it (a :class:`comfy_env.zygote.ForkedWorker`
     comes back), unless it says workers must be spawned here.  ``module``: what the process runs (the zygote's own start).
-    ``tag``: the worker's tag (proctree.kill_tagged), in its environment from the start
-    where it is spawned (its fork children show it too), set by the worker where forked.
+    ``tag``: the worker's tag (proctree.kill_tagged): in its environment from the start
+    where it is spawned (its fork children show it too; a sandbox passes ``COMFY_ENV_*``
+    on), handed to the worker to set where it is forked from the zygote.
     """
     raise_fd_limit()
     if zygote is not None:
@@ -143,7 +142,7 @@ def spawn(wenv: WorkerEnvironment, child_fd: int, alive_fd: int = None,
             # which ignore SIGINT; the parent decides (it stops its running calls).
             start_new_session=False,
         )
-        cmd, popen = worker_command(wenv, child_fd, alive_fd, module, tag), subprocess.Popen
+        cmd, popen = worker_command(wenv, child_fd, alive_fd, module), subprocess.Popen
         if wenv.sandbox is not None:    # bubblewrap in front of the command (sandbox.py)
             from ..sandbox import wrap
             cmd, kwargs["env"], popen = wrap(wenv.sandbox, wenv, cmd, kwargs["env"], _PACKAGE_PARENT)
