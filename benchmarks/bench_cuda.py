@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python benchmarks/bench_cuda.py [--quick] [--lean]
     BENCH_SIZES=64MiB,1MiB PYTHONPATH=src python benchmarks/bench_cuda.py   (those rows, in that order)
+    BENCH_ROUND_REPS=100 BENCH_WARM=10 ...   (timed calls per cell and round; untimed calls
+                                              at the start of each block, both systems)
 
 Every figure is the median of warm, back-to-back calls (no pause between calls: a
 pause lets the worker's and the parent's threads fall asleep, and waking them costs
@@ -56,6 +58,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MiB, GiB = 1 << 20, 1 << 30
 SIZES = [("1MiB", MiB), ("64MiB", 64 * MiB), ("1GiB", GiB), ("4GiB", 4 * GiB)]
 ROUNDS = 4        # ours and legacy IPC alternate this many times per size (see Legacy)
+# Timed calls per cell and round (default: the size's reps spread over the rounds), and
+# untimed calls at the start of each cell's block (ours and legacy's alike).
+ROUND_REPS = int(os.environ.get("BENCH_ROUND_REPS") or 0)
+WARM = int(os.environ.get("BENCH_WARM") or 1)
 
 
 # -- worker side ---------------------------------------------------------------------------
@@ -162,6 +168,19 @@ def timed(fn, reps, warm=3, budget_s=None):
     return statistics.median(samples(fn, reps, warm, budget_s))
 
 
+def block_start(blocks, head=5):
+    """Whether a cell's first timed calls after the switch from the other system's block
+    run slower than the rest: ``{cell: [median of the first head, median of the rest] µs}``
+    over the rounds (the cells are medians of both together)."""
+    out = {}
+    for cell, bl in blocks.items():
+        first = [t for b in bl for t in b[:head]]
+        rest = [t for b in bl for t in b[head:]]
+        if first and rest:
+            out[cell] = [statistics.median(first) * 1e6, statistics.median(rest) * 1e6]
+    return out
+
+
 def reps_for(nbytes, cpu=False):
     if cpu:
         return 1 if nbytes >= GiB else 3
@@ -206,7 +225,9 @@ class Timers:
 def parent_timers():
     # A tree from before the plane's split (BASE_SRC) keeps the opened events on the plane.
     events = PLANE.local.events if hasattr(PLANE, "local") else PLANE._events
+    from comfy_env.ipc.cuda import pools
     return Timers({"decode": (PLANE, "decode"), "encode": (PLANE, "encode"),
+                   "export_pointer": (pools.Generation, "export_pointer"),
                    "import_pointer": (PLANE.imports, "import_pointer"),
                    "release_pointer": (PLANE.imports, "release_pointer"),
                    "event_wait": (events, "wait")})
@@ -233,7 +254,11 @@ def free_bytes():
 # A process pair of its own (legacy IPC needs the native allocator; ours runs under
 # cudaMallocAsync), driven one command at a time over a pipe, so that its samples
 # interleave with ours round by round: on a shared host the two are then measured under
-# the same load, which one block of each at different minutes is not.  The script runs
+# the same load, which one block of each at different minutes is not.  Every call of
+# either ends with the parent's torch.cuda.synchronize() (ours in samples()), so the
+# empty round trips compare like for like (until session 24 legacy's empty and
+# parent → worker calls synchronised in the child or not at all, and its ∅ was one
+# synchronise cheaper than ours).  The script runs
 # from a file: "spawn" re-imports the parent's __main__ in the child, and with
 # ``python -c`` there is none.
 LEGACY = r"""
@@ -255,7 +280,7 @@ def child(q_in, q_out):
         elif msg[0] == "w2pf":
             q_out.put(torch.empty(msg[1] // 4, device=DEV))
         elif msg[0] == "p2w":
-            x = msg[1]; sync(); del x; q_out.put(1)
+            x = msg[1]; del x; q_out.put(1)
         elif msg[0] == "empty":
             q_out.put(1)
         elif msg[0] == "drop":
@@ -267,7 +292,8 @@ if __name__ == "__main__":
     qi.put(("empty",)); qo.get(timeout=120)
     print("READY", flush=True)
     for line in sys.stdin:
-        op, n, reps, timeout = json.loads(line)
+        op, n, reps, timeout, *rest = json.loads(line)
+        warm = rest[0] if rest else 1
         if op == "stop":
             break
         times = []
@@ -275,18 +301,18 @@ if __name__ == "__main__":
             if op == "drop":
                 held.pop(n, None); qi.put(("drop",)); qo.get(timeout=timeout)
                 if DEV == "cuda": torch.cuda.empty_cache()
-            for i in range(reps + 1):          # the first one untimed
+            for i in range(reps + warm):       # the first ``warm`` untimed
                 a = time.perf_counter()
                 if op == "p2w":
                     y = held.get(n)
                     if y is None:
                         y = held[n] = torch.ones(n // 4, device=DEV); sync(); a = time.perf_counter()
-                    qi.put(("p2w", y)); qo.get(timeout=timeout)
+                    qi.put(("p2w", y)); qo.get(timeout=timeout); sync()
                 elif op in ("w2p", "w2pf"):
                     qi.put((op, n)); x = qo.get(timeout=timeout); sync(); del x
                 else:
-                    qi.put(("empty",)); qo.get(timeout=timeout)
-                if i:
+                    qi.put(("empty",)); qo.get(timeout=timeout); sync()
+                if i >= warm:
                     times.append(time.perf_counter() - a)
         except queue.Empty:
             why = "the child process died" if not p.is_alive() else f"no answer within {timeout} s"
@@ -350,16 +376,16 @@ class Legacy:
         tail = self._err.read()[-300:]
         self.error = f"{why}; stderr: {tail}" if tail.strip() else why
 
-    def run(self, op, n=0, reps=0, timeout=60.0):
+    def run(self, op, n=0, reps=0, timeout=60.0, warm=1):
         if self.error is not None:
             return []
         try:
-            self.proc.stdin.write(json.dumps([op, n, reps, timeout]) + "\n")
+            self.proc.stdin.write(json.dumps([op, n, reps, timeout, warm]) + "\n")
             self.proc.stdin.flush()
         except OSError as exc:
             self._fail(f"the pipe broke: {exc}")
             return []
-        got = self._expect("RESULT", timeout * (reps + 1) + 30)
+        got = self._expect("RESULT", timeout * (reps + warm) + 30)
         return [] if got is None else json.loads(got)
 
     def close(self):
@@ -474,7 +500,8 @@ def w_timers(on):
     if on:
         events = PLANE.local.events if hasattr(PLANE, "local") else PLANE._events
         t = _cache()["timers"] = Timers({"decode": (PLANE, "decode"), "event_wait": (events, "wait"),
-                                         "holder": (lifetime.LEDGER, "holder")})
+                                         "holder": (lifetime.LEDGER, "holder"),
+                                         "import_pointer": (PLANE.imports, "import_pointer")})
         t.__enter__()
         return None
     t = _cache().pop("timers")
@@ -497,6 +524,7 @@ def p2w_detail(a, x, calls=200):
     torch.cuda.synchronize()
     out["worker_timers"] = a.submit(w_timers, False).result()
     out["parent_timers"] = tm.per_call_us()
+    out["calls"] = calls
     return out
 
 
@@ -614,23 +642,27 @@ def main():
             x = torch.ones(n // 4, device="cuda")
             r = reps_for(n)
             # The cells compared with legacy IPC, interleaved with it round by round.
-            got = collections.defaultdict(list)
+            blocks = collections.defaultdict(list)      # cell -> one list of samples per round
+            k = ROUND_REPS or -(-r // ROUNDS)
             with parent_timers() as tm:
                 for i in range(ROUNDS):
-                    k, w = -(-r // ROUNDS), 3 if i == 0 else 1
-                    got["empty"] += samples(lambda: a.submit(w_nothing).result(), k, warm=w)
-                    got["w2p"] += samples(lambda: a.submit(w_get, n).result(), k, warm=w)
+                    # Untimed calls at the start of each block, ours and legacy's alike.
+                    w = max(3, WARM) if i == 0 else WARM
+                    blocks["empty"].append(samples(lambda: a.submit(w_nothing).result(), k, warm=w))
+                    blocks["w2p"].append(samples(lambda: a.submit(w_get, n).result(), k, warm=w))
                     # A new tensor every call (a node's fresh output): staged when small, else exported.
-                    got["w2p_fresh"] += samples(lambda: a.submit(w_fresh, 1, n).result(), k, warm=w)
-                    got["p2w"] += samples(lambda: a.submit(w_touch, x).result(), k, warm=w)
+                    blocks["w2p_fresh"].append(samples(lambda: a.submit(w_fresh, 1, n).result(), k, warm=w))
+                    blocks["p2w"].append(samples(lambda: a.submit(w_touch, x).result(), k, warm=w))
                     if legacy is not None:
                         for op, cell in (("empty", "empty"), ("w2p", "w2p"), ("w2pf", "w2p_fresh"),
                                          ("p2w", "p2w")):
-                            got["legacy_" + cell] += legacy.run(op, n, k)
+                            blocks["legacy_" + cell].append(legacy.run(op, n, k, warm=w))
             row["parent_timers"] = tm.per_call_us()
+            got = {cell: [t for b in bl for t in b] for cell, bl in blocks.items()}
             for cell, v in got.items():
                 if v:
                     row[cell] = statistics.median(v)
+            row["block_start"] = block_start(blocks)
             row["empty_ms"] = row.pop("empty")
             res["legacy_ipc_native"][str(n)] = (
                 {"n": n, **{c: row.pop("legacy_" + c) for c in ("empty", "w2p", "w2p_fresh", "p2w")
@@ -777,7 +809,14 @@ def print_table(res, sizes, leg):
                   f"p75 {pr['p75_us']:.1f}); CPU parent {cpu['parent_cpu_us']:.1f} µs, worker "
                   f"{cpu['worker_cpu_us']:.1f} µs; parent encode {us(pt.get('encode'))} µs; worker decode "
                   f"{us(wt.get('decode'))} µs, event wait {us(wt.get('event_wait'))} µs, "
-                  f"holder {us(wt.get('holder'))} µs")
+                  f"holder {us(wt.get('holder'))} µs; in {dt.get('calls', '?')} calls the parent exported "
+                  f"{(pt.get('export_pointer') or (0, 0))[1]} pointers, the worker imported "
+                  f"{(wt.get('import_pointer') or (0, 0))[1]}")
+    for label, n in sizes:
+        bs = res["rows"][label].get("block_start")
+        if bs:
+            print(f"{label} first 5 timed calls of each block / the rest, µs: " + ", ".join(
+                f"{cell} {a:.0f}/{b:.0f}" for cell, (a, b) in bs.items()))
     print(f"worker routes over the run: {res.get('routes_worker')}")
     for n, lg in leg.items():
         if "skipped" in lg:

@@ -1,0 +1,102 @@
+"""The caller's CPU per warm call: comfy_env's empty call beside a multiprocessing.Queue pair.
+
+    PYTHONPATH=src python benchmarks/probe_call_cpu.py [--plane [--sync]] [--calls 3000] [--rounds 3]
+
+Times ``submit(identity, 1).result()`` and one ``Queue.put`` + ``Queue.get`` round trip
+with a process that echoes it (the round trip legacy CUDA IPC stands on in
+bench_cuda.py), alternating in one process, and prints per call: the median wall time,
+the calling thread's CPU (``time.thread_time``) and the whole process's CPU (the pair's
+feeder thread included).  A call whose caller is on the CPU for most of its wall time is
+bound by the caller's own Python, not by waking processes.  ``--plane`` installs the
+CUDA plane in the parent and the worker first (a GPU host), ``--sync`` adds
+``torch.cuda.synchronize()`` after each call of either, as bench_cuda.py does.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+from _bench_funcs import identity  # noqa: E402
+from comfy_env import IsolatedExecutor  # noqa: E402
+
+
+def _echo(q_in, q_out):
+    while True:
+        m = q_in.get()
+        if m is None:
+            return
+        q_out.put(m)
+
+
+def measure(fn, calls, warm=300):
+    """``(median wall µs, calling thread's CPU µs, process CPU µs)`` per call."""
+    for _ in range(warm):
+        fn()
+    walls = []
+    c0, p0 = time.thread_time(), time.process_time()
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t)
+    c1, p1 = time.thread_time(), time.process_time()
+    return statistics.median(walls) * 1e6, (c1 - c0) / calls * 1e6, (p1 - p0) / calls * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plane", action="store_true")
+    ap.add_argument("--sync", action="store_true")
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    sync = init = None
+    if args.plane:
+        import torch
+        from comfy_env.ipc.cuda import install
+        install()
+        torch.zeros(1, device="cuda")
+        init = install
+        if args.sync:
+            sync = torch.cuda.synchronize
+    ex = IsolatedExecutor(max_workers=1, initializer=init)
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_echo, args=(q_in, q_out), daemon=True)
+    proc.start()
+    q_in.put(1)
+    q_out.get()
+
+    def ours():
+        ex.submit(identity, 1).result()
+        if sync is not None:
+            sync()
+
+    def pair():
+        q_in.put(1)
+        q_out.get()
+        if sync is not None:
+            sync()
+
+    try:
+        print(f"plane={args.plane} sync={args.sync}: µs per call, wall (median) / caller thread CPU / "
+              f"process CPU (means)")
+        for _ in range(args.rounds):
+            for name, fn in (("comfy_env", ours), ("mp.Queue pair", pair)):
+                wall, cpu, pcpu = measure(fn, args.calls)
+                print(f"  {name:<14} {wall:7.1f} {cpu:7.1f} {pcpu:7.1f}", flush=True)
+    finally:
+        q_in.put(None)
+        proc.join(5)
+        ex.shutdown()
+
+
+if __name__ == "__main__":
+    main()
