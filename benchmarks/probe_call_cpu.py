@@ -10,10 +10,16 @@ feeder thread included).  A call whose caller is on the CPU for most of its wall
 bound by the caller's own Python, not by waking processes.  ``--plane`` installs the
 CUDA plane in the parent and the worker first (a GPU host), ``--sync`` adds
 ``torch.cuda.synchronize()`` after each call of either, as bench_cuda.py does.
+
+``--count`` then counts the function calls our caller makes per empty call
+(``sys.setprofile`` on the calling thread: Python functions by file, and C functions):
+a figure that does not move with the host's load, for comparing two trees where the
+wall and CPU figures are within the noise.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing as mp
 import os
 import statistics
@@ -50,12 +56,36 @@ def measure(fn, calls, warm=300):
     return statistics.median(walls) * 1e6, (c1 - c0) / calls * 1e6, (p1 - p0) / calls * 1e6
 
 
+def count_calls(fn, calls=2000):
+    """``(Python calls, C calls, {file: Python calls})`` per call of ``fn`` on this thread."""
+    for _ in range(300):
+        fn()
+    counts = collections.Counter()
+
+    def prof(frame, event, arg):
+        if event == "call":
+            path = frame.f_code.co_filename
+            counts["/".join(path.split(os.sep)[-2:])] += 1
+        elif event == "c_call":
+            counts[None] += 1
+
+    sys.setprofile(prof)
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        sys.setprofile(None)
+    c = counts.pop(None, 0)
+    return sum(counts.values()) / calls, c / calls, {k: v / calls for k, v in counts.most_common()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--plane", action="store_true")
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--count", action="store_true")
     args = ap.parse_args()
     sync = init = None
     if args.plane:
@@ -92,6 +122,13 @@ def main():
             for name, fn in (("comfy_env", ours), ("mp.Queue pair", pair)):
                 wall, cpu, pcpu = measure(fn, args.calls)
                 print(f"  {name:<14} {wall:7.1f} {cpu:7.1f} {pcpu:7.1f}", flush=True)
+        if args.count:
+            py, c, by_file = count_calls(ours)
+            print(f"comfy_env's caller per empty call: {py:.1f} Python function calls, {c:.1f} C calls; "
+                  f"Python calls by file:")
+            for f, n in by_file.items():
+                if n >= 0.5:
+                    print(f"  {f:<40} {n:5.1f}")
     finally:
         q_in.put(None)
         proc.join(5)
