@@ -12,9 +12,11 @@ CUDA plane in the parent and the worker first (a GPU host), ``--sync`` adds
 ``torch.cuda.synchronize()`` after each call of either, as bench_cuda.py does.
 
 ``--count`` then counts the function calls our caller makes per empty call
-(``sys.setprofile`` on the calling thread: Python functions by file, and C functions):
-a figure that does not move with the host's load, for comparing two trees where the
-wall and CPU figures are within the noise.
+(``sys.setprofile`` on the calling thread: Python functions by file, and C functions),
+for comparing two trees where the wall and CPU figures are within the noise.  It has two
+modes: the profiler slows the caller, so the parent's reader thread sometimes reads the
+result first and the caller only waits on its future; ``executor/worker_handle.py``
+then counts 4 calls instead of 7.  Compare runs in the same mode.
 """
 from __future__ import annotations
 
