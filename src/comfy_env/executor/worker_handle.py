@@ -929,13 +929,13 @@ class WorkerHandle:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
-        if code is not None and (code != 0 or not self.exiting):
-            # It died by itself (a crash, os._exit, the OOM killer), even while asked to
-            # exit: what it started is init's now, and would run on with nobody to stop
-            # it.  A worker that exits when asked leaves its processes alone, as any
-            # process's normal exit does.
-            self._kill_tagged()
         if code is not None:
+            if code != 0 or not self.exiting:
+                # It died by itself (a crash, os._exit, the OOM killer), even while asked
+                # to exit: what it started is init's now, and would run on with nobody to
+                # stop it.  A worker that exits when asked leaves its processes alone, as
+                # any process's normal exit does.
+                self._kill_tagged()
             self._tell_pump_exited()
         self._output_done.wait(timeout=2)
         if code is not None:
