@@ -406,16 +406,19 @@ from comfy_env import IsolatedExecutor, WorkerCrashed
 from comfy_env.ipc.lifetime import LEDGER
 
 main = threading.get_ident()
-stop = threading.Event()
+go, stop = threading.Event(), threading.Event()
 
 def pester():
+    # The storm starts only once the main thread is inside the loop's try: a Ctrl-C
+    # landing in t.start() (waiting for the thread to run) is the script's, not ours.
+    go.wait()
     rnd = random.Random({seed})
     while not stop.is_set():
         time.sleep(rnd.uniform(0.0003, 0.002))
         signal.pthread_kill(main, signal.SIGINT)
 
 before = len(LEDGER.records())
-futs, interrupted, answered = [], 0, 0
+futs, interrupted, answered, succeeded = [], 0, 0, 0
 ex = IsolatedExecutor(max_workers=1, worker_output="discard")
 ex.submit(_funcs.add, 1, 1).result(30)
 arr = np.ones(1 << 18)                                  # 2 MiB: lent in shared memory
@@ -429,7 +432,14 @@ while True:
     try:
         while True:
             try:
+                go.set()
                 if time.monotonic() > end:
+                    # Stopped from inside the try: a signal sent before the storm's
+                    # thread ended, or one put off and delivered again by comfy-env up
+                    # to 64 ms later, is raised here and counted, not after the loop.
+                    stop.set()
+                    t.join()
+                    signal.signal(signal.SIGINT, lambda *a: None)
                     break
                 i += 1
                 kind = i % 3
@@ -448,15 +458,13 @@ while True:
         interrupted += 1
         continue
     break
-signal.signal(signal.SIGINT, lambda *a: None)   # the storm's last signals land here
-stop.set()
-t.join()
 done, not_done = wait([f for f, _ in futs], timeout=60)
 assert not not_done, f"{{len(not_done)}} calls never finished"
 for f, want in futs:
     err = f.exception(0)
     if err is None:
         assert f.result(0) == want, (f.result(0), want)
+        succeeded += 1
     else:
         assert isinstance(err, WorkerCrashed) and "interrupted" in str(err), repr(err)
 assert ex.submit(_funcs.add, 2, 3).result(30) == 5
@@ -466,7 +474,7 @@ deadline = time.monotonic() + 10
 while len(LEDGER.records()) > before and time.monotonic() < deadline:
     time.sleep(0.05)
 assert len(LEDGER.records()) <= before, LEDGER.records()
-print("ok", interrupted, answered)
+print("ok", interrupted, answered, succeeded)
 """
 
 
@@ -475,9 +483,11 @@ print("ok", interrupted, answered)
 def test_a_storm_of_ctrl_c_on_the_main_thread_loses_no_call_and_leaks_nothing(pyver, tmp_path):
     proc = run_script(pyver, SIGINT_STORM.format(tests=TESTS, seed=7), cwd=tmp_path, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ok, interrupted, answered = proc.stdout.split()
-    # The storm did land, and calls still went through between its signals.
-    assert int(interrupted) > 100 and int(answered) > 50, proc.stdout
+    ok, interrupted, answered, succeeded = proc.stdout.split()
+    # The storm did land, and calls still went through under it.  Counted by the calls
+    # that ended with their result, not by the reads the storm left alone: on a loaded
+    # box a call can take longer than the storm's gaps, and then every read is cut.
+    assert int(interrupted) > 100 and int(succeeded) > 50, proc.stdout
 
 
 @pytest.mark.timeout(60)
