@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 
-from .. import fncache
+from .. import fncache, forksafe
 from .._version import PROTOCOL_VERSION, __version__
 from ..errors import (CallTimeout, InitializerFailed, PicklingFailed, ProtocolMismatch, RemoteError,
                       RemoteTraceback, WorkerCrashed, WorkerStartError)
@@ -124,8 +124,13 @@ class WorkerHandle:
         self.sent_functions = fncache.SentFunctions()
         # The read role: one thread at a time reads the channel -- the reader thread, or a
         # caller waiting in result() for a call of this worker (it reads its own result:
-        # one thread wake-up less).  _role guards these fields.
-        self._role = threading.Condition(threading.Lock())
+        # one thread wake-up less).  _role_lock guards these fields; _role is its
+        # condition, which only the reader thread waits on (while _aside says so: the
+        # callers' warm path takes the bare lock and notifies only then).
+        self._role_lock = threading.Lock()
+        self._role = threading.Condition(self._role_lock)
+        self._aside = False           # the reader thread waits on _role
+        self._reader_ident = None     # the reader thread's ident, once it runs
         self._waiter = None           # the future a caller in read_for waits for
         self._waiter_thread = None    # ... and that caller's thread
         self._waiter_token = None     # ... and its own mark (see read_for)
@@ -133,7 +138,7 @@ class WorkerHandle:
         self._rearm = False           # a caller left abnormally: the reader re-arms the channel
         self._handed = None           # ... after dispatching this frame the caller read
         self._epoll = self._wake = None
-        self._owner_pid = os.getpid()
+        self._owner_pid = forksafe.PID
         # Futures a caller completed while reading its own result: their done-callbacks
         # run on the reader thread (see _on_result).
         self._deferred = collections.deque()
@@ -462,6 +467,7 @@ class WorkerHandle:
 
     def _read_loop(self):
         pool = self.pool
+        self._reader_ident = threading.get_ident()
         ep = None
         try:
             self._handshake()
@@ -482,7 +488,7 @@ class WorkerHandle:
         sock = self.channel.fileno()
         ep.register(sock, _ARMED)
         ep.register(self._wake, select.EPOLLIN | select.EPOLLET)
-        role = self._role
+        role_lock = self._role_lock
         self.ready = True
         try:
             # Inside the try: a bug raised here must kill this worker (and so start
@@ -500,7 +506,7 @@ class WorkerHandle:
                         self._drain_wake()
                 if self._deferred:
                     self._run_deferred()
-                with role:
+                with role_lock:
                     rearm, handed = self._rearm, self._handed
                     self._handed = None
                     end = self._read_end
@@ -521,11 +527,10 @@ class WorkerHandle:
                         self._dispatch_frame(handed)
                         while self.channel.buffered():
                             self._dispatch_frame(self._recv_frame())
-                    with role:
+                    with role_lock:
                         ep.modify(sock, _ARMED)
                         self._rearm = False
                         self._waiter = self._waiter_thread = self._waiter_token = None
-                        role.notify_all()
                     self._run_deferred()
         except ChannelClosed:
             pass
@@ -538,13 +543,12 @@ class WorkerHandle:
             self.logger.error("comfy_env: reader of worker %s failed: %r", self.pid, exc,
                               exc_info=True)
             self.stop_interrupted(exc)    # the death report names it
-        with role:
+        with role_lock:
             if self._read_end is None:
                 self._read_end = ChannelClosed("the worker's channel is done")
             if self._waiter is not None:
                 os.eventfd_write(self._wake, 1)
-            while self._waiter is not None and not self._rearm:
-                role.wait()
+            self._wait_aside()
         self._run_deferred()        # no caller reads any more: nothing is deferred after this
         ep.close()
         os.close(self._wake)
@@ -570,7 +574,7 @@ class WorkerHandle:
             frame = self._recv_frame()
             while True:
                 if unheld and type(frame.envelope) is Control:
-                    with self._role:
+                    with self._role_lock:
                         self._handed = frame
                         self._rearm = True
                     os.eventfd_write(self._wake, 1)
@@ -580,7 +584,7 @@ class WorkerHandle:
                     break
                 frame = self._recv_frame()
         except BaseException as exc:
-            with self._role:
+            with self._role_lock:
                 self._read_end = exc
             os.eventfd_write(self._wake, 1)     # whoever waits on the set learns it
             raise
@@ -623,8 +627,7 @@ class WorkerHandle:
         get the next event instead of the caller.  When the turn completed the
         caller's future (or the channel ended), wake it first.
         """
-        role = self._role
-        with role:
+        with self._role_lock:
             fut = self._waiter
             if fut is None:
                 return
@@ -632,8 +635,17 @@ class WorkerHandle:
                 os.eventfd_write(self._wake, 1)
             # Not the future itself while waiting: a finished call must hold nothing.
             del fut
+            self._wait_aside()
+
+    def _wait_aside(self):
+        """Reader thread, holding the role's lock: wait until no caller reads (or one
+        left the channel to this thread).  ``_aside`` tells the callers to notify."""
+        self._aside = True
+        try:
             while self._waiter is not None and not self._rearm:
-                role.wait()
+                self._role.wait()
+        finally:
+            self._aside = False
 
     def _dispatch_frame(self, frame):
         kind = type(frame.envelope)
@@ -668,13 +680,13 @@ class WorkerHandle:
         waits on the future as usual.
         """
         main = interrupts.on_main()
-        role = self._role
+        role_lock = self._role_lock
         token = object()        # which caller holds the role: this one, if it matches below
         clean = False
         try:
-            with role:
+            with role_lock:
                 if (self._waiter is not None or self._read_end is not None or not self.ready
-                        or self._owner_pid != os.getpid()):
+                        or self._owner_pid != forksafe.PID):
                     return
                 self._waiter_token = token
                 self._waiter = fut
@@ -722,7 +734,7 @@ class WorkerHandle:
                     return
             clean = True
         finally:
-            with role:
+            with role_lock:
                 if self._waiter_token is token:
                     if clean or self._read_end is not None:
                         self._waiter = self._waiter_thread = self._waiter_token = None
@@ -731,7 +743,8 @@ class WorkerHandle:
                         # event and reading, perhaps: the reader thread re-arms it.
                         self._rearm = True
                         os.eventfd_write(self._wake, 1)
-                    role.notify_all()
+                    if self._aside:
+                        self._role.notify_all()
 
     def _on_result(self, frame):
         call_id, ok = frame.envelope.call_id, frame.envelope.ok
@@ -771,7 +784,7 @@ class WorkerHandle:
             # Done-callbacks run on the reader thread, as on ProcessPoolExecutor's manager
             # thread, and a caller waiting in result() returns as soon as the outcome is
             # there: a callback may wait for a lock the caller holds, or take long.
-            if threading.current_thread() is self._reader:
+            if threading.get_ident() == self._reader_ident:
                 fut._callbacks_to = self._queue_callbacks
             else:
                 fut._callbacks_to = self._defer_callbacks     # a caller read its own result

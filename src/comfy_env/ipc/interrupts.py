@@ -29,6 +29,7 @@ fails with ``WorkerCrashed``); so are the handlers of other signals (SIGALRM, SI
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import sys
 import threading
@@ -163,8 +164,23 @@ def may_raise() -> bool:
     return callable(handler) and handler is not _on_sigint
 
 
+# The main thread's ident, for on_main() on every call (two Python calls fewer than
+# comparing Thread objects).  A fork child's main thread is the one that forked:
+# threading's own at-fork hook, registered before this one, has made it main_thread().
+_main_ident = threading.main_thread().ident
+
+
+def _after_fork_in_child():
+    global _main_ident
+    _main_ident = threading.main_thread().ident
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def on_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    return _thread.get_ident() == _main_ident
 
 
 def maybe_ctrl_c() -> bool:
