@@ -405,7 +405,18 @@ class _Pool:
         if not item.deps:
             with self.lock:
                 self._check_open()
-                self.pending.append(item)
+                if self.pending or not self.idle:
+                    self.pending.append(item)
+                    worker = None
+                else:
+                    # Nothing queued ahead of it and a worker idle (a warm call): handed
+                    # over at once, as dispatch() would, with one lock round fewer.
+                    worker = self.idle.pop()
+                    self.handing += 1
+            if worker is not None:
+                self._handing_over(worker, item)
+                if not self.pending and not self.shutting_down:
+                    return      # dispatch()'s own unlocked look after a hand-over
             self.dispatch()
             return
         with self.lock:
@@ -521,6 +532,11 @@ class _Pool:
             worker = self.idle.pop()
             item = self.pending.popleft()
             self.handing += 1
+        return self._handing_over(worker, item)
+
+    def _handing_over(self, worker, item):
+        """_hand_over, counted in ``handing`` (taken under the lock with ``worker``) until
+        it is done: shutdown waits for hand-overs in progress."""
         try:
             return self._hand_over(worker, item)
         finally:
@@ -623,10 +639,17 @@ class _Pool:
         as the frame goes out (WorkerHandle.send_call)."""
         fn = item.fn
         fnref = fn_sent = None
+        fn_plain = False        # known to pickle by name (is_plain need not ask again)
         if self.wenv.is_current and not isinstance(fn, str):
             _send_unimportable_by_value(fn)
         if not isinstance(fn, str) and fncache.cacheable(fn):
-            once = self._pickled_once(fn)
+            if self.wenv.is_current and not fncache.by_value_natively(fn):
+                # The worker imports what cloudpickle pickles by reference, and pickle
+                # writes such a function as cloudpickle does: by its name.
+                fn_plain = True
+                once = None
+            else:
+                once = self._pickled_once(fn)
             if once is not None:
                 blob, key = once
                 sent = worker.sent_functions
@@ -645,7 +668,10 @@ class _Pool:
             except Exception as exc:
                 raise PicklingFailed(f"the function {fn!r} could not be pickled: {exc}") from exc
         call = (fn, item.args, item.kwargs)
-        plain = codec.is_plain(call)
+        if fn_plain or fn is None or type(fn) is str:
+            plain = codec.is_plain_call(item.args, item.kwargs)
+        else:
+            plain = codec.is_plain(call)
         if plain:
             if plain is codec.INLINE:
                 # A plane's inline objects (small numpy arrays) are written by its code:
@@ -688,12 +714,9 @@ class _Pool:
 
     def _pickled_once(self, fn):
         """``(blob, key)`` when ``fn`` goes by value and can be sent once per worker
-        (fncache says when), else None: it then travels with each call as before."""
-        if self.wenv.is_current:
-            # The worker imports what cloudpickle pickles by reference.
-            if not fncache.by_value_natively(fn):
-                return None
-        else:
+        (fncache says when), else None: it then travels with each call as before.
+        ``fn`` of a worker of this interpreter goes by value natively (_encode asks)."""
+        if not self.wenv.is_current:
             if _by_reference(fn):
                 return None
             mod = sys.modules.get(getattr(fn, "__module__", None) or "")

@@ -565,6 +565,12 @@ PLAIN_FRAME = _PlainFrame()
 is_plain = _is_plain
 
 
+def is_plain_call(args, kwargs):
+    """:func:`is_plain` of a call ``(fn, args, kwargs)`` whose ``fn`` is known to be plain
+    (a name, None, or a function pickled by name): its arguments alone are looked at."""
+    return _all_plain((args, kwargs), 1)
+
+
 def plain_flags(objs):
     """:func:`_is_plain` of each of ``objs`` (each object graph is walked once)."""
     return [_is_plain(obj) for obj in objs]
@@ -574,6 +580,9 @@ def plain_chunks(envelope, objs, flags):
     """The chunks of a frame of ``objs``, every one of them plain (``flags``: what
     :func:`plain_flags` said of each): what :func:`encode_message` would send, without
     a :class:`FrameBuilder` (warm calls and their results take this way)."""
+    if len(objs) == 1:          # a call or a result: no loops to build
+        data = _dumps_plain(objs[0], flags[0])
+        return [_envelope_chunk(envelope, [(len(data), None)]), data]
     datas = [_dumps_plain(obj, flag) for obj, flag in zip(objs, flags)]
     return [_envelope_chunk(envelope, [(len(d), None) for d in datas]), *datas]
 
