@@ -76,6 +76,16 @@ def test_anything_else_goes_through_the_encoder(obj):
     assert not codec._is_plain(obj)
 
 
+@pytest.mark.parametrize("obj", PLAIN + NOT_PLAIN + [(None, (np.zeros(4),), {})],
+                         ids=lambda o: repr(o)[:30])
+def test_is_plain_call_answers_as_is_plain_of_the_call_with_a_plain_function(obj):
+    # The executor asks is_plain_call when the function is known plain (a name, None,
+    # or pickled by name): the answer must be is_plain's, INLINE included.
+    fn, args, kwargs = obj if type(obj) is tuple and len(obj) == 3 else (None, (obj,), {})
+    for known in (None, "pkg.mod:fn", _funcs.add):
+        assert codec.is_plain_call(args, kwargs) is codec._is_plain((known, args, kwargs))
+
+
 def test_an_array_deep_in_small_containers_still_travels_by_descriptor():
     fb = codec.FrameBuilder(LINK)
     fb.encode_part((None, ([{"a": (np.arange(1 << 15),)}],), {}))

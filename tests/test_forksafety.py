@@ -255,6 +255,42 @@ def test_a_worker_outlives_the_short_lived_thread_whose_submit_started_it(pyver,
     assert out.stdout.split() == ["True", "True"], out.stderr
 
 
+_FORK_FROM_A_THREAD = r"""
+import os, threading
+from comfy_env import IsolatedExecutor
+from comfy_env.ipc import interrupts
+
+print("parent", interrupts.on_main(), flush=True)
+
+def fork_here():
+    print("thread", interrupts.on_main(), flush=True)
+    pid = os.fork()
+    if pid == 0:
+        # The forking thread is the child's main thread: Ctrl-C is raised on it, and a
+        # caller there reads its own result with Ctrl-C held back (interrupts.py).
+        ok = interrupts.on_main()
+        with IsolatedExecutor(max_workers=1) as ex:
+            v = ex.submit(divmod, 7, 2).result(30)
+        print("child", ok, v, flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("status", status, flush=True)
+
+t = threading.Thread(target=fork_here)
+t.start()
+t.join()
+"""
+
+
+@ALL_PYTHONS
+@pytest.mark.timeout(60)
+def test_the_thread_that_forks_is_the_childs_main_thread_for_ctrl_c(pyver, tmp_path):
+    out = run_script(pyver, _FORK_FROM_A_THREAD, cwd=tmp_path, timeout=45)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == ["parent True", "thread False", "child True (3, 1)",
+                                          "status 0"], out.stdout + out.stderr
+
+
 _FORK_LEASES = r"""
 import gc, multiprocessing as mp, time
 import numpy as np
