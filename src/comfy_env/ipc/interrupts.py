@@ -29,10 +29,11 @@ fails with ``WorkerCrashed``); so are the handlers of other signals (SIGALRM, SI
 from __future__ import annotations
 
 import _thread
-import os
 import signal
 import sys
 import threading
+
+from .. import forksafe
 
 try:
     # The C function: signal.getsignal converts what it returns to the Handlers enum,
@@ -166,7 +167,7 @@ def may_raise() -> bool:
 
 # The main thread's ident, for on_main() on every call (two Python calls fewer than
 # comparing Thread objects).  A fork child's main thread is the one that forked:
-# threading's own at-fork hook, registered before this one, has made it main_thread().
+# threading's own at-fork hook, registered before forksafe's, has made it main_thread().
 _main_ident = threading.main_thread().ident
 
 
@@ -175,8 +176,7 @@ def _after_fork_in_child():
     _main_ident = threading.main_thread().ident
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+forksafe.on_fork_child(_after_fork_in_child)
 
 
 def on_main() -> bool:
